@@ -1,0 +1,1 @@
+"""MLProxy ext_proc service: Envoy external processing that batches inference requests."""

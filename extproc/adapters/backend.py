@@ -1,0 +1,72 @@
+"""HTTP client for model backends: one keep-alive pool per process, errors mapped to ProxyError."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from extproc.runtime.ports import BackendResponse
+from mlproxy.errors import ErrorKind, ProxyError
+
+__all__ = ["HttpBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class HttpBackend:
+    """Connections are reused across batches; how many run at once is bounded by each policy's
+    `batching.max_in_flight`, not here."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, ttl_dns_cache=30
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    async def post(
+        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+    ) -> BackendResponse:
+        session = self._get_session()
+        client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers={"Content-Type": content_type, "User-Agent": "mlproxy"},
+                timeout=client_timeout,
+            ) as resp:
+                data = await resp.read()
+                return BackendResponse(resp.status, data, resp.headers.get("Content-Type", ""))
+        except aiohttp.ConnectionTimeoutError as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR,
+                f"backend {url} did not accept a connection within {connect_timeout * 1000:.0f} ms",
+            ) from err
+        except (TimeoutError, asyncio.TimeoutError) as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_TIMEOUT,
+                f"backend {url} did not answer within {timeout * 1000:.0f} ms "
+                "(policy backend.timeout_ms)",
+            ) from err
+        except aiohttp.ClientConnectorError as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR, f"backend {url} is unreachable: {err.strerror or err}"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR, f"backend {url} failed: {type(err).__name__}: {err}"
+            ) from err
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one ext_proc process (names documented in README.md, "Metrics")."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["PrometheusMetrics"]
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+
+
+class PrometheusMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mlproxy_requests", "Requests handled by a policy, by outcome.",
+            ["policy", "outcome"], registry=r,
+        )
+        self.passthrough = Counter(
+            "mlproxy_passthrough_requests", "Requests that matched no policy (sent on untouched).",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "mlproxy_queue_wait_seconds", "Time from arrival to dispatch of the request's batch.",
+            ["policy"], buckets=_TIME_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "mlproxy_batch_size", "Instances per backend call.",
+            ["policy"], buckets=_SIZE_BUCKETS, registry=r,
+        )
+        self.batch_requests = Histogram(
+            "mlproxy_batch_requests", "Client requests per backend call.",
+            ["policy"], buckets=_SIZE_BUCKETS, registry=r,
+        )
+        self.backend_latency = Histogram(
+            "mlproxy_backend_latency_seconds", "Backend call duration, by outcome.",
+            ["policy", "outcome"], buckets=_TIME_BUCKETS, registry=r,
+        )
+        self.depth = Gauge(
+            "mlproxy_queue_depth", "Requests waiting in the queue.", ["policy"], registry=r,
+        )
+        self.streams = Gauge(
+            "mlproxy_active_streams", "Open ext_proc streams (requests held by Envoy).", registry=r,
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
+        self.requests.labels(policy, outcome).inc()
+        if queue_wait is not None:
+            self.queue_wait.labels(policy).observe(queue_wait)
+
+    def batch_done(self, policy: str, size: int, requests: int, seconds: float, outcome: str) -> None:
+        self.batch_size.labels(policy).observe(size)
+        self.batch_requests.labels(policy).observe(requests)
+        self.backend_latency.labels(policy, outcome).observe(seconds)
+
+    def queue_depth(self, policy: str, delta: int) -> None:
+        self.depth.labels(policy).inc(delta)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics in a background thread; returns the bound port."""
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,152 @@
+"""envoy.service.ext_proc.v3.ExternalProcessor/Process: one stream per HTTP request.
+
+Per stream (Envoy with request_header_mode SEND, request_body_mode BUFFERED):
+  headers --> no policy, or not a POST: CONTINUE and skip the body (mode override); done.
+          --> policy: check size, answer an empty HeadersResponse, wait for the body.
+  body    --> parse with the policy's codec, queue, await the reply, answer with an
+              ImmediateResponse, close the stream.
+The client going away cancels this handler; its request is then withdrawn from the queue.
+Errors become ImmediateResponses with a JSON body; nothing here raises to gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from extproc.adapters import wire
+from extproc.codecs import CodecError, get_codec
+from extproc.runtime.batcher import BatcherPool, Reply
+from mlproxy.errors import ErrorKind, ProxyError
+from mlproxy.policy import Route, Router
+
+__all__ = ["SERVICE_NAME", "ExtProcServicer"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class _Metrics:
+    """What the servicer records (a subset of PrometheusMetrics)."""
+
+    passthrough: Any
+    streams: Any
+
+    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
+
+
+class ExtProcServicer:
+    def __init__(self, router: Router, pool: BatcherPool, metrics: _Metrics) -> None:
+        self.router = router
+        self._pool = pool
+        self._metrics = metrics
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        # No (de)serializers: messages arrive and leave as bytes, through `wire`.
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(self.process)}
+        )
+
+    async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        self._metrics.streams.inc()
+        try:
+            await self._process(context)
+        finally:
+            self._metrics.streams.dec()
+
+    async def _process(self, context: grpc.aio.ServicerContext) -> None:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            return
+        msg = wire.decode_processing_request(raw)
+        if msg.kind != "request_headers":
+            log.error(
+                "first ext_proc message was %s, not request headers: check the filter's "
+                "processing_mode (request_header_mode must be SEND)", msg.kind,
+            )
+            return
+        headers = msg.headers
+        route = self.router.resolve(headers.get(":path", ""))
+        if route is None or headers.get(":method", "POST") != "POST":
+            self._metrics.passthrough.inc()
+            await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
+            return
+        reply = await self._handle(context, route, headers, msg.end_of_stream)
+        if reply is None:
+            return
+        self._metrics.request_done(route.policy.name, reply[0].outcome, reply[1])
+        await context.write(_encode(reply[0], reply[1]))
+
+    async def _handle(
+        self,
+        context: grpc.aio.ServicerContext,
+        route: Route,
+        headers: dict[str, str],
+        end_of_stream: bool,
+    ) -> tuple[Reply, float | None] | None:
+        """The reply and its queue wait, or None if the stream ended early."""
+        policy = route.policy
+        try:
+            if end_of_stream:
+                raise ProxyError(
+                    ErrorKind.BAD_REQUEST,
+                    "request has no body; POST a JSON body for this model",
+                )
+            _check_size(headers.get("content-length"), policy.max_body_bytes)
+            await context.write(wire.HEADERS_CONTINUE)
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                return None
+            msg = wire.decode_processing_request(raw)
+            if msg.kind != "request_body" or not msg.end_of_stream:
+                log.error(
+                    "expected the whole request body in one ext_proc message: set the "
+                    "filter's request_body_mode to BUFFERED"
+                )
+                raise ProxyError(
+                    ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
+                )
+            _check_size(len(msg.body), policy.max_body_bytes)
+            try:
+                parsed = get_codec(policy.codec).parse(msg.body)
+            except CodecError as err:
+                raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            ticket = self._pool.submit(route, parsed, future)
+        except ProxyError as err:
+            return Reply.from_error(err), None
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
+        wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
+        return reply, wait
+
+
+def _check_size(length: int | str | None, limit: int) -> None:
+    if length is None:
+        return
+    try:
+        n = int(length)
+    except ValueError:
+        raise ProxyError(ErrorKind.BAD_REQUEST, "content-length is not a number") from None
+    if n > limit:
+        raise ProxyError(
+            ErrorKind.PAYLOAD_TOO_LARGE,
+            f"request body is {n} bytes; this model accepts at most {limit} "
+            "(policy max_body_bytes)",
+        )
+
+
+def _encode(reply: Reply, queue_wait: float | None) -> bytes:
+    headers: list[tuple[str, str]] = [("content-type", reply.content_type), *reply.headers]
+    if reply.batch_size:
+        headers.append(("x-mlproxy-batch-size", str(reply.batch_size)))
+    if queue_wait is not None:
+        headers.append(("x-mlproxy-queue-ms", f"{queue_wait * 1000:.2f}"))
+    return wire.encode_immediate_response(reply.status, headers, reply.body)

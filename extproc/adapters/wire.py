@@ -1,0 +1,231 @@
+"""Minimal protobuf wire codec for the few ext_proc fields the hot path touches.
+
+envoy-data-plane's betterproto2 classes validate every message with pydantic, which costs
+about 1 ms of CPU per request; this module decodes and encodes only what MLProxy needs,
+in plain Python. It is checked byte for byte against the betterproto2 classes in
+tests/unit/test_wire.py, which remain the reference (see DESIGN.md section 2).
+
+Messages (envoy.service.ext_proc.v3):
+  ProcessingRequest  { 2: request_headers HttpHeaders, 4: request_body HttpBody, ... }
+  HttpHeaders        { 1: headers HeaderMap, 3: end_of_stream bool }
+  HeaderMap          { 1: repeated HeaderValue }
+  HeaderValue        { 1: key string, 2: value string, 3: raw_value bytes }
+  HttpBody           { 1: body bytes, 2: end_of_stream bool }
+  ProcessingResponse { 1: request_headers HeadersResponse, 3: request_body BodyResponse,
+                       7: immediate_response ImmediateResponse, 9: mode_override ProcessingMode }
+  ImmediateResponse  { 1: status HttpStatus{1: code}, 2: headers HeaderMutation,
+                       3: body bytes, 5: details string }
+  HeaderMutation     { 1: repeated HeaderValueOption{1: header HeaderValue} }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "HEADERS_CONTINUE",
+    "HEADERS_CONTINUE_SKIP_BODY",
+    "BODY_CONTINUE",
+    "WireError",
+    "Message",
+    "decode_processing_request",
+    "envoy_status",
+    "encode_immediate_response",
+]
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+# Wire types.
+_VARINT = 0
+_I64 = 1
+_LEN = 2
+_I32 = 5
+
+
+@dataclass(slots=True)
+class Message:
+    """The parts of one ProcessingRequest the hot path uses."""
+
+    kind: str  # "request_headers", "request_body", or "other"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    end_of_stream: bool = False
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("varint too long")
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int, int]]:
+    """Yield (field number, wire type, value or start, stop) for each field in buf[pos:end].
+
+    For length-delimited fields the value is the start offset and stop the end offset; for
+    varints the value is the integer and stop is unused.
+    """
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wtype = key >> 3, key & 7
+        if wtype == _VARINT:
+            value, pos = _read_varint(buf, pos, end)
+            yield number, wtype, value, pos
+        elif wtype == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            stop = pos + length
+            if stop > end:
+                raise WireError("truncated length-delimited field")
+            yield number, wtype, pos, stop
+            pos = stop
+        elif wtype == _I64:
+            pos += 8
+            if pos > end:
+                raise WireError("truncated fixed64")
+        elif wtype == _I32:
+            pos += 4
+            if pos > end:
+                raise WireError("truncated fixed32")
+        else:
+            raise WireError(f"unsupported wire type {wtype}")
+
+
+def _decode_header_map(buf: bytes, pos: int, end: int, out: dict[str, str]) -> None:
+    for number, wtype, start, stop in _fields(buf, pos, end):
+        if number != 1 or wtype != _LEN:
+            continue
+        key = ""
+        value: str | None = None
+        raw: bytes | None = None
+        for n2, w2, s2, e2 in _fields(buf, start, stop):
+            if w2 != _LEN:
+                continue
+            if n2 == 1:
+                key = buf[s2:e2].decode("utf-8", "replace")
+            elif n2 == 2:
+                value = buf[s2:e2].decode("utf-8", "replace")
+            elif n2 == 3:
+                raw = buf[s2:e2]
+        if raw is not None:
+            value = raw.decode("utf-8", "replace")
+        # Header names are lower case in Envoy; repeated names are joined as HTTP allows.
+        if key in out:
+            out[key] = f"{out[key]},{value or ''}"
+        else:
+            out[key] = value or ""
+
+
+def decode_processing_request(buf: bytes) -> Message:
+    """Decode the request-side parts of an ext_proc ProcessingRequest."""
+    end = len(buf)
+    for number, wtype, start, stop in _fields(buf, 0, end):
+        if wtype != _LEN:
+            continue
+        if number == 2:  # request_headers: HttpHeaders
+            msg = Message("request_headers")
+            for n2, w2, s2, e2 in _fields(buf, start, stop):
+                if n2 == 1 and w2 == _LEN:
+                    _decode_header_map(buf, s2, e2, msg.headers)
+                elif n2 == 3 and w2 == _VARINT:
+                    msg.end_of_stream = bool(s2)
+            return msg
+        if number == 4:  # request_body: HttpBody
+            msg = Message("request_body")
+            for n2, w2, s2, e2 in _fields(buf, start, stop):
+                if n2 == 1 and w2 == _LEN:
+                    msg.body = buf[s2:e2]
+                elif n2 == 2 and w2 == _VARINT:
+                    msg.end_of_stream = bool(s2)
+            return msg
+        if number in (3, 5, 6, 7):  # response_headers/body, request/response trailers
+            return Message("other")
+    return Message("other")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | _LEN) + _varint(len(payload)) + payload
+
+
+def _header_value_option(key: str, value: str) -> bytes:
+    # HeaderValue{key=1, raw_value=3}: Envoy ignores `value` in mutations (DESIGN.md section 2).
+    header_value = _len_field(1, key.encode()) + _len_field(3, value.encode())
+    return _len_field(1, _len_field(1, header_value))
+
+
+# Status codes Envoy's HttpStatus enum defines (envoy.type.v3.StatusCode); Envoy only takes these.
+ENVOY_STATUS_CODES = frozenset(
+    {100, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305, 307,
+     308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416,
+     417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507, 508,
+     510, 511}
+)
+
+
+def envoy_status(status: int) -> int:
+    """`status` if Envoy can send it, else the generic code of its class (e.g. 418 -> 400)."""
+    if status in ENVOY_STATUS_CODES:
+        return status
+    generic = (status // 100) * 100
+    return generic if generic in ENVOY_STATUS_CODES else 502
+
+
+def encode_immediate_response(
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    details: str = "",
+) -> bytes:
+    """ProcessingResponse{immediate_response: {status, headers, body, details}}.
+
+    A status Envoy does not define is sent as the generic code of its class."""
+    http_status = _varint((1 << 3) | _VARINT) + _varint(envoy_status(status))
+    parts = [_len_field(1, http_status)]
+    mutation = b"".join(_header_value_option(k, v) for k, v in headers)
+    if mutation:
+        parts.append(_len_field(2, mutation))
+    if body:
+        parts.append(_len_field(3, body))
+    if details:
+        parts.append(_len_field(5, details.encode()))
+    return _len_field(7, b"".join(parts))
+
+
+# ProcessingResponse{request_headers: HeadersResponse{}}: continue, body comes next.
+HEADERS_CONTINUE = _len_field(1, b"")
+# ProcessingResponse{request_body: BodyResponse{}}: continue with the body unchanged.
+BODY_CONTINUE = _len_field(3, b"")
+# Continue, and tell Envoy not to send the body or anything else of this stream:
+# mode_override = ProcessingMode{request_body_mode: NONE, response_header_mode: SKIP,
+# request_trailer_mode: SKIP, response_trailer_mode: SKIP}.
+_SKIP = 2
+HEADERS_CONTINUE_SKIP_BODY = HEADERS_CONTINUE + _len_field(
+    9,
+    _varint((2 << 3) | _VARINT)
+    + _varint(_SKIP)
+    + _varint((5 << 3) | _VARINT)
+    + _varint(_SKIP)
+    + _varint((6 << 3) | _VARINT)
+    + _varint(_SKIP),
+)

@@ -1,0 +1,17 @@
+"""Request codecs, by the policy's `codec` name."""
+
+from __future__ import annotations
+
+from extproc.codecs.base import Codec, CodecError, Parsed
+from extproc.codecs.kserve_v1 import KServeV1
+
+__all__ = ["Codec", "CodecError", "Parsed", "get_codec"]
+
+_CODECS: dict[str, Codec] = {"kserve-v1": KServeV1()}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return _CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; known: {sorted(_CODECS)}") from None

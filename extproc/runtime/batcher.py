@@ -1,0 +1,331 @@
+"""The asyncio side of batching: queues per batching key, timers, batch tasks, replies.
+
+One `Batcher` per batching key (policy, backend URL, codec compat key) drives a pure
+`BatchQueue`; there is no polling loop: `submit`, a timer and the end of a batch call `_pump`,
+which does what the queue's `poll` says. A batch runs in its own task, so a client that goes
+away never cancels the batch of the others; its reply is simply not delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from extproc.codecs import get_codec
+from extproc.codecs.base import Codec, CodecError, Parsed
+from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, Entry, WaitUntil
+from extproc.core.clock import Clock
+from extproc.runtime.ports import Backend, Metrics
+from mlproxy.errors import ErrorKind, ProxyError, error_body
+from mlproxy.policy import Policy, Route
+
+__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "limits_for"]
+
+log = logging.getLogger(__name__)
+
+# Backend statuses that one bad input can cause for the whole batch: the batch is split in
+# halves and retried until the bad requests fail alone (at most 2n-1 calls for n requests).
+SPLITTABLE_STATUSES = frozenset({400, 413, 422, 500})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one client gets."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    outcome: str = "ok"
+    batch_size: int = 0  # instances in the backend call that produced it (0: none)
+
+    @classmethod
+    def from_error(cls, err: ProxyError, batch_size: int = 0) -> Reply:
+        return cls(
+            err.status,
+            err.body(),
+            headers=err.headers,
+            outcome=err.kind.outcome,
+            batch_size=batch_size,
+        )
+
+
+class Ticket:
+    """One request's place in a batcher, and the future its reply arrives on."""
+
+    __slots__ = ("arrival", "batcher", "dispatched_at", "entry", "future", "parsed")
+
+    def __init__(self, parsed: Parsed, future: asyncio.Future[Reply], arrival: float) -> None:
+        self.parsed = parsed
+        self.future = future
+        self.arrival = arrival
+        self.dispatched_at: float | None = None
+        self.entry: Entry[Ticket] | None = None
+        self.batcher: Batcher | None = None
+
+    def cancel(self) -> None:
+        """The client is gone: never dispatch this request if it is still queued."""
+        if self.batcher is not None:
+            self.batcher.cancel(self)
+
+
+def limits_for(policy: Policy) -> BatchLimits:
+    b = policy.batching
+    if b.mode == "off":
+        # One request per call, no waiting; concurrency bounded only by the queue length.
+        return BatchLimits(1, 0.0, b.max_queue, b.max_queue)
+    return BatchLimits(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
+
+
+class BatchExecutor:
+    """Runs one batch against the backend and turns the outcome into one reply per request."""
+
+    def __init__(self, backend: Backend, metrics: Metrics, clock: Clock) -> None:
+        self._backend = backend
+        self._metrics = metrics
+        self._clock = clock
+
+    async def execute(
+        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+    ) -> list[Reply]:
+        replies = await self._call(policy, url, codec, items)
+        if len(replies) != len(items):  # a bug, never a wrong answer
+            raise RuntimeError(f"{len(replies)} replies for {len(items)} requests")
+        return replies
+
+    async def _call(
+        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+    ) -> list[Reply]:
+        n = len(items)
+        size = sum(item.size for item in items)
+        started = self._clock.now()
+        try:
+            resp = await self._backend.post(
+                url,
+                codec.merge(items),
+                codec.content_type,
+                policy.backend.timeout_ms / 1000.0,
+                policy.backend.connect_timeout_ms / 1000.0,
+            )
+        except ProxyError as err:
+            self._metrics.batch_done(policy.name, size, n, self._clock.now() - started, err.kind.outcome)
+            return [Reply.from_error(err, size)] * n
+        elapsed = self._clock.now() - started
+        if resp.status == 200:
+            try:
+                parts = codec.split(resp.body, items)
+            except CodecError as err:
+                self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
+                log.warning("policy %s: unusable answer from %s: %s", policy.name, url, err)
+                return [Reply.from_error(ProxyError(ErrorKind.BACKEND_ERROR, str(err)), size)] * n
+            self._metrics.batch_done(policy.name, size, n, elapsed, "ok")
+            return [Reply(200, part, batch_size=size) for part in parts]
+        self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{resp.status}")
+        if n > 1 and resp.status in SPLITTABLE_STATUSES:
+            mid = n // 2
+            left, right = await asyncio.gather(
+                self._call(policy, url, codec, items[:mid]),
+                self._call(policy, url, codec, items[mid:]),
+            )
+            return left + right
+        # A lone request's own error, or a status no single input causes (404, 429, 503...):
+        # the backend's answer is passed through as it is.
+        outcome = "backend_4xx" if resp.status < 500 else "backend_5xx"
+        reply = Reply(
+            resp.status,
+            resp.body,
+            resp.content_type or "application/json",
+            outcome=outcome,
+            batch_size=size,
+        )
+        return [reply] * n
+
+
+class Batcher:
+    def __init__(
+        self,
+        key: tuple[str, str, str],
+        route: Route,
+        codec: Codec,
+        executor: BatchExecutor,
+        clock: Clock,
+        metrics: Metrics,
+        on_idle: Callable[[Batcher], None],
+    ) -> None:
+        self.key = key
+        self.route = route
+        self.policy = route.policy
+        self._codec = codec
+        self._executor = executor
+        self._clock = clock
+        self._metrics = metrics
+        self._on_idle = on_idle
+        self._queue: BatchQueue[Ticket] = BatchQueue(limits_for(route.policy))
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flushing = False
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.queued == 0 and self._queue.in_flight == 0
+
+    def update_policy(self, policy: Policy) -> None:
+        """Applies to batches taken from now on; batches in flight keep their policy."""
+        self.policy = policy
+        self._queue.limits = limits_for(policy)
+        self._pump()
+
+    def submit(self, ticket: Ticket) -> None:
+        entry = self._queue.offer(ticket, ticket.parsed.size, ticket.arrival)
+        if entry is None:
+            raise ProxyError(
+                ErrorKind.QUEUE_FULL,
+                f"policy {self.policy.name}: queue is full ({self._queue.limits.max_queue} "
+                "requests waiting); retry later",
+                headers=(("retry-after", "1"),),
+            )
+        ticket.entry = entry
+        ticket.batcher = self
+        self._metrics.queue_depth(self.policy.name, 1)
+        self._pump()
+
+    def cancel(self, ticket: Ticket) -> None:
+        if ticket.entry is not None and self._queue.cancel(ticket.entry):
+            self._metrics.queue_depth(self.policy.name, -1)
+            self._metrics.request_done(self.policy.name, "cancelled", None)
+            if self.idle:
+                self._stop_timer()
+                self._on_idle(self)
+
+    def flush(self) -> None:
+        """Shutdown: send everything queued without waiting for batches to fill."""
+        self._flushing = True
+        self._pump()
+
+    async def wait_idle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _pump(self) -> None:
+        now = self._clock.now()
+        while True:
+            action = self._queue.poll(now, flush=self._flushing)
+            if isinstance(action, Dispatch):
+                self._start(action, now)
+            elif isinstance(action, WaitUntil):
+                self._arm(action.time, now)
+                return
+            else:
+                if self.idle:
+                    self._stop_timer()
+                    self._on_idle(self)
+                return
+
+    def _arm(self, at: float, now: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return  # an earlier timer will poll again
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - now), self._on_timer)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _start(self, dispatch: Dispatch[Ticket], now: float) -> None:
+        tickets = dispatch.items
+        for t in tickets:
+            t.dispatched_at = now
+        self._metrics.queue_depth(self.policy.name, -len(tickets))
+        task = self._loop.create_task(self._run(self.policy, tickets))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, policy: Policy, tickets: list[Ticket]) -> None:
+        try:
+            replies = await self._executor.execute(
+                policy, self.route.backend_url, self._codec, [t.parsed for t in tickets]
+            )
+        except Exception:
+            log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))
+            replies = [
+                Reply(500, error_body("internal error in MLProxy; see the ext_proc log"),
+                      outcome="internal_error")
+            ] * len(tickets)
+        finally:
+            self._queue.done()
+        for ticket, reply in zip(tickets, replies, strict=True):
+            if not ticket.future.done():
+                ticket.future.set_result(reply)
+        self._pump()
+
+
+class BatcherPool:
+    """All batchers of one ext_proc process, keyed by route and codec compat key."""
+
+    def __init__(self, executor: BatchExecutor, clock: Clock, metrics: Metrics) -> None:
+        self._executor = executor
+        self._clock = clock
+        self._metrics = metrics
+        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._draining: set[Batcher] = set()
+        self._flushing = False
+
+    def __len__(self) -> int:
+        return len(self._batchers) + len(self._draining)
+
+    def submit(self, route: Route, parsed: Parsed, future: asyncio.Future[Reply]) -> Ticket:
+        if self._flushing:
+            raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
+        key = (*route.key, parsed.compat)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = Batcher(
+                key, route, get_codec(route.policy.codec), self._executor, self._clock,
+                self._metrics, self._idle,
+            )
+            self._batchers[key] = batcher
+        ticket = Ticket(parsed, future, self._clock.now())
+        batcher.submit(ticket)
+        return ticket
+
+    def update_policies(self, policies: Sequence[Policy]) -> None:
+        """New parameters apply between batches; a batcher whose policy or route is gone stops
+        taking requests and finishes what it has."""
+        by_name = {p.name: p for p in policies}
+        for key, batcher in list(self._batchers.items()):
+            policy = by_name.get(batcher.policy.name)
+            if (
+                policy is not None
+                and policy.backend.url == batcher.policy.backend.url
+                and policy.codec == batcher.policy.codec
+            ):
+                batcher.update_policy(policy)
+            else:
+                del self._batchers[key]
+                if not batcher.idle:
+                    self._draining.add(batcher)
+
+    def _idle(self, batcher: Batcher) -> None:
+        self._draining.discard(batcher)
+        if self._batchers.get(batcher.key) is batcher:
+            del self._batchers[batcher.key]
+
+    async def drain(self) -> None:
+        """Flush every queue and wait for all batches to finish."""
+        self._flushing = True
+        batchers = [*self._batchers.values(), *self._draining]
+        for b in batchers:
+            b.flush()
+        for b in batchers:
+            await b.wait_idle()

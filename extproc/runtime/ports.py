@@ -1,0 +1,32 @@
+"""The narrow interfaces the runtime needs from its adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Backend", "BackendResponse", "Metrics"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResponse:
+    status: int
+    body: bytes
+    content_type: str
+
+
+class Backend(Protocol):
+    async def post(
+        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+    ) -> BackendResponse:
+        """POST one batch. Raises ProxyError (BACKEND_ERROR if unreachable, BACKEND_TIMEOUT
+        past `timeout` seconds); any HTTP status is returned, not raised."""
+        ...
+
+
+class Metrics(Protocol):
+    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
+
+    def batch_done(self, policy: str, size: int, requests: int, seconds: float, outcome: str) -> None: ...
+
+    def queue_depth(self, policy: str, delta: int) -> None: ...

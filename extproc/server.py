@@ -1,0 +1,112 @@
+"""Composition root of one ext_proc process: gRPC server, batchers, backend client, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.adapters.backend import HttpBackend
+from extproc.adapters.metrics import PrometheusMetrics
+from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
+from extproc.core.clock import Clock, MonotonicClock
+from extproc.runtime.batcher import BatchExecutor, BatcherPool
+from mlproxy.policy import Policy, Router
+
+__all__ = ["ExtProcServer", "run"]
+
+log = logging.getLogger(__name__)
+
+# Envoy's buffered body arrives in one message: allow the largest max_body_bytes plus framing.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+
+
+class ExtProcServer:
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        metrics_port: int | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.metrics_port = metrics_port
+        self.clock = clock or MonotonicClock()
+        self.metrics = PrometheusMetrics()
+        self.backend = HttpBackend()
+        self.router = Router(policies)
+        self.pool: BatcherPool | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> int:
+        executor = BatchExecutor(self.backend, self.metrics, self.clock)
+        self.pool = BatcherPool(executor, self.clock, self.metrics)
+        servicer = ExtProcServicer(self.router, self.pool, self.metrics)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", 100_000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"ext_proc cannot listen on {self.host}:{self.port} (in use?)")
+        self.port = bound
+        await server.start()
+        self._server = server
+        if self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "ext_proc listening on %s:%d with %d policies%s", self.host, self.port,
+            len(self.router.policies),
+            f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
+        )
+        return bound
+
+    def apply_policies(self, policies: Sequence[Policy]) -> None:
+        """Swap the policy set; parameters apply between batches."""
+        self.router.replace(policies)
+        if self.pool is not None:
+            self.pool.update_policies(policies)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking new streams, flush what is queued, finish the batches, then close."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self._health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(server.stop(grace))
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.drain(), timeout=grace)
+            except TimeoutError:
+                log.warning("batches still running after %.1f s of grace; closing anyway", grace)
+        await stopping
+        await self.backend.close()
+        self.metrics.close()
+        log.info("ext_proc stopped")
+
+
+async def run(server: ExtProcServer, grace: float = 10.0) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", grace)
+    await server.stop(grace)

@@ -1,0 +1,3 @@
+"""MLProxy: SLA-aware batching for ML inference behind Envoy."""
+
+__version__ = "0.1.0"

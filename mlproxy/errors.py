@@ -1,0 +1,55 @@
+"""The one table of errors MLProxy answers with, and how each maps to HTTP.
+
+Every error a client can get from MLProxy itself is a `ProxyError`; its body is JSON in the shape
+KServe's model server uses, `{"error": "<what and why>"}`, so existing clients show it.
+Exceptions from libraries are translated into these at the adapter boundary (`raise ... from`).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+
+__all__ = ["ErrorKind", "ProxyError", "error_body"]
+
+
+class ErrorKind(Enum):
+    # name = (HTTP status, outcome label used in metrics)
+    BAD_REQUEST = (400, "bad_request")
+    NOT_FOUND = (404, "not_found")
+    PAYLOAD_TOO_LARGE = (413, "too_large")
+    QUEUE_FULL = (429, "queue_full")
+    BACKEND_ERROR = (502, "backend_error")  # unreachable, or an answer we cannot use
+    UNAVAILABLE = (503, "unavailable")  # shutting down, policy gone
+    BACKEND_TIMEOUT = (504, "backend_timeout")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def outcome(self) -> str:
+        return self.value[1]
+
+
+class ProxyError(Exception):
+    """An error answered to one client, with its status, message and extra headers."""
+
+    def __init__(
+        self, kind: ErrorKind, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.headers = headers
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def body(self) -> bytes:
+        return error_body(self.message)
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

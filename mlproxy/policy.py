@@ -1,0 +1,220 @@
+"""Per-model batching policies: the shared contract between control plane and ext_proc.
+
+A policy says which requests it takes (a path template), where their batches go (a backend URL
+template), how to read and split them (a codec), the SLA, and how to batch. See README.md
+("Policies") for every field. Unknown fields and out-of-range values are rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Backend",
+    "Batching",
+    "Match",
+    "Policy",
+    "PolicyFile",
+    "PolicyFileError",
+    "Route",
+    "Router",
+    "SLA",
+    "format_validation_error",
+    "load_policy_file",
+    "parse_policies",
+]
+
+_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# What a path variable matches: one segment of URL-safe characters, not starting with a dot
+# (so never `..`), because it is put into the backend URL.
+_SEGMENT = r"[A-Za-z0-9_~%-][A-Za-z0-9_.~%-]*?"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Strict):
+    """Which requests a policy takes."""
+
+    path: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/")]
+    """Path template, e.g. `/v1/models/{model}:predict`; `{var}` matches one path segment
+    of URL-safe characters (letters, digits, `_.~%-`, not starting with `.`). The query string is ignored."""
+
+
+class Backend(_Strict):
+    url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://")]
+    """Where batches go, e.g. `http://model.default.svc/v1/models/{model}:predict`. May use
+    the variables of the match path."""
+    timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 5_000
+    """Whole batch call, connect to last byte; past it the batch's requests get 504."""
+    connect_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1_000
+    """Connecting to the backend; past it the batch's requests get 502."""
+
+
+class SLA(_Strict):
+    latency_ms: Annotated[float, Field(gt=0, le=600_000)] = 1_000
+    """End-to-end latency target, measured from arrival at ext_proc."""
+    percentile: Annotated[float, Field(ge=50, le=99.999)] = 95
+
+
+class Batching(_Strict):
+    mode: Literal["static", "off"] = "static"
+    """`static`: fixed max batch size and max wait (like KServe's batcher). `off`: one
+    request per backend call, still through ext_proc (a baseline)."""
+    max_batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
+    """Most instances (inputs, not requests) in one backend call. A single request with more
+    instances than this goes alone."""
+    max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 5
+    """Longest the oldest queued request waits for the batch to fill."""
+    max_in_flight: Annotated[int, Field(ge=1, le=1_024)] = 4
+    """Batches of this policy (per batching key) running at the backend at once."""
+    max_queue: Annotated[int, Field(ge=1, le=1_000_000)] = 4_096
+    """Most requests waiting in the queue; beyond it, 429 with Retry-After."""
+
+
+class Policy(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    match: Match
+    backend: Backend
+    codec: Literal["kserve-v1"] = "kserve-v1"
+    sla: SLA = SLA()
+    batching: Batching = Batching()
+    max_body_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Largest request body accepted (413 above). Envoy's own buffer limit applies first."""
+    version: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _url_vars_come_from_path(self) -> Policy:
+        path_vars = set(_VAR.findall(self.match.path))
+        missing = set(_VAR.findall(self.backend.url)) - path_vars
+        if missing:
+            raise ValueError(
+                f"backend.url uses {sorted(missing)}, which match.path {self.match.path!r} "
+                "does not define"
+            )
+        if len(_VAR.findall(self.match.path)) != len(path_vars):
+            raise ValueError(f"match.path {self.match.path!r} repeats a variable")
+        return self
+
+
+class PolicyFile(_Strict):
+    policies: list[Policy]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PolicyFile:
+        seen: set[str] = set()
+        for p in self.policies:
+            if p.name in seen:
+                raise ValueError(f"policy name {p.name!r} appears more than once")
+            seen.add(p.name)
+        return self
+
+
+class PolicyFileError(ValueError):
+    """A policy file could not be read or is invalid; the message names file and field."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        lines.append(f"{loc}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_policies(data: Any) -> list[Policy]:
+    """Validate already-decoded data of the shape `{"policies": [...]}`."""
+    try:
+        return PolicyFile.model_validate(data).policies
+    except ValidationError as err:
+        raise PolicyFileError(format_validation_error(err)) from err
+
+
+def load_policy_file(path: str | Path) -> list[Policy]:
+    """Read a YAML or JSON policy file (JSON is YAML); errors name the file and the field."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PolicyFileError(f"{p}: cannot read: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise PolicyFileError(f"{p}: not valid YAML/JSON: {err}") from err
+    try:
+        return parse_policies(data)
+    except PolicyFileError as err:
+        raise PolicyFileError(f"{p}: {err}") from err
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    out = []
+    pos = 0
+    for m in _VAR.finditer(template):
+        out.append(re.escape(template[pos : m.start()]))
+        out.append(f"(?P<{m.group(1)}>{_SEGMENT})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A request path resolved to its policy and its batching key."""
+
+    policy: Policy
+    backend_url: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Requests with the same key may share a batch."""
+        return (self.policy.name, self.backend_url)
+
+
+class Router:
+    """Maps request paths to policies; the first policy (in order) whose template matches wins."""
+
+    _CACHE_SIZE = 4096
+
+    def __init__(self, policies: Iterable[Policy] = ()) -> None:
+        self._table: list[tuple[re.Pattern[str], Policy]] = []
+        self._cache: dict[str, Route | None] = {}
+        self.replace(policies)
+
+    def replace(self, policies: Iterable[Policy]) -> None:
+        self._table = [(_compile(p.match.path), p) for p in policies]
+        self._cache = {}
+
+    @property
+    def policies(self) -> Sequence[Policy]:
+        return [p for _, p in self._table]
+
+    def resolve(self, path: str) -> Route | None:
+        path = path.split("?", 1)[0]
+        try:
+            return self._cache[path]
+        except KeyError:
+            pass
+        route = self._resolve(path)
+        if len(self._cache) >= self._CACHE_SIZE:
+            self._cache.clear()
+        self._cache[path] = route
+        return route
+
+    def _resolve(self, path: str) -> Route | None:
+        for pattern, policy in self._table:
+            m = pattern.match(path)
+            if m is not None:
+                return Route(policy, _render(policy.backend.url, m.groupdict()))
+        return None
+
+
+def _render(template: str, values: Mapping[str, str]) -> str:
+    return _VAR.sub(lambda m: values[m.group(1)], template)
