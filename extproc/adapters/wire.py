@@ -170,7 +170,9 @@ def _len_field(number: int, payload: bytes) -> bytes:
 
 def _header_value_option(key: str, value: str) -> bytes:
     # HeaderValue{key=1, raw_value=3}: Envoy ignores `value` in mutations (DESIGN.md section 2).
-    header_value = _len_field(1, key.encode()) + _len_field(3, value.encode())
+    header_value = (_len_field(1, key.encode()) if key else b"") + (
+        _len_field(3, value.encode()) if value else b""
+    )
     return _len_field(1, _len_field(1, header_value))
 
 

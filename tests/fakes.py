@@ -1,0 +1,68 @@
+"""Fakes as code: a backend and metrics sink that behave, not mocks that assert."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.runtime.ports import BackendResponse
+from mlproxy.errors import ErrorKind, ProxyError
+
+
+def echo_predictions(instances: list[Any]) -> tuple[int, dict[str, Any]]:
+    """The echo model: each instance {"id": ..., optional "fail": status, "extra": n} gets the
+    prediction {"echo": id}. Any failing instance fails the whole batch with its status, as a
+    real model does on bad data; "extra" adds spurious predictions (a broken backend)."""
+    for inst in instances:
+        if isinstance(inst, dict) and inst.get("fail"):
+            return int(inst["fail"]), {"error": f"instance {inst.get('id')} is poisoned"}
+    preds: list[Any] = [{"echo": inst.get("id") if isinstance(inst, dict) else inst}
+                        for inst in instances]
+    extra = sum(int(inst.get("extra", 0)) for inst in instances if isinstance(inst, dict))
+    preds.extend({"echo": "spurious"} for _ in range(extra))
+    return 200, {"predictions": preds}
+
+
+@dataclass
+class FakeBackend:
+    """In-memory backend running the echo model; records every call."""
+
+    calls: list[list[Any]] = field(default_factory=list)
+    down: bool = False
+    timeout: bool = False
+    status_override: int | None = None
+    gate: asyncio.Event | None = None  # if set, calls wait for it
+
+    async def post(
+        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+    ) -> BackendResponse:
+        instances = json.loads(body)["instances"]
+        self.calls.append(instances)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise ProxyError(ErrorKind.BACKEND_ERROR, f"backend {url} is unreachable")
+        if self.timeout:
+            raise ProxyError(ErrorKind.BACKEND_TIMEOUT, f"backend {url} did not answer")
+        if self.status_override is not None:
+            return BackendResponse(self.status_override, b'{"error": "overloaded"}', "application/json")
+        status, doc = echo_predictions(instances)
+        return BackendResponse(status, json.dumps(doc).encode(), "application/json")
+
+
+@dataclass
+class RecordingMetrics:
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    batches: list[tuple[str, int, int, str]] = field(default_factory=list)
+    depth: dict[str, int] = field(default_factory=dict)
+
+    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
+        self.requests.append((policy, outcome))
+
+    def batch_done(self, policy: str, size: int, requests: int, seconds: float, outcome: str) -> None:
+        self.batches.append((policy, size, requests, outcome))
+
+    def queue_depth(self, policy: str, delta: int) -> None:
+        self.depth[policy] = self.depth.get(policy, 0) + delta

@@ -1,0 +1,211 @@
+"""The static batching core under a fake clock: no sleeps, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, EntryState, WaitUntil
+from extproc.core.clock import FakeClock
+
+
+def limits(batch: int = 4, wait: float = 0.010, in_flight: int = 1, queue: int = 100) -> BatchLimits:
+    return BatchLimits(batch, wait, in_flight, queue)
+
+
+def test_waits_for_the_oldest_request_then_dispatches_on_timer() -> None:
+    clock = FakeClock()
+    q: BatchQueue[str] = BatchQueue(limits(batch=4, wait=0.010))
+    q.offer("a", 1, clock.now())
+    clock.advance(0.004)
+    q.offer("b", 1, clock.now())
+    action = q.poll(clock.now())
+    assert action == WaitUntil(pytest.approx(0.010))
+    clock.advance(0.006)
+    action = q.poll(clock.now())
+    assert isinstance(action, Dispatch)
+    assert action.items == ["a", "b"]
+    assert action.reason == "timer"
+    assert q.poll(clock.now()) is None  # empty
+
+
+def test_dispatches_at_once_when_full_counting_instances_not_requests() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=5))
+    q.offer("a", 2, 0.0)
+    assert isinstance(q.poll(0.0), WaitUntil)
+    q.offer("b", 3, 0.0)
+    action = q.poll(0.0)
+    assert isinstance(action, Dispatch)
+    assert (action.items, action.size, action.reason) == (["a", "b"], 5, "full")
+
+
+def test_a_batch_never_exceeds_the_bound_and_keeps_fifo_order() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=5, in_flight=10))
+    for name, size in [("a", 2), ("b", 2), ("c", 2), ("d", 1)]:
+        q.offer(name, size, 0.0)
+    first = q.poll(1.0)
+    second = q.poll(1.0)
+    assert isinstance(first, Dispatch) and isinstance(second, Dispatch)
+    assert first.items == ["a", "b"]  # c would make 6
+    assert second.items == ["c", "d"]
+
+
+def test_a_request_larger_than_the_bound_goes_alone() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=4, in_flight=10))
+    q.offer("big", 9, 0.0)
+    q.offer("small", 1, 0.0)
+    first = q.poll(0.0)
+    assert isinstance(first, Dispatch)
+    assert (first.items, first.size) == (["big"], 9)
+    assert isinstance(q.poll(0.0), WaitUntil)
+
+
+def test_in_flight_limit_holds_batches_until_done() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=1, in_flight=2))
+    for name in "abc":
+        q.offer(name, 1, 0.0)
+    assert isinstance(q.poll(0.0), Dispatch)
+    assert isinstance(q.poll(0.0), Dispatch)
+    assert q.poll(0.0) is None  # blocked, not empty
+    assert q.queued == 1
+    q.done()
+    action = q.poll(0.0)
+    assert isinstance(action, Dispatch) and action.items == ["c"]
+
+
+def test_done_without_batch_is_a_bug() -> None:
+    q: BatchQueue[str] = BatchQueue(limits())
+    with pytest.raises(RuntimeError):
+        q.done()
+
+
+def test_queue_bound_refuses_the_next_request() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(queue=2))
+    assert q.offer("a", 1, 0.0) is not None
+    assert q.offer("b", 1, 0.0) is not None
+    assert q.offer("c", 1, 0.0) is None
+    assert q.queued == 2
+
+
+def test_cancelled_request_is_never_dispatched_and_frees_its_place() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=2, queue=2))
+    a = q.offer("a", 1, 0.0)
+    q.offer("b", 1, 0.0)
+    assert a is not None
+    assert q.cancel(a)
+    assert a.state is EntryState.CANCELLED
+    assert not q.cancel(a)  # twice is a no-op
+    assert (q.queued, q.queued_size) == (1, 1)
+    q.offer("c", 1, 0.0)  # the freed place
+    action = q.poll(0.0)
+    assert isinstance(action, Dispatch) and action.items == ["b", "c"]
+
+
+def test_cancelled_head_does_not_start_the_timer() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(wait=0.010))
+    a = q.offer("a", 1, 0.0)
+    q.offer("b", 1, 0.005)
+    assert a is not None
+    q.cancel(a)
+    assert q.poll(0.011) == WaitUntil(pytest.approx(0.015))
+
+
+def test_cancel_after_dispatch_reports_false() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=1))
+    a = q.offer("a", 1, 0.0)
+    assert a is not None
+    assert isinstance(q.poll(0.0), Dispatch)
+    assert not q.cancel(a)
+    assert a.state is EntryState.DISPATCHED
+
+
+def test_flush_sends_without_waiting() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(wait=10.0))
+    q.offer("a", 1, 0.0)
+    action = q.poll(0.0, flush=True)
+    assert isinstance(action, Dispatch) and action.reason == "flush"
+
+
+def test_new_limits_apply_at_the_next_poll() -> None:
+    q: BatchQueue[str] = BatchQueue(limits(batch=10, wait=1.0))
+    q.offer("a", 1, 0.0)
+    q.offer("b", 1, 0.0)
+    assert isinstance(q.poll(0.0), WaitUntil)
+    q.limits = limits(batch=2, wait=1.0)
+    action = q.poll(0.0)
+    assert isinstance(action, Dispatch) and action.reason == "full"
+
+
+def test_invalid_limits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        BatchLimits(0, 0.0, 1, 1)
+    with pytest.raises(ValueError):
+        BatchLimits(1, -1.0, 1, 1)
+    q: BatchQueue[str] = BatchQueue(limits())
+    with pytest.raises(ValueError):
+        q.offer("a", 0, 0.0)
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("offer"), st.integers(1, 6)),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.tuples(st.just("tick"), st.floats(0.0, 0.02)),
+        st.tuples(st.just("done"), st.just(0)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, batch=st.integers(1, 8), in_flight=st.integers(1, 3), queue=st.integers(1, 12))
+def test_properties_under_random_operations(
+    ops: list[tuple[str, float]], batch: int, in_flight: int, queue: int
+) -> None:
+    """A batch never exceeds its bound (unless one request alone does); no cancelled request is
+    dispatched; nothing is dispatched twice or lost; FIFO order; counts stay exact; no request
+    waits past max_wait while a batch slot is free."""
+    clock = FakeClock()
+    lim = BatchLimits(batch, 0.010, in_flight, queue)
+    q: BatchQueue[int] = BatchQueue(lim)
+    entries = []
+    dispatched: list[int] = []
+    cancelled: set[int] = set()
+    running = 0
+    for op, arg in ops:
+        if op == "offer":
+            e = q.offer(len(entries), int(arg), clock.now())
+            if e is None:
+                assert q.queued == queue
+                continue
+            entries.append(e)
+        elif op == "cancel" and entries:
+            e = entries[int(arg) % len(entries)]
+            if q.cancel(e):
+                cancelled.add(e.item)
+        elif op == "tick":
+            clock.advance(float(arg))
+        elif op == "done" and running:
+            q.done()
+            running -= 1
+        while True:
+            action = q.poll(clock.now())
+            if not isinstance(action, Dispatch):
+                break
+            running += 1
+            assert running <= in_flight
+            assert action.size == sum(e.size for e in action.entries)
+            assert action.size <= batch or len(action.entries) == 1
+            assert not cancelled & set(action.items)
+            dispatched.extend(action.items)
+        live = [e for e in entries if e.state is EntryState.QUEUED]
+        assert q.queued == len(live)
+        assert q.queued_size == sum(e.size for e in live)
+        if live and running < in_flight:
+            # nobody waits past max_wait while the backend has a free slot
+            assert clock.now() < live[0].arrival + lim.max_wait + 1e-6
+    assert dispatched == sorted(dispatched)  # FIFO
+    assert len(dispatched) == len(set(dispatched))
+    queued = {e.item for e in entries if e.state is EntryState.QUEUED}
+    assert set(dispatched) | cancelled | queued == {e.item for e in entries}

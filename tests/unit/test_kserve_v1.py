@@ -1,0 +1,82 @@
+"""The KServe V1 codec: parse, merge, split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.codecs import CodecError, get_codec
+from extproc.codecs.kserve_v1 import KServeV1
+
+codec = KServeV1()
+
+
+def test_parse_counts_instances_and_keeps_them() -> None:
+    p = codec.parse(b'{"instances": [[1, 2], [3, 4]]}')
+    assert p.size == 2
+    assert p.compat == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe\x00", "not"),
+        (b"[1, 2]", "must be a JSON object, got an array"),
+        (b'"x"', "got a string"),
+        (b"{}", "no 'instances'"),
+        (b'{"inputs": [1]}', "columnar 'inputs'"),
+        (b'{"instances": "abc"}', "'instances' must be an array, got a string"),
+        (b'{"instances": {"a": 1}}', "got an object"),
+        (b'{"instances": []}', "is empty"),
+        (b'{"instances": [NaN]}', "not valid JSON"),
+    ],
+)
+def test_malformed_requests_are_refused_with_a_reason(body: bytes, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        codec.parse(body)
+
+
+def test_merge_concatenates_in_order_and_split_gives_each_its_own() -> None:
+    items = [codec.parse(json.dumps({"instances": inst}).encode())
+             for inst in ([1], [2, 3], [4])]
+    merged = json.loads(codec.merge(items))
+    assert merged == {"instances": [1, 2, 3, 4]}
+    answer = json.dumps({"predictions": ["p1", "p2", "p3", "p4"], "model_name": "m"}).encode()
+    parts = [json.loads(b) for b in codec.split(answer, items)]
+    assert parts == [
+        {"predictions": ["p1"], "model_name": "m"},
+        {"predictions": ["p2", "p3"], "model_name": "m"},
+        {"predictions": ["p4"], "model_name": "m"},
+    ]
+
+
+def test_other_fields_are_a_compat_key_and_travel_with_the_batch() -> None:
+    a = codec.parse(b'{"instances": [1], "signature_name": "s"}')
+    b = codec.parse(b'{"signature_name": "s", "instances": [2]}')
+    c = codec.parse(b'{"instances": [3]}')
+    assert a.compat == b.compat != c.compat
+    assert json.loads(codec.merge([a, b])) == {"instances": [1, 2], "signature_name": "s"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b'{"predictions": [1, 2]}', "returned 2 predictions for a batch of 3"),
+        (b'{"predictions": [1, 2, 3, 4]}', "returned 4 predictions"),
+        (b'{"outputs": []}', "no 'predictions'"),
+        (b"<html>", "not valid JSON"),
+    ],
+)
+def test_unusable_answers_are_refused(answer: bytes, message: str) -> None:
+    items = [codec.parse(b'{"instances": [1]}'), codec.parse(b'{"instances": [2, 3]}')]
+    with pytest.raises(CodecError, match=message):
+        codec.split(answer, items)
+
+
+def test_registry() -> None:
+    assert get_codec("kserve-v1").name == "kserve-v1"
+    with pytest.raises(ValueError, match="unknown codec"):
+        get_codec("nope")

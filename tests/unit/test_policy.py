@@ -1,0 +1,97 @@
+"""Policy validation, the policy file loader and the path router."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlproxy.policy import Policy, PolicyFileError, Router, load_policy_file, parse_policies
+
+
+def policy(**overrides: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "name": "iris",
+        "match": {"path": "/v1/models/{model}:predict"},
+        "backend": {"url": "http://model:8080/v1/models/{model}:predict"},
+    }
+    doc.update(overrides)
+    return doc
+
+
+def test_defaults_are_filled_in() -> None:
+    (p,) = parse_policies({"policies": [policy()]})
+    assert p.codec == "kserve-v1"
+    assert p.batching.mode == "static"
+    assert p.batching.max_batch_size == 32
+    assert p.max_body_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"batching": {"max_batch_size": 0}}, "policies.0.batching.max_batch_size"),
+        ({"batching": {"max_wait_ms": -1}}, "policies.0.batching.max_wait_ms"),
+        ({"batching": {"mode": "turbo"}}, "policies.0.batching.mode"),
+        ({"sla": {"percentile": 101}}, "policies.0.sla.percentile"),
+        ({"codec": "grpc"}, "policies.0.codec"),
+        ({"name": "Not_A_Name"}, "policies.0.name"),
+        ({"colour": "blue"}, "policies.0.colour"),
+        ({"backend": {"url": "ftp://x"}}, "policies.0.backend.url"),
+        ({"backend": {"url": "http://x/{version}"}}, "does not define"),
+        ({"match": {"path": "/v1/{m}/{m}"}, "backend": {"url": "http://x/"}}, "repeats"),
+    ],
+)
+def test_invalid_policies_name_the_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(PolicyFileError, match=field.replace(".", r"\.")):
+        parse_policies({"policies": [policy(**change)]})
+
+
+def test_duplicate_names_are_refused() -> None:
+    with pytest.raises(PolicyFileError, match="more than once"):
+        parse_policies({"policies": [policy(), policy()]})
+
+
+def test_loader_reads_yaml_and_json_and_names_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"policies": [policy()]}))
+    assert load_policy_file(good)[0].name == "iris"
+    yml = tmp_path / "p.yaml"
+    yml.write_text("policies:\n  - name: iris\n    match: {path: /a}\n    backend: {url: http://b/}\n")
+    assert load_policy_file(yml)[0].match.path == "/a"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policies: [ {name: x")
+    with pytest.raises(PolicyFileError, match=r"bad\.yaml: not valid YAML"):
+        load_policy_file(bad)
+    with pytest.raises(PolicyFileError, match="cannot read"):
+        load_policy_file(tmp_path / "missing.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(PolicyFileError, match=r"empty\.yaml"):
+        load_policy_file(empty)
+
+
+def test_router_resolves_templates_and_renders_the_backend_url() -> None:
+    router = Router(parse_policies({"policies": [policy()]}))
+    route = router.resolve("/v1/models/iris-2:predict?x=1")
+    assert route is not None
+    assert route.policy.name == "iris"
+    assert route.backend_url == "http://model:8080/v1/models/iris-2:predict"
+    assert route.key == ("iris", "http://model:8080/v1/models/iris-2:predict")
+    assert router.resolve("/v1/models/iris") is None
+    assert router.resolve("/v1/models/a/b:predict") is None
+    assert router.resolve("/v1/models/..:predict") is None  # never `..` into the backend URL
+
+
+def test_router_first_match_wins_and_replace_clears_the_cache() -> None:
+    exact = Policy.model_validate(policy(name="exact", match={"path": "/v1/models/a:predict"},
+                                         backend={"url": "http://a/"}))
+    general = Policy.model_validate(policy(name="general"))
+    router = Router([exact, general])
+    assert router.resolve("/v1/models/a:predict").policy.name == "exact"  # type: ignore[union-attr]
+    assert router.resolve("/v1/models/b:predict").policy.name == "general"  # type: ignore[union-attr]
+    router.replace([general])
+    assert router.resolve("/v1/models/a:predict").policy.name == "general"  # type: ignore[union-attr]
+    router.replace([])
+    assert router.resolve("/v1/models/a:predict") is None

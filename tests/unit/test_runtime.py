@@ -1,0 +1,198 @@
+"""The asyncio batcher and the batch executor with a fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from extproc.codecs import get_codec
+from extproc.core.clock import MonotonicClock
+from extproc.runtime.batcher import BatchExecutor, BatcherPool, Reply
+from mlproxy.errors import ProxyError
+from mlproxy.policy import Policy, Router
+from tests.fakes import FakeBackend, RecordingMetrics
+
+codec = get_codec("kserve-v1")
+
+
+def make_policy(**batching: Any) -> Policy:
+    return Policy.model_validate({
+        "name": "echo",
+        "match": {"path": "/v1/models/{model}:predict"},
+        "backend": {"url": "http://backend/v1/models/{model}:predict"},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 60_000, "max_in_flight": 2, **batching},
+    })
+
+
+class Harness:
+    def __init__(self, policy: Policy, backend: FakeBackend | None = None) -> None:
+        self.backend = backend or FakeBackend()
+        self.metrics = RecordingMetrics()
+        clock = MonotonicClock()
+        self.pool = BatcherPool(BatchExecutor(self.backend, self.metrics, clock), clock, self.metrics)
+        self.router = Router([policy])
+
+    def submit(self, instances: list[Any], path: str = "/v1/models/m:predict") -> tuple[asyncio.Future[Reply], Any]:
+        route = self.router.resolve(path)
+        assert route is not None
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        ticket = self.pool.submit(route, codec.parse(json.dumps({"instances": instances}).encode()), fut)
+        return fut, ticket
+
+
+def echoed(reply: Reply) -> list[Any]:
+    assert reply.status == 200, reply
+    return [p["echo"] for p in json.loads(reply.body)["predictions"]]
+
+
+async def test_full_batch_goes_at_once_and_each_gets_its_own_answer() -> None:
+    h = Harness(make_policy())
+    futs = [h.submit([{"id": i}, {"id": i + 100}])[0] for i in range(4)]  # 8 instances
+    replies = await asyncio.gather(*futs)
+    assert [echoed(r) for r in replies] == [[i, i + 100] for i in range(4)]
+    assert len(h.backend.calls) == 1
+    assert all(r.batch_size == 8 for r in replies)
+    assert len(h.pool) == 0  # idle batchers are dropped
+
+
+async def test_timer_dispatches_a_partial_batch() -> None:
+    h = Harness(make_policy(max_wait_ms=5))
+    fut, _ = h.submit([{"id": "a"}])
+    reply = await asyncio.wait_for(fut, 2)
+    assert echoed(reply) == ["a"]
+
+
+async def test_one_bad_input_fails_alone_and_the_others_are_answered() -> None:
+    h = Harness(make_policy())
+    instances = [[{"id": i}] for i in range(8)]
+    instances[5] = [{"id": 5, "fail": 400}]
+    futs = [h.submit(x)[0] for x in instances]
+    replies = await asyncio.gather(*futs)
+    for i, r in enumerate(replies):
+        if i == 5:
+            assert r.status == 400
+            assert json.loads(r.body) == {"error": "instance 5 is poisoned"}  # passed through
+        else:
+            assert echoed(r) == [i]
+    assert len(h.backend.calls) <= 2 * 8 - 1
+
+
+async def test_model_500_on_bad_data_is_isolated_too() -> None:
+    h = Harness(make_policy())
+    futs = [h.submit([{"id": i, "fail": 500 if i == 0 else 0}])[0] for i in range(8)]
+    replies = await asyncio.gather(*futs)
+    assert replies[0].status == 500
+    assert [echoed(r) for r in replies[1:]] == [[i] for i in range(1, 8)]
+
+
+async def test_a_status_no_input_causes_is_passed_to_all_without_retries() -> None:
+    h = Harness(make_policy(), FakeBackend(status_override=503))
+    replies = await asyncio.gather(*(h.submit([{"id": i}])[0] for i in range(8)))
+    assert {r.status for r in replies} == {503}
+    assert len(h.backend.calls) == 1
+
+
+@pytest.mark.parametrize(("attr", "status"), [("down", 502), ("timeout", 504)])
+async def test_transport_errors_fail_the_batch_with_their_status(attr: str, status: int) -> None:
+    backend = FakeBackend()
+    setattr(backend, attr, True)
+    h = Harness(make_policy(), backend)
+    replies = await asyncio.gather(*(h.submit([{"id": i}])[0] for i in range(8)))
+    assert {r.status for r in replies} == {status}
+    assert all("error" in json.loads(r.body) for r in replies)
+
+
+async def test_wrong_prediction_count_fails_the_batch_with_502() -> None:
+    h = Harness(make_policy())
+    futs = [h.submit([{"id": i, "extra": 1 if i == 3 else 0}])[0] for i in range(8)]
+    replies = await asyncio.gather(*futs)
+    assert {r.status for r in replies} == {502}
+    assert "predictions for a batch of 8" in json.loads(replies[0].body)["error"]
+
+
+async def test_cancelled_request_is_not_sent_and_others_are_unaffected() -> None:
+    h = Harness(make_policy())
+    futs = []
+    for i in range(9):
+        fut, ticket = h.submit([{"id": i}])
+        if i == 2:
+            ticket.cancel()
+            fut.cancel()
+        futs.append(fut)
+    replies = await asyncio.gather(*(f for i, f in enumerate(futs) if i != 2))
+    sent = [inst["id"] for call in h.backend.calls for inst in call]
+    assert 2 not in sent
+    assert [echoed(r) for r in replies] == [[i] for i in range(9) if i != 2]
+    assert ("echo", "cancelled") in h.metrics.requests
+
+
+async def test_client_gone_after_dispatch_does_not_disturb_the_batch() -> None:
+    gate = asyncio.Event()
+    h = Harness(make_policy(), FakeBackend(gate=gate))
+    pairs = [h.submit([{"id": i}]) for i in range(8)]
+    await asyncio.sleep(0)
+    pairs[0][1].cancel()
+    pairs[0][0].cancel()  # what asyncio does to the awaited future of a cancelled handler
+    gate.set()
+    replies = await asyncio.gather(*(f for f, _ in pairs[1:]))
+    assert [echoed(r) for r in replies] == [[i] for i in range(1, 8)]
+    assert len(h.backend.calls) == 1 and len(h.backend.calls[0]) == 8
+
+
+async def test_queue_full_is_429_with_retry_after() -> None:
+    h = Harness(make_policy(max_queue=2, max_batch_size=100))
+    h.submit([{"id": 1}])
+    h.submit([{"id": 2}])
+    with pytest.raises(ProxyError) as err:
+        h.submit([{"id": 3}])
+    assert err.value.status == 429
+    assert ("retry-after", "1") in err.value.headers
+    await h.pool.drain()
+
+
+async def test_in_flight_limit_is_respected() -> None:
+    gate = asyncio.Event()
+    h = Harness(make_policy(max_batch_size=1, max_in_flight=2), FakeBackend(gate=gate))
+    futs = [h.submit([{"id": i}])[0] for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert len(h.backend.calls) == 2
+    gate.set()
+    await asyncio.gather(*futs)
+    assert len(h.backend.calls) == 5
+
+
+async def test_drain_flushes_queued_requests_without_waiting_and_then_refuses() -> None:
+    h = Harness(make_policy())  # max_wait is a minute
+    futs = [h.submit([{"id": i}])[0] for i in range(3)]
+    await asyncio.wait_for(h.pool.drain(), 2)
+    assert [echoed(f.result()) for f in futs] == [[0], [1], [2]]
+    with pytest.raises(ProxyError) as err:
+        h.submit([{"id": 9}])
+    assert err.value.status == 503
+
+
+async def test_policy_update_applies_to_queued_requests() -> None:
+    h = Harness(make_policy())
+    futs = [h.submit([{"id": i}])[0] for i in range(3)]
+    h.pool.update_policies([make_policy(max_batch_size=3)])  # now full
+    replies = await asyncio.wait_for(asyncio.gather(*futs), 2)
+    assert [echoed(r) for r in replies] == [[0], [1], [2]]
+
+
+async def test_deleted_policy_finishes_its_queue() -> None:
+    h = Harness(make_policy(max_wait_ms=20))
+    futs = [h.submit([{"id": i}])[0] for i in range(3)]
+    h.pool.update_policies([])
+    replies = await asyncio.wait_for(asyncio.gather(*futs), 2)
+    assert [echoed(r) for r in replies] == [[0], [1], [2]]
+    assert len(h.pool) == 0
+
+
+async def test_mode_off_sends_each_request_alone() -> None:
+    h = Harness(make_policy(mode="off"))
+    replies = await asyncio.gather(*(h.submit([{"id": i}, {"id": -i}])[0] for i in range(4)))
+    assert [echoed(r) for r in replies] == [[i, -i] for i in range(4)]
+    assert sorted(len(c) for c in h.backend.calls) == [2, 2, 2, 2]
