@@ -14,7 +14,7 @@ from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
 from extproc.core.clock import Clock, MonotonicClock
-from extproc.runtime.batcher import BatchExecutor, BatcherPool
+from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from mlproxy.policy import Policy, Router
 
 __all__ = ["ExtProcServer", "run"]
@@ -59,7 +59,7 @@ class ExtProcServer:
         )
         server.add_generic_rpc_handlers((servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
             raise OSError(f"ext_proc cannot listen on {self.host}:{self.port} (in use?)")
         self.port = bound
@@ -70,11 +70,13 @@ class ExtProcServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "ext_proc listening on %s:%d with %d policies%s", self.host, self.port,
+            "ext_proc listening on %s:%d with %d policies%s",
+            self.host,
+            self.port,
             len(self.router.policies),
             f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
         )
-        return bound
+        return self.port
 
     def apply_policies(self, policies: Sequence[Policy]) -> None:
         """Swap the policy set; parameters apply between batches."""

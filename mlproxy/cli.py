@@ -40,9 +40,7 @@ def cmd_extproc(args: argparse.Namespace) -> int:
     except PolicyFileError as err:
         log.error("invalid policy file: %s", err)
         return 2
-    server = ExtProcServer(
-        policies, host=args.host, port=args.port, metrics_port=args.metrics_port
-    )
+    server = ExtProcServer(policies, host=args.host, port=args.port, metrics_port=args.metrics_port)
     _run_async(run(server, grace=args.grace))
     return 0
 
@@ -78,14 +76,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         "Try:\n  curl -s -X POST "
         f"{stack.envoy_url}/v1/models/demo:predict -H 'content-type: application/json' "
-        "-d '{\"instances\": [[" + ", ".join(["0.5"] * 16) + "]]}'"
+        '-d \'{"instances": [[' + ", ".join(["0.5"] * 16) + "]]}'"
     )
     print("Ctrl-C stops everything.", flush=True)
     dead = stack.wait(lambda: stopping)
     if dead is not None:
         log.error(
             "%s exited with code %s; stopping the stack. Its log (%s) ends:\n%s",
-            dead.name, dead.exited(), dead.log_path, dead.log_tail(),
+            dead.name,
+            dead.exited(),
+            dead.log_path,
+            dead.log_tail(),
         )
     stack.stop()
     print("stopped")
@@ -111,13 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace, seconds")
 
-    sub.add_parser("model", help="run the demo model server (see `mlproxy model -h`)",
-                   add_help=False)
+    sub.add_parser(
+        "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False
+    )
 
     p = sub.add_parser("up", help="run Envoy + ext_proc + the demo model until Ctrl-C")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
-    p.add_argument("--policies", type=Path, default=None,
-                   help="policy file (default: batch the demo model)")
+    p.add_argument(
+        "--policies", type=Path, default=None, help="policy file (default: batch the demo model)"
+    )
 
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)

@@ -32,7 +32,10 @@ def model_counters(metrics_url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in ("demo_model_predict_calls_total", "demo_model_predict_instances_total"):
+            if sample.name in (
+                "demo_model_predict_calls_total",
+                "demo_model_predict_instances_total",
+            ):
                 out[sample.name.removeprefix("demo_model_predict_").removesuffix("_total")] = (
                     sample.value
                 )
@@ -59,7 +62,8 @@ def run_demo(requests: int = 512, concurrency: int = 64, port: int = 0) -> int:
     instances = after["instances"] - before["instances"]
     ok = [r for r in results if r.status == 200]
     wrong = [
-        r.index for r, d in zip(results, direct, strict=True)
+        r.index
+        for r, d in zip(results, direct, strict=True)
         if r.status != 200 or d.status != 200 or json.loads(r.body) != json.loads(d.body)
     ]
     latencies = [r.latency * 1000 for r in ok]
@@ -68,8 +72,10 @@ def run_demo(requests: int = 512, concurrency: int = 64, port: int = 0) -> int:
     print(f"backend calls        {calls:.0f}")
     print(f"mean batch size      {instances / calls if calls else 0:.1f} instances per call")
     if latencies:
-        print(f"latency p50 / p99    {statistics.median(latencies):.1f} / "
-              f"{percentile(latencies, 99):.1f} ms")
+        print(
+            f"latency p50 / p99    {statistics.median(latencies):.1f} / "
+            f"{percentile(latencies, 99):.1f} ms"
+        )
     print(f"answers checked      {requests} against the model's unbatched answers")
     if wrong:
         print(f"MISMATCH             {len(wrong)} answers differ, e.g. request #{wrong[0]}")

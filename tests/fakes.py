@@ -18,8 +18,9 @@ def echo_predictions(instances: list[Any]) -> tuple[int, dict[str, Any]]:
     for inst in instances:
         if isinstance(inst, dict) and inst.get("fail"):
             return int(inst["fail"]), {"error": f"instance {inst.get('id')} is poisoned"}
-    preds: list[Any] = [{"echo": inst.get("id") if isinstance(inst, dict) else inst}
-                        for inst in instances]
+    preds: list[Any] = [
+        {"echo": inst.get("id") if isinstance(inst, dict) else inst} for inst in instances
+    ]
     extra = sum(int(inst.get("extra", 0)) for inst in instances if isinstance(inst, dict))
     preds.extend({"echo": "spurious"} for _ in range(extra))
     return 200, {"predictions": preds}
@@ -47,7 +48,9 @@ class FakeBackend:
         if self.timeout:
             raise ProxyError(ErrorKind.BACKEND_TIMEOUT, f"backend {url} did not answer")
         if self.status_override is not None:
-            return BackendResponse(self.status_override, b'{"error": "overloaded"}', "application/json")
+            return BackendResponse(
+                self.status_override, b'{"error": "overloaded"}', "application/json"
+            )
         status, doc = echo_predictions(instances)
         return BackendResponse(status, json.dumps(doc).encode(), "application/json")
 
@@ -57,12 +60,22 @@ class RecordingMetrics:
     requests: list[tuple[str, str]] = field(default_factory=list)
     batches: list[tuple[str, int, int, str]] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)
+    passed_through: int = 0
+    streams: int = 0
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
         self.requests.append((policy, outcome))
 
-    def batch_done(self, policy: str, size: int, requests: int, seconds: float, outcome: str) -> None:
+    def batch_done(
+        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+    ) -> None:
         self.batches.append((policy, size, requests, outcome))
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self.depth[policy] = self.depth.get(policy, 0) + delta
+
+    def passthrough(self) -> None:
+        self.passed_through += 1
+
+    def active_streams(self, delta: int) -> None:
+        self.streams += delta

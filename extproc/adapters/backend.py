@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import io
 import logging
 
 import aiohttp
@@ -14,6 +14,8 @@ __all__ = ["HttpBackend"]
 
 log = logging.getLogger(__name__)
 
+_LARGE_BODY = 1 << 20
+
 
 class HttpBackend:
     """Connections are reused across batches; how many run at once is bounded by each policy's
@@ -24,9 +26,7 @@ class HttpBackend:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=30, ttl_dns_cache=30
-            )
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=30)
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
             )
@@ -40,7 +40,8 @@ class HttpBackend:
         try:
             async with session.post(
                 url,
-                data=body,
+                # aiohttp warns that large bytes bodies may block the loop; a stream does not.
+                data=io.BytesIO(body) if len(body) > _LARGE_BODY else body,
                 headers={"Content-Type": content_type, "User-Agent": "mlproxy"},
                 timeout=client_timeout,
             ) as resp:
@@ -51,7 +52,7 @@ class HttpBackend:
                 ErrorKind.BACKEND_ERROR,
                 f"backend {url} did not accept a connection within {connect_timeout * 1000:.0f} ms",
             ) from err
-        except (TimeoutError, asyncio.TimeoutError) as err:
+        except TimeoutError as err:
             raise ProxyError(
                 ErrorKind.BACKEND_TIMEOUT,
                 f"backend {url} did not answer within {timeout * 1000:.0f} ms "

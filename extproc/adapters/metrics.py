@@ -18,34 +18,54 @@ class PrometheusMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "mlproxy_requests", "Requests handled by a policy, by outcome.",
-            ["policy", "outcome"], registry=r,
+            "mlproxy_requests",
+            "Requests handled by a policy, by outcome.",
+            ["policy", "outcome"],
+            registry=r,
         )
-        self.passthrough = Counter(
-            "mlproxy_passthrough_requests", "Requests that matched no policy (sent on untouched).",
+        self.passthrough_requests = Counter(
+            "mlproxy_passthrough_requests",
+            "Requests that matched no policy (sent on untouched).",
             registry=r,
         )
         self.queue_wait = Histogram(
-            "mlproxy_queue_wait_seconds", "Time from arrival to dispatch of the request's batch.",
-            ["policy"], buckets=_TIME_BUCKETS, registry=r,
+            "mlproxy_queue_wait_seconds",
+            "Time from arrival to dispatch of the request's batch.",
+            ["policy"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "mlproxy_batch_size", "Instances per backend call.",
-            ["policy"], buckets=_SIZE_BUCKETS, registry=r,
+            "mlproxy_batch_size",
+            "Instances per backend call.",
+            ["policy"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
-            "mlproxy_batch_requests", "Client requests per backend call.",
-            ["policy"], buckets=_SIZE_BUCKETS, registry=r,
+            "mlproxy_batch_requests",
+            "Client requests per backend call.",
+            ["policy"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
         )
         self.backend_latency = Histogram(
-            "mlproxy_backend_latency_seconds", "Backend call duration, by outcome.",
-            ["policy", "outcome"], buckets=_TIME_BUCKETS, registry=r,
+            "mlproxy_backend_latency_seconds",
+            "Backend call duration, by outcome.",
+            ["policy", "outcome"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
         )
         self.depth = Gauge(
-            "mlproxy_queue_depth", "Requests waiting in the queue.", ["policy"], registry=r,
+            "mlproxy_queue_depth",
+            "Requests waiting in the queue.",
+            ["policy"],
+            registry=r,
         )
         self.streams = Gauge(
-            "mlproxy_active_streams", "Open ext_proc streams (requests held by Envoy).", registry=r,
+            "mlproxy_active_streams",
+            "Open ext_proc streams (requests held by Envoy).",
+            registry=r,
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -55,13 +75,21 @@ class PrometheusMetrics:
         if queue_wait is not None:
             self.queue_wait.labels(policy).observe(queue_wait)
 
-    def batch_done(self, policy: str, size: int, requests: int, seconds: float, outcome: str) -> None:
+    def batch_done(
+        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+    ) -> None:
         self.batch_size.labels(policy).observe(size)
         self.batch_requests.labels(policy).observe(requests)
         self.backend_latency.labels(policy, outcome).observe(seconds)
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self.depth.labels(policy).inc(delta)
+
+    def passthrough(self) -> None:
+        self.passthrough_requests.inc()
+
+    def active_streams(self, delta: int) -> None:
+        self.streams.inc(delta)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port."""

@@ -20,6 +20,7 @@ import grpc
 from extproc.adapters import wire
 from extproc.codecs import CodecError, get_codec
 from extproc.runtime.batcher import BatcherPool, Reply
+from extproc.runtime.ports import Metrics
 from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Route, Router
 
@@ -30,17 +31,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
-class _Metrics:
-    """What the servicer records (a subset of PrometheusMetrics)."""
-
-    passthrough: Any
-    streams: Any
-
-    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
-
-
 class ExtProcServicer:
-    def __init__(self, router: Router, pool: BatcherPool, metrics: _Metrics) -> None:
+    def __init__(self, router: Router, pool: BatcherPool, metrics: Metrics) -> None:
         self.router = router
         self._pool = pool
         self._metrics = metrics
@@ -52,11 +44,11 @@ class ExtProcServicer:
         )
 
     async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        self._metrics.streams.inc()
+        self._metrics.active_streams(1)
         try:
             await self._process(context)
         finally:
-            self._metrics.streams.dec()
+            self._metrics.active_streams(-1)
 
     async def _process(self, context: grpc.aio.ServicerContext) -> None:
         raw = await context.read()
@@ -66,13 +58,14 @@ class ExtProcServicer:
         if msg.kind != "request_headers":
             log.error(
                 "first ext_proc message was %s, not request headers: check the filter's "
-                "processing_mode (request_header_mode must be SEND)", msg.kind,
+                "processing_mode (request_header_mode must be SEND)",
+                msg.kind,
             )
             return
         headers = msg.headers
         route = self.router.resolve(headers.get(":path", ""))
         if route is None or headers.get(":method", "POST") != "POST":
-            self._metrics.passthrough.inc()
+            self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
             return
         reply = await self._handle(context, route, headers, msg.end_of_stream)

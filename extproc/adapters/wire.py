@@ -24,14 +24,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "BODY_CONTINUE",
     "HEADERS_CONTINUE",
     "HEADERS_CONTINUE_SKIP_BODY",
-    "BODY_CONTINUE",
-    "WireError",
     "Message",
+    "WireError",
     "decode_processing_request",
-    "envoy_status",
     "encode_immediate_response",
+    "envoy_status",
 ]
 
 
@@ -178,10 +178,64 @@ def _header_value_option(key: str, value: str) -> bytes:
 
 # Status codes Envoy's HttpStatus enum defines (envoy.type.v3.StatusCode); Envoy only takes these.
 ENVOY_STATUS_CODES = frozenset(
-    {100, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305, 307,
-     308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416,
-     417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507, 508,
-     510, 511}
+    {
+        100,
+        200,
+        201,
+        202,
+        203,
+        204,
+        205,
+        206,
+        207,
+        208,
+        226,
+        300,
+        301,
+        302,
+        303,
+        304,
+        305,
+        307,
+        308,
+        400,
+        401,
+        402,
+        403,
+        404,
+        405,
+        406,
+        407,
+        408,
+        409,
+        410,
+        411,
+        412,
+        413,
+        414,
+        415,
+        416,
+        417,
+        421,
+        422,
+        423,
+        424,
+        426,
+        428,
+        429,
+        431,
+        500,
+        501,
+        502,
+        503,
+        504,
+        505,
+        506,
+        507,
+        508,
+        510,
+        511,
+    }
 )
 
 

@@ -110,7 +110,9 @@ class BatchExecutor:
                 policy.backend.connect_timeout_ms / 1000.0,
             )
         except ProxyError as err:
-            self._metrics.batch_done(policy.name, size, n, self._clock.now() - started, err.kind.outcome)
+            self._metrics.batch_done(
+                policy.name, size, n, self._clock.now() - started, err.kind.outcome
+            )
             return [Reply.from_error(err, size)] * n
         elapsed = self._clock.now() - started
         if resp.status == 200:
@@ -259,8 +261,11 @@ class Batcher:
         except Exception:
             log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))
             replies = [
-                Reply(500, error_body("internal error in MLProxy; see the ext_proc log"),
-                      outcome="internal_error")
+                Reply(
+                    500,
+                    error_body("internal error in MLProxy; see the ext_proc log"),
+                    outcome="internal_error",
+                )
             ] * len(tickets)
         finally:
             self._queue.done()
@@ -291,8 +296,13 @@ class BatcherPool:
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = Batcher(
-                key, route, get_codec(route.policy.codec), self._executor, self._clock,
-                self._metrics, self._idle,
+                key,
+                route,
+                get_codec(route.policy.codec),
+                self._executor,
+                self._clock,
+                self._metrics,
+                self._idle,
             )
             self._batchers[key] = batcher
         ticket = Ticket(parsed, future, self._clock.now())

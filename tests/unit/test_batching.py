@@ -10,7 +10,9 @@ from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, EntryState,
 from extproc.core.clock import FakeClock
 
 
-def limits(batch: int = 4, wait: float = 0.010, in_flight: int = 1, queue: int = 100) -> BatchLimits:
+def limits(
+    batch: int = 4, wait: float = 0.010, in_flight: int = 1, queue: int = 100
+) -> BatchLimits:
     return BatchLimits(batch, wait, in_flight, queue)
 
 

@@ -40,8 +40,7 @@ def test_malformed_requests_are_refused_with_a_reason(body: bytes, message: str)
 
 
 def test_merge_concatenates_in_order_and_split_gives_each_its_own() -> None:
-    items = [codec.parse(json.dumps({"instances": inst}).encode())
-             for inst in ([1], [2, 3], [4])]
+    items = [codec.parse(json.dumps({"instances": inst}).encode()) for inst in ([1], [2, 3], [4])]
     merged = json.loads(codec.merge(items))
     assert merged == {"instances": [1, 2, 3, 4]}
     answer = json.dumps({"predictions": ["p1", "p2", "p3", "p4"], "model_name": "m"}).encode()

@@ -58,7 +58,9 @@ def test_loader_reads_yaml_and_json_and_names_the_file(tmp_path: Path) -> None:
     good.write_text(json.dumps({"policies": [policy()]}))
     assert load_policy_file(good)[0].name == "iris"
     yml = tmp_path / "p.yaml"
-    yml.write_text("policies:\n  - name: iris\n    match: {path: /a}\n    backend: {url: http://b/}\n")
+    yml.write_text(
+        "policies:\n  - name: iris\n    match: {path: /a}\n    backend: {url: http://b/}\n"
+    )
     assert load_policy_file(yml)[0].match.path == "/a"
     bad = tmp_path / "bad.yaml"
     bad.write_text("policies: [ {name: x")
@@ -85,8 +87,9 @@ def test_router_resolves_templates_and_renders_the_backend_url() -> None:
 
 
 def test_router_first_match_wins_and_replace_clears_the_cache() -> None:
-    exact = Policy.model_validate(policy(name="exact", match={"path": "/v1/models/a:predict"},
-                                         backend={"url": "http://a/"}))
+    exact = Policy.model_validate(
+        policy(name="exact", match={"path": "/v1/models/a:predict"}, backend={"url": "http://a/"})
+    )
     general = Policy.model_validate(policy(name="general"))
     router = Router([exact, general])
     assert router.resolve("/v1/models/a:predict").policy.name == "exact"  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ import pytest
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import BatchExecutor, BatcherPool, Reply
+from extproc.runtime.batcher import BatcherPool, BatchExecutor, Reply
 from mlproxy.errors import ProxyError
 from mlproxy.policy import Policy, Router
 from tests.fakes import FakeBackend, RecordingMetrics
@@ -19,12 +19,19 @@ codec = get_codec("kserve-v1")
 
 
 def make_policy(**batching: Any) -> Policy:
-    return Policy.model_validate({
-        "name": "echo",
-        "match": {"path": "/v1/models/{model}:predict"},
-        "backend": {"url": "http://backend/v1/models/{model}:predict"},
-        "batching": {"max_batch_size": 8, "max_wait_ms": 60_000, "max_in_flight": 2, **batching},
-    })
+    return Policy.model_validate(
+        {
+            "name": "echo",
+            "match": {"path": "/v1/models/{model}:predict"},
+            "backend": {"url": "http://backend/v1/models/{model}:predict"},
+            "batching": {
+                "max_batch_size": 8,
+                "max_wait_ms": 60_000,
+                "max_in_flight": 2,
+                **batching,
+            },
+        }
+    )
 
 
 class Harness:
@@ -32,14 +39,20 @@ class Harness:
         self.backend = backend or FakeBackend()
         self.metrics = RecordingMetrics()
         clock = MonotonicClock()
-        self.pool = BatcherPool(BatchExecutor(self.backend, self.metrics, clock), clock, self.metrics)
+        self.pool = BatcherPool(
+            BatchExecutor(self.backend, self.metrics, clock), clock, self.metrics
+        )
         self.router = Router([policy])
 
-    def submit(self, instances: list[Any], path: str = "/v1/models/m:predict") -> tuple[asyncio.Future[Reply], Any]:
+    def submit(
+        self, instances: list[Any], path: str = "/v1/models/m:predict"
+    ) -> tuple[asyncio.Future[Reply], Any]:
         route = self.router.resolve(path)
         assert route is not None
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        ticket = self.pool.submit(route, codec.parse(json.dumps({"instances": instances}).encode()), fut)
+        ticket = self.pool.submit(
+            route, codec.parse(json.dumps({"instances": instances}).encode()), fut
+        )
         return fut, ticket
 
 

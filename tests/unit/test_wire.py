@@ -61,8 +61,9 @@ def test_decodes_request_body_like_the_reference(body: bytes, eos: bool) -> None
 
 def test_repeated_header_names_are_joined() -> None:
     values = [core.HeaderValue(key="x", raw_value=b"1"), core.HeaderValue(key="x", raw_value=b"2")]
-    raw = bytes(ep.ProcessingRequest(request_headers=ep.HttpHeaders(
-        headers=core.HeaderMap(headers=values))))
+    raw = bytes(
+        ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=core.HeaderMap(headers=values)))
+    )
     assert wire.decode_processing_request(raw).headers == {"x": "1,2"}
 
 
@@ -79,8 +80,10 @@ def test_malformed_bytes_raise_wire_error(bad: bytes) -> None:
 
 
 def test_headers_continue_matches_reference() -> None:
-    assert wire.HEADERS_CONTINUE == bytes(ep.ProcessingResponse(request_headers=ep.HeadersResponse()))
-    assert wire.BODY_CONTINUE == bytes(ep.ProcessingResponse(request_body=ep.BodyResponse()))
+    assert (
+        bytes(ep.ProcessingResponse(request_headers=ep.HeadersResponse())) == wire.HEADERS_CONTINUE
+    )
+    assert bytes(ep.ProcessingResponse(request_body=ep.BodyResponse())) == wire.BODY_CONTINUE
 
 
 def test_skip_body_override_matches_reference() -> None:
@@ -94,10 +97,12 @@ def test_skip_body_override_matches_reference() -> None:
             response_trailer_mode=skip,
         ),
     )
-    assert wire.HEADERS_CONTINUE_SKIP_BODY == bytes(ref)
+    assert bytes(ref) == wire.HEADERS_CONTINUE_SKIP_BODY
 
 
-def reference_immediate(status: int, headers: list[tuple[str, str]], body: bytes, details: str) -> bytes:
+def reference_immediate(
+    status: int, headers: list[tuple[str, str]], body: bytes, details: str
+) -> bytes:
     mutation = ep.HeaderMutation(
         set_headers=[
             core.HeaderValueOption(header=core.HeaderValue(key=k, raw_value=v.encode()))
@@ -135,7 +140,9 @@ def test_status_codes_match_envoys_enum() -> None:
     assert {int(s) for s in typ.StatusCode if int(s)} == wire.ENVOY_STATUS_CODES
 
 
-@pytest.mark.parametrize(("status", "sent"), [(418, 400), (299, 200), (599, 500), (200, 200), (999, 502)])
+@pytest.mark.parametrize(
+    ("status", "sent"), [(418, 400), (299, 200), (599, 500), (200, 200), (999, 502)]
+)
 def test_undefined_status_is_sent_as_its_class(status: int, sent: int) -> None:
     decoded = ep.ProcessingResponse.parse(wire.encode_immediate_response(status, [], b"x"))
     assert decoded.immediate_response is not None

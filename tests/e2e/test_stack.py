@@ -1,0 +1,135 @@
+"""Envoy configs validated by the real Envoy; `mlproxy up` starts and stops cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlproxy.envoy_config import local_config
+from mlproxy.stack import envoy_binary, free_port, pid_alive
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "envoy").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_envoy_config_in_the_repo_is_valid(path: Path) -> None:
+    result = envoy_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_config_is_valid_and_local_yaml_is_its_default(tmp_path: Path) -> None:
+    assert yaml.safe_load((ROOT / "envoy" / "local.yaml").read_text()) == local_config()
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text(yaml.safe_dump(local_config(extproc=[("127.0.0.1", 1), ("127.0.0.1", 2)])))
+    result = envoy_validate(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_validation_catches_a_broken_config(tmp_path: Path) -> None:
+    broken = local_config()
+    broken["static_resources"]["clusters"][0]["lb_policy"] = "NOT_A_POLICY"
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(yaml.safe_dump(broken))
+    assert envoy_validate(cfg).returncode != 0
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(x) for x in out.stdout.split()]
+
+
+@contextlib.contextmanager
+def running_up(port: int) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """`mlproxy up` as a subprocess, ready; yields it and its three children."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        try:
+            yield proc, _wait_ready(proc, port)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _wait_ready(proc: subprocess.Popen[str], port: int) -> list[int]:
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+        if not line and proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+    assert "Ctrl-C stops everything" in "".join(lines), "".join(lines)
+    assert f"127.0.0.1:{port}" in "".join(lines)
+    kids = children_of(proc.pid)
+    assert len(kids) == 3  # model, ext_proc, envoy
+    return kids
+
+
+def test_up_serves_and_ctrl_c_stops_every_child() -> None:
+    port = free_port()
+    with running_up(port) as (proc, kids):
+        body = b'{"instances": [[' + b",".join([b"0.5"] * 16) + b"]]}"
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/demo:predict",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-mlproxy-batch-size"] == "1"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert not [k for k in kids if pid_alive(k)]
+
+
+def test_up_stops_everything_when_a_child_dies() -> None:
+    with running_up(free_port()) as (proc, kids):
+        (extproc,) = [k for k in kids if b"extproc" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        os.kill(extproc, signal.SIGKILL)
+        assert proc.wait(30) == 1
+        assert proc.stdout is not None
+        assert "extproc exited" in proc.stdout.read()
+    time.sleep(0.2)
+    assert not [k for k in kids if pid_alive(k)]
+
+
+def test_children_die_with_a_killed_supervisor() -> None:
+    with running_up(free_port()) as (proc, kids):
+        proc.kill()  # no chance to clean up: PR_SET_PDEATHSIG must do it
+        proc.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [k for k in kids if pid_alive(k)]:
+        time.sleep(0.1)
+    assert not [k for k in kids if pid_alive(k)]

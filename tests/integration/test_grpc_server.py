@@ -1,0 +1,208 @@
+"""The ext_proc gRPC server with a real gRPC client and a real HTTP backend (no Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy_data_plane.envoy.config.core import v3 as core
+from envoy_data_plane.envoy.service.ext_proc import v3 as ep
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.adapters import wire
+from extproc.server import ExtProcServer
+from mlproxy.policy import parse_policies
+from tests.servers import EchoBackend
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+def policies(backend_url: str, **batching: Any) -> list[Any]:
+    return parse_policies(
+        {
+            "policies": [
+                {
+                    "name": "echo",
+                    "match": {"path": "/v1/models/{model}:predict"},
+                    "backend": {"url": backend_url + "/v1/models/{model}:predict"},
+                    "batching": {"max_batch_size": 4, "max_wait_ms": 20, **batching},
+                    "max_body_bytes": 10_000,
+                }
+            ]
+        }
+    )
+
+
+def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str) -> bytes:
+    hs = {":path": path, ":method": method, "content-type": "application/json", **extra}
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(
+                    headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs.items()]
+                ),
+                end_of_stream=eos,
+            )
+        )
+    )
+
+
+def body_msg(doc: Any) -> bytes:
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+
+
+@pytest.fixture
+async def server(echo_backend: EchoBackend) -> AsyncIterator[ExtProcServer]:
+    srv = ExtProcServer(policies(echo_backend.url), port=0, metrics_port=0)
+    await srv.start()
+    yield srv
+    await srv.stop(grace=2)
+
+
+@pytest.fixture
+async def channel(server: ExtProcServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+def call(channel: grpc.aio.Channel) -> Any:
+    return channel.stream_stream(METHOD)()  # bytes in, bytes out
+
+
+async def infer(
+    channel: grpc.aio.Channel, doc: Any, path: str = "/v1/models/m:predict"
+) -> ep.ImmediateResponse:
+    stream = call(channel)
+    await stream.write(headers_msg(path))
+    assert await stream.read() == wire.HEADERS_CONTINUE
+    await stream.write(body_msg(doc))
+    resp = ep.ProcessingResponse.parse(await stream.read())
+    assert await stream.read() is grpc.aio.EOF  # the server closes right after
+    assert resp.immediate_response is not None
+    return resp.immediate_response
+
+
+def header(resp: ep.ImmediateResponse, name: str) -> str | None:
+    assert resp.headers is not None
+    for opt in resp.headers.set_headers:
+        assert opt.header is not None
+        if opt.header.key == name:
+            return opt.header.raw_value.decode()
+    return None
+
+
+async def test_unmatched_path_continues_and_skips_the_body(channel: grpc.aio.Channel) -> None:
+    stream = call(channel)
+    await stream.write(headers_msg("/other"))
+    assert await stream.read() == wire.HEADERS_CONTINUE_SKIP_BODY
+    assert await stream.read() is grpc.aio.EOF
+
+
+async def test_non_post_continues(channel: grpc.aio.Channel) -> None:
+    stream = call(channel)
+    await stream.write(headers_msg("/v1/models/m:predict", method="GET", eos=True))
+    assert await stream.read() == wire.HEADERS_CONTINUE_SKIP_BODY
+
+
+async def test_concurrent_requests_are_batched_and_answered_each_their_own(
+    channel: grpc.aio.Channel, echo_backend: EchoBackend, server: ExtProcServer
+) -> None:
+    echo_backend.clear()
+    server.apply_policies(policies(echo_backend.url, max_wait_ms=60_000))  # only full batches go
+    replies = await asyncio.gather(*(infer(channel, {"instances": [{"id": i}]}) for i in range(8)))
+    for i, r in enumerate(replies):
+        assert r.status is not None and int(r.status.code) == 200
+        assert json.loads(r.body) == {"predictions": [{"echo": i}]}
+        assert header(r, "content-type") == "application/json"
+        assert header(r, "x-mlproxy-batch-size") == "4"
+        assert float(header(r, "x-mlproxy-queue-ms") or "nan") >= 0
+    assert len(echo_backend.batches) == 2
+
+
+async def test_bad_body_gets_400_json(channel: grpc.aio.Channel) -> None:
+    r = await infer(channel, b'{"instances": 5}')
+    assert r.status is not None and int(r.status.code) == 400
+    assert json.loads(r.body) == {"error": "'instances' must be an array, got a number"}
+
+
+async def test_post_without_body_gets_400(channel: grpc.aio.Channel) -> None:
+    stream = call(channel)
+    await stream.write(headers_msg("/v1/models/m:predict", eos=True))
+    resp = ep.ProcessingResponse.parse(await stream.read())
+    assert resp.immediate_response is not None
+    assert resp.immediate_response.status is not None
+    assert int(resp.immediate_response.status.code) == 400
+
+
+async def test_content_length_over_limit_gets_413_before_the_body(
+    channel: grpc.aio.Channel,
+) -> None:
+    stream = call(channel)
+    await stream.write(headers_msg("/v1/models/m:predict", **{"content-length": "20000"}))
+    resp = ep.ProcessingResponse.parse(await stream.read())
+    assert resp.immediate_response is not None and resp.immediate_response.status is not None
+    assert int(resp.immediate_response.status.code) == 413
+    assert "at most 10000" in json.loads(resp.immediate_response.body)["error"]
+
+
+async def test_body_over_limit_gets_413(channel: grpc.aio.Channel) -> None:
+    r = await infer(channel, {"instances": ["x" * 20_000]})
+    assert r.status is not None and int(r.status.code) == 413
+
+
+async def test_cancelled_stream_is_dropped_from_the_queue(
+    channel: grpc.aio.Channel, echo_backend: EchoBackend, server: ExtProcServer
+) -> None:
+    echo_backend.clear()
+    server.apply_policies(policies(echo_backend.url, max_wait_ms=300))
+    stream = call(channel)
+    await stream.write(headers_msg("/v1/models/m:predict"))
+    await stream.read()
+    await stream.write(body_msg({"instances": [{"id": "gone"}]}))
+    await asyncio.sleep(0.05)
+    stream.cancel()
+    r = await infer(channel, {"instances": [{"id": "stays"}]})
+    assert json.loads(r.body) == {"predictions": [{"echo": "stays"}]}
+    assert echo_backend.sent_ids() == ["stays"]
+
+
+async def test_health_and_graceful_shutdown_flushes_the_queue(echo_backend: EchoBackend) -> None:
+    srv = ExtProcServer(policies(echo_backend.url, max_wait_ms=60_000), port=0)
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        pending = [asyncio.ensure_future(infer(ch, {"instances": [{"id": i}]})) for i in range(2)]
+        await asyncio.sleep(0.1)  # queued; the batch would wait a minute to fill
+        await asyncio.wait_for(srv.stop(grace=5), 5)
+        replies = await asyncio.gather(*pending)
+        assert [json.loads(r.body)["predictions"] for r in replies] == [
+            [{"echo": 0}],
+            [{"echo": 1}],
+        ]
+        with pytest.raises(grpc.aio.AioRpcError):
+            await infer(ch, {"instances": [{"id": 9}]})
+
+
+async def test_metrics_endpoint(channel: grpc.aio.Channel, server: ExtProcServer) -> None:
+    await infer(channel, {"instances": [{"id": 1}]})
+    await infer(channel, b"nope")
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'mlproxy_requests_total{outcome="ok",policy="echo"} 1.0' in text
+    assert 'mlproxy_requests_total{outcome="bad_request",policy="echo"} 1.0' in text
+    for name in (
+        "mlproxy_batch_size_bucket",
+        "mlproxy_queue_wait_seconds_bucket",
+        "mlproxy_backend_latency_seconds_bucket",
+        "mlproxy_queue_depth",
+        "mlproxy_active_streams",
+    ):
+        assert name in text
