@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,7 +31,13 @@ def _run_async(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
+# grpcio's EventEngine listener costs about 17% more CPU per ext_proc stream than the classic
+# one on this workload (bench/overhead.py); use the classic one unless the operator chose.
+GRPC_EXPERIMENTS_DEFAULT = "-event_engine_listener"
+
+
 def cmd_extproc(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
     from extproc.server import ExtProcServer, run
     from mlproxy.policy import PolicyFileError, load_policy_file
 

@@ -51,33 +51,40 @@ def local_config(
     model_port: int = 8001,
     admin_port: int = 9901,
     host: str = "127.0.0.1",
+    bypass_prefix: str | None = None,
 ) -> dict[str, Any]:
+    """`bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
+    to the model without ext_proc: the benchmark's baseline."""
+    disabled = {
+        EXT_PROC_FILTER: {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "disabled": True,
+        }
+    }
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"path": "/healthz"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
+            "typed_per_filter_config": disabled,
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "model", "timeout": "30s"}},
+    ]
+    if bypass_prefix:
+        routes.insert(
+            1,
+            {
+                "match": {"prefix": bypass_prefix},
+                "route": {"cluster": "model", "timeout": "30s", "prefix_rewrite": "/"},
+                "typed_per_filter_config": disabled,
+            },
+        )
     hcm = {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "route_config": {
             "name": "local",
-            "virtual_hosts": [
-                {
-                    "name": "models",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"path": "/healthz"},
-                            "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-                            "typed_per_filter_config": {
-                                EXT_PROC_FILTER: {
-                                    "@type": _T
-                                    + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                                    "disabled": True,
-                                }
-                            },
-                        },
-                        {"match": {"prefix": "/"}, "route": {"cluster": "model", "timeout": "30s"}},
-                    ],
-                }
-            ],
+            "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
             ext_proc_filter(),

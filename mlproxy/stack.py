@@ -127,6 +127,7 @@ class Stack:
     metrics_port: int = 0
     admin_port: int = 0
     model_args: Sequence[str] = ()
+    bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     run_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
 
@@ -168,7 +169,7 @@ class Stack:
             [*py, "model", "--host", self.host, "--port", str(self.model_port), *self.model_args],
             self.run_dir / "model.log",
         )
-        self._start(model, lambda: _http_ok(f"{self.model_url}/healthz"), timeout)
+        self.start_child(model, lambda: http_ok(f"{self.model_url}/healthz"), timeout)
         policies = self.policies_file
         if policies is None:
             policies = self.run_dir / "policies.json"
@@ -189,8 +190,8 @@ class Stack:
             ],
             self.run_dir / "extproc.log",
         )
-        self._start(
-            extproc, lambda: _http_ok(f"http://{self.host}:{self.metrics_port}/metrics"), timeout
+        self.start_child(
+            extproc, lambda: http_ok(f"http://{self.host}:{self.metrics_port}/metrics"), timeout
         )
         config = local_config(
             listener_port=self.envoy_port,
@@ -198,6 +199,7 @@ class Stack:
             model_port=self.model_port,
             admin_port=self.admin_port,
             host=self.host,
+            bypass_prefix=self.bypass_prefix,
         )
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -215,9 +217,9 @@ class Stack:
             ],
             self.run_dir / "envoy.log",
         )
-        self._start(envoy, lambda: _http_ok(f"{self.envoy_url}/healthz"), timeout)
+        self.start_child(envoy, lambda: http_ok(f"{self.envoy_url}/healthz"), timeout)
 
-    def _start(self, child: Child, ready: Callable[[], bool], timeout: float) -> None:
+    def start_child(self, child: Child, ready: Callable[[], bool], timeout: float) -> None:
         log.info("starting %s: %s", child.name, " ".join(child.argv))
         child.start()
         self.children.append(child)
@@ -283,7 +285,7 @@ def _check_free(host: str, port: int, what: str) -> None:
             raise StackError(f"{what} {host}:{port} is in use: {err.strerror}") from err
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return bool(resp.status == 200)

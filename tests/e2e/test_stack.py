@@ -41,7 +41,11 @@ def test_every_envoy_config_in_the_repo_is_valid(path: Path) -> None:
 def test_generated_config_is_valid_and_local_yaml_is_its_default(tmp_path: Path) -> None:
     assert yaml.safe_load((ROOT / "envoy" / "local.yaml").read_text()) == local_config()
     cfg = tmp_path / "multi.yaml"
-    cfg.write_text(yaml.safe_dump(local_config(extproc=[("127.0.0.1", 1), ("127.0.0.1", 2)])))
+    cfg.write_text(
+        yaml.safe_dump(
+            local_config(extproc=[("127.0.0.1", 1), ("127.0.0.1", 2)], bypass_prefix="/direct/")
+        )
+    )
     result = envoy_validate(cfg)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -1,0 +1,99 @@
+"""A lean closed-loop HTTP/1.1 load generator for benchmarks.
+
+Each of C keep-alive connections sends one request, reads the whole answer, and sends the
+next, for a fixed time. Raw asyncio streams (no HTTP library) keep the generator's own CPU cost
+per request small, since it shares the machine with what it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["LoadResult", "run_load"]
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)  # seconds, successful requests
+    statuses: dict[int, int] = field(default_factory=dict)
+    wrong: int = 0  # 200 answers that failed the check
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
+
+async def _request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> tuple[int, bytes]:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+            break
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+async def run_load(
+    host: str,
+    port: int,
+    path: str,
+    bodies: Sequence[bytes],
+    concurrency: int,
+    duration: float,
+    check: Callable[[int, bytes], bool] | None = None,
+    warmup: float = 0.5,
+) -> LoadResult:
+    """Closed loop for `warmup` + `duration` seconds; only the last `duration` is recorded.
+    `check(i, body)` says whether the answer to bodies[i] is right."""
+    raws = [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(b)}\r\n\r\n"
+        ).encode()
+        + b
+        for b in bodies
+    ]
+    result = LoadResult()
+    start = time.perf_counter()
+    record_from = start + warmup
+    stop_at = record_from + duration
+    counter = 0
+
+    async def conn() -> None:
+        nonlocal counter
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                i = counter % len(raws)
+                counter += 1
+                status, body = await _request(reader, writer, raws[i])
+                t1 = time.perf_counter()
+                if t0 < record_from:
+                    continue
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                if status == 200:
+                    if check is not None and not check(i, body):
+                        result.wrong += 1
+                    result.latencies.append(t1 - t0)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(conn() for _ in range(concurrency)))
+    result.elapsed = min(time.perf_counter(), stop_at) - record_from
+    return result

@@ -1,0 +1,198 @@
+"""Proxy overhead: Envoy -> model directly versus Envoy -> ext_proc -> model, in one run.
+
+    python bench/overhead.py [--duration 5] [--concurrency 1,16,64] [--max-wait-ms 2]
+
+One stack (Envoy, one ext_proc process, the demo model with 8-wide hidden layers so that it
+does negligible work); the direct path is an Envoy route with ext_proc disabled. For each
+concurrency both paths run back to back, and the table gives throughput, latency, and the
+ratios of batched to direct measured in the same run. Every answer is checked against the
+model's own answer for that input.
+
+A third path, `noop ext_proc`, is a second Envoy in front of bench/noop_extproc.py, which
+answers every request with a canned body: the floor of any Python ext_proc on grpcio here.
+The CPU columns give each process's CPU time per request (from /proc), which shows where a
+2-core machine's budget goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.httpload import LoadResult, run_load
+from mlproxy.demo import random_inputs
+from mlproxy.demo_model import MLPModel
+from mlproxy.envoy_config import local_config
+from mlproxy.loadgen import percentile
+from mlproxy.stack import Child, Stack, envoy_binary, free_port, http_ok
+
+HIDDEN = 8
+
+
+def batch_stats(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of mlproxy_batch_size."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("mlproxy_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mlproxy_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_noop(stack: Stack) -> int:
+    """bench/noop_extproc.py behind an Envoy of its own (both stop with the stack); returns
+    that Envoy's listener port."""
+    assert stack.run_dir is not None
+    grpc_port, listener, admin = free_port(), free_port(), free_port()
+    noop = Child(
+        "noop",
+        [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(grpc_port)],
+        stack.run_dir / "noop.log",
+    )
+    config = stack.run_dir / "envoy-noop.yaml"
+    config.write_text(
+        yaml.safe_dump(local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin))
+    )
+    envoy = Child(
+        "envoy-noop",
+        [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--log-level",
+            "warn",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ],
+        stack.run_dir / "envoy-noop.log",
+    )
+    stack.start_child(noop, lambda: True, 30)
+    stack.start_child(envoy, lambda: http_ok(f"http://127.0.0.1:{listener}/healthz"), 30)
+    return listener
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-in-flight", type=int, default=2)
+    parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs")
+    args = parser.parse_args()
+
+    inputs = random_inputs(args.inputs, seed=3)
+    model = MLPModel(hidden=HIDDEN)
+    expected = [model.predict([x]) for x in inputs]
+    bodies = [json.dumps({"instances": [x]}).encode() for x in inputs]
+
+    def check(i: int, body: bytes) -> bool:
+        return bool(json.loads(body)["predictions"] == expected[i])
+
+    def check_noop(i: int, body: bytes) -> bool:
+        return body.startswith(b'{"predictions"')
+
+    stack = Stack(envoy_port=0, bypass_prefix="/direct/", model_args=["--hidden", str(HIDDEN)])
+    assert stack.run_dir is not None
+    policy = {
+        "policies": [
+            {
+                "name": "bench",
+                "match": {"path": "/v1/models/{model}:predict"},
+                "backend": {"url": f"{stack.model_url}/v1/models/{{model}}:predict"},
+                "batching": {
+                    "mode": "static",
+                    "max_batch_size": args.max_batch_size,
+                    "max_wait_ms": args.max_wait_ms,
+                    "max_in_flight": args.max_in_flight,
+                },
+            }
+        ]
+    }
+    stack.policies_file = stack.run_dir / "bench-policies.json"
+    stack.policies_file.write_text(json.dumps(policy))
+    metrics_url = f"http://{stack.host}:{stack.metrics_port}/metrics"
+    print(
+        f"policy: static, max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, "
+        f"max_in_flight {args.max_in_flight}; {args.duration:.0f} s per measurement",
+        flush=True,
+    )
+    rows = []
+    wrong = 0
+    with stack:
+        noop_port = start_noop(stack)
+        pids = {c.name: c.proc.pid for c in stack.children if c.proc is not None}
+        pids["loadgen"] = os.getpid()
+        paths = [
+            ("direct", stack.envoy_port, "/direct/v1/models/demo:predict", check, "envoy"),
+            ("noop ext_proc", noop_port, "/v1/models/demo:predict", check_noop, "noop"),
+            ("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc"),
+        ]
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            results: dict[str, LoadResult] = {}
+            for name, port, path, chk, proxy in paths:
+                envoy = "envoy-noop" if name == "noop ext_proc" else "envoy"
+                watched = {"envoy": pids[envoy], "loadgen": pids["loadgen"]}
+                if name != "direct":
+                    watched["ext_proc"] = pids[proxy]
+                if name != "noop ext_proc":
+                    watched["model"] = pids["model"]
+                before = batch_stats(metrics_url)
+                cpu0 = {k: cpu_seconds(p) for k, p in watched.items()}
+                r = asyncio.run(run_load(stack.host, port, path, bodies, c, args.duration, chk))
+                cpu1 = {k: cpu_seconds(p) for k, p in watched.items()}
+                after = batch_stats(metrics_url)
+                results[name] = r
+                wrong += r.wrong
+                calls = after[1] - before[1]
+                mean_batch = (after[0] - before[0]) / calls if calls else 1.0
+                n = max(r.ok, 1)
+                cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in watched}
+                rows.append((c, name, r, mean_batch if name == "mlproxy" else 1.0, cpu))
+            d, m = results["direct"], results["mlproxy"]
+            added = (percentile(m.latencies, 50) - percentile(d.latencies, 50)) * 1000
+            print(
+                f"concurrency {c}: MLProxy adds {added:.2f} ms to p50, "
+                f"{added - args.max_wait_ms:.2f} ms beyond max wait; throughput "
+                f"x{m.rate / d.rate:.2f} of direct, p99 x"
+                f"{percentile(m.latencies, 99) / percentile(d.latencies, 99):.2f}",
+                flush=True,
+            )
+    print()
+    print(
+        "| concurrency | path | req/s | p50 ms | p99 ms | mean batch | non-200 | wrong "
+        "| CPU us/req: envoy | ext_proc | model | loadgen |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for c, name, r, batch, cpu in rows:
+        non200 = sum(k for s, k in r.statuses.items() if s != 200)
+        cells = " | ".join(
+            f"{cpu[k]:.0f}" if k in cpu else "-" for k in ("envoy", "ext_proc", "model", "loadgen")
+        )
+        print(
+            f"| {c} | {name} | {r.rate:.0f} | {percentile(r.latencies, 50) * 1000:.2f} | "
+            f"{percentile(r.latencies, 99) * 1000:.2f} | {batch:.1f} | {non200} | {r.wrong} "
+            f"| {cells} |"
+        )
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
