@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -102,13 +103,27 @@ class ExtProcServer:
         log.info("ext_proc stopped")
 
 
-async def run(server: ExtProcServer, grace: float = 10.0) -> None:
+class PolicySource(Protocol):
+    """Where policies come from after start (a file now, Redis later)."""
+
+    def watch(self, apply: Callable[[Sequence[Policy]], None]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def run(
+    server: ExtProcServer, grace: float = 10.0, source: PolicySource | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    if source is not None:
+        source.watch(server.apply_policies)
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", grace)
+    if source is not None:
+        await source.close()
     await server.stop(grace)

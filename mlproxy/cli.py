@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace, seconds")
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the policy file for changes",
+    )
 
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False

@@ -98,3 +98,9 @@ def test_router_first_match_wins_and_replace_clears_the_cache() -> None:
     assert router.resolve("/v1/models/a:predict").policy.name == "general"  # type: ignore[union-attr]
     router.replace([])
     assert router.resolve("/v1/models/a:predict") is None
+
+
+def test_the_example_policy_file_is_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    (p,) = load_policy_file(root / "examples" / "policies.yaml")
+    assert p.name == "kserve-models"
