@@ -83,8 +83,9 @@ def start_noop(stack: Stack) -> int:
         ],
         stack.run_dir / "envoy-noop.log",
     )
-    stack.start_child(noop, lambda: True, 30)
-    stack.start_child(envoy, lambda: http_ok(f"http://127.0.0.1:{listener}/healthz"), 30)
+    envoy.ready = lambda: http_ok(f"http://127.0.0.1:{listener}/healthz")
+    stack.start_child(noop)
+    stack.start_child(envoy)
     return listener
 
 
@@ -143,7 +144,7 @@ def main() -> int:
         paths = [
             ("direct", stack.envoy_port, "/direct/v1/models/demo:predict", check, "envoy"),
             ("noop ext_proc", noop_port, "/v1/models/demo:predict", check_noop, "noop"),
-            ("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc"),
+            ("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc-0"),
         ]
         for c in [int(x) for x in args.concurrency.split(",")]:
             results: dict[str, LoadResult] = {}

@@ -15,7 +15,9 @@ from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
 from extproc.core.clock import Clock, MonotonicClock
+from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
 
 __all__ = ["ExtProcServer", "run"]
@@ -40,16 +42,19 @@ class ExtProcServer:
         self.metrics_port = metrics_port
         self.clock = clock or MonotonicClock()
         self.metrics = PrometheusMetrics()
+        self.stats = StatsWindow()
+        self.telemetry = Telemetry(self.metrics, self.stats, self.clock)
         self.backend = HttpBackend()
-        self.router = Router(policies)
+        self.router = Router()
         self.pool: BatcherPool | None = None
+        self.apply_policies(policies)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self) -> int:
-        executor = BatchExecutor(self.backend, self.metrics, self.clock)
-        self.pool = BatcherPool(executor, self.clock, self.metrics)
-        servicer = ExtProcServicer(self.router, self.pool, self.metrics)
+        executor = BatchExecutor(self.backend, self.telemetry, self.clock)
+        self.pool = BatcherPool(executor, self.clock, self.telemetry)
+        servicer = ExtProcServicer(self.router, self.pool, self.telemetry)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -81,9 +86,17 @@ class ExtProcServer:
 
     def apply_policies(self, policies: Sequence[Policy]) -> None:
         """Swap the policy set; parameters apply between batches."""
+        before = self.applied_versions()
         self.router.replace(policies)
         if self.pool is not None:
             self.pool.update_policies(policies)
+        for name in before.keys() - {p.name for p in policies}:
+            self.metrics.policy_version.remove(name)
+        for p in policies:
+            self.metrics.policy_version.labels(p.name).set(p.version)
+
+    def applied_versions(self) -> dict[str, int]:
+        return {p.name: p.version for p in self.router.policies}
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking new streams, flush what is queued, finish the batches, then close."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -38,17 +39,93 @@ GRPC_EXPERIMENTS_DEFAULT = "-event_engine_listener"
 
 def cmd_extproc(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
-    from extproc.server import ExtProcServer, run
-    from mlproxy.policy import PolicyFileError, load_policy_file
-
     _logging(args.verbose)
+    if args.policies is not None:
+        return _extproc_from_file(args)
+    redis_url = args.redis_url or os.environ.get("MLPROXY_REDIS_URL") or os.environ.get("REDIS_URL")
+    if not redis_url:
+        log.error("say where policies come from: --policies FILE, or --redis-url / REDIS_URL")
+        return 2
+    _run_async(_extproc_from_redis(args, redis_url))
+    return 0
+
+
+def _extproc_from_file(args: argparse.Namespace) -> int:
+    from extproc.adapters.policy_file import FilePolicySource
+    from extproc.server import ExtProcServer, run
+    from mlproxy.policy import PolicyFileError
+
+    source = FilePolicySource(args.policies, interval=args.reload_interval)
     try:
-        policies = load_policy_file(args.policies)
+        policies = source.load()
     except PolicyFileError as err:
         log.error("invalid policy file: %s", err)
         return 2
     server = ExtProcServer(policies, host=args.host, port=args.port, metrics_port=args.metrics_port)
-    _run_async(run(server, grace=args.grace))
+    _run_async(run(server, grace=args.grace, source=source))
+    return 0
+
+
+async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
+    import socket
+
+    from extproc.adapters.redis_source import RedisPolicySource
+    from extproc.server import ExtProcServer, run
+
+    server = ExtProcServer([], host=args.host, port=args.port, metrics_port=args.metrics_port)
+    replica_id = (
+        args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
+    )
+    source = RedisPolicySource(
+        redis_url,
+        replica_id=replica_id,
+        address=args.advertise or f"{args.host}:{args.port}",
+        stats=server.stats,
+        clock=server.clock,
+        applied=server.applied_versions,
+        on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
+    )
+    # Policies first: a replica never takes traffic without the current policies.
+    server.apply_policies(await source.load())
+    await run(server, grace=args.grace, source=source)
+
+
+def cmd_controlplane(args: argparse.Namespace) -> int:
+    from controlplane.main import serve
+
+    _logging(args.verbose)
+    return serve(args.host, args.port)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from mlproxy.client import ApiError, Client, apply_file, print_policies
+
+    client = Client()
+    try:
+        if args.action == "apply":
+            return apply_file(client, args.file)
+        if args.action == "get":
+            policies = [client.get_policy(args.name)] if args.name else client.list_policies()
+            print_policies(policies, args.output, single=args.name is not None)
+        elif args.action == "delete":
+            client.delete_policy(args.name)
+            print(f"policy/{args.name} deleted")
+        elif args.action == "status":
+            print(json.dumps(client.status(args.name), indent=2))
+    except (ApiError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_replicas(args: argparse.Namespace) -> int:
+    from mlproxy.client import ApiError, Client, print_replicas
+
+    try:
+        print_replicas(Client().replicas(), args.output)
+    except ApiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -63,7 +140,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from mlproxy.stack import Stack, StackError
 
     _logging(args.verbose)
-    stack = Stack(envoy_port=args.port, policies_file=args.policies)
+    stack = Stack(
+        envoy_port=args.port,
+        policies_file=args.policies,
+        replicas=args.replicas,
+        controlplane_port=args.controlplane_port,
+        redis_url=os.environ.get("REDIS_URL"),
+    )
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -85,6 +168,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"{stack.envoy_url}/v1/models/demo:predict -H 'content-type: application/json' "
         '-d \'{"instances": [[' + ", ".join(["0.5"] * 16) + "]]}'"
     )
+    if stack.uses_redis:
+        print("Manage policies with the admin token of this run:")
+        print(f"  export MLPROXY_URL={stack.controlplane_url} MLPROXY_TOKEN={stack.admin_token}")
+        print("  mlproxy policy get; mlproxy replicas")
     print("Ctrl-C stops everything.", flush=True)
     dead = stack.wait(lambda: stopping)
     if dead is not None:
@@ -113,7 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extproc", help="run the ext_proc gRPC server")
-    p.add_argument("--policies", required=True, type=Path, help="policy file (YAML or JSON)")
+    p.add_argument("--policies", type=Path, help="policy file (YAML or JSON), reloaded on change")
+    p.add_argument(
+        "--redis-url", help="policies from Redis (default: MLPROXY_REDIS_URL, REDIS_URL)"
+    )
+    p.add_argument("--replica-id", help="this replica's id (default: HOSTNAME, or host-pid)")
+    p.add_argument("--advertise", help="address Envoy reaches this replica at (default host:port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
@@ -129,11 +221,36 @@ def main(argv: list[str] | None = None) -> None:
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False
     )
 
-    p = sub.add_parser("up", help="run Envoy + ext_proc + the demo model until Ctrl-C")
+    p = sub.add_parser("controlplane", help="run the control plane API (settings from env)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = sub.add_parser("policy", help="manage policies (MLPROXY_URL, MLPROXY_TOKEN)")
+    psub = p.add_subparsers(dest="action", required=True)
+    a = psub.add_parser("apply", help="create or update the policies in a file")
+    a.add_argument("-f", "--file", type=Path, required=True, help="YAML/JSON file, - for stdin")
+    a = psub.add_parser("get", help="list policies, or show one")
+    a.add_argument("name", nargs="?")
+    a.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    a = psub.add_parser("delete", help="delete a policy")
+    a.add_argument("name")
+    a = psub.add_parser("status", help="rollout of a policy across the replicas")
+    a.add_argument("name")
+
+    p = sub.add_parser("replicas", help="list live ext_proc replicas")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("up", help="run the local stack until Ctrl-C")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     p.add_argument(
-        "--policies", type=Path, default=None, help="policy file (default: batch the demo model)"
+        "--policies",
+        type=Path,
+        default=None,
+        help="policies from this file, without Redis and the control plane "
+        "(default: Redis + control plane, with a demo policy)",
     )
+    p.add_argument("--replicas", type=int, default=1, help="ext_proc replicas")
+    p.add_argument("--controlplane-port", type=int, default=8080)
 
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)
@@ -145,7 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_model(args, rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"extproc": cmd_extproc, "up": cmd_up, "demo": cmd_demo}
+    handlers = {
+        "extproc": cmd_extproc,
+        "up": cmd_up,
+        "demo": cmd_demo,
+        "controlplane": cmd_controlplane,
+        "policy": cmd_policy,
+        "replicas": cmd_replicas,
+    }
     sys.exit(handlers[args.command](args))
 
 

@@ -46,7 +46,7 @@ def run_demo(requests: int = 512, concurrency: int = 64, port: int = 0) -> int:
     inputs = random_inputs(requests)
     bodies = [json.dumps({"instances": [x]}).encode() for x in inputs]
     try:
-        with Stack(envoy_port=port) as stack:
+        with Stack(envoy_port=port, controlplane_port=0) as stack:
             print("stack up:", ", ".join(f"{k} {v}" for k, v in stack.endpoints().items()))
             metrics_url = f"{stack.model_url}/metrics"
             before = model_counters(metrics_url)

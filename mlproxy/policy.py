@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,8 +23,10 @@ __all__ = [
     "Batching",
     "Match",
     "Policy",
+    "PolicyBody",
     "PolicyFile",
     "PolicyFileError",
+    "PolicyWrite",
     "Route",
     "Router",
     "format_validation_error",
@@ -82,8 +85,9 @@ class Batching(_Strict):
     """Most requests waiting in the queue; beyond it, 429 with Retry-After."""
 
 
-class Policy(_Strict):
-    name: Annotated[str, Field(pattern=_NAME)]
+class PolicyBody(_Strict):
+    """What a client writes: everything but the name and the server-set fields."""
+
     match: Match
     backend: Backend
     codec: Literal["kserve-v1"] = "kserve-v1"
@@ -91,10 +95,9 @@ class Policy(_Strict):
     batching: Batching = Batching()
     max_body_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
     """Largest request body accepted (413 above). Envoy's own buffer limit applies first."""
-    version: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
-    def _url_vars_come_from_path(self) -> Policy:
+    def _url_vars_come_from_path(self) -> PolicyBody:
         path_vars = set(_VAR.findall(self.match.path))
         missing = set(_VAR.findall(self.backend.url)) - path_vars
         if missing:
@@ -105,6 +108,32 @@ class Policy(_Strict):
         if len(_VAR.findall(self.match.path)) != len(path_vars):
             raise ValueError(f"match.path {self.match.path!r} repeats a variable")
         return self
+
+
+PolicyName = Annotated[str, Field(pattern=_NAME, description="DNS-label style, unique")]
+
+
+class Policy(PolicyBody):
+    """A stored policy: the body plus its name, version and timestamps."""
+
+    name: PolicyName
+    version: Annotated[int, Field(ge=0)] = 0
+    """Monotonic across all changes; set by the control plane (0 for file policies)."""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class PolicyWrite(PolicyBody):
+    """A PUT body: the name may be repeated (it must equal the URL's); the server-set fields
+    may be present, as in a record read back with GET, and are ignored."""
+
+    name: PolicyName | None = None
+    version: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"name", "version", "created_at", "updated_at"})
 
 
 class PolicyFile(_Strict):
@@ -179,8 +208,14 @@ class Route:
         return (self.policy.name, self.backend_url)
 
 
+def _specificity(policy: Policy) -> tuple[int, int, str]:
+    template = policy.match.path
+    return (len(_VAR.findall(template)), -len(_VAR.sub("", template)), policy.name)
+
+
 class Router:
-    """Maps request paths to policies; the first policy (in order) whose template matches wins."""
+    """Maps request paths to policies. When several templates match, the most specific wins:
+    fewer variables, then more literal characters, then the smaller name."""
 
     _CACHE_SIZE = 4096
 
@@ -190,7 +225,7 @@ class Router:
         self.replace(policies)
 
     def replace(self, policies: Iterable[Policy]) -> None:
-        self._table = [(_compile(p.match.path), p) for p in policies]
+        self._table = [(_compile(p.match.path), p) for p in sorted(policies, key=_specificity)]
         self._cache = {}
 
     @property

@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from pathlib import Path
 import yaml
 
 from mlproxy.envoy_config import local_config
+from mlproxy.keys import redact_url
+from mlproxy.redis_server import redis_argv
 
 __all__ = ["Child", "Stack", "StackError", "demo_policies", "envoy_binary", "free_port"]
 
@@ -71,12 +74,15 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] | None = None  # added to this process's environment
+    ready: Callable[[], bool] = lambda: True
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
+                env=None if self.env is None else {**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -84,6 +90,18 @@ class Child:
                 # Only a prctl() call, safe between fork and exec even with threads.
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait()
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -119,27 +137,45 @@ def demo_policies(model_url: str, **batching: object) -> dict[str, object]:
 
 @dataclass
 class Stack:
+    """Envoy, N ext_proc replicas, the demo model and, unless `policies_file` is given, Redis and
+    the control plane (which then holds the policies)."""
+
     host: str = "127.0.0.1"
     envoy_port: int = 10000
-    policies_file: Path | None = None  # None: the demo policy for the demo model
-    model_port: int = 0  # 0: a free port
-    extproc_port: int = 0
-    metrics_port: int = 0
+    policies_file: Path | None = None  # None: policies in Redis via the control plane
+    replicas: int = 1
+    redis_url: str | None = None  # None (Redis mode): start a local redis-server
+    controlplane_port: int = 0  # 0: a free port
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    model_port: int = 0
     admin_port: int = 0
     model_args: Sequence[str] = ()
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     run_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
+    extproc_ports: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
+    redis_port: int = 0
 
     def __post_init__(self) -> None:
-        for attr in ("model_port", "extproc_port", "metrics_port", "admin_port"):
+        for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
             if getattr(self, attr) == 0:
                 setattr(self, attr, free_port(self.host))
         if self.envoy_port == 0:
             self.envoy_port = free_port(self.host)
+        self.extproc_ports = [free_port(self.host) for _ in range(self.replicas)]
+        self.metrics_ports = [free_port(self.host) for _ in range(self.replicas)]
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.policies_file is None
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_ports[0]
 
     @property
     def envoy_url(self) -> str:
@@ -149,53 +185,71 @@ class Stack:
     def model_url(self) -> str:
         return f"http://{self.host}:{self.model_port}"
 
+    @property
+    def controlplane_url(self) -> str:
+        return f"http://{self.host}:{self.controlplane_port}"
+
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+
     def endpoints(self) -> dict[str, str]:
-        return {
+        out = {
             "envoy listener": self.envoy_url,
             "envoy admin": f"http://{self.host}:{self.admin_port}",
-            "ext_proc (gRPC)": f"{self.host}:{self.extproc_port}",
-            "ext_proc metrics": f"http://{self.host}:{self.metrics_port}/metrics",
-            "demo model": self.model_url,
-            "demo model metrics": f"{self.model_url}/metrics",
-            "logs": str(self.run_dir),
         }
+        if self.uses_redis:
+            out["control plane"] = self.controlplane_url
+            out["redis"] = redact_url(self.effective_redis_url())
+        for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
+            out[f"ext_proc {i} (gRPC)"] = f"{self.host}:{port}"
+            out[f"ext_proc {i} metrics"] = f"http://{self.host}:{mport}/metrics"
+        out["demo model"] = self.model_url
+        out["logs"] = str(self.run_dir)
+        return out
+
+    def child(self, name: str) -> Child:
+        for c in self.children:
+            if c.name == name:
+                return c
+        raise KeyError(name)
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.run_dir is not None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
         py = [sys.executable, "-m", "mlproxy.cli"]
-        model = Child(
-            "model",
-            [*py, "model", "--host", self.host, "--port", str(self.model_port), *self.model_args],
-            self.run_dir / "model.log",
-        )
-        self.start_child(model, lambda: http_ok(f"{self.model_url}/healthz"), timeout)
-        policies = self.policies_file
-        if policies is None:
-            policies = self.run_dir / "policies.json"
-            policies.write_text(json.dumps(demo_policies(self.model_url), indent=2))
-        extproc = Child(
-            "extproc",
-            [
-                *py,
-                "extproc",
-                "--host",
-                self.host,
-                "--port",
-                str(self.extproc_port),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--policies",
-                str(policies),
-            ],
-            self.run_dir / "extproc.log",
-        )
         self.start_child(
-            extproc, lambda: http_ok(f"http://{self.host}:{self.metrics_port}/metrics"), timeout
+            Child(
+                "model",
+                [
+                    *py,
+                    "model",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.model_port),
+                    *self.model_args,
+                ],
+                self.run_dir / "model.log",
+                ready=lambda: http_ok(f"{self.model_url}/healthz"),
+            ),
+            timeout,
         )
+        source: list[str]
+        if self.uses_redis:
+            if self.redis_url is None:
+                self.start_child(self.redis_child(), timeout)
+            _check_free(self.host, self.controlplane_port, "control plane port")
+            self.start_child(self.controlplane_child(), timeout)
+            self._seed_demo_policy()
+            source = ["--redis-url", self.effective_redis_url()]
+        else:
+            assert self.policies_file is not None
+            source = ["--policies", str(self.policies_file)]
+        for i in range(self.replicas):
+            self.start_child(self.extproc_child(i, source), timeout)
         config = local_config(
             listener_port=self.envoy_port,
-            extproc=[(self.host, self.extproc_port)],
+            extproc=[(self.host, p) for p in self.extproc_ports],
             model_port=self.model_port,
             admin_port=self.admin_port,
             host=self.host,
@@ -203,28 +257,107 @@ class Stack:
         )
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        envoy = Child(
-            "envoy",
-            [
-                envoy_binary(),
-                "-c",
-                str(config_path),
-                "--log-level",
-                "warn",
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-            ],
-            self.run_dir / "envoy.log",
+        self.start_child(
+            Child(
+                "envoy",
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(config_path),
+                    "--log-level",
+                    "warn",
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    "1",
+                ],
+                self.run_dir / "envoy.log",
+                ready=lambda: http_ok(f"{self.envoy_url}/healthz"),
+            ),
+            timeout,
         )
-        self.start_child(envoy, lambda: http_ok(f"{self.envoy_url}/healthz"), timeout)
 
-    def start_child(self, child: Child, ready: Callable[[], bool], timeout: float) -> None:
+    def redis_child(self) -> Child:
+        assert self.run_dir is not None
+        return Child(
+            "redis",
+            redis_argv(self.host, self.redis_port, self.run_dir),
+            self.run_dir / "redis.log",
+            ready=lambda: tcp_ok(self.host, self.redis_port),
+        )
+
+    def controlplane_child(self) -> Child:
+        assert self.run_dir is not None
+        return Child(
+            "controlplane",
+            [
+                sys.executable,
+                "-m",
+                "mlproxy.cli",
+                "controlplane",
+                "--host",
+                self.host,
+                "--port",
+                str(self.controlplane_port),
+            ],
+            self.run_dir / "controlplane.log",
+            env={
+                "MLPROXY_REDIS_URL": self.effective_redis_url(),
+                "MLPROXY_ADMIN_TOKENS": self.admin_token,
+            },
+            ready=lambda: http_ok(f"{self.controlplane_url}/readyz"),
+        )
+
+    def extproc_child(self, i: int, source: Sequence[str]) -> Child:
+        assert self.run_dir is not None
+        port, mport = self.extproc_ports[i], self.metrics_ports[i]
+        return Child(
+            f"extproc-{i}",
+            [
+                sys.executable,
+                "-m",
+                "mlproxy.cli",
+                "extproc",
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(mport),
+                "--replica-id",
+                f"extproc-{i}",
+                *source,
+            ],
+            self.run_dir / f"extproc-{i}.log",
+            ready=lambda: http_ok(f"http://{self.host}:{mport}/metrics"),
+        )
+
+    def _seed_demo_policy(self) -> None:
+        """Create the demo policy unless one of that name exists (an external Redis)."""
+        body = demo_policies(self.model_url)["policies"][0]  # type: ignore[index]
+        req = urllib.request.Request(
+            f"{self.controlplane_url}/v1/policies/demo",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={
+                "Authorization": f"Bearer {self.admin_token}",
+                "Content-Type": "application/json",
+                "If-None-Match": "*",
+            },
+        )
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except urllib.error.HTTPError as err:
+            if err.code != 412:
+                raise StackError(
+                    f"could not create the demo policy: {err.code} {err.read()!r}"
+                ) from err
+
+    def start_child(self, child: Child, timeout: float = 30.0) -> None:
         log.info("starting %s: %s", child.name, " ".join(child.argv))
         child.start()
         self.children.append(child)
         deadline = time.monotonic() + timeout
-        while not ready():
+        while not child.ready():
             code = child.exited()
             if code is not None:
                 self.stop()
@@ -239,6 +372,15 @@ class Stack:
                     f"{child.log_tail()}"
                 )
             time.sleep(0.05)
+
+    def restart(self, name: str, timeout: float = 30.0) -> Child:
+        """Stop a child and start it again with the same command (for fault tests)."""
+        old = self.child(name)
+        old.stop()
+        self.children.remove(old)
+        new = Child(old.name, old.argv, old.log_path, old.env, old.ready)
+        self.start_child(new, timeout)
+        return new
 
     def dead_child(self) -> Child | None:
         for child in self.children:
@@ -258,15 +400,7 @@ class Stack:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM in reverse start order (Envoy first, the model last), then SIGKILL."""
         for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.terminate()
-                try:
-                    child.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
-                    child.proc.kill()
-                    child.proc.wait()
+            child.stop(timeout)
         self.children.clear()
 
     def __enter__(self) -> Stack:
@@ -275,6 +409,14 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tcp_ok(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _check_free(host: str, port: int, what: str) -> None:

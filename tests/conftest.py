@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
+from mlproxy.redis_server import redis_argv
+from mlproxy.stack import Child, free_port, tcp_ok
 from tests.servers import EchoBackend
 
 
@@ -12,3 +16,33 @@ def echo_backend() -> Iterator[EchoBackend]:
     server = EchoBackend().start()
     yield server
     server.stop()
+
+
+@dataclass
+class RedisServer:
+    child: Child
+    port: int
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.child.start()
+        deadline = time.monotonic() + 15
+        while not tcp_ok("127.0.0.1", self.port):
+            assert self.child.exited() is None, self.child.log_tail()
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for the whole session."""
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    server = RedisServer(
+        Child("redis", redis_argv("127.0.0.1", port, data), data / "redis.log"), port
+    )
+    server.start()
+    yield server
+    server.child.stop()

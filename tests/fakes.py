@@ -61,7 +61,15 @@ class RecordingMetrics:
     batches: list[tuple[str, int, int, str]] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)
     passed_through: int = 0
+    arrivals: int = 0
+    answered: list[tuple[str, float, float]] = field(default_factory=list)
     streams: int = 0
+
+    def request_arrived(self, policy: str) -> None:
+        self.arrivals += 1
+
+    def request_answered(self, policy: str, latency: float, sla: float) -> None:
+        self.answered.append((policy, latency, sla))
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
         self.requests.append((policy, outcome))

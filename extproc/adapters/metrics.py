@@ -56,6 +56,30 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
+        self.latency = Histogram(
+            "mlproxy_request_latency_seconds",
+            "Arrival at ext_proc to reply, for requests that were queued.",
+            ["policy"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.sla_misses = Counter(
+            "mlproxy_sla_misses",
+            "Queued requests answered later than the policy's SLA latency.",
+            ["policy"],
+            registry=r,
+        )
+        self.source_up = Gauge(
+            "mlproxy_policy_source_up",
+            "1 while the policy source (Redis) is reachable; 0 while serving last-known policies.",
+            registry=r,
+        )
+        self.policy_version = Gauge(
+            "mlproxy_policy_version",
+            "Version of each policy this replica applies.",
+            ["policy"],
+            registry=r,
+        )
         self.depth = Gauge(
             "mlproxy_queue_depth",
             "Requests waiting in the queue.",
@@ -69,6 +93,14 @@ class PrometheusMetrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def request_arrived(self, policy: str) -> None:
+        pass  # counted by request_done, by outcome
+
+    def request_answered(self, policy: str, latency: float, sla: float) -> None:
+        self.latency.labels(policy).observe(latency)
+        if latency > sla:
+            self.sla_misses.labels(policy).inc()
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
         self.requests.labels(policy, outcome).inc()

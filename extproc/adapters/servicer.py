@@ -117,6 +117,9 @@ class ExtProcServicer:
         except asyncio.CancelledError:
             ticket.cancel()
             raise
+        self._metrics.request_answered(
+            policy.name, self._pool.clock.now() - ticket.arrival, policy.sla.latency_ms / 1000
+        )
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
         return reply, wait
 

@@ -280,6 +280,7 @@ class BatcherPool:
 
     def __init__(self, executor: BatchExecutor, clock: Clock, metrics: Metrics) -> None:
         self._executor = executor
+        self.clock = clock
         self._clock = clock
         self._metrics = metrics
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
@@ -306,6 +307,7 @@ class BatcherPool:
             )
             self._batchers[key] = batcher
         ticket = Ticket(parsed, future, self._clock.now())
+        self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket
 

@@ -25,7 +25,16 @@ class Backend(Protocol):
 
 
 class Metrics(Protocol):
+    def request_arrived(self, policy: str) -> None:
+        """A request was offered to a policy's queue."""
+        ...
+
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
+
+    def request_answered(self, policy: str, latency: float, sla: float) -> None:
+        """A queued request got its reply `latency` seconds after arrival; `sla` is the
+        policy's latency target in seconds."""
+        ...
 
     def batch_done(
         self, policy: str, size: int, requests: int, seconds: float, outcome: str

@@ -72,9 +72,18 @@ def children_of(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def running_up(port: int) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
-    """`mlproxy up` as a subprocess, ready; yields it and its three children."""
+    """`mlproxy up` as a subprocess, ready; yields it and its children."""
     with subprocess.Popen(
-        [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "mlproxy.cli",
+            "up",
+            "--port",
+            str(port),
+            "--controlplane-port",
+            str(free_port()),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -102,7 +111,7 @@ def _wait_ready(proc: subprocess.Popen[str], port: int) -> list[int]:
     assert "Ctrl-C stops everything" in "".join(lines), "".join(lines)
     assert f"127.0.0.1:{port}" in "".join(lines)
     kids = children_of(proc.pid)
-    assert len(kids) == 3  # model, ext_proc, envoy
+    assert len(kids) == 5  # model, redis, control plane, ext_proc, envoy
     return kids
 
 
@@ -125,11 +134,13 @@ def test_up_serves_and_ctrl_c_stops_every_child() -> None:
 
 def test_up_stops_everything_when_a_child_dies() -> None:
     with running_up(free_port()) as (proc, kids):
-        (extproc,) = [k for k in kids if b"extproc" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        (extproc,) = [
+            k for k in kids if b"\x00extproc\x00" in Path(f"/proc/{k}/cmdline").read_bytes()
+        ]
         os.kill(extproc, signal.SIGKILL)
         assert proc.wait(30) == 1
         assert proc.stdout is not None
-        assert "extproc exited" in proc.stdout.read()
+        assert "extproc-0 exited" in proc.stdout.read()
     time.sleep(0.2)
     assert not [k for k in kids if pid_alive(k)]
 

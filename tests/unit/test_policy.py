@@ -86,12 +86,12 @@ def test_router_resolves_templates_and_renders_the_backend_url() -> None:
     assert router.resolve("/v1/models/..:predict") is None  # never `..` into the backend URL
 
 
-def test_router_first_match_wins_and_replace_clears_the_cache() -> None:
+def test_router_most_specific_wins_and_replace_clears_the_cache() -> None:
     exact = Policy.model_validate(
         policy(name="exact", match={"path": "/v1/models/a:predict"}, backend={"url": "http://a/"})
     )
     general = Policy.model_validate(policy(name="general"))
-    router = Router([exact, general])
+    router = Router([general, exact])  # order does not matter
     assert router.resolve("/v1/models/a:predict").policy.name == "exact"  # type: ignore[union-attr]
     assert router.resolve("/v1/models/b:predict").policy.name == "general"  # type: ignore[union-attr]
     router.replace([general])
@@ -104,3 +104,21 @@ def test_the_example_policy_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     (p,) = load_policy_file(root / "examples" / "policies.yaml")
     assert p.name == "kserve-models"
+
+
+def test_router_orders_by_variables_then_literal_length_then_name() -> None:
+    def p(name: str, path: str) -> Policy:
+        return Policy.model_validate(
+            {"name": name, "match": {"path": path}, "backend": {"url": "http://b/"}}
+        )
+
+    router = Router(
+        [
+            p("a", "/v1/{x}/{y}"),
+            p("b", "/v1/models/{m}"),
+            p("c", "/v1/{x}/m"),
+            p("d", "/v1/models/{m}"),
+        ]
+    )
+    assert [q.name for q in router.policies] == ["b", "d", "c", "a"]
+    assert router.resolve("/v1/models/z").policy.name == "b"  # type: ignore[union-attr]

@@ -1,0 +1,121 @@
+"""Policies and replicas in Redis (redis.asyncio); keys are in mlproxy/keys.py.
+
+Writes are compare-and-set transactions (WATCH/MULTI/EXEC on the version counter, retried when
+another write lands in between): the record, the counter and the change announcement go
+together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from controlplane.domain.records import Precondition, PreconditionFailed
+from mlproxy import keys
+from mlproxy.policy import Policy
+from mlproxy.replica import ReplicaRecord
+
+__all__ = ["NotFound", "RedisStore"]
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2))
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def all_policies(self) -> list[Policy]:
+        raw = await self.redis.hgetall(keys.POLICIES)
+        return sorted((Policy.model_validate_json(v) for v in raw.values()), key=lambda p: p.name)
+
+    async def get(self, name: str) -> Policy:
+        raw = await self.redis.hget(keys.POLICIES, name)
+        if raw is None:
+            raise NotFound(name)
+        return Policy.model_validate_json(raw)
+
+    async def put(self, name: str, body: dict[str, Any], precondition: Precondition) -> Policy:
+        """Create or replace `name` if the precondition holds; returns the stored record."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.VERSION, keys.POLICIES)
+                    raw = await pipe.hget(keys.POLICIES, name)
+                    current = None if raw is None else Policy.model_validate_json(raw)
+                    precondition.check(name, None if current is None else current.version)
+                    version = int(await pipe.get(keys.VERSION) or 0) + 1
+                    now = _now()
+                    record = Policy.model_validate(
+                        {
+                            **body,
+                            "name": name,
+                            "version": version,
+                            "created_at": current.created_at if current else now,
+                            "updated_at": now,
+                        }
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(keys.VERSION, version)
+                    pipe.hset(keys.POLICIES, name, record.model_dump_json())
+                    pipe.publish(keys.CHANGES, _change("put", name, version))
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue  # another write landed in between: check again
+
+    async def delete(self, name: str, precondition: Precondition) -> int:
+        """Delete `name` if the precondition holds; returns the version of the deletion."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.VERSION, keys.POLICIES)
+                    raw = await pipe.hget(keys.POLICIES, name)
+                    if raw is None:
+                        raise NotFound(name)
+                    precondition.check(name, Policy.model_validate_json(raw).version)
+                    version = int(await pipe.get(keys.VERSION) or 0) + 1
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(keys.VERSION, version)
+                    pipe.hdel(keys.POLICIES, name)
+                    pipe.publish(keys.CHANGES, _change("delete", name, version))
+                    await pipe.execute()
+                    return version
+                except WatchError:
+                    continue
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        names = [k async for k in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500)]
+        if not names:
+            return []
+        out = []
+        for raw in await self.redis.mget(names):
+            if raw is not None:  # expired between SCAN and MGET
+                out.append(ReplicaRecord.model_validate_json(raw))
+        return sorted(out, key=lambda r: r.id)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _change(op: str, name: str, version: int) -> str:
+    return json.dumps({"op": op, "name": name, "version": version})
+
+
+__all__ += ["PreconditionFailed"]

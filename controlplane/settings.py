@@ -1,0 +1,62 @@
+"""Control plane settings, from the environment and mounted secret files (never from code)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Settings", "SettingsError"]
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated tokens from NAME, plus one per line from the file NAME_FILE."""
+    found = [t.strip() for t in env.get(name, "").split(",") if t.strip()]
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise SettingsError(f"{name}_FILE={path}: cannot read: {err.strerror}") from err
+        found += [line.strip() for line in text.splitlines() if line.strip()]
+    short = [t for t in found if len(t) < 16]
+    if short:
+        raise SettingsError(f"{name}: tokens must be at least 16 characters")
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    admin_tokens: tuple[str, ...]
+    read_tokens: tuple[str, ...] = ()
+    max_body_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """MLPROXY_REDIS_URL (or REDIS_URL), MLPROXY_ADMIN_TOKENS / MLPROXY_ADMIN_TOKENS_FILE,
+        MLPROXY_READ_TOKENS / MLPROXY_READ_TOKENS_FILE, MLPROXY_MAX_BODY_BYTES."""
+        env = os.environ if env is None else env
+        admin = _tokens(env, "MLPROXY_ADMIN_TOKENS")
+        if not admin:
+            raise SettingsError(
+                "no admin token: set MLPROXY_ADMIN_TOKENS or MLPROXY_ADMIN_TOKENS_FILE "
+                "(a mounted secret with one token per line)"
+            )
+        try:
+            limit = int(env.get("MLPROXY_MAX_BODY_BYTES", 64 * 1024))
+        except ValueError as err:
+            raise SettingsError("MLPROXY_MAX_BODY_BYTES must be a number of bytes") from err
+        return cls(
+            redis_url=env.get("MLPROXY_REDIS_URL")
+            or env.get("REDIS_URL")
+            or "redis://127.0.0.1:6379/0",
+            admin_tokens=admin,
+            read_tokens=_tokens(env, "MLPROXY_READ_TOKENS"),
+            max_body_bytes=limit,
+        )

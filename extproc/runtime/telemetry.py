@@ -1,0 +1,43 @@
+"""Sends each measurement to Prometheus and to the heartbeat's stats window."""
+
+from __future__ import annotations
+
+from extproc.core.clock import Clock
+from extproc.core.stats import StatsWindow
+from extproc.runtime.ports import Metrics
+
+__all__ = ["Telemetry"]
+
+
+class Telemetry:
+    def __init__(self, metrics: Metrics, stats: StatsWindow, clock: Clock) -> None:
+        self.metrics = metrics
+        self.stats = stats
+        self._clock = clock
+
+    def request_arrived(self, policy: str) -> None:
+        self.metrics.request_arrived(policy)
+        self.stats.arrival(policy, self._clock.now())
+
+    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
+        self.metrics.request_done(policy, outcome, queue_wait)
+
+    def request_answered(self, policy: str, latency: float, sla: float) -> None:
+        self.metrics.request_answered(policy, latency, sla)
+        self.stats.answered(policy, self._clock.now(), latency, sla)
+
+    def batch_done(
+        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+    ) -> None:
+        self.metrics.batch_done(policy, size, requests, seconds, outcome)
+        if outcome == "ok":
+            self.stats.batch(policy, self._clock.now(), size, seconds)
+
+    def queue_depth(self, policy: str, delta: int) -> None:
+        self.metrics.queue_depth(policy, delta)
+
+    def passthrough(self) -> None:
+        self.metrics.passthrough()
+
+    def active_streams(self, delta: int) -> None:
+        self.metrics.active_streams(delta)

@@ -1,0 +1,162 @@
+"""`mlproxy policy ...` and `mlproxy replicas`: a kubectl-style client of the control plane API.
+
+The address comes from MLPROXY_URL (default http://127.0.0.1:8080) and the bearer token from
+MLPROXY_TOKEN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ApiError", "Client", "apply_file", "print_policies", "print_replicas"]
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Client:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout: float = 10
+    ) -> None:
+        self.url = (url or os.environ.get("MLPROXY_URL") or "http://127.0.0.1:8080").rstrip("/")
+        self.token = token if token is not None else os.environ.get("MLPROXY_TOKEN", "")
+        self.timeout = timeout
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+                return resp.status, dict(resp.headers), json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                message = json.loads(raw).get("error", raw.decode(errors="replace"))
+            except ValueError:
+                message = raw.decode(errors="replace")
+            raise ApiError(err.code, message) from None
+        except urllib.error.URLError as err:
+            raise ApiError(
+                0, f"cannot reach the control plane at {self.url}: {err.reason}"
+            ) from None
+
+    def put_policy(self, name: str, body: dict[str, Any], if_match: str | None = None) -> Any:
+        headers = {"If-Match": if_match} if if_match else None
+        return self.request("PUT", f"/v1/policies/{name}", body, headers)[2]
+
+    def get_policy(self, name: str) -> Any:
+        return self.request("GET", f"/v1/policies/{name}")[2]
+
+    def list_policies(self) -> list[Any]:
+        return list(self.request("GET", "/v1/policies")[2]["items"])
+
+    def delete_policy(self, name: str) -> None:
+        self.request("DELETE", f"/v1/policies/{name}")
+
+    def status(self, name: str) -> Any:
+        return self.request("GET", f"/v1/policies/{name}/status")[2]
+
+    def replicas(self) -> list[Any]:
+        return list(self.request("GET", "/v1/replicas")[2]["items"])
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if isinstance(doc, dict) and "policies" in doc:
+            out.extend(doc["policies"])
+        elif isinstance(doc, list):  # `policy get -o yaml` of several
+            out.extend(doc)
+        else:
+            out.append(doc)
+    for doc in out:
+        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+            raise ValueError(f"{path}: every policy needs a name")
+    return out
+
+
+def apply_file(client: Client, path: Path) -> int:
+    """PUT every policy in the file; prints one line each, as kubectl does."""
+    failed = 0
+    for doc in _documents(path):
+        name = doc["name"]
+        try:
+            policy = client.put_policy(name, doc)
+            print(f"policy/{name} configured (version {policy['version']})")
+        except ApiError as err:
+            failed += 1
+            print(f"policy/{name} not applied: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def print_policies(policies: list[Any], output: str, single: bool = False) -> None:
+    """A table, or JSON/YAML that `policy apply -f` takes back (one object if `single`)."""
+    doc: Any = policies[0] if single else policies
+    if output == "json":
+        print(json.dumps(doc, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        rows = [["NAME", "VERSION", "MODE", "MAX_BATCH", "MAX_WAIT_MS", "SLA_MS", "PATH"]]
+        for p in policies:
+            b = p["batching"]
+            rows.append(
+                [
+                    p["name"],
+                    str(p["version"]),
+                    b["mode"],
+                    str(b["max_batch_size"]),
+                    f"{b['max_wait_ms']:g}",
+                    f"{p['sla']['latency_ms']:g}",
+                    p["match"]["path"],
+                ]
+            )
+        print(_table(rows))
+
+
+def print_replicas(replicas: list[Any], output: str) -> None:
+    if output == "json":
+        print(json.dumps(replicas, indent=2))
+        return
+    rows = [["ID", "ADDRESS", "REDIS", "POLICIES", "HEARTBEAT"]]
+    for r in replicas:
+        rows.append(
+            [
+                r["id"],
+                r["address"],
+                "ok" if r["source_ok"] else "UNREACHABLE",
+                ",".join(f"{n}@{v}" for n, v in sorted(r["policies"].items())) or "-",
+                r["heartbeat_at"],
+            ]
+        )
+    print(_table(rows))

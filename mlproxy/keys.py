@@ -1,0 +1,36 @@
+"""Redis key names: the contract between the control plane and the ext_proc replicas.
+
+- `mlproxy:policies`          hash: policy name -> JSON policy record (with `version`)
+- `mlproxy:version`           counter: the last version given to any change (monotonic)
+- `mlproxy:policy-changes`    pub/sub channel: `{"op": "put"|"delete", "name", "version"}`
+                              after every change; a hint only, the hash is the truth
+- `mlproxy:replica:{id}`      string with a TTL: a replica's heartbeat record (JSON)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CHANGES",
+    "POLICIES",
+    "PREFIX",
+    "REPLICA_PATTERN",
+    "VERSION",
+    "redact_url",
+    "replica_key",
+]
+
+PREFIX = "mlproxy:"
+POLICIES = PREFIX + "policies"
+VERSION = PREFIX + "version"
+CHANGES = PREFIX + "policy-changes"
+REPLICA_PATTERN = PREFIX + "replica:*"
+
+
+def replica_key(replica_id: str) -> str:
+    return f"{PREFIX}replica:{replica_id}"
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its credentials, for logs and listings."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + ("***@" + rest.split("@", 1)[1] if "@" in rest else rest)

@@ -1,0 +1,37 @@
+"""A replica's heartbeat record: what each ext_proc replica tells the control plane."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["PolicyStats", "ReplicaRecord"]
+
+
+class PolicyStats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    window_s: float = Field(description="how far back these stats look, seconds")
+    requests: int = Field(description="requests that got an answer in the window")
+    arrival_rate: float = Field(description="requests per second arriving at this replica")
+    sla_misses: int = Field(description="answered later than the policy's SLA latency")
+    batches: int
+    mean_batch_size: float = Field(description="instances per backend call")
+    batch_samples: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="recent (batch size in instances, backend milliseconds) samples",
+    )
+
+
+class ReplicaRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    address: str = Field(description="where Envoy reaches this replica's gRPC server")
+    started_at: datetime
+    heartbeat_at: datetime
+    policies: dict[str, int] = Field(description="policy name -> version this replica applies")
+    source_ok: bool = Field(description="false while the replica cannot reach Redis")
+    last_sync_at: datetime | None = Field(description="last full policy sync from Redis")
+    stats: dict[str, PolicyStats] = Field(default_factory=dict)

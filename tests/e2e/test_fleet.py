@@ -1,0 +1,258 @@
+"""Real processes: Redis, the control plane, 3 ext_proc replicas behind one Envoy, the demo model.
+
+Policy pushes, Redis and control plane outages, replica restarts and policy deletion, all while
+traffic flows through Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mlproxy.client import ApiError, Client
+from mlproxy.stack import Stack
+from tests.servers import EchoBackend
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(
+        envoy_port=0, replicas=3, controlplane_port=0, run_dir=tmp_path_factory.mktemp("fleet")
+    )
+    stack.start()
+    yield stack
+    dead = stack.dead_child()
+    stack.stop()
+    assert dead is None, f"{dead.name} died; log:\n{dead.log_tail()}"
+
+
+@pytest.fixture
+def api(fleet: Stack) -> Client:
+    return Client(fleet.controlplane_url, fleet.admin_token)
+
+
+def echo_policy(echo: EchoBackend, name: str = "echo", **batching: Any) -> dict[str, Any]:
+    return {
+        "match": {"path": f"/v1/models/{name}:predict"},
+        "backend": {"url": f"{echo.url}/v1/models/{name}:predict", "timeout_ms": 3000},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 5, **batching},
+    }
+
+
+def replica_metric(stack: Stack, i: int, prefix: str) -> float | None:
+    url = f"http://127.0.0.1:{stack.metrics_ports[i]}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def eventually(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def converged(api: Client, name: str) -> bool:
+    try:
+        status = api.status(name)
+    except ApiError:
+        return False
+    return bool(status["complete"] and status["replicas"] == 3)
+
+
+class Traffic:
+    """Requests through Envoy in a background thread until stopped; every answer is checked."""
+
+    def __init__(self, stack: Stack, model: str = "echo", concurrency: int = 8) -> None:
+        self.url = f"{stack.envoy_url}/v1/models/{model}:predict"
+        self.concurrency = concurrency
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+            async def worker(w: int) -> None:
+                n = 0
+                while not self._stop.is_set():
+                    rid = f"t{w}-{n}"
+                    n += 1
+                    try:
+                        async with session.post(self.url, json={"instances": [{"id": rid}]}) as r:
+                            data = await r.read()
+                            if r.status != 200 or json.loads(data) != {
+                                "predictions": [{"echo": rid}]
+                            }:
+                                self.failures.append(f"{r.status} {data[:200]!r}")
+                            else:
+                                self.ok += 1
+                    except (aiohttp.ClientError, TimeoutError) as err:
+                        self.failures.append(repr(err))
+
+            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(20)
+
+
+def post(
+    stack: Stack, model: str, doc: Any, path: str | None = None
+) -> tuple[int, dict[str, str], Any]:
+    req = urllib.request.Request(
+        stack.envoy_url + (path or f"/v1/models/{model}:predict"),
+        data=json.dumps(doc).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+def test_every_replica_runs_the_seeded_policy(fleet: Stack, api: Client) -> None:
+    replicas = api.replicas()
+    assert sorted(r["id"] for r in replicas) == ["extproc-0", "extproc-1", "extproc-2"]
+    version = api.get_policy("demo")["version"]
+    assert all(r["policies"] == {"demo": version} and r["source_ok"] for r in replicas)
+    assert converged(api, "demo")
+
+
+def test_a_change_reaches_all_replicas_within_2s_with_no_failed_request(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    api.put_policy("echo", echo_policy(echo_backend, max_batch_size=4))
+    eventually(lambda: converged(api, "echo"), 5, "first rollout")
+    with Traffic(fleet) as traffic:
+        time.sleep(0.5)
+        changed = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=2))
+        took = eventually(lambda: converged(api, "echo"), 2, "rollout of the change")
+        for i in range(3):
+            assert (
+                replica_metric(fleet, i, 'mlproxy_policy_version{policy="echo"}')
+                == changed["version"]
+            )
+        time.sleep(0.5)
+    assert traffic.failures == []
+    assert traffic.ok > 50
+    print(f"rollout to 3 replicas took {took * 1000:.0f} ms")
+
+
+def test_redis_outage_keeps_traffic_flowing_and_rollout_converges_after(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    api.put_policy("echo", echo_policy(echo_backend))
+    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    with Traffic(fleet) as traffic:
+        fleet.child("redis").stop()
+        eventually(
+            lambda: all(
+                replica_metric(fleet, i, "mlproxy_policy_source_up") == 0 for i in range(3)
+            ),
+            15,
+            "replicas notice Redis is gone",
+        )
+        with pytest.raises(ApiError) as err:
+            api.list_policies()
+        assert err.value.status == 503
+        time.sleep(0.5)
+        ok_during_outage = traffic.ok
+        fleet.restart("redis")
+        eventually(
+            lambda: all(
+                replica_metric(fleet, i, "mlproxy_policy_source_up") == 1 for i in range(3)
+            ),
+            15,
+            "replicas reconnect",
+        )
+        changed = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=3))
+        eventually(lambda: converged(api, "echo"), 5, "rollout after the outage")
+        assert api.get_policy("echo")["version"] == changed["version"]
+    assert ok_during_outage > 20
+    assert traffic.failures == []
+
+
+def test_control_plane_down_does_not_touch_traffic(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    api.put_policy("echo", echo_policy(echo_backend))
+    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    with Traffic(fleet) as traffic:
+        fleet.child("controlplane").stop()
+        time.sleep(1.0)
+        with pytest.raises(ApiError):
+            api.list_policies()
+        fleet.restart("controlplane")
+    assert traffic.failures == [] and traffic.ok > 20
+    assert converged(api, "echo")
+
+
+def test_a_restarted_replica_has_the_current_policies_before_it_serves(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    current = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=5))
+    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    fleet.restart("extproc-1")  # returns once its metrics endpoint answers, i.e. it serves
+    assert replica_metric(fleet, 1, 'mlproxy_policy_version{policy="echo"}') == current["version"]
+    for i in range(6):  # Envoy round-robins over all three again
+        status, headers, doc = post(fleet, "echo", {"instances": [{"id": f"after-{i}"}]})
+        assert status == 200 and json.loads(doc) == {"predictions": [{"echo": f"after-{i}"}]}
+        assert "x-mlproxy-batch-size" in headers
+    eventually(lambda: converged(api, "echo"), 5, "rollout includes the new replica")
+
+
+def test_deleted_policy_finishes_queued_requests_then_stops_batching(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    # A path no other policy matches, so that without this policy nothing batches it.
+    hold = echo_policy(echo_backend, "hold", max_batch_size=100, max_wait_ms=1000)
+    hold["match"] = {"path": "/hold"}
+    api.put_policy("hold", hold)
+    eventually(lambda: converged(api, "hold"), 5, "rollout")
+    results: list[tuple[int, dict[str, str], Any]] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.append(
+                post(fleet, "hold", {"instances": [{"id": f"held-{i}"}]}, path="/hold")
+            )
+        )
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    api.delete_policy("hold")
+    for t in threads:
+        t.join(10)
+    answers = sorted(json.loads(r[2])["predictions"][0]["echo"] for r in results)
+    assert answers == [f"held-{i}" for i in range(6)]
+    assert all(r[0] == 200 and "x-mlproxy-batch-size" in r[1] for r in results)
+    eventually(
+        lambda: all("hold" not in r["policies"] for r in api.replicas()), 3, "delete rollout"
+    )
+    status, headers, _ = post(fleet, "hold", {"instances": [{"id": "late"}]}, path="/hold")
+    # No policy: Envoy proxies the request untouched to its default upstream (the demo model,
+    # which has no /hold route).
+    assert status == 404
+    assert "x-mlproxy-batch-size" not in headers

@@ -1,0 +1,228 @@
+"""The control plane API in-process, on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from controlplane.adapters.redis_store import RedisStore
+from controlplane.app import create_app
+from controlplane.settings import Settings
+from mlproxy import keys
+from tests.conftest import RedisServer
+
+ADMIN = "admin-token-0123456789"
+READER = "read-token-0123456789"
+
+
+def body(**batching: Any) -> dict[str, Any]:
+    return {
+        "match": {"path": "/v1/models/{model}:predict"},
+        "backend": {"url": "http://model/v1/models/{model}:predict"},
+        "batching": {"max_batch_size": 16, **batching},
+    }
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = RedisStore.from_url(redis_server.url(db=1))
+    await s.redis.flushdb()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def client(store: RedisStore) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        Settings(
+            redis_url="unused", admin_tokens=(ADMIN,), read_tokens=(READER,), max_body_bytes=4096
+        ),
+        store,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as c:
+        yield c
+
+
+def auth(token: str = ADMIN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_create_read_update_delete_with_versions_and_etags(client: httpx.AsyncClient) -> None:
+    r = await client.put("/v1/policies/iris", json=body(), headers=auth())
+    assert r.status_code == 201, r.text
+    first = r.json()
+    assert first["name"] == "iris" and first["version"] >= 1
+    assert r.headers["etag"] == f'"{first["version"]}"'
+    r = await client.get("/v1/policies/iris", headers=auth(READER))
+    assert r.status_code == 200 and r.json() == first
+    r = await client.put(
+        "/v1/policies/iris",
+        json=body(max_batch_size=8),
+        headers={**auth(), "If-Match": f'"{first["version"]}"'},
+    )
+    assert r.status_code == 200
+    second = r.json()
+    assert second["version"] > first["version"]
+    assert second["created_at"] == first["created_at"] != second["updated_at"]
+    assert second["batching"]["max_batch_size"] == 8
+    r = await client.get("/v1/policies", headers=auth(READER))
+    assert [p["name"] for p in r.json()["items"]] == ["iris"]
+    r = await client.delete("/v1/policies/iris", headers=auth())
+    assert r.status_code == 204
+    assert (await client.get("/v1/policies/iris", headers=auth())).status_code == 404
+    assert (await client.delete("/v1/policies/iris", headers=auth())).status_code == 404
+    # a policy made again continues the version sequence
+    r = await client.put("/v1/policies/iris", json=body(), headers=auth())
+    assert r.json()["version"] > second["version"]
+
+
+async def test_get_output_can_be_put_back(client: httpx.AsyncClient) -> None:
+    created = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()
+    r = await client.put("/v1/policies/m", json=created, headers=auth())
+    assert r.status_code == 200, r.text
+    r = await client.put("/v1/policies/m", json={**created, "name": "other"}, headers=auth())
+    assert r.status_code == 422 and "URL says" in r.json()["error"]
+
+
+async def test_stale_and_conditional_writes_get_412(client: httpx.AsyncClient) -> None:
+    v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
+    stale = {**auth(), "If-Match": f'"{v - 1}"'}
+    r = await client.put("/v1/policies/m", json=body(max_batch_size=2), headers=stale)
+    assert r.status_code == 412 and "not" in r.json()["error"]
+    r = await client.put("/v1/policies/m", json=body(), headers={**auth(), "If-None-Match": "*"})
+    assert r.status_code == 412
+    r = await client.delete("/v1/policies/m", headers=stale)
+    assert r.status_code == 412
+    r = await client.get("/v1/policies/m", headers=auth())
+    assert r.json()["version"] == v and r.json()["batching"]["max_batch_size"] == 16
+
+
+async def test_concurrent_writes_exactly_one_wins(client: httpx.AsyncClient) -> None:
+    v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
+    cond = {**auth(), "If-Match": f'"{v}"'}
+    results = await asyncio.gather(
+        *(
+            client.put("/v1/policies/m", json=body(max_batch_size=n), headers=cond)
+            for n in range(1, 11)
+        )
+    )
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200] + [412] * 9
+    (winner,) = [r.json() for r in results if r.status_code == 200]
+    stored = (await client.get("/v1/policies/m", headers=auth())).json()
+    assert stored == winner
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
+        ({"sla": {"percentile": 200}}, "sla.percentile"),
+        ({"colour": "red"}, "colour"),
+        ({"backend": {"url": "file:///etc/passwd"}}, "backend.url"),
+        ({"codec": "xml"}, "codec"),
+    ],
+)
+async def test_invalid_policies_are_422_naming_the_field_and_not_stored(
+    client: httpx.AsyncClient, store: RedisStore, change: dict[str, Any], field: str
+) -> None:
+    r = await client.put("/v1/policies/m", json={**body(), **change}, headers=auth())
+    assert r.status_code == 422
+    assert field in r.json()["error"]
+    assert await store.all_policies() == []
+
+
+async def test_bad_names_sizes_types_and_tokens(
+    client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    ok = json.dumps(body())
+    cases = [
+        (client.put("/v1/policies/Bad_Name", json=body(), headers=auth()), 422),
+        (
+            client.put(
+                "/v1/policies/m", content=ok, headers={**auth(), "Content-Type": "text/plain"}
+            ),
+            415,
+        ),
+        (
+            client.put(
+                "/v1/policies/m",
+                content="x" * 5000,
+                headers={**auth(), "Content-Type": "application/json"},
+            ),
+            413,
+        ),
+        (
+            client.put(
+                "/v1/policies/m",
+                content="{not json",
+                headers={**auth(), "Content-Type": "application/json"},
+            ),
+            422,
+        ),
+        (client.put("/v1/policies/m", json=body()), 401),
+        (client.put("/v1/policies/m", json=body(), headers=auth("wrong-token-0123456789")), 401),
+        (client.put("/v1/policies/m", json=body(), headers=auth(READER)), 403),
+        (client.delete("/v1/policies/m", headers=auth(READER)), 403),
+        (client.get("/v1/policies"), 401),
+        (client.get("/v1/replicas", headers={"Authorization": "Basic abc"}), 401),
+        (
+            client.put("/v1/policies/m", json=body(), headers={**auth(), "If-Match": "nonsense"}),
+            400,
+        ),
+    ]
+    for call, status in cases:
+        r = await call
+        assert r.status_code == status, (status, r.text)
+        assert "error" in r.json()
+    assert await store.all_policies() == []
+
+
+async def test_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b" " * 1000
+
+    r = await client.put(
+        "/v1/policies/m", content=chunks(), headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+
+
+async def test_replicas_and_rollout_status(client: httpx.AsyncClient, store: RedisStore) -> None:
+    v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
+    now = datetime.now(UTC).isoformat()
+    for rid, version in (("r1", v), ("r2", v - 1)):
+        record = {
+            "id": rid,
+            "address": f"{rid}:50051",
+            "started_at": now,
+            "heartbeat_at": now,
+            "policies": {"m": version},
+            "source_ok": True,
+            "last_sync_at": now,
+        }
+        await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
+    r = await client.get("/v1/replicas", headers=auth(READER))
+    assert [x["id"] for x in r.json()["items"]] == ["r1", "r2"]
+    status = (await client.get("/v1/policies/m/status", headers=auth(READER))).json()
+    assert (status["replicas"], status["converged"], status["complete"]) == (2, 1, False)
+    assert status["behind"] == [{"id": "r2", "address": "r2:50051", "version": v - 1}]
+    assert (await client.get("/v1/policies/zz/status", headers=auth())).status_code == 404
+
+
+async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    await client.get("/v1/policies", headers=auth())
+    text = (await client.get("/metrics")).text
+    assert 'mlproxy_cp_requests_total{method="GET",route="/v1/policies",status="200"}' in text
+    spec = (await client.get("/openapi.json")).json()
+    assert "/v1/policies/{name}" in spec["paths"]

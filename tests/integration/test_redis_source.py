@@ -1,0 +1,155 @@
+"""The replica's Redis policy source on a real Redis: push, resync, partitions, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import pytest
+
+from controlplane.adapters.redis_store import RedisStore
+from controlplane.domain.records import Precondition
+from extproc.adapters.redis_source import RedisPolicySource
+from extproc.core.clock import MonotonicClock
+from extproc.core.stats import StatsWindow
+from mlproxy import keys
+from mlproxy.policy import Policy
+from tests.conftest import RedisServer
+from tests.tcp_proxy import TcpProxy
+
+DB = 2
+T = TypeVar("T")
+
+
+def body(batch: int) -> dict[str, object]:
+    return {
+        "match": {"path": "/p"},
+        "backend": {"url": "http://b/"},
+        "batching": {"max_batch_size": batch},
+    }
+
+
+class Replica:
+    """A RedisPolicySource and what it applied."""
+
+    def __init__(self, url: str, rid: str) -> None:
+        self.policies: dict[str, Policy] = {}
+        self.source = RedisPolicySource(
+            url,
+            rid,
+            f"{rid}:1",
+            StatsWindow(),
+            MonotonicClock(),
+            applied=lambda: {n: p.version for n, p in self.policies.items()},
+            resync_interval=0.5,
+            heartbeat_interval=0.2,
+            heartbeat_ttl=1.0,
+        )
+
+    def apply(self, policies: Sequence[Policy]) -> None:
+        self.policies = {p.name: p for p in policies}
+
+    async def start(self) -> None:
+        self.apply(await self.source.load())
+        self.source.watch(self.apply)
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not cond():
+        assert loop.time() - start < timeout, "condition not met in time"
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = RedisStore.from_url(redis_server.url(DB))
+    await s.redis.flushdb()
+    yield s
+    await s.close()
+
+
+async def test_changes_are_pushed_and_heartbeats_report_them(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await store.put("p", body(4), Precondition())
+    replica = Replica(redis_server.url(DB), "r1")
+    await replica.start()
+    try:
+        assert replica.policies["p"].batching.max_batch_size == 4
+        p2 = await store.put("p", body(8), Precondition())
+        took = await eventually(lambda: replica.policies["p"].version == p2.version)
+        assert took < 0.5  # pushed, not waiting for the periodic resync
+        await asyncio.sleep(0.3)  # a heartbeat or two
+        (record,) = await store.replicas()
+        assert (record.id, record.address, record.source_ok) == ("r1", "r1:1", True)
+        assert record.policies == {"p": p2.version}
+        await store.delete("p", Precondition())
+        await eventually(lambda: "p" not in replica.policies)
+    finally:
+        await replica.source.close()
+    assert await store.redis.get(keys.replica_key("r1")) is None  # removed on close
+
+
+async def within(aw: Awaitable[T], seconds: float, what: str) -> T:
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        pytest.fail(f"{what} took over {seconds} s")
+
+
+async def test_cut_off_replica_keeps_serving_and_catches_up_after_reconnect(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await store.put("p", body(4), Precondition())
+    proxy = TcpProxy("127.0.0.1", redis_server.port)
+    await proxy.start()
+    replica = Replica(f"redis://127.0.0.1:{proxy.port}/{DB}", "cut")
+    await within(replica.start(), 5, "first load")
+    try:
+        await eventually(lambda: replica.source.source_ok)
+        await within(proxy.cut(), 2, "cut")
+        await eventually(lambda: not replica.source.source_ok)
+        changed = await store.put("p", body(16), Precondition())  # made while cut off
+        await asyncio.sleep(0.7)
+        assert replica.policies["p"].batching.max_batch_size == 4  # last-known, still serving
+        await within(proxy.start(), 2, "heal")  # the partition heals
+        await eventually(lambda: replica.policies["p"].version == changed.version, timeout=10)
+        assert replica.source.source_ok
+    finally:
+        await within(replica.source.close(), 5, "close")
+        await within(proxy.cut(), 2, "final cut")
+
+
+async def test_heartbeat_expires_when_a_replica_dies(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    replica = Replica(redis_server.url(DB), "dying")
+    await replica.start()
+    await eventually(lambda: replica.source.source_ok)
+    await asyncio.sleep(0.3)
+    assert [r.id for r in await store.replicas()] == ["dying"]
+    for task in replica.source._tasks:  # dies without cleaning up
+        task.cancel()
+    await asyncio.sleep(1.3)  # past the TTL
+    assert await store.replicas() == []
+    await replica.source._redis.aclose()
+
+
+async def test_an_unreadable_record_does_not_remove_the_policy(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await store.put("p", body(4), Precondition())
+    replica = Replica(redis_server.url(DB), "r")
+    await replica.start()
+    try:
+        await store.redis.hset(keys.POLICIES, "p", json.dumps({"name": "p", "garbage": True}))
+        await store.redis.publish(keys.CHANGES, "{}")
+        await asyncio.sleep(0.3)
+        assert replica.policies["p"].batching.max_batch_size == 4
+    finally:
+        await replica.source.close()

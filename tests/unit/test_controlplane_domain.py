@@ -1,0 +1,121 @@
+"""Control plane rules without I/O: preconditions, rollout status, settings, token scopes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from controlplane.api.auth import Authenticator
+from controlplane.domain.records import Precondition, PreconditionFailed, rollout
+from controlplane.settings import Settings, SettingsError
+from mlproxy.policy import Policy
+from mlproxy.replica import ReplicaRecord
+
+
+@pytest.mark.parametrize(
+    ("if_match", "if_none_match", "expected"),
+    [
+        (None, None, Precondition()),
+        ("*", None, Precondition(exists=True)),
+        ('"7"', None, Precondition(version=7)),
+        ('W/"7"', None, Precondition(version=7)),
+        ("7", None, Precondition(version=7)),
+        (None, "*", Precondition(exists=False)),
+    ],
+)
+def test_precondition_headers(
+    if_match: str | None, if_none_match: str | None, expected: Precondition
+) -> None:
+    assert Precondition.from_headers(if_match, if_none_match) == expected
+
+
+@pytest.mark.parametrize(("if_match", "if_none_match"), [('"abc"', None), (None, '"3"')])
+def test_bad_precondition_headers(if_match: str | None, if_none_match: str | None) -> None:
+    with pytest.raises(ValueError):
+        Precondition.from_headers(if_match, if_none_match)
+
+
+@pytest.mark.parametrize(
+    ("pre", "current", "ok"),
+    [
+        (Precondition(), None, True),
+        (Precondition(), 3, True),
+        (Precondition(version=3), 3, True),
+        (Precondition(version=3), 4, False),
+        (Precondition(version=3), None, False),
+        (Precondition(exists=True), None, False),
+        (Precondition(exists=True), 1, True),
+        (Precondition(exists=False), 1, False),
+        (Precondition(exists=False), None, True),
+    ],
+)
+def test_precondition_check(pre: Precondition, current: int | None, ok: bool) -> None:
+    if ok:
+        pre.check("p", current)
+    else:
+        with pytest.raises(PreconditionFailed):
+            pre.check("p", current)
+
+
+def replica(rid: str, **versions: int) -> ReplicaRecord:
+    now = datetime.now(UTC)
+    return ReplicaRecord(
+        id=rid,
+        address=f"{rid}:1",
+        started_at=now,
+        heartbeat_at=now,
+        policies=versions,
+        source_ok=True,
+        last_sync_at=now,
+    )
+
+
+def test_rollout_counts_replicas_on_the_current_version() -> None:
+    policy = Policy.model_validate(
+        {"name": "p", "match": {"path": "/p"}, "backend": {"url": "http://b/"}, "version": 5}
+    )
+    status = rollout(policy, [replica("a", p=5), replica("b", p=4), replica("c")])
+    assert (status.replicas, status.converged, status.complete) == (3, 1, False)
+    assert [(r.id, r.version) for r in status.behind] == [("b", 4), ("c", None)]
+    assert rollout(policy, [replica("a", p=5)]).complete
+    assert not rollout(policy, []).complete
+
+
+def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:
+    secret = tmp_path / "read"
+    secret.write_text("r" * 20 + "\n\n" + "s" * 20 + "\n")
+    s = Settings.from_env(
+        {
+            "MLPROXY_ADMIN_TOKENS": "a" * 20 + ", " + "b" * 20,
+            "MLPROXY_READ_TOKENS_FILE": str(secret),
+            "REDIS_URL": "redis://x:1/2",
+        }
+    )
+    assert s.admin_tokens == ("a" * 20, "b" * 20)
+    assert s.read_tokens == ("r" * 20, "s" * 20)
+    assert s.redis_url == "redis://x:1/2"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "no admin token"),
+        ({"MLPROXY_ADMIN_TOKENS": "short"}, "at least 16"),
+        ({"MLPROXY_ADMIN_TOKENS_FILE": "/nonexistent/x"}, "cannot read"),
+        ({"MLPROXY_ADMIN_TOKENS": "a" * 20, "MLPROXY_MAX_BODY_BYTES": "lots"}, "number"),
+    ],
+)
+def test_settings_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+def test_token_scopes() -> None:
+    auth = Authenticator(("a" * 20,), ("r" * 20,))
+    assert auth.scopes("a" * 20) == {"admin", "read"}
+    assert auth.scopes("r" * 20) == {"read"}
+    assert auth.scopes("x" * 20) == set()
+    assert auth.scopes("") == set()
+    assert auth.scopes("a" * 19) == set()

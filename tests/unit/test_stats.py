@@ -1,0 +1,30 @@
+"""The heartbeat's stats window under a fake clock."""
+
+from __future__ import annotations
+
+from extproc.core.clock import FakeClock
+from extproc.core.stats import StatsWindow
+
+
+def test_window_summarises_and_forgets() -> None:
+    clock = FakeClock()
+    stats = StatsWindow(window=10.0, max_samples=2)
+    for _ in range(20):
+        stats.arrival("p", clock.now())
+    stats.answered("p", clock.now(), latency=0.05, sla=0.1)
+    stats.answered("p", clock.now(), latency=0.15, sla=0.1)
+    stats.batch("p", clock.now(), 4, 0.010)
+    stats.batch("p", clock.now(), 8, 0.020)
+    stats.batch("p", clock.now(), 6, 0.015)
+    snap = stats.snapshot(clock.now())["p"]
+    assert snap["arrival_rate"] == 2.0
+    assert (snap["requests"], snap["sla_misses"], snap["batches"]) == (2, 1, 3)
+    assert snap["mean_batch_size"] == 6.0
+    assert snap["batch_samples"] == [(8, 20.0), (6, 15.0)]  # the most recent max_samples
+    clock.advance(5)
+    stats.arrival("p", clock.now())
+    clock.advance(6)  # the first 20 arrivals and the batches are now older than 10 s
+    snap = stats.snapshot(clock.now())["p"]
+    assert (snap["arrival_rate"], snap["requests"], snap["batches"]) == (0.1, 0, 0)
+    clock.advance(20)
+    assert stats.snapshot(clock.now()) == {}
