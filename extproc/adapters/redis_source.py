@@ -65,6 +65,7 @@ class RedisPolicySource:
         self._resync_lock = asyncio.Lock()
         self._apply: Apply | None = None
         self._beat_now = asyncio.Event()  # report a change at once, not at the next beat
+        self._stopping = asyncio.Event()
         self.source_ok = False
         self.last_sync_at: datetime | None = None
         self.started_at = datetime.now(UTC)
@@ -146,29 +147,39 @@ class RedisPolicySource:
                     ", ".join(f"{n}@{p.version}" for n, p in sorted(policies.items())) or "none",
                 )
 
+    async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> bool:
+        """Wait `seconds` (or until `wake` is set); False once close() has begun."""
+        events = [self._stopping] if wake is None else [self._stopping, wake]
+        waits = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not self._stopping.is_set()
+
     async def _subscribe(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.CHANGES)
                 await self.resync()  # anything missed while not subscribed
                 backoff = 0.1
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                while not self._stopping.is_set():
+                    message = await pubsub.get_message(timeout=0.5)
                     if message is not None:
                         await self.resync()
             except (RedisError, OSError) as err:
                 self._set_state(False, type(err).__name__)
-                await asyncio.sleep(backoff)
+                await self._pause(backoff)
                 backoff = min(5.0, backoff * 2)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _periodic(self) -> None:
-        while True:
-            await asyncio.sleep(self.resync_interval)
+        while await self._pause(self.resync_interval):
             try:
                 await self.resync()
             except (RedisError, OSError) as err:
@@ -190,23 +201,24 @@ class RedisPolicySource:
 
     async def _heartbeat(self) -> None:
         key = keys.replica_key(self.replica_id)
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._redis.set(
                     key, self.record().model_dump_json(), px=int(self.heartbeat_ttl * 1000)
                 )
             except (RedisError, OSError) as err:
                 self._set_state(False, type(err).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval)
+            await self._pause(self.heartbeat_interval, self._beat_now)
             self._beat_now.clear()
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def close(self, timeout: float = 3.0) -> None:
+        """Stop the loops (letting them close their connections), then remove the heartbeat."""
+        self._stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._tasks = []
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(keys.replica_key(self.replica_id))  # gone, not stale
