@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from mlproxy.client import ApiError, Client
 from mlproxy.stack import Stack
@@ -256,3 +262,88 @@ def test_deleted_policy_finishes_queued_requests_then_stops_batching(
     # which has no /hold route).
     assert status == 404
     assert "x-mlproxy-batch-size" not in headers
+
+
+def cli(
+    stack: Stack, *args: str, token: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "MLPROXY_URL": stack.controlplane_url,
+        "MLPROXY_TOKEN": stack.admin_token if token is None else token,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mlproxy.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_policy_cli_apply_get_edit_delete_and_replicas(
+    fleet: Stack, echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    doc = {
+        "policies": [
+            {"name": "cli-a", **echo_policy(echo_backend, "cli-a")},
+            {"name": "cli-b", **echo_policy(echo_backend, "cli-b")},
+        ]
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = cli(fleet, "policy", "apply", "-f", str(path))
+    assert r.returncode == 0, r.stderr
+    assert re.findall(r"policy/(cli-\w) configured \(version \d+\)", r.stdout) == ["cli-a", "cli-b"]
+    r = cli(fleet, "policy", "get")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0].split() == [
+        "NAME",
+        "VERSION",
+        "MODE",
+        "MAX_BATCH",
+        "MAX_WAIT_MS",
+        "SLA_MS",
+        "PATH",
+    ]
+    assert {"cli-a", "cli-b", "demo"} <= {line.split()[0] for line in r.stdout.splitlines()[1:]}
+    # get -o yaml, edit, apply back: the kubectl round trip
+    exported = cli(fleet, "policy", "get", "cli-a", "-o", "yaml").stdout
+    edited = exported.replace("max_batch_size: 8", "max_batch_size: 3")
+    assert edited != exported
+    r = cli(fleet, "policy", "apply", "-f", "-", stdin=edited)
+    assert r.returncode == 0, r.stderr
+    assert (
+        json.loads(cli(fleet, "policy", "get", "cli-a", "-o", "json").stdout)["batching"][
+            "max_batch_size"
+        ]
+        == 3
+    )
+    eventually(
+        lambda: json.loads(cli(fleet, "policy", "status", "cli-a").stdout)["complete"],
+        5,
+        "cli-a rollout",
+    )
+    r = cli(fleet, "replicas")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "cli-a@" in r.stdout
+    for name in ("cli-a", "cli-b"):
+        assert cli(fleet, "policy", "delete", name).stdout.strip() == f"policy/{name} deleted"
+    r = cli(fleet, "policy", "get", "cli-a")
+    assert r.returncode == 1 and "404" in r.stderr and "does not exist" in r.stderr
+    r = cli(fleet, "policy", "get", token="not-a-valid-token-at-all")
+    assert r.returncode == 1 and "401" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli-c",
+                "match": {"path": "/c"},
+                "backend": {"url": "http://x/"},
+                "batching": {"max_batch_size": 0},
+            }
+        )
+    )
+    r = cli(fleet, "policy", "apply", "-f", str(bad))
+    assert r.returncode == 1 and "batching.max_batch_size" in r.stderr
