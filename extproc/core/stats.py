@@ -1,7 +1,8 @@
 """Recent per-policy statistics of one replica, for its heartbeat: pure, clock-injected.
 
-Arrivals, answered requests, SLA misses and backend batch samples are kept for a sliding window
-(default 60 s); `snapshot(now)` summarises them.
+Counts are kept in one-second buckets over a sliding window (default 60 s), so memory stays
+bounded whatever the request rate; the most recent backend batch samples (size, duration) are
+kept too, at most `max_samples`. `snapshot(now)` summarises them.
 """
 
 from __future__ import annotations
@@ -10,64 +11,106 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PolicyWindow", "StatsWindow"]
+__all__ = ["StatsWindow"]
+
+
+class _Buckets:
+    """Per-second sums of two numbers (a count and one more), for the last `window` seconds."""
+
+    __slots__ = ("q", "window")
+
+    def __init__(self, window: float) -> None:
+        self.q: deque[list[int]] = deque()
+        self.window = window
+
+    def add(self, now: float, count: int = 1, other: int = 0) -> None:
+        second = int(now)
+        q = self.q
+        if q and q[-1][0] == second:
+            q[-1][1] += count
+            q[-1][2] += other
+        else:
+            q.append([second, count, other])
+            self.trim(now - self.window)  # once a second: bounded even if never read
+
+    def trim(self, oldest: float) -> None:
+        q = self.q
+        while q and q[0][0] < oldest:
+            q.popleft()
+
+    def totals(self) -> tuple[int, int]:
+        return sum(b[1] for b in self.q), sum(b[2] for b in self.q)
 
 
 @dataclass
-class PolicyWindow:
-    arrivals: deque[float] = field(default_factory=deque)
-    answers: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, missed SLA)
-    batches: deque[tuple[float, int, float]] = field(default_factory=deque)  # (time, size, s)
+class _PolicyWindow:
+    window: float
+    arrivals: _Buckets = field(init=False)
+    answers: _Buckets = field(init=False)  # (answered, SLA misses)
+    batches: _Buckets = field(init=False)  # (batches, instances)
+    samples: deque[tuple[float, int, float]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.arrivals = _Buckets(self.window)
+        self.answers = _Buckets(self.window)
+        self.batches = _Buckets(self.window)
 
     def trim(self, oldest: float) -> None:
-        while self.arrivals and self.arrivals[0] < oldest:
-            self.arrivals.popleft()
-        while self.answers and self.answers[0][0] < oldest:
-            self.answers.popleft()
-        while self.batches and self.batches[0][0] < oldest:
-            self.batches.popleft()
+        self.arrivals.trim(oldest)
+        self.answers.trim(oldest)
+        self.batches.trim(oldest)
+        while self.samples and self.samples[0][0] < oldest:
+            self.samples.popleft()
+
+    def empty(self) -> bool:
+        return not (self.arrivals.q or self.answers.q or self.batches.q)
 
 
 class StatsWindow:
     def __init__(self, window: float = 60.0, max_samples: int = 256) -> None:
         self.window = window
         self.max_samples = max_samples
-        self._policies: dict[str, PolicyWindow] = {}
+        self._policies: dict[str, _PolicyWindow] = {}
 
-    def _get(self, policy: str) -> PolicyWindow:
+    def _get(self, policy: str) -> _PolicyWindow:
         w = self._policies.get(policy)
         if w is None:
-            w = self._policies[policy] = PolicyWindow()
+            w = self._policies[policy] = _PolicyWindow(self.window)
         return w
 
     def arrival(self, policy: str, now: float) -> None:
-        self._get(policy).arrivals.append(now)
+        self._get(policy).arrivals.add(now)
 
     def answered(self, policy: str, now: float, latency: float, sla: float) -> None:
-        self._get(policy).answers.append((now, latency > sla))
+        self._get(policy).answers.add(now, 1, int(latency > sla))
 
     def batch(self, policy: str, now: float, size: int, seconds: float) -> None:
-        self._get(policy).batches.append((now, size, seconds))
+        w = self._get(policy)
+        w.batches.add(now, 1, size)
+        w.samples.append((now, size, seconds))
+        if len(w.samples) > self.max_samples:
+            w.samples.popleft()
 
     def snapshot(self, now: float) -> dict[str, dict[str, Any]]:
         oldest = now - self.window
         out: dict[str, dict[str, Any]] = {}
         for name, w in list(self._policies.items()):
             w.trim(oldest)
-            if not (w.arrivals or w.answers or w.batches):
+            if w.empty():
                 del self._policies[name]
                 continue
-            sizes = [b[1] for b in w.batches]
+            arrivals, _ = w.arrivals.totals()
+            answered, misses = w.answers.totals()
+            batches, instances = w.batches.totals()
             out[name] = {
                 "window_s": self.window,
-                "requests": len(w.answers),
-                "arrival_rate": len(w.arrivals) / self.window,
-                "sla_misses": sum(1 for _, missed in w.answers if missed),
-                "batches": len(sizes),
-                "mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
+                "requests": answered,
+                "arrival_rate": arrivals / self.window,
+                "sla_misses": misses,
+                "batches": batches,
+                "mean_batch_size": instances / batches if batches else 0.0,
                 "batch_samples": [
-                    (size, round(seconds * 1000, 3))
-                    for _, size, seconds in list(w.batches)[-self.max_samples :]
+                    (size, round(seconds * 1000, 3)) for _, size, seconds in w.samples
                 ],
             }
         return out

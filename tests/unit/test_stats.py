@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from extproc.core.clock import FakeClock
 from extproc.core.stats import StatsWindow
 
@@ -28,3 +30,18 @@ def test_window_summarises_and_forgets() -> None:
     assert (snap["arrival_rate"], snap["requests"], snap["batches"]) == (0.1, 0, 0)
     clock.advance(20)
     assert stats.snapshot(clock.now()) == {}
+
+
+def test_memory_stays_bounded_at_any_rate() -> None:
+    clock = FakeClock()
+    stats = StatsWindow(window=60.0, max_samples=8)
+    for _ in range(200_000):  # 1,000 per second for 200 s
+        clock.advance(0.001)
+        stats.arrival("p", clock.now())
+        stats.answered("p", clock.now(), 0.01, 0.1)
+        stats.batch("p", clock.now(), 1, 0.001)
+    w = stats._policies["p"]
+    assert len(w.arrivals.q) <= 62 and len(w.samples) == 8  # never read, still bounded
+    snap = stats.snapshot(clock.now())["p"]
+    assert snap["arrival_rate"] == pytest.approx(1000, rel=0.02)
+    assert len(w.arrivals.q) <= 61
