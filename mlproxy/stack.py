@@ -156,6 +156,8 @@ class Stack:
     extproc_ports: list[int] = field(default_factory=list)
     metrics_ports: list[int] = field(default_factory=list)
     redis_port: int = 0
+    # Redis URL for particular replicas (by index), e.g. through a proxy a test can cut.
+    replica_redis_urls: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
@@ -246,7 +248,9 @@ class Stack:
             assert self.policies_file is not None
             source = ["--policies", str(self.policies_file)]
         for i in range(self.replicas):
-            self.start_child(self.extproc_child(i, source), timeout)
+            own = self.replica_redis_urls.get(i)
+            argv = source if own is None else ["--redis-url", own]
+            self.start_child(self.extproc_child(i, argv), timeout)
         config = local_config(
             listener_port=self.envoy_port,
             extproc=[(self.host, p) for p in self.extproc_ports],

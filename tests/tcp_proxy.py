@@ -8,6 +8,9 @@ leave its connection open).
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
 
 from mlproxy.stack import free_port
 
@@ -95,3 +98,29 @@ class TcpProxy:
             # Returns once every connection this server accepted is gone, including those
             # accepted just before the close, which connection_made aborts.
             await asyncio.wait_for(server.wait_closed(), 5)
+
+
+class ThreadedTcpProxy:
+    """A TcpProxy on an event loop of its own, for synchronous tests."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.proxy = TcpProxy(target_host, target_port)
+        self.port = self.proxy.port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def start(self) -> None:
+        self._run(self.proxy.start())
+
+    def cut(self) -> None:
+        self._run(self.proxy.cut())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -26,15 +26,32 @@ import yaml
 from mlproxy.client import ApiError, Client
 from mlproxy.stack import Stack
 from tests.servers import EchoBackend
+from tests.tcp_proxy import ThreadedTcpProxy
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def redis_link() -> Iterator[list[ThreadedTcpProxy]]:
+    """Replica extproc-2 reaches Redis through this proxy, which a test can cut. `fleet` makes
+    it (only the stack knows Redis' port); this fixture closes it after the stack stops."""
+    holder: list[ThreadedTcpProxy] = []
+    yield holder
+    for proxy in holder:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, redis_link: list[ThreadedTcpProxy]
+) -> Iterator[Stack]:
     stack = Stack(
         envoy_port=0, replicas=3, controlplane_port=0, run_dir=tmp_path_factory.mktemp("fleet")
     )
+    proxy = ThreadedTcpProxy("127.0.0.1", stack.redis_port)
+    proxy.start()
+    redis_link.append(proxy)
+    stack.replica_redis_urls[2] = f"redis://127.0.0.1:{proxy.port}/0"
     stack.start()
     yield stack
     dead = stack.dead_child()
@@ -197,6 +214,42 @@ def test_redis_outage_keeps_traffic_flowing_and_rollout_converges_after(
         assert api.get_policy("echo")["version"] == changed["version"]
     assert ok_during_outage > 20
     assert traffic.failures == []
+
+
+def test_a_change_made_while_a_replica_is_cut_off_reaches_it_after_it_reconnects(
+    fleet: Stack, api: Client, echo_backend: EchoBackend, redis_link: list[ThreadedTcpProxy]
+) -> None:
+    version = 'mlproxy_policy_version{policy="echo"}'
+    api.put_policy("echo", echo_policy(echo_backend))
+    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    (link,) = redis_link
+    with Traffic(fleet) as traffic:
+        link.cut()
+        eventually(
+            lambda: replica_metric(fleet, 2, "mlproxy_policy_source_up") == 0,
+            15,
+            "extproc-2 notices it is cut off",
+        )
+        before = replica_metric(fleet, 2, version)
+        changed = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=6))
+        eventually(
+            lambda: all(replica_metric(fleet, i, version) == changed["version"] for i in (0, 1)),
+            2,
+            "the others get it",
+        )
+        status = api.status("echo")
+        assert not status["complete"]
+        assert [b["id"] for b in status["behind"]] == ["extproc-2"]
+        time.sleep(0.5)
+        assert replica_metric(fleet, 2, version) == before  # last-known, still serving
+        link.start()  # the partition heals
+        eventually(
+            lambda: replica_metric(fleet, 2, version) == changed["version"],
+            15,
+            "extproc-2 catches up",
+        )
+        eventually(lambda: converged(api, "echo"), 5, "rollout completes")
+    assert traffic.failures == [] and traffic.ok > 20  # extproc-2 served throughout
 
 
 def test_control_plane_down_does_not_touch_traffic(
