@@ -98,12 +98,16 @@ class ExtProcServer:
     def applied_versions(self) -> dict[str, int]:
         return {p.name: p.version for p in self.router.policies}
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking new streams, flush what is queued, finish the batches, then close."""
+    async def stop(self, grace: float = 10.0, drain_delay: float = 0.0) -> None:
+        """Report NOT_SERVING, keep serving for `drain_delay` seconds (time for load balancers
+        to notice), then stop taking new streams, flush what is queued, finish the batches and
+        close."""
         if self._server is None:
             return
-        server, self._server = self._server, None
         await self._health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
+        server, self._server = self._server, None
         stopping = asyncio.ensure_future(server.stop(grace))
         if self.pool is not None:
             try:
@@ -125,7 +129,10 @@ class PolicySource(Protocol):
 
 
 async def run(
-    server: ExtProcServer, grace: float = 10.0, source: PolicySource | None = None
+    server: ExtProcServer,
+    grace: float = 10.0,
+    source: PolicySource | None = None,
+    drain_delay: float = 0.0,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
@@ -139,4 +146,4 @@ async def run(
     log.info("signal received: draining (grace %.1f s)", grace)
     if source is not None:
         await source.close()
-    await server.stop(grace)
+    await server.stop(grace, drain_delay)

@@ -62,7 +62,7 @@ def _extproc_from_file(args: argparse.Namespace) -> int:
         log.error("invalid policy file: %s", err)
         return 2
     server = ExtProcServer(policies, host=args.host, port=args.port, metrics_port=args.metrics_port)
-    _run_async(run(server, grace=args.grace, source=source))
+    _run_async(run(server, grace=args.grace, source=source, drain_delay=args.drain_delay))
     return 0
 
 
@@ -87,7 +87,7 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
     )
     # Policies first: a replica never takes traffic without the current policies.
     server.apply_policies(await source.load())
-    await run(server, grace=args.grace, source=source)
+    await run(server, grace=args.grace, source=source, drain_delay=args.drain_delay)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace, seconds")
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        help="seconds to keep serving after reporting NOT_SERVING on shutdown",
+    )
     p.add_argument(
         "--reload-interval",
         type=float,

@@ -16,6 +16,7 @@ __all__ = ["ErrorKind", "ProxyError", "error_body"]
 class ErrorKind(Enum):
     # name = (HTTP status, outcome label used in metrics)
     BAD_REQUEST = (400, "bad_request")
+    INTERNAL = (500, "internal_error")  # a bug in MLProxy; the log has the traceback
     NOT_FOUND = (404, "not_found")
     PAYLOAD_TOO_LARGE = (413, "too_large")
     QUEUE_FULL = (429, "queue_full")

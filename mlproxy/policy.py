@@ -36,9 +36,10 @@ __all__ = [
 
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-# What a path variable matches: one segment of URL-safe characters, not starting with a dot
-# (so never `..`), because it is put into the backend URL.
-_SEGMENT = r"[A-Za-z0-9_~%-][A-Za-z0-9_.~%-]*?"
+# What a path variable matches: one segment of letters, digits and `_.~-`, not starting with a
+# dot. It is put into the backend URL, so never `..`, and no `%` (an encoded `..` or `/` would
+# reach the backend decoded).
+_SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*?"
 
 
 class _Strict(BaseModel):
@@ -50,7 +51,7 @@ class Match(_Strict):
 
     path: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/")]
     """Path template, e.g. `/v1/models/{model}:predict`; `{var}` matches one path segment
-    of URL-safe characters (letters, digits, `_.~%-`, not starting with `.`). The query
+    of letters, digits and `_.~-`, not starting with `.`. The query
     string is ignored."""
 
 
@@ -98,6 +99,12 @@ class PolicyBody(_Strict):
 
     @model_validator(mode="after")
     def _url_vars_come_from_path(self) -> PolicyBody:
+        authority = self.backend.url.split("://", 1)[1].split("/", 1)[0]
+        if "@" in authority:
+            raise ValueError(
+                "backend.url must not carry credentials (they would end up in logs and "
+                "metrics); put them in the model service's own auth"
+            )
         path_vars = set(_VAR.findall(self.match.path))
         missing = set(_VAR.findall(self.backend.url)) - path_vars
         if missing:
@@ -176,6 +183,8 @@ def load_policy_file(path: str | Path) -> list[Policy]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise PolicyFileError(f"{p}: cannot read: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise PolicyFileError(f"{p}: not UTF-8 text ({err.reason})") from err
     except yaml.YAMLError as err:
         raise PolicyFileError(f"{p}: not valid YAML/JSON: {err}") from err
     try:
@@ -218,10 +227,11 @@ class Router:
     fewer variables, then more literal characters, then the smaller name."""
 
     _CACHE_SIZE = 4096
+    _CACHEABLE_LENGTH = 256
 
     def __init__(self, policies: Iterable[Policy] = ()) -> None:
         self._table: list[tuple[re.Pattern[str], Policy]] = []
-        self._cache: dict[str, Route | None] = {}
+        self._cache: dict[str, Route] = {}
         self.replace(policies)
 
     def replace(self, policies: Iterable[Policy]) -> None:
@@ -239,9 +249,12 @@ class Router:
         except KeyError:
             pass
         route = self._resolve(path)
-        if len(self._cache) >= self._CACHE_SIZE:
-            self._cache.clear()
-        self._cache[path] = route
+        # Only short matched paths are cached: pass-through traffic can bring any number of
+        # distinct, long paths, and caching those would only hold memory.
+        if route is not None and len(path) <= self._CACHEABLE_LENGTH:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            self._cache[path] = route
         return route
 
     def _resolve(self, path: str) -> Route | None:

@@ -8,18 +8,23 @@ together or not at all.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import WatchError
 
-from controlplane.domain.records import Precondition, PreconditionFailed
+from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["NotFound", "RedisStore"]
+
+log = logging.getLogger(__name__)
 
 
 class NotFound(LookupError):
@@ -43,7 +48,7 @@ class RedisStore:
 
     async def all_policies(self) -> list[Policy]:
         raw = await self.redis.hgetall(keys.POLICIES)
-        return sorted((Policy.model_validate_json(v) for v in raw.values()), key=lambda p: p.name)
+        return sorted(_valid(Policy, raw.values()), key=lambda p: p.name)
 
     async def get(self, name: str) -> Policy:
         raw = await self.redis.hget(keys.POLICIES, name)
@@ -104,18 +109,31 @@ class RedisStore:
         names = [k async for k in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500)]
         if not names:
             return []
-        out = []
-        for raw in await self.redis.mget(names):
-            if raw is not None:  # expired between SCAN and MGET
-                out.append(ReplicaRecord.model_validate_json(raw))
-        return sorted(out, key=lambda r: r.id)
+        records = [raw for raw in await self.redis.mget(names) if raw is not None]  # not expired
+        return sorted(_valid(ReplicaRecord, records), key=lambda r: r.id)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _valid(model: type[M], raws: Iterable[bytes | str]) -> list[M]:
+    """The records that parse; one this version cannot read (written by another version, or
+    by hand) is logged and left out rather than failing the whole listing."""
+    out = []
+    for raw in raws:
+        try:
+            out.append(model.model_validate_json(raw))
+        except ValidationError as err:
+            log.error(
+                "skipping an unreadable %s record in Redis: %s",
+                model.__name__,
+                err.errors()[0]["msg"],
+            )
+    return out
+
+
 def _change(op: str, name: str, version: int) -> str:
     return json.dumps({"op": op, "name": name, "version": version})
-
-
-__all__ += ["PreconditionFailed"]

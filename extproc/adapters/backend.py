@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import aiohttp
 
@@ -50,24 +51,29 @@ class HttpBackend:
         except aiohttp.ConnectionTimeoutError as err:
             raise ProxyError(
                 ErrorKind.BACKEND_ERROR,
-                f"backend {url} did not accept a connection within {connect_timeout * 1000:.0f} ms",
+                f"backend did not accept a connection within {connect_timeout * 1000:.0f} ms",
             ) from err
         except TimeoutError as err:
             raise ProxyError(
                 ErrorKind.BACKEND_TIMEOUT,
-                f"backend {url} did not answer within {timeout * 1000:.0f} ms "
+                f"backend did not answer within {timeout * 1000:.0f} ms "
                 "(policy backend.timeout_ms)",
             ) from err
         except aiohttp.ClientConnectorError as err:
             raise ProxyError(
-                ErrorKind.BACKEND_ERROR, f"backend {url} is unreachable: {err.strerror or err}"
+                ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.os_error)}"
             ) from err
         except aiohttp.ClientError as err:
             raise ProxyError(
-                ErrorKind.BACKEND_ERROR, f"backend {url} failed: {type(err).__name__}: {err}"
+                ErrorKind.BACKEND_ERROR, f"backend failed: {type(err).__name__}"
             ) from err
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _reason(err: OSError) -> str:
+    """Why a connection failed, without the address (clients must not learn internal hosts)."""
+    return os.strerror(err.errno) if err.errno else type(err).__name__

@@ -53,7 +53,7 @@ class FilePolicySource:
             self._stamp = stamp
             try:
                 policies = load_policy_file(self.path)
-            except PolicyFileError as err:
+            except PolicyFileError as err:  # every read or parse error is one of these
                 log.error(
                     "policy file changed but is invalid; keeping the current policies: %s", err
                 )

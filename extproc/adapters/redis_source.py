@@ -174,6 +174,10 @@ class RedisPolicySource:
                 self._set_state(False, type(err).__name__)
                 await self._pause(backoff)
                 backoff = min(5.0, backoff * 2)
+            except Exception:  # a bug: say so, and keep the replica in sync
+                log.exception("policy subscriber failed; restarting it")
+                await self._pause(backoff)
+                backoff = min(5.0, backoff * 2)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -184,6 +188,8 @@ class RedisPolicySource:
                 await self.resync()
             except (RedisError, OSError) as err:
                 self._set_state(False, type(err).__name__)
+            except Exception:
+                log.exception("periodic policy resync failed; trying again")
 
     def record(self) -> ReplicaRecord:
         return ReplicaRecord.model_validate(

@@ -112,6 +112,12 @@ class ExtProcServicer:
             ticket = self._pool.submit(route, parsed, future)
         except ProxyError as err:
             return Reply.from_error(err), None
+        except Exception:
+            log.exception("policy %s: unexpected error handling a request", policy.name)
+            error = ProxyError(
+                ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
+            )
+            return Reply.from_error(error), None
         try:
             reply = await future
         except asyncio.CancelledError:

@@ -51,6 +51,8 @@ class KServeV1:
             raise CodecError(f"request body is not UTF-8 text: {err.reason}") from err
         except ValueError as err:
             raise CodecError(f"request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise CodecError("request body is nested too deeply") from err
         if not isinstance(doc, dict):
             raise CodecError(f"request body must be a JSON object, got {_describe(doc)}")
         if "instances" not in doc:
@@ -82,6 +84,8 @@ class KServeV1:
             doc = json.loads(body)
         except ValueError as err:
             raise CodecError(f"backend answer is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise CodecError("backend answer is nested too deeply") from err
         if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
             raise CodecError("backend answer has no 'predictions' array")
         predictions = doc.pop("predictions")

@@ -87,6 +87,7 @@ class BatchQueue(Generic[T]):
         self._q: deque[Entry[T]] = deque()
         self._queued = 0  # live (not cancelled) entries in _q
         self._size = 0  # their instances
+        self._dead = 0  # cancelled entries still in _q
         self._in_flight = 0
 
     @property
@@ -120,6 +121,10 @@ class BatchQueue(Generic[T]):
         entry.state = EntryState.CANCELLED
         self._queued -= 1
         self._size -= entry.size
+        self._dead += 1
+        if self._dead > max(32, self._queued):  # clients that leave must not pile up
+            self._q = deque(e for e in self._q if e.state is EntryState.QUEUED)
+            self._dead = 0
         return True
 
     def done(self) -> None:
@@ -149,6 +154,7 @@ class BatchQueue(Generic[T]):
         q = self._q
         while q and q[0].state is EntryState.CANCELLED:
             q.popleft()
+            self._dead -= 1
 
     def _take(self, reason: str) -> Dispatch[T]:
         q = self._q
@@ -159,6 +165,7 @@ class BatchQueue(Generic[T]):
             head = q[0]
             if head.state is EntryState.CANCELLED:
                 q.popleft()
+                self._dead -= 1
                 continue
             if batch and size + head.size > limit:
                 break

@@ -18,7 +18,7 @@ from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, Entry, WaitUntil
 from extproc.core.clock import Clock
 from extproc.runtime.ports import Backend, Metrics
-from mlproxy.errors import ErrorKind, ProxyError, error_body
+from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Policy, Route
 
 __all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "limits_for"]
@@ -79,13 +79,22 @@ def limits_for(policy: Policy) -> BatchLimits:
     return BatchLimits(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
 
 
+def _queue_full(policy: Policy) -> ProxyError:
+    return ProxyError(
+        ErrorKind.QUEUE_FULL,
+        f"policy {policy.name}: queue is full ({policy.batching.max_queue} requests waiting); "
+        "retry later",
+        headers=(("retry-after", "1"),),
+    )
+
+
 class BatchExecutor:
     """Runs one batch against the backend and turns the outcome into one reply per request."""
 
     def __init__(self, backend: Backend, metrics: Metrics, clock: Clock) -> None:
         self._backend = backend
         self._metrics = metrics
-        self._clock = clock
+        self.clock = clock
 
     async def execute(
         self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
@@ -100,7 +109,7 @@ class BatchExecutor:
     ) -> list[Reply]:
         n = len(items)
         size = sum(item.size for item in items)
-        started = self._clock.now()
+        started = self.clock.now()
         try:
             resp = await self._backend.post(
                 url,
@@ -110,11 +119,13 @@ class BatchExecutor:
                 policy.backend.connect_timeout_ms / 1000.0,
             )
         except ProxyError as err:
+            # The client's message names no backend host; the operator's log does.
+            log.warning("policy %s: backend %s: %s", policy.name, url, err.message)
             self._metrics.batch_done(
-                policy.name, size, n, self._clock.now() - started, err.kind.outcome
+                policy.name, size, n, self.clock.now() - started, err.kind.outcome
             )
             return [Reply.from_error(err, size)] * n
-        elapsed = self._clock.now() - started
+        elapsed = self.clock.now() - started
         if resp.status == 200:
             try:
                 parts = codec.split(resp.body, items)
@@ -127,10 +138,10 @@ class BatchExecutor:
         self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{resp.status}")
         if n > 1 and resp.status in SPLITTABLE_STATUSES:
             mid = n // 2
-            left, right = await asyncio.gather(
-                self._call(policy, url, codec, items[:mid]),
-                self._call(policy, url, codec, items[mid:]),
-            )
+            # One half after the other: a backend failing everything gets at most one call
+            # at a time from this batch, not a burst.
+            left = await self._call(policy, url, codec, items[:mid])
+            right = await self._call(policy, url, codec, items[mid:])
             return left + right
         # A lone request's own error, or a status no single input causes (404, 429, 503...):
         # the backend's answer is passed through as it is.
@@ -155,15 +166,17 @@ class Batcher:
         clock: Clock,
         metrics: Metrics,
         on_idle: Callable[[Batcher], None],
+        depth: dict[str, int],
     ) -> None:
         self.key = key
         self.route = route
         self.policy = route.policy
         self._codec = codec
         self._executor = executor
-        self._clock = clock
+        self.clock = clock
         self._metrics = metrics
         self._on_idle = on_idle
+        self._depth = depth  # requests queued per policy, shared by all its batchers
         self._queue: BatchQueue[Ticket] = BatchQueue(limits_for(route.policy))
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -184,24 +197,24 @@ class Batcher:
     def submit(self, ticket: Ticket) -> None:
         entry = self._queue.offer(ticket, ticket.parsed.size, ticket.arrival)
         if entry is None:
-            raise ProxyError(
-                ErrorKind.QUEUE_FULL,
-                f"policy {self.policy.name}: queue is full ({self._queue.limits.max_queue} "
-                "requests waiting); retry later",
-                headers=(("retry-after", "1"),),
-            )
+            raise _queue_full(self.policy)
         ticket.entry = entry
         ticket.batcher = self
-        self._metrics.queue_depth(self.policy.name, 1)
+        self._queued(1)
         self._pump()
 
     def cancel(self, ticket: Ticket) -> None:
         if ticket.entry is not None and self._queue.cancel(ticket.entry):
-            self._metrics.queue_depth(self.policy.name, -1)
+            self._queued(-1)
             self._metrics.request_done(self.policy.name, "cancelled", None)
             if self.idle:
                 self._stop_timer()
                 self._on_idle(self)
+
+    def _queued(self, delta: int) -> None:
+        name = self.policy.name
+        self._depth[name] = self._depth.get(name, 0) + delta
+        self._metrics.queue_depth(name, delta)
 
     def flush(self) -> None:
         """Shutdown: send everything queued without waiting for batches to fill."""
@@ -213,7 +226,7 @@ class Batcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _pump(self) -> None:
-        now = self._clock.now()
+        now = self.clock.now()
         while True:
             action = self._queue.poll(now, flush=self._flushing)
             if isinstance(action, Dispatch):
@@ -248,7 +261,7 @@ class Batcher:
         tickets = dispatch.items
         for t in tickets:
             t.dispatched_at = now
-        self._metrics.queue_depth(self.policy.name, -len(tickets))
+        self._queued(-len(tickets))
         task = self._loop.create_task(self._run(self.policy, tickets))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -260,13 +273,18 @@ class Batcher:
             )
         except Exception:
             log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))
-            replies = [
-                Reply(
-                    500,
-                    error_body("internal error in MLProxy; see the ext_proc log"),
-                    outcome="internal_error",
-                )
-            ] * len(tickets)
+            error = ProxyError(
+                ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
+            )
+            replies = [Reply.from_error(error)] * len(tickets)
+        except asyncio.CancelledError:  # shutdown past its grace: tell the clients, then stop
+            error = ProxyError(
+                ErrorKind.UNAVAILABLE, "ext_proc shut down before the backend answered"
+            )
+            for ticket in tickets:
+                if not ticket.future.done():
+                    ticket.future.set_result(Reply.from_error(error))
+            raise
         finally:
             self._queue.done()
         for ticket, reply in zip(tickets, replies, strict=True):
@@ -281,10 +299,10 @@ class BatcherPool:
     def __init__(self, executor: BatchExecutor, clock: Clock, metrics: Metrics) -> None:
         self._executor = executor
         self.clock = clock
-        self._clock = clock
         self._metrics = metrics
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._draining: set[Batcher] = set()
+        self._depth: dict[str, int] = {}
         self._flushing = False
 
     def __len__(self) -> int:
@@ -293,6 +311,9 @@ class BatcherPool:
     def submit(self, route: Route, parsed: Parsed, future: asyncio.Future[Reply]) -> Ticket:
         if self._flushing:
             raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
+        policy = route.policy
+        if self._depth.get(policy.name, 0) >= policy.batching.max_queue:
+            raise _queue_full(policy)  # one bound per policy, however many queues it has
         key = (*route.key, parsed.compat)
         batcher = self._batchers.get(key)
         if batcher is None:
@@ -301,12 +322,13 @@ class BatcherPool:
                 route,
                 get_codec(route.policy.codec),
                 self._executor,
-                self._clock,
+                self.clock,
                 self._metrics,
                 self._idle,
+                self._depth,
             )
             self._batchers[key] = batcher
-        ticket = Ticket(parsed, future, self._clock.now())
+        ticket = Ticket(parsed, future, self.clock.now())
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket

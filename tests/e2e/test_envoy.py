@@ -133,7 +133,9 @@ async def test_queue_full_gets_429_with_retry_after(
 async def test_backend_down_gets_502(stack: Stack) -> None:
     status, _, data = await post(model_url(stack, "down"), {"instances": [{"id": 1}]})
     assert status == 502
-    assert "unreachable" in json.loads(data)["error"]
+    error = json.loads(data)["error"]
+    assert "unreachable" in error
+    assert "127.0.0.1" not in error  # clients are not told internal addresses
 
 
 async def test_backend_timeout_gets_504_and_others_are_not_delayed(stack: Stack) -> None:

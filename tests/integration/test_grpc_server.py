@@ -206,3 +206,19 @@ async def test_metrics_endpoint(channel: grpc.aio.Channel, server: ExtProcServer
         "mlproxy_active_streams",
     ):
         assert name in text
+
+
+async def test_drain_delay_keeps_serving_while_reporting_not_serving(
+    echo_backend: EchoBackend,
+) -> None:
+    srv = ExtProcServer(policies(echo_backend.url), port=0)
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stopping = asyncio.ensure_future(srv.stop(grace=5, drain_delay=0.5))
+        await asyncio.sleep(0.1)
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        r = await infer(ch, {"instances": [{"id": "during-drain"}]})  # still answered
+        assert json.loads(r.body) == {"predictions": [{"echo": "during-drain"}]}
+        await stopping

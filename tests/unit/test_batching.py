@@ -204,6 +204,7 @@ def test_properties_under_random_operations(
         live = [e for e in entries if e.state is EntryState.QUEUED]
         assert q.queued == len(live)
         assert q.queued_size == sum(e.size for e in live)
+        assert len(q._q) - q.queued == q._dead <= max(32, q.queued) + 1
         if live and running < in_flight:
             # nobody waits past max_wait while the backend has a free slot
             assert clock.now() < live[0].arrival + lim.max_wait + 1e-6
@@ -211,3 +212,15 @@ def test_properties_under_random_operations(
     assert len(dispatched) == len(set(dispatched))
     queued = {e.item for e in entries if e.state is EntryState.QUEUED}
     assert set(dispatched) | cancelled | queued == {e.item for e in entries}
+
+
+def test_cancelled_requests_do_not_pile_up_behind_a_blocked_queue() -> None:
+    q: BatchQueue[int] = BatchQueue(limits(batch=1, in_flight=1, queue=10))
+    q.offer(-1, 1, 0.0)
+    assert isinstance(q.poll(0.0), Dispatch)  # the backend is now busy
+    for i in range(10_000):  # clients keep arriving and giving up
+        entry = q.offer(i, 1, 0.0)
+        assert entry is not None
+        q.cancel(entry)
+    assert len(q._q) <= 33
+    assert q.queued == 0

@@ -32,6 +32,7 @@ def test_parse_counts_instances_and_keeps_them() -> None:
         (b'{"instances": {"a": 1}}', "got an object"),
         (b'{"instances": []}', "is empty"),
         (b'{"instances": [NaN]}', "not valid JSON"),
+        (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
     ],
 )
 def test_malformed_requests_are_refused_with_a_reason(body: bytes, message: str) -> None:

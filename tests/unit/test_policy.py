@@ -40,6 +40,7 @@ def test_defaults_are_filled_in() -> None:
         ({"colour": "blue"}, "policies.0.colour"),
         ({"backend": {"url": "ftp://x"}}, "policies.0.backend.url"),
         ({"backend": {"url": "http://x/{version}"}}, "does not define"),
+        ({"backend": {"url": "http://user:pw@x/"}}, "credentials"),
         ({"match": {"path": "/v1/{m}/{m}"}, "backend": {"url": "http://x/"}}, "repeats"),
     ],
 )
@@ -84,6 +85,8 @@ def test_router_resolves_templates_and_renders_the_backend_url() -> None:
     assert router.resolve("/v1/models/iris") is None
     assert router.resolve("/v1/models/a/b:predict") is None
     assert router.resolve("/v1/models/..:predict") is None  # never `..` into the backend URL
+    assert router.resolve("/v1/models/%2e%2e:predict") is None  # nor an encoded one
+    assert router.resolve("/v1/models/a%2Fb:predict") is None
 
 
 def test_router_most_specific_wins_and_replace_clears_the_cache() -> None:
@@ -122,3 +125,10 @@ def test_router_orders_by_variables_then_literal_length_then_name() -> None:
     )
     assert [q.name for q in router.policies] == ["b", "d", "c", "a"]
     assert router.resolve("/v1/models/z").policy.name == "b"  # type: ignore[union-attr]
+
+
+def test_a_file_that_is_not_utf8_is_a_policy_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"policies: [\xff\xfe]")
+    with pytest.raises(PolicyFileError, match="not UTF-8"):
+        load_policy_file(path)

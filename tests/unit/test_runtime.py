@@ -209,3 +209,18 @@ async def test_mode_off_sends_each_request_alone() -> None:
     replies = await asyncio.gather(*(h.submit([{"id": i}, {"id": -i}])[0] for i in range(4)))
     assert [echoed(r) for r in replies] == [[i, -i] for i in range(4)]
     assert sorted(len(c) for c in h.backend.calls) == [2, 2, 2, 2]
+
+
+async def test_queue_bound_is_per_policy_across_its_queues() -> None:
+    """Extra body fields or other model names make more queues, never more room."""
+    h = Harness(make_policy(max_queue=3, max_batch_size=100))
+    h.submit([{"id": 1}], path="/v1/models/a:predict")
+    h.submit([{"id": 2}], path="/v1/models/b:predict")
+    route = h.router.resolve("/v1/models/c:predict")
+    assert route is not None
+    fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    h.pool.submit(route, codec.parse(b'{"instances": [{"id": 3}], "x": 1}'), fut)
+    with pytest.raises(ProxyError) as err:
+        h.submit([{"id": 4}], path="/v1/models/d:predict")
+    assert err.value.status == 429
+    await h.pool.drain()
