@@ -1,0 +1,137 @@
+"""Latency estimator: learns a backend's batch time t(b) at a percentile. Pure, clock-injected.
+
+Model: t_p(b) = (a + c*b) * f_p, where a + c*b is a weighted least-squares line through the
+observed (batch size, seconds) samples and f_p the p-th weighted percentile of observed /
+fitted (backend noise grows with the batch time), so the estimate is at the policy's
+percentile, not the mean. Samples are weighted by
+age with a half-life, so the estimate follows a backend that changes; at most `max_samples` are
+kept. With few samples the estimate leans on a seed (the control plane's fleet-wide fit, or a
+conservative default): the data's weight is n_eff / (n_eff + prior_strength), which is also
+the reported confidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LatencyEstimator", "LatencyModel"]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """t(b) = base + per_item * b (seconds), at some percentile."""
+
+    base: float
+    per_item: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.base) and math.isfinite(self.per_item)):
+            raise ValueError(f"latency model must be finite: {self}")
+        if self.base < 0 or self.per_item < 0:
+            raise ValueError(f"latency model must not be negative: {self}")
+
+    def predict(self, size: int) -> float:
+        return self.base + self.per_item * size
+
+
+# Without data or a fleet fit: assume a slow backend, so that the first batches are dispatched
+# early rather than late.
+DEFAULT_SEED = LatencyModel(base=0.100, per_item=0.0)
+
+
+class LatencyEstimator:
+    def __init__(
+        self,
+        percentile: float = 95.0,
+        seed: LatencyModel = DEFAULT_SEED,
+        half_life: float = 60.0,
+        max_samples: int = 512,
+        prior_strength: float = 20.0,
+    ) -> None:
+        if not 0 < percentile < 100:
+            raise ValueError("percentile must be in (0, 100)")
+        if half_life <= 0 or max_samples < 2 or prior_strength <= 0:
+            raise ValueError("half_life, max_samples and prior_strength must be positive")
+        self.percentile = percentile
+        self.seed = seed
+        self.half_life = half_life
+        self.prior_strength = prior_strength
+        self._samples: deque[tuple[float, int, float]] = deque(maxlen=max_samples)
+        self._fit: tuple[float, LatencyModel, float] | None = None  # (at, model, n_eff)
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        """One backend call of `size` instances took `seconds`."""
+        if size < 1 or not math.isfinite(seconds) or seconds < 0:
+            return  # nothing to learn from; never poison the fit
+        self._samples.append((now, size, seconds))
+        self._fit = None
+
+    def set_seed(self, seed: LatencyModel) -> None:
+        self.seed = seed
+        self._fit = None
+
+    def _weights(self, now: float, times: np.ndarray) -> np.ndarray:
+        age = np.maximum(now - times, 0.0)
+        return np.asarray(np.power(0.5, age / self.half_life))
+
+    def _fit_now(self, now: float) -> tuple[LatencyModel, float]:
+        if self._fit is not None and self._fit[0] == now:
+            return self._fit[1], self._fit[2]
+        if not self._samples:
+            model, n_eff = self.seed, 0.0
+        else:
+            data = np.asarray(self._samples, dtype=np.float64)
+            times, sizes, secs = data[:, 0], data[:, 1], data[:, 2]
+            w = self._weights(now, times)
+            n_eff = float(w.sum() ** 2 / (w * w).sum()) if w.sum() > 0 else 0.0
+            model = self._fit_line(sizes, secs, w)
+        self._fit = (now, model, n_eff)
+        return model, n_eff
+
+    def _fit_line(self, sizes: np.ndarray, secs: np.ndarray, w: np.ndarray) -> LatencyModel:
+        total = w.sum()
+        mean_b = float((w * sizes).sum() / total)
+        mean_t = float((w * secs).sum() / total)
+        var_b = float((w * (sizes - mean_b) ** 2).sum() / total)
+        if var_b > 1e-9:
+            slope = float((w * (sizes - mean_b) * (secs - mean_t)).sum() / total) / var_b
+        else:
+            slope = self.seed.per_item  # one batch size seen: the slope cannot be learnt
+        slope = max(slope, 0.0)
+        intercept = max(mean_t - slope * mean_b, 0.0)
+        # Backend noise grows with the batch time, so the margin is relative: the p-th
+        # percentile of observed / fitted, applied to the whole line.
+        fitted = np.maximum(intercept + slope * sizes, 1e-6)
+        factor = max(_weighted_percentile(secs / fitted, w, self.percentile), 0.0)
+        return LatencyModel(base=intercept * factor, per_item=slope * factor)
+
+    def confidence(self, now: float) -> float:
+        """0 with no data, towards 1 with many recent samples."""
+        _, n_eff = self._fit_now(now)
+        return n_eff / (n_eff + self.prior_strength)
+
+    def model(self, now: float) -> LatencyModel:
+        """The blend of the data's fit and the seed, by confidence."""
+        fitted, n_eff = self._fit_now(now)
+        k = n_eff / (n_eff + self.prior_strength)
+        return LatencyModel(
+            base=k * fitted.base + (1 - k) * self.seed.base,
+            per_item=k * fitted.per_item + (1 - k) * self.seed.per_item,
+        )
+
+    def predict(self, size: int, now: float) -> float:
+        """Seconds a batch of `size` instances takes, at the percentile."""
+        return self.model(now).predict(size)
+
+
+def _weighted_percentile(values: np.ndarray, weights: np.ndarray, percentile: float) -> float:
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w)
+    target = percentile / 100.0 * cum[-1]
+    index = int(np.searchsorted(cum, target, side="left"))
+    return float(v[min(index, len(v) - 1)])
