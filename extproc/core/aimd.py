@@ -1,0 +1,97 @@
+"""The published MLProxy algorithm (arXiv 2202.11243, from its code), as a baseline: pure,
+clock-injected. DESIGN.md section 1 gives it:
+
+- Every 30 s, over the last 20 s of data: shrink the batch size
+  `bs <- min(int(0.7 * bs), bs - 1)` when the end-to-end p95 >= 0.8 * SLO, or when at least
+  half of the dispatches were triggered by the timer; else `bs += 5`; clamp to [1, max_bs].
+- A batch is sent when the queue reaches `bs`, or when the oldest request has waited
+  `max(0.8 * SLO - max(p95_upstream(q + 1), 50 ms), 50 ms)`, where `p95_upstream(b)` is the
+  observed p95 backend time for batch size b over the last 60 s (that of the largest size seen
+  if b is unseen; 100 ms with no data), and q is the number of requests already waiting.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = ["Aimd"]
+
+ADJUST_EVERY = 30.0
+DECISION_WINDOW = 20.0
+UPSTREAM_WINDOW = 60.0
+FLOOR = 0.050
+NO_DATA_UPSTREAM = 0.100
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class _Dispatch:
+    at: float
+    size: int
+    upstream: float
+    by_timer: bool
+
+
+class Aimd:
+    def __init__(
+        self, slo: float, max_batch_size: int, initial: int = 1, start: float = 0.0
+    ) -> None:
+        if slo <= 0 or max_batch_size < 1:
+            raise ValueError("slo and max_batch_size must be positive")
+        self.slo = slo
+        self.max_batch_size = max_batch_size
+        self.batch_size = max(1, min(initial, max_batch_size))
+        self._last_adjust = start
+        self._latencies: deque[tuple[float, float]] = deque()
+        self._dispatches: deque[_Dispatch] = deque()
+
+    def record_latency(self, seconds: float, now: float) -> None:
+        """A request was answered `seconds` after it arrived."""
+        self._latencies.append((now, seconds))
+
+    def record_dispatch(self, size: int, upstream: float, by_timer: bool, now: float) -> None:
+        """A batch of `size` took `upstream` seconds at the backend; `by_timer` if the timeout,
+        not a full queue, sent it."""
+        self._dispatches.append(_Dispatch(now, size, upstream, by_timer))
+
+    def _trim(self, now: float) -> None:
+        while self._latencies and self._latencies[0][0] < now - DECISION_WINDOW:
+            self._latencies.popleft()
+        while self._dispatches and self._dispatches[0].at < now - UPSTREAM_WINDOW:
+            self._dispatches.popleft()
+
+    def maybe_adjust(self, now: float) -> bool:
+        """Apply the AIMD step if 30 s have passed since the last one; True if it ran."""
+        if now - self._last_adjust < ADJUST_EVERY:
+            return False
+        self._last_adjust = now
+        self._trim(now)
+        recent = [d for d in self._dispatches if d.at >= now - DECISION_WINDOW]
+        latencies = [s for _, s in self._latencies]
+        too_slow = bool(latencies) and _p95(latencies) >= 0.8 * self.slo
+        timer_bound = bool(recent) and sum(d.by_timer for d in recent) >= 0.5 * len(recent)
+        bs = self.batch_size
+        bs = min(int(0.7 * bs), bs - 1) if too_slow or timer_bound else bs + 5
+        self.batch_size = max(1, min(bs, self.max_batch_size))
+        return True
+
+    def upstream_p95(self, size: int, now: float) -> float:
+        self._trim(now)
+        if not self._dispatches:
+            return NO_DATA_UPSTREAM
+        by_size: dict[int, list[float]] = {}
+        for d in self._dispatches:
+            by_size.setdefault(d.size, []).append(d.upstream)
+        if size not in by_size:
+            size = max(by_size)
+        return _p95(by_size[size])
+
+    def timeout(self, queued: int, now: float) -> float:
+        """How long the oldest request may wait, with `queued` requests already waiting."""
+        upstream = self.upstream_p95(queued + 1, now)
+        return max(0.8 * self.slo - max(upstream, FLOOR), FLOOR)
