@@ -145,6 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         policies_file=args.policies,
         replicas=args.replicas,
         controlplane_port=args.controlplane_port,
+        model_port=args.model_port,
         redis_url=os.environ.get("REDIS_URL"),
     )
     stopping = False
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--replicas", type=int, default=1, help="ext_proc replicas")
     p.add_argument("--controlplane-port", type=int, default=8080)
+    p.add_argument("--model-port", type=int, default=8001, help="demo model port")
 
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)

@@ -218,6 +218,7 @@ class Stack:
     def start(self, timeout: float = 30.0) -> None:
         assert self.run_dir is not None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
+        _check_free(self.host, self.model_port, "demo model port")
         py = [sys.executable, "-m", "mlproxy.cli"]
         self.start_child(
             Child(
@@ -423,10 +424,25 @@ def tcp_ok(host: str, port: int) -> bool:
         return False
 
 
-def _check_free(host: str, port: int, what: str) -> None:
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen there now (SO_REUSEADDR, as servers bind, so a port with
+    only closed connections in TIME_WAIT counts as free)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen()
+        except OSError:
+            return False
+    return True
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen()
         except OSError as err:
             raise StackError(f"{what} {host}:{port} is in use: {err.strerror}") from err
 

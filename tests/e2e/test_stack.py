@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mlproxy.envoy_config import local_config
-from mlproxy.stack import envoy_binary, free_port, pid_alive
+from mlproxy.stack import envoy_binary, free_port, pid_alive, port_free
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +83,8 @@ def running_up(port: int) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
             str(port),
             "--controlplane-port",
             str(free_port()),
+            "--model-port",
+            str(free_port()),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -95,7 +97,7 @@ def running_up(port: int) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
                 proc.kill()
 
 
-def _wait_ready(proc: subprocess.Popen[str], port: int) -> list[int]:
+def _wait_ready(proc: subprocess.Popen[str], port: int, expected_children: int = 5) -> list[int]:
     assert proc.stdout is not None
     lines = []
     deadline = time.monotonic() + 60
@@ -111,7 +113,7 @@ def _wait_ready(proc: subprocess.Popen[str], port: int) -> list[int]:
     assert "Ctrl-C stops everything" in "".join(lines), "".join(lines)
     assert f"127.0.0.1:{port}" in "".join(lines)
     kids = children_of(proc.pid)
-    assert len(kids) == 5  # model, redis, control plane, ext_proc, envoy
+    assert len(kids) == expected_children  # model, redis, control plane, ext_proc, envoy
     return kids
 
 
@@ -153,3 +155,48 @@ def test_children_die_with_a_killed_supervisor() -> None:
     while time.monotonic() < deadline and [k for k in kids if pid_alive(k)]:
         time.sleep(0.1)
     assert not [k for k in kids if pid_alive(k)]
+
+
+def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
+    """The README's `mlproxy up --policies examples/policies.yaml`: the example's backend is the
+    demo model on its default port."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "mlproxy.cli",
+        "up",
+        "--port",
+        str(port),
+        "--policies",
+        str(ROOT / "examples" / "policies.yaml"),
+    ]
+    if not port_free(
+        "127.0.0.1", 8001
+    ):  # taken on this machine: `up` must say so and start nothing
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1
+        assert "demo model port 127.0.0.1:8001 is in use" in result.stderr + result.stdout
+        return
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        try:
+            kids = _wait_ready(proc, port, expected_children=3)  # model, ext_proc, envoy
+            assert len(kids) == 3
+            body = b'{"instances": [[' + b",".join([b"0.5"] * 16) + b"]]}"
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/models/demo:predict",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200 and resp.headers["x-mlproxy-batch-size"] == "1"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
