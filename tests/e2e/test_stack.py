@@ -117,18 +117,23 @@ def _wait_ready(proc: subprocess.Popen[str], port: int, expected_children: int =
     return kids
 
 
+def assert_batched_demo_answer(port: int) -> None:
+    """One demo request through Envoy on `port` is answered by MLProxy (a batch of 1)."""
+    body = b'{"instances": [[' + b",".join([b"0.5"] * 16) + b"]]}"
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models/demo:predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-mlproxy-batch-size"] == "1"
+
+
 def test_up_serves_and_ctrl_c_stops_every_child() -> None:
     port = free_port()
     with running_up(port) as (proc, kids):
-        body = b'{"instances": [[' + b",".join([b"0.5"] * 16) + b"]]}"
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/models/demo:predict",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            assert resp.status == 200
-            assert resp.headers["x-mlproxy-batch-size"] == "1"
+        assert_batched_demo_answer(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     assert not [k for k in kids if pid_alive(k)]
@@ -187,14 +192,7 @@ def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
         try:
             kids = _wait_ready(proc, port, expected_children=3)  # model, ext_proc, envoy
             assert len(kids) == 3
-            body = b'{"instances": [[' + b",".join([b"0.5"] * 16) + b"]]}"
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/models/demo:predict",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                assert resp.status == 200 and resp.headers["x-mlproxy-batch-size"] == "1"
+            assert_batched_demo_answer(port)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
         finally:
