@@ -70,28 +70,22 @@ def children_of(pid: int) -> list[int]:
     return sorted(kids)
 
 
+def up_argv(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port), *args]
+
+
 @contextlib.contextmanager
-def running_up(port: int) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
-    """`mlproxy up` as a subprocess, ready; yields it and its children."""
+def running_up(
+    port: int, *args: str, expected_children: int = 5
+) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """`mlproxy up` as a subprocess, ready; yields it and its children. Without `args`, the
+    control plane and the model go on free ports."""
+    args = args or ("--controlplane-port", str(free_port()), "--model-port", str(free_port()))
     with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlproxy.cli",
-            "up",
-            "--port",
-            str(port),
-            "--controlplane-port",
-            str(free_port()),
-            "--model-port",
-            str(free_port()),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        up_argv(port, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         try:
-            yield proc, _wait_ready(proc, port)
+            yield proc, _wait_ready(proc, port, expected_children)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -166,35 +160,16 @@ def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
     """The README's `mlproxy up --policies examples/policies.yaml`: the example's backend is the
     demo model on its default port."""
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "mlproxy.cli",
-        "up",
-        "--port",
-        str(port),
-        "--policies",
-        str(ROOT / "examples" / "policies.yaml"),
-    ]
-    if not port_free(
-        "127.0.0.1", 8001
-    ):  # taken on this machine: `up` must say so and start nothing
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    example = ("--policies", str(ROOT / "examples" / "policies.yaml"))
+    if not port_free("127.0.0.1", 8001):  # taken on this machine: `up` must say so, start nothing
+        result = subprocess.run(
+            up_argv(port, *example), capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 1
         assert "demo model port 127.0.0.1:8001 is in use" in result.stderr + result.stdout
         return
-    with subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as proc:
-        try:
-            kids = _wait_ready(proc, port, expected_children=3)  # model, ext_proc, envoy
-            assert len(kids) == 3
-            assert_batched_demo_answer(port)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    # model, ext_proc, envoy: no Redis nor control plane with a policy file
+    with running_up(port, *example, expected_children=3) as (proc, _):
+        assert_batched_demo_answer(port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
