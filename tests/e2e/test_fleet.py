@@ -97,6 +97,20 @@ def converged(api: Client, name: str) -> bool:
     return bool(status["complete"] and status["replicas"] == 3)
 
 
+def rolled_out(api: Client, name: str, body: dict[str, Any], timeout: float = 5.0) -> Any:
+    """PUT a policy and wait until every replica runs it; returns the stored record."""
+    policy = api.put_policy(name, body)
+    eventually(lambda: converged(api, name), timeout, f"rollout of {name}")
+    return policy
+
+
+def sources_up(stack: Stack, value: int) -> bool:
+    """Whether every replica reports mlproxy_policy_source_up == value."""
+    return all(
+        replica_metric(stack, i, "mlproxy_policy_source_up") == value for i in range(stack.replicas)
+    )
+
+
 class Traffic:
     """Requests through Envoy in a background thread until stopped; every answer is checked."""
 
@@ -165,8 +179,7 @@ def test_every_replica_runs_the_seeded_policy(fleet: Stack, api: Client) -> None
 def test_a_change_reaches_all_replicas_within_2s_with_no_failed_request(
     fleet: Stack, api: Client, echo_backend: EchoBackend
 ) -> None:
-    api.put_policy("echo", echo_policy(echo_backend, max_batch_size=4))
-    eventually(lambda: converged(api, "echo"), 5, "first rollout")
+    rolled_out(api, "echo", echo_policy(echo_backend, max_batch_size=4))
     with Traffic(fleet) as traffic:
         time.sleep(0.5)
         changed = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=2))
@@ -185,32 +198,18 @@ def test_a_change_reaches_all_replicas_within_2s_with_no_failed_request(
 def test_redis_outage_keeps_traffic_flowing_and_rollout_converges_after(
     fleet: Stack, api: Client, echo_backend: EchoBackend
 ) -> None:
-    api.put_policy("echo", echo_policy(echo_backend))
-    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    rolled_out(api, "echo", echo_policy(echo_backend))
     with Traffic(fleet) as traffic:
         fleet.child("redis").stop()
-        eventually(
-            lambda: all(
-                replica_metric(fleet, i, "mlproxy_policy_source_up") == 0 for i in range(3)
-            ),
-            15,
-            "replicas notice Redis is gone",
-        )
+        eventually(lambda: sources_up(fleet, 0), 15, "replicas notice Redis is gone")
         with pytest.raises(ApiError) as err:
             api.list_policies()
         assert err.value.status == 503
         time.sleep(0.5)
         ok_during_outage = traffic.ok
         fleet.restart("redis")
-        eventually(
-            lambda: all(
-                replica_metric(fleet, i, "mlproxy_policy_source_up") == 1 for i in range(3)
-            ),
-            15,
-            "replicas reconnect",
-        )
-        changed = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=3))
-        eventually(lambda: converged(api, "echo"), 5, "rollout after the outage")
+        eventually(lambda: sources_up(fleet, 1), 15, "replicas reconnect")
+        changed = rolled_out(api, "echo", echo_policy(echo_backend, max_batch_size=3))
         assert api.get_policy("echo")["version"] == changed["version"]
     assert ok_during_outage > 20
     assert traffic.failures == []
@@ -220,8 +219,7 @@ def test_a_change_made_while_a_replica_is_cut_off_reaches_it_after_it_reconnects
     fleet: Stack, api: Client, echo_backend: EchoBackend, redis_link: list[ThreadedTcpProxy]
 ) -> None:
     version = 'mlproxy_policy_version{policy="echo"}'
-    api.put_policy("echo", echo_policy(echo_backend))
-    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    rolled_out(api, "echo", echo_policy(echo_backend))
     (link,) = redis_link
     with Traffic(fleet) as traffic:
         link.cut()
@@ -255,8 +253,7 @@ def test_a_change_made_while_a_replica_is_cut_off_reaches_it_after_it_reconnects
 def test_control_plane_down_does_not_touch_traffic(
     fleet: Stack, api: Client, echo_backend: EchoBackend
 ) -> None:
-    api.put_policy("echo", echo_policy(echo_backend))
-    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    rolled_out(api, "echo", echo_policy(echo_backend))
     with Traffic(fleet) as traffic:
         fleet.child("controlplane").stop()
         time.sleep(1.0)
@@ -270,8 +267,7 @@ def test_control_plane_down_does_not_touch_traffic(
 def test_a_restarted_replica_has_the_current_policies_before_it_serves(
     fleet: Stack, api: Client, echo_backend: EchoBackend
 ) -> None:
-    current = api.put_policy("echo", echo_policy(echo_backend, max_batch_size=5))
-    eventually(lambda: converged(api, "echo"), 5, "rollout")
+    current = rolled_out(api, "echo", echo_policy(echo_backend, max_batch_size=5))
     fleet.restart("extproc-1")  # returns once its metrics endpoint answers, i.e. it serves
     assert replica_metric(fleet, 1, 'mlproxy_policy_version{policy="echo"}') == current["version"]
     for i in range(6):  # Envoy round-robins over all three again
@@ -287,8 +283,7 @@ def test_deleted_policy_finishes_queued_requests_then_stops_batching(
     # A path no other policy matches, so that without this policy nothing batches it.
     hold = echo_policy(echo_backend, "hold", max_batch_size=100, max_wait_ms=1000)
     hold["match"] = {"path": "/hold"}
-    api.put_policy("hold", hold)
-    eventually(lambda: converged(api, "hold"), 5, "rollout")
+    rolled_out(api, "hold", hold)
     results: list[tuple[int, dict[str, str], Any]] = []
     threads = [
         threading.Thread(
