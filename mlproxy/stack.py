@@ -32,7 +32,7 @@ from mlproxy.envoy_config import local_config
 from mlproxy.keys import redact_url
 from mlproxy.redis_server import redis_argv
 
-__all__ = ["Child", "Stack", "StackError", "demo_policies", "envoy_binary", "free_port"]
+__all__ = ["Child", "Stack", "StackError", "demo_policy", "envoy_binary", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,23 @@ class Child:
             self.proc.kill()
             self.proc.wait()
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until `ready()`; StackError if the process exits or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            code = self.exited()
+            if code is not None:
+                raise StackError(
+                    f"{self.name} exited with code {code} while starting; "
+                    f"its log ({self.log_path}) ends:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{self.name} not ready after {timeout:.0f} s; log: {self.log_path}\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
@@ -113,25 +130,15 @@ class Child:
             return ""
 
 
-def demo_policies(model_url: str, **batching: object) -> dict[str, object]:
+def demo_policy(model_url: str) -> dict[str, object]:
     """The demo policy: every KServe V1 model behind this stack, statically batched."""
     return {
-        "policies": [
-            {
-                "name": "demo",
-                "match": {"path": "/v1/models/{model}:predict"},
-                "backend": {"url": model_url + "/v1/models/{model}:predict", "timeout_ms": 5000},
-                "codec": "kserve-v1",
-                "sla": {"latency_ms": 200, "percentile": 99},
-                "batching": {
-                    "mode": "static",
-                    "max_batch_size": 32,
-                    "max_wait_ms": 5,
-                    "max_in_flight": 2,
-                    **batching,
-                },
-            }
-        ]
+        "name": "demo",
+        "match": {"path": "/v1/models/{model}:predict"},
+        "backend": {"url": model_url + "/v1/models/{model}:predict", "timeout_ms": 5000},
+        "codec": "kserve-v1",
+        "sla": {"latency_ms": 200, "percentile": 99},
+        "batching": {"mode": "static", "max_batch_size": 32, "max_wait_ms": 5, "max_in_flight": 2},
     }
 
 
@@ -338,7 +345,7 @@ class Stack:
 
     def _seed_demo_policy(self) -> None:
         """Create the demo policy unless one of that name exists (an external Redis)."""
-        body = demo_policies(self.model_url)["policies"][0]  # type: ignore[index]
+        body = demo_policy(self.model_url)
         req = urllib.request.Request(
             f"{self.controlplane_url}/v1/policies/demo",
             data=json.dumps(body).encode(),
@@ -361,22 +368,11 @@ class Stack:
         log.info("starting %s: %s", child.name, " ".join(child.argv))
         child.start()
         self.children.append(child)
-        deadline = time.monotonic() + timeout
-        while not child.ready():
-            code = child.exited()
-            if code is not None:
-                self.stop()
-                raise StackError(
-                    f"{child.name} exited with code {code} while starting; "
-                    f"its log ({child.log_path}) ends:\n{child.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StackError(
-                    f"{child.name} not ready after {timeout:.0f} s; log: {child.log_path}\n"
-                    f"{child.log_tail()}"
-                )
-            time.sleep(0.05)
+        try:
+            child.wait_ready(timeout)
+        except StackError:
+            self.stop()
+            raise
 
     def restart(self, name: str, timeout: float = 30.0) -> Child:
         """Stop a child and start it again with the same command (for fault tests)."""
@@ -438,13 +434,8 @@ def port_free(host: str, port: int) -> bool:
 
 
 def _check_free(host: str, port: int, what: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            s.listen()
-        except OSError as err:
-            raise StackError(f"{what} {host}:{port} is in use: {err.strerror}") from err
+    if not port_free(host, port):
+        raise StackError(f"{what} {host}:{port} is in use")
 
 
 def http_ok(url: str) -> bool:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,11 +27,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.child.start()
-        deadline = time.monotonic() + 15
-        while not tcp_ok("127.0.0.1", self.port):
-            assert self.child.exited() is None, self.child.log_tail()
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        self.child.wait_ready(15)
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +35,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """A real redis-server on a free loopback port for the whole session."""
     data = tmp_path_factory.mktemp("redis")
     port = free_port()
-    server = RedisServer(
-        Child("redis", redis_argv("127.0.0.1", port, data), data / "redis.log"), port
+    child = Child(
+        "redis",
+        redis_argv("127.0.0.1", port, data),
+        data / "redis.log",
+        ready=lambda: tcp_ok("127.0.0.1", port),
     )
+    server = RedisServer(child, port)
     server.start()
     yield server
     server.child.stop()

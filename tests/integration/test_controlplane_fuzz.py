@@ -4,7 +4,6 @@ whatever it sends, no 5xx."""
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,12 @@ def controlplane_url(
         [sys.executable, "-m", "mlproxy.cli", "controlplane", "--port", str(port)],
         log_dir / "controlplane.log",
         env={"MLPROXY_REDIS_URL": redis_server.url(3), "MLPROXY_ADMIN_TOKENS": TOKEN},
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
     )
     child.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            if http_ok(url + "/readyz"):
-                break
-            assert child.exited() is None, child.log_tail()
-            time.sleep(0.05)
-        yield url
+        child.wait_ready(15)
+        yield f"http://127.0.0.1:{port}"
     finally:
         child.stop()
 
