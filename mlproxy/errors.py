@@ -22,6 +22,7 @@ class ErrorKind(Enum):
     QUEUE_FULL = (429, "queue_full")
     BACKEND_ERROR = (502, "backend_error")  # unreachable, or an answer we cannot use
     UNAVAILABLE = (503, "unavailable")  # shutting down, policy gone
+    DEADLINE = (503, "shed")  # its deadline cannot be met (policy on_late: shed)
     BACKEND_TIMEOUT = (504, "backend_timeout")
 
     @property

@@ -5,6 +5,8 @@
 - `mlproxy:policy-changes`    pub/sub channel: `{"op": "put"|"delete", "name", "version"}`
                               after every change; a hint only, the hash is the truth
 - `mlproxy:replica:{id}`      string with a TTL: a replica's heartbeat record (JSON)
+- `mlproxy:decisions:{name}`  list, newest first, at most 100: the fleet tuner's decisions
+                              for a policy (JSON), kept when the policy is deleted
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ __all__ = [
     "PREFIX",
     "REPLICA_PATTERN",
     "VERSION",
+    "decisions_key",
     "redact_url",
     "replica_key",
 ]
@@ -24,6 +27,10 @@ POLICIES = PREFIX + "policies"
 VERSION = PREFIX + "version"
 CHANGES = PREFIX + "policy-changes"
 REPLICA_PATTERN = PREFIX + "replica:*"
+
+
+def decisions_key(policy: str) -> str:
+    return f"{PREFIX}decisions:{policy}"
 
 
 def replica_key(replica_id: str) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "Backend",
     "Batching",
     "Match",
+    "Mode",
     "Policy",
     "PolicyBody",
     "PolicyFile",
@@ -29,6 +30,7 @@ __all__ = [
     "PolicyWrite",
     "Route",
     "Router",
+    "Tuning",
     "format_validation_error",
     "load_policy_file",
     "parse_policies",
@@ -71,19 +73,54 @@ class SLA(_Strict):
     percentile: Annotated[float, Field(ge=50, le=99.999)] = 95
 
 
+Mode = Literal["adaptive", "static", "aimd", "off"]
+
+
 class Batching(_Strict):
-    mode: Literal["static", "off"] = "static"
-    """`static`: fixed max batch size and max wait (like KServe's batcher). `off`: one
-    request per backend call, still through ext_proc (a baseline)."""
+    mode: Mode = "static"
+    """`adaptive`: SLA-aware (deadlines, learned batch time, see README "Adaptive
+    batching"). `static`: fixed max batch size and max wait (like KServe's batcher). `aimd`: the
+    published MLProxy algorithm, a baseline. `off`: one request per backend call, still through
+    ext_proc. The default stays `static` so that a stored policy keeps its meaning across
+    upgrades; set `adaptive` explicitly."""
+    objective: Literal["cost", "latency"] = "cost"
+    """`adaptive` only. `cost`: hold requests as long as their deadlines allow, for the largest
+    batches (least backend work). `latency`: also send whenever a batch slot is free."""
+    on_late: Literal["best_effort", "shed"] = "best_effort"
+    """`adaptive` only: a request whose deadline can no longer be met is sent at once anyway
+    (`best_effort`) or answered 503 without calling the backend (`shed`). Either way it
+    counts as an SLA miss."""
     max_batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     """Most instances (inputs, not requests) in one backend call. A single request with more
-    instances than this goes alone."""
+    instances than this goes alone. The bound for every mode (`aimd`'s max_bs); the tuner
+    may lower it for `adaptive`, never raise it."""
     max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 5
-    """Longest the oldest queued request waits for the batch to fill."""
+    """`static` only: longest the oldest queued request waits for the batch to fill."""
+    margin_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    """`adaptive` only: how long before its deadline a batch is planned to finish. Unset: the
+    tuner's value, else 10% of the SLA latency."""
+    tune: bool = True
+    """`adaptive` only: let the control plane's fleet tuner set `tuning`."""
     max_in_flight: Annotated[int, Field(ge=1, le=1_024)] = 4
     """Batches of this policy (per batching key) running at the backend at once."""
     max_queue: Annotated[int, Field(ge=1, le=1_000_000)] = 4_096
     """Most requests waiting in the queue; beyond it, 429 with Retry-After."""
+
+
+class Tuning(_Strict):
+    """What the control plane's fleet tuner set for an `adaptive` policy, and why. Written by
+    the tuner (a client may write it too; a PUT without it drops it until the next round)."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    """Batch bound; the policy's `batching.max_batch_size` still caps it."""
+    margin_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    seed_base_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    """Fleet-wide fit of the batch time t(b) = base + per_item * b at the SLA percentile;
+    each replica starts from it and refines it with its own samples."""
+    seed_per_item_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    replicas: Annotated[int, Field(ge=0)] = 0
+    """Replicas reporting when the tuner decided."""
+    reason: Annotated[str, Field(max_length=1024)] = ""
 
 
 class PolicyBody(_Strict):
@@ -94,6 +131,7 @@ class PolicyBody(_Strict):
     codec: Literal["kserve-v1"] = "kserve-v1"
     sla: SLA = SLA()
     batching: Batching = Batching()
+    tuning: Tuning | None = None
     max_body_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
     """Largest request body accepted (413 above). Envoy's own buffer limit applies first."""
 

@@ -62,14 +62,14 @@ class RecordingMetrics:
     depth: dict[str, int] = field(default_factory=dict)
     passed_through: int = 0
     arrivals: int = 0
-    answered: list[tuple[str, float, float]] = field(default_factory=list)
+    answered: list[tuple[str, float, bool]] = field(default_factory=list)
     streams: int = 0
 
     def request_arrived(self, policy: str) -> None:
         self.arrivals += 1
 
-    def request_answered(self, policy: str, latency: float, sla: float) -> None:
-        self.answered.append((policy, latency, sla))
+    def request_answered(self, policy: str, latency: float, missed: bool) -> None:
+        self.answered.append((policy, latency, missed))
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
         self.requests.append((policy, outcome))

@@ -65,7 +65,8 @@ class PrometheusMetrics:
         )
         self.sla_misses = Counter(
             "mlproxy_sla_misses",
-            "Queued requests answered later than the policy's SLA latency.",
+            "Queued requests answered after their deadline (the policy's SLA latency, or "
+            "less if the client asked), or shed because it could not be met.",
             ["policy"],
             registry=r,
         )
@@ -97,9 +98,9 @@ class PrometheusMetrics:
     def request_arrived(self, policy: str) -> None:
         pass  # counted by request_done, by outcome
 
-    def request_answered(self, policy: str, latency: float, sla: float) -> None:
+    def request_answered(self, policy: str, latency: float, missed: bool) -> None:
         self.latency.labels(policy).observe(latency)
-        if latency > sla:
+        if missed:
             self.sla_misses.labels(policy).inc()
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -29,6 +30,8 @@ __all__ = ["SERVICE_NAME", "ExtProcServicer"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+# A client may ask for less time than the policy's SLA (never more): milliseconds from arrival.
+DEADLINE_HEADER = "x-mlproxy-deadline-ms"
 
 
 class ExtProcServicer:
@@ -90,6 +93,7 @@ class ExtProcServicer:
                     "request has no body; POST a JSON body for this model",
                 )
             _check_size(headers.get("content-length"), policy.max_body_bytes)
+            budget = _budget(headers.get(DEADLINE_HEADER))
             await context.write(wire.HEADERS_CONTINUE)
             raw = await context.read()
             if raw is grpc.aio.EOF:
@@ -109,7 +113,7 @@ class ExtProcServicer:
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(route, parsed, future)
+            ticket = self._pool.submit(route, parsed, future, budget)
         except ProxyError as err:
             return Reply.from_error(err), None
         except Exception:
@@ -123,11 +127,27 @@ class ExtProcServicer:
         except asyncio.CancelledError:
             ticket.cancel()
             raise
-        self._metrics.request_answered(
-            policy.name, self._pool.clock.now() - ticket.arrival, policy.sla.latency_ms / 1000
-        )
+        now = self._pool.clock.now()
+        missed = now > ticket.deadline or reply.outcome == ErrorKind.DEADLINE.outcome
+        self._metrics.request_answered(policy.name, now - ticket.arrival, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
         return reply, wait
+
+
+def _budget(value: str | None) -> float | None:
+    """The client's own latency budget in seconds, from `x-mlproxy-deadline-ms`."""
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise ProxyError(
+            ErrorKind.BAD_REQUEST,
+            f"{DEADLINE_HEADER} must be a positive number of milliseconds, not {value[:32]!r}",
+        )
+    return ms / 1000.0
 
 
 def _check_size(length: int | str | None, limit: int) -> None:

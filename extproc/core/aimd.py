@@ -39,7 +39,7 @@ class _Dispatch:
 
 class Aimd:
     def __init__(
-        self, slo: float, max_batch_size: int, initial: int = 1, start: float = 0.0
+        self, slo: float, max_batch_size: int, initial: int = 1, start: float | None = None
     ) -> None:
         if slo <= 0 or max_batch_size < 1:
             raise ValueError("slo and max_batch_size must be positive")
@@ -49,6 +49,9 @@ class Aimd:
         self._last_adjust = start
         self._latencies: deque[tuple[float, float]] = deque()
         self._dispatches: deque[_Dispatch] = deque()
+        # p95 upstream time by batch size, recomputed at most once a second: a 60 s window
+        # moves little in a second, and a sort per poll would cost O(n log n) per request.
+        self._p95_cache: tuple[float, dict[int, float]] | None = None
 
     def record_latency(self, seconds: float, now: float) -> None:
         """A request was answered `seconds` after it arrived."""
@@ -67,6 +70,8 @@ class Aimd:
 
     def maybe_adjust(self, now: float) -> bool:
         """Apply the AIMD step if 30 s have passed since the last one; True if it ran."""
+        if self._last_adjust is None:
+            self._last_adjust = now  # the first 30 s period starts with the first request
         if now - self._last_adjust < ADJUST_EVERY:
             return False
         self._last_adjust = now
@@ -84,12 +89,13 @@ class Aimd:
         self._trim(now)
         if not self._dispatches:
             return NO_DATA_UPSTREAM
-        by_size: dict[int, list[float]] = {}
-        for d in self._dispatches:
-            by_size.setdefault(d.size, []).append(d.upstream)
-        if size not in by_size:
-            size = max(by_size)
-        return _p95(by_size[size])
+        if self._p95_cache is None or not 0 <= now - self._p95_cache[0] < 1.0:
+            by_size: dict[int, list[float]] = {}
+            for d in self._dispatches:
+                by_size.setdefault(d.size, []).append(d.upstream)
+            self._p95_cache = (now, {b: _p95(v) for b, v in by_size.items()})
+        cache = self._p95_cache[1]
+        return cache[size] if size in cache else cache[max(cache)]
 
     def timeout(self, queued: int, now: float) -> float:
         """How long the oldest request may wait, with `queued` requests already waiting."""

@@ -1,63 +1,68 @@
-"""The batching queue and static dispatch rule: pure, synchronous, clock-injected.
+"""The batching queue: pure, synchronous, clock-injected.
 
 The runtime owns the time and the I/O; it calls `offer`, `cancel`, `poll` and `done` and acts on
-what `poll` answers. Nothing here sleeps, awaits or reads a clock.
+what `poll` answers. Nothing here sleeps, awaits or reads a clock. *When* to send and how much
+is a `Rule`'s decision (see `rules.py`: static, aimd, adaptive); the queue keeps the requests,
+their order and the counts, and enforces what holds for every rule:
 
-Rules (static mode):
-- FIFO. A batch takes requests from the head while their instances fit `max_batch_size`; a
-  single request larger than that goes alone.
-- Dispatch when the queued instances reach `max_batch_size`, when the oldest request has waited
-  `max_wait`, or when flushing (shutdown) -- and only while fewer than `max_in_flight` batches
-  of this queue run at the backend.
-- At most `max_queue` requests wait; `offer` refuses more.
-- A cancelled request is never dispatched: it is removed from the counts at once and skipped
-  when a batch is taken.
+- Every request has a deadline (absolute time). The queue is ordered earliest deadline first
+  (ties: arrival order); a batch is always taken from the head, in that order, and stops at the
+  first request that does not fit, so nothing still queued has an earlier deadline than a
+  request already sent.
+- A batch never holds more instances than the rule's cap, except a single request larger than
+  the cap, which goes alone.
+- At most `rule.max_in_flight` batches of this queue run at the backend at once.
+- At most `rule.max_queue` requests wait; `offer` refuses more.
+- A cancelled request is never dispatched: it leaves the counts at once and is skipped when a
+  batch is taken; cancelled entries are compacted so clients that leave cannot pile up.
+- A request the rule sheds (its deadline cannot be met) leaves the queue with a `Shed` action,
+  for the runtime to answer.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["BatchLimits", "BatchQueue", "Dispatch", "Entry", "EntryState", "WaitUntil"]
+__all__ = [
+    "BatchQueue",
+    "Dispatch",
+    "Entry",
+    "EntryState",
+    "Rule",
+    "Send",
+    "Shed",
+    "WaitUntil",
+]
 
 T = TypeVar("T")
 
 # A timer may fire a hair before its due time; treat that as due.
-_EPSILON = 1e-6
-
-
-@dataclass(frozen=True, slots=True)
-class BatchLimits:
-    max_batch_size: int  # instances per batch
-    max_wait: float  # seconds the oldest request may wait for the batch to fill
-    max_in_flight: int  # batches of this queue at the backend at once
-    max_queue: int  # requests waiting
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_in_flight < 1 or self.max_queue < 1:
-            raise ValueError(f"limits must be at least 1: {self}")
-        if self.max_wait < 0:
-            raise ValueError(f"max_wait must not be negative: {self}")
+EPSILON = 1e-6
 
 
 class EntryState(Enum):
     QUEUED = "queued"
     DISPATCHED = "dispatched"
     CANCELLED = "cancelled"
+    SHED = "shed"
 
 
 class Entry(Generic[T]):
     """One queued request."""
 
-    __slots__ = ("arrival", "item", "size", "state")
+    __slots__ = ("arrival", "deadline", "item", "key", "size", "state")
 
-    def __init__(self, item: T, size: int, arrival: float) -> None:
+    def __init__(self, item: T, size: int, arrival: float, deadline: float, seq: int) -> None:
         self.item = item
         self.size = size
         self.arrival = arrival
+        self.deadline = deadline
+        self.key = (deadline, seq)  # the queue's order
         self.state = EntryState.QUEUED
 
 
@@ -67,7 +72,18 @@ class Dispatch(Generic[T]):
 
     entries: list[Entry[T]]
     size: int  # instances
-    reason: str  # "full", "timer" or "flush"
+    reason: str  # "full", "timer", "deadline", "idle", "late" or "flush"
+
+    @property
+    def items(self) -> list[T]:
+        return [e.item for e in self.entries]
+
+
+@dataclass(frozen=True, slots=True)
+class Shed(Generic[T]):
+    """These requests left the queue unsent: their deadlines cannot be met."""
+
+    entries: list[Entry[T]]
 
     @property
     def items(self) -> list[T]:
@@ -81,13 +97,85 @@ class WaitUntil:
     time: float
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A rule's answer: take a batch now, of at most `cap` instances. With `finish`, a request
+    joins only if the batch, grown by it, is predicted to finish (`finish(instances)`, an
+    absolute time) by the deadline of every request in it that can still be met."""
+
+    reason: str
+    cap: int
+    finish: Callable[[int], float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A rule's answer: shed these queued entries."""
+
+    entries: list[Entry[object]]
+
+
+Plan = Send | WaitUntil | Drop | None
+
+
+class QueueView(Protocol):
+    """What a rule may read of the queue."""
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def queued_size(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def oldest_arrival(self) -> float | None: ...
+
+    def live(self) -> Iterator[Entry[object]]:
+        """Queued entries, earliest deadline first."""
+        ...
+
+
+class Rule(Protocol):
+    """Decides when to send and how much. Pure: the time is an argument."""
+
+    @property
+    def max_in_flight(self) -> int: ...
+
+    @property
+    def max_queue(self) -> int: ...
+
+    @property
+    def max_batch_size(self) -> int:
+        """The batch bound now (for a flush)."""
+        ...
+
+    def plan(self, queue: QueueView, now: float) -> Plan: ...
+
+    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+        """A batch this rule sent (for `reason`) took `seconds`; `ok` if it succeeded."""
+        ...
+
+    def answered(self, latency: float, now: float) -> None:
+        """One of its requests was answered `latency` seconds after arrival."""
+        ...
+
+
+def _order(e: Entry[T]) -> tuple[float, int]:
+    return e.key
+
+
 class BatchQueue(Generic[T]):
-    def __init__(self, limits: BatchLimits) -> None:
-        self.limits = limits
-        self._q: deque[Entry[T]] = deque()
-        self._queued = 0  # live (not cancelled) entries in _q
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self._order: list[Entry[T]] = []  # by (deadline, seq); dead entries skipped
+        self._lo = 0  # entries before this index have left
+        self._fifo: deque[Entry[T]] = deque()  # arrival order, for the oldest arrival
+        self._seq = 0
+        self._queued = 0  # live entries
         self._size = 0  # their instances
-        self._dead = 0  # cancelled entries still in _q
+        self._dead = 0  # cancelled or shed entries still in _order
         self._in_flight = 0
 
     @property
@@ -102,14 +190,20 @@ class BatchQueue(Generic[T]):
     def in_flight(self) -> int:
         return self._in_flight
 
-    def offer(self, item: T, size: int, now: float) -> Entry[T] | None:
-        """Queue a request of `size` instances; None if the queue is full."""
+    def offer(self, item: T, size: int, now: float, deadline: float) -> Entry[T] | None:
+        """Queue a request of `size` instances due by `deadline`; None if the queue is full."""
         if size < 1:
             raise ValueError("a request has at least one instance")
-        if self._queued >= self.limits.max_queue:
+        if self._queued >= self.rule.max_queue:
             return None
-        entry = Entry(item, size, now)
-        self._q.append(entry)
+        self._seq += 1
+        entry: Entry[T] = Entry(item, size, now, deadline, self._seq)
+        order = self._order
+        if len(order) == self._lo or order[-1].key <= entry.key:
+            order.append(entry)  # the usual case: deadlines arrive in order
+        else:
+            bisect.insort(order, entry, lo=self._lo, key=_order)
+        self._fifo.append(entry)
         self._queued += 1
         self._size += size
         return entry
@@ -118,64 +212,115 @@ class BatchQueue(Generic[T]):
         """Withdraw a request. True if it was still queued (so it will never be dispatched)."""
         if entry.state is not EntryState.QUEUED:
             return False
-        entry.state = EntryState.CANCELLED
+        self._remove(entry, EntryState.CANCELLED)
+        return True
+
+    def _remove(self, entry: Entry[T], state: EntryState) -> None:
+        entry.state = state
         self._queued -= 1
         self._size -= entry.size
         self._dead += 1
         if self._dead > max(32, self._queued):  # clients that leave must not pile up
-            self._q = deque(e for e in self._q if e.state is EntryState.QUEUED)
+            self._order = [e for e in self._order[self._lo :] if e.state is EntryState.QUEUED]
+            self._lo = 0
             self._dead = 0
-        return True
+            self._fifo = deque(e for e in self._fifo if e.state is EntryState.QUEUED)
 
-    def done(self) -> None:
-        """A dispatched batch has finished (successfully or not)."""
+    def done(self, batch: Dispatch[T], seconds: float, ok: bool, now: float) -> None:
+        """A dispatched batch has finished after `seconds` at the backend, successfully (`ok`)
+        or not; the rule learns from it."""
         if self._in_flight <= 0:
             raise RuntimeError("done() without a batch in flight")
         self._in_flight -= 1
+        self.rule.completed(batch.size, seconds, batch.reason, ok, now)
 
-    def poll(self, now: float, flush: bool = False) -> Dispatch[T] | WaitUntil | None:
-        """What to do now: send a batch, wait until a time, or nothing (empty, or the in-flight
-        limit is reached: poll again after `done`)."""
-        self._drop_cancelled_head()
-        if not self._q or self._in_flight >= self.limits.max_in_flight:
+    def answered(self, latency: float, now: float) -> None:
+        self.rule.answered(latency, now)
+
+    def oldest_arrival(self) -> float | None:
+        self._trim_fifo()
+        return self._fifo[0].arrival if self._fifo else None
+
+    def _trim_fifo(self) -> None:
+        fifo = self._fifo
+        while fifo and fifo[0].state is not EntryState.QUEUED:
+            fifo.popleft()
+
+    def live(self) -> Iterator[Entry[object]]:
+        order = self._order
+        for i in range(self._lo, len(order)):
+            e = order[i]
+            if e.state is EntryState.QUEUED:
+                yield e  # type: ignore[misc]
+
+    def poll(self, now: float, flush: bool = False) -> Dispatch[T] | Shed[T] | WaitUntil | None:
+        """What to do now: send a batch, shed requests, wait until a time, or nothing (empty,
+        or the in-flight limit is reached: poll again after `done`)."""
+        self._drop_dead_head()
+        if self._queued == 0:
             return None
-        due = self._q[0].arrival + self.limits.max_wait
-        if self._size >= self.limits.max_batch_size:
-            reason = "full"
-        elif flush:
-            reason = "flush"
-        elif now + _EPSILON >= due:
-            reason = "timer"
-        else:
-            return WaitUntil(due)
-        return self._take(reason)
+        rule = self.rule
+        if flush:
+            if self._in_flight >= rule.max_in_flight:
+                return None
+            return self._take(Send("flush", rule.max_batch_size))
+        plan = rule.plan(self, now)
+        if isinstance(plan, Send):
+            if self._in_flight >= rule.max_in_flight:
+                return None
+            return self._take(plan)
+        if isinstance(plan, Drop):
+            shed: list[Entry[T]] = []
+            for e in plan.entries:
+                if e.state is EntryState.QUEUED:
+                    self._remove(e, EntryState.SHED)  # type: ignore[arg-type]
+                    shed.append(e)  # type: ignore[arg-type]
+            self._drop_dead_head()
+            return Shed(shed) if shed else None
+        return plan
 
-    def _drop_cancelled_head(self) -> None:
-        q = self._q
-        while q and q[0].state is EntryState.CANCELLED:
-            q.popleft()
+    def _drop_dead_head(self) -> None:
+        order = self._order
+        while self._lo < len(order) and order[self._lo].state is not EntryState.QUEUED:
+            self._lo += 1
             self._dead -= 1
+        if self._lo > 64 and self._lo * 2 > len(order):
+            del order[: self._lo]
+            self._lo = 0
 
-    def _take(self, reason: str) -> Dispatch[T]:
-        q = self._q
-        limit = self.limits.max_batch_size
+    def _take(self, send: Send) -> Dispatch[T]:
+        order = self._order
+        finish = send.finish
         batch: list[Entry[T]] = []
         size = 0
-        while q:
-            head = q[0]
-            if head.state is EntryState.CANCELLED:
-                q.popleft()
+        due = float("inf")  # the earliest deadline in the batch that can still be met
+        i = self._lo
+        while i < len(order):
+            e = order[i]
+            if e.state is not EntryState.QUEUED:
+                i += 1
                 self._dead -= 1
                 continue
-            if batch and size + head.size > limit:
+            total = size + e.size
+            meetable = finish is None or finish(e.size) <= e.deadline
+            if batch:
+                if total > send.cap:
+                    break
+                if finish is not None:
+                    tight = min(due, e.deadline) if meetable else due
+                    if finish(total) > tight:
+                        break  # EDF: never skip ahead to a later deadline
+            e.state = EntryState.DISPATCHED
+            batch.append(e)
+            size = total
+            if meetable:
+                due = min(due, e.deadline)
+            i += 1
+            if size >= send.cap:
                 break
-            q.popleft()
-            head.state = EntryState.DISPATCHED
-            batch.append(head)
-            size += head.size
-            if size >= limit:
-                break
+        self._lo = i
         self._queued -= len(batch)
         self._size -= size
         self._in_flight += 1
-        return Dispatch(batch, size, reason)
+        self._trim_fifo()
+        return Dispatch(batch, size, send.reason)

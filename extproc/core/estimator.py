@@ -51,6 +51,7 @@ class LatencyEstimator:
         half_life: float = 60.0,
         max_samples: int = 512,
         prior_strength: float = 20.0,
+        refit_every: float = 0.5,
     ) -> None:
         if not 0 < percentile < 100:
             raise ValueError("percentile must be in (0, 100)")
@@ -60,6 +61,8 @@ class LatencyEstimator:
         self.seed = seed
         self.half_life = half_life
         self.prior_strength = prior_strength
+        self.refit_every = refit_every  # seconds: ages move weights slowly, so refit rarely
+        self._changes = 0  # samples or seed changed since the last fit
         self._samples: deque[tuple[float, int, float]] = deque(maxlen=max_samples)
         self._fit: tuple[float, LatencyModel, float] | None = None  # (at, model, n_eff)
 
@@ -68,19 +71,22 @@ class LatencyEstimator:
         if size < 1 or not math.isfinite(seconds) or seconds < 0:
             return  # nothing to learn from; never poison the fit
         self._samples.append((now, size, seconds))
-        self._fit = None
+        self._changes += 1
 
     def set_seed(self, seed: LatencyModel) -> None:
         self.seed = seed
         self._fit = None
+        self._changes = 0
 
     def _weights(self, now: float, times: np.ndarray) -> np.ndarray:
         age = np.maximum(now - times, 0.0)
         return np.asarray(np.power(0.5, age / self.half_life))
 
     def _fit_now(self, now: float) -> tuple[LatencyModel, float]:
-        if self._fit is not None and self._fit[0] == now:
-            return self._fit[1], self._fit[2]
+        fit = self._fit
+        if fit is not None and self._fresh(fit[0], now):
+            return fit[1], fit[2]
+        self._changes = 0
         if not self._samples:
             model, n_eff = self.seed, 0.0
         else:
@@ -91,6 +97,15 @@ class LatencyEstimator:
             model = self._fit_line(sizes, secs, w)
         self._fit = (now, model, n_eff)
         return model, n_eff
+
+    def _fresh(self, fitted_at: float, now: float) -> bool:
+        """Whether the last fit still stands: refitting costs a numpy pass over the samples,
+        and with many samples one more moves the fit little, so it is redone after
+        `refit_every` seconds or 8 new samples (after every sample while there are few)."""
+        if not 0 <= now - fitted_at < self.refit_every:
+            return False
+        changes = self._changes
+        return changes == 0 or (changes < 8 and len(self._samples) > 32)
 
     def _fit_line(self, sizes: np.ndarray, secs: np.ndarray, w: np.ndarray) -> LatencyModel:
         total = w.sum()
@@ -108,6 +123,12 @@ class LatencyEstimator:
         fitted = np.maximum(intercept + slope * sizes, 1e-6)
         factor = max(_weighted_percentile(secs / fitted, w, self.percentile), 0.0)
         return LatencyModel(base=intercept * factor, per_item=slope * factor)
+
+    def fitted(self, now: float) -> LatencyModel | None:
+        """The data's own fit at the percentile, without the seed; None with no samples."""
+        if not self._samples:
+            return None
+        return self._fit_now(now)[0]
 
     def confidence(self, now: float) -> float:
         """0 with no data, towards 1 with many recent samples."""

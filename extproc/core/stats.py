@@ -81,8 +81,8 @@ class StatsWindow:
     def arrival(self, policy: str, now: float) -> None:
         self._get(policy).arrivals.add(now)
 
-    def answered(self, policy: str, now: float, latency: float, sla: float) -> None:
-        self._get(policy).answers.add(now, 1, int(latency > sla))
+    def answered(self, policy: str, now: float, missed: bool) -> None:
+        self._get(policy).answers.add(now, 1, int(missed))
 
     def batch(self, policy: str, now: float, size: int, seconds: float) -> None:
         w = self._get(policy)

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from extproc.codecs import get_codec
 from extproc.codecs.base import Codec, CodecError, Parsed
-from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, Entry, WaitUntil
+from extproc.core.aimd import Aimd
+from extproc.core.batching import BatchQueue, Dispatch, Entry, Rule, Shed, WaitUntil
 from extproc.core.clock import Clock
+from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
+from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
 from extproc.runtime.ports import Backend, Metrics
 from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Policy, Route
 
-__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "limits_for"]
+__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "rule_for"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +59,15 @@ class Reply:
 class Ticket:
     """One request's place in a batcher, and the future its reply arrives on."""
 
-    __slots__ = ("arrival", "batcher", "dispatched_at", "entry", "future", "parsed")
+    __slots__ = ("arrival", "batcher", "deadline", "dispatched_at", "entry", "future", "parsed")
 
-    def __init__(self, parsed: Parsed, future: asyncio.Future[Reply], arrival: float) -> None:
+    def __init__(
+        self, parsed: Parsed, future: asyncio.Future[Reply], arrival: float, deadline: float
+    ) -> None:
         self.parsed = parsed
         self.future = future
         self.arrival = arrival
+        self.deadline = deadline
         self.dispatched_at: float | None = None
         self.entry: Entry[Ticket] | None = None
         self.batcher: Batcher | None = None
@@ -71,12 +78,54 @@ class Ticket:
             self.batcher.cancel(self)
 
 
-def limits_for(policy: Policy) -> BatchLimits:
+def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
+    """The dispatch rule a policy asks for. What `previous` (the rule this queue had) learnt
+    is kept when the mode stays: the adaptive estimator's samples, the aimd batch size."""
     b = policy.batching
+    sla = policy.sla.latency_ms / 1000.0
     if b.mode == "off":
         # One request per call, no waiting; concurrency bounded only by the queue length.
-        return BatchLimits(1, 0.0, b.max_queue, b.max_queue)
-    return BatchLimits(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
+        return StaticRule(1, 0.0, b.max_queue, b.max_queue)
+    if b.mode == "static":
+        return StaticRule(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
+    if b.mode == "aimd":
+        if isinstance(previous, AimdRule) and previous.aimd.slo == sla:
+            aimd = previous.aimd
+            aimd.max_batch_size = b.max_batch_size
+            aimd.batch_size = min(aimd.batch_size, b.max_batch_size)
+        else:
+            aimd = Aimd(sla, b.max_batch_size)
+        return AimdRule(aimd, b.max_in_flight, b.max_queue)
+    tuning = policy.tuning if b.tune else None
+    seed = DEFAULT_SEED
+    if tuning is not None and tuning.seed_base_ms is not None:
+        seed = LatencyModel(tuning.seed_base_ms / 1000.0, (tuning.seed_per_item_ms or 0) / 1000.0)
+    estimator: LatencyEstimator | None = None
+    if isinstance(previous, AdaptiveRule) and isinstance(previous.latency, LatencyEstimator):
+        estimator = previous.latency
+        if estimator.percentile != policy.sla.percentile:
+            estimator = None
+    if estimator is None:
+        estimator = LatencyEstimator(percentile=policy.sla.percentile, seed=seed)
+    elif estimator.seed != seed:
+        estimator.set_seed(seed)
+    cap = b.max_batch_size
+    if tuning is not None and tuning.max_batch_size is not None:
+        cap = min(cap, tuning.max_batch_size)
+    margin_ms = b.margin_ms
+    if margin_ms is None and tuning is not None:
+        margin_ms = tuning.margin_ms
+    if margin_ms is None:
+        margin_ms = 0.10 * policy.sla.latency_ms
+    return AdaptiveRule(
+        estimator,
+        cap,
+        b.max_in_flight,
+        b.max_queue,
+        margin=margin_ms / 1000.0,
+        objective=b.objective,
+        on_late=b.on_late,
+    )
 
 
 def _queue_full(policy: Policy) -> ProxyError:
@@ -167,6 +216,7 @@ class Batcher:
         metrics: Metrics,
         on_idle: Callable[[Batcher], None],
         depth: dict[str, int],
+        rule: Rule,
     ) -> None:
         self.key = key
         self.route = route
@@ -177,7 +227,7 @@ class Batcher:
         self._metrics = metrics
         self._on_idle = on_idle
         self._depth = depth  # requests queued per policy, shared by all its batchers
-        self._queue: BatchQueue[Ticket] = BatchQueue(limits_for(route.policy))
+        self._queue: BatchQueue[Ticket] = BatchQueue(rule)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -188,14 +238,19 @@ class Batcher:
     def idle(self) -> bool:
         return self._queue.queued == 0 and self._queue.in_flight == 0
 
-    def update_policy(self, policy: Policy) -> None:
-        """Applies to batches taken from now on; batches in flight keep their policy."""
+    @property
+    def rule(self) -> Rule:
+        return self._queue.rule
+
+    def update_policy(self, policy: Policy, rule: Rule) -> None:
+        """Applies to batches taken from now on; batches in flight keep their policy. Queued
+        requests keep the deadlines they arrived with."""
         self.policy = policy
-        self._queue.limits = limits_for(policy)
+        self._queue.rule = rule
         self._pump()
 
     def submit(self, ticket: Ticket) -> None:
-        entry = self._queue.offer(ticket, ticket.parsed.size, ticket.arrival)
+        entry = self._queue.offer(ticket, ticket.parsed.size, ticket.arrival, ticket.deadline)
         if entry is None:
             raise _queue_full(self.policy)
         ticket.entry = entry
@@ -231,6 +286,8 @@ class Batcher:
             action = self._queue.poll(now, flush=self._flushing)
             if isinstance(action, Dispatch):
                 self._start(action, now)
+            elif isinstance(action, Shed):
+                self._shed(action, now)
             elif isinstance(action, WaitUntil):
                 self._arm(action.time, now)
                 return
@@ -239,6 +296,19 @@ class Batcher:
                     self._stop_timer()
                     self._on_idle(self)
                 return
+
+    def _shed(self, shed: Shed[Ticket], now: float) -> None:
+        tickets = shed.items
+        self._queued(-len(tickets))
+        for t in tickets:
+            left = (t.deadline - now) * 1000
+            error = ProxyError(
+                ErrorKind.DEADLINE,
+                f"policy {self.policy.name}: deadline cannot be met ({left:.0f} ms left, the "
+                "model needs more); not sent (policy on_late: shed). Retry, or allow more time",
+            )
+            if not t.future.done():
+                t.future.set_result(Reply.from_error(error))
 
     def _arm(self, at: float, now: float) -> None:
         if self._timer is not None:
@@ -262,15 +332,19 @@ class Batcher:
         for t in tickets:
             t.dispatched_at = now
         self._queued(-len(tickets))
-        task = self._loop.create_task(self._run(self.policy, tickets))
+        task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, policy: Policy, tickets: list[Ticket]) -> None:
+    async def _run(self, policy: Policy, dispatch: Dispatch[Ticket]) -> None:
+        tickets = dispatch.items
+        started = self.clock.now()
+        ok = False
         try:
             replies = await self._executor.execute(
                 policy, self.route.backend_url, self._codec, [t.parsed for t in tickets]
             )
+            ok = all(r.status == 200 for r in replies)
         except Exception:
             log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))
             error = ProxyError(
@@ -286,15 +360,22 @@ class Batcher:
                     ticket.future.set_result(Reply.from_error(error))
             raise
         finally:
-            self._queue.done()
+            now = self.clock.now()
+            self._queue.done(dispatch, now - started, ok, now)
         for ticket, reply in zip(tickets, replies, strict=True):
             if not ticket.future.done():
                 ticket.future.set_result(reply)
+            self._queue.answered(now - ticket.arrival, now)
         self._pump()
 
 
 class BatcherPool:
-    """All batchers of one ext_proc process, keyed by route and codec compat key."""
+    """All batchers of one ext_proc process, keyed by route and codec compat key.
+
+    A batcher goes away when it has nothing queued or running; what its rule learnt (the
+    adaptive estimator, the aimd batch size) is kept here per key, for the next one."""
+
+    _RULES_KEPT = 1024
 
     def __init__(self, executor: BatchExecutor, clock: Clock, metrics: Metrics) -> None:
         self._executor = executor
@@ -303,12 +384,33 @@ class BatcherPool:
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._draining: set[Batcher] = set()
         self._depth: dict[str, int] = {}
+        self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
         self._flushing = False
 
     def __len__(self) -> int:
         return len(self._batchers) + len(self._draining)
 
-    def submit(self, route: Route, parsed: Parsed, future: asyncio.Future[Reply]) -> Ticket:
+    def rule(self, key: tuple[str, str, str], policy: Policy) -> Rule:
+        """The rule for a batching key under `policy`, built from what was learnt before."""
+        kept = self._rules.pop(key, None)
+        if kept is not None and kept[0] is policy:
+            rule = kept[1]
+        else:
+            rule = rule_for(policy, kept[1] if kept is not None else None)
+        self._rules[key] = (policy, rule)
+        if len(self._rules) > self._RULES_KEPT:
+            self._rules.popitem(last=False)
+        return rule
+
+    def submit(
+        self,
+        route: Route,
+        parsed: Parsed,
+        future: asyncio.Future[Reply],
+        budget: float | None = None,
+    ) -> Ticket:
+        """Queue one request. Its deadline is arrival + the policy's SLA latency, or + `budget`
+        seconds if the client asked for less."""
         if self._flushing:
             raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
         policy = route.policy
@@ -326,9 +428,12 @@ class BatcherPool:
                 self._metrics,
                 self._idle,
                 self._depth,
+                self.rule(key, policy),
             )
             self._batchers[key] = batcher
-        ticket = Ticket(parsed, future, self.clock.now())
+        now = self.clock.now()
+        sla = policy.sla.latency_ms / 1000.0
+        ticket = Ticket(parsed, future, now, now + (sla if budget is None else min(sla, budget)))
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket
@@ -344,11 +449,14 @@ class BatcherPool:
                 and policy.backend.url == batcher.policy.backend.url
                 and policy.codec == batcher.policy.codec
             ):
-                batcher.update_policy(policy)
+                batcher.update_policy(policy, self.rule(key, policy))
             else:
                 del self._batchers[key]
                 if not batcher.idle:
                     self._draining.add(batcher)
+        for key, (old, _) in list(self._rules.items()):
+            if old.name not in by_name:
+                del self._rules[key]
 
     def _idle(self, batcher: Batcher) -> None:
         self._draining.discard(batcher)

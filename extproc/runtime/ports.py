@@ -31,9 +31,9 @@ class Metrics(Protocol):
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
 
-    def request_answered(self, policy: str, latency: float, sla: float) -> None:
-        """A queued request got its reply `latency` seconds after arrival; `sla` is the
-        policy's latency target in seconds."""
+    def request_answered(self, policy: str, latency: float, missed: bool) -> None:
+        """A queued request got its reply `latency` seconds after arrival; `missed` if that
+        was past its deadline, or it was shed because it could not be met."""
         ...
 
     def batch_done(

@@ -22,9 +22,9 @@ class Telemetry:
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
         self.metrics.request_done(policy, outcome, queue_wait)
 
-    def request_answered(self, policy: str, latency: float, sla: float) -> None:
-        self.metrics.request_answered(policy, latency, sla)
-        self.stats.answered(policy, self._clock.now(), latency, sla)
+    def request_answered(self, policy: str, latency: float, missed: bool) -> None:
+        self.metrics.request_answered(policy, latency, missed)
+        self.stats.answered(policy, self._clock.now(), missed)
 
     def batch_done(
         self, policy: str, size: int, requests: int, seconds: float, outcome: str

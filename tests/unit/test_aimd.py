@@ -8,7 +8,7 @@ from extproc.core.aimd import Aimd
 
 
 def test_grows_by_5_every_30s_when_the_sla_is_met_and_batches_fill() -> None:
-    a = Aimd(slo=1.0, max_batch_size=20, initial=1)
+    a = Aimd(slo=1.0, max_batch_size=20, initial=1, start=0.0)
     assert not a.maybe_adjust(29.9)
     for t in range(30):
         a.record_latency(0.2, float(t))
@@ -23,7 +23,7 @@ def test_grows_by_5_every_30s_when_the_sla_is_met_and_batches_fill() -> None:
 
 
 def test_shrinks_when_p95_reaches_80_percent_of_slo() -> None:
-    a = Aimd(slo=1.0, max_batch_size=20, initial=20)
+    a = Aimd(slo=1.0, max_batch_size=20, initial=20, start=0.0)
     for i in range(100):
         a.record_latency(0.85 if i < 10 else 0.1, 25.0)  # p95 = 0.85 >= 0.8
     a.maybe_adjust(30.0)
@@ -34,7 +34,7 @@ def test_shrinks_when_p95_reaches_80_percent_of_slo() -> None:
 
 
 def test_shrinks_when_half_the_dispatches_were_by_timer() -> None:
-    a = Aimd(slo=1.0, max_batch_size=20, initial=2)
+    a = Aimd(slo=1.0, max_batch_size=20, initial=2, start=0.0)
     a.record_dispatch(2, 0.05, by_timer=True, now=20.0)
     a.record_dispatch(2, 0.05, by_timer=False, now=21.0)
     a.maybe_adjust(30.0)
@@ -45,7 +45,7 @@ def test_shrinks_when_half_the_dispatches_were_by_timer() -> None:
 
 
 def test_decisions_only_look_at_the_last_20s() -> None:
-    a = Aimd(slo=1.0, max_batch_size=20, initial=10)
+    a = Aimd(slo=1.0, max_batch_size=20, initial=10, start=0.0)
     a.record_latency(5.0, 5.0)  # old and slow: outside the 20 s window at t=30
     a.record_dispatch(10, 0.05, by_timer=True, now=5.0)
     a.maybe_adjust(30.0)
@@ -72,3 +72,10 @@ def test_invalid_settings() -> None:
         Aimd(slo=0, max_batch_size=10)
     with pytest.raises(ValueError):
         Aimd(slo=1, max_batch_size=0)
+
+
+def test_the_first_period_starts_with_the_first_request() -> None:
+    a = Aimd(slo=1.0, max_batch_size=20)
+    assert not a.maybe_adjust(1_000.0)  # a monotonic clock far from zero: no step yet
+    assert a.batch_size == 1
+    assert a.maybe_adjust(1_030.0)

@@ -6,22 +6,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core.batching import BatchLimits, BatchQueue, Dispatch, EntryState, WaitUntil
+from extproc.core.batching import BatchQueue, Dispatch, EntryState, WaitUntil
 from extproc.core.clock import FakeClock
+from extproc.core.rules import StaticRule
+
+DUE = 1e9  # a deadline far away: these tests are about the static rule
 
 
-def limits(
-    batch: int = 4, wait: float = 0.010, in_flight: int = 1, queue: int = 100
-) -> BatchLimits:
-    return BatchLimits(batch, wait, in_flight, queue)
+def limits(batch: int = 4, wait: float = 0.010, in_flight: int = 1, queue: int = 100) -> StaticRule:
+    return StaticRule(batch, wait, in_flight, queue)
 
 
 def test_waits_for_the_oldest_request_then_dispatches_on_timer() -> None:
     clock = FakeClock()
     q: BatchQueue[str] = BatchQueue(limits(batch=4, wait=0.010))
-    q.offer("a", 1, clock.now())
+    q.offer("a", 1, clock.now(), DUE)
     clock.advance(0.004)
-    q.offer("b", 1, clock.now())
+    q.offer("b", 1, clock.now(), DUE)
     action = q.poll(clock.now())
     assert action == WaitUntil(pytest.approx(0.010))
     clock.advance(0.006)
@@ -34,9 +35,9 @@ def test_waits_for_the_oldest_request_then_dispatches_on_timer() -> None:
 
 def test_dispatches_at_once_when_full_counting_instances_not_requests() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=5))
-    q.offer("a", 2, 0.0)
+    q.offer("a", 2, 0.0, DUE)
     assert isinstance(q.poll(0.0), WaitUntil)
-    q.offer("b", 3, 0.0)
+    q.offer("b", 3, 0.0, DUE)
     action = q.poll(0.0)
     assert isinstance(action, Dispatch)
     assert (action.items, action.size, action.reason) == (["a", "b"], 5, "full")
@@ -45,7 +46,7 @@ def test_dispatches_at_once_when_full_counting_instances_not_requests() -> None:
 def test_a_batch_never_exceeds_the_bound_and_keeps_fifo_order() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=5, in_flight=10))
     for name, size in [("a", 2), ("b", 2), ("c", 2), ("d", 1)]:
-        q.offer(name, size, 0.0)
+        q.offer(name, size, 0.0, DUE)
     first = q.poll(1.0)
     second = q.poll(1.0)
     assert isinstance(first, Dispatch) and isinstance(second, Dispatch)
@@ -55,8 +56,8 @@ def test_a_batch_never_exceeds_the_bound_and_keeps_fifo_order() -> None:
 
 def test_a_request_larger_than_the_bound_goes_alone() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=4, in_flight=10))
-    q.offer("big", 9, 0.0)
-    q.offer("small", 1, 0.0)
+    q.offer("big", 9, 0.0, DUE)
+    q.offer("small", 1, 0.0, DUE)
     first = q.poll(0.0)
     assert isinstance(first, Dispatch)
     assert (first.items, first.size) == (["big"], 9)
@@ -66,12 +67,13 @@ def test_a_request_larger_than_the_bound_goes_alone() -> None:
 def test_in_flight_limit_holds_batches_until_done() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=1, in_flight=2))
     for name in "abc":
-        q.offer(name, 1, 0.0)
-    assert isinstance(q.poll(0.0), Dispatch)
+        q.offer(name, 1, 0.0, DUE)
+    first = q.poll(0.0)
+    assert isinstance(first, Dispatch)
     assert isinstance(q.poll(0.0), Dispatch)
     assert q.poll(0.0) is None  # blocked, not empty
     assert q.queued == 1
-    q.done()
+    q.done(first, 0.01, True, 0.0)
     action = q.poll(0.0)
     assert isinstance(action, Dispatch) and action.items == ["c"]
 
@@ -79,35 +81,35 @@ def test_in_flight_limit_holds_batches_until_done() -> None:
 def test_done_without_batch_is_a_bug() -> None:
     q: BatchQueue[str] = BatchQueue(limits())
     with pytest.raises(RuntimeError):
-        q.done()
+        q.done(Dispatch([], 1, "full"), 0.0, True, 0.0)
 
 
 def test_queue_bound_refuses_the_next_request() -> None:
     q: BatchQueue[str] = BatchQueue(limits(queue=2))
-    assert q.offer("a", 1, 0.0) is not None
-    assert q.offer("b", 1, 0.0) is not None
-    assert q.offer("c", 1, 0.0) is None
+    assert q.offer("a", 1, 0.0, DUE) is not None
+    assert q.offer("b", 1, 0.0, DUE) is not None
+    assert q.offer("c", 1, 0.0, DUE) is None
     assert q.queued == 2
 
 
 def test_cancelled_request_is_never_dispatched_and_frees_its_place() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=2, queue=2))
-    a = q.offer("a", 1, 0.0)
-    q.offer("b", 1, 0.0)
+    a = q.offer("a", 1, 0.0, DUE)
+    q.offer("b", 1, 0.0, DUE)
     assert a is not None
     assert q.cancel(a)
     assert a.state is EntryState.CANCELLED
     assert not q.cancel(a)  # twice is a no-op
     assert (q.queued, q.queued_size) == (1, 1)
-    q.offer("c", 1, 0.0)  # the freed place
+    q.offer("c", 1, 0.0, DUE)  # the freed place
     action = q.poll(0.0)
     assert isinstance(action, Dispatch) and action.items == ["b", "c"]
 
 
 def test_cancelled_head_does_not_start_the_timer() -> None:
     q: BatchQueue[str] = BatchQueue(limits(wait=0.010))
-    a = q.offer("a", 1, 0.0)
-    q.offer("b", 1, 0.005)
+    a = q.offer("a", 1, 0.0, DUE)
+    q.offer("b", 1, 0.005, DUE)
     assert a is not None
     q.cancel(a)
     assert q.poll(0.011) == WaitUntil(pytest.approx(0.015))
@@ -115,7 +117,7 @@ def test_cancelled_head_does_not_start_the_timer() -> None:
 
 def test_cancel_after_dispatch_reports_false() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=1))
-    a = q.offer("a", 1, 0.0)
+    a = q.offer("a", 1, 0.0, DUE)
     assert a is not None
     assert isinstance(q.poll(0.0), Dispatch)
     assert not q.cancel(a)
@@ -124,29 +126,29 @@ def test_cancel_after_dispatch_reports_false() -> None:
 
 def test_flush_sends_without_waiting() -> None:
     q: BatchQueue[str] = BatchQueue(limits(wait=10.0))
-    q.offer("a", 1, 0.0)
+    q.offer("a", 1, 0.0, DUE)
     action = q.poll(0.0, flush=True)
     assert isinstance(action, Dispatch) and action.reason == "flush"
 
 
 def test_new_limits_apply_at_the_next_poll() -> None:
     q: BatchQueue[str] = BatchQueue(limits(batch=10, wait=1.0))
-    q.offer("a", 1, 0.0)
-    q.offer("b", 1, 0.0)
+    q.offer("a", 1, 0.0, DUE)
+    q.offer("b", 1, 0.0, DUE)
     assert isinstance(q.poll(0.0), WaitUntil)
-    q.limits = limits(batch=2, wait=1.0)
+    q.rule = limits(batch=2, wait=1.0)
     action = q.poll(0.0)
     assert isinstance(action, Dispatch) and action.reason == "full"
 
 
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError):
-        BatchLimits(0, 0.0, 1, 1)
+        StaticRule(0, 0.0, 1, 1)
     with pytest.raises(ValueError):
-        BatchLimits(1, -1.0, 1, 1)
+        StaticRule(1, -1.0, 1, 1)
     q: BatchQueue[str] = BatchQueue(limits())
     with pytest.raises(ValueError):
-        q.offer("a", 0, 0.0)
+        q.offer("a", 0, 0.0, DUE)
 
 
 ops = st.lists(
@@ -169,15 +171,15 @@ def test_properties_under_random_operations(
     dispatched; nothing is dispatched twice or lost; FIFO order; counts stay exact; no request
     waits past max_wait while a batch slot is free."""
     clock = FakeClock()
-    lim = BatchLimits(batch, 0.010, in_flight, queue)
+    lim = StaticRule(batch, 0.010, in_flight, queue)
     q: BatchQueue[int] = BatchQueue(lim)
     entries = []
     dispatched: list[int] = []
     cancelled: set[int] = set()
-    running = 0
+    running: list[Dispatch[int]] = []
     for op, arg in ops:
         if op == "offer":
-            e = q.offer(len(entries), int(arg), clock.now())
+            e = q.offer(len(entries), int(arg), clock.now(), DUE)
             if e is None:
                 assert q.queued == queue
                 continue
@@ -189,14 +191,13 @@ def test_properties_under_random_operations(
         elif op == "tick":
             clock.advance(float(arg))
         elif op == "done" and running:
-            q.done()
-            running -= 1
+            q.done(running.pop(0), 0.01, True, clock.now())
         while True:
             action = q.poll(clock.now())
             if not isinstance(action, Dispatch):
                 break
-            running += 1
-            assert running <= in_flight
+            running.append(action)
+            assert len(running) <= in_flight
             assert action.size == sum(e.size for e in action.entries)
             assert action.size <= batch or len(action.entries) == 1
             assert not cancelled & set(action.items)
@@ -204,8 +205,8 @@ def test_properties_under_random_operations(
         live = [e for e in entries if e.state is EntryState.QUEUED]
         assert q.queued == len(live)
         assert q.queued_size == sum(e.size for e in live)
-        assert len(q._q) - q.queued == q._dead <= max(32, q.queued) + 1
-        if live and running < in_flight:
+        assert len(q._order) - q._lo - q.queued == q._dead <= max(32, q.queued) + 1
+        if live and len(running) < in_flight:
             # nobody waits past max_wait while the backend has a free slot
             assert clock.now() < live[0].arrival + lim.max_wait + 1e-6
     assert dispatched == sorted(dispatched)  # FIFO
@@ -216,11 +217,11 @@ def test_properties_under_random_operations(
 
 def test_cancelled_requests_do_not_pile_up_behind_a_blocked_queue() -> None:
     q: BatchQueue[int] = BatchQueue(limits(batch=1, in_flight=1, queue=10))
-    q.offer(-1, 1, 0.0)
+    q.offer(-1, 1, 0.0, DUE)
     assert isinstance(q.poll(0.0), Dispatch)  # the backend is now busy
     for i in range(10_000):  # clients keep arriving and giving up
-        entry = q.offer(i, 1, 0.0)
+        entry = q.offer(i, 1, 0.0, DUE)
         assert entry is not None
         q.cancel(entry)
-    assert len(q._q) <= 33
+    assert len(q._order) - q._lo <= 33 and len(q._fifo) <= 33
     assert q.queued == 0

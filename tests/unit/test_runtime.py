@@ -44,14 +44,22 @@ class Harness:
         )
         self.router = Router([policy])
 
+    def update(self, policy: Policy) -> None:
+        """A live policy change, as the policy source applies it."""
+        self.router.replace([policy])
+        self.pool.update_policies([policy])
+
     def submit(
-        self, instances: list[Any], path: str = "/v1/models/m:predict"
+        self,
+        instances: list[Any],
+        path: str = "/v1/models/m:predict",
+        budget: float | None = None,
     ) -> tuple[asyncio.Future[Reply], Any]:
         route = self.router.resolve(path)
         assert route is not None
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         ticket = self.pool.submit(
-            route, codec.parse(json.dumps({"instances": instances}).encode()), fut
+            route, codec.parse(json.dumps({"instances": instances}).encode()), fut, budget
         )
         return fut, ticket
 
@@ -224,3 +232,74 @@ async def test_queue_bound_is_per_policy_across_its_queues() -> None:
         h.submit([{"id": 4}], path="/v1/models/d:predict")
     assert err.value.status == 429
     await h.pool.drain()
+
+
+def adaptive_policy(**batching: Any) -> Policy:
+    return make_policy(mode="adaptive", **batching).model_copy(
+        update={"sla": make_policy().sla.model_copy(update={"latency_ms": 200.0})}
+    )
+
+
+async def test_adaptive_holds_requests_until_their_deadline_nears() -> None:
+    """Seeded with a 100 ms batch time and a 200 ms SLA (20 ms margin), a lone request goes
+    about 80 ms after it arrived, not at once and not after its deadline."""
+    h = Harness(adaptive_policy())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    fut, ticket = h.submit([{"id": "a"}])
+    reply = await asyncio.wait_for(fut, 2)
+    assert echoed(reply) == ["a"]
+    assert ticket.deadline - ticket.arrival == pytest.approx(0.200)
+    assert 0.070 <= ticket.dispatched_at - ticket.arrival <= 0.085
+    assert loop.time() - start < 0.2
+
+
+async def test_a_client_deadline_tightens_never_loosens() -> None:
+    h = Harness(adaptive_policy())
+    tight, t1 = h.submit([{"id": "tight"}], budget=0.150)
+    loose, t2 = h.submit([{"id": "loose"}], budget=5.0)
+    assert t1.deadline - t1.arrival == pytest.approx(0.150)
+    assert t2.deadline - t2.arrival == pytest.approx(0.200)  # the SLA still bounds it
+    replies = await asyncio.wait_for(asyncio.gather(tight, loose), 2)
+    assert [echoed(r) for r in replies] == [["tight"], ["loose"]]
+    assert t1.dispatched_at == t2.dispatched_at  # one batch, sent for the tighter deadline
+    assert t1.dispatched_at - t1.arrival < 0.050
+
+
+async def test_a_hopeless_request_is_shed_with_503_and_counted_as_a_miss() -> None:
+    h = Harness(adaptive_policy(on_late="shed"))
+    hopeless, _ = h.submit([{"id": "x"}], budget=0.050)  # the seed says a batch takes 100 ms
+    fine, _ = h.submit([{"id": "ok"}])
+    reply = await asyncio.wait_for(hopeless, 1)
+    assert reply.status == 503 and reply.outcome == "shed"
+    assert "deadline cannot be met" in json.loads(reply.body)["error"]
+    assert echoed(await asyncio.wait_for(fine, 2)) == ["ok"]
+    assert [c for c in h.backend.calls] == [[{"id": "ok"}]]  # the shed one never went
+
+
+async def test_best_effort_sends_a_hopeless_request_at_once() -> None:
+    h = Harness(adaptive_policy())
+    fut, ticket = h.submit([{"id": "x"}], budget=0.050)
+    assert echoed(await asyncio.wait_for(fut, 1)) == ["x"]
+    assert ticket.dispatched_at - ticket.arrival < 0.02
+
+
+async def test_mode_changes_live_and_the_learnt_model_survives_idle_batchers() -> None:
+    h = Harness(adaptive_policy())
+    for i in range(3):  # each batch leaves the batcher idle, so it is dropped in between
+        fut, _ = h.submit([{"id": i}], budget=0.120)
+        await asyncio.wait_for(fut, 2)
+        assert len(h.pool) == 0
+    key = next(iter(h.pool._rules))
+    rule = h.pool._rules[key][1]
+    assert rule.latency.confidence(h.pool.clock.now()) > 0  # type: ignore[attr-defined]
+    # live switch to static with a long wait: requests now wait for a full batch of 4
+    h.update(make_policy(max_batch_size=4))
+    futs = [h.submit([{"id": i}])[0] for i in range(4)]
+    await asyncio.wait_for(asyncio.gather(*futs), 2)
+    assert len(h.backend.calls[-1]) == 4
+    # and to aimd: it starts at batch size 1, so each request goes alone
+    h.update(make_policy(mode="aimd", max_batch_size=4))
+    futs = [h.submit([{"id": i}])[0] for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*futs), 2)
+    assert [len(c) for c in h.backend.calls[-2:]] == [1, 1]

@@ -13,8 +13,8 @@ def test_window_summarises_and_forgets() -> None:
     stats = StatsWindow(window=10.0, max_samples=2)
     for _ in range(20):
         stats.arrival("p", clock.now())
-    stats.answered("p", clock.now(), latency=0.05, sla=0.1)
-    stats.answered("p", clock.now(), latency=0.15, sla=0.1)
+    stats.answered("p", clock.now(), missed=False)
+    stats.answered("p", clock.now(), missed=True)
     stats.batch("p", clock.now(), 4, 0.010)
     stats.batch("p", clock.now(), 8, 0.020)
     stats.batch("p", clock.now(), 6, 0.015)
@@ -38,7 +38,7 @@ def test_memory_stays_bounded_at_any_rate() -> None:
     for _ in range(200_000):  # 1,000 per second for 200 s
         clock.advance(0.001)
         stats.arrival("p", clock.now())
-        stats.answered("p", clock.now(), 0.01, 0.1)
+        stats.answered("p", clock.now(), False)
         stats.batch("p", clock.now(), 1, 0.001)
     w = stats._policies["p"]
     assert len(w.arrivals.q) <= 62 and len(w.samples) == 8  # never read, still bounded

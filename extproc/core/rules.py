@@ -1,0 +1,202 @@
+"""Dispatch rules: when a queue sends a batch and how much. Pure, clock-injected.
+
+- `StaticRule`: fixed max batch and max wait, like KServe's batcher (`off` is its special case:
+  batch 1, no wait).
+- `AimdRule`: the published MLProxy algorithm (`aimd.py`), as a baseline.
+- `AdaptiveRule`: ours (DESIGN.md section 5). Every request has a deadline; a latency model
+  predicts the batch time t(b) at the policy's percentile. Objective `cost`: send when the
+  batch is full, or at the latest moment at which every queued request of the next batch still
+  finishes `margin` before its deadline, so batches are as large as the SLA allows and the
+  backend does the least work. Objective `latency`: also send whenever the backend has a free
+  slot. A request whose deadline cannot be met even if sent alone now is shed (`on_late="shed"`)
+  or sent at once, best effort (`on_late="best_effort"`); either way it is an SLA miss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from extproc.core.aimd import Aimd
+from extproc.core.batching import EPSILON, Drop, Entry, Plan, QueueView, Send, WaitUntil
+from extproc.core.estimator import LatencyModel
+
+__all__ = ["AdaptiveRule", "AimdRule", "FixedLatency", "LatencySource", "StaticRule"]
+
+
+class LatencySource(Protocol):
+    def model(self, now: float) -> LatencyModel:
+        """t(b) at the policy's percentile, as known at `now`."""
+        ...
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        """A batch of `size` instances took `seconds` at the backend."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FixedLatency:
+    """A latency model that never changes (tests, and a known backend)."""
+
+    latency: LatencyModel
+
+    def model(self, now: float) -> LatencyModel:
+        return self.latency
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class StaticRule:
+    """Send when the queued instances reach `max_batch_size` or the oldest request has waited
+    `max_wait` seconds."""
+
+    max_batch_size: int
+    max_wait: float
+    max_in_flight: int
+    max_queue: int
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.max_batch_size, self.max_in_flight, self.max_queue)
+        if not self.max_wait >= 0:
+            raise ValueError(f"max_wait must not be negative: {self}")
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        if queue.queued_size >= self.max_batch_size:
+            return Send("full", self.max_batch_size)
+        oldest = queue.oldest_arrival()
+        if oldest is None:
+            return None
+        due = oldest + self.max_wait
+        if now + EPSILON >= due:
+            return Send("timer", self.max_batch_size)
+        return WaitUntil(due)
+
+    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+        pass
+
+    def answered(self, latency: float, now: float) -> None:
+        pass
+
+
+class AimdRule:
+    """The paper's rule: the batch size `bs` moves by AIMD every 30 s; a batch goes when `bs`
+    instances wait or the oldest has waited the paper's timeout."""
+
+    def __init__(self, aimd: Aimd, max_in_flight: int, max_queue: int) -> None:
+        _check_bounds(aimd.max_batch_size, max_in_flight, max_queue)
+        self.aimd = aimd
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.aimd.batch_size
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        aimd = self.aimd
+        aimd.maybe_adjust(now)
+        bs = aimd.batch_size
+        if queue.queued_size >= bs:
+            return Send("full", bs)
+        oldest = queue.oldest_arrival()
+        if oldest is None:
+            return None
+        due = oldest + aimd.timeout(queue.queued, now)
+        if now + EPSILON >= due:
+            return Send("timer", bs)
+        # The timeout shrinks as the queue grows and moves every 30 s: bound the wait so that
+        # a step is never missed by much.
+        return WaitUntil(min(due, now + 1.0))
+
+    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+        if ok:
+            self.aimd.record_dispatch(size, seconds, reason == "timer", now)
+
+    def answered(self, latency: float, now: float) -> None:
+        self.aimd.record_latency(latency, now)
+
+
+OnLate = Literal["shed", "best_effort"]
+Objective = Literal["cost", "latency"]
+
+
+class AdaptiveRule:
+    def __init__(
+        self,
+        latency: LatencySource,
+        max_batch_size: int,
+        max_in_flight: int,
+        max_queue: int,
+        margin: float = 0.0,
+        objective: Objective = "cost",
+        on_late: OnLate = "best_effort",
+    ) -> None:
+        _check_bounds(max_batch_size, max_in_flight, max_queue)
+        if not (margin >= 0 and math.isfinite(margin)):
+            raise ValueError("margin must be a finite number of seconds, not negative")
+        self.latency = latency
+        self.max_batch_size = max_batch_size
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self.margin = margin
+        self.objective = objective
+        self.on_late = on_late
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        t = self.latency.model(now).predict
+        cap = self.max_batch_size
+        blocked = queue.in_flight >= self.max_in_flight
+        late: list[Entry[object]] = []
+        due = math.inf  # the earliest deadline of the next batch that can still be met
+        cum = 0  # its instances
+        for e in queue.live():
+            if cum and cum + e.size > cap:
+                break  # the rest goes in a later batch; the queue is full anyway
+            cum += e.size
+            if now + t(e.size) > e.deadline + EPSILON:
+                late.append(e)  # cannot be met even alone, even now
+            elif due == math.inf:
+                due = e.deadline  # EDF: the first one that can be met is the tightest
+                if blocked:
+                    break  # only the head matters until a slot frees
+        # The latest start at which the whole batch, grown by one more instance arriving in
+        # the meantime, finishes `margin` before that deadline.
+        latest = due - self.margin - t(min(cum + 1, max(cap, cum)))
+        if late and self.on_late == "shed":
+            return Drop(late)
+        if blocked:
+            if self.on_late == "shed" and math.isfinite(latest):
+                # Wake when the head becomes impossible, to shed it on time.
+                head = next(queue.live(), None)
+                if head is not None:
+                    return WaitUntil(head.deadline - t(head.size) + 2 * EPSILON)
+            return None
+        if queue.queued_size >= cap:
+            reason = "full"
+        elif late:
+            reason = "late"
+        elif self.objective == "latency":
+            reason = "idle"
+        elif now + EPSILON >= latest:
+            reason = "deadline"
+        else:
+            return WaitUntil(latest)
+        return Send(reason, cap, lambda size: now + t(size))
+
+    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+        if ok:
+            self.latency.observe(size, seconds, now)
+
+    def answered(self, latency: float, now: float) -> None:
+        pass
+
+
+def _check_bounds(max_batch_size: int, max_in_flight: int, max_queue: int) -> None:
+    if max_batch_size < 1 or max_in_flight < 1 or max_queue < 1:
+        raise ValueError(
+            f"batch size ({max_batch_size}), in-flight ({max_in_flight}) and queue "
+            f"({max_queue}) limits must be at least 1"
+        )
