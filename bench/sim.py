@@ -1,0 +1,391 @@
+"""Discrete-event simulator: a trace through MLProxy's batching core to a Knative-like backend.
+
+No sleeps, no sockets: time is a number that jumps from event to event. The proxy side is the
+production code itself -- `BatchQueue` with the rule `extproc.runtime.batcher.rule_for` builds
+from a `Policy` -- driven the way the asyncio runtime drives it (poll on every arrival, at
+every wake-up the queue asks for, and when a batch ends). The backend is a model of a Knative
+service (DESIGN.md section 6), the same for every mode:
+
+- pods run one batch at a time; a batch's service time is drawn from the model profile
+  (t(b) = a + c*b with log-normal noise, `bench/profiles.py`); batches that find no free pod
+  wait in one FIFO queue (Knative's activator / queue-proxy);
+- the autoscaler is `bench/knative.py` (KPA: concurrency target 1 at 70% utilisation, 2 s
+  ticks, 60 s stable and 6 s panic windows, scale to zero after 60 + 30 s without traffic),
+  fed with the concurrency at the pods (queued + running batches);
+- a new pod serves `cold_start` seconds after the autoscaler asks for it; with no pod at all,
+  the first waiting batch asks for one at once (the activator);
+- the service starts with one ready pod (Knative's initial-scale default);
+- cost is ready-pod-seconds (the paper's mean ready replicas times the duration); a pod being
+  removed stops counting when it has finished its batch.
+
+Latency is measured from a request's arrival at the proxy to the end of its batch; a request
+misses the SLA when that exceeds the profile's SLO. The proxy's own overhead is not modelled
+(issue 5 measures it on the real stack).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.knative import Autoscaler, KpaConfig
+from bench.profiles import Profile
+from bench.traces import arrivals as trace_arrivals
+from bench.traces import rate_function
+from extproc.core.batching import BatchQueue, Dispatch, Shed, WaitUntil
+from extproc.runtime.batcher import rule_for
+from mlproxy.policy import Mode, Policy
+
+__all__ = ["MODES", "BackendConfig", "ModeConfig", "SimResult", "policy_for", "simulate"]
+
+MODES: tuple[Mode, ...] = ("off", "static", "aimd", "adaptive")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """The Knative-like backend; the same for every mode."""
+
+    cold_start: float = 3.0  # seconds from the autoscaler's decision to a serving pod
+    initial_pods: int = 1  # Knative's initial-scale default
+    kpa: KpaConfig = field(default_factory=KpaConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ModeConfig:
+    """How each mode is configured for a profile: one rule for every profile, from its SLO.
+
+    - every batching mode has the same bound, the paper's max_bs of 20 instances;
+    - `static` waits at most a quarter of the SLO for a batch to fill (three quarters are left
+      for the batch to run), KServe-batcher style;
+    - `aimd` is the paper's algorithm with max_bs 20;
+    - `adaptive` plans to finish 10% of the SLO before each deadline (the policy default) and
+      learns t(b) from nothing (the conservative default seed), objective `cost`;
+    - no mode limits batches in flight (the paper's proxy does not), so the backend's
+      autoscaler sees all the concurrency.
+    """
+
+    max_batch_size: int = 20
+    static_wait_fraction: float = 0.25
+    in_flight: int = 1_000
+
+
+def policy_for(mode: Mode, profile: Profile, config: ModeConfig = ModeConfig()) -> Policy:
+    batching: dict[str, Any] = {
+        "mode": mode,
+        "max_batch_size": config.max_batch_size,
+        "max_wait_ms": profile.slo_ms * config.static_wait_fraction,
+        "max_in_flight": config.in_flight,
+        "max_queue": 1_000_000,
+    }
+    return Policy.model_validate(
+        {
+            "name": f"{profile.name}-{mode}",
+            "match": {"path": "/v1/models/m:predict"},
+            "backend": {"url": "http://model/v1/models/m:predict"},
+            "sla": {"latency_ms": profile.slo_ms, "percentile": 95},
+            "batching": batching,
+        }
+    )
+
+
+@dataclass
+class SimResult:
+    trace: str
+    profile: str
+    mode: str
+    duration: float
+    requests: int
+    latencies: np.ndarray  # seconds, per request in arrival order (inf: shed)
+    arrivals: np.ndarray
+    slo: float
+    pod_seconds: float
+    cold_starts: int
+    batches: int
+    instances: int
+    series: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def violations_pct(self) -> float:
+        return 100.0 * float(np.mean(self.latencies > self.slo)) if self.requests else 0.0
+
+    @property
+    def mean_pods(self) -> float:
+        return self.pod_seconds / self.duration
+
+    @property
+    def mean_batch(self) -> float:
+        return self.instances / self.batches if self.batches else 0.0
+
+    def percentile_ms(self, p: float) -> float:
+        finite = self.latencies[np.isfinite(self.latencies)]
+        return float(np.percentile(finite, p)) * 1000 if finite.size else math.nan
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "trace": self.trace,
+            "profile": self.profile,
+            "mode": self.mode,
+            "requests": self.requests,
+            "cost_pod_s": round(self.pod_seconds, 1),
+            "mean_pods": round(self.mean_pods, 3),
+            "sla_violations_pct": round(self.violations_pct, 3),
+            "p50_ms": round(self.percentile_ms(50), 1),
+            "p95_ms": round(self.percentile_ms(95), 1),
+            "p99_ms": round(self.percentile_ms(99), 1),
+            "mean_batch": round(self.mean_batch, 2),
+            "cold_starts": self.cold_starts,
+        }
+
+
+class _Pod:
+    __slots__ = ("busy", "leaving", "ready_at")
+
+    def __init__(self, ready_at: float) -> None:
+        self.ready_at = ready_at
+        self.busy = False
+        self.leaving = False
+
+
+class _Backend:
+    """Knative-like service: pods, one batch each at a time, a FIFO for the rest."""
+
+    def __init__(self, config: BackendConfig, profile: Profile, rng: random.Random) -> None:
+        self.config = config
+        self.profile = profile
+        self.rng = rng
+        self.autoscaler = Autoscaler(config.kpa, start=0.0)
+        self.pods: list[_Pod] = [_Pod(0.0) for _ in range(config.initial_pods)]
+        self.waiting: deque[tuple[int, Any]] = deque()
+        self.running = 0
+        self.cold_starts = 0
+        self.pod_seconds = 0.0
+        self._last = 0.0
+
+    def ready(self, now: float) -> list[_Pod]:
+        return [p for p in self.pods if p.ready_at <= now and not p.leaving]
+
+    def account(self, now: float) -> None:
+        """Add ready-pod-seconds up to `now` (a leaving pod counts until its batch ends)."""
+        dt = now - self._last
+        if dt > 0:
+            serving = sum(1 for p in self.pods if p.ready_at <= self._last)
+            self.pod_seconds += serving * dt
+        self._last = now
+
+    def record_concurrency(self, now: float) -> None:
+        self.autoscaler.record(now, float(len(self.waiting) + self.running))
+
+    def scale_to(self, want: int, now: float) -> list[float]:
+        """Start or stop pods; the times new pods become ready."""
+        self.account(now)
+        alive = [p for p in self.pods if not p.leaving]
+        started: list[float] = []
+        if want > len(alive):
+            for _ in range(want - len(alive)):
+                pod = _Pod(now + self.config.cold_start)
+                self.pods.append(pod)
+                started.append(pod.ready_at)
+                self.cold_starts += 1
+        elif want < len(alive):
+            # starting pods go first, then idle ones, then busy ones after their batch
+            order = sorted(alive, key=lambda p: (p.ready_at <= now, p.busy))
+            for pod in order[: len(alive) - want]:
+                pod.leaving = True
+            self.pods = [p for p in self.pods if not (p.leaving and not p.busy)]
+        return started
+
+
+@dataclass(order=True)
+class _Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    data: Any = field(compare=False, default=None)
+
+
+def simulate(
+    trace: str,
+    profile: Profile,
+    mode: Mode,
+    duration: float,
+    peak: float,
+    seed: int = 0,
+    replicas: int = 1,
+    backend: BackendConfig = BackendConfig(),
+    modes: ModeConfig = ModeConfig(),
+    series_step: float = 10.0,
+    warmup: float = 120.0,
+) -> SimResult:
+    """Replay `trace` (peaking at `peak` req/s for `duration` s) through `replicas` proxies in
+    `mode` to the Knative-like backend. Same seed, same arrivals and same noise draws order
+    per batch: deterministic."""
+    # Warm-up: the trace's opening rate for `warmup` seconds, not measured, so that every mode
+    # meets the trace in its steady state (autoscaler, learnt models), not a cold start.
+    opening = rate_function(trace, seed)(0.0) * peak
+    warm = trace_arrivals("steady", warmup, opening, seed ^ 0x3A3A) if warmup > 0 else []
+    times = warm + [warmup + t for t in trace_arrivals(trace, duration, peak, seed)]
+    first = len(warm)  # the first measured request
+    policy = policy_for(mode, profile, modes)
+    slo = profile.slo_ms / 1000.0
+    rng = random.Random(seed ^ 0xBACE)
+    route_rng = random.Random(seed ^ 0x7011)
+    queues = [BatchQueue[int](rule_for(policy)) for _ in range(replicas)]
+    armed = [math.inf] * replicas
+    be = _Backend(backend, profile, rng)
+    n = len(times)
+    latency = np.full(n, np.nan)
+    arrival = np.asarray(times)
+    events: list[_Event] = []
+    seq = itertools.count()
+    batches = 0
+    instances = 0
+    batch_log: list[tuple[float, int]] = []
+    measured_from = (0.0, 0)  # pod-seconds and cold starts when the measurement began
+    last_done = 0.0
+    pods_log: list[tuple[float, int]] = []
+
+    def push(t: float, kind: str, data: Any = None) -> None:
+        heapq.heappush(events, _Event(t, next(seq), kind, data))
+
+    def pump(r: int, now: float) -> None:
+        nonlocal batches, instances
+        q = queues[r]
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                if now >= warmup:
+                    batches += 1
+                    instances += action.size
+                    batch_log.append((now - warmup, action.size))
+                be.waiting.append((r, (action, now)))
+                if not any(not p.leaving for p in be.pods):
+                    for t in be.scale_to(1, now):  # the activator wakes a scaled-to-zero service
+                        push(t, "ready")
+                start_batches(now)
+            elif isinstance(action, Shed):
+                for i in action.items:
+                    latency[i] = math.inf
+            elif isinstance(action, WaitUntil):
+                if action.time < armed[r]:
+                    armed[r] = action.time
+                    push(action.time, "wake", r)
+                return
+            else:
+                return
+
+    def start_batches(now: float) -> None:
+        """Free ready pods take waiting batches, oldest first."""
+        for pod in be.ready(now):
+            if not be.waiting:
+                break
+            if pod.busy:
+                continue
+            r, (dispatch, sent_at) = be.waiting.popleft()
+            pod.busy = True
+            be.running += 1
+            push(now + profile.sample(dispatch.size, rng), "done", (pod, r, dispatch, sent_at))
+        be.record_concurrency(now)
+
+    for i, t in enumerate(times):
+        push(t, "arrive", i)
+    tick = backend.kpa.tick
+    push(tick, "tick")
+    push(warmup, "measure")
+    while events:
+        ev = heapq.heappop(events)
+        now = ev.time
+        if ev.kind == "arrive":
+            i = ev.data
+            r = route_rng.randrange(replicas) if replicas > 1 else 0
+            entry = queues[r].offer(i, 1, now, now + slo)
+            assert entry is not None
+            pump(r, now)
+        elif ev.kind == "wake":
+            r = ev.data
+            if now >= armed[r]:
+                armed[r] = math.inf
+                pump(r, now)
+        elif ev.kind == "done":
+            pod, r, dispatch, sent_at = ev.data
+            last_done = now
+            be.account(now)
+            pod.busy = False
+            be.running -= 1
+            if pod.leaving:
+                be.pods.remove(pod)
+            q = queues[r]
+            q.done(dispatch, now - sent_at, True, now)
+            for e in dispatch.entries:
+                latency[e.item] = now - arrival[e.item]
+                q.answered(now - arrival[e.item], now)
+            start_batches(now)
+            pump(r, now)
+        elif ev.kind == "measure":
+            be.account(now)
+            measured_from = (be.pod_seconds, be.cold_starts)
+        elif ev.kind == "ready":
+            be.account(now)
+            start_batches(now)
+        elif ev.kind == "tick":
+            be.account(now)
+            want = be.autoscaler.desired(now, len(be.ready(now)))
+            for t in be.scale_to(want, now):
+                push(t, "ready")
+            if now >= warmup:
+                pods_log.append((now - warmup, len(be.ready(now))))
+            busy = be.waiting or be.running or any(q.queued for q in queues)
+            if now + tick <= duration + warmup or busy:  # until the trace is over and answered
+                push(now + tick, "tick")
+    end = max(duration + warmup, last_done)
+    be.account(end)
+    result = SimResult(
+        trace=trace,
+        profile=profile.name,
+        mode=mode,
+        duration=end - warmup,
+        requests=n - first,
+        latencies=latency[first:],
+        arrivals=arrival[first:] - warmup,
+        slo=slo,
+        pod_seconds=be.pod_seconds - measured_from[0],
+        cold_starts=be.cold_starts - measured_from[1],
+        batches=batches,
+        instances=instances,
+    )
+    result.series = _series(result, batch_log, pods_log, series_step)
+    return result
+
+
+def _series(
+    result: SimResult,
+    batch_log: Sequence[tuple[float, int]],
+    pods_log: Sequence[tuple[float, int]],
+    step: float,
+) -> dict[str, list[float]]:
+    bins = max(1, math.ceil(result.duration / step))
+    edges = [i * step for i in range(bins)]
+    lat = result.latencies
+    idx = np.minimum((result.arrivals // step).astype(int), bins - 1)
+    p95, rate, batch, pods = [], [], [], []
+    b_times = np.asarray([t for t, _ in batch_log]) if batch_log else np.zeros(0)
+    b_sizes = np.asarray([s for _, s in batch_log]) if batch_log else np.zeros(0)
+    p_times = np.asarray([t for t, _ in pods_log]) if pods_log else np.zeros(0)
+    p_count = np.asarray([c for _, c in pods_log]) if pods_log else np.zeros(0)
+    for k in range(bins):
+        sel = lat[idx == k]
+        finite = sel[np.isfinite(sel)]
+        p95.append(float(np.percentile(finite, 95)) * 1000 if finite.size else math.nan)
+        rate.append(float(sel.size) / step)
+        in_bin = (b_times >= k * step) & (b_times < (k + 1) * step)
+        batch.append(float(b_sizes[in_bin].mean()) if in_bin.any() else math.nan)
+        p_bin = (p_times >= k * step) & (p_times < (k + 1) * step)
+        pods.append(float(p_count[p_bin].mean()) if p_bin.any() else math.nan)
+    return {"t": edges, "p95_ms": p95, "rate": rate, "batch": batch, "pods": pods}

@@ -1,0 +1,94 @@
+"""The discrete-event simulator: mechanics of the simulated Knative backend and the proxy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.profiles import Profile
+from bench.sim import BackendConfig, policy_for, simulate
+from bench.simulate import main as simulate_main
+from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
+from extproc.runtime.batcher import rule_for
+
+# 10 ms a call + 1 ms an instance, no noise: results can be reasoned about exactly
+FLAT = Profile("flat", a_ms=10, c_ms=1, slo_ms=200, peak_rps=50, noise=0.0)
+
+
+def test_the_same_seed_gives_the_same_run_and_every_request_is_answered() -> None:
+    a = simulate("big_spike", FLAT, "adaptive", 60, 50, seed=3, warmup=10)
+    b = simulate("big_spike", FLAT, "adaptive", 60, 50, seed=3, warmup=10)
+    assert a.row() == b.row()
+    assert a.requests > 0
+    assert np.isfinite(a.latencies).all()  # nothing lost, nothing shed
+    assert (a.latencies >= FLAT.mean(1) - 1e-9).all()  # nobody is faster than the model
+
+
+def test_modes_use_the_production_rules() -> None:
+    assert isinstance(rule_for(policy_for("off", FLAT)), StaticRule)
+    static = rule_for(policy_for("static", FLAT))
+    assert isinstance(static, StaticRule)
+    assert (static.max_batch_size, static.max_wait) == (20, pytest.approx(0.050))
+    assert isinstance(rule_for(policy_for("aimd", FLAT)), AimdRule)
+    assert isinstance(rule_for(policy_for("adaptive", FLAT)), AdaptiveRule)
+
+
+def test_off_sends_each_request_alone_and_latency_is_the_service_time_when_pods_suffice() -> None:
+    r = simulate("steady", FLAT, "off", 60, 5, seed=1, warmup=10)
+    assert r.mean_batch == 1.0
+    # 5 req/s x 11 ms: one pod is almost always free
+    assert float(np.median(r.latencies)) == pytest.approx(FLAT.mean(1), abs=1e-6)
+    assert r.cold_starts == 0
+    assert r.mean_pods == pytest.approx(1.0, abs=0.01)  # the initial pod, kept by the traffic
+
+
+def test_overload_makes_the_autoscaler_add_pods_after_a_cold_start() -> None:
+    # 400 req/s one at a time at 11 ms each needs ~4.4 busy pods; the service starts with one
+    r = simulate(
+        "steady", FLAT, "off", 60, 400, seed=1, warmup=0, backend=BackendConfig(cold_start=5)
+    )
+    assert r.cold_starts > 0
+    assert r.mean_pods > 4
+    early = r.latencies[r.arrivals < 2.0]
+    assert early.max() > 1.0  # queued behind the single pod until new pods are ready
+
+
+def test_batching_modes_never_exceed_their_bound() -> None:
+    for mode in ("static", "aimd", "adaptive"):
+        r = simulate("steady", FLAT, mode, 30, 400, seed=2, warmup=5)
+        assert 1 <= r.mean_batch <= 20
+        batches = [b for b in r.series["batch"] if not math.isnan(b)]
+        assert max(batches) <= 20
+
+
+def test_cost_counts_ready_pod_seconds_only_after_the_warmup() -> None:
+    r = simulate("steady", FLAT, "adaptive", 50, 20, seed=1, warmup=30)
+    assert r.duration == pytest.approx(50, abs=1)
+    assert r.pod_seconds == pytest.approx(r.duration, rel=0.05)  # one pod throughout
+
+
+def test_the_suite_runner_writes_tables_json_and_plots(tmp_path: Path) -> None:
+    code = simulate_main(
+        [
+            "--profiles",
+            "toxic",
+            "--traces",
+            "big_spike",
+            "--duration",
+            "30",
+            "--warmup",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    table = (tmp_path / "sim.md").read_text()
+    for mode in ("off", "static", "aimd", "adaptive"):
+        assert f"| {mode} |" in table
+    assert "adaptive vs off" in table
+    png = (tmp_path / "toxic-big_spike.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
