@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -20,6 +32,7 @@ from controlplane.adapters.redis_store import NotFound, RedisStore
 from controlplane.api.auth import Authenticator, require
 from controlplane.domain.records import Precondition, PreconditionFailed, RolloutStatus, rollout
 from controlplane.settings import Settings
+from controlplane.tuner_loop import FleetTuner
 from mlproxy.policy import Policy, PolicyWrite
 from mlproxy.replica import ReplicaRecord
 
@@ -42,6 +55,10 @@ class ReplicaList(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str
+
+
+class DecisionList(BaseModel):
+    items: list[dict[str, Any]]
 
 
 def _etag(version: int) -> str:
@@ -108,12 +125,22 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if store is not None:  # the caller's, already set below
+        own = store is None
+        if own:
+            app.state.store = RedisStore.from_url(settings.redis_url)
+        task = None
+        if settings.tuner_interval > 0:
+            tuner = FleetTuner(app.state.store, settings.tuner_interval)
+            task = asyncio.create_task(tuner.run(), name="fleet-tuner")
+        try:
             yield
-            return
-        app.state.store = RedisStore.from_url(settings.redis_url)
-        yield
-        await app.state.store.close()
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if own:
+                await app.state.store.close()
 
     app = FastAPI(
         title="MLProxy control plane",
@@ -265,6 +292,25 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         except NotFound:
             raise HTTPException(404, f"policy {name} does not exist") from None
         return rollout(policy, await store.replicas())
+
+    @v1.get(
+        "/policies/{name}/decisions",
+        dependencies=read,
+        responses={**errors, 404: {"model": ErrorBody}},
+    )
+    async def policy_decisions(
+        name: NAME, request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> DecisionList:
+        """The fleet tuner's recent changes to this policy, newest first: when, the version it
+        wrote, what changed (old, new), why, and the fleet stats it decided from."""
+        store = store_of(request)
+        items = await store.decisions(name, limit)
+        if not items:
+            try:
+                await store.get(name)
+            except NotFound:
+                raise HTTPException(404, f"policy {name} does not exist") from None
+        return DecisionList(items=items)
 
     @v1.get("/replicas", dependencies=read, responses=errors)
     async def list_replicas(request: Request) -> ReplicaList:

@@ -36,11 +36,13 @@ class Settings:
     admin_tokens: tuple[str, ...]
     read_tokens: tuple[str, ...] = ()
     max_body_bytes: int = 64 * 1024
+    tuner_interval: float = 5.0  # seconds between fleet tuner rounds; 0: no tuner
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """MLPROXY_REDIS_URL (or REDIS_URL), MLPROXY_ADMIN_TOKENS / MLPROXY_ADMIN_TOKENS_FILE,
-        MLPROXY_READ_TOKENS / MLPROXY_READ_TOKENS_FILE, MLPROXY_MAX_BODY_BYTES."""
+        MLPROXY_READ_TOKENS / MLPROXY_READ_TOKENS_FILE, MLPROXY_MAX_BODY_BYTES,
+        MLPROXY_TUNER_INTERVAL_S (0 turns the fleet tuner off)."""
         env = os.environ if env is None else env
         admin = _tokens(env, "MLPROXY_ADMIN_TOKENS")
         if not admin:
@@ -52,6 +54,12 @@ class Settings:
             limit = int(env.get("MLPROXY_MAX_BODY_BYTES", 64 * 1024))
         except ValueError as err:
             raise SettingsError("MLPROXY_MAX_BODY_BYTES must be a number of bytes") from err
+        try:
+            interval = float(env.get("MLPROXY_TUNER_INTERVAL_S", 5.0))
+        except ValueError as err:
+            raise SettingsError("MLPROXY_TUNER_INTERVAL_S must be a number of seconds") from err
+        if not 0 <= interval <= 3600:
+            raise SettingsError("MLPROXY_TUNER_INTERVAL_S must be between 0 and 3600")
         return cls(
             redis_url=env.get("MLPROXY_REDIS_URL")
             or env.get("REDIS_URL")
@@ -59,4 +67,5 @@ class Settings:
             admin_tokens=admin,
             read_tokens=_tokens(env, "MLPROXY_READ_TOKENS"),
             max_body_bytes=limit,
+            tuner_interval=interval,
         )

@@ -105,6 +105,24 @@ class RedisStore:
                 except WatchError:
                     continue
 
+    async def record_decision(self, name: str, record: dict[str, Any], keep: int = 100) -> None:
+        key = keys.decisions_key(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, json.dumps(record, default=str))
+            pipe.ltrim(key, 0, keep - 1)
+            await pipe.execute()
+
+    async def decisions(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The tuner's recent decisions for `name`, newest first."""
+        raws = await self.redis.lrange(keys.decisions_key(name), 0, limit - 1)
+        out = []
+        for raw in raws:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                log.error("skipping an unreadable tuner decision of policy %s", name)
+        return out
+
     async def replicas(self) -> list[ReplicaRecord]:
         names = [k async for k in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500)]
         if not names:

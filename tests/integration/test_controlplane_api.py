@@ -13,7 +13,9 @@ import pytest
 
 from controlplane.adapters.redis_store import RedisStore
 from controlplane.app import create_app
+from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
+from controlplane.tuner_loop import FleetTuner
 from mlproxy import keys
 from tests.conftest import RedisServer
 
@@ -41,7 +43,11 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 async def client(store: RedisStore) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
         Settings(
-            redis_url="unused", admin_tokens=(ADMIN,), read_tokens=(READER,), max_body_bytes=4096
+            redis_url="unused",
+            admin_tokens=(ADMIN,),
+            read_tokens=(READER,),
+            max_body_bytes=4096,
+            tuner_interval=0,  # the tuner is driven by hand below
         ),
         store,
     )
@@ -226,3 +232,80 @@ async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -
     assert 'mlproxy_cp_requests_total{method="GET",route="/v1/policies",status="200"}' in text
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/policies/{name}" in spec["paths"]
+
+
+async def _heartbeat(store: RedisStore, rid: str, version: int, rate: float) -> None:
+    now = datetime.now(UTC).isoformat()
+    samples = [[size, 20.0 + 2.0 * size + (size % 3)] for size in range(1, 41)]
+    record = {
+        "id": rid,
+        "address": f"{rid}:50051",
+        "started_at": now,
+        "heartbeat_at": now,
+        "policies": {"m": version},
+        "source_ok": True,
+        "last_sync_at": now,
+        "stats": {
+            "m": {
+                "window_s": 60,
+                "requests": 3000,
+                "arrival_rate": rate,
+                "sla_misses": 60,  # 2%: more than the tuner aims for
+                "batches": 40,
+                "mean_batch_size": 20.5,
+                "batch_samples": samples,
+            }
+        },
+    }
+    await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
+
+
+async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
+    client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    adaptive = {**body(mode="adaptive"), "sla": {"latency_ms": 300}}
+    v = (await client.put("/v1/policies/m", json=adaptive, headers=auth())).json()["version"]
+    await client.put("/v1/policies/s", json=body(), headers=auth())  # static: never tuned
+    r = await client.get("/v1/policies/m/decisions", headers=auth(READER))
+    assert (r.status_code, r.json()) == (200, {"items": []})
+    for rid in ("r1", "r2", "r3"):
+        await _heartbeat(store, rid, v, rate=40.0)
+
+    clock = [1000.0]
+    tuner = FleetTuner(store, clock=lambda: clock[0])
+    written = await tuner.run_once()
+    assert [d.policy for d in written] == ["m"]
+    stored = (await client.get("/v1/policies/m", headers=auth())).json()
+    assert stored["version"] > v
+    tuning = stored["tuning"]
+    assert tuning["replicas"] == 3
+    assert tuning["seed_per_item_ms"] == pytest.approx(2.0, abs=0.3)
+    assert tuning["margin_ms"] > 30  # widened from 10% of the SLA: 2% missed
+    assert stored["batching"]["mode"] == "adaptive"  # the operator's fields are untouched
+    assert stored["match"] == adaptive["match"]
+
+    decisions = (await client.get("/v1/policies/m/decisions", headers=auth(READER))).json()
+    [d] = decisions["items"]
+    assert (d["version"], d["previous_version"]) == (stored["version"], v)
+    assert d["inputs"]["replicas"] == 3 and d["inputs"]["arrival_rate_total"] == 120
+    assert d["changes"]["margin_ms"][1] == tuning["margin_ms"]
+    assert "wider margin" in d["reason"]
+    # nothing again within the minimum interval, even with the same misses
+    assert await tuner.run_once() == []
+    # an operator's write between the tuner's read and write wins; the tuner retries later
+    clock[0] += 60
+    real_put = store.put
+
+    async def racing_put(*args: Any, **kwargs: Any) -> Any:
+        await real_put("m", {**adaptive, "sla": {"latency_ms": 250}}, Precondition())
+        return await real_put(*args, **kwargs)
+
+    store.put = racing_put  # type: ignore[method-assign]
+    try:
+        assert await tuner.run_once() == []
+    finally:
+        store.put = real_put  # type: ignore[method-assign]
+    assert (await client.get("/v1/policies/m", headers=auth())).json()["sla"]["latency_ms"] == 250
+    assert (await client.get("/v1/policies/zz/decisions", headers=auth())).status_code == 404
+    r = await client.get("/v1/policies/m/decisions?limit=0", headers=auth())
+    assert r.status_code == 422

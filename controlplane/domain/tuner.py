@@ -1,0 +1,163 @@
+"""The fleet tuner's decision: pure, clock-injected (the time is an argument).
+
+Every round the control plane hands it one adaptive policy and the replicas' heartbeat stats
+for it; it answers with the policy's new `tuning` and why, or None when nothing should change.
+
+- **Seed**: t(b) fitted on every replica's recent (batch size, backend time) samples, at the
+  policy's percentile (the same estimator the replicas run). A replica that starts, or a
+  policy that is new, plans with the fleet's knowledge instead of a guess.
+- **Batch bound**: N replicas each see about 1/N of the traffic, so a replica fills a batch
+  N times slower than one proxy would. The largest batch worth waiting for is the one a replica
+  can fill and run within the SLA: fill time (b - 1) / (rate / N) + t(b) + margin <= SLA. The
+  bound never exceeds the operator's `batching.max_batch_size`.
+- **Margin**: the SLA allows (100 - percentile)% of requests to miss; the tuner aims for a tenth
+  of that, so bursts and noise stay inside the SLA. It widens the margin by half when the
+  fleet misses more, and narrows it by 15% when it misses less than a quarter of that
+  (larger batches, less backend work), within [2%, 50%] of the SLA.
+- Changes smaller than `MIN_CHANGE` (relative) are not pushed, and a policy is retuned at most
+  every `MIN_INTERVAL` seconds, so replicas do not churn through versions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.core.estimator import LatencyEstimator
+from mlproxy.policy import Policy, Tuning
+from mlproxy.replica import PolicyStats
+
+__all__ = ["MIN_INTERVAL", "MIN_SAMPLES", "Decision", "tune"]
+
+MIN_SAMPLES = 20  # batch samples across the fleet before a fit is trusted
+MIN_INTERVAL = 30.0  # seconds between two changes of one policy
+MIN_CHANGE = 0.10  # relative change of a value worth a new version
+DEFAULT_MARGIN = 0.10  # of the SLA, before the tuner knows better
+MARGIN_RANGE = (0.02, 0.50)
+
+
+@dataclass(frozen=True)
+class Decision:
+    policy: str
+    tuning: Tuning
+    reason: str
+    changes: dict[str, tuple[Any, Any]]  # field -> (old, new)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def _fit(samples: Sequence[tuple[int, float]], percentile: float) -> tuple[float, float] | None:
+    """(base ms, per-instance ms) at the percentile, or None with too few samples."""
+    if len(samples) < MIN_SAMPLES:
+        return None
+    est = LatencyEstimator(percentile=percentile, max_samples=max(2, len(samples)))
+    for size, ms in samples:
+        est.observe(size, ms / 1000.0, 0.0)
+    raw = est.fitted(0.0)  # the data's own fit, not blended with the default seed
+    assert raw is not None
+    return raw.base * 1000.0, raw.per_item * 1000.0
+
+
+def _differs(old: float | None, new: float | None) -> bool:
+    if old is None or new is None:
+        return old != new
+    return abs(new - old) > MIN_CHANGE * max(abs(old), 1e-9)
+
+
+def tune(
+    policy: Policy,
+    stats: Sequence[PolicyStats],
+    now: float,
+    last_change: float | None = None,
+) -> Decision | None:
+    """The new tuning for `policy` from its replicas' `stats`, or None to leave it."""
+    b = policy.batching
+    if b.mode != "adaptive" or not b.tune:
+        return None
+    if last_change is not None and now - last_change < MIN_INTERVAL:
+        return None
+    active = [s for s in stats if s.arrival_rate > 0 or s.batches > 0]
+    if not active:
+        return None
+    sla = policy.sla.latency_ms
+    old = policy.tuning or Tuning()
+    samples = [sample for s in active for sample in s.batch_samples]
+    fit = _fit(samples, policy.sla.percentile)
+    requests = sum(s.requests for s in active)
+    misses = sum(s.sla_misses for s in active)
+    total_rate = sum(s.arrival_rate for s in active)
+    replicas = len(active)
+    per_replica = total_rate / replicas
+    inputs: dict[str, Any] = {
+        "replicas": replicas,
+        "arrival_rate_total": round(total_rate, 3),
+        "arrival_rate_per_replica": round(per_replica, 3),
+        "requests": requests,
+        "sla_misses": misses,
+        "samples": len(samples),
+    }
+    reasons = []
+
+    # margin, from the misses
+    margin = old.margin_ms if old.margin_ms is not None else DEFAULT_MARGIN * sla
+    allowed = (100.0 - policy.sla.percentile) / 100.0
+    target = allowed / 10.0
+    if requests >= 100:
+        miss_rate = misses / requests
+        inputs["miss_rate"] = round(miss_rate, 6)
+        if miss_rate > target:
+            margin = margin * 1.5 + 0.01 * sla
+            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): wider margin")
+        elif miss_rate < target / 4:
+            margin = margin * 0.85
+            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): narrower margin")
+    margin = min(max(margin, MARGIN_RANGE[0] * sla), MARGIN_RANGE[1] * sla)
+
+    # seed and batch bound, from the fit
+    base, per_item = old.seed_base_ms, old.seed_per_item_ms
+    bound = old.max_batch_size
+    if fit is not None:
+        base, per_item = fit
+        inputs["fit_base_ms"] = round(base, 3)
+        inputs["fit_per_item_ms"] = round(per_item, 4)
+        if per_replica > 0:
+            rate_ms = per_replica / 1000.0  # requests per ms at one replica
+            room = sla - margin - base
+            useful = math.floor((1 + rate_ms * room) / (1 + rate_ms * per_item))
+            bound = max(1, min(b.max_batch_size, useful))
+            inputs["useful_batch"] = useful
+
+    new = Tuning(
+        max_batch_size=bound,
+        margin_ms=round(margin, 3),
+        seed_base_ms=None if base is None else round(base, 3),
+        seed_per_item_ms=None if per_item is None else round(per_item, 4),
+        replicas=replicas,
+        reason="",
+    )
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name in ("max_batch_size", "margin_ms", "seed_base_ms", "seed_per_item_ms"):
+        before, after = getattr(old, name), getattr(new, name)
+        if _differs(before, after):
+            changes[name] = (before, after)
+    if not changes:
+        return None
+    if "seed_base_ms" in changes or "seed_per_item_ms" in changes:
+        reasons.append(
+            f"fleet fit t(b) = {base:.1f} + {per_item:.2f}*b ms at "
+            f"p{policy.sla.percentile:g} from {len(samples)} samples"
+        )
+    if "max_batch_size" in changes:
+        reasons.append(
+            f"{replicas} replica(s) at {per_replica:.1f} req/s each fill at most "
+            f"{bound} within the SLA"
+        )
+    reason = "; ".join(reasons) or "first tuning"
+    return Decision(
+        policy=policy.name,
+        tuning=new.model_copy(update={"reason": reason[:1024]}),
+        reason=reason,
+        changes=changes,
+        inputs=inputs,
+    )

@@ -1,0 +1,103 @@
+"""The fleet tuner's decision, from replica stats: pure, explicit times."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from controlplane.domain.tuner import MIN_INTERVAL, tune
+from mlproxy.policy import Policy, Tuning
+from mlproxy.replica import PolicyStats
+
+
+def policy(mode: str = "adaptive", tuning: Tuning | None = None, **batching: Any) -> Policy:
+    return Policy.model_validate(
+        {
+            "name": "m",
+            "match": {"path": "/m"},
+            "backend": {"url": "http://b/m"},
+            "sla": {"latency_ms": 300, "percentile": 95},
+            "batching": {"mode": mode, "max_batch_size": 64, **batching},
+            "tuning": None if tuning is None else tuning.model_dump(),
+        }
+    )
+
+
+def stats(
+    rate: float, requests: int = 1000, misses: int = 0, n: int = 100, seed: int = 0
+) -> PolicyStats:
+    """One replica's heartbeat stats; its backend takes 20 ms + 2 ms per instance (+-5%)."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        size = rng.randint(1, 30)
+        samples.append((size, (20 + 2 * size) * rng.uniform(0.95, 1.05)))
+    return PolicyStats(
+        window_s=60,
+        requests=requests,
+        arrival_rate=rate,
+        sla_misses=misses,
+        batches=n,
+        mean_batch_size=15,
+        batch_samples=samples,
+    )
+
+
+def test_first_round_seeds_the_fit_and_bounds_the_batch_for_the_per_replica_rate() -> None:
+    d = tune(policy(), [stats(50, seed=1), stats(50, seed=2)], now=100.0)
+    assert d is not None
+    t = d.tuning
+    assert t.seed_base_ms == pytest.approx(20, abs=3)  # at p95 of +-5% noise: a bit above
+    assert t.seed_per_item_ms == pytest.approx(2.0, abs=0.2)
+    assert t.replicas == 2
+    # each replica sees 50 req/s: (b - 1) / 0.05 + t(b) + margin <= 300 ms -> b ~ 11
+    assert t.max_batch_size is not None and 9 <= t.max_batch_size <= 13
+    assert d.inputs["arrival_rate_total"] == 100 and d.inputs["arrival_rate_per_replica"] == 50
+    assert "fleet fit" in d.reason and "2 replica(s)" in d.reason
+    assert set(d.changes) >= {"seed_base_ms", "seed_per_item_ms", "max_batch_size"}
+
+
+def test_more_replicas_sharing_the_same_traffic_get_a_smaller_bound() -> None:
+    one = tune(policy(), [stats(100)], now=0.0)
+    four = tune(policy(), [stats(25, seed=i) for i in range(4)], now=0.0)
+    assert one is not None and four is not None
+    assert one.tuning.max_batch_size is not None and four.tuning.max_batch_size is not None
+    assert four.tuning.max_batch_size < one.tuning.max_batch_size
+
+
+def test_the_operators_bound_is_never_exceeded() -> None:
+    d = tune(policy(max_batch_size=8), [stats(1000)], now=0.0)
+    assert d is not None and d.tuning.max_batch_size == 8
+
+
+def test_misses_widen_the_margin_and_a_clean_record_narrows_it() -> None:
+    start = Tuning(margin_ms=30.0, seed_base_ms=20, seed_per_item_ms=2, max_batch_size=11)
+    worse = tune(policy(tuning=start), [stats(50, misses=20)], now=0.0)  # 2% > 0.5% aim
+    assert worse is not None and worse.tuning.margin_ms is not None
+    assert worse.tuning.margin_ms > 30.0
+    assert "wider margin" in worse.reason
+    better = tune(policy(tuning=start), [stats(50, misses=0)], now=0.0)
+    assert better is not None and better.tuning.margin_ms == pytest.approx(25.5)
+    assert "narrower margin" in better.reason
+
+
+def test_small_changes_are_not_pushed_and_changes_are_spaced() -> None:
+    first = tune(policy(), [stats(50)], now=0.0)
+    assert first is not None
+    again = policy(tuning=first.tuning)
+    # the same fleet a moment later, too few requests to judge the margin: nothing to push
+    calm = tune(again, [stats(50, requests=50)], now=100.0)
+    assert calm is None
+    assert tune(again, [stats(50, misses=200)], now=MIN_INTERVAL - 1, last_change=0.0) is None
+
+
+def test_only_adaptive_policies_that_allow_it_are_tuned() -> None:
+    assert tune(policy(mode="static"), [stats(50)], now=0.0) is None
+    assert tune(policy(tune=False), [stats(50)], now=0.0) is None
+    assert tune(policy(), [], now=0.0) is None  # no replica reports traffic
+    few = tune(policy(), [stats(50, n=5, requests=10)], now=0.0)
+    # too few samples to fit, too few requests to judge: only the default margin is set
+    assert few is not None and few.tuning.seed_base_ms is None
+    assert set(few.changes) == {"margin_ms"}
