@@ -90,7 +90,10 @@ def policy_for(mode: Mode, profile: Profile, config: ModeConfig = ModeConfig()) 
             "name": f"{profile.name}-{mode}",
             "match": {"path": "/v1/models/m:predict"},
             "backend": {"url": "http://model/v1/models/m:predict"},
-            "sla": {"latency_ms": profile.slo_ms, "percentile": 95},
+            "sla": {
+                "latency_ms": profile.slo_ms,
+                "percentile": 95,
+            },
             "batching": batching,
         }
     )

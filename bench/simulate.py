@@ -70,6 +70,31 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def summary(results: Sequence[dict[str, Any]]) -> str:
+    """One line per profile and trace: every mode's cost and SLA violations, adaptive's cuts."""
+    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in results:
+        groups.setdefault((row["profile"], row["trace"]), {})[row["mode"]] = row
+    modes = [m for m in MODES if any(m in g for g in groups.values())]
+    head = ["profile", "trace"]
+    head += [f"cost {m}" for m in modes] + [f"viol % {m}" for m in modes]
+    head += ["adaptive vs off: cost", "violations"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (profile, trace), by_mode in groups.items():
+        cells = [profile, trace]
+        cells += [f"{by_mode[m]['cost_pod_s']:g}" if m in by_mode else "" for m in modes]
+        cells += [f"{by_mode[m]['sla_violations_pct']:g}" if m in by_mode else "" for m in modes]
+        cut = reductions(list(by_mode.values()))
+        if cut:
+            v = cut["violations"]
+            cells.append(f"-{cut['cost']:.1f}%")
+            cells.append("n/a (off: 0)" if math.isnan(v) else f"-{v:.1f}%")
+        else:
+            cells += ["", ""]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     out: list[str] = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -168,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if not args.no_plots:
                 plot(runs, args.out / f"{profile.name}-{trace}.png")
-    table = markdown(rows)
+    table = summary(rows) + "\n\n" + markdown(rows)
     header = (
         f"Simulated {args.duration:g} s per run after a {args.warmup:g} s warm-up, seed "
         f"{args.seed}, cold start {args.cold_start:g} s, {args.replicas} proxy replica(s); "

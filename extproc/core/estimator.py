@@ -40,6 +40,9 @@ class LatencyModel:
 
 # Without data or a fleet fit: assume a slow backend, so that the first batches are dispatched
 # early rather than late.
+# The low percentile of observed / fitted that stands for "started at once, no queueing".
+FLOOR_PERCENTILE = 10.0
+
 DEFAULT_SEED = LatencyModel(base=0.100, per_item=0.0)
 
 
@@ -64,7 +67,8 @@ class LatencyEstimator:
         self.refit_every = refit_every  # seconds: ages move weights slowly, so refit rarely
         self._changes = 0  # samples or seed changed since the last fit
         self._samples: deque[tuple[float, int, float]] = deque(maxlen=max_samples)
-        self._fit: tuple[float, LatencyModel, float] | None = None  # (at, model, n_eff)
+        # (at, model at the percentile, n_eff, model at FLOOR_PERCENTILE)
+        self._fit: tuple[float, LatencyModel, float, LatencyModel] | None = None
 
     def observe(self, size: int, seconds: float, now: float) -> None:
         """One backend call of `size` instances took `seconds`."""
@@ -82,21 +86,21 @@ class LatencyEstimator:
         age = np.maximum(now - times, 0.0)
         return np.asarray(np.power(0.5, age / self.half_life))
 
-    def _fit_now(self, now: float) -> tuple[LatencyModel, float]:
+    def _fit_now(self, now: float) -> tuple[LatencyModel, float, LatencyModel]:
         fit = self._fit
         if fit is not None and self._fresh(fit[0], now):
-            return fit[1], fit[2]
+            return fit[1], fit[2], fit[3]
         self._changes = 0
         if not self._samples:
-            model, n_eff = self.seed, 0.0
+            model, n_eff, floor = self.seed, 0.0, self.seed
         else:
             data = np.asarray(self._samples, dtype=np.float64)
             times, sizes, secs = data[:, 0], data[:, 1], data[:, 2]
             w = self._weights(now, times)
             n_eff = float(w.sum() ** 2 / (w * w).sum()) if w.sum() > 0 else 0.0
-            model = self._fit_line(sizes, secs, w)
-        self._fit = (now, model, n_eff)
-        return model, n_eff
+            model, floor = self._fit_line(sizes, secs, w)
+        self._fit = (now, model, n_eff, floor)
+        return model, n_eff, floor
 
     def _fresh(self, fitted_at: float, now: float) -> bool:
         """Whether the last fit still stands: refitting costs a numpy pass over the samples,
@@ -107,7 +111,9 @@ class LatencyEstimator:
         changes = self._changes
         return changes == 0 or (changes < 8 and len(self._samples) > 32)
 
-    def _fit_line(self, sizes: np.ndarray, secs: np.ndarray, w: np.ndarray) -> LatencyModel:
+    def _fit_line(
+        self, sizes: np.ndarray, secs: np.ndarray, w: np.ndarray
+    ) -> tuple[LatencyModel, LatencyModel]:
         total = w.sum()
         mean_b = float((w * sizes).sum() / total)
         mean_t = float((w * secs).sum() / total)
@@ -121,8 +127,13 @@ class LatencyEstimator:
         # Backend noise grows with the batch time, so the margin is relative: the p-th
         # percentile of observed / fitted, applied to the whole line.
         fitted = np.maximum(intercept + slope * sizes, 1e-6)
-        factor = max(_weighted_percentile(secs / fitted, w, self.percentile), 0.0)
-        return LatencyModel(base=intercept * factor, per_item=slope * factor)
+        ratio = secs / fitted
+        factor = max(_weighted_percentile(ratio, w, self.percentile), 0.0)
+        low = max(_weighted_percentile(ratio, w, FLOOR_PERCENTILE), 0.0)
+        return (
+            LatencyModel(base=intercept * factor, per_item=slope * factor),
+            LatencyModel(base=intercept * low, per_item=slope * low),
+        )
 
     def fitted(self, now: float) -> LatencyModel | None:
         """The data's own fit at the percentile, without the seed; None with no samples."""
@@ -130,14 +141,22 @@ class LatencyEstimator:
             return None
         return self._fit_now(now)[0]
 
+    def floor(self, now: float) -> LatencyModel | None:
+        """The fit at a low percentile (FLOOR_PERCENTILE) of the samples: what a batch takes
+        when the backend starts it at once. A call much slower than this waited at the
+        backend. None with no samples."""
+        if not self._samples:
+            return None
+        return self._fit_now(now)[2]
+
     def confidence(self, now: float) -> float:
         """0 with no data, towards 1 with many recent samples."""
-        _, n_eff = self._fit_now(now)
+        n_eff = self._fit_now(now)[1]
         return n_eff / (n_eff + self.prior_strength)
 
     def model(self, now: float) -> LatencyModel:
         """The blend of the data's fit and the seed, by confidence."""
-        fitted, n_eff = self._fit_now(now)
+        fitted, n_eff, _ = self._fit_now(now)
         k = n_eff / (n_eff + self.prior_strength)
         return LatencyModel(
             base=k * fitted.base + (1 - k) * self.seed.base,

@@ -10,6 +10,14 @@
   backend does the least work. Objective `latency`: also send whenever the backend has a free
   slot. A request whose deadline cannot be met even if sent alone now is shed (`on_late="shed"`)
   or sent at once, best effort (`on_late="best_effort"`); either way it is an SLA miss.
+
+  How many of its batches may run at once is learnt too, up to the policy's `max_in_flight`
+  (TCP-like): a batch that took far longer than the backend's uncongested time for its size
+  (`LatencySource.floor`) waited at the backend, so the limit shrinks (x0.7, at most once per
+  round trip); a clean batch sent while the limit was in use grows it by one. Without this,
+  a saturated backend makes every batch slow, the deadlines then force ever smaller batches,
+  which load the backend more: with the limit, requests wait in the queue instead and the
+  batches grow, which is what a saturated backend needs.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ class LatencySource(Protocol):
         """A batch of `size` instances took `seconds` at the backend."""
         ...
 
+    def floor(self, now: float) -> LatencyModel | None:
+        """What a batch takes when the backend starts it at once (None: not known yet)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class FixedLatency:
@@ -46,6 +58,9 @@ class FixedLatency:
 
     def observe(self, size: int, seconds: float, now: float) -> None:
         pass
+
+    def floor(self, now: float) -> LatencyModel | None:
+        return self.latency
 
 
 @dataclass(slots=True)
@@ -123,6 +138,14 @@ OnLate = Literal["shed", "best_effort"]
 Objective = Literal["cost", "latency"]
 
 
+# The in-flight limit: where it starts, how it shrinks, and what counts as congestion
+# (slower than CONGESTED x the uncongested time, plus CONGESTED_SLACK seconds).
+INITIAL_IN_FLIGHT = 2
+DECREASE = 0.7
+CONGESTED = 1.5
+CONGESTED_SLACK = 0.001
+
+
 class AdaptiveRule:
     def __init__(
         self,
@@ -133,17 +156,33 @@ class AdaptiveRule:
         margin: float = 0.0,
         objective: Objective = "cost",
         on_late: OnLate = "best_effort",
+        learn_in_flight: bool = True,
     ) -> None:
         _check_bounds(max_batch_size, max_in_flight, max_queue)
         if not (margin >= 0 and math.isfinite(margin)):
             raise ValueError("margin must be a finite number of seconds, not negative")
         self.latency = latency
         self.max_batch_size = max_batch_size
-        self.max_in_flight = max_in_flight
+        self.in_flight_bound = max_in_flight
         self.max_queue = max_queue
         self.margin = margin
         self.objective = objective
         self.on_late = on_late
+        self.learn_in_flight = learn_in_flight
+        self.limit = float(
+            min(max_in_flight, INITIAL_IN_FLIGHT) if learn_in_flight else max_in_flight
+        )
+        self._peak = 0  # most batches in flight at once since the limit last changed
+        self._cut_at = -math.inf
+
+    @property
+    def max_in_flight(self) -> int:
+        return max(1, int(self.limit))
+
+    def adopt(self, previous: AdaptiveRule) -> None:
+        """Carry over what `previous` learnt about the backend's concurrency."""
+        self.limit = min(previous.limit, float(self.in_flight_bound))
+        self._cut_at = previous._cut_at
 
     def plan(self, queue: QueueView, now: float) -> Plan:
         t = self.latency.model(now).predict
@@ -184,11 +223,24 @@ class AdaptiveRule:
             reason = "deadline"
         else:
             return WaitUntil(latest)
+        self._peak = max(self._peak, queue.in_flight + 1)
         return Send(reason, cap, lambda size: now + t(size))
 
     def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
-        if ok:
-            self.latency.observe(size, seconds, now)
+        if not ok:
+            return
+        floor = self.latency.floor(now)  # before this sample moves it
+        self.latency.observe(size, seconds, now)
+        if not self.learn_in_flight or floor is None:
+            return
+        if seconds > CONGESTED * floor.predict(size) + CONGESTED_SLACK:
+            if now - self._cut_at >= seconds:  # once per round trip
+                self.limit = max(1.0, self.limit * DECREASE)
+                self._cut_at = now
+                self._peak = 0
+        elif self._peak >= self.max_in_flight and self.limit < self.in_flight_bound:
+            self.limit = min(self.limit + 1.0, float(self.in_flight_bound))
+            self._peak = 0
 
     def answered(self, latency: float, now: float) -> None:
         pass

@@ -117,7 +117,7 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
         margin_ms = tuning.margin_ms
     if margin_ms is None:
         margin_ms = 0.10 * policy.sla.latency_ms
-    return AdaptiveRule(
+    rule = AdaptiveRule(
         estimator,
         cap,
         b.max_in_flight,
@@ -126,6 +126,9 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
         objective=b.objective,
         on_late=b.on_late,
     )
+    if isinstance(previous, AdaptiveRule):
+        rule.adopt(previous)
+    return rule
 
 
 def _queue_full(policy: Policy) -> ProxyError:

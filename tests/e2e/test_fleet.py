@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from mlproxy.client import ApiError, Client
+from mlproxy.demo import random_inputs
 from mlproxy.stack import Stack
 from tests.servers import EchoBackend
 from tests.tcp_proxy import ThreadedTcpProxy
@@ -395,3 +396,97 @@ def test_policy_cli_apply_get_edit_delete_and_replicas(
     )
     r = cli(fleet, "policy", "apply", "-f", str(bad))
     assert r.returncode == 1 and "batching.max_batch_size" in r.stderr
+
+
+class ModelTraffic:
+    """Distinct inputs to the demo model through Envoy, in a background thread; every answer is
+    compared with the model's own unbatched answer for that input, and the batch size MLProxy
+    reports is recorded with the time it arrived."""
+
+    def __init__(self, stack: Stack, path: str, concurrency: int = 16, inputs: int = 64) -> None:
+        self.url = stack.envoy_url + path
+        self.concurrency = concurrency
+        rows = random_inputs(inputs, seed=7)
+        self.expected = []
+        for x in rows:  # the model's own answer, straight from it, one input at a time
+            req = urllib.request.Request(
+                stack.model_url + path,
+                data=json.dumps({"instances": [x]}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as r:
+                self.expected.append(json.loads(r.read())["predictions"][0])
+        self.inputs = rows
+        self.sizes: list[tuple[float, int]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+            async def worker(w: int) -> None:
+                n = w
+                while not self._stop.is_set():
+                    i = n % len(self.inputs)
+                    n += self.concurrency
+                    try:
+                        async with session.post(
+                            self.url, json={"instances": [self.inputs[i]]}
+                        ) as r:
+                            data = await r.read()
+                            if r.status != 200:
+                                self.failures.append(f"{r.status} {data[:200]!r}")
+                                continue
+                            [got] = json.loads(data)["predictions"]
+                            if got != self.expected[i]:
+                                self.failures.append(f"input {i}: {got} != {self.expected[i]}")
+                            size = int(r.headers["x-mlproxy-batch-size"])
+                            self.sizes.append((time.monotonic(), size))
+                    except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as err:
+                        self.failures.append(repr(err))
+
+            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
+
+    def mean_size(self, since: float, until: float) -> float:
+        sizes = [s for t, s in self.sizes if since <= t < until]
+        assert sizes, "no answers in that window"
+        return sum(sizes) / len(sizes)
+
+    def __enter__(self) -> ModelTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(20)
+
+
+def test_a_live_mode_change_changes_batch_sizes_without_failed_requests(
+    fleet: Stack, api: Client
+) -> None:
+    """The demo model through Envoy and 3 replicas: off -> static -> adaptive -> off, live."""
+    path = "/v1/models/demo:predict"  # more specific than the demo policy's template: wins
+    policy: dict[str, Any] = {
+        "match": {"path": path},
+        "backend": {"url": fleet.model_url + path, "timeout_ms": 5000},
+        "sla": {"latency_ms": 250, "percentile": 95},
+        "batching": {"mode": "off", "max_batch_size": 32, "max_wait_ms": 20},
+    }
+    rolled_out(api, "modes", policy)
+    windows: dict[str, tuple[float, float]] = {}
+    with ModelTraffic(fleet, path, concurrency=24) as traffic:
+        for mode in ("off", "static", "adaptive", "off"):
+            policy["batching"]["mode"] = mode
+            rolled_out(api, "modes", policy)
+            start = time.monotonic() + 0.5  # requests queued under the old mode have left
+            time.sleep(2.0)
+            windows[mode if mode not in windows else "off again"] = (start, time.monotonic())
+    api.delete_policy("modes")
+    assert traffic.failures == []
+    mean = {mode: traffic.mean_size(*w) for mode, w in windows.items()}
+    print("mean batch size by mode:", {m: round(v, 2) for m, v in mean.items()})
+    assert mean["off"] == 1.0 and mean["off again"] == 1.0
+    assert mean["static"] > 1.5
+    # adaptive holds requests until their deadlines near: larger batches than a 20 ms wait
+    assert mean["adaptive"] > mean["static"]

@@ -105,8 +105,9 @@ def test_router_most_specific_wins_and_replace_clears_the_cache() -> None:
 
 def test_the_example_policy_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
-    (p,) = load_policy_file(root / "examples" / "policies.yaml")
-    assert p.name == "kserve-models"
+    adaptive, static = load_policy_file(root / "examples" / "policies.yaml")
+    assert (adaptive.name, adaptive.batching.mode) == ("iris", "adaptive")
+    assert (static.name, static.batching.mode) == ("kserve-models", "static")
 
 
 def test_router_orders_by_variables_then_literal_length_then_name() -> None:

@@ -29,8 +29,9 @@ def adaptive(
         in_flight,
         10_000,
         margin,
-        objective,
-        on_late,  # type: ignore[arg-type]
+        objective,  # type: ignore[arg-type]
+        on_late,
+        learn_in_flight=False,  # a fixed limit: these tests are about deadlines
     )
 
 
@@ -265,3 +266,68 @@ def test_shedding_drops_only_what_could_not_be_met(
         e.item for _, d in sent for e in d.entries
     }
     assert gone == {e.item for e in entries if e.state is not EntryState.CANCELLED}
+
+
+class _Backend:
+    """Latency source for the in-flight tests: uncongested t(b) = MODEL."""
+
+    def model(self, now: float) -> LatencyModel:
+        return MODEL
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        pass
+
+    def floor(self, now: float) -> LatencyModel:
+        return MODEL
+
+
+def test_in_flight_limit_starts_low_and_grows_while_batches_come_back_clean() -> None:
+    rule = AdaptiveRule(_Backend(), 4, 8, 1_000, objective="latency")
+    q: BatchQueue[int] = BatchQueue(rule)
+    assert rule.max_in_flight == 2
+    sent = []
+    for i in range(3):
+        q.offer(i, 1, 0.0, 1.0)
+        action = q.poll(0.0)
+        if isinstance(action, Dispatch):
+            sent.append(action)
+    assert len(sent) == 2 and q.poll(0.0) is None  # the third waits for a slot
+    q.done(sent[0], MODEL.predict(1), True, 0.011)  # as fast as uncongested: grow
+    assert rule.max_in_flight == 3
+    third = q.poll(0.011)
+    assert isinstance(third, Dispatch)
+
+
+def test_a_congested_backend_shrinks_the_limit_once_per_round_trip_and_batches_grow() -> None:
+    rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+    rule.limit = 8.0
+    q: BatchQueue[int] = BatchQueue(rule)
+    batches = []
+    for i in range(8):
+        q.offer(i, 1, 0.0, 10.0)
+        action = q.poll(0.0)
+        assert isinstance(action, Dispatch)
+        batches.append(action)
+    q.done(batches[0], 0.100, True, 0.100)  # 9x the uncongested 11 ms: it waited
+    assert rule.limit == pytest.approx(5.6)
+    q.done(batches[1], 0.100, True, 0.101)  # the same congestion, same round trip
+    assert rule.limit == pytest.approx(5.6)
+    q.done(batches[2], 0.200, True, 0.301)  # a round trip later: again
+    assert rule.max_in_flight == 3
+    for i in range(10):  # 5 still in flight, over the new limit: arrivals gather
+        q.offer(100 + i, 1, 0.3, 10.0)
+        assert q.poll(0.3) is None
+    for b in batches[3:6]:
+        q.done(b, 0.011, True, 0.31)
+    big = q.poll(0.31)
+    assert isinstance(big, Dispatch) and big.size == 10  # one batch of everything queued
+
+
+def test_failed_batches_teach_nothing_and_the_limit_keeps_its_bounds() -> None:
+    rule = AdaptiveRule(_Backend(), 4, 1, 1_000)
+    assert rule.max_in_flight == 1  # the policy's bound is below the initial limit
+    rule.completed(1, 9.0, "deadline", False, 1.0)
+    assert rule.limit == 1.0
+    for t in range(10):
+        rule.completed(1, 9.0, "deadline", True, float(t) * 10)
+    assert rule.max_in_flight == 1  # never below one
