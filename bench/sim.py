@@ -16,7 +16,8 @@ service (DESIGN.md section 6), the same for every mode:
   the first waiting batch asks for one at once (the activator);
 - the service starts with one ready pod (Knative's initial-scale default);
 - cost is ready-pod-seconds (the paper's mean ready replicas times the duration); a pod being
-  removed stops counting when it has finished its batch.
+  removed stops counting when it has finished its batch; `cold_starts` counts the pods
+  started (one cancelled before it was ready included).
 
 Latency is measured from a request's arrival at the proxy to the end of its batch; a request
 misses the SLA when that exceeds the profile's SLO. The proxy's own overhead is not modelled
@@ -68,8 +69,9 @@ class ModeConfig:
     - `aimd` is the paper's algorithm with max_bs 20;
     - `adaptive` plans to finish 10% of the SLO before each deadline (the policy default) and
       learns t(b) from nothing (the conservative default seed), objective `cost`;
-    - no mode limits batches in flight (the paper's proxy does not), so the backend's
-      autoscaler sees all the concurrency.
+    - the policy's `max_in_flight` is high enough never to bind: the baselines send every
+      batch at once (the paper's proxy does), so the autoscaler sees all their concurrency;
+      `adaptive` learns its own limit below it (part of the algorithm, see `rules.py`).
     """
 
     max_batch_size: int = 20
@@ -121,6 +123,7 @@ class SimResult:
 
     @property
     def mean_pods(self) -> float:
+        """Ready pods on average over the measured time (the trace, and the drain after it)."""
         return self.pod_seconds / self.duration
 
     @property
@@ -349,6 +352,8 @@ def simulate(
                 push(now + tick, "tick")
     end = max(duration + warmup, last_done)
     be.account(end)
+    if np.isnan(latency).any():  # a request neither answered nor shed: a simulator bug
+        raise RuntimeError(f"{int(np.isnan(latency).sum())} requests were never answered")
     result = SimResult(
         trace=trace,
         profile=profile.name,

@@ -15,7 +15,8 @@ for it; it answers with the policy's new `tuning` and why, or None when nothing 
   fleet misses more, and narrows it by 15% when it misses less than a quarter of that
   (larger batches, less backend work), within [2%, 50%] of the SLA.
 - Changes smaller than `MIN_CHANGE` (relative) are not pushed, and a policy is retuned at most
-  every `MIN_INTERVAL` seconds, so replicas do not churn through versions.
+  every `MIN_INTERVAL` seconds (the replicas' stats window), so replicas do not churn through
+  versions and one burst of misses is not answered twice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from mlproxy.replica import PolicyStats
 __all__ = ["MIN_INTERVAL", "MIN_SAMPLES", "Decision", "tune"]
 
 MIN_SAMPLES = 20  # batch samples across the fleet before a fit is trusted
-MIN_INTERVAL = 30.0  # seconds between two changes of one policy
+MIN_INTERVAL = 60.0  # seconds between two changes of one policy: the replicas' stats window,
+# so that each decision sees misses made under the previous one, not the same burst twice
 MIN_CHANGE = 0.10  # relative change of a value worth a new version
 DEFAULT_MARGIN = 0.10  # of the SLA, before the tuner knows better
 MARGIN_RANGE = (0.02, 0.50)
@@ -99,11 +101,13 @@ def tune(
     }
     reasons = []
 
-    # margin, from the misses
+    # margin, from the misses (unless the operator fixed it: then the tuner's would be ignored)
     margin = old.margin_ms if old.margin_ms is not None else DEFAULT_MARGIN * sla
+    if b.margin_ms is not None:
+        margin = b.margin_ms
     allowed = (100.0 - policy.sla.percentile) / 100.0
     target = allowed / 10.0
-    if requests >= 100:
+    if requests >= 100 and b.margin_ms is None:
         miss_rate = misses / requests
         inputs["miss_rate"] = round(miss_rate, 6)
         if miss_rate > target:
@@ -130,7 +134,7 @@ def tune(
 
     new = Tuning(
         max_batch_size=bound,
-        margin_ms=round(margin, 3),
+        margin_ms=None if b.margin_ms is not None else round(margin, 3),
         seed_base_ms=None if base is None else round(base, 3),
         seed_per_item_ms=None if per_item is None else round(per_item, 4),
         replicas=replicas,

@@ -65,8 +65,8 @@ class PrometheusMetrics:
         )
         self.sla_misses = Counter(
             "mlproxy_sla_misses",
-            "Queued requests answered after their deadline (the policy's SLA latency, or "
-            "less if the client asked), or shed because it could not be met.",
+            "Queued requests answered later than the policy's SLA latency, or shed because "
+            "it could not be met (not those that only missed a tighter deadline of their own).",
             ["policy"],
             registry=r,
         )

@@ -127,8 +127,14 @@ class ExtProcServicer:
         except asyncio.CancelledError:
             ticket.cancel()
             raise
+        # An SLA miss is a reply later than the policy's SLA, or a request shed although it
+        # asked for no less than the SLA: a client that asks for less than the policy promises
+        # is served by its own deadline, but does not count against the policy (nor make the
+        # fleet tuner widen everyone's margin).
         now = self._pool.clock.now()
-        missed = now > ticket.deadline or reply.outcome == ErrorKind.DEADLINE.outcome
+        sla = policy.sla.latency_ms / 1000
+        shed = reply.outcome == ErrorKind.DEADLINE.outcome
+        missed = now - ticket.arrival > sla or (shed and (budget is None or budget >= sla))
         self._metrics.request_answered(policy.name, now - ticket.arrival, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
         return reply, wait

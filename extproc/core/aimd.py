@@ -69,21 +69,30 @@ class Aimd:
             self._dispatches.popleft()
 
     def maybe_adjust(self, now: float) -> bool:
-        """Apply the AIMD step if 30 s have passed since the last one; True if it ran."""
+        """Apply the AIMD step for every 30 s period that has ended; True if any did. (The
+        paper's loop wakes every 30 s; here the periods that ended while nobody asked, e.g.
+        during an idle spell, are applied when the next request comes.)"""
         if self._last_adjust is None:
             self._last_adjust = now  # the first 30 s period starts with the first request
-        if now - self._last_adjust < ADJUST_EVERY:
-            return False
-        self._last_adjust = now
+        ran = False
+        behind = int((now - self._last_adjust) // ADJUST_EVERY)
+        if behind > 64:  # a long idle spell: the early periods would all be the same +5
+            self._last_adjust += (behind - 64) * ADJUST_EVERY
+        while now - self._last_adjust >= ADJUST_EVERY:
+            self._last_adjust += ADJUST_EVERY
+            self._step(self._last_adjust)
+            ran = True
+        return ran
+
+    def _step(self, now: float) -> None:
         self._trim(now)
-        recent = [d for d in self._dispatches if d.at >= now - DECISION_WINDOW]
-        latencies = [s for _, s in self._latencies]
+        recent = [d for d in self._dispatches if now - DECISION_WINDOW <= d.at <= now]
+        latencies = [s for at, s in self._latencies if at <= now]
         too_slow = bool(latencies) and _p95(latencies) >= 0.8 * self.slo
         timer_bound = bool(recent) and sum(d.by_timer for d in recent) >= 0.5 * len(recent)
         bs = self.batch_size
         bs = min(int(0.7 * bs), bs - 1) if too_slow or timer_bound else bs + 5
         self.batch_size = max(1, min(bs, self.max_batch_size))
-        return True
 
     def upstream_p95(self, size: int, now: float) -> float:
         self._trim(now)

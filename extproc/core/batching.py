@@ -245,6 +245,10 @@ class BatchQueue(Generic[T]):
         fifo = self._fifo
         while fifo and fifo[0].state is not EntryState.QUEUED:
             fifo.popleft()
+        if len(fifo) > 2 * self._queued + 64:
+            # One old request with a late deadline must not keep every request sent after it
+            # (and its body) alive: drop the ones that left.
+            self._fifo = deque(e for e in fifo if e.state is EntryState.QUEUED)
 
     def live(self) -> Iterator[Entry[object]]:
         order = self._order

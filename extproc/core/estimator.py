@@ -82,10 +82,6 @@ class LatencyEstimator:
         self._fit = None
         self._changes = 0
 
-    def _weights(self, now: float, times: np.ndarray) -> np.ndarray:
-        age = np.maximum(now - times, 0.0)
-        return np.asarray(np.power(0.5, age / self.half_life))
-
     def _fit_now(self, now: float) -> tuple[LatencyModel, float, LatencyModel]:
         fit = self._fit
         if fit is not None and self._fresh(fit[0], now):
@@ -96,9 +92,17 @@ class LatencyEstimator:
         else:
             data = np.asarray(self._samples, dtype=np.float64)
             times, sizes, secs = data[:, 0], data[:, 1], data[:, 2]
-            w = self._weights(now, times)
-            n_eff = float(w.sum() ** 2 / (w * w).sum()) if w.sum() > 0 else 0.0
-            model, floor = self._fit_line(sizes, secs, w)
+            # Weights relative to the newest sample (which weighs 1), so that they never all
+            # underflow to zero however long the queue was idle; the idle time itself lowers
+            # the confidence instead, so stale data gives way to the seed.
+            newest = float(times.max())
+            w = np.power(0.5, np.maximum(newest - times, 0.0) / self.half_life)
+            idle = max(now - newest, 0.0)
+            n_eff = float(w.sum() ** 2 / (w * w).sum()) * 0.5 ** (idle / self.half_life)
+            try:
+                model, floor = self._fit_line(sizes, secs, w)
+            except ValueError:  # not finite: never poison the rule with it
+                model, n_eff, floor = self.seed, 0.0, self.seed
         self._fit = (now, model, n_eff, floor)
         return model, n_eff, floor
 

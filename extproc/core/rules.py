@@ -119,7 +119,7 @@ class AimdRule:
         oldest = queue.oldest_arrival()
         if oldest is None:
             return None
-        due = oldest + aimd.timeout(queue.queued, now)
+        due = oldest + aimd.timeout(queue.queued_size, now)  # q in instances, like bs
         if now + EPSILON >= due:
             return Send("timer", bs)
         # The timeout shrinks as the queue grows and moves every 30 s: bound the wait so that

@@ -284,6 +284,31 @@ class Batcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _pump(self) -> None:
+        try:
+            self._pump_once()
+        except Exception:
+            # A bug in a dispatch rule must not leave clients waiting on a queue nobody polls:
+            # answer everything queued with 500 and start afresh.
+            log.exception(
+                "policy %s: dispatch rule failed; failing its queued requests", self.policy.name
+            )
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        error = Reply.from_error(
+            ProxyError(ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log")
+        )
+        for entry in list(self._queue.live()):
+            ticket: Ticket = entry.item  # type: ignore[assignment]
+            if self._queue.cancel(entry):  # type: ignore[arg-type]
+                self._queued(-1)
+                if not ticket.future.done():
+                    ticket.future.set_result(error)
+        self._stop_timer()
+        if self.idle:
+            self._on_idle(self)
+
+    def _pump_once(self) -> None:
         now = self.clock.now()
         while True:
             action = self._queue.poll(now, flush=self._flushing)
@@ -364,11 +389,18 @@ class Batcher:
             raise
         finally:
             now = self.clock.now()
-            self._queue.done(dispatch, now - started, ok, now)
+            try:
+                self._queue.done(dispatch, now - started, ok, now)
+            except Exception:  # the rule failed to learn from it; the slot is free anyway
+                log.exception("policy %s: dispatch rule failed on a finished batch", policy.name)
         for ticket, reply in zip(tickets, replies, strict=True):
             if not ticket.future.done():
                 ticket.future.set_result(reply)
-            self._queue.answered(now - ticket.arrival, now)
+        try:
+            for ticket in tickets:
+                self._queue.answered(now - ticket.arrival, now)
+        except Exception:
+            log.exception("policy %s: dispatch rule failed on an answer", policy.name)
         self._pump()
 
 
@@ -388,6 +420,7 @@ class BatcherPool:
         self._draining: set[Batcher] = set()
         self._depth: dict[str, int] = {}
         self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
+        self._current: dict[str, Policy] = {}  # by name, as last applied
         self._flushing = False
 
     def __len__(self) -> int:
@@ -417,6 +450,17 @@ class BatcherPool:
         if self._flushing:
             raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
         policy = route.policy
+        current = self._current.get(policy.name)
+        if (
+            current is not None
+            and current is not policy
+            and current.backend.url == policy.backend.url
+            and current.codec == policy.codec
+        ):
+            # Resolved just before a change was applied: batch it under the current version,
+            # never bring the old one back.
+            policy = current
+            route = Route(current, route.backend_url)
         if self._depth.get(policy.name, 0) >= policy.batching.max_queue:
             raise _queue_full(policy)  # one bound per policy, however many queues it has
         key = (*route.key, parsed.compat)
@@ -434,6 +478,8 @@ class BatcherPool:
                 self.rule(key, policy),
             )
             self._batchers[key] = batcher
+        elif key in self._rules:
+            self._rules.move_to_end(key)  # in use: the last to be forgotten
         now = self.clock.now()
         sla = policy.sla.latency_ms / 1000.0
         ticket = Ticket(parsed, future, now, now + (sla if budget is None else min(sla, budget)))
@@ -445,6 +491,7 @@ class BatcherPool:
         """New parameters apply between batches; a batcher whose policy or route is gone stops
         taking requests and finishes what it has."""
         by_name = {p.name: p for p in policies}
+        self._current = by_name
         for key, batcher in list(self._batchers.items()):
             policy = by_name.get(batcher.policy.name)
             if (

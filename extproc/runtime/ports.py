@@ -33,7 +33,7 @@ class Metrics(Protocol):
 
     def request_answered(self, policy: str, latency: float, missed: bool) -> None:
         """A queued request got its reply `latency` seconds after arrival; `missed` if that
-        was past its deadline, or it was shed because it could not be met."""
+        was later than the policy's SLA, or it was shed because it could not be met."""
         ...
 
     def batch_done(

@@ -487,6 +487,7 @@ def test_a_live_mode_change_changes_batch_sizes_without_failed_requests(
     mean = {mode: traffic.mean_size(*w) for mode, w in windows.items()}
     print("mean batch size by mode:", {m: round(v, 2) for m, v in mean.items()})
     assert mean["off"] == 1.0 and mean["off again"] == 1.0
+    # Closed-loop clients: a batch holds at most the clients waiting at that replica, so the
+    # batching modes are compared with off, not with each other.
     assert mean["static"] > 1.5
-    # adaptive holds requests until their deadlines near: larger batches than a 20 ms wait
-    assert mean["adaptive"] > mean["static"]
+    assert mean["adaptive"] > 1.5

@@ -222,3 +222,68 @@ async def test_drain_delay_keeps_serving_while_reporting_not_serving(
         r = await infer(ch, {"instances": [{"id": "during-drain"}]})  # still answered
         assert json.loads(r.body) == {"predictions": [{"echo": "during-drain"}]}
         await stopping
+
+
+async def infer_with(channel: grpc.aio.Channel, doc: Any, **extra: str) -> ep.ImmediateResponse:
+    stream = call(channel)
+    await stream.write(headers_msg("/v1/models/m:predict", **extra))
+    first = ep.ProcessingResponse.parse(await stream.read())
+    if first.immediate_response is not None:  # refused at the headers
+        return first.immediate_response
+    await stream.write(body_msg(doc))
+    resp = ep.ProcessingResponse.parse(await stream.read())
+    assert resp.immediate_response is not None
+    return resp.immediate_response
+
+
+def sla_misses(server: ExtProcServer) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith('mlproxy_sla_misses_total{policy="echo"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_deadline_header_tightens_and_shedding_counts_only_policy_misses(
+    server: ExtProcServer, channel: grpc.aio.Channel, echo_backend: EchoBackend
+) -> None:
+    """Adaptive with `on_late: shed`; the estimator starts from its conservative 100 ms seed."""
+    server.apply_policies(
+        policies(echo_backend.url, mode="adaptive", on_late="shed")  # SLA: 1000 ms
+    )
+    bad = await infer_with(channel, {"instances": [1]}, **{"x-mlproxy-deadline-ms": "soon"})
+    assert bad.status is not None and bad.status.code == 400
+    assert "x-mlproxy-deadline-ms" in json.loads(bad.body)["error"]
+    # the client asks for 20 ms: impossible for a 100 ms backend, so shed, but no SLA miss
+    shed = await infer_with(channel, {"instances": [1]}, **{"x-mlproxy-deadline-ms": "20"})
+    assert shed.status is not None and shed.status.code == 503
+    assert "deadline cannot be met" in json.loads(shed.body)["error"]
+    assert sla_misses(server) == 0
+    # a client asking for 300 ms of a 1 s SLA is sent early enough for its own deadline
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    ok = await infer_with(channel, {"instances": [{"id": "q"}]}, **{"x-mlproxy-deadline-ms": "300"})
+    assert ok.status is not None and ok.status.code == 200
+    assert json.loads(ok.body) == {"predictions": [{"echo": "q"}]}
+    assert loop.time() - start < 0.300
+    # the policy's own SLA cannot be met: shed, and that is a miss
+    server.apply_policies(
+        parse_policies(
+            {
+                "policies": [
+                    {
+                        **{
+                            k: v
+                            for k, v in policies(echo_backend.url)[0].model_dump().items()
+                            if k not in ("version", "created_at", "updated_at", "tuning")
+                        },
+                        "sla": {"latency_ms": 5},
+                        "batching": {"mode": "adaptive", "on_late": "shed"},
+                    }
+                ]
+            }
+        )
+    )
+    shed = await infer_with(channel, {"instances": [1]})
+    assert shed.status is not None and shed.status.code == 503
+    assert sla_misses(server) == 1

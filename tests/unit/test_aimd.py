@@ -79,3 +79,12 @@ def test_the_first_period_starts_with_the_first_request() -> None:
     assert not a.maybe_adjust(1_000.0)  # a monotonic clock far from zero: no step yet
     assert a.batch_size == 1
     assert a.maybe_adjust(1_030.0)
+
+
+def test_periods_that_ended_while_idle_are_applied_in_order() -> None:
+    a = Aimd(slo=1.0, max_batch_size=20, initial=1, start=0.0)
+    for t in range(25):  # every dispatch timer-triggered: the first period shrinks
+        a.record_dispatch(1, 0.05, by_timer=True, now=float(t))
+    assert a.maybe_adjust(95.0)  # three periods ended: at 30 (shrink), 60 and 90 (no data)
+    assert a.batch_size == 1 + 5 + 5
+    assert not a.maybe_adjust(100.0)

@@ -225,3 +225,17 @@ def test_cancelled_requests_do_not_pile_up_behind_a_blocked_queue() -> None:
         q.cancel(entry)
     assert len(q._order) - q._lo <= 33 and len(q._fifo) <= 33
     assert q.queued == 0
+
+
+def test_one_patient_request_does_not_keep_the_requests_sent_after_it() -> None:
+    """EDF lets urgent requests overtake an old one with a late deadline; what they leave
+    behind in the arrival-order index must not grow while it waits."""
+    q: BatchQueue[int] = BatchQueue(limits(batch=4, in_flight=10_000, queue=100))
+    q.offer(-1, 1, 0.0, 60.0)  # patient: a minute
+    for i in range(0, 40_000, 4):
+        for j in range(4):
+            q.offer(i + j, 1, 0.0, 0.050)  # urgent ones overtake it, four at a time
+        action = q.poll(0.0)
+        assert isinstance(action, Dispatch) and -1 not in action.items
+    assert q.queued == 1
+    assert len(q._fifo) <= 2 * q.queued + 64 + 4

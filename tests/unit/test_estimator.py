@@ -116,3 +116,18 @@ def test_predictions_are_finite_non_negative_and_grow_with_batch_size(
     assert all(math.isfinite(p) and p >= 0 for p in preds)
     assert preds == sorted(preds)
     assert 0.0 <= est.confidence(now) < 1.0
+
+
+def test_a_long_idle_period_falls_back_to_the_seed_without_breaking() -> None:
+    """Ten hours without traffic: weights must not underflow into NaN (a broken estimator
+    would fail every later request of the policy)."""
+    seed = LatencyModel(0.050, 0.001)
+    est = LatencyEstimator(seed=seed, half_life=60.0)
+    for i in range(200):
+        est.observe(1 + i % 8, 0.010 + 0.002 * (1 + i % 8), float(i) / 10)
+    assert est.predict(4, 20.0) < 0.030  # learnt: much faster than the seed
+    later = 10 * 3600.0
+    assert est.confidence(later) < 1e-6
+    assert est.predict(4, later) == pytest.approx(seed.predict(4), rel=1e-3)
+    est.observe(4, 0.018, later)  # and it learns again from there
+    assert est.model(later).base >= 0

@@ -10,6 +10,7 @@ import pytest
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
+from extproc.core.rules import StaticRule
 from extproc.runtime.batcher import BatcherPool, BatchExecutor, Reply
 from mlproxy.errors import ProxyError
 from mlproxy.policy import Policy, Router
@@ -303,3 +304,34 @@ async def test_mode_changes_live_and_the_learnt_model_survives_idle_batchers() -
     futs = [h.submit([{"id": i}])[0] for i in range(2)]
     await asyncio.wait_for(asyncio.gather(*futs), 2)
     assert [len(c) for c in h.backend.calls[-2:]] == [1, 1]
+
+
+async def test_a_failing_dispatch_rule_answers_500_and_leaves_nothing_queued() -> None:
+    class Broken(StaticRule):
+        def plan(self, queue: Any, now: float) -> Any:
+            raise RuntimeError("a bug in a rule")
+
+    h = Harness(make_policy())
+    h.pool.rule = lambda key, policy: Broken(8, 1.0, 2, 100)  # type: ignore[method-assign]
+    fut, _ = h.submit([{"id": 1}])
+    reply = await asyncio.wait_for(fut, 1)
+    assert reply.status == 500 and "internal error" in json.loads(reply.body)["error"]
+    assert h.pool._depth == {"echo": 0}
+    assert len(h.pool) == 0
+    assert h.backend.calls == []
+
+
+async def test_a_request_resolved_before_a_change_is_batched_under_the_new_version() -> None:
+    old = make_policy(max_batch_size=100)
+    h = Harness(old)
+    h.pool.update_policies([old])
+    route = h.router.resolve("/v1/models/m:predict")  # resolved under the old version...
+    assert route is not None
+    h.update(make_policy(max_batch_size=2))  # ...which changes before its body arrives
+    futs = []
+    for i in range(2):
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        h.pool.submit(route, codec.parse(json.dumps({"instances": [{"id": i}]}).encode()), fut)
+        futs.append(fut)
+    replies = await asyncio.wait_for(asyncio.gather(*futs), 1)  # full at 2, not waiting
+    assert [echoed(r) for r in replies] == [[0], [1]]

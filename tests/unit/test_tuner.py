@@ -101,3 +101,10 @@ def test_only_adaptive_policies_that_allow_it_are_tuned() -> None:
     # too few samples to fit, too few requests to judge: only the default margin is set
     assert few is not None and few.tuning.seed_base_ms is None
     assert set(few.changes) == {"margin_ms"}
+
+
+def test_an_operator_margin_is_left_alone() -> None:
+    start = Tuning(seed_base_ms=20, seed_per_item_ms=2, max_batch_size=11)
+    d = tune(policy(tuning=start, margin_ms=40), [stats(50, misses=200)], now=0.0)
+    # the replicas use the operator's 40 ms: the tuner neither widens it nor records its own
+    assert d is None or "margin_ms" not in d.changes
