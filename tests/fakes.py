@@ -64,6 +64,7 @@ class RecordingMetrics:
     arrivals: int = 0
     answered: list[tuple[str, float, bool]] = field(default_factory=list)
     streams: int = 0
+    sent: list[tuple[str, str, int]] = field(default_factory=list)
 
     def request_arrived(self, policy: str) -> None:
         self.arrivals += 1
@@ -81,6 +82,9 @@ class RecordingMetrics:
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self.depth[policy] = self.depth.get(policy, 0) + delta
+
+    def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
+        self.sent.append((policy, reason, in_flight_limit))
 
     def passthrough(self) -> None:
         self.passed_through += 1

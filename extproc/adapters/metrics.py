@@ -87,6 +87,20 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+        self.batches_sent = Counter(
+            "mlproxy_batches_sent",
+            "Batches sent to the backend, by why: full, timer (static, aimd), deadline, idle, "
+            "late (adaptive), flush (shutdown).",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.in_flight_limit = Gauge(
+            "mlproxy_in_flight_limit",
+            "Batches a queue of this policy may have at the backend at once, as the rule "
+            "sees it now (adaptive: learnt; else the policy's max_in_flight).",
+            ["policy"],
+            registry=r,
+        )
         self.streams = Gauge(
             "mlproxy_active_streams",
             "Open ext_proc streams (requests held by Envoy).",
@@ -117,6 +131,10 @@ class PrometheusMetrics:
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self.depth.labels(policy).inc(delta)
+
+    def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
+        self.batches_sent.labels(policy, reason).inc()
+        self.in_flight_limit.labels(policy).set(in_flight_limit)
 
     def passthrough(self) -> None:
         self.passthrough_requests.inc()

@@ -360,6 +360,7 @@ class Batcher:
         for t in tickets:
             t.dispatched_at = now
         self._queued(-len(tickets))
+        self._metrics.batch_sent(self.policy.name, dispatch.reason, self.rule.max_in_flight)
         task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -42,6 +42,10 @@ class Metrics(Protocol):
 
     def queue_depth(self, policy: str, delta: int) -> None: ...
 
+    def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
+        """A batch left for the backend, for `reason`; the queue's in-flight limit now."""
+        ...
+
     def passthrough(self) -> None:
         """A request matched no policy and went on untouched."""
         ...

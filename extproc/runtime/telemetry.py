@@ -36,6 +36,9 @@ class Telemetry:
     def queue_depth(self, policy: str, delta: int) -> None:
         self.metrics.queue_depth(policy, delta)
 
+    def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
+        self.metrics.batch_sent(policy, reason, in_flight_limit)
+
     def passthrough(self) -> None:
         self.metrics.passthrough()
 

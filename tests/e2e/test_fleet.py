@@ -112,16 +112,36 @@ def sources_up(stack: Stack, value: int) -> bool:
     )
 
 
-class Traffic:
+class _Background:
+    """Runs `_run` in its own thread and event loop between `with` and its end."""
+
+    failures: list[str]
+
+    def __init__(self) -> None:
+        self.failures = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(20)
+
+
+class Traffic(_Background):
     """Requests through Envoy in a background thread until stopped; every answer is checked."""
 
     def __init__(self, stack: Stack, model: str = "echo", concurrency: int = 8) -> None:
+        super().__init__()
         self.url = f"{stack.envoy_url}/v1/models/{model}:predict"
         self.concurrency = concurrency
         self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -144,14 +164,6 @@ class Traffic:
                         self.failures.append(repr(err))
 
             await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(20)
 
 
 def post(
@@ -398,12 +410,13 @@ def test_policy_cli_apply_get_edit_delete_and_replicas(
     assert r.returncode == 1 and "batching.max_batch_size" in r.stderr
 
 
-class ModelTraffic:
+class ModelTraffic(_Background):
     """Distinct inputs to the demo model through Envoy, in a background thread; every answer is
     compared with the model's own unbatched answer for that input, and the batch size MLProxy
     reports is recorded with the time it arrived."""
 
     def __init__(self, stack: Stack, path: str, concurrency: int = 16, inputs: int = 64) -> None:
+        super().__init__()
         self.url = stack.envoy_url + path
         self.concurrency = concurrency
         rows = random_inputs(inputs, seed=7)
@@ -418,9 +431,6 @@ class ModelTraffic:
                 self.expected.append(json.loads(r.read())["predictions"][0])
         self.inputs = rows
         self.sizes: list[tuple[float, int]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -452,14 +462,6 @@ class ModelTraffic:
         sizes = [s for t, s in self.sizes if since <= t < until]
         assert sizes, "no answers in that window"
         return sum(sizes) / len(sizes)
-
-    def __enter__(self) -> ModelTraffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(20)
 
 
 def test_a_live_mode_change_changes_batch_sizes_without_failed_requests(

@@ -202,20 +202,28 @@ async def test_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) ->
     assert r.status_code == 413
 
 
+async def heartbeat(
+    store: RedisStore, rid: str, version: int, stats: dict[str, Any] | None = None
+) -> None:
+    """What replica `rid` would write: it runs policy `m` at `version`."""
+    now = datetime.now(UTC).isoformat()
+    record = {
+        "id": rid,
+        "address": f"{rid}:50051",
+        "started_at": now,
+        "heartbeat_at": now,
+        "policies": {"m": version},
+        "source_ok": True,
+        "last_sync_at": now,
+        "stats": {} if stats is None else {"m": stats},
+    }
+    await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
+
+
 async def test_replicas_and_rollout_status(client: httpx.AsyncClient, store: RedisStore) -> None:
     v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
-    now = datetime.now(UTC).isoformat()
     for rid, version in (("r1", v), ("r2", v - 1)):
-        record = {
-            "id": rid,
-            "address": f"{rid}:50051",
-            "started_at": now,
-            "heartbeat_at": now,
-            "policies": {"m": version},
-            "source_ok": True,
-            "last_sync_at": now,
-        }
-        await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
+        await heartbeat(store, rid, version)
     r = await client.get("/v1/replicas", headers=auth(READER))
     assert [x["id"] for x in r.json()["items"]] == ["r1", "r2"]
     status = (await client.get("/v1/policies/m/status", headers=auth(READER))).json()
@@ -234,30 +242,17 @@ async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -
     assert "/v1/policies/{name}" in spec["paths"]
 
 
-async def _heartbeat(store: RedisStore, rid: str, version: int, rate: float) -> None:
-    now = datetime.now(UTC).isoformat()
-    samples = [[size, 20.0 + 2.0 * size + (size % 3)] for size in range(1, 41)]
-    record = {
-        "id": rid,
-        "address": f"{rid}:50051",
-        "started_at": now,
-        "heartbeat_at": now,
-        "policies": {"m": version},
-        "source_ok": True,
-        "last_sync_at": now,
-        "stats": {
-            "m": {
-                "window_s": 60,
-                "requests": 3000,
-                "arrival_rate": rate,
-                "sla_misses": 60,  # 2%: more than the tuner aims for
-                "batches": 40,
-                "mean_batch_size": 20.5,
-                "batch_samples": samples,
-            }
-        },
+def tuner_stats(rate: float) -> dict[str, Any]:
+    """A replica's stats for `m`: t(b) = 20 + 2b ms (+0-2 ms), 2% of requests late."""
+    return {
+        "window_s": 60,
+        "requests": 3000,
+        "arrival_rate": rate,
+        "sla_misses": 60,  # 2%: more than the tuner aims for
+        "batches": 40,
+        "mean_batch_size": 20.5,
+        "batch_samples": [[size, 20.0 + 2.0 * size + (size % 3)] for size in range(1, 41)],
     }
-    await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
 
 
 async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
@@ -269,7 +264,7 @@ async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
     r = await client.get("/v1/policies/m/decisions", headers=auth(READER))
     assert (r.status_code, r.json()) == (200, {"items": []})
     for rid in ("r1", "r2", "r3"):
-        await _heartbeat(store, rid, v, rate=40.0)
+        await heartbeat(store, rid, v, tuner_stats(rate=40.0))
 
     clock = [1000.0]
     tuner = FleetTuner(store, clock=lambda: clock[0])

@@ -198,6 +198,8 @@ async def test_metrics_endpoint(channel: grpc.aio.Channel, server: ExtProcServer
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert 'mlproxy_requests_total{outcome="ok",policy="echo"} 1.0' in text
     assert 'mlproxy_requests_total{outcome="bad_request",policy="echo"} 1.0' in text
+    assert 'mlproxy_batches_sent_total{policy="echo",reason="timer"} 1.0' in text
+    assert 'mlproxy_in_flight_limit{policy="echo"} 4.0' in text
     for name in (
         "mlproxy_batch_size_bucket",
         "mlproxy_queue_wait_seconds_bucket",
