@@ -338,7 +338,8 @@ def simulate(
             be.account(now)
             measured_from = (be.pod_seconds, be.cold_starts)
         elif ev.kind == "ready":
-            be.account(now)
+            if now <= duration + warmup:
+                be.account(now)
             start_batches(now)
         elif ev.kind == "tick":
             be.account(now)
@@ -347,9 +348,8 @@ def simulate(
                 push(t, "ready")
             if now >= warmup:
                 pods_log.append((now - warmup, len(be.ready(now))))
-            busy = be.waiting or be.running or any(q.queued for q in queues)
-            if now + tick <= duration + warmup or busy:  # until the trace is over and answered
-                push(now + tick, "tick")
+            if now + tick <= duration + warmup:  # the autoscaler stops with the trace: the
+                push(now + tick, "tick")  # last requests drain on the pods there are
     end = max(duration + warmup, last_done)
     be.account(end)
     if np.isnan(latency).any():  # a request neither answered nor shed: a simulator bug
