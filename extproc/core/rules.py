@@ -191,27 +191,26 @@ class AdaptiveRule:
         late: list[Entry[object]] = []
         due = math.inf  # the earliest deadline of the next batch that can still be met
         cum = 0  # its instances
+        hopeless_at = math.inf  # when the first of them can no longer be met
         for e in queue.live():
             if cum and cum + e.size > cap:
                 break  # the rest goes in a later batch; the queue is full anyway
             cum += e.size
             if now + t(e.size) > e.deadline + EPSILON:
                 late.append(e)  # cannot be met even alone, even now
-            elif due == math.inf:
-                due = e.deadline  # EDF: the first one that can be met is the tightest
-                if blocked:
-                    break  # only the head matters until a slot frees
+            else:
+                if due == math.inf:
+                    due = e.deadline  # EDF: the first one that can be met is the tightest
+                hopeless_at = min(hopeless_at, e.deadline - t(e.size))
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
         latest = due - self.margin - t(min(cum + 1, max(cap, cum)))
         if late and self.on_late == "shed":
             return Drop(late)
         if blocked:
-            if self.on_late == "shed" and math.isfinite(latest):
-                # Wake when the head becomes impossible, to shed it on time.
-                head = next(queue.live(), None)
-                if head is not None:
-                    return WaitUntil(head.deadline - t(head.size) + 2 * EPSILON)
+            if self.on_late == "shed" and math.isfinite(hopeless_at):
+                # Wake when the first of them becomes impossible, to shed it on time.
+                return WaitUntil(hopeless_at + 2 * EPSILON)
             return None
         if queue.queued_size >= cap:
             reason = "full"

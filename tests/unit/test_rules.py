@@ -331,3 +331,16 @@ def test_failed_batches_teach_nothing_and_the_limit_keeps_its_bounds() -> None:
     for t in range(10):
         rule.completed(1, 9.0, "deadline", True, float(t) * 10)
     assert rule.max_in_flight == 1  # never below one
+
+
+def test_a_blocked_queue_wakes_for_the_first_request_to_become_hopeless_not_the_head() -> None:
+    q: BatchQueue[str] = BatchQueue(adaptive(cap=100, in_flight=1, on_late="shed"))
+    q.offer("a", 1, 0.0, 1.0)
+    assert isinstance(q.poll(0.988), Dispatch)  # the slot is now busy
+    q.offer("head", 1, 0.988, 1.5)  # t(1) = 11 ms: hopeless from 1.489
+    q.offer("big", 50, 0.988, 1.6)  # t(50) = 60 ms: hopeless from 1.540
+    q.offer("bigger", 40, 0.988, 1.52)  # t(40) = 50 ms: hopeless from 1.470, first of all
+    wake = q.poll(0.988)
+    assert isinstance(wake, WaitUntil) and wake.time == pytest.approx(1.47, abs=1e-4)
+    shed = q.poll(wake.time)
+    assert isinstance(shed, Shed) and shed.items == ["bigger"]
