@@ -45,7 +45,15 @@ from extproc.core.batching import BatchQueue, Dispatch, Shed, WaitUntil
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Mode, Policy
 
-__all__ = ["MODES", "BackendConfig", "ModeConfig", "SimResult", "policy_for", "simulate"]
+__all__ = [
+    "MODES",
+    "BackendConfig",
+    "ModeConfig",
+    "SimResult",
+    "policy_for",
+    "pooled",
+    "simulate",
+]
 
 MODES: tuple[Mode, ...] = ("off", "static", "aimd", "adaptive")
 
@@ -149,6 +157,32 @@ class SimResult:
             "mean_batch": round(self.mean_batch, 2),
             "cold_starts": self.cold_starts,
         }
+
+
+def pooled(results: Sequence[SimResult]) -> dict[str, Any]:
+    """One row for runs of the same case under several seeds: cost, pods and cold starts
+    averaged per run; violations, percentiles and batch size over all requests and batches."""
+    first = results[0]
+    joined = SimResult(
+        trace=first.trace,
+        profile=first.profile,
+        mode=first.mode,
+        duration=sum(r.duration for r in results),
+        requests=sum(r.requests for r in results),
+        latencies=np.concatenate([r.latencies for r in results]),
+        arrivals=np.concatenate([r.arrivals for r in results]),
+        slo=first.slo,
+        pod_seconds=sum(r.pod_seconds for r in results),
+        cold_starts=sum(r.cold_starts for r in results),
+        batches=sum(r.batches for r in results),
+        instances=sum(r.instances for r in results),
+    )
+    row = joined.row()
+    runs = len(results)
+    row["runs"] = runs
+    row["cost_pod_s"] = round(joined.pod_seconds / runs, 1)
+    row["cold_starts"] = round(joined.cold_starts / runs, 1)
+    return row
 
 
 class _Pod:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.profiles import PROFILES
-from bench.sim import MODES, BackendConfig, SimResult, simulate
+from bench.sim import MODES, BackendConfig, SimResult, pooled, simulate
 from bench.traces import TRACES
 from mlproxy.policy import Mode
 
@@ -37,6 +38,7 @@ COLUMNS = (
     ("p99_ms", "p99 ms"),
     ("mean_batch", "mean batch"),
     ("cold_starts", "cold starts"),
+    ("runs", "runs"),
 )
 
 
@@ -146,6 +148,16 @@ def plot(results: Sequence[SimResult], path: Path) -> None:
     plt.close(fig)
 
 
+# aimd adjusts every 30 s from its first request: how its steps fall against a trace's phase
+# changes decides how it meets a spike. A seeded random extra warm-up up to this long puts
+# them at a random phase per seed, as in life.
+PHASE_JITTER = 30.0
+
+
+def warmup_for(warmup: float, seed: int) -> float:
+    return warmup + random.Random(seed ^ 0xFA5E).uniform(0.0, PHASE_JITTER)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
     ap.add_argument("--profiles", default=",".join(SUITE_PROFILES))
@@ -155,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=120.0, help="unmeasured seconds first")
     ap.add_argument("--cold-start", type=float, default=BackendConfig().cold_start)
     ap.add_argument("--replicas", type=int, default=1, help="proxy replicas sharing traffic")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="the first seed")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per case, seeds from --seed on")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim"))
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -168,36 +181,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     for profile in profiles:
         for trace in traces:
-            runs = []
+            plotted = []
             for mode in modes:
                 t0 = time.monotonic()
-                r = simulate(
-                    trace,
-                    profile,
-                    mode,
-                    args.duration,
-                    profile.peak_rps,
-                    seed=args.seed,
-                    replicas=args.replicas,
-                    backend=backend,
-                    warmup=args.warmup,
-                )
-                runs.append(r)
-                rows.append(r.row())
+                runs = [
+                    simulate(
+                        trace,
+                        profile,
+                        mode,
+                        args.duration,
+                        profile.peak_rps,
+                        seed=seed,
+                        replicas=args.replicas,
+                        backend=backend,
+                        warmup=warmup_for(args.warmup, seed),
+                    )
+                    for seed in range(args.seed, args.seed + args.seeds)
+                ]
+                plotted.append(runs[0])
+                row = pooled(runs)
+                rows.append(row)
                 print(
                     f"{profile.name:14s} {trace:17s} {mode:9s} "
-                    f"viol {r.violations_pct:6.3f}%  cost {r.pod_seconds:9.1f} pod-s  "
-                    f"({time.monotonic() - t0:.1f} s)",
+                    f"viol {row['sla_violations_pct']:6.3f}%  cost {row['cost_pod_s']:9.1f} "
+                    f"pod-s  ({time.monotonic() - t0:.1f} s)",
                     file=sys.stderr,
                     flush=True,
                 )
             if not args.no_plots:
-                plot(runs, args.out / f"{profile.name}-{trace}.png")
+                plot(plotted, args.out / f"{profile.name}-{trace}.png")
     table = summary(rows) + "\n\n" + markdown(rows)
     header = (
-        f"Simulated {args.duration:g} s per run after a {args.warmup:g} s warm-up, seed "
-        f"{args.seed}, cold start {args.cold_start:g} s, {args.replicas} proxy replica(s); "
-        f"{time.monotonic() - began:.0f} s of compute.\n\n"
+        f"Simulated {args.duration:g} s per run after a warm-up of {args.warmup:g} s plus up to "
+        f"{PHASE_JITTER:g} s, seeds {args.seed} to {args.seed + args.seeds - 1} pooled (cost "
+        f"and cold starts per run), cold start {args.cold_start:g} s, {args.replicas} proxy "
+        f"replica(s); {time.monotonic() - began:.0f} s of compute; plots: seed {args.seed}."
+        "\n\n"
     )
     (args.out / "sim.md").write_text(header + table + "\n", encoding="utf-8")
     (args.out / "sim.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.profiles import Profile
-from bench.sim import BackendConfig, policy_for, simulate
+from bench.sim import BackendConfig, policy_for, pooled, simulate
 from bench.simulate import main as simulate_main
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
 from extproc.runtime.batcher import rule_for
@@ -93,3 +93,15 @@ def test_the_suite_runner_writes_tables_json_and_plots(tmp_path: Path) -> None:
     assert "adaptive vs off" in table
     png = (tmp_path / "toxic-big_spike.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def test_pooled_seeds_average_cost_and_pool_requests() -> None:
+    a = simulate("steady", FLAT, "static", 20, 50, seed=1, warmup=5)
+    b = simulate("steady", FLAT, "static", 20, 50, seed=2, warmup=5)
+    row = pooled([a, b])
+    assert row["runs"] == 2
+    assert row["requests"] == a.requests + b.requests
+    assert row["cost_pod_s"] == pytest.approx((a.pod_seconds + b.pod_seconds) / 2, abs=0.1)
+    assert row["mean_batch"] == pytest.approx(
+        (a.instances + b.instances) / (a.batches + b.batches), abs=0.01
+    )
