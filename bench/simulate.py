@@ -89,8 +89,8 @@ def summary(results: Sequence[dict[str, Any]]) -> str:
         cut = reductions(list(by_mode.values()))
         if cut:
             v = cut["violations"]
-            cells.append(f"-{cut['cost']:.1f}%")
-            cells.append("n/a (off: 0)" if math.isnan(v) else f"-{v:.1f}%")
+            cells.append(f"{-cut['cost']:+.1f}%")
+            cells.append("n/a (off: 0)" if math.isnan(v) else f"{-v:+.1f}%")
         else:
             cells += ["", ""]
         out.append("| " + " | ".join(cells) + " |")
@@ -114,9 +114,9 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         cut = reductions(rows)
         if cut:
             v = cut["violations"]
-            vs = "off had none" if math.isnan(v) else f"{v:.1f}%"
+            vs = "n/a (off had none)" if math.isnan(v) else f"{-v:+.1f}%"
             out.append(
-                f"\nadaptive vs off: cost -{cut['cost']:.1f}%, SLA violations {vs} fewer; "
+                f"\nadaptive vs off: cost {-cut['cost']:+.1f}%, SLA violations {vs}; "
                 f"{verdict(rows)}\n"
             )
     return "\n".join(out)

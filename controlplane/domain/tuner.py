@@ -116,7 +116,8 @@ def tune(
         elif miss_rate < target / 4:
             margin = margin * 0.85
             reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): narrower margin")
-    margin = min(max(margin, MARGIN_RANGE[0] * sla), MARGIN_RANGE[1] * sla)
+    if b.margin_ms is None:  # the tuner's own stays in range; the operator's is as set
+        margin = min(max(margin, MARGIN_RANGE[0] * sla), MARGIN_RANGE[1] * sla)
 
     # seed and batch bound, from the fit
     base, per_item = old.seed_base_ms, old.seed_per_item_ms

@@ -132,7 +132,7 @@ class ExtProcServicer:
         # is served by its own deadline, but does not count against the policy (nor make the
         # fleet tuner widen everyone's margin).
         now = self._pool.clock.now()
-        sla = policy.sla.latency_ms / 1000
+        sla = ticket.sla
         shed = reply.outcome == ErrorKind.DEADLINE.outcome
         missed = now - ticket.arrival > sla or (shed and (budget is None or budget >= sla))
         self._metrics.request_answered(policy.name, now - ticket.arrival, missed)

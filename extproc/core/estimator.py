@@ -38,11 +38,11 @@ class LatencyModel:
         return self.base + self.per_item * size
 
 
-# Without data or a fleet fit: assume a slow backend, so that the first batches are dispatched
-# early rather than late.
 # The low percentile of observed / fitted that stands for "started at once, no queueing".
 FLOOR_PERCENTILE = 10.0
 
+# Without data or a fleet fit: assume a slow backend, so that the first batches are dispatched
+# early rather than late.
 DEFAULT_SEED = LatencyModel(base=0.100, per_item=0.0)
 
 
@@ -69,6 +69,7 @@ class LatencyEstimator:
         self._samples: deque[tuple[float, int, float]] = deque(maxlen=max_samples)
         # (at, model at the percentile, n_eff, model at FLOOR_PERCENTILE)
         self._fit: tuple[float, LatencyModel, float, LatencyModel] | None = None
+        self._anchor: LatencyModel | None = None
 
     def observe(self, size: int, seconds: float, now: float) -> None:
         """One backend call of `size` instances took `seconds`."""
@@ -78,7 +79,9 @@ class LatencyEstimator:
         self._changes += 1
 
     def set_seed(self, seed: LatencyModel) -> None:
+        """A new seed (the fleet's fit) replaces what this estimator anchored on."""
         self.seed = seed
+        self._anchor = None
         self._fit = None
         self._changes = 0
 
@@ -93,16 +96,17 @@ class LatencyEstimator:
             data = np.asarray(self._samples, dtype=np.float64)
             times, sizes, secs = data[:, 0], data[:, 1], data[:, 2]
             # Weights relative to the newest sample (which weighs 1), so that they never all
-            # underflow to zero however long the queue was idle; the idle time itself lowers
-            # the confidence instead, so stale data gives way to the seed.
+            # underflow to zero however long the queue was idle (n_eff does not depend on
+            # their scale): an idle queue keeps what it knew.
             newest = float(times.max())
             w = np.power(0.5, np.maximum(newest - times, 0.0) / self.half_life)
-            idle = max(now - newest, 0.0)
-            n_eff = float(w.sum() ** 2 / (w * w).sum()) * 0.5 ** (idle / self.half_life)
+            n_eff = float(w.sum() ** 2 / (w * w).sum())
             try:
                 model, floor = self._fit_line(sizes, secs, w)
             except ValueError:  # not finite: never poison the rule with it
                 model, n_eff, floor = self.seed, 0.0, self.seed
+            if n_eff >= self.prior_strength:
+                self._anchor = model  # what the data said when it was sure
         self._fit = (now, model, n_eff, floor)
         return model, n_eff, floor
 
@@ -159,12 +163,15 @@ class LatencyEstimator:
         return n_eff / (n_eff + self.prior_strength)
 
     def model(self, now: float) -> LatencyModel:
-        """The blend of the data's fit and the seed, by confidence."""
+        """The blend of the data's fit and a prior, by confidence. The prior is the last fit
+        made with confidence of at least one half, if any (after an idle spell the few new
+        samples refine what was known, rather than fall back to a guess), else the seed."""
         fitted, n_eff, _ = self._fit_now(now)
+        prior = self._anchor if self._anchor is not None else self.seed
         k = n_eff / (n_eff + self.prior_strength)
         return LatencyModel(
-            base=k * fitted.base + (1 - k) * self.seed.base,
-            per_item=k * fitted.per_item + (1 - k) * self.seed.per_item,
+            base=k * fitted.base + (1 - k) * prior.base,
+            per_item=k * fitted.per_item + (1 - k) * prior.per_item,
         )
 
     def predict(self, size: int, now: float) -> float:

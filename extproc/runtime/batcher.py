@@ -59,15 +59,30 @@ class Reply:
 class Ticket:
     """One request's place in a batcher, and the future its reply arrives on."""
 
-    __slots__ = ("arrival", "batcher", "deadline", "dispatched_at", "entry", "future", "parsed")
+    __slots__ = (
+        "arrival",
+        "batcher",
+        "deadline",
+        "dispatched_at",
+        "entry",
+        "future",
+        "parsed",
+        "sla",
+    )
 
     def __init__(
-        self, parsed: Parsed, future: asyncio.Future[Reply], arrival: float, deadline: float
+        self,
+        parsed: Parsed,
+        future: asyncio.Future[Reply],
+        arrival: float,
+        deadline: float,
+        sla: float,
     ) -> None:
         self.parsed = parsed
         self.future = future
         self.arrival = arrival
         self.deadline = deadline
+        self.sla = sla  # seconds: the SLA of the policy version that queued it
         self.dispatched_at: float | None = None
         self.entry: Entry[Ticket] | None = None
         self.batcher: Batcher | None = None
@@ -293,6 +308,7 @@ class Batcher:
                 "policy %s: dispatch rule failed; failing its queued requests", self.policy.name
             )
             self._fail_queued()
+            self._queue.rule = rule_for(self.policy)  # start afresh, without what it learnt
 
     def _fail_queued(self) -> None:
         error = Reply.from_error(
@@ -360,10 +376,11 @@ class Batcher:
         for t in tickets:
             t.dispatched_at = now
         self._queued(-len(tickets))
-        self._metrics.batch_sent(self.policy.name, dispatch.reason, self.rule.max_in_flight)
         task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # After the task exists: whatever happens below, the batch is answered and done.
+        self._metrics.batch_sent(self.policy.name, dispatch.reason, self.rule.max_in_flight)
 
     async def _run(self, policy: Policy, dispatch: Dispatch[Ticket]) -> None:
         tickets = dispatch.items
@@ -427,13 +444,14 @@ class BatcherPool:
     def __len__(self) -> int:
         return len(self._batchers) + len(self._draining)
 
-    def rule(self, key: tuple[str, str, str], policy: Policy) -> Rule:
-        """The rule for a batching key under `policy`, built from what was learnt before."""
+    def rule(self, key: tuple[str, str, str], policy: Policy, current: Rule | None = None) -> Rule:
+        """The rule for a batching key under `policy`, built from what was learnt before (kept
+        here, or the `current` rule of a live batcher whose entry was forgotten)."""
         kept = self._rules.pop(key, None)
         if kept is not None and kept[0] is policy:
             rule = kept[1]
         else:
-            rule = rule_for(policy, kept[1] if kept is not None else None)
+            rule = rule_for(policy, kept[1] if kept is not None else current)
         self._rules[key] = (policy, rule)
         if len(self._rules) > self._RULES_KEPT:
             self._rules.popitem(last=False)
@@ -483,7 +501,8 @@ class BatcherPool:
             self._rules.move_to_end(key)  # in use: the last to be forgotten
         now = self.clock.now()
         sla = policy.sla.latency_ms / 1000.0
-        ticket = Ticket(parsed, future, now, now + (sla if budget is None else min(sla, budget)))
+        deadline = now + (sla if budget is None else min(sla, budget))
+        ticket = Ticket(parsed, future, now, deadline, sla)
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket
@@ -500,7 +519,7 @@ class BatcherPool:
                 and policy.backend.url == batcher.policy.backend.url
                 and policy.codec == batcher.policy.codec
             ):
-                batcher.update_policy(policy, self.rule(key, policy))
+                batcher.update_policy(policy, self.rule(key, policy, batcher.rule))
             else:
                 del self._batchers[key]
                 if not batcher.idle:

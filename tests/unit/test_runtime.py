@@ -336,3 +336,21 @@ async def test_a_request_resolved_before_a_change_is_batched_under_the_new_versi
         futs.append(fut)
     replies = await asyncio.wait_for(asyncio.gather(*futs), 1)  # full at 2, not waiting
     assert [echoed(r) for r in replies] == [[0], [1]]
+
+
+async def test_a_failure_after_a_batch_is_taken_still_answers_that_batch() -> None:
+    """If recording a sent batch fails, the batch itself still runs and is answered, and
+    the queue's in-flight count comes back down."""
+
+    class FailingMetrics(RecordingMetrics):
+        def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
+            raise RuntimeError("a broken metrics exporter")
+
+    h = Harness(make_policy(max_batch_size=2, max_in_flight=1))
+    h.metrics = FailingMetrics()
+    clock = h.pool.clock
+    h.pool = BatcherPool(BatchExecutor(h.backend, h.metrics, clock), clock, h.metrics)
+    futs = [h.submit([{"id": i}])[0] for i in range(2)]
+    replies = await asyncio.wait_for(asyncio.gather(*futs), 1)
+    assert [echoed(r) for r in replies] == [[0], [1]]
+    assert len(h.pool) == 0  # nothing left in flight or queued
