@@ -3,11 +3,13 @@
 Model: t_p(b) = (a + c*b) * f_p, where a + c*b is a weighted least-squares line through the
 observed (batch size, seconds) samples and f_p the p-th weighted percentile of observed /
 fitted (backend noise grows with the batch time), so the estimate is at the policy's
-percentile, not the mean. Samples are weighted by
-age with a half-life, so the estimate follows a backend that changes; at most `max_samples` are
-kept. With few samples the estimate leans on a seed (the control plane's fleet-wide fit, or a
-conservative default): the data's weight is n_eff / (n_eff + prior_strength), which is also
-the reported confidence.
+percentile, not the mean. Samples are weighted by age relative to the newest one, with a
+half-life, so the estimate follows a backend that changes (and an idle spell forgets nothing);
+at most `max_samples` are kept. With few samples the estimate leans on a prior: the last fit
+made with n_eff >= prior_strength, else the seed (the control plane's fleet-wide fit, or a
+conservative default); the data's weight is n_eff / (n_eff + prior_strength), which is also
+the reported confidence. `floor` is the same line at a low percentile: what a batch takes
+when the backend starts it at once.
 """
 
 from __future__ import annotations
