@@ -214,14 +214,18 @@ class AdaptiveRule:
             return None
         if queue.queued_size >= cap:
             reason = "full"
-        elif late:
+        elif late and queue.in_flight == 0:
+            # Already late: sent at once, but not one by one behind batches of ours still at
+            # the backend (a backend too slow for the deadlines gets larger batches, not more).
             reason = "late"
         elif self.objective == "latency":
             reason = "idle"
         elif now + EPSILON >= latest:
             reason = "deadline"
-        else:
+        elif math.isfinite(latest):
             return WaitUntil(latest)
+        else:
+            return None  # only late requests, behind a batch of ours: poll again when it ends
         self._peak = max(self._peak, queue.in_flight + 1)
         return Send(reason, cap, lambda size: now + t(size))
 

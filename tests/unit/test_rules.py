@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import pytest
@@ -184,7 +185,8 @@ arrivals = st.lists(
 def _run(
     rule: AdaptiveRule | StaticRule, items: list[tuple[float, int, float, bool]]
 ) -> tuple[list[tuple[float, Dispatch[int]]], list[tuple[float, Shed[int]]], list[Entry[int]]]:
-    """Drive a queue exactly as the runtime does: poll on every arrival and at every wake-up."""
+    """Drive a queue exactly as the runtime does: poll on every arrival, at every wake-up and
+    when a batch ends; each batch takes exactly the model's time."""
     q: BatchQueue[int] = BatchQueue(rule)
     now, events = 0.0, []
     for gap, size, budget, leaves in items:
@@ -193,14 +195,17 @@ def _run(
     sent: list[tuple[float, Dispatch[int]]] = []
     shed: list[tuple[float, Shed[int]]] = []
     entries: list[Entry[int]] = []
+    running: list[tuple[float, int, Dispatch[int]]] = []  # (ends at, seq, batch), a heap
     wake = math.inf
     i = 0
-    t = 0.0
-    while i < len(events) or (q.queued and math.isfinite(wake)):
+    while i < len(events) or running or (q.queued and math.isfinite(wake)):
         next_arrival = events[i][0] if i < len(events) else math.inf
-        t = min(next_arrival, wake)
-        wake = math.inf
-        if t == next_arrival:
+        next_end = running[0][0] if running else math.inf
+        t = min(next_arrival, wake, next_end)
+        if t == next_end:
+            _, _, batch = heapq.heappop(running)
+            q.done(batch, MODEL.predict(batch.size), True, t)
+        elif t == next_arrival:
             at, size, budget, leaves = events[i]
             e = q.offer(i, size, at, at + budget)
             assert e is not None
@@ -208,6 +213,8 @@ def _run(
             if leaves and i % 3 == 0 and len(entries) > 1:
                 q.cancel(entries[-2])
             i += 1
+        else:
+            wake = math.inf
         while True:
             action = q.poll(t)
             if isinstance(action, Dispatch):
@@ -215,13 +222,15 @@ def _run(
                 latest = max(e.deadline for e in action.entries)
                 assert all(e.deadline >= latest for e in q.live()) or action.reason == "full"
                 sent.append((t, action))
+                heapq.heappush(running, (t + MODEL.predict(action.size), len(sent), action))
             elif isinstance(action, Shed):
                 shed.append((t, action))
             else:
                 if isinstance(action, WaitUntil):
                     assert action.time >= t - 1e-9
-                    wake = max(action.time, t)
+                    wake = min(wake, max(action.time, t))
                 break
+    assert q.queued == 0  # nothing stranded
     return sent, shed, entries
 
 
@@ -344,3 +353,17 @@ def test_a_blocked_queue_wakes_for_the_first_request_to_become_hopeless_not_the_
     assert isinstance(wake, WaitUntil) and wake.time == pytest.approx(1.47, abs=1e-4)
     shed = q.poll(wake.time)
     assert isinstance(shed, Shed) and shed.items == ["bigger"]
+
+
+def test_late_requests_behind_a_batch_in_flight_wait_for_it_and_go_together() -> None:
+    """A backend too slow for the deadlines: late requests are not sent one by one."""
+    q: BatchQueue[str] = BatchQueue(adaptive(cap=10, in_flight=4))
+    q.offer("x", 1, 0.0, 0.005)  # hopeless: t(1) = 11 ms
+    first = q.poll(0.0)
+    assert isinstance(first, Dispatch) and first.reason == "late"  # nothing in flight: at once
+    for name in "abc":
+        q.offer(name, 1, 0.001, 0.006)  # hopeless too, while x is at the backend
+        assert q.poll(0.001) is None  # no timer: they go when x comes back
+    q.done(first, 0.011, True, 0.011)
+    second = q.poll(0.011)
+    assert isinstance(second, Dispatch) and second.items == ["a", "b", "c"]
