@@ -186,6 +186,11 @@ class AdaptiveRule:
 
     def plan(self, queue: QueueView, now: float) -> Plan:
         t = self.latency.model(now).predict
+        # Whether a request can still be met is judged by the backend's best case (its
+        # uncongested time), not the percentile: one that the percentile gives up on may still
+        # make it if sent at once, and is; only one that cannot even then is late.
+        floor = self.latency.floor(now)
+        best = t if floor is None else floor.predict
         cap = self.max_batch_size
         blocked = queue.in_flight >= self.max_in_flight
         late: list[Entry[object]] = []
@@ -196,12 +201,12 @@ class AdaptiveRule:
             if cum and cum + e.size > cap:
                 break  # the rest goes in a later batch; the queue is full anyway
             cum += e.size
-            if now + t(e.size) > e.deadline + EPSILON:
-                late.append(e)  # cannot be met even alone, even now
+            if now + best(e.size) > e.deadline + EPSILON:
+                late.append(e)  # cannot be met even alone, even now, even at best
             else:
                 if due == math.inf:
                     due = e.deadline  # EDF: the first one that can be met is the tightest
-                hopeless_at = min(hopeless_at, e.deadline - t(e.size))
+                hopeless_at = min(hopeless_at, e.deadline - best(e.size))
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
         latest = due - self.margin - t(min(cum + 1, max(cap, cum)))

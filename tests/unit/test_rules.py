@@ -367,3 +367,23 @@ def test_late_requests_behind_a_batch_in_flight_wait_for_it_and_go_together() ->
     q.done(first, 0.011, True, 0.011)
     second = q.poll(0.011)
     assert isinstance(second, Dispatch) and second.items == ["a", "b", "c"]
+
+
+class _Noisy(_Backend):
+    """p95 twice the uncongested time."""
+
+    def model(self, now: float) -> LatencyModel:
+        return LatencyModel(MODEL.base * 2, MODEL.per_item * 2)
+
+
+def test_a_request_the_percentile_gives_up_on_but_the_best_case_can_meet_goes_at_once() -> None:
+    q: BatchQueue[str] = BatchQueue(
+        AdaptiveRule(_Noisy(), 10, 4, 100, on_late="shed", learn_in_flight=False)
+    )
+    q.offer("tight", 1, 0.0, 0.015)  # p95 22 ms: too slow; best case 11 ms: still possible
+    action = q.poll(0.0)
+    assert isinstance(action, Dispatch) and action.items == ["tight"]  # not shed: sent now
+    assert action.reason == "deadline"
+    q.offer("hopeless", 1, 0.0, 0.010)  # not even at best
+    shed = q.poll(0.0)
+    assert isinstance(shed, Shed) and shed.items == ["hopeless"]
