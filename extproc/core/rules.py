@@ -221,8 +221,6 @@ class AdaptiveRule:
             reason = "full"
         elif late:
             # Already late: sent at once (while a batch slot is free; else with the next batch).
-            # Holding it back would also hide the demand from a backend that scales on
-            # concurrency (Knative): in the simulator that cost more misses and more pods.
             reason = "late"
         elif self.objective == "latency":
             reason = "idle"
