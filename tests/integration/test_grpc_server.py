@@ -268,7 +268,7 @@ async def test_deadline_header_tightens_and_shedding_counts_only_policy_misses(
     assert ok.status is not None and ok.status.code == 200
     assert json.loads(ok.body) == {"predictions": [{"echo": "q"}]}
     assert loop.time() - start < 0.300
-    # the policy's own SLA cannot be met: shed, and that is a miss
+    # the policy's own SLA cannot be met, even at the backend's best: shed, and a miss
     server.apply_policies(
         parse_policies(
             {
@@ -279,7 +279,7 @@ async def test_deadline_header_tightens_and_shedding_counts_only_policy_misses(
                             for k, v in policies(echo_backend.url)[0].model_dump().items()
                             if k not in ("version", "created_at", "updated_at", "tuning")
                         },
-                        "sla": {"latency_ms": 5},
+                        "sla": {"latency_ms": 0.01},  # below even the echo's best time
                         "batching": {"mode": "adaptive", "on_late": "shed"},
                     }
                 ]
