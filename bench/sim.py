@@ -197,10 +197,8 @@ class _Pod:
 class _Backend:
     """Knative-like service: pods, one batch each at a time, a FIFO for the rest."""
 
-    def __init__(self, config: BackendConfig, profile: Profile, rng: random.Random) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.profile = profile
-        self.rng = rng
         self.autoscaler = Autoscaler(config.kpa, start=0.0)
         self.pods: list[_Pod] = [_Pod(0.0) for _ in range(config.initial_pods)]
         self.waiting: deque[tuple[int, Any]] = deque()
@@ -279,7 +277,7 @@ def simulate(
     route_rng = random.Random(seed ^ 0x7011)
     queues = [BatchQueue[int](rule_for(policy)) for _ in range(replicas)]
     armed = [math.inf] * replicas
-    be = _Backend(backend, profile, rng)
+    be = _Backend(backend)
     n = len(times)
     latency = np.full(n, np.nan)
     arrival = np.asarray(times)

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -79,15 +80,7 @@ class StaticRule:
             raise ValueError(f"max_wait must not be negative: {self}")
 
     def plan(self, queue: QueueView, now: float) -> Plan:
-        if queue.queued_size >= self.max_batch_size:
-            return Send("full", self.max_batch_size)
-        oldest = queue.oldest_arrival()
-        if oldest is None:
-            return None
-        due = oldest + self.max_wait
-        if now + EPSILON >= due:
-            return Send("timer", self.max_batch_size)
-        return WaitUntil(due)
+        return _full_or_timer(queue, now, self.max_batch_size, lambda: self.max_wait)
 
     def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
         pass
@@ -113,18 +106,15 @@ class AimdRule:
     def plan(self, queue: QueueView, now: float) -> Plan:
         aimd = self.aimd
         aimd.maybe_adjust(now)
-        bs = aimd.batch_size
-        if queue.queued_size >= bs:
-            return Send("full", bs)
-        oldest = queue.oldest_arrival()
-        if oldest is None:
-            return None
-        due = oldest + aimd.timeout(queue.queued_size, now)  # q in instances, like bs
-        if now + EPSILON >= due:
-            return Send("timer", bs)
-        # The timeout shrinks as the queue grows and moves every 30 s: bound the wait so that
-        # a step is never missed by much.
-        return WaitUntil(min(due, now + 1.0))
+        # q in instances, like bs. The timeout shrinks as the queue grows and moves every
+        # 30 s: bound the wait so that a step is never missed by much.
+        return _full_or_timer(
+            queue,
+            now,
+            aimd.batch_size,
+            lambda: aimd.timeout(queue.queued_size, now),
+            recheck=1.0,
+        )
 
     def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
         if ok:
@@ -251,6 +241,26 @@ class AdaptiveRule:
 
     def answered(self, latency: float, now: float) -> None:
         pass
+
+
+def _full_or_timer(
+    queue: QueueView,
+    now: float,
+    cap: int,
+    wait: Callable[[], float],
+    recheck: float = math.inf,
+) -> Plan:
+    """Send when `cap` instances are queued or the oldest request has waited `wait()` seconds
+    (asked only then); else wake then (or after `recheck` seconds, whichever is first)."""
+    if queue.queued_size >= cap:
+        return Send("full", cap)
+    oldest = queue.oldest_arrival()
+    if oldest is None:
+        return None
+    due = oldest + wait()
+    if now + EPSILON >= due:
+        return Send("timer", cap)
+    return WaitUntil(min(due, now + recheck))
 
 
 def _check_bounds(max_batch_size: int, max_in_flight: int, max_queue: int) -> None:
