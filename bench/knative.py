@@ -1,8 +1,10 @@
-"""A Knative-like concurrency autoscaler (KPA), pure and clock-injected.
+"""A Knative-like service: the concurrency autoscaler (KPA) and the pods, pure and
+clock-injected.
 
-Shared by the discrete-event simulator and the HTTP serverless emulator, so both scale the
-same way. Defaults follow Knative's KPA as DESIGN.md section 6 lists them, with the paper's
-target of 1 concurrent request per pod:
+Shared by the discrete-event simulator (`bench/sim.py`) and the HTTP serverless emulator
+(`bench/emulator.py`), so both scale, queue and count cost the same way; only their clocks
+differ (simulated, or the event loop's). Defaults follow Knative's KPA as DESIGN.md section 6
+lists them, with the paper's target of 1 concurrent request per pod:
 
 - every `tick` (2 s) the autoscaler computes desired pods =
   ceil(average concurrency / (target x utilisation 0.7)) over the 60 s stable window;
@@ -13,15 +15,33 @@ target of 1 concurrent request per pod:
 
 Concurrency is what the pods see (queued + running requests), recorded as a step function
 whenever it changes; averages are time-weighted.
+
+`Service` is the rest of the Knative service:
+
+- pods run one request (for MLProxy: one batch) at a time; requests that find no free pod
+  wait in one FIFO queue (Knative's activator / queue-proxy);
+- a new pod serves `cold_start` seconds after the autoscaler asks for it; with no pod at all,
+  the first waiting request asks for one at once (the activator);
+- the service starts with `initial_pods` ready pods (Knative's initial-scale default is 1);
+- cost is ready-pod-seconds (the paper's mean ready replicas times the duration); a pod being
+  removed stops counting when it has finished its request; `cold_starts` counts the pods
+  started (one cancelled before it was ready included).
+
+Time scaling: `ServiceConfig.scaled(k)` divides every duration of the autoscaler and the cold
+start by k, so a trace compressed k times meets an autoscaler k times as fast (benchmarks).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
-__all__ = ["Autoscaler", "KpaConfig"]
+__all__ = ["Autoscaler", "KpaConfig", "Pod", "Service", "ServiceConfig"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +63,18 @@ class KpaConfig:
             raise ValueError(f"invalid KPA settings: {self}")
         if self.panic_window > self.stable_window or self.max_scale_down < 1:
             raise ValueError(f"invalid KPA windows or rates: {self}")
+
+    def scaled(self, factor: float) -> KpaConfig:
+        """The same autoscaler with every duration divided by `factor`."""
+        if factor <= 0:
+            raise ValueError("the time scale must be positive")
+        return replace(
+            self,
+            tick=self.tick / factor,
+            stable_window=self.stable_window / factor,
+            panic_window=self.panic_window / factor,
+            scale_to_zero_grace=self.scale_to_zero_grace / factor,
+        )
 
 
 class Autoscaler:
@@ -109,3 +141,119 @@ class Autoscaler:
         if want == 0 and now - last_traffic < c.stable_window + c.scale_to_zero_grace:
             want = min(ready, 1) if ready else 0  # keep one pod through the grace period
         return max(c.min_scale, min(c.max_scale, want))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The Knative-like service; the same for every batching mode."""
+
+    cold_start: float = 3.0  # seconds from the autoscaler's decision to a serving pod
+    initial_pods: int = 1  # Knative's initial-scale default
+    kpa: KpaConfig = field(default_factory=KpaConfig)
+
+    def __post_init__(self) -> None:
+        if self.cold_start < 0 or self.initial_pods < 0:
+            raise ValueError(f"invalid service settings: {self}")
+
+    def scaled(self, factor: float) -> ServiceConfig:
+        """Every duration (the autoscaler's, the cold start) divided by `factor`."""
+        return replace(self, cold_start=self.cold_start / factor, kpa=self.kpa.scaled(factor))
+
+
+class Pod:
+    __slots__ = ("busy", "leaving", "ready_at")
+
+    def __init__(self, ready_at: float) -> None:
+        self.ready_at = ready_at
+        self.busy = False
+        self.leaving = False
+
+
+class Service(Generic[T]):
+    """Pods that run one request of type T at a time and a FIFO for the rest.
+
+    The caller owns the clock: it calls `arrive` for a request, `finish` when a pod's request
+    ends, `tick` every `config.kpa.tick` seconds and `start` when a pod becomes ready (at the
+    times `arrive` and `tick` return), and runs what `start` hands out."""
+
+    def __init__(self, config: ServiceConfig = ServiceConfig(), start: float = 0.0) -> None:
+        self.config = config
+        self.autoscaler = Autoscaler(config.kpa, start=start)
+        self.pods: list[Pod] = [Pod(start) for _ in range(config.initial_pods)]
+        self.waiting: deque[T] = deque()
+        self.running = 0
+        self.cold_starts = 0
+        self.pod_seconds = 0.0
+        self._last = start
+
+    def ready(self, now: float) -> list[Pod]:
+        return [p for p in self.pods if p.ready_at <= now and not p.leaving]
+
+    def account(self, now: float) -> None:
+        """Add ready-pod-seconds up to `now` (a leaving pod counts until its request ends)."""
+        dt = now - self._last
+        if dt > 0:
+            serving = sum(1 for p in self.pods if p.ready_at <= self._last)
+            self.pod_seconds += serving * dt
+            self._last = now
+
+    def arrive(self, item: T, now: float) -> list[float]:
+        """Queue a request; the times pods the activator started will be ready (with no pod
+        at all it starts one). Call `start` next."""
+        self.waiting.append(item)
+        started: list[float] = []
+        if not any(not p.leaving for p in self.pods):
+            started = self.scale_to(1, now)
+        return started
+
+    def start(self, now: float) -> list[tuple[Pod, T]]:
+        """Free ready pods take waiting requests, oldest first; what each pod now runs."""
+        taken: list[tuple[Pod, T]] = []
+        for pod in self.ready(now):
+            if not self.waiting:
+                break
+            if pod.busy:
+                continue
+            pod.busy = True
+            self.running += 1
+            taken.append((pod, self.waiting.popleft()))
+        self.autoscaler.record(now, float(len(self.waiting) + self.running))
+        return taken
+
+    def finish(self, pod: Pod, now: float) -> None:
+        """`pod`'s request ended; call `start` next for the waiting ones."""
+        self.account(now)
+        pod.busy = False
+        self.running -= 1
+        if pod.leaving:
+            self.pods.remove(pod)
+
+    def tick(self, now: float) -> list[float]:
+        """The autoscaler's turn; the times the pods it started will be ready."""
+        self.account(now)
+        return self.scale_to(self.autoscaler.desired(now, len(self.ready(now))), now)
+
+    def scale_to(self, want: int, now: float) -> list[float]:
+        """Start or stop pods; the times new pods become ready."""
+        self.account(now)
+        alive = [p for p in self.pods if not p.leaving]
+        started: list[float] = []
+        if want > len(alive):
+            for _ in range(want - len(alive)):
+                pod = Pod(now + self.config.cold_start)
+                self.pods.append(pod)
+                started.append(pod.ready_at)
+                self.cold_starts += 1
+        elif want < len(alive):
+            # starting pods go first, then idle ones, then busy ones after their request
+            order = sorted(alive, key=lambda p: (p.ready_at <= now, p.busy))
+            for pod in order[: len(alive) - want]:
+                pod.leaving = True
+            self.pods = [p for p in self.pods if not (p.leaving and not p.busy)]
+        return started
+
+    def fail_waiting(self) -> Iterable[T]:
+        """Empty the queue (the service is being reset); the requests that were waiting."""
+        items = list(self.waiting)
+        self.waiting.clear()
+        return items

@@ -9,15 +9,10 @@ service (DESIGN.md section 6), the same for every mode:
 - pods run one batch at a time; a batch's service time is drawn from the model profile
   (t(b) = a + c*b with log-normal noise, `bench/profiles.py`); batches that find no free pod
   wait in one FIFO queue (Knative's activator / queue-proxy);
-- the autoscaler is `bench/knative.py` (KPA: concurrency target 1 at 70% utilisation, 2 s
-  ticks, 60 s stable and 6 s panic windows, scale to zero after 60 + 30 s without traffic),
-  fed with the concurrency at the pods (queued + running batches);
-- a new pod serves `cold_start` seconds after the autoscaler asks for it; with no pod at all,
-  the first waiting batch asks for one at once (the activator);
-- the service starts with one ready pod (Knative's initial-scale default);
-- cost is ready-pod-seconds (the paper's mean ready replicas times the duration); a pod being
-  removed stops counting when it has finished its batch; `cold_starts` counts the pods
-  started (one cancelled before it was ready included).
+- the pods, the autoscaler and the cost accounting are `bench/knative.py`'s `Service`, the
+  same code the HTTP emulator runs (KPA: concurrency target 1 at 70% utilisation, 2 s ticks,
+  60 s stable and 6 s panic windows, scale to zero after 60 + 30 s without traffic; a cold
+  start of 3 s; one ready pod at first; cost in ready-pod-seconds);
 
 Latency is measured from a request's arrival at the proxy to the end of its batch; a request
 misses the SLA when that exceeds the profile's SLO. The proxy's own overhead is not modelled
@@ -30,24 +25,21 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from bench.knative import Autoscaler, KpaConfig
+from bench.knative import Service, ServiceConfig
 from bench.profiles import Profile
-from bench.traces import arrivals as trace_arrivals
-from bench.traces import rate_function
+from bench.traces import schedule
 from extproc.core.batching import BatchQueue, Dispatch, Shed, WaitUntil
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Mode, Policy
 
 __all__ = [
     "MODES",
-    "BackendConfig",
     "ModeConfig",
     "SimResult",
     "policy_for",
@@ -56,15 +48,6 @@ __all__ = [
 ]
 
 MODES: tuple[Mode, ...] = ("off", "static", "aimd", "adaptive")
-
-
-@dataclass(frozen=True, slots=True)
-class BackendConfig:
-    """The Knative-like backend; the same for every mode."""
-
-    cold_start: float = 3.0  # seconds from the autoscaler's decision to a serving pod
-    initial_pods: int = 1  # Knative's initial-scale default
-    kpa: KpaConfig = field(default_factory=KpaConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,62 +168,6 @@ def pooled(results: Sequence[SimResult]) -> dict[str, Any]:
     return row
 
 
-class _Pod:
-    __slots__ = ("busy", "leaving", "ready_at")
-
-    def __init__(self, ready_at: float) -> None:
-        self.ready_at = ready_at
-        self.busy = False
-        self.leaving = False
-
-
-class _Backend:
-    """Knative-like service: pods, one batch each at a time, a FIFO for the rest."""
-
-    def __init__(self, config: BackendConfig) -> None:
-        self.config = config
-        self.autoscaler = Autoscaler(config.kpa, start=0.0)
-        self.pods: list[_Pod] = [_Pod(0.0) for _ in range(config.initial_pods)]
-        self.waiting: deque[tuple[int, Any]] = deque()
-        self.running = 0
-        self.cold_starts = 0
-        self.pod_seconds = 0.0
-        self._last = 0.0
-
-    def ready(self, now: float) -> list[_Pod]:
-        return [p for p in self.pods if p.ready_at <= now and not p.leaving]
-
-    def account(self, now: float) -> None:
-        """Add ready-pod-seconds up to `now` (a leaving pod counts until its batch ends)."""
-        dt = now - self._last
-        if dt > 0:
-            serving = sum(1 for p in self.pods if p.ready_at <= self._last)
-            self.pod_seconds += serving * dt
-        self._last = now
-
-    def record_concurrency(self, now: float) -> None:
-        self.autoscaler.record(now, float(len(self.waiting) + self.running))
-
-    def scale_to(self, want: int, now: float) -> list[float]:
-        """Start or stop pods; the times new pods become ready."""
-        self.account(now)
-        alive = [p for p in self.pods if not p.leaving]
-        started: list[float] = []
-        if want > len(alive):
-            for _ in range(want - len(alive)):
-                pod = _Pod(now + self.config.cold_start)
-                self.pods.append(pod)
-                started.append(pod.ready_at)
-                self.cold_starts += 1
-        elif want < len(alive):
-            # starting pods go first, then idle ones, then busy ones after their batch
-            order = sorted(alive, key=lambda p: (p.ready_at <= now, p.busy))
-            for pod in order[: len(alive) - want]:
-                pod.leaving = True
-            self.pods = [p for p in self.pods if not (p.leaving and not p.busy)]
-        return started
-
-
 @dataclass(order=True)
 class _Event:
     time: float
@@ -257,27 +184,28 @@ def simulate(
     peak: float,
     seed: int = 0,
     replicas: int = 1,
-    backend: BackendConfig = BackendConfig(),
+    backend: ServiceConfig = ServiceConfig(),
     modes: ModeConfig = ModeConfig(),
     series_step: float = 10.0,
     warmup: float = 120.0,
+    times: Sequence[float] | None = None,
+    policy: Policy | None = None,
 ) -> SimResult:
     """Replay `trace` (peaking at `peak` req/s for `duration` s) through `replicas` proxies in
     `mode` to the Knative-like backend. Same seed, same arrivals and same noise draws order
-    per batch: deterministic."""
-    # Warm-up: the trace's opening rate for `warmup` seconds, not measured, so that every mode
-    # meets the trace in its steady state (autoscaler, learnt models), not a cold start.
-    opening = rate_function(trace, seed)(0.0) * peak
-    warm = trace_arrivals("steady", warmup, opening, seed ^ 0x3A3A) if warmup > 0 else []
-    times = warm + [warmup + t for t in trace_arrivals(trace, duration, peak, seed)]
-    first = len(warm)  # the first measured request
-    policy = policy_for(mode, profile, modes)
+    per batch: deterministic. `times` (warm-up included) and `policy` replace the ones the
+    trace and the mode would give (to simulate exactly what a benchmark ran)."""
+    if times is None:
+        times = schedule(trace, duration, peak, seed, warmup)
+    first = sum(1 for t in times if t < warmup)  # the first measured request
+    if policy is None:
+        policy = policy_for(mode, profile, modes)
     slo = profile.slo_ms / 1000.0
     rng = random.Random(seed ^ 0xBACE)
     route_rng = random.Random(seed ^ 0x7011)
     queues = [BatchQueue[int](rule_for(policy)) for _ in range(replicas)]
     armed = [math.inf] * replicas
-    be = _Backend(backend)
+    be = Service[tuple[int, Dispatch[int], float]](backend)
     n = len(times)
     latency = np.full(n, np.nan)
     arrival = np.asarray(times)
@@ -303,10 +231,8 @@ def simulate(
                     batches += 1
                     instances += action.size
                     batch_log.append((now - warmup, action.size))
-                be.waiting.append((r, (action, now)))
-                if not any(not p.leaving for p in be.pods):
-                    for t in be.scale_to(1, now):  # the activator wakes a scaled-to-zero service
-                        push(t, "ready")
+                for t in be.arrive((r, action, now), now):  # the activator's cold start
+                    push(t, "ready")
                 start_batches(now)
             elif isinstance(action, Shed):
                 for i in action.items:
@@ -321,16 +247,8 @@ def simulate(
 
     def start_batches(now: float) -> None:
         """Free ready pods take waiting batches, oldest first."""
-        for pod in be.ready(now):
-            if not be.waiting:
-                break
-            if pod.busy:
-                continue
-            r, (dispatch, sent_at) = be.waiting.popleft()
-            pod.busy = True
-            be.running += 1
+        for pod, (r, dispatch, sent_at) in be.start(now):
             push(now + profile.sample(dispatch.size, rng), "done", (pod, r, dispatch, sent_at))
-        be.record_concurrency(now)
 
     for i, t in enumerate(times):
         push(t, "arrive", i)
@@ -354,11 +272,7 @@ def simulate(
         elif ev.kind == "done":
             pod, r, dispatch, sent_at = ev.data
             last_done = now
-            be.account(now)
-            pod.busy = False
-            be.running -= 1
-            if pod.leaving:
-                be.pods.remove(pod)
+            be.finish(pod, now)
             q = queues[r]
             q.done(dispatch, now - sent_at, True, now)
             for e in dispatch.entries:
@@ -374,10 +288,9 @@ def simulate(
                 be.account(now)
             start_batches(now)
         elif ev.kind == "tick":
-            be.account(now)
-            want = be.autoscaler.desired(now, len(be.ready(now)))
-            for t in be.scale_to(want, now):
+            for t in be.tick(now):
                 push(t, "ready")
+
             if now >= warmup:
                 pods_log.append((now - warmup, len(be.ready(now))))
             if now + tick <= duration + warmup:  # the autoscaler stops with the trace: the

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.knative import ServiceConfig
 from bench.profiles import PROFILES
-from bench.sim import MODES, BackendConfig, SimResult, pooled, simulate
+from bench.sim import MODES, SimResult, pooled, simulate
 from bench.traces import TRACES
 from mlproxy.policy import Mode
 
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--duration", type=float, default=600.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=120.0, help="unmeasured seconds first")
-    ap.add_argument("--cold-start", type=float, default=BackendConfig().cold_start)
+    ap.add_argument("--cold-start", type=float, default=ServiceConfig().cold_start)
     ap.add_argument("--replicas", type=int, default=1, help="proxy replicas sharing traffic")
     ap.add_argument("--seed", type=int, default=1, help="the first seed")
     ap.add_argument("--seeds", type=int, default=3, help="runs per case, seeds from --seed on")
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = [PROFILES[p] for p in args.profiles.split(",")]
     traces = args.traces.split(",")
     modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
-    backend = BackendConfig(cold_start=args.cold_start)
+    backend = ServiceConfig(cold_start=args.cold_start)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     began = time.monotonic()

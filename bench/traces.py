@@ -19,7 +19,8 @@ import math
 import random
 from collections.abc import Callable
 
-__all__ = ["TRACES", "arrivals", "rate_function"]
+__all__ = ["TRACES", "arrivals", "rate_function", "schedule"]
+
 
 Rate = Callable[[float], float]  # relative rate in [0, 1] at a fraction of the trace in [0, 1)
 
@@ -84,3 +85,12 @@ def arrivals(name: str, duration: float, peak: float, seed: int = 0) -> list[flo
             return out
         if rng.random() < relative(t / duration):
             out.append(t)
+
+
+def schedule(name: str, duration: float, peak: float, seed: int, warmup: float) -> list[float]:
+    """A benchmark run's arrival times: `warmup` seconds at the trace's opening rate (not
+    measured, so that every mode meets the trace in its steady state -- autoscaler, learnt
+    models -- rather than a cold start), then the trace from `warmup` on."""
+    opening = rate_function(name, seed)(0.0) * peak
+    warm = arrivals("steady", warmup, opening, seed ^ 0x3A3A) if warmup > 0 else []
+    return warm + [warmup + t for t in arrivals(name, duration, peak, seed)]

@@ -104,12 +104,17 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
     if b.mode == "static":
         return StaticRule(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
     if b.mode == "aimd":
-        if isinstance(previous, AimdRule) and previous.aimd.slo == sla:
+        if (
+            isinstance(previous, AimdRule)
+            and previous.aimd.slo == sla
+            and previous.aimd.period == b.aimd_period_s
+        ):
             aimd = previous.aimd
             aimd.max_batch_size = b.max_batch_size
             aimd.batch_size = min(aimd.batch_size, b.max_batch_size)
         else:
-            aimd = Aimd(sla, b.max_batch_size)
+            aimd = Aimd(sla, b.max_batch_size, period=b.aimd_period_s)
+
         return AimdRule(aimd, b.max_in_flight, b.max_queue)
     tuning = policy.tuning if b.tune else None
     seed = DEFAULT_SEED

@@ -88,3 +88,22 @@ def test_periods_that_ended_while_idle_are_applied_in_order() -> None:
     assert a.maybe_adjust(95.0)  # three periods ended: at 30 (shrink), 60 and 90 (no data)
     assert a.batch_size == 1 + 5 + 5
     assert not a.maybe_adjust(100.0)
+
+
+def test_a_shorter_period_compresses_every_window_with_it() -> None:
+    """period=3 s behaves exactly as the paper's 30 s with all times divided by 10."""
+    paper = Aimd(slo=1.0, max_batch_size=20, initial=10, start=0.0)
+    fast = Aimd(slo=1.0, max_batch_size=20, initial=10, start=0.0, period=3.0)
+    for a, k in ((paper, 1.0), (fast, 0.1)):
+        a.record_latency(5.0, 5.0 * k)  # outside the decision window (2/3 period) at the step
+        a.record_dispatch(10, 0.05, by_timer=True, now=5.0 * k)
+        a.record_dispatch(10, 0.3, by_timer=False, now=25.0 * k)
+        assert not a.maybe_adjust(29.0 * k)
+        assert a.maybe_adjust(30.0 * k)
+    assert paper.batch_size == fast.batch_size == 15  # only the untimed dispatch counted
+    assert fast.timeout(9, 3.0) == pytest.approx(paper.timeout(9, 30.0)) == pytest.approx(0.5)
+    # the upstream window is two periods: 6 s for the fast one
+    assert fast.timeout(9, 8.6) == pytest.approx(0.7)  # the data is gone: 100 ms default
+    assert paper.timeout(9, 86.0) == pytest.approx(0.7)
+    with pytest.raises(ValueError):
+        Aimd(slo=1.0, max_batch_size=20, period=0)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.knative import ServiceConfig
 from bench.profiles import Profile
-from bench.sim import BackendConfig, policy_for, pooled, simulate
+from bench.sim import policy_for, pooled, simulate
 from bench.simulate import main as simulate_main
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
 from extproc.runtime.batcher import rule_for
@@ -48,7 +49,7 @@ def test_off_sends_each_request_alone_and_latency_is_the_service_time_when_pods_
 def test_overload_makes_the_autoscaler_add_pods_after_a_cold_start() -> None:
     # 400 req/s one at a time at 11 ms each needs ~4.4 busy pods; the service starts with one
     r = simulate(
-        "steady", FLAT, "off", 60, 400, seed=1, warmup=0, backend=BackendConfig(cold_start=5)
+        "steady", FLAT, "off", 60, 400, seed=1, warmup=0, backend=ServiceConfig(cold_start=5)
     )
     assert r.cold_starts > 0
     assert r.mean_pods > 4
