@@ -42,6 +42,7 @@ __all__ = [
     "MODES",
     "ModeConfig",
     "SimResult",
+    "policy_body",
     "policy_for",
     "pooled",
     "simulate",
@@ -70,25 +71,35 @@ class ModeConfig:
     in_flight: int = 1_000
 
 
-def policy_for(mode: Mode, profile: Profile, config: ModeConfig = ModeConfig()) -> Policy:
-    batching: dict[str, Any] = {
-        "mode": mode,
-        "max_batch_size": config.max_batch_size,
-        "max_wait_ms": profile.slo_ms * config.static_wait_fraction,
-        "max_in_flight": config.in_flight,
-        "max_queue": 1_000_000,
+def policy_body(
+    mode: Mode,
+    profile: Profile,
+    config: ModeConfig = ModeConfig(),
+    backend: str = "http://model",
+    time_scale: float = 1.0,
+) -> dict[str, Any]:
+    """The policy (as a client writes it) that each mode runs with in every benchmark, in
+    the simulator and on the real stack alike; `backend` is the model service's base URL.
+    With time compressed `time_scale` times, aimd's period is compressed with it."""
+    path = f"/v1/models/{profile.name}:predict"
+    return {
+        "match": {"path": path},
+        "backend": {"url": backend + path, "timeout_ms": 60_000},
+        "sla": {"latency_ms": profile.slo_ms, "percentile": 95},
+        "batching": {
+            "mode": mode,
+            "max_batch_size": config.max_batch_size,
+            "max_wait_ms": profile.slo_ms * config.static_wait_fraction,
+            "max_in_flight": config.in_flight,
+            "max_queue": 1_000_000,
+            "aimd_period_s": 30.0 / time_scale,
+        },
     }
+
+
+def policy_for(mode: Mode, profile: Profile, config: ModeConfig = ModeConfig()) -> Policy:
     return Policy.model_validate(
-        {
-            "name": f"{profile.name}-{mode}",
-            "match": {"path": "/v1/models/m:predict"},
-            "backend": {"url": "http://model/v1/models/m:predict"},
-            "sla": {
-                "latency_ms": profile.slo_ms,
-                "percentile": 95,
-            },
-            "batching": batching,
-        }
+        {"name": f"{profile.name}-{mode}", **policy_body(mode, profile, config)}
     )
 
 

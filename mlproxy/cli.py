@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False
     )
+    sub.add_parser(
+        "bench",
+        help="benchmark the real stack against a serverless emulator (see `mlproxy bench -h`)",
+        add_help=False,
+    )
 
     p = sub.add_parser("controlplane", help="run the control plane API (settings from env)")
     p.add_argument("--host", default="127.0.0.1")
@@ -268,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command == "model":
         sys.exit(cmd_model(args, rest))
+    if args.command == "bench":
+        from bench.real import main as bench_main
+
+        sys.exit(bench_main(rest))
+
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {

@@ -157,6 +157,11 @@ class Stack:
     model_port: int = 0
     admin_port: int = 0
     model_args: Sequence[str] = ()
+    # The model server's command before --host/--port (default: the demo model), e.g. the
+    # benchmark's serverless emulator; it must answer GET /healthz when ready.
+    model_command: Sequence[str] | None = None
+    controlplane_env: dict[str, str] = field(default_factory=dict)
+    seed_demo: bool = True  # create the demo policy (Redis mode)
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     run_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
@@ -227,12 +232,12 @@ class Stack:
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
         _check_free(self.host, self.model_port, "demo model port")
         py = [sys.executable, "-m", "mlproxy.cli"]
+        model = [*py, "model"] if self.model_command is None else list(self.model_command)
         self.start_child(
             Child(
                 "model",
                 [
-                    *py,
-                    "model",
+                    *model,
                     "--host",
                     self.host,
                     "--port",
@@ -250,7 +255,8 @@ class Stack:
                 self.start_child(self.redis_child(), timeout)
             _check_free(self.host, self.controlplane_port, "control plane port")
             self.start_child(self.controlplane_child(), timeout)
-            self._seed_demo_policy()
+            if self.seed_demo:
+                self._seed_demo_policy()
             source = ["--redis-url", self.effective_redis_url()]
         else:
             assert self.policies_file is not None
@@ -315,6 +321,7 @@ class Stack:
             env={
                 "MLPROXY_REDIS_URL": self.effective_redis_url(),
                 "MLPROXY_ADMIN_TOKENS": self.admin_token,
+                **self.controlplane_env,
             },
             ready=lambda: http_ok(f"{self.controlplane_url}/readyz"),
         )

@@ -1,0 +1,361 @@
+"""A serverless (Knative-like) model service over HTTP, for the benchmark on the real stack.
+
+    python -m bench.emulator --port 9000 --profile toxic [--time-scale 20] [--seed 1]
+
+It speaks KServe V1 (`POST /v1/models/<any name>:predict` with `{"instances": [...]}`, answer
+`{"predictions": [...]}`) and behaves like a Knative service running the profile's model:
+
+- each request (for MLProxy: one batch) takes one pod for t(b) = a + c*b milliseconds with
+  log-normal noise (`bench/profiles.py`, the simulator's code), b = its number of instances;
+- the pods, their FIFO, the KPA autoscaler (concurrency target 1, stable and panic windows,
+  scale to zero), the cold start and the cost accounting (ready-pod-seconds) are
+  `bench/knative.py`'s `Service`, the code the simulator runs; only the clock differs (this
+  process's monotonic clock);
+- `--time-scale k` divides every duration of the autoscaler and the cold start by k (not the
+  model's service times): a trace compressed k times meets an autoscaler k times as fast.
+
+The model is a stand-in whose answers can be checked: an instance is a non-empty list of
+numbers and its prediction is `predict(instance)`, so a client that knows what it sent knows
+what it must get back. A body it cannot read gets 400 with a JSON error, as KServe does.
+
+Admin endpoints (the benchmark runner's): `POST /admin/reset` (a new service: JSON with
+`profile`, `time_scale`, `seed`, optional `cold_start` and `initial_pods`), `GET /admin/state`
+(ready and starting pods, queue, running, cost so far, cold starts, batches) and
+`GET /admin/series` (the state at every autoscaler tick, and every batch: when it arrived,
+waited and ran, and its size). Times are this machine's monotonic clock (`time.monotonic()`),
+the same clock every process here reads, so a client can line them up with its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from bench.knative import Pod, Service, ServiceConfig
+from bench.profiles import PROFILES, Profile
+
+__all__ = ["Emulator", "make_app", "predict"]
+
+log = logging.getLogger("bench.emulator")
+
+Number = int | float
+
+
+def predict(instance: Sequence[Number]) -> list[Number]:
+    """The stand-in model: what the emulator answers for one instance (and what a client that
+    sent it must get back)."""
+    return [sum(instance), instance[0] * 2 + 1]
+
+
+def _instances(body: Any) -> list[list[Number]]:
+    """The instances of a KServe V1 request; ValueError says what is wrong."""
+    if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+        raise ValueError('the body must be a JSON object with an "instances" list')
+    instances: list[list[Number]] = body["instances"]
+    if not instances:
+        raise ValueError('"instances" is empty')
+    for k, x in enumerate(instances):
+        if (
+            not isinstance(x, list)
+            or not x
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in x)
+        ):
+            raise ValueError(f"instance {k} must be a non-empty list of numbers")
+        if not all(math.isfinite(v) for v in x):
+            raise ValueError(f"instance {k} has a value that is not a finite number")
+    return instances
+
+
+@dataclass
+class _Batch:
+    size: int
+    arrived: float
+    done: asyncio.Future[None]
+    started: float = math.nan
+    planned: float = math.nan  # the service time drawn for it
+
+
+@dataclass
+class _Run:
+    """One reset's worth of state."""
+
+    profile: Profile
+    config: ServiceConfig
+    service: Service[_Batch]
+    rng: random.Random
+    started: float
+    time_scale: float
+    seed: int
+    ticks: list[list[float]] = field(default_factory=list)
+    batches: list[list[float]] = field(default_factory=list)
+    instances: int = 0
+
+
+class Emulator:
+    """The service behind the HTTP handlers; asyncio drives its clock."""
+
+    def __init__(self, profile: Profile, time_scale: float = 1.0, seed: int = 0) -> None:
+        self._run = self._new_run(profile, time_scale, seed, None, None)
+        self._tick_task: asyncio.Task[None] | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    @staticmethod
+    def _new_run(
+        profile: Profile,
+        time_scale: float,
+        seed: int,
+        cold_start: float | None,
+        initial_pods: int | None,
+    ) -> _Run:
+        base = ServiceConfig()
+        if cold_start is not None:
+            base = ServiceConfig(cold_start=cold_start, kpa=base.kpa)
+        if initial_pods is not None:
+            base = ServiceConfig(base.cold_start, initial_pods, base.kpa)
+        config = base.scaled(time_scale)
+        now = time.monotonic()
+        return _Run(
+            profile=profile,
+            config=config,
+            service=Service[_Batch](config, start=now),
+            rng=random.Random(seed ^ 0xBACE),
+            started=now,
+            time_scale=time_scale,
+            seed=seed,
+        )
+
+    # -- the clock's side: timers for pods getting ready, batches ending, autoscaler ticks --
+
+    def _at(self, when: float, callback: Any, *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            callback(*args)
+
+        handle = loop.call_later(max(0.0, when - time.monotonic()), fire)
+        self._timers.add(handle)
+
+    def _pods_ready_at(self, times: list[float]) -> None:
+        for t in times:
+            self._at(t, self._start)
+
+    def _start(self) -> None:
+        run = self._run
+        now = time.monotonic()
+        for pod, batch in run.service.start(now):
+            batch.started = now
+            batch.planned = run.profile.sample(batch.size, run.rng)
+            self._at(now + batch.planned, self._finish, run, pod, batch)
+
+    def _finish(self, run: _Run, pod: Pod, batch: _Batch) -> None:
+        if not batch.done.done():
+            batch.done.set_result(None)
+        if run is not self._run:
+            return  # a batch of a run that was reset: answered, but its service is gone
+        now = time.monotonic()
+        run.service.finish(pod, now)
+        run.batches.append(
+            [
+                batch.arrived,
+                batch.started - batch.arrived,
+                now - batch.started,
+                batch.planned,
+                batch.size,
+            ]
+        )
+        self._start()
+
+    async def _ticks(self) -> None:
+        while True:
+            run = self._run
+            tick = run.config.kpa.tick
+            # ticks on a fixed grid from the reset, so a slow wake-up does not drift them
+            now = time.monotonic()
+            k = math.floor((now - run.started) / tick) + 1
+            await asyncio.sleep(max(0.0, run.started + k * tick - time.monotonic()))
+            if run is not self._run:
+                continue
+            now = time.monotonic()
+            self._pods_ready_at(run.service.tick(now))
+            self._start()
+            run.ticks.append(self._sample(run, now))
+
+    @staticmethod
+    def _sample(run: _Run, now: float) -> list[float]:
+        s = run.service
+        s.account(now)
+        ready = len(s.ready(now))
+        starting = sum(1 for p in s.pods if p.ready_at > now and not p.leaving)
+        return [now, ready, starting, len(s.waiting), s.running, s.pod_seconds, s.cold_starts]
+
+    def start(self) -> None:
+        self._tick_task = asyncio.get_running_loop().create_task(self._ticks())
+
+    async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        for batch in self._run.service.fail_waiting():
+            if not batch.done.done():
+                batch.done.set_exception(RuntimeError("the emulator was reset"))
+
+    # -- the HTTP side --
+
+    async def predict(self, request: web.Request) -> web.Response:
+        try:
+            instances = _instances(await request.json())
+        except (ValueError, UnicodeDecodeError) as err:  # json errors are ValueErrors
+            return web.json_response({"error": f"bad request: {err}"}, status=400)
+        run = self._run
+        now = time.monotonic()
+        batch = _Batch(len(instances), now, asyncio.get_running_loop().create_future())
+        run.instances += batch.size
+        self._pods_ready_at(run.service.arrive(batch, now))
+        self._start()
+        try:
+            await batch.done
+        except asyncio.CancelledError:  # the client went away while it waited
+            if batch in run.service.waiting:
+                run.service.waiting.remove(batch)
+            raise
+        except RuntimeError as err:
+            return web.json_response({"error": str(err)}, status=503)
+        return web.json_response({"predictions": [predict(x) for x in instances]})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            profile = PROFILES[str(body.get("profile", self._run.profile.name))]
+            time_scale = float(body.get("time_scale", 1.0))
+            seed = int(body.get("seed", 0))
+            cold_start = body.get("cold_start")
+            initial = body.get("initial_pods")
+            run = self._new_run(
+                profile,
+                time_scale,
+                seed,
+                None if cold_start is None else float(cold_start),
+                None if initial is None else int(initial),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return web.json_response({"error": f"bad reset: {err!r}"}, status=400)
+        self._fail_all()
+        self._run = run
+        log.info(
+            "reset: profile %s, time scale %g, seed %d, %s",
+            profile.name,
+            time_scale,
+            seed,
+            run.config,
+        )
+        return web.json_response(self._state(run))
+
+    def _state(self, run: _Run) -> dict[str, Any]:
+        now, ready, starting, waiting, running, pod_s, cold = self._sample(run, time.monotonic())
+        return {
+            "time": now,
+            "started": run.started,
+            "profile": run.profile.name,
+            "time_scale": run.time_scale,
+            "seed": run.seed,
+            "cold_start_s": run.config.cold_start,
+            "tick_s": run.config.kpa.tick,
+            "ready_pods": ready,
+            "starting_pods": starting,
+            "waiting": waiting,
+            "running": running,
+            "pod_seconds": pod_s,
+            "cold_starts": cold,
+            "batches": len(run.batches),
+            "instances": run.instances,
+            "panicking": run.service.autoscaler.panicking,
+        }
+
+    async def state(self, request: web.Request) -> web.Response:
+        return web.json_response(self._state(self._run))
+
+    async def series(self, request: web.Request) -> web.Response:
+        run = self._run
+        return web.json_response(
+            {
+                "state": self._state(run),
+                "ticks": {
+                    "columns": [
+                        "time",
+                        "ready",
+                        "starting",
+                        "waiting",
+                        "running",
+                        "pod_seconds",
+                        "cold_starts",
+                    ],
+                    "rows": run.ticks,
+                },
+                "batches": {
+                    "columns": ["arrived", "waited_s", "service_s", "planned_s", "size"],
+                    "rows": run.batches,
+                },
+            }
+        )
+
+
+def make_app(emulator: Emulator) -> web.Application:
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_post("/v1/models/{name}:predict", emulator.predict)
+    app.router.add_post("/admin/reset", emulator.reset)
+    app.router.add_get("/admin/state", emulator.state)
+    app.router.add_get("/admin/series", emulator.series)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_get("/healthz", healthz)
+
+    async def on_startup(app: web.Application) -> None:
+        emulator.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await emulator.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.emulator", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--profile", default="toxic", choices=sorted(PROFILES))
+    ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    emulator = Emulator(PROFILES[args.profile], args.time_scale, args.seed)
+    web.run_app(make_app(emulator), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""An open-loop HTTP/1.1 load generator: every request leaves at a time fixed in advance.
+
+Requests are sent at their scheduled times whatever happened to the ones before (overload shows
+as latency and errors, never as fewer requests: no coordinated omission), each on a keep-alive
+connection that is free at that moment, or a new one. Latency is measured from the scheduled
+time to the answer's last byte.
+
+To keep its own timing error small on a busy 2-core machine it uses two threads and no event
+loop: a sender that sleeps until each request's time (`time.sleep`, which sleeps on the
+monotonic clock to within tens of microseconds) and writes the request with one blocking
+`send`, and a reader that waits on every connection with a selector and parses the answers.
+Each request's send-time error (when its bytes were handed to the kernel, minus when it was
+due) is recorded, so a run shows whether the generator kept up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import os
+import queue
+import selectors
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["OpenLoopResult", "replay"]
+
+_NO_INDEX = -1
+# Sleeps end up to ~0.1 ms late on a busy machine; the sender sleeps until this long before a
+# request is due and spins for the rest (at 100 req/s, about 2% of a core).
+_SPIN = 0.0002
+
+
+def _precise_sleep() -> None:
+    """Ask Linux to wake this thread on time: no timer slack (the default is 50 us) and, where
+    allowed (root or CAP_SYS_NICE), a real-time priority so that a busy CPU does not make it
+    wait its turn. It sleeps almost all the time, so this takes nothing from the others."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))  # this thread only
+
+
+@dataclass
+class OpenLoopResult:
+    started: float  # time.monotonic() of t = 0 of the schedule
+    scheduled: np.ndarray  # seconds from `started`
+    send_error: np.ndarray  # seconds the request left after its time (nan: never sent)
+    latency: np.ndarray  # seconds from its time to the answer's last byte (nan: no answer)
+    status: np.ndarray  # HTTP status; 0: no answer (connection refused, reset, or timeout)
+    bodies: list[bytes]
+    headers: list[dict[str, str]]  # lower-case names
+    connections: int  # opened in all
+
+    @property
+    def lost(self) -> int:
+        return int((self.status == 0).sum())
+
+    def send_error_ms(self) -> dict[str, float]:
+        err = self.send_error[np.isfinite(self.send_error)] * 1000
+        if not err.size:
+            return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+        return {
+            "p50": float(np.percentile(err, 50)),
+            "p99": float(np.percentile(err, 99)),
+            "max": float(err.max()),
+        }
+
+
+class _Conn:
+    __slots__ = ("buf", "closed", "index", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.index = _NO_INDEX  # the request waiting for its answer on this connection
+        self.closed = False
+
+
+def _parse(buf: bytearray) -> tuple[int, dict[str, str], bytes, int] | None:
+    """One whole HTTP/1.1 response from the start of `buf`: (status, headers, body, bytes it
+    used), or None if it has not all arrived. ValueError if it is not HTTP."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    parts = head[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x status line: {head[0]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    start = end + 4
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        pos = start
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                trailer_end = buf.find(b"\r\n\r\n", eol)
+                if trailer_end < 0 and buf[eol : eol + 4] != b"\r\n\r\n":
+                    return None
+                used = (trailer_end if trailer_end >= 0 else eol) + 4
+                return status, headers, bytes(body), used
+            if len(buf) < eol + 2 + size + 2:
+                return None
+            body += buf[eol + 2 : eol + 2 + size]
+            pos = eol + 2 + size + 2
+    length = int(headers.get("content-length", "0"))
+    if len(buf) < start + length:
+        return None
+    return status, headers, bytes(buf[start : start + length]), start + length
+
+
+def replay(
+    host: str,
+    port: int,
+    path: str,
+    times: Sequence[float],
+    body_for: Callable[[int], bytes],
+    timeout: float = 60.0,
+    lead: float = 0.3,
+    connections: int = 32,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    progress: Callable[[float, int, int, int], None] | None = None,
+    progress_every: float = 1.0,
+) -> OpenLoopResult:
+    """POST `body_for(i)` to `path` at `times[i]` seconds (sorted) after a start `lead`
+    seconds from now; wait for every answer (at most `timeout` each). `progress(elapsed,
+    sent, answered, failed)` is called from this thread every `progress_every` seconds."""
+    n = len(times)
+    if any(b < a for a, b in itertools.pairwise(times)):
+        raise ValueError("the schedule must be sorted")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers)
+    sent_at = np.full(n, np.nan)
+    done_at = np.full(n, np.nan)
+    status = np.zeros(n, dtype=np.int32)
+    bodies: list[bytes] = [b""] * n
+    headers: list[dict[str, str]] = [{} for _ in range(n)]
+    idle: deque[_Conn] = deque()
+    fresh: queue.SimpleQueue[_Conn] = queue.SimpleQueue()
+    sel = selectors.DefaultSelector()
+    wake_r, wake_w = os.pipe()
+    sel.register(wake_r, selectors.EVENT_READ, None)
+    opened = 0
+    answered = 0
+    failed = 0
+    sending_done = threading.Event()
+    stop_reader = threading.Event()
+    lock = threading.Lock()
+
+    def connect() -> _Conn:
+        nonlocal opened
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        opened += 1
+        return _Conn(sock)
+
+    for _ in range(connections):
+        conn = connect()
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+        idle.append(conn)
+
+    start = time.monotonic() + lead
+
+    def fail(i: int, at: float) -> None:
+        nonlocal failed
+        with lock:
+            if np.isnan(done_at[i]):  # both threads may see the same connection fail
+                status[i] = 0
+                done_at[i] = at
+                failed += 1
+
+    def sender() -> None:
+        _precise_sleep()
+        for i, t in enumerate(times):
+            raw = body_for(i)
+            request = (
+                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n{extra}\r\n"
+            ).encode() + raw
+            due = start + t
+            while (wait := due - time.monotonic()) > _SPIN:
+                time.sleep(wait - _SPIN)
+            while time.monotonic() < due:  # the last fraction of a millisecond: spin
+                pass
+            try:
+                conn = idle.popleft()
+                while conn.closed:  # the server closed it while it was idle
+                    conn = idle.popleft()
+                new = False
+            except IndexError:
+                try:
+                    conn = connect()
+                except OSError:
+                    fail(i, time.monotonic())
+                    continue
+                new = True
+            conn.index = i
+            try:
+                conn.sock.sendall(request)
+            except OSError:
+                conn.index = _NO_INDEX
+                fail(i, time.monotonic())
+                if new:
+                    conn.sock.close()
+                continue  # the reader sees the broken connection and drops it
+            sent_at[i] = time.monotonic()
+            if new:
+                fresh.put(conn)
+                os.write(wake_w, b"x")
+        sending_done.set()
+        os.write(wake_w, b"x")
+
+    def drop(conn: _Conn, now: float) -> None:
+        conn.closed = True
+        if conn.index != _NO_INDEX:
+            fail(conn.index, now)
+            conn.index = _NO_INDEX
+
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn.sock)
+        conn.sock.close()
+
+    def reader() -> None:
+        nonlocal answered
+        live: set[_Conn] = set(idle)
+        last_sweep = time.monotonic()
+        while not stop_reader.is_set():
+            for key, _ in sel.select(timeout=0.05):
+                if key.data is None:
+                    os.read(wake_r, 4096)
+                    while True:
+                        try:
+                            conn = fresh.get_nowait()
+                        except queue.Empty:
+                            break
+                        sel.register(conn.sock, selectors.EVENT_READ, conn)
+                        live.add(conn)
+                    continue
+                conn = key.data
+                try:
+                    data = conn.sock.recv(1 << 16)
+                except OSError:
+                    data = b""
+                now = time.monotonic()
+                if not data:
+                    live.discard(conn)
+                    drop(conn, now)
+                    continue
+                conn.buf += data
+                try:
+                    parsed = _parse(conn.buf)
+                except ValueError:
+                    live.discard(conn)
+                    drop(conn, now)
+                    continue
+                if parsed is None:
+                    continue
+                code, head, body, used = parsed
+                del conn.buf[:used]
+                i = conn.index
+                if i == _NO_INDEX:  # an answer nobody asked for on this connection
+                    live.discard(conn)
+                    drop(conn, now)
+                    continue
+                status[i], headers[i], bodies[i], done_at[i] = code, head, body, now
+                answered += 1
+                conn.index = _NO_INDEX
+                if head.get("connection", "").lower() == "close" or conn.buf:
+                    live.discard(conn)
+                    drop(conn, now)
+                else:
+                    idle.append(conn)
+            now = time.monotonic()
+            if now - last_sweep > 0.25:
+                last_sweep = now
+                for conn in list(live):
+                    i = conn.index
+                    if i != _NO_INDEX and now - (start + times[i]) > timeout:
+                        live.discard(conn)
+                        drop(conn, now)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
+    send_thread = threading.Thread(target=sender, name="openloop-sender", daemon=True)
+    read_thread = threading.Thread(target=reader, name="openloop-reader", daemon=True)
+    read_thread.start()
+    send_thread.start()
+    try:
+        next_report = start + progress_every
+        while True:
+            finished = sending_done.is_set() and answered + failed >= n
+            if finished:
+                break
+            time.sleep(0.02)
+            if progress is not None and time.monotonic() >= next_report:
+                next_report += progress_every
+                progress(
+                    time.monotonic() - start, int(np.isfinite(sent_at).sum()), answered, failed
+                )
+    finally:
+        stop_reader.set()
+        send_thread.join(timeout + 5)
+        read_thread.join(5)
+        sys.setswitchinterval(switch)
+        for key in list(sel.get_map().values()):
+            if isinstance(key.data, _Conn):
+                key.data.sock.close()
+        sel.close()
+        os.close(wake_r)
+        os.close(wake_w)
+    scheduled = np.asarray(times, dtype=float)
+    return OpenLoopResult(
+        started=start,
+        scheduled=scheduled,
+        send_error=sent_at - (start + scheduled),
+        latency=np.where(status > 0, done_at - (start + scheduled), np.nan),
+        status=status,
+        bodies=bodies,
+        headers=headers,
+        connections=opened,
+    )

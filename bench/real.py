@@ -1,0 +1,623 @@
+"""The benchmark on the real stack: `mlproxy bench`.
+
+    mlproxy bench --profile toxic --trace big_spike --mode adaptive
+    mlproxy bench --suite paper          # Toxic and Fashion-MNIST, every trace and mode
+
+It starts the whole stack as production runs it -- Redis, the control plane, ext_proc
+replicas, Envoy -- in front of the serverless emulator (`bench/emulator.py`: a Knative-like
+service sharing the simulator's autoscaler and model profiles). For each case it writes the
+mode's policy through the control plane API and waits until every replica runs it, resets the
+emulator, replays the trace open loop through Envoy (`bench/openloop.py`), checks every
+answer, then runs the simulator on exactly the same arrival times, policy and emulated
+service, so that the two can be compared request for request.
+
+Time scaling: a trace of `--duration` seconds is played `--time-scale` times faster, and the
+autoscaler's durations, the cold start and aimd's period are divided by the same factor.
+Request-level times are not scaled: the arrival rates (the profile's peak), the model's batch
+times, the SLO and the proxies' waits are the real ones.
+
+Output in `--out`: `report.md` (the tables), `results.json` (one row per case), one PNG per
+profile and trace (latency percentiles against the SLO, ready pods, batch size, arrival rate
+over time; one line per mode), and raw results per run in `runs/` (every request's schedule,
+send error, latency, status and batch size; the emulator's series).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.emulator import predict
+from bench.knative import ServiceConfig
+from bench.openloop import OpenLoopResult, replay
+from bench.profiles import PROFILES, Profile
+from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
+from bench.simulate import PHASE_JITTER
+from bench.traces import TRACES, schedule
+from mlproxy.client import ApiError, Client
+from mlproxy.policy import Mode, Policy
+from mlproxy.stack import Stack, StackError
+
+__all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
+
+SUITES = {"paper": ("toxic", "fashion-mnist")}
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    duration: float = 200.0  # trace seconds, before time scaling
+    warmup: float = 80.0  # trace seconds at the opening rate, not measured (plus a jitter)
+    time_scale: float = 20.0
+    seed: int = 1
+    replicas: int = 1  # ext_proc replicas
+
+    @property
+    def run_seconds(self) -> float:
+        return self.duration / self.time_scale
+
+    def warmup_seconds(self) -> float:
+        """Real seconds of warm-up: the simulator's warm-up with its seeded jitter (which puts
+        aimd's steps at a random phase of the trace), scaled."""
+        jitter = random.Random(self.seed ^ 0xFA5E).uniform(0.0, PHASE_JITTER)
+        return (self.warmup + jitter) / self.time_scale
+
+
+def instance(i: int, seed: int) -> list[int]:
+    """Request i's input: distinct for every request of a run."""
+    return [i, i % 7, seed]
+
+
+class BenchStack:
+    """The real stack in front of the emulator, kept for a whole suite; one policy at a time."""
+
+    def __init__(self, config: BenchConfig, run_dir: Path) -> None:
+        self.config = config
+        self.stack = Stack(
+            envoy_port=0,
+            replicas=config.replicas,
+            model_command=[sys.executable, "-m", "bench.emulator"],
+            # The tuner adapts policies over minutes of a fleet's statistics; the benchmark
+            # compares the modes as written (and with the simulator, which has no tuner).
+            controlplane_env={"MLPROXY_TUNER_INTERVAL_S": "0"},
+            seed_demo=False,
+            run_dir=run_dir,
+        )
+        self.api: Client | None = None
+        self._policy: str | None = None
+        self._count = 0
+
+    def __enter__(self) -> BenchStack:
+        self.stack.start()
+        self.api = Client(self.stack.controlplane_url, self.stack.admin_token, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.stop()
+
+    @property
+    def emulator_url(self) -> str:
+        return self.stack.model_url
+
+    def apply(self, body: dict[str, Any], label: str, timeout: float = 15.0) -> str:
+        """Replace the benchmark's policy with `body` under a new name (so that nothing the
+        replicas learnt in an earlier run carries over) and wait until every replica runs it."""
+        assert self.api is not None
+        if self._policy is not None:
+            try:
+                self.api.delete_policy(self._policy)
+            except ApiError as err:
+                if err.status != 404:
+                    raise
+        self._count += 1
+        name = f"bench-{self._count}-{label}".replace("_", "-")[:63].rstrip("-")
+
+        self.api.put_policy(name, body)
+        self._policy = name
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.api.status(name)
+            if status["complete"] and status["replicas"] >= self.config.replicas:
+                return name
+            if time.monotonic() > deadline:
+                raise StackError(f"policy {name} did not reach every replica: {status}")
+            time.sleep(0.05)
+
+    def emulator(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.emulator_url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+
+@dataclass
+class CaseResult:
+    profile: Profile
+    trace: str
+    mode: Mode
+    config: BenchConfig
+    warmup_s: float
+    load: OpenLoopResult
+    series: dict[str, Any]  # the emulator's
+    sim: SimResult
+    wrong: int
+    measured: np.ndarray  # mask of the requests after the warm-up
+    start: float  # monotonic time the measured window opens
+    end: float  # and closes (the trace's end, or the last answer if later)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slo(self) -> float:
+        return self.profile.slo_ms / 1000.0
+
+    def latencies(self) -> np.ndarray:
+        """Measured requests' latencies in seconds; inf for a request without a 200."""
+        lat = self.load.latency[self.measured]
+        ok = self.load.status[self.measured] == 200
+        return np.where(ok, lat, np.inf)
+
+    def _ticks(self) -> np.ndarray:
+        rows = self.series["ticks"]["rows"]
+        return np.asarray(rows, dtype=float).reshape(-1, 7)
+
+    def _cumulative(self, column: int, at: float) -> float:
+        """A cumulative column of the emulator's ticks (pod-seconds, cold starts) at `at`."""
+        ticks = self._ticks()
+        if not ticks.size:
+            return 0.0
+        return float(np.interp(at, ticks[:, 0], ticks[:, column]))
+
+    def pod_seconds(self) -> float:
+        return self._cumulative(5, self.end) - self._cumulative(5, self.start)
+
+    def cold_starts(self) -> int:
+        ticks = self._ticks()
+        if not ticks.size:
+            return 0
+
+        def at(t: float) -> float:
+            before = ticks[ticks[:, 0] <= t]
+            return float(before[-1, 6]) if before.size else 0.0
+
+        return round(at(self.end) - at(self.start))
+
+    def batches(self) -> np.ndarray:
+        """The emulator's batches that arrived in the measured window: rows of (arrived,
+        waited_s, service_s, planned_s, size)."""
+        rows = np.asarray(self.series["batches"]["rows"], dtype=float).reshape(-1, 5)
+        return rows[(rows[:, 0] >= self.start) & (rows[:, 0] <= self.end)]
+
+    def row(self) -> dict[str, Any]:
+        lat = self.latencies()
+        finite = lat[np.isfinite(lat)]
+        batches = self.batches()
+        status = self.load.status[self.measured]
+        sim = self.sim.row()
+        send = self.load.send_error_ms()
+
+        def pct(p: float) -> float:
+            return round(float(np.percentile(finite, p)) * 1000, 1) if finite.size else math.nan
+
+        p50 = pct(50)
+        pod_s = self.pod_seconds()
+        return {
+            "trace": self.trace,
+            "profile": self.profile.name,
+            "mode": self.mode,
+            "requests": int(self.measured.sum()),
+            "cost_pod_s": round(pod_s, 2),
+            "mean_pods": round(pod_s / (self.end - self.start), 3),
+            "sla_violations_pct": round(100.0 * float(np.mean(lat > self.slo)), 3)
+            if lat.size
+            else 0.0,
+            "p50_ms": p50,
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
+            "mean_batch": round(float(batches[:, 4].mean()), 2) if batches.size else 0.0,
+            "cold_starts": self.cold_starts(),
+            "wrong": self.wrong,
+            "errors": int((status != 200).sum()),
+            "lost": int((status == 0).sum()),
+            "sim_cost_pod_s": sim["cost_pod_s"],
+            "sim_sla_violations_pct": sim["sla_violations_pct"],
+            "sim_p50_ms": sim["p50_ms"],
+            "sim_p95_ms": sim["p95_ms"],
+            "sim_mean_batch": sim["mean_batch"],
+            "overhead_p50_ms": round(p50 - sim["p50_ms"], 1),
+            "send_error_p99_ms": round(send["p99"], 3),
+            "send_error_max_ms": round(send["max"], 3),
+            "emulator_late_ms": round(float((batches[:, 2] - batches[:, 3]).mean()) * 1000, 2)
+            if batches.size
+            else math.nan,
+        }
+
+
+def check_answers(load: OpenLoopResult, seed: int) -> int:
+    """Answers with status 200 that are not exactly the request's own prediction."""
+    wrong = 0
+    for i in np.flatnonzero(load.status == 200):
+        try:
+            got = json.loads(load.bodies[i])["predictions"]
+        except (ValueError, KeyError, TypeError):
+            wrong += 1
+            continue
+        if got != [predict(instance(int(i), seed))]:
+            wrong += 1
+    return wrong
+
+
+def run_case(
+    bench: BenchStack,
+    profile: Profile,
+    trace: str,
+    mode: Mode,
+    say: Callable[[str], None] = lambda line: None,
+) -> CaseResult:
+    cfg = bench.config
+    body = policy_body(
+        mode, profile, ModeConfig(), backend=bench.emulator_url, time_scale=cfg.time_scale
+    )
+    name = bench.apply(body, f"{profile.name}-{trace}-{mode}")
+    warmup = cfg.warmup_seconds()
+    times = schedule(trace, cfg.run_seconds, profile.peak_rps, cfg.seed, warmup)
+    bench.emulator(
+        "POST",
+        "/admin/reset",
+        {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed},
+    )
+    seed = cfg.seed
+    bodies = [json.dumps({"instances": [instance(i, seed)]}).encode() for i in range(len(times))]
+    total = times[-1] if times else 0.0
+
+    def progress(elapsed: float, sent: int, answered: int, failed: int) -> None:
+        say(
+            f"  {min(elapsed, total):5.1f}/{total:.1f} s  sent {sent}/{len(times)}  "
+            f"answered {answered}  failed {failed}"
+        )
+
+    load = replay(
+        "127.0.0.1",
+        bench.stack.envoy_port,
+        body["match"]["path"],
+        times,
+        bodies.__getitem__,
+        progress=progress,
+    )
+    series = bench.emulator("GET", "/admin/series")
+    scheduled = load.scheduled
+    measured = scheduled >= warmup
+    start = load.started + warmup
+    answered_at = load.started + scheduled + np.nan_to_num(load.latency, nan=0.0)
+    end = max(start + cfg.run_seconds, float(answered_at.max()) if answered_at.size else 0.0)
+    policy = Policy.model_validate({"name": name, **body})
+    sim = simulate(
+        trace,
+        profile,
+        mode,
+        cfg.run_seconds,
+        profile.peak_rps,
+        seed=cfg.seed,
+        backend=ServiceConfig().scaled(cfg.time_scale),
+        warmup=warmup,
+        times=times,
+        policy=policy,
+        series_step=cfg.run_seconds / 40,
+    )
+    return CaseResult(
+        profile=profile,
+        trace=trace,
+        mode=mode,
+        config=cfg,
+        warmup_s=warmup,
+        load=load,
+        series=series,
+        sim=sim,
+        wrong=check_answers(load, seed),
+        measured=measured,
+        start=start,
+        end=end,
+        extra={"policy": name},
+    )
+
+
+def save_raw(case: CaseResult, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{case.profile.name}-{case.trace}-{case.mode}"
+    load = case.load
+    np.savez_compressed(
+        directory / f"{stem}.npz",
+        scheduled=load.scheduled,
+        send_error=load.send_error,
+        latency=load.latency,
+        status=load.status,
+        batch_size=np.asarray(
+            [int(h.get("x-mlproxy-batch-size", "0") or 0) for h in load.headers], dtype=np.int32
+        ),
+        sim_latency=case.sim.latencies,
+        warmup_s=np.asarray(case.warmup_s),
+        started=np.asarray(load.started),
+    )
+    (directory / f"{stem}.series.json").write_text(json.dumps(case.series), encoding="utf-8")
+
+
+def _bins(case: CaseResult, bins: int = 40) -> dict[str, np.ndarray]:
+    """Per time bin of the measured window: latency percentiles, arrival rate, ready pods and
+    batch size; t in seconds from the window's start."""
+    span = case.end - case.start
+    step = span / bins
+    edges = np.arange(bins) * step
+    t_req = case.load.started + case.load.scheduled[case.measured] - case.start
+    lat = case.latencies()
+    idx = np.minimum((t_req // step).astype(int), bins - 1)
+    out: dict[str, np.ndarray] = {"t": edges}
+    for p in (50, 95, 99):
+        out[f"p{p}"] = np.full(bins, np.nan)
+    out["rate"] = np.zeros(bins)
+    for k in range(bins):
+        sel = lat[idx == k]
+        out["rate"][k] = sel.size / step
+        finite = sel[np.isfinite(sel)]
+        if finite.size:
+            for p in (50, 95, 99):
+                out[f"p{p}"][k] = float(np.percentile(finite, p)) * 1000
+    ticks = case._ticks()
+    if ticks.size:
+        sel = (ticks[:, 0] >= case.start) & (ticks[:, 0] <= case.end)
+        out["pods_t"] = ticks[sel, 0] - case.start
+        out["pods"] = ticks[sel, 1]
+    batches = case.batches()
+    out["batch"] = np.full(bins, np.nan)
+    if batches.size:
+        b_idx = np.minimum(((batches[:, 0] - case.start) // step).astype(int), bins - 1)
+        for k in range(bins):
+            sizes = batches[b_idx == k, 4]
+            if sizes.size:
+                out["batch"][k] = sizes.mean()
+    return out
+
+
+def plot(cases: Sequence[CaseResult], path: Path) -> None:
+    """Latency percentiles against the SLO, ready pods, batch size and arrival rate over the
+    measured window; one line per mode (p50/p95/p99 of the one mode if there is one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    first = cases[0]
+    for case in cases:
+        b = _bins(case)
+        if len(cases) == 1:
+            for p in (50, 95, 99):
+                axes[0].plot(b["t"], b[f"p{p}"], label=f"p{p}")
+        else:
+            axes[0].plot(b["t"], b["p95"], label=f"{case.mode} p95")
+        if "pods" in b:
+            axes[1].step(b["pods_t"], b["pods"], where="post", label=case.mode)
+        axes[2].plot(b["t"], b["batch"], label=case.mode)
+    rate = _bins(first)
+    axes[3].step(rate["t"], rate["rate"], where="post", color="black")
+    axes[0].axhline(first.profile.slo_ms, color="red", linestyle="--", label="SLO")
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("ready pods")
+    axes[2].set_ylabel("mean batch size")
+    axes[3].set_ylabel("arrivals (req/s)")
+    axes[3].set_xlabel(f"seconds (trace time / {first.config.time_scale:g})")
+    axes[0].legend(loc="upper right", fontsize="small", ncol=5)
+    axes[1].legend(loc="upper right", fontsize="small", ncol=4)
+    fig.suptitle(
+        f"{first.profile.name} on {first.trace}: real stack, emulated Knative "
+        f"(time scale {first.config.time_scale:g})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+COLUMNS = (
+    ("mode", "mode"),
+    ("cost_pod_s", "cost (pod-s)"),
+    ("mean_pods", "mean pods"),
+    ("sla_violations_pct", "SLA viol. %"),
+    ("p50_ms", "p50 ms"),
+    ("p95_ms", "p95 ms"),
+    ("p99_ms", "p99 ms"),
+    ("mean_batch", "mean batch"),
+    ("cold_starts", "cold starts"),
+    ("wrong", "wrong"),
+    ("errors", "errors"),
+    ("sim_sla_violations_pct", "sim viol. %"),
+    ("sim_cost_pod_s", "sim cost"),
+    ("sim_p50_ms", "sim p50 ms"),
+    ("overhead_p50_ms", "p50 - sim p50 ms"),
+)
+
+
+def _cut(ours: float, base: float) -> str:
+    return "n/a (off: 0)" if base <= 0 else f"{-100.0 * (1 - ours / base):+.1f}%"
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per profile and trace: each mode's cost and violations, adaptive's cuts
+    against off, and whether adaptive beat aimd and static."""
+    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["profile"], row["trace"]), {})[row["mode"]] = row
+    modes = [m for m in MODES if any(m in g for g in groups.values())]
+    head = ["profile", "trace"]
+    head += [f"cost {m}" for m in modes] + [f"viol % {m}" for m in modes]
+    head += ["adaptive vs off: cost", "violations", "adaptive vs aimd, static"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (profile, trace), by_mode in groups.items():
+        cells = [profile, trace]
+        cells += [f"{by_mode[m]['cost_pod_s']:g}" if m in by_mode else "" for m in modes]
+        cells += [f"{by_mode[m]['sla_violations_pct']:g}" if m in by_mode else "" for m in modes]
+        ours, off = by_mode.get("adaptive"), by_mode.get("off")
+        if ours is not None and off is not None:
+            cells.append(_cut(ours["cost_pod_s"], off["cost_pod_s"]))
+            cells.append(_cut(ours["sla_violations_pct"], off["sla_violations_pct"]))
+        else:
+            cells += ["", ""]
+        cells.append(verdict(by_mode))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def verdict(by_mode: dict[str, dict[str, Any]]) -> str:
+    """Adaptive's SLA violations against aimd and static, and its cost against aimd."""
+    ours = by_mode.get("adaptive")
+    if ours is None:
+        return ""
+    parts = []
+    for other in ("aimd", "static"):
+        if other in by_mode:
+            a, b = ours["sla_violations_pct"], by_mode[other]["sla_violations_pct"]
+            parts.append(f"viol. {'fewer' if a < b else 'tie' if a == b else 'MORE'} vs {other}")
+    if "aimd" in by_mode:
+        cheaper = ours["cost_pod_s"] <= by_mode["aimd"]["cost_pod_s"]
+        parts.append("cost " + ("not higher" if cheaper else "HIGHER") + " vs aimd")
+    return ", ".join(parts)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    out: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["profile"], row["trace"]), []).append(row)
+    for (profile, trace), group in groups.items():
+        p = PROFILES[profile]
+        out.append(
+            f"#### {profile} (SLO {p.slo_ms:g} ms at p95, peak {p.peak_rps:g} req/s), "
+            f"trace {trace}\n"
+        )
+        out.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
+        out.append("|" + "---|" * len(COLUMNS))
+        for row in group:
+            out.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def loadgen_summary(rows: Sequence[dict[str, Any]]) -> str:
+    p99 = max(r["send_error_p99_ms"] for r in rows)
+    worst = max(r["send_error_max_ms"] for r in rows)
+    late = [r["emulator_late_ms"] for r in rows if not math.isnan(r["emulator_late_ms"])]
+    over = [r["overhead_p50_ms"] for r in rows if r["mode"] == "off"]
+    lines = [
+        f"- Load generator send-time error: p99 at most {p99:.3f} ms in any run, "
+        f"worst single request {worst:.3f} ms.",
+        f"- Emulated batches ran {np.mean(late):.2f} ms longer than drawn on average "
+        "(timer lateness of the emulator's event loop)."
+        if late
+        else "",
+    ]
+    if over:
+        lines.append(
+            f"- Real p50 minus simulated p50 in mode off: {min(over):.1f} to {max(over):.1f} ms."
+        )
+    return "\n".join(line for line in lines if line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlproxy bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), help="the grid: profiles x traces x modes")
+    ap.add_argument("--profile", action="append", choices=sorted(PROFILES), help="repeatable")
+    ap.add_argument("--trace", action="append", choices=TRACES, help="repeatable")
+    ap.add_argument("--mode", action="append", choices=MODES, help="repeatable")
+    defaults = BenchConfig()
+    ap.add_argument("--duration", type=float, default=defaults.duration, help="trace seconds")
+    ap.add_argument("--warmup", type=float, default=defaults.warmup, help="trace seconds")
+    ap.add_argument("--time-scale", type=float, default=defaults.time_scale)
+    ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--replicas", type=int, default=defaults.replicas, help="ext_proc replicas")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/real"))
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    if args.suite is None and not (args.profile and args.trace and args.mode):
+        ap.error("give --suite, or --profile, --trace and --mode (each repeatable)")
+    profiles = [PROFILES[p] for p in (args.profile or SUITES.get(args.suite or "", ()))]
+    traces = args.trace or list(TRACES)
+    modes: list[Mode] = [m for m in MODES if m in (args.mode or MODES)]
+    if args.time_scale <= 0 or args.duration <= 0 or args.warmup < 0:
+        ap.error("--time-scale and --duration must be positive, --warmup not negative")
+    config = BenchConfig(args.duration, args.warmup, args.time_scale, args.seed, args.replicas)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    cases = len(profiles) * len(traces) * len(modes)
+    began = time.monotonic()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    say(f"starting the stack (logs in {logs}) ...")
+    rows: list[dict[str, Any]] = []
+    done = 0
+    try:
+        with BenchStack(config, logs) as bench:
+            for profile in profiles:
+                for trace in traces:
+                    group: list[CaseResult] = []
+                    for mode in modes:
+                        done += 1
+                        say(
+                            f"[{done}/{cases}] {profile.name} {trace} {mode} "
+                            f"({time.monotonic() - began:.0f} s so far)"
+                        )
+                        case = run_case(bench, profile, trace, mode, say)
+                        row = case.row()
+                        rows.append(row)
+                        save_raw(case, out / "runs")
+                        group.append(case)
+                        say(
+                            f"  -> violations {row['sla_violations_pct']}% (sim "
+                            f"{row['sim_sla_violations_pct']}%), cost {row['cost_pod_s']} "
+                            f"pod-s (sim {row['sim_cost_pod_s']}), p50 {row['p50_ms']} ms, "
+                            f"batch {row['mean_batch']}, wrong {row['wrong']}, "
+                            f"errors {row['errors']}"
+                        )
+                    if not args.no_plots:
+                        plot(group, out / f"{profile.name}-{trace}.png")
+    except (StackError, ApiError) as err:
+        say(f"benchmark stopped: {err}")
+        return 1
+    elapsed = time.monotonic() - began
+    command = "mlproxy bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (
+        f"`{command}` on {started_at}: {elapsed / 60:.1f} min in all. Each run: "
+        f"{config.duration:g} s of trace after a warm-up of {config.warmup:g} s (plus up to "
+        f"{PHASE_JITTER:g} s), played {config.time_scale:g} times faster (so "
+        f"{config.run_seconds:g} s), seed {config.seed}, {config.replicas} ext_proc "
+        f"replica(s). Cost in ready-pod-seconds of real time. `sim` columns: the simulator "
+        "on the same arrivals, policy and emulated service.\n\n"
+    )
+    text = header + summary(rows) + "\n\n" + loadgen_summary(rows) + "\n\n" + markdown(rows)
+    (out / "report.md").write_text(text + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    print(text)
+    bad = [r for r in rows if r["wrong"] or r["lost"]]
+    if bad:
+        say(f"{len(bad)} run(s) had wrong answers or lost requests")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
