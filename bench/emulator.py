@@ -244,7 +244,9 @@ class Emulator:
     async def reset(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-            profile = PROFILES[str(body.get("profile", self._run.profile.name))]
+            name = body.get("profile")
+            profile = self._run.profile if name is None else PROFILES[str(name)]
+
             time_scale = float(body.get("time_scale", 1.0))
             seed = int(body.get("seed", 0))
             cold_start = body.get("cold_start")

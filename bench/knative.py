@@ -157,7 +157,8 @@ class ServiceConfig:
 
     def scaled(self, factor: float) -> ServiceConfig:
         """Every duration (the autoscaler's, the cold start) divided by `factor`."""
-        return replace(self, cold_start=self.cold_start / factor, kpa=self.kpa.scaled(factor))
+        kpa = self.kpa.scaled(factor)  # checks the factor
+        return replace(self, cold_start=self.cold_start / factor, kpa=kpa)
 
 
 class Pod:
@@ -190,11 +191,12 @@ class Service(Generic[T]):
         return [p for p in self.pods if p.ready_at <= now and not p.leaving]
 
     def account(self, now: float) -> None:
-        """Add ready-pod-seconds up to `now` (a leaving pod counts until its request ends)."""
-        dt = now - self._last
-        if dt > 0:
-            serving = sum(1 for p in self.pods if p.ready_at <= self._last)
-            self.pod_seconds += serving * dt
+        """Add ready-pod-seconds up to `now`: each pod from when it became ready (a leaving
+        pod counts until its request ends, when it is removed)."""
+        if now > self._last:
+            self.pod_seconds += sum(
+                now - max(self._last, p.ready_at) for p in self.pods if p.ready_at < now
+            )
             self._last = now
 
     def arrive(self, item: T, now: float) -> list[float]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OpenLoopResult", "replay"]
+__all__ = ["OpenLoopResult", "replay", "subset"]
 
 _NO_INDEX = -1
 # Sleeps end up to ~0.1 ms late on a busy machine; the sender sleeps until this long before a
@@ -39,15 +39,21 @@ _NO_INDEX = -1
 _SPIN = 0.0002
 
 
-def _precise_sleep() -> None:
-    """Ask Linux to wake this thread on time: no timer slack (the default is 50 us) and, where
-    allowed (root or CAP_SYS_NICE), a real-time priority so that a busy CPU does not make it
-    wait its turn. It sleeps almost all the time, so this takes nothing from the others."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))  # this thread only
+def _prompt(priority: int) -> bool:
+    """Ask Linux to run this thread on time: no timer slack (the default is 50 us) and, where
+    allowed (root or CAP_SYS_NICE), a real-time priority, so that a busy CPU does not make it
+    wait its turn. Both threads block almost all the time, so this takes little from the
+    others; the reader gets it too, or it could be preempted while holding the GIL the sender
+    needs. Whether the priority was granted."""
+    if sys.platform != "linux":
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))  # this thread only
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 @dataclass
@@ -60,6 +66,7 @@ class OpenLoopResult:
     bodies: list[bytes]
     headers: list[dict[str, str]]  # lower-case names
     connections: int  # opened in all
+    realtime: bool = False  # whether its threads ran at a real-time priority
 
     @property
     def lost(self) -> int:
@@ -112,10 +119,10 @@ def _parse(buf: bytearray) -> tuple[int, dict[str, str], bytes, int] | None:
             size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
             if size == 0:
                 trailer_end = buf.find(b"\r\n\r\n", eol)
-                if trailer_end < 0 and buf[eol : eol + 4] != b"\r\n\r\n":
+                if trailer_end < 0:
                     return None
-                used = (trailer_end if trailer_end >= 0 else eol) + 4
-                return status, headers, bytes(body), used
+                return status, headers, bytes(body), trailer_end + 4
+
             if len(buf) < eol + 2 + size + 2:
                 return None
             body += buf[eol + 2 : eol + 2 + size]
@@ -129,7 +136,7 @@ def _parse(buf: bytearray) -> tuple[int, dict[str, str], bytes, int] | None:
 def replay(
     host: str,
     port: int,
-    path: str,
+    path: str | Callable[[int], str],
     times: Sequence[float],
     body_for: Callable[[int], bytes],
     timeout: float = 60.0,
@@ -139,9 +146,11 @@ def replay(
     progress: Callable[[float, int, int, int], None] | None = None,
     progress_every: float = 1.0,
 ) -> OpenLoopResult:
-    """POST `body_for(i)` to `path` at `times[i]` seconds (sorted) after a start `lead`
-    seconds from now; wait for every answer (at most `timeout` each). `progress(elapsed,
-    sent, answered, failed)` is called from this thread every `progress_every` seconds."""
+    """POST `body_for(i)` to `path` (or `path(i)`) at `times[i]` seconds (sorted) after a
+    start `lead` seconds from now; wait for every answer (at most `timeout` each).
+    `progress(elapsed, sent, answered, failed)` is called from this thread every
+    `progress_every` seconds."""
+
     n = len(times)
     if any(b < a for a, b in itertools.pairwise(times)):
         raise ValueError("the schedule must be sorted")
@@ -153,15 +162,13 @@ def replay(
     headers: list[dict[str, str]] = [{} for _ in range(n)]
     idle: deque[_Conn] = deque()
     fresh: queue.SimpleQueue[_Conn] = queue.SimpleQueue()
-    sel = selectors.DefaultSelector()
-    wake_r, wake_w = os.pipe()
-    sel.register(wake_r, selectors.EVENT_READ, None)
     opened = 0
     answered = 0
     failed = 0
     sending_done = threading.Event()
     stop_reader = threading.Event()
     lock = threading.Lock()
+    realtime: list[bool] = []
 
     def connect() -> _Conn:
         nonlocal opened
@@ -170,10 +177,18 @@ def replay(
         opened += 1
         return _Conn(sock)
 
-    for _ in range(connections):
-        conn = connect()
+    try:  # a warm pool, so that the first requests need not connect
+        for _ in range(connections):
+            idle.append(connect())
+    except OSError:
+        for conn in idle:
+            conn.sock.close()
+        raise
+    sel = selectors.DefaultSelector()
+    wake_r, wake_w = os.pipe()
+    sel.register(wake_r, selectors.EVENT_READ, None)
+    for conn in idle:
         sel.register(conn.sock, selectors.EVENT_READ, conn)
-        idle.append(conn)
 
     start = time.monotonic() + lead
 
@@ -186,11 +201,12 @@ def replay(
                 failed += 1
 
     def sender() -> None:
-        _precise_sleep()
+        realtime.append(_prompt(10))
         for i, t in enumerate(times):
             raw = body_for(i)
             request = (
-                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"POST {path if isinstance(path, str) else path(i)} HTTP/1.1\r\n"
+                f"Host: {host}:{port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n{extra}\r\n"
             ).encode() + raw
             due = start + t
@@ -238,6 +254,7 @@ def replay(
 
     def reader() -> None:
         nonlocal answered
+        realtime.append(_prompt(5))
         live: set[_Conn] = set(idle)
         last_sweep = time.monotonic()
         while not stop_reader.is_set():
@@ -334,4 +351,21 @@ def replay(
         bodies=bodies,
         headers=headers,
         connections=opened,
+        realtime=all(realtime),
+    )
+
+
+def subset(result: OpenLoopResult, indices: np.ndarray) -> OpenLoopResult:
+    """The requests at `indices` (e.g. one of several interleaved workloads), in that order."""
+    return OpenLoopResult(
+        started=result.started,
+        scheduled=result.scheduled[indices],
+        send_error=result.send_error[indices],
+        latency=result.latency[indices],
+        status=result.status[indices],
+        bodies=[result.bodies[i] for i in indices],
+        headers=[result.headers[i] for i in indices],
+        connections=result.connections,
+        realtime=result.realtime,
+
     )

@@ -9,7 +9,11 @@ service sharing the simulator's autoscaler and model profiles). For each case it
 mode's policy through the control plane API and waits until every replica runs it, resets the
 emulator, replays the trace open loop through Envoy (`bench/openloop.py`), checks every
 answer, then runs the simulator on exactly the same arrival times, policy and emulated
-service, so that the two can be compared request for request.
+service, so that the two can be compared request for request. The modes of a case run side by
+side: the same arrival times for each, interleaved, each mode's requests under its own policy
+(`/v1/models/<profile>-<mode>:predict`) to its own emulated Knative service, so the suite
+takes a quarter of the time and every mode meets the same moment of the shared machine.
+
 
 Time scaling: a trace of `--duration` seconds is played `--time-scale` times faster, and the
 autoscaler's durations, the cold start and aimd's period are divided by the same factor.
@@ -41,25 +45,29 @@ import numpy as np
 
 from bench.emulator import predict
 from bench.knative import ServiceConfig
-from bench.openloop import OpenLoopResult, replay
+from bench.openloop import OpenLoopResult, replay, subset
 from bench.profiles import PROFILES, Profile
 from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
-from mlproxy.stack import Stack, StackError
+from mlproxy.stack import Child, Stack, StackError, free_port, http_ok
 
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 
 SUITES = {"paper": ("toxic", "fashion-mnist")}
+EMULATOR = (sys.executable, "-m", "bench.emulator")
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     duration: float = 200.0  # trace seconds, before time scaling
     warmup: float = 80.0  # trace seconds at the opening rate, not measured (plus a jitter)
-    time_scale: float = 20.0
+    # 5: a cold start (3 s) stays longer than the SLOs (300 ms) and the autoscaler's stable
+    # window (12 s) is a sixth of a run, so each mode meets the trace as in the simulator's
+    # unscaled runs; the suite (10 cases, their modes side by side) takes about 11 minutes.
+    time_scale: float = 5.0
     seed: int = 1
     replicas: int = 1  # ext_proc replicas
 
@@ -80,10 +88,12 @@ def instance(i: int, seed: int) -> list[int]:
 
 
 class BenchStack:
-    """The real stack in front of the emulator, kept for a whole suite; one policy at a time."""
+    """The real stack for a whole suite, with one emulated Knative service per mode, so that
+    the modes of a case run side by side on the same arrivals."""
 
-    def __init__(self, config: BenchConfig, run_dir: Path) -> None:
+    def __init__(self, config: BenchConfig, run_dir: Path, modes: Sequence[Mode]) -> None:
         self.config = config
+        self.modes = list(modes)
         self.stack = Stack(
             envoy_port=0,
             replicas=config.replicas,
@@ -94,51 +104,75 @@ class BenchStack:
             seed_demo=False,
             run_dir=run_dir,
         )
+        self.emulator_ports: dict[str, int] = {}
         self.api: Client | None = None
-        self._policy: str | None = None
+        self._policies: list[str] = []
         self._count = 0
 
     def __enter__(self) -> BenchStack:
         self.stack.start()
+        try:
+            host, run_dir = self.stack.host, self.stack.run_dir
+            assert run_dir is not None
+            for mode in self.modes:
+                port = free_port(host)
+                self.emulator_ports[mode] = port
+                url = f"http://{host}:{port}"
+                self.stack.start_child(
+                    Child(
+                        f"emulator-{mode}",
+                        [*EMULATOR, "--host", host, "--port", str(port)],
+                        run_dir / f"emulator-{mode}.log",
+                        ready=lambda url=url: http_ok(f"{url}/healthz"),  # type: ignore[misc]
+                    )
+                )
+        except BaseException:
+            self.stack.stop()
+            raise
         self.api = Client(self.stack.controlplane_url, self.stack.admin_token, timeout=10)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()
 
-    @property
-    def emulator_url(self) -> str:
-        return self.stack.model_url
+    def emulator_url(self, mode: str) -> str:
+        return f"http://{self.stack.host}:{self.emulator_ports[mode]}"
 
-    def apply(self, body: dict[str, Any], label: str, timeout: float = 15.0) -> str:
-        """Replace the benchmark's policy with `body` under a new name (so that nothing the
-        replicas learnt in an earlier run carries over) and wait until every replica runs it."""
+    def apply(self, bodies: dict[str, dict[str, Any]], timeout: float = 15.0) -> dict[str, str]:
+        """Replace the benchmark's policies with `bodies` (by label) under new names (so that
+        nothing the replicas learnt in an earlier run carries over) and wait until every
+        replica runs them; their names by label."""
         assert self.api is not None
-        if self._policy is not None:
+        for name in self._policies:
             try:
-                self.api.delete_policy(self._policy)
+                self.api.delete_policy(name)
             except ApiError as err:
                 if err.status != 404:
                     raise
-        self._count += 1
-        name = f"bench-{self._count}-{label}".replace("_", "-")[:63].rstrip("-")
-
-        self.api.put_policy(name, body)
-        self._policy = name
+        self._policies = []
+        names: dict[str, str] = {}
+        for label, body in bodies.items():
+            self._count += 1
+            name = f"bench-{self._count}-{label}".replace("_", "-")[:63].rstrip("-")
+            self.api.put_policy(name, body)
+            self._policies.append(name)
+            names[label] = name
         deadline = time.monotonic() + timeout
-        while True:
-            status = self.api.status(name)
-            if status["complete"] and status["replicas"] >= self.config.replicas:
-                return name
-            if time.monotonic() > deadline:
-                raise StackError(f"policy {name} did not reach every replica: {status}")
-            time.sleep(0.05)
+        for name in names.values():
+            while True:
+                status = self.api.status(name)
+                if status["complete"] and status["replicas"] >= self.config.replicas:
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(f"policy {name} did not reach every replica: {status}")
+                time.sleep(0.05)
+        return names
 
-    def emulator(self, method: str, path: str, body: Any = None) -> Any:
+    def emulator(self, mode: str, method: str, path: str, body: Any = None) -> Any:
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.emulator_url + path, data=data, method=method)
+        req = urllib.request.Request(self.emulator_url(mode) + path, data=data, method=method)
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -245,16 +279,17 @@ class CaseResult:
         }
 
 
-def check_answers(load: OpenLoopResult, seed: int) -> int:
-    """Answers with status 200 that are not exactly the request's own prediction."""
+def check_answers(load: OpenLoopResult, indices: np.ndarray, seed: int) -> int:
+    """Answers with status 200 that are not exactly the request's own prediction; request j
+    of `load` is request `indices[j]` of the run."""
     wrong = 0
-    for i in np.flatnonzero(load.status == 200):
+    for j in np.flatnonzero(load.status == 200):
         try:
-            got = json.loads(load.bodies[i])["predictions"]
+            got = json.loads(load.bodies[j])["predictions"]
         except (ValueError, KeyError, TypeError):
             wrong += 1
             continue
-        if got != [predict(instance(int(i), seed))]:
+        if got != [predict(instance(int(indices[j]), seed))]:
             wrong += 1
     return wrong
 
@@ -263,74 +298,93 @@ def run_case(
     bench: BenchStack,
     profile: Profile,
     trace: str,
-    mode: Mode,
+    modes: Sequence[Mode],
     say: Callable[[str], None] = lambda line: None,
-) -> CaseResult:
+) -> list[CaseResult]:
+    """Every mode of one case at once: the same arrival times for each mode, interleaved,
+    each mode's requests to its own policy and its own emulated service."""
     cfg = bench.config
-    body = policy_body(
-        mode, profile, ModeConfig(), backend=bench.emulator_url, time_scale=cfg.time_scale
-    )
-    name = bench.apply(body, f"{profile.name}-{trace}-{mode}")
+    bodies: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        body = policy_body(
+            mode, profile, ModeConfig(), backend=bench.emulator_url(mode), time_scale=cfg.time_scale
+        )
+        # the path names the mode, so that each mode's requests meet its own policy
+        path = f"/v1/models/{profile.name}-{mode}:predict"
+        body["match"]["path"] = path
+        body["backend"]["url"] = bench.emulator_url(mode) + path
+        bodies[mode] = body
+    names = bench.apply(bodies)
     warmup = cfg.warmup_seconds()
     times = schedule(trace, cfg.run_seconds, profile.peak_rps, cfg.seed, warmup)
-    bench.emulator(
-        "POST",
-        "/admin/reset",
-        {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed},
-    )
+    for mode in modes:
+        bench.emulator(
+            mode,
+            "POST",
+            "/admin/reset",
+            {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed},
+        )
+    m = len(modes)
     seed = cfg.seed
-    bodies = [json.dumps({"instances": [instance(i, seed)]}).encode() for i in range(len(times))]
+    all_times = [t for t in times for _ in range(m)]  # request k: time k // m, mode k % m
+    paths = [bodies[mode]["match"]["path"] for mode in modes]
     total = times[-1] if times else 0.0
 
     def progress(elapsed: float, sent: int, answered: int, failed: int) -> None:
         say(
-            f"  {min(elapsed, total):5.1f}/{total:.1f} s  sent {sent}/{len(times)}  "
+            f"  {min(elapsed, total):5.1f}/{total:.1f} s  sent {sent}/{len(all_times)}  "
             f"answered {answered}  failed {failed}"
         )
 
     load = replay(
         "127.0.0.1",
         bench.stack.envoy_port,
-        body["match"]["path"],
-        times,
-        bodies.__getitem__,
+        lambda k: paths[k % m],
+        all_times,
+        lambda k: json.dumps({"instances": [instance(k, seed)]}).encode(),
         progress=progress,
     )
-    series = bench.emulator("GET", "/admin/series")
-    scheduled = load.scheduled
-    measured = scheduled >= warmup
-    start = load.started + warmup
-    answered_at = load.started + scheduled + np.nan_to_num(load.latency, nan=0.0)
-    end = max(start + cfg.run_seconds, float(answered_at.max()) if answered_at.size else 0.0)
-    policy = Policy.model_validate({"name": name, **body})
-    sim = simulate(
-        trace,
-        profile,
-        mode,
-        cfg.run_seconds,
-        profile.peak_rps,
-        seed=cfg.seed,
-        backend=ServiceConfig().scaled(cfg.time_scale),
-        warmup=warmup,
-        times=times,
-        policy=policy,
-        series_step=cfg.run_seconds / 40,
-    )
-    return CaseResult(
-        profile=profile,
-        trace=trace,
-        mode=mode,
-        config=cfg,
-        warmup_s=warmup,
-        load=load,
-        series=series,
-        sim=sim,
-        wrong=check_answers(load, seed),
-        measured=measured,
-        start=start,
-        end=end,
-        extra={"policy": name},
-    )
+    results = []
+    for j, mode in enumerate(modes):
+        mine = np.arange(j, len(all_times), m)
+        own = subset(load, mine)
+        series = bench.emulator(mode, "GET", "/admin/series")
+        measured = own.scheduled >= warmup
+        start = own.started + warmup
+        answered_at = own.started + own.scheduled + np.nan_to_num(own.latency, nan=0.0)
+        end = max(start + cfg.run_seconds, float(answered_at.max()) if answered_at.size else 0.0)
+        policy = Policy.model_validate({"name": names[mode], **bodies[mode]})
+        sim = simulate(
+            trace,
+            profile,
+            mode,
+            cfg.run_seconds,
+            profile.peak_rps,
+            seed=cfg.seed,
+            backend=ServiceConfig().scaled(cfg.time_scale),
+            warmup=warmup,
+            times=times,
+            policy=policy,
+            series_step=cfg.run_seconds / 40,
+        )
+        results.append(
+            CaseResult(
+                profile=profile,
+                trace=trace,
+                mode=mode,
+                config=cfg,
+                warmup_s=warmup,
+                load=own,
+                series=series,
+                sim=sim,
+                wrong=check_answers(own, mine, seed),
+                measured=measured,
+                start=start,
+                end=end,
+                extra={"policy": names[mode]},
+            )
+        )
+    return results
 
 
 def save_raw(case: CaseResult, directory: Path) -> None:
@@ -538,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--suite", choices=sorted(SUITES), help="the grid: profiles x traces x modes")
     ap.add_argument("--profile", action="append", choices=sorted(PROFILES), help="repeatable")
     ap.add_argument("--trace", action="append", choices=TRACES, help="repeatable")
-    ap.add_argument("--mode", action="append", choices=MODES, help="repeatable")
+    ap.add_argument("--mode", action="append", choices=MODES, help="repeatable; default: all")
+
     defaults = BenchConfig()
     ap.add_argument("--duration", type=float, default=defaults.duration, help="trace seconds")
     ap.add_argument("--warmup", type=float, default=defaults.warmup, help="trace seconds")
@@ -548,8 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/real"))
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
-    if args.suite is None and not (args.profile and args.trace and args.mode):
-        ap.error("give --suite, or --profile, --trace and --mode (each repeatable)")
+    if args.suite is None and not (args.profile and args.trace):
+        ap.error("give --suite, or --profile and --trace (and --mode: all four if not given)")
     profiles = [PROFILES[p] for p in (args.profile or SUITES.get(args.suite or "", ()))]
     traces = args.trace or list(TRACES)
     modes: list[Mode] = [m for m in MODES if m in (args.mode or MODES)]
@@ -560,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     shutil.rmtree(logs, ignore_errors=True)
-    cases = len(profiles) * len(traces) * len(modes)
+    cases = len(profiles) * len(traces)
     began = time.monotonic()
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -571,23 +626,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     done = 0
     try:
-        with BenchStack(config, logs) as bench:
+        with BenchStack(config, logs, modes) as bench:
             for profile in profiles:
                 for trace in traces:
-                    group: list[CaseResult] = []
-                    for mode in modes:
-                        done += 1
-                        say(
-                            f"[{done}/{cases}] {profile.name} {trace} {mode} "
-                            f"({time.monotonic() - began:.0f} s so far)"
-                        )
-                        case = run_case(bench, profile, trace, mode, say)
+                    done += 1
+                    say(
+                        f"[{done}/{cases}] {profile.name} {trace}: {', '.join(modes)} "
+                        f"({time.monotonic() - began:.0f} s so far)"
+                    )
+                    group = run_case(bench, profile, trace, modes, say)
+                    for case in group:
                         row = case.row()
                         rows.append(row)
                         save_raw(case, out / "runs")
-                        group.append(case)
                         say(
-                            f"  -> violations {row['sla_violations_pct']}% (sim "
+                            f"  {case.mode:8s} violations {row['sla_violations_pct']}% (sim "
                             f"{row['sim_sla_violations_pct']}%), cost {row['cost_pod_s']} "
                             f"pod-s (sim {row['sim_cost_pod_s']}), p50 {row['p50_ms']} ms, "
                             f"batch {row['mean_batch']}, wrong {row['wrong']}, "

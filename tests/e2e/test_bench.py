@@ -1,0 +1,79 @@
+"""`mlproxy bench` end to end: the real stack (Redis, control plane, ext_proc, Envoy) in front of
+the serverless emulator, a short trace replayed open loop in two modes, every answer checked,
+the simulator run on the same arrivals, and the report written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.real import main as bench_main
+from bench.traces import schedule
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    # 60 s of trace at time scale 20: 3 s per run, after a 1-2.5 s warm-up
+    code = bench_main(
+        [
+            "--profile",
+            "toxic",
+            "--trace",
+            "steady",
+            "--mode",
+            "off",
+            "--mode",
+            "adaptive",
+            "--duration",
+            "60",
+            "--warmup",
+            "20",
+            "--time-scale",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = {row["mode"]: row for row in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"off", "adaptive"}
+    for mode, row in rows.items():
+        assert row["wrong"] == 0 and row["lost"] == 0 and row["errors"] == 0, mode
+        assert row["requests"] > 100  # 3 s at 50 req/s
+        assert row["cost_pod_s"] > 0 and row["sim_cost_pod_s"] > 0
+        assert row["p50_ms"] > 0 and row["sim_p50_ms"] > 0
+        # every measured request is in the raw results, with its latency and status
+        raw = np.load(out / "runs" / f"toxic-steady-{mode}.npz")
+        measured = raw["scheduled"] >= float(raw["warmup_s"])
+        assert int(measured.sum()) == row["requests"]
+        assert (raw["status"] == 200).all() and np.isfinite(raw["latency"]).all()
+        assert np.isfinite(raw["send_error"]).all()
+        # the runner replayed exactly the trace's schedule
+        again = schedule("steady", 3.0, 50, 1, float(raw["warmup_s"]))
+        assert raw["scheduled"] == pytest.approx(again)
+    assert rows["off"]["mean_batch"] == 1.0  # one request per backend call
+    assert rows["adaptive"]["mean_batch"] > 1.0  # 50 req/s, an SLO of 300 ms: it batches
+    assert (raw["batch_size"] >= 1).all()  # ext_proc said how big each request's batch was
+    report = (out / "report.md").read_text()
+    assert "| toxic | steady |" in report and "mlproxy bench --profile toxic" in report
+    assert (out / "toxic-steady.png").stat().st_size > 10_000
+    series = json.loads((out / "runs" / "toxic-steady-adaptive.series.json").read_text())
+    assert series["ticks"]["rows"] and series["batches"]["rows"]
+
+
+def test_bench_without_cases_says_what_to_give() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlproxy.cli", "bench"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--suite" in proc.stderr and "--profile" in proc.stderr

@@ -1,0 +1,161 @@
+"""The serverless emulator over real HTTP: KServe V1, pods, queueing, autoscaling, accounting.
+
+Time scale 100 makes its Knative fast (20 ms ticks, 30 ms cold starts) so that these tests take
+a second or two; they assert what happened (pods, order, counts), never how fast."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from bench.emulator import Emulator, make_app, predict
+from bench.profiles import Profile
+
+# 20 ms a call + 1 ms an instance, no noise
+FLAT = Profile("flat", a_ms=20, c_ms=1, slo_ms=500, peak_rps=10, noise=0.0)
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[tuple[str, Emulator]]:
+    emu = Emulator(FLAT, time_scale=100, seed=1)
+    server = TestServer(make_app(emu), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), emu
+    finally:
+        await server.close()
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(url, data=data) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_answers_each_instance_with_its_own_prediction(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    instances = [[i, i % 3, 0.5] for i in range(7)]
+    async with aiohttp.ClientSession() as s:
+        status, body = await _post(s, f"{url}/v1/models/any:predict", {"instances": instances})
+        state = await (await s.get(f"{url}/admin/state")).json()
+    assert status == 200
+    assert body["predictions"] == [predict(x) for x in instances]
+    assert len({json.dumps(p) for p in body["predictions"]}) == 7  # distinct inputs, answers
+    assert state["batches"] == 1 and state["instances"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{not json", "bad request"),
+        ({"inputs": [[1]]}, '"instances" list'),
+        ({"instances": []}, "empty"),
+        ({"instances": [[1], "x"]}, "instance 1"),
+        ({"instances": [[True]]}, "instance 0"),
+        ({"instances": [[]]}, "instance 0"),
+        (b'{"instances": [[NaN]]}', "finite"),
+    ],
+)
+async def test_bad_input_is_a_400_with_a_json_error(
+    emulator: tuple[str, Emulator], body: Any, says: str
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        status, answer = await _post(s, f"{url}/v1/models/m:predict", body)
+        ok, _ = await _post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]})
+    assert status == 400 and says in answer["error"]
+    assert ok == 200  # and it goes on serving
+
+
+async def test_one_pod_runs_one_batch_at_a_time_and_queues_the_rest_in_order(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        # no autoscaler reaction within the burst: a long stable window, no panic
+        await _post(
+            s,
+            f"{url}/admin/reset",
+            {"profile": "toxic", "time_scale": 1, "seed": 2, "cold_start": 5},
+        )
+        first = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[0]]}))
+        await asyncio.sleep(0.01)
+        rest = [
+            asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[i]] * i}))
+            for i in range(1, 5)
+        ]
+        answers = await asyncio.gather(first, *rest)
+        series = await (await s.get(f"{url}/admin/series")).json()
+    assert [status for status, _ in answers] == [200] * 5
+    batches = series["batches"]["rows"]  # arrived, waited, service, planned, size
+    assert len(batches) == 5
+    starts = sorted((arrived + waited, size) for arrived, waited, _, _, size in batches)
+    ends = sorted(arrived + waited + service for arrived, waited, service, _, _ in batches)
+    for (start, _), end in zip(starts[1:], ends[:-1], strict=True):
+        assert start >= end - 1e-6  # one pod: a batch starts only after the previous ended
+    assert starts[0][1] == 1  # the first request ran first
+    assert all(w > 0 for _, w, _, _, size in batches if size > 1)  # the others waited
+
+
+async def test_a_burst_scales_the_service_up_then_it_scales_to_zero(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        await _post(s, f"{url}/admin/reset", {"profile": "fashion-mnist", "time_scale": 100})
+        answers = await asyncio.gather(
+            *(_post(s, f"{url}/v1/models/m:predict", {"instances": [[i]]}) for i in range(30))
+        )
+        peak = await (await s.get(f"{url}/admin/state")).json()
+        for _ in range(200):  # scale to zero after the 0.6 s stable window + 0.3 s grace
+            state = await (await s.get(f"{url}/admin/state")).json()
+            if state["ready_pods"] == 0 and state["starting_pods"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        series = await (await s.get(f"{url}/admin/series")).json()
+    assert [status for status, _ in answers] == [200] * 30
+    assert peak["cold_starts"] >= 2  # the panic window asked for more pods
+    assert state["ready_pods"] == 0  # and it went back to zero
+    ticks = series["ticks"]["rows"]
+    assert max(row[1] for row in ticks) >= 3
+    # cost: the sum of ready pods over the ticks matches the accounting
+    cost = state["pod_seconds"]
+    assert cost > 0
+    by_ticks = sum(row[1] for row in ticks) * 0.02
+    assert by_ticks == pytest.approx(cost, rel=0.3)
+
+
+async def test_a_request_to_a_service_at_zero_waits_for_a_cold_start(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        await _post(
+            s, f"{url}/admin/reset", {"profile": "iris", "initial_pods": 0, "time_scale": 100}
+        )
+        before = await (await s.get(f"{url}/admin/state")).json()
+        status, _ = await _post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]})
+        series = await (await s.get(f"{url}/admin/series")).json()
+    assert before["ready_pods"] == 0 and status == 200
+    (_, waited, _, _, _), *_ = series["batches"]["rows"]
+    assert waited >= 3.0 / 100 - 1e-3  # the activator's cold start (3 s / time scale 100)
+    assert series["state"]["cold_starts"] == 1
+
+
+async def test_reset_rejects_an_unknown_profile_and_keeps_the_service(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        status, body = await _post(s, f"{url}/admin/reset", {"profile": "nope"})
+        state = await (await s.get(f"{url}/admin/state")).json()
+    assert status == 400 and "nope" in body["error"]
+    assert state["profile"] == "flat"
