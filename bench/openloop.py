@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import itertools
 import os
 import queue
@@ -314,6 +315,10 @@ def replay(
 
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
+    # A full garbage collection holds the GIL for milliseconds, whichever thread triggers it;
+    # nothing here makes reference cycles, so collect after the run instead.
+    collecting = gc.isenabled()
+    gc.disable()
     send_thread = threading.Thread(target=sender, name="openloop-sender", daemon=True)
     read_thread = threading.Thread(target=reader, name="openloop-reader", daemon=True)
     read_thread.start()
@@ -335,6 +340,9 @@ def replay(
         send_thread.join(timeout + 5)
         read_thread.join(5)
         sys.setswitchinterval(switch)
+        if collecting:
+            gc.enable()
+
         for key in list(sel.get_map().values()):
             if isinstance(key.data, _Conn):
                 key.data.sock.close()
@@ -367,5 +375,4 @@ def subset(result: OpenLoopResult, indices: np.ndarray) -> OpenLoopResult:
         headers=[result.headers[i] for i in indices],
         connections=result.connections,
         realtime=result.realtime,
-
     )

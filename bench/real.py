@@ -29,6 +29,7 @@ send error, latency, status and batch size; the emulator's series).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -168,6 +169,28 @@ class BenchStack:
                 time.sleep(0.05)
         return names
 
+    def stalls(self) -> dict[str, float]:
+        """What stalled the ext_proc processes so far, summed over the replicas: event loop
+        lag samples over 20 and 50 ms, and full garbage collections (count, seconds)."""
+        import urllib.request
+
+        wanted = {
+            'mlproxy_event_loop_lag_seconds_bucket{le="0.02"}': "lag_le_20ms",
+            'mlproxy_event_loop_lag_seconds_bucket{le="0.05"}': "lag_le_50ms",
+            "mlproxy_event_loop_lag_seconds_count": "lag_samples",
+            'mlproxy_gc_pause_seconds_count{generation="2"}': "gc2",
+            'mlproxy_gc_pause_seconds_sum{generation="2"}': "gc2_s",
+        }
+        out = dict.fromkeys(wanted.values(), 0.0)
+        for port in self.stack.metrics_ports:
+            url = f"http://{self.stack.host}:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                for line in resp.read().decode().splitlines():
+                    key, _, value = line.rpartition(" ")
+                    if key in wanted:
+                        out[wanted[key]] += float(value)
+        return out
+
     def emulator(self, mode: str, method: str, path: str, body: Any = None) -> Any:
         import urllib.request
 
@@ -247,6 +270,11 @@ class CaseResult:
 
         p50 = pct(50)
         pod_s = self.pod_seconds()
+        # outside ext_proc: the client's latency minus the time from the request's headers
+        # reaching ext_proc to its answer leaving it (Envoy, gRPC, the network, the client)
+        inside = _header_ms(self.load, "x-mlproxy-time-ms")[self.measured]
+        outside = self.load.latency[self.measured] * 1000 - inside
+        outside = outside[np.isfinite(outside)]
         return {
             "trace": self.trace,
             "profile": self.profile.name,
@@ -271,8 +299,23 @@ class CaseResult:
             "sim_p95_ms": sim["p95_ms"],
             "sim_mean_batch": sim["mean_batch"],
             "overhead_p50_ms": round(p50 - sim["p50_ms"], 1),
+            "outside_p50_ms": round(float(np.percentile(outside, 50)), 2)
+            if outside.size
+            else math.nan,
+            "outside_p99_ms": round(float(np.percentile(outside, 99)), 2)
+            if outside.size
+            else math.nan,
+            "outside_max_ms": round(float(outside.max()), 1) if outside.size else math.nan,
             "send_error_p99_ms": round(send["p99"], 3),
             "send_error_max_ms": round(send["max"], 3),
+            "extproc_lag_over_20ms": int(
+                self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_20ms"]
+            ),
+            "extproc_lag_over_50ms": int(
+                self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_50ms"]
+            ),
+            "extproc_full_gcs": int(self.extra["stalls"]["gc2"]),
+            "extproc_full_gc_ms": round(self.extra["stalls"]["gc2_s"] * 1000, 1),
             "emulator_late_ms": round(float((batches[:, 2] - batches[:, 3]).mean()) * 1000, 2)
             if batches.size
             else math.nan,
@@ -336,6 +379,7 @@ def run_case(
             f"answered {answered}  failed {failed}"
         )
 
+    stalls_before = bench.stalls()
     load = replay(
         "127.0.0.1",
         bench.stack.envoy_port,
@@ -344,6 +388,7 @@ def run_case(
         lambda k: json.dumps({"instances": [instance(k, seed)]}).encode(),
         progress=progress,
     )
+    stalls = {k: v - stalls_before.get(k, 0.0) for k, v in bench.stalls().items()}
     results = []
     for j, mode in enumerate(modes):
         mine = np.arange(j, len(all_times), m)
@@ -381,10 +426,21 @@ def run_case(
                 measured=measured,
                 start=start,
                 end=end,
-                extra={"policy": names[mode]},
+                extra={"policy": names[mode], "stalls": stalls},
             )
         )
     return results
+
+
+def _header_ms(load: OpenLoopResult, name: str) -> np.ndarray:
+    """A timing header of every answer, in ms (nan where absent)."""
+    out = np.full(len(load.headers), np.nan)
+    for i, h in enumerate(load.headers):
+        value = h.get(name)
+        if value:
+            with contextlib.suppress(ValueError):
+                out[i] = float(value)
+    return out
 
 
 def save_raw(case: CaseResult, directory: Path) -> None:
@@ -400,6 +456,8 @@ def save_raw(case: CaseResult, directory: Path) -> None:
         batch_size=np.asarray(
             [int(h.get("x-mlproxy-batch-size", "0") or 0) for h in load.headers], dtype=np.int32
         ),
+        queue_ms=_header_ms(load, "x-mlproxy-queue-ms"),
+        extproc_ms=_header_ms(load, "x-mlproxy-time-ms"),
         sim_latency=case.sim.latencies,
         warmup_s=np.asarray(case.warmup_s),
         started=np.asarray(load.started),
@@ -499,6 +557,8 @@ COLUMNS = (
     ("sim_cost_pod_s", "sim cost"),
     ("sim_p50_ms", "sim p50 ms"),
     ("overhead_p50_ms", "p50 - sim p50 ms"),
+    ("outside_p50_ms", "outside ext_proc p50 ms"),
+    ("outside_p99_ms", "p99"),
 )
 
 
@@ -563,7 +623,16 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         out.append("|" + "---|" * len(COLUMNS))
         for row in group:
             out.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
-        out.append("")
+        first = group[0]
+        out.append(
+            f"\next_proc while the modes ran: event loop over 20 ms late "
+            f"{first['extproc_lag_over_20ms']} times ({first['extproc_lag_over_50ms']} over "
+            f"50 ms), {first['extproc_full_gcs']} full GCs ({first['extproc_full_gc_ms']} ms); "
+            "outside ext_proc p99 (ms): "
+            + ", ".join(f"{r['mode']} {r['outside_p99_ms']}" for r in group)
+            + "\n"
+        )
+
     return "\n".join(out)
 
 
@@ -583,6 +652,26 @@ def loadgen_summary(rows: Sequence[dict[str, Any]]) -> str:
     if over:
         lines.append(
             f"- Real p50 minus simulated p50 in mode off: {min(over):.1f} to {max(over):.1f} ms."
+        )
+    lagged = sum(r["extproc_lag_over_20ms"] for r in rows if r["mode"] == rows[0]["mode"])
+    worst_lag = sum(r["extproc_lag_over_50ms"] for r in rows if r["mode"] == rows[0]["mode"])
+    gcs = [r for r in rows if r["mode"] == rows[0]["mode"]]
+    lines.append(
+        f"- ext_proc stalls (all cases, sampled every 10 ms): {lagged} times its event loop ran "
+        f"a timer over 20 ms late ({worst_lag} over 50 ms); "
+        f"{sum(r['extproc_full_gcs'] for r in gcs)} full garbage collections took "
+        f"{sum(r['extproc_full_gc_ms'] for r in gcs):.0f} ms in all."
+    )
+    outside = [r for r in rows if not math.isnan(r["outside_p50_ms"])]
+
+    if outside:
+        lines.append(
+            "- Outside ext_proc (the client's latency minus the time from a request's headers "
+            "reaching ext_proc to its answer: Envoy, gRPC, the network, the client): p50 "
+            f"{min(r['outside_p50_ms'] for r in outside):.2f} to "
+            f"{max(r['outside_p50_ms'] for r in outside):.2f} ms, p99 up to "
+            f"{max(r['outside_p99_ms'] for r in outside):.2f} ms, worst request "
+            f"{max(r['outside_max_ms'] for r in outside):.1f} ms."
         )
     return "\n".join(line for line in lines if line)
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
+from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
@@ -50,6 +51,7 @@ class ExtProcServer:
         self.apply_policies(policies)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self._stalls = StallWatch(self.metrics)
 
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
@@ -71,6 +73,7 @@ class ExtProcServer:
         self.port = bound
         await server.start()
         self._server = server
+        self._stalls.start()
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
         for name in ("", SERVICE_NAME):
@@ -115,7 +118,9 @@ class ExtProcServer:
             except TimeoutError:
                 log.warning("batches still running after %.1f s of grace; closing anyway", grace)
         await stopping
+        await self._stalls.stop()
         await self.backend.close()
+
         self.metrics.close()
         log.info("ext_proc stopped")
 

@@ -106,6 +106,21 @@ class PrometheusMetrics:
             "Open ext_proc streams (requests held by Envoy).",
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "mlproxy_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 10 ms): while it is late, "
+            "batches leave late and deadlines slip.",
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "mlproxy_gc_pause_seconds",
+            "Python garbage collections, by generation: each stops the whole process.",
+            ["generation"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

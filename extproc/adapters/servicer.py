@@ -75,7 +75,7 @@ class ExtProcServicer:
         if reply is None:
             return
         self._metrics.request_done(route.policy.name, reply[0].outcome, reply[1])
-        await context.write(_encode(reply[0], reply[1]))
+        await context.write(_encode(*reply))
 
     async def _handle(
         self,
@@ -83,9 +83,11 @@ class ExtProcServicer:
         route: Route,
         headers: dict[str, str],
         end_of_stream: bool,
-    ) -> tuple[Reply, float | None] | None:
-        """The reply and its queue wait, or None if the stream ended early."""
+    ) -> tuple[Reply, float | None, float | None] | None:
+        """The reply, its queue wait and its time in ext_proc (None for a request that was
+        not queued), or None if the stream ended early."""
         policy = route.policy
+        arrival = self._pool.clock.now()  # the SLA clock starts with the headers
         try:
             if end_of_stream:
                 raise ProxyError(
@@ -113,15 +115,16 @@ class ExtProcServicer:
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(route, parsed, future, budget)
+            ticket = self._pool.submit(route, parsed, future, budget, arrival)
+
         except ProxyError as err:
-            return Reply.from_error(err), None
+            return Reply.from_error(err), None, None
         except Exception:
             log.exception("policy %s: unexpected error handling a request", policy.name)
             error = ProxyError(
                 ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
             )
-            return Reply.from_error(error), None
+            return Reply.from_error(error), None, None
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -137,7 +140,7 @@ class ExtProcServicer:
         missed = now - ticket.arrival > sla or (shed and (budget is None or budget >= sla))
         self._metrics.request_answered(policy.name, now - ticket.arrival, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
-        return reply, wait
+        return reply, wait, now - ticket.arrival
 
 
 def _budget(value: str | None) -> float | None:
@@ -171,10 +174,15 @@ def _check_size(length: int | str | None, limit: int) -> None:
         )
 
 
-def _encode(reply: Reply, queue_wait: float | None) -> bytes:
+def _encode(reply: Reply, queue_wait: float | None, total: float | None) -> bytes:
     headers: list[tuple[str, str]] = [("content-type", reply.content_type), *reply.headers]
     if reply.batch_size:
         headers.append(("x-mlproxy-batch-size", str(reply.batch_size)))
     if queue_wait is not None:
         headers.append(("x-mlproxy-queue-ms", f"{queue_wait * 1000:.2f}"))
+    if total is not None:
+        # from its headers reaching ext_proc to this reply: the client's latency minus this
+        # is what Envoy, the network and gRPC took
+        headers.append(("x-mlproxy-time-ms", f"{total * 1000:.2f}"))
+
     return wire.encode_immediate_response(reply.status, headers, reply.body)

@@ -468,9 +468,11 @@ class BatcherPool:
         parsed: Parsed,
         future: asyncio.Future[Reply],
         budget: float | None = None,
+        arrival: float | None = None,
     ) -> Ticket:
         """Queue one request. Its deadline is arrival + the policy's SLA latency, or + `budget`
-        seconds if the client asked for less."""
+        seconds if the client asked for less. `arrival` (default: now) is when ext_proc first
+        heard of it (its headers), so the SLA clock also covers the wait for its body."""
         if self._flushing:
             raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
         policy = route.policy
@@ -504,7 +506,7 @@ class BatcherPool:
             self._batchers[key] = batcher
         elif key in self._rules:
             self._rules.move_to_end(key)  # in use: the last to be forgotten
-        now = self.clock.now()
+        now = self.clock.now() if arrival is None else min(arrival, self.clock.now())
         sla = policy.sla.latency_ms / 1000.0
         deadline = now + (sla if budget is None else min(sla, budget))
         ticket = Ticket(parsed, future, now, deadline, sla)

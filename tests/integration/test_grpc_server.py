@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -289,3 +291,58 @@ async def test_deadline_header_tightens_and_shedding_counts_only_policy_misses(
     shed = await infer_with(channel, {"instances": [1]})
     assert shed.status is not None and shed.status.code == 503
     assert sla_misses(server) == 1
+
+
+async def test_the_sla_clock_starts_when_the_headers_arrive(
+    server: ExtProcServer, channel: grpc.aio.Channel, echo_backend: EchoBackend
+) -> None:
+    """The wait for the body (an Envoy round trip, long under load) counts against the
+    deadline: adaptive with `on_late: shed` and its conservative 100 ms seed sheds a request
+    with 150 ms to live whose body came 100 ms after its headers."""
+    server.apply_policies(policies(echo_backend.url, mode="adaptive", on_late="shed"))
+
+    async def slow_body(pause: float, **extra: str) -> ep.ImmediateResponse:
+        stream = call(channel)
+        await stream.write(headers_msg("/v1/models/m:predict", **extra))
+        assert await stream.read() == wire.HEADERS_CONTINUE
+        await asyncio.sleep(pause)
+        await stream.write(body_msg({"instances": [{"id": "late"}]}))
+        resp = ep.ProcessingResponse.parse(await stream.read())
+        assert resp.immediate_response is not None
+        return resp.immediate_response
+
+    shed = await slow_body(0.1, **{"x-mlproxy-deadline-ms": "150"})
+    assert shed.status is not None and shed.status.code == 503
+    ok = await slow_body(0.05)  # the policy's 1 s SLA: sent, and the time in ext_proc shows
+    assert ok.status is not None and ok.status.code == 200
+    assert float(header(ok, "x-mlproxy-time-ms") or "nan") >= 50
+    assert float(header(ok, "x-mlproxy-time-ms") or "nan") >= float(
+        header(ok, "x-mlproxy-queue-ms") or "nan"
+    )
+
+
+async def test_a_stalled_event_loop_and_garbage_collection_show_in_the_metrics(
+    server: ExtProcServer,
+) -> None:
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    count, within = (
+        "mlproxy_event_loop_lag_seconds_count",
+        ('mlproxy_event_loop_lag_seconds_bucket{le="0.1"}'),
+    )
+    before = await asyncio.to_thread(scrape)
+    time.sleep(0.15)  # noqa: ASYNC251 -- the point: block the loop the watcher runs on
+    await asyncio.sleep(0.05)
+    after = await asyncio.to_thread(scrape)
+    # one sample at least was over 0.1 s: the count grew more than the <= 0.1 s bucket
+    assert after[count] - before[count] > after[within] - before[within]
+    gen2 = 'mlproxy_gc_pause_seconds_count{generation="2"}'
+    gc.collect()
+    assert (await asyncio.to_thread(scrape))[gen2] > before.get(gen2, 0.0)
