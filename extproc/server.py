@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -147,8 +148,22 @@ async def run(
     await server.start()
     if source is not None:
         source.watch(server.apply_policies)
+    settle_garbage_collector()
     await stop.wait()
+
     log.info("signal received: draining (grace %.1f s)", grace)
     if source is not None:
         await source.close()
     await server.stop(grace, drain_delay)
+
+
+def settle_garbage_collector() -> None:
+    """Move everything alive after start-up (modules, classes, the policies) out of the
+    collector's reach. A full collection walks every tracked object; with the ~70,000 that the
+    imports alone leave, each one stopped this process for 12-40 ms (measured in `mlproxy
+    bench`: 34 full collections took 1.3 s), longer than an adaptive policy's margin. Frozen
+    objects are never collected (they live as long as the process anyway); what requests
+    allocate afterwards is collected as usual."""
+    gc.collect()
+    gc.freeze()
+    log.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())

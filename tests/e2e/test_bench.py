@@ -66,6 +66,8 @@ def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
     assert (out / "toxic-steady.png").stat().st_size > 10_000
     series = json.loads((out / "runs" / "toxic-steady-adaptive.series.json").read_text())
     assert series["ticks"]["rows"] and series["batches"]["rows"]
+    # ext_proc put its start-up objects out of the garbage collector's reach
+    assert "start-up objects frozen" in (out / "logs" / "extproc-0.log").read_text()
 
 
 def test_bench_without_cases_says_what_to_give() -> None:
