@@ -247,7 +247,6 @@ class Emulator:
             body = await request.json()
             name = body.get("profile")
             profile = self._run.profile if name is None else PROFILES[str(name)]
-
             time_scale = float(body.get("time_scale", 1.0))
             seed = int(body.get("seed", 0))
             cold_start = body.get("cold_start")

@@ -123,7 +123,6 @@ def _parse(buf: bytearray) -> tuple[int, dict[str, str], bytes, int] | None:
                 if trailer_end < 0:
                     return None
                 return status, headers, bytes(body), trailer_end + 4
-
             if len(buf) < eol + 2 + size + 2:
                 return None
             body += buf[eol + 2 : eol + 2 + size]
@@ -248,7 +247,6 @@ def replay(
         if conn.index != _NO_INDEX:
             fail(conn.index, now)
             conn.index = _NO_INDEX
-
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(conn.sock)
         conn.sock.close()
@@ -342,7 +340,6 @@ def replay(
         sys.setswitchinterval(switch)
         if collecting:
             gc.enable()
-
         for key in list(sel.get_map().values()):
             if isinstance(key.data, _Conn):
                 key.data.sock.close()

@@ -58,7 +58,8 @@ from mlproxy.stack import Child, Stack, StackError, free_port, http_ok
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 
 SUITES = {"paper": ("toxic", "fashion-mnist")}
-EMULATOR = (sys.executable, "-m", "bench.emulator")
+# -P: not the working directory first on sys.path (a stray file there must not shadow a module)
+EMULATOR = (sys.executable, "-P", "-m", "bench.emulator")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,7 @@ class BenchStack:
         self.stack = Stack(
             envoy_port=0,
             replicas=config.replicas,
-            model_command=[sys.executable, "-m", "bench.emulator"],
+            model_command=list(EMULATOR),
             # The tuner adapts policies over minutes of a fleet's statistics; the benchmark
             # compares the modes as written (and with the simulator, which has no tuner).
             controlplane_env={"MLPROXY_TUNER_INTERVAL_S": "0"},

@@ -301,7 +301,6 @@ def simulate(
         elif ev.kind == "tick":
             for t in be.tick(now):
                 push(t, "ready")
-
             if now >= warmup:
                 pods_log.append((now - warmup, len(be.ready(now))))
             if now + tick <= duration + warmup:  # the autoscaler stops with the trace: the

@@ -121,7 +121,6 @@ class ExtProcServer:
         await stopping
         await self._stalls.stop()
         await self.backend.close()
-
         self.metrics.close()
         log.info("ext_proc stopped")
 
@@ -150,7 +149,6 @@ async def run(
         source.watch(server.apply_policies)
     settle_garbage_collector()
     await stop.wait()
-
     log.info("signal received: draining (grace %.1f s)", grace)
     if source is not None:
         await source.close()

@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
         from bench.real import main as bench_main
 
         sys.exit(bench_main(rest))
-
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {

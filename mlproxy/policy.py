@@ -99,7 +99,6 @@ class Batching(_Strict):
     aimd_period_s: Annotated[float, Field(gt=0, le=3_600)] = 30
     """`aimd` only: how often it steps the batch size (the paper's 30 s). It decides on the
     last 2/3 of a period and takes backend times from the last two periods."""
-
     margin_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
     """`adaptive` only: how long before its deadline a batch is planned to finish. Unset: the
     tuner's value, else 10% of the SLA latency."""

@@ -120,7 +120,6 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
-
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

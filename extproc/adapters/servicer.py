@@ -116,7 +116,6 @@ class ExtProcServicer:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             ticket = self._pool.submit(route, parsed, future, budget, arrival)
-
         except ProxyError as err:
             return Reply.from_error(err), None, None
         except Exception:
@@ -184,5 +183,4 @@ def _encode(reply: Reply, queue_wait: float | None, total: float | None) -> byte
         # from its headers reaching ext_proc to this reply: the client's latency minus this
         # is what Envoy, the network and gRPC took
         headers.append(("x-mlproxy-time-ms", f"{total * 1000:.2f}"))
-
     return wire.encode_immediate_response(reply.status, headers, reply.body)

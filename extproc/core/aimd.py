@@ -61,7 +61,6 @@ class Aimd:
         # p95 upstream time by batch size, recomputed at most once per 1/30 period (a second
         # with the paper's period): a 60 s window moves little in a second, and a sort per
         # poll would cost O(n log n) per request.
-
         self._p95_cache: tuple[float, dict[int, float]] | None = None
 
     def record_latency(self, seconds: float, now: float) -> None:
@@ -80,10 +79,9 @@ class Aimd:
             self._dispatches.popleft()
 
     def maybe_adjust(self, now: float) -> bool:
-        """Apply the AIMD step for every period
-        that has ended; True if any did. (The
-               paper's loop wakes every 30 s; here the periods that ended while nobody asked, e.g.
-               during an idle spell, are applied when the next request comes.)"""
+        """Apply the AIMD step for every period that has ended; True if any did. (The paper's
+        loop wakes every 30 s; here the periods that ended while nobody asked, e.g. during an
+        idle spell, are applied when the next request comes.)"""
         if self._last_adjust is None:
             self._last_adjust = now  # the first 30 s period starts with the first request
         ran = False

@@ -114,7 +114,6 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
             aimd.batch_size = min(aimd.batch_size, b.max_batch_size)
         else:
             aimd = Aimd(sla, b.max_batch_size, period=b.aimd_period_s)
-
         return AimdRule(aimd, b.max_in_flight, b.max_queue)
     tuning = policy.tuning if b.tune else None
     seed = DEFAULT_SEED
