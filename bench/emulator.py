@@ -237,6 +237,9 @@ class Emulator:
         except asyncio.CancelledError:  # the client went away while it waited
             if batch in run.service.waiting:
                 run.service.waiting.remove(batch)
+                run.service.autoscaler.record(  # the autoscaler sees it leave
+                    time.monotonic(), float(len(run.service.waiting) + run.service.running)
+                )
             raise
         except RuntimeError as err:
             return web.json_response({"error": str(err)}, status=503)

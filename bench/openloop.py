@@ -167,8 +167,12 @@ def replay(
     failed = 0
     sending_done = threading.Event()
     stop_reader = threading.Event()
-    lock = threading.Lock()
+    stop_sender = threading.Event()
+    # Guards which request a connection carries (the sender hands a connection a request while
+    # the reader may be closing it) and each request's outcome (counted once).
+    lock = threading.RLock()
     realtime: list[bool] = []
+    errors: list[BaseException] = []
 
     def connect() -> _Conn:
         nonlocal opened
@@ -200,9 +204,40 @@ def replay(
                 done_at[i] = at
                 failed += 1
 
+    pipe_open = [True]
+
+    def wake() -> None:
+        """Wake the reader (new connections to watch, or sending is over)."""
+        with lock:
+            if pipe_open[0]:
+                os.write(wake_w, b"x")
+
     def sender() -> None:
+        try:
+            send_all()
+        except BaseException as err:  # reported by the caller's thread
+            errors.append(err)
+        finally:
+            sending_done.set()
+            wake()
+
+    def take(i: int) -> _Conn | None:
+        """An idle connection now carrying request i, if there is one still open."""
+        while True:
+            try:
+                conn = idle.popleft()
+            except IndexError:
+                return None
+            with lock:
+                if not conn.closed:  # the server may have closed it while it was idle
+                    conn.index = i
+                    return conn
+
+    def send_all() -> None:
         realtime.append(_prompt(10))
         for i, t in enumerate(times):
+            if stop_sender.is_set():
+                return
             raw = body_for(i)
             request = (
                 f"POST {path if isinstance(path, str) else path(i)} HTTP/1.1\r\n"
@@ -211,26 +246,25 @@ def replay(
             ).encode() + raw
             due = start + t
             while (wait := due - time.monotonic()) > _SPIN:
-                time.sleep(wait - _SPIN)
+                if stop_sender.wait(wait - _SPIN):
+                    return
             while time.monotonic() < due:  # the last fraction of a millisecond: spin
                 pass
-            try:
-                conn = idle.popleft()
-                while conn.closed:  # the server closed it while it was idle
-                    conn = idle.popleft()
-                new = False
-            except IndexError:
+            conn = take(i)
+            new = conn is None
+            if conn is None:
                 try:
                     conn = connect()
                 except OSError:
                     fail(i, time.monotonic())
                     continue
-                new = True
-            conn.index = i
+                conn.index = i
             try:
                 conn.sock.sendall(request)
             except OSError:
-                conn.index = _NO_INDEX
+                with lock:
+                    if conn.index == i:
+                        conn.index = _NO_INDEX
                 fail(i, time.monotonic())
                 if new:
                     conn.sock.close()
@@ -238,15 +272,14 @@ def replay(
             sent_at[i] = time.monotonic()
             if new:
                 fresh.put(conn)
-                os.write(wake_w, b"x")
-        sending_done.set()
-        os.write(wake_w, b"x")
+                wake()
 
     def drop(conn: _Conn, now: float) -> None:
-        conn.closed = True
-        if conn.index != _NO_INDEX:
-            fail(conn.index, now)
-            conn.index = _NO_INDEX
+        with lock:
+            conn.closed = True
+            i, conn.index = conn.index, _NO_INDEX
+        if i != _NO_INDEX:
+            fail(i, now)
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(conn.sock)
         conn.sock.close()
@@ -289,14 +322,15 @@ def replay(
                     continue
                 code, head, body, used = parsed
                 del conn.buf[:used]
-                i = conn.index
+                with lock:
+                    i, conn.index = conn.index, _NO_INDEX
+                    if i != _NO_INDEX and np.isnan(done_at[i]):
+                        status[i], headers[i], bodies[i], done_at[i] = code, head, body, now
+                        answered += 1
                 if i == _NO_INDEX:  # an answer nobody asked for on this connection
                     live.discard(conn)
                     drop(conn, now)
                     continue
-                status[i], headers[i], bodies[i], done_at[i] = code, head, body, now
-                answered += 1
-                conn.index = _NO_INDEX
                 if head.get("connection", "").lower() == "close" or conn.buf:
                     live.discard(conn)
                     drop(conn, now)
@@ -312,20 +346,27 @@ def replay(
                         drop(conn, now)
 
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
-    # A full garbage collection holds the GIL for milliseconds, whichever thread triggers it;
-    # nothing here makes reference cycles, so collect after the run instead.
     collecting = gc.isenabled()
-    gc.disable()
     send_thread = threading.Thread(target=sender, name="openloop-sender", daemon=True)
     read_thread = threading.Thread(target=reader, name="openloop-reader", daemon=True)
-    read_thread.start()
-    send_thread.start()
+    # the last request's answer is due by then, whatever happened to it
+    give_up = start + (times[-1] if n else 0.0) + timeout + 5.0
     try:
+        sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
+        # A full garbage collection holds the GIL for milliseconds, whichever thread triggers
+        # it; nothing here makes reference cycles, so collect after the run instead.
+        gc.disable()
+        read_thread.start()
+        send_thread.start()
         next_report = start + progress_every
         while True:
-            finished = sending_done.is_set() and answered + failed >= n
-            if finished:
+            if errors:
+                break
+            if sending_done.is_set() and answered + failed >= n:
+                break
+            if time.monotonic() > give_up:  # a bug, not a slow server: fail what is left
+                for i in range(n):
+                    fail(i, time.monotonic())  # no-op for requests already counted
                 break
             time.sleep(0.02)
             if progress is not None and time.monotonic() >= next_report:
@@ -334,9 +375,12 @@ def replay(
                     time.monotonic() - start, int(np.isfinite(sent_at).sum()), answered, failed
                 )
     finally:
+        stop_sender.set()
         stop_reader.set()
-        send_thread.join(timeout + 5)
-        read_thread.join(5)
+        if send_thread.is_alive():
+            send_thread.join(timeout + 5)
+        if read_thread.is_alive():
+            read_thread.join(5)
         sys.setswitchinterval(switch)
         if collecting:
             gc.enable()
@@ -344,8 +388,12 @@ def replay(
             if isinstance(key.data, _Conn):
                 key.data.sock.close()
         sel.close()
-        os.close(wake_r)
-        os.close(wake_w)
+        with lock:
+            pipe_open[0] = False
+            os.close(wake_r)
+            os.close(wake_w)
+    if errors:
+        raise errors[0]
     scheduled = np.asarray(times, dtype=float)
     return OpenLoopResult(
         started=start,

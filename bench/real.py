@@ -228,7 +228,22 @@ class CaseResult:
         return np.where(ok, lat, np.inf)
 
     def _ticks(self) -> np.ndarray:
-        rows = self.series["ticks"]["rows"]
+        """The emulator's state at every autoscaler tick, and at the moment it was asked for
+        its series (so that a window ending after the last tick is counted to its end)."""
+        rows = list(self.series["ticks"]["rows"])
+        s = self.series.get("state")
+        if s is not None and (not rows or s["time"] > rows[-1][0]):
+            rows.append(
+                [
+                    s["time"],
+                    s["ready_pods"],
+                    s["starting_pods"],
+                    s["waiting"],
+                    s["running"],
+                    s["pod_seconds"],
+                    s["cold_starts"],
+                ]
+            )
         return np.asarray(rows, dtype=float).reshape(-1, 7)
 
     def _cumulative(self, column: int, at: float) -> float:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import time
+from collections import deque
 from typing import Any
 
 from extproc.adapters.metrics import PrometheusMetrics
@@ -24,6 +25,10 @@ class StallWatch:
         self._every = every
         self._task: asyncio.Task[None] | None = None
         self._gc_started: float | None = None
+        # Pauses wait here until the watcher publishes them: the GC callback runs inside a
+        # collection, which may start while any thread (a /metrics scrape) holds the
+        # histogram's lock, so it must take no lock itself (prometheus/client_python#363).
+        self._pauses: deque[tuple[str, float]] = deque(maxlen=10_000)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -44,6 +49,13 @@ class StallWatch:
             due = loop.time() + self._every
             await asyncio.sleep(self._every)
             self._metrics.loop_lag.observe(max(0.0, loop.time() - due))
+            self.publish()
+
+    def publish(self) -> None:
+        """Move the garbage collections seen so far into the histogram."""
+        while self._pauses:
+            generation, took = self._pauses.popleft()
+            self._metrics.gc_pause.labels(generation).observe(took)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -51,4 +63,4 @@ class StallWatch:
         elif self._gc_started is not None:
             took = time.perf_counter() - self._gc_started
             self._gc_started = None
-            self._metrics.gc_pause.labels(str(info.get("generation", "?"))).observe(took)
+            self._pauses.append((str(info.get("generation", "?")), took))  # no lock taken

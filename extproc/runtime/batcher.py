@@ -471,7 +471,10 @@ class BatcherPool:
     ) -> Ticket:
         """Queue one request. Its deadline is arrival + the policy's SLA latency, or + `budget`
         seconds if the client asked for less. `arrival` (default: now) is when ext_proc first
-        heard of it (its headers), so the SLA clock also covers the wait for its body."""
+        heard of it (its headers), so the SLA clock also covers the wait for its body. Queues
+        keep submission order for the oldest-first timers of static and aimd, so those may
+        fire up to the difference in two requests' body waits late (sub-millisecond
+        normally); deadlines are ordered exactly."""
         if self._flushing:
             raise ProxyError(ErrorKind.UNAVAILABLE, "ext_proc is shutting down; retry")
         policy = route.policy

@@ -345,4 +345,5 @@ async def test_a_stalled_event_loop_and_garbage_collection_show_in_the_metrics(
     assert after[count] - before[count] > after[within] - before[within]
     gen2 = 'mlproxy_gc_pause_seconds_count{generation="2"}'
     gc.collect()
+    await asyncio.sleep(0.05)  # the watcher publishes what the GC callback queued
     assert (await asyncio.to_thread(scrape))[gen2] > before.get(gen2, 0.0)

@@ -146,3 +146,57 @@ def test_parse_http_responses() -> None:
 
     with pytest.raises(ValueError):
         _parse(bytearray(b"SSH-2.0-OpenSSH\r\n\r\n"))
+
+
+class _Closer(asyncio.Protocol):
+    """Answers each request, then closes the connection a moment later without saying so
+    (no `Connection: close`): the client's idle pool holds connections that are dead."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:
+            body = b'{"ok": true}'
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            asyncio.get_running_loop().call_later(0.002, self.transport.close)
+            self.buf = b""
+
+
+def test_connections_the_server_closes_while_idle_never_hang_the_run() -> None:
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(
+        loop.create_server(_Closer, "127.0.0.1", port), loop
+    ).result(5)
+    try:
+        times = [i * 0.004 for i in range(150)]  # closes race with reuse all along
+        result = replay("127.0.0.1", port, "/p", times, lambda i: b"{}", timeout=2, connections=4)
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    # every request is accounted for, once: answered, or lost to a connection that died
+    assert set(result.status.tolist()) <= {0, 200}
+    assert (result.status == 200).sum() + result.lost == 150
+    assert (result.status == 200).sum() > 0
+
+
+def test_an_error_while_sending_stops_the_run_and_is_raised(server: Server) -> None:
+    def body(i: int) -> bytes:
+        if i == 3:
+            raise RuntimeError("no body for request 3")
+        return json.dumps({"i": i}).encode()
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="request 3"):
+        replay("127.0.0.1", server.port, "/p", [i * 0.01 for i in range(10)], body, timeout=2)
+    assert threading.active_count() == before  # its threads are gone
