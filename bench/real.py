@@ -44,10 +44,12 @@ from typing import Any
 
 import numpy as np
 
+from bench import report
 from bench.emulator import predict
 from bench.knative import ServiceConfig
 from bench.openloop import OpenLoopResult, replay, subset
 from bench.profiles import PROFILES, Profile
+from bench.report import by_case, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
@@ -422,6 +424,7 @@ def run_case(
             cfg.run_seconds,
             profile.peak_rps,
             seed=cfg.seed,
+            replicas=cfg.replicas,
             backend=ServiceConfig().scaled(cfg.time_scale),
             warmup=warmup,
             times=times,
@@ -558,15 +561,7 @@ def plot(cases: Sequence[CaseResult], path: Path) -> None:
 
 
 COLUMNS = (
-    ("mode", "mode"),
-    ("cost_pod_s", "cost (pod-s)"),
-    ("mean_pods", "mean pods"),
-    ("sla_violations_pct", "SLA viol. %"),
-    ("p50_ms", "p50 ms"),
-    ("p95_ms", "p95 ms"),
-    ("p99_ms", "p99 ms"),
-    ("mean_batch", "mean batch"),
-    ("cold_starts", "cold starts"),
+    *report.COLUMNS,
     ("wrong", "wrong"),
     ("errors", "errors"),
     ("sim_sla_violations_pct", "sim viol. %"),
@@ -578,67 +573,12 @@ COLUMNS = (
 )
 
 
-def _cut(ours: float, base: float) -> str:
-    return "n/a (off: 0)" if base <= 0 else f"{-100.0 * (1 - ours / base):+.1f}%"
-
-
-def summary(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per profile and trace: each mode's cost and violations, adaptive's cuts
-    against off, and whether adaptive beat aimd and static."""
-    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["profile"], row["trace"]), {})[row["mode"]] = row
-    modes = [m for m in MODES if any(m in g for g in groups.values())]
-    head = ["profile", "trace"]
-    head += [f"cost {m}" for m in modes] + [f"viol % {m}" for m in modes]
-    head += ["adaptive vs off: cost", "violations", "adaptive vs aimd, static"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (profile, trace), by_mode in groups.items():
-        cells = [profile, trace]
-        cells += [f"{by_mode[m]['cost_pod_s']:g}" if m in by_mode else "" for m in modes]
-        cells += [f"{by_mode[m]['sla_violations_pct']:g}" if m in by_mode else "" for m in modes]
-        ours, off = by_mode.get("adaptive"), by_mode.get("off")
-        if ours is not None and off is not None:
-            cells.append(_cut(ours["cost_pod_s"], off["cost_pod_s"]))
-            cells.append(_cut(ours["sla_violations_pct"], off["sla_violations_pct"]))
-        else:
-            cells += ["", ""]
-        cells.append(verdict(by_mode))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
-def verdict(by_mode: dict[str, dict[str, Any]]) -> str:
-    """Adaptive's SLA violations against aimd and static, and its cost against aimd."""
-    ours = by_mode.get("adaptive")
-    if ours is None:
-        return ""
-    parts = []
-    for other in ("aimd", "static"):
-        if other in by_mode:
-            a, b = ours["sla_violations_pct"], by_mode[other]["sla_violations_pct"]
-            parts.append(f"viol. {'fewer' if a < b else 'tie' if a == b else 'MORE'} vs {other}")
-    if "aimd" in by_mode:
-        cheaper = ours["cost_pod_s"] <= by_mode["aimd"]["cost_pod_s"]
-        parts.append("cost " + ("not higher" if cheaper else "HIGHER") + " vs aimd")
-    return ", ".join(parts)
-
-
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     out: list[str] = []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["profile"], row["trace"]), []).append(row)
-    for (profile, trace), group in groups.items():
-        p = PROFILES[profile]
-        out.append(
-            f"#### {profile} (SLO {p.slo_ms:g} ms at p95, peak {p.peak_rps:g} req/s), "
-            f"trace {trace}\n"
-        )
-        out.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-        out.append("|" + "---|" * len(COLUMNS))
-        for row in group:
-            out.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
+    for (profile, trace), case in by_case(rows).items():
+        group = list(case.values())
+        out.append(heading(profile, trace))
+        out += table(group, COLUMNS)
         first = group[0]
         out.append(
             f"\next_proc while the modes ran: event loop over 20 ms late "
@@ -648,7 +588,6 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             + ", ".join(f"{r['mode']} {r['outside_p99_ms']}" for r in group)
             + "\n"
         )
-
     return "\n".join(out)
 
 
@@ -766,7 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"replica(s). Cost in ready-pod-seconds of real time. `sim` columns: the simulator "
         "on the same arrivals, policy and emulated service.\n\n"
     )
-    text = header + summary(rows) + "\n\n" + loadgen_summary(rows) + "\n\n" + markdown(rows)
+    text = "\n\n".join(
+        [header + summary(rows, with_verdict=True), loadgen_summary(rows), markdown(rows)]
+    )
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
     (out / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(text)

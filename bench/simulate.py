@@ -20,105 +20,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.knative import ServiceConfig
 from bench.profiles import PROFILES
+from bench.report import by_case, heading, reductions, summary, table, verdict
 from bench.sim import MODES, SimResult, pooled, simulate
 from bench.traces import TRACES
 from mlproxy.policy import Mode
 
-__all__ = ["main", "markdown", "reductions"]
+__all__ = ["main", "markdown"]
 
 SUITE_PROFILES = ("iris", "toxic", "fashion-mnist")
 COLUMNS = (
-    ("mode", "mode"),
-    ("cost_pod_s", "cost (pod-s)"),
-    ("mean_pods", "mean pods"),
-    ("sla_violations_pct", "SLA viol. %"),
-    ("p50_ms", "p50 ms"),
-    ("p95_ms", "p95 ms"),
-    ("p99_ms", "p99 ms"),
-    ("mean_batch", "mean batch"),
-    ("cold_starts", "cold starts"),
+    *report.COLUMNS,
     ("runs", "runs"),
 )
 
 
-def reductions(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Adaptive against off, in percent: cost and SLA violations (nan when off had none)."""
-    by_mode = {r["mode"]: r for r in rows}
-    off, ours = by_mode.get("off"), by_mode.get("adaptive")
-    if off is None or ours is None:
-        return {}
-
-    def cut(key: str) -> float:
-        return 100.0 * (1 - ours[key] / off[key]) if off[key] > 0 else math.nan
-
-    return {"cost": cut("cost_pod_s"), "violations": cut("sla_violations_pct")}
-
-
-def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """Does adaptive have fewer violations than aimd and static, and no higher cost than aimd?"""
-    by_mode = {r["mode"]: r for r in rows}
-    if not {"adaptive", "aimd", "static"} <= set(by_mode):
-        return ""
-    ours = by_mode["adaptive"]
-    parts = []
-    for other in ("aimd", "static"):
-        a, b = ours["sla_violations_pct"], by_mode[other]["sla_violations_pct"]
-        parts.append(
-            f"violations vs {other}: " + ("fewer" if a < b else "tie" if a == b else "MORE")
-        )
-    cheaper = ours["cost_pod_s"] <= by_mode["aimd"]["cost_pod_s"]
-    parts.append("cost vs aimd: " + ("not higher" if cheaper else "HIGHER"))
-    return "; ".join(parts)
-
-
-def summary(results: Sequence[dict[str, Any]]) -> str:
-    """One line per profile and trace: every mode's cost and SLA violations, adaptive's cuts."""
-    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for row in results:
-        groups.setdefault((row["profile"], row["trace"]), {})[row["mode"]] = row
-    modes = [m for m in MODES if any(m in g for g in groups.values())]
-    head = ["profile", "trace"]
-    head += [f"cost {m}" for m in modes] + [f"viol % {m}" for m in modes]
-    head += ["adaptive vs off: cost", "violations"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (profile, trace), by_mode in groups.items():
-        cells = [profile, trace]
-        cells += [f"{by_mode[m]['cost_pod_s']:g}" if m in by_mode else "" for m in modes]
-        cells += [f"{by_mode[m]['sla_violations_pct']:g}" if m in by_mode else "" for m in modes]
-        cut = reductions(list(by_mode.values()))
-        if cut:
-            v = cut["violations"]
-            cells.append(f"{-cut['cost']:+.1f}%")
-            cells.append("n/a (off: 0)" if math.isnan(v) else f"{-v:+.1f}%")
-        else:
-            cells += ["", ""]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     out: list[str] = []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in results:
-        groups.setdefault((row["profile"], row["trace"]), []).append(row)
-    for (profile, trace), rows in groups.items():
-        p = PROFILES[profile]
-        out.append(
-            f"#### {profile} (SLO {p.slo_ms:g} ms, peak {p.peak_rps:g} req/s), trace {trace}\n"
-        )
-        out.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-        out.append("|" + "---|" * len(COLUMNS))
-        for row in rows:
-            out.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
-        cut = reductions(rows)
+    for (profile, trace), case in by_case(results).items():
+        out.append(heading(profile, trace))
+        out += table(list(case.values()), COLUMNS)
+        cut = reductions(case)
         if cut:
             v = cut["violations"]
             vs = "n/a (off had none)" if math.isnan(v) else f"{-v:+.1f}%"
             out.append(
                 f"\nadaptive vs off: cost {-cut['cost']:+.1f}%, SLA violations {vs}; "
-                f"{verdict(rows)}\n"
+                f"{verdict(case)}\n"
             )
     return "\n".join(out)
 
@@ -211,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if not args.no_plots:
                 plot(plotted, args.out / f"{profile.name}-{trace}.png")
-    table = summary(rows) + "\n\n" + markdown(rows)
+    text = summary(rows) + "\n\n" + markdown(rows)
     header = (
         f"Simulated {args.duration:g} s per run after a warm-up of {args.warmup:g} s plus up to "
         f"{PHASE_JITTER:g} s, seeds {args.seed} to {args.seed + args.seeds - 1} pooled (cost "
@@ -219,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"replica(s); {time.monotonic() - began:.0f} s of compute; plots: seed {args.seed}."
         "\n\n"
     )
-    (args.out / "sim.md").write_text(header + table + "\n", encoding="utf-8")
+    (args.out / "sim.md").write_text(header + text + "\n", encoding="utf-8")
     (args.out / "sim.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print(header + table)
+    print(header + text)
     return 0
 
 
