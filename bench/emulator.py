@@ -37,7 +37,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -120,9 +120,9 @@ class Emulator:
     ) -> _Run:
         base = ServiceConfig()
         if cold_start is not None:
-            base = ServiceConfig(cold_start=cold_start, kpa=base.kpa)
+            base = replace(base, cold_start=cold_start)
         if initial_pods is not None:
-            base = ServiceConfig(base.cold_start, initial_pods, base.kpa)
+            base = replace(base, initial_pods=initial_pods)
         config = base.scaled(time_scale)
         now = time.monotonic()
         return _Run(

@@ -36,6 +36,7 @@ import random
 import shutil
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -175,8 +176,6 @@ class BenchStack:
     def stalls(self) -> dict[str, float]:
         """What stalled the ext_proc processes so far, summed over the replicas: event loop
         lag samples over 20 and 50 ms, and full garbage collections (count, seconds)."""
-        import urllib.request
-
         wanted = {
             'mlproxy_event_loop_lag_seconds_bucket{le="0.02"}': "lag_le_20ms",
             'mlproxy_event_loop_lag_seconds_bucket{le="0.05"}': "lag_le_50ms",
@@ -195,8 +194,6 @@ class BenchStack:
         return out
 
     def emulator(self, mode: str, method: str, path: str, body: Any = None) -> Any:
-        import urllib.request
-
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.emulator_url(mode) + path, data=data, method=method)
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -367,14 +364,15 @@ def run_case(
     cfg = bench.config
     bodies: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        body = policy_body(
-            mode, profile, ModeConfig(), backend=bench.emulator_url(mode), time_scale=cfg.time_scale
+        bodies[mode] = policy_body(
+            mode,
+            profile,
+            ModeConfig(),
+            backend=bench.emulator_url(mode),
+            time_scale=cfg.time_scale,
+            # the path names the mode, so that each mode's requests meet its own policy
+            model=f"{profile.name}-{mode}",
         )
-        # the path names the mode, so that each mode's requests meet its own policy
-        path = f"/v1/models/{profile.name}-{mode}:predict"
-        body["match"]["path"] = path
-        body["backend"]["url"] = bench.emulator_url(mode) + path
-        bodies[mode] = body
     names = bench.apply(bodies)
     warmup = cfg.warmup_seconds()
     times = schedule(trace, cfg.run_seconds, profile.peak_rps, cfg.seed, warmup)

@@ -77,11 +77,13 @@ def policy_body(
     config: ModeConfig = ModeConfig(),
     backend: str = "http://model",
     time_scale: float = 1.0,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """The policy (as a client writes it) that each mode runs with in every benchmark, in
-    the simulator and on the real stack alike; `backend` is the model service's base URL.
-    With time compressed `time_scale` times, aimd's period is compressed with it."""
-    path = f"/v1/models/{profile.name}:predict"
+    the simulator and on the real stack alike; `backend` is the model service's base URL,
+    `model` the model's name in the path (default: the profile's). With time compressed
+    `time_scale` times, aimd's period is compressed with it."""
+    path = f"/v1/models/{model or profile.name}:predict"
     return {
         "match": {"path": path},
         "backend": {"url": backend + path, "timeout_ms": 60_000},
