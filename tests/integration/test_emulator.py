@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -159,3 +160,48 @@ async def test_reset_rejects_an_unknown_profile_and_keeps_the_service(
         state = await (await s.get(f"{url}/admin/state")).json()
     assert status == 400 and "nope" in body["error"]
     assert state["profile"] == "flat"
+
+
+async def test_a_reset_answers_what_was_waiting_with_503_and_lets_running_batches_finish(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, _ = emulator
+    async with aiohttp.ClientSession() as s:
+        # one pod, no scaling within the test (time scale 1: a 60 s stable window)
+        await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
+        running = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
+        await asyncio.sleep(0.02)
+        waiting = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
+        await asyncio.sleep(0.02)
+        await _post(s, f"{url}/admin/reset", {"profile": "resnet", "time_scale": 100})
+        (ran, ran_body), (waited, waited_body) = await asyncio.gather(running, waiting)
+        state = await (await s.get(f"{url}/admin/state")).json()
+    assert ran == 200 and ran_body == {"predictions": [predict([1])]}  # ResNet: ~216 ms
+    assert waited == 503 and "reset" in waited_body["error"]
+    assert state["batches"] == 0 and state["waiting"] == 0  # the new run starts clean
+
+
+async def test_a_client_that_leaves_while_waiting_leaves_the_queue(
+    emulator: tuple[str, Emulator],
+) -> None:
+    url, emu = emulator
+    async with aiohttp.ClientSession() as s:
+        await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
+        busy = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
+        await asyncio.sleep(0.02)
+        leaver = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
+        await asyncio.sleep(0.02)
+        assert (await (await s.get(f"{url}/admin/state")).json())["waiting"] == 1
+        leaver.cancel()  # the client closes its connection
+        for _ in range(100):
+            if (await (await s.get(f"{url}/admin/state")).json())["waiting"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        # the autoscaler saw it leave: the concurrency it averages is the running batch only
+        # (ResNet's first batch runs ~216 ms, so it is still running here)
+        now = time.monotonic()
+        assert emu._run.service.autoscaler.average(now, 0.001) == pytest.approx(1.0)
+        status, _ = await busy
+        series = await (await s.get(f"{url}/admin/series")).json()
+    assert status == 200
+    assert [int(row[4]) for row in series["batches"]["rows"]] == [1]  # only the first ran
