@@ -1,19 +1,18 @@
 """The benchmark on the real stack: `mlproxy bench`.
 
-    mlproxy bench --profile toxic --trace big_spike --mode adaptive
+    mlproxy bench --profile toxic --trace big_spike [--mode adaptive]   # one case
     mlproxy bench --suite paper          # Toxic and Fashion-MNIST, every trace and mode
 
 It starts the whole stack as production runs it -- Redis, the control plane, ext_proc
-replicas, Envoy -- in front of the serverless emulator (`bench/emulator.py`: a Knative-like
-service sharing the simulator's autoscaler and model profiles). For each case it writes the
-mode's policy through the control plane API and waits until every replica runs it, resets the
-emulator, replays the trace open loop through Envoy (`bench/openloop.py`), checks every
-answer, then runs the simulator on exactly the same arrival times, policy and emulated
-service, so that the two can be compared request for request. The modes of a case run side by
-side: the same arrival times for each, interleaved, each mode's requests under its own policy
-(`/v1/models/<profile>-<mode>:predict`) to its own emulated Knative service, so the suite
-takes a quarter of the time and every mode meets the same moment of the shared machine.
-
+replicas, Envoy -- in front of serverless emulators (`bench/emulator.py`: Knative-like
+services sharing the simulator's autoscaler and model profiles), one per mode. For each case
+it writes each mode's policy through the control plane API and waits until every replica runs
+it, resets the emulators, replays the trace open loop through Envoy (`bench/openloop.py`),
+checks every answer, then runs the simulator on exactly the same arrival times, policy and
+emulated service, so that the two can be compared case for case. The modes of a case run side
+by side: the same arrival times for each, interleaved, each mode's requests under its own
+policy (`/v1/models/<profile>-<mode>:predict`) to its own emulated Knative service, so the
+suite takes a quarter of the time and every mode meets the same moments of the shared machine.
 
 Time scaling: a trace of `--duration` seconds is played `--time-scale` times faster, and the
 autoscaler's durations, the cold start and aimd's period are divided by the same factor.
@@ -630,19 +629,52 @@ def loadgen_summary(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mlproxy bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="mlproxy bench",
+        description=__doc__.split("\n\n")[0],
+    )
     ap.add_argument("--suite", choices=sorted(SUITES), help="the grid: profiles x traces x modes")
     ap.add_argument("--profile", action="append", choices=sorted(PROFILES), help="repeatable")
     ap.add_argument("--trace", action="append", choices=TRACES, help="repeatable")
-    ap.add_argument("--mode", action="append", choices=MODES, help="repeatable; default: all")
+    ap.add_argument(
+        "--mode", action="append", choices=MODES, help="repeatable; all four if not given"
+    )
 
     defaults = BenchConfig()
-    ap.add_argument("--duration", type=float, default=defaults.duration, help="trace seconds")
-    ap.add_argument("--warmup", type=float, default=defaults.warmup, help="trace seconds")
-    ap.add_argument("--time-scale", type=float, default=defaults.time_scale)
-    ap.add_argument("--seed", type=int, default=defaults.seed)
-    ap.add_argument("--replicas", type=int, default=defaults.replicas, help="ext_proc replicas")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/real"))
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=defaults.duration,
+        help="trace seconds (default %(default)g)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=defaults.warmup,
+        help="trace seconds of warm-up (default %(default)g)",
+    )
+    ap.add_argument(
+        "--time-scale",
+        type=float,
+        default=defaults.time_scale,
+        help="play the trace this many times faster, and the autoscaler, cold start and aimd "
+        "(default %(default)g)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=defaults.seed, help="arrivals and noise (default %(default)s)"
+    )
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=defaults.replicas,
+        help="ext_proc replicas (default %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/real"),
+        help="report directory (default %(default)s)",
+    )
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     if args.suite is None and not (args.profile and args.trace):
