@@ -322,6 +322,8 @@ class CaseResult:
             "outside_max_ms": round(float(outside.max()), 1) if outside.size else math.nan,
             "send_error_p99_ms": round(send["p99"], 3),
             "send_error_max_ms": round(send["max"], 3),
+            "sent": int(np.isfinite(self.load.send_error).sum()),
+            "sent_over_1ms": int((self.load.send_error > 0.001).sum()),
             "extproc_lag_over_20ms": int(
                 self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_20ms"]
             ),
@@ -593,9 +595,12 @@ def loadgen_summary(rows: Sequence[dict[str, Any]]) -> str:
     worst = max(r["send_error_max_ms"] for r in rows)
     late = [r["emulator_late_ms"] for r in rows if not math.isnan(r["emulator_late_ms"])]
     over = [r["overhead_p50_ms"] for r in rows if r["mode"] == "off"]
+    sent = sum(r["sent"] for r in rows)
+    late_sends = sum(r["sent_over_1ms"] for r in rows)
     lines = [
         f"- Load generator send-time error: p99 at most {p99:.3f} ms in any run, "
-        f"worst single request {worst:.3f} ms.",
+        f"worst single request {worst:.3f} ms; {late_sends} of {sent} requests "
+        f"({100 * late_sends / max(sent, 1):.3f}%) left more than 1 ms late.",
         f"- Emulated batches ran {np.mean(late):.2f} ms longer than drawn on average "
         "(timer lateness of the emulator's event loop)."
         if late
