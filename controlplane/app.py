@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -28,6 +31,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import NotFound, RedisStore
 from controlplane.api.auth import Authenticator, require
 from controlplane.domain.records import Precondition, PreconditionFailed, RolloutStatus, rollout
@@ -51,6 +55,19 @@ class PolicyList(BaseModel):
 
 class ReplicaList(BaseModel):
     items: list[ReplicaRecord]
+
+
+class TunerStatus(BaseModel):
+    enabled: bool
+    this: str | None = None  # this process's name as a lease holder
+    leader: str | None = None  # the process holding the tuner lease now (None: nobody)
+    term: int | None = None  # the leader's term, its fencing token
+    leading: bool = False
+
+
+def _holder_id() -> str:
+    """This process's name as a lease holder: host, pid and a random part (pids repeat)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class ErrorBody(BaseModel):
@@ -129,8 +146,11 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         if own:
             app.state.store = RedisStore.from_url(settings.redis_url)
         task = None
+        app.state.lease = None
         if settings.tuner_interval > 0:
-            tuner = FleetTuner(app.state.store, settings.tuner_interval)
+            lease = RedisLease(app.state.store.redis, _holder_id(), settings.tuner_lease)
+            app.state.lease = lease
+            tuner = FleetTuner(app.state.store, settings.tuner_interval, lease=lease)
             task = asyncio.create_task(tuner.run(), name="fleet-tuner")
         try:
             yield
@@ -315,6 +335,22 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
     @v1.get("/replicas", dependencies=read, responses=errors)
     async def list_replicas(request: Request) -> ReplicaList:
         return ReplicaList(items=await store_of(request).replicas())
+
+    @v1.get("/tuner", dependencies=read, responses=errors)
+    async def tuner_status(request: Request) -> TunerStatus:
+        """Which control plane process runs the fleet tuner now (the holder of its lease in
+        Redis) and its term, and whether it is this one."""
+        lease: RedisLease | None = request.app.state.lease
+        if lease is None:
+            return TunerStatus(enabled=False)
+        held = await lease.current()
+        return TunerStatus(
+            enabled=True,
+            this=lease.holder,
+            leader=None if held is None else held[0],
+            term=None if held is None else held[1],
+            leading=held is not None and held[0] == lease.holder,
+        )
 
     app.include_router(v1)
 

@@ -37,12 +37,15 @@ class Settings:
     read_tokens: tuple[str, ...] = ()
     max_body_bytes: int = 64 * 1024
     tuner_interval: float = 5.0  # seconds between fleet tuner rounds; 0: no tuner
+    tuner_lease: float = 15.0  # seconds a tuner leader's lease lasts unless renewed
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """MLPROXY_REDIS_URL (or REDIS_URL), MLPROXY_ADMIN_TOKENS / MLPROXY_ADMIN_TOKENS_FILE,
         MLPROXY_READ_TOKENS / MLPROXY_READ_TOKENS_FILE, MLPROXY_MAX_BODY_BYTES,
-        MLPROXY_TUNER_INTERVAL_S (0 turns the fleet tuner off)."""
+        MLPROXY_TUNER_INTERVAL_S (0 turns the fleet tuner off), MLPROXY_TUNER_LEASE_S (how
+        long the tuner leader's lease lasts without renewal: the longest a dead leader's
+        successor waits; more than the interval)."""
         env = os.environ if env is None else env
         admin = _tokens(env, "MLPROXY_ADMIN_TOKENS")
         if not admin:
@@ -60,6 +63,15 @@ class Settings:
             raise SettingsError("MLPROXY_TUNER_INTERVAL_S must be a number of seconds") from err
         if not 0 <= interval <= 3600:
             raise SettingsError("MLPROXY_TUNER_INTERVAL_S must be between 0 and 3600")
+        try:
+            lease = float(env.get("MLPROXY_TUNER_LEASE_S", 3 * interval or 15.0))
+        except ValueError as err:
+            raise SettingsError("MLPROXY_TUNER_LEASE_S must be a number of seconds") from err
+        if interval and not interval < lease <= 3600:
+            raise SettingsError(
+                f"MLPROXY_TUNER_LEASE_S ({lease:g}) must be longer than the tuner interval "
+                f"({interval:g} s, renewed every round) and at most 3600"
+            )
         return cls(
             redis_url=env.get("MLPROXY_REDIS_URL")
             or env.get("REDIS_URL")
@@ -68,4 +80,5 @@ class Settings:
             read_tokens=_tokens(env, "MLPROXY_READ_TOKENS"),
             max_body_bytes=limit,
             tuner_interval=interval,
+            tuner_lease=lease,
         )

@@ -1,7 +1,11 @@
 """The fleet tuner's loop: every few seconds, read the policies and the replicas' heartbeats
 from Redis, decide (`domain/tuner.py`) and write each change as an ordinary policy change (a
 compare-and-set on the version it read, so an operator's write in between wins and the tuner
-tries again next round), then record the decision with its reason and inputs."""
+tries again next round), then record the decision with its reason and inputs.
+
+With a lease (`adapters/lease.py`) only the control plane process that holds it runs rounds,
+and its writes are fenced by it: a leader that lost the lease without noticing (paused, cut
+off) cannot write after another has taken over."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
 
-from controlplane.adapters.redis_store import RedisStore
+from controlplane.adapters.lease import RedisLease
+from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.domain.records import Precondition, PreconditionFailed
 from controlplane.domain.tuner import Decision, tune
 from mlproxy.policy import Policy
@@ -30,14 +35,16 @@ class FleetTuner:
         store: RedisStore,
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        lease: RedisLease | None = None,
     ) -> None:
         self.store = store
         self.interval = interval
         self._clock = clock
+        self.lease = lease
         self._last_change: dict[str, float] = {}
 
-    async def run_once(self) -> list[Decision]:
-        """One round; the decisions written."""
+    async def run_once(self, fence: tuple[str, str] | None = None) -> list[Decision]:
+        """One round; the decisions written. With `fence`, every write is fenced by it."""
         policies = await self.store.all_policies()
         replicas = await self.store.replicas()
         now = self._clock()
@@ -45,7 +52,10 @@ class FleetTuner:
         for policy in policies:
             stats = [r.stats[policy.name] for r in replicas if policy.name in r.stats]
             try:
-                decision = await self._tune_one(policy, stats, now)
+                decision = await self._tune_one(policy, stats, now, fence)
+            except LeaseLost:
+                log.warning("tuner: lease lost during a round; its remaining writes dropped")
+                break
             except RedisError:
                 raise  # the whole round: Redis is down
             except Exception:  # one policy's failure must not stop the others being tuned
@@ -58,7 +68,11 @@ class FleetTuner:
         return written
 
     async def _tune_one(
-        self, policy: Policy, stats: list[PolicyStats], now: float
+        self,
+        policy: Policy,
+        stats: list[PolicyStats],
+        now: float,
+        fence: tuple[str, str] | None = None,
     ) -> Decision | None:
         decision = tune(policy, stats, now, self._last_change.get(policy.name))
         if decision is None:
@@ -68,7 +82,9 @@ class FleetTuner:
         )
         body["tuning"] = decision.tuning.model_dump(mode="json")
         try:
-            stored = await self.store.put(policy.name, body, Precondition(version=policy.version))
+            stored = await self.store.put(
+                policy.name, body, Precondition(version=policy.version), fence=fence
+            )
         except PreconditionFailed:
             log.info("tuner: policy %s changed meanwhile; next round", policy.name)
             return None
@@ -88,18 +104,27 @@ class FleetTuner:
         return decision
 
     async def run(self) -> None:
-        """Until cancelled; a round that fails (Redis down) is logged and the next one tried."""
+        """Until cancelled; a round that fails (Redis down) is logged and the next one tried.
+        With a lease, a round runs only while this process holds it; cancelling gives it up."""
         failing = False
-        while True:
-            try:
-                await self.run_once()
-                if failing:
-                    log.info("tuner: Redis reachable again")
-                failing = False
-            except RedisError as err:
-                if not failing:
-                    log.warning("tuner: round skipped, Redis unreachable: %s", err)
-                failing = True
-            except Exception:
-                log.exception("tuner: round failed")
-            await asyncio.sleep(self.interval)
+        try:
+            while True:
+                try:
+                    if self.lease is None or await self.lease.hold() is not None:
+                        await self.run_once(None if self.lease is None else self.lease.fence)
+                    if failing:
+                        log.info("tuner: Redis reachable again")
+                    failing = False
+                except RedisError as err:
+                    if not failing:
+                        log.warning("tuner: round skipped, Redis unreachable: %s", err)
+                    failing = True
+                except Exception:
+                    log.exception("tuner: round failed")
+                await asyncio.sleep(self.interval)
+        finally:
+            if self.lease is not None and self.lease.token is not None:
+                try:
+                    await asyncio.wait_for(self.lease.release(), timeout=2)
+                except (RedisError, TimeoutError, OSError) as err:
+                    log.warning("tuner: could not give the lease up (%s); it expires", err)

@@ -7,6 +7,9 @@
 - `mlproxy:replica:{id}`      string with a TTL: a replica's heartbeat record (JSON)
 - `mlproxy:decisions:{name}`  list, newest first, at most 100: the fleet tuner's decisions
                               for a policy (JSON), kept when the policy is deleted
+- `mlproxy:tuner:lease`       string with a TTL: `<holder>|<term>`, the control plane process
+                              that runs the fleet tuner now
+- `mlproxy:tuner:term`        counter: the last term (fencing token) given to a tuner leader
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ __all__ = [
     "POLICIES",
     "PREFIX",
     "REPLICA_PATTERN",
+    "TUNER_LEASE",
+    "TUNER_TOKEN",
     "VERSION",
     "decisions_key",
     "redact_url",
@@ -27,6 +32,8 @@ POLICIES = PREFIX + "policies"
 VERSION = PREFIX + "version"
 CHANGES = PREFIX + "policy-changes"
 REPLICA_PATTERN = PREFIX + "replica:*"
+TUNER_LEASE = PREFIX + "tuner:lease"
+TUNER_TOKEN = PREFIX + "tuner:term"
 
 
 def decisions_key(policy: str) -> str:

@@ -22,13 +22,17 @@ from mlproxy import keys
 from mlproxy.policy import Policy
 from mlproxy.replica import ReplicaRecord
 
-__all__ = ["NotFound", "RedisStore"]
+__all__ = ["LeaseLost", "NotFound", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
 
 class NotFound(LookupError):
     pass
+
+
+class LeaseLost(RuntimeError):
+    """A fenced write refused: the writer no longer holds the lease it wrote under."""
 
 
 def _now() -> datetime:
@@ -56,12 +60,24 @@ class RedisStore:
             raise NotFound(name)
         return Policy.model_validate_json(raw)
 
-    async def put(self, name: str, body: dict[str, Any], precondition: Precondition) -> Policy:
-        """Create or replace `name` if the precondition holds; returns the stored record."""
+    async def put(
+        self,
+        name: str,
+        body: dict[str, Any],
+        precondition: Precondition,
+        fence: tuple[str, str] | None = None,
+    ) -> Policy:
+        """Create or replace `name` if the precondition holds; returns the stored record.
+        With `fence` (key, value), only while that key still holds that value (LeaseLost if
+        not), checked in the same transaction."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.VERSION, keys.POLICIES)
+                    await pipe.watch(keys.VERSION, keys.POLICIES, *(fence[:1] if fence else ()))
+                    if fence is not None:
+                        held = await pipe.get(fence[0])
+                        if (held.decode() if isinstance(held, bytes) else held) != fence[1]:
+                            raise LeaseLost(f"{fence[0]} no longer holds {fence[1]!r}")
                     raw = await pipe.hget(keys.POLICIES, name)
                     current = None if raw is None else Policy.model_validate_json(raw)
                     precondition.check(name, None if current is None else current.version)

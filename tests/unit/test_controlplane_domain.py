@@ -96,6 +96,7 @@ def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:
     assert s.admin_tokens == ("a" * 20, "b" * 20)
     assert s.read_tokens == ("r" * 20, "s" * 20)
     assert s.redis_url == "redis://x:1/2"
+    assert (s.tuner_interval, s.tuner_lease) == (5.0, 15.0)  # three rounds by default
 
 
 @pytest.mark.parametrize(
@@ -105,6 +106,15 @@ def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:
         ({"MLPROXY_ADMIN_TOKENS": "short"}, "at least 16"),
         ({"MLPROXY_ADMIN_TOKENS_FILE": "/nonexistent/x"}, "cannot read"),
         ({"MLPROXY_ADMIN_TOKENS": "a" * 20, "MLPROXY_MAX_BODY_BYTES": "lots"}, "number"),
+        ({"MLPROXY_ADMIN_TOKENS": "a" * 20, "MLPROXY_TUNER_LEASE_S": "soon"}, "LEASE_S"),
+        (  # a leader renews once a round: a lease shorter than a round would lapse
+            {
+                "MLPROXY_ADMIN_TOKENS": "a" * 20,
+                "MLPROXY_TUNER_INTERVAL_S": "5",
+                "MLPROXY_TUNER_LEASE_S": "5",
+            },
+            "longer than the tuner interval",
+        ),
     ],
 )
 def test_settings_errors(env: dict[str, str], message: str) -> None:

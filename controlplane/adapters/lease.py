@@ -1,0 +1,106 @@
+"""A leader lease in Redis, so that one control plane process at a time runs the fleet tuner.
+
+The lease is a key holding `<holder>|<token>` with a TTL. `hold()` takes it when it is free
+and renews it while this holder has it; each taking increments a counter, the fencing token,
+so every term of leadership has its own. A holder that stops renewing (killed, partitioned,
+paused) loses the lease when the TTL runs out, and another takes it on its next `hold()`.
+
+A lease alone cannot stop a paused old leader from writing after its term: its writes are
+therefore fenced (`fence`): `RedisStore.put` watches the lease key in the same transaction and
+refuses the write unless the lease still holds this holder's value.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mlproxy import keys
+
+__all__ = ["RedisLease"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: lease, token counter; ARGV: holder, ttl ms. The token if taken, else 0.
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return token
+"""
+# KEYS: lease; ARGV: value, ttl ms. 1 if renewed (still ours), else 0.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: lease; ARGV: value. Deletes the lease only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisLease:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        holder: str,
+        ttl: float,
+        key: str = keys.TUNER_LEASE,
+        token_key: str = keys.TUNER_TOKEN,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("the lease TTL must be positive")
+        if "|" in holder:
+            raise ValueError("a lease holder's name cannot contain '|'")
+        self.redis = client
+        self.holder = holder
+        self.ttl = ttl
+        self.key = key
+        self.token_key = token_key
+        self.token: int | None = None  # the fencing token while this holder has the lease
+
+    @property
+    def value(self) -> str | None:
+        return None if self.token is None else f"{self.holder}|{self.token}"
+
+    @property
+    def fence(self) -> tuple[str, str] | None:
+        """(key, value) a fenced write checks; None while not leading."""
+        value = self.value
+        return None if value is None else (self.key, value)
+
+    async def hold(self) -> int | None:
+        """Take or renew the lease; the fencing token if this holder has it now, else None."""
+        ttl_ms = max(1, round(self.ttl * 1000))
+        if self.value is not None:
+            renewed: Any = await self.redis.eval(_RENEW, 1, self.key, self.value, ttl_ms)
+            if int(renewed):
+                return self.token
+            log.warning("tuner lease lost (term %d): another control plane leads now", self.token)
+            self.token = None
+        taken: Any = await self.redis.eval(_TAKE, 2, self.key, self.token_key, self.holder, ttl_ms)
+        if int(taken):
+            self.token = int(taken)
+            log.info("tuner lease taken by %s (term %d)", self.holder, self.token)
+        return self.token
+
+    async def release(self) -> None:
+        """Give the lease up (on shutdown), so that another holder need not wait for the TTL."""
+        value = self.value
+        self.token = None
+        if value is not None:
+            await self.redis.eval(_RELEASE, 1, self.key, value)
+
+    async def current(self) -> tuple[str, int] | None:
+        """Who holds the lease now, and its term; None if nobody."""
+        raw = await self.redis.get(self.key)
+        if raw is None:
+            return None
+        holder, _, token = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition("|")
+        return holder, int(token)

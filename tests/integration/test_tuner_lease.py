@@ -1,0 +1,141 @@
+"""The fleet tuner's leader lease on a real Redis: one holder at a time, renewal, take-over
+after the TTL, fenced writes, and two control plane processes where the leader is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.adapters.lease import RedisLease
+from controlplane.adapters.redis_store import LeaseLost, RedisStore
+from controlplane.domain.records import Precondition
+from mlproxy.stack import Child, free_port, http_ok
+from tests.conftest import RedisServer
+
+DB = 6
+TOKEN = "lease-test-admin-token-0123456789"
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = RedisStore.from_url(redis_server.url(DB))
+    await s.redis.flushdb()
+    yield s
+    await s.close()
+
+
+def _body() -> dict[str, object]:
+    return {
+        "match": {"path": "/v1/models/m:predict"},
+        "backend": {"url": "http://model/v1/models/m:predict"},
+    }
+
+
+async def test_one_holder_at_a_time_renewal_and_take_over_after_the_ttl(
+    store: RedisStore,
+) -> None:
+    a = RedisLease(store.redis, "a", ttl=0.3)
+    b = RedisLease(store.redis, "b", ttl=0.3)
+    assert await a.hold() == 1
+    assert await b.hold() is None  # taken
+    for _ in range(4):  # a renews within the TTL: it keeps the lease past several TTLs
+        await asyncio.sleep(0.15)
+        assert await a.hold() == 1
+        assert await b.hold() is None
+    assert await a.current() == ("a", 1)
+    await asyncio.sleep(0.4)  # a stops renewing (dead, paused): the lease runs out
+    assert await b.hold() == 2  # a new term
+    assert await a.hold() is None  # a finds out at its next turn
+    assert a.token is None and await b.current() == ("b", 2)
+    await b.release()  # shutting down: free at once, no wait for the TTL
+    assert await a.hold() == 3
+
+
+async def test_writes_are_fenced_by_the_lease(store: RedisStore) -> None:
+    a = RedisLease(store.redis, "a", ttl=0.2)
+    b = RedisLease(store.redis, "b", ttl=5)
+    assert await a.hold() == 1
+    fence = a.fence
+    assert fence is not None
+    stored = await store.put("p", _body(), Precondition(), fence=fence)  # a leads: written
+    await asyncio.sleep(0.3)
+    assert await b.hold() == 2  # a was paused past its TTL; b leads now
+    with pytest.raises(LeaseLost):  # a wakes up and writes under its old term: refused
+        await store.put("p", _body(), Precondition(version=stored.version), fence=fence)
+    assert (await store.get("p")).version == stored.version  # nothing written
+
+
+def _status(port: int) -> dict[str, object]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/tuner", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        data: dict[str, object] = json.loads(resp.read())
+        return data
+
+
+def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    ports = [free_port(), free_port()]
+    children = [
+        Child(
+            f"cp-{i}",
+            [sys.executable, "-m", "mlproxy.cli", "controlplane", "--port", str(port)],
+            tmp_path / f"cp-{i}.log",
+            env={
+                "MLPROXY_REDIS_URL": redis_server.url(DB + 1),
+                "MLPROXY_ADMIN_TOKENS": TOKEN,
+                "MLPROXY_TUNER_INTERVAL_S": "0.1",
+                "MLPROXY_TUNER_LEASE_S": "1",
+            },
+            ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/readyz"),  # type: ignore[misc]
+        )
+        for i, port in enumerate(ports)
+    ]
+    try:
+        for child in children:
+            child.start()
+        for child in children:
+            child.wait_ready(30)
+        deadline = time.monotonic() + 10
+        while True:  # one of them takes the lease within a round or two
+            statuses = [_status(p) for p in ports]
+            leaders = [i for i, s in enumerate(statuses) if s["leading"]]
+            if leaders or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(leaders) == 1, statuses
+        leader = leaders[0]
+        other = 1 - leader
+        assert statuses[other]["leader"] == statuses[leader]["this"]  # both see the same
+        for _ in range(10):  # and it stays so while both run and renew
+            time.sleep(0.05)
+            assert [_status(p)["leading"] for p in ports].count(True) == 1
+        term = statuses[leader]["term"]
+        proc = children[leader].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to give the lease up
+        killed = time.monotonic()
+        while True:
+            status = _status(ports[other])
+            if status["leading"]:
+                break
+            assert time.monotonic() - killed < 5, status
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert status["term"] == term + 1  # type: ignore[operator]
+        # within the lease (1 s) plus a round (0.1 s), and some slack for a busy machine
+        assert took < 2.5, took
+    finally:
+        for child in children:
+            child.stop()
