@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from controlplane.adapters.redis_store import RedisStore
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, free_port, tcp_ok
 from tests.servers import EchoBackend
@@ -45,3 +46,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.child.stop()
+
+
+@pytest.fixture
+async def store(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> AsyncIterator[RedisStore]:
+    """A store on an empty database of the session's Redis: the test module's `DB`, so that
+    modules do not share data."""
+    s = RedisStore.from_url(redis_server.url(request.module.DB))
+    await s.redis.flushdb()
+    yield s
+    await s.close()

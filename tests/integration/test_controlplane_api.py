@@ -17,7 +17,8 @@ from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
 from mlproxy import keys
-from tests.conftest import RedisServer
+
+DB = 1  # the `store` fixture's database
 
 ADMIN = "admin-token-0123456789"
 READER = "read-token-0123456789"
@@ -29,14 +30,6 @@ def body(**batching: Any) -> dict[str, Any]:
         "backend": {"url": "http://model/v1/models/{model}:predict"},
         "batching": {"max_batch_size": 16, **batching},
     }
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url(db=1))
-    await s.redis.flushdb()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

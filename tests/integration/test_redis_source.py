@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import pytest
@@ -64,14 +64,6 @@ async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> float:
         assert loop.time() - start < timeout, "condition not met in time"
         await asyncio.sleep(0.01)
     return loop.time() - start
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url(DB))
-    await s.redis.flushdb()
-    yield s
-    await s.close()
 
 
 async def test_changes_are_pushed_and_heartbeats_report_them(

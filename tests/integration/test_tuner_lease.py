@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ from tests.conftest import RedisServer
 
 DB = 6
 TOKEN = "lease-test-admin-token-0123456789"
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url(DB))
-    await s.redis.flushdb()
-    yield s
-    await s.close()
 
 
 def _body() -> dict[str, object]:
