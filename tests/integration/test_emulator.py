@@ -162,17 +162,25 @@ async def test_reset_rejects_an_unknown_profile_and_keeps_the_service(
     assert state["profile"] == "flat"
 
 
+async def _one_running_one_waiting(
+    s: aiohttp.ClientSession, url: str
+) -> tuple[asyncio.Task[tuple[int, Any]], asyncio.Task[tuple[int, Any]]]:
+    """On one ResNet pod (~216 ms a request) that will not scale within the test (time scale
+    1, a 60 s stable window): a request running, and one waiting behind it."""
+    await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
+    running = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
+    await asyncio.sleep(0.02)
+    return running, waiting
+
+
 async def test_a_reset_answers_what_was_waiting_with_503_and_lets_running_batches_finish(
     emulator: tuple[str, Emulator],
 ) -> None:
     url, _ = emulator
     async with aiohttp.ClientSession() as s:
-        # one pod, no scaling within the test (time scale 1: a 60 s stable window)
-        await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
-        running = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
-        await asyncio.sleep(0.02)
-        waiting = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
-        await asyncio.sleep(0.02)
+        running, waiting = await _one_running_one_waiting(s, url)
         await _post(s, f"{url}/admin/reset", {"profile": "resnet", "time_scale": 100})
         (ran, ran_body), (waited, waited_body) = await asyncio.gather(running, waiting)
         state = await (await s.get(f"{url}/admin/state")).json()
@@ -186,11 +194,7 @@ async def test_a_client_that_leaves_while_waiting_leaves_the_queue(
 ) -> None:
     url, emu = emulator
     async with aiohttp.ClientSession() as s:
-        await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
-        busy = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
-        await asyncio.sleep(0.02)
-        leaver = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
-        await asyncio.sleep(0.02)
+        busy, leaver = await _one_running_one_waiting(s, url)
         assert (await (await s.get(f"{url}/admin/state")).json())["waiting"] == 1
         leaver.cancel()  # the client closes its connection
         for _ in range(100):
