@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+from types import FrameType
 
 import uvicorn
 
@@ -14,6 +17,11 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
+def _exit_stopped(signum: int, _frame: FrameType | None) -> None:
+    log.info("control plane stopped (%s)", signal.Signals(signum).name)
+    sys.exit(0)
+
+
 def serve(host: str, port: int) -> int:
     try:
         settings = Settings.from_env()
@@ -21,6 +29,13 @@ def serve(host: str, port: int) -> int:
         log.error("control plane cannot start: %s", err)
         return 2
     app = create_app(settings)
+    # uvicorn shuts down gracefully on SIGTERM or SIGINT, then raises the signal again with the
+    # handler it found. With this one the process exits 0 after a stop it was asked for, like
+    # `mlproxy extproc`, whether or not it is PID 1 (a container's PID 1 ignores a re-raised
+    # SIGTERM with the default action, elsewhere the process would die of it); before uvicorn
+    # starts, it exits at once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_stopped)
     uvicorn.run(
         app,
         host=host,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -85,8 +86,21 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
         applied=server.applied_versions,
         on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
     )
-    # Policies first: a replica never takes traffic without the current policies.
-    server.apply_policies(await source.load())
+    # Policies first: a replica never takes traffic without the current policies. While it
+    # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal
+    # without a handler is ignored, and the replica would wait to be killed).
+    loading = asyncio.ensure_future(source.load())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, loading.cancel)
+    try:
+        policies = await loading
+    except asyncio.CancelledError:
+        log.info("signal received while waiting for Redis: stopping before serving")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(source.close(), timeout=3)
+        return
+    server.apply_policies(policies)
     await run(server, grace=args.grace, source=source, drain_delay=args.drain_delay)
 
 
@@ -195,6 +209,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests, concurrency=args.concurrency, port=args.port)
 
 
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {value}")
+    return value
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from mlproxy.healthcheck import main as healthcheck
+
+    return healthcheck(args.grpc, args.http, args.service, args.timeout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -265,6 +291,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--controlplane-port", type=int, default=8080)
     p.add_argument("--model-port", type=int, default=8001, help="demo model port")
 
+    p = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if a gRPC health service answers SERVING, or a URL answers 2xx; else 1",
+        description="A container health check: exit 0 if healthy, else 1 with the reason on "
+        "stderr.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--grpc", metavar="HOST:PORT", help="ask grpc.health.v1.Health/Check; pass on SERVING"
+    )
+    target.add_argument("--http", metavar="URL", type=_http_url, help="GET; pass on 2xx")
+    p.add_argument("--service", default="", help="gRPC health service name (default: server)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)
     p.add_argument("--concurrency", type=int, default=64)
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         "controlplane": cmd_controlplane,
         "policy": cmd_policy,
         "replicas": cmd_replicas,
+        "healthcheck": cmd_healthcheck,
     }
     sys.exit(handlers[args.command](args))
 

