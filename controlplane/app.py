@@ -26,7 +26,7 @@ from fastapi import (
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +43,10 @@ from mlproxy.replica import ReplicaRecord
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+# Each /metrics scrape pings Redis for at most this long (redis-py would otherwise retry a
+# dead connection for several seconds, past a scrape's timeout).
+METRICS_REDIS_CHECK_S = 1.0
 
 NAME = Annotated[
     str, Path(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="policy name")
@@ -137,6 +141,12 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         "mlproxy_cp_policy_writes",
         "Policy changes stored, by operation.",
         ["op"],
+        registry=registry,
+    )
+    redis_up = Gauge(
+        "mlproxy_cp_redis_up",
+        "1 if this control plane reached Redis at its last check (each /metrics scrape and "
+        "each /readyz pings it), else 0.",
         registry=registry,
     )
 
@@ -358,16 +368,28 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    async def redis_reachable(request: Request, within: float | None = None) -> str | None:
+        """None if Redis answers a PING (within `within` seconds), else why not; sets
+        mlproxy_cp_redis_up."""
+        try:
+            async with asyncio.timeout(within):
+                await store_of(request).ping()
+        except (RedisError, TimeoutError) as err:
+            redis_up.set(0)
+            return type(err).__name__
+        redis_up.set(1)
+        return None
+
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        try:
-            await store_of(request).ping()
-        except RedisError as err:
-            return _error(503, f"Redis unreachable: {type(err).__name__}")
+        problem = await redis_reachable(request)
+        if problem is not None:
+            return _error(503, f"Redis unreachable: {problem}")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        await redis_reachable(request, METRICS_REDIS_CHECK_S)
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

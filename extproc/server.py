@@ -95,9 +95,9 @@ class ExtProcServer:
         if self.pool is not None:
             self.pool.update_policies(policies)
         for name in before.keys() - {p.name for p in policies}:
-            self.metrics.policy_version.remove(name)
+            self.metrics.policy_removed(name)
         for p in policies:
-            self.metrics.policy_version.labels(p.name).set(p.version)
+            self.metrics.policy_applied(p)
 
     def applied_versions(self) -> dict[str, int]:
         return {p.name: p.version for p in self.router.policies}

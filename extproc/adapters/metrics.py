@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from mlproxy.policy import Policy
 
 __all__ = ["PrometheusMetrics"]
 
@@ -81,6 +84,19 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+        self.sla_latency = Gauge(
+            "mlproxy_policy_sla_latency_seconds",
+            "SLA latency target of each policy this replica applies (sla.latency_ms / 1000).",
+            ["policy"],
+            registry=r,
+        )
+        self.sla_percentile = Gauge(
+            "mlproxy_policy_sla_percentile",
+            "Share of requests each policy promises within its SLA latency, as a ratio "
+            "(sla.percentile / 100, e.g. 0.95).",
+            ["policy"],
+            registry=r,
+        )
         self.depth = Gauge(
             "mlproxy_queue_depth",
             "Requests waiting in the queue.",
@@ -122,6 +138,24 @@ class PrometheusMetrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def policy_applied(self, policy: Policy) -> None:
+        """Export what this replica applies of `policy`: its version and SLA. Its SLA miss
+        counter and latency histogram start at 0, so that rate() counts the first miss and the
+        first answered request too."""
+        name = policy.name
+        self.policy_version.labels(name).set(policy.version)
+        self.sla_latency.labels(name).set(policy.sla.latency_ms / 1000)
+        self.sla_percentile.labels(name).set(policy.sla.percentile / 100)
+        self.sla_misses.labels(name)
+        self.latency.labels(name)
+
+    def policy_removed(self, name: str) -> None:
+        """The policy was deleted: drop its version and SLA (its counters stay, as Prometheus
+        counters do; requests still queued under it finish and are counted)."""
+        for gauge in (self.policy_version, self.sla_latency, self.sla_percentile):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
 
     def request_arrived(self, policy: str) -> None:
         pass  # counted by request_done, by outcome

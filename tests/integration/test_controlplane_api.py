@@ -17,6 +17,7 @@ from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
 from mlproxy import keys
+from mlproxy.stack import free_port
 
 DB = 1  # the `store` fixture's database
 
@@ -231,8 +232,26 @@ async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -
     await client.get("/v1/policies", headers=auth())
     text = (await client.get("/metrics")).text
     assert 'mlproxy_cp_requests_total{method="GET",route="/v1/policies",status="200"}' in text
+    assert "mlproxy_cp_redis_up 1.0" in text
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/policies/{name}" in spec["paths"]
+
+
+async def test_metrics_say_when_redis_is_unreachable() -> None:
+    """Each scrape pings Redis, for at most a second: a store nobody listens on is 0, and the
+    scrape still answers."""
+    nowhere = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(Settings(redis_url="unused", admin_tokens=(ADMIN,), tuner_interval=0), nowhere)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as c:
+            started = asyncio.get_running_loop().time()
+            r = await c.get("/metrics")
+            assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        await nowhere.close()
+    assert r.status_code == 200
+    assert "mlproxy_cp_redis_up 0.0" in r.text
 
 
 def tuner_stats(rate: float) -> dict[str, Any]:

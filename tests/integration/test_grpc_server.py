@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters import wire
 from extproc.server import ExtProcServer
-from mlproxy.policy import parse_policies
+from mlproxy.policy import SLA, parse_policies
 from tests.servers import EchoBackend
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -210,6 +210,52 @@ async def test_metrics_endpoint(channel: grpc.aio.Channel, server: ExtProcServer
         "mlproxy_active_streams",
     ):
         assert name in text
+
+
+def scrape(server: ExtProcServer) -> dict[str, float]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_policy_sla_gauges_follow_applied_and_deleted_policies(
+    server: ExtProcServer, echo_backend: EchoBackend
+) -> None:
+    """The alerts compare each policy's goodput with its own target: each replica exports the
+    SLA of every policy it applies, and drops it with the policy."""
+    echo = 'policy="echo"'
+    before = await asyncio.to_thread(scrape, server)
+    assert before[f"mlproxy_policy_sla_latency_seconds{{{echo}}}"] == 1.0  # the defaults
+    assert before[f"mlproxy_policy_sla_percentile{{{echo}}}"] == 0.95
+    # the miss counter and the latency histogram exist from the start, so rate() sees a first
+    # miss too
+    assert before[f"mlproxy_sla_misses_total{{{echo}}}"] == 0.0
+    assert before[f"mlproxy_request_latency_seconds_count{{{echo}}}"] == 0.0
+
+    other = policies(echo_backend.url)[0].model_copy(
+        update={"name": "other", "version": 12, "sla": SLA(latency_ms=250, percentile=99.9)}
+    )
+    server.apply_policies([*policies(echo_backend.url), other])
+    both = await asyncio.to_thread(scrape, server)
+    assert both['mlproxy_policy_sla_latency_seconds{policy="other"}'] == 0.25
+    assert both['mlproxy_policy_sla_percentile{policy="other"}'] == pytest.approx(0.999)
+    assert both['mlproxy_policy_version{policy="other"}'] == 12
+    assert both[f"mlproxy_policy_sla_latency_seconds{{{echo}}}"] == 1.0
+
+    server.apply_policies([other])  # echo deleted
+    after = await asyncio.to_thread(scrape, server)
+    for gauge in (
+        "mlproxy_policy_version",
+        "mlproxy_policy_sla_latency_seconds",
+        "mlproxy_policy_sla_percentile",
+    ):
+        assert f"{gauge}{{{echo}}}" not in after
+        assert f'{gauge}{{policy="other"}}' in after
+    assert f"mlproxy_sla_misses_total{{{echo}}}" in after  # counters stay, as counters do
 
 
 async def test_drain_delay_keeps_serving_while_reporting_not_serving(
