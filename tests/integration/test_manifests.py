@@ -1,0 +1,820 @@
+"""The Kubernetes manifests, overlays, the plain Envoy config and the Knative example.
+
+Each kustomization is rendered with a real kustomize (kubectl's), every built-in object is
+validated against the Kubernetes API schema of the pinned versions, custom resources against
+structural schemas (tests/data/crd_schemas.yaml), and the Envoy configuration the overlays
+embed is validated by the real Envoy binary. References between objects (selectors, ports,
+secrets, targets) must resolve, and the NetworkPolicies are evaluated for who reaches what.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from mlproxy.policy import Policy
+from mlproxy.stack import envoy_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+# The Kubernetes versions the manifests are checked against: the oldest we support and the
+# newest the validator knows.
+K8S_VERSIONS = ("1.33.0", "1.37.0")
+OVERLAYS = ("manifests/base", "manifests/overlays/istio", "manifests/overlays/envoy-gateway")
+EXTERNAL_REDIS = "manifests/overlays/test-external-redis"
+NAMESPACE = "mlproxy"
+MIB = 1048576
+
+Obj = dict[str, Any]
+
+CLUSTER_SCOPED = {"Namespace"}
+CRD_SCHEMAS = yaml.safe_load((ROOT / "tests/data/crd_schemas.yaml").read_text())
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found: pip install -e '.[dev]' installs it")
+    return found
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of manifests/ and examples/ with the secret files an operator creates."""
+    root = tmp_path_factory.mktemp("tree")
+    shutil.copytree(ROOT / "manifests", root / "manifests", ignore=_ignore_secrets)
+    shutil.copytree(ROOT / "examples", root / "examples")
+    for name in ("redis-password", "admin-tokens", "read-tokens"):
+        (root / "manifests/base/secrets" / name).write_text(secrets.token_urlsafe(32))
+    # An operator's overlay with the external Redis component, as README.md shows it.
+    external = root / EXTERNAL_REDIS
+    external.mkdir(parents=True)
+    (external / "kustomization.yaml").write_text(
+        "resources: [../../base]\ncomponents: [../../components/external-redis]\n"
+    )
+    return root
+
+
+def _ignore_secrets(directory: str, names: list[str]) -> list[str]:
+    # An operator's own secret files in the working tree must not leak into the test's copy.
+    if directory.endswith("secrets"):
+        return [n for n in names if n not in {"README.md", ".gitignore"}]
+    return []
+
+
+def build(tree: Path, path: str) -> list[Obj]:
+    out = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(tree / path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, f"kustomize {path}: {out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(tree: Path) -> dict[str, list[Obj]]:
+    return {path: build(tree, path) for path in (*OVERLAYS, EXTERNAL_REDIS, "examples/knative")}
+
+
+def key(obj: Obj) -> tuple[str, str, str]:
+    """(kind, name, namespace), generated names without their content hash."""
+    name = obj["metadata"]["name"]
+    if obj["kind"] in {"Secret", "ConfigMap"}:
+        name = re.sub(r"-[a-z0-9]{10}$", "", name)
+    return obj["kind"], name, obj["metadata"].get("namespace", "")
+
+
+def find(objs: list[Obj], kind: str, name: str) -> Obj:
+    hits = [o for o in objs if key(o)[:2] == (kind, name)]
+    assert len(hits) == 1, f"{kind}/{name}: {len(hits)} objects"
+    return hits[0]
+
+
+BASE = {
+    ("Namespace", "mlproxy", ""),
+    ("ServiceAccount", "mlproxy-controlplane", NAMESPACE),
+    ("ServiceAccount", "mlproxy-extproc", NAMESPACE),
+    ("ServiceAccount", "mlproxy-redis", NAMESPACE),
+    ("Secret", "mlproxy-controlplane-tokens", NAMESPACE),
+    ("Secret", "mlproxy-redis", NAMESPACE),
+    ("Service", "mlproxy-controlplane", NAMESPACE),
+    ("Service", "mlproxy-extproc", NAMESPACE),
+    ("Service", "mlproxy-redis", NAMESPACE),
+    ("Deployment", "mlproxy-controlplane", NAMESPACE),
+    ("Deployment", "mlproxy-extproc", NAMESPACE),
+    ("StatefulSet", "mlproxy-redis", NAMESPACE),
+    ("PodDisruptionBudget", "mlproxy-controlplane", NAMESPACE),
+    ("PodDisruptionBudget", "mlproxy-extproc", NAMESPACE),
+    ("HorizontalPodAutoscaler", "mlproxy-extproc", NAMESPACE),
+    ("NetworkPolicy", "mlproxy-default-deny", NAMESPACE),
+    ("NetworkPolicy", "mlproxy-extproc", NAMESPACE),
+    ("NetworkPolicy", "mlproxy-redis", NAMESPACE),
+    ("NetworkPolicy", "mlproxy-controlplane", NAMESPACE),
+}
+MONITORING = {
+    ("ServiceMonitor", "mlproxy-extproc", NAMESPACE),
+    ("ServiceMonitor", "mlproxy-controlplane", NAMESPACE),
+    ("PrometheusRule", "mlproxy", NAMESPACE),
+    ("ConfigMap", "mlproxy-grafana-dashboard", NAMESPACE),
+}
+EXPECTED = {
+    "manifests/base": BASE,
+    "manifests/overlays/istio": BASE
+    | MONITORING
+    | {
+        ("EnvoyFilter", "mlproxy-ext-proc", "istio-system"),
+        ("PeerAuthentication", "mlproxy-extproc", NAMESPACE),
+    },
+    "manifests/overlays/envoy-gateway": BASE
+    | MONITORING
+    | {
+        ("Backend", "mlproxy-extproc", "default"),
+        ("EnvoyExtensionPolicy", "mlproxy-ext-proc", "default"),
+        ("ClientTrafficPolicy", "mlproxy-buffer-limit", "default"),
+    },
+    "examples/knative": {("Namespace", "models", ""), ("Service", "demo-model", "models")},
+    EXTERNAL_REDIS: BASE
+    - {
+        ("StatefulSet", "mlproxy-redis", NAMESPACE),
+        ("Service", "mlproxy-redis", NAMESPACE),
+        ("ServiceAccount", "mlproxy-redis", NAMESPACE),
+        ("NetworkPolicy", "mlproxy-redis", NAMESPACE),
+    },
+}
+
+
+@pytest.mark.parametrize("path", EXPECTED)
+def test_each_kustomization_renders_its_complete_set_of_objects(
+    rendered: dict[str, list[Obj]], path: str
+) -> None:
+    objs = rendered[path]
+    keys = [key(o) for o in objs]
+    assert len(keys) == len(set(keys)), "an object appears twice"
+    assert set(keys) == EXPECTED[path]
+    for obj in objs:
+        namespaced = obj["kind"] not in CLUSTER_SCOPED
+        assert bool(obj["metadata"].get("namespace")) == namespaced, key(obj)
+
+
+def test_secrets_come_from_the_operators_files_not_from_git(tree: Path) -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "manifests/base/secrets"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert sorted(tracked) == [
+        "manifests/base/secrets/.gitignore",
+        "manifests/base/secrets/README.md",
+    ]
+    # Without them kustomize refuses to render, naming the missing file.
+    (tree / "manifests/base/secrets/read-tokens").rename(tree / "read-tokens.moved")
+    try:
+        out = subprocess.run(
+            [_tool("kubectl"), "kustomize", str(tree / "manifests/base")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        (tree / "read-tokens.moved").rename(tree / "manifests/base/secrets/read-tokens")
+    assert out.returncode != 0
+    assert "read-tokens" in out.stderr
+
+
+# ---- schemas ----------------------------------------------------------------------------
+
+
+def crd_schema(obj: Obj) -> Obj | None:
+    kinds: dict[str, Obj] = CRD_SCHEMAS["kinds"]
+    schema = kinds.get(f"{obj['apiVersion']}/{obj['kind']}")
+    if schema is None:
+        return None
+    return {"$defs": CRD_SCHEMAS["$defs"], **schema}
+
+
+def validate(obj: Obj, version: str) -> None:
+    """A built-in kind against the API schema (strict: unknown fields fail); a custom
+    resource against its structural schema; a kind we know nothing of fails."""
+    schema = crd_schema(obj)
+    if schema is not None:
+        jsonschema.validate(obj, schema)
+        if obj["kind"] == "Service" and obj["apiVersion"].startswith("serving.knative.dev"):
+            # Knative's pod spec is a subset of the core one: check its containers as a Pod's.
+            spec = obj["spec"]["template"]["spec"]
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "knative-template"},
+                "spec": {"containers": spec["containers"]},
+            }
+            kubernetes_validate.validate(pod, version, strict=True)
+        return
+    kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", EXPECTED)
+def test_every_object_is_valid_against_its_schema(
+    rendered: dict[str, list[Obj]], path: str, version: str
+) -> None:
+    for obj in rendered[path]:
+        try:
+            validate(obj, version)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as err:
+            pytest.fail(f"{path}: {key(obj)} is invalid for Kubernetes {version}: {err}")
+
+
+def test_the_schema_checks_catch_mistakes(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["manifests/overlays/istio"]
+    deployment = copy.deepcopy(find(objs, "Deployment", "mlproxy-extproc"))
+    deployment["spec"]["replica"] = 3
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment, K8S_VERSIONS[0])
+    envoy_filter = copy.deepcopy(find(objs, "EnvoyFilter", "mlproxy-ext-proc"))
+    envoy_filter["spec"]["configPatches"][0]["patch"]["operation"] = "INSERT_BEFOR"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(envoy_filter, K8S_VERSIONS[0])
+    policy = copy.deepcopy(
+        find(
+            rendered["manifests/overlays/envoy-gateway"], "EnvoyExtensionPolicy", "mlproxy-ext-proc"
+        )
+    )
+    policy["spec"]["extProc"][0]["processingMode"]["request"]["body"] = "Bufferd"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(policy, K8S_VERSIONS[0])
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate(unknown, K8S_VERSIONS[0])
+
+
+# ---- references between objects ---------------------------------------------------------
+
+
+def workloads(objs: list[Obj]) -> Iterator[Obj]:
+    return (o for o in objs if o["kind"] in {"Deployment", "StatefulSet"})
+
+
+def pod_labels(workload: Obj) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        k, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(k) not in values:
+            return False
+        if op == "NotIn" and labels.get(k) in values:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def container_ports(workload: Obj) -> dict[str, int]:
+    return {
+        p["name"]: p["containerPort"]
+        for c in workload["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, EXTERNAL_REDIS])
+def test_references_between_objects_resolve(rendered: dict[str, list[Obj]], path: str) -> None:
+    objs = rendered[path]
+    names = {key(o)[:2]: o for o in objs}
+    secrets_by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    for w in workloads(objs):
+        pod = w["spec"]["template"]["spec"]
+        assert selects(w["spec"]["selector"], pod_labels(w)), key(w)
+        assert ("ServiceAccount", pod["serviceAccountName"]) in names, key(w)
+        for c in pod["containers"]:
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] in secrets_by_name, (key(w), ref)
+                    assert ref["key"] in secrets_by_name[ref["name"]]["data"], (key(w), ref)
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            volumes = {v["name"] for v in pod.get("volumes", [])} | {
+                t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])
+            }
+            assert mounts <= volumes, key(w)
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets_by_name, key(w)
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        backing = [w for w in workloads(objs) if _service_selects(svc, w)]
+        assert len(backing) == 1, f"Service {svc['metadata']['name']} selects {len(backing)}"
+        ports = container_ports(backing[0])
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports, (svc["metadata"]["name"], port)
+    for obj in objs:
+        if obj["kind"] == "PodDisruptionBudget":
+            assert (
+                sum(selects(obj["spec"]["selector"], pod_labels(w)) for w in workloads(objs)) == 1
+            )
+        if obj["kind"] == "HorizontalPodAutoscaler":
+            ref = obj["spec"]["scaleTargetRef"]
+            assert (ref["kind"], ref["name"]) in names
+        if obj["kind"] == "NetworkPolicy" and obj["spec"]["podSelector"]:
+            selected = [
+                w for w in workloads(objs) if selects(obj["spec"]["podSelector"], pod_labels(w))
+            ]
+            assert len(selected) == 1, obj["metadata"]["name"]
+            for rule in obj["spec"].get("ingress", []):
+                for port in rule.get("ports", []):
+                    assert port["port"] in container_ports(selected[0]), obj["metadata"]["name"]
+        if obj["kind"] == "ServiceMonitor":
+            services = [
+                o
+                for o in objs
+                if o["kind"] == "Service"
+                and o["metadata"]["namespace"] == obj["metadata"]["namespace"]
+                and selects(obj["spec"]["selector"], o["metadata"].get("labels", {}))
+            ]
+            assert len(services) == 1, obj["metadata"]["name"]
+            port_names = {p["name"] for p in services[0]["spec"]["ports"]}
+            for endpoint in obj["spec"]["endpoints"]:
+                assert endpoint["port"] in port_names, obj["metadata"]["name"]
+
+
+def _service_selects(svc: Obj, workload: Obj) -> bool:
+    return selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(workload))
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_every_pod_is_hardened_and_bounded(rendered: dict[str, list[Obj]], path: str) -> None:
+    for w in workloads(rendered[path]):
+        pod = w["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False, key(w)
+        assert pod["securityContext"]["runAsNonRoot"] is True, key(w)
+        assert pod["securityContext"]["runAsUser"] > 0, key(w)
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, key(w)
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, key(w)
+            assert sc["readOnlyRootFilesystem"] is True, key(w)
+            assert sc["capabilities"] == {"drop": ["ALL"]}, key(w)
+            for kind in ("requests", "limits"):
+                assert set(c["resources"][kind]) == {"cpu", "memory"}, (key(w), kind)
+            assert "readinessProbe" in c and "livenessProbe" in c, key(w)
+            image = c["image"]
+            assert re.search(r":[0-9][\w.-]*$", image), (
+                f"{key(w)}: image {image} has no version tag"
+            )
+
+
+def test_the_base_runs_what_the_issue_asks(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["manifests/base"]
+    extproc = find(objs, "Deployment", "mlproxy-extproc")
+    cp = find(objs, "Deployment", "mlproxy-controlplane")
+    assert extproc["spec"]["replicas"] == 3
+    assert cp["spec"]["replicas"] == 2
+    container = extproc["spec"]["template"]["spec"]["containers"][0]
+    grpc_port = container_ports(extproc)["grpc"]
+    # Readiness on the gRPC health service, on the port Envoy uses.
+    assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+    assert f"--port={grpc_port}" in container["args"]
+    # Draining fits in the grace period: drain delay + ext_proc's own grace, with room.
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    grace = extproc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert float(flags["drain-delay"]) + float(flags["grace"]) < grace
+    headless = find(objs, "Service", "mlproxy-extproc")
+    assert headless["spec"]["clusterIP"] == "None"
+    hpa = find(objs, "HorizontalPodAutoscaler", "mlproxy-extproc")
+    assert hpa["spec"]["minReplicas"] >= 3
+    assert find(objs, "PodDisruptionBudget", "mlproxy-extproc")["spec"]["maxUnavailable"] == 1
+    # Redis keeps its data on a PersistentVolume, where its append-only file is written.
+    redis = find(objs, "StatefulSet", "mlproxy-redis")
+    rc = redis["spec"]["template"]["spec"]["containers"][0]
+    data_dir = rc["args"][rc["args"].index("--dir") + 1]
+    claim = redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert {"name": claim, "mountPath": data_dir} in rc["volumeMounts"]
+    assert rc["args"][rc["args"].index("--appendonly") + 1] == "yes"
+
+
+def environment(objs: list[Obj], workload: Obj) -> dict[str, str]:
+    """A workload's first container's environment as Kubernetes expands it: in order, each
+    `$(VAR)` replaced by a variable defined above it, secrets decoded."""
+    secrets_by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    env: dict[str, str] = {}
+    for var in workload["spec"]["template"]["spec"]["containers"][0].get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            data = secrets_by_name[ref["name"]]["data"][ref["key"]]
+            env[var["name"]] = base64.b64decode(data).decode()
+        else:
+            env[var["name"]] = f"<{var['name']} from the downward API>"
+    return env
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [("manifests/base", "redis://{host}:6379/0"), (EXTERNAL_REDIS, "rediss://{host}:6380/0")],
+)
+def test_extproc_and_the_controlplane_reach_redis_with_its_password(
+    rendered: dict[str, list[Obj]], tree: Path, path: str, where: str
+) -> None:
+    objs = rendered[path]
+    password = (tree / "manifests/base/secrets/redis-password").read_text()
+    if path == "manifests/base":
+        redis = find(objs, "Service", "mlproxy-redis")
+        assert [p["port"] for p in redis["spec"]["ports"]] == [6379]
+        host = redis["metadata"]["name"]
+    else:
+        host = "redis.example.internal"
+    for name in ("mlproxy-extproc", "mlproxy-controlplane"):
+        url = environment(objs, find(objs, "Deployment", name))["MLPROXY_REDIS_URL"]
+        assert "$(" not in url, f"{name}: {url} has an unexpanded variable"
+        scheme, rest = where.split("://")
+        assert url == f"{scheme}://:{password}@{rest.format(host=host)}", name
+        # What ext_proc and the control plane hand to redis-py.
+        kwargs = Redis.from_url(url).connection_pool.connection_kwargs
+        assert kwargs["password"] == password
+        assert kwargs["host"] == host
+
+
+# ---- NetworkPolicies: who reaches what ---------------------------------------------------
+
+
+def allowed(
+    objs: list[Obj], src_ns: dict[str, str], src: dict[str, str], dst: Obj, port: str
+) -> bool:
+    """Whether a pod (its namespace's labels, its labels) may connect to a workload's named
+    port under the NetworkPolicies of the workload's namespace (ingress only)."""
+    dst_ns = dst["metadata"]["namespace"]
+    policies = [
+        o
+        for o in objs
+        if o["kind"] == "NetworkPolicy"
+        and o["metadata"]["namespace"] == dst_ns
+        and selects(o["spec"]["podSelector"], pod_labels(dst))
+        and "Ingress" in o["spec"]["policyTypes"]
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+                same_ns = src_ns.get("kubernetes.io/metadata.name") == dst_ns
+                ns_ok = selects(ns_sel, src_ns) if ns_sel is not None else same_ns
+                pod_ok = selects(pod_sel, src) if pod_sel is not None else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def ns(name: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name}
+
+
+ISTIO_GATEWAY = (ns("istio-system"), {"istio": "ingressgateway", "app": "istio-ingressgateway"})
+EG_PROXY = (
+    ns("envoy-gateway-system"),
+    {"app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/component": "proxy"},
+)
+LABELLED_GATEWAY = (ns("edge"), {"mlproxy.io/gateway": "true"})
+STRANGER = (ns("default"), {"app": "web"})
+NEIGHBOUR = (ns(NAMESPACE), {"app": "debug"})
+PROMETHEUS = (ns("monitoring"), {"app.kubernetes.io/name": "prometheus"})
+
+GATEWAY_BY_OVERLAY = {
+    "manifests/base": LABELLED_GATEWAY,
+    "manifests/overlays/istio": ISTIO_GATEWAY,
+    "manifests/overlays/envoy-gateway": EG_PROXY,
+}
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_only_the_gateway_reaches_extproc_and_only_mlproxy_reaches_redis(
+    rendered: dict[str, list[Obj]], path: str
+) -> None:
+    objs = rendered[path]
+    extproc = find(objs, "Deployment", "mlproxy-extproc")
+    cp = find(objs, "Deployment", "mlproxy-controlplane")
+    redis = find(objs, "StatefulSet", "mlproxy-redis")
+    own = ns(NAMESPACE)
+    for name, (src_ns, src) in {
+        **{p: g for p, g in GATEWAY_BY_OVERLAY.items()},
+        "stranger": STRANGER,
+        "neighbour": NEIGHBOUR,
+        "prometheus": PROMETHEUS,
+        "controlplane": (own, pod_labels(cp)),
+    }.items():
+        expected = name == path
+        assert allowed(objs, src_ns, src, extproc, "grpc") is expected, (path, name)
+    assert allowed(objs, *PROMETHEUS, extproc, "metrics")
+    assert not allowed(objs, *STRANGER, extproc, "metrics")
+    # Redis: ext_proc and the control plane, nobody else (not even the gateway).
+    assert allowed(objs, own, pod_labels(extproc), redis, "redis")
+    assert allowed(objs, own, pod_labels(cp), redis, "redis")
+    for src_ns, src in (NEIGHBOUR, STRANGER, GATEWAY_BY_OVERLAY[path], PROMETHEUS):
+        assert not allowed(objs, src_ns, src, redis, "redis"), (path, src)
+    # The control plane API: its namespace and Prometheus.
+    assert allowed(objs, *NEIGHBOUR, cp, "http")
+    assert allowed(objs, *PROMETHEUS, cp, "http")
+    assert not allowed(objs, *STRANGER, cp, "http")
+
+
+# ---- Envoy: the filter's settings and the real binary ------------------------------------
+
+FILTER = "envoy.filters.http.ext_proc"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def local_bootstrap() -> Obj:
+    doc: Obj = yaml.safe_load((ROOT / "envoy/local.yaml").read_text())
+    return doc
+
+
+def hcm(bootstrap: Obj) -> Obj:
+    chain = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]
+    config: Obj = chain["filters"][0]["typed_config"]
+    return config
+
+
+def ext_proc_filter(bootstrap: Obj) -> Obj:
+    (found,) = [f for f in hcm(bootstrap)["http_filters"] if f["name"] == FILTER]
+    config: Obj = found["typed_config"]
+    return config
+
+
+def cluster(bootstrap: Obj, name: str) -> Obj:
+    (found,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    config: Obj = found
+    return config
+
+
+def settings(filter_config: Obj) -> Obj:
+    """The ext_proc filter's settings, without the cluster's name."""
+    out = copy.deepcopy(filter_config)
+    out["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    return out
+
+
+def extproc_cluster_settings(c: Obj) -> Obj:
+    """What MLProxy needs of the ext_proc cluster (DESIGN.md section 2)."""
+    return {
+        "http2": c["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]["explicit_http_config"],
+        "circuit_breakers": c["circuit_breakers"],
+    }
+
+
+def envoy_validate(bootstrap: Obj, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    out = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, f"{name}: Envoy rejects it:\n{out.stdout}\n{out.stderr}"
+
+
+def headless_address(objs: list[Obj]) -> tuple[str, int]:
+    svc = find(objs, "Service", "mlproxy-extproc")
+    assert svc["spec"]["clusterIP"] == "None"
+    (port,) = [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    return f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local", port
+
+
+def endpoint_address(c: Obj) -> tuple[str, int]:
+    (lb_endpoint,) = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    socket = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return socket["address"], socket["port_value"]
+
+
+def istio_bootstrap(envoy_filter: Obj) -> Obj:
+    """A bootstrap equivalent to the gateway after Istio applied the EnvoyFilter's patches:
+    a listener whose HTTP filter chain has the inserted filter before the router, the merged
+    listener fields, and the added cluster."""
+    patches = {p["applyTo"]: p for p in envoy_filter["spec"]["configPatches"]}
+    assert set(patches) == {"HTTP_FILTER", "LISTENER", "CLUSTER"}
+    http_filter = patches["HTTP_FILTER"]
+    assert http_filter["match"]["context"] == "GATEWAY"
+    assert http_filter["patch"]["operation"] == "INSERT_BEFORE"
+    sub = http_filter["match"]["listener"]["filterChain"]["filter"]
+    assert sub["name"] == "envoy.filters.network.http_connection_manager"
+    assert sub["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patches["CLUSTER"]["patch"]["operation"] == "ADD"
+    assert patches["LISTENER"]["patch"]["operation"] == "MERGE"
+    bootstrap = local_bootstrap()
+    listener = bootstrap["static_resources"]["listeners"][0]
+    listener.update(patches["LISTENER"]["patch"]["value"])
+    http = hcm(bootstrap)
+    router = http["http_filters"][-1]
+    assert router["name"] == "envoy.filters.http.router"
+    http["http_filters"] = [http_filter["patch"]["value"], router]
+    added = patches["CLUSTER"]["patch"]["value"]
+    # Istio's own clusters stand where local.yaml has its model cluster.
+    bootstrap["static_resources"]["clusters"] = [
+        added,
+        cluster(local_bootstrap(), "model"),
+    ]
+    return bootstrap
+
+
+def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
+    """A bootstrap equivalent to what Envoy Gateway generates from the EnvoyExtensionPolicy,
+    its Backend and the ClientTrafficPolicy (Envoy Gateway's field -> Envoy's field)."""
+    policy = find(objs, "EnvoyExtensionPolicy", "mlproxy-ext-proc")
+    (ext,) = policy["spec"]["extProc"]
+    (ref,) = ext["backendRefs"]
+    backend = find(objs, ref["kind"], ref["name"])
+    (endpoint,) = backend["spec"]["endpoints"]
+    breaker = ext["backendSettings"]["circuitBreaker"]
+    mode = ext["processingMode"]
+    body = {"Buffered": "BUFFERED", "Streamed": "STREAMED", "BufferedPartial": "BUFFERED_PARTIAL"}
+    filter_config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "mlproxy-extproc"}, "timeout": "30s"},
+        "message_timeout": ext["messageTimeout"],
+        "failure_mode_allow": ext["failOpen"],
+        "allow_mode_override": mode["allowModeOverride"],
+        "processing_mode": {
+            # Envoy Gateway: request headers are sent when `request` is present.
+            "request_header_mode": "SEND" if "request" in mode else "SKIP",
+            "response_header_mode": "SEND" if "response" in mode else "SKIP",
+            "request_body_mode": body[mode["request"]["body"]]
+            if "body" in mode.get("request", {})
+            else "NONE",
+            "response_body_mode": body[mode["response"]["body"]]
+            if "body" in mode.get("response", {})
+            else "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    http2 = "gateway.envoyproxy.io/h2c" in backend["spec"].get("appProtocols", [])
+    ext_cluster = {
+        "name": "mlproxy-extproc",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}}
+                if http2
+                else {"http_protocol_options": {}},
+            }
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": breaker["maxConnections"],
+                    "max_pending_requests": breaker["maxPendingRequests"],
+                    "max_requests": breaker["maxParallelRequests"],
+                }
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": "mlproxy-extproc",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": endpoint["fqdn"]["hostname"],
+                                        "port_value": endpoint["fqdn"]["port"],
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    limit = find(objs, "ClientTrafficPolicy", "mlproxy-buffer-limit")["spec"]["connection"]
+    units = {"Ki": 1024, "Mi": MIB, "Gi": 1024 * MIB}
+    number, unit = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi)?", limit["bufferLimit"]).groups()  # type: ignore[union-attr]
+    bootstrap = local_bootstrap()
+    bootstrap["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = int(
+        number
+    ) * units.get(unit or "", 1)
+    http = hcm(bootstrap)
+    http["http_filters"] = [
+        {"name": FILTER, "typed_config": filter_config},
+        http["http_filters"][-1],
+    ]
+    bootstrap["static_resources"]["clusters"] = [ext_cluster, cluster(local_bootstrap(), "model")]
+    return bootstrap
+
+
+def gateway_yaml() -> Obj:
+    doc: Obj = yaml.safe_load((ROOT / "envoy/gateway.yaml").read_text())
+    return doc
+
+
+def test_every_way_of_attaching_the_filter_has_the_reference_settings(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """envoy/local.yaml is the reference (tested end to end); the plain gateway config, the
+    Istio EnvoyFilter and the Envoy Gateway policy must give Envoy the same filter settings,
+    the same ext_proc cluster needs, a 1 MiB buffer, and reach the headless Service."""
+    reference = local_bootstrap()
+    want_filter = settings(ext_proc_filter(reference))
+    want_cluster = extproc_cluster_settings(cluster(reference, "extproc"))
+    address = headless_address(rendered["manifests/base"])
+    istio = find(rendered["manifests/overlays/istio"], "EnvoyFilter", "mlproxy-ext-proc")
+    for name, bootstrap in {
+        "envoy/gateway.yaml": gateway_yaml(),
+        "istio": istio_bootstrap(istio),
+        "envoy-gateway": envoy_gateway_bootstrap(rendered["manifests/overlays/envoy-gateway"]),
+    }.items():
+        config = ext_proc_filter(bootstrap)
+        assert settings(config) == want_filter, name
+        ext_cluster = cluster(bootstrap, config["grpc_service"]["envoy_grpc"]["cluster_name"])
+        assert extproc_cluster_settings(ext_cluster) == want_cluster, name
+        assert ext_cluster["type"] == "STRICT_DNS", name
+        assert endpoint_address(ext_cluster) == address, name
+        listener = bootstrap["static_resources"]["listeners"][0]
+        assert listener["per_connection_buffer_limit_bytes"] == MIB, name
+        # The filter runs before the router.
+        names = [f["name"] for f in hcm(bootstrap)["http_filters"]]
+        assert names == [FILTER, "envoy.filters.http.router"], name
+
+
+def test_the_real_envoy_accepts_every_configuration(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    istio = find(rendered["manifests/overlays/istio"], "EnvoyFilter", "mlproxy-ext-proc")
+    envoy_validate(gateway_yaml(), tmp_path, "gateway")
+    envoy_validate(istio_bootstrap(istio), tmp_path, "istio")
+    envoy_validate(
+        envoy_gateway_bootstrap(rendered["manifests/overlays/envoy-gateway"]), tmp_path, "eg"
+    )
+
+
+def test_envoy_validation_rejects_a_broken_patch(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    istio = copy.deepcopy(
+        find(rendered["manifests/overlays/istio"], "EnvoyFilter", "mlproxy-ext-proc")
+    )
+    (http_filter,) = [p for p in istio["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    http_filter["patch"]["value"]["typed_config"]["processing_mode"]["request_body_mode"] = "BUFFER"
+    with pytest.raises(AssertionError, match="Envoy rejects it"):
+        envoy_validate(istio_bootstrap(istio), tmp_path, "broken")
+
+
+# ---- the Knative example -----------------------------------------------------------------
+
+
+def test_the_knative_example_and_its_policy_fit_together(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["examples/knative"]
+    (ksvc,) = [o for o in objs if o["apiVersion"].startswith("serving.knative.dev")]
+    policy = Policy.model_validate(
+        yaml.safe_load((ROOT / "examples/knative/policy.yaml").read_text())
+    )
+    meta = ksvc["metadata"]
+    host = f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert policy.backend.url.startswith(f"http://{host}/")
+    container = ksvc["spec"]["template"]["spec"]["containers"][0]
+    model = container["args"][container["args"].index("--name") + 1]
+    assert policy.match.path == f"/v1/models/{model}:predict"
+    assert policy.backend.url.endswith(policy.match.path)
+    port = int(container["args"][container["args"].index("--port") + 1])
+    assert container["ports"] == [{"containerPort": port}]
+    # The plain Envoy config sends unbatched traffic to the same service.
+    assert endpoint_address(cluster(gateway_yaml(), "models")) == (host, 80)
