@@ -394,7 +394,9 @@ def test_the_base_runs_what_the_issue_asks(rendered: dict[str, list[Obj]]) -> No
     objs = rendered["manifests/base"]
     extproc = find(objs, "Deployment", "mlproxy-extproc")
     cp = find(objs, "Deployment", "mlproxy-controlplane")
-    assert extproc["spec"]["replicas"] == 3
+    # The HorizontalPodAutoscaler owns ext_proc's count (3 at least); the manifest leaves it
+    # alone, or each `kubectl apply` would reset it.
+    assert "replicas" not in extproc["spec"]
     assert cp["spec"]["replicas"] == 2
     container = extproc["spec"]["template"]["spec"]["containers"][0]
     grpc_port = container_ports(extproc)["grpc"]
@@ -408,7 +410,8 @@ def test_the_base_runs_what_the_issue_asks(rendered: dict[str, list[Obj]]) -> No
     headless = find(objs, "Service", "mlproxy-extproc")
     assert headless["spec"]["clusterIP"] == "None"
     hpa = find(objs, "HorizontalPodAutoscaler", "mlproxy-extproc")
-    assert hpa["spec"]["minReplicas"] >= 3
+    assert hpa["spec"]["minReplicas"] == 3
+    assert hpa["spec"]["scaleTargetRef"]["name"] == extproc["metadata"]["name"]
     assert find(objs, "PodDisruptionBudget", "mlproxy-extproc")["spec"]["maxUnavailable"] == 1
     # Redis keeps its data on a PersistentVolume, where its append-only file is written.
     redis = find(objs, "StatefulSet", "mlproxy-redis")
@@ -659,6 +662,9 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
     backend = find(objs, ref["kind"], ref["name"])
     (endpoint,) = backend["spec"]["endpoints"]
     breaker = ext["backendSettings"]["circuitBreaker"]
+    active = ext["backendSettings"]["healthCheck"]["active"]
+    assert active["type"] == "GRPC"
+    grpc_check = {"service_name": active["grpc"]["service"]} if active["grpc"] else {}
     mode = ext["processingMode"]
     body = {"Buffered": "BUFFERED", "Streamed": "STREAMED", "BufferedPartial": "BUFFERED_PARTIAL"}
     filter_config = {
@@ -705,6 +711,15 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
                 }
             ]
         },
+        "health_checks": [
+            {
+                "timeout": active["timeout"],
+                "interval": active["interval"],
+                "unhealthy_threshold": active["unhealthyThreshold"],
+                "healthy_threshold": active["healthyThreshold"],
+                "grpc_health_check": grpc_check,
+            }
+        ],
         "load_assignment": {
             "cluster_name": "mlproxy-extproc",
             "endpoints": [
@@ -755,6 +770,9 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
     reference = local_bootstrap()
     want_filter = settings(ext_proc_filter(reference))
     want_cluster = extproc_cluster_settings(cluster(reference, "extproc"))
+    # The health check the clusters in Kubernetes add (local.yaml's single replica has none).
+    want_checks = cluster(gateway_yaml(), "mlproxy-extproc")["health_checks"]
+    assert want_checks[0]["grpc_health_check"] == {}
     address = headless_address(rendered["manifests/base"])
     istio = find(rendered["manifests/overlays/istio"], "EnvoyFilter", "mlproxy-ext-proc")
     for name, bootstrap in {
@@ -767,6 +785,7 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
         ext_cluster = cluster(bootstrap, config["grpc_service"]["envoy_grpc"]["cluster_name"])
         assert extproc_cluster_settings(ext_cluster) == want_cluster, name
         assert ext_cluster["type"] == "STRICT_DNS", name
+        assert ext_cluster["health_checks"] == want_checks, name
         assert endpoint_address(ext_cluster) == address, name
         listener = bootstrap["static_resources"]["listeners"][0]
         assert listener["per_connection_buffer_limit_bytes"] == MIB, name
