@@ -308,6 +308,20 @@ def test_dashboard_identity_and_variables(dashboard: dict[str, Any]) -> None:
     assert policy["definition"].startswith("label_values(mlproxy_policy_version")
     assert policy["query"]["query"] == policy["definition"]
     assert policy["multi"] and policy["includeAll"]
+    # One install at a time: two namespaces' replicas are never summed together.
+    namespace = variables["namespace"]
+    assert namespace["definition"].startswith("label_values(mlproxy_policy_version")
+    assert not namespace["multi"] and not namespace["includeAll"]
+    assert 'namespace="$namespace"' in policy["definition"]
+
+
+def test_every_dashboard_query_is_scoped_to_the_chosen_namespace(
+    dashboard: dict[str, Any],
+) -> None:
+    for panel in query_panels(dashboard):
+        for target in panel["targets"]:
+            for name, matchers in selectors(target["expr"]):
+                assert 'namespace="$namespace"' in matchers, (panel["title"], name)
 
 
 def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
@@ -469,7 +483,12 @@ def test_promtool_parses_every_dashboard_expression(
     rules = []
     for p in query_panels(dashboard):
         for t in p["targets"]:
-            expr = t["expr"].replace("$__rate_interval", "5m").replace("$policy", ".*")
+            expr = (
+                t["expr"]
+                .replace("$__rate_interval", "5m")
+                .replace("$policy", ".*")
+                .replace("$namespace", "mlproxy")
+            )
             assert "$" not in expr, expr
             rules.append(
                 {"record": f"dashboard:panel_{p['id']}:{t['refId'].lower()}", "expr": expr}
