@@ -678,22 +678,6 @@ def test_extproc_image_stops_on_sigterm_while_waiting_for_redis(
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_extproc_image_without_a_policy_source_says_so(installed: Installed) -> None:
-    image = installed.images["extproc"]
-    result = subprocess.run(
-        image.which(image.argv),
-        env=image.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert "say where policies come from" in result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
 def test_cp_image_serves_and_stops_on_sigterm(
     installed: Installed, start: Start, redis_server: RedisServer
 ) -> None:
@@ -721,8 +705,15 @@ def test_cp_image_serves_and_stops_on_sigterm(
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_cp_image_without_an_admin_token_refuses_to_start(installed: Installed) -> None:
-    image = installed.images["cp"]
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("extproc", "say where policies come from"), ("cp", "no admin token")],
+)
+def test_an_image_without_its_settings_refuses_to_start_and_says_why(
+    installed: Installed, name: str, why: str
+) -> None:
+    """ext_proc without a policy source, the control plane without an admin token."""
+    image = installed.images[name]
     result = subprocess.run(
         image.which(image.argv),
         env=image.env,
@@ -732,7 +723,7 @@ def test_cp_image_without_an_admin_token_refuses_to_start(installed: Installed) 
         check=False,
     )
     assert result.returncode == 2
-    assert "no admin token" in result.stderr
+    assert why in result.stderr
 
 
 @pytest.mark.slow

@@ -370,26 +370,17 @@ async def test_the_sla_clock_starts_when_the_headers_arrive(
 async def test_a_stalled_event_loop_and_garbage_collection_show_in_the_metrics(
     server: ExtProcServer,
 ) -> None:
-    def scrape() -> dict[str, float]:
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        return {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
-
     count, within = (
         "mlproxy_event_loop_lag_seconds_count",
         ('mlproxy_event_loop_lag_seconds_bucket{le="0.1"}'),
     )
-    before = await asyncio.to_thread(scrape)
+    before = await asyncio.to_thread(scrape, server)
     time.sleep(0.15)  # noqa: ASYNC251 -- the point: block the loop the watcher runs on
     await asyncio.sleep(0.05)
-    after = await asyncio.to_thread(scrape)
+    after = await asyncio.to_thread(scrape, server)
     # one sample at least was over 0.1 s: the count grew more than the <= 0.1 s bucket
     assert after[count] - before[count] > after[within] - before[within]
     gen2 = 'mlproxy_gc_pause_seconds_count{generation="2"}'
     gc.collect()
     await asyncio.sleep(0.05)  # the watcher publishes what the GC callback queued
-    assert (await asyncio.to_thread(scrape))[gen2] > before.get(gen2, 0.0)
+    assert (await asyncio.to_thread(scrape, server))[gen2] > before.get(gen2, 0.0)
