@@ -464,6 +464,13 @@ class Image:
     argv: list[str]
     healthcheck: list[str]
 
+    def healthcheck_on(self, port: int) -> list[str]:
+        """The HEALTHCHECK command for a server started on `port` instead of the default."""
+        default = option(self.argv, "--port")
+        check = [a.replace(f":{default}", f":{port}") for a in self.healthcheck]
+        assert check != self.healthcheck, "the health check does not name the default port"
+        return check
+
     def which(self, argv: list[str]) -> list[str]:
         found = shutil.which(argv[0], path=self.env["PATH"])
         assert found, f"{argv[0]} is not on the image's PATH {self.env['PATH']}"
@@ -643,8 +650,7 @@ def test_extproc_image_serves_with_policies_from_redis_and_stops_on_sigterm(
     before = tree(installed.venv)
     port, metrics = free_port(), free_port()
     argv = with_options(image.argv, host="127.0.0.1", port=str(port), metrics_port=str(metrics))
-    check = [a.replace(":" + option(image.argv, "--port"), f":{port}") for a in image.healthcheck]
-    assert check != image.healthcheck
+    check = image.healthcheck_on(port)
     replica = f"image-test-{secrets.token_hex(4)}"
     url = redis_server.url(DB)
     r = start(image, argv, {"MLPROXY_REDIS_URL": url, "HOSTNAME": replica})
@@ -685,9 +691,7 @@ def test_cp_image_serves_and_stops_on_sigterm(
     before = tree(installed.venv)
     port = free_port()
     argv = with_options(image.argv, host="127.0.0.1", port=str(port))
-    default = option(image.argv, "--port")
-    check = [a.replace(f":{default}/", f":{port}/") for a in image.healthcheck]
-    assert check != image.healthcheck
+    check = image.healthcheck_on(port)
     token = secrets.token_hex(16)
     env = {"MLPROXY_REDIS_URL": redis_server.url(DB), "MLPROXY_ADMIN_TOKENS": token}
     r = start(image, argv, env)

@@ -314,6 +314,9 @@ def test_references_between_objects_resolve(rendered: dict[str, list[Obj]], path
         pod = w["spec"]["template"]["spec"]
         assert selects(w["spec"]["selector"], pod_labels(w)), key(w)
         assert ("ServiceAccount", pod["serviceAccountName"]) in names, key(w)
+        volumes = {v["name"] for v in pod.get("volumes", [])} | {
+            t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])
+        }
         for c in pod["containers"]:
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
@@ -321,9 +324,6 @@ def test_references_between_objects_resolve(rendered: dict[str, list[Obj]], path
                     assert ref["name"] in secrets_by_name, (key(w), ref)
                     assert ref["key"] in secrets_by_name[ref["name"]]["data"], (key(w), ref)
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
-            volumes = {v["name"] for v in pod.get("volumes", [])} | {
-                t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])
-            }
             assert mounts <= volumes, key(w)
         for volume in pod.get("volumes", []):
             if "secret" in volume:
@@ -530,7 +530,7 @@ def test_only_the_gateway_reaches_extproc_and_only_mlproxy_reaches_redis(
     redis = find(objs, "StatefulSet", "mlproxy-redis")
     own = ns(NAMESPACE)
     for name, (src_ns, src) in {
-        **{p: g for p, g in GATEWAY_BY_OVERLAY.items()},
+        **GATEWAY_BY_OVERLAY,
         "stranger": STRANGER,
         "neighbour": NEIGHBOUR,
         "prometheus": PROMETHEUS,
