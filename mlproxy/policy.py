@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,11 +61,15 @@ class Match(_Strict):
 class Backend(_Strict):
     url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://")]
     """Where batches go, e.g. `http://model.default.svc/v1/models/{model}:predict`. May use
-    the variables of the match path."""
+    the variables of the match path in its path only: never in the host, port or query, so
+    clients cannot choose what ext_proc connects to."""
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 5_000
     """Whole batch call, connect to last byte; past it the batch's requests get 504."""
     connect_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1_000
     """Connecting to the backend; past it the batch's requests get 502."""
+    max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
+    """Largest backend answer read, counted after decompression; past it the batch's requests
+    get 502. Bounds ext_proc's memory per batch in flight."""
 
 
 class SLA(_Strict):
@@ -140,7 +145,23 @@ class PolicyBody(_Strict):
 
     @model_validator(mode="after")
     def _url_vars_come_from_path(self) -> PolicyBody:
-        authority = self.backend.url.split("://", 1)[1].split("/", 1)[0]
+        url = self.backend.url
+        rest = url.split("://", 1)[1]
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        path_end = re.search(r"[?#]", rest)
+        outside_path = authority + (rest[path_end.start() :] if path_end else "")
+        if _VAR.search(outside_path) or "{" in authority or "}" in authority:
+            raise ValueError(
+                "backend.url may use match.path's variables only in its path, not in the "
+                "host, port or query: clients must not choose what ext_proc connects to"
+            )
+        try:
+            host = urlsplit(url).hostname
+            urlsplit(url).port  # noqa: B018 (raises on a bad port)
+        except ValueError as err:
+            raise ValueError(f"backend.url has an invalid host or port: {err}") from None
+        if not host:
+            raise ValueError("backend.url has no host")
         if "@" in authority:
             raise ValueError(
                 "backend.url must not carry credentials (they would end up in logs and "

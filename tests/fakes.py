@@ -37,7 +37,13 @@ class FakeBackend:
     gate: asyncio.Event | None = None  # if set, calls wait for it
 
     async def post(
-        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int,
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)
@@ -91,3 +97,26 @@ class RecordingMetrics:
 
     def active_streams(self, delta: int) -> None:
         self.streams += delta
+
+
+@dataclass
+class ScriptedBackend:
+    """A backend whose every answer is what `answer(instances, body)` returns: for the
+    isolation tests, where backends misbehave (echo the batch in an error, redirect, ...)."""
+
+    answer: Any  # Callable[[list[Any], bytes], BackendResponse]
+    calls: list[list[Any]] = field(default_factory=list)
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int,
+    ) -> BackendResponse:
+        instances = json.loads(body)["instances"]
+        self.calls.append(instances)
+        response: BackendResponse = self.answer(instances, body)
+        return response

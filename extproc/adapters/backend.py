@@ -1,21 +1,92 @@
-"""HTTP client for model backends: one keep-alive pool per process, errors mapped to ProxyError."""
+"""HTTP client for model backends: one keep-alive pool per process, errors mapped to ProxyError.
+
+A backend's answer is hostile until checked (DESIGN.md section 7): redirects are never
+followed, the body is read up to the policy's `backend.max_response_bytes` counted after
+decompression (which MLProxy does itself, a bounded step at a time, so a small gzip bomb cannot
+expand in memory), and only header values that are valid and that MLProxy passes on
+(`Content-Type`, `Retry-After`) are kept. Client-facing messages name neither the backend's
+host nor the HTTP library's internals; the operator's log has the URL.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import re
+import zlib
 
 import aiohttp
 
 from extproc.runtime.ports import BackendResponse
 from mlproxy.errors import ErrorKind, ProxyError
 
-__all__ = ["HttpBackend"]
+__all__ = ["HttpBackend", "clean_header_value"]
 
 log = logging.getLogger(__name__)
 
 _LARGE_BODY = 1 << 20
+# Decompressed output produced per step: bounds what one step of a gzip bomb can allocate.
+_INFLATE_STEP = 256 * 1024
+# Visible ASCII and spaces, not starting or ending with a space: what may go into a header.
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_MAX_HEADER_VALUE = 256
+
+
+def clean_header_value(value: str | None) -> str | None:
+    """`value` if it is a short, valid HTTP header value, else None."""
+    if value is None or len(value) > _MAX_HEADER_VALUE or not _HEADER_VALUE.fullmatch(value):
+        return None
+    return value
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Inflater:
+    """Bounded decompression of a gzip or deflate body, a step at a time."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self._raw_deflate_fallback = encoding == "deflate"
+        wbits = 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+        self._z = zlib.decompressobj(wbits)
+        self._limit = limit
+        self._started = False
+        self.out = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except zlib.error:
+            if not self._raw_deflate_fallback or self._started:
+                raise
+            # "deflate" is meant to be zlib-wrapped, but some servers send raw deflate.
+            self._raw_deflate_fallback = False
+            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            room = self._limit - len(self.out)
+            chunk = self._z.decompress(data, max(1, min(_INFLATE_STEP, room + 1)))
+            self._started = self._started or bool(chunk)
+            self.out += chunk
+            if len(self.out) > self._limit:
+                raise _TooLarge
+            data = self._z.unconsumed_tail
+
+    def finish(self) -> bytes:
+        while True:  # what zlib still holds back
+            chunk = self._z.decompress(b"", _INFLATE_STEP)
+            if not chunk:
+                break
+            self.out += chunk
+            if len(self.out) > self._limit:
+                raise _TooLarge
+        if not self._z.eof:
+            raise zlib.error("compressed answer is truncated")
+        return bytes(self.out)
 
 
 class HttpBackend:
@@ -29,12 +100,21 @@ class HttpBackend:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=30)
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                # Decompressed here, bounded: aiohttp's own inflates whole network reads.
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
             )
         return self._session
 
     async def post(
-        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int = 16 * 1024 * 1024,
     ) -> BackendResponse:
         session = self._get_session()
         client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -43,11 +123,31 @@ class HttpBackend:
                 url,
                 # aiohttp warns that large bytes bodies may block the loop; a stream does not.
                 data=io.BytesIO(body) if len(body) > _LARGE_BODY else body,
-                headers={"Content-Type": content_type, "User-Agent": "mlproxy"},
+                headers={
+                    "Content-Type": content_type,
+                    "User-Agent": "mlproxy",
+                    "Accept-Encoding": "gzip, deflate",
+                },
                 timeout=client_timeout,
+                allow_redirects=False,
             ) as resp:
-                data = await resp.read()
-                return BackendResponse(resp.status, data, resp.headers.get("Content-Type", ""))
+                data = await _read_bounded(resp, max_bytes)
+                return BackendResponse(
+                    resp.status,
+                    data,
+                    clean_header_value(resp.headers.get("Content-Type")) or "",
+                    retry_after=clean_header_value(resp.headers.get("Retry-After")),
+                )
+        except _TooLarge as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR,
+                f"backend answer is larger than {max_bytes} bytes "
+                "(policy backend.max_response_bytes)",
+            ) from err
+        except zlib.error as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR, "backend answer is compressed but cannot be decompressed"
+            ) from err
         except aiohttp.ConnectionTimeoutError as err:
             raise ProxyError(
                 ErrorKind.BACKEND_ERROR,
@@ -63,15 +163,55 @@ class HttpBackend:
             raise ProxyError(
                 ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.os_error)}"
             ) from err
-        except aiohttp.ClientError as err:
+        except aiohttp.ClientPayloadError as err:
             raise ProxyError(
-                ErrorKind.BACKEND_ERROR, f"backend failed: {type(err).__name__}"
+                ErrorKind.BACKEND_ERROR, "backend's answer was cut off or malformed"
             ) from err
+        except aiohttp.ServerDisconnectedError as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR, "backend closed the connection without an answer"
+            ) from err
+        except aiohttp.ClientResponseError as err:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR, "backend sent an answer that is not valid HTTP"
+            ) from err
+        except (aiohttp.ClientError, OSError) as err:
+            log.info("backend %s: %s: %s", url, type(err).__name__, err)
+            raise ProxyError(ErrorKind.BACKEND_ERROR, "backend call failed") from err
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, decompressed, or _TooLarge past `max_bytes`."""
+    length = resp.content_length
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        if length is not None and length > max_bytes:
+            raise _TooLarge
+        out = bytearray()
+        async for chunk in resp.content.iter_any():
+            out += chunk
+            if len(out) > max_bytes:
+                raise _TooLarge
+        return bytes(out)
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ProxyError(
+            ErrorKind.BACKEND_ERROR,
+            "backend answered with a Content-Encoding MLProxy cannot read "
+            f"({encoding[:32]!r}); it asks for gzip, deflate or none",
+        )
+    inflater = _Inflater(encoding, max_bytes)
+    raw = 0
+    async for chunk in resp.content.iter_any():
+        raw += len(chunk)
+        if raw > max_bytes:  # compressed data that expands to nothing is bounded too
+            raise _TooLarge
+        inflater.feed(chunk)
+    return inflater.finish()
 
 
 def _reason(err: OSError) -> str:

@@ -31,10 +31,13 @@ class Codec(Protocol):
         ...
 
     def merge(self, items: Sequence[Parsed]) -> bytes:
-        """One backend request body for the batch, in order."""
+        """One backend request body for the batch, in order. Never raises for requests that
+        `parse` accepted: parse refuses what cannot be forwarded faithfully."""
         ...
 
-    def split(self, body: bytes, items: Sequence[Parsed]) -> list[bytes]:
-        """Each request's own response body, in the order of `items`; CodecError if the
-        backend's answer cannot be split (wrong count, not JSON...)."""
+    def split(self, body: bytes, items: Sequence[Parsed]) -> list[bytes | CodecError]:
+        """Each request's own response body, in the order of `items`, built only from its own
+        part of the answer (and metadata that is no client's); a CodecError in place of a
+        part that cannot be forwarded (that request alone fails). Raises CodecError if the
+        answer cannot be split at all (wrong count, not JSON...)."""
         ...

@@ -21,8 +21,8 @@ from extproc.core.batching import BatchQueue, Dispatch, Entry, Rule, Shed, WaitU
 from extproc.core.clock import Clock
 from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
-from extproc.runtime.ports import Backend, Metrics
-from mlproxy.errors import ErrorKind, ProxyError
+from extproc.runtime.ports import Backend, BackendResponse, Metrics
+from mlproxy.errors import ErrorKind, ProxyError, error_body
 from mlproxy.policy import Policy, Route
 
 __all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "rule_for"]
@@ -188,6 +188,7 @@ class BatchExecutor:
                 codec.content_type,
                 policy.backend.timeout_ms / 1000.0,
                 policy.backend.connect_timeout_ms / 1000.0,
+                policy.backend.max_response_bytes,
             )
         except ProxyError as err:
             # The client's message names no backend host; the operator's log does.
@@ -197,34 +198,99 @@ class BatchExecutor:
             )
             return [Reply.from_error(err, size)] * n
         elapsed = self.clock.now() - started
-        if resp.status == 200:
-            try:
-                parts = codec.split(resp.body, items)
-            except CodecError as err:
-                self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
-                log.warning("policy %s: unusable answer from %s: %s", policy.name, url, err)
-                return [Reply.from_error(ProxyError(ErrorKind.BACKEND_ERROR, str(err)), size)] * n
-            self._metrics.batch_done(policy.name, size, n, elapsed, "ok")
-            return [Reply(200, part, batch_size=size) for part in parts]
-        self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{resp.status}")
-        if n > 1 and resp.status in SPLITTABLE_STATUSES:
+        status = resp.status
+        if 200 <= status < 300:
+            return self._split(policy, url, codec, items, resp, size, elapsed)
+        self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{status}")
+        if not 400 <= status < 600:
+            # 1xx, 3xx (redirects are never followed: a redirect to an internal address
+            # would be fetched with the batch) and statuses HTTP does not define.
+            log.warning(
+                "policy %s: backend %s answered HTTP %d, which MLProxy does not follow or "
+                "relay; point backend.url at the final address",
+                policy.name,
+                url,
+                status,
+            )
+            what = "a redirect" if 300 <= status < 400 else "a status MLProxy does not relay"
+            refused = ProxyError(
+                ErrorKind.BACKEND_ERROR,
+                f"backend answered {what} ({status}); MLProxy does not follow redirects",
+            )
+            return [Reply.from_error(refused, size)] * n
+        if n > 1 and status in SPLITTABLE_STATUSES:
             mid = n // 2
             # One half after the other: a backend failing everything gets at most one call
             # at a time from this batch, not a burst.
             left = await self._call(policy, url, codec, items[:mid])
             right = await self._call(policy, url, codec, items[mid:])
             return left + right
-        # A lone request's own error, or a status no single input causes (404, 429, 503...):
-        # the backend's answer is passed through as it is.
-        outcome = "backend_4xx" if resp.status < 500 else "backend_5xx"
+        outcome = "backend_4xx" if status < 500 else "backend_5xx"
+        if n == 1:
+            # The answer to a call that carried this request alone is its own: passed on.
+            return [
+                Reply(
+                    status,
+                    resp.body,
+                    resp.content_type or "application/json",
+                    headers=_retry_after(resp),
+                    outcome=outcome,
+                    batch_size=size,
+                )
+            ]
+        # A status no single input causes (404, 429, 503...) for a batch of several clients:
+        # the backend's body belongs to the batch, so each client gets MLProxy's own error.
         reply = Reply(
-            resp.status,
-            resp.body,
-            resp.content_type or "application/json",
+            status,
+            error_body(
+                f"the model backend answered {status} to the batch this request was in "
+                f"({n} requests); its answer is not passed on because it is the batch's, "
+                "not this request's" + ("; retry later" if status in (429, 503) else "")
+            ),
+            headers=_retry_after(resp) if status in (429, 503) else (),
             outcome=outcome,
             batch_size=size,
         )
         return [reply] * n
+
+    def _split(
+        self,
+        policy: Policy,
+        url: str,
+        codec: Codec,
+        items: Sequence[Parsed],
+        resp: BackendResponse,
+        size: int,
+        elapsed: float,
+    ) -> list[Reply]:
+        """Each request's own part of a successful answer, or MLProxy's 502."""
+        n = len(items)
+        try:
+            parts = codec.split(resp.body, items)
+        except CodecError as err:
+            self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
+            log.warning(
+                "policy %s: unusable answer (HTTP %d) from %s: %s",
+                policy.name,
+                resp.status,
+                url,
+                err,
+            )
+            return [Reply.from_error(ProxyError(ErrorKind.BACKEND_ERROR, str(err)), size)] * n
+        self._metrics.batch_done(policy.name, size, n, elapsed, "ok")
+        replies = []
+        for part in parts:
+            if isinstance(part, CodecError):
+                log.warning("policy %s: part of the answer from %s: %s", policy.name, url, part)
+                error = ProxyError(ErrorKind.BACKEND_ERROR, str(part))
+                replies.append(Reply.from_error(error, size))
+            else:
+                replies.append(Reply(resp.status, part, batch_size=size))
+        return replies
+
+
+def _retry_after(resp: BackendResponse) -> tuple[tuple[str, str], ...]:
+    return (("retry-after", resp.retry_after),) if resp.retry_after is not None else ()
 
 
 class Batcher:

@@ -12,15 +12,23 @@ __all__ = ["Backend", "BackendResponse", "Metrics"]
 class BackendResponse:
     status: int
     body: bytes
-    content_type: str
+    content_type: str  # "" if absent or not a valid header value
+    retry_after: str | None = None  # a valid header value, or None
 
 
 class Backend(Protocol):
     async def post(
-        self, url: str, body: bytes, content_type: str, timeout: float, connect_timeout: float
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int,
     ) -> BackendResponse:
-        """POST one batch. Raises ProxyError (BACKEND_ERROR if unreachable, BACKEND_TIMEOUT
-        past `timeout` seconds); any HTTP status is returned, not raised."""
+        """POST one batch. Raises ProxyError (BACKEND_ERROR if unreachable or if the answer,
+        decompressed, is over `max_bytes`; BACKEND_TIMEOUT past `timeout` seconds); any HTTP
+        status is returned, not raised, and redirects are not followed."""
         ...
 
 

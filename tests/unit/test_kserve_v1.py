@@ -80,3 +80,47 @@ def test_registry() -> None:
     assert get_codec("kserve-v1").name == "kserve-v1"
     with pytest.raises(ValueError, match="unknown codec"):
         get_codec("nope")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"instances": [1e999]}', "not finite"),
+        (b'{"instances": [[1, -1E400]]}', "not finite"),
+        (b'{"instances": [1], "p": 1e999}', "not finite"),
+        (b'{"instances": ["\\ud800"]}', "not valid Unicode"),
+        (b'{"instances": ["ok \\uDC00 no"]}', "not valid Unicode"),
+        (b'{"instances": ["\xed\xa0\x80"]}', "not"),  # a surrogate encoded as raw UTF-8
+        (b'{"instances": [18446744073709551616]}', "beyond 64 bits"),
+        (b'{"instances": [-9223372036854775809]}', "beyond 64 bits"),
+    ],
+)
+def test_what_cannot_be_forwarded_faithfully_is_refused(body: bytes, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        codec.parse(body)
+
+
+def test_64_bit_integers_and_valid_unicode_are_forwarded_exactly() -> None:
+    body = (
+        b'{"instances": [18446744073709551615, -9223372036854775808, "\\ud83d\\ude00 \xc3\xa9",'
+        b" 1e308, -0.0]}"
+    )
+    merged = codec.merge([codec.parse(body)])
+    assert (
+        merged
+        == (
+            '{"instances":[18446744073709551615,-9223372036854775808,"\U0001f600 \u00e9",'
+            "1e+308,-0.0]}"
+        ).encode()
+    )
+
+
+def test_merge_is_the_exact_concatenation() -> None:
+    items = [
+        codec.parse(b'{"b": [1, {"y": 2, "x": 1}], "instances": [[1.5, 2]], "a": "s"}'),
+        codec.parse(b'{"a": "s", "instances": [[3, 4], [5, 6]], "b": [1, {"x": 1, "y": 2}]}'),
+    ]
+    assert items[0].compat == items[1].compat
+    assert codec.merge(items) == (
+        b'{"instances":[[1.5,2],[3,4],[5,6]],"a":"s","b":[1,{"x":1,"y":2}]}'
+    )

@@ -42,6 +42,16 @@ def test_defaults_are_filled_in() -> None:
         ({"backend": {"url": "http://x/{version}"}}, "does not define"),
         ({"backend": {"url": "http://user:pw@x/"}}, "credentials"),
         ({"match": {"path": "/v1/{m}/{m}"}, "backend": {"url": "http://x/"}}, "repeats"),
+        # clients must not choose what ext_proc connects to
+        ({"backend": {"url": "http://{model}/v1/predict"}}, "only in its path"),
+        ({"backend": {"url": "http://{model}.svc:8080/x"}}, "only in its path"),
+        ({"backend": {"url": "http://model:{model}/x"}}, "only in its path"),
+        ({"backend": {"url": "https://model{model}/x"}}, "only in its path"),
+        ({"backend": {"url": "http://model/x?m={model}"}}, "only in its path"),
+        ({"backend": {"url": "http://model/x#{model}"}}, "only in its path"),
+        ({"backend": {"url": "http://model:99999/x"}}, "invalid host or port"),
+        ({"backend": {"url": "http://:8080/x"}}, "no host"),
+        ({"backend": {"url": "http://m/", "max_response_bytes": 10}}, "max_response_bytes"),
     ],
 )
 def test_invalid_policies_name_the_field(change: dict[str, object], field: str) -> None:

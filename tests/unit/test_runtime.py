@@ -243,16 +243,18 @@ def adaptive_policy(**batching: Any) -> Policy:
 
 async def test_adaptive_holds_requests_until_their_deadline_nears() -> None:
     """Seeded with a 100 ms batch time and a 200 ms SLA (20 ms margin), a lone request goes
-    about 80 ms after it arrived, not at once and not after its deadline."""
+    about 80 ms after it arrived, not at once and not after its deadline. What is checked is
+    the timer the batcher armed (a busy machine fires timers late, never early)."""
     h = Harness(adaptive_policy())
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     fut, ticket = h.submit([{"id": "a"}])
-    reply = await asyncio.wait_for(fut, 2)
+    assert ticket.batcher is not None
+    planned = ticket.batcher._timer_at - ticket.arrival
+    assert 0.070 <= planned <= 0.085
+    reply = await asyncio.wait_for(fut, 10)
     assert echoed(reply) == ["a"]
     assert ticket.deadline - ticket.arrival == pytest.approx(0.200)
-    assert 0.070 <= ticket.dispatched_at - ticket.arrival <= 0.085
-    assert loop.time() - start < 0.2
+    assert ticket.dispatched_at is not None
+    assert ticket.dispatched_at - ticket.arrival >= 0.070
 
 
 async def test_a_client_deadline_tightens_never_loosens() -> None:
