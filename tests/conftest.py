@@ -8,12 +8,19 @@ import pytest
 from controlplane.adapters.redis_store import RedisStore
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, free_port, tcp_ok
-from tests.servers import EchoBackend
+from tests.servers import EchoBackend, HostileBackend
 
 
 @pytest.fixture(scope="session")
 def echo_backend() -> Iterator[EchoBackend]:
     server = EchoBackend().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hostile_backend() -> Iterator[HostileBackend]:
+    server = HostileBackend().start()
     yield server
     server.stop()
 

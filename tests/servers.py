@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -79,3 +80,90 @@ class EchoBackend(ThreadedApp):
             await asyncio.sleep(sleep / 1000)
         status, doc = echo_predictions(instances)
         return web.json_response(doc, status=status)
+
+
+class HostileBackend(ThreadedApp):
+    """A model backend that misbehaves on purpose, chosen by the model name in the path
+    (`/v1/models/{model}:predict`):
+
+    - `status-NNN`: answers NNN with the whole request body echoed in its error (and
+      `Retry-After: 7`);
+    - `redirect-NNN`: answers NNN with `Location: /internal/secret`, whose handler counts
+      every request that reaches it;
+    - `gzip-bomb`: 200 with a small gzip body that inflates to `bomb_mib` MiB of spaces;
+    - `huge`: 200 with a valid answer padded to `huge_mib` MiB;
+    - `gzip-echo`, `deflate-echo`, `rawdeflate-echo`: the echo model's answer, compressed;
+    - `brotli`: claims `Content-Encoding: br`;
+    - anything else: the echo model; an instance `{"raw": TEXT}` is answered with TEXT
+      written verbatim into the predictions (for answers Python cannot re-encode).
+    """
+
+    def __init__(self, bomb_mib: int = 200, huge_mib: int = 20) -> None:
+        self.bomb_mib = bomb_mib
+        self.huge_mib = huge_mib
+        self.secret_hits = 0
+        self.calls = 0
+        self._bomb: bytes | None = None
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        app.router.add_route("*", "/internal/secret", self._secret)
+        super().__init__(app)
+
+    def bomb(self) -> bytes:
+        if self._bomb is None:
+            z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            block = b" " * (1 << 20)
+            parts = [z.compress(b'{"predictions": [1]')]
+            parts += [z.compress(block) for _ in range(self.bomb_mib)]
+            parts.append(z.compress(b"}") + z.flush())
+            self._bomb = b"".join(parts)
+        return self._bomb
+
+    async def _secret(self, request: web.Request) -> web.Response:
+        self.secret_hits += 1
+        return web.json_response({"predictions": ["internal-secret"] * 64})
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        model = request.match_info["model"]
+        body = await request.read()
+        if model.startswith("status-"):
+            return web.Response(
+                status=int(model.removeprefix("status-")),
+                body=b'{"error": "echo", "input": ' + body + b"}",
+                content_type="application/json",
+                headers={"Retry-After": "7"},
+            )
+        if model.startswith("redirect-"):
+            return web.Response(
+                status=int(model.removeprefix("redirect-")),
+                headers={"Location": "/internal/secret"},
+            )
+        if model == "gzip-bomb":
+            return web.Response(
+                body=self.bomb(),
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        instances = json.loads(body)["instances"]
+        preds = [
+            i["raw"] if isinstance(i, dict) and "raw" in i else json.dumps({"echo": i})
+            for i in instances
+        ]
+        answer = ('{"predictions": [' + ",".join(preds) + "]").encode()
+        if model == "huge":
+            answer += b', "pad": "' + b"x" * (self.huge_mib << 20) + b'"'
+        answer += b"}"
+        encodings = {
+            "gzip-echo": ("gzip", 16 + zlib.MAX_WBITS),
+            "deflate-echo": ("deflate", zlib.MAX_WBITS),
+            "rawdeflate-echo": ("deflate", -zlib.MAX_WBITS),
+        }
+        headers = {"Content-Type": "application/json"}
+        if model in encodings:
+            name, wbits = encodings[model]
+            z = zlib.compressobj(6, zlib.DEFLATED, wbits)
+            answer = z.compress(answer) + z.flush()
+            headers["Content-Encoding"] = name
+        elif model == "brotli":
+            headers["Content-Encoding"] = "br"
+        return web.Response(body=answer, headers=headers)

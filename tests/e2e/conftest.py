@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mlproxy.stack import Stack, free_port
-from tests.servers import EchoBackend
+from tests.servers import EchoBackend, HostileBackend
 
 
 def echo_policy(name: str, url: str, **overrides: Any) -> dict[str, Any]:
@@ -31,7 +31,11 @@ def echo_policy(name: str, url: str, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def stack(echo_backend: EchoBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    echo_backend: EchoBackend,
+    hostile_backend: HostileBackend,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
     s = Stack(envoy_port=0, run_dir=run_dir)
     closed = f"http://127.0.0.1:{free_port()}"
@@ -54,6 +58,19 @@ def stack(echo_backend: EchoBackend, tmp_path_factory: pytest.TempPathFactory) -
             echo_policy(
                 "hold", echo_backend.url, batching={"max_batch_size": 100, "max_wait_ms": 300}
             ),
+            {
+                # the misbehaving backend: its behaviour is the {model} in the path
+                **echo_policy(
+                    "hostile",
+                    hostile_backend.url,
+                    batching={"max_batch_size": 64, "max_wait_ms": 100},
+                ),
+                "match": {"path": "/v1/hostile/{model}:predict"},
+                "backend": {
+                    "url": f"{hostile_backend.url}/v1/models/{{model}}:predict",
+                    "timeout_ms": 10_000,
+                },
+            },
         ]
     }
     policies = Path(run_dir) / "test-policies.json"

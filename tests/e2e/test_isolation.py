@@ -1,0 +1,126 @@
+"""Issue 12's data-path findings as regressions through the real Envoy: no client gets another
+client's data or fails because of another client's input, whatever the backend does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlproxy.stack import Stack
+from tests.e2e.test_envoy import post
+from tests.servers import HostileBackend
+
+pytestmark = pytest.mark.e2e
+
+POD_MEMORY_LIMIT = 512 << 20  # manifests/base: ext_proc's memory limit
+
+
+def hostile_url(stack: Stack, model: str) -> str:
+    return f"{stack.envoy_url}/v1/hostile/{model}:predict"
+
+
+def echo_url(stack: Stack) -> str:
+    return f"{stack.envoy_url}/v1/models/echo:predict"
+
+
+def peak_rss(stack: Stack) -> int:
+    proc = stack.child("extproc-0").proc
+    assert proc is not None
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("status", [404, 409, 429, 503])
+async def test_a_batch_error_never_hands_one_client_the_others_inputs(
+    stack: Stack, status: int
+) -> None:
+    secrets = [f"secret-{uuid.uuid4().hex}" for _ in range(8)]
+    results = await asyncio.gather(
+        *(post(hostile_url(stack, f"status-{status}"), {"instances": [s]}) for s in secrets)
+    )
+    assert max(int(h.get("x-mlproxy-batch-size", "1")) for _, h, _ in results) > 1
+    for mine, (code, headers, body) in zip(secrets, results, strict=True):
+        assert code == status
+        others = [s for s in secrets if s != mine]
+        assert not any(s.encode() in body for s in others), body[:200]
+        if int(headers["x-mlproxy-batch-size"]) > 1:
+            assert f"answered {status}" in json.loads(body)["error"]
+        if status in (429, 503):
+            assert headers["retry-after"] == "7"
+
+
+async def test_inputs_that_cannot_be_forwarded_fail_alone_under_load(stack: Stack) -> None:
+    hostile = [
+        b'{"instances": [{"id": "h", "v": 1e999}]}',
+        b'{"instances": ["\\ud800"]}',
+        b'{"instances": [[1, 2, 99999999999999999999999]]}',
+        b'{"instances": [{"id": "h", "v": -1E400}]}',
+    ]
+    good = [{"instances": [{"id": f"good-{i}"}]} for i in range(60)]
+    bodies: list[Any] = [*good]
+    for i, h in enumerate(hostile * 5):
+        bodies.insert(i * 4, h)
+    results = await asyncio.gather(*(post(echo_url(stack), b) for b in bodies))
+    for body, (code, _, data) in zip(bodies, results, strict=True):
+        if isinstance(body, bytes):
+            assert code == 400, data
+            message = json.loads(data)["error"]
+            assert "cannot be forwarded" in message or "beyond 64 bits" in message
+        else:
+            assert code == 200, data
+            assert json.loads(data)["predictions"] == [{"echo": body["instances"][0]["id"]}]
+    assert max(int(h.get("x-mlproxy-batch-size", "1")) for _, h, _ in results) > 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_backend_redirects_are_not_followed(
+    stack: Stack, hostile_backend: HostileBackend, status: int
+) -> None:
+    before = hostile_backend.secret_hits
+    results = await asyncio.gather(
+        *(post(hostile_url(stack, f"redirect-{status}"), {"instances": [i]}) for i in range(4))
+    )
+    for code, _, body in results:
+        assert code == 502
+        assert b"internal-secret" not in body
+        assert "does not follow redirects" in json.loads(body)["error"]
+    assert hostile_backend.secret_hits == before
+
+
+async def test_giant_and_compressed_answers_are_refused_within_the_memory_limit(
+    stack: Stack, hostile_backend: HostileBackend
+) -> None:
+    for _ in range(3):
+        for model in ("gzip-bomb", "huge"):
+            results = await asyncio.gather(
+                *(post(hostile_url(stack, model), {"instances": [i]}, 30) for i in range(4))
+            )
+            for code, _, body in results:
+                assert code == 502
+                assert "max_response_bytes" in json.loads(body)["error"]
+    assert peak_rss(stack) < POD_MEMORY_LIMIT, f"ext_proc peaked at {peak_rss(stack)} bytes"
+    # the stack still answers correctly afterwards
+    code, _, body = await post(hostile_url(stack, "gzip-echo"), {"instances": ["after"]})
+    assert code == 200 and json.loads(body) == {"predictions": [{"echo": "after"}]}
+
+
+async def test_a_prediction_that_cannot_be_encoded_fails_only_its_own_client(
+    stack: Stack,
+) -> None:
+    bodies = [
+        {"instances": [{"raw": "1e999"}]},
+        {"instances": ["fine-1"]},
+        {"instances": [{"raw": '"\\udc00"'}]},
+        {"instances": ["fine-2"]},
+    ]
+    results = await asyncio.gather(*(post(hostile_url(stack, "echo"), b) for b in bodies))
+    assert [r[0] for r in results] == [502, 200, 502, 200]
+    assert json.loads(results[1][2]) == {"predictions": [{"echo": "fine-1"}]}
+    assert json.loads(results[3][2]) == {"predictions": [{"echo": "fine-2"}]}
