@@ -94,6 +94,7 @@ class HostileBackend(ThreadedApp):
     - `huge`: 200 with a valid answer padded to `huge_mib` MiB;
     - `gzip-echo`, `deflate-echo`, `rawdeflate-echo`: the echo model's answer, compressed;
     - `brotli`: claims `Content-Encoding: br`;
+    - `wrong-count`: the echo model's answer with one prediction too many;
     - anything else: the echo model; an instance `{"raw": TEXT}` is answered with TEXT
       written verbatim into the predictions (for answers Python cannot re-encode).
     """
@@ -149,6 +150,8 @@ class HostileBackend(ThreadedApp):
             i["raw"] if isinstance(i, dict) and "raw" in i else json.dumps({"echo": i})
             for i in instances
         ]
+        if model == "wrong-count":
+            preds.append('"spurious"')
         answer = ('{"predictions": [' + ",".join(preds) + "]").encode()
         if model == "huge":
             answer += b', "pad": "' + b"x" * (self.huge_mib << 20) + b'"'

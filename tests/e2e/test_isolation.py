@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlproxy.stack import Stack
 from tests.e2e.test_envoy import post
@@ -124,3 +126,77 @@ async def test_a_prediction_that_cannot_be_encoded_fails_only_its_own_client(
     assert [r[0] for r in results] == [502, 200, 502, 200]
     assert json.loads(results[1][2]) == {"predictions": [{"echo": "fine-1"}]}
     assert json.loads(results[3][2]) == {"predictions": [{"echo": "fine-2"}]}
+
+
+BEHAVIOURS = {
+    # backend behaviour (the model name) -> the status a good request gets unbatched
+    "echo": 200,
+    "gzip-echo": 200,
+    "status-400": 400,
+    "status-404": 404,
+    "status-429": 429,
+    "status-500": 500,
+    "status-503": 503,
+    "redirect-302": 502,
+    "redirect-307": 502,
+    "wrong-count": 502,
+    "huge": 502,
+    "gzip-bomb": 502,
+}
+HOSTILE_BODIES = {
+    "non-finite": (b'{"instances": [{"v": 1e999, "id": "%s"}]}', 400),
+    "bad-unicode": (b'{"instances": ["\\ud800 %s"]}', 400),
+    "wrong-shape": (b'{"instances": {"id": "%s"}}', 400),
+    "oversized": (b'{"instances": ["%s", "' + b"x" * 150_000 + b'"]}', 413),
+}
+request_kinds = st.sampled_from(["good", "leaves", *HOSTILE_BODIES])
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    mix=st.lists(
+        st.tuples(st.sampled_from(sorted(BEHAVIOURS)), request_kinds), min_size=2, max_size=24
+    )
+)
+async def test_no_answer_ever_reaches_the_wrong_client(
+    stack: Stack, mix: list[tuple[str, str]]
+) -> None:
+    """Any mix of good and hostile requests (non-finite numbers, bad Unicode, wrong shapes,
+    oversized bodies, clients leaving) against any backend behaviour (each status, redirects,
+    wrong counts, huge or compressed answers): every good request gets exactly its unbatched
+    answer or MLProxy's own error, and no answer carries another request's token."""
+    tokens = [f"tok{uuid.uuid4().hex}" for _ in mix]
+
+    async def send(model: str, kind: str, token: str) -> tuple[int, bytes] | None:
+        url = hostile_url(stack, model)
+        if kind in HOSTILE_BODIES:
+            code, _, body = await post(url, HOSTILE_BODIES[kind][0] % token.encode(), 30)
+            return code, body
+        try:
+            code, _, body = await post(
+                url, {"instances": [{"id": token}]}, 0.02 if kind == "leaves" else 30
+            )
+        except TimeoutError:
+            return None  # the client left before its answer
+        return code, body
+
+    results = await asyncio.gather(*(send(m, k, t) for (m, k), t in zip(mix, tokens, strict=True)))
+    for (model, kind), token, result in zip(mix, tokens, results, strict=True):
+        if result is None:
+            assert kind == "leaves"
+            continue
+        code, body = result
+        others = [t for t in tokens if t != token]
+        assert not any(t.encode() in body for t in others), (model, kind, body[:300])
+        if kind in HOSTILE_BODIES:
+            assert code == HOSTILE_BODIES[kind][1], (kind, body[:200])
+            continue
+        assert code == BEHAVIOURS[model], (model, kind, body[:300])
+        if code == 200:
+            assert json.loads(body) == {"predictions": [{"echo": {"id": token}}]}
+        else:
+            assert "error" in json.loads(body)
