@@ -71,7 +71,8 @@ class ExtProcServicer:
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
             return
-        reply = await self._handle(context, route, headers, msg.end_of_stream)
+        client = client_identity(msg.attributes)
+        reply = await self._handle(context, route, headers, msg.end_of_stream, client)
         if reply is None:
             return
         self._metrics.request_done(route.policy.name, reply[0].outcome, reply[1])
@@ -83,6 +84,7 @@ class ExtProcServicer:
         route: Route,
         headers: dict[str, str],
         end_of_stream: bool,
+        client: str = "",
     ) -> tuple[Reply, float | None, float | None] | None:
         """The reply, its queue wait and its time in ext_proc (None for a request that was
         not queued), or None if the stream ended early."""
@@ -115,7 +117,7 @@ class ExtProcServicer:
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(route, parsed, future, budget, arrival)
+            ticket = self._pool.submit(route, parsed, future, budget, arrival, client)
         except ProxyError as err:
             return Reply.from_error(err), None, None
         except Exception:
@@ -140,6 +142,26 @@ class ExtProcServicer:
         self._metrics.request_answered(policy.name, now - ticket.arrival, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
         return reply, wait, now - ticket.arrival
+
+
+# Envoy request attributes that identify a client (the filter's `request_attributes`).
+PEER_SAN_ATTRIBUTE = "connection.uri_san_peer_certificate"
+SOURCE_ATTRIBUTE = "source.address"
+
+
+def client_identity(attributes: dict[str, str]) -> str:
+    """Who sent a request, for its share of a policy's queue: the URI SAN of its mTLS client
+    certificate if Envoy verified one, else the IP of the downstream address Envoy saw (not
+    the port: one client opens many connections); "" if Envoy sends neither."""
+    san = attributes.get(PEER_SAN_ATTRIBUTE, "")
+    if san:
+        return "san:" + san[:256]
+    address = attributes.get(SOURCE_ATTRIBUTE, "")
+    if address.startswith("["):  # [v6]:port
+        return "ip:" + address[1:].split("]", 1)[0][:64]
+    if address.count(":") == 1:  # v4:port
+        return "ip:" + address.split(":", 1)[0]
+    return "ip:" + address[:64] if address else ""
 
 
 def _budget(value: str | None) -> float | None:

@@ -6,7 +6,9 @@ in plain Python. It is checked byte for byte against the betterproto2 classes in
 tests/unit/test_wire.py, which remain the reference (see DESIGN.md section 2).
 
 Messages (envoy.service.ext_proc.v3):
-  ProcessingRequest  { 2: request_headers HttpHeaders, 4: request_body HttpBody, ... }
+  ProcessingRequest  { 2: request_headers HttpHeaders, 4: request_body HttpBody, ...,
+                       9: attributes map<string, google.protobuf.Struct> }
+  Struct             { 1: fields map<string, Value> };  Value { 3: string_value string, ... }
   HttpHeaders        { 1: headers HeaderMap, 3: end_of_stream bool }
   HeaderMap          { 1: repeated HeaderValue }
   HeaderValue        { 1: key string, 2: value string, 3: raw_value bytes }
@@ -52,6 +54,9 @@ class Message:
 
     kind: str  # "request_headers", "request_body", or "other"
     headers: dict[str, str] = field(default_factory=dict)
+    # Envoy's request attributes that are strings (e.g. "source.address"), whatever the
+    # filter name they are filed under.
+    attributes: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     end_of_stream: bool = False
 
@@ -128,9 +133,34 @@ def _decode_header_map(buf: bytes, pos: int, end: int, out: dict[str, str]) -> N
             out[key] = value or ""
 
 
+def _decode_attributes(buf: bytes, pos: int, end: int, out: dict[str, str]) -> None:
+    """One entry of the attributes map: {1: filter name, 2: Struct}; string values only."""
+    for number, wtype, start, stop in _fields(buf, pos, end):
+        if number != 2 or wtype != _LEN:
+            continue
+        for n2, w2, s2, e2 in _fields(buf, start, stop):  # Struct
+            if n2 != 1 or w2 != _LEN:
+                continue
+            name = None
+            value = None
+            for n3, w3, s3, e3 in _fields(buf, s2, e2):  # Struct.FieldsEntry
+                if w3 != _LEN:
+                    continue
+                if n3 == 1:
+                    name = buf[s3:e3].decode("utf-8", "replace")
+                elif n3 == 2:
+                    for n4, w4, s4, e4 in _fields(buf, s3, e3):  # Value
+                        if n4 == 3 and w4 == _LEN:
+                            value = buf[s4:e4].decode("utf-8", "replace")
+            if name is not None and value is not None:
+                out[name] = value
+
+
 def decode_processing_request(buf: bytes) -> Message:
     """Decode the request-side parts of an ext_proc ProcessingRequest."""
     end = len(buf)
+    msg: Message | None = None
+    attributes: dict[str, str] = {}
     for number, wtype, start, stop in _fields(buf, 0, end):
         if wtype != _LEN:
             continue
@@ -141,18 +171,21 @@ def decode_processing_request(buf: bytes) -> Message:
                     _decode_header_map(buf, s2, e2, msg.headers)
                 elif n2 == 3 and w2 == _VARINT:
                     msg.end_of_stream = bool(s2)
-            return msg
-        if number == 4:  # request_body: HttpBody
+        elif number == 4:  # request_body: HttpBody
             msg = Message("request_body")
             for n2, w2, s2, e2 in _fields(buf, start, stop):
                 if n2 == 1 and w2 == _LEN:
                     msg.body = buf[s2:e2]
                 elif n2 == 2 and w2 == _VARINT:
                     msg.end_of_stream = bool(s2)
-            return msg
-        if number in (3, 5, 6, 7):  # response_headers/body, request/response trailers
-            return Message("other")
-    return Message("other")
+        elif number in (3, 5, 6, 7):  # response_headers/body, request/response trailers
+            msg = Message("other")
+        elif number == 9:  # attributes (after the oneof: fields are written in order)
+            _decode_attributes(buf, start, stop, attributes)
+    if msg is None:
+        return Message("other")
+    msg.attributes = attributes
+    return msg
 
 
 def _varint(value: int) -> bytes:

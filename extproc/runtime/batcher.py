@@ -20,6 +20,7 @@ from extproc.core.aimd import Aimd
 from extproc.core.batching import BatchQueue, Dispatch, Entry, Rule, Shed, WaitUntil
 from extproc.core.clock import Clock
 from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
+from extproc.core.fairness import ClientShares
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
 from extproc.runtime.ports import Backend, BackendResponse, Metrics
 from mlproxy.errors import ErrorKind, ProxyError, error_body
@@ -62,6 +63,7 @@ class Ticket:
     __slots__ = (
         "arrival",
         "batcher",
+        "client",
         "deadline",
         "dispatched_at",
         "entry",
@@ -77,8 +79,10 @@ class Ticket:
         arrival: float,
         deadline: float,
         sla: float,
+        client: str = "",
     ) -> None:
         self.parsed = parsed
+        self.client = client  # who sent it, for its share of the policy's queue
         self.future = future
         self.arrival = arrival
         self.deadline = deadline
@@ -155,6 +159,16 @@ def _queue_full(policy: Policy) -> ProxyError:
         ErrorKind.QUEUE_FULL,
         f"policy {policy.name}: queue is full ({policy.batching.max_queue} requests waiting); "
         "retry later",
+        headers=(("retry-after", "1"),),
+    )
+
+
+def _evicted(policy: Policy) -> ProxyError:
+    return ProxyError(
+        ErrorKind.QUEUE_FULL,
+        f"policy {policy.name}: queue is full ({policy.batching.max_queue} requests waiting) "
+        "and your client holds more of it than any other; this request made room for another "
+        "client's. Send fewer requests at once, or retry later",
         headers=(("retry-after", "1"),),
     )
 
@@ -303,7 +317,7 @@ class Batcher:
         clock: Clock,
         metrics: Metrics,
         on_idle: Callable[[Batcher], None],
-        depth: dict[str, int],
+        shares: ClientShares[Ticket],
         rule: Rule,
     ) -> None:
         self.key = key
@@ -314,7 +328,7 @@ class Batcher:
         self.clock = clock
         self._metrics = metrics
         self._on_idle = on_idle
-        self._depth = depth  # requests queued per policy, shared by all its batchers
+        self._shares = shares  # requests queued per policy and client, for all its batchers
         self._queue: BatchQueue[Ticket] = BatchQueue(rule)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -343,21 +357,35 @@ class Batcher:
             raise _queue_full(self.policy)
         ticket.entry = entry
         ticket.batcher = self
-        self._queued(1)
+        self._shares.add(self.policy.name, ticket.client, ticket)
+        self._metrics.queue_depth(self.policy.name, 1)
         self._pump()
 
     def cancel(self, ticket: Ticket) -> None:
-        if ticket.entry is not None and self._queue.cancel(ticket.entry):
-            self._queued(-1)
+        if self._withdraw(ticket):
             self._metrics.request_done(self.policy.name, "cancelled", None)
-            if self.idle:
-                self._stop_timer()
-                self._on_idle(self)
 
-    def _queued(self, delta: int) -> None:
+    def evict(self, ticket: Ticket, reply: Reply) -> None:
+        """Take a queued request out to make room for another client's: it is answered
+        `reply` (429) at once."""
+        if self._withdraw(ticket) and not ticket.future.done():
+            ticket.future.set_result(reply)
+
+    def _withdraw(self, ticket: Ticket) -> bool:
+        if ticket.entry is None or not self._queue.cancel(ticket.entry):
+            return False
+        self._left([ticket])
+        if self.idle:
+            self._stop_timer()
+            self._on_idle(self)
+        return True
+
+    def _left(self, tickets: Sequence[Ticket]) -> None:
+        """These requests left the queue (sent, shed, withdrawn or failed)."""
         name = self.policy.name
-        self._depth[name] = self._depth.get(name, 0) + delta
-        self._metrics.queue_depth(name, delta)
+        for t in tickets:
+            self._shares.remove(name, t.client, t)
+        self._metrics.queue_depth(name, -len(tickets))
 
     def flush(self) -> None:
         """Shutdown: send everything queued without waiting for batches to fill."""
@@ -387,7 +415,7 @@ class Batcher:
         for entry in list(self._queue.live()):
             ticket: Ticket = entry.item  # type: ignore[assignment]
             if self._queue.cancel(entry):  # type: ignore[arg-type]
-                self._queued(-1)
+                self._left([ticket])
                 if not ticket.future.done():
                     ticket.future.set_result(error)
         self._stop_timer()
@@ -413,7 +441,7 @@ class Batcher:
 
     def _shed(self, shed: Shed[Ticket], now: float) -> None:
         tickets = shed.items
-        self._queued(-len(tickets))
+        self._left(tickets)
         for t in tickets:
             left = (t.deadline - now) * 1000
             error = ProxyError(
@@ -445,7 +473,7 @@ class Batcher:
         tickets = dispatch.items
         for t in tickets:
             t.dispatched_at = now
-        self._queued(-len(tickets))
+        self._left(tickets)
         task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -506,7 +534,7 @@ class BatcherPool:
         self._metrics = metrics
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._draining: set[Batcher] = set()
-        self._depth: dict[str, int] = {}
+        self._shares: ClientShares[Ticket] = ClientShares()
         self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
         self._current: dict[str, Policy] = {}  # by name, as last applied
         self._flushing = False
@@ -534,10 +562,13 @@ class BatcherPool:
         future: asyncio.Future[Reply],
         budget: float | None = None,
         arrival: float | None = None,
+        client: str = "",
     ) -> Ticket:
         """Queue one request. Its deadline is arrival + the policy's SLA latency, or + `budget`
-        seconds if the client asked for less. `arrival` (default: now) is when ext_proc first
-        heard of it (its headers), so the SLA clock also covers the wait for its body. Queues
+        seconds if the client asked for less. `client` identifies the sender for its share of
+        the policy's queue (see extproc/core/fairness.py). `arrival` (default: now) is when
+        ext_proc first heard of it (its headers), so the SLA clock also covers the wait for its
+        body. Queues
         keep submission order for the oldest-first timers of static and aimd, so those may
         fire up to the difference in two requests' body waits late (sub-millisecond
         normally); deadlines are ordered exactly."""
@@ -555,8 +586,15 @@ class BatcherPool:
             # never bring the old one back.
             policy = current
             route = Route(current, route.backend_url)
-        if self._depth.get(policy.name, 0) >= policy.batching.max_queue:
-            raise _queue_full(policy)  # one bound per policy, however many queues it has
+        # One bound per policy, however many queues it has, shared fairly between clients.
+        admission = self._shares.admit(policy.name, client, policy.batching.max_queue)
+        if not admission.admit:
+            raise _queue_full(policy)
+        victim = admission.evict
+        if victim is not None and victim.batcher is not None:
+            # Before this request's batcher is looked up: the victim may be the last request
+            # of that very batcher, which then goes idle and away.
+            victim.batcher.evict(victim, Reply.from_error(_evicted(policy)))
         key = (*route.key, parsed.compat)
         batcher = self._batchers.get(key)
         if batcher is None:
@@ -568,7 +606,7 @@ class BatcherPool:
                 self.clock,
                 self._metrics,
                 self._idle,
-                self._depth,
+                self._shares,
                 self.rule(key, policy),
             )
             self._batchers[key] = batcher
@@ -577,7 +615,7 @@ class BatcherPool:
         now = self.clock.now() if arrival is None else min(arrival, self.clock.now())
         sla = policy.sla.latency_ms / 1000.0
         deadline = now + (sla if budget is None else min(sla, budget))
-        ticket = Ticket(parsed, future, now, deadline, sla)
+        ticket = Ticket(parsed, future, now, deadline, sla, client)
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket

@@ -319,7 +319,7 @@ async def test_a_failing_dispatch_rule_answers_500_and_leaves_nothing_queued() -
     fut, _ = h.submit([{"id": 1}])
     reply = await asyncio.wait_for(fut, 1)
     assert reply.status == 500 and "internal error" in json.loads(reply.body)["error"]
-    assert h.pool._depth == {"echo": 0}
+    assert h.pool._shares.queued("echo") == 0
     assert len(h.pool) == 0
     assert h.backend.calls == []
 

@@ -59,6 +59,37 @@ def test_decodes_request_body_like_the_reference(body: bytes, eos: bool) -> None
     assert (msg.kind, msg.body, msg.end_of_stream) == ("request_body", body, eos)
 
 
+attribute_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    attrs=st.dictionaries(
+        st.sampled_from(["source.address", "connection.uri_san_peer_certificate", "x.y"]),
+        attribute_values,
+        max_size=3,
+    ),
+    other=st.dictionaries(st.sampled_from(["n", "b"]), st.integers(0, 9), max_size=2),
+)
+def test_decodes_string_attributes_like_the_reference(
+    attrs: dict[str, str], other: dict[str, int]
+) -> None:
+    fields = {k: Value(string_value=v) for k, v in attrs.items()}
+    fields.update({k: Value(number_value=float(v)) for k, v in other.items()})
+    raw = bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(headers=[core.HeaderValue(key=":path", raw_value=b"/p")])
+            ),
+            attributes={"envoy.filters.http.ext_proc": Struct(fields=fields)},
+        )
+    )
+    msg = wire.decode_processing_request(raw)
+    assert msg.kind == "request_headers"
+    assert msg.headers == {":path": "/p"}
+    assert msg.attributes == attrs
+
+
 def test_repeated_header_names_are_joined() -> None:
     values = [core.HeaderValue(key="x", raw_value=b"1"), core.HeaderValue(key="x", raw_value=b"2")]
     raw = bytes(
