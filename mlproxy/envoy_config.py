@@ -33,14 +33,18 @@ EXTPROC_HEALTH_CHECK: dict[str, Any] = {
     "grpc_health_check": {"service_name": EXTPROC_SERVICE},
 }
 
-# Passive check: a replica whose streams fail (connection refused or reset count as 5xx) is
-# ejected at once, before the active check has run twice.
+# Passive check. A replica whose connection is refused, times out or is reset is dead or in
+# trouble: ejected at the first such failure, so that once a replica dies only the streams it
+# held fail (or, if it held none, the first one sent to it). Errors it answers (gRPC statuses)
+# are counted apart: three in a row eject it. An ejection lasts 10 s, longer each time again;
+# at most half the replicas are ejected (below 50 % healthy hosts Envoy uses all of them).
 EXTPROC_OUTLIER_DETECTION: dict[str, Any] = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 1,
     "consecutive_5xx": 3,
     "consecutive_gateway_failure": 3,
     "interval": "1s",
     "base_ejection_time": "10s",
-    # Ejecting more than half gains nothing: below 50 % healthy hosts Envoy uses all of them.
     "max_ejection_percent": 50,
 }
 
