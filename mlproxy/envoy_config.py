@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -197,8 +198,8 @@ def local_config(
                             }
                         ]
                     },
-                    "health_checks": [EXTPROC_HEALTH_CHECK],
-                    "outlier_detection": EXTPROC_OUTLIER_DETECTION,
+                    "health_checks": [copy.deepcopy(EXTPROC_HEALTH_CHECK)],
+                    "outlier_detection": copy.deepcopy(EXTPROC_OUTLIER_DETECTION),
                     "load_assignment": _endpoints("extproc", extproc),
                 },
                 {

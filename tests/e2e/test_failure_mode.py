@@ -22,7 +22,7 @@ import yaml
 
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
-from tests.e2e.test_fleet import eventually, post, replica_metric
+from tests.e2e.test_fleet import eventually, kill_under_load, post, replica_metric
 from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
@@ -45,19 +45,22 @@ def policies(echo: EchoBackend) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def envoy_and_replica(
-    echo: EchoBackend, run_dir: Path, fail_open: bool
-) -> Iterator[tuple[Stack, Child]]:
-    """One ext_proc replica behind the generated Envoy config, whose model cluster is the echo
-    backend; yields the stack and the replica."""
+def envoy_and_replicas(
+    echo: EchoBackend, run_dir: Path, fail_open: bool, replicas: int = 1
+) -> Iterator[Stack]:
+    """ext_proc replicas behind the generated Envoy config, whose model cluster is the echo
+    backend."""
     path = run_dir / "policies.json"
     path.write_text(json.dumps(policies(echo)))
-    stack = Stack(envoy_port=0, policies_file=path, run_dir=run_dir, fail_open=fail_open)
+    stack = Stack(
+        envoy_port=0, policies_file=path, run_dir=run_dir, fail_open=fail_open, replicas=replicas
+    )
     try:
-        stack.start_child(stack.extproc_child(0, ["--policies", str(path)]))
+        for i in range(replicas):
+            stack.start_child(stack.extproc_child(i, ["--policies", str(path)]))
         config = local_config(
             listener_port=stack.envoy_port,
-            extproc=[("127.0.0.1", stack.extproc_ports[0])],
+            extproc=[("127.0.0.1", port) for port in stack.extproc_ports],
             model_port=echo.port,
             admin_port=stack.admin_port,
             fail_open=stack.fail_open,
@@ -76,7 +79,7 @@ def envoy_and_replica(
                 ready=lambda: http_ok(f"{stack.envoy_url}/healthz"),
             )
         )
-        yield stack, stack.child("extproc-0")
+        yield stack
     finally:
         stack.stop()
 
@@ -104,13 +107,13 @@ def test_ext_proc_dead(echo_backend: EchoBackend, tmp_path: Path, fail_open: boo
     """Fail-closed: 500 with an empty body from Envoy, and the backend gets nothing.
     Fail-open: the request goes to Envoy's route upstream as the client sent it: one call,
     unbatched (no x-mlproxy-* headers), unvalidated (a body over the policy's limit passes)."""
-    with envoy_and_replica(echo_backend, tmp_path, fail_open) as (stack, replica):
+    with envoy_and_replicas(echo_backend, tmp_path, fail_open) as stack:
         ok = str(uuid.uuid4())
         status, headers, body = post(stack, "echo", {"instances": [{"id": ok}]})
         assert status == 200 and "x-mlproxy-batch-size" in headers, body
         big = {"instances": [{"id": str(uuid.uuid4()), "pad": "x" * (2 * MAX_BODY)}]}
         assert post(stack, "echo", big)[0] == 413  # MLProxy checks the policy's limit
-        kill9(replica)
+        kill9(stack.child("extproc-0"))
         for doc in ({"instances": [{"id": str(uuid.uuid4())}]}, big):
             rid = doc["instances"][0]["id"]
             status, headers, body = post(stack, "echo", doc)
@@ -133,7 +136,7 @@ def test_replica_dies_holding_a_request(
     the backend. Fail-closed: 500, and the backend got the request at most once (the batch
     already sent). Fail-open: the client gets the backend's answer to Envoy's own call, so a
     request whose batch was already sent reaches the backend twice."""
-    with envoy_and_replica(echo_backend, tmp_path, fail_open) as (stack, replica):
+    with envoy_and_replicas(echo_backend, tmp_path, fail_open) as stack:
         rid = str(uuid.uuid4())
         if stage == "queued":
             model, instance = "hold", {"id": rid}
@@ -147,7 +150,7 @@ def test_replica_dies_holding_a_request(
             model, instance = "echo", {"id": rid, "sleep_ms": 1500}
             thread, out = in_background(lambda: post(stack, model, {"instances": [instance]}))
             eventually(lambda: calls_with(echo_backend, rid) == 1, 30, "the batch is sent")
-        kill9(replica)
+        kill9(stack.child("extproc-0"))
         thread.join(60)
         ((status, headers, body),) = out
         calls = calls_with(echo_backend, rid)
@@ -160,3 +163,10 @@ def test_replica_dies_holding_a_request(
         else:
             assert (status, body) == (500, b"")
             assert calls == sent_before
+
+
+def test_one_of_two_replicas_killed(echo_backend: EchoBackend, tmp_path: Path) -> None:
+    """As reported: `mlproxy up --replicas 2`, one replica killed with kill -9. Every second
+    request got Envoy's 500 for the rest of the run; now only those it held (kill_under_load)."""
+    with envoy_and_replicas(echo_backend, tmp_path, fail_open=False, replicas=2) as stack:
+        kill_under_load(stack, 0)
