@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")  # as `mlproxy extproc`
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters import wire
 from extproc.adapters.servicer import SERVICE_NAME
@@ -42,8 +43,12 @@ async def main(port: int) -> None:
             ),
         )
     )
+    # Envoy's health check asks for the ext_proc service, as of a real replica.
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    await checks.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await server.wait_for_termination()
 
 

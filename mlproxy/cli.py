@@ -161,6 +161,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         controlplane_port=args.controlplane_port,
         model_port=args.model_port,
         redis_url=os.environ.get("REDIS_URL"),
+        fail_open=args.fail_open,
     )
     stopping = False
 
@@ -290,6 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--replicas", type=int, default=1, help="ext_proc replicas")
     p.add_argument("--controlplane-port", type=int, default=8080)
     p.add_argument("--model-port", type=int, default=8001, help="demo model port")
+    p.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="when no ext_proc replica answers, Envoy sends requests on to the model itself: "
+        "unbatched, unvalidated, and a request may reach the model twice if a replica dies "
+        "after sending its batch (default: fail closed, the client gets an error)",
+    )
 
     p = sub.add_parser(
         "healthcheck",

@@ -3,13 +3,58 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["EXT_PROC_FILTER", "ext_proc_filter", "local_config"]
+__all__ = [
+    "EXTPROC_HEALTH_CHECK",
+    "EXTPROC_OUTLIER_DETECTION",
+    "EXTPROC_SERVICE",
+    "EXT_PROC_FILTER",
+    "ext_proc_filter",
+    "local_config",
+]
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# The gRPC service ext_proc serves, and reports on in grpc.health.v1 (extproc/server.py).
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _T = "type.googleapis.com/envoy."
+
+# Active check of every replica: a replica that stops answering SERVING (dead, or draining) gets
+# no new streams after `unhealthy_threshold` checks `interval` apart (README: "Envoy: health
+# checks, limits, fail-open"). `no_traffic_interval` keeps the checks this frequent on a cluster
+# that has carried no traffic yet (Envoy's default is 60 s).
+EXTPROC_HEALTH_CHECK: dict[str, Any] = {
+    "timeout": "1s",
+    "interval": "2s",
+    "no_traffic_interval": "2s",
+    "unhealthy_threshold": 2,
+    "healthy_threshold": 1,
+    "grpc_health_check": {"service_name": EXTPROC_SERVICE},
+}
+
+# Passive check. A replica whose connection is refused, times out or is reset is dead or in
+# trouble: ejected at the first such failure, so that once a replica dies only the streams it
+# held fail (or, if it held none, the first one sent to it). Errors it answers (gRPC statuses)
+# are counted apart: three in a row eject it. An ejection lasts 10 s, longer each time again;
+# at most half the replicas are ejected (below 50 % healthy hosts Envoy uses all of them).
+EXTPROC_OUTLIER_DETECTION: dict[str, Any] = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 1,
+    "consecutive_5xx": 3,
+    "consecutive_gateway_failure": 3,
+    "interval": "1s",
+    "base_ejection_time": "10s",
+    "max_ejection_percent": 50,
+}
+
+# Downstream limits (README: "Envoy settings").
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+MAX_CONCURRENT_STREAMS = 100
+# Every held request is one open stream to ext_proc: Envoy's default breaker (1,024) caps them.
+EXTPROC_MAX_REQUESTS = 100_000
+MAX_HEAP_BYTES = 1024 * 1024 * 1024
 
 
 def _addr(host: str, port: int) -> dict[str, Any]:
@@ -23,15 +68,21 @@ def _endpoints(name: str, hosts: Sequence[tuple[str, int]]) -> dict[str, Any]:
     }
 
 
-def ext_proc_filter(cluster: str = "extproc", message_timeout: str = "30s") -> dict[str, Any]:
-    """The ext_proc HTTP filter with the settings MLProxy needs (README: "Envoy settings")."""
+def ext_proc_filter(
+    cluster: str = "extproc", message_timeout: str = "30s", fail_open: bool = False
+) -> dict[str, Any]:
+    """The ext_proc HTTP filter with the settings MLProxy needs (README: "Envoy settings").
+    `fail_open` (failure_mode_allow): when ext_proc is unreachable or its stream fails, Envoy
+    sends the request on to the route's upstream itself: unbatched, unvalidated, and possibly a
+    second time if a replica died after sending its batch (README: "Envoy: health checks,
+    limits, fail-open")."""
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "30s"},
             "message_timeout": message_timeout,
-            "failure_mode_allow": False,
+            "failure_mode_allow": fail_open,
             "allow_mode_override": True,
             "processing_mode": {
                 "request_header_mode": "SEND",
@@ -52,9 +103,11 @@ def local_config(
     admin_port: int = 9901,
     host: str = "127.0.0.1",
     bypass_prefix: str | None = None,
+    fail_open: bool = False,
 ) -> dict[str, Any]:
     """`bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
-    to the model without ext_proc: the benchmark's baseline."""
+    to the model without ext_proc: the benchmark's baseline. `fail_open`: see
+    `ext_proc_filter`."""
     disabled = {
         EXT_PROC_FILTER: {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -82,12 +135,19 @@ def local_config(
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
+        # A client must send its request headers within 10 s (slow clients hold connections).
+        "request_headers_timeout": "10s",
+        "http2_protocol_options": {
+            "max_concurrent_streams": MAX_CONCURRENT_STREAMS,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
         "route_config": {
             "name": "local",
             "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
-            ext_proc_filter(),
+            ext_proc_filter(fail_open=fail_open),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
@@ -95,7 +155,9 @@ def local_config(
         ],
     }
     return {
-        "admin": {"address": _addr(host, admin_port)},
+        # The admin port (health flags in /clusters) stays reachable at the connection limit.
+        "admin": {"address": _addr(host, admin_port), "ignore_global_conn_limit": True},
+        "overload_manager": overload_manager(),
         "static_resources": {
             "listeners": [
                 {
@@ -131,11 +193,13 @@ def local_config(
                             {
                                 "priority": "DEFAULT",
                                 "max_connections": 10000,
-                                "max_pending_requests": 100000,
-                                "max_requests": 100000,
+                                "max_pending_requests": EXTPROC_MAX_REQUESTS,
+                                "max_requests": EXTPROC_MAX_REQUESTS,
                             }
                         ]
                     },
+                    "health_checks": [copy.deepcopy(EXTPROC_HEALTH_CHECK)],
+                    "outlier_detection": copy.deepcopy(EXTPROC_OUTLIER_DETECTION),
                     "load_assignment": _endpoints("extproc", extproc),
                 },
                 {
@@ -147,4 +211,41 @@ def local_config(
                 },
             ],
         },
+    }
+
+
+def overload_manager() -> dict[str, Any]:
+    """Envoy protects itself: at 90 % of its heap budget it returns freed memory to the system,
+    at 95 % it answers new requests with 503 instead of taking them; above
+    MAX_DOWNSTREAM_CONNECTIONS it accepts no new connection (README: "Envoy settings")."""
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": _T + "extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": MAX_HEAP_BYTES,
+                },
+            },
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _T + "extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                },
+            },
+        ],
+        "actions": [
+            {
+                "name": "envoy.overload_actions.shrink_heap",
+                "triggers": [{"name": heap, "threshold": {"value": 0.90}}],
+            },
+            {
+                "name": "envoy.overload_actions.stop_accepting_requests",
+                "triggers": [{"name": heap, "threshold": {"value": 0.95}}],
+            },
+        ],
     }

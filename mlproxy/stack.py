@@ -163,6 +163,8 @@ class Stack:
     controlplane_env: dict[str, str] = field(default_factory=dict)
     seed_demo: bool = True  # create the demo policy (Redis mode)
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
+    # Envoy's failure_mode_allow: ext_proc down -> requests go on unbatched and unvalidated.
+    fail_open: bool = False
     run_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
     extproc_ports: list[int] = field(default_factory=list)
@@ -275,6 +277,7 @@ class Stack:
             admin_port=self.admin_port,
             host=self.host,
             bypass_prefix=self.bypass_prefix,
+            fail_open=self.fail_open,
         )
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))

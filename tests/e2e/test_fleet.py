@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import yaml
 
 from mlproxy.client import ApiError, Client
 from mlproxy.demo import random_inputs
+from mlproxy.envoy_config import EXTPROC_HEALTH_CHECK
 from mlproxy.stack import Stack
 from tests.servers import EchoBackend
 from tests.tcp_proxy import ThreadedTcpProxy
@@ -493,3 +495,111 @@ def test_a_live_mode_change_changes_batch_sizes_without_failed_requests(
     # batching modes are compared with off, not with each other.
     assert mean["static"] > 1.5
     assert mean["adaptive"] > 1.5
+
+
+class PacedTraffic(_Background):
+    """`concurrency` clients through Envoy, each pausing `pause` s between requests, at most
+    `limit` requests in all; records (sent, done, failure or None) of every request."""
+
+    def __init__(
+        self, stack: Stack, concurrency: int = 6, pause: float = 0.05, limit: int = 2000
+    ) -> None:
+        super().__init__()
+        self.url = f"{stack.envoy_url}/v1/models/echo:predict"
+        self.concurrency = concurrency
+        self.pause = pause
+        self.limit = limit
+        self.results: list[tuple[float, float, str | None]] = []
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+            async def worker(w: int) -> None:
+                n = 0
+                while not self._stop.is_set() and len(self.results) < self.limit:
+                    rid, sent, failure = f"p{w}-{n}", time.monotonic(), None
+                    n += 1
+                    try:
+                        async with session.post(self.url, json={"instances": [{"id": rid}]}) as r:
+                            data = await r.read()
+                            if r.status != 200 or json.loads(data) != {
+                                "predictions": [{"echo": rid}]
+                            }:
+                                failure = f"{r.status} {data[:100]!r}"
+                    except (aiohttp.ClientError, TimeoutError) as err:
+                        failure = repr(err)
+                    self.results.append((sent, time.monotonic(), failure))
+                    await asyncio.sleep(self.pause)
+
+            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
+
+    def sent_after(self, t: float) -> int:
+        return sum(1 for sent, _, _ in list(self.results) if sent > t)
+
+
+def extproc_health(stack: Stack) -> dict[int, str]:
+    """Envoy's health flags of each ext_proc replica (by index), from its admin /clusters."""
+    url = f"http://127.0.0.1:{stack.admin_port}/clusters"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    flags = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if parts[0] == "extproc" and parts[2:3] == ["health_flags"]:
+            flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
+    return {i: flags[port] for i, port in enumerate(stack.extproc_ports)}
+
+
+def seconds(duration: str) -> float:
+    assert duration.endswith("s")
+    return float(duration[:-1])
+
+
+def kill_under_load(stack: Stack, victim: int) -> None:
+    """kill -9 of replica `victim` while PacedTraffic runs through Envoy, then checks: the
+    requests it held fail (Envoy's 500 with an empty body for each stream it loses), at most
+    one per client; Envoy's outlier detection ejects it at its first failed stream, its active
+    health check marks it down at the latest after `interval` x `unhealthy_threshold` +
+    `timeout` (5 s): every request sent after that succeeds. Prints what it counted."""
+    check = EXTPROC_HEALTH_CHECK
+    notice = seconds(check["interval"]) * check["unhealthy_threshold"] + seconds(check["timeout"])
+    eventually(
+        lambda: set(extproc_health(stack).values()) == {"healthy"}, 30, "every replica healthy"
+    )
+    child = stack.child(f"extproc-{victim}")
+    assert child.proc is not None
+    with PacedTraffic(stack) as traffic:
+        eventually(lambda: len(traffic.results) >= 100, 30, "steady load")
+        in_flight = replica_metric(stack, victim, "mlproxy_active_streams")
+        os.kill(child.proc.pid, signal.SIGKILL)
+        child.proc.wait(30)
+        dead_at = time.monotonic()
+        eventually(lambda: traffic.sent_after(dead_at + notice) >= 100, 60, "load after")
+    flags = extproc_health(stack)
+    failed = [(sent - dead_at, failure) for sent, _, failure in traffic.results if failure]
+    print(
+        f"kill -9 of 1 of {stack.replicas} replicas: {len(traffic.results)} requests, "
+        f"{len(failed)} failed (the replica reported {in_flight} open streams just before; "
+        f"{traffic.concurrency} clients); failures sent at (s from death): "
+        f"{[round(t, 3) for t, _ in failed[:20]]}; Envoy's flags for it then: {flags[victim]}"
+    )
+    # At most the requests in flight at the kill: each client has at most one.
+    assert len(failed) <= traffic.concurrency, failed
+    assert all(failure == "500 b''" for _, failure in failed), failed
+    # None once Envoy noticed.
+    assert all(t < notice for t, _ in failed), failed
+    assert "failed_active_hc" in flags[victim] or "failed_outlier_check" in flags[victim]
+    assert all(f == "healthy" for i, f in flags.items() if i != victim), flags
+
+
+def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight(
+    fleet: Stack, api: Client, echo_backend: EchoBackend
+) -> None:
+    """kill -9 of one of three replicas under steady load (see kill_under_load). Without
+    health check and outlier detection a third of all requests failed until the end."""
+    rolled_out(api, "echo", echo_policy(echo_backend))
+    try:
+        kill_under_load(fleet, 1)
+    finally:
+        fleet.restart("extproc-1")
+    # The restarted replica is taken back: healthy again once its ejection time is over.
+    eventually(lambda: set(extproc_health(fleet).values()) == {"healthy"}, 60, "replica taken back")

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -127,6 +128,7 @@ def assert_batched_demo_answer(port: int) -> None:
 def test_up_serves_and_ctrl_c_stops_every_child() -> None:
     port = free_port()
     with running_up(port) as (proc, kids):
+        assert failure_mode_allow(envoy_config_of(kids)) is False  # fail closed by default
         assert_batched_demo_answer(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
@@ -170,6 +172,35 @@ def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
         return
     # model, ext_proc, envoy: no Redis nor control plane with a policy file
     with running_up(port, *example, expected_children=3) as (proc, _):
+        assert_batched_demo_answer(port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def envoy_config_of(kids: list[int]) -> dict[str, Any]:
+    """The config file the running Envoy among `kids` was started with."""
+    for kid in kids:
+        argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\x00")
+        if Path(argv[0]).name == "envoy":
+            config: dict[str, Any] = yaml.safe_load(Path(argv[argv.index("-c") + 1]).read_text())
+            return config
+    raise AssertionError("no Envoy among the children")
+
+
+def failure_mode_allow(config: dict[str, Any]) -> bool:
+    (chain,) = config["static_resources"]["listeners"][0]["filter_chains"]
+    http = chain["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in http["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    return bool(ext_proc["typed_config"]["failure_mode_allow"])
+
+
+def test_up_fail_open_runs_envoy_with_failure_mode_allow() -> None:
+    """`mlproxy up --fail-open`: Envoy's ext_proc filter gets failure_mode_allow (what that does
+    is tested in test_failure_mode.py); requests are batched as usual while ext_proc is up."""
+    port = free_port()
+    args = ("--controlplane-port", str(free_port()), "--model-port", str(free_port()))
+    with running_up(port, *args, "--fail-open") as (proc, kids):
+        assert failure_mode_allow(envoy_config_of(kids)) is True
         assert_batched_demo_answer(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0

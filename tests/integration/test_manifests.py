@@ -26,6 +26,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
+from extproc.adapters.servicer import SERVICE_NAME
 from mlproxy.policy import Policy
 from mlproxy.stack import envoy_binary
 
@@ -564,7 +565,10 @@ def local_bootstrap() -> Obj:
 
 def hcm(bootstrap: Obj) -> Obj:
     chain = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]
-    config: Obj = chain["filters"][0]["typed_config"]
+    (found,) = [
+        f for f in chain["filters"] if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+    config: Obj = found["typed_config"]
     return config
 
 
@@ -588,13 +592,31 @@ def settings(filter_config: Obj) -> Obj:
 
 
 def extproc_cluster_settings(c: Obj) -> Obj:
-    """What MLProxy needs of the ext_proc cluster (DESIGN.md section 2)."""
+    """What MLProxy needs of the ext_proc cluster (DESIGN.md section 2), and how Envoy notices
+    a dead or draining replica (README: "Envoy: health checks, limits, fail-open")."""
     return {
         "http2": c["typed_extension_protocol_options"][
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
         ]["explicit_http_config"],
         "circuit_breakers": c["circuit_breakers"],
+        "health_checks": c["health_checks"],
+        "outlier_detection": c["outlier_detection"],
     }
+
+
+def downstream_limits(bootstrap: Obj) -> Obj:
+    """The HTTP connection manager's limits on clients (absent ones as None)."""
+    http = hcm(bootstrap)
+    return {k: http.get(k) for k in ("request_headers_timeout", "http2_protocol_options")}
+
+
+def deep_merge(into: Obj, value: Obj) -> None:
+    """Istio's MERGE of a patch into a config (messages merge field by field)."""
+    for k, v in value.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def envoy_validate(bootstrap: Obj, tmp_path: Path, name: str) -> None:
@@ -628,7 +650,7 @@ def istio_bootstrap(envoy_filter: Obj) -> Obj:
     a listener whose HTTP filter chain has the inserted filter before the router, the merged
     listener fields, and the added cluster."""
     patches = {p["applyTo"]: p for p in envoy_filter["spec"]["configPatches"]}
-    assert set(patches) == {"HTTP_FILTER", "LISTENER", "CLUSTER"}
+    assert set(patches) == {"HTTP_FILTER", "LISTENER", "NETWORK_FILTER", "CLUSTER"}
     http_filter = patches["HTTP_FILTER"]
     assert http_filter["match"]["context"] == "GATEWAY"
     assert http_filter["patch"]["operation"] == "INSERT_BEFORE"
@@ -637,10 +659,23 @@ def istio_bootstrap(envoy_filter: Obj) -> Obj:
     assert sub["subFilter"]["name"] == "envoy.filters.http.router"
     assert patches["CLUSTER"]["patch"]["operation"] == "ADD"
     assert patches["LISTENER"]["patch"]["operation"] == "MERGE"
+    network = patches["NETWORK_FILTER"]
+    assert network["match"]["context"] == "GATEWAY"
+    assert network["patch"]["operation"] == "MERGE"
+    assert network["match"]["listener"]["filterChain"]["filter"] == {
+        "name": "envoy.filters.network.http_connection_manager"
+    }
     bootstrap = local_bootstrap()
+    # Istio writes the gateway's bootstrap; an EnvoyFilter cannot add an overload manager.
+    del bootstrap["overload_manager"]
     listener = bootstrap["static_resources"]["listeners"][0]
     listener.update(patches["LISTENER"]["patch"]["value"])
+    # The gateway's own connection manager, before the patch.
     http = hcm(bootstrap)
+    for key in ("request_headers_timeout", "http2_protocol_options"):
+        del http[key]
+    assert network["patch"]["value"]["typed_config"]["@type"] == http["@type"]
+    deep_merge(listener["filter_chains"][0]["filters"][0], network["patch"]["value"])
     router = http["http_filters"][-1]
     assert router["name"] == "envoy.filters.http.router"
     http["http_filters"] = [http_filter["patch"]["value"], router]
@@ -663,6 +698,7 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
     (endpoint,) = backend["spec"]["endpoints"]
     breaker = ext["backendSettings"]["circuitBreaker"]
     active = ext["backendSettings"]["healthCheck"]["active"]
+    passive = ext["backendSettings"]["healthCheck"]["passive"]
     assert active["type"] == "GRPC"
     grpc_check = {"service_name": active["grpc"]["service"]} if active["grpc"] else {}
     mode = ext["processingMode"]
@@ -720,6 +756,15 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
                 "grpc_health_check": grpc_check,
             }
         ],
+        "outlier_detection": {
+            "split_external_local_origin_errors": passive["splitExternalLocalOriginErrors"],
+            "consecutive_local_origin_failure": passive["consecutiveLocalOriginFailures"],
+            "consecutive_5xx": passive["consecutive5XxErrors"],
+            "consecutive_gateway_failure": passive["consecutiveGatewayErrors"],
+            "interval": passive["interval"],
+            "base_ejection_time": passive["baseEjectionTime"],
+            "max_ejection_percent": passive["maxEjectionPercent"],
+        },
         "load_assignment": {
             "cluster_name": "mlproxy-extproc",
             "endpoints": [
@@ -740,20 +785,47 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
             ],
         },
     }
-    limit = find(objs, "ClientTrafficPolicy", "mlproxy-buffer-limit")["spec"]["connection"]
-    units = {"Ki": 1024, "Mi": MIB, "Gi": 1024 * MIB}
-    number, unit = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi)?", limit["bufferLimit"]).groups()  # type: ignore[union-attr]
+    client = find(objs, "ClientTrafficPolicy", "mlproxy-buffer-limit")["spec"]
+    limit = client["connection"]
     bootstrap = local_bootstrap()
-    bootstrap["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = int(
-        number
-    ) * units.get(unit or "", 1)
+    # Envoy Gateway writes the bootstrap; the policies add no overload manager, and there is
+    # no field for request_headers_timeout.
+    del bootstrap["overload_manager"]
+    listener = bootstrap["static_resources"]["listeners"][0]
+    listener["per_connection_buffer_limit_bytes"] = quantity(limit["bufferLimit"])
+    # connectionLimit: Envoy's connection_limit filter, first on the listener.
+    listener["filter_chains"][0]["filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.network.connection_limit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                "connection_limit.v3.ConnectionLimit",
+                "stat_prefix": "eg",
+                "max_connections": limit["connectionLimit"]["value"],
+            },
+        },
+    )
     http = hcm(bootstrap)
+    del http["request_headers_timeout"]
+    http2 = client["http2"]
+    http["http2_protocol_options"] = {
+        "max_concurrent_streams": http2["maxConcurrentStreams"],
+        "initial_stream_window_size": quantity(http2["initialStreamWindowSize"]),
+        "initial_connection_window_size": quantity(http2["initialConnectionWindowSize"]),
+    }
     http["http_filters"] = [
         {"name": FILTER, "typed_config": filter_config},
         http["http_filters"][-1],
     ]
     bootstrap["static_resources"]["clusters"] = [ext_cluster, cluster(local_bootstrap(), "model")]
     return bootstrap
+
+
+def quantity(value: str) -> int:
+    units = {"Ki": 1024, "Mi": MIB, "Gi": 1024 * MIB}
+    number, unit = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * units.get(unit or "", 1)
 
 
 def gateway_yaml() -> Obj:
@@ -766,13 +838,13 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
 ) -> None:
     """envoy/local.yaml is the reference (tested end to end); the plain gateway config, the
     Istio EnvoyFilter and the Envoy Gateway policy must give Envoy the same filter settings,
-    the same ext_proc cluster needs, a 1 MiB buffer, and reach the headless Service."""
+    the same ext_proc cluster (breakers, health check, outlier detection), the same limits on
+    clients where they can set them, a 1 MiB buffer, and reach the headless Service."""
     reference = local_bootstrap()
     want_filter = settings(ext_proc_filter(reference))
     want_cluster = extproc_cluster_settings(cluster(reference, "extproc"))
-    # The health check the clusters in Kubernetes add (local.yaml's single replica has none).
-    want_checks = cluster(gateway_yaml(), "mlproxy-extproc")["health_checks"]
-    assert want_checks[0]["grpc_health_check"] == {}
+    want_limits = downstream_limits(reference)
+    want_connections = reference["overload_manager"]["resource_monitors"][1]["typed_config"]
     address = headless_address(rendered["manifests/base"])
     istio = find(rendered["manifests/overlays/istio"], "EnvoyFilter", "mlproxy-ext-proc")
     for name, bootstrap in {
@@ -783,15 +855,71 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
         config = ext_proc_filter(bootstrap)
         assert settings(config) == want_filter, name
         ext_cluster = cluster(bootstrap, config["grpc_service"]["envoy_grpc"]["cluster_name"])
-        assert extproc_cluster_settings(ext_cluster) == want_cluster, name
+        got = extproc_cluster_settings(ext_cluster)
+        if name == "envoy-gateway":
+            # Envoy Gateway has no field for it: until the cluster carries its first request,
+            # Envoy checks every 60 s instead of 2 s.
+            (check,) = copy.deepcopy(want_cluster["health_checks"])
+            del check["no_traffic_interval"]
+            assert got == {**want_cluster, "health_checks": [check]}, name
+        else:
+            assert got == want_cluster, name
         assert ext_cluster["type"] == "STRICT_DNS", name
-        assert ext_cluster["health_checks"] == want_checks, name
         assert endpoint_address(ext_cluster) == address, name
         listener = bootstrap["static_resources"]["listeners"][0]
         assert listener["per_connection_buffer_limit_bytes"] == MIB, name
+        limits = downstream_limits(bootstrap)
+        if name == "envoy-gateway":
+            # Not settable there (README: "Envoy: health checks, limits, fail-open").
+            assert limits == {**want_limits, "request_headers_timeout": None}, name
+            (connection_limit,) = [
+                f
+                for f in listener["filter_chains"][0]["filters"]
+                if f["name"] == "envoy.filters.network.connection_limit"
+            ]
+            assert (
+                connection_limit["typed_config"]["max_connections"]
+                == want_connections["max_active_downstream_connections"]
+            )
+        else:
+            assert limits == want_limits, name
+        if name == "envoy/gateway.yaml":
+            assert bootstrap["overload_manager"] == reference["overload_manager"]
+            assert bootstrap["admin"]["ignore_global_conn_limit"] is True
         # The filter runs before the router.
         names = [f["name"] for f in hcm(bootstrap)["http_filters"]]
         assert names == [FILTER, "envoy.filters.http.router"], name
+
+
+def test_the_limits_fit_together() -> None:
+    """The health check asks for the service ext_proc reports on; every client connection
+    Envoy admits can hold a request without tripping the ext_proc cluster's breaker (an
+    HTTP/1.1 connection carries one at a time); the heap actions come in order."""
+    reference = local_bootstrap()
+    ext_cluster = cluster(reference, "extproc")
+    (check,) = ext_cluster["health_checks"]
+    assert check["grpc_health_check"] == {"service_name": SERVICE_NAME}
+    # Noticed before a draining replica stops taking streams (`--drain-delay`, 5-10 s).
+    notice = int(check["interval"].rstrip("s")) * check["unhealthy_threshold"] + int(
+        check["timeout"].rstrip("s")
+    )
+    assert notice <= 5
+    (breaker,) = ext_cluster["circuit_breakers"]["thresholds"]
+    monitors = {
+        m["name"]: m["typed_config"] for m in reference["overload_manager"]["resource_monitors"]
+    }
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] <= breaker["max_requests"]
+    assert breaker["max_pending_requests"] == breaker["max_requests"]
+    actions = {
+        a["name"]: a["triggers"][0]["threshold"]["value"]
+        for a in reference["overload_manager"]["actions"]
+    }
+    assert (
+        actions["envoy.overload_actions.shrink_heap"]
+        < actions["envoy.overload_actions.stop_accepting_requests"]
+        < 1
+    )
 
 
 def test_the_real_envoy_accepts_every_configuration(
