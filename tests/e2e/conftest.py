@@ -51,6 +51,11 @@ def stack(
             echo_policy("slow", echo_backend.url, backend={"timeout_ms": 300}),
             echo_policy("down", closed),
             echo_policy(
+                "fair",
+                echo_backend.url,
+                batching={"max_queue": 4, "max_batch_size": 100, "max_wait_ms": 1500},
+            ),
+            echo_policy(
                 "tiny",
                 echo_backend.url,
                 batching={"max_queue": 2, "max_batch_size": 100, "max_wait_ms": 500},

@@ -9,12 +9,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlproxy.stack import Stack
-from tests.e2e.test_envoy import post
+from tests.e2e.test_envoy import ext_proc_metric, post
 from tests.servers import HostileBackend
 
 pytestmark = pytest.mark.e2e
@@ -200,3 +201,44 @@ async def test_no_answer_ever_reaches_the_wrong_client(
             assert json.loads(body) == {"predictions": [{"echo": {"id": token}}]}
         else:
             assert "error" in json.loads(body)
+
+
+async def post_from(
+    source_ip: str, url: str, body: Any, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
+    """POST from a loopback address of our choosing (all of 127.0.0.0/8 is this machine):
+    Envoy sees a different client per address."""
+    connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(timeout)) as s,
+        s.post(url, json=body) as r,
+    ):
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+
+
+async def test_a_client_filling_the_queue_gets_the_429s_not_the_others(stack: Stack) -> None:
+    """Policy `fair` holds 4 requests (max_wait 1.5 s, so they stay queued). A flooder sends 8
+    from one address; two other clients then send one each: they get their answers, and the
+    flooder gets every 429 (4 never queued, 2 that made room)."""
+    url = f"{stack.envoy_url}/v1/models/fair:predict"
+    depth = 'mlproxy_queue_depth{policy="fair"}'
+    flood = [
+        asyncio.create_task(post_from("127.0.0.2", url, {"instances": [{"id": f"f{i}"}]}))
+        for i in range(8)
+    ]
+    for _ in range(200):  # until the flooder's requests fill the queue
+        if ext_proc_metric(stack, depth) >= 4:
+            break
+        await asyncio.sleep(0.02)
+    assert ext_proc_metric(stack, depth) == 4
+    polite = await asyncio.gather(
+        *(post_from(f"127.0.0.{3 + i}", url, {"instances": [{"id": f"p{i}"}]}) for i in range(2))
+    )
+    for i, (code, _, body) in enumerate(polite):
+        assert code == 200, body
+        assert json.loads(body) == {"predictions": [{"echo": f"p{i}"}]}
+    flooded = await asyncio.gather(*flood)
+    codes = sorted(code for code, _, _ in flooded)
+    assert codes == [200, 200] + [429] * 6
+    evicted = [b for code, _, b in flooded if code == 429 and b"your client holds" in b]
+    assert len(evicted) == 2

@@ -722,6 +722,7 @@ def envoy_gateway_bootstrap(objs: list[Obj]) -> Obj:
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
+        "request_attributes": mode.get("request", {}).get("attributes", []),
     }
     http2 = "gateway.envoyproxy.io/h2c" in backend["spec"].get("appProtocols", [])
     ext_cluster = {
