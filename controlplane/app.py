@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controlplane.adapters.lease import RedisLease
@@ -233,8 +234,17 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         if exc.status_code == 404 and request.scope.get("route") is None:
             message = f"no such path: {request.url.path} (the API is under /v1/; see /docs)"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            # Starlette's Allow names the methods of one route; a path has one per method.
+            allowed = ", ".join(
+                method
+                for method in ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE")
+                if any(
+                    route.matches({**request.scope, "method": method})[0] is Match.FULL
+                    for route in request.app.router.routes
+                )
+            )
             message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+            return _error(405, message, {"Allow": allowed})
         return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(RedisError)
