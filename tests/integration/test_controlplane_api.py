@@ -316,3 +316,18 @@ async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
     assert (await client.get("/v1/policies/zz/decisions", headers=auth())).status_code == 404
     r = await client.get("/v1/policies/m/decisions?limit=0", headers=auth())
     assert r.status_code == 422
+
+
+async def test_a_crash_is_a_500_with_a_json_error(store: RedisStore) -> None:
+    """A bug (here: the store raising something unexpected) answers JSON, not plain text."""
+    app = create_app(Settings(redis_url="unused", admin_tokens=(ADMIN,), tuner_interval=0), store)
+
+    async def broken(name: str) -> Any:
+        raise RuntimeError(f"planted bug reading {name}")
+
+    store.get = broken  # type: ignore[method-assign]
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as c:
+        r = await c.get("/v1/policies/m", headers=auth())
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error answering GET /v1/policies/m; see the log"}
