@@ -6,7 +6,9 @@ greedy client may cost it (header and body deadlines, the connection cap)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 
 from mlproxy.stack import Child, free_port, http_ok
 from tests.conftest import RedisServer
@@ -524,3 +527,39 @@ def test_a_response_sent_before_the_body_was_read_closes_the_connection(capped: 
     got = trickle(s, b" " * 1000, every=0.05)
     s.close()
     assert got.count(b"HTTP/1.1 ") == 1 and parse(got)[0] == 401
+
+
+# -- the CLI client -------------------------------------------------------------------------
+
+
+def cli(server: Server, *args: str, token: str = ADMIN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlproxy.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLPROXY_URL": server.url, "MLPROXY_TOKEN": token},
+        timeout=LIMIT_S,
+        check=False,
+    )
+
+
+def test_policy_apply_refuses_nan_itself_and_shows_the_servers_reasons(
+    server: Server, api: httpx.Client, tmp_path: Path
+) -> None:
+    """A YAML `.nan` is refused before sending (JSON cannot carry it); a string where a number
+    goes is refused by the server, naming the field; the good policy in the file is applied."""
+    path = tmp_path / "p.yaml"
+    good = {"name": "good", **body()}
+    nan = {"name": "nan", **body(), "sla": {"latency_ms": float("nan")}}
+    text = {"name": "text", **body(max_batch_size="32")}
+    path.write_text(yaml.safe_dump({"policies": [good, nan, text]}))
+    r = cli(server, "policy", "apply", "-f", str(path))
+    assert r.returncode == 1
+    assert r.stdout.strip().startswith("policy/good configured")
+    errors = r.stderr.splitlines()
+    assert errors[0].startswith("policy/nan not applied: ") and "NaN" in errors[0]
+    assert errors[1].startswith("policy/text not applied: 422: batching.max_batch_size")
+    stored = [p["name"] for p in api.get("/v1/policies", headers=auth()).json()["items"]]
+    assert stored == ["good"]
+    r = cli(server, "policy", "get", token=f"ci:{ADMIN}")  # the file's line, name and all
+    assert r.returncode == 1 and "401" in r.stderr and "without its name" in r.stderr
