@@ -60,7 +60,7 @@ def serve(host: str, port: int) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
-        # Request headers: at most this many bytes buffered (h11's default, 16 KiB).
+        # Unfinished request headers: at most this many bytes buffered (h11's default).
         h11_max_incomplete_event_size=16 * 1024,
     )
     return 0

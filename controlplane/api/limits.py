@@ -132,7 +132,7 @@ class GuardedH11Protocol(H11Protocol):
         self.logger.warning(msg)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         body = _json_error(
-            "invalid HTTP request: malformed, or its headers are over "
+            "invalid HTTP request: malformed, or its unfinished headers are over "
             f"{self.conn._max_incomplete_event_size} bytes"
         )
         try:

@@ -295,6 +295,11 @@ def test_every_error_is_a_json_error_body(server: Server, api: httpx.Client) -> 
     s.close()
     assert status == 400 and headers["content-type"] == "application/json"
     assert "invalid HTTP request" in json.loads(payload)["error"]
+    s = connect(server.port)  # unfinished headers over the 16 KiB they may buffer
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: cp\r\nX-Big: " + b"a" * 20_000)
+    status, headers, payload = parse(read_until_closed(s))
+    s.close()
+    assert status == 400 and "16384 bytes" in json.loads(payload)["error"]
 
 
 # -- conditional requests (RFC 9110 13) ---------------------------------------------------
