@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -29,12 +28,23 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import NotFound, RedisStore
-from controlplane.api.auth import Authenticator, require
-from controlplane.domain.records import Precondition, PreconditionFailed, RolloutStatus, rollout
+from controlplane.api.auth import PRINCIPAL, READ_METHODS, Authenticator, GuardedRoute, Principal
+from controlplane.api.limits import RequestBody
+from controlplane.audit import audit, changed_fields
+from controlplane.domain.records import (
+    EntityTags,
+    Precondition,
+    PreconditionFailed,
+    RolloutStatus,
+    etag,
+    rollout,
+)
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
 from mlproxy.policy import Policy, PolicyWrite
@@ -51,6 +61,10 @@ METRICS_REDIS_CHECK_S = 1.0
 NAME = Annotated[
     str, Path(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="policy name")
 ]
+
+
+# The fields the control plane sets, left out when comparing two versions of a policy.
+_SERVER_SET = {"name", "version", "created_at", "updated_at"}
 
 
 class PolicyList(BaseModel):
@@ -82,51 +96,61 @@ class DecisionList(BaseModel):
     items: list[dict[str, Any]]
 
 
-def _etag(version: int) -> str:
-    return f'"{version}"'
-
-
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """413 for request bodies over the limit, by Content-Length or as they stream in."""
+# Where a write handler leaves what the audit line reports, in the ASGI scope's "state".
+AUDIT = "mlproxy.audit"
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def _client(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return None if not client else f"{client[0]}:{client[1]}"
+
+
+class Observe:
+    """Counts every request by route and status, and writes one audit line per write (any
+    method but GET/HEAD/OPTIONS under /v1/), whatever its outcome."""
+
+    def __init__(self, app: ASGIApp, requests: Counter) -> None:
         self.app = app
-        self.limit = limit
+        self.requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body over {self.limit} bytes"
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _error(413, message)(scope, receive, send)
-                return
-        received = 0
-        rejected = False
+        status = 500
 
-        async def limited() -> Message:
-            # Past the limit: answer 413 here and tell the app the client left, so whatever
-            # it does with the body (FastAPI turns read errors into 400) never reaches the client.
-            nonlocal received, rejected
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.limit and not rejected:
-                    rejected = True
-                    await _error(413, message)(scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return msg
+        async def observed_send(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
 
-        async def guarded_send(msg: Message) -> None:
-            if not rejected:
-                await send(msg)
-
-        await self.app(scope, limited, guarded_send)
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            self.requests.labels(scope["method"], getattr(route, "path", "unmatched"), status).inc()
+            if scope["method"] not in READ_METHODS and scope["path"].startswith("/v1/"):
+                state = scope.get("state", {})
+                principal: Principal | None = state.get(PRINCIPAL)
+                details = state.get(AUDIT, {})
+                event = (
+                    f"policy.{scope['method'].lower()}"
+                    if scope["path"].startswith("/v1/policies/")
+                    else f"{scope['method']} {scope['path']}"
+                )
+                audit(
+                    event,
+                    status=status,
+                    token=None if principal is None else principal.name,
+                    source=_client(scope),
+                    policy=details.pop("policy", scope.get("path_params", {}).get("name")),
+                    **details,
+                )
 
 
 def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
@@ -181,34 +205,47 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
     app.state.auth = Authenticator(settings.admin_tokens, settings.read_tokens)
     if store is not None:
         app.state.store = store
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        requests.labels(
-            request.method, getattr(route, "path", "unmatched"), response.status_code
-        ).inc()
-        return response
+    # Observe (added last) is outermost: counting and the audit line see every answer; the
+    # body guard sees every read of a body.
+    app.add_middleware(RequestBody, limit=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(Observe, requests=requests)
+    hosts = settings.backend_hosts
+    if hosts.enabled:
+        log.info("policies may send batches to: %s (MLPROXY_BACKEND_HOSTS)", hosts.describe())
+    else:
+        log.warning(
+            "MLPROXY_BACKEND_HOSTS is not set: a policy may send batches to any host; "
+            "set it to the model services' hosts"
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # The message names each field and why, never the value sent (it may be a secret, or
+        # NaN, which JSON cannot carry).
         fields = []
         for e in exc.errors():
             loc = ".".join(str(x) for x in e["loc"] if x != "body")
             fields.append(f"{loc or '(body)'}: {e['msg']}")
-        return JSONResponse(
-            {
-                "error": "; ".join(fields),
-                "detail": json.loads(json.dumps(exc.errors(), default=str)),
-            },
-            status_code=422,
-        )
+        return _error(422, "; ".join(fields) or "invalid request")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.scope.get("route") is None:
+            message = f"no such path: {request.url.path} (the API is under /v1/; see /docs)"
+        elif exc.status_code == 405:
+            # Starlette's Allow names the methods of one route; a path has one per method.
+            allowed = ", ".join(
+                method
+                for method in ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE")
+                if any(
+                    route.matches({**request.scope, "method": method})[0] is Match.FULL
+                    for route in request.app.router.routes
+                )
+            )
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+            return _error(405, message, {"Allow": allowed})
+        return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(RedisError)
     async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
@@ -217,6 +254,13 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
             503,
             f"policy store unavailable (Redis): {type(exc).__name__}; retry later",
             {"Retry-After": "1"},
+        )
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback (the exception is raised again after this answer).
+        return _error(
+            500, f"internal error answering {request.method} {request.url.path}; see the log"
         )
 
     def store_of(request: Request) -> RedisStore:
@@ -230,34 +274,71 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
                 415, f"send the policy as application/json, not {kind or 'nothing'}"
             )
 
-    read = [Depends(require("read"))]
-    admin = [Depends(require("admin"))]
-    v1 = APIRouter(prefix="/v1")
+    def preconditions(request: Request, *, none_match: bool = True) -> Precondition:
+        try:
+            return Precondition.from_headers(
+                request.headers.getlist("if-match"),
+                request.headers.getlist("if-none-match") if none_match else None,
+            )
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
+
+    def audit_details(request: Request, **details: Any) -> None:
+        request.scope.setdefault("state", {})[AUDIT] = details
+
+    # Every /v1 route checks the bearer token first (read for GET, admin for the rest), before
+    # its body is read or parsed: see GuardedRoute.
+    v1 = APIRouter(prefix="/v1", route_class=GuardedRoute)
     errors: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorBody},
         403: {"model": ErrorBody},
+        408: {"model": ErrorBody},
         422: {"model": ErrorBody},
     }
 
-    @v1.get("/policies", dependencies=read, responses=errors)
+    @v1.get("/policies", responses=errors)
     async def list_policies(request: Request) -> PolicyList:
         return PolicyList(items=await store_of(request).all_policies())
 
-    @v1.get("/policies/{name}", dependencies=read, responses={**errors, 404: {"model": ErrorBody}})
-    async def get_policy(name: NAME, request: Request, response: Response) -> Policy:
+    @v1.get(
+        "/policies/{name}",
+        response_model=Policy,
+        responses={
+            **errors,
+            304: {"description": "If-None-Match matched: not modified"},
+            400: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+        },
+    )
+    async def get_policy(
+        name: NAME,
+        request: Request,
+        response: Response,
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Any:
         try:
             policy = await store_of(request).get(name)
         except NotFound:
             raise HTTPException(404, f"policy {name} does not exist") from None
-        response.headers["ETag"] = _etag(policy.version)
+        tag = etag(policy.version)
+        values = request.headers.getlist("if-none-match")
+        if values:
+            try:
+                seen = EntityTags.parse("If-None-Match", values)
+            except ValueError as err:
+                raise HTTPException(400, str(err)) from None
+            if seen.any or seen.matches_weak(tag):
+                return Response(status_code=304, headers={"ETag": tag})
+        response.headers["ETag"] = tag
         return policy
 
     @v1.put(
         "/policies/{name}",
-        dependencies=[*admin, Depends(json_content)],
+        dependencies=[Depends(json_content)],
         responses={
             **errors,
             201: {"model": Policy},
+            400: {"model": ErrorBody},
             412: {"model": ErrorBody},
             413: {"model": ErrorBody},
             415: {"model": ErrorBody},
@@ -271,48 +352,61 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         if_match: Annotated[str | None, Header()] = None,
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Policy:
+        """Create or replace. If-Match (`*` or ETags, strong comparison: a weak `W/` tag never
+        matches) is evaluated first, then If-None-Match (`*` or ETags); 412 if either fails."""
         if body.name is not None and body.name != name:
             raise HTTPException(422, f"name: body says {body.name!r}, URL says {name!r}")
+        refusal = hosts.refusal(body.backend.url)
+        if refusal is not None:
+            raise HTTPException(422, refusal)
+        precondition = preconditions(request)
         try:
-            precondition = Precondition.from_headers(if_match, if_none_match)
-        except ValueError as err:
-            raise HTTPException(400, str(err)) from None
-        try:
-            policy = await store_of(request).put(name, body.body(), precondition)
+            old, policy = await store_of(request).replace(name, body.body(), precondition)
         except PreconditionFailed as err:
+            audit_details(request, old_version=err.current)
             raise HTTPException(412, str(err)) from None
+        old_body = None if old is None else old.model_dump(mode="json", exclude=_SERVER_SET)
+        audit_details(
+            request,
+            old_version=None if old is None else old.version,
+            new_version=policy.version,
+            changed=changed_fields(old_body, policy.model_dump(mode="json", exclude=_SERVER_SET)),
+        )
         writes.labels("put").inc()
         log.info("policy %s stored at version %d", name, policy.version)
-        response.headers["ETag"] = _etag(policy.version)
-        if policy.created_at == policy.updated_at:
+        response.headers["ETag"] = etag(policy.version)
+        if old is None:
             response.status_code = 201
         return policy
 
     @v1.delete(
         "/policies/{name}",
-        dependencies=admin,
         status_code=204,
-        responses={**errors, 404: {"model": ErrorBody}, 412: {"model": ErrorBody}},
+        responses={
+            **errors,
+            400: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            412: {"model": ErrorBody},
+        },
     )
     async def delete_policy(
         name: NAME, request: Request, if_match: Annotated[str | None, Header()] = None
     ) -> Response:
+        precondition = preconditions(request, none_match=False)
         try:
-            precondition = Precondition.from_headers(if_match, None)
-            version = await store_of(request).delete(name, precondition)
-        except ValueError as err:
-            raise HTTPException(400, str(err)) from None
+            old, version = await store_of(request).remove(name, precondition)
         except NotFound:
             raise HTTPException(404, f"policy {name} does not exist") from None
         except PreconditionFailed as err:
+            audit_details(request, old_version=err.current)
             raise HTTPException(412, str(err)) from None
+        audit_details(request, old_version=old.version, new_version=version, changed=[])
         writes.labels("delete").inc()
         log.info("policy %s deleted at version %d", name, version)
         return Response(status_code=204)
 
     @v1.get(
         "/policies/{name}/status",
-        dependencies=read,
         responses={**errors, 404: {"model": ErrorBody}},
     )
     async def policy_status(name: NAME, request: Request) -> RolloutStatus:
@@ -325,7 +419,6 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
 
     @v1.get(
         "/policies/{name}/decisions",
-        dependencies=read,
         responses={**errors, 404: {"model": ErrorBody}},
     )
     async def policy_decisions(
@@ -342,11 +435,11 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
                 raise HTTPException(404, f"policy {name} does not exist") from None
         return DecisionList(items=items)
 
-    @v1.get("/replicas", dependencies=read, responses=errors)
+    @v1.get("/replicas", responses=errors)
     async def list_replicas(request: Request) -> ReplicaList:
         return ReplicaList(items=await store_of(request).replicas())
 
-    @v1.get("/tuner", dependencies=read, responses=errors)
+    @v1.get("/tuner", responses=errors)
     async def tuner_status(request: Request) -> TunerStatus:
         """Which control plane process runs the fleet tuner now (the holder of its lease in
         Redis) and its term, and whether it is this one."""

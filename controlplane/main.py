@@ -9,6 +9,7 @@ from types import FrameType
 
 import uvicorn
 
+from controlplane.api.limits import ConnectionLimits, guarded_protocol
 from controlplane.app import create_app
 from controlplane.settings import Settings, SettingsError
 
@@ -36,12 +37,30 @@ def serve(host: str, port: int) -> int:
     # starts, it exits at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_stopped)
+    # uvicorn's h11 protocol with a connection cap and a deadline for request headers (see
+    # controlplane/api/limits.py; the body's deadline and size are checked in the app).
+    protocol = guarded_protocol(ConnectionLimits(settings.max_connections, settings.header_timeout))
+    log.info(
+        "control plane on %s:%d: at most %d connections, %g s for request headers, %g s and "
+        "%d bytes for a body, idle connections closed after %g s",
+        host,
+        port,
+        settings.max_connections,
+        settings.header_timeout,
+        settings.body_timeout,
+        settings.max_body_bytes,
+        settings.keepalive_timeout,
+    )
     uvicorn.run(
         app,
         host=host,
         port=port,
+        http=protocol,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
+        # Unfinished request headers: at most this many bytes buffered (h11's default).
+        h11_max_incomplete_event_size=16 * 1024,
     )
     return 0

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import LeaseLost, RedisStore
+from controlplane.audit import audit
 from controlplane.domain.records import Precondition, PreconditionFailed
 from controlplane.domain.tuner import Decision, tune
 from mlproxy.policy import Policy
@@ -83,12 +84,22 @@ class FleetTuner:
         body["tuning"] = decision.tuning.model_dump(mode="json")
         try:
             stored = await self.store.put(
-                policy.name, body, Precondition(version=policy.version), fence=fence
+                policy.name, body, Precondition.at(policy.version), fence=fence
             )
         except PreconditionFailed:
             log.info("tuner: policy %s changed meanwhile; next round", policy.name)
             return None
         self._last_change[policy.name] = now
+        audit(
+            "policy.tune",
+            status=None,
+            token="fleet-tuner",
+            source=None,
+            policy=policy.name,
+            old_version=policy.version,
+            new_version=stored.version,
+            changed=["tuning"],
+        )
         await self.store.record_decision(
             policy.name,
             {

@@ -37,7 +37,13 @@ class Client:
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], Any]:
-        data = None if body is None else json.dumps(body).encode()
+        try:
+            data = None if body is None else json.dumps(body, allow_nan=False).encode()
+        except ValueError:
+            raise ValueError(
+                "the policy holds NaN or an infinity (YAML .nan/.inf), which JSON cannot carry "
+                "and no policy field takes"
+            ) from None
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -52,9 +58,16 @@ class Client:
         except urllib.error.HTTPError as err:
             raw = err.read()
             try:
-                message = json.loads(raw).get("error", raw.decode(errors="replace"))
+                doc = json.loads(raw)
             except ValueError:
-                message = raw.decode(errors="replace")
+                doc = None
+            message = (
+                str(doc["error"])
+                if isinstance(doc, dict) and "error" in doc
+                else raw.decode(errors="replace")[:500]
+            )
+            if err.code == 401:
+                message += " (MLPROXY_TOKEN: a token of the control plane, without its name)"
             raise ApiError(err.code, message) from None
         except urllib.error.URLError as err:
             raise ApiError(
@@ -106,7 +119,7 @@ def apply_file(client: Client, path: Path) -> int:
         try:
             policy = client.put_policy(name, doc)
             print(f"policy/{name} configured (version {policy['version']})")
-        except ApiError as err:
+        except (ApiError, ValueError) as err:
             failed += 1
             print(f"policy/{name} not applied: {err}", file=sys.stderr)
     return 1 if failed else 0

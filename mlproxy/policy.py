@@ -46,7 +46,9 @@ _SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*?"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: an int field takes only an integer (not "32", true or 2.0), a float field a
+    # number (an integer too), a bool field only true/false; allow_inf_nan: no NaN or infinity.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Match(_Strict):
@@ -188,8 +190,8 @@ class Policy(PolicyBody):
     name: PolicyName
     version: Annotated[int, Field(ge=0)] = 0
     """Monotonic across all changes; set by the control plane (0 for file policies)."""
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: Annotated[datetime | None, Field(strict=False)] = None
+    updated_at: Annotated[datetime | None, Field(strict=False)] = None
 
 
 class PolicyWrite(PolicyBody):
@@ -198,8 +200,8 @@ class PolicyWrite(PolicyBody):
 
     name: PolicyName | None = None
     version: int | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: Annotated[datetime | None, Field(strict=False)] = None
+    updated_at: Annotated[datetime | None, Field(strict=False)] = None
 
     def body(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"name", "version", "created_at", "updated_at"})

@@ -70,6 +70,16 @@ class RedisStore:
         """Create or replace `name` if the precondition holds; returns the stored record.
         With `fence` (key, value), only while that key still holds that value (LeaseLost if
         not), checked in the same transaction."""
+        return (await self.replace(name, body, precondition, fence))[1]
+
+    async def replace(
+        self,
+        name: str,
+        body: dict[str, Any],
+        precondition: Precondition,
+        fence: tuple[str, str] | None = None,
+    ) -> tuple[Policy | None, Policy]:
+        """As put(); returns the record replaced (None: created) and the one stored."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -97,12 +107,16 @@ class RedisStore:
                     pipe.hset(keys.POLICIES, name, record.model_dump_json())
                     pipe.publish(keys.CHANGES, _change("put", name, version))
                     await pipe.execute()
-                    return record
+                    return current, record
                 except WatchError:
                     continue  # another write landed in between: check again
 
     async def delete(self, name: str, precondition: Precondition) -> int:
         """Delete `name` if the precondition holds; returns the version of the deletion."""
+        return (await self.remove(name, precondition))[1]
+
+    async def remove(self, name: str, precondition: Precondition) -> tuple[Policy, int]:
+        """As delete(); returns the record deleted and the version of the deletion."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -110,14 +124,15 @@ class RedisStore:
                     raw = await pipe.hget(keys.POLICIES, name)
                     if raw is None:
                         raise NotFound(name)
-                    precondition.check(name, Policy.model_validate_json(raw).version)
+                    current = Policy.model_validate_json(raw)
+                    precondition.check(name, current.version)
                     version = int(await pipe.get(keys.VERSION) or 0) + 1
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys.VERSION, version)
                     pipe.hdel(keys.POLICIES, name)
                     pipe.publish(keys.CHANGES, _change("delete", name, version))
                     await pipe.execute()
-                    return version
+                    return current, version
                 except WatchError:
                     continue
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -9,7 +10,15 @@ from pydantic import BaseModel
 from mlproxy.policy import Policy
 from mlproxy.replica import ReplicaRecord
 
-__all__ = ["Precondition", "PreconditionFailed", "ReplicaRecord", "RolloutStatus", "rollout"]
+__all__ = [
+    "EntityTags",
+    "Precondition",
+    "PreconditionFailed",
+    "ReplicaRecord",
+    "RolloutStatus",
+    "etag",
+    "rollout",
+]
 
 
 class PreconditionFailed(Exception):
@@ -18,39 +27,112 @@ class PreconditionFailed(Exception):
         self.current = current
 
 
-@dataclass(frozen=True, slots=True)
-class Precondition:
-    """From If-Match / If-None-Match. `version` None and `exists` None: unconditional."""
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
+_ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*')
 
-    exists: bool | None = None  # True: If-Match: *, False: If-None-Match: *
-    version: int | None = None  # If-Match: "N"
+
+def etag(version: int) -> str:
+    """The API's ETag for a policy version: a strong entity tag, `"7"`."""
+    return f'"{version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class EntityTags:
+    """The value of an If-Match or If-None-Match header: `*` or a list of entity tags, each
+    (weak, opaque-tag with its quotes)."""
+
+    any: bool = False
+    tags: tuple[tuple[bool, str], ...] = ()
 
     @classmethod
-    def from_headers(cls, if_match: str | None, if_none_match: str | None) -> Precondition:
-        if if_none_match is not None:
-            if if_none_match.strip() != "*":
-                raise ValueError("If-None-Match supports only *")
-            return cls(exists=False)
-        if if_match is None:
-            return cls()
-        value = if_match.strip()
-        if value == "*":
-            return cls(exists=True)
-        value = value.removeprefix("W/").strip('"')
-        if not value.isdigit():
-            raise ValueError('If-Match takes an ETag from this API (a version, e.g. "7") or *')
-        return cls(version=int(value))
+    def parse(cls, header: str, values: list[str]) -> EntityTags:
+        """`values`: every field line of the header (RFC 9110 5.3: they form one list).
+        ValueError, naming the header, if it is neither `*` nor a list of entity tags."""
+        joined = ",".join(values)
+        if joined.strip() == "*":
+            return cls(any=True)
+        tags: list[tuple[bool, str]] = []
+        pos = 0
+        while pos < len(joined):
+            if joined[pos] in " \t,":
+                pos += 1
+                continue
+            m = _ETAG.match(joined, pos)
+            end = m.end() if m else pos
+            if m is None or (end < len(joined) and joined[end] != ","):
+                raise ValueError(
+                    f'{header} must be * or a list of entity tags (this API\'s ETags, e.g. "7"; '
+                    f"quotes included), not {joined[:100]!r}"
+                )
+            tags.append((m.group(1) is not None, m.group(2)))
+            pos = end
+        if not tags:
+            raise ValueError(f"{header} is empty: send * or entity tags, or leave it out")
+        return cls(tags=tuple(tags))
+
+    def matches_strong(self, current: str) -> bool:
+        """RFC 9110 8.8.3.2 strong comparison: neither tag is weak and the tags are equal."""
+        return any(not weak and tag == current for weak, tag in self.tags)
+
+    def matches_weak(self, current: str) -> bool:
+        """Weak comparison: the opaque tags are equal, weak or not."""
+        return any(tag == current for _, tag in self.tags)
+
+
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """A write's preconditions, from If-Match and If-None-Match (RFC 9110 13.1.1, 13.1.2),
+    evaluated in the order of RFC 9110 13.2.2: If-Match first (a failing If-Match is 412 whatever
+    If-None-Match says), then If-None-Match. None: that header was not sent."""
+
+    if_match: EntityTags | None = None
+    if_none_match: EntityTags | None = None
+
+    @classmethod
+    def at(cls, version: int) -> Precondition:
+        """Only if the stored policy is at `version` (what If-Match: "<version>" says)."""
+        return cls(if_match=EntityTags(tags=((False, etag(version)),)))
+
+    @classmethod
+    def from_headers(
+        cls, if_match: list[str] | None, if_none_match: list[str] | None = None
+    ) -> Precondition:
+        """From the field lines of each header (None or [] when absent); ValueError if one is
+        malformed."""
+        return cls(
+            if_match=EntityTags.parse("If-Match", if_match) if if_match else None,
+            if_none_match=(
+                EntityTags.parse("If-None-Match", if_none_match) if if_none_match else None
+            ),
+        )
 
     def check(self, name: str, current: int | None) -> None:
-        if self.exists is False and current is not None:
-            raise PreconditionFailed(f"policy {name} exists (version {current})", current)
-        if self.exists is True and current is None:
-            raise PreconditionFailed(f"policy {name} does not exist", None)
-        if self.version is not None and self.version != current:
-            have = "does not exist" if current is None else f"is at version {current}"
-            raise PreconditionFailed(
-                f"policy {name} {have}, not {self.version}: read it again and retry", current
-            )
+        """PreconditionFailed unless the write may go ahead on the stored version `current`
+        (None: the policy does not exist)."""
+        tag = None if current is None else etag(current)
+        have = "does not exist" if current is None else f"is at version {current} (ETag {tag})"
+        if self.if_match is not None:
+            if tag is None:
+                raise PreconditionFailed(f"If-Match: policy {name} does not exist", None)
+            if not self.if_match.any and not self.if_match.matches_strong(tag):
+                weak = (
+                    " (a weak W/ tag never matches a write)"
+                    if any(w for w, _ in self.if_match.tags)
+                    else ""
+                )
+                raise PreconditionFailed(
+                    f"If-Match: policy {name} {have}, not "
+                    f"{', '.join(('W/' if w else '') + t for w, t in self.if_match.tags)}"
+                    f"{weak}: read it again and retry",
+                    current,
+                )
+        if self.if_none_match is not None and tag is not None:
+            if self.if_none_match.any:
+                raise PreconditionFailed(f"If-None-Match: *: policy {name} {have}", current)
+            if self.if_none_match.matches_weak(tag):
+                raise PreconditionFailed(
+                    f"If-None-Match: policy {name} {have}, one of the tags given", current
+                )
 
 
 class ReplicaVersion(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -268,8 +269,9 @@ def tuner_stats(rate: float) -> dict[str, Any]:
 
 
 async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
-    client: httpx.AsyncClient, store: RedisStore
+    client: httpx.AsyncClient, store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mlproxy.audit")
     adaptive = {**body(mode="adaptive"), "sla": {"latency_ms": 300}}
     v = (await client.put("/v1/policies/m", json=adaptive, headers=auth())).json()["version"]
     await client.put("/v1/policies/s", json=body(), headers=auth())  # static: never tuned
@@ -291,6 +293,13 @@ async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
     assert stored["batching"]["mode"] == "adaptive"  # the operator's fields are untouched
     assert stored["match"] == adaptive["match"]
 
+    # the tuner's write is audited like an operator's, under its own name
+    tuned = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mlproxy.audit"]
+    assert [(a["event"], a["token"], a["policy"]) for a in tuned][-1:] == [
+        ("policy.tune", "fleet-tuner", "m")
+    ]
+    assert (tuned[-1]["old_version"], tuned[-1]["new_version"]) == (v, stored["version"])
+    assert tuned[-1]["changed"] == ["tuning"]
     decisions = (await client.get("/v1/policies/m/decisions", headers=auth(READER))).json()
     [d] = decisions["items"]
     assert (d["version"], d["previous_version"]) == (stored["version"], v)
@@ -316,3 +325,18 @@ async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
     assert (await client.get("/v1/policies/zz/decisions", headers=auth())).status_code == 404
     r = await client.get("/v1/policies/m/decisions?limit=0", headers=auth())
     assert r.status_code == 422
+
+
+async def test_a_crash_is_a_500_with_a_json_error(store: RedisStore) -> None:
+    """A bug (here: the store raising something unexpected) answers JSON, not plain text."""
+    app = create_app(Settings(redis_url="unused", admin_tokens=(ADMIN,), tuner_interval=0), store)
+
+    async def broken(name: str) -> Any:
+        raise RuntimeError(f"planted bug reading {name}")
+
+    store.get = broken  # type: ignore[method-assign]
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as c:
+        r = await c.get("/v1/policies/m", headers=auth())
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error answering GET /v1/policies/m; see the log"}

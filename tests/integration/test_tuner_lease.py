@@ -61,7 +61,7 @@ async def test_writes_are_fenced_by_the_lease(store: RedisStore) -> None:
     await asyncio.sleep(0.3)
     assert await b.hold() == 2  # a was paused past its TTL; b leads now
     with pytest.raises(LeaseLost):  # a wakes up and writes under its old term: refused
-        await store.put("p", _body(), Precondition(version=stored.version), fence=fence)
+        await store.put("p", _body(), Precondition.at(stored.version), fence=fence)
     assert (await store.get("p")).version == stored.version  # nothing written
 
 
