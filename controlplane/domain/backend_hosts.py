@@ -6,10 +6,11 @@ that port only (the URL's explicit port, else 80 for http and 443 for https). `*
 any name ending in `.suffix` (one or more labels before it), not `suffix` itself. Names compare
 without case and without a trailing dot.
 
-A backend URL's host may hold a match.path variable (`http://{model}.models.svc/...`): the
-request then picks part of the host, so it is allowed only by a `*.suffix` entry whose suffix
-is all literal text after the last variable (a variable's value has no `/`, `:` or `@`, so the
-host still ends in `.suffix`).
+The policy model already refuses match.path variables in a backend URL's host or port
+(`mlproxy/policy.py`); should one get here anyway, a templated host is allowed only by a
+`*.suffix` entry whose suffix is all literal text after the last variable (a variable's value
+has no `/`, `:` or `@`, so the host still ends in `.suffix`), and a templated port only by
+entries without a port.
 """
 
 from __future__ import annotations
