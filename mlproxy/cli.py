@@ -85,6 +85,7 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
         clock=server.clock,
         applied=server.applied_versions,
         on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
+        observer=server.metrics,
     )
     # Policies first: a replica never takes traffic without the current policies. While it
     # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal
