@@ -32,8 +32,7 @@ class ReplicaRecord(BaseModel):
     started_at: datetime
     heartbeat_at: datetime
     policies: dict[str, int] = Field(
-        description="policy name -> version this replica applies from store generation "
-        "`generation`"
+        description="policy name -> version this replica applies from store generation `generation`"
     )
     generation: str | None = Field(
         default=None,

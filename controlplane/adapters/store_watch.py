@@ -144,8 +144,7 @@ class StoreWatch:
     async def _maybe_publish(self, info: StoreInfo, replicas: list[ReplicaRecord]) -> StoreInfo:
         assert info.generation is not None
         settled = bool(replicas) and all(
-            r.generation == info.generation and not r.carried and not r.store_lost
-            for r in replicas
+            r.generation == info.generation and not r.carried and not r.store_lost for r in replicas
         )
         if not settled:
             self._since = None

@@ -91,9 +91,7 @@ def runs(replica: ReplicaRecord, name: str, version: int, generation: str | None
     )
 
 
-def rollout(
-    policy: Policy, replicas: list[ReplicaRecord], generation: str | None
-) -> RolloutStatus:
+def rollout(policy: Policy, replicas: list[ReplicaRecord], generation: str | None) -> RolloutStatus:
     """How many live replicas run `policy` as stored in store generation `generation`."""
     behind = [
         ReplicaVersion(
