@@ -164,7 +164,12 @@ def create_app(
         task = None
         app.state.lease = None
         if settings.tuner_interval > 0:
-            lease = RedisLease(app.state.store.redis, _holder_id(), settings.tuner_lease)
+            lease = RedisLease(
+                app.state.store.redis,
+                _holder_id(),
+                settings.tuner_lease,
+                floor=lambda: int(app.state.store.highest_term),
+            )
             app.state.lease = lease
             tuner = FleetTuner(app.state.store, settings.tuner_interval, lease=lease)
             task = asyncio.create_task(tuner.run(), name="fleet-tuner")

@@ -376,3 +376,17 @@ async def test_redis_restarted_empty_under_a_running_replica(own_redis: OwnRedis
     finally:
         await replica.source.close()
         await store.close()
+
+
+async def test_a_tuner_term_never_goes_back_after_redis_lost_its_counter(
+    store: RedisStore,
+) -> None:
+    lease = RedisLease(store.redis, "cp-a", ttl=30)
+    assert await lease.hold() == 1
+    await lease.release()
+    assert await lease.hold() == 2
+    await store.redis.flushdb()  # the lease and the term counter are gone
+    assert await lease.hold() == 3  # lost, taken again in a later term, not term 1
+    other = RedisLease(store.redis, "cp-b", ttl=30, floor=lambda: 10)  # e.g. the store's floor
+    await lease.release()
+    assert await other.hold() == 11
