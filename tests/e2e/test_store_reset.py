@@ -17,7 +17,7 @@ import redis
 
 from mlproxy.client import Client
 from mlproxy.stack import Stack
-from tests.e2e.test_fleet import echo_policy, eventually, replica_metric
+from tests.e2e.test_fleet import cli, echo_policy, eventually, replica_metric
 from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +93,8 @@ def test_after_redis_loses_its_data_converged_means_the_new_backend(
     changed = api.put_policy("echo", echo_policy(other_backend))
     assert changed["version"] > before["version"]
 
-    deadline = time.monotonic() + 30
+    start = time.monotonic()
+    deadline = start + 30
     n = 0
     while True:
         done = converged(api, "echo")
@@ -105,6 +106,9 @@ def test_after_redis_loses_its_data_converged_means_the_new_backend(
             if done:
                 assert landed(rid, echo_backend, other_backend) == "new", done
         if done:
+            print(
+                f"converged on the new generation {time.monotonic() - start:.2f} s after the write"
+            )
             break
         assert time.monotonic() < deadline, f"never converged: {api.status('echo')}"
         time.sleep(0.05)
@@ -117,3 +121,9 @@ def test_after_redis_loses_its_data_converged_means_the_new_backend(
     assert listing["store"]["generation"] == done["generation"]
     assert listing["store"]["replicas_on_generation"] == 2
     assert all(r["generation"] == done["generation"] for r in listing["items"])
+    r = cli(fleet2, "store")
+    assert r.returncode == 0 and json.loads(r.stdout)["generation"] == done["generation"]
+    r = cli(fleet2, "replicas")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[3] == "GENERATION"
+    assert [line.split()[3] for line in r.stdout.splitlines()[1:]] == [done["generation"]] * 2
