@@ -390,3 +390,22 @@ async def test_a_tuner_term_never_goes_back_after_redis_lost_its_counter(
     other = RedisLease(store.redis, "cp-b", ttl=30, floor=lambda: 10)  # e.g. the store's floor
     await lease.release()
     assert await other.hold() == 11
+
+
+async def test_two_control_planes_racing_after_a_loss_make_one_generation(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    other = RedisStore.from_url(redis_server.url(DB))
+    try:
+        await store.put("p", body(4), Precondition())
+        await other.check()
+        await store.redis.flushdb()
+        # Both have read "no generation"; both try to create one: exactly one does.
+        assert (await store.info()).generation is None
+        made = await asyncio.gather(store._create(""), other._create(""))
+        assert len([m for m in made if m is not None]) == 1
+        a, b = await asyncio.gather(store.check(), other.check())
+        assert a.generation == b.generation == next(m for m in made if m is not None)
+        assert (store.resets, other.resets) == (1, 1)  # each process saw the loss once
+    finally:
+        await other.close()
