@@ -379,6 +379,10 @@ def test_dashboard_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
         "mlproxy_cp_redis_up",
         "mlproxy_event_loop_lag_seconds_bucket",
         "mlproxy_gc_pause_seconds_bucket",
+        "mlproxy_policy_store_generation",
+        "mlproxy_policy_store_carried_policies",
+        "mlproxy_policy_store_resets_total",
+        "mlproxy_cp_store_resets_total",
     } <= used
 
 
