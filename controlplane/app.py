@@ -160,7 +160,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = store is None
         if own:
-            app.state.store = RedisStore.from_url(settings.redis_url)
+            app.state.store = RedisStore.from_url(settings.redis_url, holder=_holder_id())
         task = None
         app.state.lease = None
         if settings.tuner_interval > 0:

@@ -148,8 +148,9 @@ class RedisStore:
         self._counter_seen = 0  # the highest counter value read in the current generation
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2))
+    def from_url(cls, url: str, holder: str | None = None) -> RedisStore:
+        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        return cls(client, holder)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
