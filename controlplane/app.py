@@ -34,6 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import NotFound, RedisStore
+from controlplane.adapters.store_watch import StoreMetrics, StoreStatus, StoreWatch, store_status
+from controlplane.api import store as store_api
 from controlplane.api.auth import PRINCIPAL, READ_METHODS, Authenticator, GuardedRoute, Principal
 from controlplane.api.limits import RequestBody
 from controlplane.audit import audit, changed_fields
@@ -73,6 +75,7 @@ class PolicyList(BaseModel):
 
 class ReplicaList(BaseModel):
     items: list[ReplicaRecord]
+    store: StoreStatus | None = None  # the store generation the replicas are compared with
 
 
 class TunerStatus(BaseModel):
@@ -153,8 +156,11 @@ class Observe:
                 )
 
 
-def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, store: RedisStore | None = None, store_check_interval: float = 1.0
+) -> FastAPI:
     registry = CollectorRegistry()
+    store_metrics = StoreMetrics(registry)
     requests = Counter(
         "mlproxy_cp_requests",
         "Control plane API requests.",
@@ -178,17 +184,27 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = store is None
         if own:
-            app.state.store = RedisStore.from_url(settings.redis_url)
+            app.state.store = RedisStore.from_url(settings.redis_url, holder=_holder_id())
         task = None
         app.state.lease = None
         if settings.tuner_interval > 0:
-            lease = RedisLease(app.state.store.redis, _holder_id(), settings.tuner_lease)
+            lease = RedisLease(
+                app.state.store.redis,
+                _holder_id(),
+                settings.tuner_lease,
+                floor=lambda: int(app.state.store.highest_term),
+            )
             app.state.lease = lease
             tuner = FleetTuner(app.state.store, settings.tuner_interval, lease=lease)
             task = asyncio.create_task(tuner.run(), name="fleet-tuner")
+        watch = StoreWatch(
+            app.state.store, store_metrics, store_check_interval, lease=app.state.lease
+        )
+        watching = asyncio.create_task(watch.run(), name="store-watch")
         try:
             yield
         finally:
+            await StoreWatch.stop(watching)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -412,10 +428,10 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
     async def policy_status(name: NAME, request: Request) -> RolloutStatus:
         store = store_of(request)
         try:
-            policy = await store.get(name)
+            policy, generation = await store.get_with_generation(name)
         except NotFound:
             raise HTTPException(404, f"policy {name} does not exist") from None
-        return rollout(policy, await store.replicas())
+        return rollout(policy, await store.replicas(), generation)
 
     @v1.get(
         "/policies/{name}/decisions",
@@ -437,7 +453,10 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
 
     @v1.get("/replicas", responses=errors)
     async def list_replicas(request: Request) -> ReplicaList:
-        return ReplicaList(items=await store_of(request).replicas())
+        store = store_of(request)
+        info = await store.check()
+        replicas = await store.replicas()
+        return ReplicaList(items=replicas, store=store_status(info, replicas, store.resets))
 
     @v1.get("/tuner", responses=errors)
     async def tuner_status(request: Request) -> TunerStatus:
@@ -456,6 +475,7 @@ def create_app(settings: Settings, store: RedisStore | None = None) -> FastAPI:
         )
 
     app.include_router(v1)
+    app.include_router(store_api.router, responses=errors)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

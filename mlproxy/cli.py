@@ -85,6 +85,7 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
         clock=server.clock,
         applied=server.applied_versions,
         on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
+        observer=server.metrics,
     )
     # Policies first: a replica never takes traffic without the current policies. While it
     # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal
@@ -136,7 +137,20 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     from mlproxy.client import ApiError, Client, print_replicas
 
     try:
-        print_replicas(Client().replicas(), args.output)
+        listing = Client().replica_listing()
+        print_replicas(listing["items"], args.output, listing.get("store"))
+    except ApiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from mlproxy.client import ApiError, Client, print_store
+
+    client = Client()
+    try:
+        print_store(client.publish_store() if args.action == "publish" else client.store())
     except ApiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -279,6 +293,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("replicas", help="list live ext_proc replicas")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
+    p = sub.add_parser(
+        "store",
+        help="the policy store's generation; `publish` after re-applying policies from git",
+        description="Show the policy store generation (a new one after Redis lost its data), "
+        "or publish it: replicas then drop the policies they kept from the lost generation "
+        "that were not re-applied.",
+    )
+    p.add_argument("action", nargs="?", choices=["get", "publish"], default="get")
+
     p = sub.add_parser("up", help="run the local stack until Ctrl-C")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     p.add_argument(
@@ -334,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         "controlplane": cmd_controlplane,
         "policy": cmd_policy,
         "replicas": cmd_replicas,
+        "store": cmd_store,
         "healthcheck": cmd_healthcheck,
     }
     sys.exit(handlers[args.command](args))

@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ApiError", "Client", "apply_file", "print_policies", "print_replicas"]
+__all__ = [
+    "ApiError",
+    "Client",
+    "apply_file",
+    "print_policies",
+    "print_replicas",
+    "print_store",
+]
 
 
 class ApiError(RuntimeError):
@@ -91,7 +98,17 @@ class Client:
         return self.request("GET", f"/v1/policies/{name}/status")[2]
 
     def replicas(self) -> list[Any]:
-        return list(self.request("GET", "/v1/replicas")[2]["items"])
+        return list(self.replica_listing()["items"])
+
+    def replica_listing(self) -> Any:
+        """`{"items": [...], "store": {...}}`: the replicas and the store generation."""
+        return self.request("GET", "/v1/replicas")[2]
+
+    def store(self) -> Any:
+        return self.request("GET", "/v1/store")[2]
+
+    def publish_store(self) -> Any:
+        return self.request("POST", "/v1/store/publish")[2]
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -157,19 +174,46 @@ def print_policies(policies: list[Any], output: str, single: bool = False) -> No
         print(_table(rows))
 
 
-def print_replicas(replicas: list[Any], output: str) -> None:
+def _generation(replica: Any, current: str | None) -> str:
+    """The replica's store generation, marked when it is not the store's."""
+    generation = replica.get("generation") or "-"
+    if replica.get("store_lost"):
+        return f"{generation}(STORE-LOST)"
+    if current is not None and replica.get("generation") != current:
+        return f"{generation}(OLD)"
+    return str(generation)
+
+
+def print_replicas(replicas: list[Any], output: str, store: Any = None) -> None:
+    """A table (policies kept from a lost store generation are marked `(kept)`), or JSON."""
     if output == "json":
         print(json.dumps(replicas, indent=2))
         return
-    rows = [["ID", "ADDRESS", "REDIS", "POLICIES", "HEARTBEAT"]]
+    current = None if store is None else store.get("generation")
+    rows = [["ID", "ADDRESS", "REDIS", "GENERATION", "POLICIES", "HEARTBEAT"]]
     for r in replicas:
+        policies = [f"{n}@{v}" for n, v in r["policies"].items()]
+        policies += [f"{n}@{v}(kept)" for n, v in r.get("carried", {}).items()]
         rows.append(
             [
                 r["id"],
                 r["address"],
                 "ok" if r["source_ok"] else "UNREACHABLE",
-                ",".join(f"{n}@{v}" for n, v in sorted(r["policies"].items())) or "-",
+                _generation(r, current),
+                ",".join(sorted(policies)) or "-",
                 r["heartbeat_at"],
             ]
         )
     print(_table(rows))
+
+
+def print_store(store: Any) -> None:
+    """`mlproxy store`: the generation, and what to do while re-publication is pending."""
+    print(json.dumps(store, indent=2))
+    if store.get("replicas_carrying") or store.get("replicas_elsewhere"):
+        print(
+            "Redis lost the policy store: replicas still apply policies of the lost "
+            "generation. Re-apply the policies from git (`mlproxy policy apply -f ...`); "
+            "policies not re-applied stay on those replicas until `mlproxy store publish`.",
+            file=sys.stderr,
+        )

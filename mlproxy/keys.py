@@ -1,9 +1,17 @@
 """Redis key names: the contract between the control plane and the ext_proc replicas.
 
 - `mlproxy:policies`          hash: policy name -> JSON policy record (with `version`)
-- `mlproxy:version`           counter: the last version given to any change (monotonic)
+- `mlproxy:store`             hash: the store generation, `generation` (a random id made by
+                              a control plane when it finds none: the store is new or lost
+                              its data), `created_at`, `created_by`, `published` ("1" once
+                              the generation holds the whole policy set, see
+                              controlplane/adapters/generation.py)
+- `mlproxy:version`           counter: the last version given to any change (monotonic, also
+                              across generations: a new generation's counter starts above the
+                              highest version its creator knew)
 - `mlproxy:policy-changes`    pub/sub channel: `{"op": "put"|"delete", "name", "version"}`
-                              after every change; a hint only, the hash is the truth
+                              after every change (`{"op": "generation", ...}` when a generation
+                              is created or published); a hint only, the hash is the truth
 - `mlproxy:replica:{id}`      string with a TTL: a replica's heartbeat record (JSON)
 - `mlproxy:decisions:{name}`  list, newest first, at most 100: the fleet tuner's decisions
                               for a policy (JSON), kept when the policy is deleted
@@ -19,6 +27,7 @@ __all__ = [
     "POLICIES",
     "PREFIX",
     "REPLICA_PATTERN",
+    "STORE",
     "TUNER_LEASE",
     "TUNER_TOKEN",
     "VERSION",
@@ -30,6 +39,7 @@ __all__ = [
 PREFIX = "mlproxy:"
 POLICIES = PREFIX + "policies"
 VERSION = PREFIX + "version"
+STORE = PREFIX + "store"
 CHANGES = PREFIX + "policy-changes"
 REPLICA_PATTERN = PREFIX + "replica:*"
 TUNER_LEASE = PREFIX + "tuner:lease"

@@ -31,7 +31,28 @@ class ReplicaRecord(BaseModel):
     address: str = Field(description="where Envoy reaches this replica's gRPC server")
     started_at: datetime
     heartbeat_at: datetime
-    policies: dict[str, int] = Field(description="policy name -> version this replica applies")
+    policies: dict[str, int] = Field(
+        description="policy name -> version this replica applies from store generation `generation`"
+    )
+    generation: str | None = Field(
+        default=None,
+        description="the policy store generation this replica follows (None: it has seen "
+        "none, or it runs a version that does not report it)",
+    )
+    carried: dict[str, int] = Field(
+        default_factory=dict,
+        description="policies this replica still applies from an earlier store generation "
+        "(name -> version there), kept because the store lost them and they were not "
+        "re-published yet",
+    )
+    store_lost: bool = Field(
+        default=False,
+        description="true while the store has no generation (emptied): the replica serves "
+        "its last-known policies and waits for a control plane to create a new one",
+    )
+    highest_version: int = Field(
+        default=0, description="the highest policy version this replica has seen (any generation)"
+    )
     source_ok: bool = Field(description="false while the replica cannot reach Redis")
     last_sync_at: datetime | None = Field(description="last full policy sync from Redis")
     stats: dict[str, PolicyStats] = Field(default_factory=dict)

@@ -13,6 +13,7 @@ refuses the write unless the lease still holds this holder's value.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,10 +24,15 @@ __all__ = ["RedisLease"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, token counter; ARGV: holder, ttl ms. The token if taken, else 0.
+# KEYS: lease, token counter; ARGV: holder, ttl ms, floor. The token if taken, else 0. The
+# token is above `floor` even if the counter was lost (Redis emptied): terms never go back.
 _TAKE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local token = redis.call('INCR', KEYS[2])
+if token <= tonumber(ARGV[3]) then
+  token = tonumber(ARGV[3]) + 1
+  redis.call('SET', KEYS[2], token)
+end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
 return token
 """
@@ -53,6 +59,7 @@ class RedisLease:
         ttl: float,
         key: str = keys.TUNER_LEASE,
         token_key: str = keys.TUNER_TOKEN,
+        floor: Callable[[], int] = lambda: 0,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the lease TTL must be positive")
@@ -64,6 +71,10 @@ class RedisLease:
         self.key = key
         self.token_key = token_key
         self.token: int | None = None  # the fencing token while this holder has the lease
+        # The highest term seen, and any other known floor (the store's): a new term is
+        # above both, even after Redis lost the counter.
+        self.highest = 0
+        self._floor = floor
 
     @property
     def value(self) -> str | None:
@@ -84,9 +95,13 @@ class RedisLease:
                 return self.token
             log.warning("tuner lease lost (term %d): another control plane leads now", self.token)
             self.token = None
-        taken: Any = await self.redis.eval(_TAKE, 2, self.key, self.token_key, self.holder, ttl_ms)
+        floor = max(self.highest, self._floor())
+        taken: Any = await self.redis.eval(
+            _TAKE, 2, self.key, self.token_key, self.holder, ttl_ms, floor
+        )
         if int(taken):
             self.token = int(taken)
+            self.highest = max(self.highest, self.token)
             log.info("tuner lease taken by %s (term %d)", self.holder, self.token)
         return self.token
 
@@ -103,4 +118,5 @@ class RedisLease:
         if raw is None:
             return None
         holder, _, token = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition("|")
+        self.highest = max(self.highest, int(token))
         return holder, int(token)

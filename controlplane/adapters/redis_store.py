@@ -3,26 +3,37 @@
 Writes are compare-and-set transactions (WATCH/MULTI/EXEC on the version counter, retried when
 another write lands in between): the record, the counter and the change announcement go
 together or not at all.
+
+The store generation (`mlproxy:store`): Redis can lose everything (FLUSHALL, a restart without
+persistence, a failover to an empty or lagging server). A control plane process that finds no
+generation creates one, a random id, in one script that also raises the version counter and
+the tuner's term counter to the highest values this process has seen (its own reads and
+writes, and the replicas' heartbeats), so versions never go backwards across a loss. Only
+control plane processes create generations: they are the policy writers and know the version
+floor; a replica that created one would bless an empty store as the truth. Two processes
+racing create one generation: the script creates only if there is none.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
 from mlproxy.replica import ReplicaRecord
 
-__all__ = ["LeaseLost", "NotFound", "RedisStore"]
+__all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +50,248 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class RedisStore:
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.redis = client
+# KEYS: store, version, policies, term. ARGV: expected generation ("" for none), new id,
+# created_at, created_by, version floor, term floor, change channel.
+# Creates (or replaces) the generation only if the store holds the expected one; returns
+# {1, id} if created, else {0, the generation there ("" if none)}.
+_CREATE = """
+local current = redis.call('HGET', KEYS[1], 'generation') or ''
+if current ~= ARGV[1] then return {0, current} end
+local legacy = 0
+if current == '' then
+  legacy = redis.call('EXISTS', KEYS[2]) + redis.call('EXISTS', KEYS[3])
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[5]) then
+  redis.call('SET', KEYS[2], ARGV[5])
+end
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[6]) then
+  redis.call('SET', KEYS[4], ARGV[6])
+end
+local published = '0'
+if legacy > 0 then published = '1' end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'generation', ARGV[2], 'created_at', ARGV[3],
+           'created_by', ARGV[4], 'published', published)
+redis.call('PUBLISH', ARGV[7], cjson.encode({op = 'generation', generation = ARGV[2]}))
+return {1, ARGV[2]}
+"""
+# KEYS: store, version, term. ARGV: generation, version floor, term floor. Raises the counters
+# to the floors while the store holds that generation; 1 if it raised one, 0 if not, -1 if the
+# generation is not there.
+_RAISE = """
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return -1 end
+local raised = 0
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[2])
+  raised = 1
+end
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[3], ARGV[3])
+  raised = 1
+end
+return raised
+"""
+# KEYS: store. ARGV: generation, change channel. Marks it published; 1 if it is there, else 0.
+_PUBLISH = """
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'published', '1')
+redis.call('PUBLISH', ARGV[2], cjson.encode({op = 'generation', generation = ARGV[1]}))
+return 1
+"""
+
+
+def _text(raw: Any) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """The store's generation as one snapshot read it."""
+
+    generation: str | None  # None: the store has none (new, or emptied)
+    created_at: str | None
+    created_by: str | None
+    published: bool
+    version: int  # the version counter
+    term: int  # the tuner's term counter
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2))
+    def parse(cls, store: dict[Any, Any], version: Any, term: Any) -> StoreInfo:
+        fields = {_text(k): _text(v) for k, v in store.items()}
+        return cls(
+            generation=fields.get("generation") or None,
+            created_at=fields.get("created_at"),
+            created_by=fields.get("created_by"),
+            published=fields.get("published") == "1",
+            version=int(version or 0),
+            term=int(term or 0),
+        )
+
+
+class _NoGeneration(Exception):
+    """A write found the store without a generation: create one, then write."""
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, holder: str | None = None) -> None:
+        self.redis = client
+        self.holder = holder or f"controlplane-{secrets.token_hex(3)}"
+        # What this process has seen of the store: its generation, and the highest version
+        # and tuner term (the floors a new generation's counters start from).
+        self.generation: str | None = None
+        self.highest_version = 0
+        self.highest_term = 0
+        self.resets = 0  # times this process saw the store lose its generation
+        self.on_reset: Callable[[], None] = lambda: None
+        self.on_generation: Callable[[str], None] = lambda generation: None
+        self._lost = False  # the generation vanished and no new one was seen yet
+        self._counter_seen = 0  # the highest counter value read in the current generation
+
+    @classmethod
+    def from_url(cls, url: str, holder: str | None = None) -> RedisStore:
+        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        return cls(client, holder)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    # --- the store generation
+
+    def _observe(self, generation: str | None) -> None:
+        """Note the generation a read found; a reset if it is not the one seen before."""
+        if generation == self.generation:
+            return
+        if self.generation is None:  # the first one this process sees
+            if generation is not None:
+                self.generation = generation
+                self.on_generation(generation)
+            return
+        if not self._lost:
+            self._lost = True
+            self.resets += 1
+            self.on_reset()
+            log.error(
+                "POLICY STORE RESET: Redis lost the policy store (generation %s is gone; "
+                "highest version seen %d). The ext_proc replicas keep serving their last-known "
+                "policies. Re-apply the policies from git (`mlproxy policy apply -f ...`), "
+                "check `mlproxy replicas` until no replica keeps old policies, and find out "
+                "why Redis lost its data (restart without persistence, FLUSHALL, failover)",
+                self.generation,
+                self.highest_version,
+            )
+        if generation is not None:
+            log.warning(
+                "policy store: now generation %s (was %s); versions continue above %d",
+                generation,
+                self.generation,
+                self.highest_version,
+            )
+            self.generation = generation
+            self._lost = False
+            self._counter_seen = 0
+            self.on_generation(generation)
+
+    def _seen(self, version: int) -> None:
+        """A counter value read or written in the current generation."""
+        self._counter_seen = max(self._counter_seen, version)
+        self.highest_version = max(self.highest_version, version)
+
+    async def info(self) -> StoreInfo:
+        """One snapshot of the generation and the counters (no side effects)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.STORE)
+            pipe.get(keys.VERSION)
+            pipe.get(keys.TUNER_TOKEN)
+            store, version, term = await pipe.execute()
+        return StoreInfo.parse(store, version, term)
+
+    async def check(self, floor: int = 0) -> StoreInfo:
+        """Make sure the store has a generation, and that its counters are not below what
+        this process has seen (nor below `floor`, e.g. from the replicas' heartbeats):
+        create the generation if there is none; replace it if the counter went back within
+        it (the store lost writes); raise the counters if another process created it with
+        lower floors. Returns the state after."""
+        self.highest_version = max(self.highest_version, floor)
+        for _ in range(5):
+            info = await self.info()
+            regressed = (
+                info.generation is not None
+                and info.generation == self.generation
+                and info.version < self._counter_seen
+            )
+            if regressed:
+                log.error(
+                    "POLICY STORE RESET: the version counter of generation %s went back from "
+                    "%d to %d: Redis lost writes (a failover to a lagging server?); replacing "
+                    "the generation so that no replica takes an old version for a new one",
+                    info.generation,
+                    self._counter_seen,
+                    info.version,
+                )
+            if info.generation is None or regressed:
+                self._observe(None)
+                created = await self._create(info.generation or "")
+                if created is not None:
+                    log.warning(
+                        "policy store: created generation %s (versions start above %d, tuner "
+                        "terms above %d)",
+                        created,
+                        self.highest_version,
+                        self.highest_term,
+                    )
+                continue  # read what is there now
+            self._observe(info.generation)
+            if info.version < self.highest_version or info.term < self.highest_term:
+                await self.redis.eval(
+                    _RAISE,
+                    3,
+                    keys.STORE,
+                    keys.VERSION,
+                    keys.TUNER_TOKEN,
+                    info.generation,
+                    self.highest_version,
+                    self.highest_term,
+                )
+                continue
+            self._seen(info.version)
+            self.highest_term = max(self.highest_term, info.term)
+            return info
+        raise RedisError("the policy store's generation keeps changing; retry")
+
+    async def _create(self, expected: str) -> str | None:
+        """A new generation if the store still holds `expected` ("" for none); its id, or
+        None if another process changed it first."""
+        new = secrets.token_hex(8)
+        result: Any = await self.redis.eval(
+            _CREATE,
+            4,
+            keys.STORE,
+            keys.VERSION,
+            keys.POLICIES,
+            keys.TUNER_TOKEN,
+            expected,
+            new,
+            _now().isoformat(),
+            self.holder,
+            self.highest_version,
+            self.highest_term,
+            keys.CHANGES,
+        )
+        return new if int(result[0]) == 1 else None
+
+    async def publish(self) -> StoreInfo:
+        """Mark the current generation as holding the whole policy set: replicas drop the
+        policies they kept from an earlier generation that it does not have."""
+        info = await self.check()
+        assert info.generation is not None
+        if not info.published:
+            await self.redis.eval(_PUBLISH, 1, keys.STORE, info.generation, keys.CHANGES)
+            log.warning(
+                "policy store: generation %s published; replicas now apply exactly its "
+                "policies and drop those kept from an earlier generation",
+                info.generation,
+            )
+        return await self.info()
 
     async def all_policies(self) -> list[Policy]:
         raw = await self.redis.hgetall(keys.POLICIES)
@@ -83,7 +326,10 @@ class RedisStore:
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.VERSION, keys.POLICIES, *(fence[:1] if fence else ()))
+                    await pipe.watch(
+                        keys.STORE, keys.VERSION, keys.POLICIES, *(fence[:1] if fence else ())
+                    )
+                    generation = await self._generation_in(pipe)
                     if fence is not None:
                         held = await pipe.get(fence[0])
                         if (held.decode() if isinstance(held, bytes) else held) != fence[1]:
@@ -91,7 +337,7 @@ class RedisStore:
                     raw = await pipe.hget(keys.POLICIES, name)
                     current = None if raw is None else Policy.model_validate_json(raw)
                     precondition.check(name, None if current is None else current.version)
-                    version = int(await pipe.get(keys.VERSION) or 0) + 1
+                    version = await self._next_version(pipe)
                     now = _now()
                     record = Policy.model_validate(
                         {
@@ -105,11 +351,15 @@ class RedisStore:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys.VERSION, version)
                     pipe.hset(keys.POLICIES, name, record.model_dump_json())
-                    pipe.publish(keys.CHANGES, _change("put", name, version))
+                    pipe.publish(keys.CHANGES, _change("put", name, version, generation))
                     await pipe.execute()
+                    self._seen(version)
                     return current, record
                 except WatchError:
                     continue  # another write landed in between: check again
+                except _NoGeneration:
+                    pass
+            await self.check()  # the store was new or emptied: a generation first
 
     async def delete(self, name: str, precondition: Precondition) -> int:
         """Delete `name` if the precondition holds; returns the version of the deletion."""
@@ -120,21 +370,49 @@ class RedisStore:
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.VERSION, keys.POLICIES)
+                    await pipe.watch(keys.STORE, keys.VERSION, keys.POLICIES)
+                    generation = await self._generation_in(pipe)
                     raw = await pipe.hget(keys.POLICIES, name)
                     if raw is None:
                         raise NotFound(name)
                     current = Policy.model_validate_json(raw)
                     precondition.check(name, current.version)
-                    version = int(await pipe.get(keys.VERSION) or 0) + 1
+                    version = await self._next_version(pipe)
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys.VERSION, version)
                     pipe.hdel(keys.POLICIES, name)
-                    pipe.publish(keys.CHANGES, _change("delete", name, version))
+                    pipe.publish(keys.CHANGES, _change("delete", name, version, generation))
                     await pipe.execute()
+                    self._seen(version)
                     return current, version
                 except WatchError:
                     continue
+                except _NoGeneration:
+                    pass
+            await self.check()
+
+    async def _generation_in(self, pipe: Any) -> str:
+        """The generation, read in a watched transaction; _NoGeneration if there is none."""
+        generation = _text(await pipe.hget(keys.STORE, "generation"))
+        if not generation:
+            raise _NoGeneration
+        self._observe(generation)
+        return generation
+
+    async def _next_version(self, pipe: Any) -> int:
+        """The next version: above the counter and above any version this process has seen
+        (another process may have created the generation with a lower floor)."""
+        return max(int(await pipe.get(keys.VERSION) or 0), self.highest_version) + 1
+
+    async def get_with_generation(self, name: str) -> tuple[Policy, str | None]:
+        """A policy and the store generation it belongs to, read together."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.POLICIES, name)
+            pipe.hget(keys.STORE, "generation")
+            raw, generation = await pipe.execute()
+        if raw is None:
+            raise NotFound(name)
+        return Policy.model_validate_json(raw), _text(generation) or None
 
     async def record_decision(self, name: str, record: dict[str, Any], keep: int = 100) -> None:
         key = keys.decisions_key(name)
@@ -184,5 +462,5 @@ def _valid(model: type[M], raws: Iterable[bytes | str]) -> list[M]:
     return out
 
 
-def _change(op: str, name: str, version: int) -> str:
-    return json.dumps({"op": op, "name": name, "version": version})
+def _change(op: str, name: str, version: int, generation: str) -> str:
+    return json.dumps({"op": op, "name": name, "version": version, "generation": generation})

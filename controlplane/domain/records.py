@@ -18,6 +18,7 @@ __all__ = [
     "RolloutStatus",
     "etag",
     "rollout",
+    "runs",
 ]
 
 
@@ -138,28 +139,51 @@ class Precondition:
 class ReplicaVersion(BaseModel):
     id: str
     address: str
-    version: int | None  # None: the replica does not have this policy
+    version: int | None  # None: the replica does not have this policy (from this generation)
+    generation: str | None = None  # the store generation the replica follows
 
 
 class RolloutStatus(BaseModel):
     name: str
     version: int
+    generation: str | None = None  # the store generation of this version
     replicas: int
     converged: int
     complete: bool
     behind: list[ReplicaVersion]
 
 
-def rollout(policy: Policy, replicas: list[ReplicaRecord]) -> RolloutStatus:
+def runs(replica: ReplicaRecord, name: str, version: int, generation: str | None) -> bool:
+    """Whether the replica applies this version of the policy from this store generation.
+    Versions of two generations are never compared: after the store lost its data, a
+    version number can mean another policy (and a replica that reports no generation, or
+    is still waiting for a new one, is not converged)."""
+    return (
+        generation is not None
+        and replica.generation == generation
+        and not replica.store_lost
+        and name not in replica.carried
+        and replica.policies.get(name) == version
+    )
+
+
+def rollout(policy: Policy, replicas: list[ReplicaRecord], generation: str | None) -> RolloutStatus:
+    """How many live replicas run `policy` as stored in store generation `generation`."""
     behind = [
-        ReplicaVersion(id=r.id, address=r.address, version=r.policies.get(policy.name))
+        ReplicaVersion(
+            id=r.id,
+            address=r.address,
+            version=r.policies.get(policy.name) if r.generation == generation else None,
+            generation=r.generation,
+        )
         for r in replicas
-        if r.policies.get(policy.name) != policy.version
+        if not runs(r, policy.name, policy.version, generation)
     ]
     converged = len(replicas) - len(behind)
     return RolloutStatus(
         name=policy.name,
         version=policy.version,
+        generation=generation,
         replicas=len(replicas),
         converged=converged,
         complete=not behind and bool(replicas),

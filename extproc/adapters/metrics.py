@@ -78,6 +78,25 @@ class PrometheusMetrics:
             "1 while the policy source (Redis) is reachable; 0 while serving last-known policies.",
             registry=r,
         )
+        self.store_generation_info = Gauge(
+            "mlproxy_policy_store_generation",
+            "1 for the policy store generation (label `generation`) this replica follows; a "
+            "new one after Redis lost its data. Replicas of one install should agree.",
+            ["generation"],
+            registry=r,
+        )
+        self.store_resets = Counter(
+            "mlproxy_policy_store_resets",
+            "Times this replica saw Redis lose the policy store (its generation vanished or "
+            "was replaced): it kept its last-known policies; re-apply them from git.",
+            registry=r,
+        )
+        self.carried = Gauge(
+            "mlproxy_policy_store_carried_policies",
+            "Policies this replica still applies from a lost store generation, because they "
+            "were not re-published yet (0 normally).",
+            registry=r,
+        )
         self.policy_version = Gauge(
             "mlproxy_policy_version",
             "Version of each policy this replica applies.",
@@ -156,6 +175,17 @@ class PrometheusMetrics:
         for gauge in (self.policy_version, self.sla_latency, self.sla_percentile):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
+
+    def store_generation(self, generation: str | None) -> None:
+        self.store_generation_info.clear()
+        if generation is not None:
+            self.store_generation_info.labels(generation).set(1)
+
+    def store_reset(self) -> None:
+        self.store_resets.inc()
+
+    def carried_policies(self, count: int) -> None:
+        self.carried.set(count)
 
     def request_arrived(self, policy: str) -> None:
         pass  # counted by request_done, by outcome

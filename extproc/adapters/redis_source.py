@@ -7,6 +7,16 @@
   heartbeat with a TTL carrying the applied versions and recent stats.
 - While Redis is unreachable the replica keeps serving with its last-known policies, reports
   `mlproxy_policy_source_up 0`, logs it, and reconnects with backoff; on reconnect it resyncs.
+- The store generation (`mlproxy:store`, made by a control plane; see
+  controlplane/adapters/redis_store.py) is read with the policies in one transaction. When
+  it vanishes (Redis emptied: FLUSHALL, a restart without persistence) the replica keeps its
+  last-known policies and waits; when a new one appears it applies that generation's
+  policies whatever their version numbers (a version of one generation says nothing about
+  another) and keeps ("carries") the last-known policies the new generation does not have
+  yet, until they are re-published by name or the generation is published as complete.
+  Each reset is logged as an error, counted (`mlproxy_policy_store_resets_total`) and shown
+  in the heartbeat, so that the control plane never counts this replica as converged on
+  another generation's version.
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -28,11 +40,46 @@ from mlproxy.keys import redact_url
 from mlproxy.policy import Policy
 from mlproxy.replica import ReplicaRecord
 
-__all__ = ["RedisPolicySource"]
+__all__ = ["RedisPolicySource", "StoreObserver"]
 
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Sequence[Policy]], None]
+
+
+class StoreObserver(Protocol):
+    """What the replica exports about the store generation (its metrics)."""
+
+    def store_generation(self, generation: str | None) -> None: ...
+
+    def store_reset(self) -> None: ...
+
+    def carried_policies(self, count: int) -> None: ...
+
+
+class _NoObserver:
+    def store_generation(self, generation: str | None) -> None:
+        pass
+
+    def store_reset(self) -> None:
+        pass
+
+    def carried_policies(self, count: int) -> None:
+        pass
+
+
+@dataclass
+class _Snapshot:
+    """One transaction's read of the store."""
+
+    generation: str | None
+    published: bool
+    version: int
+    policies: dict[str, Policy] = field(default_factory=dict)
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 class RedisPolicySource:
@@ -45,6 +92,7 @@ class RedisPolicySource:
         clock: Clock,
         applied: Callable[[], dict[str, int]],
         on_source_state: Callable[[bool], None] = lambda up: None,
+        observer: StoreObserver | None = None,
         resync_interval: float = 5.0,
         heartbeat_interval: float = 2.0,
         heartbeat_ttl: float = 10.0,
@@ -56,12 +104,20 @@ class RedisPolicySource:
         self._clock = clock
         self._applied = applied
         self._on_source_state = on_source_state
+        self._observer: StoreObserver = observer or _NoObserver()
         self.resync_interval = resync_interval
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
         self._redis = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2)
         self._tasks: list[asyncio.Task[None]] = []
-        self._current: dict[str, Policy] = {}
+        self._current: dict[str, Policy] = {}  # what this replica applies
+        # The store generation followed (None: none seen yet); the applied policies that come
+        # from an earlier generation; whether the store has lost its generation right now.
+        self.generation: str | None = None
+        self._carried: dict[str, Policy] = {}
+        self.store_lost = False
+        self.highest_version = 0
+        self.resets = 0
         self._resync_lock = asyncio.Lock()
         self._apply: Apply | None = None
         self._beat_now = asyncio.Event()  # report a change at once, not at the next beat
@@ -70,8 +126,21 @@ class RedisPolicySource:
         self.last_sync_at: datetime | None = None
         self.started_at = datetime.now(UTC)
 
-    async def _fetch(self) -> dict[str, Policy]:
-        raw = await self._redis.hgetall(keys.POLICIES)
+    async def _fetch(self) -> _Snapshot:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.STORE)
+            pipe.get(keys.VERSION)
+            pipe.hgetall(keys.POLICIES)
+            store, version, raw = await pipe.execute()
+        fields = {_text(k): _text(v) for k, v in store.items()}
+        return _Snapshot(
+            generation=fields.get("generation") or None,
+            published=fields.get("published") == "1",
+            version=int(version or 0),
+            policies=self._parse(raw),
+        )
+
+    def _parse(self, raw: dict[Any, Any]) -> dict[str, Policy]:
         out: dict[str, Policy] = {}
         for name_b, value in raw.items():
             name = name_b.decode() if isinstance(name_b, bytes) else name_b
@@ -84,9 +153,55 @@ class RedisPolicySource:
                     name,
                     err.errors()[0]["msg"],
                 )
-                if name in self._current:
+                if name in self._current and name not in self._carried:
                     out[name] = self._current[name]
         return out
+
+    def _follow(self, snap: _Snapshot) -> dict[str, Policy]:
+        """The policies to apply after reading `snap`, and the generation bookkeeping."""
+        self.highest_version = max(self.highest_version, snap.version)
+        if self.generation is None:
+            # Nothing followed yet (a new replica, or a store no control plane has given a
+            # generation): take what is there.
+            self.generation = snap.generation
+            if snap.generation is not None:
+                self._observer.store_generation(snap.generation)
+            return snap.policies
+        if snap.generation is None:
+            if not self.store_lost:
+                self.store_lost = True
+                self._reset(
+                    f"Redis has lost the policy store (generation {self.generation} is gone, "
+                    f"{len(snap.policies)} policies left): serving the {len(self._current)} "
+                    "last-known policies until a control plane creates a new generation"
+                )
+            return dict(self._current)
+        if snap.generation != self.generation:
+            if not self.store_lost:
+                self._reset(
+                    f"the policy store was replaced (generation {self.generation} -> "
+                    f"{snap.generation}): applying its policies whatever their versions"
+                )
+            self._carried = dict(self._current)
+            self.generation = snap.generation
+            self.store_lost = False
+            self._observer.store_generation(snap.generation)
+        if snap.published:
+            self._carried = {}
+        else:  # a policy re-published under its name replaces the kept one for good
+            self._carried = {n: p for n, p in self._carried.items() if n not in snap.policies}
+        return {**self._carried, **snap.policies}
+
+    def _reset(self, what: str) -> None:
+        self.resets += 1
+        self._observer.store_reset()
+        log.error(
+            "POLICY STORE RESET: %s. Versions of the lost generation are not compared with "
+            "the new one. Operator: re-apply the policies from git (`mlproxy policy apply -f "
+            "...`), check `mlproxy replicas` until no replica carries old policies, and find "
+            "out why Redis lost its data",
+            what,
+        )
 
     def _set_state(self, ok: bool, why: str = "") -> None:
         if ok != self.source_ok:
@@ -106,7 +221,7 @@ class RedisPolicySource:
         backoff = 0.1
         while True:
             try:
-                self._current = await self._fetch()
+                snap = await self._fetch()
             except (RedisError, OSError) as err:
                 log.warning(
                     "cannot load policies from %s yet (%s); retrying in %.1f s",
@@ -117,6 +232,8 @@ class RedisPolicySource:
                 await asyncio.sleep(backoff)
                 backoff = min(max_backoff, backoff * 2)
                 continue
+            self._current = self._follow(snap)
+            self._observer.carried_policies(len(self._carried))
             self.last_sync_at = datetime.now(UTC)
             self._set_state(True)
             return list(self._current.values())
@@ -132,20 +249,38 @@ class RedisPolicySource:
 
     async def resync(self) -> None:
         async with self._resync_lock:
-            policies = await self._fetch()
+            snap = await self._fetch()
             self.last_sync_at = datetime.now(UTC)
             self._set_state(True)
-            changed = {n: p.version for n, p in policies.items()} != {
-                n: p.version for n, p in self._current.items()
-            }
+            before = (self.generation, self.store_lost, set(self._carried))
+            policies = self._follow(snap)
+            # The same version in another generation can be another policy: compare the
+            # records themselves.
+            changed = policies != self._current
             self._current = policies
+            self._observer.carried_policies(len(self._carried))
             if changed and self._apply is not None:
                 self._apply(list(policies.values()))
-                self._beat_now.set()
                 log.info(
-                    "policies applied: %s",
-                    ", ".join(f"{n}@{p.version}" for n, p in sorted(policies.items())) or "none",
+                    "policies applied (store generation %s): %s",
+                    self.generation,
+                    ", ".join(
+                        f"{n}@{p.version}" + (" (kept)" if n in self._carried else "")
+                        for n, p in sorted(policies.items())
+                    )
+                    or "none",
                 )
+            if self._carried and set(self._carried) != before[2]:
+                log.warning(
+                    "policy store generation %s is not complete: still applying %d policies "
+                    "kept from the lost one (%s) until they are re-published; re-apply them "
+                    "from git, then `mlproxy store publish` if some are meant to be gone",
+                    self.generation,
+                    len(self._carried),
+                    ", ".join(sorted(self._carried)),
+                )
+            if changed or before != (self.generation, self.store_lost, set(self._carried)):
+                self._beat_now.set()
 
     async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> bool:
         """Wait `seconds` (or until `wake` is set); False once close() has begun."""
@@ -192,13 +327,18 @@ class RedisPolicySource:
                 log.exception("periodic policy resync failed; trying again")
 
     def record(self) -> ReplicaRecord:
+        applied = self._applied()
         return ReplicaRecord.model_validate(
             {
                 "id": self.replica_id,
                 "address": self.address,
                 "started_at": self.started_at,
                 "heartbeat_at": datetime.now(UTC),
-                "policies": self._applied(),
+                "policies": {n: v for n, v in applied.items() if n not in self._carried},
+                "carried": {n: v for n, v in applied.items() if n in self._carried},
+                "generation": self.generation,
+                "store_lost": self.store_lost,
+                "highest_version": max(self.highest_version, *applied.values(), 0),
                 "source_ok": self.source_ok,
                 "last_sync_at": self.last_sync_at,
                 "stats": self._stats.snapshot(self._clock.now()),

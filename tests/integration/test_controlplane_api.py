@@ -200,7 +200,8 @@ async def test_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) ->
 async def heartbeat(
     store: RedisStore, rid: str, version: int, stats: dict[str, Any] | None = None
 ) -> None:
-    """What replica `rid` would write: it runs policy `m` at `version`."""
+    """What replica `rid` would write: it runs policy `m` at `version` of the store's
+    current generation."""
     now = datetime.now(UTC).isoformat()
     record = {
         "id": rid,
@@ -208,6 +209,7 @@ async def heartbeat(
         "started_at": now,
         "heartbeat_at": now,
         "policies": {"m": version},
+        "generation": (await store.info()).generation,
         "source_ok": True,
         "last_sync_at": now,
         "stats": {} if stats is None else {"m": stats},
@@ -223,7 +225,9 @@ async def test_replicas_and_rollout_status(client: httpx.AsyncClient, store: Red
     assert [x["id"] for x in r.json()["items"]] == ["r1", "r2"]
     status = (await client.get("/v1/policies/m/status", headers=auth(READER))).json()
     assert (status["replicas"], status["converged"], status["complete"]) == (2, 1, False)
-    assert status["behind"] == [{"id": "r2", "address": "r2:50051", "version": v - 1}]
+    assert status["behind"] == [
+        {"id": "r2", "address": "r2:50051", "version": v - 1, "generation": status["generation"]}
+    ]
     assert (await client.get("/v1/policies/zz/status", headers=auth())).status_code == 404
 
 

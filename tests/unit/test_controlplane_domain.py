@@ -83,7 +83,9 @@ def test_precondition_check(pre: Precondition, current: int | None, ok: bool) ->
             pre.check("p", current)
 
 
-def replica(rid: str, **versions: int) -> ReplicaRecord:
+def replica(
+    rid: str, generation: str | None = "g1", carried: dict[str, int] | None = None, **versions: int
+) -> ReplicaRecord:
     now = datetime.now(UTC)
     return ReplicaRecord(
         id=rid,
@@ -93,18 +95,38 @@ def replica(rid: str, **versions: int) -> ReplicaRecord:
         policies=versions,
         source_ok=True,
         last_sync_at=now,
+        generation=generation,
+        carried=carried or {},
     )
+
+
+POLICY_P5 = Policy.model_validate(
+    {"name": "p", "match": {"path": "/p"}, "backend": {"url": "http://b/"}, "version": 5}
+)
 
 
 def test_rollout_counts_replicas_on_the_current_version() -> None:
-    policy = Policy.model_validate(
-        {"name": "p", "match": {"path": "/p"}, "backend": {"url": "http://b/"}, "version": 5}
-    )
-    status = rollout(policy, [replica("a", p=5), replica("b", p=4), replica("c")])
+    status = rollout(POLICY_P5, [replica("a", p=5), replica("b", p=4), replica("c")], "g1")
     assert (status.replicas, status.converged, status.complete) == (3, 1, False)
     assert [(r.id, r.version) for r in status.behind] == [("b", 4), ("c", None)]
-    assert rollout(policy, [replica("a", p=5)]).complete
-    assert not rollout(policy, []).complete
+    assert rollout(POLICY_P5, [replica("a", p=5)], "g1").complete
+    assert not rollout(POLICY_P5, [], "g1").complete
+
+
+def test_rollout_never_counts_a_version_of_another_store_generation() -> None:
+    """After Redis lost its data, version 5 of generation g2 is not version 5 of g1."""
+    old = replica("old", generation="g1", p=5)
+    unknown = replica("unknown", generation=None, p=5)  # a replica that reports no generation
+    kept = replica("kept", generation="g2", carried={"p": 5})  # still serving g1's p
+    new = replica("new", generation="g2", p=5)
+    status = rollout(POLICY_P5, [old, unknown, kept, new], "g2")
+    assert (status.converged, status.complete) == (1, False)
+    assert [(r.id, r.version, r.generation) for r in status.behind] == [
+        ("old", None, "g1"),
+        ("unknown", None, None),
+        ("kept", None, "g2"),
+    ]
+    assert not rollout(POLICY_P5, [new], None).complete  # a store without a generation
 
 
 def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:

@@ -256,6 +256,12 @@ def test_exposition_names_expand_counters_and_histograms(known_names: set[str]) 
         "mlproxy_policy_sla_latency_seconds",
         "mlproxy_cp_requests_total",
         "mlproxy_cp_redis_up",
+        "mlproxy_policy_store_generation",
+        "mlproxy_policy_store_resets_total",
+        "mlproxy_policy_store_carried_policies",
+        "mlproxy_cp_store_generation",
+        "mlproxy_cp_store_resets_total",
+        "mlproxy_cp_store_published",
     } <= known_names
     assert "mlproxy_requests" not in known_names
 
@@ -373,6 +379,10 @@ def test_dashboard_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
         "mlproxy_cp_redis_up",
         "mlproxy_event_loop_lag_seconds_bucket",
         "mlproxy_gc_pause_seconds_bucket",
+        "mlproxy_policy_store_generation",
+        "mlproxy_policy_store_carried_policies",
+        "mlproxy_policy_store_resets_total",
+        "mlproxy_cp_store_resets_total",
     } <= used
 
 
@@ -410,6 +420,7 @@ def test_prometheus_rule_structure(rule_doc: dict[str, Any]) -> None:
         "MLProxyReplicasNotConverged",
         "MLProxyRedisUnreachable",
         "MLProxyExtprocDown",
+        "MLProxyPolicyStoreReset",
     } <= set(names)
 
 
