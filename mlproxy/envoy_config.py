@@ -52,9 +52,11 @@ def local_config(
     admin_port: int = 9901,
     host: str = "127.0.0.1",
     bypass_prefix: str | None = None,
+    extproc_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
-    to the model without ext_proc: the benchmark's baseline."""
+    to the model without ext_proc: the benchmark's baseline. `extproc_tls`: the ext_proc
+    cluster's transport socket for mTLS (mlproxy.tls.envoy_upstream_tls)."""
     disabled = {
         EXT_PROC_FILTER: {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -94,7 +96,7 @@ def local_config(
             },
         ],
     }
-    return {
+    config: dict[str, Any] = {
         "admin": {"address": _addr(host, admin_port)},
         "static_resources": {
             "listeners": [
@@ -148,3 +150,8 @@ def local_config(
             ],
         },
     }
+    if extproc_tls is not None:  # mTLS to ext_proc (README: "Authentication and encryption")
+        for c in config["static_resources"]["clusters"]:
+            if c["name"] == "extproc":
+                c["transport_socket"] = extproc_tls
+    return config

@@ -20,6 +20,7 @@ from redis.exceptions import WatchError
 from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
+from mlproxy.redis_auth import redis_client  # credentials from env/files
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["LeaseLost", "NotFound", "RedisStore"]
@@ -45,7 +46,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2))
+        return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=2))
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
