@@ -86,8 +86,7 @@ class StackSecrets:
             "loglevel warning",
             "user default off",
             # Only the password's SHA-256 (`#`): Redis echoes a bad config line in its log.
-            f"user {REDIS_USER} on #{digest} ~mlproxy:* resetchannels &mlproxy:* "
-            "+@all -@dangerous",
+            f"user {REDIS_USER} on #{digest} ~mlproxy:* resetchannels &mlproxy:* +@all -@dangerous",
         ]
         if self.redis_tls:
             assert self.pki is not None
