@@ -200,3 +200,34 @@ def test_up_with_tls_comes_up_serves_and_its_printed_settings_work() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_the_gateway_configs_mtls_example_is_valid_and_what_the_code_generates(
+    tmp_path: Path,
+) -> None:
+    """envoy/gateway.yaml carries the mTLS block as a commented example: uncommented (with a
+    real CA's files at its paths) Envoy accepts it, and it is what mlproxy.tls generates."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "envoy/gateway.yaml").read_text()
+    begin, end = "    # BEGIN mtls-example\n", "    # END mtls-example\n"
+    block = text[text.index(begin) + len(begin) : text.index(end)]
+    uncommented = "".join(line.replace("# ", "", 1) for line in block.splitlines(True))
+    name = "mlproxy-extproc.mlproxy.svc.cluster.local"
+    shipped = yaml.safe_load(uncommented)["transport_socket"]
+    d = "/etc/mlproxy/tls/"
+    assert shipped == envoy_upstream_tls(
+        d + "tls.crt", d + "tls.key", d + "ca.crt", san=name, sni=name
+    )
+    pki = make_local_pki(tmp_path / "pki")
+    for old, new in (("tls.crt", pki.client.cert), ("tls.key", pki.client.key), ("ca.crt", pki.ca)):
+        uncommented = uncommented.replace(d + old, str(new))
+    enabled = text[: text.index(begin)] + uncommented + text[text.index(end) + len(end) :]
+    config = yaml.safe_load(enabled)
+    (cluster,) = [
+        c for c in config["static_resources"]["clusters"] if c["name"] == "mlproxy-extproc"
+    ]
+    assert cluster["transport_socket"]["typed_config"]["sni"] == name
+    path = tmp_path / "gateway-mtls.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = envoy_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
