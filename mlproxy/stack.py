@@ -176,7 +176,7 @@ class Stack:
     # mTLS on every hop (`mlproxy up --tls`), with a throwaway CA in run_dir/tls.
     tls: bool = False
     pki: LocalPki | None = None
-    secrets: StackSecrets | None = None  # Redis's password file, the certificates
+    security: StackSecrets | None = None  # Redis's password file, the certificates
 
     def __post_init__(self) -> None:
         for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
@@ -211,7 +211,7 @@ class Stack:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.controlplane_port}"
 
     def effective_redis_url(self) -> str:
-        tls = self.secrets is not None and self.secrets.redis_tls
+        tls = self.security is not None and self.security.redis_tls
         return self.redis_url or f"{'rediss' if tls else 'redis'}://{self.host}:{self.redis_port}/0"
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -243,8 +243,8 @@ class Stack:
         assert self.run_dir is not None
         # What the `local` extra brings, found before any child starts.
         envoy = envoy_binary()
-        self.secrets = StackSecrets.create(self.run_dir, self.tls, (self.host, "localhost"))
-        self.pki = self.secrets.pki
+        self.security = StackSecrets.create(self.run_dir, self.tls, (self.host, "localhost"))
+        self.pki = self.security.pki
         redis = self.redis_child() if self.uses_redis and self.redis_url is None else None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
         _check_free(self.host, self.model_port, "demo model port")
@@ -317,10 +317,10 @@ class Stack:
     def redis_child(self) -> Child:
         assert self.run_dir is not None
         try:
-            if self.secrets is None:
+            if self.security is None:
                 argv = redis_argv(self.host, self.redis_port, self.run_dir)
             else:  # ACL user and password from a config file, TLS if the binary has it
-                argv, tls = self.secrets.redis_config(
+                argv, tls = self.security.redis_config(
                     redis_server_binary(), self.host, self.redis_port, self.run_dir
                 )
                 if self.tls and not tls:
@@ -398,11 +398,11 @@ class Stack:
         )
 
     def _secret_env(self, role: str) -> dict[str, str]:
-        if self.secrets is None:
+        if self.security is None:
             return {}
         own_redis = self.uses_redis and self.redis_url is None
-        tls = self.secrets.extproc_env() if role == "extproc" else self.secrets.controlplane_env()
-        return {**self.secrets.redis_env(own_redis), **tls}
+        tls = self.security.extproc_env() if role == "extproc" else self.security.controlplane_env()
+        return {**self.security.redis_env(own_redis), **tls}
 
     def _seed_demo_policy(self) -> None:
         """Create the demo policy unless one of that name exists (an external Redis)."""

@@ -78,8 +78,8 @@ def test_the_cli_manages_policies_over_https_with_the_stacks_ca(tls_stack: Stack
 
 
 def test_redis_refuses_anyone_without_the_acl_users_password(tls_stack: Stack) -> None:
-    assert tls_stack.secrets is not None
-    password = tls_stack.secrets.redis_password_file.read_text()
+    assert tls_stack.security is not None
+    password = tls_stack.security.redis_password_file.read_text()
     anonymous = redis.Redis(host="127.0.0.1", port=tls_stack.redis_port, socket_timeout=5)
     with anonymous, pytest.raises(redis.exceptions.AuthenticationError):
         anonymous.hgetall("mlproxy:policies")
@@ -105,9 +105,9 @@ def cmdlines(stack: Stack) -> dict[str, bytes]:
 
 
 def test_no_secret_on_any_command_line_or_in_any_log(tls_stack: Stack) -> None:
-    assert tls_stack.secrets is not None
+    assert tls_stack.security is not None
     secrets = [
-        tls_stack.secrets.redis_password_file.read_text().encode(),
+        tls_stack.security.redis_password_file.read_text().encode(),
         tls_stack.admin_token.encode(),
     ]
     lines = cmdlines(tls_stack)
@@ -128,8 +128,8 @@ def test_a_password_in_an_external_redis_url_stays_off_the_command_lines(
 ) -> None:
     """`REDIS_URL=redis://user:pw@host mlproxy up`: the URL reaches the children by
     environment only."""
-    assert tls_stack.secrets is not None
-    password = tls_stack.secrets.redis_password_file.read_text()
+    assert tls_stack.security is not None
+    password = tls_stack.security.redis_password_file.read_text()
     url = f"redis://mlproxy:{password}@127.0.0.1:{tls_stack.redis_port}/0"
     other = Stack(envoy_port=0, controlplane_port=0, redis_url=url, run_dir=tmp_path)
     with other:
