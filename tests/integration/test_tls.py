@@ -3,8 +3,11 @@ line: real gRPC servers and clients, real `mlproxy` processes, a real Redis; loo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -12,11 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.server import ExtProcServer
 from mlproxy.keys import redact_url
-from mlproxy.redis_auth import RedisCredentialsError, redis_kwargs, url_has_password
+from mlproxy.redis_auth import (
+    RedisCredentialsError,
+    redis_client,
+    redis_kwargs,
+    url_has_password,
+)
 from mlproxy.stack import Child, free_port, http_ok
 from mlproxy.tls import (
     LocalPki,
@@ -361,3 +370,57 @@ def test_controlplane_refuses_a_missing_certificate(tmp_path: Path) -> None:
     result = run_cli("controlplane", "--port", str(free_port()), env=env)
     assert result.returncode == 2
     assert "nope.crt: cannot read" in result.stderr
+
+
+# ---- rediss:// against the real Redis behind a TLS terminator --------------------------------
+
+
+@pytest.fixture
+async def tls_redis(redis_server: RedisServer, pki: LocalPki) -> AsyncIterator[int]:
+    """The session's Redis behind a TLS listener with the test CA's server certificate (the
+    redis-server binaries here have no TLS of their own); yields the TLS port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        for t in (pipe(reader, up_writer), pipe(up_reader, writer)):
+            task = asyncio.create_task(t)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
+async def test_rediss_verifies_redis_against_the_ca_from_the_environment(
+    tls_redis: int, pki: LocalPki, other_pki: LocalPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"rediss://127.0.0.1:{tls_redis}/{DB}"
+    monkeypatch.setenv("MLPROXY_REDIS_CA_FILE", str(pki.ca))
+    client = redis_client(url, socket_timeout=10, socket_connect_timeout=10)
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+    monkeypatch.setenv("MLPROXY_REDIS_CA_FILE", str(other_pki.ca))
+    client = redis_client(url, socket_timeout=10, socket_connect_timeout=10)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.ping()
+    finally:
+        await client.aclose()
