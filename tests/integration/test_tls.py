@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import ssl
@@ -424,3 +425,30 @@ async def test_rediss_verifies_redis_against_the_ca_from_the_environment(
             await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_plaintext_ext_proc_warns_how_to_turn_tls_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = ExtProcServer([], port=0)
+    with caplog.at_level(logging.WARNING, logger="mlproxy.tls"):
+        await srv.start()
+    await srv.stop(grace=1)
+    (record,) = [r for r in caplog.records if r.name == "mlproxy.tls"]
+    assert record.levelno == logging.WARNING
+    for hint in ("plaintext", "--tls-cert", "--tls-key", "--tls-ca", "MLPROXY_TLS_CERT"):
+        assert hint in record.getMessage()
+
+
+def test_plain_http_control_plane_warns_how_to_turn_https_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane.main import tls_options
+
+    for name in ("MLPROXY_TLS_CERT", "MLPROXY_TLS_KEY", "MLPROXY_TLS_CA"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.WARNING, logger="controlplane.main"):
+        assert tls_options() == {}
+    (record,) = caplog.records
+    assert "cleartext" in record.getMessage()
+    assert "--tls-cert" in record.getMessage()
