@@ -89,6 +89,11 @@ def check_grpc(target: str, service: str = "", timeout: float = 2.0, tls: TlsArg
                     f"{where}: TLS handshake failed ({details}): check --tls-ca, --tls-cert, "
                     "--tls-key and --tls-server-name"
                 ) from err
+            if "socket closed" in details.lower():
+                raise HealthCheckFailed(
+                    f"{where}: the server closed the connection (does it require TLS? give "
+                    "--tls-ca, --tls-cert and --tls-key)"
+                ) from err
             raise HealthCheckFailed(f"{where}: {code.name}: {details}") from err
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:

@@ -452,3 +452,12 @@ def test_plain_http_control_plane_warns_how_to_turn_https_on(
     (record,) = caplog.records
     assert "cleartext" in record.getMessage()
     assert "--tls-cert" in record.getMessage()
+
+
+async def test_plaintext_healthcheck_against_a_tls_server_suggests_tls(
+    tls_server: ExtProcServer,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLPROXY_TLS_")}
+    result = await healthcheck("--grpc", f"127.0.0.1:{tls_server.port}", env=env)
+    assert result.code == 1
+    assert "does it require TLS? give --tls-ca, --tls-cert and --tls-key" in one_line(result)
