@@ -1,8 +1,10 @@
-"""`mlproxy controlplane`: serve the API with uvicorn."""
+"""`mlproxy controlplane`: serve the API with uvicorn, over HTTPS when given a certificate
+(--tls-cert/--tls-key or MLPROXY_TLS_CERT/MLPROXY_TLS_KEY)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -12,6 +14,8 @@ import uvicorn
 from controlplane.api.limits import ConnectionLimits, guarded_protocol
 from controlplane.app import create_app
 from controlplane.settings import Settings, SettingsError
+from mlproxy.redis_auth import RedisCredentialsError, redis_kwargs
+from mlproxy.tls import ENV_CA, TlsConfigError, TlsFiles, server_ssl_context, tls_files
 
 __all__ = ["serve"]
 
@@ -23,10 +27,34 @@ def _exit_stopped(signum: int, _frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def serve(host: str, port: int) -> int:
+def tls_options(cert: str | None = None, key: str | None = None) -> dict[str, str]:
+    """uvicorn's ssl_* options from the flags or the environment; {} for plain HTTP (logged as
+    a warning: bearer tokens then cross the network in cleartext)."""
+    files: TlsFiles | None = tls_files(
+        cert, key, env={k: v for k, v in os.environ.items() if k != ENV_CA}
+    )
+    if files is None:
+        log.warning(
+            "the control plane serves plain HTTP: bearer tokens cross the network in "
+            "cleartext. For HTTPS give --tls-cert and --tls-key (or MLPROXY_TLS_CERT and "
+            "MLPROXY_TLS_KEY)"
+        )
+        return {}
+    server_ssl_context(files)  # clear errors before uvicorn's own
+    if os.environ.get(ENV_CA):
+        log.warning(
+            "%s is not used by the control plane: clients authenticate with bearer tokens", ENV_CA
+        )
+    log.info("the control plane serves HTTPS with %s", files.cert)
+    return {"ssl_certfile": str(files.cert), "ssl_keyfile": str(files.key)}
+
+
+def serve(host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None) -> int:
     try:
         settings = Settings.from_env()
-    except SettingsError as err:
+        redis_kwargs(settings.redis_url)  # the Redis credentials files can be read
+        ssl_options = tls_options(tls_cert, tls_key)
+    except (SettingsError, RedisCredentialsError, TlsConfigError) as err:
         log.error("control plane cannot start: %s", err)
         return 2
     app = create_app(settings)
@@ -62,5 +90,6 @@ def serve(host: str, port: int) -> int:
         timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
         # Unfinished request headers: at most this many bytes buffered (h11's default).
         h11_max_incomplete_event_size=16 * 1024,
+        **ssl_options,  # type: ignore[arg-type]
     )
     return 0

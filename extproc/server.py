@@ -21,6 +21,7 @@ from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
+from mlproxy.tls import TlsFiles, add_grpc_port
 
 __all__ = ["ExtProcServer", "run"]
 
@@ -38,7 +39,9 @@ class ExtProcServer:
         port: int = 50051,
         metrics_port: int | None = None,
         clock: Clock | None = None,
+        tls: TlsFiles | None = None,  # mTLS: cert, key and the CA of Envoy's client cert
     ) -> None:
+        self.tls = tls
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
@@ -68,7 +71,7 @@ class ExtProcServer:
         )
         server.add_generic_rpc_handlers((servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
+        bound = add_grpc_port(server, f"{self.host}:{self.port}", self.tls)
         if bound == 0:
             raise OSError(f"ext_proc cannot listen on {self.host}:{self.port} (in use?)")
         self.port = bound

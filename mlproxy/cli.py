@@ -41,6 +41,8 @@ GRPC_EXPERIMENTS_DEFAULT = "-event_engine_listener"
 def cmd_extproc(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
     _logging(args.verbose)
+    if not _extproc_security(args):  # TLS files, no password on the command line
+        return 2
     if args.policies is not None:
         return _extproc_from_file(args)
     redis_url = args.redis_url or os.environ.get("MLPROXY_REDIS_URL") or os.environ.get("REDIS_URL")
@@ -49,6 +51,25 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         return 2
     _run_async(_extproc_from_redis(args, redis_url))
     return 0
+
+
+def _extproc_security(args: argparse.Namespace) -> bool:
+    from mlproxy.redis_auth import RedisCredentialsError, password_on_command_line, redis_kwargs
+    from mlproxy.tls import TlsConfigError, server_files_from_args
+
+    problem = password_on_command_line(args.redis_url)
+    if problem:
+        log.error("%s", problem)
+        return False
+    try:
+        args.tls = server_files_from_args(args, require_ca=True)
+        url = args.redis_url or os.environ.get("MLPROXY_REDIS_URL") or os.environ.get("REDIS_URL")
+        if url and args.policies is None:
+            redis_kwargs(url)  # the credentials files can be read
+    except (TlsConfigError, RedisCredentialsError) as err:
+        log.error("ext_proc cannot start: %s", err)
+        return False
+    return True
 
 
 def _extproc_from_file(args: argparse.Namespace) -> int:
@@ -62,7 +83,9 @@ def _extproc_from_file(args: argparse.Namespace) -> int:
     except PolicyFileError as err:
         log.error("invalid policy file: %s", err)
         return 2
-    server = ExtProcServer(policies, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    server = ExtProcServer(
+        policies, host=args.host, port=args.port, metrics_port=args.metrics_port, tls=args.tls
+    )
     _run_async(run(server, grace=args.grace, source=source, drain_delay=args.drain_delay))
     return 0
 
@@ -73,7 +96,9 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
     from extproc.adapters.redis_source import RedisPolicySource
     from extproc.server import ExtProcServer, run
 
-    server = ExtProcServer([], host=args.host, port=args.port, metrics_port=args.metrics_port)
+    server = ExtProcServer(
+        [], host=args.host, port=args.port, metrics_port=args.metrics_port, tls=args.tls
+    )
     replica_id = (
         args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
     )
@@ -109,13 +134,13 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     from controlplane.main import serve
 
     _logging(args.verbose)
-    return serve(args.host, args.port)
+    return serve(args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
     from mlproxy.client import ApiError, Client, apply_file, print_policies
 
-    client = Client()
+    client = Client(ca_file=args.ca_file)
     try:
         if args.action == "apply":
             return apply_file(client, args.file)
@@ -137,7 +162,7 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     from mlproxy.client import ApiError, Client, print_replicas
 
     try:
-        listing = Client().replica_listing()
+        listing = Client(ca_file=args.ca_file).replica_listing()
         print_replicas(listing["items"], args.output, listing.get("store"))
     except ApiError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -148,7 +173,7 @@ def cmd_replicas(args: argparse.Namespace) -> int:
 def cmd_store(args: argparse.Namespace) -> int:
     from mlproxy.client import ApiError, Client, print_store
 
-    client = Client()
+    client = Client(ca_file=args.ca_file)
     try:
         print_store(client.publish_store() if args.action == "publish" else client.store())
     except ApiError as err:
@@ -176,6 +201,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         model_port=args.model_port,
         redis_url=os.environ.get("REDIS_URL"),
         fail_open=args.fail_open,
+        tls=args.tls,
     )
     stopping = False
 
@@ -201,6 +227,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if stack.uses_redis:
         print("Manage policies with the admin token of this run:")
         print(f"  export MLPROXY_URL={stack.controlplane_url} MLPROXY_TOKEN={stack.admin_token}")
+        if stack.pki is not None:
+            print(f"  export MLPROXY_CA_FILE={stack.pki.ca}")
         print("  mlproxy policy get; mlproxy replicas")
     print("Ctrl-C stops everything.", flush=True)
     dead = stack.wait(lambda: stopping)
@@ -233,10 +261,18 @@ def _http_url(value: str) -> str:
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from mlproxy.healthcheck import main as healthcheck
 
-    return healthcheck(args.grpc, args.http, args.service, args.timeout)
+    return healthcheck(
+        args.grpc,
+        args.http,
+        args.service,
+        args.timeout,
+        tls=(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mlproxy.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY, add_tls_flags
+
     parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help="seconds between checks of the policy file for changes",
     )
+    add_tls_flags(p, ca_help="CA of Envoy's client certificates; with cert and key: mTLS")
 
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False
@@ -277,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("controlplane", help="run the control plane API (settings from env)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    add_tls_flags(p, ca_help=None)  # HTTPS
 
     p = sub.add_parser("policy", help="manage policies (MLPROXY_URL, MLPROXY_TOKEN)")
+    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
     psub = p.add_subparsers(dest="action", required=True)
     a = psub.add_parser("apply", help="create or update the policies in a file")
     a.add_argument("-f", "--file", type=Path, required=True, help="YAML/JSON file, - for stdin")
@@ -292,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("replicas", help="list live ext_proc replicas")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
 
     p = sub.add_parser(
         "store",
@@ -301,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         "that were not re-applied.",
     )
     p.add_argument("action", nargs="?", choices=["get", "publish"], default="get")
+    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
 
     p = sub.add_parser("up", help="run the local stack until Ctrl-C")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
@@ -321,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         "unbatched, unvalidated, and a request may reach the model twice if a replica dies "
         "after sending its batch (default: fail closed, the client gets an error)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS on every hop, with a throwaway CA and certificates in the run directory",
+    )
 
     p = sub.add_parser(
         "healthcheck",
@@ -335,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--http", metavar="URL", type=_http_url, help="GET; pass on 2xx")
     p.add_argument("--service", default="", help="gRPC health service name (default: server)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    p.add_argument("--tls-ca", metavar="FILE", help=f"TLS: CA to verify the server ({ENV_CA})")
+    p.add_argument("--tls-cert", metavar="FILE", help=f"gRPC mTLS: client cert ({ENV_CERT})")
+    p.add_argument("--tls-key", metavar="FILE", help=f"gRPC mTLS: client key ({ENV_KEY})")
+    p.add_argument("--tls-server-name", metavar="NAME", help="name to verify (default: host)")
 
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)

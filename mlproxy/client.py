@@ -1,20 +1,26 @@
 """`mlproxy policy ...` and `mlproxy replicas`: a kubectl-style client of the control plane API.
 
 The address comes from MLPROXY_URL (default http://127.0.0.1:8080) and the bearer token from
-MLPROXY_TOKEN.
+MLPROXY_TOKEN. An https:// address is always verified: against the CA in --ca-file or
+MLPROXY_CA_FILE if given, else the system's trusted roots. There is no way to skip it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+
+from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
 
 __all__ = [
     "ApiError",
@@ -35,11 +41,35 @@ class ApiError(RuntimeError):
 
 class Client:
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 10
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 10,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.url = (url or os.environ.get("MLPROXY_URL") or "http://127.0.0.1:8080").rstrip("/")
         self.token = token if token is not None else os.environ.get("MLPROXY_TOKEN", "")
         self.timeout = timeout
+        self.ca_file = ca_file or os.environ.get(ENV_CA_FILE) or None
+        self._context: ssl.SSLContext | None = None
+        self._warned = False
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.url.startswith("https://"):
+            if self.token and not self._warned and not _loopback(self.url):
+                self._warned = True
+                print(
+                    f"WARNING: sending the bearer token to {self.url} in cleartext (http://); "
+                    "use the control plane's https:// address",
+                    file=sys.stderr,
+                )
+            return None
+        if self._context is None:
+            try:
+                self._context = client_ssl_context(Path(self.ca_file) if self.ca_file else None)
+            except TlsConfigError as err:
+                raise ApiError(0, f"{err} (--ca-file / {ENV_CA_FILE})") from None
+        return self._context
 
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
@@ -58,8 +88,9 @@ class Client:
             req.add_header("Content-Type", "application/json")
         for k, v in (headers or {}).items():
             req.add_header(k, v)
+        context = self._ssl_context()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:
                 raw = resp.read()
                 return resp.status, dict(resp.headers), json.loads(raw) if raw else None
         except urllib.error.HTTPError as err:
@@ -77,6 +108,18 @@ class Client:
                 message += " (MLPROXY_TOKEN: a token of the control plane, without its name)"
             raise ApiError(err.code, message) from None
         except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise ApiError(
+                    0,
+                    f"the control plane at {self.url} presented a certificate that cannot be "
+                    f"verified ({err.reason.verify_message}): give the CA that signed it with "
+                    f"--ca-file or {ENV_CA_FILE}"
+                    + (f" (now {self.ca_file})" if self.ca_file else ""),
+                ) from None
+            if isinstance(err.reason, ssl.SSLError):
+                raise ApiError(
+                    0, f"TLS with the control plane at {self.url} failed: {err.reason}"
+                ) from None
             raise ApiError(
                 0, f"cannot reach the control plane at {self.url}: {err.reason}"
             ) from None
@@ -109,6 +152,16 @@ class Client:
 
     def publish_store(self) -> Any:
         return self.request("POST", "/v1/store/publish")[2]
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:

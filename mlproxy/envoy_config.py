@@ -68,6 +68,10 @@ def _endpoints(name: str, hosts: Sequence[tuple[str, int]]) -> dict[str, Any]:
     }
 
 
+# The downstream peer as Envoy saw it, and the URI SAN of a client certificate Envoy verified.
+CLIENT_ATTRIBUTES = ("source.address", "connection.uri_san_peer_certificate")
+
+
 def ext_proc_filter(
     cluster: str = "extproc", message_timeout: str = "30s", fail_open: bool = False
 ) -> dict[str, Any]:
@@ -92,6 +96,8 @@ def ext_proc_filter(
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
+            # Who sent the request, for its share of a policy's queue (README: "Security").
+            "request_attributes": list(CLIENT_ATTRIBUTES),
         },
     }
 
@@ -104,10 +110,12 @@ def local_config(
     host: str = "127.0.0.1",
     bypass_prefix: str | None = None,
     fail_open: bool = False,
+    extproc_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
     to the model without ext_proc: the benchmark's baseline. `fail_open`: see
-    `ext_proc_filter`."""
+    `ext_proc_filter`. `extproc_tls`: the ext_proc cluster's transport socket for mTLS
+    (mlproxy.tls.envoy_upstream_tls)."""
     disabled = {
         EXT_PROC_FILTER: {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -154,7 +162,7 @@ def local_config(
             },
         ],
     }
-    return {
+    config: dict[str, Any] = {
         # The admin port (health flags in /clusters) stays reachable at the connection limit.
         "admin": {"address": _addr(host, admin_port), "ignore_global_conn_limit": True},
         "overload_manager": overload_manager(),
@@ -212,6 +220,11 @@ def local_config(
             ],
         },
     }
+    if extproc_tls is not None:  # mTLS to ext_proc (README: "Authentication and encryption")
+        for c in config["static_resources"]["clusters"]:
+            if c["name"] == "extproc":
+                c["transport_socket"] = extproc_tls
+    return config
 
 
 def overload_manager() -> dict[str, Any]:

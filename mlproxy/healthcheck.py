@@ -4,13 +4,21 @@
 passes only on SERVING; `--http URL` passes only on a 2xx answer to a GET. A failure is one line
 on stderr saying what failed, and exit code 1 (Docker's "unhealthy"). Proxies from the
 environment are ignored: a health check talks to its own container.
+
+TLS: `--grpc` uses a TLS channel when a CA or a client certificate is given (`--tls-ca`,
+`--tls-cert`, `--tls-key`, else MLPROXY_TLS_CA/CERT/KEY: in ext_proc's container, its own
+certificate, which must then allow client authentication); `--http https://...` verifies the
+server against `--tls-ca`, else MLPROXY_CA_FILE, else the system's roots.
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 __all__ = ["HealthCheckFailed", "check_grpc", "check_http", "main"]
 
@@ -23,13 +31,43 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def check_grpc(target: str, service: str = "", timeout: float = 2.0) -> None:
+TlsArgs = tuple[str | None, str | None, str | None, str | None]  # ca, cert, key, server name
+NO_TLS: TlsArgs = (None, None, None, None)
+
+
+def _grpc_channel(target: str, tls: TlsArgs) -> object:
+    import grpc
+
+    from mlproxy.tls import ENV_CA, ENV_CERT, ENV_KEY, grpc_channel_credentials
+
+    ca, cert, key, server_name = tls
+    ca = ca or os.environ.get(ENV_CA)
+    cert = cert or os.environ.get(ENV_CERT)
+    key = key or os.environ.get(ENV_KEY)
+    options: list[tuple[str, object]] = [("grpc.enable_http_proxy", 0)]
+    if not (ca or cert or key):
+        return grpc.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    creds = grpc_channel_credentials(
+        Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None
+    )
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def check_grpc(target: str, service: str = "", timeout: float = 2.0, tls: TlsArgs = NO_TLS) -> None:
     """Pass if the gRPC health service at `target` answers SERVING for `service`."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from mlproxy.tls import TlsConfigError
+
     where = f"grpc {target}" + (f" service {service!r}" if service else "")
-    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    try:
+        channel_cm = _grpc_channel(target, tls)
+    except TlsConfigError as err:
+        raise HealthCheckFailed(f"{where}: {err}") from err
+    with channel_cm as channel:  # type: ignore[attr-defined]
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -42,15 +80,40 @@ def check_grpc(target: str, service: str = "", timeout: float = 2.0) -> None:
             details = _one_line(err.details() or "")
             if "connection refused" in details.lower():
                 raise HealthCheckFailed(f"{where}: connection refused") from err
+            if (
+                "ssl" in details.lower()
+                or "handshake" in details.lower()
+                or (tls != NO_TLS and "socket closed" in details.lower())
+            ):
+                raise HealthCheckFailed(
+                    f"{where}: TLS handshake failed ({details}): check --tls-ca, --tls-cert, "
+                    "--tls-key and --tls-server-name"
+                ) from err
+            if "socket closed" in details.lower():
+                raise HealthCheckFailed(
+                    f"{where}: the server closed the connection (does it require TLS? give "
+                    "--tls-ca, --tls-cert and --tls-key)"
+                ) from err
             raise HealthCheckFailed(f"{where}: {code.name}: {details}") from err
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise HealthCheckFailed(f"{where}: {status}")
 
 
-def check_http(url: str, timeout: float = 2.0) -> None:
-    """Pass if a GET of `url` answers 2xx (redirects followed)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def check_http(url: str, timeout: float = 2.0, ca: str | None = None) -> None:
+    """Pass if a GET of `url` answers 2xx (redirects followed); https:// is verified against
+    `ca` (else MLPROXY_CA_FILE, else the system's roots)."""
+    from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
+
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if url.startswith("https://"):
+        ca = ca or os.environ.get(ENV_CA_FILE)
+        try:
+            context = client_ssl_context(Path(ca) if ca else None)
+        except TlsConfigError as err:
+            raise HealthCheckFailed(f"GET {url}: {err}") from err
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
             status = resp.status
@@ -68,6 +131,8 @@ def check_http(url: str, timeout: float = 2.0) -> None:
 
 
 def _reason(reason: object, timeout: float) -> str:
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"certificate not trusted ({reason.verify_message}): give its CA with --tls-ca"
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, TimeoutError):
@@ -77,14 +142,20 @@ def _reason(reason: object, timeout: float) -> str:
     return _one_line(str(reason))
 
 
-def main(grpc_target: str | None, http_url: str | None, service: str, timeout: float) -> int:
+def main(
+    grpc_target: str | None,
+    http_url: str | None,
+    service: str,
+    timeout: float,
+    tls: TlsArgs = NO_TLS,
+) -> int:
     """0 if healthy, else 1 with one line on stderr."""
     try:
         if grpc_target is not None:
-            check_grpc(grpc_target, service, timeout)
+            check_grpc(grpc_target, service, timeout, tls)
         else:
             assert http_url is not None
-            check_http(http_url, timeout)
+            check_http(http_url, timeout, tls[0])
     except HealthCheckFailed as err:
         print(f"unhealthy: {err}", file=sys.stderr)
         return 1

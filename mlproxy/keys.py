@@ -55,6 +55,15 @@ def replica_key(replica_id: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """A Redis URL without its credentials, for logs and listings."""
+    """A Redis URL without its credentials (user part and `password=` query values), for logs
+    and listings."""
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + ("***@" + rest.split("@", 1)[1] if "@" in rest else rest)
+    rest, qsep, query = rest.partition("?")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    if query:
+        query = "&".join(
+            f"{k}=***" if k.lower() in {"password", "username"} else f"{k}{eq}{v}"
+            for k, eq, v in (item.partition("=") for item in query.split("&"))
+        )
+    return scheme + sep + rest + qsep + query

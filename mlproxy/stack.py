@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ import yaml
 
 from mlproxy.envoy_config import local_config
 from mlproxy.keys import redact_url
-from mlproxy.redis_server import redis_argv
+from mlproxy.redis_server import redis_argv, redis_server_binary
+from mlproxy.stack_security import StackSecrets
+from mlproxy.tls import LocalPki, client_ssl_context, envoy_upstream_tls
 
 __all__ = ["Child", "Stack", "StackError", "demo_policy", "envoy_binary", "free_port"]
 
@@ -172,6 +175,10 @@ class Stack:
     redis_port: int = 0
     # Redis URL for particular replicas (by index), e.g. through a proxy a test can cut.
     replica_redis_urls: dict[int, str] = field(default_factory=dict)
+    # mTLS on every hop (`mlproxy up --tls`), with a throwaway CA in run_dir/tls.
+    tls: bool = False
+    pki: LocalPki | None = None
+    security: StackSecrets | None = None  # Redis's password file, the certificates
 
     def __post_init__(self) -> None:
         for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
@@ -203,10 +210,15 @@ class Stack:
 
     @property
     def controlplane_url(self) -> str:
-        return f"http://{self.host}:{self.controlplane_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.controlplane_port}"
 
     def effective_redis_url(self) -> str:
-        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+        tls = self.security is not None and self.security.redis_tls
+        return self.redis_url or f"{'rediss' if tls else 'redis'}://{self.host}:{self.redis_port}/0"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Trusts the stack's CA (None without --tls)."""
+        return None if self.pki is None else client_ssl_context(self.pki.ca)
 
     def endpoints(self) -> dict[str, str]:
         out = {
@@ -233,6 +245,8 @@ class Stack:
         assert self.run_dir is not None
         # What the `local` extra brings, found before any child starts.
         envoy = envoy_binary()
+        self.security = StackSecrets.create(self.run_dir, self.tls, (self.host, "localhost"))
+        self.pki = self.security.pki
         redis = self.redis_child() if self.uses_redis and self.redis_url is None else None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
         _check_free(self.host, self.model_port, "demo model port")
@@ -262,14 +276,12 @@ class Stack:
             self.start_child(self.controlplane_child(), timeout)
             if self.seed_demo:
                 self._seed_demo_policy()
-            source = ["--redis-url", self.effective_redis_url()]
+            source = []  # the URL and credentials go by environment (extproc_child)
         else:
             assert self.policies_file is not None
             source = ["--policies", str(self.policies_file)]
         for i in range(self.replicas):
-            own = self.replica_redis_urls.get(i)
-            argv = source if own is None else ["--redis-url", own]
-            self.start_child(self.extproc_child(i, argv), timeout)
+            self.start_child(self.extproc_child(i, source), timeout)
         config = local_config(
             listener_port=self.envoy_port,
             extproc=[(self.host, p) for p in self.extproc_ports],
@@ -278,6 +290,11 @@ class Stack:
             host=self.host,
             bypass_prefix=self.bypass_prefix,
             fail_open=self.fail_open,
+            extproc_tls=None
+            if self.pki is None
+            else envoy_upstream_tls(
+                self.pki.client.cert, self.pki.client.key, self.pki.ca, san="localhost"
+            ),
         )
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -303,7 +320,17 @@ class Stack:
     def redis_child(self) -> Child:
         assert self.run_dir is not None
         try:
-            argv = redis_argv(self.host, self.redis_port, self.run_dir)
+            if self.security is None:
+                argv = redis_argv(self.host, self.redis_port, self.run_dir)
+            else:  # ACL user and password from a config file, TLS if the binary has it
+                argv, tls = self.security.redis_config(
+                    redis_server_binary(), self.host, self.redis_port, self.run_dir
+                )
+                if self.tls and not tls:
+                    log.warning(
+                        "this redis-server was built without TLS: Redis stays plaintext on "
+                        "loopback, with its ACL user and password (from a file)"
+                    )
         except FileNotFoundError as err:
             raise StackError(str(err)) from err
         return Child(
@@ -331,9 +358,10 @@ class Stack:
             env={
                 "MLPROXY_REDIS_URL": self.effective_redis_url(),
                 "MLPROXY_ADMIN_TOKENS": self.admin_token,
+                **self._secret_env("controlplane"),
                 **self.controlplane_env,
             },
-            ready=lambda: http_ok(f"{self.controlplane_url}/readyz"),
+            ready=lambda: http_ok(f"{self.controlplane_url}/readyz", self.ssl_context()),
         )
 
     def extproc_child(self, i: int, source: Sequence[str]) -> Child:
@@ -357,8 +385,27 @@ class Stack:
                 *source,
             ],
             self.run_dir / f"extproc-{i}.log",
+            env={
+                # Redis's URL and credentials by environment: never in `ps`.
+                **(
+                    {
+                        "MLPROXY_REDIS_URL": self.replica_redis_urls.get(i)
+                        or self.effective_redis_url()
+                    }
+                    if self.uses_redis
+                    else {}
+                ),
+                **self._secret_env("extproc"),
+            },
             ready=lambda: http_ok(f"http://{self.host}:{mport}/metrics"),
         )
+
+    def _secret_env(self, role: str) -> dict[str, str]:
+        if self.security is None:
+            return {}
+        own_redis = self.uses_redis and self.redis_url is None
+        tls = self.security.extproc_env() if role == "extproc" else self.security.controlplane_env()
+        return {**self.security.redis_env(own_redis), **tls}
 
     def _seed_demo_policy(self) -> None:
         """Create the demo policy unless one of that name exists (an external Redis)."""
@@ -374,7 +421,7 @@ class Stack:
             },
         )
         try:
-            urllib.request.urlopen(req, timeout=10).close()
+            urllib.request.urlopen(req, timeout=10, context=self.ssl_context()).close()
         except urllib.error.HTTPError as err:
             if err.code != 412:
                 raise StackError(
@@ -455,9 +502,9 @@ def _check_free(host: str, port: int, what: str) -> None:
         raise StackError(f"{what} {host}:{port} is in use")
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
+        with urllib.request.urlopen(url, timeout=1, context=context) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, WatchError
 from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
+from mlproxy.redis_auth import redis_client  # credentials from env/files
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
@@ -149,7 +150,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, holder: str | None = None) -> RedisStore:
-        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        client = redis_client(url, socket_timeout=5, socket_connect_timeout=2)
         return cls(client, holder)
 
     async def ping(self) -> bool:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -38,6 +37,7 @@ from extproc.core.stats import StatsWindow
 from mlproxy import keys
 from mlproxy.keys import redact_url
 from mlproxy.policy import Policy
+from mlproxy.redis_auth import redis_client  # credentials from env/files
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["RedisPolicySource", "StoreObserver"]
@@ -108,7 +108,7 @@ class RedisPolicySource:
         self.resync_interval = resync_interval
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2)
+        self._redis = redis_client(url, socket_timeout=3, socket_connect_timeout=2)
         self._tasks: list[asyncio.Task[None]] = []
         self._current: dict[str, Policy] = {}  # what this replica applies
         # The store generation followed (None: none seen yet); the applied policies that come

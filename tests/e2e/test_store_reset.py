@@ -47,6 +47,18 @@ def fleet2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert dead is None, f"{dead.name} died; log:\n{dead.log_tail()}"
 
 
+def lose_everything(stack: Stack) -> None:
+    """Redis loses all of MLProxy's data. The stack's ACL user may not FLUSHALL (a dangerous
+    command), so every key it can reach, which is every key of MLProxy's, is deleted."""
+    assert stack.security is not None
+    password = stack.security.redis_password_file.read_text(encoding="utf-8")
+    with redis.Redis(port=stack.redis_port, username="mlproxy", password=password) as r:
+        keys = list(r.scan_iter("mlproxy:*"))
+        assert keys
+        r.delete(*keys)
+        assert not list(r.scan_iter("mlproxy:*"))
+
+
 def send(stack: Stack, rid: str) -> tuple[int, dict[str, str]]:
     req = urllib.request.Request(
         f"{stack.envoy_url}/v1/models/echo:predict",
@@ -85,8 +97,7 @@ def test_after_redis_loses_its_data_converged_means_the_new_backend(
     assert landed("before", echo_backend, other_backend) == "old"
     before = api.status("echo")
 
-    with redis.Redis(port=fleet2.redis_port) as r:
-        r.flushall()  # Redis loses everything (as a restart without persistence does)
+    lose_everything(fleet2)  # as a restart without persistence does
     # Before the store generation this write got version 1 again: the replicas took it for
     # the version 1 they ran, and status said converged while traffic still went to the old
     # backend.

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 OVERLAYS = ("manifests/base", "manifests/overlays/istio", "manifests/overlays/envoy-gateway")
 EXTERNAL_REDIS = "manifests/overlays/test-external-redis"
+CERT_MANAGER = "manifests/overlays/test-cert-manager"
 NAMESPACE = "mlproxy"
 MIB = 1048576
 
@@ -67,6 +68,12 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (external / "kustomization.yaml").write_text(
         "resources: [../../base]\ncomponents: [../../components/external-redis]\n"
     )
+    # An operator's overlay with mTLS from cert-manager (README.md, "Authentication and
+    # encryption (mTLS)").
+    (root / CERT_MANAGER).mkdir(parents=True)
+    (root / CERT_MANAGER / "kustomization.yaml").write_text(
+        "resources: [../../base]\ncomponents: [../../components/cert-manager]\n"
+    )
     return root
 
 
@@ -91,7 +98,10 @@ def build(tree: Path, path: str) -> list[Obj]:
 
 @pytest.fixture(scope="module")
 def rendered(tree: Path) -> dict[str, list[Obj]]:
-    return {path: build(tree, path) for path in (*OVERLAYS, EXTERNAL_REDIS, "examples/knative")}
+    return {
+        path: build(tree, path)
+        for path in (*OVERLAYS, EXTERNAL_REDIS, CERT_MANAGER, "examples/knative")
+    }
 
 
 def key(obj: Obj) -> tuple[str, str, str]:
@@ -157,6 +167,15 @@ EXPECTED = {
         ("Service", "mlproxy-redis", NAMESPACE),
         ("ServiceAccount", "mlproxy-redis", NAMESPACE),
         ("NetworkPolicy", "mlproxy-redis", NAMESPACE),
+    },
+    CERT_MANAGER: BASE
+    | {
+        ("Issuer", "mlproxy-selfsigned", NAMESPACE),
+        ("Issuer", "mlproxy-ca", NAMESPACE),
+        ("Certificate", "mlproxy-ca", NAMESPACE),
+        ("Certificate", "mlproxy-extproc", NAMESPACE),
+        ("Certificate", "mlproxy-controlplane", NAMESPACE),
+        ("Certificate", "mlproxy-gateway-client", NAMESPACE),
     },
 }
 
@@ -306,11 +325,19 @@ def container_ports(workload: Obj) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("path", [*OVERLAYS, EXTERNAL_REDIS])
+@pytest.mark.parametrize("path", [*OVERLAYS, EXTERNAL_REDIS, CERT_MANAGER])
 def test_references_between_objects_resolve(rendered: dict[str, list[Obj]], path: str) -> None:
     objs = rendered[path]
     names = {key(o)[:2]: o for o in objs}
     secrets_by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    # Secrets cert-manager writes: each Certificate's, issued by an Issuer of the overlay.
+    issued = {o["spec"]["secretName"] for o in objs if o["kind"] == "Certificate"}
+    for cert in (o for o in objs if o["kind"] == "Certificate"):
+        ref = cert["spec"]["issuerRef"]
+        assert (ref["kind"], ref["name"]) in names, key(cert)
+    for issuer in (o for o in objs if o["kind"] == "Issuer"):
+        if "ca" in issuer["spec"]:
+            assert issuer["spec"]["ca"]["secretName"] in issued, key(issuer)
     for w in workloads(objs):
         pod = w["spec"]["template"]["spec"]
         assert selects(w["spec"]["selector"], pod_labels(w)), key(w)
@@ -328,7 +355,7 @@ def test_references_between_objects_resolve(rendered: dict[str, list[Obj]], path
             assert mounts <= volumes, key(w)
         for volume in pod.get("volumes", []):
             if "secret" in volume:
-                assert volume["secret"]["secretName"] in secrets_by_name, key(w)
+                assert volume["secret"]["secretName"] in set(secrets_by_name) | issued, key(w)
     for svc in (o for o in objs if o["kind"] == "Service"):
         backing = [w for w in workloads(objs) if _service_selects(svc, w)]
         assert len(backing) == 1, f"Service {svc['metadata']['name']} selects {len(backing)}"
@@ -369,7 +396,7 @@ def _service_selects(svc: Obj, workload: Obj) -> bool:
     return selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(workload))
 
 
-@pytest.mark.parametrize("path", OVERLAYS)
+@pytest.mark.parametrize("path", [*OVERLAYS, CERT_MANAGER])
 def test_every_pod_is_hardened_and_bounded(rendered: dict[str, list[Obj]], path: str) -> None:
     for w in workloads(rendered[path]):
         pod = w["spec"]["template"]["spec"]
@@ -966,3 +993,83 @@ def test_the_knative_example_and_its_policy_fit_together(rendered: dict[str, lis
     assert container["ports"] == [{"containerPort": port}]
     # The plain Envoy config sends unbatched traffic to the same service.
     assert endpoint_address(cluster(gateway_yaml(), "models")) == (host, 80)
+
+
+# ---- mTLS with cert-manager ----------------------------------------------------------------
+
+
+def test_the_cert_manager_component_wires_every_certificate_into_its_pod(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objs = rendered[CERT_MANAGER]
+    certs = {o["spec"]["secretName"]: o for o in objs if o["kind"] == "Certificate"}
+    issued_files = {"tls.crt", "tls.key", "ca.crt"}  # what cert-manager writes in each Secret
+    for name, variables in {
+        "mlproxy-extproc": ("MLPROXY_TLS_CERT", "MLPROXY_TLS_KEY", "MLPROXY_TLS_CA"),
+        "mlproxy-controlplane": ("MLPROXY_TLS_CERT", "MLPROXY_TLS_KEY"),
+    }.items():
+        workload = find(objs, "Deployment", name)
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = environment(objs, workload)
+        (volume,) = [
+            v for v in pod["volumes"] if "secret" in v and v["secret"]["secretName"] in certs
+        ]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        for var in variables:
+            directory, _, file = env[var].rpartition("/")
+            assert directory == mount["mountPath"], (name, var)
+            assert file in issued_files, (name, var)
+        # The key is readable by the pod's group only.
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        cert = certs[volume["secret"]["secretName"]]["spec"]
+        assert "server auth" in cert["usages"], name
+        svc = find(objs, "Service", name)
+        assert f"{name}.{NAMESPACE}.svc.cluster.local" in cert["dnsNames"], name
+        assert svc["metadata"]["name"] in cert["dnsNames"], name
+    # ext_proc's probes: kubelet's gRPC probe cannot speak TLS, so the health check command,
+    # which presents ext_proc's own certificate (client auth) to 127.0.0.1 (an IP SAN).
+    extproc = find(objs, "Deployment", "mlproxy-extproc")
+    (container,) = extproc["spec"]["template"]["spec"]["containers"]
+    grpc_port = container_ports(extproc)["grpc"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        handler = container[probe]
+        assert "grpc" not in handler, probe
+        command = handler["exec"]["command"]
+        assert command[:3] == ["mlproxy", "healthcheck", "--grpc"], probe
+        assert command[3] == f"127.0.0.1:{grpc_port}", probe
+    spec = certs["mlproxy-extproc-tls"]["spec"]
+    assert "client auth" in spec["usages"]
+    assert "127.0.0.1" in spec["ipAddresses"]
+    # Draining: readiness notices NOT_SERVING within the drain delay.
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    ready = container["readinessProbe"]
+    assert ready["periodSeconds"] * ready["failureThreshold"] < float(flags["drain-delay"])
+    # The control plane's probes go over HTTPS.
+    (cp,) = find(objs, "Deployment", "mlproxy-controlplane")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert cp[probe]["httpGet"]["scheme"] == "HTTPS"
+    # Envoy's client certificate and the SAN envoy/gateway.yaml's mTLS example checks.
+    assert "client auth" in certs["mlproxy-gateway-client-tls"]["spec"]["usages"]
+    example = (ROOT / "envoy/gateway.yaml").read_text()
+    assert "exact: mlproxy-extproc.mlproxy.svc.cluster.local" in example
+    assert "mlproxy-extproc.mlproxy.svc.cluster.local" in spec["dnsNames"]
+
+
+def test_the_cert_manager_schemas_catch_mistakes(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered[CERT_MANAGER]
+    cert = copy.deepcopy(find(objs, "Certificate", "mlproxy-extproc"))
+    cert["spec"]["usages"] = ["server-auth"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(cert, K8S_VERSIONS[0])
+    cert = copy.deepcopy(find(objs, "Certificate", "mlproxy-extproc"))
+    del cert["spec"]["secretName"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(cert, K8S_VERSIONS[0])
+    issuer = copy.deepcopy(find(objs, "Issuer", "mlproxy-ca"))
+    issuer["spec"]["selfSigned"] = {}  # two issuer types at once
+    with pytest.raises(jsonschema.ValidationError):
+        validate(issuer, K8S_VERSIONS[0])
