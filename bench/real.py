@@ -53,9 +53,10 @@ from bench.report import by_case, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
+from mlproxy import ports
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
-from mlproxy.stack import Child, Stack, StackError, free_port, http_ok
+from mlproxy.stack import Child, Stack, StackError, http_ok
 
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 
@@ -119,7 +120,7 @@ class BenchStack:
             host, run_dir = self.stack.host, self.stack.run_dir
             assert run_dir is not None
             for mode in self.modes:
-                port = free_port(host)
+                port = ports.reserve(host)
                 self.emulator_ports[mode] = port
                 url = f"http://{host}:{port}"
                 self.stack.start_child(

@@ -154,14 +154,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from mlproxy.stack import Stack, StackError
 
     _logging(args.verbose)
-    stack = Stack(
-        envoy_port=args.port,
-        policies_file=args.policies,
-        replicas=args.replicas,
-        controlplane_port=args.controlplane_port,
-        model_port=args.model_port,
-        redis_url=os.environ.get("REDIS_URL"),
-    )
+    try:
+        stack = Stack(
+            envoy_port=args.port,
+            policies_file=args.policies,
+            replicas=args.replicas,
+            controlplane_port=args.controlplane_port,
+            model_port=args.model_port,
+            redis_url=os.environ.get("REDIS_URL"),
+        )
+    except StackError as err:  # no port could be reserved
+        log.error("%s", err)
+        return 1
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:

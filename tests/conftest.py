@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import pytest
 
 from controlplane.adapters.redis_store import RedisStore
+from mlproxy import ports
 from mlproxy.redis_server import redis_argv
-from mlproxy.stack import Child, free_port, tcp_ok
+from mlproxy.stack import Child, tcp_ok
 from tests.servers import EchoBackend
 
 
@@ -35,7 +36,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port for the whole session."""
     data = tmp_path_factory.mktemp("redis")
-    port = free_port()
+    port = ports.reserve()
     child = Child(
         "redis",
         redis_argv("127.0.0.1", port, data),

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from mlproxy.stack import Stack, free_port
+from mlproxy import ports
+from mlproxy.stack import Stack
 from tests.servers import EchoBackend
 
 
@@ -34,7 +35,7 @@ def echo_policy(name: str, url: str, **overrides: Any) -> dict[str, Any]:
 def stack(echo_backend: EchoBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
     s = Stack(envoy_port=0, run_dir=run_dir)
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{ports.reserve()}"
     doc = {
         "policies": [
             {
