@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -9,7 +13,27 @@ from controlplane.adapters.redis_store import RedisStore
 from mlproxy import ports
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, tcp_ok
+from tests.leftovers import leftovers
 from tests.servers import EchoBackend
+
+# Every process this session starts inherits the marker: see pytest_sessionfinish.
+SESSION_MARKER = "MLPROXY_TEST_SESSION"
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive (a fixture that does not stop its
+    server, a child that outlived its parent), and kill it."""
+    left = leftovers(SESSION_MARKER, os.environ[SESSION_MARKER])
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for pid, cmd in left:
+        if reporter is not None:
+            reporter.write_line(f"process left behind by the tests (killed): {pid} {cmd[:200]}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
