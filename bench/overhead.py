@@ -29,7 +29,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.httpload import LoadResult, run_load
-from mlproxy import ports
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import local_config
@@ -60,7 +59,7 @@ def start_noop(stack: Stack) -> int:
     """bench/noop_extproc.py behind an Envoy of its own (both stop with the stack); returns
     that Envoy's listener port."""
     assert stack.run_dir is not None
-    grpc_port, listener, admin = ports.reserve(), ports.reserve(), ports.reserve()
+    grpc_port, listener, admin = (stack.reserve_port() for _ in range(3))
     noop = Child(
         "noop",
         [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(grpc_port)],

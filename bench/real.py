@@ -53,7 +53,6 @@ from bench.report import by_case, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
-from mlproxy import ports
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
 from mlproxy.stack import Child, Stack, StackError, http_ok
@@ -120,7 +119,7 @@ class BenchStack:
             host, run_dir = self.stack.host, self.stack.run_dir
             assert run_dir is not None
             for mode in self.modes:
-                port = ports.reserve(host)
+                port = self.stack.reserve_port()
                 self.emulator_ports[mode] = port
                 url = f"http://{host}:{port}"
                 self.stack.start_child(
@@ -139,6 +138,7 @@ class BenchStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()
+        self.stack.release_ports()
 
     def emulator_url(self, mode: str) -> str:
         return f"http://{self.stack.host}:{self.emulator_ports[mode]}"
