@@ -33,7 +33,7 @@ from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import local_config
 from mlproxy.loadgen import percentile
-from mlproxy.stack import Child, Stack, envoy_binary, free_port, http_ok
+from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 
 HIDDEN = 8
 
@@ -59,7 +59,7 @@ def start_noop(stack: Stack) -> int:
     """bench/noop_extproc.py behind an Envoy of its own (both stop with the stack); returns
     that Envoy's listener port."""
     assert stack.run_dir is not None
-    grpc_port, listener, admin = free_port(), free_port(), free_port()
+    grpc_port, listener, admin = (stack.reserve_port() for _ in range(3))
     noop = Child(
         "noop",
         [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(grpc_port)],

@@ -55,7 +55,7 @@ from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
-from mlproxy.stack import Child, Stack, StackError, free_port, http_ok
+from mlproxy.stack import Child, Stack, StackError, http_ok
 
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 
@@ -119,7 +119,7 @@ class BenchStack:
             host, run_dir = self.stack.host, self.stack.run_dir
             assert run_dir is not None
             for mode in self.modes:
-                port = free_port(host)
+                port = self.stack.reserve_port()
                 self.emulator_ports[mode] = port
                 url = f"http://{host}:{port}"
                 self.stack.start_child(
@@ -138,6 +138,7 @@ class BenchStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.stop()
+        self.stack.release_ports()
 
     def emulator_url(self, mode: str) -> str:
         return f"http://{self.stack.host}:{self.emulator_ports[mode]}"

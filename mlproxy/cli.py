@@ -193,16 +193,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     from mlproxy.stack import Stack, StackError
 
     _logging(args.verbose)
-    stack = Stack(
-        envoy_port=args.port,
-        policies_file=args.policies,
-        replicas=args.replicas,
-        controlplane_port=args.controlplane_port,
-        model_port=args.model_port,
-        redis_url=os.environ.get("REDIS_URL"),
-        fail_open=args.fail_open,
-        tls=args.tls,
-    )
+    try:
+        stack = Stack(
+            envoy_port=args.port,
+            policies_file=args.policies,
+            replicas=args.replicas,
+            controlplane_port=args.controlplane_port,
+            model_port=args.model_port,
+            redis_url=os.environ.get("REDIS_URL"),
+            fail_open=args.fail_open,
+            tls=args.tls,
+        )
+    except StackError as err:  # no port could be reserved
+        log.error("%s", err)
+        return 1
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from mlproxy import ports
 from mlproxy.envoy_config import local_config
 from mlproxy.keys import redact_url
 from mlproxy.redis_server import redis_argv, redis_server_binary
@@ -45,9 +46,9 @@ class StackError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """Deprecated name of `mlproxy.ports.reserve` (kept for code written against it): a port
+    reserved for this process, never merely probed."""
+    return ports.reserve(host)
 
 
 def envoy_binary() -> str:
@@ -179,18 +180,37 @@ class Stack:
     tls: bool = False
     pki: LocalPki | None = None
     security: StackSecrets | None = None  # Redis's password file, the certificates
+    reserved: list[int] = field(default_factory=list)  # ports this stack reserved
 
     def __post_init__(self) -> None:
-        for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
-            if getattr(self, attr) == 0:
-                setattr(self, attr, free_port(self.host))
-        if self.envoy_port == 0:
-            self.envoy_port = free_port(self.host)
-        self.extproc_ports = [free_port(self.host) for _ in range(self.replicas)]
-        self.metrics_ports = [free_port(self.host) for _ in range(self.replicas)]
+        """Ports left at 0 are reserved (mlproxy.ports) until `release_ports()` or the end of
+        this process, so no other child, stack or test run on this machine gets them."""
+        try:
+            for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):
+                if getattr(self, attr) == 0:
+                    setattr(self, attr, self.reserve_port())
+            if self.envoy_port == 0:
+                self.envoy_port = self.reserve_port()
+            self.extproc_ports = [self.reserve_port() for _ in range(self.replicas)]
+            self.metrics_ports = [self.reserve_port() for _ in range(self.replicas)]
+        except ports.PortError as err:
+            self.release_ports()
+            raise StackError(str(err)) from err
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def reserve_port(self) -> int:
+        """A port for a child of this stack (an extra child, say), released with the others."""
+        port = ports.reserve(self.host)
+        self.reserved.append(port)
+        return port
+
+    def release_ports(self) -> None:
+        """Give back the ports this stack reserved (after `stop()`; a stack is not restarted)."""
+        for port in self.reserved:
+            ports.release(port)
+        self.reserved.clear()
 
     @property
     def uses_redis(self) -> bool:
@@ -474,6 +494,7 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self.release_ports()
 
 
 def tcp_ok(host: str, port: int) -> bool:

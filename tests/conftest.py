@@ -1,14 +1,39 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from controlplane.adapters.redis_store import RedisStore
+from mlproxy import ports
 from mlproxy.redis_server import redis_argv
-from mlproxy.stack import Child, free_port, tcp_ok
+from mlproxy.stack import Child, tcp_ok
+from tests.leftovers import leftovers
 from tests.servers import EchoBackend, HostileBackend
+
+# Every process this session starts inherits the marker: see pytest_sessionfinish.
+SESSION_MARKER = "MLPROXY_TEST_SESSION"
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive (a fixture that does not stop its
+    server, a child that outlived its parent), and kill it."""
+    left = leftovers(SESSION_MARKER, os.environ[SESSION_MARKER])
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for pid, cmd in left:
+        if reporter is not None:
+            reporter.write_line(f"process left behind by the tests (killed): {pid} {cmd[:200]}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +67,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port for the whole session."""
     data = tmp_path_factory.mktemp("redis")
-    port = free_port()
+    port = ports.reserve()
     child = Child(
         "redis",
         redis_argv("127.0.0.1", port, data),

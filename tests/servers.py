@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mlproxy.stack import free_port
+from mlproxy import ports
 from tests.fakes import echo_predictions
 
 
@@ -20,7 +20,7 @@ class ThreadedApp:
     def __init__(self, app: web.Application, host: str = "127.0.0.1") -> None:
         self.app = app
         self.host = host
-        self.port = free_port(host)
+        self.port = ports.reserve(host)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._runner: web.AppRunner | None = None

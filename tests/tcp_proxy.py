@@ -12,7 +12,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from mlproxy.stack import free_port
+from mlproxy import ports
 
 
 class _Pipe(asyncio.Protocol):
@@ -48,7 +48,7 @@ class _Pipe(asyncio.Protocol):
 class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
-        self.port = free_port()
+        self.port = ports.reserve()
         self.transports: set[asyncio.Transport] = set()
         self.is_cut = True
         self._server: asyncio.Server | None = None

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from mlproxy.stack import Stack, free_port
+from mlproxy import ports
+from mlproxy.stack import Stack
 from tests.servers import EchoBackend, HostileBackend
 
 
@@ -38,7 +39,7 @@ def stack(
 ) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
     s = Stack(envoy_port=0, run_dir=run_dir)
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{ports.reserve()}"
     doc = {
         "policies": [
             {

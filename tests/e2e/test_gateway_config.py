@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from mlproxy.stack import Child, Stack, envoy_binary, free_port, http_ok
+from mlproxy import ports
+from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 from tests.e2e.test_envoy import ext_proc_metric, post
 from tests.servers import EchoBackend
 
@@ -36,7 +37,7 @@ def gateway(
     """envoy/gateway.yaml with loopback addresses: the ext_proc cluster at the test stack's
     replica, the models cluster at the echo backend. Everything else is the file as shipped."""
     config = yaml.safe_load((ROOT / "envoy/gateway.yaml").read_text())
-    port, admin = free_port(), free_port()
+    port, admin = ports.reserve(), ports.reserve()
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin)
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)

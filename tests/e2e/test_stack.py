@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mlproxy import ports
 from mlproxy.envoy_config import local_config
-from mlproxy.stack import envoy_binary, free_port, pid_alive, port_free
+from mlproxy.stack import envoy_binary, pid_alive, port_free
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +82,12 @@ def running_up(
 ) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
     """`mlproxy up` as a subprocess, ready; yields it and its children. Without `args`, the
     control plane and the model go on free ports."""
-    args = args or ("--controlplane-port", str(free_port()), "--model-port", str(free_port()))
+    args = args or (
+        "--controlplane-port",
+        str(ports.reserve()),
+        "--model-port",
+        str(ports.reserve()),
+    )
     with subprocess.Popen(
         up_argv(port, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
@@ -126,7 +132,7 @@ def assert_batched_demo_answer(port: int) -> None:
 
 
 def test_up_serves_and_ctrl_c_stops_every_child() -> None:
-    port = free_port()
+    port = ports.reserve()
     with running_up(port) as (proc, kids):
         assert failure_mode_allow(envoy_config_of(kids)) is False  # fail closed by default
         assert_batched_demo_answer(port)
@@ -136,7 +142,7 @@ def test_up_serves_and_ctrl_c_stops_every_child() -> None:
 
 
 def test_up_stops_everything_when_a_child_dies() -> None:
-    with running_up(free_port()) as (proc, kids):
+    with running_up(ports.reserve()) as (proc, kids):
         (extproc,) = [
             k for k in kids if b"\x00extproc\x00" in Path(f"/proc/{k}/cmdline").read_bytes()
         ]
@@ -149,7 +155,7 @@ def test_up_stops_everything_when_a_child_dies() -> None:
 
 
 def test_children_die_with_a_killed_supervisor() -> None:
-    with running_up(free_port()) as (proc, kids):
+    with running_up(ports.reserve()) as (proc, kids):
         proc.kill()  # no chance to clean up: PR_SET_PDEATHSIG must do it
         proc.wait(10)
     deadline = time.monotonic() + 20
@@ -161,7 +167,7 @@ def test_children_die_with_a_killed_supervisor() -> None:
 def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
     """The README's `mlproxy up --policies examples/policies.yaml`: the example's backend is the
     demo model on its default port."""
-    port = free_port()
+    port = ports.reserve()
     example = ("--policies", str(ROOT / "examples" / "policies.yaml"))
     if not port_free("127.0.0.1", 8001):  # taken on this machine: `up` must say so, start nothing
         result = subprocess.run(
@@ -197,8 +203,8 @@ def failure_mode_allow(config: dict[str, Any]) -> bool:
 def test_up_fail_open_runs_envoy_with_failure_mode_allow() -> None:
     """`mlproxy up --fail-open`: Envoy's ext_proc filter gets failure_mode_allow (what that does
     is tested in test_failure_mode.py); requests are batched as usual while ext_proc is up."""
-    port = free_port()
-    args = ("--controlplane-port", str(free_port()), "--model-port", str(free_port()))
+    port = ports.reserve()
+    args = ("--controlplane-port", str(ports.reserve()), "--model-port", str(ports.reserve()))
     with running_up(port, *args, "--fail-open") as (proc, kids):
         assert failure_mode_allow(envoy_config_of(kids)) is True
         assert_batched_demo_answer(port)

@@ -17,8 +17,7 @@ from controlplane.app import create_app
 from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
-from mlproxy import keys
-from mlproxy.stack import free_port
+from mlproxy import keys, ports
 
 DB = 1  # the `store` fixture's database
 
@@ -245,7 +244,7 @@ async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -
 async def test_metrics_say_when_redis_is_unreachable() -> None:
     """Each scrape pings Redis, for at most a second: a store nobody listens on is 0, and the
     scrape still answers."""
-    nowhere = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    nowhere = RedisStore.from_url(f"redis://127.0.0.1:{ports.reserve()}/0")
     app = create_app(Settings(redis_url="unused", admin_tokens=(ADMIN,), tuner_interval=0), nowhere)
     transport = httpx.ASGITransport(app=app)
     try:

@@ -12,7 +12,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from mlproxy.stack import Child, free_port, http_ok
+from mlproxy import ports
+from mlproxy.stack import Child, http_ok
 from tests.conftest import RedisServer
 
 TOKEN = "fuzz-admin-token-0123456789"
@@ -22,7 +23,7 @@ TOKEN = "fuzz-admin-token-0123456789"
 def controlplane_url(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = free_port()
+    port = ports.reserve()
     log_dir: Path = tmp_path_factory.mktemp("cp-fuzz")
     child = Child(
         "controlplane",

