@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
-from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
+from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer, StreamLimits
 from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import StatsWindow
@@ -22,12 +22,20 @@ from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
 
-__all__ = ["ExtProcServer", "run"]
+__all__ = ["DEFAULT_MAX_STREAMS_PER_CONNECTION", "ExtProcServer", "StreamLimits", "run"]
 
 log = logging.getLogger(__name__)
 
-# Envoy's buffered body arrives in one message: allow the largest max_body_bytes plus framing.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+# Envoy's buffered body arrives in one message: the gRPC receive limit is the largest body this
+# process takes (StreamLimits.max_body_bytes, `--max-body-bytes`) plus this much for the rest of
+# the ProcessingRequest (request attributes, metadata). grpcio fixes it when the server starts.
+MESSAGE_FRAMING_BYTES = 64 * 1024
+# Answers carry one request's part of a backend answer: allow what a model may send back.
+MAX_SEND_BYTES = 64 * 1024 * 1024 + MESSAGE_FRAMING_BYTES
+# HTTP/2 streams one connection may hold open (SETTINGS_MAX_CONCURRENT_STREAMS). Envoy holds
+# every request of a replica on one connection per worker, so this stays above what a replica
+# holds at once (README "ext_proc's gRPC port: limits").
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 100_000
 
 
 class ExtProcServer:
@@ -38,6 +46,8 @@ class ExtProcServer:
         port: int = 50051,
         metrics_port: int | None = None,
         clock: Clock | None = None,
+        limits: StreamLimits | None = None,
+        max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
     ) -> None:
         self.host = host
         self.port = port
@@ -49,6 +59,9 @@ class ExtProcServer:
         self.backend = HttpBackend()
         self.router = Router()
         self.pool: BatcherPool | None = None
+        self.limits = limits or StreamLimits()
+        self.max_streams_per_connection = max_streams_per_connection
+        self._warned: set[tuple[str, int]] = set()
         self.apply_policies(policies)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -57,12 +70,15 @@ class ExtProcServer:
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
         self.pool = BatcherPool(executor, self.clock, self.telemetry)
-        servicer = ExtProcServicer(self.router, self.pool, self.telemetry)
+        servicer = ExtProcServicer(self.router, self.pool, self.telemetry, self.limits)
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_concurrent_streams", 100_000),
+                (
+                    "grpc.max_receive_message_length",
+                    self.limits.max_body_bytes + MESSAGE_FRAMING_BYTES,
+                ),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.max_concurrent_streams", self.max_streams_per_connection),
                 ("grpc.so_reuseport", 0),
             ]
         )
@@ -98,6 +114,24 @@ class ExtProcServer:
             self.metrics.policy_removed(name)
         for p in policies:
             self.metrics.policy_applied(p)
+            self._check_limits(p)
+
+    def _check_limits(self, policy: Policy) -> None:
+        """Tell the operator, once per policy version, when a policy allows more than this
+        process can take: the gRPC receive limit cannot change while the server runs."""
+        if (policy.name, policy.version) in self._warned:
+            return
+        if policy.max_body_bytes > self.limits.max_body_bytes:
+            self._warned.add((policy.name, policy.version))
+            log.warning(
+                "policy %s accepts bodies up to %d bytes (max_body_bytes), but this replica "
+                "receives at most %d in one message: larger bodies get 413. Restart it with "
+                "--max-body-bytes %d to take them",
+                policy.name,
+                policy.max_body_bytes,
+                self.limits.max_body_bytes,
+                policy.max_body_bytes,
+            )
 
     def applied_versions(self) -> dict[str, int]:
         return {p.name: p.version for p in self.router.policies}
