@@ -1,7 +1,7 @@
 """Event loop lag of one ext_proc process while a peer on its gRPC port sends hostile messages.
 
-    python bench/hostile_grpc.py [--kinds many-headers,huge-header,oversized,garbage,protocol]
-                                 [--rounds 3] [--ext-proc-args '--max-headers 100']
+    python bench/hostile_grpc.py [--kinds many-headers,huge-header,...] [--rounds 3]
+                                 [--ext-proc-args '--max-headers 100']
 
 Starts the demo model and one `mlproxy extproc` process on loopback ports. A raw gRPC client
 (bytes in, bytes out, its own connection) sends each kind of hostile message `--rounds` times
@@ -10,12 +10,14 @@ each answer against the model's own. Printed per kind: how the server answered t
 stream, the good requests' latency, and the ext_proc process's `mlproxy_event_loop_lag_seconds`
 histogram over that phase (samples above 50 ms / 250 ms / 1 s, and the largest bucket used).
 
-Kinds:
-  many-headers  a 33 MB request-headers message with 2,000,000 one-letter headers
-  huge-header   a request-headers message with one 30 MB header value
-  oversized     a request-body message of 80 MB (above any receive limit)
-  garbage       8 MB of random bytes
-  protocol      a body before the headers, then a second headers message after the headers
+Kinds (the 4 MB ones fit under the default gRPC receive limit, so the decoder sees them):
+  many-headers     a 14 MB request-headers message with 2,000,000 one-letter headers
+  many-headers-4m  the same with 550,000 headers (3.9 MB)
+  huge-header      a request-headers message with one 4,000,000-byte header value
+  tiny-fields      a ProcessingRequest of 2,000,000 two-byte fields (4 MB)
+  oversized        a request-body message of 80 MB
+  garbage          4 MB of random bytes
+  protocol         a body before the headers, then a second headers message
 """
 
 from __future__ import annotations
@@ -76,15 +78,19 @@ GOOD_HEADERS = headers_message(
 
 
 def hostile(kind: str) -> list[bytes]:
+    one = header("a", b"")  # 7 bytes on the wire
     if kind == "many-headers":
-        one = header("a", b"")  # 5 bytes on the wire, 2,000,000 of them
         return [headers_message(one * 2_000_000)]
+    if kind == "many-headers-4m":
+        return [headers_message(one * 550_000)]
     if kind == "huge-header":
-        return [headers_message([header(":path", PATH.encode()), header("x", b"v" * 30_000_000)])]
+        return [headers_message([header(":path", PATH.encode()), header("x", b"v" * 4_000_000)])]
+    if kind == "tiny-fields":
+        return [b"\x08\x00" * 2_000_000]  # field 1, varint 0
     if kind == "oversized":
         return [body_message(b"x" * 80_000_000)]
     if kind == "garbage":
-        return [random.Random(1).randbytes(8_000_000)]
+        return [random.Random(1).randbytes(4_000_000)]
     if kind == "protocol":
         return [body_message(b"{}"), GOOD_HEADERS, GOOD_HEADERS]
     raise ValueError(kind)
@@ -192,7 +198,10 @@ async def phase(port: int, metrics_url: str, kind: str, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kinds", default="many-headers,huge-header,oversized,garbage,protocol")
+    ap.add_argument(
+        "--kinds",
+        default="many-headers,many-headers-4m,huge-header,tiny-fields,oversized,garbage,protocol",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ext-proc-args", default="", help="extra `mlproxy extproc` arguments")
     args = ap.parse_args(argv)

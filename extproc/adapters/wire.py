@@ -172,8 +172,8 @@ def _decode_header_map(
     # Refuse a header map that cannot fit the limits before decoding any of it.
     if end - pos > limits.size + limits.count * _HEADER_FRAMING:
         raise HeaderLimitError(
-            f"request headers take {end - pos} bytes; at most {limits.count} headers of "
-            f"{limits.size} bytes in all are accepted"
+            f"request headers take {end - pos} bytes; at most {limits.count} headers and "
+            f"{limits.size} bytes of them are accepted"
         )
     count = 0
     size = 0
