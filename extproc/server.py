@@ -22,7 +22,7 @@ from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
 
-__all__ = ["DEFAULT_MAX_STREAMS_PER_CONNECTION", "ExtProcServer", "StreamLimits", "run"]
+__all__ = ["ExtProcServer", "StreamLimits", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 MESSAGE_FRAMING_BYTES = 64 * 1024
 # Answers carry one request's part of a backend answer: allow what a model may send back.
 MAX_SEND_BYTES = 64 * 1024 * 1024 + MESSAGE_FRAMING_BYTES
-# HTTP/2 streams one connection may hold open (SETTINGS_MAX_CONCURRENT_STREAMS). Envoy holds
-# every request of a replica on one connection per worker, so this stays above what a replica
-# holds at once (README "ext_proc's gRPC port: limits").
-DEFAULT_MAX_STREAMS_PER_CONNECTION = 100_000
 
 
 class ExtProcServer:
@@ -47,7 +43,7 @@ class ExtProcServer:
         metrics_port: int | None = None,
         clock: Clock | None = None,
         limits: StreamLimits | None = None,
-        max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        max_streams_per_connection: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -60,7 +56,11 @@ class ExtProcServer:
         self.router = Router()
         self.pool: BatcherPool | None = None
         self.limits = limits or StreamLimits()
-        self.max_streams_per_connection = max_streams_per_connection
+        # HTTP/2 streams one connection may hold open (SETTINGS_MAX_CONCURRENT_STREAMS), by
+        # default all the process holds. Envoy puts a replica's requests on as few connections
+        # as its cluster's own max_concurrent_streams allows; that must not be above this, or
+        # Envoy opens streams this server refuses (README "ext_proc's gRPC port: limits").
+        self.max_streams_per_connection = max_streams_per_connection or self.limits.max_streams
         self._warned: set[tuple[str, int]] = set()
         self.apply_policies(policies)
         self._server: grpc.aio.Server | None = None
@@ -72,6 +72,9 @@ class ExtProcServer:
         self.pool = BatcherPool(executor, self.clock, self.telemetry)
         servicer = ExtProcServicer(self.router, self.pool, self.telemetry, self.limits)
         server = grpc.aio.server(
+            # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
+            # that never send their headers), answered RESOURCE_EXHAUSTED by grpcio.
+            maximum_concurrent_rpcs=self.limits.max_streams + max(64, self.limits.max_streams // 8),
             options=[
                 (
                     "grpc.max_receive_message_length",
@@ -79,8 +82,14 @@ class ExtProcServer:
                 ),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+                # Streams that arrived but that this process has not taken yet (grpcio's aio
+                # server takes one at a time). grpcio's defaults, 1,000 then 3,000, cancel new
+                # streams at random in between: a burst of 3,000 slow clients through Envoy lost
+                # about 6% of its requests (500s), and a normal request among them could too.
+                ("grpc.server.max_pending_requests", self.limits.max_streams),
+                ("grpc.server.max_pending_requests_hard_limit", self.limits.max_streams * 2),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers((servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -121,6 +130,17 @@ class ExtProcServer:
         process can take: the gRPC receive limit cannot change while the server runs."""
         if (policy.name, policy.version) in self._warned:
             return
+        if policy.batching.max_queue > self.limits.max_streams:
+            self._warned.add((policy.name, policy.version))
+            log.warning(
+                "policy %s queues up to %d requests (batching.max_queue), more than the %d "
+                "this replica holds (--max-streams): beyond that, requests get 503 before the "
+                "queue is full. Lower max_queue, or raise --max-streams (and Envoy's "
+                "max_concurrent_streams for the ext_proc cluster with it)",
+                policy.name,
+                policy.batching.max_queue,
+                self.limits.max_streams,
+            )
         if policy.max_body_bytes > self.limits.max_body_bytes:
             self._warned.add((policy.name, policy.version))
             log.warning(

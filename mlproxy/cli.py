@@ -66,13 +66,16 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
     limits = StreamLimits(
         HeaderLimits(args.max_headers or d.headers.count, args.max_header_bytes or d.headers.size),
         max_body_bytes=args.max_body_bytes or d.max_body_bytes,
+        max_streams=args.max_streams or d.max_streams,
     )
-    server = ExtProcServer(
-        policies, host=args.host, port=args.port, metrics_port=args.metrics_port, limits=limits
+    return ExtProcServer(
+        policies,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        limits=limits,
+        max_streams_per_connection=args.max_streams_per_connection,
     )
-    if args.max_streams_per_connection is not None:
-        server.max_streams_per_connection = args.max_streams_per_connection
-    return server
 
 
 def _extproc_from_file(args: argparse.Namespace) -> int:
@@ -300,9 +303,16 @@ def main(argv: list[str] | None = None) -> None:
         help="most bytes of request header names and values (431 above; default 64 KiB)",
     )
     p.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        help="requests (ext_proc streams) this replica holds at once; beyond, 503 with "
+        "Retry-After (default 16384)",
+    )
+    p.add_argument(
         "--max-streams-per-connection",
         type=_positive_int,
-        help="HTTP/2 streams one gRPC connection may hold (default 100000)",
+        help="HTTP/2 streams one gRPC connection may hold; keep Envoy's max_concurrent_streams "
+        "for the ext_proc cluster at or below it (default: --max-streams)",
     )
 
     sub.add_parser(

@@ -44,6 +44,9 @@ BODY_FRAMING_BYTES = 32
 # Largest body accepted in one message when nothing else is said (grpcio's own default
 # receive limit is 4 MiB; see README "ext_proc's gRPC port: limits").
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Open ext_proc streams (requests held) per process. Each costs about 25 KB here (grpcio's call
+# and the handler task): 16,384 take about 400 MB. See README "ext_proc's gRPC port: limits".
+DEFAULT_MAX_STREAMS = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,7 @@ class StreamLimits:
 
     headers: wire.HeaderLimits = wire.DEFAULT_LIMITS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_streams: int = DEFAULT_MAX_STREAMS
 
 
 class _ProtocolError(Exception):
@@ -96,6 +100,7 @@ class ExtProcServicer:
         self._metrics = metrics
         self.limits = limits or StreamLimits()
         self._log = _Throttled()
+        self._open = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: messages arrive and leave as bytes, through `wire`.
@@ -105,12 +110,14 @@ class ExtProcServicer:
 
     async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self._metrics.active_streams(1)
+        self._open += 1
         try:
             await self._process(context)
         except _ProtocolError as err:
             self._refuse(err.reason, f"ext_proc peer {context.peer()}: {err}; stream closed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         finally:
+            self._open -= 1
             self._metrics.active_streams(-1)
 
     def _refuse(self, reason: str, message: str) -> None:
@@ -154,6 +161,20 @@ class ExtProcServicer:
         if route is None or headers.get(":method", "POST") != "POST":
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
+            return
+        if self._open > self.limits.max_streams:
+            self._refuse(
+                "stream_limit",
+                f"{self._open} ext_proc streams open, more than --max-streams "
+                f"{self.limits.max_streams}: answered 503",
+            )
+            error = ProxyError(
+                ErrorKind.UNAVAILABLE,
+                "MLProxy holds as many requests as it can; retry shortly",
+                headers=(("retry-after", "1"),),
+            )
+            self._metrics.request_done(route.policy.name, error.kind.outcome, None)
+            await context.write(_encode(Reply.from_error(error), None, None))
             return
         reply = await self._handle(context, route, headers, msg.end_of_stream)
         if reply is None:
