@@ -245,3 +245,49 @@ async def test_bodies_over_the_process_limit_get_413_and_the_operator_is_told(
             await good_request(ch, "still-serving")
     finally:
         await srv.stop(grace=2)
+
+
+async def test_requests_beyond_max_streams_get_503_and_passthrough_still_flows(
+    echo_backend: EchoBackend,
+) -> None:
+    """The process holds at most --max-streams requests: one more gets a clear 503 with
+    Retry-After at once, requests no policy matches still continue, and once a held request
+    is answered the next is taken again."""
+    srv = ExtProcServer(
+        policies(echo_backend.url),
+        port=0,
+        limits=StreamLimits(max_streams=3),
+        max_streams_per_connection=100,  # else the client itself waits at 3 on one connection
+    )
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            held = []
+            for _ in range(3):  # headers in, waiting for their bodies
+                call = ch.stream_stream(METHOD)()
+                await call.write(GOOD_HEADERS)
+                assert await call.read() == wire.HEADERS_CONTINUE
+                held.append(call)
+            answers, code = await exchange(ch, GOOD_HEADERS)
+            assert code == grpc.StatusCode.OK and len(answers) == 1
+            r = immediate(answers[0])
+            assert r.status is not None and r.status.code == 503
+            assert "retry shortly" in json.loads(r.body)["error"]
+            assert r.headers is not None
+            sent = {o.header.key: o.header.raw_value for o in r.headers.set_headers if o.header}
+            assert sent["retry-after"] == b"1"
+            assert await exchange(ch, headers_msg("/other")) == (
+                [wire.HEADERS_CONTINUE_SKIP_BODY],
+                grpc.StatusCode.OK,
+            )
+            first = held.pop(0)
+            await first.write(body_msg({"instances": [{"id": "held"}]}))
+            assert json.loads(immediate(await first.read()).body) == {
+                "predictions": [{"echo": "held"}]
+            }
+            assert await first.read() is grpc.aio.EOF
+            await good_request(ch, "after")
+            for call in held:
+                call.cancel()
+    finally:
+        await srv.stop(grace=2)
