@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         "--max-streams",
         type=_positive_int,
         help="requests (ext_proc streams) this replica holds at once; beyond, 503 with "
-        "Retry-After (default 16384)",
+        "Retry-After (default 8192)",
     )
     p.add_argument(
         "--max-streams-per-connection",

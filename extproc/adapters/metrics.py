@@ -125,8 +125,9 @@ class PrometheusMetrics:
         self.refused_streams = Counter(
             "mlproxy_refused_streams",
             "ext_proc streams refused, by why: header_limit (over --max-headers or "
-            "--max-header-bytes: answered 431), malformed (not an ext_proc message), "
-            "protocol (messages out of order): both closed with INVALID_ARGUMENT.",
+            "--max-header-bytes: answered 431), stream_limit (over --max-streams: 503), "
+            "malformed (not an ext_proc message), protocol (messages out of order): both "
+            "closed with INVALID_ARGUMENT.",
             ["reason"],
             registry=r,
         )

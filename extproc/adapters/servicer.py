@@ -44,9 +44,11 @@ BODY_FRAMING_BYTES = 32
 # Largest body accepted in one message when nothing else is said (grpcio's own default
 # receive limit is 4 MiB; see README "ext_proc's gRPC port: limits").
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-# Open ext_proc streams (requests held) per process. Each costs about 25 KB here (grpcio's call
-# and the handler task): 16,384 take about 400 MB. See README "ext_proc's gRPC port: limits".
-DEFAULT_MAX_STREAMS = 16_384
+# Open ext_proc streams (requests held) per process. Each held stream costs about 25 KB here
+# (grpcio's call and the handler task; `mlproxy extproc` idles at about 80 MB): 8,192 take about
+# 290 MB, which fits the manifests' 512 MiB limit with room for bodies. README "ext_proc's gRPC
+# port: limits".
+DEFAULT_MAX_STREAMS = 8_192
 
 
 @dataclass(frozen=True, slots=True)

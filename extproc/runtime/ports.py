@@ -53,5 +53,6 @@ class Metrics(Protocol):
     def active_streams(self, delta: int) -> None: ...
 
     def stream_refused(self, reason: str) -> None:
-        """A peer's ext_proc stream was refused: `header_limit`, `malformed`, `protocol`."""
+        """A peer's ext_proc stream was refused: `header_limit`, `stream_limit`, `malformed`,
+        `protocol`."""
         ...
