@@ -1,5 +1,5 @@
-"""A burst of slow clients through the real Envoy: every held request keeps its ext_proc
-stream and gets its own answer, and a normal request among them is served."""
+"""ext_proc's gRPC port limits through the real Envoy: a burst of slow clients keeps every
+ext_proc stream and each gets its own answer, and what Envoy accepts passes the header caps."""
 
 from __future__ import annotations
 
@@ -83,3 +83,30 @@ async def test_a_burst_of_slow_clients_is_held_and_each_answered(stack: Stack) -
     for i, (_, data) in enumerate(answers):
         assert json.loads(data) == {"predictions": [{"echo": f"slow-{i}"}]}
     assert envoy_stat(stack, failed) == failed_before
+
+
+async def test_a_request_at_envoys_own_header_limits_passes_the_header_caps(stack: Stack) -> None:
+    """Envoy's defaults: 100 request headers, 60 KiB of them. Envoy adds its own (pseudo-
+    headers, x-request-id, x-forwarded-proto) before ext_proc sees them: the caps leave room."""
+    body = json.dumps({"instances": [{"id": "many-headers"}]}).encode()
+    fields = [("Host", "mlproxy"), ("Content-Type", "application/json")]
+    fields += [("Content-Length", str(len(body)))]
+    fields += [(f"x-h-{i:02}", "v") for i in range(96)]
+    # Envoy counts each header line, "name: value" and its line end (and a little more)
+    used = sum(len(k) + len(v) + 4 for k, v in fields) + len("x-big") + 4
+    fields.append(("x-big", "v" * (60 * 1024 - used - 512)))
+    assert len(fields) == 100
+    head = "POST /v1/models/echo:predict HTTP/1.1\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.envoy_port)
+    try:
+        writer.write(head.encode() + body)
+        await writer.drain()
+        head_in = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        lines = head_in.decode("latin-1").split("\r\n")
+        got = dict(line.lower().partition(": ")[::2] for line in lines[1:] if line)
+        data = await reader.readexactly(int(got["content-length"]))
+    finally:
+        writer.close()
+    assert lines[0].split(" ")[1] == "200", (lines[0], data)
+    assert json.loads(data) == {"predictions": [{"echo": "many-headers"}]}
