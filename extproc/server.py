@@ -73,7 +73,7 @@ class ExtProcServer:
         servicer = ExtProcServicer(self.router, self.pool, self.telemetry, self.limits)
         server = grpc.aio.server(
             # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
-            # that never send their headers), answered RESOURCE_EXHAUSTED by grpcio.
+            # that never send their headers): grpcio closes those at once (CANCELLED).
             maximum_concurrent_rpcs=self.limits.max_streams + max(64, self.limits.max_streams // 8),
             options=[
                 (
