@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
-from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer
+from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer, StreamLimits
 from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import StatsWindow
@@ -23,12 +23,16 @@ from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
 from mlproxy.tls import TlsFiles, add_grpc_port
 
-__all__ = ["ExtProcServer", "run"]
+__all__ = ["ExtProcServer", "StreamLimits", "run"]
 
 log = logging.getLogger(__name__)
 
-# Envoy's buffered body arrives in one message: allow the largest max_body_bytes plus framing.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+# Envoy's buffered body arrives in one message: the gRPC receive limit is the largest body this
+# process takes (StreamLimits.max_body_bytes, `--max-body-bytes`) plus this much for the rest of
+# the ProcessingRequest (request attributes, metadata). grpcio fixes it when the server starts.
+MESSAGE_FRAMING_BYTES = 64 * 1024
+# Answers carry one request's part of a backend answer: allow what a model may send back.
+MAX_SEND_BYTES = 64 * 1024 * 1024 + MESSAGE_FRAMING_BYTES
 
 
 class ExtProcServer:
@@ -40,6 +44,8 @@ class ExtProcServer:
         metrics_port: int | None = None,
         clock: Clock | None = None,
         tls: TlsFiles | None = None,  # mTLS: cert, key and the CA of Envoy's client cert
+        limits: StreamLimits | None = None,
+        max_streams_per_connection: int | None = None,
     ) -> None:
         self.tls = tls
         self.host = host
@@ -52,6 +58,13 @@ class ExtProcServer:
         self.backend = HttpBackend()
         self.router = Router()
         self.pool: BatcherPool | None = None
+        self.limits = limits or StreamLimits()
+        # HTTP/2 streams one connection may hold open (SETTINGS_MAX_CONCURRENT_STREAMS), by
+        # default all the process holds. Envoy puts a replica's requests on as few connections
+        # as its cluster's own max_concurrent_streams allows; that must not be above this, or
+        # Envoy opens streams this server refuses (README "ext_proc's gRPC port: limits").
+        self.max_streams_per_connection = max_streams_per_connection or self.limits.max_streams
+        self._warned: set[tuple[str, int]] = set()
         self.apply_policies(policies)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -60,14 +73,26 @@ class ExtProcServer:
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
         self.pool = BatcherPool(executor, self.clock, self.telemetry)
-        servicer = ExtProcServicer(self.router, self.pool, self.telemetry)
+        servicer = ExtProcServicer(self.router, self.pool, self.telemetry, self.limits)
         server = grpc.aio.server(
+            # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
+            # that never send their headers): grpcio closes those at once (CANCELLED).
+            maximum_concurrent_rpcs=self.limits.max_streams + max(64, self.limits.max_streams // 8),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_concurrent_streams", 100_000),
+                (
+                    "grpc.max_receive_message_length",
+                    self.limits.max_body_bytes + MESSAGE_FRAMING_BYTES,
+                ),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+                # Streams that arrived but that this process has not taken yet (grpcio's aio
+                # server takes one at a time). grpcio's defaults, 1,000 then 3,000, cancel new
+                # streams at random in between: a burst of 3,000 slow clients through Envoy lost
+                # about 6% of its requests (500s), and a normal request among them could too.
+                ("grpc.server.max_pending_requests", self.limits.max_streams),
+                ("grpc.server.max_pending_requests_hard_limit", self.limits.max_streams * 2),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers((servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -101,6 +126,35 @@ class ExtProcServer:
             self.metrics.policy_removed(name)
         for p in policies:
             self.metrics.policy_applied(p)
+            self._check_limits(p)
+
+    def _check_limits(self, policy: Policy) -> None:
+        """Tell the operator, once per policy version, when a policy allows more than this
+        process can take: the gRPC receive limit cannot change while the server runs."""
+        if (policy.name, policy.version) in self._warned:
+            return
+        if policy.batching.max_queue > self.limits.max_streams:
+            self._warned.add((policy.name, policy.version))
+            log.warning(
+                "policy %s queues up to %d requests (batching.max_queue), more than the %d "
+                "this replica holds (--max-streams): beyond that, requests get 503 before the "
+                "queue is full. Lower max_queue, or raise --max-streams (and Envoy's "
+                "max_concurrent_streams for the ext_proc cluster with it)",
+                policy.name,
+                policy.batching.max_queue,
+                self.limits.max_streams,
+            )
+        if policy.max_body_bytes > self.limits.max_body_bytes:
+            self._warned.add((policy.name, policy.version))
+            log.warning(
+                "policy %s accepts bodies up to %d bytes (max_body_bytes), but this replica "
+                "receives at most %d in one message: larger bodies get 413. Restart it with "
+                "--max-body-bytes %d to take them",
+                policy.name,
+                policy.max_body_bytes,
+                self.limits.max_body_bytes,
+                policy.max_body_bytes,
+            )
 
     def applied_versions(self) -> dict[str, int]:
         return {p.name: p.version for p in self.router.policies}

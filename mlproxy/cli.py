@@ -10,7 +10,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from extproc.server import ExtProcServer
+    from mlproxy.policy import Policy
 
 __all__ = ["main"]
 
@@ -72,9 +78,31 @@ def _extproc_security(args: argparse.Namespace) -> bool:
     return True
 
 
+def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> ExtProcServer:
+    """The server with the limits given on the command line (the code's defaults otherwise)."""
+    from extproc.adapters.wire import HeaderLimits
+    from extproc.server import ExtProcServer, StreamLimits
+
+    d = StreamLimits()
+    limits = StreamLimits(
+        HeaderLimits(args.max_headers or d.headers.count, args.max_header_bytes or d.headers.size),
+        max_body_bytes=args.max_body_bytes or d.max_body_bytes,
+        max_streams=args.max_streams or d.max_streams,
+    )
+    return ExtProcServer(
+        policies,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        limits=limits,
+        max_streams_per_connection=args.max_streams_per_connection,
+        tls=args.tls,
+    )
+
+
 def _extproc_from_file(args: argparse.Namespace) -> int:
     from extproc.adapters.policy_file import FilePolicySource
-    from extproc.server import ExtProcServer, run
+    from extproc.server import run
     from mlproxy.policy import PolicyFileError
 
     source = FilePolicySource(args.policies, interval=args.reload_interval)
@@ -83,9 +111,7 @@ def _extproc_from_file(args: argparse.Namespace) -> int:
     except PolicyFileError as err:
         log.error("invalid policy file: %s", err)
         return 2
-    server = ExtProcServer(
-        policies, host=args.host, port=args.port, metrics_port=args.metrics_port, tls=args.tls
-    )
+    server = _extproc_server(args, policies)
     _run_async(run(server, grace=args.grace, source=source, drain_delay=args.drain_delay))
     return 0
 
@@ -94,11 +120,9 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
     import socket
 
     from extproc.adapters.redis_source import RedisPolicySource
-    from extproc.server import ExtProcServer, run
+    from extproc.server import run
 
-    server = ExtProcServer(
-        [], host=args.host, port=args.port, metrics_port=args.metrics_port, tls=args.tls
-    )
+    server = _extproc_server(args, [])
     replica_id = (
         args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
     )
@@ -256,6 +280,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests, concurrency=args.concurrency, port=args.port)
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {value}")
+    return n
+
+
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {value}")
@@ -305,6 +339,34 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds between checks of the policy file for changes",
     )
     add_tls_flags(p, ca_help="CA of Envoy's client certificates; with cert and key: mTLS")
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        help="largest request body this replica receives, whatever a policy allows (413 "
+        "above); the gRPC receive limit is this plus 64 KiB (default 4 MiB)",
+    )
+    p.add_argument(
+        "--max-headers",
+        type=_positive_int,
+        help="most request headers in one request (431 above; default 128)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=_positive_int,
+        help="most bytes of request header names and values (431 above; default 64 KiB)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        help="requests (ext_proc streams) this replica holds at once; beyond, 503 with "
+        "Retry-After (default 8192)",
+    )
+    p.add_argument(
+        "--max-streams-per-connection",
+        type=_positive_int,
+        help="HTTP/2 streams one gRPC connection may hold; keep Envoy's max_concurrent_streams "
+        "for the ext_proc cluster at or below it (default: --max-streams)",
+    )
 
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False

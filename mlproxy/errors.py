@@ -19,6 +19,7 @@ class ErrorKind(Enum):
     INTERNAL = (500, "internal_error")  # a bug in MLProxy; the log has the traceback
     NOT_FOUND = (404, "not_found")
     PAYLOAD_TOO_LARGE = (413, "too_large")
+    HEADERS_TOO_LARGE = (431, "headers_too_large")  # over ext_proc's header caps
     QUEUE_FULL = (429, "queue_full")
     BACKEND_ERROR = (502, "backend_error")  # unreachable, or an answer we cannot use
     UNAVAILABLE = (503, "unavailable")  # shutting down, policy gone

@@ -71,6 +71,7 @@ class RecordingMetrics:
     answered: list[tuple[str, float, bool]] = field(default_factory=list)
     streams: int = 0
     sent: list[tuple[str, str, int]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
     def request_arrived(self, policy: str) -> None:
         self.arrivals += 1
@@ -97,6 +98,9 @@ class RecordingMetrics:
 
     def active_streams(self, delta: int) -> None:
         self.streams += delta
+
+    def stream_refused(self, reason: str) -> None:
+        self.refused.append(reason)
 
 
 @dataclass

@@ -141,6 +141,15 @@ class PrometheusMetrics:
             "Open ext_proc streams (requests held by Envoy).",
             registry=r,
         )
+        self.refused_streams = Counter(
+            "mlproxy_refused_streams",
+            "ext_proc streams refused, by why: header_limit (over --max-headers or "
+            "--max-header-bytes: answered 431), stream_limit (over --max-streams: 503), "
+            "malformed (not an ext_proc message), protocol (messages out of order): both "
+            "closed with INVALID_ARGUMENT.",
+            ["reason"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "mlproxy_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 10 ms): while it is late, "
@@ -219,6 +228,9 @@ class PrometheusMetrics:
 
     def active_streams(self, delta: int) -> None:
         self.streams.inc(delta)
+
+    def stream_refused(self, reason: str) -> None:
+        self.refused_streams.labels(reason).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port."""

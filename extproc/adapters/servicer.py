@@ -6,7 +6,10 @@ Per stream (Envoy with request_header_mode SEND, request_body_mode BUFFERED):
   body    --> parse with the policy's codec, queue, await the reply, answer with an
               ImmediateResponse, close the stream.
 The client going away cancels this handler; its request is then withdrawn from the queue.
-Errors become ImmediateResponses with a JSON body; nothing here raises to gRPC.
+A client's errors become ImmediateResponses with a JSON body. A peer that breaks the protocol
+(bytes that are not an ext_proc message, a first message that is not the request headers, a
+second one that is not the body) gets its stream closed at once with INVALID_ARGUMENT; request
+headers over the caps (`StreamLimits.headers`) are answered 431 without decoding the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -25,20 +30,79 @@ from extproc.runtime.ports import Metrics
 from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Route, Router
 
-__all__ = ["SERVICE_NAME", "ExtProcServicer"]
+__all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # A client may ask for less time than the policy's SLA (never more): milliseconds from arrival.
 DEADLINE_HEADER = "x-mlproxy-deadline-ms"
+_POLICY_LIMIT = "policy max_body_bytes"
+_PROCESS_LIMIT = "the largest body this MLProxy replica receives, --max-body-bytes"
+# What a ProcessingRequest adds around a buffered body: tags, lengths, end_of_stream.
+BODY_FRAMING_BYTES = 32
+# Largest body accepted in one message when nothing else is said (grpcio's own default
+# receive limit is 4 MiB; see README "ext_proc's gRPC port: limits").
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Open ext_proc streams (requests held) per process. Each held stream costs about 25 KB here
+# (grpcio's call and the handler task; `mlproxy extproc` idles at about 80 MB): 8,192 take about
+# 290 MB, which fits the manifests' 512 MiB limit with room for bodies. README "ext_proc's gRPC
+# port: limits".
+DEFAULT_MAX_STREAMS = 8_192
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What one ext_proc stream may send: header caps, and the largest body this process
+    takes whatever a policy allows (the gRPC receive limit is fixed when the server starts)."""
+
+    headers: wire.HeaderLimits = wire.DEFAULT_LIMITS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_streams: int = DEFAULT_MAX_STREAMS
+
+
+class _ProtocolError(Exception):
+    """The peer broke the ext_proc protocol: its stream is closed with INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Throttled:
+    """Logs a warning per kind of refusal at most once every `every` seconds, with how many
+    were left out since: a hostile peer must not flood the log."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -math.inf) < self._every:
+            self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            return
+        skipped = self._skipped.pop(reason, 0)
+        self._last[reason] = now
+        more = f" ({skipped} more like it in the last {self._every:.0f} s)" if skipped else ""
+        log.warning("%s%s", message, more)
 
 
 class ExtProcServicer:
-    def __init__(self, router: Router, pool: BatcherPool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        router: Router,
+        pool: BatcherPool,
+        metrics: Metrics,
+        limits: StreamLimits | None = None,
+    ) -> None:
         self.router = router
         self._pool = pool
         self._metrics = metrics
+        self.limits = limits or StreamLimits()
+        self._log = _Throttled()
+        self._open = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: messages arrive and leave as bytes, through `wire`.
@@ -48,28 +112,71 @@ class ExtProcServicer:
 
     async def process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self._metrics.active_streams(1)
+        self._open += 1
         try:
             await self._process(context)
+        except _ProtocolError as err:
+            self._refuse(err.reason, f"ext_proc peer {context.peer()}: {err}; stream closed")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         finally:
+            self._open -= 1
             self._metrics.active_streams(-1)
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self._metrics.stream_refused(reason)
+        self._log.warning(reason, message)
+
+    def _decode(self, raw: bytes) -> wire.Message:
+        try:
+            return wire.decode_processing_request(raw, self.limits.headers)
+        except wire.HeaderLimitError:
+            raise
+        except wire.WireError as err:
+            raise _ProtocolError(
+                "malformed", f"not an ext_proc ProcessingRequest ({err})"
+            ) from None
 
     async def _process(self, context: grpc.aio.ServicerContext) -> None:
         raw = await context.read()
         if raw is grpc.aio.EOF:
             return
-        msg = wire.decode_processing_request(raw)
-        if msg.kind != "request_headers":
-            log.error(
-                "first ext_proc message was %s, not request headers: check the filter's "
-                "processing_mode (request_header_mode must be SEND)",
-                msg.kind,
+        try:
+            msg = self._decode(raw)
+        except wire.HeaderLimitError as err:
+            # Well-formed, but more than this process decodes: answer the client clearly
+            # (431) instead of failing Envoy's stream, which would be a 500.
+            self._refuse("header_limit", f"ext_proc peer {context.peer()}: {err}; answered 431")
+            error = ProxyError(
+                ErrorKind.HEADERS_TOO_LARGE,
+                f"request headers are too large for MLProxy: {err}",
             )
+            await context.write(_encode(Reply.from_error(error), None, None))
             return
+        if msg.kind != "request_headers":
+            raise _ProtocolError(
+                "protocol",
+                f"first ext_proc message was {msg.kind}, not request headers (check the "
+                "filter's processing_mode: request_header_mode must be SEND)",
+            )
         headers = msg.headers
         route = self.router.resolve(headers.get(":path", ""))
         if route is None or headers.get(":method", "POST") != "POST":
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
+            return
+        if self._open > self.limits.max_streams:
+            self._refuse(
+                "stream_limit",
+                f"{self._open} ext_proc streams open, more than --max-streams "
+                f"{self.limits.max_streams}: answered 503",
+            )
+            error = ProxyError(
+                ErrorKind.UNAVAILABLE,
+                "MLProxy holds as many requests as it can; retry shortly",
+                headers=(("retry-after", "1"),),
+            )
+            self._metrics.request_done(route.policy.name, error.kind.outcome, None)
+            await context.write(_encode(Reply.from_error(error), None, None))
             return
         client = client_identity(msg.attributes)
         reply = await self._handle(context, route, headers, msg.end_of_stream, client)
@@ -90,20 +197,29 @@ class ExtProcServicer:
         not queued), or None if the stream ended early."""
         policy = route.policy
         arrival = self._pool.clock.now()  # the SLA clock starts with the headers
+        # A policy may allow more than this process can receive in one gRPC message.
+        limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+        why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
         try:
             if end_of_stream:
                 raise ProxyError(
                     ErrorKind.BAD_REQUEST,
                     "request has no body; POST a JSON body for this model",
                 )
-            _check_size(headers.get("content-length"), policy.max_body_bytes)
+            _check_size(headers.get("content-length"), limit, why)
             budget = _budget(headers.get(DEADLINE_HEADER))
             await context.write(wire.HEADERS_CONTINUE)
             raw = await context.read()
             if raw is grpc.aio.EOF:
                 return None
-            msg = wire.decode_processing_request(raw)
-            if msg.kind != "request_body" or not msg.end_of_stream:
+            if len(raw) > limit + BODY_FRAMING_BYTES:  # too large whatever it holds
+                raise _too_large(f"more than {limit}", limit, why)
+            msg = self._decode(raw)
+            if msg.kind != "request_body":
+                raise _ProtocolError(
+                    "protocol", f"expected the request body, got {msg.kind} instead"
+                )
+            if not msg.end_of_stream:
                 log.error(
                     "expected the whole request body in one ext_proc message: set the "
                     "filter's request_body_mode to BUFFERED"
@@ -111,7 +227,7 @@ class ExtProcServicer:
                 raise ProxyError(
                     ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
                 )
-            _check_size(len(msg.body), policy.max_body_bytes)
+            _check_size(len(msg.body), limit, why)
             try:
                 parsed = get_codec(policy.codec).parse(msg.body)
             except CodecError as err:
@@ -120,6 +236,12 @@ class ExtProcServicer:
             ticket = self._pool.submit(route, parsed, future, budget, arrival, client)
         except ProxyError as err:
             return Reply.from_error(err), None, None
+        except (_ProtocolError, wire.HeaderLimitError) as err:
+            if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
+                raise _ProtocolError(
+                    "protocol", f"a second request headers message: {err}"
+                ) from None
+            raise
         except Exception:
             log.exception("policy %s: unexpected error handling a request", policy.name)
             error = ProxyError(
@@ -180,7 +302,7 @@ def _budget(value: str | None) -> float | None:
     return ms / 1000.0
 
 
-def _check_size(length: int | str | None, limit: int) -> None:
+def _check_size(length: int | str | None, limit: int, why: str = _POLICY_LIMIT) -> None:
     if length is None:
         return
     try:
@@ -188,11 +310,14 @@ def _check_size(length: int | str | None, limit: int) -> None:
     except ValueError:
         raise ProxyError(ErrorKind.BAD_REQUEST, "content-length is not a number") from None
     if n > limit:
-        raise ProxyError(
-            ErrorKind.PAYLOAD_TOO_LARGE,
-            f"request body is {n} bytes; this model accepts at most {limit} "
-            "(policy max_body_bytes)",
-        )
+        raise _too_large(str(n), limit, why)
+
+
+def _too_large(size: str, limit: int, why: str) -> ProxyError:
+    return ProxyError(
+        ErrorKind.PAYLOAD_TOO_LARGE,
+        f"request body is {size} bytes; this model accepts at most {limit} ({why})",
+    )
 
 
 def _encode(reply: Reply, queue_wait: float | None, total: float | None) -> bytes:

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BODY_CONTINUE",
+    "DEFAULT_LIMITS",
     "HEADERS_CONTINUE",
     "HEADERS_CONTINUE_SKIP_BODY",
+    "HeaderLimitError",
+    "HeaderLimits",
     "Message",
     "WireError",
     "decode_processing_request",
@@ -38,14 +41,50 @@ __all__ = [
 
 
 class WireError(ValueError):
-    """The bytes are not a well-formed protobuf message."""
+    """The bytes are not a well-formed protobuf message (or one no honest peer sends)."""
 
+
+class HeaderLimitError(WireError):
+    """A request-headers message with more headers, or more header bytes, than allowed."""
+
+
+# Envoy's own defaults are 100 request headers and 60 KiB of them (max_request_headers_count,
+# max_request_headers_kb). What reaches ext_proc is that plus what Envoy adds: the pseudo-headers
+# (:authority, :path, :method, :scheme) and x-forwarded-proto, x-request-id, x-envoy-*. The
+# defaults here leave room for those, so whatever Envoy accepts with its defaults passes.
+DEFAULT_MAX_HEADERS = 128
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderLimits:
+    """Most headers, and most bytes of header names and values, in one request-headers
+    message. A message over either is refused (HeaderLimitError) as soon as the decoder
+    sees it: the rest of the message is not decoded."""
+
+    count: int = DEFAULT_MAX_HEADERS
+    size: int = DEFAULT_MAX_HEADER_BYTES
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.size < 1:
+            raise ValueError("header limits must be at least 1")
+
+
+DEFAULT_LIMITS = HeaderLimits()
 
 # Wire types.
 _VARINT = 0
 _I64 = 1
 _LEN = 2
 _I32 = 5
+
+# Framing bytes one header can take besides its name and value: the HeaderValue tag and length,
+# the key and raw_value tags and lengths (lengths below 2 MiB take at most 3 bytes each).
+_HEADER_FRAMING = 12
+# Fields read at one level of a message (ProcessingRequest, HttpHeaders, HttpBody, HeaderValue)
+# before it is refused: the real ones have at most a dozen, and each field costs a Python loop
+# iteration, so a message of a million tiny fields would otherwise hold the event loop.
+_MAX_FIELDS = 64
 
 
 @dataclass(slots=True)
@@ -62,6 +101,10 @@ class Message:
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end:
+        b = buf[pos]
+        if b < 0x80:  # one byte: tags and short lengths, the common case
+            return b, pos + 1
     result = 0
     shift = 0
     while True:
@@ -78,12 +121,17 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fields(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int, int]]:
-    """Yield (field number, wire type, value or start, stop) for each field in buf[pos:end].
+    """Yield (field number, wire type, value or start, stop) for each field in buf[pos:end],
+    at most _MAX_FIELDS of them.
 
     For length-delimited fields the value is the start offset and stop the end offset; for
     varints the value is the integer and stop is unused.
     """
+    n = 0
     while pos < end:
+        n += 1
+        if n > _MAX_FIELDS:
+            raise WireError(f"more than {_MAX_FIELDS} fields in one message")
         key, pos = _read_varint(buf, pos, end)
         number, wtype = key >> 3, key & 7
         if wtype == _VARINT:
@@ -108,29 +156,70 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int, int
             raise WireError(f"unsupported wire type {wtype}")
 
 
-def _decode_header_map(buf: bytes, pos: int, end: int, out: dict[str, str]) -> None:
-    for number, wtype, start, stop in _fields(buf, pos, end):
-        if number != 1 or wtype != _LEN:
+def _skip(buf: bytes, pos: int, end: int, wtype: int) -> int:
+    """The position after a field of wire type VARINT, I64 or I32 whose value starts at pos."""
+    if wtype == _VARINT:
+        return _read_varint(buf, pos, end)[1]
+    if wtype == _I64:
+        pos += 8
+    elif wtype == _I32:
+        pos += 4
+    else:
+        raise WireError(f"unsupported wire type {wtype}")
+    if pos > end:
+        raise WireError("truncated fixed-size field")
+    return pos
+
+
+def _decode_header_map(
+    buf: bytes, pos: int, end: int, out: dict[str, str], limits: HeaderLimits
+) -> None:
+    # Refuse a header map that cannot fit the limits before decoding any of it.
+    if end - pos > limits.size + limits.count * _HEADER_FRAMING:
+        raise HeaderLimitError(
+            f"request headers take {end - pos} bytes; at most {limits.count} headers and "
+            f"{limits.size} bytes of them are accepted"
+        )
+    count = 0
+    size = 0
+    while pos < end:
+        tag, pos = _read_varint(buf, pos, end)
+        count += 1  # unknown fields count too
+        if count > limits.count:
+            raise HeaderLimitError(f"more than {limits.count} request headers")
+        if tag & 7 != _LEN:
+            pos = _skip(buf, pos, end, tag & 7)
             continue
-        key = ""
-        value: str | None = None
+        length, pos = _read_varint(buf, pos, end)
+        stop = pos + length
+        if stop > end:
+            raise WireError("truncated header")
+        if tag != 0x0A:  # not field 1 (headers)
+            pos = stop
+            continue
+        key = b""
+        value = b""
         raw: bytes | None = None
-        for n2, w2, s2, e2 in _fields(buf, start, stop):
+        for n2, w2, s2, e2 in _fields(buf, pos, stop):
             if w2 != _LEN:
                 continue
+            size += e2 - s2
             if n2 == 1:
-                key = buf[s2:e2].decode("utf-8", "replace")
+                key = buf[s2:e2]
             elif n2 == 2:
-                value = buf[s2:e2].decode("utf-8", "replace")
+                value = buf[s2:e2]
             elif n2 == 3:
                 raw = buf[s2:e2]
-        if raw is not None:
-            value = raw.decode("utf-8", "replace")
+        if size > limits.size:
+            raise HeaderLimitError(f"request headers larger than {limits.size} bytes")
+        pos = stop
+        name = key.decode("utf-8", "replace")
+        text = (value if raw is None else raw).decode("utf-8", "replace")
         # Header names are lower case in Envoy; repeated names are joined as HTTP allows.
-        if key in out:
-            out[key] = f"{out[key]},{value or ''}"
+        if name in out:
+            out[name] = f"{out[name]},{text}"
         else:
-            out[key] = value or ""
+            out[name] = text
 
 
 def _decode_attributes(buf: bytes, pos: int, end: int, out: dict[str, str]) -> None:
@@ -156,8 +245,11 @@ def _decode_attributes(buf: bytes, pos: int, end: int, out: dict[str, str]) -> N
                 out[name] = value
 
 
-def decode_processing_request(buf: bytes) -> Message:
-    """Decode the request-side parts of an ext_proc ProcessingRequest."""
+def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS) -> Message:
+    """Decode the request-side parts of an ext_proc ProcessingRequest.
+
+    Raises WireError for bytes that are not such a message, and its subclass
+    HeaderLimitError for request headers over `limits`, without decoding the rest."""
     end = len(buf)
     msg: Message | None = None
     attributes: dict[str, str] = {}
@@ -168,7 +260,7 @@ def decode_processing_request(buf: bytes) -> Message:
             msg = Message("request_headers")
             for n2, w2, s2, e2 in _fields(buf, start, stop):
                 if n2 == 1 and w2 == _LEN:
-                    _decode_header_map(buf, s2, e2, msg.headers)
+                    _decode_header_map(buf, s2, e2, msg.headers, limits)
                 elif n2 == 3 and w2 == _VARINT:
                     msg.end_of_stream = bool(s2)
         elif number == 4:  # request_body: HttpBody

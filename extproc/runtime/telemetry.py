@@ -44,3 +44,6 @@ class Telemetry:
 
     def active_streams(self, delta: int) -> None:
         self.metrics.active_streams(delta)
+
+    def stream_refused(self, reason: str) -> None:
+        self.metrics.stream_refused(reason)
