@@ -79,11 +79,16 @@ def serve(host: str, port: int, tls_cert: str | None = None, tls_key: str | None
         settings.max_body_bytes,
         settings.keepalive_timeout,
     )
+    # X-Forwarded-For names the client (in the audit log) only when it comes from a proxy the
+    # operator named; uvicorn's default trusts any local process to say who it is.
+    forwarded = os.environ.get("MLPROXY_FORWARDED_ALLOW_IPS", "").strip()
     uvicorn.run(
         app,
         host=host,
         port=port,
         http=protocol,
+        proxy_headers=bool(forwarded),
+        forwarded_allow_ips=forwarded or None,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -572,3 +572,18 @@ def test_policy_apply_refuses_nan_itself_and_shows_the_servers_reasons(
     assert stored == ["good"]
     r = cli(server, "policy", "get", token=f"ci:{ADMIN}")  # the file's line, name and all
     assert r.returncode == 1 and "401" in r.stderr and "without its name" in r.stderr
+
+
+def test_the_audit_source_is_the_peer_not_what_a_header_claims(
+    server: Server, api: httpx.Client
+) -> None:
+    """X-Forwarded-For is believed only from proxies named in MLPROXY_FORWARDED_ALLOW_IPS (unset
+    here): a local client cannot write under another address."""
+    before = len(server.audit())
+    r = api.put(
+        "/v1/policies/spoof", json=body(), headers={**auth(), "X-Forwarded-For": "203.0.113.9"}
+    )
+    assert r.status_code == 201
+    (line,) = server.audit()[before:]
+    assert line["source"].startswith("127.0.0.1:"), line
+    assert "203.0.113.9" not in json.dumps(line)
