@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 
+from extproc.adapters.wire import _len_field
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.stack import Child, free_port, http_ok
@@ -46,17 +47,8 @@ METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 PATH = "/v1/models/demo:predict"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _len(number: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+    return _len_field(number, payload)
 
 
 def header(key: str, value: bytes) -> bytes:
