@@ -728,6 +728,28 @@ def test_the_redis_pod_starts_with_its_password_off_the_command_line(
         ports.release(port)
 
 
+@pytest.mark.parametrize("content", ["pw d", "pw d\n", "pw d\r\n", "pw d \n"])
+def test_redis_and_its_clients_read_the_password_file_alike(
+    rendered: dict[str, list[Obj]], tmp_path: Path, content: str
+) -> None:
+    """The password Redis's script configures (its SHA-256) is the one ext_proc and the
+    control plane send (MLProxy's redis_kwargs on the same file), whatever the line ending."""
+    statefulset = find(rendered["manifests/base"], "StatefulSet", "mlproxy-redis")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    secret = tmp_path / "password"
+    secret.write_bytes(content.encode())
+    config = tmp_path / "redis.conf"
+    env = {
+        "PATH": "/usr/bin:/bin",  # no redis-server: the script writes its config, then stops
+        "REDIS_PASSWORD_FILE": str(secret),
+        "REDIS_CONFIG": str(config),
+    }
+    subprocess.run(container["command"], env=env, capture_output=True, timeout=30, check=False)
+    sent = redis_kwargs("redis://h/0", {"MLPROXY_REDIS_PASSWORD_FILE": str(secret)})["password"]
+    digest = hashlib.sha256(sent.encode()).hexdigest()
+    assert config.read_text() == f"user default on #{digest} ~* &* +@all\n"
+
+
 def test_the_redis_script_refuses_an_empty_password(
     rendered: dict[str, list[Obj]], tmp_path: Path
 ) -> None:
