@@ -56,8 +56,10 @@ EXPOSE 8080
 # SIGTERM: uvicorn stops taking connections, finishes requests (up to 5 s), the fleet tuner
 # gives up its lease, and the process exits 0.
 STOPSIGNAL SIGTERM
+# /healthz over HTTPS when MLPROXY_TLS_CERT is set (the control plane then serves HTTPS), else
+# HTTP: the check follows the server's own settings.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["mlproxy", "healthcheck", "--http", "http://127.0.0.1:8080/healthz"]
+    CMD ["mlproxy", "healthcheck", "--controlplane", "127.0.0.1:8080"]
 # Settings from the environment: MLPROXY_REDIS_URL, MLPROXY_ADMIN_TOKENS or
 # MLPROXY_ADMIN_TOKENS_FILE (required), MLPROXY_READ_TOKENS(_FILE), MLPROXY_TUNER_INTERVAL_S...
 ENTRYPOINT ["mlproxy", "controlplane"]

@@ -305,6 +305,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         args.service,
         args.timeout,
         tls=(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
+        controlplane=args.controlplane,
     )
 
 
@@ -445,6 +446,13 @@ def main(argv: list[str] | None = None) -> None:
         "--grpc", metavar="HOST:PORT", help="ask grpc.health.v1.Health/Check; pass on SERVING"
     )
     target.add_argument("--http", metavar="URL", type=_http_url, help="GET; pass on 2xx")
+    target.add_argument(
+        "--controlplane",
+        metavar="HOST:PORT",
+        help=f"GET the control plane's /healthz, over HTTPS if {ENV_CERT} is set (as the "
+        f"control plane serves); verified against --tls-ca or {ENV_CA_FILE}, else it must "
+        f"present the certificate of {ENV_CERT}",
+    )
     p.add_argument("--service", default="", help="gRPC health service name (default: server)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     p.add_argument("--tls-ca", metavar="FILE", help=f"TLS: CA to verify the server ({ENV_CA})")

@@ -9,6 +9,13 @@ TLS: `--grpc` uses a TLS channel when a CA or a client certificate is given (`--
 `--tls-cert`, `--tls-key`, else MLPROXY_TLS_CA/CERT/KEY: in ext_proc's container, its own
 certificate, which must then allow client authentication); `--http https://...` verifies the
 server against `--tls-ca`, else MLPROXY_CA_FILE, else the system's roots.
+
+`--controlplane HOST:PORT` asks the control plane's `/healthz` with the scheme it serves from
+the same settings: HTTPS when MLPROXY_TLS_CERT is set (as `mlproxy controlplane` then serves),
+else HTTP; so one HEALTHCHECK fits the image with and without TLS. Over HTTPS the server is
+verified against `--tls-ca` or MLPROXY_CA_FILE (and its name), else it must present the very
+certificate of MLPROXY_TLS_CERT: in the control plane's container that is its own, so no CA
+needs mounting for the health check.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["HealthCheckFailed", "check_grpc", "check_http", "main"]
+__all__ = ["HealthCheckFailed", "check_controlplane", "check_grpc", "check_http", "main"]
 
 
 class HealthCheckFailed(Exception):
@@ -100,13 +108,17 @@ def check_grpc(target: str, service: str = "", timeout: float = 2.0, tls: TlsArg
         raise HealthCheckFailed(f"{where}: {status}")
 
 
-def check_http(url: str, timeout: float = 2.0, ca: str | None = None) -> None:
-    """Pass if a GET of `url` answers 2xx (redirects followed); https:// is verified against
-    `ca` (else MLPROXY_CA_FILE, else the system's roots)."""
+def check_http(
+    url: str, timeout: float = 2.0, ca: str | None = None, context: ssl.SSLContext | None = None
+) -> None:
+    """Pass if a GET of `url` answers 2xx (redirects followed); https:// is verified with
+    `context` if given, else against `ca` (else MLPROXY_CA_FILE, else the system's roots)."""
     from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
 
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-    if url.startswith("https://"):
+    if url.startswith("https://") and context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    elif url.startswith("https://"):
         ca = ca or os.environ.get(ENV_CA_FILE)
         try:
             context = client_ssl_context(Path(ca) if ca else None)
@@ -130,6 +142,51 @@ def check_http(url: str, timeout: float = 2.0, ca: str | None = None) -> None:
         raise HealthCheckFailed(f"GET {url}: HTTP {status}")
 
 
+def _pinned_context(cert: str) -> ssl.SSLContext:
+    """Trusts exactly the certificate(s) in `cert` (a partial chain: the server's own
+    certificate is the trust anchor), whatever name it was issued for."""
+    from mlproxy.tls import TlsConfigError
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # the certificate itself is pinned, whatever its names
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    try:
+        ctx.load_verify_locations(cafile=cert)
+    except (OSError, ssl.SSLError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise TlsConfigError(f"cannot read the certificate {cert}: {reason}") from err
+    return ctx
+
+
+def check_controlplane(
+    address: str,
+    timeout: float = 2.0,
+    ca: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Pass if the control plane at HOST:PORT answers 2xx on /healthz, over HTTPS when
+    MLPROXY_TLS_CERT is set in `env` (default: this process's environment), else HTTP."""
+    from mlproxy.tls import ENV_CA_FILE, ENV_CERT, TlsConfigError
+
+    env = os.environ if env is None else env
+    cert = env.get(ENV_CERT)
+    if not cert:
+        check_http(f"http://{address}/healthz", timeout)
+        return
+    url = f"https://{address}/healthz"
+    ca = ca or env.get(ENV_CA_FILE)
+    if ca:
+        check_http(url, timeout, ca)
+        return
+    try:
+        context = _pinned_context(cert)
+    except TlsConfigError as err:
+        raise HealthCheckFailed(f"GET {url}: {ENV_CERT}: {err}") from err
+    check_http(url, timeout, context=context)
+
+
 def _reason(reason: object, timeout: float) -> str:
     if isinstance(reason, ssl.SSLCertVerificationError):
         return f"certificate not trusted ({reason.verify_message}): give its CA with --tls-ca"
@@ -148,11 +205,14 @@ def main(
     service: str,
     timeout: float,
     tls: TlsArgs = NO_TLS,
+    controlplane: str | None = None,
 ) -> int:
     """0 if healthy, else 1 with one line on stderr."""
     try:
         if grpc_target is not None:
             check_grpc(grpc_target, service, timeout, tls)
+        elif controlplane is not None:
+            check_controlplane(controlplane, timeout, tls[0])
         else:
             assert http_url is not None
             check_http(http_url, timeout, tls[0])

