@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 import yarl
 
-from mlproxy.stack import Stack
+from mlproxy.envoy_config import local_config
+from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from tests.e2e.conftest import echo_policy
 from tests.e2e.test_envoy import ext_proc_metric
+from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
 
@@ -90,3 +97,99 @@ async def test_a_policy_path_cannot_be_bypassed_by_percent_encoding_it(
         assert "x-mlproxy-batch-size" in headers, f"answered by the model unbatched: {body!r}"
     else:
         assert "error" in json.loads(body), body
+
+
+MAX_STREAMS = 32  # ext_proc's --max-streams in `small_stack`: small enough to reach in a test
+
+
+class _SmallStack(Stack):
+    def extproc_child(self, i: int, source: Sequence[str]) -> Child:
+        return super().extproc_child(i, [*source, "--max-streams", str(MAX_STREAMS)])
+
+
+@pytest.fixture(scope="module")
+def small_stack(
+    echo_backend: EchoBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One ext_proc replica with --max-streams 32 behind the generated Envoy config, whose
+    model cluster is the echo backend (as the policy's backend)."""
+    run_dir = tmp_path_factory.mktemp("small-stack")
+    path = run_dir / "policies.json"
+    path.write_text(json.dumps({"policies": [echo_policy("echo", echo_backend.url)]}))
+    stack = _SmallStack(envoy_port=0, policies_file=path, run_dir=run_dir)
+    try:
+        stack.start_child(stack.extproc_child(0, ["--policies", str(path)]))
+        config = local_config(
+            listener_port=stack.envoy_port,
+            extproc=[("127.0.0.1", stack.extproc_ports[0])],
+            model_port=echo_backend.port,
+            admin_port=stack.admin_port,
+        )
+        config_path = Path(run_dir) / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        stack.start_child(
+            Child(
+                "envoy",
+                [
+                    envoy_binary(),
+                    *("-c", str(config_path), "--log-level", "warn"),
+                    *("--disable-hot-restart", "--concurrency", "1"),
+                ],
+                run_dir / "envoy.log",
+                ready=lambda: http_ok(f"{stack.envoy_url}/healthz"),
+            )
+        )
+        yield stack
+    finally:
+        stack.stop()
+
+
+def active_streams(stack: Stack) -> float:
+    url = f"http://127.0.0.1:{stack.metrics_ports[0]}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith("mlproxy_active_streams "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: a request whose body never comes holds its ext_proc stream with no "
+    "deadline and no per-client bound, so one client holding --max-streams of them gets "
+    "every other client's request a 503",
+)
+async def test_one_client_holding_unfinished_bodies_does_not_starve_the_others(
+    small_stack: Stack,
+) -> None:
+    """127.0.0.2 sends the headers and the first bytes of MAX_STREAMS requests and then waits
+    (Envoy opens each ext_proc stream with the headers; only the client's headers have a
+    deadline). A normal request from 127.0.0.3 must still get its answer."""
+    body = json.dumps({"instances": [{"id": "held"}]}).encode()
+    head = (
+        "POST /v1/models/echo:predict HTTP/1.1\r\nHost: mlproxy\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writers = []
+    try:
+        for _ in range(MAX_STREAMS):
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", small_stack.envoy_port, local_addr=("127.0.0.2", 0)
+            )
+            writer.write(head + body[:1])
+            await writer.drain()
+            writers.append(writer)
+        for _ in range(500):  # until ext_proc holds every one of them
+            if active_streams(small_stack) >= MAX_STREAMS:
+                break
+            await asyncio.sleep(0.02)
+        assert active_streams(small_stack) == MAX_STREAMS
+        code, _, answer = await post_as(
+            "127.0.0.3",
+            f"{small_stack.envoy_url}/v1/models/echo:predict",
+            {"instances": [{"id": "normal"}]},
+        )
+    finally:
+        for writer in writers:
+            writer.close()
+    assert code == 200, answer
+    assert json.loads(answer) == {"predictions": [{"echo": "normal"}]}
