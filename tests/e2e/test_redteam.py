@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import yaml
 import yarl
 
+from mlproxy import keys
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 from tests.e2e.conftest import echo_policy
@@ -193,3 +195,45 @@ async def test_one_client_holding_unfinished_bodies_does_not_starve_the_others(
             writer.close()
     assert code == 200, answer
     assert json.loads(answer) == {"predictions": [{"echo": "normal"}]}
+
+
+@pytest.fixture(scope="module")
+def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack as `mlproxy up` runs it: Redis with its ACL user, the control plane (which
+    stores the demo policy), one ext_proc replica."""
+    stack = Stack(envoy_port=0, run_dir=tmp_path_factory.mktemp("redis-stack"))
+    stack.start()
+    yield stack
+    dead = stack.dead_child()
+    stack.stop()
+    assert dead is None, f"{dead.name} died; log:\n{dead.log_tail()}"
+
+
+def process_env(stack: Stack, name: str) -> dict[str, str]:
+    proc = stack.child(name).proc
+    assert proc is not None
+    raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().partition("=")[::2] for e in raw if b"=" in e)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: ext_proc's Redis credentials can write policies: whoever holds a "
+    "replica's secret changes every replica's backends with no token, no audit line and no "
+    "MLPROXY_BACKEND_HOSTS check",
+)
+def test_the_redis_credentials_of_ext_proc_cannot_write_policies(redis_stack: Stack) -> None:
+    """ext_proc only reads policies and writes its heartbeat. A replica on the data path (the
+    component hostile clients and backends talk to) must not be able to do what the control
+    plane guards with an admin token, the allowlist and the audit log. The write below puts a
+    policy's own record back unchanged."""
+    stack = redis_stack
+    env = process_env(stack, "extproc-0")
+    password = Path(env["MLPROXY_REDIS_PASSWORD_FILE"]).read_text(encoding="utf-8")
+    with redis.Redis(
+        port=stack.redis_port, username=env["MLPROXY_REDIS_USERNAME"], password=password
+    ) as r:
+        record = r.hget(keys.POLICIES, "demo")
+        assert record is not None
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            r.hset(keys.POLICIES, "demo", record)
