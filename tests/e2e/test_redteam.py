@@ -15,13 +15,14 @@ import pytest
 import redis
 import yaml
 import yarl
+from aiohttp import web
 
 from mlproxy import keys
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_envoy import ext_proc_metric
-from tests.servers import EchoBackend
+from tests.servers import EchoBackend, ThreadedApp
 
 pytestmark = pytest.mark.e2e
 
@@ -104,6 +105,35 @@ async def test_a_policy_path_cannot_be_bypassed_by_percent_encoding_it(
 MAX_STREAMS = 32  # ext_proc's --max-streams in `small_stack`: small enough to reach in a test
 
 
+class ConcurrencyBackend(ThreadedApp):
+    """A model that takes 200 ms per call and records the most calls it had at once."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        instances = (await request.json())["instances"]
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            self.now -= 1
+        return web.json_response({"predictions": [{"echo": i} for i in instances]})
+
+
+@pytest.fixture(scope="module")
+def concurrency_backend() -> Iterator[ConcurrencyBackend]:
+    server = ConcurrencyBackend()
+    server.start()
+    yield server
+    server.stop()
+
+
 class _SmallStack(Stack):
     def extproc_child(self, i: int, source: Sequence[str]) -> Child:
         return super().extproc_child(i, [*source, "--max-streams", str(MAX_STREAMS)])
@@ -111,13 +141,21 @@ class _SmallStack(Stack):
 
 @pytest.fixture(scope="module")
 def small_stack(
-    echo_backend: EchoBackend, tmp_path_factory: pytest.TempPathFactory
+    echo_backend: EchoBackend,
+    concurrency_backend: ConcurrencyBackend,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """One ext_proc replica with --max-streams 32 behind the generated Envoy config, whose
     model cluster is the echo backend (as the policy's backend)."""
     run_dir = tmp_path_factory.mktemp("small-stack")
     path = run_dir / "policies.json"
-    path.write_text(json.dumps({"policies": [echo_policy("echo", echo_backend.url)]}))
+    one_at_a_time = echo_policy(
+        "one-at-a-time",
+        concurrency_backend.url,
+        batching={"max_batch_size": 64, "max_wait_ms": 50, "max_in_flight": 1},
+    )
+    policies = [echo_policy("echo", echo_backend.url), one_at_a_time]
+    path.write_text(json.dumps({"policies": policies}))
     stack = _SmallStack(envoy_port=0, policies_file=path, run_dir=run_dir)
     try:
         stack.start_child(stack.extproc_child(0, ["--policies", str(path)]))
@@ -237,3 +275,24 @@ def test_the_redis_credentials_of_ext_proc_cannot_write_policies(redis_stack: St
         assert record is not None
         with pytest.raises(redis.exceptions.NoPermissionError):
             r.hset(keys.POLICIES, "demo", record)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: max_in_flight bounds each compat-key queue, not the policy: a client that "
+    "adds a different top-level field to each request gets as many concurrent backend calls "
+    "as it sends requests (and no batching)",
+)
+async def test_a_client_cannot_multiply_backend_concurrency_with_odd_top_level_fields(
+    small_stack: Stack, concurrency_backend: ConcurrencyBackend
+) -> None:
+    """Policy `one-at-a-time` allows one batch at its backend at once (max_in_flight 1): the
+    backend's protection. 20 requests that each carry another `nonce` must not reach it 20 at
+    a time."""
+    url = f"{small_stack.envoy_url}/v1/models/one-at-a-time:predict"
+    concurrency_backend.most = 0
+    results = await asyncio.gather(
+        *(post_as("127.0.0.2", url, {"instances": [i], "nonce": i}) for i in range(20))
+    )
+    assert all(code == 200 for code, _, _ in results), results
+    assert concurrency_backend.most <= 1
