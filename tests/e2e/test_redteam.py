@@ -296,3 +296,25 @@ async def test_a_client_cannot_multiply_backend_concurrency_with_odd_top_level_f
     )
     assert all(code == 200 for code, _, _ in results), results
     assert concurrency_backend.most <= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: a percent-encoded policy path bypasses the policy's max_body_bytes "
+    "(and every other check): the body reaches the model",
+)
+async def test_a_body_over_max_body_bytes_never_reaches_the_model_by_an_encoded_path(
+    small_stack: Stack, echo_backend: EchoBackend
+) -> None:
+    """Policy `echo` accepts bodies of at most 100,000 bytes; Envoy's upstream is the echo
+    backend, as in a real gateway where the route's upstream is the policy's backend."""
+    echo_backend.clear()
+    big = {"instances": [{"id": "too-big", "pad": "x" * 200_000}]}
+    url = yarl.URL(f"{small_stack.envoy_url}/v1/models/echo%3Apredict", encoded=True)
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.post(url, json=big) as r,
+    ):
+        code, body = r.status, await r.read()
+    assert "too-big" not in echo_backend.sent_ids()
+    assert code == 413, body[:200]
