@@ -4,7 +4,10 @@ xfail(strict=True) until it is fixed: it fails on the code it was found on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -139,23 +142,13 @@ class _SmallStack(Stack):
         return super().extproc_child(i, [*source, "--max-streams", str(MAX_STREAMS)])
 
 
-@pytest.fixture(scope="module")
-def small_stack(
-    echo_backend: EchoBackend,
-    concurrency_backend: ConcurrencyBackend,
-    tmp_path_factory: pytest.TempPathFactory,
+@contextlib.contextmanager
+def envoy_and_one_replica(
+    echo_backend: EchoBackend, run_dir: Path, policies: list[dict[str, Any]]
 ) -> Iterator[Stack]:
-    """One ext_proc replica with --max-streams 32 behind the generated Envoy config, whose
-    model cluster is the echo backend (as the policy's backend)."""
-    run_dir = tmp_path_factory.mktemp("small-stack")
+    """One ext_proc replica (--max-streams 32) with `policies` from a file, behind the
+    generated Envoy config, whose model cluster is the echo backend."""
     path = run_dir / "policies.json"
-    one_at_a_time = echo_policy(
-        "one-at-a-time",
-        concurrency_backend.url,
-        batching={"max_batch_size": 64, "max_wait_ms": 50, "max_in_flight": 1},
-    )
-    wide = echo_policy("wide", echo_backend.url, max_body_bytes=1_000_000)
-    policies = [echo_policy("echo", echo_backend.url), one_at_a_time, wide]
     path.write_text(json.dumps({"policies": policies}))
     stack = _SmallStack(envoy_port=0, policies_file=path, run_dir=run_dir)
     try:
@@ -166,7 +159,7 @@ def small_stack(
             model_port=echo_backend.port,
             admin_port=stack.admin_port,
         )
-        config_path = Path(run_dir) / "envoy.yaml"
+        config_path = run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config))
         stack.start_child(
             Child(
@@ -183,6 +176,25 @@ def small_stack(
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def small_stack(
+    echo_backend: EchoBackend,
+    concurrency_backend: ConcurrencyBackend,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    one_at_a_time = echo_policy(
+        "one-at-a-time",
+        concurrency_backend.url,
+        batching={"max_batch_size": 64, "max_wait_ms": 50, "max_in_flight": 1},
+    )
+    wide = echo_policy("wide", echo_backend.url, max_body_bytes=1_000_000)
+    policies = [echo_policy("echo", echo_backend.url), one_at_a_time, wide]
+    with envoy_and_one_replica(
+        echo_backend, tmp_path_factory.mktemp("small-stack"), policies
+    ) as stack:
+        yield stack
 
 
 def active_streams(stack: Stack) -> float:
@@ -360,3 +372,49 @@ async def test_distinct_top_level_fields_do_not_pile_up_in_ext_proc_memory(
     before = rss(small_stack)
     await round_of(300)
     assert rss(small_stack) - before < 64 << 20
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: match.path variables compile to lazy regex groups that can all match "
+    "`-` and `.`, so a template such as /{org}-{model}-{version} backtracks polynomially on a "
+    "long path: one request holds ext_proc's only event loop (10 s for 40 KB with two "
+    "variables) and every other client's request waits",
+)
+async def test_a_long_path_does_not_stall_ext_proc_on_a_template_with_several_variables(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """Policy `versioned` matches /v1/versioned/{org}-{model}-{version}:predict. A client
+    sends a 20 KB path under that prefix that matches no policy; the next client's request
+    to another policy must still be answered (the wait bound only stops a hung test)."""
+    versioned = echo_policy("versioned", echo_backend.url)
+    versioned["match"] = {"path": "/v1/versioned/{org}-{model}-{version}:predict"}
+    with envoy_and_one_replica(
+        echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), versioned]
+    ) as stack:
+        sent: asyncio.Task[Any] | None = None
+        try:
+            hostile = "/v1/versioned/" + "a-" * 10_000 + "a:predict!"
+            url = yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True)
+            sent = asyncio.create_task(post_as("127.0.0.2", str(url), {"instances": [1]}))
+            await asyncio.sleep(0.5)  # its headers are at ext_proc first
+            try:
+                code, _, body = await post_as(
+                    "127.0.0.3",
+                    f"{stack.envoy_url}/v1/models/echo:predict",
+                    {"instances": [{"id": "normal"}]},
+                    timeout=20,
+                )
+            except TimeoutError:
+                code, body = 0, b"no answer in 20 s"
+            assert code == 200, body
+            assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
+        finally:
+            proc = stack.child("extproc-0").proc  # still matching, for hours: no grace
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            if sent is not None:
+                sent.cancel()
+                with contextlib.suppress(BaseException):
+                    await sent
