@@ -109,7 +109,8 @@ MAX_STREAMS = 32  # ext_proc's --max-streams in `small_stack`: small enough to r
 
 
 class ConcurrencyBackend(ThreadedApp):
-    """A model that takes 200 ms per call and records the most calls it had at once."""
+    """A model that takes 200 ms per call and records the most calls it had at once; model
+    `meta` answers at once with the batch's inputs in `model_version` (a short scalar)."""
 
     def __init__(self) -> None:
         self.now = 0
@@ -120,6 +121,13 @@ class ConcurrencyBackend(ThreadedApp):
 
     async def _predict(self, request: web.Request) -> web.Response:
         instances = (await request.json())["instances"]
+        if request.match_info["model"] == "meta":  # the batch's inputs in a metadata field
+            return web.json_response(
+                {
+                    "predictions": [{"echo": i} for i in instances],
+                    "model_version": json.dumps(instances)[:200],
+                }
+            )
         self.now += 1
         self.most = max(self.most, self.now)
         try:
@@ -190,7 +198,10 @@ def small_stack(
         batching={"max_batch_size": 64, "max_wait_ms": 50, "max_in_flight": 1},
     )
     wide = echo_policy("wide", echo_backend.url, max_body_bytes=1_000_000)
-    policies = [echo_policy("echo", echo_backend.url), one_at_a_time, wide]
+    meta = echo_policy(
+        "meta", concurrency_backend.url, batching={"max_batch_size": 2, "max_wait_ms": 1000}
+    )
+    policies = [echo_policy("echo", echo_backend.url), one_at_a_time, wide, meta]
     with envoy_and_one_replica(
         echo_backend, tmp_path_factory.mktemp("small-stack"), policies
     ) as stack:
@@ -418,3 +429,24 @@ async def test_a_long_path_does_not_stall_ext_proc_on_a_template_with_several_va
                 sent.cancel()
                 with contextlib.suppress(BaseException):
                     await sent
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: every client of a batch gets the answer's model_name/model_version (up "
+    "to 256 characters of the backend's choosing): a backend that writes its inputs there "
+    "hands one client another's data",
+)
+async def test_answer_metadata_never_carries_another_clients_input(small_stack: Stack) -> None:
+    """Policy `meta` batches two requests; its backend puts the batch's inputs (short) in
+    `model_version`. Neither client may see the other's token."""
+    url = f"{small_stack.envoy_url}/v1/models/meta:predict"
+    tokens = ["secret-of-a", "secret-of-b"]
+    results = await asyncio.gather(
+        *(post_as(f"127.0.0.{2 + i}", url, {"instances": [t]}) for i, t in enumerate(tokens))
+    )
+    assert {h["x-mlproxy-batch-size"] for _, h, _ in results} == {"2"}
+    for mine, (code, _, answer) in zip(tokens, results, strict=True):
+        assert code == 200, answer
+        other = next(t for t in tokens if t != mine)
+        assert other.encode() not in answer, answer
