@@ -450,3 +450,25 @@ async def test_answer_metadata_never_carries_another_clients_input(small_stack: 
         assert code == 200, answer
         other = next(t for t in tokens if t != mine)
         assert other.encode() not in answer, answer
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: one client's instance that makes the backend answer two predictions "
+    "(a wrong count) fails every request of its batch with 502; 2xx answers that cannot be "
+    "split are not bisected like 400/500",
+)
+async def test_an_input_that_makes_the_backend_miscount_fails_only_its_own_client(
+    stack: Stack,
+) -> None:
+    """The hostile backend's echo model writes an instance `{"raw": TEXT}` verbatim into its
+    predictions: `1,2` is two predictions for one instance, as a model that reads a nested
+    input as rows of its own would answer. The other clients of the batch must get their
+    answers."""
+    url = f"{stack.envoy_url}/v1/hostile/echo:predict"
+    bodies = [{"instances": [{"raw": "1,2"}]}] + [{"instances": [f"good-{i}"]} for i in range(3)]
+    results = await asyncio.gather(*(post_as("127.0.0.1", url, b) for b in bodies))
+    assert max(int(h.get("x-mlproxy-batch-size", "1")) for _, h, _ in results) > 1
+    for i, (code, _, answer) in enumerate(results[1:]):
+        assert code == 200, answer
+        assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
