@@ -1,0 +1,1 @@
+"""Red-team probes of a running stack (issue 12)."""
