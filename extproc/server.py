@@ -14,7 +14,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
-from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer, StreamLimits
+from extproc.adapters.servicer import (
+    SERVICE_NAME,
+    ExtProcServicer,
+    StreamLimits,
+    stream_headroom,
+)
 from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import StatsWindow
@@ -77,7 +82,8 @@ class ExtProcServer:
         server = grpc.aio.server(
             # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
             # that never send their headers): grpcio closes those at once (CANCELLED).
-            maximum_concurrent_rpcs=self.limits.max_streams + max(64, self.limits.max_streams // 8),
+            maximum_concurrent_rpcs=self.limits.max_streams
+            + stream_headroom(self.limits.max_streams),
             options=[
                 (
                     "grpc.max_receive_message_length",

@@ -145,6 +145,14 @@ def local_config(
         "codec_type": "AUTO",
         # A client must send its request headers within 10 s (slow clients hold connections).
         "request_headers_timeout": "10s",
+        # The client is the peer of the connection, never what its X-Forwarded-For claims:
+        # ext_proc shares a policy's queue by the `source.address` attribute (README
+        # "Security"), which Envoy otherwise takes from that header.
+        "use_remote_address": True,
+        # One spelling per path, so that a policy's template cannot be dodged with `//` or
+        # `/./` (ext_proc also decodes percent-escapes before matching).
+        "normalize_path": True,
+        "merge_slashes": True,
         "http2_protocol_options": {
             "max_concurrent_streams": MAX_CONCURRENT_STREAMS,
             "initial_stream_window_size": 65536,

@@ -20,6 +20,7 @@ class ErrorKind(Enum):
     NOT_FOUND = (404, "not_found")
     PAYLOAD_TOO_LARGE = (413, "too_large")
     HEADERS_TOO_LARGE = (431, "headers_too_large")  # over ext_proc's header caps
+    BODY_TIMEOUT = (408, "body_timeout")  # the body did not arrive within the request's SLA
     QUEUE_FULL = (429, "queue_full")
     BACKEND_ERROR = (502, "backend_error")  # unreachable, or an answer we cannot use
     UNAVAILABLE = (503, "unavailable")  # shutting down, policy gone

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,7 +42,11 @@ _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # What a path variable matches: one segment of letters, digits and `_.~-`, not starting with a
 # dot. It is put into the backend URL, so never `..`, and no `%` (an encoded `..` or `/` would
 # reach the backend decoded).
-_SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*?"
+# At most 128 characters: with several variables in one segment (`{model}-{version}`) a match is
+# ambiguous, and the regex's backtracking must stay bounded on a hostile path.
+_SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]{0,127}?"
+# Longer paths never match a policy (no model route is this long); they pass through.
+MAX_MATCHED_PATH = 1024
 
 
 class _Strict(BaseModel):
@@ -55,9 +59,10 @@ class Match(_Strict):
     """Which requests a policy takes."""
 
     path: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/")]
-    """Path template, e.g. `/v1/models/{model}:predict`; `{var}` matches one path segment
-    of letters, digits and `_.~-`, not starting with `.`. The query
-    string is ignored."""
+    """Path template, e.g. `/v1/models/{model}:predict`; `{var}` matches up to 128 letters,
+    digits and `_.~-` within one path segment, not starting with `.`; at most two variables
+    in one segment. The query string is ignored; percent-escapes are decoded before matching;
+    paths over 1024 characters match no policy."""
 
 
 class Backend(_Strict):
@@ -178,6 +183,12 @@ class PolicyBody(_Strict):
             )
         if len(_VAR.findall(self.match.path)) != len(path_vars):
             raise ValueError(f"match.path {self.match.path!r} repeats a variable")
+        if any(len(_VAR.findall(segment)) > 2 for segment in self.match.path.split("/")):
+            # Matching splits a segment between its variables by trying places: with more than
+            # two, a hostile path could keep the matcher busy for seconds.
+            raise ValueError(
+                f"match.path {self.match.path!r} has more than two variables in one segment"
+            )
         return self
 
 
@@ -307,7 +318,14 @@ class Router:
         return [p for _, p in self._table]
 
     def resolve(self, path: str) -> Route | None:
-        path = path.split("?", 1)[0]
+        """The route of a request path: the query is ignored, and percent-escapes are decoded
+        first, as model servers do before they route (so `/v1/models/demo%3Apredict` cannot
+        dodge the policy of `/v1/models/demo:predict`)."""
+        path = path.split("?", 1)[0].split("#", 1)[0]
+        if "%" in path:
+            path = unquote(path, errors="replace")
+        if len(path) > MAX_MATCHED_PATH:
+            return None
         try:
             return self._cache[path]
         except KeyError:

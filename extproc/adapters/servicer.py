@@ -51,6 +51,16 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_STREAMS = 8_192
 
 
+def stream_headroom(max_streams: int) -> int:
+    """Streams taken beyond --max-streams, for clients below their share (and grpcio's hard
+    stop beyond that)."""
+    return max(64, max_streams // 8)
+
+
+# The least time a request's body gets to arrive after its headers, however tight its SLA.
+BODY_WAIT_FLOOR_S = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     """What one ext_proc stream may send: header caps, and the largest body this process
@@ -103,6 +113,7 @@ class ExtProcServicer:
         self.limits = limits or StreamLimits()
         self._log = _Throttled()
         self._open = 0
+        self._held: dict[str, int] = {}  # streams of policy requests held, per client
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: messages arrive and leave as bytes, through `wire`.
@@ -164,7 +175,7 @@ class ExtProcServicer:
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
             return
-        if self._open > self.limits.max_streams:
+        if self._open > self.limits.max_streams + stream_headroom(self.limits.max_streams):
             self._refuse(
                 "stream_limit",
                 f"{self._open} ext_proc streams open, more than --max-streams "
@@ -179,11 +190,46 @@ class ExtProcServicer:
             await context.write(_encode(Reply.from_error(error), None, None))
             return
         client = client_identity(msg.attributes)
-        reply = await self._handle(context, route, headers, msg.end_of_stream, client)
+        if not self._admit(client):
+            self._refuse(
+                "client_share",
+                f"{self._open} ext_proc streams open, more than --max-streams "
+                f"{self.limits.max_streams}, and client {client or '(unknown)'} holds its "
+                "share of them: answered 503",
+            )
+            error = ProxyError(
+                ErrorKind.UNAVAILABLE,
+                "MLProxy holds as many requests as it can and your client holds its share of "
+                "them; retry shortly",
+                headers=(("retry-after", "1"),),
+            )
+            self._metrics.request_done(route.policy.name, error.kind.outcome, None)
+            await context.write(_encode(Reply.from_error(error), None, None))
+            return
+        self._held[client] = self._held.get(client, 0) + 1
+        try:
+            reply = await self._handle(context, route, headers, msg.end_of_stream, client)
+        finally:
+            left = self._held[client] - 1
+            if left:
+                self._held[client] = left
+            else:
+                del self._held[client]
         if reply is None:
             return
         self._metrics.request_done(route.policy.name, reply[0].outcome, reply[1])
         await context.write(_encode(*reply))
+
+    def _admit(self, client: str) -> bool:
+        """Up to --max-streams open streams, every request is taken. Beyond it (up to the
+        hard stop, `stream_headroom` more), only a client holding less than an even share of
+        the cap:
+        one client holding unfinished requests must not take every stream of this replica
+        (README "Security": one client cannot starve the others)."""
+        if self._open <= self.limits.max_streams:
+            return True
+        share = self.limits.max_streams // max(1, len(self._held))
+        return self._held.get(client, 0) < share
 
     async def _handle(
         self,
@@ -209,7 +255,20 @@ class ExtProcServicer:
             _check_size(headers.get("content-length"), limit, why)
             budget = _budget(headers.get(DEADLINE_HEADER))
             await context.write(wire.HEADERS_CONTINUE)
-            raw = await context.read()
+            # The body must arrive within the request's own time (its SLA, or less if it asked
+            # for less; at least BODY_WAIT_FLOOR_S): a client that sends its headers and then
+            # trickles or withholds its body holds an ext_proc stream, and with many of them
+            # could take every stream of this replica.
+            own = policy.sla.latency_ms / 1000.0
+            body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
+            try:
+                raw = await asyncio.wait_for(context.read(), body_wait)
+            except TimeoutError:
+                raise ProxyError(
+                    ErrorKind.BODY_TIMEOUT,
+                    f"the request body did not arrive within {body_wait * 1000:.0f} ms of its "
+                    "headers (the request's SLA); send the body at once",
+                ) from None
             if raw is grpc.aio.EOF:
                 return None
             if len(raw) > limit + BODY_FRAMING_BYTES:  # too large whatever it holds

@@ -11,9 +11,9 @@ on exactly as it came (a number that is not finite, such as `1e999`, which Pytho
 infinity; an integer beyond 64 bits; a lone surrogate such as `"\\ud800"`; nesting too deep)
 fails alone with 400, and merging a batch is only joining bytes: it cannot fail. A backend
 answer is split into one document per request, each encoded on its own, so a prediction that
-cannot be encoded fails only its own request. Of the answer's other top-level fields only
-`model_name` and `model_version` (short scalars) are passed on: the rest belongs to the batch,
-not to any one client, and may carry the other clients' data.
+cannot be encoded fails only its own request. The answer's other top-level fields are not
+passed on: they belong to the batch, not to any one client, and may carry the other clients'
+data (even a `model_name` could echo an input).
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ _dumps_sorted = json.JSONEncoder(
 # Integers a backend's JSON can hold: signed or unsigned 64 bits.
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
-# Top-level answer fields that describe the model, not the inputs: passed on to each client.
-_ANSWER_METADATA = frozenset({"model_name", "model_version"})
-_METADATA_MAX_CHARS = 256
 
 
 class _OutOfRange(ValueError):
@@ -146,18 +143,10 @@ class KServeV1:
                 f"backend returned {len(predictions)} predictions for a batch of {expected} "
                 "instances; cannot tell which answer belongs to which request"
             )
-        metadata = {
-            k: v
-            for k, v in doc.items()
-            if k in _ANSWER_METADATA
-            and isinstance(v, (str, int, float))
-            and not isinstance(v, bool)
-            and len(str(v)) <= _METADATA_MAX_CHARS
-        }
         out: list[bytes | CodecError] = []
         pos = 0
         for item in items:
-            part = {"predictions": predictions[pos : pos + item.size], **metadata}
+            part = {"predictions": predictions[pos : pos + item.size]}
             try:
                 out.append(_encode(part))
             except CodecError as err:

@@ -9,6 +9,7 @@ away never cancels the batch of the others; its reply is simply not delivered.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -214,7 +215,10 @@ class BatchExecutor:
         elapsed = self.clock.now() - started
         status = resp.status
         if 200 <= status < 300:
-            return self._split(policy, url, codec, items, resp, size, elapsed)
+            replies = self._split(policy, url, codec, items, resp, size, elapsed)
+            if replies is None:  # unusable for a batch of several: one input may be the cause
+                return await self._bisect(policy, url, codec, items)
+            return replies
         self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{status}")
         if not 400 <= status < 600:
             # 1xx, 3xx (redirects are never followed: a redirect to an internal address
@@ -233,12 +237,7 @@ class BatchExecutor:
             )
             return [Reply.from_error(refused, size)] * n
         if n > 1 and status in SPLITTABLE_STATUSES:
-            mid = n // 2
-            # One half after the other: a backend failing everything gets at most one call
-            # at a time from this batch, not a burst.
-            left = await self._call(policy, url, codec, items[:mid])
-            right = await self._call(policy, url, codec, items[mid:])
-            return left + right
+            return await self._bisect(policy, url, codec, items)
         outcome = "backend_4xx" if status < 500 else "backend_5xx"
         if n == 1:
             # The answer to a call that carried this request alone is its own: passed on.
@@ -267,6 +266,16 @@ class BatchExecutor:
         )
         return [reply] * n
 
+    async def _bisect(
+        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+    ) -> list[Reply]:
+        mid = len(items) // 2
+        # One half after the other: a backend failing everything gets at most one call at a
+        # time from this batch, not a burst (at most 2n-1 calls for n requests).
+        left = await self._call(policy, url, codec, items[:mid])
+        right = await self._call(policy, url, codec, items[mid:])
+        return left + right
+
     def _split(
         self,
         policy: Policy,
@@ -276,21 +285,26 @@ class BatchExecutor:
         resp: BackendResponse,
         size: int,
         elapsed: float,
-    ) -> list[Reply]:
-        """Each request's own part of a successful answer, or MLProxy's 502."""
+    ) -> list[Reply] | None:
+        """Each request's own part of a successful answer, or MLProxy's 502. None if the
+        answer cannot be split and the batch has several requests: one input may have made
+        the backend miscount or break its answer, so the caller bisects."""
         n = len(items)
         try:
             parts = codec.split(resp.body, items)
         except CodecError as err:
             self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
             log.warning(
-                "policy %s: unusable answer (HTTP %d) from %s: %s",
+                "policy %s: unusable answer (HTTP %d) from %s: %s%s",
                 policy.name,
                 resp.status,
                 url,
                 err,
+                "; retrying the batch in halves" if n > 1 else "",
             )
-            return [Reply.from_error(ProxyError(ErrorKind.BACKEND_ERROR, str(err)), size)] * n
+            if n > 1:
+                return None
+            return [Reply.from_error(ProxyError(ErrorKind.BACKEND_ERROR, str(err)), size)]
         self._metrics.batch_done(policy.name, size, n, elapsed, "ok")
         replies = []
         for part in parts:
@@ -301,6 +315,15 @@ class BatchExecutor:
             else:
                 replies.append(Reply(resp.status, part, batch_size=size))
         return replies
+
+
+def _compat_key(compat: str) -> str:
+    """What a batching key holds of a request's compat key: a digest when it is long. Keys
+    are kept after their batchers go (for what their rules learnt); a client sending distinct
+    1 MB top-level fields must not make ext_proc keep a megabyte per key."""
+    if len(compat) <= 64:
+        return compat
+    return "sha256:" + hashlib.sha256(compat.encode()).hexdigest()
 
 
 def _retry_after(resp: BackendResponse) -> tuple[tuple[str, str], ...]:
@@ -595,7 +618,7 @@ class BatcherPool:
             # Before this request's batcher is looked up: the victim may be the last request
             # of that very batcher, which then goes idle and away.
             victim.batcher.evict(victim, Reply.from_error(_evicted(policy)))
-        key = (*route.key, parsed.compat)
+        key = (*route.key, _compat_key(parsed.compat))
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = Batcher(

@@ -42,11 +42,6 @@ async def post_as(
         return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: X-Forwarded-For sets Envoy's source.address (use_remote_address is not "
-    "set), so one client spoofs as many identities as it likes and takes the whole queue",
-)
 async def test_a_client_cannot_take_other_clients_shares_by_sending_x_forwarded_for(
     stack: Stack,
 ) -> None:
@@ -80,12 +75,6 @@ async def test_a_client_cannot_take_other_clients_shares_by_sending_x_forwarded_
     assert sorted(c for c, _, _ in flooded).count(429) >= 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: a policy's path with percent-encoded characters (demo%3Apredict) does "
-    "not match in ext_proc, which passes the request through; the model decodes the path and "
-    "answers it: no batching, no max_body_bytes, no queue limit, no per-client share",
-)
 @pytest.mark.parametrize("path", ["/v1/models/demo%3Apredict", "/v1/%6Dodels/demo:predict"])
 async def test_a_policy_path_cannot_be_bypassed_by_percent_encoding_it(
     stack: Stack, path: str
@@ -216,12 +205,6 @@ def active_streams(stack: Stack) -> float:
     return 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: a request whose body never comes holds its ext_proc stream with no "
-    "deadline and no per-client bound, so one client holding --max-streams of them gets "
-    "every other client's request a 503",
-)
 async def test_one_client_holding_unfinished_bodies_does_not_starve_the_others(
     small_stack: Stack,
 ) -> None:
@@ -322,11 +305,6 @@ async def test_a_client_cannot_multiply_backend_concurrency_with_odd_top_level_f
     assert concurrency_backend.most <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: a percent-encoded policy path bypasses the policy's max_body_bytes "
-    "(and every other check): the body reaches the model",
-)
 async def test_a_body_over_max_body_bytes_never_reaches_the_model_by_an_encoded_path(
     small_stack: Stack, echo_backend: EchoBackend
 ) -> None:
@@ -353,12 +331,6 @@ def rss(stack: Stack) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: ext_proc keeps the compat key (a request's other top-level fields, up "
-    "to max_body_bytes) of its last 1,024 batching keys after their requests are answered: "
-    "about 1 GiB for 1 MB fields, over the pod's 512 MiB; one client OOM-kills each replica",
-)
 async def test_distinct_top_level_fields_do_not_pile_up_in_ext_proc_memory(
     small_stack: Stack,
 ) -> None:
@@ -385,21 +357,19 @@ async def test_distinct_top_level_fields_do_not_pile_up_in_ext_proc_memory(
     assert rss(small_stack) - before < 64 << 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: match.path variables compile to lazy regex groups that can all match "
-    "`-` and `.`, so a template such as /{org}-{model}-{version} backtracks polynomially on a "
-    "long path: one request holds ext_proc's only event loop (10 s for 40 KB with two "
-    "variables) and every other client's request waits",
-)
 async def test_a_long_path_does_not_stall_ext_proc_on_a_template_with_several_variables(
     echo_backend: EchoBackend, tmp_path: Path
 ) -> None:
-    """Policy `versioned` matches /v1/versioned/{org}-{model}-{version}:predict. A client
-    sends a 20 KB path under that prefix that matches no policy; the next client's request
-    to another policy must still be answered (the wait bound only stops a hung test)."""
+    """Red team: variables compiled to lazy regex groups that all match `-` and `.` made a
+    template such as /{org}-{model}-{version} backtrack polynomially on a long path (10 s for
+    40 KB with two variables), holding ext_proc's only event loop. Now a segment holds at most
+    two variables (three are refused), a variable at most 128 characters, and paths over 1024
+    characters match no policy. Policy `versioned` matches
+    /v1/versioned/{model}-{version}:predict; a client sends a 20 KB path under that prefix;
+    the next client's request to another policy must still be answered (the wait bound only
+    stops a hung test)."""
     versioned = echo_policy("versioned", echo_backend.url)
-    versioned["match"] = {"path": "/v1/versioned/{org}-{model}-{version}:predict"}
+    versioned["match"] = {"path": "/v1/versioned/{model}-{version}:predict"}
     with envoy_and_one_replica(
         echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), versioned]
     ) as stack:
@@ -431,12 +401,6 @@ async def test_a_long_path_does_not_stall_ext_proc_on_a_template_with_several_va
                     await sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: every client of a batch gets the answer's model_name/model_version (up "
-    "to 256 characters of the backend's choosing): a backend that writes its inputs there "
-    "hands one client another's data",
-)
 async def test_answer_metadata_never_carries_another_clients_input(small_stack: Stack) -> None:
     """Policy `meta` batches two requests; its backend puts the batch's inputs (short) in
     `model_version`. Neither client may see the other's token."""
@@ -452,12 +416,6 @@ async def test_answer_metadata_never_carries_another_clients_input(small_stack: 
         assert other.encode() not in answer, answer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: one client's instance that makes the backend answer two predictions "
-    "(a wrong count) fails every request of its batch with 502; 2xx answers that cannot be "
-    "split are not bisected like 400/500",
-)
 async def test_an_input_that_makes_the_backend_miscount_fails_only_its_own_client(
     stack: Stack,
 ) -> None:

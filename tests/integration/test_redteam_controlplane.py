@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
 from tests.integration.test_controlplane_security import (  # noqa: F401 (fixtures)
     LIMIT_S,
@@ -18,12 +17,6 @@ from tests.integration.test_controlplane_security import (  # noqa: F401 (fixtur
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: uvicorn's proxy_headers (on by default, trusting 127.0.0.1) makes the "
-    "audit line's source the X-Forwarded-For a loopback client sends (kubectl port-forward, a "
-    "sidecar), not the address the server saw",
-)
 def test_the_audit_source_is_not_what_the_client_says_in_x_forwarded_for(
     server: Server,  # noqa: F811
     api: httpx.Client,  # noqa: F811

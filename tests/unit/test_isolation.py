@@ -140,11 +140,7 @@ async def test_batch_level_fields_of_an_answer_are_not_handed_to_every_client() 
     )
     replies = await run(backend, [{"instances": [s]} for s in secrets])
     for mine, reply in zip(secrets, replies, strict=True):
-        assert json.loads(reply.body) == {
-            "predictions": [f"p-{mine}"],
-            "model_name": "m",
-            "model_version": "3",
-        }
+        assert json.loads(reply.body) == {"predictions": [f"p-{mine}"]}
 
 
 async def test_a_prediction_that_cannot_be_encoded_fails_only_its_own_request() -> None:

@@ -46,10 +46,10 @@ def test_merge_concatenates_in_order_and_split_gives_each_its_own() -> None:
     assert merged == {"instances": [1, 2, 3, 4]}
     answer = json.dumps({"predictions": ["p1", "p2", "p3", "p4"], "model_name": "m"}).encode()
     parts = [json.loads(b) for b in codec.split(answer, items)]
-    assert parts == [
-        {"predictions": ["p1"], "model_name": "m"},
-        {"predictions": ["p2", "p3"], "model_name": "m"},
-        {"predictions": ["p4"], "model_name": "m"},
+    assert parts == [  # the batch's other fields are no client's: not passed on
+        {"predictions": ["p1"]},
+        {"predictions": ["p2", "p3"]},
+        {"predictions": ["p4"]},
     ]
 
 

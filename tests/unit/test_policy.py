@@ -143,3 +143,37 @@ def test_a_file_that_is_not_utf8_is_a_policy_file_error(tmp_path: Path) -> None:
     path.write_bytes(b"policies: [\xff\xfe]")
     with pytest.raises(PolicyFileError, match="not UTF-8"):
         load_policy_file(path)
+
+
+def test_percent_escapes_are_decoded_before_matching() -> None:
+    (p,) = parse_policies({"policies": [policy()]})
+    router = Router([p])
+    for path in (
+        "/v1/models/iris%3Apredict",
+        "/v1/%6Dodels/iris:predict",
+        "/v1/models/ir%69s%3apredict",
+    ):
+        route = router.resolve(path)
+        assert route is not None and route.backend_url == "http://model:8080/v1/models/iris:predict"
+    assert router.resolve("/v1/models/iris%2Fx:predict") is None  # an encoded slash: no segment
+    assert router.resolve("/v1/models/iris%253Apredict") is None  # decoded once, as servers do
+
+
+def test_long_paths_and_crowded_segments_cannot_stall_the_matcher() -> None:
+    (p,) = parse_policies(
+        {
+            "policies": [
+                policy(
+                    match={"path": "/v1/models/{model}-{version}:predict"},
+                    backend={"url": "http://model/v1/models/{model}/{version}"},
+                )
+            ]
+        }
+    )
+    router = Router([p])
+    assert router.resolve("/v1/models/a-1:predict") is not None
+    assert router.resolve("/v1/models/" + "-." * 600 + ":predict") is None  # over 1024: no match
+    with pytest.raises(PolicyFileError, match="more than two variables in one segment"):
+        parse_policies(
+            {"policies": [policy(match={"path": "/v1/{a}-{b}-{c}"}, backend={"url": "http://m/"})]}
+        )

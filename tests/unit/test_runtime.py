@@ -127,12 +127,25 @@ async def test_transport_errors_fail_the_batch_with_their_status(attr: str, stat
     assert all("error" in json.loads(r.body) for r in replies)
 
 
-async def test_wrong_prediction_count_fails_the_batch_with_502() -> None:
+async def test_an_input_that_makes_the_backend_miscount_fails_alone() -> None:
+    """A wrong prediction count is bisected like a 400: the input that causes it fails alone
+    with 502, the others get their answers (at most 2n-1 calls)."""
     h = Harness(make_policy())
     futs = [h.submit([{"id": i, "extra": 1 if i == 3 else 0}])[0] for i in range(8)]
     replies = await asyncio.gather(*futs)
+    assert [r.status for r in replies] == [200, 200, 200, 502, 200, 200, 200, 200]
+    assert "2 predictions for a batch of 1" in json.loads(replies[3].body)["error"]
+    assert [echoed(r) for i, r in enumerate(replies) if i != 3] == [[i] for i in range(8) if i != 3]
+    assert len(h.backend.calls) <= 2 * 8 - 1
+
+
+async def test_an_answer_no_input_can_fix_fails_the_batch_after_bisection() -> None:
+    backend = FakeBackend()
+    h = Harness(make_policy(), backend)
+    futs = [h.submit([{"id": i, "extra": 1}])[0] for i in range(4)]
+    replies = await asyncio.gather(*futs)
     assert {r.status for r in replies} == {502}
-    assert "predictions for a batch of 8" in json.loads(replies[0].body)["error"]
+    assert len(backend.calls) == 2 * 4 - 1
 
 
 async def test_cancelled_request_is_not_sent_and_others_are_unaffected() -> None:
