@@ -74,7 +74,7 @@ def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
     out: list[str] = []
     profiles = dict.fromkeys(r["profile"] for r in rows)
     for profile in profiles:
-        p = report.PROFILES[profile]
+        p = PROFILES[profile]
         out.append(f"#### {profile} (SLO {p.slo_ms:g} ms at p95), steady Poisson load\n")
         out += table([r for r in rows if r["profile"] == profile], SWEEP_COLUMNS)
         out.append("")
