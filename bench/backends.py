@@ -25,10 +25,11 @@ k * b / t(b), t(b) = overhead + a + c*b (`capacity`).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from bench.knative import Service, ServiceConfig
@@ -41,7 +42,9 @@ __all__ = [
     "Server",
     "ServerConfig",
     "Worker",
+    "backend_config",
     "capacity",
+    "from_json",
     "make_backend",
 ]
 
@@ -63,16 +66,19 @@ class ServerConfig:
     overhead: float = 0.0  # seconds added to every call (the server's own per-call cost)
     queue_limit: int | None = None  # fixed: batches that may wait (None: unbounded); then 503
     limit: int | None = None  # limited: batches in the server at most (default: workers); 429
+    sample_every: float = SAMPLE_EVERY  # seconds between `tick`s (samples for the series)
 
     def __post_init__(self) -> None:
         if self.kind not in ("fixed", "limited"):
             raise ValueError(f"unknown server kind {self.kind!r}: fixed or limited")
-        if self.workers < 1 or self.overhead < 0:
+        if self.workers < 1 or not 0 <= self.overhead < math.inf:
             raise ValueError(f"a server needs at least one worker and overhead >= 0: {self}")
         if self.queue_limit is not None and self.queue_limit < 0:
             raise ValueError(f"queue_limit must be >= 0: {self}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1: {self}")
+        if self.sample_every <= 0:
+            raise ValueError(f"sample_every must be positive: {self}")
 
     @property
     def admitted(self) -> int | None:
@@ -87,10 +93,21 @@ class ServerConfig:
         return 429 if self.kind == "limited" else 503
 
     def scaled(self, factor: float) -> ServerConfig:
-        """Nothing of a fixed server scales with time (its service times are the model's)."""
+        """The same server sampled `factor` times as often (its service times are the model's
+        and do not scale)."""
         if factor <= 0:
             raise ValueError("the time scale must be positive")
-        return self
+        return replace(self, sample_every=self.sample_every / factor)
+
+    def as_json(self) -> dict[str, Any]:
+        """The emulator's reset body's `backend` (`from_json` reads it back)."""
+        return {
+            "kind": self.kind,
+            "workers": self.workers,
+            "overhead_ms": self.overhead * 1000.0,
+            "limit": self.limit,
+            "queue_limit": self.queue_limit,
+        }
 
     def describe(self) -> str:
         text = f"{self.kind}: {self.workers} worker(s), overhead {self.overhead * 1000:g} ms"
@@ -159,7 +176,7 @@ class Server(Generic[T]):
 
     @property
     def interval(self) -> float:
-        return SAMPLE_EVERY
+        return self.config.sample_every
 
     @property
     def cost(self) -> float:
@@ -246,6 +263,37 @@ def capacity(profile: Profile, config: ServerConfig, batch: int) -> float:
     """Requests per second a server answers with every worker busy on batches of `batch`
     (mean service time): workers * batch / t(batch)."""
     return config.workers * batch / (config.overhead + profile.mean(batch))
+
+
+def from_json(body: Any, knative: ServiceConfig | None = None) -> BackendConfig:
+    """A backend from JSON such as `{"kind": "fixed", "workers": 2, "overhead_ms": 20}`
+    (`kind` knative, fixed or limited; the rest as `backend_config`); ValueError says what is
+    wrong."""
+    if not isinstance(body, dict):
+        raise ValueError('"backend" must be a JSON object with a "kind"')
+    unknown = set(body) - {"kind", "workers", "overhead_ms", "limit", "queue_limit"}
+    if unknown:
+        raise ValueError(f"unknown backend settings: {', '.join(sorted(unknown))}")
+
+    def integer(key: str) -> int | None:
+        value = body.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"backend {key} must be an integer")
+        return value
+
+    overhead = body.get("overhead_ms", 0.0)
+    if not isinstance(overhead, int | float) or isinstance(overhead, bool):
+        raise ValueError("backend overhead_ms must be a number")
+    return backend_config(
+        str(body.get("kind", "knative")),
+        1 if integer("workers") is None else int(body["workers"]),
+        float(overhead),
+        integer("limit"),
+        integer("queue_limit"),
+        knative,
+    )
 
 
 def backend_config(
