@@ -34,10 +34,13 @@ start by k, so a trace compressed k times meets an autoscaler k times as fast (b
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
+
+from bench.profiles import Profile
 
 __all__ = ["Autoscaler", "KpaConfig", "Pod", "Service", "ServiceConfig"]
 
@@ -186,6 +189,35 @@ class Service(Generic[T]):
         self.cold_starts = 0
         self.pod_seconds = 0.0
         self._last = start
+
+    kind = "knative"
+
+    # -- the rest of `bench.backends.Backend` --
+
+    @property
+    def interval(self) -> float:
+        return self.config.kpa.tick
+
+    @property
+    def cost(self) -> float:
+        return self.pod_seconds
+
+    def refuse(self, now: float) -> int | None:
+        """The activator queues every request: never refused."""
+        return None
+
+    def serving(self, now: float) -> int:
+        """Ready pods now."""
+        return len(self.ready(now))
+
+    def service_time(self, profile: Profile, size: int, rng: random.Random) -> float:
+        return profile.sample(size, rng)
+
+    def forget(self, item: T, now: float) -> None:
+        """A waiting request's client left: it leaves the queue and the autoscaler sees it."""
+        if item in self.waiting:
+            self.waiting.remove(item)
+            self.autoscaler.record(now, float(len(self.waiting) + self.running))
 
     def ready(self, now: float) -> list[Pod]:
         return [p for p in self.pods if p.ready_at <= now and not p.leaving]

@@ -14,6 +14,11 @@ by side: the same arrival times for each, interleaved, each mode's requests unde
 policy (`/v1/models/<profile>-<mode>:predict`) to its own emulated Knative service, so the
 suite takes a quarter of the time and every mode meets the same moments of the shared machine.
 
+`--backend fixed|limited` (with `--workers`, `--overhead-ms`, `--limit`, `--queue-limit`, as
+`bench/backends.py` describes them) puts a server of fixed capacity behind every mode instead
+of the Knative service (the default); the simulator then runs the same server, and cost is
+busy worker-seconds.
+
 Time scaling: a trace of `--duration` seconds is played `--time-scale` times faster, and the
 autoscaler's durations, the cold start and aimd's period are divided by the same factor.
 Request-level times are not scaled: the arrival rates (the profile's peak), the model's batch
@@ -44,12 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from bench import report
+from bench.backends import KINDS, BackendConfig, ServerConfig, backend_config
 from bench.emulator import predict
 from bench.knative import ServiceConfig
 from bench.openloop import OpenLoopResult, replay, subset
 from bench.profiles import PROFILES, Profile
-from bench.report import by_case, heading, summary, table
+from bench.report import by_case, columns_for, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
@@ -74,6 +79,7 @@ class BenchConfig:
     time_scale: float = 5.0
     seed: int = 1
     replicas: int = 1  # ext_proc replicas
+    backend: BackendConfig = field(default_factory=ServiceConfig)  # unscaled
 
     @property
     def run_seconds(self) -> float:
@@ -272,6 +278,18 @@ class CaseResult:
         rows = np.asarray(self.series["batches"]["rows"], dtype=float).reshape(-1, 5)
         return rows[(rows[:, 0] >= self.start) & (rows[:, 0] <= self.end)]
 
+    def _server_columns(self, busy: float, status: np.ndarray) -> dict[str, Any]:
+        """A fixed or limited server's utilisation and the requests it refused (429/503)."""
+        backend = self.config.backend
+        if not isinstance(backend, ServerConfig):
+            return {}
+        span = (self.end - self.start) * backend.workers
+        return {
+            "backend": backend.kind,
+            "utilisation_pct": round(100.0 * busy / span, 1) if span > 0 else math.nan,
+            "refused": int(np.isin(status, (429, 503)).sum()),
+        }
+
     def row(self) -> dict[str, Any]:
         lat = self.latencies()
         finite = lat[np.isfinite(lat)]
@@ -325,6 +343,9 @@ class CaseResult:
             "send_error_max_ms": round(send["max"], 3),
             "sent": int(np.isfinite(self.load.send_error).sum()),
             "sent_over_1ms": int((self.load.send_error > 0.001).sum()),
+            "goodput_rps": round(float(np.sum(lat <= self.slo)) / self.config.run_seconds, 2),
+            "sim_goodput_rps": sim["goodput_rps"],
+            **self._server_columns(pod_s, status),
             "extproc_lag_over_20ms": int(
                 self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_20ms"]
             ),
@@ -383,7 +404,8 @@ def run_case(
             mode,
             "POST",
             "/admin/reset",
-            {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed},
+            {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed}
+            | ({"backend": cfg.backend.as_json()} if isinstance(cfg.backend, ServerConfig) else {}),
         )
     m = len(modes)
     seed = cfg.seed
@@ -425,7 +447,7 @@ def run_case(
             profile.peak_rps,
             seed=cfg.seed,
             replicas=cfg.replicas,
-            backend=ServiceConfig().scaled(cfg.time_scale),
+            backend=cfg.backend.scaled(cfg.time_scale),
             warmup=warmup,
             times=times,
             policy=policy,
@@ -560,8 +582,7 @@ def plot(cases: Sequence[CaseResult], path: Path) -> None:
     plt.close(fig)
 
 
-COLUMNS = (
-    *report.COLUMNS,
+EXTRA_COLUMNS = (
     ("wrong", "wrong"),
     ("errors", "errors"),
     ("sim_sla_violations_pct", "sim viol. %"),
@@ -578,7 +599,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     for (profile, trace), case in by_case(rows).items():
         group = list(case.values())
         out.append(heading(profile, trace))
-        out += table(group, COLUMNS)
+        out += table(group, [*columns_for(group), *EXTRA_COLUMNS])
         first = group[0]
         out.append(
             f"\next_proc while the modes ran: event loop over 20 ms late "
@@ -634,6 +655,12 @@ def loadgen_summary(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def describe(backend: BackendConfig) -> str:
+    if isinstance(backend, ServerConfig):
+        return backend.describe()
+    return f"knative (cold start {backend.cold_start:g} s before scaling)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mlproxy bench",
@@ -681,8 +708,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("bench/results/real"),
         help="report directory (default %(default)s)",
     )
+    ap.add_argument(
+        "--backend",
+        choices=KINDS,
+        default="knative",
+        help="the emulated backend behind every mode (default %(default)s)",
+    )
+    ap.add_argument("--workers", type=int, default=1, help="fixed/limited: batches at once")
+    ap.add_argument(
+        "--overhead-ms", type=float, default=0.0, help="fixed/limited: added to every call"
+    )
+    ap.add_argument("--queue-limit", type=int, help="fixed: batches that may wait, then 503")
+    ap.add_argument("--limit", type=int, help="limited: batches in the server, then 429")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        backend = backend_config(
+            args.backend, args.workers, args.overhead_ms, args.limit, args.queue_limit
+        )
+    except ValueError as err:
+        ap.error(str(err))
     if args.suite is None and not (args.profile and args.trace):
         ap.error("give --suite, or --profile and --trace (and --mode: all four if not given)")
     profiles = [PROFILES[p] for p in (args.profile or SUITES.get(args.suite or "", ()))]
@@ -690,7 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes: list[Mode] = [m for m in MODES if m in (args.mode or MODES)]
     if args.time_scale <= 0 or args.duration <= 0 or args.warmup < 0:
         ap.error("--time-scale and --duration must be positive, --warmup not negative")
-    config = BenchConfig(args.duration, args.warmup, args.time_scale, args.seed, args.replicas)
+    config = BenchConfig(
+        args.duration, args.warmup, args.time_scale, args.seed, args.replicas, backend
+    )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -738,7 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.duration:g} s of trace after a warm-up of {config.warmup:g} s (plus up to "
         f"{PHASE_JITTER:g} s), played {config.time_scale:g} times faster (so "
         f"{config.run_seconds:g} s), seed {config.seed}, {config.replicas} ext_proc "
-        f"replica(s). Cost in ready-pod-seconds of real time. `sim` columns: the simulator "
+        f"replica(s), backend {describe(config.backend)}. Cost in "
+        f"{'ready-pod' if isinstance(config.backend, ServiceConfig) else 'busy worker'}"
+        "-seconds of real time. `sim` columns: the simulator "
         "on the same arrivals, policy and emulated service.\n\n"
     )
     text = "\n\n".join(

@@ -10,7 +10,17 @@ from typing import Any
 from bench.profiles import PROFILES
 from bench.sim import MODES
 
-__all__ = ["COLUMNS", "by_case", "heading", "reductions", "summary", "table", "verdict"]
+__all__ = [
+    "COLUMNS",
+    "SERVER_COLUMNS",
+    "by_case",
+    "columns_for",
+    "heading",
+    "reductions",
+    "summary",
+    "table",
+    "verdict",
+]
 
 Row = dict[str, Any]
 
@@ -26,6 +36,36 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("mean_batch", "mean batch"),
     ("cold_starts", "cold starts"),
 )
+
+# A fixed or concurrency-limited server's (`bench/backends.py`): cost is busy worker-seconds,
+# no pods, no cold starts; utilisation and the batches' requests it refused (429/503) instead.
+SERVER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("mode", "mode"),
+    ("cost_pod_s", "cost (busy worker-s)"),
+    ("utilisation_pct", "utilisation %"),
+    ("sla_violations_pct", "SLA viol. %"),
+    ("goodput_rps", "goodput req/s"),
+    ("refused", "refused req."),
+    ("p50_ms", "p50 ms"),
+    ("p95_ms", "p95 ms"),
+    ("p99_ms", "p99 ms"),
+    ("mean_batch", "mean batch"),
+)
+
+
+def columns_for(
+    rows: Sequence[Row], knative: Sequence[tuple[str, str]] = COLUMNS
+) -> Sequence[tuple[str, str]]:
+    """The columns for rows of one backend kind: `SERVER_COLUMNS` for a fixed or limited
+    server's (they have `utilisation_pct`), else `knative` with goodput when the rows have it."""
+    if rows and all("utilisation_pct" in r for r in rows):
+        return SERVER_COLUMNS
+    cols = list(knative)
+    if rows and all("goodput_rps" in r for r in rows):
+        cols.insert(
+            cols.index(("sla_violations_pct", "SLA viol. %")) + 1, ("goodput_rps", "goodput req/s")
+        )
+    return cols
 
 
 def heading(profile: str, trace: str) -> str:

@@ -14,9 +14,16 @@ service (DESIGN.md section 6), the same for every mode:
   60 s stable and 6 s panic windows, scale to zero after 60 + 30 s without traffic; a cold
   start of 3 s; one ready pod at first; cost in ready-pod-seconds);
 
+The backend can also be a server of fixed capacity or a concurrency-limited one
+(`bench/backends.py`: k workers, a per-call overhead, a queue at the server, 429 beyond a limit;
+cost in busy worker-seconds). A batch the server refuses (429, or 503 when a bounded queue is
+full) fails all its requests, as the production runtime does (`BatchExecutor`: no retry, each
+request gets the status; the rule learns the batch failed).
+
 Latency is measured from a request's arrival at the proxy to the end of its batch; a request
-misses the SLA when that exceeds the profile's SLO. The proxy's own overhead is not modelled
-(issue 5 measures it on the real stack).
+misses the SLA when that exceeds the profile's SLO, or when it fails (shed, or refused).
+Goodput is the requests answered within the SLO per second of the trace. The proxy's own
+overhead is not modelled (issue 5 measures it on the real stack).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.knative import Service, ServiceConfig
+from bench.backends import BackendConfig, ServerConfig, capacity, make_backend
+from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.traces import schedule
 from extproc.core.batching import BatchQueue, Dispatch, Shed, WaitUntil
@@ -46,6 +54,7 @@ __all__ = [
     "policy_for",
     "pooled",
     "simulate",
+    "sweep",
 ]
 
 MODES: tuple[Mode, ...] = ("off", "static", "aimd", "adaptive")
@@ -120,6 +129,24 @@ class SimResult:
     batches: int
     instances: int
     series: dict[str, list[float]] = field(default_factory=dict)
+    backend: str = "knative"
+    window: float = math.nan  # the trace's measured seconds (goodput's denominator)
+    refused: int = 0  # measured requests whose batch the backend refused (429/503)
+    refused_batches: int = 0
+    workers: int = 0  # a fixed or limited server's (0: knative)
+
+    @property
+    def goodput(self) -> float:
+        """Requests answered within the SLO per second of the trace."""
+        span = self.window if math.isfinite(self.window) else self.duration
+        return float(np.sum(self.latencies <= self.slo)) / span if span > 0 else 0.0
+
+    @property
+    def utilisation(self) -> float:
+        """A server's busy worker-seconds over its worker-seconds (nan for knative)."""
+        if not self.workers or self.duration <= 0:
+            return math.nan
+        return self.pod_seconds / (self.workers * self.duration)
 
     @property
     def violations_pct(self) -> float:
@@ -152,6 +179,17 @@ class SimResult:
             "p99_ms": round(self.percentile_ms(99), 1),
             "mean_batch": round(self.mean_batch, 2),
             "cold_starts": self.cold_starts,
+            "goodput_rps": round(self.goodput, 2),
+        } | self._server_columns()
+
+    def _server_columns(self) -> dict[str, Any]:
+        if not self.workers:
+            return {}
+        return {
+            "backend": self.backend,
+            "utilisation_pct": round(100.0 * self.utilisation, 1),
+            "refused": self.refused,
+            "refused_batches": self.refused_batches,
         }
 
 
@@ -172,12 +210,20 @@ def pooled(results: Sequence[SimResult]) -> dict[str, Any]:
         cold_starts=sum(r.cold_starts for r in results),
         batches=sum(r.batches for r in results),
         instances=sum(r.instances for r in results),
+        backend=first.backend,
+        window=sum(r.window for r in results),
+        refused=sum(r.refused for r in results),
+        refused_batches=sum(r.refused_batches for r in results),
+        workers=first.workers,
     )
     row = joined.row()
     runs = len(results)
     row["runs"] = runs
     row["cost_pod_s"] = round(joined.pod_seconds / runs, 1)
     row["cold_starts"] = round(joined.cold_starts / runs, 1)
+    if joined.workers:
+        row["refused"] = round(joined.refused / runs, 1)
+        row["refused_batches"] = round(joined.refused_batches / runs, 1)
     return row
 
 
@@ -197,7 +243,7 @@ def simulate(
     peak: float,
     seed: int = 0,
     replicas: int = 1,
-    backend: ServiceConfig = ServiceConfig(),
+    backend: BackendConfig = ServiceConfig(),
     modes: ModeConfig = ModeConfig(),
     series_step: float = 10.0,
     warmup: float = 120.0,
@@ -205,9 +251,10 @@ def simulate(
     policy: Policy | None = None,
 ) -> SimResult:
     """Replay `trace` (peaking at `peak` req/s for `duration` s) through `replicas` proxies in
-    `mode` to the Knative-like backend. Same seed, same arrivals and same noise draws order
-    per batch: deterministic. `times` (warm-up included) and `policy` replace the ones the
-    trace and the mode would give (to simulate exactly what a benchmark ran)."""
+    `mode` to the backend (`backend`: Knative-like by default, or a `ServerConfig`). Same
+    seed, same arrivals and same noise draws order per batch: deterministic. `times` (warm-up
+    included) and `policy` replace the ones the trace and the mode would give (to simulate
+    exactly what a benchmark ran)."""
     if times is None:
         times = schedule(trace, duration, peak, seed, warmup)
     first = sum(1 for t in times if t < warmup)  # the first measured request
@@ -218,8 +265,10 @@ def simulate(
     route_rng = random.Random(seed ^ 0x7011)
     queues = [BatchQueue[int](rule_for(policy)) for _ in range(replicas)]
     armed = [math.inf] * replicas
-    be = Service[tuple[int, Dispatch[int], float]](backend)
+    be = make_backend(backend)
     n = len(times)
+    refused = np.zeros(n, dtype=bool)
+    refused_batches = 0
     latency = np.full(n, np.nan)
     arrival = np.asarray(times)
     events: list[_Event] = []
@@ -235,7 +284,7 @@ def simulate(
         heapq.heappush(events, _Event(t, next(seq), kind, data))
 
     def pump(r: int, now: float) -> None:
-        nonlocal batches, instances
+        nonlocal batches, instances, refused_batches
         q = queues[r]
         while True:
             action = q.poll(now)
@@ -244,6 +293,12 @@ def simulate(
                     batches += 1
                     instances += action.size
                     batch_log.append((now - warmup, action.size))
+                status = be.refuse(now)
+                if status is not None:  # answered at once, after this turn of the loop
+                    if now >= warmup:
+                        refused_batches += 1
+                    push(now, "refused", (r, action, status))
+                    continue
                 for t in be.arrive((r, action, now), now):  # the activator's cold start
                     push(t, "ready")
                 start_batches(now)
@@ -261,11 +316,12 @@ def simulate(
     def start_batches(now: float) -> None:
         """Free ready pods take waiting batches, oldest first."""
         for pod, (r, dispatch, sent_at) in be.start(now):
-            push(now + profile.sample(dispatch.size, rng), "done", (pod, r, dispatch, sent_at))
+            t = be.service_time(profile, dispatch.size, rng)
+            push(now + t, "done", (pod, r, dispatch, sent_at))
 
     for i, t in enumerate(times):
         push(t, "arrive", i)
-    tick = backend.kpa.tick
+    tick = be.interval
     push(tick, "tick")
     push(warmup, "measure")
     while events:
@@ -293,9 +349,20 @@ def simulate(
                 q.answered(now - arrival[e.item], now)
             start_batches(now)
             pump(r, now)
+        elif ev.kind == "refused":
+            # BatchExecutor: a batch answered 429/503 gives each of its requests that status
+            # (no retry); the queue learns it failed, then every request is answered.
+            r, dispatch, _status = ev.data
+            q = queues[r]
+            q.done(dispatch, 0.0, False, now)
+            for e in dispatch.entries:
+                latency[e.item] = math.inf
+                refused[e.item] = True
+                q.answered(now - arrival[e.item], now)
+            pump(r, now)
         elif ev.kind == "measure":
             be.account(now)
-            measured_from = (be.pod_seconds, be.cold_starts)
+            measured_from = (be.cost, be.cold_starts)
         elif ev.kind == "ready":
             if now <= duration + warmup:
                 be.account(now)
@@ -304,7 +371,7 @@ def simulate(
             for t in be.tick(now):
                 push(t, "ready")
             if now >= warmup:
-                pods_log.append((now - warmup, len(be.ready(now))))
+                pods_log.append((now - warmup, be.serving(now)))
             if now + tick <= duration + warmup:  # the autoscaler stops with the trace: the
                 push(now + tick, "tick")  # last requests drain on the pods there are
     end = max(duration + warmup, last_done)
@@ -320,10 +387,15 @@ def simulate(
         latencies=latency[first:],
         arrivals=arrival[first:] - warmup,
         slo=slo,
-        pod_seconds=be.pod_seconds - measured_from[0],
+        pod_seconds=be.cost - measured_from[0],
         cold_starts=be.cold_starts - measured_from[1],
         batches=batches,
         instances=instances,
+        backend=be.kind,
+        window=duration,
+        refused=int(refused[first:].sum()),
+        refused_batches=refused_batches,
+        workers=backend.workers if isinstance(backend, ServerConfig) else 0,
     )
     result.series = _series(result, batch_log, pods_log, series_step)
     return result
@@ -354,3 +426,40 @@ def _series(
         p_bin = (p_times >= k * step) & (p_times < (k + 1) * step)
         pods.append(float(p_count[p_bin].mean()) if p_bin.any() else math.nan)
     return {"t": edges, "p95_ms": p95, "rate": rate, "batch": batch, "pods": pods}
+
+
+def sweep(
+    profile: Profile,
+    backend: ServerConfig,
+    loads: Sequence[float],
+    modes: Sequence[Mode] = MODES,
+    duration: float = 60.0,
+    seed: int = 1,
+    replicas: int = 1,
+    warmup: float = 20.0,
+    mode_config: ModeConfig = ModeConfig(),
+) -> list[SimResult]:
+    """Steady Poisson load at each of `loads`, a fraction of the server's capacity at the
+    modes' max batch size (`capacity`), through every mode; one result per (load, mode), its
+    trace named `steady@<load>`."""
+    full = capacity(profile, backend, mode_config.max_batch_size)
+    out = []
+    for load in loads:
+        if load <= 0:
+            raise ValueError(f"a load must be positive: {load}")
+        for mode in modes:
+            r = simulate(
+                "steady",
+                profile,
+                mode,
+                duration,
+                load * full,
+                seed=seed,
+                replicas=replicas,
+                backend=backend,
+                modes=mode_config,
+                warmup=warmup,
+            )
+            r.trace = f"steady@{load:g}"
+            out.append(r)
+    return out

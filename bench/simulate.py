@@ -2,6 +2,13 @@
 
     python -m bench.simulate                      # the suite of the README (a few minutes)
     python -m bench.simulate --profiles toxic --traces big_spike --duration 300
+    python -m bench.simulate --backend fixed --workers 1 --overhead-ms 20 \
+        --profiles toxic --loads 0.2,0.5,0.8,1,1.2 --duration 60 --seeds 1
+
+`--backend` picks the backend kind (`bench/backends.py`): `knative` (default), `fixed`
+(`--workers`, `--overhead-ms`, `--queue-limit`) or `limited` (`--workers`, `--overhead-ms`,
+`--limit`). `--loads` sweeps steady Poisson load at those fractions of a server's capacity at
+the modes' max batch size (workers x b / t(b)), instead of the traces at their peaks.
 
 Writes `<out>/sim.md` (the tables), `<out>/sim.json` (every row) and, unless `--no-plots`, one
 PNG per trace and profile: p95 latency against the SLO, ready pods and batch size over time,
@@ -21,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.backends import KINDS, ServerConfig, backend_config, capacity
 from bench.knative import ServiceConfig
 from bench.profiles import PROFILES
-from bench.report import by_case, heading, reductions, summary, table, verdict
-from bench.sim import MODES, SimResult, pooled, simulate
+from bench.report import by_case, columns_for, heading, reductions, summary, table, verdict
+from bench.sim import MODES, ModeConfig, SimResult, pooled, simulate
 from bench.traces import TRACES
 from mlproxy.policy import Mode
 
-__all__ = ["main", "markdown"]
+__all__ = ["main", "markdown", "sweep_markdown"]
 
 SUITE_PROFILES = ("iris", "toxic", "fashion-mnist")
 COLUMNS = (
@@ -41,7 +49,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     out: list[str] = []
     for (profile, trace), case in by_case(results).items():
         out.append(heading(profile, trace))
-        out += table(list(case.values()), COLUMNS)
+        rows = list(case.values())
+        out += table(rows, columns_for(rows, COLUMNS))
         cut = reductions(case)
         if cut:
             v = cut["violations"]
@@ -50,6 +59,25 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
                 f"\nadaptive vs off: cost {-cut['cost']:+.1f}%, SLA violations {vs}; "
                 f"{verdict(case)}\n"
             )
+    return "\n".join(out)
+
+
+SWEEP_COLUMNS = (
+    ("load", "load"),
+    ("offered_rps", "offered req/s"),
+    *report.SERVER_COLUMNS,
+)
+
+
+def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One table per profile: every load and mode of a sweep (rows with `load`)."""
+    out: list[str] = []
+    profiles = dict.fromkeys(r["profile"] for r in rows)
+    for profile in profiles:
+        p = PROFILES[profile]
+        out.append(f"#### {profile} (SLO {p.slo_ms:g} ms at p95), steady Poisson load\n")
+        out += table([r for r in rows if r["profile"] == profile], SWEEP_COLUMNS)
+        out.append("")
     return "\n".join(out)
 
 
@@ -69,11 +97,11 @@ def plot(results: Sequence[SimResult], path: Path) -> None:
     axes[0].axhline(first.slo * 1000, color="red", linestyle="--", label="SLO")
     axes[0].set_ylabel("p95 latency (ms)")
     axes[0].set_yscale("log")
-    axes[1].set_ylabel("ready pods")
+    axes[1].set_ylabel("ready pods" if first.backend == "knative" else "busy workers")
     axes[2].set_ylabel("mean batch size")
     axes[2].set_xlabel("seconds")
     axes[0].legend(loc="upper right", fontsize="small", ncol=5)
-    fig.suptitle(f"{first.profile} on {first.trace} (simulated Knative backend)")
+    fig.suptitle(f"{first.profile} on {first.trace} (simulated {first.backend} backend)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -97,6 +125,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=600.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=120.0, help="unmeasured seconds first")
     ap.add_argument("--cold-start", type=float, default=ServiceConfig().cold_start)
+    ap.add_argument("--backend", choices=KINDS, default="knative", help="the backend kind")
+    ap.add_argument("--workers", type=int, default=1, help="fixed/limited: batches at once")
+    ap.add_argument(
+        "--overhead-ms", type=float, default=0.0, help="fixed/limited: added to every call"
+    )
+    ap.add_argument(
+        "--queue-limit", type=int, help="fixed: batches that may wait, then 503 (unbounded)"
+    )
+    ap.add_argument(
+        "--limit", type=int, help="limited: batches in the server, then 429 (--workers)"
+    )
+    ap.add_argument(
+        "--loads",
+        help="fixed/limited: sweep steady load at these fractions of capacity (e.g. 0.2,0.5,1)",
+    )
     ap.add_argument("--replicas", type=int, default=1, help="proxy replicas sharing traffic")
     ap.add_argument("--seed", type=int, default=1, help="the first seed")
     ap.add_argument("--seeds", type=int, default=3, help="runs per case, seeds from --seed on")
@@ -106,46 +149,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = [PROFILES[p] for p in args.profiles.split(",")]
     traces = args.traces.split(",")
     modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
-    backend = ServiceConfig(cold_start=args.cold_start)
+    try:
+        backend = backend_config(
+            args.backend,
+            args.workers,
+            args.overhead_ms,
+            args.limit,
+            args.queue_limit,
+            knative=ServiceConfig(cold_start=args.cold_start),
+        )
+    except ValueError as err:
+        ap.error(str(err))
+    loads: list[float] = []
+    if args.loads:
+        if not isinstance(backend, ServerConfig):
+            ap.error(
+                "--loads needs a fixed or limited backend (a Knative service has no fixed capacity)"
+            )
+        try:
+            loads = [float(x) for x in args.loads.split(",")]
+        except ValueError:
+            ap.error(f"--loads must be numbers separated by commas: {args.loads!r}")
+        if not all(x > 0 for x in loads):
+            ap.error("every load must be positive")
+        traces = ["steady"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     began = time.monotonic()
+    cases: list[tuple[Any, str, float, float | None]] = []  # profile, trace, peak, load
     for profile in profiles:
-        for trace in traces:
-            plotted = []
-            for mode in modes:
-                t0 = time.monotonic()
-                runs = [
-                    simulate(
-                        trace,
-                        profile,
-                        mode,
-                        args.duration,
-                        profile.peak_rps,
-                        seed=seed,
-                        replicas=args.replicas,
-                        backend=backend,
-                        warmup=warmup_for(args.warmup, seed),
-                    )
-                    for seed in range(args.seed, args.seed + args.seeds)
-                ]
-                plotted.append(runs[0])
-                row = pooled(runs)
-                rows.append(row)
-                print(
-                    f"{profile.name:14s} {trace:17s} {mode:9s} "
-                    f"viol {row['sla_violations_pct']:6.3f}%  cost {row['cost_pod_s']:9.1f} "
-                    f"pod-s  ({time.monotonic() - t0:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
+        if loads:
+            assert isinstance(backend, ServerConfig)
+            full = capacity(profile, backend, ModeConfig().max_batch_size)
+            cases += [(profile, f"steady@{x:g}", x * full, x) for x in loads]
+        else:
+            cases += [(profile, trace, profile.peak_rps, None) for trace in traces]
+    for profile, trace, peak, load in cases:
+        plotted = []
+        for mode in modes:
+            t0 = time.monotonic()
+            runs = [
+                simulate(
+                    trace.split("@")[0],
+                    profile,
+                    mode,
+                    args.duration,
+                    peak,
+                    seed=seed,
+                    replicas=args.replicas,
+                    backend=backend,
+                    warmup=warmup_for(args.warmup, seed),
                 )
-            if not args.no_plots:
-                plot(plotted, args.out / f"{profile.name}-{trace}.png")
-    text = summary(rows) + "\n\n" + markdown(rows)
+                for seed in range(args.seed, args.seed + args.seeds)
+            ]
+            for r in runs:
+                r.trace = trace
+            plotted.append(runs[0])
+            row = pooled(runs)
+            if load is not None:
+                row = {"load": load, "offered_rps": round(peak, 1)} | row
+            rows.append(row)
+            print(
+                f"{profile.name:14s} {trace:17s} {mode:9s} "
+                f"viol {row['sla_violations_pct']:6.3f}%  cost {row['cost_pod_s']:9.1f} "
+                f"s  goodput {row['goodput_rps']:8.2f}/s  ({time.monotonic() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not args.no_plots:
+            plot(plotted, args.out / f"{profile.name}-{trace}.png")
+    text = sweep_markdown(rows) if loads else summary(rows) + "\n\n" + markdown(rows)
+    kind = (
+        backend.describe()
+        if isinstance(backend, ServerConfig)
+        else f"knative, cold start {args.cold_start:g} s"
+    )
+    if loads:
+        kind += ", load: offered rate / capacity at max batch size"
     header = (
         f"Simulated {args.duration:g} s per run after a warm-up of {args.warmup:g} s plus up to "
         f"{PHASE_JITTER:g} s, seeds {args.seed} to {args.seed + args.seeds - 1} pooled (cost "
-        f"and cold starts per run), cold start {args.cold_start:g} s, {args.replicas} proxy "
+        f"and cold starts per run), backend {kind}, {args.replicas} proxy "
         f"replica(s); {time.monotonic() - began:.0f} s of compute; plots: seed {args.seed}."
         "\n\n"
     )

@@ -70,6 +70,34 @@ def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
     assert "start-up objects frozen" in (out / "logs" / "extproc-0.log").read_text()
 
 
+def test_a_bench_on_a_limited_server_passes_its_429s_to_the_clients(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    # off sends each request alone: 50 req/s at 37 + 1 + 20 ms a call on one worker that
+    # admits one batch at a time, so many batches find it busy and get 429
+    argv = ["--profile", "toxic", "--trace", "steady", "--mode", "off", "--mode", "adaptive"]
+    argv += ["--duration", "60", "--warmup", "20", "--time-scale", "20", "--out", str(out)]
+    argv += ["--backend", "limited", "--workers", "1", "--limit", "1", "--overhead-ms", "20"]
+    argv += ["--no-plots"]
+    assert bench_main(argv) == 0
+    rows = {row["mode"]: row for row in json.loads((out / "results.json").read_text())}
+    for mode, row in rows.items():
+        assert row["wrong"] == 0 and row["lost"] == 0, mode
+        assert row["backend"] == "limited" and 0 < row["utilisation_pct"] <= 100.5, mode
+        assert row["errors"] == row["refused"], mode  # the only failures are the refusals
+        raw = np.load(out / "runs" / f"toxic-steady-{mode}.npz")
+        series = json.loads((out / "runs" / f"toxic-steady-{mode}.series.json").read_text())
+        state = series["state"]
+        assert state["kind"] == "limited" and state["limit"] == 1
+        assert state["cold_starts"] == 0
+        if mode == "off":  # one request a batch: each refusal is one client's 429
+            assert state["refused_429"] == int((raw["status"] == 429).sum()) > 0
+    off = rows["off"]
+    assert off["refused"] > 0 and off["sim_goodput_rps"] > 0 and off["goodput_rps"] > 0
+    report = (out / "report.md").read_text()
+    assert "limited: 1 worker(s), overhead 20 ms, limit 1 batches" in report
+    assert "utilisation %" in report and "refused req." in report
+
+
 def test_bench_without_cases_says_what_to_give() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mlproxy.cli", "bench"],
