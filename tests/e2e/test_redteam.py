@@ -261,12 +261,6 @@ def process_env(stack: Stack, name: str) -> dict[str, str]:
     return dict(e.decode().partition("=")[::2] for e in raw if b"=" in e)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: ext_proc's Redis credentials can write policies: whoever holds a "
-    "replica's secret changes every replica's backends with no token, no audit line and no "
-    "MLPROXY_BACKEND_HOSTS check",
-)
 def test_the_redis_credentials_of_ext_proc_cannot_write_policies(redis_stack: Stack) -> None:
     """ext_proc only reads policies and writes its heartbeat. A replica on the data path (the
     component hostile clients and backends talk to) must not be able to do what the control

@@ -108,6 +108,7 @@ def test_no_secret_on_any_command_line_or_in_any_log(tls_stack: Stack) -> None:
     assert tls_stack.security is not None
     secrets = [
         tls_stack.security.redis_password_file.read_text().encode(),
+        tls_stack.security.redis_extproc_password_file.read_text().encode(),
         tls_stack.admin_token.encode(),
     ]
     lines = cmdlines(tls_stack)
@@ -231,3 +232,26 @@ def test_the_gateway_configs_mtls_example_is_valid_and_what_the_code_generates(
     path.write_text(yaml.safe_dump(config))
     result = envoy_validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ext_proc_logs_in_to_redis_as_its_own_user_that_cannot_write_policies(
+    tls_stack: Stack,
+) -> None:
+    """ext_proc reads policies and writes its heartbeat as `mlproxy-extproc`; the control
+    plane's user `mlproxy` is the only one that can write a policy."""
+    assert tls_stack.security is not None
+    password = tls_stack.security.redis_extproc_password_file.read_text()
+    with redis.Redis(
+        port=tls_stack.redis_port, username="mlproxy-extproc", password=password, socket_timeout=5
+    ) as r:
+        assert r.hgetall("mlproxy:policies")  # reads what it must
+        r.set("mlproxy:replica:probe", "{}", px=1000)  # its heartbeat's command
+        for write in (
+            lambda: r.hset("mlproxy:policies", "x", "{}"),
+            lambda: r.eval("return 1", 0),
+            lambda: r.rename("mlproxy:policies", "mlproxy:x"),
+            lambda: r.publish("mlproxy:changes", "{}"),
+            r.flushall,
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                write()
