@@ -11,7 +11,9 @@ their order and the counts, and enforces what holds for every rule:
   request already sent.
 - A batch never holds more instances than the rule's cap, except a single request larger than
   the cap, which goes alone.
-- At most `rule.max_in_flight` batches of this queue run at the backend at once.
+- At most `rule.max_in_flight` batches of this queue run at the backend at once; queues given
+  one `InFlight` count share it (the runtime gives every queue of one policy and backend URL
+  the same, so requests that differ in other fields cannot multiply the backend's load).
 - At most `rule.max_queue` requests wait; `offer` refuses more.
 - A cancelled request is never dispatched: it leaves the counts at once and is skipped when a
   batch is taken; cancelled entries are compacted so clients that leave cannot pile up.
@@ -33,6 +35,7 @@ __all__ = [
     "Dispatch",
     "Entry",
     "EntryState",
+    "InFlight",
     "Rule",
     "Send",
     "Shed",
@@ -43,6 +46,15 @@ T = TypeVar("T")
 
 # A timer may fire a hair before its due time; treat that as due.
 EPSILON = 1e-6
+
+
+class InFlight:
+    """A count of batches at the backend shared by several queues."""
+
+    __slots__ = ("__weakref__", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class EntryState(Enum):
@@ -167,8 +179,9 @@ def _order(e: Entry[T]) -> tuple[float, int]:
 
 
 class BatchQueue(Generic[T]):
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Rule, shared: InFlight | None = None) -> None:
         self.rule = rule
+        self._shared = shared
         self._order: list[Entry[T]] = []  # by (deadline, seq); dead entries skipped
         self._lo = 0  # entries before this index have left
         self._fifo: deque[Entry[T]] = deque()  # arrival order, for the oldest arrival
@@ -188,7 +201,8 @@ class BatchQueue(Generic[T]):
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Batches at the backend: this queue's, or all that share its `InFlight` count."""
+        return self._in_flight if self._shared is None else self._shared.count
 
     def offer(self, item: T, size: int, now: float, deadline: float) -> Entry[T] | None:
         """Queue a request of `size` instances due by `deadline`; None if the queue is full."""
@@ -232,6 +246,8 @@ class BatchQueue(Generic[T]):
         if self._in_flight <= 0:
             raise RuntimeError("done() without a batch in flight")
         self._in_flight -= 1
+        if self._shared is not None:
+            self._shared.count -= 1
         self.rule.completed(batch.size, seconds, batch.reason, ok, now)
 
     def answered(self, latency: float, now: float) -> None:
@@ -265,12 +281,12 @@ class BatchQueue(Generic[T]):
             return None
         rule = self.rule
         if flush:
-            if self._in_flight >= rule.max_in_flight:
+            if self.in_flight >= rule.max_in_flight:
                 return None
             return self._take(Send("flush", rule.max_batch_size))
         plan = rule.plan(self, now)
         if isinstance(plan, Send):
-            if self._in_flight >= rule.max_in_flight:
+            if self.in_flight >= rule.max_in_flight:
                 return None
             return self._take(plan)
         if isinstance(plan, Drop):
@@ -326,5 +342,7 @@ class BatchQueue(Generic[T]):
         self._queued -= len(batch)
         self._size -= size
         self._in_flight += 1
+        if self._shared is not None:
+            self._shared.count += 1
         self._trim_fifo()
         return Dispatch(batch, size, send.reason)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from extproc.codecs import get_codec
 from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.core.aimd import Aimd
-from extproc.core.batching import BatchQueue, Dispatch, Entry, Rule, Shed, WaitUntil
+from extproc.core.batching import BatchQueue, Dispatch, Entry, InFlight, Rule, Shed, WaitUntil
 from extproc.core.clock import Clock
 from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
 from extproc.core.fairness import ClientShares
@@ -330,6 +330,17 @@ def _retry_after(resp: BackendResponse) -> tuple[tuple[str, str], ...]:
     return (("retry-after", resp.retry_after),) if resp.retry_after is not None else ()
 
 
+class RouteGroup:
+    """The batchers of one policy and backend URL: their shared in-flight count, and who
+    is offered a freed slot first (the batcher that sent least recently)."""
+
+    __slots__ = ("in_flight", "members")
+
+    def __init__(self) -> None:
+        self.in_flight = InFlight()
+        self.members: dict[Batcher, None] = {}
+
+
 class Batcher:
     def __init__(
         self,
@@ -342,6 +353,7 @@ class Batcher:
         on_idle: Callable[[Batcher], None],
         shares: ClientShares[Ticket],
         rule: Rule,
+        group: RouteGroup | None = None,
     ) -> None:
         self.key = key
         self.route = route
@@ -352,12 +364,22 @@ class Batcher:
         self._metrics = metrics
         self._on_idle = on_idle
         self._shares = shares  # requests queued per policy and client, for all its batchers
-        self._queue: BatchQueue[Ticket] = BatchQueue(rule)
+        # The queues of one policy and backend URL share one in-flight count (their requests
+        # differ only in other fields): a client cannot multiply the backend's load by varying
+        # them. Each batch that ends lets the others of the group send first.
+        self._group = group if group is not None else RouteGroup()
+        self._group.members[self] = None
+        self._queue: BatchQueue[Ticket] = BatchQueue(rule, self._group.in_flight)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
+
+    def leave_group(self) -> RouteGroup:
+        """This batcher is idle and gone: it no longer takes part in its group."""
+        self._group.members.pop(self, None)
+        return self._group
 
     @property
     def idle(self) -> bool:
@@ -497,6 +519,9 @@ class Batcher:
         for t in tickets:
             t.dispatched_at = now
         self._left(tickets)
+        members = self._group.members
+        members.pop(self, None)
+        members[self] = None  # the last to be offered the next free slot
         task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -540,6 +565,9 @@ class Batcher:
                 self._queue.answered(now - ticket.arrival, now)
         except Exception:
             log.exception("policy %s: dispatch rule failed on an answer", policy.name)
+        for other in list(self._group.members):  # round robin: the longest waiting first
+            if other is not self:
+                other._pump()
         self._pump()
 
 
@@ -556,6 +584,7 @@ class BatcherPool:
         self.clock = clock
         self._metrics = metrics
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._groups: dict[tuple[str, str], RouteGroup] = {}  # by policy and backend URL
         self._draining: set[Batcher] = set()
         self._shares: ClientShares[Ticket] = ClientShares()
         self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
@@ -631,6 +660,7 @@ class BatcherPool:
                 self._idle,
                 self._shares,
                 self.rule(key, policy),
+                self._groups.setdefault(route.key, RouteGroup()),
             )
             self._batchers[key] = batcher
         elif key in self._rules:
@@ -668,6 +698,9 @@ class BatcherPool:
         self._draining.discard(batcher)
         if self._batchers.get(batcher.key) is batcher:
             del self._batchers[batcher.key]
+        group = batcher.leave_group()
+        if not group.members and self._groups.get(batcher.route.key) is group:
+            del self._groups[batcher.route.key]
 
     async def drain(self) -> None:
         """Flush every queue and wait for all batches to finish."""

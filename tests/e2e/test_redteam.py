@@ -278,12 +278,6 @@ def test_the_redis_credentials_of_ext_proc_cannot_write_policies(redis_stack: St
             r.hset(keys.POLICIES, "demo", record)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: max_in_flight bounds each compat-key queue, not the policy: a client that "
-    "adds a different top-level field to each request gets as many concurrent backend calls "
-    "as it sends requests (and no batching)",
-)
 async def test_a_client_cannot_multiply_backend_concurrency_with_odd_top_level_fields(
     small_stack: Stack, concurrency_backend: ConcurrencyBackend
 ) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core.batching import BatchQueue, Dispatch, EntryState, WaitUntil
+from extproc.core.batching import BatchQueue, Dispatch, EntryState, InFlight, WaitUntil
 from extproc.core.clock import FakeClock
 from extproc.core.rules import StaticRule
 
@@ -76,6 +76,22 @@ def test_in_flight_limit_holds_batches_until_done() -> None:
     q.done(first, 0.01, True, 0.0)
     action = q.poll(0.0)
     assert isinstance(action, Dispatch) and action.items == ["c"]
+
+
+def test_queues_sharing_an_in_flight_count_share_the_limit() -> None:
+    shared = InFlight()
+    a: BatchQueue[str] = BatchQueue(limits(batch=1, in_flight=2), shared)
+    b: BatchQueue[str] = BatchQueue(limits(batch=1, in_flight=2), shared)
+    for q, name in ((a, "a1"), (a, "a2"), (b, "b1")):
+        q.offer(name, 1, 0.0, DUE)
+    first = a.poll(0.0)
+    assert isinstance(first, Dispatch) and isinstance(b.poll(0.0), Dispatch)
+    assert shared.count == 2 and a.in_flight == b.in_flight == 2
+    assert a.poll(0.0) is None  # blocked by b's batch, though a has only one in flight
+    a.done(first, 0.01, True, 0.0)
+    assert shared.count == 1
+    action = a.poll(0.0)
+    assert isinstance(action, Dispatch) and action.items == ["a2"]
 
 
 def test_done_without_batch_is_a_bug() -> None:

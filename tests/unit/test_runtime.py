@@ -369,3 +369,27 @@ async def test_a_failure_after_a_batch_is_taken_still_answers_that_batch() -> No
     replies = await asyncio.wait_for(asyncio.gather(*futs), 1)
     assert [echoed(r) for r in replies] == [[0], [1]]
     assert len(h.pool) == 0  # nothing left in flight or queued
+
+
+async def test_requests_differing_in_other_fields_share_the_backends_in_flight_limit() -> None:
+    """Each request with another top-level field has a queue of its own; all the queues of one
+    policy and backend URL share `max_in_flight`, so varying fields cannot multiply the load
+    on the backend (a red team finding)."""
+    backend = FakeBackend(gate=asyncio.Event())
+    h = Harness(make_policy(max_in_flight=1, max_wait_ms=0), backend)
+    route = h.router.resolve("/v1/models/m:predict")
+    assert route is not None
+    futs = []
+    for i in range(6):
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        body = json.dumps({"instances": [{"id": i}], "nonce": i}).encode()
+        h.pool.submit(route, codec.parse(body), fut)
+        futs.append(fut)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(backend.calls) == 1  # the others wait for the one slot
+    backend.gate.set()
+    replies = await asyncio.gather(*futs)
+    assert [echoed(r) for r in replies] == [[i] for i in range(6)]
+    assert len(backend.calls) == 6
+    assert h.pool._groups == {}  # the group goes with its last batcher
