@@ -1,5 +1,5 @@
 """Red team findings on issue 12, as regressions through the real stack. Each is marked
-xfail(strict=True) until it is fixed: it fails on the code it was found on."""
+marked xfail(strict=True) until it was fixed; each fails on the code it was found on."""
 
 from __future__ import annotations
 

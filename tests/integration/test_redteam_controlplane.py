@@ -1,5 +1,5 @@
 """Red team findings on the control plane (issue 12), through the real server process. Each is
-xfail(strict=True) until fixed: it fails on the code it was found on."""
+marked xfail(strict=True) until it was fixed; it fails on the code it was found on."""
 
 from __future__ import annotations
 
