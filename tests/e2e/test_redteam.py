@@ -1,4 +1,4 @@
-"""Red team findings on issue 12, as regressions through the real stack. Each is marked
+"""Red team findings on issue 12, as regressions through the real stack. Each was
 marked xfail(strict=True) until it was fixed; each fails on the code it was found on."""
 
 from __future__ import annotations
