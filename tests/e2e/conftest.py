@@ -51,6 +51,8 @@ def stack(
             echo_policy("echo", echo_backend.url),
             echo_policy("slow", echo_backend.url, backend={"timeout_ms": 300}),
             echo_policy("down", closed),
+            # a long SLA: its requests' bodies may take that long to arrive (slow clients)
+            {**echo_policy("patient", echo_backend.url), "sla": {"latency_ms": 300_000}},
             echo_policy(
                 "fair",
                 echo_backend.url,

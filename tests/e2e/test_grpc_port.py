@@ -33,7 +33,7 @@ async def slow_client(port: int, ident: str, release: asyncio.Event) -> tuple[in
     stream with the headers and holds it until the whole body is there."""
     body = json.dumps({"instances": [{"id": ident}]}).encode()
     head = (
-        "POST /v1/models/echo:predict HTTP/1.1\r\nHost: mlproxy\r\n"
+        "POST /v1/models/patient:predict HTTP/1.1\r\nHost: mlproxy\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -53,7 +53,9 @@ async def slow_client(port: int, ident: str, release: asyncio.Event) -> tuple[in
 
 async def test_a_burst_of_slow_clients_is_held_and_each_answered(stack: Stack) -> None:
     """The finding: 9,000 slow clients at once got ~1,500 ext_proc streams cancelled and a
-    normal request a 500. grpcio cancelled streams that waited to be taken by the process."""
+    normal request a 500. grpcio cancelled streams that waited to be taken by the process.
+    The slow clients use policy `patient`, whose SLA (5 minutes) is how long a body may take
+    to arrive after its headers."""
     started = "http.ingress.ext_proc.streams_started"
     failed = "http.ingress.ext_proc.streams_failed"
     before, failed_before = envoy_stat(stack, started), envoy_stat(stack, failed)
