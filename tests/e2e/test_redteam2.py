@@ -4,19 +4,28 @@ was found on."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import redis
+import yarl
+from aiohttp import web
 
 from mlproxy import keys
 from mlproxy.stack import Stack
-from tests.e2e.test_redteam import process_env
+from tests.e2e.conftest import echo_policy
+from tests.e2e.test_redteam import envoy_and_one_replica, post_as, process_env
+from tests.servers import EchoBackend, ThreadedApp
 
 pytestmark = pytest.mark.e2e
 
@@ -79,9 +88,120 @@ async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every
             beats = {i: heartbeat(r, f"extproc-{i}") for i in range(2)}
             if all(beats[i]["last_sync_at"] > after for i in range(2)):
                 break
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         for _ in range(4):  # both replicas (Envoy balances round robin)
             async with s.post(f"{stack.envoy_url}/v1/models/demo:predict", json=DEMO_BODY) as resp:
                 assert resp.status == 200
                 assert "x-mlproxy-batch-size" in resp.headers, "served unbatched, unchecked"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: a template with two variables in each of four segments backtracks "
+    "across segments: one 521-character path holds ext_proc's event loop for seconds",
+)
+async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template_with_many_segments(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """The first fix bounds one segment (two variables of at most 128 characters) and the
+    path (1024 characters), but not how a failed match backtracks through earlier segments:
+    each `{a}-{b}` segment of `a-a-a-...` (127 characters) matches in about 60 ways, and the
+    regex tries every combination before the last segment fails. Policy `deep` matches
+    /{a}-{b}/{c}-{d}/{e}-{f}/{g}-{h}:predict (allowed: two variables per segment); three
+    clients send a 521-character path that ends in `!`; the next client's request to another
+    policy must still be answered (the wait bound only stops a hung test)."""
+    deep = echo_policy("deep", echo_backend.url)
+    deep["match"] = {"path": "/{a}-{b}/{c}-{d}/{e}-{f}/{g}-{h}:predict"}
+    deep["backend"]["url"] = f"{echo_backend.url}/v1/models/deep:predict"
+    with envoy_and_one_replica(
+        echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), deep]
+    ) as stack:
+        sent: list[asyncio.Task[Any]] = []
+        try:
+            segment = ("a-" * 64)[:127]
+            hostile = "/" + "/".join([segment] * 4) + ":predict!"
+            assert len(hostile) <= 1024
+            url = str(yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True))
+            sent = [
+                asyncio.create_task(post_as(f"127.0.0.{2 + i}", url, {"instances": [1]}))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.5)  # their headers are at ext_proc first
+            try:
+                code, _, body = await post_as(
+                    "127.0.0.9",
+                    f"{stack.envoy_url}/v1/models/echo:predict",
+                    {"instances": [{"id": "normal"}]},
+                    timeout=20,
+                )
+            except TimeoutError:
+                code, body = 0, b"no answer in 20 s"
+            assert code == 200, body
+            assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
+        finally:
+            proc = stack.child("extproc-0").proc  # still matching: no grace
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            for task in sent:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+class CrashingBackend(ThreadedApp):
+    """The echo model, except that a batch holding the instance `"crash"` drops the
+    connection without an answer, as a model server whose worker dies on one input (out of
+    memory on a huge tensor, a segfault in a native op) does."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.StreamResponse:
+        instances = (await request.json())["instances"]
+        self.calls.append(len(instances))
+        if "crash" in instances:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
+        await asyncio.sleep(0.05)
+        return web.json_response({"predictions": [{"echo": i} for i in instances]})
+
+
+@pytest.fixture(scope="module")
+def crashing_backend() -> Iterator[CrashingBackend]:
+    server = CrashingBackend()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: an input that makes the backend drop the connection fails every "
+    "request of its batch (502); only wrong answers and 400/413/422/500 are bisected",
+)
+async def test_an_input_that_crashes_the_backend_fails_only_its_own_client(
+    echo_backend: EchoBackend, crashing_backend: CrashingBackend, tmp_path: Path
+) -> None:
+    """The isolation fix bisects a batch whose answer is a 500 or cannot be split, but a
+    backend that drops the connection (a worker killed by one input) is an error for every
+    request of the batch. One client sends `"crash"`, three others normal inputs, batched
+    together (max_wait_ms 300): the three must get their own answers."""
+    crashy = echo_policy(
+        "crashy", crashing_backend.url, batching={"max_batch_size": 4, "max_wait_ms": 300}
+    )
+    with envoy_and_one_replica(echo_backend, tmp_path, [crashy]) as stack:
+        url = f"{stack.envoy_url}/v1/models/crashy:predict"
+        bodies = [{"instances": ["crash"]}] + [{"instances": [f"good-{i}"]} for i in range(3)]
+        results = await asyncio.gather(
+            *(post_as(f"127.0.0.{2 + i}", url, b) for i, b in enumerate(bodies))
+        )
+    assert max(crashing_backend.calls) > 1, "never batched: nothing to check"
+    for i, (code, _, answer) in enumerate(results[1:]):
+        assert code == 200, answer
+        assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
