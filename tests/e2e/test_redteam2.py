@@ -205,3 +205,80 @@ async def test_an_input_that_crashes_the_backend_fails_only_its_own_client(
     for i, (code, _, answer) in enumerate(results[1:]):
         assert code == 200, answer
         assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
+
+
+class OrderBackend(ThreadedApp):
+    """The echo model, recording the inputs of each call in the order they came; the calls
+    carrying `slow-*` inputs take 1.5 s (so that a test can queue requests behind them), the
+    others 50 ms."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        instances = (await request.json())["instances"]
+        self.calls.append(instances)
+        slow = any(str(i).startswith("slow-") for i in instances)
+        await asyncio.sleep(1.5 if slow else 0.05)
+        return web.json_response({"predictions": [{"echo": i} for i in instances]})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: the shared in-flight slot goes round robin between queues, not "
+    "clients: one client with 20 distinct top-level fields takes 20 of every 21 slots",
+)
+async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_queues(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """Policy `rr` allows one batch at its backend at once. The fix for the multiplied
+    concurrency gives a policy's queues (one per compat key) one in-flight count and offers a
+    freed slot to the queue that sent least recently. A client (127.0.0.2) that sends 20
+    requests, each with another top-level `nonce`, has 20 queues: a normal client
+    (127.0.0.3) then waits for all 20 of them between any two of its batches. Per-client
+    fairness wants the normal client's second request among the next calls after one of the
+    flooder's, not after all 20 (the order of the backend's calls is checked, not times)."""
+    backend = OrderBackend()
+    backend.start()
+    try:
+        rr = echo_policy(
+            "rr",
+            backend.url,
+            batching={"max_batch_size": 8, "max_wait_ms": 5, "max_in_flight": 1},
+            backend={"timeout_ms": 10_000},
+            sla={"latency_ms": 30_000},
+        )
+        with envoy_and_one_replica(echo_backend, tmp_path, [rr]) as stack:
+            url = f"{stack.envoy_url}/v1/models/rr:predict"
+
+            async def calls(n: int) -> None:
+                for _ in range(300):
+                    if len(backend.calls) >= n:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"the backend never got call {n}: {backend.calls}")
+
+            tasks = [
+                asyncio.create_task(
+                    post_as("127.0.0.2", url, {"instances": ["slow-x"], "nonce": "first"})
+                )
+            ]
+            await calls(1)  # the flooder holds the backend's one slot
+            tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["slow-0"]})))
+            await asyncio.sleep(0.2)
+            tasks += [
+                asyncio.create_task(post_as("127.0.0.2", url, {"instances": [f"x{i}"], "nonce": i}))
+                for i in range(20)
+            ]
+            await calls(2)  # the normal client's first batch holds the slot now
+            tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["n-1"]})))
+            results = await asyncio.gather(*tasks)
+    finally:
+        backend.stop()
+    assert all(code == 200 for code, _, _ in results), results
+    order = [call[0] for call in backend.calls]
+    assert order[:2] == ["slow-x", "slow-0"], order
+    assert order.index("n-1") <= 3, order
