@@ -282,3 +282,61 @@ async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_q
     order = [call[0] for call in backend.calls]
     assert order[:2] == ["slow-x", "slow-0"], order
     assert order.index("n-1") <= 3, order
+
+
+class RowsBackend(ThreadedApp):
+    """A model that reads an instance `{"rows": [...]}` as rows of its own (one prediction
+    per row, none for no rows), as a server that flattens a nested input into its batch
+    dimension does; any other instance gets one prediction `{"echo": instance}`."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        instances = (await request.json())["instances"]
+        self.calls.append(len(instances))
+        predictions = []
+        for i in instances:
+            rows = i["rows"] if isinstance(i, dict) and "rows" in i else [i]
+            predictions += [{"echo": r} for r in rows]
+        return web.json_response({"predictions": predictions})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: two requests whose miscounts cancel out (one input answered with two "
+    "predictions, one with none) pass the count check; the request between them gets the "
+    "attacker's prediction and the attacker gets the victim's",
+)
+async def test_two_miscounts_that_cancel_out_do_not_hand_one_clients_prediction_to_another(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """The miscount fix bisects a batch whose answer has the wrong number of predictions. An
+    attacker sends `{"rows": ["a", "b"]}` (two predictions for one instance), a victim's
+    request lands after it in the same batch, then the attacker sends `{"rows": []}` (no
+    prediction): the total is right, so the answer is split by position and shifted by one.
+    The victim must get its own prediction, and the attacker never the victim's."""
+    backend = RowsBackend()
+    backend.start()
+    try:
+        rows = echo_policy("rows", backend.url, batching={"max_batch_size": 3, "max_wait_ms": 1000})
+        with envoy_and_one_replica(echo_backend, tmp_path, [rows]) as stack:
+            url = f"{stack.envoy_url}/v1/models/rows:predict"
+            sent = []
+            for source, body in [
+                ("127.0.0.2", {"instances": [{"rows": ["a", "b"]}]}),
+                ("127.0.0.3", {"instances": ["victim-secret"]}),
+                ("127.0.0.2", {"instances": [{"rows": []}]}),
+            ]:
+                sent.append(asyncio.create_task(post_as(source, url, body)))
+                await asyncio.sleep(0.15)  # arrival order: attacker, victim, attacker
+            (_, _, first), (code, _, victim), (_, _, last) = await asyncio.gather(*sent)
+    finally:
+        backend.stop()
+    assert backend.calls[0] == 3, f"not one batch of three: {backend.calls}"
+    assert b"victim-secret" not in first + last, (first, last)
+    assert code == 200, victim
+    assert json.loads(victim) == {"predictions": [{"echo": "victim-secret"}]}
