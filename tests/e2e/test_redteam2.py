@@ -56,10 +56,11 @@ def extproc_redis(stack: Stack) -> redis.Redis:
     )
 
 
-def heartbeat(r: redis.Redis, replica: str) -> dict:
+def heartbeat(r: redis.Redis, replica: str) -> dict[str, Any]:
     raw = r.get(keys.replica_key(replica))
     assert raw is not None
-    return json.loads(raw)
+    beat: dict[str, Any] = json.loads(raw)
+    return beat
 
 
 @pytest.mark.xfail(
