@@ -154,7 +154,8 @@ async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template
 class CrashingBackend(ThreadedApp):
     """The echo model, except that a batch holding the instance `"crash"` drops the
     connection without an answer, as a model server whose worker dies on one input (out of
-    memory on a huge tensor, a segfault in a native op) does."""
+    memory on a huge tensor, a segfault in a native op) does, and one holding `"hang"` takes
+    5 s (an input that is very expensive to compute)."""
 
     def __init__(self) -> None:
         self.calls: list[int] = []
@@ -169,7 +170,7 @@ class CrashingBackend(ThreadedApp):
             assert request.transport is not None
             request.transport.abort()
             return web.Response(status=500)  # never sent: the connection is gone
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(5 if "hang" in instances else 0.05)
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
 
 
@@ -341,3 +342,33 @@ async def test_two_miscounts_that_cancel_out_do_not_hand_one_clients_prediction_
     assert b"victim-secret" not in first + last, (first, last)
     assert code == 200, victim
     assert json.loads(victim) == {"predictions": [{"echo": "victim-secret"}]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: an input that makes the backend exceed backend.timeout_ms fails "
+    "every request of its batch (504)",
+)
+async def test_an_input_that_makes_the_backend_time_out_fails_only_its_own_client(
+    echo_backend: EchoBackend, crashing_backend: CrashingBackend, tmp_path: Path
+) -> None:
+    """As with a crash: one client's `"hang"` (5 s at the backend, over the policy's 1 s
+    timeout) is batched with three normal inputs; the three must get their own answers."""
+    hangy = echo_policy(
+        "hangy",
+        crashing_backend.url,
+        batching={"max_batch_size": 4, "max_wait_ms": 300},
+        backend={"timeout_ms": 1000},
+        sla={"latency_ms": 30_000},
+    )
+    crashing_backend.calls.clear()
+    with envoy_and_one_replica(echo_backend, tmp_path, [hangy]) as stack:
+        url = f"{stack.envoy_url}/v1/models/hangy:predict"
+        bodies = [{"instances": ["hang"]}] + [{"instances": [f"good-{i}"]} for i in range(3)]
+        results = await asyncio.gather(
+            *(post_as(f"127.0.0.{2 + i}", url, b) for i, b in enumerate(bodies))
+        )
+    assert max(crashing_backend.calls) > 1, "never batched: nothing to check"
+    for i, (code, _, answer) in enumerate(results[1:]):
+        assert code == 200, answer
+        assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
