@@ -24,7 +24,13 @@ from aiohttp import web
 from mlproxy import keys
 from mlproxy.stack import Stack
 from tests.e2e.conftest import echo_policy
-from tests.e2e.test_redteam import envoy_and_one_replica, post_as, process_env
+from tests.e2e.test_redteam import (
+    MAX_STREAMS,
+    active_streams,
+    envoy_and_one_replica,
+    post_as,
+    process_env,
+)
 from tests.servers import EchoBackend, ThreadedApp
 
 pytestmark = pytest.mark.e2e
@@ -372,3 +378,50 @@ async def test_an_input_that_makes_the_backend_time_out_fails_only_its_own_clien
     for i, (code, _, answer) in enumerate(results[1:]):
         assert code == 200, answer
         assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: beyond --max-streams the even share is max_streams // clients, 0 once "
+    "the clients outnumber --max-streams: 33 slow clients with one request each lock every "
+    "new client out (503) with 63 streams of headroom unused",
+)
+async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """ext_proc runs with --max-streams 32 (its hard stop is 32 + 64). 33 clients (127.0.0.10
+    to 127.0.0.42) each hold one unfinished body (a 30 s SLA gives it 30 s), as slow uplinks
+    or one host with many addresses (an IPv6 /64) do. A new client holding no stream is below
+    any even share, and the replica is far from its hard stop: its request must be served."""
+    slow = echo_policy("slow", echo_backend.url, sla={"latency_ms": 30_000})
+    with envoy_and_one_replica(echo_backend, tmp_path, [slow]) as stack:
+        body = json.dumps({"instances": [{"id": "held"}]}).encode()
+        head = (
+            "POST /v1/models/slow:predict HTTP/1.1\r\nHost: mlproxy\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writers = []
+        try:
+            sources = [f"127.0.0.{10 + i}" for i in range(MAX_STREAMS + 1)]
+            for source in sources:
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", stack.envoy_port, local_addr=(source, 0)
+                )
+                writer.write(head + body[:1])
+                await writer.drain()
+                writers.append(writer)
+            for _ in range(500):  # until ext_proc holds every one of them
+                if active_streams(stack) >= len(sources):
+                    break
+                await asyncio.sleep(0.02)
+            assert active_streams(stack) == len(sources)
+            code, _, answer = await post_as(
+                "127.0.0.99",
+                f"{stack.envoy_url}/v1/models/slow:predict",
+                {"instances": [{"id": "normal"}]},
+            )
+        finally:
+            for writer in writers:
+                writer.close()
+    assert code == 200, answer
+    assert json.loads(answer) == {"predictions": [{"echo": "normal"}]}
