@@ -105,6 +105,34 @@ async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every
 
 @pytest.mark.xfail(
     strict=True,
+    reason="red team 2: ext_proc's Redis user may SET mlproxy:tuner:lease without a TTL; no "
+    "control plane leads the fleet tuner again, and each logs that another control plane leads",
+)
+async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
+    doomed_stack: Stack,
+) -> None:
+    """The tuner's lease is a string with a TTL (15 s) that control planes take with SET NX.
+    With ext_proc's credentials a replica writes it without a TTL: the control plane's lease
+    is lost (it logs that another control plane leads now) and is never free again, so
+    adaptive policies are no longer tuned. After two lease periods a control plane must hold
+    the lease again (or the write be refused)."""
+    stack = doomed_stack
+    with extproc_redis(stack) as r:
+        try:
+            r.set(keys.TUNER_LEASE, "red-team|999999")
+        except redis.exceptions.NoPermissionError:
+            return
+        holder = "red-team"
+        for _ in range(150):  # at most 30 s: two lease periods
+            holder = (r.get(keys.TUNER_LEASE) or "|").split("|", 1)[0]
+            if holder != "red-team":
+                break
+            await asyncio.sleep(0.2)
+    assert holder != "red-team", "the fleet tuner is stopped for good"
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="red team 2: a template with two variables in each of four segments backtracks "
     "across segments: one 521-character path holds ext_proc's event loop for seconds",
 )
