@@ -1,0 +1,455 @@
+"""Red team 2 (issue 12): attacks on the first red team's fixes, as regressions through the
+real stack. Each is marked xfail(strict=True) until it is fixed; each fails on the code it
+was found on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+import yarl
+from aiohttp import web
+
+from mlproxy import keys
+from mlproxy.stack import Stack
+from tests.e2e.conftest import echo_policy
+from tests.e2e.test_redteam import (
+    MAX_STREAMS,
+    active_streams,
+    envoy_and_one_replica,
+    post_as,
+    process_env,
+)
+from tests.servers import EchoBackend, ThreadedApp
+
+pytestmark = pytest.mark.e2e
+
+DEMO_BODY = {"instances": [[0.5] * 16]}
+
+
+@pytest.fixture(scope="module")
+def doomed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack as `mlproxy up` runs it (Redis with its two ACL users, the control plane
+    holding the demo policy, two replicas), for tests that damage its store."""
+    stack = Stack(envoy_port=0, replicas=2, run_dir=tmp_path_factory.mktemp("doomed-stack"))
+    stack.start()
+    yield stack
+    dead = stack.dead_child()
+    stack.stop()
+    assert dead is None, f"{dead.name} died; log:\n{dead.log_tail()}"
+
+
+def extproc_redis(stack: Stack) -> redis.Redis:
+    """A Redis client with ext_proc's own credentials, as a compromised replica has them."""
+    env = process_env(stack, "extproc-0")
+    password = Path(env["MLPROXY_REDIS_PASSWORD_FILE"]).read_text(encoding="utf-8")
+    return redis.Redis(
+        port=stack.redis_port,
+        username=env["MLPROXY_REDIS_USERNAME"],
+        password=password,
+        decode_responses=True,
+    )
+
+
+def heartbeat(r: redis.Redis, replica: str) -> dict[str, Any]:
+    raw = r.get(keys.replica_key(replica))
+    assert raw is not None
+    beat: dict[str, Any] = json.loads(raw)
+    return beat
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: ext_proc's Redis user may DEL mlproxy:policies; every replica then "
+    "drops every policy with no reset, no ERROR and a healthy `mlproxy store`",
+)
+async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every_replica(
+    doomed_stack: Stack,
+) -> None:
+    """The README says ext_proc's user can only overwrite or delete a key, "which the store
+    generation detects as data loss". Deleting the policies hash (and nothing else) keeps the
+    generation: both replicas resync to an empty policy set, the demo model is then served
+    unbatched and unchecked (no max_body_bytes, no queue shares), and nothing counts a reset.
+    Whatever a replica's credentials can do, the demo policy must still be applied after every
+    replica has resynced (or the deletion refused)."""
+    stack = doomed_stack
+    with extproc_redis(stack) as r:
+        try:
+            r.delete(keys.POLICIES)
+        except redis.exceptions.NoPermissionError:
+            return  # refused: nothing to check
+        after = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until each replica synced after the deletion
+            beats = {i: heartbeat(r, f"extproc-{i}") for i in range(2)}
+            if all(beats[i]["last_sync_at"] > after for i in range(2)):
+                break
+            await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        for _ in range(4):  # both replicas (Envoy balances round robin)
+            async with s.post(f"{stack.envoy_url}/v1/models/demo:predict", json=DEMO_BODY) as resp:
+                assert resp.status == 200
+                assert "x-mlproxy-batch-size" in resp.headers, "served unbatched, unchecked"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: ext_proc's Redis user may SET mlproxy:tuner:lease without a TTL; no "
+    "control plane leads the fleet tuner again, and each logs that another control plane leads",
+)
+async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
+    doomed_stack: Stack,
+) -> None:
+    """The tuner's lease is a string with a TTL (15 s) that control planes take with SET NX.
+    With ext_proc's credentials a replica writes it without a TTL: the control plane's lease
+    is lost (it logs that another control plane leads now) and is never free again, so
+    adaptive policies are no longer tuned. After two lease periods a control plane must hold
+    the lease again (or the write be refused)."""
+    stack = doomed_stack
+    with extproc_redis(stack) as r:
+        try:
+            r.set(keys.TUNER_LEASE, "red-team|999999")
+        except redis.exceptions.NoPermissionError:
+            return
+        holder = "red-team"
+        for _ in range(150):  # at most 30 s: two lease periods
+            holder = (r.get(keys.TUNER_LEASE) or "|").split("|", 1)[0]
+            if holder != "red-team":
+                break
+            await asyncio.sleep(0.2)
+    assert holder != "red-team", "the fleet tuner is stopped for good"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: a template with two variables in each of four segments backtracks "
+    "across segments: one 521-character path holds ext_proc's event loop for seconds",
+)
+async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template_with_many_segments(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """The first fix bounds one segment (two variables of at most 128 characters) and the
+    path (1024 characters), but not how a failed match backtracks through earlier segments:
+    each `{a}-{b}` segment of `a-a-a-...` (127 characters) matches in about 60 ways, and the
+    regex tries every combination before the last segment fails. Policy `deep` matches
+    /{a}-{b}/{c}-{d}/{e}-{f}/{g}-{h}:predict (allowed: two variables per segment); three
+    clients send a 521-character path that ends in `!`; the next client's request to another
+    policy must still be answered (the wait bound only stops a hung test)."""
+    deep = echo_policy("deep", echo_backend.url)
+    deep["match"] = {"path": "/{a}-{b}/{c}-{d}/{e}-{f}/{g}-{h}:predict"}
+    deep["backend"]["url"] = f"{echo_backend.url}/v1/models/deep:predict"
+    with envoy_and_one_replica(
+        echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), deep]
+    ) as stack:
+        sent: list[asyncio.Task[Any]] = []
+        try:
+            segment = ("a-" * 64)[:127]
+            hostile = "/" + "/".join([segment] * 4) + ":predict!"
+            assert len(hostile) <= 1024
+            url = str(yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True))
+            sent = [
+                asyncio.create_task(post_as(f"127.0.0.{2 + i}", url, {"instances": [1]}))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.5)  # their headers are at ext_proc first
+            try:
+                code, _, body = await post_as(
+                    "127.0.0.9",
+                    f"{stack.envoy_url}/v1/models/echo:predict",
+                    {"instances": [{"id": "normal"}]},
+                    timeout=20,
+                )
+            except TimeoutError:
+                code, body = 0, b"no answer in 20 s"
+            assert code == 200, body
+            assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
+        finally:
+            proc = stack.child("extproc-0").proc  # still matching: no grace
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            for task in sent:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+class CrashingBackend(ThreadedApp):
+    """The echo model, except that a batch holding the instance `"crash"` drops the
+    connection without an answer, as a model server whose worker dies on one input (out of
+    memory on a huge tensor, a segfault in a native op) does, and one holding `"hang"` takes
+    5 s (an input that is very expensive to compute)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.StreamResponse:
+        instances = (await request.json())["instances"]
+        self.calls.append(len(instances))
+        if "crash" in instances:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
+        await asyncio.sleep(5 if "hang" in instances else 0.05)
+        return web.json_response({"predictions": [{"echo": i} for i in instances]})
+
+
+@pytest.fixture(scope="module")
+def crashing_backend() -> Iterator[CrashingBackend]:
+    server = CrashingBackend()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: an input that makes the backend drop the connection fails every "
+    "request of its batch (502); only wrong answers and 400/413/422/500 are bisected",
+)
+async def test_an_input_that_crashes_the_backend_fails_only_its_own_client(
+    echo_backend: EchoBackend, crashing_backend: CrashingBackend, tmp_path: Path
+) -> None:
+    """The isolation fix bisects a batch whose answer is a 500 or cannot be split, but a
+    backend that drops the connection (a worker killed by one input) is an error for every
+    request of the batch. One client sends `"crash"`, three others normal inputs, batched
+    together (max_wait_ms 300): the three must get their own answers."""
+    crashy = echo_policy(
+        "crashy", crashing_backend.url, batching={"max_batch_size": 4, "max_wait_ms": 300}
+    )
+    with envoy_and_one_replica(echo_backend, tmp_path, [crashy]) as stack:
+        url = f"{stack.envoy_url}/v1/models/crashy:predict"
+        bodies = [{"instances": ["crash"]}] + [{"instances": [f"good-{i}"]} for i in range(3)]
+        results = await asyncio.gather(
+            *(post_as(f"127.0.0.{2 + i}", url, b) for i, b in enumerate(bodies))
+        )
+    assert max(crashing_backend.calls) > 1, "never batched: nothing to check"
+    for i, (code, _, answer) in enumerate(results[1:]):
+        assert code == 200, answer
+        assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
+
+
+class OrderBackend(ThreadedApp):
+    """The echo model, recording the inputs of each call in the order they came; the calls
+    carrying `slow-*` inputs take 1.5 s (so that a test can queue requests behind them), the
+    others 50 ms."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        instances = (await request.json())["instances"]
+        self.calls.append(instances)
+        slow = any(str(i).startswith("slow-") for i in instances)
+        await asyncio.sleep(1.5 if slow else 0.05)
+        return web.json_response({"predictions": [{"echo": i} for i in instances]})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: the shared in-flight slot goes round robin between queues, not "
+    "clients: one client with 20 distinct top-level fields takes 20 of every 21 slots",
+)
+async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_queues(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """Policy `rr` allows one batch at its backend at once. The fix for the multiplied
+    concurrency gives a policy's queues (one per compat key) one in-flight count and offers a
+    freed slot to the queue that sent least recently. A client (127.0.0.2) that sends 20
+    requests, each with another top-level `nonce`, has 20 queues: a normal client
+    (127.0.0.3) then waits for all 20 of them between any two of its batches. Per-client
+    fairness wants the normal client's second request among the next calls after one of the
+    flooder's, not after all 20 (the order of the backend's calls is checked, not times)."""
+    backend = OrderBackend()
+    backend.start()
+    try:
+        rr = echo_policy(
+            "rr",
+            backend.url,
+            batching={"max_batch_size": 8, "max_wait_ms": 5, "max_in_flight": 1},
+            backend={"timeout_ms": 10_000},
+            sla={"latency_ms": 30_000},
+        )
+        with envoy_and_one_replica(echo_backend, tmp_path, [rr]) as stack:
+            url = f"{stack.envoy_url}/v1/models/rr:predict"
+
+            async def calls(n: int) -> None:
+                for _ in range(300):
+                    if len(backend.calls) >= n:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"the backend never got call {n}: {backend.calls}")
+
+            tasks = [
+                asyncio.create_task(
+                    post_as("127.0.0.2", url, {"instances": ["slow-x"], "nonce": "first"})
+                )
+            ]
+            await calls(1)  # the flooder holds the backend's one slot
+            tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["slow-0"]})))
+            await asyncio.sleep(0.2)
+            tasks += [
+                asyncio.create_task(post_as("127.0.0.2", url, {"instances": [f"x{i}"], "nonce": i}))
+                for i in range(20)
+            ]
+            await calls(2)  # the normal client's first batch holds the slot now
+            tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["n-1"]})))
+            results = await asyncio.gather(*tasks)
+    finally:
+        backend.stop()
+    assert all(code == 200 for code, _, _ in results), results
+    order = [call[0] for call in backend.calls]
+    assert order[:2] == ["slow-x", "slow-0"], order
+    assert order.index("n-1") <= 3, order
+
+
+class RowsBackend(ThreadedApp):
+    """A model that reads an instance `{"rows": [...]}` as rows of its own (one prediction
+    per row, none for no rows), as a server that flattens a nested input into its batch
+    dimension does; any other instance gets one prediction `{"echo": instance}`."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        app = web.Application()
+        app.router.add_post("/v1/models/{model}:predict", self._predict)
+        super().__init__(app)
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        instances = (await request.json())["instances"]
+        self.calls.append(len(instances))
+        predictions = []
+        for i in instances:
+            rows = i["rows"] if isinstance(i, dict) and "rows" in i else [i]
+            predictions += [{"echo": r} for r in rows]
+        return web.json_response({"predictions": predictions})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: two requests whose miscounts cancel out (one input answered with two "
+    "predictions, one with none) pass the count check; the request between them gets the "
+    "attacker's prediction and the attacker gets the victim's",
+)
+async def test_two_miscounts_that_cancel_out_do_not_hand_one_clients_prediction_to_another(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """The miscount fix bisects a batch whose answer has the wrong number of predictions. An
+    attacker sends `{"rows": ["a", "b"]}` (two predictions for one instance), a victim's
+    request lands after it in the same batch, then the attacker sends `{"rows": []}` (no
+    prediction): the total is right, so the answer is split by position and shifted by one.
+    The victim must get its own prediction, and the attacker never the victim's."""
+    backend = RowsBackend()
+    backend.start()
+    try:
+        rows = echo_policy("rows", backend.url, batching={"max_batch_size": 3, "max_wait_ms": 1000})
+        with envoy_and_one_replica(echo_backend, tmp_path, [rows]) as stack:
+            url = f"{stack.envoy_url}/v1/models/rows:predict"
+            sent = []
+            for source, body in [
+                ("127.0.0.2", {"instances": [{"rows": ["a", "b"]}]}),
+                ("127.0.0.3", {"instances": ["victim-secret"]}),
+                ("127.0.0.2", {"instances": [{"rows": []}]}),
+            ]:
+                sent.append(asyncio.create_task(post_as(source, url, body)))
+                await asyncio.sleep(0.15)  # arrival order: attacker, victim, attacker
+            (_, _, first), (code, _, victim), (_, _, last) = await asyncio.gather(*sent)
+    finally:
+        backend.stop()
+    assert backend.calls[0] == 3, f"not one batch of three: {backend.calls}"
+    assert b"victim-secret" not in first + last, (first, last)
+    assert code == 200, victim
+    assert json.loads(victim) == {"predictions": [{"echo": "victim-secret"}]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: an input that makes the backend exceed backend.timeout_ms fails "
+    "every request of its batch (504)",
+)
+async def test_an_input_that_makes_the_backend_time_out_fails_only_its_own_client(
+    echo_backend: EchoBackend, crashing_backend: CrashingBackend, tmp_path: Path
+) -> None:
+    """As with a crash: one client's `"hang"` (5 s at the backend, over the policy's 1 s
+    timeout) is batched with three normal inputs; the three must get their own answers."""
+    hangy = echo_policy(
+        "hangy",
+        crashing_backend.url,
+        batching={"max_batch_size": 4, "max_wait_ms": 300},
+        backend={"timeout_ms": 1000},
+        sla={"latency_ms": 30_000},
+    )
+    crashing_backend.calls.clear()
+    with envoy_and_one_replica(echo_backend, tmp_path, [hangy]) as stack:
+        url = f"{stack.envoy_url}/v1/models/hangy:predict"
+        bodies = [{"instances": ["hang"]}] + [{"instances": [f"good-{i}"]} for i in range(3)]
+        results = await asyncio.gather(
+            *(post_as(f"127.0.0.{2 + i}", url, b) for i, b in enumerate(bodies))
+        )
+    assert max(crashing_backend.calls) > 1, "never batched: nothing to check"
+    for i, (code, _, answer) in enumerate(results[1:]):
+        assert code == 200, answer
+        assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 2: beyond --max-streams the even share is max_streams // clients, 0 once "
+    "the clients outnumber --max-streams: 33 slow clients with one request each lock every "
+    "new client out (503) with 63 streams of headroom unused",
+)
+async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """ext_proc runs with --max-streams 32 (its hard stop is 32 + 64). 33 clients (127.0.0.10
+    to 127.0.0.42) each hold one unfinished body (a 30 s SLA gives it 30 s), as slow uplinks
+    or one host with many addresses (an IPv6 /64) do. A new client holding no stream is below
+    any even share, and the replica is far from its hard stop: its request must be served."""
+    slow = echo_policy("slow", echo_backend.url, sla={"latency_ms": 30_000})
+    with envoy_and_one_replica(echo_backend, tmp_path, [slow]) as stack:
+        body = json.dumps({"instances": [{"id": "held"}]}).encode()
+        head = (
+            "POST /v1/models/slow:predict HTTP/1.1\r\nHost: mlproxy\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writers = []
+        try:
+            sources = [f"127.0.0.{10 + i}" for i in range(MAX_STREAMS + 1)]
+            for source in sources:
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", stack.envoy_port, local_addr=(source, 0)
+                )
+                writer.write(head + body[:1])
+                await writer.drain()
+                writers.append(writer)
+            for _ in range(500):  # until ext_proc holds every one of them
+                if active_streams(stack) >= len(sources):
+                    break
+                await asyncio.sleep(0.02)
+            assert active_streams(stack) == len(sources)
+            code, _, answer = await post_as(
+                "127.0.0.99",
+                f"{stack.envoy_url}/v1/models/slow:predict",
+                {"instances": [{"id": "normal"}]},
+            )
+        finally:
+            for writer in writers:
+                writer.close()
+    assert code == 200, answer
+    assert json.loads(answer) == {"predictions": [{"echo": "normal"}]}
