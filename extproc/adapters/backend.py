@@ -165,11 +165,15 @@ class HttpBackend:
             ) from err
         except aiohttp.ClientPayloadError as err:
             raise ProxyError(
-                ErrorKind.BACKEND_ERROR, "backend's answer was cut off or malformed"
+                ErrorKind.BACKEND_ERROR,
+                "backend's answer was cut off or malformed",
+                input_may_cause=True,
             ) from err
         except aiohttp.ServerDisconnectedError as err:
             raise ProxyError(
-                ErrorKind.BACKEND_ERROR, "backend closed the connection without an answer"
+                ErrorKind.BACKEND_ERROR,
+                "backend closed the connection without an answer",
+                input_may_cause=True,
             ) from err
         except aiohttp.ClientResponseError as err:
             raise ProxyError(

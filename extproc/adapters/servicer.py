@@ -228,7 +228,8 @@ class ExtProcServicer:
         (README "Security": one client cannot starve the others)."""
         if self._open <= self.limits.max_streams:
             return True
-        share = self.limits.max_streams // max(1, len(self._held))
+        # at least one: more clients than streams must not lock every new client out
+        share = max(1, self.limits.max_streams // max(1, len(self._held)))
         return self._held.get(client, 0) < share
 
     async def _handle(

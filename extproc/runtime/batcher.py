@@ -211,6 +211,8 @@ class BatchExecutor:
             self._metrics.batch_done(
                 policy.name, size, n, self.clock.now() - started, err.kind.outcome
             )
+            if n > 1 and err.input_may_cause:  # e.g. a worker died on one of the inputs
+                return await self._bisect(policy, url, codec, items)
             return [Reply.from_error(err, size)] * n
         elapsed = self.clock.now() - started
         status = resp.status

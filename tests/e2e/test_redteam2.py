@@ -69,11 +69,6 @@ def heartbeat(r: redis.Redis, replica: str) -> dict[str, Any]:
     return beat
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: ext_proc's Redis user may DEL mlproxy:policies; every replica then "
-    "drops every policy with no reset, no ERROR and a healthy `mlproxy store`",
-)
 async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every_replica(
     doomed_stack: Stack,
 ) -> None:
@@ -131,11 +126,6 @@ async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
     assert holder != "red-team", "the fleet tuner is stopped for good"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: a template with two variables in each of four segments backtracks "
-    "across segments: one 521-character path holds ext_proc's event loop for seconds",
-)
 async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template_with_many_segments(
     echo_backend: EchoBackend, tmp_path: Path
 ) -> None:
@@ -216,11 +206,6 @@ def crashing_backend() -> Iterator[CrashingBackend]:
     server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: an input that makes the backend drop the connection fails every "
-    "request of its batch (502); only wrong answers and 400/413/422/500 are bisected",
-)
 async def test_an_input_that_crashes_the_backend_fails_only_its_own_client(
     echo_backend: EchoBackend, crashing_backend: CrashingBackend, tmp_path: Path
 ) -> None:
@@ -408,12 +393,6 @@ async def test_an_input_that_makes_the_backend_time_out_fails_only_its_own_clien
         assert json.loads(answer) == {"predictions": [{"echo": f"good-{i}"}]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: beyond --max-streams the even share is max_streams // clients, 0 once "
-    "the clients outnumber --max-streams: 33 slow clients with one request each lock every "
-    "new client out (503) with 63 streams of headroom unused",
-)
 async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
     echo_backend: EchoBackend, tmp_path: Path
 ) -> None:

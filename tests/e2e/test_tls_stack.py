@@ -251,6 +251,7 @@ def test_ext_proc_logs_in_to_redis_as_its_own_user_that_cannot_write_policies(
             lambda: r.eval("return 1", 0),
             lambda: r.rename("mlproxy:policies", "mlproxy:x"),
             lambda: r.publish("mlproxy:changes", "{}"),
+            lambda: r.delete("mlproxy:policies"),
             r.flushall,
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
