@@ -68,6 +68,12 @@ class _Throttled:
             self.last = now
 
 
+# A connection answered before its body was read is closed after at most this long, or this
+# much more of the body (see GuardedH11Protocol._linger).
+LINGER_S = 2.0
+LINGER_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     max_connections: int
@@ -83,6 +89,8 @@ class GuardedH11Protocol(H11Protocol):
 
     _header_timer: asyncio.TimerHandle | None = None
     _waiting_after: object = None  # the cycle whose successor's headers are awaited
+    _lingering: int | None = None  # bytes discarded since the answer, while closing
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,11 +113,29 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:  # the rest of a body that was answered: discarded
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.transport.close()
+            return
         super().data_received(data)
         self._check_headers_arrived()
+
+    def _linger(self) -> None:
+        """Close after the client has had its answer. Closing a socket with unread data resets
+        the connection, and a client still sending its body could then lose the answer (seen
+        under load: `Connection reset by peer` instead of a 401). So: stop writing (FIN), then
+        discard what the client still sends, for at most LINGER_S seconds or LINGER_BYTES
+        bytes, and close (nginx's lingering close)."""
+        self._lingering = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_response_complete(self) -> None:
         if self.conn.their_state is h11.SEND_BODY:
@@ -119,7 +145,7 @@ class GuardedH11Protocol(H11Protocol):
             if not self.transport.is_closing():
                 with contextlib.suppress(h11.LocalProtocolError):
                     self.conn.send(h11.ConnectionClosed())
-                self.transport.close()
+                self._linger()
             return
         self._await_request()  # before super(): it may start a pipelined request at once
         super().on_response_complete()

@@ -587,3 +587,23 @@ def test_the_audit_source_is_the_peer_not_what_a_header_claims(
     (line,) = server.audit()[before:]
     assert line["source"].startswith("127.0.0.1:"), line
     assert "203.0.113.9" not in json.dumps(line)
+
+
+def test_a_client_still_sending_its_body_is_not_reset_after_its_401(server: Server) -> None:
+    """The server answers before reading the body and closes. Closing with unread data resets
+    the connection, and a client still sending may lose the answer (seen under load:
+    `Connection reset by peer` instead of the 401). The server stops writing (EOF after the
+    answer) and discards what still comes for a while (a lingering close)."""
+    s = connect(server.port)
+    s.sendall(
+        b"PUT /v1/policies/m HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 4000000\r\n\r\n" + b"x" * 1000
+    )
+    status, _, _ = parse(read_until_closed(s))  # the whole answer, then EOF
+    assert status == 401
+    try:
+        for _ in range(5):  # the client is still sending its body
+            s.sendall(b"x" * 20_000)
+            time.sleep(0.05)
+    finally:
+        s.close()
