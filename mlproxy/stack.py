@@ -302,6 +302,13 @@ class Stack:
             source = ["--policies", str(self.policies_file)]
         for i in range(self.replicas):
             self.start_child(self.extproc_child(i, source), timeout)
+        self.start_envoy(envoy, timeout)
+
+    def start_envoy(self, binary: str | None = None, timeout: float = 30.0) -> None:
+        """Envoy with the generated config in front of this stack's ext_proc replicas and its
+        model port (the last child `start` starts; tests start it alone in front of their own
+        replicas and backend)."""
+        assert self.run_dir is not None
         config = local_config(
             listener_port=self.envoy_port,
             extproc=[(self.host, p) for p in self.extproc_ports],
@@ -322,7 +329,7 @@ class Stack:
             Child(
                 "envoy",
                 [
-                    envoy,
+                    binary or envoy_binary(),
                     "-c",
                     str(config_path),
                     "--log-level",

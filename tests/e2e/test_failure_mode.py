@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from mlproxy.envoy_config import local_config
-from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy.stack import Child, Stack
 from tests.e2e.test_fleet import eventually, kill_under_load, post, replica_metric
 from tests.servers import EchoBackend
 
@@ -58,27 +56,8 @@ def envoy_and_replicas(
     try:
         for i in range(replicas):
             stack.start_child(stack.extproc_child(i, ["--policies", str(path)]))
-        config = local_config(
-            listener_port=stack.envoy_port,
-            extproc=[("127.0.0.1", port) for port in stack.extproc_ports],
-            model_port=echo.port,
-            admin_port=stack.admin_port,
-            fail_open=stack.fail_open,
-        )
-        config_path = run_dir / "envoy.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        stack.start_child(
-            Child(
-                "envoy",
-                [
-                    envoy_binary(),
-                    *("-c", str(config_path), "--log-level", "warn"),
-                    *("--disable-hot-restart", "--concurrency", "1"),
-                ],
-                run_dir / "envoy.log",
-                ready=lambda: http_ok(f"{stack.envoy_url}/healthz"),
-            )
-        )
+        stack.model_port = echo.port  # Envoy's model cluster: the echo backend
+        stack.start_envoy()
         yield stack
     finally:
         stack.stop()

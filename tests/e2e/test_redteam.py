@@ -16,13 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-import yaml
 import yarl
 from aiohttp import web
 
 from mlproxy import keys
-from mlproxy.envoy_config import local_config
-from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy.stack import Child, Stack
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_envoy import ext_proc_metric
 from tests.servers import EchoBackend, ThreadedApp
@@ -150,26 +148,8 @@ def envoy_and_one_replica(
     stack = _SmallStack(envoy_port=0, policies_file=path, run_dir=run_dir)
     try:
         stack.start_child(stack.extproc_child(0, ["--policies", str(path)]))
-        config = local_config(
-            listener_port=stack.envoy_port,
-            extproc=[("127.0.0.1", stack.extproc_ports[0])],
-            model_port=echo_backend.port,
-            admin_port=stack.admin_port,
-        )
-        config_path = run_dir / "envoy.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        stack.start_child(
-            Child(
-                "envoy",
-                [
-                    envoy_binary(),
-                    *("-c", str(config_path), "--log-level", "warn"),
-                    *("--disable-hot-restart", "--concurrency", "1"),
-                ],
-                run_dir / "envoy.log",
-                ready=lambda: http_ok(f"{stack.envoy_url}/healthz"),
-            )
-        )
+        stack.model_port = echo_backend.port  # Envoy's model cluster: the echo backend
+        stack.start_envoy()
         yield stack
     finally:
         stack.stop()
