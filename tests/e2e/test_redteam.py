@@ -341,32 +341,42 @@ async def test_a_long_path_does_not_stall_ext_proc_on_a_template_with_several_va
     with envoy_and_one_replica(
         echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), versioned]
     ) as stack:
-        sent: asyncio.Task[Any] | None = None
+        hostile = "/v1/versioned/" + "a-" * 10_000 + "a:predict!"
+        await assert_answered_while_matching(stack, hostile, senders=1)
+
+
+async def assert_answered_while_matching(stack: Stack, hostile: str, senders: int) -> None:
+    """`senders` clients send `hostile` (a path that is slow to match, if matching is slow);
+    the next client's request to policy `echo` must still be answered (the wait bound only
+    stops a hung test). The replica is killed at the end: if matching is slow, it would
+    still be matching for hours."""
+    url = str(yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True))
+    sent = [
+        asyncio.create_task(post_as(f"127.0.0.{2 + i}", url, {"instances": [1]}))
+        for i in range(senders)
+    ]
+    try:
+        await asyncio.sleep(0.5)  # their headers are at ext_proc first
         try:
-            hostile = "/v1/versioned/" + "a-" * 10_000 + "a:predict!"
-            url = yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True)
-            sent = asyncio.create_task(post_as("127.0.0.2", str(url), {"instances": [1]}))
-            await asyncio.sleep(0.5)  # its headers are at ext_proc first
-            try:
-                code, _, body = await post_as(
-                    "127.0.0.3",
-                    f"{stack.envoy_url}/v1/models/echo:predict",
-                    {"instances": [{"id": "normal"}]},
-                    timeout=20,
-                )
-            except TimeoutError:
-                code, body = 0, b"no answer in 20 s"
-            assert code == 200, body
-            assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
-        finally:
-            proc = stack.child("extproc-0").proc  # still matching, for hours: no grace
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            if sent is not None:
-                sent.cancel()
-                with contextlib.suppress(BaseException):
-                    await sent
+            code, _, body = await post_as(
+                "127.0.0.99",
+                f"{stack.envoy_url}/v1/models/echo:predict",
+                {"instances": [{"id": "normal"}]},
+                timeout=20,
+            )
+        except TimeoutError:
+            code, body = 0, b"no answer in 20 s"
+        assert code == 200, body
+        assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
+    finally:
+        proc = stack.child("extproc-0").proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for task in sent:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def test_answer_metadata_never_carries_another_clients_input(small_stack: Stack) -> None:

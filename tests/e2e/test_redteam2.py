@@ -5,10 +5,7 @@ was found on."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-import yarl
 from aiohttp import web
 
 from mlproxy import keys
@@ -27,6 +23,7 @@ from tests.e2e.conftest import echo_policy
 from tests.e2e.test_redteam import (
     MAX_STREAMS,
     active_streams,
+    assert_answered_while_matching,
     envoy_and_one_replica,
     post_as,
     process_env,
@@ -142,37 +139,10 @@ async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template
     with envoy_and_one_replica(
         echo_backend, tmp_path, [echo_policy("echo", echo_backend.url), deep]
     ) as stack:
-        sent: list[asyncio.Task[Any]] = []
-        try:
-            segment = ("a-" * 64)[:127]
-            hostile = "/" + "/".join([segment] * 4) + ":predict!"
-            assert len(hostile) <= 1024
-            url = str(yarl.URL(f"{stack.envoy_url}{hostile}", encoded=True))
-            sent = [
-                asyncio.create_task(post_as(f"127.0.0.{2 + i}", url, {"instances": [1]}))
-                for i in range(3)
-            ]
-            await asyncio.sleep(0.5)  # their headers are at ext_proc first
-            try:
-                code, _, body = await post_as(
-                    "127.0.0.9",
-                    f"{stack.envoy_url}/v1/models/echo:predict",
-                    {"instances": [{"id": "normal"}]},
-                    timeout=20,
-                )
-            except TimeoutError:
-                code, body = 0, b"no answer in 20 s"
-            assert code == 200, body
-            assert json.loads(body) == {"predictions": [{"echo": "normal"}]}
-        finally:
-            proc = stack.child("extproc-0").proc  # still matching: no grace
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            for task in sent:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        segment = ("a-" * 64)[:127]
+        hostile = "/" + "/".join([segment] * 4) + ":predict!"
+        assert len(hostile) <= 1024
+        await assert_answered_while_matching(stack, hostile, senders=3)
 
 
 class CrashingBackend(ThreadedApp):
