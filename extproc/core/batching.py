@@ -24,6 +24,7 @@ their order and the counts, and enforces what holds for every rule:
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 # A timer may fire a hair before its due time; treat that as due.
 EPSILON = 1e-6
+
+# Seconds over which the arrival rate is averaged (exponential decay's time constant).
+RATE_WINDOW = 2.0
 
 
 class InFlight:
@@ -84,7 +88,8 @@ class Dispatch(Generic[T]):
 
     entries: list[Entry[T]]
     size: int  # instances
-    reason: str  # "full", "timer", "deadline", "idle", "late" or "flush"
+    reason: str  # "full", "timer", "deadline", "idle", "free", "late" or "flush"
+    concurrent: int = 1  # batches in flight (this one included) when it was taken
 
     @property
     def items(self) -> list[T]:
@@ -113,11 +118,20 @@ class WaitUntil:
 class Send:
     """A rule's answer: take a batch now, of at most `cap` instances. With `finish`, a request
     joins only if the batch, grown by it, is predicted to finish (`finish(instances)`, an
-    absolute time) by the deadline of every request in it that can still be met."""
+    absolute time) by the deadline of every request in it that can still be met. With
+    `late_last`, requests that cannot meet their deadlines even alone (`finish(size)` past
+    it) give way: the batch takes the ones that can first, in deadline order, and fills what
+    room is left with the late ones (so that under overload a late request never costs one
+    that can still be met its place)."""
 
     reason: str
     cap: int
     finish: Callable[[int], float] | None = None
+    late_last: bool = False
+    least: int = 1  # with late_last: a request counts as late when a batch of this many
+    # instances (or its own size, if larger) would finish after its deadline
+    fill: int | None = None  # with late_last: late requests fill the batch up to this many
+    # instances at most (None: `cap`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,10 @@ class QueueView(Protocol):
 
     def oldest_arrival(self) -> float | None: ...
 
+    def arrival_rate(self, now: float) -> float:
+        """Instances offered per second lately (exponentially weighted, `RATE_WINDOW`)."""
+        ...
+
     def live(self) -> Iterator[Entry[object]]:
         """Queued entries, earliest deadline first."""
         ...
@@ -165,8 +183,11 @@ class Rule(Protocol):
 
     def plan(self, queue: QueueView, now: float) -> Plan: ...
 
-    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
-        """A batch this rule sent (for `reason`) took `seconds`; `ok` if it succeeded."""
+    def completed(
+        self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
+    ) -> None:
+        """A batch this rule sent (for `reason`) took `seconds`; `ok` if it succeeded;
+        `concurrent` batches were in flight when it was sent (itself included)."""
         ...
 
     def answered(self, latency: float, now: float) -> None:
@@ -188,8 +209,10 @@ class BatchQueue(Generic[T]):
         self._seq = 0
         self._queued = 0  # live entries
         self._size = 0  # their instances
-        self._dead = 0  # cancelled or shed entries still in _order
+        self._dead = 0  # cancelled, shed or (taken out of order) dispatched entries in _order
         self._in_flight = 0
+        self._rate = 0.0  # instances per second, exponentially weighted
+        self._rate_at = 0.0
 
     @property
     def queued(self) -> int:
@@ -211,6 +234,8 @@ class BatchQueue(Generic[T]):
         if self._queued >= self.rule.max_queue:
             return None
         self._seq += 1
+        self._rate = self.arrival_rate(now) + size / RATE_WINDOW
+        self._rate_at = now
         entry: Entry[T] = Entry(item, size, now, deadline, self._seq)
         order = self._order
         if len(order) == self._lo or order[-1].key <= entry.key:
@@ -248,10 +273,16 @@ class BatchQueue(Generic[T]):
         self._in_flight -= 1
         if self._shared is not None:
             self._shared.count -= 1
-        self.rule.completed(batch.size, seconds, batch.reason, ok, now)
+        self.rule.completed(batch.size, seconds, batch.reason, ok, now, batch.concurrent)
 
     def answered(self, latency: float, now: float) -> None:
         self.rule.answered(latency, now)
+
+    def arrival_rate(self, now: float) -> float:
+        elapsed = now - self._rate_at
+        if elapsed <= 0:
+            return self._rate
+        return self._rate * math.exp(-elapsed / RATE_WINDOW)
 
     def oldest_arrival(self) -> float | None:
         self._trim_fifo()
@@ -312,6 +343,8 @@ class BatchQueue(Generic[T]):
         order = self._order
         finish = send.finish
         batch: list[Entry[T]] = []
+        deferred: list[Entry[T]] = []  # late entries passed over (late_last)
+        behind = 0
         size = 0
         due = float("inf")  # the earliest deadline in the batch that can still be met
         i = self._lo
@@ -319,10 +352,15 @@ class BatchQueue(Generic[T]):
             e = order[i]
             if e.state is not EntryState.QUEUED:
                 i += 1
-                self._dead -= 1
+                if not deferred:
+                    self._dead -= 1  # left behind _lo below
                 continue
             total = size + e.size
-            meetable = finish is None or finish(e.size) <= e.deadline
+            meetable = finish is None or finish(max(e.size, send.least)) <= e.deadline
+            if not meetable and send.late_last:
+                deferred.append(e)
+                i += 1
+                continue
             if batch:
                 if total > send.cap:
                     break
@@ -332,17 +370,35 @@ class BatchQueue(Generic[T]):
                         break  # EDF: never skip ahead to a later deadline
             e.state = EntryState.DISPATCHED
             batch.append(e)
+            if deferred:
+                behind += 1  # taken behind a deferred entry: dead in _order from now on
             size = total
             if meetable:
                 due = min(due, e.deadline)
             i += 1
             if size >= send.cap:
                 break
-        self._lo = i
+        if deferred:
+            # What room is left goes to the late ones, oldest deadline first.
+            room = send.cap if send.fill is None else min(send.cap, send.fill)
+            for e in deferred:
+                total = size + e.size
+                if batch and (total > room or (finish is not None and finish(total) > due)):
+                    break
+                e.state = EntryState.DISPATCHED
+                batch.append(e)
+                size = total
+                behind += 1
+            # Entries from the first deferred one on stay in _order; the ones taken there
+            # are dead entries now.
+            self._dead += behind
+            self._lo = order.index(deferred[0], self._lo, i)
+        else:
+            self._lo = i
         self._queued -= len(batch)
         self._size -= size
         self._in_flight += 1
         if self._shared is not None:
             self._shared.count += 1
         self._trim_fifo()
-        return Dispatch(batch, size, send.reason)
+        return Dispatch(batch, size, send.reason, self.in_flight)

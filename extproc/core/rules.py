@@ -82,7 +82,9 @@ class StaticRule:
     def plan(self, queue: QueueView, now: float) -> Plan:
         return _full_or_timer(queue, now, self.max_batch_size, lambda: self.max_wait)
 
-    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+    def completed(
+        self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
+    ) -> None:
         pass
 
     def answered(self, latency: float, now: float) -> None:
@@ -116,7 +118,9 @@ class AimdRule:
             recheck=1.0,
         )
 
-    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+    def completed(
+        self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
+    ) -> None:
         if ok:
             self.aimd.record_dispatch(size, seconds, reason == "timer", now)
 
@@ -129,11 +133,20 @@ Objective = Literal["cost", "latency"]
 
 
 # The in-flight limit: where it starts, how it shrinks, and what counts as congestion
-# (slower than CONGESTED x the uncongested time, plus CONGESTED_SLACK seconds).
+# (slower than CONGESTED x the uncongested time, plus CONGESTED_SLACK seconds). After a cut,
+# the limit grows again only after `probe` clean batches at the full limit; every cut doubles
+# `probe` (up to PROBE_MAX), so a backend that takes one batch at a time is asked for a second
+# ever more rarely instead of every other batch.
 INITIAL_IN_FLIGHT = 2
 DECREASE = 0.7
 CONGESTED = 1.5
 CONGESTED_SLACK = 0.001
+PROBE_MAX = 256
+TRIAL = 8  # batches at a grown limit that decide whether it holds
+
+# The share of the backend's capacity (its batch slots) the throughput rule plans to use: the
+# rest absorbs the noise of arrivals and batch times.
+TARGET_UTILISATION = 0.8
 
 
 class AdaptiveRule:
@@ -162,8 +175,14 @@ class AdaptiveRule:
         self.limit = float(
             min(max_in_flight, INITIAL_IN_FLIGHT) if learn_in_flight else max_in_flight
         )
-        self._peak = 0  # most batches in flight at once since the limit last changed
         self._cut_at = -math.inf
+        self._probe = 1  # clean batches at the full limit before it grows
+        self._clean = 0
+        self._congested = 0  # congested batches in a row
+        self._trial = False  # the limit just grew: one congested batch sent at it cuts it
+        self._probed = 0  # the limit it grew to
+        self._trial_n = 0  # batches sent at that limit since it grew
+        self._trial_bad = 0  # of which congested
 
     @property
     def max_in_flight(self) -> int:
@@ -173,9 +192,11 @@ class AdaptiveRule:
         """Carry over what `previous` learnt about the backend's concurrency."""
         self.limit = min(previous.limit, float(self.in_flight_bound))
         self._cut_at = previous._cut_at
+        self._probe = previous._probe
 
     def plan(self, queue: QueueView, now: float) -> Plan:
-        t = self.latency.model(now).predict
+        model = self.latency.model(now)
+        t = model.predict
         # Whether a request can still be met is judged by the backend's best case (its
         # uncongested time), not the percentile: one that the percentile gives up on may still
         # make it if sent at once, and is; only one that cannot even then is late.
@@ -185,12 +206,15 @@ class AdaptiveRule:
         blocked = queue.in_flight >= self.max_in_flight
         late: list[Entry[object]] = []
         due = math.inf  # the earliest deadline of the next batch that can still be met
+        span = math.inf  # the first request's whole allowance (deadline - arrival)
         cum = 0  # its instances
         hopeless_at = math.inf  # when the first of them can no longer be met
         for e in queue.live():
             if cum and cum + e.size > cap:
                 break  # the rest goes in a later batch; the queue is full anyway
             cum += e.size
+            if not math.isfinite(span):
+                span = e.deadline - e.arrival  # the head's whole allowance
             if now + best(e.size) > e.deadline + EPSILON:
                 late.append(e)  # cannot be met even alone, even now, even at best
             else:
@@ -207,40 +231,132 @@ class AdaptiveRule:
                 # Wake when the first of them becomes impossible, to shed it on time.
                 return WaitUntil(hopeless_at + 2 * EPSILON)
             return None
+        least, fill = 1, cap
+        # Under load, what matters is what a batch typically takes, not the percentile's
+        # slow one: how big batches must be to keep up, and which requests they can deliver.
+        least = 1
+        typical = model if floor is None else _midway(model, floor)
+        need = self._throughput_batch(typical, queue.arrival_rate(now), span)
+        if need is not None:
+            # A batch aims for `need`, but never beyond what can still meet the SLA after
+            # waiting for a slot (under overload, more would make every one of them late);
+            # requests that such a batch cannot deliver in time give way to those it can, and
+            # fill it only if there are too few of those.
+            need = min(need, self._sla_batch(typical, span))
+            least = fill = min(need, queue.queued_size)
+            t = typical.predict
         if queue.queued_size >= cap:
             reason = "full"
         elif late:
-            # Already late: sent at once (while a batch slot is free; else with the next batch).
+            # Already late: sent at once (while a batch slot is free; else with the next batch),
+            # after the ones that can still be met.
             reason = "late"
         elif self.objective == "latency":
             reason = "idle"
         elif now + EPSILON >= latest:
             reason = "deadline"
+        elif need is not None and queue.queued_size >= need:
+            # Holding to the deadline would leave the backend idle while work piles up faster
+            # than it can clear: send as a slot frees, at least the batch that keeps up.
+            reason = "free"
         elif math.isfinite(latest):
             return WaitUntil(latest)
         else:
             return None  # only late requests, behind a batch of ours: poll again when it ends
-        self._peak = max(self._peak, queue.in_flight + 1)
-        return Send(reason, cap, lambda size: now + t(size))
+        return Send(reason, cap, lambda size: now + t(size), True, least, fill)
 
-    def completed(self, size: int, seconds: float, reason: str, ok: bool, now: float) -> None:
+    def _throughput_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
+        """None while holding every batch to its deadline keeps up with `rate` (instances per
+        second) on the batch slots the backend has; else the smallest batch that does, at
+        TARGET_UTILISATION of them (the bound if none does: the backend is overloaded).
+
+        Held to its deadline, a batch's first request waits T, T + t(rate * T) = span -
+        margin, so batches of b = rate * T (at least one request, at most the bound) leave
+        every b / rate seconds; holding keeps up while b / t(b) per slot, on
+        TARGET_UTILISATION of the slots, is at least the rate."""
+        if rate <= 0 or not math.isfinite(span):
+            return None
+        slots = TARGET_UTILISATION * self.max_in_flight
+        a, c = model.base, model.per_item
+        cap = self.max_batch_size
+        held = min(float(cap), max(1.0, rate * (span - self.margin - a) / (1.0 + c * rate)))
+        if slots * held >= rate * (a + c * held):
+            return None
+        # Sending as slots free: b instances per t(b) per slot must match the rate.
+        spare = slots - rate * c
+        if spare <= 0:
+            return cap
+        return max(1, min(cap, math.ceil(rate * a / spare)))
+
+    def _sla_batch(self, model: LatencyModel, span: float) -> int:
+        """The largest batch that meets the SLA when sent as slots free: a request waits for a
+        slot (t(b) / slots) and then rides its batch, t(b) * (1 + 1 / slots) <= span - margin;
+        at least one."""
+        budget = (span - self.margin) / (1.0 + 1.0 / self.max_in_flight) - model.base
+        if model.per_item <= 0:
+            return self.max_batch_size if budget >= 0 else 1
+        return max(1, min(self.max_batch_size, math.floor(budget / model.per_item)))
+
+    def completed(
+        self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
+    ) -> None:
         if not ok:
             return
         floor = self.latency.floor(now)  # before this sample moves it
-        self.latency.observe(size, seconds, now)
         if not self.learn_in_flight or floor is None:
+            self.latency.observe(size, seconds, now)
             return
-        if seconds > CONGESTED * floor.predict(size) + CONGESTED_SLACK:
-            if now - self._cut_at >= seconds:  # once per round trip
-                self.limit = max(1.0, self.limit * DECREASE)
-                self._cut_at = now
-                self._peak = 0
-        elif self._peak >= self.max_in_flight and self.limit < self.in_flight_bound:
-            self.limit = min(self.limit + 1.0, float(self.in_flight_bound))
-            self._peak = 0
+        congested = seconds > CONGESTED * floor.predict(size) + CONGESTED_SLACK
+        probing = self._trial and concurrent >= self._probed
+        if not (congested and probing):
+            # A probe that made its batch wait says how many batches the backend takes, not
+            # how long one takes when sent as the rule plans to.
+            self.latency.observe(size, seconds, now)
+        if probing:
+            # A batch sent at the limit that just grew: TRIAL of them decide. Two congested
+            # ones fail the probe (the limit shrinks back and the next probe waits twice as
+            # long); otherwise the limit holds and the next probe comes sooner.
+            self._trial_n += 1
+            self._trial_bad += congested
+            if self._trial_bad >= 2:
+                self._trial = False
+                self._probe = min(PROBE_MAX, 2 * self._probe)
+                self._cut(now)
+                return
+            if self._trial_n >= TRIAL:
+                self._trial = False
+                self._probe = max(1, self._probe // 2)
+            return
+        if congested:
+            self._congested += 1
+            # Twice in a row (one slow batch is the backend's noise), once per round trip.
+            if self._congested >= 2 and now - self._cut_at >= seconds:
+                self._cut(now)
+            return
+        self._congested = 0
+        if concurrent < self.max_in_flight or self._trial:
+            return  # sent below the limit: says nothing of whether more would be taken
+        if self.limit < self.in_flight_bound:
+            self._clean += 1
+            if self._clean >= self._probe:
+                self.limit = min(self.limit + 1.0, float(self.in_flight_bound))
+                self._probed = self.max_in_flight
+                self._trial = True
+                self._trial_n = self._trial_bad = 0
+                self._clean = 0
+
+    def _cut(self, now: float) -> None:
+        self.limit = max(1.0, self.limit * DECREASE)
+        self._cut_at = now
+        self._clean = 0
+        self._congested = 0
 
     def answered(self, latency: float, now: float) -> None:
         pass
+
+
+def _midway(a: LatencyModel, b: LatencyModel) -> LatencyModel:
+    return LatencyModel((a.base + b.base) / 2, (a.per_item + b.per_item) / 2)
 
 
 def _full_or_timer(
