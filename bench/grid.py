@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -111,15 +110,27 @@ def label(batching: dict[str, Any]) -> str:
     )
 
 
-def policy(batching: dict[str, Any], profile: Profile = WORKLOAD) -> Policy:
+def policy(
+    batching: dict[str, Any],
+    profile: Profile = WORKLOAD,
+    autoscaled: bool = False,
+    replicas: int = 1,
+) -> Policy:
+    """The policy a user writes for this workload; on Knative, with the autoscaler's target
+    (1 concurrent call per pod at 70%); with several replicas, the replica count the fleet
+    tuner writes into `tuning` (its steady state)."""
     path = "/v1/models/m:predict"
+    backend: dict[str, Any] = {"url": "http://model" + path, "timeout_ms": 60_000}
+    if autoscaled:
+        backend["autoscaling_target"] = 0.7
     return Policy.model_validate(
         {
             "name": "grid",
             "match": {"path": path},
-            "backend": {"url": "http://model" + path, "timeout_ms": 60_000},
+            "backend": backend,
             "sla": {"latency_ms": profile.slo_ms, "percentile": PERCENTILE},
             "batching": {"max_queue": 1_000_000, **batching},
+            "tuning": {"replicas": replicas} if replicas > 1 else None,
         }
     )
 
@@ -149,7 +160,7 @@ def _run(args: tuple[Case, dict[str, Any], float, float, float, int]) -> dict[st
         replicas=case.replicas,
         backend=kinds(overhead)[case.kind],
         warmup=warmup,
-        policy=policy(body),
+        policy=policy(body, autoscaled=case.kind == "knative", replicas=case.replicas),
     )
     return {
         "kind": case.kind,

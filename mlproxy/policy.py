@@ -74,6 +74,13 @@ class Backend(_Strict):
     """Whole batch call, connect to last byte; past it the batch's requests get 504."""
     connect_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1_000
     """Connecting to the backend; past it the batch's requests get 502."""
+    autoscaling_target: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    """Set for a backend that autoscales on concurrency (Knative): the concurrent calls per
+    instance its autoscaler aims for (Knative: `target` x `target-utilization-percentage`,
+    e.g. 1 x 0.7). `adaptive` then sends a batch as soon as it is big enough to need no more
+    instances than the biggest batch the deadlines allow, instead of holding it to its
+    deadline: on such a backend a longer wait buys nothing. Unset: every wait that makes
+    batches bigger is worth it (less work for a server of fixed capacity)."""
     max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
     """Largest backend answer read, counted after decompression; past it the batch's requests
     get 502. Bounds ext_proc's memory per batch in flight."""

@@ -148,6 +148,13 @@ TRIAL = 8  # batches at a grown limit that decide whether it holds
 # rest absorbs the noise of arrivals and batch times.
 TARGET_UTILISATION = 0.8
 
+# An autoscaled backend's concurrency is planned at this share of its autoscaler's target per
+# instance, so that the noise of arrivals does not tip it into one more instance.
+AUTOSCALE_HEADROOM = 0.8
+# ... and smaller batches are sent only with this much slack over the least concurrency there
+# can be (near the edge, the noise of the arrival rate would tip it into one more instance).
+AUTOSCALE_SLACK = 1.25
+
 
 class AdaptiveRule:
     def __init__(
@@ -160,6 +167,8 @@ class AdaptiveRule:
         objective: Objective = "cost",
         on_late: OnLate = "best_effort",
         learn_in_flight: bool = True,
+        autoscale: float | None = None,
+        fleet: int = 1,
     ) -> None:
         _check_bounds(max_batch_size, max_in_flight, max_queue)
         if not (margin >= 0 and math.isfinite(margin)):
@@ -172,6 +181,12 @@ class AdaptiveRule:
         self.objective = objective
         self.on_late = on_late
         self.learn_in_flight = learn_in_flight
+        if autoscale is not None and not (autoscale > 0 and math.isfinite(autoscale)):
+            raise ValueError("autoscale must be a positive number of concurrent calls")
+        self.autoscale = autoscale
+        # Replicas sharing the backend, each with about as much traffic as this one (the
+        # fleet tuner's count): the backend's load is the fleet's.
+        self.fleet = max(1, fleet)
         self.limit = float(
             min(max_in_flight, INITIAL_IN_FLIGHT) if learn_in_flight else max_in_flight
         )
@@ -236,7 +251,9 @@ class AdaptiveRule:
         # slow one: how big batches must be to keep up, and which requests they can deliver.
         least = 1
         typical = model if floor is None else _midway(model, floor)
-        need = self._throughput_batch(typical, queue.arrival_rate(now), span)
+        rate = queue.arrival_rate(now) * self.fleet  # what the backend gets from the fleet
+        need = self._throughput_batch(typical, rate, span)
+        enough = None if need is not None else self._autoscaled_batch(typical, rate, span)
         if need is not None:
             # A batch aims for `need`, but never beyond what can still meet the SLA after
             # waiting for a slot (under overload, more would make every one of them late);
@@ -259,6 +276,9 @@ class AdaptiveRule:
             # Holding to the deadline would leave the backend idle while work piles up faster
             # than it can clear: send as a slot frees, at least the batch that keeps up.
             reason = "free"
+        elif enough is not None and queue.queued_size >= enough:
+            # An autoscaled backend runs no fewer instances for a bigger batch than this.
+            reason = "enough"
         elif math.isfinite(latest):
             return WaitUntil(latest)
         else:
@@ -287,6 +307,31 @@ class AdaptiveRule:
         if spare <= 0:
             return cap
         return max(1, min(cap, math.ceil(rate * a / spare)))
+
+    def _autoscaled_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
+        """With an autoscaled backend (`autoscale`: the concurrency per instance its
+        autoscaler targets) that one instance serves with room to spare, the smallest batch
+        that keeps it at one: waiting longer would buy nothing. None without `autoscale`, with
+        no traffic, or when the backend needs (or nearly needs) more than one instance: then
+        the biggest batches the deadlines allow keep the instances fewest.
+
+        The backend's concurrency with batches of b is rate * t(b) / b (calls per second times
+        their time). One instance serves it with room to spare when even the biggest batch
+        b_max leaves AUTOSCALE_SLACK of headroom under AUTOSCALE_HEADROOM * autoscale; the
+        batch sent is then the smallest b with rate * t(b) / b <= that."""
+        if self.autoscale is None or rate <= 0 or not math.isfinite(span):
+            return None
+        a, c = model.base, model.per_item
+        cap = self.max_batch_size
+        biggest = min(float(cap), max(1.0, rate * (span - self.margin - a) / (1.0 + c * rate)))
+        least = rate * (a + c * biggest) / biggest  # the least concurrency there can be
+        budget = AUTOSCALE_HEADROOM * self.autoscale
+        if budget < AUTOSCALE_SLACK * least:
+            # More than one instance's worth, or near the edge of it: only the biggest batch
+            # is safe (the noise of the arrival rate would tip it into one more instance, and
+            # an autoscaler keeps it for its whole window).
+            return None
+        return max(1, min(cap, math.ceil(rate * a / (budget - rate * c) - EPSILON)))
 
     def _sla_batch(self, model: LatencyModel, span: float) -> int:
         """The largest batch that meets the SLA when sent as slots free: a request waits for a

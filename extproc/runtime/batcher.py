@@ -149,6 +149,8 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
         margin=margin_ms / 1000.0,
         objective=b.objective,
         on_late=b.on_late,
+        autoscale=policy.backend.autoscaling_target,
+        fleet=tuning.replicas if tuning is not None else 1,
     )
     if isinstance(previous, AdaptiveRule):
         rule.adopt(previous)
