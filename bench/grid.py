@@ -43,7 +43,7 @@ from bench.backends import BackendConfig, ServerConfig
 from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.sim import SimResult, simulate
-from mlproxy.policy import Policy
+from mlproxy.policy import Mode, Policy
 
 __all__ = [
     "KINDS",
@@ -148,7 +148,7 @@ class Case:
 
 def _run(args: tuple[Case, dict[str, Any], float, float, float, int]) -> dict[str, Any]:
     case, batching, duration, warmup, overhead, seed = args
-    mode = "adaptive" if batching.get("mode") == "adaptive" else "static"
+    mode: Mode = "adaptive" if batching.get("mode") == "adaptive" else "static"
     body = batching if mode == "adaptive" else {"mode": "static", **batching}
     r: SimResult = simulate(
         "steady",

@@ -367,6 +367,7 @@ class AdaptiveRule:
                 self._trial = False
                 self._probe = min(PROBE_MAX, 2 * self._probe)
                 self._cut(now)
+                self.limit = max(1.0, self._probed - 1.0)  # back to where it was
                 return
             if self._trial_n >= TRIAL:
                 self._trial = False

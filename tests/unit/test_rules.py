@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 
 import pytest
@@ -310,13 +311,36 @@ def test_in_flight_limit_starts_low_and_grows_while_batches_come_back_clean() ->
         if isinstance(action, Dispatch):
             sent.append(action)
     assert len(sent) == 2 and q.poll(0.0) is None  # the third waits for a slot
-    q.done(sent[0], MODEL.predict(1), True, 0.011)  # as fast as uncongested: grow
+    assert sent[1].concurrent == 2  # the second was sent at the limit
+    q.done(sent[1], MODEL.predict(1), True, 0.011)  # as fast as uncongested: grow
     assert rule.max_in_flight == 3
     third = q.poll(0.011)
     assert isinstance(third, Dispatch)
 
 
-def test_a_congested_backend_shrinks_the_limit_once_per_round_trip_and_batches_grow() -> None:
+def _at_limit(rule: AdaptiveRule, seconds: float, now: float, n: int = 1) -> None:
+    """`n` batches of one sent with the limit in use came back after `seconds`."""
+    for _ in range(n):
+        rule.completed(1, seconds, "idle", True, now, rule.max_in_flight)
+
+
+def test_one_slow_batch_is_noise_two_in_a_row_shrink_the_limit_once_per_round_trip() -> None:
+    rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+    rule.limit = 8.0
+    slow = 0.100  # 9x the uncongested 11 ms: it waited at the backend
+    rule.completed(1, slow, "idle", True, 0.100, 8)
+    assert rule.limit == 8.0  # once is the backend's noise
+    rule.completed(1, slow, "idle", True, 0.101, 8)
+    assert rule.limit == pytest.approx(5.6)
+    rule.completed(1, slow, "idle", True, 0.102, 8)
+    rule.completed(1, slow, "idle", True, 0.103, 8)
+    assert rule.limit == pytest.approx(5.6)  # the same round trip
+    rule.completed(1, 0.200, "idle", True, 0.301, 8)
+    rule.completed(1, 0.200, "idle", True, 0.302, 8)
+    assert rule.max_in_flight == 3
+
+
+def test_a_congested_backend_makes_requests_wait_in_the_queue_and_batches_grow() -> None:
     rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
     rule.limit = 8.0
     q: BatchQueue[int] = BatchQueue(rule)
@@ -326,19 +350,52 @@ def test_a_congested_backend_shrinks_the_limit_once_per_round_trip_and_batches_g
         action = q.poll(0.0)
         assert isinstance(action, Dispatch)
         batches.append(action)
-    q.done(batches[0], 0.100, True, 0.100)  # 9x the uncongested 11 ms: it waited
-    assert rule.limit == pytest.approx(5.6)
-    q.done(batches[1], 0.100, True, 0.101)  # the same congestion, same round trip
-    assert rule.limit == pytest.approx(5.6)
-    q.done(batches[2], 0.200, True, 0.301)  # a round trip later: again
-    assert rule.max_in_flight == 3
-    for i in range(10):  # 5 still in flight, over the new limit: arrivals gather
+    for k, b in enumerate(batches[:2]):
+        q.done(b, 0.100, True, 0.100 + k * 0.001)  # congested twice in a row
+    assert rule.max_in_flight == 5
+    for i in range(10):  # 6 still in flight, over the new limit: arrivals gather
         q.offer(100 + i, 1, 0.3, 10.0)
         assert q.poll(0.3) is None
-    for b in batches[3:6]:
+    for b in batches[2:4]:
         q.done(b, 0.011, True, 0.31)
     big = q.poll(0.31)
     assert isinstance(big, Dispatch) and big.size == 10  # one batch of everything queued
+
+
+def test_a_backend_that_takes_one_batch_at_a_time_is_probed_ever_more_rarely() -> None:
+    """One worker: a second batch always waits for the first. Each probe of a second slot
+    fails over its trial and shrinks the limit back; the clean batches needed before the
+    next probe double each time, so the limit sits at one nearly all the time."""
+    rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+    now, at_two, cuts = 0.0, 0, []
+    for i in range(3_000):
+        now += 0.05
+        if rule.max_in_flight >= 2:
+            at_two += 1
+            before = rule.limit
+            rule.completed(1, 0.030, "idle", True, now, 2)  # it waited for the other batch
+            if rule.limit < before:
+                cuts.append(i)
+        else:
+            _at_limit(rule, MODEL.predict(1), now)
+    assert rule.max_in_flight == 1
+    gaps = [b - a for a, b in itertools.pairwise(cuts)]
+    assert gaps == sorted(gaps)  # ever more rarely ...
+    assert gaps[-1] >= 256  # ... up to one probe in 256 batches
+    assert at_two <= 3 * len(cuts)  # each probe costs a couple of batches at two
+
+
+def test_a_backend_with_more_slots_is_probed_up_to_them() -> None:
+    """Four workers: batches sent at up to four at once come back clean, so the limit grows
+    to four and stays; a fifth waits and is given up."""
+    rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+    now = 0.0
+    for _ in range(3_000):
+        now += 0.05
+        level = rule.max_in_flight
+        seconds = MODEL.predict(1) if level <= 4 else 0.030
+        rule.completed(1, seconds, "idle", True, now, level)
+    assert rule.max_in_flight == 4
 
 
 def test_failed_batches_teach_nothing_and_the_limit_keeps_its_bounds() -> None:
@@ -395,3 +452,112 @@ def test_a_request_the_percentile_gives_up_on_but_the_best_case_can_meet_goes_at
     q.offer("hopeless", 1, 0.0, 0.010)  # not even at best
     shed = q.poll(0.0)
     assert isinstance(shed, Shed) and shed.items == ["hopeless"]
+
+
+# --- load: a backend of one slot, t(b) = 20 ms + 2 ms * b --------------------------------------
+
+SERVER = LatencyModel(base=0.020, per_item=0.002)
+
+
+def _drive(
+    rule: AdaptiveRule, rate: float, seconds: float, budget: float = 0.150
+) -> tuple[list[Dispatch[int]], dict[int, float], list[Entry[int]]]:
+    """Requests every 1/rate s, each due `budget` after it arrives, through a queue whose
+    batches run one at a time for exactly SERVER's time; polled as the runtime polls. Returns
+    the batches, each request's finish time, and the entries."""
+    q: BatchQueue[int] = BatchQueue(rule)
+    arrivals = [i / rate for i in range(int(rate * seconds))]
+    sent: list[Dispatch[int]] = []
+    finish: dict[int, float] = {}
+    entries: list[Entry[int]] = []
+    running: tuple[float, Dispatch[int]] | None = None
+    wake, i, now = math.inf, 0, 0.0
+    while i < len(arrivals) or running or q.queued:
+        nxt = arrivals[i] if i < len(arrivals) else math.inf
+        end = running[0] if running else math.inf
+        now = min(nxt, end, wake)
+        if not math.isfinite(now):
+            break
+        if now == end and running:
+            q.done(running[1], SERVER.predict(running[1].size), True, now)
+            running = None
+        elif now == nxt:
+            e = q.offer(i, 1, now, now + budget)
+            assert e is not None
+            entries.append(e)
+            i += 1
+        else:
+            wake = math.inf
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                assert running is None  # one slot
+                sent.append(action)
+                done = now + SERVER.predict(action.size)
+                running = (done, action)
+                for e in action.entries:
+                    finish[e.item] = done
+            elif isinstance(action, WaitUntil):
+                wake = min(wake, max(action.time, now))
+                break
+            else:
+                break
+    return sent, finish, entries
+
+
+def _server_rule(autoscale: float | None = None, fleet: int = 1) -> AdaptiveRule:
+    return AdaptiveRule(
+        FixedLatency(SERVER), 64, 1, 100_000, margin=0.015, autoscale=autoscale, fleet=fleet
+    )
+
+
+def test_under_load_batches_go_as_the_slot_frees_and_every_deadline_is_met() -> None:
+    """At 320 req/s one slot keeps up only with batches of about 18, and holding each batch to
+    its deadline leaves the slot idle too long: the rule sends as the slot frees, at least the
+    batch that keeps up, and every request after the first second meets its deadline."""
+    sent, finish, entries = _drive(_server_rule(), 320.0, 4.0)
+    assert any(d.reason == "free" for d in sent)
+    late = [e for e in entries if e.arrival >= 1.0 and finish[e.item] > e.deadline + 1e-9]
+    assert late == []
+
+
+def test_under_overload_the_requests_that_can_be_met_are_and_the_rest_give_way() -> None:
+    """At 450 req/s no schedule meets every deadline on one slot (batches of the largest size
+    that meets the SLA after waiting for the slot answer about 330 req/s). Serving in deadline
+    order would make nearly every request late; the rule keeps batches at that size and lets
+    the ones it cannot deliver in time give way: most requests still meet their deadlines,
+    and every request is answered."""
+    _sent, finish, entries = _drive(_server_rule(), 450.0, 4.0)
+    measured = [e for e in entries if e.arrival >= 1.0]
+    met = sum(finish[e.item] <= e.deadline + 1e-9 for e in measured)
+    assert met >= 0.6 * len(measured)
+    assert len(finish) == len(entries)  # best effort: the late ones are answered too
+
+
+def test_an_autoscaled_backend_with_room_to_spare_gets_batches_without_waiting_for_nothing() -> (
+    None
+):
+    """At 40 req/s one instance serves batches of 2 with room to spare: on an autoscaled
+    backend waiting longer buys nothing, so batches go at that size, long before the deadline
+    a fixed server's holding would wait for."""
+    held, _, held_entries = _drive(_server_rule(), 40.0, 3.0)
+    quick, finish, entries = _drive(_server_rule(autoscale=0.7), 40.0, 3.0)
+    assert all(d.reason == "deadline" for d in held[5:])
+    assert sum(d.reason == "enough" for d in quick) > 0.8 * len(quick)
+
+    def p50(fin: dict[int, float], ents: list[Entry[int]]) -> float:
+        return sorted(fin[e.item] - e.arrival for e in ents)[len(ents) // 2]
+
+    _, held_finish, _ = _drive(_server_rule(), 40.0, 3.0)
+    assert p50(finish, entries) < 0.6 * p50(held_finish, held_entries)
+
+
+def test_the_fleets_rate_decides_whether_one_instance_has_room_to_spare() -> None:
+    """Three replicas at 50 req/s each load the backend as one at 150: one instance no longer
+    has room to spare for small batches, so each replica holds its batches as long as the
+    deadlines allow (the fleet tuner's replica count is what tells it)."""
+    alone, _, _ = _drive(_server_rule(autoscale=0.7), 50.0, 8.0)
+    fleet, _, _ = _drive(_server_rule(autoscale=0.7, fleet=3), 50.0, 8.0)
+    later = slice(len(fleet) // 2, None)  # once the arrival rate is known (2 s average)
+    assert sum(d.reason == "enough" for d in alone[later]) > 0.8 * len(alone[later])
+    assert not any(d.reason == "enough" for d in fleet[later])
