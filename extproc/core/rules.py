@@ -187,9 +187,10 @@ class AdaptiveRule:
         # Replicas sharing the backend, each with about as much traffic as this one (the
         # fleet tuner's count): the backend's load is the fleet's.
         self.fleet = max(1, fleet)
-        self.limit = float(
-            min(max_in_flight, INITIAL_IN_FLIGHT) if learn_in_flight else max_in_flight
-        )
+        self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
+        # On an autoscaled backend each batch at once costs instances: start at one.
+        initial = INITIAL_IN_FLIGHT if autoscale is None else 1
+        self.limit = float(min(max_in_flight, initial) if learn_in_flight else max_in_flight)
         self._cut_at = -math.inf
         self._probe = 1  # clean batches at the full limit before it grows
         self._clean = 0
@@ -246,14 +247,18 @@ class AdaptiveRule:
                 # Wake when the first of them becomes impossible, to shed it on time.
                 return WaitUntil(hopeless_at + 2 * EPSILON)
             return None
-        least, fill = 1, cap
+        least, fill, enough = 1, cap, None
         # Under load, what matters is what a batch typically takes, not the percentile's
         # slow one: how big batches must be to keep up, and which requests they can deliver.
         least = 1
         typical = model if floor is None else _midway(model, floor)
-        rate = queue.arrival_rate(now) * self.fleet  # what the backend gets from the fleet
+        rate = queue.arrival_rate(now)
+        # Holding keeps up or not on this queue's share of the backend's slots; whether one
+        # instance has room to spare depends on what the whole fleet sends it.
         need = self._throughput_batch(typical, rate, span)
-        enough = None if need is not None else self._autoscaled_batch(typical, rate, span)
+        self._pressed = need is not None
+        if need is None:
+            enough = self._autoscaled_batch(typical, rate, span)
         if need is not None:
             # A batch aims for `need`, but never beyond what can still meet the SLA after
             # waiting for a slot (under overload, more would make every one of them late);
@@ -310,7 +315,8 @@ class AdaptiveRule:
 
     def _autoscaled_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
         """With an autoscaled backend (`autoscale`: the concurrency per instance its
-        autoscaler targets) that one instance serves with room to spare, the smallest batch
+        autoscaler targets) that one instance serves with room to spare (for the whole fleet:
+        `fleet` replicas at this `rate` each), the smallest batch
         that keeps it at one: waiting longer would buy nothing. None without `autoscale`, with
         no traffic, or when the backend needs (or nearly needs) more than one instance: then
         the biggest batches the deadlines allow keep the instances fewest.
@@ -324,7 +330,8 @@ class AdaptiveRule:
         a, c = model.base, model.per_item
         cap = self.max_batch_size
         biggest = min(float(cap), max(1.0, rate * (span - self.margin - a) / (1.0 + c * rate)))
-        least = rate * (a + c * biggest) / biggest  # the least concurrency there can be
+        # The least concurrency there can be, with the whole fleet's batches at their biggest.
+        least = rate * self.fleet * (a + c * biggest) / biggest
         budget = AUTOSCALE_HEADROOM * self.autoscale
         if budget < AUTOSCALE_SLACK * least:
             # More than one instance's worth, or near the edge of it: only the biggest batch
@@ -382,6 +389,9 @@ class AdaptiveRule:
         self._congested = 0
         if concurrent < self.max_in_flight or self._trial:
             return  # sent below the limit: says nothing of whether more would be taken
+        if self.autoscale is not None and not self._pressed:
+            return  # on an autoscaled backend more batches at once cost instances: only when
+            # holding cannot keep up is a larger limit worth probing for
         if self.limit < self.in_flight_bound:
             self._clean += 1
             if self._clean >= self._probe:
