@@ -189,7 +189,9 @@ def _order(rows: Sequence[Row], system: str) -> int:
     return seen.index(system)
 
 
-def verdict(rows: Sequence[Row], ours: Sequence[str] = ("mlproxy-adaptive",)) -> list[str]:
+def verdict(
+    rows: Sequence[Row], ours: Sequence[str] = ("mlproxy-adaptive", "mlproxy-static")
+) -> list[str]:
     """Whether each of `ours` is ahead of every other system on SLA attainment at every rate
     (fewer violations, or both at 0), and the wrong answers; one line each."""
     lines = []
@@ -197,6 +199,9 @@ def verdict(rows: Sequence[Row], ours: Sequence[str] = ("mlproxy-adaptive",)) ->
     by = {(r["system"], r["rate"]): r for r in rows}
     rates = sorted({r["rate"] for r in rows})
     for mine in ours:
+        if not peers or not any(r["system"] == mine for r in rows):
+            lines.append(f"- {mine}: nothing to compare (it or every peer did not run)")
+            continue
         behind = []
         for rate in rates:
             me = by.get((mine, rate))
