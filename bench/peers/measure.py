@@ -103,7 +103,10 @@ def errors_by_status(status: np.ndarray) -> str:
     counts = Counter(int(s) for s in status if s != 200)
     if not counts:
         return "-"
-    return ", ".join(f"{'none' if code == 0 else code}: {n}" for code, n in sorted(counts.items()))
+    return ", ".join(
+        f"{'none' if code == 0 else code}: {n}"
+        for code, n in sorted(counts.items(), key=lambda kv: (kv[0] == 0, kv[0]))
+    )
 
 
 def row(

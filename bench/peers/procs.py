@@ -61,12 +61,16 @@ def family(root: int, table: dict[int, tuple[int, int, str]] | None = None) -> s
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found = {pid for pid, (_, sid, _) in table.items() if sid == root}
-    todo = [root]
+    todo = [root, *found]
+    seen: set[int] = set()
     while todo:
         pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         if pid in table:
             found.add(pid)
-        todo += [c for c in children.get(pid, ()) if c not in found]
+        todo += children.get(pid, ())
     return found
 
 

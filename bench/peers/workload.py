@@ -53,8 +53,8 @@ def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
 
 
 def instance(run: int, i: int) -> list[float]:
-    """Request i of run `run`: 8 floats, exactly representable (quarters), so that every system
-    computes the same sums whatever its float width and order."""
+    """Request i of run `run`: 8 floats, quarters below 2^40, so that their sum is exact in
+    float64 in any order (every system computes exactly the same answer)."""
     return [float(run * RUN_STRIDE + i)] + [((i * (k + 3)) % 17) / 4 for k in range(7)]
 
 

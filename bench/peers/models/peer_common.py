@@ -63,3 +63,7 @@ class PeerModel:
                 batch_seconds(len(rows), self.a_ms, self.c_ms, self.noise, self.rng)
             )
         return [predict(x) for x in rows]
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
