@@ -142,6 +142,7 @@ def mlserver_files(settings: PeerSettings, port: int, grpc: int, metrics: int) -
             "http_port": port,
             "grpc_port": grpc,
             "metrics_port": metrics,
+            "debug": False,  # no per-request access log (MLProxy's Envoy writes none either)
         },
         "model-settings.json": {
             "name": "peer",
@@ -230,6 +231,7 @@ class PeerSystem(System):
     def __post_init__(self) -> None:
         if self.name not in PINS:
             raise ValueError(f"unknown peer {self.name!r}: one of {', '.join(PEERS)}")
+        self.run_dir = self.run_dir.resolve()  # the peers run in directories of their own
         self.settings = peer_settings(self.workload, self.wait_ms)
         self.wire = WIRES[{"bentoml": "bentoml", "mlserver": "v2", "ray": "kserve-v1"}[self.name]]
         self.path = {

@@ -253,6 +253,7 @@ def test_peer_settings_follow_the_sla_as_the_readme_says() -> None:
         "http_port": 2001,
         "grpc_port": 2002,
         "metrics_port": 2003,
+        "debug": False,
     }
     model = files["model-settings.json"]
     assert model["max_batch_size"] == 64 and model["max_batch_time"] == pytest.approx(0.0375)

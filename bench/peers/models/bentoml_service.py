@@ -19,7 +19,8 @@ MAX_BATCH = int(os.environ.get("PEER_MAX_BATCH", "64"))
 MAX_LATENCY_MS = int(os.environ.get("PEER_MAX_LATENCY_MS", "150"))
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60})
+# no per-request access log line (MLProxy's Envoy writes none either)
+@bentoml.service(workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}})
 class Peer:
     def __init__(self) -> None:
         self.model = PeerModel()

@@ -29,7 +29,11 @@ WAIT_S = float(os.environ.get("PEER_WAIT_MS", "37.5")) / 1000.0
 MAX_ONGOING = int(os.environ.get("PEER_MAX_ONGOING", str(MAX_BATCH)))
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+# no per-request access log lines (MLProxy's Envoy writes none either)
+NO_ACCESS_LOG = {"enable_access_log": False}
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING, logging_config=NO_ACCESS_LOG)
 class Peer:
     def __init__(self) -> None:
         self.model = PeerModel()
@@ -64,9 +68,12 @@ def main() -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         configure_logging=True,
+        log_to_driver=False,  # the workers' logs stay in Ray's files, not echoed here
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": args.port}, logging_config=NO_ACCESS_LOG
+        )
         serve.run(Peer.bind(), name="peer", route_prefix="/predict")  # type: ignore[attr-defined,unused-ignore]
         print("ready", flush=True)
         stop.wait()
