@@ -164,6 +164,8 @@ COLUMNS = (
     ("mean_batch", "mean batch"),
     ("errors", "errors by status"),
     ("wrong", "wrong answers"),
+    ("cpu_ms_per_request", "server CPU ms/req"),
+    ("loadavg", "machine load"),
 )
 
 
@@ -180,7 +182,9 @@ def markdown(rows: Sequence[Row]) -> str:
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(_cell(r[key]) for key, _ in COLUMNS) + " |" for r in ordered]
+    lines += [
+        "| " + " | ".join(_cell(r.get(key, math.nan)) for key, _ in COLUMNS) + " |" for r in ordered
+    ]
     return "\n".join(lines)
 
 
@@ -206,6 +210,7 @@ def verdict(
             lines.append(f"- {mine}: nothing to compare (it or every peer did not run)")
             continue
         behind = []
+        level = []
         for rate in rates:
             me = by.get((mine, rate))
             if me is None:
@@ -215,14 +220,17 @@ def verdict(
                 if other is None:
                     continue
                 a, b = me["violations_pct"], other["violations_pct"]
-                if not (a < b or a == b == 0):
+                if a == b == 0:
+                    level.append(f"{peer} at {rate:g} req/s")
+                elif not a < b:
                     behind.append(f"{peer} at {rate:g} req/s ({a:g}% against {b:g}%)")
+        ties = f" (both at 0% violations: {', '.join(level)})" if level else ""
         if behind:
             lines.append(
-                f"- {mine} is NOT ahead of every peer: level or behind " + "; ".join(behind)
+                f"- {mine} is NOT ahead of every peer: level or behind " + "; ".join(behind) + ties
             )
         else:
-            lines.append(f"- {mine} is ahead of every peer at every rate on SLA attainment")
+            lines.append(f"- {mine} is ahead of every peer at every rate on SLA attainment{ties}")
     wrong = {r["system"]: 0 for r in rows}
     for r in rows:
         wrong[r["system"]] += r["wrong"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlproxy.stack import Child
 
-__all__ = ["alive", "become_subreaper", "family", "stop_tree"]
+__all__ = ["alive", "become_subreaper", "cpu_seconds", "family", "stop_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,25 @@ def family(root: int, table: dict[int, tuple[int, int, str]] | None = None) -> s
             found.add(pid)
         todo += children.get(pid, ())
     return found
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time (user + system) the families of `roots` have used so far, by the processes
+    alive now."""
+    table = _table()
+    pids: set[int] = set()
+    for root in roots:
+        pids |= family(root, table)
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
 
 
 def alive(pids: set[int]) -> set[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.openloop import replay
+from bench.peers import procs
 from bench.peers.measure import Row, check_answers, markdown, plot, row, verdict
 from bench.peers.systems import (
     DEFAULT_VENVS,
@@ -52,6 +55,8 @@ def measure(
         if int(elapsed) % 5 == 0:
             say(f"    {min(elapsed, total):5.1f}/{total:g} s  sent {sent}  answered {answered}")
 
+    roots = system.roots()
+    cpu_before = procs.cpu_seconds(roots)
     load = replay(
         system.host,
         system.port,
@@ -61,10 +66,17 @@ def measure(
         timeout=workload.timeout,
         progress=progress,
     )
+    cpu = procs.cpu_seconds(roots) - cpu_before
+    loadavg = os.getloadavg()[0]
     wrong = check_answers(load.status, load.bodies, inputs, system.wire)
     start = load.started + workload.warmup
     batches = system.batches(start, start + workload.duration)
-    return row(system.name, rate, load, wrong, workload, batches)
+    out = row(system.name, rate, load, wrong, workload, batches)
+    # the server's CPU time per request of the whole replay (warm-up included); the machine's
+    # 1-minute load average at its end (2 cores shared with other work: context for the rest)
+    out["cpu_ms_per_request"] = round(1000 * cpu / len(times), 2) if roots else math.nan
+    out["loadavg"] = round(loadavg, 1)
+    return out
 
 
 @contextlib.contextmanager

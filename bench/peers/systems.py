@@ -192,6 +192,10 @@ class System:
         """The sizes of the batches the model started in [start, end) (monotonic clock)."""
         return np.zeros(0)
 
+    def roots(self) -> list[int]:
+        """The processes whose families serve this system (for their CPU time)."""
+        return []
+
 
 def probe(system: System, run: int, timeout: float = 10.0) -> float | None:
     """One request, its answer checked: seconds it took, or None if it failed or was wrong."""
@@ -293,6 +297,9 @@ class PeerSystem(System):
             ports.release(port)
         self.reserved.clear()
 
+    def roots(self) -> list[int]:
+        return [] if self.child is None or self.child.proc is None else [self.child.proc.pid]
+
     def prepare(self, run: int) -> None:
         """Wait until the server is idle again: a probe answered within the SLA (the previous
         run's backlog gone), for at most two minutes."""
@@ -341,6 +348,16 @@ class MLProxySystem(System):
         self.policy = mlproxy_policy(
             self.name, self.path, self.bench.emulator_url(self.mode), self.workload
         )
+
+    def roots(self) -> list[int]:
+        """Envoy, ext_proc and this row's emulator (not Redis and the control plane, idle
+        during a run, nor the other row's emulator)."""
+        names = ("envoy", "extproc", f"emulator-{self.mode}")
+        return [
+            c.proc.pid
+            for c in self.bench.stack.children
+            if c.proc is not None and c.name.startswith(names)
+        ]
 
     def prepare(self, run: int) -> None:
         self.bench.apply({self.name: self.policy})

@@ -210,8 +210,12 @@ def test_the_verdict_names_every_rate_where_mlproxy_is_not_ahead() -> None:
     assert lines[0].startswith("- mlproxy-adaptive is NOT ahead")
     assert "bentoml at 300 req/s (90% against 55%)" in lines[0]
     assert "ray at 300 req/s (90% against 90%)" in lines[0]
-    assert "40 req/s" not in lines[0]  # 0 against 0 is not behind
-    assert lines[1] == "- mlproxy-static is ahead of every peer at every rate on SLA attainment"
+    assert "(both at 0% violations: bentoml at 40 req/s)" in lines[0]  # level, not behind
+    assert "bentoml at 40 req/s (" not in lines[0]
+    assert lines[1] == (
+        "- mlproxy-static is ahead of every peer at every rate on SLA attainment "
+        "(both at 0% violations: bentoml at 40 req/s)"
+    )
     assert lines[2] == "- wrong answers: mlproxy-adaptive 0, mlproxy-static 0, bentoml 0, ray 4"
 
 
@@ -301,6 +305,26 @@ def test_stopping_a_peer_stops_its_whole_tree(tmp_path: Path) -> None:
     assert len(members) == 4, members  # sh and three sleeps
     assert procs.stop_tree(child, timeout=10, grace=5) == set()
     assert procs.alive(members) == set()
+
+
+def test_cpu_seconds_counts_a_family_s_cpu_time(tmp_path: Path) -> None:
+    spin = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"  # the CPU time is the child's, the root's is small
+        "    while time.process_time() < 0.3: pass\n"
+        "    print('spun', flush=True)\n"
+        "    time.sleep(120)\n"
+        "time.sleep(120)\n"
+    )
+    child = Child("spin", [sys.executable, "-c", spin], tmp_path / "spin.log")
+    child.ready = lambda: "spun" in child.log_path.read_text()
+    child.start()
+    try:
+        child.wait_ready(timeout=60)
+        assert child.proc is not None
+        assert procs.cpu_seconds([child.proc.pid]) >= 0.3
+    finally:
+        procs.stop_tree(child, timeout=10)
 
 
 def test_family_reads_the_process_table() -> None:
