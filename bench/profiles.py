@@ -38,5 +38,8 @@ PROFILES = {
         Profile("toxic", a_ms=37, c_ms=1.0, slo_ms=300, peak_rps=50),
         Profile("fashion-mnist", a_ms=30, c_ms=4.35, slo_ms=300, peak_rps=100),
         Profile("resnet", a_ms=103, c_ms=113, slo_ms=2000, peak_rps=5),
+        # Issue 13's fixed-capacity workload (the peer benchmark, bench/peers): one batch at a
+        # time on one server, t(b) = 20 + 2*b ms, SLA 150 ms end to end, up to 300 req/s.
+        Profile("fixed-20-2", a_ms=20, c_ms=2, slo_ms=150, peak_rps=300),
     )
 }
