@@ -383,8 +383,9 @@ class BatchQueue(Generic[T]):
             room = send.cap if send.fill is None else min(send.cap, send.fill)
             for e in deferred:
                 total = size + e.size
-                if batch and (total > room or (finish is not None and finish(total) > due)):
-                    break
+                late = finish is not None and total > send.least and finish(total) > due
+                if batch and (total > room or late):
+                    break  # (up to `least` the ones that can be met are sure to be)
                 e.state = EntryState.DISPATCHED
                 batch.append(e)
                 size = total
