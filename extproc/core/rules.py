@@ -11,13 +11,23 @@
   slot. A request whose deadline cannot be met even if sent alone now is shed (`on_late="shed"`)
   or sent at once, best effort (`on_late="best_effort"`); either way it is an SLA miss.
 
+  Under load holding to deadlines stops paying: when the batches it would make cannot clear
+  as fast as requests arrive (the queue's arrival rate against t(b) on the batch slots), the
+  rule sends as a slot frees, at least the batch that keeps up and at most the one that still
+  meets the SLA after waiting for a slot; requests that such a batch cannot deliver in time
+  give way to those it can (`Send.late_last`), so overload keeps goodput instead of making
+  every request late. With `autoscale` (a backend that autoscales on concurrency), a batch
+  goes as soon as one instance serves it with room to spare: waiting longer buys nothing.
+
   How many of its batches may run at once is learnt too, up to the policy's `max_in_flight`
   (TCP-like): a batch that took far longer than the backend's uncongested time for its size
-  (`LatencySource.floor`) waited at the backend, so the limit shrinks (x0.7, at most once per
-  round trip); a clean batch sent while the limit was in use grows it by one. Without this,
-  a saturated backend makes every batch slow, the deadlines then force ever smaller batches,
-  which load the backend more: with the limit, requests wait in the queue instead and the
-  batches grow, which is what a saturated backend needs.
+  (`LatencySource.floor`) waited at the backend; two in a row shrink the limit (x0.7, at most
+  once per round trip). Clean batches sent with the limit in use grow it by one, on trial: two
+  congested batches among the next TRIAL sent at it put it back and double the clean batches
+  the next probe waits for. Without this, a saturated backend makes every batch slow, the
+  deadlines then force ever smaller batches, which load the backend more: with the limit,
+  requests wait in the queue instead and the batches grow, which is what a saturated backend
+  needs; and a backend that runs one batch at a time is asked for a second ever more rarely.
 """
 
 from __future__ import annotations
@@ -250,7 +260,6 @@ class AdaptiveRule:
         least, fill, enough = 1, cap, None
         # Under load, what matters is what a batch typically takes, not the percentile's
         # slow one: how big batches must be to keep up, and which requests they can deliver.
-        least = 1
         typical = model if floor is None else _midway(model, floor)
         rate = queue.arrival_rate(now)
         # Holding keeps up or not on this queue's share of the backend's slots; whether one
@@ -259,7 +268,7 @@ class AdaptiveRule:
         self._pressed = need is not None
         if need is None:
             enough = self._autoscaled_batch(typical, rate, span)
-        if need is not None:
+        else:
             # A batch aims for `need`, but never beyond what can still meet the SLA after
             # waiting for a slot (under overload, more would make every one of them late);
             # requests that such a batch cannot deliver in time give way to those it can, and
