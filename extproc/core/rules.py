@@ -252,6 +252,12 @@ class AdaptiveRule:
         latest = due - self.margin - t(min(cum + 1, max(cap, cum)))
         if late and self.on_late == "shed":
             return Drop(late)
+        # Best effort gives way to requests that can still be met, but not without bound: one
+        # whose deadline passed a whole SLA ago is shed (answered 503 at once) rather than left
+        # waiting while an overload lasts.
+        stale = [e for e in late if now > 2 * e.deadline - e.arrival]
+        if stale:
+            return Drop(stale)
         if blocked:
             if self.on_late == "shed" and math.isfinite(hopeless_at):
                 # Wake when the first of them becomes impossible, to shed it on time.
