@@ -147,7 +147,7 @@ Objective = Literal["cost", "latency"]
 # the limit grows again only after `probe` clean batches at the full limit; every cut doubles
 # `probe` (up to PROBE_MAX), so a backend that takes one batch at a time is asked for a second
 # ever more rarely instead of every other batch.
-INITIAL_IN_FLIGHT = 2
+INITIAL_IN_FLIGHT = 1
 DECREASE = 0.7
 CONGESTED = 1.5
 CONGESTED_SLACK = 0.001
@@ -198,9 +198,12 @@ class AdaptiveRule:
         # fleet tuner's count): the backend's load is the fleet's.
         self.fleet = max(1, fleet)
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
-        # On an autoscaled backend each batch at once costs instances: start at one.
-        initial = INITIAL_IN_FLIGHT if autoscale is None else 1
-        self.limit = float(min(max_in_flight, initial) if learn_in_flight else max_in_flight)
+        # One at first: the backend's uncongested time is learnt before a second batch is
+        # sent alongside (started at two on a server that runs one batch at a time, every
+        # sample waited and the wait passed for the backend's own time).
+        self.limit = float(
+            min(max_in_flight, INITIAL_IN_FLIGHT) if learn_in_flight else max_in_flight
+        )
         self._cut_at = -math.inf
         self._probe = 1  # clean batches at the full limit before it grows
         self._clean = 0
