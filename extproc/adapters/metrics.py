@@ -218,7 +218,7 @@ class PrometheusMetrics:
     def policy_removed(self, name: str) -> None:
         """The policy was deleted: drop its version and SLA (its counters stay, as Prometheus
         counters do; requests still queued under it finish and are counted)."""
-        for gauge in (self.policy_version, self.sla_latency, self.sla_percentile):
+        for gauge in (self.policy_version, self.sla_latency, self.sla_percentile, self.allowance):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 

@@ -121,7 +121,6 @@ class ExtProcServicer:
         # not move it.
         self.hops = hops or Hops()
         self._epoch = time.time() - pool.clock.now()
-        self._allowances: dict[str, float] = {}  # last exported, per policy
         self._open = 0
         self._held: dict[str, int] = {}  # streams of policy requests held, per client
 
@@ -381,9 +380,7 @@ class ExtProcServicer:
                 "the request's SLA clock starts when it reached ext_proc",
             )
         reserve = hops.allowance(policy.sla.percentile / 100.0, sla, arrival)
-        if self._allowances.get(policy.name) != reserve:
-            self._allowances[policy.name] = reserve
-            self._metrics.outside_allowance(policy.name, reserve)
+        self._metrics.outside_allowance(policy.name, reserve)
         return arrival - min(inbound.excess, sla), reserve
 
 
@@ -395,12 +392,10 @@ REQUEST_TIME_ATTRIBUTE = "request.time"
 
 
 def _peer_host(peer: str) -> str:
-    """The host of a gRPC peer ("ipv4:10.0.0.1:5000" -> "ipv4:10.0.0.1", "ipv6:[::1]:5000" ->
-    "ipv6:[::1]"): the Envoy whose clock stamped the request, whatever its connection."""
-    if peer.startswith("ipv6:["):
-        return peer.split("]", 1)[0][:64] + "]"
-    if peer.startswith("ipv4:"):
-        return peer.rsplit(":", 1)[0][:64]
+    """The host of a gRPC peer ("ipv4:10.0.0.1:5000" -> "ipv4:10.0.0.1", "ipv6:%5B::1%5D:5000"
+    -> "ipv6:%5B::1%5D"): the Envoy whose clock stamped the request, whatever its connection."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0][:80]
     return peer[:128]
 
 
