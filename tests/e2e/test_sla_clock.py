@@ -27,8 +27,8 @@ from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
 
-SLA_MS = 1000
-DELAY_MS = 2500  # in Envoy, before ext_proc: well past the SLA whatever the machine's load
+SLA_MS = 3000
+DELAY_MS = 6000  # in Envoy, before ext_proc: well past the SLA whatever the machine's load
 FAULT_HEADER = "x-envoy-fault-delay-request"
 
 
@@ -136,11 +136,11 @@ def test_a_request_held_in_envoy_past_its_sla_is_late_by_envoys_clock(
         assert metric(stack, MISSES) == 1
         eventually(
             lambda: (
-                metric(stack, 'mlproxy_inbound_delay_seconds_bucket{le="2.0",policy="clocked"}')
+                metric(stack, 'mlproxy_inbound_delay_seconds_bucket{le="5.0",policy="clocked"}')
                 < metric(stack, 'mlproxy_inbound_delay_seconds_count{policy="clocked"}')
             ),
             10,
-            "a delay over 2 s recorded",
+            "a delay over 5 s recorded",
         )
         assert metric(stack, 'mlproxy_request_time_fallbacks_total{reason="missing"}') == 0
         # Envoy's delays are not taken for clock offset: the next prompt request is on time.
