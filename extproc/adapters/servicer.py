@@ -233,13 +233,13 @@ class ExtProcServicer:
                 del self._held[client]
         if answer is None:
             return
-        reply, wait, total, answered_at = answer
+        reply, wait, total, answered_at, inbound = answer
         self._metrics.request_done(route.policy.name, reply.outcome, wait)
         await context.write(_encode(reply, wait, total))
         if answered_at is not None:
             now = self._pool.clock.now()
             self._metrics.reply_handoff(route.policy.name, now - answered_at)
-            self.hops.handed_off(now - answered_at, now)
+            self.hops.handed_off(now - answered_at, inbound, now)
 
     def _admit(self, client: str) -> bool:
         """Up to --max-streams open streams, every request is taken. Beyond it (up to the
@@ -261,9 +261,10 @@ class ExtProcServicer:
         end_of_stream: bool,
         client: str = "",
         request_time: str | None = None,
-    ) -> tuple[Reply, float | None, float | None, float | None] | None:
+    ) -> tuple[Reply, float | None, float | None, float | None, float] | None:
         """The reply, its queue wait, its time in ext_proc and when its batch's answer came
-        back (None for a request that was not queued), or None if the stream ended early."""
+        back (None for a request that was not queued), and the seconds it spent in Envoy
+        first (0 if not known); or None if the stream ended early."""
         policy = route.policy
         arrival = self._pool.clock.now()  # the headers reached ext_proc
         start, reserve = self._clock_start(context, policy, arrival, request_time)
@@ -320,7 +321,7 @@ class ExtProcServicer:
                 route, parsed, future, budget, arrival, client, start, reserve
             )
         except ProxyError as err:
-            return Reply.from_error(err), None, None, None
+            return Reply.from_error(err), None, None, None, 0.0
         except (_ProtocolError, wire.HeaderLimitError) as err:
             if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
@@ -332,7 +333,7 @@ class ExtProcServicer:
             error = ProxyError(
                 ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
             )
-            return Reply.from_error(error), None, None, None
+            return Reply.from_error(error), None, None, None, 0.0
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -348,7 +349,7 @@ class ExtProcServicer:
         missed = now - ticket.start > sla or (shed and (budget is None or budget >= sla))
         self._metrics.request_answered(policy.name, now - ticket.start, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
-        return reply, wait, now - ticket.arrival, ticket.answered_at
+        return reply, wait, now - ticket.arrival, ticket.answered_at, ticket.arrival - ticket.start
 
     def _clock_start(
         self,

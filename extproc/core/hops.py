@@ -30,8 +30,8 @@ source has its own floor, so one peer's values cannot move another's; at most `m
 floors are kept (the least recently used goes).
 
 Outbound. After ext_proc answers, the reply still has to reach gRPC, cross to Envoy and be sent
-to the client. `Hops.allowance` reserves for that the policy's percentile of the recent inbound
-excess (an Envoy busy one way is busy the other way) plus the same percentile of the hand-off
+to the client. `Hops.allowance` reserves for that the policy's percentile, over recent replies,
+of each one's inbound excess (an Envoy busy one way is busy the other way) plus its hand-off
 time (from the batch's answer to the reply written to gRPC, measured here), at most `cap` (half)
 of the SLA. The deadline handed to the batching queue is `start + SLA - allowance`.
 """
@@ -219,8 +219,7 @@ class Hops:
         self._max_sources = max_sources
         self._refresh = refresh
         self._floors: OrderedDict[str, DelayFloor] = OrderedDict()
-        self._inbound = RecentQuantiles(window, slots)
-        self._handoff = RecentQuantiles(window, slots)
+        self._outside = RecentQuantiles(window, slots)  # per reply: inbound + hand-off
         self._cached: dict[float, tuple[float, float]] = {}  # quantile -> (until, seconds)
 
     def inbound(
@@ -245,21 +244,22 @@ class Hops:
                 floors.popitem(last=False)
         else:
             floors.move_to_end(source)
-        excess = floor.excess(delay, now)
-        self._inbound.add(excess, now)
-        return Inbound(excess, "ok")
+        return Inbound(floor.excess(delay, now), "ok")
 
-    def handed_off(self, seconds: float, now: float) -> None:
-        """A reply took `seconds` from its batch's answer to being written to gRPC."""
-        self._handoff.add(max(0.0, seconds), now)
+    def handed_off(self, seconds: float, inbound: float, now: float) -> None:
+        """A reply took `seconds` from its batch's answer to being written to gRPC; its request
+        had spent `inbound` seconds in Envoy (its excess, as bounded by its SLA)."""
+        self._outside.add(max(0.0, seconds) + max(0.0, inbound), now)
 
     def allowance(self, quantile: float, sla: float, now: float) -> float:
         """Seconds to reserve after ext_proc's answer for a policy promising `quantile` of its
-        requests within `sla` seconds: that quantile of the recent inbound excess plus that of
-        the hand-off, at most `cap` x `sla`. Recomputed at most every `refresh` seconds."""
+        requests within `sla` seconds: that quantile of the recent replies' inbound excess plus
+        hand-off (the sum per reply: adding two percentiles would reserve more than the
+        percentile of the sum), at most `cap` x `sla`. Recomputed at most every `refresh`
+        seconds."""
         cached = self._cached.get(quantile)
         if cached is None or now >= cached[0] or now < cached[0] - self._refresh:
-            seconds = self._inbound.quantile(quantile, now) + self._handoff.quantile(quantile, now)
+            seconds = self._outside.quantile(quantile, now)
             if len(self._cached) > 64:  # a handful of percentiles in practice
                 self._cached.clear()
             self._cached[quantile] = cached = (now + self._refresh, seconds)
