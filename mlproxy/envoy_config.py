@@ -12,6 +12,7 @@ __all__ = [
     "EXTPROC_OUTLIER_DETECTION",
     "EXTPROC_SERVICE",
     "EXT_PROC_FILTER",
+    "REQUEST_TIME_ATTRIBUTE",
     "ext_proc_filter",
     "local_config",
 ]
@@ -70,6 +71,9 @@ def _endpoints(name: str, hosts: Sequence[tuple[str, int]]) -> dict[str, Any]:
 
 # The downstream peer as Envoy saw it, and the URI SAN of a client certificate Envoy verified.
 CLIENT_ATTRIBUTES = ("source.address", "connection.uri_san_peer_certificate")
+# When Envoy received the request (its first byte, Envoy's clock, RFC 3339): the request's SLA
+# clock starts then (extproc/core/hops.py; README "Envoy settings").
+REQUEST_TIME_ATTRIBUTE = "request.time"
 
 
 def ext_proc_filter(
@@ -96,8 +100,9 @@ def ext_proc_filter(
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            # Who sent the request, for its share of a policy's queue (README: "Security").
-            "request_attributes": list(CLIENT_ATTRIBUTES),
+            # Who sent the request, for its share of a policy's queue (README: "Security"),
+            # and when Envoy received it (README: "Envoy settings").
+            "request_attributes": [*CLIENT_ATTRIBUTES, REQUEST_TIME_ATTRIBUTE],
         },
     }
 

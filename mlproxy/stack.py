@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -304,10 +305,15 @@ class Stack:
             self.start_child(self.extproc_child(i, source), timeout)
         self.start_envoy(envoy, timeout)
 
-    def start_envoy(self, binary: str | None = None, timeout: float = 30.0) -> None:
+    def start_envoy(
+        self,
+        binary: str | None = None,
+        timeout: float = 30.0,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         """Envoy with the generated config in front of this stack's ext_proc replicas and its
         model port (the last child `start` starts; tests start it alone in front of their own
-        replicas and backend)."""
+        replicas and backend, and may `edit` the config first)."""
         assert self.run_dir is not None
         config = local_config(
             listener_port=self.envoy_port,
@@ -323,6 +329,8 @@ class Stack:
                 self.pki.client.cert, self.pki.client.key, self.pki.ca, san="localhost"
             ),
         )
+        if edit is not None:
+            edit(config)
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.start_child(

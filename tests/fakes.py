@@ -72,6 +72,9 @@ class RecordingMetrics:
     streams: int = 0
     sent: list[tuple[str, str, int]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    request_times: list[tuple[str, str, float]] = field(default_factory=list)
+    handoffs: list[tuple[str, float]] = field(default_factory=list)
+    allowances: dict[str, float] = field(default_factory=dict)
 
     def request_arrived(self, policy: str) -> None:
         self.arrivals += 1
@@ -101,6 +104,15 @@ class RecordingMetrics:
 
     def stream_refused(self, reason: str) -> None:
         self.refused.append(reason)
+
+    def request_time(self, policy: str, status: str, excess: float) -> None:
+        self.request_times.append((policy, status, excess))
+
+    def reply_handoff(self, policy: str, seconds: float) -> None:
+        self.handoffs.append((policy, seconds))
+
+    def outside_allowance(self, policy: str, seconds: float) -> None:
+        self.allowances[policy] = seconds
 
 
 @dataclass

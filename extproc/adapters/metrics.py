@@ -61,15 +61,17 @@ class PrometheusMetrics:
         )
         self.latency = Histogram(
             "mlproxy_request_latency_seconds",
-            "Arrival at ext_proc to reply, for requests that were queued.",
+            "Envoy's receipt of the request (its request.time attribute; else the request's "
+            "arrival at ext_proc) to ext_proc's reply, for requests that were queued.",
             ["policy"],
             buckets=_TIME_BUCKETS,
             registry=r,
         )
         self.sla_misses = Counter(
             "mlproxy_sla_misses",
-            "Queued requests answered later than the policy's SLA latency, or shed because "
-            "it could not be met (not those that only missed a tighter deadline of their own).",
+            "Queued requests answered later than the policy's SLA latency after Envoy received "
+            "them (else after they reached ext_proc), or shed because it could not be met (not "
+            "those that only missed a tighter deadline of their own).",
             ["policy"],
             registry=r,
         )
@@ -164,6 +166,41 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
+        self.inbound_delay = Histogram(
+            "mlproxy_inbound_delay_seconds",
+            "Time a request spent in Envoy and on the way to ext_proc, from Envoy's "
+            "request.time attribute, beyond the least such delay seen from that Envoy in the "
+            "last minute (which cancels the offset between the hosts' clocks). A policy "
+            "request's SLA clock starts that much before it reached ext_proc.",
+            ["policy"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.request_time_fallbacks = Counter(
+            "mlproxy_request_time_fallbacks",
+            "Policy requests whose SLA clock started at ext_proc because Envoy's request.time "
+            "attribute was missing (add request.time to the ext_proc filter's "
+            "request_attributes) or invalid (not an RFC 3339 time within a day of this host's "
+            "clock), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.handoff = Histogram(
+            "mlproxy_reply_handoff_seconds",
+            "Time from a batch's answer to each of its replies written to gRPC (splitting, "
+            "the event loop, gRPC).",
+            ["policy"],
+            buckets=_TIME_BUCKETS,
+            registry=r,
+        )
+        self.allowance = Gauge(
+            "mlproxy_outside_allowance_seconds",
+            "Time reserved after ext_proc's answer (gRPC, Envoy, the way to the client): the "
+            "policy's percentile, over recent replies, of each one's inbound delay plus its "
+            "hand-off, at most half the SLA. Batches are planned to finish this much before the SLA.",
+            ["policy"],
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -181,7 +218,7 @@ class PrometheusMetrics:
     def policy_removed(self, name: str) -> None:
         """The policy was deleted: drop its version and SLA (its counters stay, as Prometheus
         counters do; requests still queued under it finish and are counted)."""
-        for gauge in (self.policy_version, self.sla_latency, self.sla_percentile):
+        for gauge in (self.policy_version, self.sla_latency, self.sla_percentile, self.allowance):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 
@@ -231,6 +268,18 @@ class PrometheusMetrics:
 
     def stream_refused(self, reason: str) -> None:
         self.refused_streams.labels(reason).inc()
+
+    def request_time(self, policy: str, status: str, excess: float) -> None:
+        if status == "ok":
+            self.inbound_delay.labels(policy).observe(excess)
+        else:
+            self.request_time_fallbacks.labels(status).inc()
+
+    def reply_handoff(self, policy: str, seconds: float) -> None:
+        self.handoff.labels(policy).observe(seconds)
+
+    def outside_allowance(self, policy: str, seconds: float) -> None:
+        self.allowance.labels(policy).set(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port."""

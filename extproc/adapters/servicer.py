@@ -25,17 +25,19 @@ import grpc
 
 from extproc.adapters import wire
 from extproc.codecs import CodecError, get_codec
+from extproc.core.hops import Hops
 from extproc.runtime.batcher import BatcherPool, Reply
 from extproc.runtime.ports import Metrics
 from mlproxy.errors import ErrorKind, ProxyError
-from mlproxy.policy import Route, Router
+from mlproxy.policy import Policy, Route, Router
 
 __all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-# A client may ask for less time than the policy's SLA (never more): milliseconds from arrival.
+# A client may ask for less time than the policy's SLA (never more): milliseconds from Envoy's
+# receipt of the request (as the SLA is).
 DEADLINE_HEADER = "x-mlproxy-deadline-ms"
 _POLICY_LIMIT = "policy max_body_bytes"
 _PROCESS_LIMIT = "the largest body this MLProxy replica receives, --max-body-bytes"
@@ -106,12 +108,19 @@ class ExtProcServicer:
         pool: BatcherPool,
         metrics: Metrics,
         limits: StreamLimits | None = None,
+        hops: Hops | None = None,
     ) -> None:
         self.router = router
         self._pool = pool
         self._metrics = metrics
         self.limits = limits or StreamLimits()
         self._log = _Throttled()
+        self._time_log = _Throttled(every=600.0)  # a config without request.time: say so
+        # The hops outside ext_proc (extproc/core/hops.py). Its side of Envoy's clock is the
+        # pool's monotonic clock plus a fixed offset to the epoch: a wall-clock step here does
+        # not move it.
+        self.hops = hops or Hops()
+        self._epoch = time.time() - pool.clock.now()
         self._open = 0
         self._held: dict[str, int] = {}  # streams of policy requests held, per client
 
@@ -208,17 +217,29 @@ class ExtProcServicer:
             return
         self._held[client] = self._held.get(client, 0) + 1
         try:
-            reply = await self._handle(context, route, headers, msg.end_of_stream, client)
+            answer = await self._handle(
+                context,
+                route,
+                headers,
+                msg.end_of_stream,
+                client,
+                msg.attributes.get(REQUEST_TIME_ATTRIBUTE),
+            )
         finally:
             left = self._held[client] - 1
             if left:
                 self._held[client] = left
             else:
                 del self._held[client]
-        if reply is None:
+        if answer is None:
             return
-        self._metrics.request_done(route.policy.name, reply[0].outcome, reply[1])
-        await context.write(_encode(*reply))
+        reply, wait, total, answered_at, inbound = answer
+        self._metrics.request_done(route.policy.name, reply.outcome, wait)
+        await context.write(_encode(reply, wait, total))
+        if answered_at is not None:
+            now = self._pool.clock.now()
+            self._metrics.reply_handoff(route.policy.name, now - answered_at)
+            self.hops.handed_off(now - answered_at, inbound, now)
 
     def _admit(self, client: str) -> bool:
         """Up to --max-streams open streams, every request is taken. Beyond it (up to the
@@ -239,11 +260,14 @@ class ExtProcServicer:
         headers: dict[str, str],
         end_of_stream: bool,
         client: str = "",
-    ) -> tuple[Reply, float | None, float | None] | None:
-        """The reply, its queue wait and its time in ext_proc (None for a request that was
-        not queued), or None if the stream ended early."""
+        request_time: str | None = None,
+    ) -> tuple[Reply, float | None, float | None, float | None, float] | None:
+        """The reply, its queue wait, its time in ext_proc and when its batch's answer came
+        back (None for a request that was not queued), and the seconds it spent in Envoy
+        first (0 if not known); or None if the stream ended early."""
         policy = route.policy
-        arrival = self._pool.clock.now()  # the SLA clock starts with the headers
+        arrival = self._pool.clock.now()  # the headers reached ext_proc
+        start, reserve = self._clock_start(context, policy, arrival, request_time)
         # A policy may allow more than this process can receive in one gRPC message.
         limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
         why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
@@ -293,9 +317,11 @@ class ExtProcServicer:
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(route, parsed, future, budget, arrival, client)
+            ticket = self._pool.submit(
+                route, parsed, future, budget, arrival, client, start, reserve
+            )
         except ProxyError as err:
-            return Reply.from_error(err), None, None
+            return Reply.from_error(err), None, None, None, 0.0
         except (_ProtocolError, wire.HeaderLimitError) as err:
             if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
@@ -307,28 +333,71 @@ class ExtProcServicer:
             error = ProxyError(
                 ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
             )
-            return Reply.from_error(error), None, None
+            return Reply.from_error(error), None, None, None, 0.0
         try:
             reply = await future
         except asyncio.CancelledError:
             ticket.cancel()
             raise
-        # An SLA miss is a reply later than the policy's SLA, or a request shed although it
-        # asked for no less than the SLA: a client that asks for less than the policy promises
-        # is served by its own deadline, but does not count against the policy (nor make the
-        # fleet tuner widen everyone's margin).
+        # An SLA miss is a reply later than the policy's SLA after Envoy received the request,
+        # or a request shed although it asked for no less than the SLA: a client that asks for
+        # less than the policy promises is served by its own deadline, but does not count
+        # against the policy (nor make the fleet tuner widen everyone's margin).
         now = self._pool.clock.now()
         sla = ticket.sla
         shed = reply.outcome == ErrorKind.DEADLINE.outcome
-        missed = now - ticket.arrival > sla or (shed and (budget is None or budget >= sla))
-        self._metrics.request_answered(policy.name, now - ticket.arrival, missed)
+        missed = now - ticket.start > sla or (shed and (budget is None or budget >= sla))
+        self._metrics.request_answered(policy.name, now - ticket.start, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
-        return reply, wait, now - ticket.arrival
+        return reply, wait, now - ticket.arrival, ticket.answered_at, ticket.arrival - ticket.start
+
+    def _clock_start(
+        self,
+        context: grpc.aio.ServicerContext,
+        policy: Policy,
+        arrival: float,
+        request_time: str | None,
+    ) -> tuple[float, float]:
+        """When the request's SLA clock started (Envoy's receipt, from its `request.time`; else
+        `arrival`), and the seconds to reserve for the way back (extproc/core/hops.py)."""
+        hops = self.hops
+        sla = policy.sla.latency_ms / 1000.0
+        inbound = hops.inbound(
+            _peer_host(context.peer()), request_time, arrival + self._epoch, arrival
+        )
+        self._metrics.request_time(policy.name, inbound.status, inbound.excess)
+        if inbound.status == "missing":
+            self._time_log.warning(
+                "missing",
+                "Envoy sent no request.time attribute: add request.time to the ext_proc "
+                'filter\'s request_attributes (README "Envoy settings"); until then a '
+                "request's SLA clock starts when it reaches ext_proc",
+            )
+        elif inbound.status == "invalid":
+            self._time_log.warning(
+                "invalid",
+                f"Envoy's request.time attribute {(request_time or '')[:48]!r} is not an RFC "
+                "3339 time within a day of this host's clock: check both hosts' clocks (NTP); "
+                "the request's SLA clock starts when it reached ext_proc",
+            )
+        reserve = hops.allowance(policy.sla.percentile / 100.0, sla, arrival)
+        self._metrics.outside_allowance(policy.name, reserve)
+        return arrival - min(inbound.excess, sla), reserve
 
 
 # Envoy request attributes that identify a client (the filter's `request_attributes`).
 PEER_SAN_ATTRIBUTE = "connection.uri_san_peer_certificate"
 SOURCE_ATTRIBUTE = "source.address"
+# When Envoy received the request (RFC 3339, Envoy's clock).
+REQUEST_TIME_ATTRIBUTE = "request.time"
+
+
+def _peer_host(peer: str) -> str:
+    """The host of a gRPC peer ("ipv4:10.0.0.1:5000" -> "ipv4:10.0.0.1", "ipv6:%5B::1%5D:5000"
+    -> "ipv6:%5B::1%5D"): the Envoy whose clock stamped the request, whatever its connection."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0][:80]
+    return peer[:128]
 
 
 def client_identity(attributes: dict[str, str]) -> str:

@@ -62,6 +62,7 @@ class Ticket:
     """One request's place in a batcher, and the future its reply arrives on."""
 
     __slots__ = (
+        "answered_at",
         "arrival",
         "batcher",
         "client",
@@ -71,6 +72,7 @@ class Ticket:
         "future",
         "parsed",
         "sla",
+        "start",
     )
 
     def __init__(
@@ -81,14 +83,19 @@ class Ticket:
         deadline: float,
         sla: float,
         client: str = "",
+        start: float | None = None,
     ) -> None:
         self.parsed = parsed
         self.client = client  # who sent it, for its share of the policy's queue
         self.future = future
-        self.arrival = arrival
+        self.arrival = arrival  # its headers reached ext_proc
+        # Envoy received it (as estimated from its request.time; else `arrival`): its SLA
+        # clock starts then
+        self.start = arrival if start is None else start
         self.deadline = deadline
         self.sla = sla  # seconds: the SLA of the policy version that queued it
         self.dispatched_at: float | None = None
+        self.answered_at: float | None = None  # its batch's answer came back
         self.entry: Entry[Ticket] | None = None
         self.batcher: Batcher | None = None
 
@@ -562,6 +569,7 @@ class Batcher:
             except Exception:  # the rule failed to learn from it; the slot is free anyway
                 log.exception("policy %s: dispatch rule failed on a finished batch", policy.name)
         for ticket, reply in zip(tickets, replies, strict=True):
+            ticket.answered_at = now
             if not ticket.future.done():
                 ticket.future.set_result(reply)
         try:
@@ -619,12 +627,15 @@ class BatcherPool:
         budget: float | None = None,
         arrival: float | None = None,
         client: str = "",
+        start: float | None = None,
+        reserve: float = 0.0,
     ) -> Ticket:
-        """Queue one request. Its deadline is arrival + the policy's SLA latency, or + `budget`
-        seconds if the client asked for less. `client` identifies the sender for its share of
-        the policy's queue (see extproc/core/fairness.py). `arrival` (default: now) is when
-        ext_proc first heard of it (its headers), so the SLA clock also covers the wait for its
-        body. Queues
+        """Queue one request. Its deadline is `start` + the policy's SLA latency (or + `budget`
+        seconds if the client asked for less) - `reserve`. `client` identifies the sender for its
+        share of the policy's queue (see extproc/core/fairness.py). `arrival` (default: now) is
+        when ext_proc first heard of it (its headers), so the SLA clock also covers the wait for
+        its body; `start` (default: `arrival`) when Envoy received it, and `reserve` the seconds
+        its answer is expected to take from ext_proc to the client (extproc/core/hops.py). Queues
         keep submission order for the oldest-first timers of static and aimd, so those may
         fire up to the difference in two requests' body waits late (sub-millisecond
         normally); deadlines are ordered exactly."""
@@ -670,9 +681,10 @@ class BatcherPool:
         elif key in self._rules:
             self._rules.move_to_end(key)  # in use: the last to be forgotten
         now = self.clock.now() if arrival is None else min(arrival, self.clock.now())
+        began = now if start is None else min(start, now)
         sla = policy.sla.latency_ms / 1000.0
-        deadline = now + (sla if budget is None else min(sla, budget))
-        ticket = Ticket(parsed, future, now, deadline, sla, client)
+        deadline = began + (sla if budget is None else min(sla, budget)) - max(0.0, reserve)
+        ticket = Ticket(parsed, future, now, deadline, sla, client, began)
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket

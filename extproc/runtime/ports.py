@@ -64,3 +64,17 @@ class Metrics(Protocol):
         """A peer's ext_proc stream was refused: `header_limit`, `stream_limit`, `malformed`,
         `protocol`."""
         ...
+
+    def request_time(self, policy: str, status: str, excess: float) -> None:
+        """A policy request's Envoy `request.time` was read: `status` "ok" (it spent `excess`
+        seconds in Envoy and on the way, beyond the least such delay seen recently), or
+        "missing" / "invalid" (its SLA clock starts at ext_proc instead)."""
+        ...
+
+    def reply_handoff(self, policy: str, seconds: float) -> None:
+        """A reply took `seconds` from its batch's answer to being written to gRPC."""
+        ...
+
+    def outside_allowance(self, policy: str, seconds: float) -> None:
+        """The time now reserved after ext_proc's answer for a policy's requests."""
+        ...

@@ -47,3 +47,12 @@ class Telemetry:
 
     def stream_refused(self, reason: str) -> None:
         self.metrics.stream_refused(reason)
+
+    def request_time(self, policy: str, status: str, excess: float) -> None:
+        self.metrics.request_time(policy, status, excess)
+
+    def reply_handoff(self, policy: str, seconds: float) -> None:
+        self.metrics.reply_handoff(policy, seconds)
+
+    def outside_allowance(self, policy: str, seconds: float) -> None:
+        self.metrics.outside_allowance(policy, seconds)

@@ -383,6 +383,9 @@ def test_dashboard_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
         "mlproxy_policy_store_carried_policies",
         "mlproxy_policy_store_resets_total",
         "mlproxy_cp_store_resets_total",
+        "mlproxy_inbound_delay_seconds_bucket",
+        "mlproxy_outside_allowance_seconds",
+        "mlproxy_request_time_fallbacks_total",
     } <= used
 
 

@@ -393,3 +393,41 @@ async def test_requests_differing_in_other_fields_share_the_backends_in_flight_l
     assert [echoed(r) for r in replies] == [[i] for i in range(6)]
     assert len(backend.calls) == 6
     assert h.pool._groups == {}  # the group goes with its last batcher
+
+
+async def test_the_deadline_counts_from_envoys_receipt_and_leaves_the_allowance() -> None:
+    """The SLA (1 s by default) and a client's own budget start when Envoy received the
+    request (`start`), and end `reserve` seconds early: the time the answer takes to reach
+    the client (extproc/core/hops.py)."""
+    h = Harness(make_policy())
+    route = h.router.resolve("/v1/models/m:predict")
+    assert route is not None
+    loop = asyncio.get_running_loop()
+    tickets = []
+    for budget, start_ago, reserve in [(None, 0.3, 0.1), (0.5, 0.2, 0.05), (None, None, 0.0)]:
+        now = h.pool.clock.now()
+        start = None if start_ago is None else now - start_ago
+        ticket = h.pool.submit(
+            route,
+            codec.parse(b'{"instances": [1]}'),
+            loop.create_future(),
+            budget,
+            now,
+            "",
+            start,
+            reserve,
+        )
+        tickets.append(ticket)
+        own = 1.0 if budget is None else budget
+        assert ticket.arrival == now
+        assert ticket.start == (now if start is None else start)
+        assert ticket.deadline == pytest.approx(ticket.start + own - reserve)
+    # a start after the request reached ext_proc is not believed
+    now = h.pool.clock.now()
+    late = h.pool.submit(
+        route, codec.parse(b'{"instances": [1]}'), loop.create_future(), None, now, "", now + 5
+    )
+    tickets.append(late)
+    assert late.start == now and late.deadline == pytest.approx(now + 1.0)
+    for t in tickets:
+        t.cancel()
