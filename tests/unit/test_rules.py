@@ -681,3 +681,66 @@ def test_any_fleet_count_plans_without_crashing(fleet: int) -> None:
         q.offer(i, 1, i * 0.01, i * 0.01 + 0.150)
     action = q.poll(0.05)
     assert isinstance(action, Dispatch | WaitUntil)
+
+
+def _two_clients(
+    rule: AdaptiveRule, rate: float, other_rate: float, other_budget: float, seconds: float
+) -> tuple[int, float]:
+    """Requests every 1/rate s due 150 ms after they arrive, and another client's every
+    1/other_rate s due `other_budget` after, through one slot that runs each batch for
+    exactly SERVER's time. Returns the batches sent and the share of the first client's
+    requests that missed their deadlines."""
+    arrivals = sorted(
+        [(i / rate, 0.150, True) for i in range(int(rate * seconds))]
+        + [((i + 0.5) / other_rate, other_budget, False) for i in range(int(other_rate * seconds))]
+    )
+    q: BatchQueue[tuple[bool, float]] = BatchQueue(rule)
+    running: tuple[float, Dispatch[tuple[bool, float]]] | None = None
+    wake, i, now, batches = math.inf, 0, 0.0, 0
+    mine = missed = 0
+    while i < len(arrivals) or running or q.queued:
+        nxt = arrivals[i][0] if i < len(arrivals) else math.inf
+        end = running[0] if running else math.inf
+        now = min(nxt, end, wake)
+        if now == end and running:
+            q.done(running[1], SERVER.predict(running[1].size), True, now)
+            for e in running[1].entries:
+                first, due = e.item
+                if first:
+                    mine += 1
+                    missed += now > due + 1e-9
+            running = None
+        elif now == nxt:
+            at, budget, first = arrivals[i]
+            assert q.offer((first, at + 0.150), 1, at, at + budget) is not None
+            i += 1
+        else:
+            wake = math.inf
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                assert running is None
+                batches += 1
+                running = (now + SERVER.predict(action.size), action)
+            elif isinstance(action, WaitUntil):
+                wake = min(wake, max(action.time, now))
+                break
+            else:
+                break
+    return batches, missed / mine
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team, issue 13: a client that asks for x-mlproxy-deadline-ms: 1 is late on "
+    "arrival, and a late request makes the queue send at once (reason 'late') whatever is "
+    "queued: 20 such requests a second next to 150 req/s of others make 4x the backend "
+    "calls (the others' batches go small; in a noisy simulation with a learnt model, the "
+    "others' misses near capacity rose from 4% to 27%). Pre-existing (7c1644b did the "
+    "same), not made worse by the throughput rule; needs a rule decision (late requests "
+    "ride with the next batch that goes anyway), not a red-team patch",
+)
+def test_a_client_with_impossible_deadlines_does_not_break_up_the_others_batches() -> None:
+    honest, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.150, 8.0)
+    hostile, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.001, 8.0)
+    assert hostile <= 1.5 * honest, (hostile, honest)
