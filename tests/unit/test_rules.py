@@ -6,7 +6,9 @@ import gc
 import heapq
 import itertools
 import math
+import random
 import weakref
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -744,3 +746,71 @@ def test_a_client_with_impossible_deadlines_does_not_break_up_the_others_batches
     honest, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.150, 8.0)
     hostile, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.001, 8.0)
     assert hostile <= 1.5 * honest, (hostile, honest)
+
+
+def _noisy_workers(
+    rule: AdaptiveRule | StaticRule, rate: float, seconds: float, workers: int, sigma: float
+) -> float:
+    """Poisson arrivals (seeded) due 150 ms after they arrive, through a server of `workers`
+    workers, each running one batch at a time for SERVER's time + 2 ms times log-normal noise
+    (`sigma`), batches waiting at the server for a free worker. Returns the share of requests
+    answered after their deadlines."""
+    rng = random.Random(1)
+    events: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+    t = 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        heapq.heappush(events, (t, next(seq), "arrive", None))
+    q: BatchQueue[float] = BatchQueue(rule)
+    free_at = [0.0] * workers
+    wake: float | None = None
+    late = answered = 0
+    while events:
+        now, _, kind, what = heapq.heappop(events)
+        if kind == "arrive":
+            assert q.offer(now, 1, now, now + 0.150) is not None
+        elif kind == "done":
+            batch, took = what
+            q.done(batch, took, True, now)
+            answered += len(batch.entries)
+            late += sum(now > e.deadline for e in batch.entries)
+        elif wake != now:
+            continue  # a wake-up that a later plan replaced
+        else:
+            wake = None
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                w = min(range(workers), key=free_at.__getitem__)
+                start = max(now, free_at[w])
+                free_at[w] = start + (0.002 + SERVER.predict(action.size)) * math.exp(
+                    rng.gauss(0.0, sigma)
+                )
+                heapq.heappush(events, (free_at[w], next(seq), "done", (action, free_at[w] - now)))
+            elif isinstance(action, WaitUntil):
+                if wake is None or action.time < wake:
+                    wake = action.time
+                    heapq.heappush(events, (wake, next(seq), "wake", None))
+                break
+            else:
+                break
+    return late / answered
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team, issue 13: on a server with four workers whose batch times vary by about "
+    "20% (log-normal sigma 0.2), a batch 1.5x the 10th-percentile time is common noise (about "
+    "a quarter of batches), so the in-flight learner cuts and fails its trials until the limit "
+    "sits at one: adaptive then misses about 21% of deadlines at 600 req/s (43% of the "
+    "server's capacity), where static (batch 32, wait 20 ms, 4 in flight) misses none. The "
+    "congestion test needs to tell noise from queueing (e.g. against the noise the estimator "
+    "measures); a heuristic change for the rule's owner",
+)
+def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
+    static = _noisy_workers(StaticRule(32, 0.020, 4, 10_000), 600.0, 20.0, 4, 0.2)
+    adaptive_rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 8, 10_000, margin=0.015)
+    missed = _noisy_workers(adaptive_rule, 600.0, 20.0, 4, 0.2)
+    assert static <= 0.01  # the workload can be served
+    assert missed <= 0.01, (missed, adaptive_rule.max_in_flight)
