@@ -140,7 +140,7 @@ class Tuning(_Strict):
     """Fleet-wide fit of the batch time t(b) = base + per_item * b at the SLA percentile;
     each replica starts from it and refines it with its own samples."""
     seed_per_item_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
-    replicas: Annotated[int, Field(ge=0)] = 0
+    replicas: Annotated[int, Field(ge=0, le=100_000)] = 0
     """Replicas reporting when the tuner decided."""
     reason: Annotated[str, Field(max_length=1024)] = ""
 

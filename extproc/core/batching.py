@@ -259,7 +259,13 @@ class BatchQueue(Generic[T]):
         self._queued -= 1
         self._size -= entry.size
         self._dead += 1
-        if self._dead > max(32, self._queued):  # clients that leave must not pile up
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries that left from `_order` once they outnumber the live ones: clients
+        that leave, and requests sent from behind a late one that gives way, must not pile up
+        (nor keep their bodies alive)."""
+        if self._dead > max(32, self._queued):
             self._order = [e for e in self._order[self._lo :] if e.state is EntryState.QUEUED]
             self._lo = 0
             self._dead = 0
@@ -401,5 +407,6 @@ class BatchQueue(Generic[T]):
         self._in_flight += 1
         if self._shared is not None:
             self._shared.count += 1
+        self._compact()
         self._trim_fifo()
         return Dispatch(batch, size, send.reason, self.in_flight)

@@ -166,6 +166,11 @@ AUTOSCALE_HEADROOM = 0.8
 AUTOSCALE_SLACK = 1.25
 
 
+# The most replicas a fleet count is taken for (the policy's own bound): an arbitrary integer
+# must not overflow the float arithmetic of the plan.
+MAX_FLEET = 100_000
+
+
 class AdaptiveRule:
     def __init__(
         self,
@@ -196,7 +201,7 @@ class AdaptiveRule:
         self.autoscale = autoscale
         # Replicas sharing the backend, each with about as much traffic as this one (the
         # fleet tuner's count): the backend's load is the fleet's.
-        self.fleet = max(1, fleet)
+        self.fleet = max(1, min(fleet, MAX_FLEET))
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
         # One at first: the backend's uncongested time is learnt before a second batch is
         # sent alongside (started at two on a server that runs one batch at a time, every
@@ -420,6 +425,9 @@ class AdaptiveRule:
                 self._clean = 0
 
     def _cut(self, now: float) -> None:
+        # A cut ends any trial: the grown limit is gone, and batches can no longer be sent at
+        # it to decide the trial (left on, it would block every later probe).
+        self._trial = False
         self.limit = max(1.0, self.limit * DECREASE)
         self._cut_at = now
         self._clean = 0

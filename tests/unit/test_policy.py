@@ -52,6 +52,8 @@ def test_defaults_are_filled_in() -> None:
         ({"backend": {"url": "http://model:99999/x"}}, "invalid host or port"),
         ({"backend": {"url": "http://:8080/x"}}, "no host"),
         ({"backend": {"url": "http://m/", "max_response_bytes": 10}}, "max_response_bytes"),
+        ({"tuning": {"replicas": 10**400}}, "policies.0.tuning.replicas"),
+        ({"tuning": {"replicas": 100_001}}, "policies.0.tuning.replicas"),
     ],
 )
 def test_invalid_policies_name_the_field(change: dict[str, object], field: str) -> None:

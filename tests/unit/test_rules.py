@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
+import random
+import weakref
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -574,3 +578,252 @@ def test_the_fleets_rate_decides_whether_one_instance_has_room_to_spare() -> Non
     later = slice(len(fleet) // 2, None)  # once the arrival rate is known (2 s average)
     assert sum(d.reason == "enough" for d in alone[later]) > 0.8 * len(alone[later])
     assert not any(d.reason == "enough" for d in fleet[later])
+
+
+# Red team (issue 13): the throughput rule's give-way, the in-flight trials, hostile values.
+
+
+class _Req:
+    """A request the queue holds; weakly referenceable, to see what the queue keeps alive."""
+
+    __slots__ = ("__weakref__", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def _sustained(
+    rule: AdaptiveRule, rate: float, seconds: float, budget: float = 0.150
+) -> tuple[BatchQueue[_Req], list[weakref.ref[_Req]], dict[int, float]]:
+    """Like `_drive`, but the arrivals never stop while it runs (no drain at the end), a full
+    queue refuses them, and nothing here keeps a request alive once its batch is done:
+    returns the queue, a weak reference to every request, and when each was sent (by
+    number)."""
+    q: BatchQueue[_Req] = BatchQueue(rule)
+    refs: list[weakref.ref[_Req]] = []
+    sent_at: dict[int, float] = {}
+    running: tuple[float, Dispatch[_Req]] | None = None
+    wake, i, now = math.inf, 0, 0.0
+    total = int(rate * seconds)
+    while i < total:
+        nxt = i / rate
+        end = running[0] if running else math.inf
+        now = min(nxt, end, wake)
+        if now == end and running:
+            q.done(running[1], SERVER.predict(running[1].size), True, now)
+            running = None
+        elif now == nxt:
+            req = _Req(i)
+            refs.append(weakref.ref(req))
+            q.offer(req, 1, now, now + budget)  # None when the queue is full: refused
+            del req
+            i += 1
+        else:
+            wake = math.inf
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                assert running is None  # one slot
+                running = (now + SERVER.predict(action.size), action)
+                for e in action.entries:
+                    sent_at[e.item.n] = now
+            elif isinstance(action, WaitUntil):
+                wake = min(wake, max(action.time, now))
+                break
+            else:
+                break
+    return q, refs, sent_at
+
+
+def test_requests_sent_from_behind_a_late_one_that_gives_way_are_not_kept_alive() -> None:
+    """Under sustained overload the late requests give way and stay at the head of the queue;
+    the requests sent from behind them are done with. The queue must not keep them (and
+    their bodies) alive until some client happens to cancel: it holds about what is queued,
+    not everything sent since the first late request."""
+    q, refs, sent_at = _sustained(_server_rule(), 450.0, 10.0)
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert len(sent_at) > 2_000 and q.queued > 0  # overloaded: some gave way
+    # As many that left as are queued at most (+ 32): what compaction allows for cancels.
+    assert alive <= 2 * q.queued + 64, (alive, q.queued)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team, issue 13: under sustained overload a best-effort late request gives way "
+    "to every request that can still be met and is never sent (it waits for Envoy's "
+    "message_timeout, 30 s by default, and a 504); the README says best-effort late requests "
+    "go 'with the next batch'. Needs a rule decision (an age bound, or shed) from the rule's "
+    "owner, not a red-team patch",
+)
+def test_under_sustained_overload_a_best_effort_late_request_is_still_sent() -> None:
+    rule = _server_rule()
+    assert rule.on_late == "best_effort"
+    _q, refs, sent_at = _sustained(rule, 450.0, 12.0)
+    early = int(450.0 * 4.0)  # arrived in the first 4 s: 8 s of chances since
+    unsent = [n for n in range(early) if n not in sent_at]
+    assert len(refs) > early
+    assert unsent == []
+
+
+def test_a_cut_while_a_grown_limit_is_on_trial_ends_the_trial() -> None:
+    """The limit grows to 3 (on trial); two batches sent at 2, before it grew, come back
+    congested and cut it. The trial can no longer be decided (nothing is sent at 3 below a
+    limit of 2), so it must end: after many clean batches at the limit, the limit grows again,
+    as it does on a backend with four slots."""
+    rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+    rule.completed(1, MODEL.predict(1), "idle", True, 0.0, 2)  # clean at the limit: grow
+    assert rule.max_in_flight == 3
+    rule.completed(1, 0.100, "idle", True, 0.100, 2)  # sent at 2: not the trial's batches
+    rule.completed(1, 0.100, "idle", True, 0.101, 2)
+    assert rule.max_in_flight == 2  # cut
+    now = 1.0
+    for _ in range(3_000):  # four slots: clean up to four at once, a fifth waits
+        now += 0.05
+        level = rule.max_in_flight
+        seconds = MODEL.predict(1) if level <= 4 else 0.030
+        rule.completed(1, seconds, "idle", True, now, level)
+    assert rule.max_in_flight == 4
+
+
+@pytest.mark.parametrize("fleet", [0, 1_000_000, 10**400])
+def test_any_fleet_count_plans_without_crashing(fleet: int) -> None:
+    """`tuning.replicas` comes from a policy document: an absurd count must not break the
+    plan (10**400 overflowed a float and failed every request of the policy with 500)."""
+    rule = _server_rule(autoscale=0.7, fleet=fleet)
+    q: BatchQueue[int] = BatchQueue(rule)
+    for i in range(5):
+        q.offer(i, 1, i * 0.01, i * 0.01 + 0.150)
+    action = q.poll(0.05)
+    assert isinstance(action, Dispatch | WaitUntil)
+
+
+def _two_clients(
+    rule: AdaptiveRule, rate: float, other_rate: float, other_budget: float, seconds: float
+) -> tuple[int, float]:
+    """Requests every 1/rate s due 150 ms after they arrive, and another client's every
+    1/other_rate s due `other_budget` after, through one slot that runs each batch for
+    exactly SERVER's time. Returns the batches sent and the share of the first client's
+    requests that missed their deadlines."""
+    arrivals = sorted(
+        [(i / rate, 0.150, True) for i in range(int(rate * seconds))]
+        + [((i + 0.5) / other_rate, other_budget, False) for i in range(int(other_rate * seconds))]
+    )
+    q: BatchQueue[tuple[bool, float]] = BatchQueue(rule)
+    running: tuple[float, Dispatch[tuple[bool, float]]] | None = None
+    wake, i, now, batches = math.inf, 0, 0.0, 0
+    mine = missed = 0
+    while i < len(arrivals) or running or q.queued:
+        nxt = arrivals[i][0] if i < len(arrivals) else math.inf
+        end = running[0] if running else math.inf
+        now = min(nxt, end, wake)
+        if now == end and running:
+            q.done(running[1], SERVER.predict(running[1].size), True, now)
+            for e in running[1].entries:
+                first, due = e.item
+                if first:
+                    mine += 1
+                    missed += now > due + 1e-9
+            running = None
+        elif now == nxt:
+            at, budget, first = arrivals[i]
+            assert q.offer((first, at + 0.150), 1, at, at + budget) is not None
+            i += 1
+        else:
+            wake = math.inf
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                assert running is None
+                batches += 1
+                running = (now + SERVER.predict(action.size), action)
+            elif isinstance(action, WaitUntil):
+                wake = min(wake, max(action.time, now))
+                break
+            else:
+                break
+    return batches, missed / mine
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team, issue 13: a client that asks for x-mlproxy-deadline-ms: 1 is late on "
+    "arrival, and a late request makes the queue send at once (reason 'late') whatever is "
+    "queued: 20 such requests a second next to 150 req/s of others make 4x the backend "
+    "calls (the others' batches go small; in a noisy simulation with a learnt model, the "
+    "others' misses near capacity rose from 4% to 27%). Pre-existing (7c1644b did the "
+    "same), not made worse by the throughput rule; needs a rule decision (late requests "
+    "ride with the next batch that goes anyway), not a red-team patch",
+)
+def test_a_client_with_impossible_deadlines_does_not_break_up_the_others_batches() -> None:
+    honest, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.150, 8.0)
+    hostile, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.001, 8.0)
+    assert hostile <= 1.5 * honest, (hostile, honest)
+
+
+def _noisy_workers(
+    rule: AdaptiveRule | StaticRule, rate: float, seconds: float, workers: int, sigma: float
+) -> float:
+    """Poisson arrivals (seeded) due 150 ms after they arrive, through a server of `workers`
+    workers, each running one batch at a time for SERVER's time + 2 ms times log-normal noise
+    (`sigma`), batches waiting at the server for a free worker. Returns the share of requests
+    answered after their deadlines."""
+    rng = random.Random(1)
+    events: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+    t = 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        heapq.heappush(events, (t, next(seq), "arrive", None))
+    q: BatchQueue[float] = BatchQueue(rule)
+    free_at = [0.0] * workers
+    wake: float | None = None
+    late = answered = 0
+    while events:
+        now, _, kind, what = heapq.heappop(events)
+        if kind == "arrive":
+            assert q.offer(now, 1, now, now + 0.150) is not None
+        elif kind == "done":
+            batch, took = what
+            q.done(batch, took, True, now)
+            answered += len(batch.entries)
+            late += sum(now > e.deadline for e in batch.entries)
+        elif wake != now:
+            continue  # a wake-up that a later plan replaced
+        else:
+            wake = None
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                w = min(range(workers), key=free_at.__getitem__)
+                start = max(now, free_at[w])
+                free_at[w] = start + (0.002 + SERVER.predict(action.size)) * math.exp(
+                    rng.gauss(0.0, sigma)
+                )
+                heapq.heappush(events, (free_at[w], next(seq), "done", (action, free_at[w] - now)))
+            elif isinstance(action, WaitUntil):
+                if wake is None or action.time < wake:
+                    wake = action.time
+                    heapq.heappush(events, (wake, next(seq), "wake", None))
+                break
+            else:
+                break
+    return late / answered
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team, issue 13: on a server with four workers whose batch times vary by about "
+    "20% (log-normal sigma 0.2), a batch 1.5x the 10th-percentile time is common noise (about "
+    "a quarter of batches), so the in-flight learner cuts and fails its trials until the limit "
+    "sits at one: adaptive then misses about 21% of deadlines at 600 req/s (43% of the "
+    "server's capacity), where static (batch 32, wait 20 ms, 4 in flight) misses none. The "
+    "congestion test needs to tell noise from queueing (e.g. against the noise the estimator "
+    "measures); a heuristic change for the rule's owner",
+)
+def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
+    static = _noisy_workers(StaticRule(32, 0.020, 4, 10_000), 600.0, 20.0, 4, 0.2)
+    adaptive_rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 8, 10_000, margin=0.015)
+    missed = _noisy_workers(adaptive_rule, 600.0, 20.0, 4, 0.2)
+    assert static <= 0.01  # the workload can be served
+    assert missed <= 0.01, (missed, adaptive_rule.max_in_flight)
