@@ -8,7 +8,8 @@ their order and the counts, and enforces what holds for every rule:
 - Every request has a deadline (absolute time). The queue is ordered earliest deadline first
   (ties: arrival order); a batch is always taken from the head, in that order, and stops at the
   first request that does not fit, so nothing still queued has an earlier deadline than a
-  request already sent.
+  request already sent -- except a request that can no longer meet its deadline when the rule
+  asks for `Send.late_last`: it gives way to the ones that can.
 - A batch never holds more instances than the rule's cap, except a single request larger than
   the cap, which goes alone.
 - At most `rule.max_in_flight` batches of this queue run at the backend at once; queues given
