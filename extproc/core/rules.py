@@ -203,6 +203,7 @@ class AdaptiveRule:
         # fleet tuner's count): the backend's load is the fleet's.
         self.fleet = max(1, min(fleet, MAX_FLEET))
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
+        self._longest = 0.0  # the longest allowance (deadline - arrival) seen: about the SLA
         # One at first: the backend's uncongested time is learnt before a second batch is
         # sent alongside (started at two on a server that runs one batch at a time, every
         # sample waited and the wait passed for the backend's own time).
@@ -247,6 +248,7 @@ class AdaptiveRule:
             if cum and cum + e.size > cap:
                 break  # the rest goes in a later batch; the queue is full anyway
             cum += e.size
+            self._longest = max(self._longest, e.deadline - e.arrival)
             if not math.isfinite(span):
                 span = e.deadline - e.arrival  # the head's whole allowance
             if now + best(e.size) > e.deadline + EPSILON:
@@ -261,9 +263,10 @@ class AdaptiveRule:
         if late and self.on_late == "shed":
             return Drop(late)
         # Best effort gives way to requests that can still be met, but not without bound: one
-        # whose deadline passed a whole SLA ago is shed (answered 503 at once) rather than left
-        # waiting while an overload lasts.
-        stale = [e for e in late if now > 2 * e.deadline - e.arrival]
+        # that has waited two SLAs (the longest allowance seen: a client that asked for less
+        # still gets its best effort) is shed (answered 503 at once) rather than left waiting
+        # while an overload lasts.
+        stale = [e for e in late if now - e.arrival > 2 * self._longest]
         if stale:
             return Drop(stale)
         if blocked:

@@ -837,3 +837,20 @@ def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
     missed = _noisy_workers(adaptive_rule, 600.0, 20.0, 4, 0.2)
     assert static <= 0.01  # the workload can be served
     assert missed <= 0.01, (missed, adaptive_rule.max_in_flight)
+
+
+def test_a_client_that_asked_for_a_tight_deadline_still_gets_its_best_effort() -> None:
+    """The bound on best effort counts two SLAs (the longest allowance seen), not two of the
+    client's own: a request that asked for 1 ms, queued behind a batch, is sent when the slot
+    frees (late), not shed 2 ms after it arrived."""
+    rule = _server_rule()
+    q: BatchQueue[str] = BatchQueue(rule)
+    q.offer("normal", 1, 0.0, 0.150)
+    q.offer("other", 1, 0.0, 0.150)
+    first = q.poll(0.120)  # held to its deadline, then sent
+    assert isinstance(first, Dispatch)
+    q.offer("tight", 1, 0.121, 0.122)  # late on arrival; the slot is busy
+    assert q.poll(0.121) is None
+    q.done(first, 0.024, True, 0.144)
+    action = q.poll(0.144)  # 23 ms after it arrived: long past its own 1 ms
+    assert isinstance(action, Dispatch) and action.items == ["tight"]
