@@ -295,9 +295,10 @@ class AdaptiveRule:
             t = typical.predict
         if queue.queued_size >= cap:
             reason = "full"
-        elif late:
-            # Already late: sent at once (while a batch slot is free; else with the next batch),
-            # after the ones that can still be met.
+        elif late and not math.isfinite(due):
+            # Only late ones: sent at once (while a batch slot is free; else with the next
+            # batch). With requests that can still be met, the late ones ride with their batch
+            # when it goes (after them): a late request must not break the others' batches.
             reason = "late"
         elif self.objective == "latency":
             reason = "idle"
