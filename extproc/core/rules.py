@@ -331,7 +331,7 @@ class AdaptiveRule:
         slots = TARGET_UTILISATION * self.max_in_flight
         a, c = model.base, model.per_item
         cap = self.max_batch_size
-        held = min(float(cap), max(1.0, rate * (span - self.margin - a) / (1.0 + c * rate)))
+        held = self._held_batch(model, rate, span)
         if slots * held >= rate * (a + c * held):
             return None
         # Sending as slots free: b instances per t(b) per slot must match the rate.
@@ -339,6 +339,13 @@ class AdaptiveRule:
         if spare <= 0:
             return cap
         return max(1, min(cap, math.ceil(rate * a / spare)))
+
+    def _held_batch(self, model: LatencyModel, rate: float, span: float) -> float:
+        """The batch that holding to the deadline makes at `rate`: its first request waits T,
+        T + t(rate * T) = span - margin, so b = rate * T (at least one, at most the bound)."""
+        a, c = model.base, model.per_item
+        held = rate * (span - self.margin - a) / (1.0 + c * rate)
+        return min(float(self.max_batch_size), max(1.0, held))
 
     def _autoscaled_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
         """With an autoscaled backend (`autoscale`: the concurrency per instance its
@@ -356,7 +363,7 @@ class AdaptiveRule:
             return None
         a, c = model.base, model.per_item
         cap = self.max_batch_size
-        biggest = min(float(cap), max(1.0, rate * (span - self.margin - a) / (1.0 + c * rate)))
+        biggest = self._held_batch(model, rate, span)
         # The least concurrency there can be, with the whole fleet's batches at their biggest.
         least = rate * self.fleet * (a + c * biggest) / biggest
         budget = AUTOSCALE_HEADROOM * self.autoscale
