@@ -22,8 +22,14 @@ whenever a worker frees can meet the SLA, k * b / t(b) for the largest b with 2 
 (a request may wait for one batch and then ride the next); a Knative service autoscales, so its
 rates are the one-worker server's.
 
+With several replicas, `--fleet` says how they share the backend (`bench/sim.py`): `owner`
+(the default: one replica batches for the fleet, the others forward to it, `--hop-ms` each
+way, as `--peer-port` does), `independent` (each batches its share alone: peering off) or
+`budget` (a shared in-flight count). Every mode, static included, runs in the same fleet. The
+control plane's fleet tuner runs every `--tuner-every` seconds (0: off), as in production.
+
     python -m bench.grid --kinds fixed1,fixed4,limited,knative --loads 0.2,0.5,0.8,1,1.2 \
-        --replicas 1,3 --duration 40 --out bench/results/grid
+        --replicas 1,3 --fleet owner --duration 40 --out bench/results/grid
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 from bench.backends import BackendConfig, ServerConfig
 from bench.knative import ServiceConfig
 from bench.profiles import Profile
-from bench.sim import SimResult, simulate
+from bench.sim import FLEETS, Fleet, SimResult, simulate
 from mlproxy.policy import Mode, Policy
 
 __all__ = [
@@ -144,10 +150,22 @@ class Case:
     load: float
     replicas: int
     rate: float
+    fleet: Fleet = "independent"
 
 
-def _run(args: tuple[Case, dict[str, Any], float, float, float, int]) -> dict[str, Any]:
-    case, batching, duration, warmup, overhead, seed = args
+@dataclass(frozen=True)
+class Run:
+    duration: float
+    warmup: float
+    overhead: float
+    seed: int
+    hop: float
+    tuner_every: float | None
+
+
+def _run(args: tuple[Case, dict[str, Any], Run]) -> dict[str, Any]:
+    case, batching, run = args
+    duration, warmup, overhead, seed = run.duration, run.warmup, run.overhead, run.seed
     mode: Mode = "adaptive" if batching.get("mode") == "adaptive" else "static"
     body = batching if mode == "adaptive" else {"mode": "static", **batching}
     r: SimResult = simulate(
@@ -161,10 +179,14 @@ def _run(args: tuple[Case, dict[str, Any], float, float, float, int]) -> dict[st
         backend=kinds(overhead)[case.kind],
         warmup=warmup,
         policy=policy(body, autoscaled=case.kind == "knative", replicas=case.replicas),
+        fleet=case.fleet,
+        hop=run.hop,
+        tuner_every=run.tuner_every,
     )
     return {
         "kind": case.kind,
         "replicas": case.replicas,
+        "fleet": case.fleet,
         "load": case.load,
         "rate": round(case.rate, 1),
         "config": label(body),
@@ -210,7 +232,11 @@ def judge(adaptive: dict[str, Any], best: dict[str, Any]) -> list[str]:
 
 
 def cases(
-    kind_names: Sequence[str], loads: Sequence[float], replicas: Sequence[int], overhead: float
+    kind_names: Sequence[str],
+    loads: Sequence[float],
+    replicas: Sequence[int],
+    overhead: float,
+    fleet: Fleet = "independent",
 ) -> list[Case]:
     out = []
     for kind in kind_names:
@@ -218,20 +244,26 @@ def cases(
         workers = config.workers if isinstance(config, ServerConfig) else 1
         full = sla_capacity(WORKLOAD, workers, overhead)
         for n in replicas:
-            out += [Case(kind, load, n, load * full) for load in loads]
+            how: Fleet = fleet if n > 1 else "independent"
+            out += [Case(kind, load, n, load * full, how) for load in loads]
     return out
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int, str, float]:
+    return (row["kind"], row["replicas"], row.get("fleet", "independent"), row["load"])
 
 
 def markdown(results: Sequence[tuple[dict[str, Any], dict[str, Any], list[str]]]) -> str:
     head = (
-        "| kind | replicas | load | req/s | adaptive viol. % | best static | its viol. % | "
+        "| kind | replicas | fleet | load | req/s | adaptive viol. % | best static | its viol. % | "
         "adaptive goodput | its goodput | adaptive cost | its cost | adaptive p50 | its p50 | "
         "adaptive batch | its batch | verdict |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for a, b, lost in results:
         lines.append(
-            f"| {a['kind']} | {a['replicas']} | {a['load']:g} | {a['rate']:g} | "
+            f"| {a['kind']} | {a['replicas']} | {a.get('fleet', 'independent')} | "
+            f"{a['load']:g} | {a['rate']:g} | "
             f"{a['violations_pct']} | {b['config']} | {b['violations_pct']} | "
             f"{a['goodput_rps']} | {b['goodput_rps']} | {a['cost']} | {b['cost']} | "
             f"{a['p50_ms']} | {b['p50_ms']} | {a['mean_batch']} | {b['mean_batch']} | "
@@ -249,6 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--overhead-ms", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fleet", choices=FLEETS, default="owner", help="with several replicas")
+    ap.add_argument("--hop-ms", type=float, default=1.0, help="owner forwarding, each way")
+    ap.add_argument(
+        "--tuner-every", type=float, default=5.0, help="fleet tuner period, seconds (0: off)"
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--adaptive-only", action="store_true", help="skip the grid (reuse --out)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/grid"))
@@ -259,32 +296,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         [float(x) for x in args.loads.split(",")],
         [int(x) for x in args.replicas.split(",")],
         overhead,
+        args.fleet,
+    )
+    run = Run(
+        args.duration,
+        args.warmup,
+        overhead,
+        args.seed,
+        args.hop_ms / 1000.0,
+        args.tuner_every or None,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "static.json"
     static_rows: list[dict[str, Any]] = []
     if args.adaptive_only and cache.exists():
         static_rows = json.loads(cache.read_text())
-    jobs: list[tuple[Case, dict[str, Any], float, float, float, int]] = []
+    jobs: list[tuple[Case, dict[str, Any], Run]] = []
     for case in todo:
-        jobs.append((case, ADAPTIVE, args.duration, args.warmup, overhead, args.seed))
+        jobs.append((case, ADAPTIVE, run))
         if not args.adaptive_only:
-            jobs += [
-                (case, s, args.duration, args.warmup, overhead, args.seed) for s in static_grid()
-            ]
+            jobs += [(case, s, run) for s in static_grid()]
     began = time.monotonic()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_run, jobs, chunksize=4))
     if not args.adaptive_only:
-        static_rows = [r for r in rows if r["config"] != "adaptive"]
+        fresh = [r for r in rows if r["config"] != "adaptive"]
+        redone = {_key(r) for r in fresh}
+        old = json.loads(cache.read_text()) if cache.exists() else []
+        static_rows = [r for r in old if _key(r) not in redone] + fresh  # keep other cases
         cache.write_text(json.dumps(static_rows))
     results = []
     losses = 0
     for case in todo:
-        key = (case.kind, case.replicas, case.load)
+        key = (case.kind, case.replicas, case.fleet, case.load)
 
-        def mine(r: dict[str, Any], key: tuple[str, int, float] = key) -> bool:
-            return (r["kind"], r["replicas"], r["load"]) == key
+        def mine(r: dict[str, Any], key: tuple[str, int, str, float] = key) -> bool:
+            return _key(r) == key
 
         a = next(r for r in rows if mine(r) and r["config"] == "adaptive")
         statics = [r for r in static_rows if mine(r)]
@@ -297,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append((a, b, lost))
     text = (
         f"Simulated {args.duration:g} s after {args.warmup:g} s of warm-up, seed {args.seed}, "
-        f"overhead {args.overhead_ms:g} ms per call, {len(jobs)} runs in "
+        f"overhead {args.overhead_ms:g} ms per call, fleets of several replicas: {args.fleet} "
+        f"(hop {args.hop_ms:g} ms), fleet tuner every {args.tuner_every:g} s (0: off), "
+        f"{len(jobs)} runs in "
         f"{time.monotonic() - began:.0f} s; adaptive loses in {losses} of {len(results)} "
         "cases.\n\n" + markdown(results) + "\n"
     )

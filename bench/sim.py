@@ -20,6 +20,20 @@ cost in busy worker-seconds). A batch the server refuses (429, or 503 when a bou
 full) fails all its requests, as the production runtime does (`BatchExecutor`: no retry, each
 request gets the status; the rule learns the batch failed).
 
+A fleet of replicas (`replicas` > 1) shares one backend, in one of three ways (`fleet`):
+
+- `independent`: each replica batches the requests it receives (1/N of the traffic) alone;
+- `owner`: one replica owns the model and batches for the fleet; the others forward each
+  request to it and relay its answer (`hop` seconds each way, deadline shortened by both), the
+  way `--peer-port` does on the real stack (README "Fleets: one owner per model");
+- `budget`: every replica batches alone but all share one in-flight count (an idealised fleet
+  budget in Redis with no round trip): the mechanism measured and rejected for `owner`.
+
+With `tuner_every` the control plane's fleet tuner (`controlplane/domain/tuner.py`, the same
+pure code) runs every that many seconds on each replica's heartbeat stats (`StatsWindow`, the
+replicas' own) and its decisions are applied to every replica's rule, as the control plane's
+push would.
+
 Latency is measured from a request's arrival at the proxy to the end of its batch; a request
 misses the SLA when that exceeds the profile's SLO, or when it fails (shed, or refused).
 Goodput is the requests answered within the SLO per second of the trace. The proxy's own
@@ -34,7 +48,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,11 +56,15 @@ from bench.backends import BackendConfig, ServerConfig, capacity, make_backend
 from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.traces import schedule
-from extproc.core.batching import BatchQueue, Dispatch, Shed, WaitUntil
+from controlplane.domain.tuner import tune
+from extproc.core.batching import BatchQueue, Dispatch, InFlight, Shed, WaitUntil
+from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Mode, Policy
+from mlproxy.replica import PolicyStats
 
 __all__ = [
+    "FLEETS",
     "MODES",
     "ModeConfig",
     "SimResult",
@@ -58,6 +76,8 @@ __all__ = [
 ]
 
 MODES: tuple[Mode, ...] = ("off", "static", "aimd", "adaptive")
+Fleet = Literal["independent", "owner", "budget"]
+FLEETS: tuple[Fleet, ...] = ("independent", "owner", "budget")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +154,7 @@ class SimResult:
     refused: int = 0  # measured requests whose batch the backend refused (429/503)
     refused_batches: int = 0
     workers: int = 0  # a fixed or limited server's (0: knative)
+    tunings: list[tuple[float, str]] = field(default_factory=list)  # the fleet tuner's changes
 
     @property
     def goodput(self) -> float:
@@ -249,21 +270,29 @@ def simulate(
     warmup: float = 120.0,
     times: Sequence[float] | None = None,
     policy: Policy | None = None,
+    fleet: Fleet = "independent",
+    hop: float = 0.001,
+    tuner_every: float | None = None,
 ) -> SimResult:
     """Replay `trace` (peaking at `peak` req/s for `duration` s) through `replicas` proxies in
     `mode` to the backend (`backend`: Knative-like by default, or a `ServerConfig`). Same
     seed, same arrivals and same noise draws order per batch: deterministic. `times` (warm-up
     included) and `policy` replace the ones the trace and the mode would give (to simulate
-    exactly what a benchmark ran)."""
+    exactly what a benchmark ran). `fleet`, `hop` and `tuner_every`: see the module's doc."""
     if times is None:
         times = schedule(trace, duration, peak, seed, warmup)
     first = sum(1 for t in times if t < warmup)  # the first measured request
-    if policy is None:
-        policy = policy_for(mode, profile, modes)
+    current: Policy = policy if policy is not None else policy_for(mode, profile, modes)
+    name = current.name
     slo = profile.slo_ms / 1000.0
     rng = random.Random(seed ^ 0xBACE)
     route_rng = random.Random(seed ^ 0x7011)
-    queues = [BatchQueue[int](rule_for(policy)) for _ in range(replicas)]
+    shared = InFlight() if fleet == "budget" and replicas > 1 else None
+    queues = [BatchQueue[int](rule_for(current), shared) for _ in range(replicas)]
+    stats = [StatsWindow() for _ in range(replicas)]
+    tuned_at: float | None = None
+    tunings: list[tuple[float, str]] = []  # (seconds into the measurement, the tuner's reason)
+    forwarded = np.zeros(len(times), dtype=bool)
     armed = [math.inf] * replicas
     be = make_backend(backend)
     n = len(times)
@@ -305,6 +334,7 @@ def simulate(
             elif isinstance(action, Shed):
                 for i in action.items:
                     latency[i] = math.inf
+                    stats[r].answered(name, now, True)
             elif isinstance(action, WaitUntil):
                 if action.time < armed[r]:
                     armed[r] = action.time
@@ -312,6 +342,34 @@ def simulate(
                 return
             else:
                 return
+
+    def offer(r: int, i: int, now: float, deadline: float) -> None:
+        entry = queues[r].offer(i, 1, now, deadline)
+        assert entry is not None
+        stats[r].arrival(name, now)
+        pump(r, now)
+
+    def pump_all(now: float, first: int) -> None:
+        """A batch of replica `first` ended: with a shared budget, the others may send now."""
+        pump(first, now)
+        if shared is not None:
+            for o in range(replicas):
+                if o != first:
+                    pump(o, now)
+
+    def retune(now: float) -> None:
+        nonlocal current, tuned_at
+        snaps = [w.snapshot(now).get(name) for w in stats]
+        decision = tune(current, [PolicyStats(**s) for s in snaps if s is not None], now, tuned_at)
+        if decision is None:
+            return
+        tuned_at = now
+        tunings.append((now - warmup, decision.reason))
+        current = current.model_copy(update={"tuning": decision.tuning})
+        for q in queues:
+            q.rule = rule_for(current, q.rule)
+        for o in range(replicas):
+            pump(o, now)
 
     def start_batches(now: float) -> None:
         """Free ready pods take waiting batches, oldest first."""
@@ -324,15 +382,22 @@ def simulate(
     tick = be.interval
     push(tick, "tick")
     push(warmup, "measure")
+    if tuner_every is not None:
+        push(tuner_every, "tune")
     while events:
         ev = heapq.heappop(events)
         now = ev.time
         if ev.kind == "arrive":
             i = ev.data
             r = route_rng.randrange(replicas) if replicas > 1 else 0
-            entry = queues[r].offer(i, 1, now, now + slo)
-            assert entry is not None
-            pump(r, now)
+            if fleet == "owner" and r != 0:  # replica 0 owns the model
+                forwarded[i] = True
+                push(now + hop, "forwarded", i)
+                continue
+            offer(r, i, now, now + slo)
+        elif ev.kind == "forwarded":  # at the owner, one hop later; the answer needs another
+            i = ev.data
+            offer(0, i, now, now - hop + slo - hop)
         elif ev.kind == "wake":
             r = ev.data
             if now >= armed[r]:
@@ -344,11 +409,14 @@ def simulate(
             be.finish(pod, now)
             q = queues[r]
             q.done(dispatch, now - sent_at, True, now)
+            stats[r].batch(name, now, dispatch.size, now - sent_at)
             for e in dispatch.entries:
-                latency[e.item] = now - arrival[e.item]
+                back = hop if forwarded[e.item] else 0.0
+                latency[e.item] = now + back - arrival[e.item]
                 q.answered(now - arrival[e.item], now)
+                stats[r].answered(name, now, latency[e.item] > slo)
             start_batches(now)
-            pump(r, now)
+            pump_all(now, r)
         elif ev.kind == "refused":
             # BatchExecutor: a batch answered 429/503 gives each of its requests that status
             # (no retry); the queue learns it failed, then every request is answered.
@@ -359,7 +427,12 @@ def simulate(
                 latency[e.item] = math.inf
                 refused[e.item] = True
                 q.answered(now - arrival[e.item], now)
-            pump(r, now)
+                stats[r].answered(name, now, True)
+            pump_all(now, r)
+        elif ev.kind == "tune":
+            retune(now)
+            if tuner_every is not None and now + tuner_every <= duration + warmup:
+                push(now + tuner_every, "tune")
         elif ev.kind == "measure":
             be.account(now)
             measured_from = (be.cost, be.cold_starts)
@@ -396,6 +469,7 @@ def simulate(
         refused=int(refused[first:].sum()),
         refused_batches=refused_batches,
         workers=backend.workers if isinstance(backend, ServerConfig) else 0,
+        tunings=tunings,
     )
     result.series = _series(result, batch_log, pods_log, series_step)
     return result

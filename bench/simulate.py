@@ -32,7 +32,7 @@ from bench.backends import KINDS, ServerConfig, backend_config, capacity
 from bench.knative import ServiceConfig
 from bench.profiles import PROFILES
 from bench.report import by_case, columns_for, heading, reductions, summary, table, verdict
-from bench.sim import MODES, ModeConfig, SimResult, pooled, simulate
+from bench.sim import FLEETS, MODES, ModeConfig, SimResult, pooled, simulate
 from bench.traces import TRACES
 from mlproxy.policy import Mode
 
@@ -141,6 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fixed/limited: sweep steady load at these fractions of capacity (e.g. 0.2,0.5,1)",
     )
     ap.add_argument("--replicas", type=int, default=1, help="proxy replicas sharing traffic")
+    ap.add_argument(
+        "--fleet",
+        choices=FLEETS,
+        default="owner",
+        help="how several replicas share the backend (bench/sim.py; default %(default)s)",
+    )
+    ap.add_argument("--hop-ms", type=float, default=1.0, help="owner forwarding, each way")
+    ap.add_argument(
+        "--tuner-every",
+        type=float,
+        default=5.0,
+        help="the control plane's fleet tuner runs every this many seconds (0: off)",
+    )
     ap.add_argument("--seed", type=int, default=1, help="the first seed")
     ap.add_argument("--seeds", type=int, default=3, help="runs per case, seeds from --seed on")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim"))
@@ -199,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     replicas=args.replicas,
                     backend=backend,
                     warmup=warmup_for(args.warmup, seed),
+                    fleet=args.fleet,
+                    hop=args.hop_ms / 1000.0,
+                    tuner_every=args.tuner_every or None,
                 )
                 for seed in range(args.seed, args.seed + args.seeds)
             ]
@@ -230,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Simulated {args.duration:g} s per run after a warm-up of {args.warmup:g} s plus up to "
         f"{PHASE_JITTER:g} s, seeds {args.seed} to {args.seed + args.seeds - 1} pooled (cost "
         f"and cold starts per run), backend {kind}, {args.replicas} proxy "
-        f"replica(s); {time.monotonic() - began:.0f} s of compute; plots: seed {args.seed}."
+        f"replica(s) ({args.fleet if args.replicas > 1 else 'alone'}), fleet tuner every "
+        f"{args.tuner_every:g} s (0: off); {time.monotonic() - began:.0f} s of compute; "
+        f"plots: seed {args.seed}."
         "\n\n"
     )
     (args.out / "sim.md").write_text(header + text + "\n", encoding="utf-8")

@@ -349,30 +349,32 @@ class AdaptiveRule:
 
     def _autoscaled_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
         """With an autoscaled backend (`autoscale`: the concurrency per instance its
-        autoscaler targets) that one instance serves with room to spare (for the whole fleet:
-        `fleet` replicas at this `rate` each), the smallest batch
-        that keeps it at one: waiting longer would buy nothing. None without `autoscale`, with
-        no traffic, or when the backend needs (or nearly needs) more than one instance: then
-        the biggest batches the deadlines allow keep the instances fewest.
+        autoscaler targets), the smallest batch that needs no more instances than the biggest
+        batches the deadlines allow: waiting longer would buy nothing. For the whole fleet:
+        `fleet` replicas at this `rate` each. None without `autoscale`, with no traffic, or
+        when the biggest batches leave the instances they need near full: then only the
+        biggest batches keep the instances fewest.
 
-        The backend's concurrency with batches of b is rate * t(b) / b (calls per second times
-        their time). One instance serves it with room to spare when even the biggest batch
-        b_max leaves AUTOSCALE_SLACK of headroom under AUTOSCALE_HEADROOM * autoscale; the
-        batch sent is then the smallest b with rate * t(b) / b <= that."""
+        The backend's concurrency with batches of b is R * t(b) / b (R: the fleet's rate; calls
+        per second times their time). Planned at AUTOSCALE_HEADROOM of the target per
+        instance, the biggest batch b_max needs n instances; unless that leaves less than
+        AUTOSCALE_SLACK of headroom (the noise of the arrival rate would tip it into one
+        more, and an autoscaler keeps it for its whole window), the batch sent is the
+        smallest b with R * t(b) / b within n instances' worth."""
         if self.autoscale is None or rate <= 0 or not math.isfinite(span):
             return None
         a, c = model.base, model.per_item
         cap = self.max_batch_size
         biggest = self._held_batch(model, rate, span)
+        fleet_rate = rate * self.fleet
         # The least concurrency there can be, with the whole fleet's batches at their biggest.
-        least = rate * self.fleet * (a + c * biggest) / biggest
+        least = fleet_rate * (a + c * biggest) / biggest
         budget = AUTOSCALE_HEADROOM * self.autoscale
-        if budget < AUTOSCALE_SLACK * least:
-            # More than one instance's worth, or near the edge of it: only the biggest batch
-            # is safe (the noise of the arrival rate would tip it into one more instance, and
-            # an autoscaler keeps it for its whole window).
-            return None
-        return max(1, min(cap, math.ceil(rate * a / (budget - rate * c) - EPSILON)))
+        instances = max(1, math.ceil(least / budget - EPSILON))
+        if instances * budget < AUTOSCALE_SLACK * least:
+            return None  # near the edge of one more instance: only the biggest batch is safe
+        room = instances * budget - fleet_rate * c
+        return max(1, min(cap, math.ceil(fleet_rate * a / room - EPSILON)))
 
     def _sla_batch(self, model: LatencyModel, span: float) -> int:
         """The largest batch that meets the SLA when sent as slots free: a request waits for a

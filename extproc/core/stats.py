@@ -3,6 +3,11 @@
 Counts are kept in one-second buckets over a sliding window (default 60 s), so memory stays
 bounded whatever the request rate; the most recent backend batch samples (size, duration) are
 kept too, at most `max_samples`. `snapshot(now)` summarises them.
+
+Rates are over the time the window covers: the whole window, or less when the policy's first
+event here is more recent (a replica that just started, a policy that just got traffic). Over
+the whole window they would read low for a minute, and the fleet tuner, which sizes batches
+from them, would cap a busy policy's batches at what a trickle fills.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StatsWindow"]
+__all__ = ["MIN_SPAN", "StatsWindow"]
+
+# The shortest span a rate is taken over (seconds): the buckets' granularity.
+MIN_SPAN = 1.0
 
 
 class _Buckets:
@@ -45,6 +53,7 @@ class _Buckets:
 @dataclass
 class _PolicyWindow:
     window: float
+    since: float  # the first event this window has seen
     arrivals: _Buckets = field(init=False)
     answers: _Buckets = field(init=False)  # (answered, SLA misses)
     batches: _Buckets = field(init=False)  # (batches, instances)
@@ -72,20 +81,20 @@ class StatsWindow:
         self.max_samples = max_samples
         self._policies: dict[str, _PolicyWindow] = {}
 
-    def _get(self, policy: str) -> _PolicyWindow:
+    def _get(self, policy: str, now: float) -> _PolicyWindow:
         w = self._policies.get(policy)
         if w is None:
-            w = self._policies[policy] = _PolicyWindow(self.window)
+            w = self._policies[policy] = _PolicyWindow(self.window, now)
         return w
 
     def arrival(self, policy: str, now: float) -> None:
-        self._get(policy).arrivals.add(now)
+        self._get(policy, now).arrivals.add(now)
 
     def answered(self, policy: str, now: float, missed: bool) -> None:
-        self._get(policy).answers.add(now, 1, int(missed))
+        self._get(policy, now).answers.add(now, 1, int(missed))
 
     def batch(self, policy: str, now: float, size: int, seconds: float) -> None:
-        w = self._get(policy)
+        w = self._get(policy, now)
         w.batches.add(now, 1, size)
         w.samples.append((now, size, seconds))
         if len(w.samples) > self.max_samples:
@@ -102,10 +111,11 @@ class StatsWindow:
             arrivals, _ = w.arrivals.totals()
             answered, misses = w.answers.totals()
             batches, instances = w.batches.totals()
+            span = max(MIN_SPAN, min(self.window, now - w.since))
             out[name] = {
-                "window_s": self.window,
+                "window_s": span,
                 "requests": answered,
-                "arrival_rate": arrivals / self.window,
+                "arrival_rate": arrivals / span,
                 "sla_misses": misses,
                 "batches": batches,
                 "mean_batch_size": instances / batches if batches else 0.0,

@@ -578,15 +578,27 @@ def test_an_autoscaled_backend_with_room_to_spare_gets_batches_without_waiting_f
     assert p50(finish, entries) < 0.6 * p50(held_finish, held_entries)
 
 
-def test_the_fleets_rate_decides_whether_one_instance_has_room_to_spare() -> None:
-    """Three replicas at 50 req/s each load the backend as one at 150: one instance no longer
-    has room to spare for small batches, so each replica holds its batches as long as the
-    deadlines allow (the fleet tuner's replica count is what tells it)."""
+def test_the_fleets_rate_decides_how_many_instances_the_batches_may_need() -> None:
+    """Three replicas at 50 req/s each load the backend as one at 150: batches just big enough
+    for one replica alone would need more instances. Each replica sends the smallest batch that
+    needs no more instances than holding every batch to its deadline would (the fleet tuner's
+    replica count is what tells it): sooner than holding, and no more instances."""
+
+    def instances(batches: list[Dispatch[int]], rate: float) -> int:  # KPA: target 0.7 each
+        b = sum(d.size for d in batches) / len(batches)
+        return math.ceil(rate * SERVER.predict(round(b)) / round(b) / 0.7)
+
     alone, _, _ = _drive(_server_rule(autoscale=0.7), 50.0, 8.0)
     fleet, _, _ = _drive(_server_rule(autoscale=0.7, fleet=3), 50.0, 8.0)
-    later = slice(len(fleet) // 2, None)  # once the arrival rate is known (2 s average)
-    assert sum(d.reason == "enough" for d in alone[later]) > 0.8 * len(alone[later])
-    assert not any(d.reason == "enough" for d in fleet[later])
+    held, _, _ = _drive(_server_rule(), 50.0, 8.0)
+    # the second half: once the arrival rate is known (2 s average)
+    alone, fleet, held = (x[len(x) // 2 :] for x in (alone, fleet, held))
+    assert sum(d.reason == "enough" for d in alone) > 0.8 * len(alone)
+    assert sum(d.reason == "enough" for d in fleet) > 0.8 * len(fleet)
+    mean = [sum(d.size for d in x) / len(x) for x in (alone, fleet, held)]
+    assert mean[0] < mean[1] < mean[2]  # bigger than alone would send, smaller than held
+    assert instances(fleet, 150.0) == instances(held, 150.0)
+    assert instances(alone, 150.0) > instances(held, 150.0)  # what fleet=1 would cost
 
 
 # Red team (issue 13): the throughput rule's give-way, the in-flight trials, hostile values.

@@ -19,7 +19,7 @@ def test_window_summarises_and_forgets() -> None:
     stats.batch("p", clock.now(), 8, 0.020)
     stats.batch("p", clock.now(), 6, 0.015)
     snap = stats.snapshot(clock.now())["p"]
-    assert snap["arrival_rate"] == 2.0
+    assert snap["arrival_rate"] == 20.0  # over the one second it covers, not the whole 10
     assert (snap["requests"], snap["sla_misses"], snap["batches"]) == (2, 1, 3)
     assert snap["mean_batch_size"] == 6.0
     assert snap["batch_samples"] == [(8, 20.0), (6, 15.0)]  # the most recent max_samples
@@ -45,3 +45,22 @@ def test_memory_stays_bounded_at_any_rate() -> None:
     snap = stats.snapshot(clock.now())["p"]
     assert snap["arrival_rate"] == pytest.approx(1000, rel=0.02)
     assert len(w.arrivals.q) <= 61
+
+
+def test_a_window_that_just_began_reports_the_rate_over_the_time_it_covers() -> None:
+    """A replica that started 5 s ago with 100 req/s reports 100, not 5 s of arrivals spread
+    over the 60 s window (8.3): the fleet tuner sizes batches from this rate."""
+    clock = FakeClock()
+    stats = StatsWindow(window=60.0)
+    for _ in range(500):
+        clock.advance(0.01)
+        stats.arrival("p", clock.now())
+    snap = stats.snapshot(clock.now())["p"]
+    assert snap["arrival_rate"] == pytest.approx(100.0, rel=0.01)
+    assert snap["window_s"] == pytest.approx(5.0, rel=0.01)
+    for _ in range(6_000):  # a minute more at 50 req/s: now over the whole window
+        clock.advance(0.02)
+        stats.arrival("p", clock.now())
+    snap = stats.snapshot(clock.now())["p"]
+    assert snap["window_s"] == 60.0
+    assert snap["arrival_rate"] == pytest.approx(50.0, rel=0.03)

@@ -45,31 +45,26 @@ def stats(
     )
 
 
-def test_first_round_seeds_the_fit_and_bounds_the_batch_for_the_per_replica_rate() -> None:
+def test_first_round_seeds_the_fit_and_counts_the_replicas() -> None:
     d = tune(policy(), [stats(50, seed=1), stats(50, seed=2)], now=100.0)
     assert d is not None
     t = d.tuning
     assert t.seed_base_ms == pytest.approx(20, abs=3)  # at p95 of +-5% noise: a bit above
     assert t.seed_per_item_ms == pytest.approx(2.0, abs=0.2)
     assert t.replicas == 2
-    # each replica sees 50 req/s: (b - 1) / 0.05 + t(b) + margin <= 300 ms -> b ~ 11
-    assert t.max_batch_size is not None and 9 <= t.max_batch_size <= 13
+    assert t.max_batch_size is None  # the rule bounds its batches by their deadlines
     assert d.inputs["arrival_rate_total"] == 100 and d.inputs["arrival_rate_per_replica"] == 50
-    assert "fleet fit" in d.reason and "2 replica(s)" in d.reason
-    assert set(d.changes) >= {"seed_base_ms", "seed_per_item_ms", "max_batch_size"}
+    assert "fleet fit" in d.reason
+    assert set(d.changes) >= {"seed_base_ms", "seed_per_item_ms"}
 
 
-def test_more_replicas_sharing_the_same_traffic_get_a_smaller_bound() -> None:
-    one = tune(policy(), [stats(100)], now=0.0)
-    four = tune(policy(), [stats(25, seed=i) for i in range(4)], now=0.0)
-    assert one is not None and four is not None
-    assert one.tuning.max_batch_size is not None and four.tuning.max_batch_size is not None
-    assert four.tuning.max_batch_size < one.tuning.max_batch_size
-
-
-def test_the_operators_bound_is_never_exceeded() -> None:
-    d = tune(policy(max_batch_size=8), [stats(1000)], now=0.0)
-    assert d is not None and d.tuning.max_batch_size == 8
+def test_a_batch_bound_an_older_tuner_set_is_cleared() -> None:
+    """The old tuner capped each replica's batch at what its share fills within the SLA;
+    under load that starved the throughput regime (tests/unit/test_sim.py runs the tuner)."""
+    start = Tuning(margin_ms=30.0, seed_base_ms=20, seed_per_item_ms=2, max_batch_size=11)
+    d = tune(policy(tuning=start), [stats(300, misses=5)], now=0.0)
+    assert d is not None and d.tuning.max_batch_size is None
+    assert d.changes["max_batch_size"] == (11, None)
 
 
 def test_misses_widen_the_margin_and_a_clean_record_narrows_it() -> None:
