@@ -55,7 +55,7 @@ from bench.knative import ServiceConfig
 from bench.openloop import OpenLoopResult, replay, subset
 from bench.profiles import PROFILES, Profile
 from bench.report import by_case, columns_for, heading, summary, table
-from bench.sim import MODES, ModeConfig, SimResult, policy_body, simulate
+from bench.sim import MODES, ModeConfig, SimResult, autoscaling_target_of, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
 from mlproxy.client import ApiError, Client
@@ -395,6 +395,7 @@ def run_case(
             time_scale=cfg.time_scale,
             # the path names the mode, so that each mode's requests meet its own policy
             model=f"{profile.name}-{mode}",
+            autoscaling_target=autoscaling_target_of(cfg.backend),
         )
     names = bench.apply(bodies)
     warmup = cfg.warmup_seconds()

@@ -68,6 +68,7 @@ __all__ = [
     "MODES",
     "ModeConfig",
     "SimResult",
+    "autoscaling_target_of",
     "policy_body",
     "policy_for",
     "pooled",
@@ -107,15 +108,19 @@ def policy_body(
     backend: str = "http://model",
     time_scale: float = 1.0,
     model: str | None = None,
+    autoscaling_target: float | None = None,
 ) -> dict[str, Any]:
     """The policy (as a client writes it) that each mode runs with in every benchmark, in
     the simulator and on the real stack alike; `backend` is the model service's base URL,
     `model` the model's name in the path (default: the profile's). With time compressed
-    `time_scale` times, aimd's period is compressed with it."""
+    `time_scale` times, aimd's period is compressed with it. `autoscaling_target`: the
+    backend's autoscaler target per instance, as an operator declares it for an autoscaled
+    backend (`autoscaling_target_of`)."""
     path = f"/v1/models/{model or profile.name}:predict"
+    target = {} if autoscaling_target is None else {"autoscaling_target": autoscaling_target}
     return {
         "match": {"path": path},
-        "backend": {"url": backend + path, "timeout_ms": 60_000},
+        "backend": {"url": backend + path, "timeout_ms": 60_000, **target},
         "sla": {"latency_ms": profile.slo_ms, "percentile": 95},
         "batching": {
             "mode": mode,
@@ -128,9 +133,26 @@ def policy_body(
     }
 
 
-def policy_for(mode: Mode, profile: Profile, config: ModeConfig = ModeConfig()) -> Policy:
+def autoscaling_target_of(backend: BackendConfig) -> float | None:
+    """What an operator declares for this backend: a Knative service's concurrency target
+    per pod times its utilisation (1 x 70%); None for a server of fixed capacity."""
+    if isinstance(backend, ServiceConfig):
+        return backend.kpa.target * backend.kpa.utilization
+    return None
+
+
+def policy_for(
+    mode: Mode,
+    profile: Profile,
+    config: ModeConfig = ModeConfig(),
+    backend: BackendConfig | None = None,
+) -> Policy:
+    target = None if backend is None else autoscaling_target_of(backend)
     return Policy.model_validate(
-        {"name": f"{profile.name}-{mode}", **policy_body(mode, profile, config)}
+        {
+            "name": f"{profile.name}-{mode}",
+            **policy_body(mode, profile, config, autoscaling_target=target),
+        }
     )
 
 
@@ -282,7 +304,7 @@ def simulate(
     if times is None:
         times = schedule(trace, duration, peak, seed, warmup)
     first = sum(1 for t in times if t < warmup)  # the first measured request
-    current: Policy = policy if policy is not None else policy_for(mode, profile, modes)
+    current: Policy = policy if policy is not None else policy_for(mode, profile, modes, backend)
     name = current.name
     slo = profile.slo_ms / 1000.0
     rng = random.Random(seed ^ 0xBACE)
