@@ -601,6 +601,25 @@ def test_the_fleets_rate_decides_how_many_instances_the_batches_may_need() -> No
     assert instances(alone, 150.0) > instances(held, 150.0)  # what fleet=1 would cost
 
 
+def test_under_overload_with_little_time_left_batches_keep_the_most_requests_in_time() -> None:
+    """Requests due 100 ms after arrival at 500 req/s: batches that would meet the SLA in
+    steady state (a request waits a whole batch, then rides its own: 2 t(b) <= 85 ms) hold
+    11 and clear 250 req/s. Bigger batches can still be filled with requests they deliver in
+    time, those that arrived within the last 85 ms - t(b): b = 16 does (t = 52 ms) and clears
+    307 req/s. The others give way (late, or shed after two SLAs): goodput is the throughput
+    of the batches that deliver, so the rule sends the bigger ones."""
+    rate, budget, margin = 500.0, 0.100, 0.015
+    a, c = SERVER.base, SERVER.per_item
+    fresh = math.floor(rate * (budget - margin - a) / (1 + rate * c))
+    best = fresh / SERVER.predict(fresh)  # in-time answers per second at that batch
+    _, finish, entries = _drive(_server_rule(), rate, 6.0, budget)
+    later = [e for e in entries if e.arrival >= 2.0]
+    in_time = sum(1 for e in later if 0 <= finish[e.item] <= e.deadline + 1e-9)
+    goodput = in_time / 4.0
+    assert goodput >= 0.9 * best, (goodput, best)
+    assert in_time < len(later)  # it is an overload: not everyone can be served in time
+
+
 # Red team (issue 13): the throughput rule's give-way, the in-flight trials, hostile values.
 
 
