@@ -242,6 +242,7 @@ class AdaptiveRule:
         late: list[Entry[object]] = []
         due = math.inf  # the earliest deadline of the next batch that can still be met
         span = math.inf  # the first request's whole allowance (deadline - arrival)
+        head_span = math.inf  # the head's
         cum = 0  # its instances
         hopeless_at = math.inf  # when the first of them can no longer be met
         for e in queue.live():
@@ -249,14 +250,19 @@ class AdaptiveRule:
                 break  # the rest goes in a later batch; the queue is full anyway
             cum += e.size
             self._longest = max(self._longest, e.deadline - e.arrival)
-            if not math.isfinite(span):
-                span = e.deadline - e.arrival  # the head's whole allowance
+            if not math.isfinite(head_span):
+                head_span = e.deadline - e.arrival
             if now + best(e.size) > e.deadline + EPSILON:
                 late.append(e)  # cannot be met even alone, even now, even at best
             else:
                 if due == math.inf:
                     due = e.deadline  # EDF: the first one that can be met is the tightest
+                    # its whole allowance: what batches are planned on (not a late head's,
+                    # which a client asking for an impossible deadline would set)
+                    span = e.deadline - e.arrival
                 hopeless_at = min(hopeless_at, e.deadline - best(e.size))
+        if not math.isfinite(span):
+            span = head_span  # every one of them is late: the overload goes on
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
         latest = due - self.margin - t(min(cum + 1, max(cap, cum)))
@@ -299,6 +305,13 @@ class AdaptiveRule:
             # Only late ones: sent at once (while a batch slot is free; else with the next
             # batch). With requests that can still be met, the late ones ride with their batch
             # when it goes (after them): a late request must not break the others' batches.
+            # One that was late on arrival (it asked for less than the backend can do) is
+            # best effort within the longest allowance seen (about the SLA): it waits, as a
+            # request with that allowance would, for requests to ride with, rather than make a
+            # backend call of its own for each impossible deadline.
+            hold = min(self._best_effort_by(e, t(cum)) for e in late)
+            if now + EPSILON < hold:
+                return WaitUntil(hold)
             reason = "late"
         elif self.objective == "latency":
             reason = "idle"
@@ -316,6 +329,15 @@ class AdaptiveRule:
         else:
             return None  # only late requests, behind a batch of ours: poll again when it ends
         return Send(reason, cap, lambda size: now + t(size), True, least, fill)
+
+    def _best_effort_by(self, e: Entry[object], runs: float) -> float:
+        """When a late request goes without requests that can still be met: at once if it
+        became late by waiting; if it was late on arrival, when a batch that takes `runs`
+        must leave for a request with the longest allowance seen, arriving with it."""
+        allowed = e.deadline - e.arrival
+        if self._longest <= allowed + EPSILON:
+            return e.arrival  # as long an allowance as any: it became late by waiting
+        return e.arrival + self._longest - self.margin - runs
 
     def _throughput_batch(self, model: LatencyModel, rate: float, span: float) -> int | None:
         """None while holding every batch to its deadline keeps up with `rate` (instances per
