@@ -378,11 +378,11 @@ class AdaptiveRule:
         biggest batches keep the instances fewest.
 
         The backend's concurrency with batches of b is R * t(b) / b (R: the fleet's rate; calls
-        per second times their time). Planned at AUTOSCALE_HEADROOM of the target per
-        instance, the biggest batch b_max needs n instances; unless that leaves less than
-        AUTOSCALE_SLACK of headroom (the noise of the arrival rate would tip it into one
-        more, and an autoscaler keeps it for its whole window), the batch sent is the
-        smallest b with R * t(b) / b within n instances' worth."""
+        per second times their time). The biggest batch b_max needs n instances at the
+        autoscaler's target; unless AUTOSCALE_HEADROOM of n targets leaves less than
+        AUTOSCALE_SLACK over b_max's concurrency (the noise of the arrival rate would tip it
+        into one more, and an autoscaler keeps it for its whole window), the batch sent is the
+        smallest b with R * t(b) / b within AUTOSCALE_HEADROOM of n targets."""
         if self.autoscale is None or rate <= 0 or not math.isfinite(span):
             return None
         a, c = model.base, model.per_item
@@ -392,7 +392,8 @@ class AdaptiveRule:
         # The least concurrency there can be, with the whole fleet's batches at their biggest.
         least = fleet_rate * (a + c * biggest) / biggest
         budget = AUTOSCALE_HEADROOM * self.autoscale
-        instances = max(1, math.ceil(least / budget - EPSILON))
+        # as many as the autoscaler runs for it (at its own target, not ours with headroom)
+        instances = max(1, math.ceil(least / self.autoscale - EPSILON))
         if instances * budget < AUTOSCALE_SLACK * least:
             return None  # near the edge of one more instance: only the biggest batch is safe
         room = instances * budget - fleet_rate * c

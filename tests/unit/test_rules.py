@@ -620,6 +620,19 @@ def test_under_overload_with_little_time_left_batches_keep_the_most_requests_in_
     assert in_time < len(later)  # it is an overload: not everyone can be served in time
 
 
+def test_batches_that_one_instance_takes_at_its_target_are_not_split_over_two() -> None:
+    """At 200 req/s the biggest batches the deadlines allow load the backend at 0.64
+    concurrent calls: one instance at the autoscaler's target of 0.7, although above the 0.56
+    the rule plans with (80% headroom). Sending smaller batches sooner would need two, so the
+    rule holds (counting instances at the headroom made it send batches needing two: the
+    paper's Fashion-MNIST suite went from one pod to two)."""
+    sent, _, _ = _drive(_server_rule(autoscale=0.7), 200.0, 8.0)
+    later = sent[len(sent) // 2 :]
+    assert not any(d.reason == "enough" for d in later)
+    b = sum(d.size for d in later) / len(later)
+    assert 200.0 * SERVER.predict(round(b)) / round(b) <= 0.7  # what one instance takes
+
+
 # Red team (issue 13): the throughput rule's give-way, the in-flight trials, hostile values.
 
 
