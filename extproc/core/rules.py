@@ -20,14 +20,19 @@
   goes as soon as one instance serves it with room to spare: waiting longer buys nothing.
 
   How many of its batches may run at once is learnt too, up to the policy's `max_in_flight`
-  (TCP-like): a batch that took far longer than the backend's uncongested time for its size
-  (`LatencySource.floor`) waited at the backend; two in a row shrink the limit (x0.7, at most
+  (TCP-like). Noise makes batch times vary alike at every concurrency; queueing at the
+  backend makes them grow with it. So a batch is slow when it took far longer than the
+  backend's uncongested time for its size (`LatencySource.floor`) and than the backend's noise
+  makes of the batches sent with fewer of ours in flight; two slow ones in a row, or a median
+  at one concurrency 1.3x that of the batches sent below it, shrink the limit (x0.7, at most
   once per round trip). Clean batches sent with the limit in use grow it by one, on trial: two
-  congested batches among the next TRIAL sent at it put it back and double the clean batches
-  the next probe waits for. Without this, a saturated backend makes every batch slow, the
-  deadlines then force ever smaller batches, which load the backend more: with the limit,
-  requests wait in the queue instead and the batches grow, which is what a saturated backend
-  needs; and a backend that runs one batch at a time is asked for a second ever more rarely.
+  slow batches among the next TRIAL sent at it, or their median 1.3x that below, put it back
+  and double the clean batches the next probe waits for (with other replicas in front of the
+  backend, `fleet`, the uncongested time alone decides: their batches are no noise). Without
+  this, a saturated backend makes every batch slow, the deadlines then force ever smaller
+  batches, which load the backend more: with the limit, requests wait in the queue instead
+  and the batches grow, which is what a saturated backend needs; and a backend that runs one
+  batch at a time is asked for a second ever more rarely.
 """
 
 from __future__ import annotations
@@ -490,7 +495,14 @@ class AdaptiveRule:
     def _reference(self, level: int, floor: LatencyModel) -> tuple[float, float] | None:
         """The median and 10th percentile of the times (relative to `floor`) of the latest
         batches sent at the lowest concurrencies below `level` (REFERENCE of them), or, with
-        fewer than MIN_REFERENCE there, of those sent at `level`; None with too few of those."""
+        fewer than MIN_REFERENCE there, of those sent at `level`; None with too few of those.
+
+        None too with other replicas in front of the backend (`fleet`): their batches make
+        this queue's wait at every concurrency of its own, so the spread is not the backend's
+        noise; the uncongested time alone is the yardstick there (coordinating a fleet's
+        concurrency is the fleet's business)."""
+        if self.fleet > 1:
+            return None
         pooled: list[tuple[int, float]] = []
         for lower in range(1, level):
             got = self._times.get(lower)

@@ -411,14 +411,12 @@ def test_a_backend_with_more_slots_is_probed_up_to_them() -> None:
     assert rule.max_in_flight == 4
 
 
-def test_noise_alike_at_every_concurrency_does_not_cut_the_limit() -> None:
-    """Batch times that vary by about 20% (log-normal sigma 0.2) whatever the concurrency,
-    the uncongested time (the floor) their 10th percentile as the estimator's is: noise, not
-    queueing. The limit grows to the bound and stays there (a batch 1.5x the floor, about a
-    quarter of them, cut it before)."""
-    rule = AdaptiveRule(_Backend(), 100, 4, 1_000, objective="latency")
+def _noise_alike_at_every_concurrency(rule: AdaptiveRule) -> int:
+    """3,000 batches whose times vary by about 20% (log-normal sigma 0.2) whatever the
+    concurrency they were sent at (1 to the limit), the uncongested time (the floor) their
+    10th percentile as the estimator's is. Returns the lowest limit after the first 500."""
     rng = random.Random(3)
-    now, lowest = 0.0, 4
+    now, lowest = 0.0, rule.in_flight_bound
     for i in range(3_000):
         now += 0.05
         level = rng.randint(1, rule.max_in_flight)  # sent with 1..limit in flight
@@ -426,8 +424,23 @@ def test_noise_alike_at_every_concurrency_does_not_cut_the_limit() -> None:
         rule.completed(1, MODEL.predict(1) * noise, "idle", True, now, level)
         if i >= 500:
             lowest = min(lowest, rule.max_in_flight)
+    return lowest
+
+
+def test_noise_alike_at_every_concurrency_does_not_cut_the_limit() -> None:
+    """Noise, not queueing: the limit grows to the bound and stays there (a batch 1.5x the
+    floor, about a quarter of them, cut it before)."""
+    rule = AdaptiveRule(_Backend(), 100, 4, 1_000, objective="latency")
+    assert _noise_alike_at_every_concurrency(rule) == 4  # never cut once grown
     assert rule.max_in_flight == 4
-    assert lowest == 4  # never cut once grown
+
+
+def test_with_other_replicas_the_spread_of_batch_times_is_not_taken_for_noise() -> None:
+    """With other replicas in front of the backend (the fleet tuner's count), their batches
+    make this queue's wait whatever its own concurrency: the same spread may be their load, so
+    the uncongested time alone is the yardstick, and slow batches cut the limit."""
+    rule = AdaptiveRule(_Backend(), 100, 4, 1_000, objective="latency", fleet=3)
+    assert _noise_alike_at_every_concurrency(rule) < 4
 
 
 def test_a_concurrency_at_which_every_batch_waits_a_little_is_cut() -> None:
