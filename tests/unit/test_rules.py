@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -517,60 +518,158 @@ def test_a_request_the_percentile_gives_up_on_but_the_best_case_can_meet_goes_at
     assert isinstance(shed, Shed) and shed.items == ["hopeless"]
 
 
-# --- load: a backend of one slot, t(b) = 20 ms + 2 ms * b --------------------------------------
+# --- load: a model server, t(b) = 20 ms + 2 ms * b (one worker unless said) --------------------
 
 SERVER = LatencyModel(base=0.020, per_item=0.002)
 
 
-def _drive(
-    rule: AdaptiveRule, rate: float, seconds: float, budget: float = 0.150
-) -> tuple[list[Dispatch[int]], dict[int, float], list[Entry[int]]]:
-    """Requests every 1/rate s, each due `budget` after it arrives, through a queue whose
-    batches run one at a time for exactly SERVER's time; polled as the runtime polls. Returns
-    the batches, each request's finish time (minus the time it was shed, if it was), and the
-    entries."""
-    q: BatchQueue[int] = BatchQueue(rule)
-    arrivals = [i / rate for i in range(int(rate * seconds))]
-    sent: list[Dispatch[int]] = []
-    finish: dict[int, float] = {}
-    entries: list[Entry[int]] = []
-    running: tuple[float, Dispatch[int]] | None = None
-    wake, i, now = math.inf, 0, 0.0
-    while i < len(arrivals) or running or q.queued:
-        nxt = arrivals[i] if i < len(arrivals) else math.inf
-        end = running[0] if running else math.inf
-        now = min(nxt, end, wake)
-        if not math.isfinite(now):
-            break
-        if now == end and running:
-            q.done(running[1], SERVER.predict(running[1].size), True, now)
-            running = None
-        elif now == nxt:
-            e = q.offer(i, 1, now, now + budget)
-            assert e is not None
-            entries.append(e)
-            i += 1
+class _Req:
+    """A request the queue holds; weakly referenceable, to see what the queue keeps alive."""
+
+    __slots__ = ("__weakref__", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+@dataclass(slots=True)
+class _Request:
+    """What became of one request (by number, in the order of arrival)."""
+
+    arrival: float
+    deadline: float
+    refused: bool = False  # the queue was full
+    sent: float | None = None
+    answered: float | None = None
+    shed: float | None = None  # answered 503 then
+
+    @property
+    def met(self) -> bool:
+        return self.answered is not None and self.answered <= self.deadline + 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    at: float  # when it was sent
+    size: int
+    reason: str
+
+
+@dataclass(slots=True)
+class _Run:
+    queue: BatchQueue[_Req]
+    batches: list[_Batch]
+    requests: list[_Request]
+    refs: list[weakref.ref[_Req]]  # one per request, in the same order
+
+
+def _every(
+    rate: float, seconds: float, budget: float = 0.150, offset: float = 0.0
+) -> list[tuple[float, float]]:
+    """A request every 1/rate s (shifted by `offset` of that), each due `budget` after it
+    arrives: (arrival, budget) pairs."""
+    return [((i + offset) / rate, budget) for i in range(int(rate * seconds))]
+
+
+def _poisson(
+    rate: float, seconds: float, rng: random.Random, budget: float = 0.150
+) -> list[tuple[float, float]]:
+    """Poisson arrivals at `rate` for `seconds`, each due `budget` after it arrives."""
+    out, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        out.append((t, budget))
+    return out
+
+
+_DONE, _ARRIVE, _WAKE = 0, 1, 2  # at one instant: a batch ends, then arrivals, then wake-ups
+
+
+def _simulate(
+    rule: AdaptiveRule | StaticRule,
+    *clients: list[tuple[float, float]],
+    workers: int = 1,
+    wait_at_server: bool = False,
+    overhead: float = 0.0,
+    noise: float = 0.0,
+    rng: random.Random | None = None,
+    drain: bool = True,
+    refuse: bool = False,
+) -> _Run:
+    """Drive a queue exactly as the runtime does: poll on every arrival, at every wake-up and
+    when a batch ends. `clients`: arrival streams of (arrival, budget) pairs, merged. The
+    backend has `workers` workers, each running one batch at a time for (`overhead` +
+    SERVER's time) x log-normal noise of sigma `noise` (drawn from `rng`; exactly SERVER's
+    time by default). A batch sent while every worker is busy waits for the first free one
+    with `wait_at_server` (the time the queue is told includes that wait); otherwise that is
+    an error (the rule sent more batches than the backend has workers). With `drain` the run
+    ends when every request is answered or shed; without, right after the last arrival. A
+    full queue may refuse arrivals only with `refuse`. Nothing here keeps a request alive once
+    its batch is done: what became of each is kept by number, with a weak reference to it."""
+    q: BatchQueue[_Req] = BatchQueue(rule)
+    run = _Run(q, [], [], [])
+    seq = itertools.count()
+    events: list[tuple[float, int, int, Any]] = []
+    streams = sorted(pair for stream in clients for pair in stream)
+    for t, budget in streams:
+        heapq.heappush(events, (t, _ARRIVE, next(seq), budget))
+    left = len(streams)  # arrivals still to come
+    free_at = [0.0] * workers
+    wake: float | None = None
+    while events:
+        now, kind, _, data = heapq.heappop(events)
+        if kind == _DONE:
+            batch, took = data
+            q.done(batch, took, True, now)
+            for e in batch.entries:
+                req = run.requests[e.item.n]
+                assert req.answered is None and req.shed is None
+                req.answered = now
+        elif kind == _ARRIVE:
+            budget = data
+            item = _Req(len(run.requests))
+            run.requests.append(_Request(now, now + budget))
+            run.refs.append(weakref.ref(item))
+            if q.offer(item, 1, now, now + budget) is None:
+                assert refuse, "the queue refused a request"
+                run.requests[-1].refused = True
+            del item
+            left -= 1
+        elif wake != now:
+            continue  # a wake-up that an earlier one replaced
         else:
-            wake = math.inf
+            wake = None
         while True:
             action = q.poll(now)
             if isinstance(action, Dispatch):
-                assert running is None  # one slot
-                sent.append(action)
-                done = now + SERVER.predict(action.size)
-                running = (done, action)
+                run.batches.append(_Batch(now, action.size, action.reason))
                 for e in action.entries:
-                    finish[e.item] = done
+                    run.requests[e.item.n].sent = now
+                w = min(range(workers), key=free_at.__getitem__)
+                start = max(now, free_at[w])
+                assert wait_at_server or start == now, "more batches than workers"
+                service = overhead + SERVER.predict(action.size)
+                if noise:
+                    assert rng is not None
+                    service *= math.exp(rng.gauss(0.0, noise))
+                free_at[w] = start + service
+                heapq.heappush(events, (free_at[w], _DONE, next(seq), (action, free_at[w] - now)))
             elif isinstance(action, Shed):
                 for e in action.entries:
-                    assert e.item not in finish
-                    finish[e.item] = -now  # answered 503 at `now`
+                    req = run.requests[e.item.n]
+                    assert req.answered is None and req.shed is None
+                    req.shed = now
             elif isinstance(action, WaitUntil):
-                wake = min(wake, max(action.time, now))
+                if wake is None or action.time < wake:
+                    wake = max(action.time, now)
+                    heapq.heappush(events, (wake, _WAKE, next(seq), None))
                 break
             else:
                 break
-    return sent, finish, entries
+        del action
+        if not drain and left == 0:
+            break
+    return run
 
 
 def _server_rule(autoscale: float | None = None, fleet: int = 1) -> AdaptiveRule:
@@ -583,9 +682,9 @@ def test_under_load_batches_go_as_the_slot_frees_and_every_deadline_is_met() -> 
     """At 320 req/s one slot keeps up only with batches of about 18, and holding each batch to
     its deadline leaves the slot idle too long: the rule sends as the slot frees, at least the
     batch that keeps up, and every request after the first second meets its deadline."""
-    sent, finish, entries = _drive(_server_rule(), 320.0, 4.0)
-    assert any(d.reason == "free" for d in sent)
-    late = [e for e in entries if e.arrival >= 1.0 and not 0 <= finish[e.item] <= e.deadline + 1e-9]
+    run = _simulate(_server_rule(), _every(320.0, 4.0))
+    assert any(b.reason == "free" for b in run.batches)
+    late = [r for r in run.requests if r.arrival >= 1.0 and not r.met]
     assert late == []
 
 
@@ -596,18 +695,17 @@ def test_under_overload_the_requests_that_can_be_met_are_and_the_rest_give_way()
     the ones it cannot deliver in time give way: most requests still meet their deadlines.
     Best effort is bounded: every request is answered or, once its deadline passed a whole
     SLA ago, shed; none waits longer than that."""
-    _sent, finish, entries = _drive(_server_rule(), 450.0, 8.0)
-    measured = [e for e in entries if e.arrival >= 1.0]
-    met = sum(0 <= finish[e.item] <= e.deadline + 1e-9 for e in measured)
+    run = _simulate(_server_rule(), _every(450.0, 8.0))
+    measured = [r for r in run.requests if r.arrival >= 1.0]
+    met = sum(r.met for r in measured)
     assert met >= 0.6 * len(measured)
-    assert len(finish) == len(entries)  # nothing stranded
     longest = SERVER.predict(64)
-    for e in entries:
-        answered = finish[e.item]
-        if answered >= 0:
-            assert answered - e.arrival <= 2 * 0.150 + longest + 1e-9
+    for r in run.requests:
+        if r.answered is not None:
+            assert r.answered - r.arrival <= 2 * 0.150 + longest + 1e-9
         else:
-            assert -answered - e.arrival <= 2 * 0.150 + longest + 1e-9  # shed, not starved
+            assert r.shed is not None  # nothing stranded
+            assert r.shed - r.arrival <= 2 * 0.150 + longest + 1e-9  # shed, not starved
 
 
 def test_an_autoscaled_backend_with_room_to_spare_gets_batches_without_waiting_for_nothing() -> (
@@ -616,24 +714,25 @@ def test_an_autoscaled_backend_with_room_to_spare_gets_batches_without_waiting_f
     """At 40 req/s one instance serves batches of 2 with room to spare: on an autoscaled
     backend waiting longer buys nothing, so batches go at that size, long before the deadline
     a fixed server's holding would wait for."""
-    held, _, held_entries = _drive(_server_rule(), 40.0, 3.0)
-    quick, finish, entries = _drive(_server_rule(autoscale=0.7), 40.0, 3.0)
-    assert all(d.reason == "deadline" for d in held[5:])
-    assert sum(d.reason == "enough" for d in quick) > 0.8 * len(quick)
+    held = _simulate(_server_rule(), _every(40.0, 3.0))
+    quick = _simulate(_server_rule(autoscale=0.7), _every(40.0, 3.0))
+    assert all(b.reason == "deadline" for b in held.batches[5:])
+    assert sum(b.reason == "enough" for b in quick.batches) > 0.8 * len(quick.batches)
 
-    def p50(fin: dict[int, float], ents: list[Entry[int]]) -> float:
-        return sorted(fin[e.item] - e.arrival for e in ents)[len(ents) // 2]
+    def p50(run: _Run) -> float:
+        took = [r.answered - r.arrival for r in run.requests if r.answered is not None]
+        assert len(took) == len(run.requests)  # none shed
+        return sorted(took)[len(took) // 2]
 
-    _, held_finish, _ = _drive(_server_rule(), 40.0, 3.0)
-    assert p50(finish, entries) < 0.6 * p50(held_finish, held_entries)
+    assert p50(quick) < 0.6 * p50(held)
 
 
 def test_the_fleets_rate_decides_whether_one_instance_has_room_to_spare() -> None:
     """Three replicas at 50 req/s each load the backend as one at 150: one instance no longer
     has room to spare for small batches, so each replica holds its batches as long as the
     deadlines allow (the fleet tuner's replica count is what tells it)."""
-    alone, _, _ = _drive(_server_rule(autoscale=0.7), 50.0, 8.0)
-    fleet, _, _ = _drive(_server_rule(autoscale=0.7, fleet=3), 50.0, 8.0)
+    alone = _simulate(_server_rule(autoscale=0.7), _every(50.0, 8.0)).batches
+    fleet = _simulate(_server_rule(autoscale=0.7, fleet=3), _every(50.0, 8.0)).batches
     later = slice(len(fleet) // 2, None)  # once the arrival rate is known (2 s average)
     assert sum(d.reason == "enough" for d in alone[later]) > 0.8 * len(alone[later])
     assert not any(d.reason == "enough" for d in fleet[later])
@@ -642,75 +741,17 @@ def test_the_fleets_rate_decides_whether_one_instance_has_room_to_spare() -> Non
 # Red team (issue 13): the throughput rule's give-way, the in-flight trials, hostile values.
 
 
-class _Req:
-    """A request the queue holds; weakly referenceable, to see what the queue keeps alive."""
-
-    __slots__ = ("__weakref__", "n")
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-
-def _sustained(
-    rule: AdaptiveRule,
-    rate: float,
-    seconds: float,
-    budget: float = 0.150,
-    shed_at: dict[int, float] | None = None,
-) -> tuple[BatchQueue[_Req], list[weakref.ref[_Req]], dict[int, float]]:
-    """Like `_drive`, but the arrivals never stop while it runs (no drain at the end), a full
-    queue refuses them, and nothing here keeps a request alive once its batch is done:
-    returns the queue, a weak reference to every request, and when each was sent (by
-    number)."""
-    q: BatchQueue[_Req] = BatchQueue(rule)
-    refs: list[weakref.ref[_Req]] = []
-    sent_at: dict[int, float] = {}
-    running: tuple[float, Dispatch[_Req]] | None = None
-    wake, i, now = math.inf, 0, 0.0
-    total = int(rate * seconds)
-    while i < total:
-        nxt = i / rate
-        end = running[0] if running else math.inf
-        now = min(nxt, end, wake)
-        if now == end and running:
-            q.done(running[1], SERVER.predict(running[1].size), True, now)
-            running = None
-        elif now == nxt:
-            req = _Req(i)
-            refs.append(weakref.ref(req))
-            q.offer(req, 1, now, now + budget)  # None when the queue is full: refused
-            del req
-            i += 1
-        else:
-            wake = math.inf
-        while True:
-            action = q.poll(now)
-            if isinstance(action, Dispatch):
-                assert running is None  # one slot
-                running = (now + SERVER.predict(action.size), action)
-                for e in action.entries:
-                    sent_at[e.item.n] = now
-            elif isinstance(action, Shed):
-                for e in action.entries:
-                    if shed_at is not None:
-                        shed_at[e.item.n] = now
-            elif isinstance(action, WaitUntil):
-                wake = min(wake, max(action.time, now))
-                break
-            else:
-                break
-    return q, refs, sent_at
-
-
 def test_requests_sent_from_behind_a_late_one_that_gives_way_are_not_kept_alive() -> None:
     """Under sustained overload the late requests give way and stay at the head of the queue;
     the requests sent from behind them are done with. The queue must not keep them (and
     their bodies) alive until some client happens to cancel: it holds about what is queued,
     not everything sent since the first late request."""
-    q, refs, sent_at = _sustained(_server_rule(), 450.0, 10.0)
+    run = _simulate(_server_rule(), _every(450.0, 10.0), drain=False, refuse=True)
     gc.collect()
-    alive = sum(r() is not None for r in refs)
-    assert len(sent_at) > 2_000 and q.queued > 0  # overloaded: some gave way
+    alive = sum(r() is not None for r in run.refs)
+    sent = sum(r.sent is not None for r in run.requests)
+    q = run.queue
+    assert sent > 2_000 and q.queued > 0  # overloaded: some gave way
     # As many that left as are queued at most (+ 32): what compaction allows for cancels.
     assert alive <= 2 * q.queued + 64, (alive, q.queued)
 
@@ -722,16 +763,15 @@ def test_under_sustained_overload_a_best_effort_late_request_is_answered_in_boun
     once its deadline passed a whole SLA ago: none waits longer than two SLAs and a batch."""
     rule = _server_rule()
     assert rule.on_late == "best_effort"
-    shed_at: dict[int, float] = {}
-    _q, refs, sent_at = _sustained(rule, 450.0, 12.0, shed_at=shed_at)
+    run = _simulate(rule, _every(450.0, 12.0), drain=False, refuse=True)
     early = int(450.0 * 4.0)  # arrived in the first 4 s: 8 s of chances since
-    assert len(refs) > early
+    assert len(run.requests) > early
     bound = 2 * 0.150 + SERVER.predict(64)
-    for n in range(early):
-        left = sent_at.get(n, shed_at.get(n))
+    for n, r in enumerate(run.requests[:early]):
+        left = r.sent if r.sent is not None else r.shed
         assert left is not None, n  # neither sent nor shed: starved
-        assert left - n / 450.0 <= bound + 1e-9
-    assert shed_at  # some were shed (overload), not all sent
+        assert left - r.arrival <= bound + 1e-9
+    assert any(r.shed is not None for r in run.requests)  # some were shed (overload)
 
 
 def test_a_cut_while_a_grown_limit_is_on_trial_ends_the_trial() -> None:
@@ -767,58 +807,6 @@ def test_any_fleet_count_plans_without_crashing(fleet: int) -> None:
     assert isinstance(action, Dispatch | WaitUntil)
 
 
-def _two_clients(
-    rule: AdaptiveRule, rate: float, other_rate: float, other_budget: float, seconds: float
-) -> tuple[int, float]:
-    """Requests every 1/rate s due 150 ms after they arrive, and another client's every
-    1/other_rate s due `other_budget` after, through one slot that runs each batch for
-    exactly SERVER's time. Returns the batches sent and the share of the first client's
-    requests that missed their deadlines."""
-    arrivals = sorted(
-        [(i / rate, 0.150, True) for i in range(int(rate * seconds))]
-        + [((i + 0.5) / other_rate, other_budget, False) for i in range(int(other_rate * seconds))]
-    )
-    q: BatchQueue[tuple[bool, float]] = BatchQueue(rule)
-    running: tuple[float, Dispatch[tuple[bool, float]]] | None = None
-    wake, i, now, batches = math.inf, 0, 0.0, 0
-    mine = missed = 0
-    while i < len(arrivals) or running or q.queued:
-        nxt = arrivals[i][0] if i < len(arrivals) else math.inf
-        end = running[0] if running else math.inf
-        now = min(nxt, end, wake)
-        if now == end and running:
-            q.done(running[1], SERVER.predict(running[1].size), True, now)
-            for e in running[1].entries:
-                first, due = e.item
-                if first:
-                    mine += 1
-                    missed += now > due + 1e-9
-            running = None
-        elif now == nxt:
-            at, budget, first = arrivals[i]
-            assert q.offer((first, at + 0.150), 1, at, at + budget) is not None
-            i += 1
-        else:
-            wake = math.inf
-        while True:
-            action = q.poll(now)
-            if isinstance(action, Dispatch):
-                assert running is None
-                batches += 1
-                running = (now + SERVER.predict(action.size), action)
-            elif isinstance(action, Shed):
-                for e in action.entries:  # answered 503: a miss for the first client's
-                    first, _due = e.item
-                    mine += first
-                    missed += first
-            elif isinstance(action, WaitUntil):
-                wake = min(wake, max(action.time, now))
-                break
-            else:
-                break
-    return batches, missed / mine
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="red team, issue 13: a client that asks for x-mlproxy-deadline-ms: 1 is late on "
@@ -828,59 +816,14 @@ def _two_clients(
     "others still make about 3x the backend calls (274 against 93). Pre-existing (7c1644b)",
 )
 def test_a_client_with_impossible_deadlines_does_not_break_up_the_others_batches() -> None:
-    honest, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.150, 8.0)
-    hostile, _ = _two_clients(_server_rule(), 150.0, 20.0, 0.001, 8.0)
+    def calls(other_budget: float) -> int:
+        """150 req/s due 150 ms after they arrive, and another client's 20 req/s due
+        `other_budget` after, through one slot: the backend calls."""
+        others = _every(20.0, 8.0, other_budget, offset=0.5)
+        return len(_simulate(_server_rule(), _every(150.0, 8.0), others).batches)
+
+    honest, hostile = calls(0.150), calls(0.001)
     assert hostile <= 1.5 * honest, (hostile, honest)
-
-
-def _noisy_workers(
-    rule: AdaptiveRule | StaticRule, rate: float, seconds: float, workers: int, sigma: float
-) -> float:
-    """Poisson arrivals (seeded) due 150 ms after they arrive, through a server of `workers`
-    workers, each running one batch at a time for SERVER's time + 2 ms times log-normal noise
-    (`sigma`), batches waiting at the server for a free worker. Returns the share of requests
-    answered after their deadlines."""
-    rng = random.Random(1)
-    events: list[tuple[float, int, str, Any]] = []
-    seq = itertools.count()
-    t = 0.0
-    while t < seconds:
-        t += rng.expovariate(rate)
-        heapq.heappush(events, (t, next(seq), "arrive", None))
-    q: BatchQueue[float] = BatchQueue(rule)
-    free_at = [0.0] * workers
-    wake: float | None = None
-    late = answered = 0
-    while events:
-        now, _, kind, what = heapq.heappop(events)
-        if kind == "arrive":
-            assert q.offer(now, 1, now, now + 0.150) is not None
-        elif kind == "done":
-            batch, took = what
-            q.done(batch, took, True, now)
-            answered += len(batch.entries)
-            late += sum(now > e.deadline for e in batch.entries)
-        elif wake != now:
-            continue  # a wake-up that a later plan replaced
-        else:
-            wake = None
-        while True:
-            action = q.poll(now)
-            if isinstance(action, Dispatch):
-                w = min(range(workers), key=free_at.__getitem__)
-                start = max(now, free_at[w])
-                free_at[w] = start + (0.002 + SERVER.predict(action.size)) * math.exp(
-                    rng.gauss(0.0, sigma)
-                )
-                heapq.heappush(events, (free_at[w], next(seq), "done", (action, free_at[w] - now)))
-            elif isinstance(action, WaitUntil):
-                if wake is None or action.time < wake:
-                    wake = action.time
-                    heapq.heappush(events, (wake, next(seq), "wake", None))
-                break
-            else:
-                break
-    return late / answered
 
 
 def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
@@ -890,11 +833,25 @@ def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
     trials until the limit sat near one, and missed 2-21% of deadlines at 600 req/s (43% of
     the server's capacity) where static (batch 32, wait 20 ms, 4 in flight) misses none. It
     now tells noise (alike at every concurrency) from queueing (growing with it)."""
-    static = _noisy_workers(StaticRule(32, 0.020, 4, 10_000), 600.0, 20.0, 4, 0.2)
+
+    def missed(rule: AdaptiveRule | StaticRule) -> float:
+        """Poisson arrivals (seeded) at 600 req/s for 20 s due 150 ms after they arrive,
+        through four workers, each running one batch at a time for SERVER's time + 2 ms times
+        log-normal noise (sigma 0.2), batches waiting at the server for a free worker: the
+        share of requests answered after their deadlines."""
+        rng = random.Random(1)
+        arrivals = _poisson(600.0, 20.0, rng)
+        run = _simulate(
+            rule, arrivals, workers=4, wait_at_server=True, overhead=0.002, noise=0.2, rng=rng
+        )
+        answered = [(r.answered, r.deadline) for r in run.requests if r.answered is not None]
+        return sum(at > due for at, due in answered) / len(answered)
+
+    static = missed(StaticRule(32, 0.020, 4, 10_000))
     adaptive_rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 8, 10_000, margin=0.015)
-    missed = _noisy_workers(adaptive_rule, 600.0, 20.0, 4, 0.2)
+    missed_share = missed(adaptive_rule)
     assert static <= 0.01  # the workload can be served
-    assert missed <= 0.01, (missed, adaptive_rule.max_in_flight)
+    assert missed_share <= 0.01, (missed_share, adaptive_rule.max_in_flight)
 
 
 def test_a_client_that_asked_for_a_tight_deadline_still_gets_its_best_effort() -> None:
