@@ -20,19 +20,25 @@
   goes as soon as one instance serves it with room to spare: waiting longer buys nothing.
 
   How many of its batches may run at once is learnt too, up to the policy's `max_in_flight`
-  (TCP-like): a batch that took far longer than the backend's uncongested time for its size
-  (`LatencySource.floor`) waited at the backend; two in a row shrink the limit (x0.7, at most
+  (TCP-like). Noise makes batch times vary alike at every concurrency; queueing at the
+  backend makes them grow with it. So a batch is slow when it took far longer than the
+  backend's uncongested time for its size (`LatencySource.floor`) and than the backend's noise
+  makes of the batches sent with fewer of ours in flight; two slow ones in a row, or a median
+  at one concurrency 1.3x that of the batches sent below it, shrink the limit (x0.7, at most
   once per round trip). Clean batches sent with the limit in use grow it by one, on trial: two
-  congested batches among the next TRIAL sent at it put it back and double the clean batches
-  the next probe waits for. Without this, a saturated backend makes every batch slow, the
-  deadlines then force ever smaller batches, which load the backend more: with the limit,
-  requests wait in the queue instead and the batches grow, which is what a saturated backend
-  needs; and a backend that runs one batch at a time is asked for a second ever more rarely.
+  slow batches among the next TRIAL sent at it, or their median 1.3x that below, put it back
+  and double the clean batches the next probe waits for (with other replicas in front of the
+  backend, `fleet`, the uncongested time alone decides: their batches are no noise). Without
+  this, a saturated backend makes every batch slow, the deadlines then force ever smaller
+  batches, which load the backend more: with the limit, requests wait in the queue instead
+  and the batches grow, which is what a saturated backend needs; and a backend that runs one
+  batch at a time is asked for a second ever more rarely.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -153,6 +159,23 @@ CONGESTED = 1.5
 CONGESTED_SLACK = 0.001
 PROBE_MAX = 256
 TRIAL = 8  # batches at a grown limit that decide whether it holds
+# Noise against queueing. Noise makes batch times vary alike at every concurrency (the batches
+# of this queue in flight when one was sent, itself included); queueing at the backend makes
+# them grow with it. The rule keeps the last REFERENCE (size, seconds) of the batches sent at
+# each concurrency and takes their times relative to the backend's uncongested time (the
+# estimator's floor). The reference for a batch sent at concurrency c: the batches sent at the
+# lowest concurrencies below c (at least MIN_REFERENCE of them; else those sent at c itself).
+# - One batch is slow when it took CONGESTED x its uncongested time and more than noise alone
+#   makes of the reference: its median x (median / 10th percentile) ** NOISE_TAIL (for
+#   log-normal noise, the 98th percentile; from the lower half of the reference, so that a
+#   few batches that waited do not widen it).
+# - A concurrency is congested when the median of WINDOW batches sent at it is STEP x the
+#   reference's: queueing that adds less than a slow batch's worth, but to every batch.
+REFERENCE = 64
+MIN_REFERENCE = 16
+WINDOW = 8
+STEP = 1.3
+NOISE_TAIL = 1.6
 
 # The share of the backend's capacity (its batch slots) the throughput rule plans to use: the
 # rest absorbs the noise of arrivals and batch times.
@@ -218,6 +241,11 @@ class AdaptiveRule:
         self._probed = 0  # the limit it grew to
         self._trial_n = 0  # batches sent at that limit since it grew
         self._trial_bad = 0  # of which congested
+        self._trial_batches: list[tuple[int, float]] = []  # (size, seconds) of those
+        # The latest batches (size, seconds) by the concurrency they were sent at, and how many
+        # came at each since its last median test.
+        self._times: dict[int, deque[tuple[int, float]]] = {}
+        self._fresh: dict[int, int] = {}
 
     @property
     def max_in_flight(self) -> int:
@@ -228,6 +256,7 @@ class AdaptiveRule:
         self.limit = min(previous.limit, float(self.in_flight_bound))
         self._cut_at = previous._cut_at
         self._probe = previous._probe
+        self._times = previous._times
 
     def plan(self, queue: QueueView, now: float) -> Plan:
         model = self.latency.model(now)
@@ -429,29 +458,48 @@ class AdaptiveRule:
         if not self.learn_in_flight or floor is None:
             self.latency.observe(size, seconds, now)
             return
-        congested = seconds > CONGESTED * floor.predict(size) + CONGESTED_SLACK
-        probing = self._trial and concurrent >= self._probed
-        if not (congested and probing):
+        level = min(max(1, concurrent), self.in_flight_bound)
+        ref = self._reference(level, floor)
+        # Slow: CONGESTED x the uncongested time, and beyond what noise alone makes of the
+        # batches sent at lower concurrency (NOISE_TAIL).
+        bound = CONGESTED
+        if ref is not None:
+            median, low = ref
+            bound = max(bound, median * (median / max(low, 1e-9)) ** NOISE_TAIL)
+        slow = seconds > bound * floor.predict(size) + CONGESTED_SLACK
+        probing = self._trial and level >= self._probed
+        if not (slow and probing):
             # A probe that made its batch wait says how many batches the backend takes, not
             # how long one takes when sent as the rule plans to.
             self.latency.observe(size, seconds, now)
         if probing:
-            # A batch sent at the limit that just grew: TRIAL of them decide. Two congested
-            # ones fail the probe (the limit shrinks back and the next probe waits twice as
-            # long); otherwise the limit holds and the next probe comes sooner.
+            # A batch sent at the limit that just grew: TRIAL of them decide. Two slow ones, or
+            # a median STEP x the reference's, fail the probe (the limit shrinks back and the
+            # next probe waits twice as long); otherwise the limit holds, the next probe comes
+            # sooner, and the trial's batches join those sent at that concurrency.
             self._trial_n += 1
-            self._trial_bad += congested
+            self._trial_bad += slow
+            self._trial_batches.append((size, seconds))
             if self._trial_bad >= 2:
-                self._trial = False
-                self._probe = min(PROBE_MAX, 2 * self._probe)
-                self._cut(now)
-                self.limit = max(1.0, self._probed - 1.0)  # back to where it was
+                self._fail_trial(now)
                 return
             if self._trial_n >= TRIAL:
+                if ref is not None and _median(_ratios(self._trial_batches, floor)) > STEP * ref[0]:
+                    self._fail_trial(now)
+                    return
                 self._trial = False
                 self._probe = max(1, self._probe // 2)
+                for batch in self._trial_batches:
+                    self._record(level, batch)
             return
-        if congested:
+        if self._record(level, (size, seconds)) and ref is not None and level > 1:
+            # Every WINDOW batches at this concurrency: queueing, not noise, when their median
+            # is STEP x the reference's (below it).
+            recent = list(self._times[level])[-WINDOW:]
+            if _median(_ratios(recent, floor)) > STEP * ref[0] and now - self._cut_at >= seconds:
+                self._cut(now)
+                return
+        if slow:
             self._congested += 1
             # Twice in a row (one slow batch is the backend's noise), once per round trip.
             if self._congested >= 2 and now - self._cut_at >= seconds:
@@ -470,7 +518,47 @@ class AdaptiveRule:
                 self._probed = self.max_in_flight
                 self._trial = True
                 self._trial_n = self._trial_bad = 0
+                self._trial_batches = []
                 self._clean = 0
+
+    def _record(self, level: int, batch: tuple[int, float]) -> bool:
+        """Keep a batch (size, seconds) sent at concurrency `level`; True every WINDOW
+        batches there (time for the median test)."""
+        self._times.setdefault(level, deque(maxlen=REFERENCE)).append(batch)
+        fresh = self._fresh.get(level, 0) + 1
+        self._fresh[level] = 0 if fresh >= WINDOW else fresh
+        return fresh >= WINDOW
+
+    def _reference(self, level: int, floor: LatencyModel) -> tuple[float, float] | None:
+        """The median and 10th percentile of the times (relative to `floor`) of the latest
+        batches sent at the lowest concurrencies below `level` (REFERENCE of them), or, with
+        fewer than MIN_REFERENCE there, of those sent at `level`; None with too few of those.
+
+        None too with other replicas in front of the backend (`fleet`): their batches make
+        this queue's wait at every concurrency of its own, so the spread is not the backend's
+        noise; the uncongested time alone is the yardstick there (coordinating a fleet's
+        concurrency is the fleet's business)."""
+        if self.fleet > 1:
+            return None
+        pooled: list[tuple[int, float]] = []
+        for lower in range(1, level):
+            got = self._times.get(lower)
+            if got:
+                pooled.extend(list(got)[-(REFERENCE - len(pooled)) :])
+                if len(pooled) >= REFERENCE:
+                    break
+        if len(pooled) < MIN_REFERENCE:
+            pooled = list(self._times.get(level, ()))
+        if len(pooled) < MIN_REFERENCE:
+            return None
+        ratios = sorted(_ratios(pooled, floor))
+        return ratios[len(ratios) // 2], ratios[len(ratios) // 10]
+
+    def _fail_trial(self, now: float) -> None:
+        self._trial = False
+        self._probe = min(PROBE_MAX, 2 * self._probe)
+        self._cut(now)
+        self.limit = max(1.0, self._probed - 1.0)  # back to where it was
 
     def _cut(self, now: float) -> None:
         # A cut ends any trial: the grown limit is gone, and batches can no longer be sent at
@@ -483,6 +571,16 @@ class AdaptiveRule:
 
     def answered(self, latency: float, now: float) -> None:
         pass
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _ratios(batches: list[tuple[int, float]], floor: LatencyModel) -> list[float]:
+    """Each batch's time relative to the backend's uncongested time for its size."""
+    return [t / max(floor.predict(b), 1e-9) for b, t in batches]
 
 
 def _midway(a: LatencyModel, b: LatencyModel) -> LatencyModel:
