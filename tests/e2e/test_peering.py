@@ -237,9 +237,14 @@ def test_keys_spread_over_owners_and_every_answer_is_its_own(
         for i in range(REPLICAS)
         for n in range(3)
     ]
+    served = [fleet.metric(i, "mlproxy_peer_served_total", policy="peered") for i in range(3)]
     answers = asyncio.run(post_all(requests))
     for _, _, rid in requests:
         assert answers[rid] == (200, {"predictions": [{"echo": rid}]}), rid
+    grew = [
+        fleet.metric(i, "mlproxy_peer_served_total", policy="peered") > served[i] for i in range(3)
+    ]
+    assert sum(grew) == len(owners)  # each owner served the models it owns for the others
     ours = {rid for _, _, rid in requests}
     for batch in echo_backend.batches:
         mine = [rid for rid in batch if rid in ours]
@@ -335,15 +340,18 @@ def test_a_peer_address_in_redis_outside_the_peer_networks_is_never_contacted(
         record = {"id": "intruder", "address": "127.0.0.2:1", "peer_address": recorder.address}
         with fleet.redis() as r:
             r.set(keys.replica_key("intruder"), json.dumps(record), ex=120)
-        assert fleet.stack.run_dir is not None
-        logs = [fleet.stack.run_dir / f"extproc-{i}.log" for i in range(REPLICAS)]
+        seen: list[set[str]] = [set() for _ in range(REPLICAS)]
 
-        def warned() -> bool:
-            return all(
-                re.search(r"intruder.*never contacted", p.read_text(errors="replace")) for p in logs
-            )
+        def beaten_twice() -> bool:
+            with fleet.redis() as r:
+                for i in range(REPLICAS):
+                    raw = r.get(keys.replica_key(f"extproc-{i}"))
+                    if raw is not None:
+                        seen[i].add(json.loads(raw)["heartbeat_at"])
+            return all(len(s) >= 3 for s in seen)
 
-        eventually(warned, 30, "every replica read the intruder's record and refused it")
+        # every replica has read the live records (after its heartbeat) since the intruder's
+        eventually(beaten_twice, 60, "two heartbeats of every replica")
         # Had it been a member, it would own about a quarter of these keys.
         models = [f"intr{k}" for k in range(16)]
         requests = [
@@ -352,8 +360,12 @@ def test_a_peer_address_in_redis_outside_the_peer_networks_is_never_contacted(
         answers = asyncio.run(post_all(requests))
         for _, _, rid in requests:
             assert answers[rid] == (200, {"predictions": [{"echo": rid}]}), rid
-        assert all(fleet.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(3))
         assert recorder.connections == 0
+        assert all(fleet.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(3))
+        assert fleet.stack.run_dir is not None
+        for i in range(REPLICAS):  # and the operator was told
+            text = (fleet.stack.run_dir / f"extproc-{i}.log").read_text(errors="replace")
+            assert re.search(r"intruder.*outside --peer-networks.*never contacted", text)
     finally:
         with fleet.redis() as r:
             r.delete(keys.replica_key("intruder"))
@@ -414,9 +426,9 @@ def test_when_the_owner_dies_its_requests_are_batched_where_they_entered(
     stop = threading.Event()
     thread = threading.Thread(target=lambda: asyncio.run(traffic(stop)), daemon=True)
     thread.start()
+    child = fleet.stack.child(f"extproc-{owner_i}")
     try:
         eventually(lambda: len(results) >= 40, 60, "traffic before the kill")
-        child = fleet.stack.child(f"extproc-{owner_i}")
         assert child.proc is not None
         child.proc.kill()
         child.proc.wait(10)
@@ -425,10 +437,11 @@ def test_when_the_owner_dies_its_requests_are_batched_where_they_entered(
     finally:
         stop.set()
         thread.join(60)
+        if child.exited() is not None:
+            fleet.stack.restart(child.name, 60)
     for rid, answer in results.items():
         assert answer == (200, {"predictions": [{"echo": rid}]}), rid
     assert (
         sum(fleet.metric(i, "mlproxy_peer_forwarded_total", outcome="fallback") for i in others)
         > fallback
     )
-    fleet.stack.restart(f"extproc-{owner_i}", 60)
