@@ -101,21 +101,6 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024 + 64 * 1024
 _MAX_REPLY_HEADERS = 64
 _MAX_HEADER_VALUE = 8 * 1024
 
-# What makes a forward fall back to local batching (the owner did not take the request).
-_FALLBACK_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-
 
 class PeerConfigError(ValueError):
     """Peering cannot start as configured; the message says what to do."""

@@ -397,9 +397,18 @@ class ExtProcServicer:
         remaining = start + (sla if budget is None else min(sla, budget)) - reserve - now
         if remaining <= 0:
             return None  # no time for a hop: this replica's queue decides (shed or late)
-        return await self.peering.forward(
-            target, route, path, body, client, budget, now - start, remaining, reserve
-        )
+        try:
+            return await self.peering.forward(
+                target, route, path, body, client, budget, now - start, remaining, reserve
+            )
+        except (asyncio.CancelledError, ProxyError):
+            raise
+        except Exception:  # a bug on the way to the owner: the request is still served here
+            log.exception(
+                "policy %s: forwarding to %s failed; batched here", route.policy.name, target
+            )
+            self.peering.mark_down(target)
+            return None
 
     async def serve_peer(self, route: Route, request: ForwardRequest) -> tuple[Reply, float | None]:
         """Batch a request another replica forwarded (this replica owns its key): the same
