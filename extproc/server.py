@@ -27,7 +27,7 @@ from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
-from mlproxy.tls import TlsFiles, add_grpc_port
+from mlproxy.tls import TlsFiles, add_grpc_port, grpc_server_credentials
 
 __all__ = ["ExtProcServer", "StreamLimits", "run"]
 
@@ -80,7 +80,7 @@ class ExtProcServer:
         self.peering = (
             None
             if peers is None
-            else Peering(peers, self.router, self.metrics, self.limits.max_body_bytes)
+            else Peering(peers, self.router, self.metrics, self.limits.max_body_bytes, tls)
         )
         self._peer_server: grpc.aio.Server | None = None
 
@@ -159,17 +159,22 @@ class ExtProcServer:
         )
         server.add_generic_rpc_handlers((service.handler(),))
         address = f"{self.peers.host}:{self.peers.port}"
-        # Plaintext, signed with the fleet token (README "Fleets": mTLS is not there yet).
-        if server.add_insecure_port(address) == 0:
+        # Signed with the fleet token; with the replica's TLS files also mTLS (the peers
+        # present their own certificates, signed by the same CA).
+        if self.tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, grpc_server_credentials(self.tls))
+        if bound == 0:
             raise OSError(f"ext_proc cannot listen for peers on {address} (in use?)")
         await server.start()
         self._peer_server = server
         log.info(
-            "peering on: peer port %s, advertised as %s, peers in %s%s",
+            "peering on: peer port %s (%s), advertised as %s, peers in %s",
             address,
+            "plaintext, signed calls" if self.tls is None else "mTLS, signed calls",
             self.peers.advertise,
             ", ".join(str(n) for n in self.peers.networks),
-            " (plaintext: the Envoy port's TLS does not cover it)" if self.tls else "",
         )
 
     def apply_policies(self, policies: Sequence[Policy]) -> None:

@@ -90,6 +90,7 @@ def _extproc_security(args: argparse.Namespace) -> bool:
             args.peer_host or args.host,
             args.peer_advertise,
             args.peer_networks,
+            args.peer_tls_server_name,
         )
     except PeerConfigError as err:
         log.error("ext_proc cannot start: %s", err)
@@ -416,6 +417,12 @@ def main(argv: list[str] | None = None) -> None:
         "--peer-networks (MLPROXY_PEER_ADVERTISE; default --peer-host:--peer-port)",
     )
     p.add_argument("--peer-host", help="address the peer port listens on (default --host)")
+    p.add_argument(
+        "--peer-tls-server-name",
+        metavar="NAME",
+        help="with --tls-*: the name the other replicas' certificates are checked for "
+        "(MLPROXY_PEER_TLS_SERVER_NAME; default: the peer's IP)",
+    )
 
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False

@@ -52,11 +52,13 @@ from extproc.core.owner import (
 from extproc.runtime.batcher import Reply
 from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Route, Router
+from mlproxy.tls import TlsConfigError, TlsFiles, grpc_channel_credentials
 
 __all__ = [
     "ENV_ADVERTISE",
     "ENV_NETWORKS",
     "ENV_PORT",
+    "ENV_SERVER_NAME",
     "ENV_TOKEN_FILE",
     "PEER_DOWN_S",
     "PEER_SERVICE",
@@ -77,6 +79,7 @@ ENV_PORT = "MLPROXY_PEER_PORT"
 ENV_TOKEN_FILE = "MLPROXY_PEER_TOKEN_FILE"
 ENV_NETWORKS = "MLPROXY_PEER_NETWORKS"
 ENV_ADVERTISE = "MLPROXY_PEER_ADVERTISE"
+ENV_SERVER_NAME = "MLPROXY_PEER_TLS_SERVER_NAME"
 
 PEER_SERVICE = "mlproxy.peer.v1.Peer"
 _FORWARD = "Forward"
@@ -140,6 +143,9 @@ class PeerSettings:
     token: bytes = field(repr=False)
     networks: tuple[Network, ...] = ()
     host: str = "127.0.0.1"
+    # With the replica's TLS files: the name the peers' certificates are checked for
+    # (None: the peer's IP, which its certificate must then list).
+    server_name: str | None = None
 
     @classmethod
     def build(
@@ -149,6 +155,7 @@ class PeerSettings:
         host: str,
         advertise: str | None = None,
         networks: str | None = None,
+        server_name: str | None = None,
     ) -> PeerSettings:
         """From the flags (or their environment variables); PeerConfigError if they cannot
         work together."""
@@ -175,7 +182,7 @@ class PeerSettings:
                 f"--peer-advertise (or {ENV_ADVERTISE}) to this replica's IP and peer port, "
                 "inside --peer-networks"
             ) from None
-        return cls(port, canonical, token, nets, host)
+        return cls(port, canonical, token, nets, host, server_name or None)
 
 
 def sign(token: bytes, payload: bytes, at: float) -> str:
@@ -378,8 +385,15 @@ class Peering:
         router: Router,
         metrics: PeerMetrics,
         max_body_bytes: int,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.settings = settings
+        # mTLS to the owners with this replica's own certificate (the one Envoy sees), when
+        # it has one: the same CA checks both ends.
+        self.tls = tls
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._tls_stamp: tuple[int, ...] = ()
+        self._tls_checked = -math.inf
         self.router = router
         self._metrics = metrics
         self._max_send = max_body_bytes + MAX_HEADER_BYTES + _FRAME.size
@@ -451,21 +465,51 @@ class Peering:
         self._down[target] = time.monotonic() + PEER_DOWN_S
 
     def _channel(self, target: str) -> grpc.aio.Channel:
+        credentials = self._channel_credentials()
         channel = self._channels.get(target)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                _grpc_target(target),
-                options=[
-                    ("grpc.max_send_message_length", self._max_send),
-                    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
-                    # one call per request, never sent twice by gRPC itself
-                    ("grpc.enable_retries", 0),
-                    ("grpc.initial_reconnect_backoff_ms", 250),
-                    ("grpc.max_reconnect_backoff_ms", int(PEER_DOWN_S * 1000)),
-                ],
-            )
+            options: list[tuple[str, Any]] = [
+                ("grpc.max_send_message_length", self._max_send),
+                ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+                # one call per request, never sent twice by gRPC itself
+                ("grpc.enable_retries", 0),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", int(PEER_DOWN_S * 1000)),
+            ]
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(_grpc_target(target), options=options)
+            else:
+                if self.settings.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.settings.server_name))
+                channel = grpc.aio.secure_channel(
+                    _grpc_target(target), credentials, options=options
+                )
             self._channels[target] = channel
         return channel
+
+    def _channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """This replica's certificate as a client, re-read when its files change (checked at
+        most every 10 s; the channels then reconnect with the new one)."""
+        if self.tls is None:
+            return None
+        now = time.monotonic()
+        if self._credentials is not None and now - self._tls_checked < 10.0:
+            return self._credentials
+        self._tls_checked = now
+        stamp = self.tls.mtimes()
+        if self._credentials is None or stamp != self._tls_stamp:
+            try:
+                credentials = grpc_channel_credentials(self.tls.ca, self.tls.cert, self.tls.key)
+            except TlsConfigError as err:
+                if self._credentials is None:
+                    raise
+                log.error("peer TLS files changed but cannot be used (%s): keeping the old", err)
+                return self._credentials
+            if self._credentials is not None:
+                for target in list(self._channels):
+                    self._close_channel(target)
+            self._credentials, self._tls_stamp = credentials, stamp
+        return self._credentials
 
     def _close_channel(self, target: str) -> None:
         channel = self._channels.pop(target, None)
@@ -655,6 +699,7 @@ def settings_from_env(
     host: str,
     advertise: str | None,
     networks: str | None,
+    server_name: str | None = None,
 ) -> PeerSettings | None:
     """Peering from the flags, else their environment variables; None when no peer port is
     set (peering off)."""
@@ -674,4 +719,5 @@ def settings_from_env(
         host,
         advertise or os.environ.get(ENV_ADVERTISE) or None,
         networks or os.environ.get(ENV_NETWORKS) or None,
+        server_name or os.environ.get(ENV_SERVER_NAME) or None,
     )

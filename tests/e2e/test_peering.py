@@ -68,21 +68,25 @@ class Fleet:
         return self.members().index(str(address))
 
     def metric(self, i: int, name: str, **labels: str) -> float:
-        """The sum of replica i's samples of `name` that have `labels`."""
-        url = f"http://127.0.0.1:{self.stack.metrics_ports[i]}/metrics"
-        total = 0.0
-        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-            sample, _, value = line.rpartition(" ")
-            metric, _, rest = sample.partition("{")
-            found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-            if metric == name and all(found.get(k) == v for k, v in labels.items()):
-                total += float(value)
-        return total
+        return replica_metric(self.stack, i, name, **labels)
 
     def redis(self) -> redis.Redis:
         assert self.stack.security is not None
         password = self.stack.security.redis_password_file.read_text(encoding="utf-8")
         return redis.Redis(port=self.stack.redis_port, username="mlproxy", password=password)
+
+
+def replica_metric(stack: Stack, i: int, name: str, **labels: str) -> float:
+    """The sum of replica i's samples of `name` that have `labels`."""
+    url = f"http://127.0.0.1:{stack.metrics_ports[i]}/metrics"
+    total = 0.0
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, rest = sample.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if metric == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:

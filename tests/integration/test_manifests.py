@@ -884,6 +884,11 @@ def test_the_replicas_peer_with_a_token_from_a_secret_inside_the_pod_network(
     assert volume["secret"]["secretName"].startswith("mlproxy-peer-token")
     assert volume["secret"]["defaultMode"] == 0o440
     assert not any("token" in a.lower() and "file" not in a.lower() for a in container["args"])
+    if path == CERT_MANAGER:  # the peers' certificates are checked for a name they carry
+        name = env["MLPROXY_PEER_TLS_SERVER_NAME"]["value"]
+        certs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Certificate"}
+        assert name in certs["mlproxy-extproc"]["spec"]["dnsNames"]
+        assert "client auth" in certs["mlproxy-extproc"]["spec"]["usages"]
 
 
 # ---- Envoy: the filter's settings and the real binary ------------------------------------
