@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
-from extproc.adapters.peers import Peering, PeerService, PeerSettings
+from extproc.adapters.peers import PEER_SERVICE, Peering, PeerService, PeerSettings
 from extproc.adapters.servicer import (
     SERVICE_NAME,
     ExtProcServicer,
@@ -124,7 +124,7 @@ class ExtProcServer:
         self._stalls.start()
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, PEER_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "ext_proc listening on %s:%d with %d policies%s",
@@ -158,6 +158,8 @@ class ExtProcServer:
             ],
         )
         server.add_generic_rpc_handlers((service.handler(),))
+        # The same health service as the Envoy port: peers probe an owner that is late.
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self.peers.host}:{self.peers.port}"
         # Signed with the fleet token; with the replica's TLS files also mTLS (the peers
         # present their own certificates, signed by the same CA).

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from extproc.core.owner import (
     DEFAULT_PEER_NETWORKS,
@@ -98,6 +99,10 @@ MAX_MEMBERS = 256
 # Beyond the request's own time and its backend call's timeout, what a forward may take
 # before the caller gives up on the owner.
 FORWARD_SLACK_S = 0.25
+# A forward later than its deadline plus the SLA makes the caller ask the owner's health
+# service (on the peer port), which must answer within this.
+PROBE_TIMEOUT_S = 1.0
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 _FRAME = struct.Struct(">I")
 # Answers carry one request's part of a backend answer (as ext_proc's own gRPC answers).
 MAX_REPLY_BYTES = 64 * 1024 * 1024 + 64 * 1024
@@ -401,6 +406,7 @@ class Peering:
         self._down: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._probing: set[str] = set()
         self._log = _Throttled()
         self._metrics.peer_fleet(1, self._owned())
 
@@ -417,8 +423,8 @@ class Peering:
             try:
                 found.add(peer_address(address, self.settings.networks))
             except PeerAddressError as err:
-                self._log.warning(
-                    f"address:{str(address)[:64]}",
+                self._log.warning(  # one kind: a hostile Redis cannot flood the log
+                    "address",
                     f"replica record {replica_id[:64]!r} in Redis gives peer address "
                     f"{str(address)[:64]!r}: {err}; it is never contacted. If it is a replica "
                     "of this fleet, add its network to --peer-networks; if not, someone wrote "
@@ -552,6 +558,11 @@ class Peering:
         call = self._channel(target).unary_unary(FORWARD_PATH)(
             payload, timeout=timeout, metadata=((AUTH_METADATA, auth),)
         )
+        # An answer this late is either a slow backend (the owner is fine: wait for it) or an
+        # owner that stopped (a stalled process keeps its connections): ask its health
+        # service, and batch its keys here meanwhile if it does not answer at once.
+        late = remaining + max(route.policy.sla.latency_ms / 1000.0, FORWARD_SLACK_S)
+        watchdog = asyncio.get_running_loop().call_later(late, self._suspect, target)
         try:
             raw = await call
         except asyncio.CancelledError:
@@ -559,6 +570,8 @@ class Peering:
             raise
         except grpc.aio.AioRpcError as err:
             return self._failed(target, policy, err.code(), err.details() or "", timeout)
+        finally:
+            watchdog.cancel()
         try:
             reply, wait = decode_reply(raw)
         except PeerProtocolError as err:
@@ -622,6 +635,41 @@ class Peering:
             f"{PEER_DOWN_S:g} s; {hint}",
         )
         return None
+
+    def _suspect(self, target: str) -> None:
+        if target in self._probing:
+            return
+        self._probing.add(target)
+        task = asyncio.get_running_loop().create_task(self._probe(target))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _probe(self, target: str) -> None:
+        """Mark `target` down unless its health service answers SERVING within
+        `PROBE_TIMEOUT_S` (a stalled owner does not)."""
+        try:
+            check = self._channel(target).unary_unary(
+                HEALTH_CHECK_PATH,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            response = await check(
+                health_pb2.HealthCheckRequest(service=PEER_SERVICE), timeout=PROBE_TIMEOUT_S
+            )
+            healthy = response.status == health_pb2.HealthCheckResponse.SERVING
+            why = "" if healthy else "its health service is not SERVING"
+        except grpc.aio.AioRpcError as err:
+            healthy, why = False, f"its health check failed ({err.code().name})"
+        finally:
+            self._probing.discard(target)
+        if not healthy:
+            self.mark_down(target)
+            self._log.warning(
+                f"stalled:{target}",
+                f"owner replica {target} is late with a forwarded answer and {why}: its keys "
+                f"are batched here for {PEER_DOWN_S:g} s (the answers it owes are still "
+                "awaited). Check its log, its CPU and mlproxy_event_loop_lag_seconds",
+            )
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

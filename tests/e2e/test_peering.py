@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -170,7 +172,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, echo_backend: EchoBackend) -
         api = Client(stack.controlplane_url, stack.admin_token)
         api.put_policy("peered", echo_policy(echo_backend))
         api.put_policy("held", echo_policy(echo_backend, "held", wait_ms=3000))
-        eventually(lambda: rolled_out(api, "peered") and rolled_out(api, "held"), 30, "rollout")
+        brisk = echo_policy(echo_backend, "brisk", wait_ms=20)
+        brisk["sla"] = {"latency_ms": 300, "percentile": 99}
+        api.put_policy("brisk", brisk)
+        names = ("peered", "held", "brisk")
+        eventually(lambda: all(rolled_out(api, n) for n in names), 30, "rollout")
         envoys = [start_envoy(stack, i) for i in range(REPLICAS)]
         fleet = Fleet(stack, api, envoys)
         eventually(
@@ -406,6 +412,49 @@ def test_a_client_that_goes_away_is_withdrawn_from_the_owners_queue(
     answers = asyncio.run(post_all([(fleet.envoys[entry], "held", "stayed")]))
     assert answers["stayed"][0] == 200
     assert "gone-away" not in echo_backend.sent_ids()
+
+
+def test_a_stalled_owner_is_probed_and_its_keys_batched_where_they_enter(
+    fleet: Fleet, echo_backend: EchoBackend
+) -> None:
+    """An owner that stops (SIGSTOP: its connections stay open, nothing answers) is noticed
+    by the first forward that is late past its deadline plus the SLA: its health check does
+    not answer, and the requests after that are batched where they enter, at once."""
+    url = f"{echo_backend.url}/v1/models/brisk:predict"
+    owner_i = fleet.owner_of("brisk", url)
+    entry = (owner_i + 1) % REPLICAS
+    child = fleet.stack.child(f"extproc-{owner_i}")
+    assert child.proc is not None and fleet.stack.run_dir is not None
+    log = fleet.stack.run_dir / f"extproc-{entry}.log"
+    # warm the channel to the owner while it answers
+    assert asyncio.run(post_all([(fleet.envoys[entry], "brisk", "w-0")]))["w-0"][0] == 200
+    first: dict[str, tuple[int, Any]] = {}
+    os.kill(child.proc.pid, signal.SIGSTOP)
+    try:
+        hung = threading.Thread(
+            target=lambda: first.update(
+                asyncio.run(post_all([(fleet.envoys[entry], "brisk", "stuck-0")]))
+            ),
+            daemon=True,
+        )
+        hung.start()
+        eventually(
+            lambda: f"owner replica {fleet.peer_address(owner_i)} is late" in log.read_text(),
+            30,
+            "the entry replica probed the stalled owner",
+        )
+        answers = asyncio.run(
+            post_all([(fleet.envoys[entry], "brisk", f"after-{n}") for n in range(8)], timeout=4)
+        )
+        for n in range(8):
+            rid = f"after-{n}"
+            assert answers[rid] == (200, {"predictions": [{"echo": rid}]}), rid
+    finally:
+        os.kill(child.proc.pid, signal.SIGCONT)
+    hung.join(30)
+    # the request the owner held: its own answer (the owner resumed), or 504, never another's
+    status, doc = first["stuck-0"]
+    assert (status, doc) == (200, {"predictions": [{"echo": "stuck-0"}]}) or status == 504
 
 
 def test_when_the_owner_dies_its_requests_are_batched_where_they_entered(
