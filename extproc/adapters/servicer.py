@@ -4,7 +4,9 @@ Per stream (Envoy with request_header_mode SEND, request_body_mode BUFFERED):
   headers --> no policy, or not a POST: CONTINUE and skip the body (mode override); done.
           --> policy: check size, answer an empty HeadersResponse, wait for the body.
   body    --> parse with the policy's codec, queue, await the reply, answer with an
-              ImmediateResponse, close the stream.
+              ImmediateResponse, close the stream. With peering on (extproc/adapters/peers.py)
+              a request whose batching key another replica owns is forwarded there instead of
+              queued here, and the owner's reply is the answer.
 The client going away cancels this handler; its request is then withdrawn from the queue.
 A client's errors become ImmediateResponses with a JSON body. A peer that breaks the protocol
 (bytes that are not an ext_proc message, a first message that is not the request headers, a
