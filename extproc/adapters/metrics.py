@@ -230,9 +230,9 @@ class PrometheusMetrics:
             registry=r,
         )
         self.peer_owned = Gauge(
-            "mlproxy_peer_owned_policies",
-            "Policies whose batching key this replica owns (for a policy whose backend URL has "
-            "{variables}: its key with the template URL).",
+            "mlproxy_peer_owned_keys",
+            "Batching keys (policy + resolved backend URL: a model, for a URL with {model}) "
+            "that this replica owns, among the last 1,024 its requests had.",
             registry=r,
         )
         self._server: WSGIServer | None = None

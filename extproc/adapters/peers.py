@@ -34,6 +34,7 @@ import math
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ AUTH_WINDOW_S = 60.0
 MIN_TOKEN_BYTES = 16
 MAX_HEADER_BYTES = 16 * 1024
 MAX_MEMBERS = 256
+MAX_RECENT_KEYS = 1024  # batching keys remembered for mlproxy_peer_owned_keys
 # Beyond the request's own time and its backend call's timeout, what a forward may take
 # before the caller gives up on the owner.
 FORWARD_SLACK_S = 0.25
@@ -407,6 +409,7 @@ class Peering:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
+        self._recent: OrderedDict[str, None] = OrderedDict()  # keys of requests seen here
         self._log = _Throttled()
         self._metrics.peer_fleet(1, self._owned())
 
@@ -446,18 +449,23 @@ class Peering:
         self._metrics.peer_fleet(len(self.members), self._owned())
 
     def _owned(self) -> int:
-        return sum(
-            1
-            for p in self.router.policies
-            if owner(batching_key(p.name, p.backend.url), self.members) == self.address
-        )
+        """Batching keys seen recently (the last `MAX_RECENT_KEYS`) that this replica owns."""
+        return sum(1 for key in self._recent if owner(key, self.members) == self.address)
 
     def owner_for(self, route: Route) -> str | None:
         """The peer to forward a request of `route` to; None to batch it here (this replica
         owns its key, or its owner failed in the last `PEER_DOWN_S` seconds)."""
+        key = batching_key(route.policy.name, route.backend_url)
+        recent = self._recent
+        if key in recent:
+            recent.move_to_end(key)
+        else:
+            recent[key] = None
+            if len(recent) > MAX_RECENT_KEYS:
+                recent.popitem(last=False)
         if len(self.members) < 2:
             return None
-        target = owner(batching_key(route.policy.name, route.backend_url), self.members)
+        target = owner(key, self.members)
         if target is None or target == self.address:
             return None
         until = self._down.get(target)

@@ -255,6 +255,12 @@ def test_keys_spread_over_owners_and_every_answer_is_its_own(
         fleet.metric(i, "mlproxy_peer_served_total", policy="peered") > served[i] for i in range(3)
     ]
     assert sum(grew) == len(owners)  # each owner served the models it owns for the others
+    # every model is a key its owner counts (one per model, not one per policy)
+    eventually(
+        lambda: sum(fleet.metric(i, "mlproxy_peer_owned_keys") for i in range(3)) >= len(models),
+        15,
+        "owners count the models' keys",
+    )
     ours = {rid for _, _, rid in requests}
     for batch in echo_backend.batches:
         mine = [rid for rid in batch if rid in ours]
