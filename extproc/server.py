@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.metrics import PrometheusMetrics
+from extproc.adapters.peers import PEER_SERVICE, Peering, PeerService, PeerSettings
 from extproc.adapters.servicer import (
     SERVICE_NAME,
     ExtProcServicer,
@@ -26,7 +27,7 @@ from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
-from mlproxy.tls import TlsFiles, add_grpc_port
+from mlproxy.tls import TlsFiles, add_grpc_port, grpc_server_credentials
 
 __all__ = ["ExtProcServer", "StreamLimits", "run"]
 
@@ -51,6 +52,7 @@ class ExtProcServer:
         tls: TlsFiles | None = None,  # mTLS: cert, key and the CA of Envoy's client cert
         limits: StreamLimits | None = None,
         max_streams_per_connection: int | None = None,
+        peers: PeerSettings | None = None,  # fleet coordination (README "Fleets")
     ) -> None:
         self.tls = tls
         self.host = host
@@ -74,11 +76,22 @@ class ExtProcServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._stalls = StallWatch(self.metrics)
+        self.peers = peers
+        self.peering = (
+            None
+            if peers is None
+            else Peering(peers, self.router, self.metrics, self.limits.max_body_bytes, tls)
+        )
+        self._peer_server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
         self.pool = BatcherPool(executor, self.clock, self.telemetry)
-        servicer = ExtProcServicer(self.router, self.pool, self.telemetry, self.limits)
+        servicer = ExtProcServicer(
+            self.router, self.pool, self.telemetry, self.limits, peering=self.peering
+        )
+        if self.peers is not None:
+            await self._start_peer_port(servicer)
         server = grpc.aio.server(
             # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
             # that never send their headers): grpcio closes those at once (CANCELLED).
@@ -111,7 +124,7 @@ class ExtProcServer:
         self._stalls.start()
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, PEER_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "ext_proc listening on %s:%d with %d policies%s",
@@ -121,6 +134,50 @@ class ExtProcServer:
             f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
         )
         return self.port
+
+    async def _start_peer_port(self, servicer: ExtProcServicer) -> None:
+        """The port other replicas forward requests to (this one owns their key)."""
+        assert self.peers is not None and self.pool is not None
+        pool = self.pool
+        service = PeerService(
+            self.peers,
+            self.router,
+            servicer.serve_peer,
+            self.metrics,
+            accepting=lambda: not pool.flushing,
+        )
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=self.limits.max_streams,
+            options=[
+                (
+                    "grpc.max_receive_message_length",
+                    self.limits.max_body_bytes + MESSAGE_FRAMING_BYTES,
+                ),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((service.handler(),))
+        # The same health service as the Envoy port: peers probe an owner that is late.
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{self.peers.host}:{self.peers.port}"
+        # Signed with the fleet token; with the replica's TLS files also mTLS (the peers
+        # present their own certificates, signed by the same CA).
+        if self.tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, grpc_server_credentials(self.tls))
+        if bound == 0:
+            raise OSError(f"ext_proc cannot listen for peers on {address} (in use?)")
+        await server.start()
+        self._peer_server = server
+        log.info(
+            "peering on: peer port %s (%s), advertised as %s, peers in %s",
+            address,
+            "plaintext, signed calls" if self.tls is None else "mTLS, signed calls",
+            self.peers.advertise,
+            ", ".join(str(n) for n in self.peers.networks),
+        )
 
     def apply_policies(self, policies: Sequence[Policy]) -> None:
         """Swap the policy set; parameters apply between batches."""
@@ -176,12 +233,20 @@ class ExtProcServer:
             await asyncio.sleep(drain_delay)
         server, self._server = self._server, None
         stopping = asyncio.ensure_future(server.stop(grace))
+        peer_server, self._peer_server = self._peer_server, None
+        peer_stopping = (
+            None if peer_server is None else asyncio.ensure_future(peer_server.stop(grace))
+        )
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.drain(), timeout=grace)
             except TimeoutError:
                 log.warning("batches still running after %.1f s of grace; closing anyway", grace)
         await stopping
+        if peer_stopping is not None:
+            await peer_stopping
+        if self.peering is not None:
+            await self.peering.close()
         await self._stalls.stop()
         await self.backend.close()
         self.metrics.close()

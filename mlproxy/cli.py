@@ -50,6 +50,12 @@ def cmd_extproc(args: argparse.Namespace) -> int:
     if not _extproc_security(args):  # TLS files, no password on the command line
         return 2
     if args.policies is not None:
+        if args.peers is not None:
+            log.error(
+                "peering (--peer-port) finds the other replicas in Redis: use --redis-url, "
+                "not --policies"
+            )
+            return 2
         return _extproc_from_file(args)
     redis_url = args.redis_url or os.environ.get("MLPROXY_REDIS_URL") or os.environ.get("REDIS_URL")
     if not redis_url:
@@ -75,6 +81,20 @@ def _extproc_security(args: argparse.Namespace) -> bool:
     except (TlsConfigError, RedisCredentialsError) as err:
         log.error("ext_proc cannot start: %s", err)
         return False
+    from extproc.adapters.peers import PeerConfigError, settings_from_env
+
+    try:
+        args.peers = settings_from_env(
+            args.peer_port,
+            args.peer_token_file,
+            args.peer_host or args.host,
+            args.peer_advertise,
+            args.peer_networks,
+            args.peer_tls_server_name,
+        )
+    except PeerConfigError as err:
+        log.error("ext_proc cannot start: %s", err)
+        return False
     return True
 
 
@@ -97,6 +117,7 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         limits=limits,
         max_streams_per_connection=args.max_streams_per_connection,
         tls=args.tls,
+        peers=args.peers,
     )
 
 
@@ -135,6 +156,8 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
         applied=server.applied_versions,
         on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
         observer=server.metrics,
+        peer_address=None if server.peering is None else server.peering.address,
+        on_peers=None if server.peering is None else server.peering.update,
     )
     # Policies first: a replica never takes traffic without the current policies. While it
     # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal
@@ -367,6 +390,38 @@ def main(argv: list[str] | None = None) -> None:
         type=_positive_int,
         help="HTTP/2 streams one gRPC connection may hold; keep Envoy's max_concurrent_streams "
         "for the ext_proc cluster at or below it (default: --max-streams)",
+    )
+
+    p.add_argument(
+        "--peer-port",
+        type=int,
+        help="fleet coordination: listen for the other replicas on this port and batch each "
+        "model on one owner replica (README 'Fleets: one owner per model'; needs Redis and "
+        "--peer-token-file; default MLPROXY_PEER_PORT, else off)",
+    )
+    p.add_argument(
+        "--peer-token-file",
+        metavar="FILE",
+        help="the fleet's shared secret, the same file for every replica (MLPROXY_PEER_TOKEN_FILE)",
+    )
+    p.add_argument(
+        "--peer-networks",
+        metavar="CIDR[,CIDR...]",
+        help="networks peer addresses may be in; others found in Redis are never contacted "
+        "(MLPROXY_PEER_NETWORKS; default loopback only: 127.0.0.0/8,::1/128)",
+    )
+    p.add_argument(
+        "--peer-advertise",
+        metavar="IP:PORT",
+        help="where the other replicas reach this one's peer port, an IP inside "
+        "--peer-networks (MLPROXY_PEER_ADVERTISE; default --peer-host:--peer-port)",
+    )
+    p.add_argument("--peer-host", help="address the peer port listens on (default --host)")
+    p.add_argument(
+        "--peer-tls-server-name",
+        metavar="NAME",
+        help="with --tls-*: the name the other replicas' certificates are checked for "
+        "(MLPROXY_PEER_TLS_SERVER_NAME; default: the peer's IP)",
     )
 
     sub.add_parser(

@@ -29,6 +29,11 @@ class ReplicaRecord(BaseModel):
 
     id: str
     address: str = Field(description="where Envoy reaches this replica's gRPC server")
+    peer_address: str | None = Field(
+        default=None,
+        description="where the other replicas reach this replica's peer port (IP:port), to "
+        "forward requests whose batching key it owns; None with peering off",
+    )
     started_at: datetime
     heartbeat_at: datetime
     policies: dict[str, int] = Field(

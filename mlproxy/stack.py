@@ -182,6 +182,12 @@ class Stack:
     pki: LocalPki | None = None
     security: StackSecrets | None = None  # Redis's password file, the certificates
     reserved: list[int] = field(default_factory=list)  # ports this stack reserved
+    # Fleet coordination (README "Fleets: one owner per model"): None turns it on when more
+    # than one replica reads policies from Redis (how replicas find each other).
+    peering: bool | None = None
+    peer_ports: list[int] = field(default_factory=list)
+    peer_token_file: Path | None = None
+    peer_networks: str | None = None  # --peer-networks (default: loopback)
 
     def __post_init__(self) -> None:
         """Ports left at 0 are reserved (mlproxy.ports) until `release_ports()` or the end of
@@ -194,12 +200,21 @@ class Stack:
                 self.envoy_port = self.reserve_port()
             self.extproc_ports = [self.reserve_port() for _ in range(self.replicas)]
             self.metrics_ports = [self.reserve_port() for _ in range(self.replicas)]
+            if self.peering is None:
+                self.peering = self.replicas > 1 and self.uses_redis
+            if self.peering:
+                self.peer_ports = [self.reserve_port() for _ in range(self.replicas)]
         except ports.PortError as err:
             self.release_ports()
             raise StackError(str(err)) from err
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.peering and self.peer_token_file is None:
+            self.peer_token_file = self.run_dir / "peer-token"
+            fd = os.open(self.peer_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
 
     def reserve_port(self) -> int:
         """A port for a child of this stack (an extra child, say), released with the others."""
@@ -252,6 +267,8 @@ class Stack:
         for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
             out[f"ext_proc {i} (gRPC)"] = f"{self.host}:{port}"
             out[f"ext_proc {i} metrics"] = f"http://{self.host}:{mport}/metrics"
+            if self.peer_ports:
+                out[f"ext_proc {i} peer port"] = f"{self.host}:{self.peer_ports[i]}"
         out["demo model"] = self.model_url
         out["logs"] = str(self.run_dir)
         return out
@@ -417,6 +434,8 @@ class Stack:
                 str(mport),
                 "--replica-id",
                 f"extproc-{i}",
+                *(["--peer-port", str(self.peer_ports[i])] if self.peer_ports else []),
+                *(["--peer-networks", self.peer_networks] if self.peer_networks else []),
                 *source,
             ],
             self.run_dir / f"extproc-{i}.log",
@@ -431,6 +450,11 @@ class Stack:
                     else {}
                 ),
                 **self._secret_env("extproc"),
+                **(
+                    {"MLPROXY_PEER_TOKEN_FILE": str(self.peer_token_file)}
+                    if self.peer_ports and self.peer_token_file is not None
+                    else {}
+                ),
             },
             ready=lambda: http_ok(f"http://{self.host}:{mport}/metrics"),
         )

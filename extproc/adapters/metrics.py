@@ -202,6 +202,39 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+        self.peer_forwarded = Counter(
+            "mlproxy_peer_forwarded",
+            "Requests this replica forwarded to the replica that owns their batching key "
+            '(README "Fleets: one owner per model"), by outcome: ok (the owner answered), '
+            "fallback (the owner could not be reached or refused: batched here instead), "
+            "timeout (the owner did not answer in the request's time: answered 504).",
+            ["policy", "outcome"],
+            registry=r,
+        )
+        self.peer_served_requests = Counter(
+            "mlproxy_peer_served",
+            "Requests this replica batched for other replicas (as their owner), by outcome.",
+            ["policy", "outcome"],
+            registry=r,
+        )
+        self.peer_auth_failures = Counter(
+            "mlproxy_peer_auth_failures",
+            "Calls to the peer port refused: no or wrong fleet token signature (a replica "
+            "with another token file, a clock more than a minute off, or not a replica).",
+            registry=r,
+        )
+        self.peer_members = Gauge(
+            "mlproxy_peer_members",
+            "Replicas (this one included) that this replica forwards to as owners; 0 with "
+            "peering off.",
+            registry=r,
+        )
+        self.peer_owned = Gauge(
+            "mlproxy_peer_owned_keys",
+            "Batching keys (policy + resolved backend URL: a model, for a URL with {model}) "
+            "that this replica owns, among the last 1,024 its requests had.",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -281,6 +314,19 @@ class PrometheusMetrics:
 
     def outside_allowance(self, policy: str, seconds: float) -> None:
         self.allowance.labels(policy).set(seconds)
+
+    def peer_forward(self, policy: str, outcome: str) -> None:
+        self.peer_forwarded.labels(policy, outcome).inc()
+
+    def peer_served(self, policy: str, outcome: str) -> None:
+        self.peer_served_requests.labels(policy, outcome).inc()
+
+    def peer_auth_failure(self) -> None:
+        self.peer_auth_failures.inc()
+
+    def peer_fleet(self, members: int, owned: int) -> None:
+        self.peer_members.set(members)
+        self.peer_owned.set(owned)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ __all__ = ["RedisPolicySource", "StoreObserver"]
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Sequence[Policy]], None]
+# Peer discovery reads at most this many heartbeat records, each of at most this size.
+MAX_PEER_RECORDS = 1024
+MAX_RECORD_BYTES = 1 << 20
 
 
 class StoreObserver(Protocol):
@@ -96,8 +100,14 @@ class RedisPolicySource:
         resync_interval: float = 5.0,
         heartbeat_interval: float = 2.0,
         heartbeat_ttl: float = 10.0,
+        peer_address: str | None = None,
+        on_peers: Callable[[list[tuple[str, object]]], None] | None = None,
     ) -> None:
         self.url = url
+        # Peering (extproc/adapters/peers.py): this replica's peer address in its heartbeat,
+        # and the live records' (id, peer_address) handed to `on_peers` every heartbeat.
+        self.peer_address = peer_address
+        self._on_peers = on_peers
         self.replica_id = replica_id
         self.address = address
         self._stats = stats
@@ -332,6 +342,7 @@ class RedisPolicySource:
             {
                 "id": self.replica_id,
                 "address": self.address,
+                "peer_address": self.peer_address,
                 "started_at": self.started_at,
                 "heartbeat_at": datetime.now(UTC),
                 "policies": {n: v for n, v in applied.items() if n not in self._carried},
@@ -352,10 +363,39 @@ class RedisPolicySource:
                 await self._redis.set(
                     key, self.record().model_dump_json(), px=int(self.heartbeat_ttl * 1000)
                 )
+                if self._on_peers is not None:
+                    self._on_peers(await self.peer_records())
             except (RedisError, OSError) as err:
                 self._set_state(False, type(err).__name__)
+            except Exception:  # a bug: say so, and keep beating
+                log.exception("heartbeat failed; trying again")
             await self._pause(self.heartbeat_interval, self._beat_now)
             self._beat_now.clear()
+
+    async def peer_records(self) -> list[tuple[str, object]]:
+        """(replica id, peer_address) of the live heartbeat records (they expire by TTL). What
+        Redis holds is hostile: oversized or malformed records are skipped, and the addresses
+        are checked by the caller."""
+        names: list[Any] = []
+        async for name in self._redis.scan_iter(match=keys.REPLICA_PATTERN, count=500):
+            names.append(name)
+            if len(names) >= MAX_PEER_RECORDS:
+                break
+        out: list[tuple[str, object]] = []
+        for i in range(0, len(names), 100):
+            chunk = names[i : i + 100]
+            for name, raw in zip(chunk, await self._redis.mget(chunk), strict=True):
+                if raw is None or len(raw) > MAX_RECORD_BYTES:
+                    continue
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(doc, dict):
+                    out.append(
+                        (_text(name).removeprefix(keys.replica_key("")), doc.get("peer_address"))
+                    )
+        return out
 
     async def close(self, timeout: float = 3.0) -> None:
         """Stop the loops (letting them close their connections), then remove the heartbeat."""

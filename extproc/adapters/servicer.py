@@ -4,7 +4,9 @@ Per stream (Envoy with request_header_mode SEND, request_body_mode BUFFERED):
   headers --> no policy, or not a POST: CONTINUE and skip the body (mode override); done.
           --> policy: check size, answer an empty HeadersResponse, wait for the body.
   body    --> parse with the policy's codec, queue, await the reply, answer with an
-              ImmediateResponse, close the stream.
+              ImmediateResponse, close the stream. With peering on (extproc/adapters/peers.py)
+              a request whose batching key another replica owns is forwarded there instead of
+              queued here, and the owner's reply is the answer.
 The client going away cancels this handler; its request is then withdrawn from the queue.
 A client's errors become ImmediateResponses with a JSON body. A peer that breaks the protocol
 (bytes that are not an ext_proc message, a first message that is not the request headers, a
@@ -24,9 +26,10 @@ from typing import Any
 import grpc
 
 from extproc.adapters import wire
+from extproc.adapters.peers import ForwardRequest, Peering
 from extproc.codecs import CodecError, get_codec
 from extproc.core.hops import Hops
-from extproc.runtime.batcher import BatcherPool, Reply
+from extproc.runtime.batcher import BatcherPool, Reply, Ticket
 from extproc.runtime.ports import Metrics
 from mlproxy.errors import ErrorKind, ProxyError
 from mlproxy.policy import Policy, Route, Router
@@ -109,8 +112,11 @@ class ExtProcServicer:
         metrics: Metrics,
         limits: StreamLimits | None = None,
         hops: Hops | None = None,
+        peering: Peering | None = None,
     ) -> None:
         self.router = router
+        # Fleet coordination (extproc/adapters/peers.py): None with peering off.
+        self.peering = peering
         self._pool = pool
         self._metrics = metrics
         self.limits = limits or StreamLimits()
@@ -316,6 +322,14 @@ class ExtProcServicer:
                 parsed = get_codec(policy.codec).parse(msg.body)
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
+            if self.peering is not None:
+                forwarded = await self._forward(
+                    route, headers.get(":path", ""), msg.body, client, budget, start, reserve
+                )
+                if forwarded is not None:
+                    reply, wait = forwarded
+                    total = self._pool.clock.now() - arrival
+                    return reply, wait, total, None, arrival - start
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             ticket = self._pool.submit(
                 route, parsed, future, budget, arrival, client, start, reserve
@@ -334,6 +348,19 @@ class ExtProcServicer:
                 ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
             )
             return Reply.from_error(error), None, None, None, 0.0
+        reply, wait = await self._settle(policy, ticket, future, budget)
+        now = self._pool.clock.now()
+        return reply, wait, now - ticket.arrival, ticket.answered_at, ticket.arrival - ticket.start
+
+    async def _settle(
+        self,
+        policy: Policy,
+        ticket: Ticket,
+        future: asyncio.Future[Reply],
+        budget: float | None,
+    ) -> tuple[Reply, float | None]:
+        """A queued request's reply and queue wait, once its batch answered; its latency and
+        SLA miss counted. The caller going away withdraws it from the queue."""
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -349,7 +376,71 @@ class ExtProcServicer:
         missed = now - ticket.start > sla or (shed and (budget is None or budget >= sla))
         self._metrics.request_answered(policy.name, now - ticket.start, missed)
         wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
-        return reply, wait, now - ticket.arrival, ticket.answered_at, ticket.arrival - ticket.start
+        return reply, wait
+
+    async def _forward(
+        self,
+        route: Route,
+        path: str,
+        body: bytes,
+        client: str,
+        budget: float | None,
+        start: float,
+        reserve: float,
+    ) -> tuple[Reply, float | None] | None:
+        """The reply of the replica that owns this request's batching key, if another replica
+        owns it and took it; None to batch it here."""
+        assert self.peering is not None
+        target = self.peering.owner_for(route)
+        if target is None:
+            return None
+        now = self._pool.clock.now()
+        sla = route.policy.sla.latency_ms / 1000.0
+        remaining = start + (sla if budget is None else min(sla, budget)) - reserve - now
+        if remaining <= 0:
+            return None  # no time for a hop: this replica's queue decides (shed or late)
+        try:
+            return await self.peering.forward(
+                target, route, path, body, client, budget, now - start, remaining, reserve
+            )
+        except (asyncio.CancelledError, ProxyError):
+            raise
+        except Exception:  # a bug on the way to the owner: the request is still served here
+            log.exception(
+                "policy %s: forwarding to %s failed; batched here", route.policy.name, target
+            )
+            self.peering.mark_down(target)
+            return None
+
+    async def serve_peer(self, route: Route, request: ForwardRequest) -> tuple[Reply, float | None]:
+        """Batch a request another replica forwarded (this replica owns its key): the same
+        checks as a request from Envoy, its SLA clock started `request.age` ago, its batch
+        planned to end `request.reserve` before its deadline. Never forwarded again."""
+        policy = route.policy
+        limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+        why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+        arrival = self._pool.clock.now()
+        start = arrival - min(request.age, policy.sla.latency_ms / 1000.0)
+        try:
+            _check_size(len(request.body), limit, why)
+            try:
+                parsed = get_codec(policy.codec).parse(request.body)
+            except CodecError as err:
+                raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            ticket = self._pool.submit(
+                route,
+                parsed,
+                future,
+                request.budget,
+                arrival,
+                request.client,
+                start,
+                request.reserve,
+            )
+        except ProxyError as err:
+            return Reply.from_error(err), None
+        return await self._settle(policy, ticket, future, request.budget)
 
     def _clock_start(
         self,

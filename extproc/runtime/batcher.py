@@ -606,6 +606,11 @@ class BatcherPool:
     def __len__(self) -> int:
         return len(self._batchers) + len(self._draining)
 
+    @property
+    def flushing(self) -> bool:
+        """Shutting down: it takes no more requests."""
+        return self._flushing
+
     def rule(self, key: tuple[str, str, str], policy: Policy, current: Rule | None = None) -> Rule:
         """The rule for a batching key under `policy`, built from what was learnt before (kept
         here, or the `current` rule of a live batcher whose entry was forgotten)."""

@@ -65,7 +65,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tree")
     shutil.copytree(ROOT / "manifests", root / "manifests", ignore=_ignore_secrets)
     shutil.copytree(ROOT / "examples", root / "examples")
-    for name in ("redis-password", "admin-tokens", "read-tokens"):
+    for name in ("redis-password", "admin-tokens", "read-tokens", "peer-token"):
         (root / "manifests/base/secrets" / name).write_text(secrets.token_urlsafe(32))
     # An operator's overlay with the external Redis component, as README.md shows it.
     external = root / EXTERNAL_REDIS
@@ -130,6 +130,7 @@ BASE = {
     ("ServiceAccount", "mlproxy-redis", NAMESPACE),
     ("Secret", "mlproxy-controlplane-tokens", NAMESPACE),
     ("Secret", "mlproxy-redis", NAMESPACE),
+    ("Secret", "mlproxy-peer-token", NAMESPACE),
     ("Service", "mlproxy-controlplane", NAMESPACE),
     ("Service", "mlproxy-extproc", NAMESPACE),
     ("Service", "mlproxy-redis", NAMESPACE),
@@ -854,6 +855,40 @@ def test_only_the_gateway_reaches_extproc_and_only_mlproxy_reaches_redis(
     assert allowed(objs, *NEIGHBOUR, cp, "http")
     assert allowed(objs, *PROMETHEUS, cp, "http")
     assert not allowed(objs, *STRANGER, cp, "http")
+    # The peer port: the other ext_proc replicas only.
+    assert allowed(objs, own, pod_labels(extproc), extproc, "peer")
+    for src_ns, src in (NEIGHBOUR, STRANGER, GATEWAY_BY_OVERLAY[path], PROMETHEUS):
+        assert not allowed(objs, src_ns, src, extproc, "peer"), (path, src)
+    assert not allowed(objs, own, pod_labels(cp), extproc, "peer")
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, CERT_MANAGER])
+def test_the_replicas_peer_with_a_token_from_a_secret_inside_the_pod_network(
+    rendered: dict[str, list[Obj]], path: str
+) -> None:
+    """README "Fleets: one owner per model": the peer port is on, advertised at the pod's IP,
+    and the fleet token is a mounted Secret's file (never a value in the manifest)."""
+    objs = rendered[path]
+    extproc = find(objs, "Deployment", "mlproxy-extproc")
+    pod = extproc["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    port = container_ports(extproc)["peer"]
+    assert flags["peer-port"] == str(port)
+    assert flags["peer-advertise"] == f"$(POD_IP):{port}"
+    assert flags["peer-networks"]
+    env = {e["name"]: e for e in container["env"]}
+    token = env["MLPROXY_PEER_TOKEN_FILE"]["value"]
+    mount = next(m for m in container["volumeMounts"] if token.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"].startswith("mlproxy-peer-token")
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert not any("token" in a.lower() and "file" not in a.lower() for a in container["args"])
+    if path == CERT_MANAGER:  # the peers' certificates are checked for a name they carry
+        name = env["MLPROXY_PEER_TLS_SERVER_NAME"]["value"]
+        certs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Certificate"}
+        assert name in certs["mlproxy-extproc"]["spec"]["dnsNames"]
+        assert "client auth" in certs["mlproxy-extproc"]["spec"]["usages"]
 
 
 # ---- Envoy: the filter's settings and the real binary ------------------------------------

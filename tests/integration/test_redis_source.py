@@ -35,7 +35,13 @@ def body(batch: int) -> dict[str, object]:
 class Replica:
     """A RedisPolicySource and what it applied."""
 
-    def __init__(self, url: str, rid: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        rid: str,
+        peer_address: str | None = None,
+        on_peers: Callable[[list[tuple[str, object]]], None] | None = None,
+    ) -> None:
         self.policies: dict[str, Policy] = {}
         self.source = RedisPolicySource(
             url,
@@ -47,6 +53,8 @@ class Replica:
             resync_interval=0.5,
             heartbeat_interval=0.2,
             heartbeat_ttl=1.0,
+            peer_address=peer_address,
+            on_peers=on_peers,
         )
 
     def apply(self, policies: Sequence[Policy]) -> None:
@@ -156,3 +164,44 @@ async def test_an_unreadable_record_does_not_remove_the_policy(
         assert replica.policies["p"].batching.max_batch_size == 4
     finally:
         await replica.source.close()
+
+
+async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_ones(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Peer discovery (README "Fleets: one owner per model"): each replica's record holds its
+    peer address; every heartbeat hands the live records' (id, peer_address) to the fleet,
+    skipping what is not a record (oversized, not JSON, not an object)."""
+    seen: list[list[tuple[str, object]]] = []
+    # `seen` gets what Peering.update receives
+    replica = Replica(redis_server.url(DB), "peer-a", "127.0.0.1:7101", seen.append)
+    other = Replica(redis_server.url(DB), "peer-b", "127.0.0.1:7102")
+    junk = {
+        keys.replica_key("not-json"): b"{nope",
+        keys.replica_key("a-list"): b"[1, 2]",
+        keys.replica_key("huge"): json.dumps(
+            {"peer_address": "127.0.0.1:7666", "pad": "x" * (1 << 20)}
+        ).encode(),
+        keys.replica_key("hostile"): json.dumps({"peer_address": "attacker.example:1"}).encode(),
+    }
+    await store.redis.mset(junk)  # type: ignore[arg-type]
+    await replica.start()
+    await other.start()
+    try:
+        await eventually(
+            lambda: bool(seen) and ("peer-b", "127.0.0.1:7102") in seen[-1], timeout=10
+        )
+        last = dict(seen[-1])
+        assert last["peer-a"] == "127.0.0.1:7101"
+        assert last["peer-b"] == "127.0.0.1:7102"
+        # read as is (the fleet checks addresses); what is not a record is skipped
+        assert last["hostile"] == "attacker.example:1"
+        assert not {"not-json", "a-list", "huge"} & set(last)
+        raw = await store.redis.get(keys.replica_key("peer-a"))
+        assert json.loads(raw)["peer_address"] == "127.0.0.1:7101"
+        # a replica that stops is gone from the next read
+        await other.source.close()
+        await eventually(lambda: "peer-b" not in dict(seen[-1]), timeout=10)
+    finally:
+        await replica.source.close()
+        await other.source.close()
