@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2
 
+from extproc.adapters.throttle import Throttled
 from extproc.core.owner import (
     DEFAULT_PEER_NETWORKS,
     Network,
@@ -354,29 +355,6 @@ class PeerMetrics(Protocol):
     def peer_fleet(self, members: int, owned: int) -> None: ...
 
 
-class _Throttled:
-    """A warning per kind at most once every `every` seconds (a hostile Redis or peer must
-    not flood the log), with how many were left out since."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -math.inf) < self._every:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        if len(self._last) > 1024:  # kinds come from hostile data: keep the memory bounded
-            self._last.clear()
-            self._skipped.clear()
-        skipped = self._skipped.pop(kind, 0)
-        self._last[kind] = now
-        more = f" ({skipped} more like it in the last {self._every:.0f} s)" if skipped else ""
-        log.warning("%s%s", message, more)
-
-
 def _grpc_target(address: str) -> str:
     """A gRPC target that is never resolved by name: ipv4:/ipv6: with the literal."""
     return ("ipv6:" if address.startswith("[") else "ipv4:") + address
@@ -410,7 +388,7 @@ class Peering:
         self._closing: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()  # keys of requests seen here
-        self._log = _Throttled()
+        self._log = Throttled(log)
         self._metrics.peer_fleet(1, self._owned())
 
     @property
@@ -707,7 +685,7 @@ class PeerService:
         self._serve = serve
         self._metrics = metrics
         self._accepting = accepting
-        self._log = _Throttled()
+        self._log = Throttled(log)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

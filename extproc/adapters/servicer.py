@@ -27,6 +27,7 @@ import grpc
 
 from extproc.adapters import wire
 from extproc.adapters.peers import ForwardRequest, Peering
+from extproc.adapters.throttle import Throttled
 from extproc.codecs import CodecError, get_codec
 from extproc.core.hops import Hops
 from extproc.runtime.batcher import BatcherPool, Reply, Ticket
@@ -84,26 +85,6 @@ class _ProtocolError(Exception):
         self.reason = reason
 
 
-class _Throttled:
-    """Logs a warning per kind of refusal at most once every `every` seconds, with how many
-    were left out since: a hostile peer must not flood the log."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, reason: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -math.inf) < self._every:
-            self._skipped[reason] = self._skipped.get(reason, 0) + 1
-            return
-        skipped = self._skipped.pop(reason, 0)
-        self._last[reason] = now
-        more = f" ({skipped} more like it in the last {self._every:.0f} s)" if skipped else ""
-        log.warning("%s%s", message, more)
-
-
 class ExtProcServicer:
     def __init__(
         self,
@@ -120,8 +101,8 @@ class ExtProcServicer:
         self._pool = pool
         self._metrics = metrics
         self.limits = limits or StreamLimits()
-        self._log = _Throttled()
-        self._time_log = _Throttled(every=600.0)  # a config without request.time: say so
+        self._log = Throttled(log)
+        self._time_log = Throttled(log, every=600.0)  # a config without request.time: say so
         # The hops outside ext_proc (extproc/core/hops.py). Its side of Envoy's clock is the
         # pool's monotonic clock plus a fixed offset to the epoch: a wall-clock step here does
         # not move it.
