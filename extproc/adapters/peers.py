@@ -71,7 +71,9 @@ __all__ = [
     "PeerSettings",
     "Peering",
     "batching_key",
+    "open_reply",
     "read_token",
+    "seal_reply",
     "sign",
 ]
 
@@ -209,6 +211,29 @@ def verify(token: bytes, value: str | None, payload: bytes, now: float) -> bool:
         return False
     expected = hmac.new(token, stamp.encode() + b"." + payload, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), mac.encode("ascii", "replace"))
+
+
+REPLY_MAC_BYTES = 32
+
+
+def seal_reply(token: bytes, auth: str, frame: bytes) -> bytes:
+    """The owner's reply frame followed by HMAC-SHA256(token, "reply." + the request's
+    signature + "." + frame): only a holder of the fleet token can answer, and only the call
+    it was asked (a reply cannot be moved to another request, nor come from an address a
+    hostile Redis named as a member)."""
+    return frame + _reply_mac(token, auth, frame)
+
+
+def open_reply(token: bytes, auth: str, raw: bytes) -> bytes:
+    """The reply frame of `seal_reply`; PeerProtocolError if it is not sealed for `auth`."""
+    frame, mac = raw[:-REPLY_MAC_BYTES], raw[-REPLY_MAC_BYTES:]
+    if len(raw) < REPLY_MAC_BYTES or not hmac.compare_digest(mac, _reply_mac(token, auth, frame)):
+        raise PeerProtocolError("the reply is not signed with the fleet token for this call")
+    return frame
+
+
+def _reply_mac(token: bytes, auth: str, frame: bytes) -> bytes:
+    return hmac.new(token, b"reply." + auth.encode() + b"." + frame, hashlib.sha256).digest()
 
 
 def _frame(header: dict[str, Any], body: bytes) -> bytes:
@@ -581,7 +606,7 @@ class Peering:
         finally:
             watchdog.cancel()
         try:
-            reply, wait = decode_reply(raw)
+            reply, wait = decode_reply(open_reply(self.settings.token, auth, raw))
         except PeerProtocolError as err:
             self.mark_down(target)
             self._metrics.peer_forward(policy, "fallback")
@@ -589,7 +614,8 @@ class Peering:
                 f"reply:{target}",
                 f"owner replica {target} answered a forwarded request of policy {policy} "
                 f"with a malformed reply ({err}): batching its keys here for {PEER_DOWN_S:g} s. "
-                "Do all replicas run the same MLProxy version?",
+                "Do all replicas run the same MLProxy version and peer token? If the reply is "
+                "not signed, check who wrote that replica record into Redis",
             )
             return None
         self._metrics.peer_forward(policy, "ok")
@@ -746,7 +772,8 @@ class PeerService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down")
         reply, wait = await self._serve(route, request)
         self._metrics.peer_served(route.policy.name, reply.outcome)
-        return encode_reply(reply, wait)
+        assert auth is not None  # verified above
+        return seal_reply(self._token, auth, encode_reply(reply, wait))
 
 
 def settings_from_env(

@@ -36,6 +36,7 @@ from extproc.adapters.peers import (
     ForwardRequest,
     batching_key,
     decode_reply,
+    open_reply,
     sign,
 )
 from extproc.core.owner import owner
@@ -305,10 +306,9 @@ def test_a_peer_call_without_the_fleet_token_is_refused_and_serves_nothing(
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, rid
         # the same call with the token is served: the refusals were for the token alone
         payload = _forward_payload(fleet, echo_backend, "nt-signed")
-        raw = call(
-            payload, metadata=((AUTH_METADATA, sign(token, payload, time.time())),), timeout=10
-        )
-    reply, _ = decode_reply(raw)
+        auth = sign(token, payload, time.time())
+        raw = call(payload, metadata=((AUTH_METADATA, auth),), timeout=10)
+    reply, _ = decode_reply(open_reply(token, auth, raw))
     assert reply.status == 200
     assert json.loads(reply.body) == {"predictions": [{"echo": "nt-signed"}]}
     sent = echo_backend.sent_ids()
