@@ -575,12 +575,14 @@ class Peering:
         instead (the owner did not take it: it is marked down unless it only routes the
         path differently)."""
         policy = route.policy.name
+        # A client's budget beyond the SLA means the SLA (and the owner takes at most a day).
+        sla = route.policy.sla.latency_ms / 1000.0
         request = ForwardRequest(
             policy,
             route.backend_url,
             path,
             client,
-            budget,
+            None if budget is None else min(budget, sla),
             age,
             reserve + RETURN_MARGIN_S,
             body,
@@ -624,6 +626,17 @@ class Peering:
     def _failed(
         self, target: str, policy: str, code: grpc.StatusCode, details: str, timeout: float
     ) -> tuple[Reply, float | None] | None:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # The owner refused this request's frame (a client's long path, say): this
+            # request is batched here; the owner is not down, nor are the other clients'.
+            self._metrics.peer_forward(policy, "fallback")
+            self._log.warning(
+                f"frame:{target}",
+                f"owner replica {target} refused a forwarded request of policy {policy} "
+                f"({details[:200]}): batched here. If it lasts for every request, check "
+                "`mlproxy replicas` for replicas on other versions",
+            )
+            return None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             # The owner routes this path to another policy or backend: policies out of sync
             # for a moment. It is not down.

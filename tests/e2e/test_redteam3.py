@@ -128,17 +128,23 @@ def rolled_out_n(api: Client, name: str) -> bool:
     return bool(status["complete"] and status["replicas"] == REPLICAS)
 
 
-async def post(url: str, model: str, rid: str) -> tuple[int, bytes]:
+async def post(
+    url: str, model: str, rid: str, query: str = "", headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     import aiohttp
 
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
-        session.post(f"{url}/v1/peered/{model}:predict", json={"instances": [{"id": rid}]}) as r,
+        session.post(
+            f"{url}/v1/peered/{model}:predict{query}",
+            json={"instances": [{"id": rid}]},
+            headers=headers,
+        ) as r,
     ):
         return r.status, await r.read()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwner, str]]:
     """A rogue owner registered in Redis as a replica, and a model whose key it owns once the
     replicas have read its record."""
@@ -166,6 +172,13 @@ def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwne
         with fleet2.redis() as r:
             r.delete(keys.replica_key("rogue"))
         rogue.close()
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas dropped the rogue record",
+        )
 
 
 def test_a_rogue_owner_from_redis_cannot_answer_the_clients(
@@ -209,3 +222,37 @@ def test_a_rogue_owner_from_redis_receives_no_client_data(
         leaked = [r.body for r in server.received if b"leak-" in r.body]
         assert not leaked, leaked
         time.sleep(0.25)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ("?pad=" + "a" * 5000, None),  # the path the owner is sent: over its 4096 characters
+        ("", {"x-mlproxy-deadline-ms": "1e9"}),  # over the owner's 86,400,000 ms
+    ],
+    ids=["long-query", "huge-deadline"],
+)
+def test_one_clients_odd_request_does_not_take_the_owner_out_for_everyone(
+    fleet2: Fleet2, echo_backend: EchoBackend, query: str, headers: dict[str, str] | None
+) -> None:
+    """Finding: a request the owner refuses as malformed (INVALID_ARGUMENT: a path with a
+    query string over 4096 characters, or an x-mlproxy-deadline-ms over a day) marked the
+    owner down for PEER_DOWN_S, so every client's requests for every key it owns were batched
+    where they entered (the fleet's batches split again) for 3 s per such request: one client
+    undid the coordination for all. Fixed: the caller sends the client's budget capped at the
+    SLA (what it means anyway), and INVALID_ARGUMENT falls back for that request alone."""
+    members = fleet2.members()
+    model = next(
+        m
+        for m in (f"odd{k}" for k in range(200))
+        if owner(batching_key("peered", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+        == members[0]
+    )
+    entry = fleet2.envoys[1]
+    status, body = asyncio.run(post(entry, model, "odd-1", query, headers))
+    assert (status, json.loads(body)) == (200, {"predictions": [{"echo": "odd-1"}]})
+    forwarded = fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok")
+    status, body = asyncio.run(post(entry, model, "odd-2"))
+    assert (status, json.loads(body)) == (200, {"predictions": [{"echo": "odd-2"}]})
+    # the next request, another client's as far as the owner is concerned, still went to it
+    assert fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok") == forwarded + 1
