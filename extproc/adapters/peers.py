@@ -471,7 +471,22 @@ class Peering:
             for gone in set(self._channels) - set(members):
                 self._close_channel(gone)
             self.members = members
+        self._connect()
         self._metrics.peer_fleet(len(self.members), self._owned())
+
+    def _connect(self) -> None:
+        """Start connecting to every member (a request is forwarded only over a connected
+        channel: see `forward`), so that owners are ready before their keys' requests come."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a synchronous caller): channels connect on first use
+        for member in self.members:
+            if member != self.address:
+                try:
+                    self._channel(member).get_state(try_to_connect=True)
+                except Exception as err:  # e.g. TLS files unreadable: forward says so
+                    self._log.warning("connect", f"cannot connect to peer {member}: {err}")
 
     def _owned(self) -> int:
         """Batching keys seen recently (the last `MAX_RECENT_KEYS`) that this replica owns."""
@@ -587,10 +602,26 @@ class Peering:
             reserve + RETURN_MARGIN_S,
             body,
         )
+        channel = self._channel(target)
+        state = channel.get_state(try_to_connect=True)
+        if state != grpc.ChannelConnectivity.READY:
+            # Not connected (yet): a call now would wait in the connection attempt, which at
+            # an address where nothing answers lasts until the call's deadline. Batched here
+            # meanwhile; the channel keeps connecting (an owner that fails to is not down:
+            # the next request tries again).
+            self._metrics.peer_forward(policy, "fallback")
+            self._log.warning(
+                f"connecting:{target}",
+                f"owner replica {target} is not connected ({state.name}): policy {policy}'s "
+                "requests for its keys are batched here until it is. If this lasts, check that "
+                "the replica runs and its --peer-port is reachable from here, or who wrote "
+                "its record into Redis",
+            )
+            return None
         payload = request.encode()
         auth = sign(self.settings.token, payload, time.time())
         timeout = remaining + route.policy.backend.timeout_ms / 1000.0 + FORWARD_SLACK_S
-        call = self._channel(target).unary_unary(FORWARD_PATH)(
+        call = channel.unary_unary(FORWARD_PATH)(
             payload, timeout=timeout, metadata=((AUTH_METADATA, auth),)
         )
         # An answer this late is either a slow backend (the owner is fine: wait for it) or an

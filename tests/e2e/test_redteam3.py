@@ -11,7 +11,9 @@ some batching keys and forward those keys' requests to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -102,7 +104,12 @@ def fleet2(tmp_path_factory: pytest.TempPathFactory, echo_backend: EchoBackend) 
         api = Client(stack.controlplane_url, stack.admin_token)
         policy = echo_policy(echo_backend, wait_ms=20)
         api.put_policy("peered", policy)
-        eventually(lambda: rolled_out_n(api, "peered"), 30, "rollout")
+        brisk = echo_policy(echo_backend, "{model}", wait_ms=20)
+        brisk["match"] = {"path": "/v1/brisk/{model}:predict"}
+        brisk["sla"] = {"latency_ms": 300, "percentile": 99}
+        brisk["backend"]["timeout_ms"] = 1000
+        api.put_policy("brisk", brisk)
+        eventually(lambda: all(rolled_out_n(api, n) for n in ("peered", "brisk")), 30, "rollout")
         envoys = [start_envoy(stack, i) for i in range(REPLICAS)]
         fleet = Fleet2(stack, api, envoys)
         eventually(
@@ -129,14 +136,19 @@ def rolled_out_n(api: Client, name: str) -> bool:
 
 
 async def post(
-    url: str, model: str, rid: str, query: str = "", headers: dict[str, str] | None = None
+    url: str,
+    model: str,
+    rid: str,
+    query: str = "",
+    headers: dict[str, str] | None = None,
+    policy: str = "peered",
 ) -> tuple[int, bytes]:
     import aiohttp
 
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
         session.post(
-            f"{url}/v1/peered/{model}:predict{query}",
+            f"{url}/v1/{policy}/{model}:predict{query}",
             json={"instances": [{"id": rid}]},
             headers=headers,
         ) as r,
@@ -256,3 +268,93 @@ def test_one_clients_odd_request_does_not_take_the_owner_out_for_everyone(
     assert (status, json.loads(body)) == (200, {"predictions": [{"echo": "odd-2"}]})
     # the next request, another client's as far as the owner is concerned, still went to it
     assert fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok") == forwarded + 1
+
+
+class Blackhole:
+    """A loopback TCP listener that accepts connections and never says a word: what a peer
+    address in Redis looks like when nothing answers there (on a pod network: an unused IP,
+    whose connection attempts hang)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.sock.close()
+
+
+def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
+    fleet2: Fleet2, echo_backend: EchoBackend
+) -> None:
+    """Finding: a replica record (hostile Redis, or a replica that vanished without its
+    record expiring yet) whose peer address accepts no gRPC connection made every request
+    whose key it won wait, in the channel's connection attempt, until the forward's
+    deadline (its remaining time + backend.timeout_ms + 0.25 s), then answered 504; and again
+    after each PEER_DOWN_S. Fixed: a request is forwarded only over a connected channel; while
+    the owner's channel is not ready, it is batched where it entered (the channel keeps
+    connecting)."""
+    hole = Blackhole()
+    record = {"id": "hole", "address": "127.0.0.1:1", "peer_address": hole.address}
+    try:
+        with fleet2.redis() as r:
+            r.set(keys.replica_key("hole"), json.dumps(record), ex=120)
+        members = [*fleet2.members(), hole.address]
+        model = next(
+            m
+            for m in (f"hole{k}" for k in range(200))
+            if owner(batching_key("brisk", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+            == hole.address
+        )
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas read the record",
+        )
+
+        async def burst() -> list[tuple[int, bytes]]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        post(fleet2.envoys[n % REPLICAS], model, f"hole-{n}", policy="brisk")
+                        for n in range(6)
+                    )
+                )
+            )
+
+        for n, (status, body) in enumerate(asyncio.run(burst())):
+            assert (status, json.loads(body)) == (200, {"predictions": [{"echo": f"hole-{n}"}]})
+    finally:
+        with fleet2.redis() as r:
+            r.delete(keys.replica_key("hole"))
+        hole.close()
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas dropped the record",
+        )
