@@ -71,10 +71,10 @@ __all__ = [
     "PeerSettings",
     "Peering",
     "batching_key",
-    "open_reply",
+    "check_reply",
     "read_token",
-    "seal_reply",
     "sign",
+    "sign_reply",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,27 +213,26 @@ def verify(token: bytes, value: str | None, payload: bytes, now: float) -> bool:
     return hmac.compare_digest(expected.encode(), mac.encode("ascii", "replace"))
 
 
-REPLY_MAC_BYTES = 32
+# The owner's signature of its answer, in the answer's trailing metadata (where a replica of
+# an earlier version, which does not check it, does not see it).
+REPLY_AUTH_METADATA = "x-mlproxy-peer-reply-auth"
 
 
-def seal_reply(token: bytes, auth: str, frame: bytes) -> bytes:
-    """The owner's reply frame followed by HMAC-SHA256(token, "reply." + the request's
-    signature + "." + frame): only a holder of the fleet token can answer, and only the call
-    it was asked (a reply cannot be moved to another request, nor come from an address a
-    hostile Redis named as a member)."""
-    return frame + _reply_mac(token, auth, frame)
+def sign_reply(token: bytes, auth: str, frame: bytes) -> str:
+    """HMAC-SHA256(token, "reply." + the request's signature + "." + the reply frame): only a
+    holder of the fleet token can answer, and only the call it was asked (an answer cannot be
+    moved to another request, nor come from an address a hostile Redis named as a member)."""
+    return hmac.new(token, b"reply." + auth.encode() + b"." + frame, hashlib.sha256).hexdigest()
 
 
-def open_reply(token: bytes, auth: str, raw: bytes) -> bytes:
-    """The reply frame of `seal_reply`; PeerProtocolError if it is not sealed for `auth`."""
-    frame, mac = raw[:-REPLY_MAC_BYTES], raw[-REPLY_MAC_BYTES:]
-    if len(raw) < REPLY_MAC_BYTES or not hmac.compare_digest(mac, _reply_mac(token, auth, frame)):
+def check_reply(token: bytes, auth: str, frame: bytes, signature: str | None) -> bytes:
+    """`frame` if `signature` is the owner's for this call; PeerProtocolError if not."""
+    expected = sign_reply(token, auth, frame)
+    if not signature or not hmac.compare_digest(
+        expected.encode(), signature.encode("ascii", "replace")
+    ):
         raise PeerProtocolError("the reply is not signed with the fleet token for this call")
     return frame
-
-
-def _reply_mac(token: bytes, auth: str, frame: bytes) -> bytes:
-    return hmac.new(token, b"reply." + auth.encode() + b"." + frame, hashlib.sha256).digest()
 
 
 def _frame(header: dict[str, Any], body: bytes) -> bytes:
@@ -635,6 +634,10 @@ class Peering:
         watchdog = asyncio.get_running_loop().call_later(late, self._suspect, target)
         try:
             raw = await call
+            signature = None
+            for key, value in await call.trailing_metadata() or ():
+                if key == REPLY_AUTH_METADATA and isinstance(value, str):
+                    signature = value
         except asyncio.CancelledError:
             call.cancel()  # the client is gone: the owner withdraws the request
             raise
@@ -643,7 +646,7 @@ class Peering:
         finally:
             watchdog.cancel()
         try:
-            reply, wait = decode_reply(open_reply(self.settings.token, auth, raw))
+            reply, wait = decode_reply(check_reply(self.settings.token, auth, raw, signature))
         except PeerProtocolError as err:
             self.mark_down(target)
             self._metrics.peer_forward(policy, "fallback")
@@ -821,7 +824,11 @@ class PeerService:
         reply, wait = await self._serve(route, request)
         self._metrics.peer_served(route.policy.name, reply.outcome)
         assert auth is not None  # verified above
-        return seal_reply(self._token, auth, encode_reply(reply, wait))
+        frame = encode_reply(reply, wait)
+        context.set_trailing_metadata(
+            ((REPLY_AUTH_METADATA, sign_reply(self._token, auth, frame)),)
+        )
+        return frame
 
 
 def settings_from_env(

@@ -1,5 +1,5 @@
 """Red team 3, pure parts: the fleet tuner against hostile heartbeat stats; the peer reply
-seal against answers moved between calls."""
+signature against answers moved between calls."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from controlplane.domain.tuner import tune
 from extproc.adapters.peers import (
     PeerProtocolError,
+    check_reply,
     decode_reply,
     encode_reply,
-    open_reply,
-    seal_reply,
     sign,
+    sign_reply,
 )
 from extproc.runtime.batcher import Reply
 from mlproxy.policy import Policy
@@ -70,19 +70,21 @@ def test_a_hostile_heartbeat_cannot_stop_or_skew_the_fleet_tuner(
     assert decision.tuning.seed_per_item_ms == pytest.approx(2.0, abs=0.2)
 
 
-def test_a_peer_reply_opens_only_for_the_call_it_answers() -> None:
-    """An owner's answer is sealed for the request's own signature: it cannot be replayed as
+def test_a_peer_reply_is_accepted_only_for_the_call_it_answers() -> None:
+    """An owner's answer is signed for the request's own signature: it cannot be replayed as
     the answer to another forward, nor made without the token."""
     reply = Reply(200, b'{"predictions":[1]}')
     auth_a = sign(TOKEN, b"request a", 1000.0)
     auth_b = sign(TOKEN, b"request b", 1000.0)
-    sealed = seal_reply(TOKEN, auth_a, encode_reply(reply, None))
-    assert decode_reply(open_reply(TOKEN, auth_a, sealed))[0] == reply
-    with pytest.raises(PeerProtocolError):
-        open_reply(TOKEN, auth_b, sealed)
-    with pytest.raises(PeerProtocolError):
-        open_reply(b"another token, also 16+ bytes", auth_a, sealed)
-    with pytest.raises(PeerProtocolError):
-        open_reply(TOKEN, auth_a, encode_reply(reply, None))  # unsealed
-    with pytest.raises(PeerProtocolError):
-        open_reply(TOKEN, auth_a, b"short")
+    frame = encode_reply(reply, None)
+    signature = sign_reply(TOKEN, auth_a, frame)
+    assert decode_reply(check_reply(TOKEN, auth_a, frame, signature))[0] == reply
+    for token, auth, sig in [
+        (TOKEN, auth_b, signature),  # another call's answer
+        (b"another token, also 16+ bytes", auth_a, signature),
+        (TOKEN, auth_a, None),  # unsigned
+        (TOKEN, auth_a, "x" * 64),
+        (TOKEN, auth_a, "\u00e9" * 64),
+    ]:
+        with pytest.raises(PeerProtocolError):
+            check_reply(token, auth, frame, sig)
