@@ -25,6 +25,7 @@ for it; it answers with the policy's new `tuning` and why, or None when nothing 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,7 +88,16 @@ def tune(
         return None
     sla = policy.sla.latency_ms
     old = policy.tuning or Tuning()
-    samples = [sample for s in active for sample in s.batch_samples]
+    # Heartbeats come from Redis, which is hostile: a sample no backend call of this policy can
+    # have made (longer than its timeout, not finite, no instances) is left out, so one bad
+    # record cannot make the fit fail the Tuning bounds and stop the policy being tuned.
+    limit_ms = float(policy.backend.timeout_ms)
+    samples = [
+        (size, ms)
+        for s in active
+        for size, ms in s.batch_samples
+        if size >= 1 and math.isfinite(ms) and 0 <= ms <= limit_ms
+    ]
     fit = _fit(samples, policy.sla.percentile)
     requests = sum(s.requests for s in active)
     misses = sum(s.sla_misses for s in active)

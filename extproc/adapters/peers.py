@@ -72,8 +72,10 @@ __all__ = [
     "PeerSettings",
     "Peering",
     "batching_key",
+    "check_reply",
     "read_token",
     "sign",
+    "sign_reply",
 ]
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,28 @@ def verify(token: bytes, value: str | None, payload: bytes, now: float) -> bool:
         return False
     expected = hmac.new(token, stamp.encode() + b"." + payload, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), mac.encode("ascii", "replace"))
+
+
+# The owner's signature of its answer, in the answer's trailing metadata (where a replica of
+# an earlier version, which does not check it, does not see it).
+REPLY_AUTH_METADATA = "x-mlproxy-peer-reply-auth"
+
+
+def sign_reply(token: bytes, auth: str, frame: bytes) -> str:
+    """HMAC-SHA256(token, "reply." + the request's signature + "." + the reply frame): only a
+    holder of the fleet token can answer, and only the call it was asked (an answer cannot be
+    moved to another request, nor come from an address a hostile Redis named as a member)."""
+    return hmac.new(token, b"reply." + auth.encode() + b"." + frame, hashlib.sha256).hexdigest()
+
+
+def check_reply(token: bytes, auth: str, frame: bytes, signature: str | None) -> bytes:
+    """`frame` if `signature` is the owner's for this call; PeerProtocolError if not."""
+    expected = sign_reply(token, auth, frame)
+    if not signature or not hmac.compare_digest(
+        expected.encode(), signature.encode("ascii", "replace")
+    ):
+        raise PeerProtocolError("the reply is not signed with the fleet token for this call")
+    return frame
 
 
 def _frame(header: dict[str, Any], body: bytes) -> bytes:
@@ -424,7 +448,22 @@ class Peering:
             for gone in set(self._channels) - set(members):
                 self._close_channel(gone)
             self.members = members
+        self._connect()
         self._metrics.peer_fleet(len(self.members), self._owned())
+
+    def _connect(self) -> None:
+        """Start connecting to every member (a request is forwarded only over a connected
+        channel: see `forward`), so that owners are ready before their keys' requests come."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a synchronous caller): channels connect on first use
+        for member in self.members:
+            if member != self.address:
+                try:
+                    self._channel(member).get_state(try_to_connect=True)
+                except Exception as err:  # e.g. TLS files unreadable: forward says so
+                    self._log.warning("connect", f"cannot connect to peer {member}: {err}")
 
     def _owned(self) -> int:
         """Batching keys seen recently (the last `MAX_RECENT_KEYS`) that this replica owns."""
@@ -528,20 +567,42 @@ class Peering:
         instead (the owner did not take it: it is marked down unless it only routes the
         path differently)."""
         policy = route.policy.name
+        # A client's budget beyond the SLA means the SLA (and the owner takes at most a day).
+        sla = route.policy.sla.latency_ms / 1000.0
         request = ForwardRequest(
             policy,
             route.backend_url,
             path,
             client,
-            budget,
+            None if budget is None else min(budget, sla),
             age,
             reserve + RETURN_MARGIN_S,
             body,
         )
+        channel = self._channel(target)
+        state = channel.get_state(try_to_connect=True)
+        if state != grpc.ChannelConnectivity.READY:
+            # Not connected (yet): a call now would wait in the connection attempt, which at
+            # an address where nothing answers lasts until the call's deadline. Batched here
+            # meanwhile; the channel keeps connecting (an owner that fails to is not down:
+            # the next request tries again).
+            self._metrics.peer_forward(policy, "fallback")
+            self._log.warning(
+                f"connecting:{target}",
+                f"owner replica {target} is not connected ({state.name}): policy {policy}'s "
+                "requests for its keys are batched here until it is. If this lasts, check that "
+                "the replica runs and its --peer-port is reachable from here, or who wrote "
+                "its record into Redis",
+            )
+            return None
         payload = request.encode()
         auth = sign(self.settings.token, payload, time.time())
-        timeout = remaining + route.policy.backend.timeout_ms / 1000.0 + FORWARD_SLACK_S
-        call = self._channel(target).unary_unary(FORWARD_PATH)(
+        # What the owner may take: a request late on arrival there (a tight client deadline)
+        # is held as best effort for up to two SLAs before it is shed, then its backend call.
+        timeout = (
+            max(remaining, 2 * sla) + route.policy.backend.timeout_ms / 1000.0 + FORWARD_SLACK_S
+        )
+        call = channel.unary_unary(FORWARD_PATH)(
             payload, timeout=timeout, metadata=((AUTH_METADATA, auth),)
         )
         # An answer this late is either a slow backend (the owner is fine: wait for it) or an
@@ -551,6 +612,10 @@ class Peering:
         watchdog = asyncio.get_running_loop().call_later(late, self._suspect, target)
         try:
             raw = await call
+            signature = None
+            for key, value in await call.trailing_metadata() or ():
+                if key == REPLY_AUTH_METADATA and isinstance(value, str):
+                    signature = value
         except asyncio.CancelledError:
             call.cancel()  # the client is gone: the owner withdraws the request
             raise
@@ -559,7 +624,7 @@ class Peering:
         finally:
             watchdog.cancel()
         try:
-            reply, wait = decode_reply(raw)
+            reply, wait = decode_reply(check_reply(self.settings.token, auth, raw, signature))
         except PeerProtocolError as err:
             self.mark_down(target)
             self._metrics.peer_forward(policy, "fallback")
@@ -567,7 +632,8 @@ class Peering:
                 f"reply:{target}",
                 f"owner replica {target} answered a forwarded request of policy {policy} "
                 f"with a malformed reply ({err}): batching its keys here for {PEER_DOWN_S:g} s. "
-                "Do all replicas run the same MLProxy version?",
+                "Do all replicas run the same MLProxy version and peer token? If the reply is "
+                "not signed, check who wrote that replica record into Redis",
             )
             return None
         self._metrics.peer_forward(policy, "ok")
@@ -576,6 +642,17 @@ class Peering:
     def _failed(
         self, target: str, policy: str, code: grpc.StatusCode, details: str, timeout: float
     ) -> tuple[Reply, float | None] | None:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # The owner refused this request's frame (a client's long path, say): this
+            # request is batched here; the owner is not down, nor are the other clients'.
+            self._metrics.peer_forward(policy, "fallback")
+            self._log.warning(
+                f"frame:{target}",
+                f"owner replica {target} refused a forwarded request of policy {policy} "
+                f"({details[:200]}): batched here. If it lasts for every request, check "
+                "`mlproxy replicas` for replicas on other versions",
+            )
+            return None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             # The owner routes this path to another policy or backend: policies out of sync
             # for a moment. It is not down.
@@ -724,7 +801,12 @@ class PeerService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down")
         reply, wait = await self._serve(route, request)
         self._metrics.peer_served(route.policy.name, reply.outcome)
-        return encode_reply(reply, wait)
+        assert auth is not None  # verified above
+        frame = encode_reply(reply, wait)
+        context.set_trailing_metadata(
+            ((REPLY_AUTH_METADATA, sign_reply(self._token, auth, frame)),)
+        )
+        return frame
 
 
 def settings_from_env(

@@ -33,8 +33,10 @@ import yaml
 from extproc.adapters.peers import (
     AUTH_METADATA,
     FORWARD_PATH,
+    REPLY_AUTH_METADATA,
     ForwardRequest,
     batching_key,
+    check_reply,
     decode_reply,
     sign,
 )
@@ -305,10 +307,10 @@ def test_a_peer_call_without_the_fleet_token_is_refused_and_serves_nothing(
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, rid
         # the same call with the token is served: the refusals were for the token alone
         payload = _forward_payload(fleet, echo_backend, "nt-signed")
-        raw = call(
-            payload, metadata=((AUTH_METADATA, sign(token, payload, time.time())),), timeout=10
-        )
-    reply, _ = decode_reply(raw)
+        auth = sign(token, payload, time.time())
+        raw, rpc = call.with_call(payload, metadata=((AUTH_METADATA, auth),), timeout=10)
+    signature = dict(rpc.trailing_metadata() or ()).get(REPLY_AUTH_METADATA)
+    reply, _ = decode_reply(check_reply(token, auth, raw, signature))
     assert reply.status == 200
     assert json.loads(reply.body) == {"predictions": [{"echo": "nt-signed"}]}
     sent = echo_backend.sent_ids()

@@ -1,0 +1,404 @@
+"""Red team 3: owner forwarding between ext_proc replicas, attacked through the real stack
+(Redis, the control plane, 2 ext_proc replicas with peering on, an Envoy in front of each).
+
+The attacker here is the one the threat model names: whoever can write `mlproxy:*` keys in
+Redis (the ext_proc Redis user can), plus a process listening on an address inside
+--peer-networks (on a real fleet: any pod of the pod network; here: loopback). It writes a
+replica record whose peer address is its own listener, so that the replicas elect it owner of
+some batching keys and forward those keys' requests to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from extproc.adapters.peers import (
+    PEER_SERVICE,
+    ForwardRequest,
+    batching_key,
+    encode_reply,
+)
+from extproc.core.owner import owner
+from extproc.runtime.batcher import Reply
+from mlproxy import keys
+from mlproxy.client import Client
+from mlproxy.stack import Stack
+from tests.e2e.test_peering import echo_policy, eventually, start_envoy
+from tests.servers import EchoBackend
+
+pytestmark = pytest.mark.e2e
+
+REPLICAS = 2
+FORGED = b'{"predictions":[{"echo":"forged by the rogue owner"}]}'
+
+
+class RogueOwner:
+    """A gRPC server on loopback that speaks the peer protocol without the fleet token: it
+    keeps every forwarded frame it receives and answers each with a forged reply."""
+
+    def __init__(self) -> None:
+        self.received: list[ForwardRequest] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.method_handlers_generic_handler(
+            PEER_SERVICE, {"Forward": grpc.unary_unary_rpc_method_handler(self._forward)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def _forward(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            self.received.append(ForwardRequest.decode(raw))
+        return encode_reply(Reply(200, FORGED), 0.001)
+
+    def close(self) -> None:
+        self.server.stop(0).wait(5)
+
+
+class Fleet2:
+    def __init__(self, stack: Stack, api: Client, envoys: list[str]) -> None:
+        self.stack, self.api, self.envoys = stack, api, envoys
+
+    def members(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.stack.peer_ports]
+
+    def metric(self, i: int, name: str, **labels: str) -> float:
+        from tests.e2e.test_peering import replica_metric
+
+        return replica_metric(self.stack, i, name, **labels)
+
+    def redis(self) -> Any:
+        import redis
+
+        assert self.stack.security is not None
+        password = self.stack.security.redis_password_file.read_text(encoding="utf-8")
+        return redis.Redis(port=self.stack.redis_port, username="mlproxy", password=password)
+
+
+@pytest.fixture(scope="module")
+def fleet2(tmp_path_factory: pytest.TempPathFactory, echo_backend: EchoBackend) -> Iterator[Fleet2]:
+    stack = Stack(
+        envoy_port=0,
+        replicas=REPLICAS,
+        controlplane_port=0,
+        seed_demo=False,
+        peer_networks="127.0.0.1/32",
+        run_dir=tmp_path_factory.mktemp("redteam3"),
+    )
+    assert stack.peering
+    try:
+        stack.start(timeout=60)
+        api = Client(stack.controlplane_url, stack.admin_token)
+        policy = echo_policy(echo_backend, wait_ms=20)
+        api.put_policy("peered", policy)
+        brisk = echo_policy(echo_backend, "{model}", wait_ms=20)
+        brisk["match"] = {"path": "/v1/brisk/{model}:predict"}
+        brisk["sla"] = {"latency_ms": 300, "percentile": 99}
+        brisk["backend"]["timeout_ms"] = 1000
+        api.put_policy("brisk", brisk)
+        # adaptive, an SLA longer than the backend's timeout
+        lazy = echo_policy(echo_backend, "{model}")
+        lazy["match"] = {"path": "/v1/lazy/{model}:predict"}
+        lazy["backend"]["timeout_ms"] = 300
+        lazy["sla"] = {"latency_ms": 1500, "percentile": 99}
+        lazy["batching"] = {"mode": "adaptive", "max_batch_size": 64, "max_in_flight": 4}
+        api.put_policy("lazy", lazy)
+        names = ("peered", "brisk", "lazy")
+        eventually(lambda: all(rolled_out_n(api, n) for n in names), 30, "rollout")
+        envoys = [start_envoy(stack, i) for i in range(REPLICAS)]
+        fleet = Fleet2(stack, api, envoys)
+        eventually(
+            lambda: all(
+                fleet.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            "every replica sees the members",
+        )
+        yield fleet
+    finally:
+        dead = stack.dead_child()
+        stack.stop()
+        stack.release_ports()
+    assert dead is None, f"{dead.name} died; log:\n{dead.log_tail()}"
+
+
+def rolled_out_n(api: Client, name: str) -> bool:
+    try:
+        status = api.status(name)
+    except Exception:
+        return False
+    return bool(status["complete"] and status["replicas"] == REPLICAS)
+
+
+async def post(
+    url: str,
+    model: str,
+    rid: str,
+    query: str = "",
+    headers: dict[str, str] | None = None,
+    policy: str = "peered",
+) -> tuple[int, bytes]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.post(
+            f"{url}/v1/{policy}/{model}:predict{query}",
+            json={"instances": [{"id": rid}]},
+            headers=headers,
+        ) as r,
+    ):
+        return r.status, await r.read()
+
+
+@pytest.fixture
+def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwner, str]]:
+    """A rogue owner registered in Redis as a replica, and a model whose key it owns once the
+    replicas have read its record."""
+    rogue = RogueOwner()
+    record = {"id": "rogue", "address": "127.0.0.1:1", "peer_address": rogue.address}
+    try:
+        with fleet2.redis() as r:
+            r.set(keys.replica_key("rogue"), json.dumps(record), ex=120)
+        members = [*fleet2.members(), rogue.address]
+        model = next(
+            m
+            for m in (f"rogue{k}" for k in range(200))
+            if owner(batching_key("peered", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+            == rogue.address
+        )
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas read the rogue record",
+        )
+        yield rogue, model
+    finally:
+        with fleet2.redis() as r:
+            r.delete(keys.replica_key("rogue"))
+        rogue.close()
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas dropped the rogue record",
+        )
+
+
+def test_a_rogue_owner_from_redis_cannot_answer_the_clients(
+    fleet2: Fleet2, rogue: tuple[RogueOwner, str]
+) -> None:
+    """Finding: a replica accepted any answer from the address Redis named as the owner (the
+    answer was not authenticated), so a Redis writer with a listener inside --peer-networks
+    answered clients with whatever it liked. Fixed: the owner signs its answer with the fleet
+    token, bound to the request's signature; an unsigned answer is a malformed one (the owner
+    is marked down, the request is batched where it entered)."""
+    server, model = rogue
+    for i in range(REPLICAS):
+        status, body = asyncio.run(post(fleet2.envoys[i], model, f"rg-{i}"))
+        assert body != FORGED
+        assert (status, json.loads(body)) == (200, {"predictions": [{"echo": f"rg-{i}"}]})
+    assert server.received  # it was asked (it is the elected owner): and refused
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 3: a Redis writer that registers a fake replica record whose peer_address "
+    "is a listener inside --peer-networks (any pod on a real fleet) receives the client bodies "
+    "of every key it wins by rendezvous hashing (the forward is signed, but nothing proves the "
+    "receiver holds the token before it gets the data). Impact: confidentiality of model "
+    "inputs against the ext_proc Redis user. Suggested fix: members sign their heartbeat "
+    "record's peer address with the fleet token (HMAC over replica id + address + expiry) and "
+    "Peering.update drops unsigned ones; or mTLS on the peer port (--tls-*), which already "
+    "closes it.",
+)
+def test_a_rogue_owner_from_redis_receives_no_client_data(
+    fleet2: Fleet2, rogue: tuple[RogueOwner, str]
+) -> None:
+    server, model = rogue
+    # Another test may have had the rogue marked down for PEER_DOWN_S: keep sending (bounded)
+    # until it gets a request or clearly gets none.
+    end = time.monotonic() + 20
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        asyncio.run(post(fleet2.envoys[n % REPLICAS], model, f"leak-{n}"))
+        leaked = [r.body for r in server.received if b"leak-" in r.body]
+        assert not leaked, leaked
+        time.sleep(0.25)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ("?pad=" + "a" * 5000, None),  # the path the owner is sent: over its 4096 characters
+        ("", {"x-mlproxy-deadline-ms": "1e9"}),  # over the owner's 86,400,000 ms
+    ],
+    ids=["long-query", "huge-deadline"],
+)
+def test_one_clients_odd_request_does_not_take_the_owner_out_for_everyone(
+    fleet2: Fleet2, echo_backend: EchoBackend, query: str, headers: dict[str, str] | None
+) -> None:
+    """Finding: a request the owner refuses as malformed (INVALID_ARGUMENT: a path with a
+    query string over 4096 characters, or an x-mlproxy-deadline-ms over a day) marked the
+    owner down for PEER_DOWN_S, so every client's requests for every key it owns were batched
+    where they entered (the fleet's batches split again) for 3 s per such request: one client
+    undid the coordination for all. Fixed: the caller sends the client's budget capped at the
+    SLA (what it means anyway), and INVALID_ARGUMENT falls back for that request alone."""
+    members = fleet2.members()
+    model = next(
+        m
+        for m in (f"odd{k}" for k in range(200))
+        if owner(batching_key("peered", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+        == members[0]
+    )
+    entry = fleet2.envoys[1]
+    status, body = asyncio.run(post(entry, model, "odd-1", query, headers))
+    assert (status, json.loads(body)) == (200, {"predictions": [{"echo": "odd-1"}]})
+    forwarded = fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok")
+    status, body = asyncio.run(post(entry, model, "odd-2"))
+    assert (status, json.loads(body)) == (200, {"predictions": [{"echo": "odd-2"}]})
+    # the next request, another client's as far as the owner is concerned, still went to it
+    assert fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok") == forwarded + 1
+
+
+class Blackhole:
+    """A loopback TCP listener that accepts connections and never says a word: what a peer
+    address in Redis looks like when nothing answers there (on a pod network: an unused IP,
+    whose connection attempts hang)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.sock.close()
+
+
+def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
+    fleet2: Fleet2, echo_backend: EchoBackend
+) -> None:
+    """Finding: a replica record (hostile Redis, or a replica that vanished without its
+    record expiring yet) whose peer address accepts no gRPC connection made every request
+    whose key it won wait, in the channel's connection attempt, until the forward's
+    deadline (its remaining time + backend.timeout_ms + 0.25 s), then answered 504; and again
+    after each PEER_DOWN_S. Fixed: a request is forwarded only over a connected channel; while
+    the owner's channel is not ready, it is batched where it entered (the channel keeps
+    connecting)."""
+    hole = Blackhole()
+    record = {"id": "hole", "address": "127.0.0.1:1", "peer_address": hole.address}
+    try:
+        with fleet2.redis() as r:
+            r.set(keys.replica_key("hole"), json.dumps(record), ex=120)
+        members = [*fleet2.members(), hole.address]
+        model = next(
+            m
+            for m in (f"hole{k}" for k in range(200))
+            if owner(batching_key("brisk", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+            == hole.address
+        )
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas read the record",
+        )
+
+        async def burst() -> list[tuple[int, bytes]]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        post(fleet2.envoys[n % REPLICAS], model, f"hole-{n}", policy="brisk")
+                        for n in range(6)
+                    )
+                )
+            )
+
+        for n, (status, body) in enumerate(asyncio.run(burst())):
+            assert (status, json.loads(body)) == (200, {"predictions": [{"echo": f"hole-{n}"}]})
+    finally:
+        with fleet2.redis() as r:
+            r.delete(keys.replica_key("hole"))
+        hole.close()
+        eventually(
+            lambda: all(
+                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            "the replicas dropped the record",
+        )
+
+
+def test_a_tight_client_deadline_does_not_time_out_the_forward(
+    fleet2: Fleet2, echo_backend: EchoBackend
+) -> None:
+    """Finding: a client deadline (x-mlproxy-deadline-ms) that leaves the entry replica time
+    for the hop, but that the owner finds late on arrival (below what the backend can do), is
+    held by the owner as best effort, as a request with the SLA would wait (about the SLA),
+    longer than the entry replica waited for the owner (the request's remaining time +
+    backend.timeout_ms + 0.25 s): the client got 504 instead of its best-effort answer, and
+    the owner was marked down, so every client's requests for its keys were batched where
+    they entered for 3 s. Fixed: a forward waits for what the owner may take, up to two SLAs
+    (when best effort gives up) + backend.timeout_ms."""
+    members = fleet2.members()
+    model = next(
+        m
+        for m in (f"lazy{k}" for k in range(200))
+        if owner(batching_key("lazy", f"{echo_backend.url}/v1/models/{m}:predict"), members)
+        == members[0]
+    )
+    entry = fleet2.envoys[1]
+    status, body = asyncio.run(post(entry, model, "lazy-0", policy="lazy"))  # an SLA seen
+    assert status == 200, body
+    timeouts = fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="timeout")
+    # Which budgets are forwarded yet late at the owner depends on this machine's speed:
+    # a sweep of them, one at a time.
+    for k in range(1, 21):
+        ms = f"{k * 0.5:g}"
+        status, body = asyncio.run(
+            post(entry, model, f"lazy-{k}", headers={"x-mlproxy-deadline-ms": ms}, policy="lazy")
+        )
+        # an answer (best effort), or shed at once where it entered (no time for the hop)
+        assert status in (200, 503), (ms, status, body)
+        if status == 200:
+            assert json.loads(body) == {"predictions": [{"echo": f"lazy-{k}"}]}
+    assert fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="timeout") == timeouts
