@@ -108,8 +108,10 @@ class BenchStack:
             envoy_port=0,
             replicas=config.replicas,
             model_command=list(EMULATOR),
-            # The tuner adapts policies over minutes of a fleet's statistics; the benchmark
-            # compares the modes as written (and with the simulator, which has no tuner).
+            # The tuner changes a policy at most once a minute (MIN_INTERVAL), longer than a
+            # run compressed 5x (40 s): the benchmark compares the modes as written, and its
+            # `sim` columns simulate them without the tuner too. The simulator's own suite
+            # (`python -m bench.simulate`) runs it.
             controlplane_env={"MLPROXY_TUNER_INTERVAL_S": "0"},
             seed_demo=False,
             run_dir=run_dir,
