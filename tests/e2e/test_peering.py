@@ -320,15 +320,19 @@ def test_a_peer_call_without_the_fleet_token_is_refused_and_serves_nothing(
 
 
 class ConnectionRecorder:
-    """A TCP listener that records every connection made to it."""
+    """A loopback TCP listener that counts every connection made to it and either closes it
+    at once or, with `hold`, keeps it open and never says a word (what a peer address in
+    Redis looks like when nothing answers there: on a pod network, an unused IP)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str = "127.0.0.1", hold: bool = False) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind((host, 0))
         self.sock.listen(64)
         self.sock.settimeout(0.2)
         self.address = f"{host}:{self.sock.getsockname()[1]}"
         self.connections = 0
+        self.held: list[socket.socket] = []
+        self._hold = hold
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -342,11 +346,17 @@ class ConnectionRecorder:
             except OSError:
                 return
             self.connections += 1
-            conn.close()
+            if self._hold:
+                self.held.append(conn)
+            else:
+                conn.close()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.close()
         self.sock.close()
 
 

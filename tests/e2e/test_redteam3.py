@@ -11,9 +11,7 @@ some batching keys and forward those keys' requests to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +32,7 @@ from extproc.runtime.batcher import Reply
 from mlproxy import keys
 from mlproxy.client import Client
 from mlproxy.stack import Stack
-from tests.e2e.test_peering import echo_policy, eventually, start_envoy
+from tests.e2e.test_peering import ConnectionRecorder, echo_policy, eventually, start_envoy
 from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
@@ -278,41 +276,6 @@ def test_one_clients_odd_request_does_not_take_the_owner_out_for_everyone(
     assert fleet2.metric(1, "mlproxy_peer_forwarded_total", outcome="ok") == forwarded + 1
 
 
-class Blackhole:
-    """A loopback TCP listener that accepts connections and never says a word: what a peer
-    address in Redis looks like when nothing answers there (on a pod network: an unused IP,
-    whose connection attempts hang)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self.held:
-            with contextlib.suppress(OSError):
-                conn.close()
-        self.sock.close()
-
-
 def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
     fleet2: Fleet2, echo_backend: EchoBackend
 ) -> None:
@@ -323,7 +286,7 @@ def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
     after each PEER_DOWN_S. Fixed: a request is forwarded only over a connected channel; while
     the owner's channel is not ready, it is batched where it entered (the channel keeps
     connecting)."""
-    hole = Blackhole()
+    hole = ConnectionRecorder(hold=True)
     record = {"id": "hole", "address": "127.0.0.1:1", "peer_address": hole.address}
     try:
         with fleet2.redis() as r:
