@@ -162,29 +162,37 @@ async def post(
         return r.status, await r.read()
 
 
+def fake_member(fleet2: Fleet2, name: str, peer_address: str, policy: str, backend: str) -> str:
+    """Register a replica record `name` at `peer_address` in Redis, as a hostile writer would,
+    wait until every replica has read it, and return a model of `policy` (backend URL
+    `backend`/v1/models/{model}:predict) whose batching key it owns. The caller deletes the
+    record."""
+    record = {"id": name, "address": "127.0.0.1:1", "peer_address": peer_address}
+    with fleet2.redis() as r:
+        r.set(keys.replica_key(name), json.dumps(record), ex=120)
+    members = [*fleet2.members(), peer_address]
+    model = next(
+        m
+        for m in (f"{name}{k}" for k in range(200))
+        if owner(batching_key(policy, f"{backend}/v1/models/{m}:predict"), members) == peer_address
+    )
+    eventually(
+        lambda: all(
+            fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
+        ),
+        30,
+        f"the replicas read the {name} record",
+    )
+    return model
+
+
 @pytest.fixture
 def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwner, str]]:
     """A rogue owner registered in Redis as a replica, and a model whose key it owns once the
     replicas have read its record."""
     rogue = RogueOwner()
-    record = {"id": "rogue", "address": "127.0.0.1:1", "peer_address": rogue.address}
     try:
-        with fleet2.redis() as r:
-            r.set(keys.replica_key("rogue"), json.dumps(record), ex=120)
-        members = [*fleet2.members(), rogue.address]
-        model = next(
-            m
-            for m in (f"rogue{k}" for k in range(200))
-            if owner(batching_key("peered", f"{echo_backend.url}/v1/models/{m}:predict"), members)
-            == rogue.address
-        )
-        eventually(
-            lambda: all(
-                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
-            ),
-            30,
-            "the replicas read the rogue record",
-        )
+        model = fake_member(fleet2, "rogue", rogue.address, "peered", echo_backend.url)
         yield rogue, model
     finally:
         with fleet2.redis() as r:
@@ -287,24 +295,8 @@ def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
     the owner's channel is not ready, it is batched where it entered (the channel keeps
     connecting)."""
     hole = ConnectionRecorder(hold=True)
-    record = {"id": "hole", "address": "127.0.0.1:1", "peer_address": hole.address}
     try:
-        with fleet2.redis() as r:
-            r.set(keys.replica_key("hole"), json.dumps(record), ex=120)
-        members = [*fleet2.members(), hole.address]
-        model = next(
-            m
-            for m in (f"hole{k}" for k in range(200))
-            if owner(batching_key("brisk", f"{echo_backend.url}/v1/models/{m}:predict"), members)
-            == hole.address
-        )
-        eventually(
-            lambda: all(
-                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
-            ),
-            30,
-            "the replicas read the record",
-        )
+        model = fake_member(fleet2, "hole", hole.address, "brisk", echo_backend.url)
 
         async def burst() -> list[tuple[int, bytes]]:
             return list(
