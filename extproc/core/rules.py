@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -164,7 +164,12 @@ TRIAL = 8  # batches at a grown limit that decide whether it holds
 # them grow with it. The rule keeps the last REFERENCE (size, seconds) of the batches sent at
 # each concurrency and takes their times relative to the backend's uncongested time (the
 # estimator's floor). The reference for a batch sent at concurrency c: the batches sent at the
-# lowest concurrencies below c (at least MIN_REFERENCE of them; else those sent at c itself).
+# lowest concurrencies below c (at least MIN_REFERENCE of them; else those sent at c itself)
+# within the last REFERENCE_AGE seconds. Older ones are left out: the floor is a line fitted
+# where the batches are now, and a batch of another size sent long ago (at start-up, at another
+# load) is off that line by the fit's error, not by queueing (on four workers that all took
+# their batches at once, the batches of the first seconds sent at one made those sent at four a
+# minute later look 1.35x slower: a cut, and a burst of misses).
 # - One batch is slow when it took CONGESTED x its uncongested time and more than noise alone
 #   makes of the reference: its median x (median / 10th percentile) ** NOISE_TAIL (for
 #   log-normal noise, the 98th percentile; from the lower half of the reference, so that a
@@ -173,6 +178,7 @@ TRIAL = 8  # batches at a grown limit that decide whether it holds
 #   reference's: queueing that adds less than a slow batch's worth, but to every batch.
 REFERENCE = 64
 MIN_REFERENCE = 16
+REFERENCE_AGE = 30.0
 WINDOW = 8
 STEP = 1.3
 NOISE_TAIL = 1.6
@@ -244,7 +250,7 @@ class AdaptiveRule:
         self._trial_batches: list[tuple[int, float]] = []  # (size, seconds) of those
         # The latest batches (size, seconds) by the concurrency they were sent at, and how many
         # came at each since its last median test.
-        self._times: dict[int, deque[tuple[int, float]]] = {}
+        self._times: dict[int, deque[tuple[int, float, float]]] = {}  # (size, seconds, at)
         self._fresh: dict[int, int] = {}
 
     @property
@@ -463,7 +469,7 @@ class AdaptiveRule:
             self.latency.observe(size, seconds, now)
             return
         level = min(max(1, concurrent), self.in_flight_bound)
-        ref = self._reference(level, floor)
+        ref = self._reference(level, floor, now)
         # Slow: CONGESTED x the uncongested time, and beyond what noise alone makes of the
         # batches sent at lower concurrency (NOISE_TAIL).
         bound = CONGESTED
@@ -472,9 +478,15 @@ class AdaptiveRule:
             bound = max(bound, median * (median / max(low, 1e-9)) ** NOISE_TAIL)
         slow = seconds > bound * floor.predict(size) + CONGESTED_SLACK
         probing = self._trial and level >= self._probed
-        if not (slow and probing):
-            # A probe that made its batch wait says how many batches the backend takes, not
-            # how long one takes when sent as the rule plans to.
+        # Sent at a concurrency since given up (the limit was cut while it ran): if it was
+        # slow, it waited for our other batches.
+        given_up = level > self.max_in_flight
+        if not (probing or (slow and given_up)):
+            # A probe's batch says how many batches the backend takes, not how long one takes
+            # when sent as the rule plans to: the latency model learns from a trial's batches
+            # only once it holds (a failed one's waited for ours; a few of them were enough to
+            # raise the model's 99th percentile by half on a one-batch-at-a-time server, and
+            # with it every plan).
             self.latency.observe(size, seconds, now)
         if probing:
             # A batch sent at the limit that just grew: TRIAL of them decide. Two slow ones, or
@@ -494,9 +506,10 @@ class AdaptiveRule:
                 self._trial = False
                 self._probe = max(1, self._probe // 2)
                 for batch in self._trial_batches:
-                    self._record(level, batch)
+                    self._record(level, batch, now)
+                    self.latency.observe(*batch, now)
             return
-        if self._record(level, (size, seconds)) and ref is not None and level > 1:
+        if self._record(level, (size, seconds), now) and ref is not None and level > 1:
             # Every WINDOW batches at this concurrency: queueing, not noise, when their median
             # is STEP x the reference's (below it).
             recent = list(self._times[level])[-WINDOW:]
@@ -525,18 +538,19 @@ class AdaptiveRule:
                 self._trial_batches = []
                 self._clean = 0
 
-    def _record(self, level: int, batch: tuple[int, float]) -> bool:
-        """Keep a batch (size, seconds) sent at concurrency `level`; True every WINDOW
-        batches there (time for the median test)."""
-        self._times.setdefault(level, deque(maxlen=REFERENCE)).append(batch)
+    def _record(self, level: int, batch: tuple[int, float], now: float) -> bool:
+        """Keep a batch (size, seconds) sent at concurrency `level`, done at `now`; True every
+        WINDOW batches there (time for the median test)."""
+        self._times.setdefault(level, deque(maxlen=REFERENCE)).append((*batch, now))
         fresh = self._fresh.get(level, 0) + 1
         self._fresh[level] = 0 if fresh >= WINDOW else fresh
         return fresh >= WINDOW
 
-    def _reference(self, level: int, floor: LatencyModel) -> tuple[float, float] | None:
+    def _reference(self, level: int, floor: LatencyModel, now: float) -> tuple[float, float] | None:
         """The median and 10th percentile of the times (relative to `floor`) of the latest
         batches sent at the lowest concurrencies below `level` (REFERENCE of them), or, with
         fewer than MIN_REFERENCE there, of those sent at `level`; None with too few of those.
+        Only batches done within the last REFERENCE_AGE seconds count.
 
         None too with other replicas in front of the backend (`fleet`): their batches make
         this queue's wait at every concurrency of its own, so the spread is not the backend's
@@ -544,19 +558,22 @@ class AdaptiveRule:
         concurrency is the fleet's business)."""
         if self.fleet > 1:
             return None
-        pooled: list[tuple[int, float]] = []
+        pooled: list[tuple[int, float, float]] = []
         for lower in range(1, level):
-            got = self._times.get(lower)
+            got = self._recent(lower, now)
             if got:
-                pooled.extend(list(got)[-(REFERENCE - len(pooled)) :])
+                pooled.extend(got[-(REFERENCE - len(pooled)) :])
                 if len(pooled) >= REFERENCE:
                     break
         if len(pooled) < MIN_REFERENCE:
-            pooled = list(self._times.get(level, ()))
+            pooled = self._recent(level, now)
         if len(pooled) < MIN_REFERENCE:
             return None
         ratios = sorted(_ratios(pooled, floor))
         return ratios[len(ratios) // 2], ratios[len(ratios) // 10]
+
+    def _recent(self, level: int, now: float) -> list[tuple[int, float, float]]:
+        return [b for b in self._times.get(level, ()) if now - b[2] <= REFERENCE_AGE]
 
     def _fail_trial(self, now: float) -> None:
         self._trial = False
@@ -582,9 +599,11 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def _ratios(batches: list[tuple[int, float]], floor: LatencyModel) -> list[float]:
+def _ratios(
+    batches: Sequence[tuple[int, float] | tuple[int, float, float]], floor: LatencyModel
+) -> list[float]:
     """Each batch's time relative to the backend's uncongested time for its size."""
-    return [t / max(floor.predict(b), 1e-9) for b, t in batches]
+    return [batch[1] / max(floor.predict(batch[0]), 1e-9) for batch in batches]
 
 
 def _midway(a: LatencyModel, b: LatencyModel) -> LatencyModel:

@@ -941,3 +941,69 @@ def test_a_client_that_asked_for_a_tight_deadline_still_gets_its_best_effort() -
     assert isinstance(action, WaitUntil) and action.time < 0.121 + 0.150
     late = q.poll(action.time)
     assert isinstance(late, Dispatch) and late.items == ["tight"] and late.reason == "late"
+
+
+class _Recording(_Backend):
+    """The in-flight tests' backend, keeping what the rule teaches its latency model."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        self.seen.append((size, seconds))
+
+
+def test_batches_that_waited_for_a_failed_probe_teach_the_latency_model_nothing() -> None:
+    """One worker: a second batch sent alongside waits for the first. The probe fails, and
+    neither its batches (slow or not quite) nor one still running at the given-up concurrency
+    when the limit was cut reach the latency model: they measured our own queueing, and a
+    few of them raised the model's 99th percentile by half (every plan with it)."""
+    source = _Recording()
+    rule = AdaptiveRule(source, 100, 8, 1_000, objective="latency")
+    clean = MODEL.predict(1)
+    _at_limit(rule, clean, 0.1)  # the limit grows to two, on trial
+    assert rule.max_in_flight == 2
+    rule.completed(1, 1.3 * clean, "idle", True, 0.2, 2)  # a little slow: not a congested one
+    rule.completed(1, 0.030, "idle", True, 0.3, 2)  # waited for the other batch
+    rule.completed(1, 0.030, "idle", True, 0.4, 2)  # twice: the probe fails
+    assert rule.max_in_flight == 1
+    rule.completed(1, 0.030, "idle", True, 0.5, 2)  # sent at two before the cut
+    _at_limit(rule, clean, 0.6)
+    assert source.seen == [(1, clean), (1, clean)]
+
+
+def test_a_probe_that_holds_teaches_the_latency_model_its_batches() -> None:
+    """Four workers: batches sent at two come back clean; once the trial holds, its batches
+    are what a batch takes at the new limit, and the latency model learns them."""
+    source = _Recording()
+    rule = AdaptiveRule(source, 100, 8, 1_000, objective="latency")
+    clean = MODEL.predict(1)
+    _at_limit(rule, clean, 0.1)
+    assert rule.max_in_flight == 2
+    for k in range(8):  # TRIAL batches at two
+        assert len(source.seen) == 1  # not before the trial is decided
+        rule.completed(1, 1.1 * clean, "idle", True, 0.2 + 0.01 * k, 2)
+    assert rule.max_in_flight == 2
+    assert source.seen == [(1, clean)] + [(1, 1.1 * clean)] * 8
+
+
+def test_batches_sent_long_ago_are_no_yardstick_for_congestion() -> None:
+    """Four workers that take four batches at once. The uncongested time is a line fitted where
+    the batches are now (size 30): its intercept is too high and its slope too low, so the
+    small batches the queue sent at concurrency one during its first seconds sit 13% below
+    it, and today's batches at four, just as fast, 16% above it. Compared with those old
+    batches, today's look 1.33x slower (queueing, by the median test): with a yardstick of the
+    last REFERENCE_AGE seconds only, they are what they are, and the limit stays at four."""
+    floor = LatencyModel(base=0.030, per_item=0.00135)
+    rule = AdaptiveRule(FixedLatency(floor), 100, 4, 1_000, objective="latency")
+    rule.limit = 4.0
+    now = 0.0
+    for _ in range(64):  # start-up: small batches, one at a time
+        now += 0.05
+        rule.completed(5, 0.87 * floor.predict(5), "idle", True, now, 1)
+    now = 60.0
+    for k in range(64):  # a minute later: big batches, four at a time, as fast as at one
+        now += 0.05
+        level = 2 + k % 3  # at two, three and four
+        rule.completed(30, 1.16 * floor.predict(30), "idle", True, now, level)
+        assert rule.max_in_flight == 4
