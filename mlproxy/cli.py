@@ -158,6 +158,7 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
         observer=server.metrics,
         peer_address=None if server.peering is None else server.peering.address,
         on_peers=None if server.peering is None else server.peering.update,
+        sign_peer=None if server.peering is None else server.peering.sign_member,
     )
     # Policies first: a replica never takes traffic without the current policies. While it
     # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal

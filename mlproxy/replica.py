@@ -34,6 +34,13 @@ class ReplicaRecord(BaseModel):
         description="where the other replicas reach this replica's peer port (IP:port), to "
         "forward requests whose batching key it owns; None with peering off",
     )
+    peer_signature: str | None = Field(
+        default=None,
+        description="`<unix ms>.<hex HMAC-SHA256>` of (id, peer_address, that time) with the "
+        "fleet token, made at every heartbeat: the other replicas take this record as a fleet "
+        "member only if it verifies with their token and is fresh (None with peering off, or "
+        "from a version that does not sign)",
+    )
     started_at: datetime
     heartbeat_at: datetime
     policies: dict[str, int] = Field(

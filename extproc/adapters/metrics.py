@@ -223,6 +223,16 @@ class PrometheusMetrics:
             "with another token file, a clock more than a minute off, or not a replica).",
             registry=r,
         )
+        self.peer_members_rejected = Counter(
+            "mlproxy_peer_members_rejected",
+            "Replica records in Redis not taken as fleet members, each time they are read (every "
+            "heartbeat), by reason: address (outside --peer-networks, or not an IP:port), "
+            "unsigned, malformed, signature (not signed with this replica's fleet token: "
+            "another token, or a forged or altered record), stale (signed longer ago than a "
+            "heartbeat lives: replayed, or a clock behind), future (a clock ahead).",
+            ["reason"],
+            registry=r,
+        )
         self.peer_members = Gauge(
             "mlproxy_peer_members",
             "Replicas (this one included) that this replica forwards to as owners; 0 with "
@@ -323,6 +333,9 @@ class PrometheusMetrics:
 
     def peer_auth_failure(self) -> None:
         self.peer_auth_failures.inc()
+
+    def peer_member_rejected(self, reason: str) -> None:
+        self.peer_members_rejected.labels(reason).inc()
 
     def peer_fleet(self, members: int, owned: int) -> None:
         self.peer_members.set(members)

@@ -8,8 +8,10 @@ key it does not own forwards the parsed-ok request to the owner over the peer po
 its Envoy stream with the owner's reply. README "Fleets: one owner per model".
 
 - Members: the replicas whose heartbeat record (Redis, `mlproxy:replica:*`) has a peer address
-  that is an IP literal inside `--peer-networks`; others are ignored with a throttled warning
-  (Redis contents are hostile; no name is resolved).
+  that is an IP literal inside `--peer-networks`, signed with the fleet token (`peer_signature`:
+  HMAC-SHA256 over the record's id, peer address and signing time, fresh within the heartbeat
+  TTL); others are ignored with a warning (Redis contents are hostile: whoever can write there
+  must not become an owner and receive client bodies; no name is resolved).
 - The peer port: one generic unary-unary bytes method. A request is a frame (JSON header +
   the client's body) signed with the fleet token (HMAC-SHA256 over a timestamp and the frame,
   in metadata; the token itself never crosses the network). Wrong or missing: UNAUTHENTICATED.
@@ -63,6 +65,7 @@ __all__ = [
     "ENV_PORT",
     "ENV_SERVER_NAME",
     "ENV_TOKEN_FILE",
+    "MEMBER_SKEW_S",
     "PEER_DOWN_S",
     "PEER_SERVICE",
     "RETURN_MARGIN_S",
@@ -72,9 +75,11 @@ __all__ = [
     "PeerSettings",
     "Peering",
     "batching_key",
+    "check_member",
     "check_reply",
     "read_token",
     "sign",
+    "sign_member",
     "sign_reply",
 ]
 
@@ -100,6 +105,17 @@ AUTH_WINDOW_S = 60.0
 MIN_TOKEN_BYTES = 16
 MAX_HEADER_BYTES = 16 * 1024
 MAX_MEMBERS = 256
+# A member's signed heartbeat record is accepted until the heartbeat TTL plus this after it was
+# signed (and if it was signed at most this far in the future): the hosts' clocks must agree
+# within it. A replica re-signs its record at every beat (2 s).
+MEMBER_SKEW_S = 5.0
+DEFAULT_MEMBER_TTL_S = 10.0  # the heartbeat TTL (RedisPolicySource.heartbeat_ttl)
+# What a member signature signs starts with this (a forward's starts with digits, a reply's
+# with "reply."): one can never be taken for another.
+MEMBER_DOMAIN = b"mlproxy.peer-member.v1\n"
+# Rejected records are logged once per record id (a hostile Redis can make many ids: at most
+# this many warnings per read of the records, then a throttled summary).
+MAX_MEMBER_WARNINGS = 16
 MAX_RECENT_KEYS = 1024  # batching keys remembered for mlproxy_peer_owned_keys
 # Beyond the request's own time and its backend call's timeout, what a forward may take
 # before the caller gives up on the owner.
@@ -234,6 +250,52 @@ def check_reply(token: bytes, auth: str, frame: bytes, signature: str | None) ->
     ):
         raise PeerProtocolError("the reply is not signed with the fleet token for this call")
     return frame
+
+
+def _member_message(replica_id: str, address: str, stamp: str) -> bytes:
+    """The canonical bytes a member signature covers: the domain prefix, then a JSON array
+    (ASCII, no spaces: one encoding per value, and no field can run into the next)."""
+    body = json.dumps([replica_id, address, stamp], separators=(",", ":"), ensure_ascii=True)
+    return MEMBER_DOMAIN + body.encode("ascii")
+
+
+def sign_member(token: bytes, replica_id: str, address: str, at: float) -> str:
+    """A heartbeat record's `peer_signature`: `<unix ms>.<hex HMAC-SHA256(token, MEMBER_DOMAIN +
+    ["<replica id>","<peer address>","<unix ms>"])>`: the replica with this record id, holding
+    the fleet token, said at that time that its peer port is at this address."""
+    stamp = str(int(at * 1000))
+    mac = hmac.new(token, _member_message(replica_id, address, stamp), hashlib.sha256)
+    return f"{stamp}.{mac.hexdigest()}"
+
+
+def check_member(
+    token: bytes,
+    replica_id: str,
+    address: str,
+    signature: object,
+    now: float,
+    ttl: float = DEFAULT_MEMBER_TTL_S,
+) -> str | None:
+    """None if `signature` is the fleet token's for this record id and address, signed within
+    `ttl` + `MEMBER_SKEW_S` before `now` (and not more than the skew after it); else why not:
+    `unsigned`, `malformed`, `signature` (another token, or the id or address was changed),
+    `stale` (an old record replayed, or a clock behind), `future` (a clock ahead)."""
+    if signature is None:
+        return "unsigned"
+    if not isinstance(signature, str) or len(signature) > 96:
+        return "malformed"
+    stamp, _, mac = signature.partition(".")
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 16 or not mac.isascii():
+        return "malformed"
+    expected = hmac.new(token, _member_message(replica_id, address, stamp), hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest().encode(), mac.encode()):
+        return "signature"
+    age = now - int(stamp) / 1000
+    if age > ttl + MEMBER_SKEW_S:
+        return "stale"
+    if age < -MEMBER_SKEW_S:
+        return "future"
+    return None
 
 
 def _frame(header: dict[str, Any], body: bytes) -> bytes:
@@ -378,10 +440,41 @@ class PeerMetrics(Protocol):
 
     def peer_fleet(self, members: int, owned: int) -> None: ...
 
+    def peer_member_rejected(self, reason: str) -> None: ...
+
 
 def _grpc_target(address: str) -> str:
     """A gRPC target that is never resolved by name: ipv4:/ipv6: with the literal."""
     return ("ipv6:" if address.startswith("[") else "ipv4:") + address
+
+
+MAX_REMEMBERED_REJECTIONS = 4096
+
+
+def _rejection(replica_id: str, address: str, why: str, signature: object, now: float) -> str:
+    """The warning for a record refused as a member (never the signature or the token)."""
+    what = {
+        "unsigned": "it carries no fleet token signature (peer_signature): a replica of an "
+        "MLProxy version without member signatures, or a record someone else wrote into Redis",
+        "malformed": "its peer_signature is not one a replica writes",
+        "signature": "its peer_signature is not made with this replica's fleet token: a replica "
+        "with another --peer-token-file (a token rotation under way: it is a member again once "
+        "every replica reads the same token), or a forged or altered record",
+    }.get(why)
+    if what is None:
+        stamp = signature.partition(".")[0] if isinstance(signature, str) else "0"
+        age = now - int(stamp) / 1000
+        what = (
+            f"it was signed {age:.0f} s ago, longer than its heartbeat lives: an old record "
+            "written again (replayed), or that host's clock is behind"
+            if why == "stale"
+            else f"it was signed {-age:.0f} s in the future: that host's clock is ahead"
+        ) + f" (the hosts' clocks must agree within {MEMBER_SKEW_S:g} s)"
+    return (
+        f"replica record {replica_id[:64]!r} in Redis (peer address {address}) is not a fleet "
+        f"member: {what}. No request is forwarded to it. If it is not one of your replicas, "
+        "check who can write into Redis"
+    )
 
 
 class Peering:
@@ -412,6 +505,8 @@ class Peering:
         self._closing: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()  # keys of requests seen here
+        # Ids of the records refused for their signature, each logged once (until accepted).
+        self._rejected: OrderedDict[str, None] = OrderedDict()
         self._log = Throttled(log)
         self._metrics.peer_fleet(1, self._owned())
 
@@ -419,15 +514,27 @@ class Peering:
     def address(self) -> str:
         return self.settings.advertise
 
-    def update(self, records: Iterable[tuple[str, object]]) -> None:
-        """The live replica records' (id, peer address): keep those that may be contacted."""
+    def sign_member(self, replica_id: str, address: str, at: float) -> str:
+        """This replica's heartbeat record's `peer_signature`, with the fleet token as it is
+        now (every beat signs again)."""
+        return sign_member(self.settings.token, replica_id, address, at)
+
+    def update(
+        self, records: Iterable[tuple[str, object, object]], ttl: float = DEFAULT_MEMBER_TTL_S
+    ) -> None:
+        """The live replica records' (id, peer address, peer signature), read from Redis every
+        heartbeat (records expire `ttl` seconds after their replica's last beat): keep those
+        that may be contacted and are signed with the fleet token."""
         found = {self.address}
-        for replica_id, address in records:
+        now = time.time()
+        warned = 0
+        for replica_id, address, signature in records:
             if address is None:
                 continue  # a replica with peering off
             try:
-                found.add(peer_address(address, self.settings.networks))
+                canonical = peer_address(address, self.settings.networks)
             except PeerAddressError as err:
+                self._metrics.peer_member_rejected("address")
                 self._log.warning(  # one kind: a hostile Redis cannot flood the log
                     "address",
                     f"replica record {replica_id[:64]!r} in Redis gives peer address "
@@ -436,6 +543,26 @@ class Peering:
                     "it into Redis: check who can write there",
                 )
                 continue
+            assert isinstance(address, str)  # peer_address accepted it
+            why = check_member(self.settings.token, replica_id, address, signature, now, ttl)
+            if why is not None:
+                self._metrics.peer_member_rejected(why)
+                if replica_id not in self._rejected:
+                    self._rejected[replica_id] = None
+                    if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
+                        self._rejected.popitem(last=False)
+                    warned += 1
+                    if warned <= MAX_MEMBER_WARNINGS:
+                        log.warning("%s", _rejection(replica_id, canonical, why, signature, now))
+                    else:
+                        self._log.warning(
+                            "rejected",
+                            "more replica records in Redis than are logged are not signed with "
+                            "this replica's fleet token: see mlproxy_peer_members_rejected_total",
+                        )
+                continue
+            self._rejected.pop(replica_id, None)  # a later rejection is logged again
+            found.add(canonical)
             if len(found) >= MAX_MEMBERS:
                 self._log.warning(
                     "members",

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,10 @@ __all__ = ["RedisPolicySource", "StoreObserver"]
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Sequence[Policy]], None]
+# Peering (extproc/adapters/peers.py): the live records' (replica id, peer_address,
+# peer_signature) and the heartbeat TTL; and what signs this replica's own peer address.
+OnPeers = Callable[[list[tuple[str, object, object]], float], None]
+SignPeer = Callable[[str, str, float], str]
 # Peer discovery reads at most this many heartbeat records, each of at most this size.
 MAX_PEER_RECORDS = 1024
 MAX_RECORD_BYTES = 1 << 20
@@ -101,13 +106,16 @@ class RedisPolicySource:
         heartbeat_interval: float = 2.0,
         heartbeat_ttl: float = 10.0,
         peer_address: str | None = None,
-        on_peers: Callable[[list[tuple[str, object]]], None] | None = None,
+        on_peers: OnPeers | None = None,
+        sign_peer: SignPeer | None = None,
     ) -> None:
         self.url = url
         # Peering (extproc/adapters/peers.py): this replica's peer address in its heartbeat,
-        # and the live records' (id, peer_address) handed to `on_peers` every heartbeat.
+        # signed by `sign_peer` (replica id, address, time) at every beat, and the live
+        # records' (id, peer_address, peer_signature) handed to `on_peers` every heartbeat.
         self.peer_address = peer_address
         self._on_peers = on_peers
+        self._sign_peer = sign_peer
         self.replica_id = replica_id
         self.address = address
         self._stats = stats
@@ -338,13 +346,18 @@ class RedisPolicySource:
 
     def record(self) -> ReplicaRecord:
         applied = self._applied()
+        at = time.time()
+        signature = None
+        if self.peer_address is not None and self._sign_peer is not None:
+            signature = self._sign_peer(self.replica_id, self.peer_address, at)
         return ReplicaRecord.model_validate(
             {
                 "id": self.replica_id,
                 "address": self.address,
                 "peer_address": self.peer_address,
+                "peer_signature": signature,
                 "started_at": self.started_at,
-                "heartbeat_at": datetime.now(UTC),
+                "heartbeat_at": datetime.fromtimestamp(at, UTC),
                 "policies": {n: v for n, v in applied.items() if n not in self._carried},
                 "carried": {n: v for n, v in applied.items() if n in self._carried},
                 "generation": self.generation,
@@ -364,7 +377,7 @@ class RedisPolicySource:
                     key, self.record().model_dump_json(), px=int(self.heartbeat_ttl * 1000)
                 )
                 if self._on_peers is not None:
-                    self._on_peers(await self.peer_records())
+                    self._on_peers(await self.peer_records(), self.heartbeat_ttl)
             except (RedisError, OSError) as err:
                 self._set_state(False, type(err).__name__)
             except Exception:  # a bug: say so, and keep beating
@@ -372,16 +385,16 @@ class RedisPolicySource:
             await self._pause(self.heartbeat_interval, self._beat_now)
             self._beat_now.clear()
 
-    async def peer_records(self) -> list[tuple[str, object]]:
-        """(replica id, peer_address) of the live heartbeat records (they expire by TTL). What
-        Redis holds is hostile: oversized or malformed records are skipped, and the addresses
-        are checked by the caller."""
+    async def peer_records(self) -> list[tuple[str, object, object]]:
+        """(replica id, peer_address, peer_signature) of the live heartbeat records (they
+        expire by TTL). What Redis holds is hostile: oversized or malformed records are
+        skipped, and the addresses and signatures are checked by the caller."""
         names: list[Any] = []
         async for name in self._redis.scan_iter(match=keys.REPLICA_PATTERN, count=500):
             names.append(name)
             if len(names) >= MAX_PEER_RECORDS:
                 break
-        out: list[tuple[str, object]] = []
+        out: list[tuple[str, object, object]] = []
         for i in range(0, len(names), 100):
             chunk = names[i : i + 100]
             for name, raw in zip(chunk, await self._redis.mget(chunk), strict=True):
@@ -392,8 +405,14 @@ class RedisPolicySource:
                 except ValueError:
                     continue
                 if isinstance(doc, dict):
+                    # a key name that is not UTF-8 is still a (hostile) record, not a failure
+                    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
                     out.append(
-                        (_text(name).removeprefix(keys.replica_key("")), doc.get("peer_address"))
+                        (
+                            str(text).removeprefix(keys.replica_key("")),
+                            doc.get("peer_address"),
+                            doc.get("peer_signature"),
+                        )
                     )
         return out
 

@@ -5,7 +5,8 @@ The attacker here is the one the threat model names: whoever can write `mlproxy:
 Redis (the ext_proc Redis user can), plus a process listening on an address inside
 --peer-networks (on a real fleet: any pod of the pod network; here: loopback). It writes a
 replica record whose peer address is its own listener, so that the replicas elect it owner of
-some batching keys and forward those keys' requests to it.
+some batching keys and forward those keys' requests to it (refused: it cannot sign the record
+with the fleet token).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from extproc.adapters.peers import (
     ForwardRequest,
     batching_key,
     encode_reply,
+    sign_member,
 )
 from extproc.core.owner import owner
 from extproc.runtime.batcher import Reply
@@ -162,60 +164,148 @@ async def post(
         return r.status, await r.read()
 
 
-def fake_member(fleet2: Fleet2, name: str, peer_address: str, policy: str, backend: str) -> str:
-    """Register a replica record `name` at `peer_address` in Redis, as a hostile writer would,
-    wait until every replica has read it, and return a model of `policy` (backend URL
-    `backend`/v1/models/{model}:predict) whose batching key it owns. The caller deletes the
-    record."""
-    record = {"id": name, "address": "127.0.0.1:1", "peer_address": peer_address}
-    with fleet2.redis() as r:
-        r.set(keys.replica_key(name), json.dumps(record), ex=120)
+class FakeMember:
+    """A replica record `name` at `peer_address` in Redis, as a hostile writer would put it:
+    unsigned (`token` None: all a Redis writer can do), or signed with the fleet token and
+    re-signed every second as a replica's heartbeat is (a genuine replica's record whose
+    address another process now holds, e.g. a dead pod's IP reused within the record's life;
+    or a replica that vanished without its record expiring yet)."""
+
+    def __init__(self, fleet2: Fleet2, name: str, peer_address: str, token: bytes | None) -> None:
+        self.fleet2, self.name, self.peer_address, self.token = fleet2, name, peer_address, token
+        self._stop = threading.Event()
+        self._write()
+        self._thread: threading.Thread | None = None
+        if token is not None:
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+
+    def _write(self) -> None:
+        record: dict[str, Any] = {"id": self.name, "address": "127.0.0.1:1"}
+        record["peer_address"] = self.peer_address
+        if self.token is not None:
+            record["peer_signature"] = sign_member(
+                self.token, self.name, self.peer_address, time.time()
+            )
+        with self.fleet2.redis() as r:
+            r.set(keys.replica_key(self.name), json.dumps(record), ex=120)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(1.0):
+            self._write()
+
+    def close(self) -> None:
+        """Delete the record and wait until every replica has dropped it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self.fleet2.redis() as r:
+            r.delete(keys.replica_key(self.name))
+        eventually(
+            lambda: all(
+                self.fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
+            ),
+            30,
+            f"the replicas dropped the {self.name} record",
+        )
+
+
+def fake_member(
+    fleet2: Fleet2, name: str, peer_address: str, policy: str, backend: str, signed: bool
+) -> tuple[FakeMember, str]:
+    """Register a `FakeMember` (`signed`: with the fleet token), wait until every replica has
+    read it (taken it as a member if signed, refused it if not), and return it with a model of
+    `policy` (backend URL `backend`/v1/models/{model}:predict) whose batching key it owns, or
+    would own were it a member. The caller closes it."""
+    token = None
+    if signed:
+        assert fleet2.stack.peer_token_file is not None
+        token = fleet2.stack.peer_token_file.read_bytes().strip()
+    refused = [
+        fleet2.metric(i, "mlproxy_peer_members_rejected_total", reason="unsigned")
+        for i in range(REPLICAS)
+    ]
+    fake = FakeMember(fleet2, name, peer_address, token)
     members = [*fleet2.members(), peer_address]
     model = next(
         m
         for m in (f"{name}{k}" for k in range(200))
         if owner(batching_key(policy, f"{backend}/v1/models/{m}:predict"), members) == peer_address
     )
-    eventually(
-        lambda: all(
-            fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1 for i in range(REPLICAS)
-        ),
-        30,
-        f"the replicas read the {name} record",
-    )
-    return model
+    try:
+        if signed:
+            eventually(
+                lambda: all(
+                    fleet2.metric(i, "mlproxy_peer_members") == REPLICAS + 1
+                    for i in range(REPLICAS)
+                ),
+                30,
+                f"the replicas take the {name} record",
+            )
+        else:
+            eventually(
+                lambda: all(
+                    fleet2.metric(i, "mlproxy_peer_members_rejected_total", reason="unsigned")
+                    > refused[i]
+                    for i in range(REPLICAS)
+                ),
+                30,
+                f"the replicas read (and refuse) the {name} record",
+            )
+    except BaseException:
+        fake.close()
+        raise
+    return fake, model
 
 
 @pytest.fixture
 def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwner, str]]:
-    """A rogue owner registered in Redis as a replica, and a model whose key it owns once the
-    replicas have read its record."""
+    """A rogue owner registered in Redis as a replica by a Redis writer (no fleet token: the
+    record is unsigned), and a model whose key it would own were it a member."""
     rogue = RogueOwner()
     try:
-        model = fake_member(fleet2, "rogue", rogue.address, "peered", echo_backend.url)
-        yield rogue, model
-    finally:
-        with fleet2.redis() as r:
-            r.delete(keys.replica_key("rogue"))
-        rogue.close()
-        eventually(
-            lambda: all(
-                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
-            ),
-            30,
-            "the replicas dropped the rogue record",
+        fake, model = fake_member(
+            fleet2, "rogue", rogue.address, "peered", echo_backend.url, signed=False
         )
+        try:
+            yield rogue, model
+        finally:
+            fake.close()
+    finally:
+        rogue.close()
 
 
-def test_a_rogue_owner_from_redis_cannot_answer_the_clients(
-    fleet2: Fleet2, rogue: tuple[RogueOwner, str]
+@pytest.fixture
+def rogue_at_a_members_address(
+    fleet2: Fleet2, echo_backend: EchoBackend
+) -> Iterator[tuple[RogueOwner, str]]:
+    """A rogue owner listening at the address of a member whose record is signed with the
+    fleet token (a replica that died, its IP reused before its record expired), and a model
+    whose key it owns."""
+    rogue = RogueOwner()
+    try:
+        fake, model = fake_member(
+            fleet2, "taken", rogue.address, "peered", echo_backend.url, signed=True
+        )
+        try:
+            yield rogue, model
+        finally:
+            fake.close()
+    finally:
+        rogue.close()
+
+
+def test_a_rogue_owner_at_a_members_address_cannot_answer_the_clients(
+    fleet2: Fleet2, rogue_at_a_members_address: tuple[RogueOwner, str]
 ) -> None:
     """Finding: a replica accepted any answer from the address Redis named as the owner (the
     answer was not authenticated), so a Redis writer with a listener inside --peer-networks
     answered clients with whatever it liked. Fixed: the owner signs its answer with the fleet
     token, bound to the request's signature; an unsigned answer is a malformed one (the owner
-    is marked down, the request is batched where it entered)."""
-    server, model = rogue
+    is marked down, the request is batched where it entered). Since member records are signed
+    too, a Redis writer's listener is no member at all; this still holds for a process at the
+    address of a member whose signed record is still live."""
+    server, model = rogue_at_a_members_address
     for i in range(REPLICAS):
         status, body = asyncio.run(post(fleet2.envoys[i], model, f"rg-{i}"))
         assert body != FORGED
@@ -223,31 +313,32 @@ def test_a_rogue_owner_from_redis_cannot_answer_the_clients(
     assert server.received  # it was asked (it is the elected owner): and refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 3: a Redis writer that registers a fake replica record whose peer_address "
-    "is a listener inside --peer-networks (any pod on a real fleet) receives the client bodies "
-    "of every key it wins by rendezvous hashing (the forward is signed, but nothing proves the "
-    "receiver holds the token before it gets the data). Impact: confidentiality of model "
-    "inputs against the ext_proc Redis user. Suggested fix: members sign their heartbeat "
-    "record's peer address with the fleet token (HMAC over replica id + address + expiry) and "
-    "Peering.update drops unsigned ones; or mTLS on the peer port (--tls-*), which already "
-    "closes it.",
-)
 def test_a_rogue_owner_from_redis_receives_no_client_data(
     fleet2: Fleet2, rogue: tuple[RogueOwner, str]
 ) -> None:
+    """Finding: a Redis writer that registered a fake replica record whose peer_address is a
+    listener inside --peer-networks (any pod on a real fleet) received the client bodies of
+    every key it won by rendezvous hashing (the forward is signed, but nothing proved the
+    receiver held the token before it got the data). Fixed: every replica signs its record's
+    peer address with the fleet token at each heartbeat, and only records that verify, fresh,
+    are members: the fake record is refused and counted."""
     server, model = rogue
-    # Another test may have had the rogue marked down for PEER_DOWN_S: keep sending (bounded)
-    # until it gets a request or clearly gets none.
-    end = time.monotonic() + 20
+    # keep sending (bounded): it never gets a request
+    end = time.monotonic() + 10
     n = 0
     while time.monotonic() < end:
         n += 1
-        asyncio.run(post(fleet2.envoys[n % REPLICAS], model, f"leak-{n}"))
+        status, body = asyncio.run(post(fleet2.envoys[n % REPLICAS], model, f"leak-{n}"))
+        assert (status, json.loads(body)) == (200, {"predictions": [{"echo": f"leak-{n}"}]})
         leaked = [r.body for r in server.received if b"leak-" in r.body]
         assert not leaked, leaked
         time.sleep(0.25)
+    assert all(fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS))
+    assert fleet2.stack.run_dir is not None
+    for i in range(REPLICAS):  # and the operator was told, once
+        text = (fleet2.stack.run_dir / f"extproc-{i}.log").read_text(errors="replace")
+        assert text.count("replica record 'rogue' in Redis") == 1, text[-2000:]
+        assert "no fleet token signature" in text
 
 
 @pytest.mark.parametrize(
@@ -295,8 +386,13 @@ def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
     the owner's channel is not ready, it is batched where it entered (the channel keeps
     connecting)."""
     hole = ConnectionRecorder(hold=True)
+    fake: FakeMember | None = None
     try:
-        model = fake_member(fleet2, "hole", hole.address, "brisk", echo_backend.url)
+        # signed: a replica that vanished, its record not yet expired (an unsigned record,
+        # from a Redis writer, is no member at all)
+        fake, model = fake_member(
+            fleet2, "hole", hole.address, "brisk", echo_backend.url, signed=True
+        )
 
         async def burst() -> list[tuple[int, bytes]]:
             return list(
@@ -311,16 +407,9 @@ def test_a_peer_address_where_nothing_answers_does_not_fail_requests(
         for n, (status, body) in enumerate(asyncio.run(burst())):
             assert (status, json.loads(body)) == (200, {"predictions": [{"echo": f"hole-{n}"}]})
     finally:
-        with fleet2.redis() as r:
-            r.delete(keys.replica_key("hole"))
+        if fake is not None:
+            fake.close()
         hole.close()
-        eventually(
-            lambda: all(
-                fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)
-            ),
-            30,
-            "the replicas dropped the record",
-        )
 
 
 def test_a_tight_client_deadline_does_not_time_out_the_forward(

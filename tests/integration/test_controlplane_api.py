@@ -199,7 +199,11 @@ async def test_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) ->
 
 
 async def heartbeat(
-    store: RedisStore, rid: str, version: int, stats: dict[str, Any] | None = None
+    store: RedisStore,
+    rid: str,
+    version: int,
+    stats: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> None:
     """What replica `rid` would write: it runs policy `m` at `version` of the store's
     current generation."""
@@ -214,16 +218,24 @@ async def heartbeat(
         "source_ok": True,
         "last_sync_at": now,
         "stats": {} if stats is None else {"m": stats},
+        **extra,
     }
     await store.redis.set(keys.replica_key(rid), json.dumps(record), px=5000)
 
 
 async def test_replicas_and_rollout_status(client: httpx.AsyncClient, store: RedisStore) -> None:
     v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
-    for rid, version in (("r1", v), ("r2", v - 1)):
-        await heartbeat(store, rid, version)
+    # r1 with peering on (its peer address signed), r2 a record without those fields
+    signature = "1800000000000." + "ab" * 32
+    await heartbeat(store, "r1", v, peer_address="10.0.0.1:50052", peer_signature=signature)
+    await heartbeat(store, "r2", v - 1)
     r = await client.get("/v1/replicas", headers=auth(READER))
-    assert [x["id"] for x in r.json()["items"]] == ["r1", "r2"]
+    items = r.json()["items"]
+    assert [x["id"] for x in items] == ["r1", "r2"]
+    assert [(x["peer_address"], x["peer_signature"]) for x in items] == [
+        ("10.0.0.1:50052", signature),
+        (None, None),
+    ]
     status = (await client.get("/v1/policies/m/status", headers=auth(READER))).json()
     assert (status["replicas"], status["converged"], status["complete"]) == (2, 1, False)
     assert status["behind"] == [

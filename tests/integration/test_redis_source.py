@@ -6,17 +6,21 @@ import asyncio
 import gc
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from controlplane.adapters.redis_store import RedisStore
 from controlplane.domain.records import Precondition
+from extproc.adapters.metrics import PrometheusMetrics
+from extproc.adapters.peers import Peering, PeerSettings, check_member, sign_member
 from extproc.adapters.redis_source import RedisPolicySource
 from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
 from mlproxy import keys
-from mlproxy.policy import Policy
+from mlproxy.policy import Policy, Router
 from tests.conftest import RedisServer
 from tests.tcp_proxy import TcpProxy
 
@@ -40,7 +44,8 @@ class Replica:
         url: str,
         rid: str,
         peer_address: str | None = None,
-        on_peers: Callable[[list[tuple[str, object]]], None] | None = None,
+        on_peers: Callable[[list[tuple[str, object, object]], float], None] | None = None,
+        sign_peer: Callable[[str, str, float], str] | None = None,
     ) -> None:
         self.policies: dict[str, Policy] = {}
         self.source = RedisPolicySource(
@@ -55,6 +60,7 @@ class Replica:
             heartbeat_ttl=1.0,
             peer_address=peer_address,
             on_peers=on_peers,
+            sign_peer=sign_peer,
         )
 
     def apply(self, policies: Sequence[Policy]) -> None:
@@ -170,11 +176,23 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
     store: RedisStore, redis_server: RedisServer
 ) -> None:
     """Peer discovery (README "Fleets: one owner per model"): each replica's record holds its
-    peer address; every heartbeat hands the live records' (id, peer_address) to the fleet,
-    skipping what is not a record (oversized, not JSON, not an object)."""
-    seen: list[list[tuple[str, object]]] = []
-    # `seen` gets what Peering.update receives
-    replica = Replica(redis_server.url(DB), "peer-a", "127.0.0.1:7101", seen.append)
+    peer address, signed at every beat; every heartbeat hands the live records' (id,
+    peer_address, peer_signature) to the fleet with the heartbeat TTL, skipping what is not a
+    record (oversized, not JSON, not an object)."""
+    seen: list[dict[str, object]] = []
+    signatures: dict[str, object] = {}
+    ttls: set[float] = set()
+
+    def on_peers(records: list[tuple[str, object, object]], ttl: float) -> None:
+        # what Peering.update receives
+        seen.append({rid: address for rid, address, _ in records})
+        signatures.update({rid: sig for rid, _, sig in records})
+        ttls.add(ttl)
+
+    def signer(rid: str, address: str, at: float) -> str:
+        return sign_member(b"t" * 16, rid, address, at)
+
+    replica = Replica(redis_server.url(DB), "peer-a", "127.0.0.1:7101", on_peers, signer)
     other = Replica(redis_server.url(DB), "peer-b", "127.0.0.1:7102")
     junk = {
         keys.replica_key("not-json"): b"{nope",
@@ -183,25 +201,96 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
             {"peer_address": "127.0.0.1:7666", "pad": "x" * (1 << 20)}
         ).encode(),
         keys.replica_key("hostile"): json.dumps({"peer_address": "attacker.example:1"}).encode(),
+        # a key name that is not UTF-8: still read (the fleet refuses it), not a failed beat
+        keys.replica_key("").encode() + b"bad\xff": b'{"peer_address": "127.0.0.1:7667"}',
     }
     await store.redis.mset(junk)  # type: ignore[arg-type]
     await replica.start()
     await other.start()
     try:
-        await eventually(
-            lambda: bool(seen) and ("peer-b", "127.0.0.1:7102") in seen[-1], timeout=10
-        )
-        last = dict(seen[-1])
+        await eventually(lambda: bool(seen) and "peer-b" in seen[-1], timeout=10)
+        last = seen[-1]
         assert last["peer-a"] == "127.0.0.1:7101"
         assert last["peer-b"] == "127.0.0.1:7102"
-        # read as is (the fleet checks addresses); what is not a record is skipped
+        # read as is (the fleet checks addresses and signatures); what is not a record is
+        # skipped
         assert last["hostile"] == "attacker.example:1"
+        assert last["bad\ufffd"] == "127.0.0.1:7667"
         assert not {"not-json", "a-list", "huge"} & set(last)
-        raw = await store.redis.get(keys.replica_key("peer-a"))
-        assert json.loads(raw)["peer_address"] == "127.0.0.1:7101"
+        assert ttls == {1.0}
+        raw = json.loads(await store.redis.get(keys.replica_key("peer-a")))
+        assert raw["peer_address"] == "127.0.0.1:7101"
+        # signed at each beat, at the record's heartbeat time; no signer, no signature
+        assert raw["peer_signature"] == signatures["peer-a"]
+        stamp = int(str(raw["peer_signature"]).partition(".")[0])
+        assert abs(stamp / 1000 - datetime.fromisoformat(raw["heartbeat_at"]).timestamp()) < 0.01
+        assert (
+            check_member(b"t" * 16, "peer-a", "127.0.0.1:7101", signatures["peer-a"], stamp / 1000)
+            is None
+        )
+        assert signatures["peer-b"] is None and signatures["hostile"] is None
         # a replica that stops is gone from the next read
         await other.source.close()
-        await eventually(lambda: "peer-b" not in dict(seen[-1]), timeout=10)
+        await eventually(lambda: "peer-b" not in seen[-1], timeout=10)
     finally:
         await replica.source.close()
         await other.source.close()
+
+
+def _peering(
+    tmp_path: Path, port: int, token: bytes, metrics: PrometheusMetrics | None = None
+) -> Peering:
+    path = tmp_path / f"token-{port}"
+    path.write_bytes(token)
+    settings = PeerSettings.build(port, str(path), "127.0.0.1")
+    return Peering(settings, Router([]), metrics or PrometheusMetrics(), 1 << 20)
+
+
+async def test_a_fleet_takes_only_records_signed_with_its_token_as_members(
+    store: RedisStore, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Members through a real Redis: replicas sign their records at each heartbeat with the
+    fleet token; a record written by someone without it (a Redis writer), or by a replica
+    with another token, is no member; that replica, restarted with the fleet's token, is one
+    from its first beat."""
+    token, rotated = b"fleet-token-0123456789", b"other-token-9876543210"
+    url = redis_server.url(DB)
+    metrics = PrometheusMetrics()
+    a_peering = _peering(tmp_path, 7201, token, metrics)
+    a = Replica(url, "a", a_peering.address, a_peering.update, a_peering.sign_member)
+    b_peering = _peering(tmp_path, 7202, token)
+    b = Replica(url, "b", b_peering.address, sign_peer=b_peering.sign_member)
+    c_peering = _peering(tmp_path, 7203, rotated)
+    c = Replica(url, "c", c_peering.address, sign_peer=c_peering.sign_member)
+    forged = {"id": "rogue", "address": "x:1", "peer_address": "127.0.0.1:7299"}
+    await store.redis.set(keys.replica_key("rogue"), json.dumps(forged), px=60_000)
+    try:
+        for r in (a, b, c):
+            await r.start()
+        await eventually(lambda: "127.0.0.1:7202" in a_peering.members, timeout=10)
+        await asyncio.sleep(0.5)  # a few more beats: c and the rogue are still out
+        assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
+        # a genuine record of b, copied as is to another id, and to another address
+        genuine = json.loads(await store.redis.get(keys.replica_key("b")))
+        await store.redis.set(keys.replica_key("copy"), json.dumps(genuine), px=60_000)
+        moved = {**genuine, "peer_address": "127.0.0.1:7298"}
+        await store.redis.set(keys.replica_key("b2"), json.dumps(moved), px=60_000)
+        await asyncio.sleep(0.5)
+        assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
+        registry = metrics.registry
+        for reason in ("unsigned", "signature"):  # rogue; c, copy, b2
+            assert registry.get_sample_value(
+                "mlproxy_peer_members_rejected_total", {"reason": reason}
+            )
+        # c restarts with the fleet's token: a member from its next beat
+        await c.source.close()
+        c_peering = _peering(tmp_path, 7203, token)
+        c = Replica(url, "c", c_peering.address, sign_peer=c_peering.sign_member)
+        await c.start()
+        await eventually(lambda: "127.0.0.1:7203" in a_peering.members, timeout=10)
+        assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202", "127.0.0.1:7203")
+    finally:
+        for r in (a, b, c):
+            await r.source.close()
+        for p in (a_peering, b_peering, c_peering):
+            await p.close()
