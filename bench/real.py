@@ -22,12 +22,15 @@ busy worker-seconds.
 Time scaling: a trace of `--duration` seconds is played `--time-scale` times faster, and the
 autoscaler's durations, the cold start and aimd's period are divided by the same factor.
 Request-level times are not scaled: the arrival rates (the profile's peak), the model's batch
-times, the SLO and the proxies' waits are the real ones.
+times, the SLO and the proxies' waits are the real ones. The control plane's fleet tuner runs,
+its times scaled too: a round every 5 s, a policy changed at most once a minute, from the
+replicas' stats of the last minute (`--stats-window`), all in trace time; the simulator runs
+the same tuner on the same clock.
 
 Output in `--out`: `report.md` (the tables), `results.json` (one row per case), one PNG per
 profile and trace (latency percentiles against the SLO, ready pods, batch size, arrival rate
 over time; one line per mode), and raw results per run in `runs/` (every request's schedule,
-send error, latency, status and batch size; the emulator's series).
+send error, latency, status and batch size; the emulator's series; the tuner's changes).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from bench.report import by_case, columns_for, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, autoscaling_target_of, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
+from extproc.core.stats import DEFAULT_WINDOW, MIN_SPAN
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
 from mlproxy.stack import Child, Stack, StackError, http_ok
@@ -65,6 +69,7 @@ from mlproxy.stack import Child, Stack, StackError, http_ok
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 
 SUITES = {"paper": ("toxic", "fashion-mnist")}
+TUNER_INTERVAL = 5.0  # trace seconds between fleet tuner rounds (the control plane's default)
 # -P: not the working directory first on sys.path (a stray file there must not shadow a module)
 EMULATOR = (sys.executable, "-P", "-m", "bench.emulator")
 
@@ -84,6 +89,23 @@ class BenchConfig:
     @property
     def run_seconds(self) -> float:
         return self.duration / self.time_scale
+
+    # The fleet tuner on the benchmark's clock, in real seconds: a round every 5 trace
+    # seconds, a policy changed at most once a minute of trace time, from the replicas' last
+    # minute of stats, as in production (MLPROXY_TUNER_INTERVAL_S, MLPROXY_TUNER_HOLD_S,
+    # --stats-window) and in the simulator. The stats count in one-second buckets, so the
+    # window (and the hold with it) is at least 1 s whatever the scale.
+    @property
+    def tuner_interval(self) -> float:
+        return TUNER_INTERVAL / self.time_scale
+
+    @property
+    def tuner_hold(self) -> float:
+        return self.stats_window
+
+    @property
+    def stats_window(self) -> float:
+        return max(MIN_SPAN, DEFAULT_WINDOW / self.time_scale)
 
     def warmup_seconds(self) -> float:
         """Real seconds of warm-up: the simulator's warm-up with its seeded jitter (which puts
@@ -108,11 +130,19 @@ class BenchStack:
             envoy_port=0,
             replicas=config.replicas,
             model_command=list(EMULATOR),
-            # The tuner changes a policy at most once a minute (MIN_INTERVAL), longer than a
-            # run compressed 5x (40 s): the benchmark compares the modes as written, and its
-            # `sim` columns simulate them without the tuner too. The simulator's own suite
-            # (`python -m bench.simulate`) runs it.
-            controlplane_env={"MLPROXY_TUNER_INTERVAL_S": "0"},
+            # The fleet tuner runs, on the benchmark's clock (BenchConfig.tuner_interval): a
+            # round every 5 s, at most one change of a policy a minute, from the replicas'
+            # last minute of stats, all in trace time, as in production. Not scaled: the
+            # replicas' heartbeat, every 2 s of real time, so the stats the tuner reads are up
+            # to 10 trace seconds old at 5x (2 in production). The `sim` columns run the same
+            # tuner on the same clock, on fresh stats.
+            controlplane_env={
+                "MLPROXY_TUNER_INTERVAL_S": repr(config.tuner_interval),
+                "MLPROXY_TUNER_HOLD_S": repr(config.tuner_hold),
+                # renewed every round; the default, three rounds, is 0.75 s at 20x
+                "MLPROXY_TUNER_LEASE_S": repr(max(15.0, 3 * config.tuner_interval)),
+            },
+            extproc_env={"MLPROXY_STATS_WINDOW_S": repr(config.stats_window)},
             seed_demo=False,
             run_dir=run_dir,
         )
@@ -180,6 +210,12 @@ class BenchStack:
                     raise StackError(f"policy {name} did not reach every replica: {status}")
                 time.sleep(0.05)
         return names
+
+    def decisions(self, name: str) -> list[dict[str, Any]]:
+        """The fleet tuner's changes to policy `name` in this run (warm-up included), oldest
+        first: the control plane keeps a policy's last 100, and a run's policy is new."""
+        assert self.api is not None
+        return list(reversed(self.api.decisions(name, limit=100)))
 
     def stalls(self) -> dict[str, float]:
         """What stalled the ext_proc processes so far, summed over the replicas: event loop
@@ -347,6 +383,9 @@ class CaseResult:
             "sent_over_1ms": int((self.load.send_error > 0.001).sum()),
             "goodput_rps": round(float(np.sum(lat <= self.slo)) / self.config.run_seconds, 2),
             "sim_goodput_rps": sim["goodput_rps"],
+            # the fleet tuner's changes to the mode's policy over the run, warm-up included
+            "tuner_changes": len(self.extra.get("decisions", ())),
+            "sim_tuner_changes": len(self.sim.tunings),
             **self._server_columns(pod_s, status),
             "extproc_lag_over_20ms": int(
                 self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_20ms"]
@@ -439,6 +478,7 @@ def run_case(
         progress=progress,
     )
     stalls = {k: v - stalls_before.get(k, 0.0) for k, v in bench.stalls().items()}
+    decisions = {mode: bench.decisions(names[mode]) for mode in modes}
     results = []
     for j, mode in enumerate(modes):
         mine = np.arange(j, len(all_times), m)
@@ -462,6 +502,9 @@ def run_case(
             times=times,
             policy=policy,
             series_step=cfg.run_seconds / 40,
+            tuner_every=cfg.tuner_interval,
+            tuner_hold=cfg.tuner_hold,
+            stats_window=cfg.stats_window,
         )
         results.append(
             CaseResult(
@@ -477,7 +520,7 @@ def run_case(
                 measured=measured,
                 start=start,
                 end=end,
-                extra={"policy": names[mode], "stalls": stalls},
+                extra={"policy": names[mode], "stalls": stalls, "decisions": decisions[mode]},
             )
         )
     return results
@@ -514,6 +557,11 @@ def save_raw(case: CaseResult, directory: Path) -> None:
         started=np.asarray(load.started),
     )
     (directory / f"{stem}.series.json").write_text(json.dumps(case.series), encoding="utf-8")
+    tuner = {
+        "real": case.extra.get("decisions", []),  # the control plane's records, oldest first
+        "sim": [{"at_s": at, "reason": why} for at, why in case.sim.tunings],  # from warm-up end
+    }
+    (directory / f"{stem}.tuner.json").write_text(json.dumps(tuner), encoding="utf-8")
 
 
 def _bins(case: CaseResult, bins: int = 40) -> dict[str, np.ndarray]:
@@ -601,6 +649,8 @@ EXTRA_COLUMNS = (
     ("overhead_p50_ms", "p50 - sim p50 ms"),
     ("outside_p50_ms", "outside ext_proc p50 ms"),
     ("outside_p99_ms", "p99"),
+    ("tuner_changes", "tuner changes"),
+    ("sim_tuner_changes", "sim tuner changes"),
 )
 
 
@@ -797,8 +847,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.run_seconds:g} s), seed {config.seed}, {config.replicas} ext_proc "
         f"replica(s), backend {describe(config.backend)}. Cost in "
         f"{'ready-pod' if isinstance(config.backend, ServiceConfig) else 'busy worker'}"
-        "-seconds of real time. `sim` columns: the simulator "
-        "on the same arrivals, policy and emulated service.\n\n"
+        "-seconds of real time. The fleet tuner ran, scaled: a round every "
+        f"{config.tuner_interval:.3g} s, a policy changed at most every "
+        f"{config.tuner_hold:.3g} s, replicas' stats over {config.stats_window:.3g} s (real "
+        "seconds); `tuner changes`: its changes to the mode's policy in the run, warm-up "
+        "included. `sim` columns: the simulator on the same arrivals, policy, emulated service "
+        "and tuner.\n\n"
     )
     text = "\n\n".join(
         [header + summary(rows, with_verdict=True), loadgen_summary(rows), markdown(rows)]

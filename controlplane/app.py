@@ -195,7 +195,9 @@ def create_app(
                 floor=lambda: int(app.state.store.highest_term),
             )
             app.state.lease = lease
-            tuner = FleetTuner(app.state.store, settings.tuner_interval, lease=lease)
+            tuner = FleetTuner(
+                app.state.store, settings.tuner_interval, lease=lease, hold=settings.tuner_hold
+            )
             task = asyncio.create_task(tuner.run(), name="fleet-tuner")
         watch = StoreWatch(
             app.state.store, store_metrics, store_check_interval, lease=app.state.lease

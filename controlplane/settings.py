@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.domain.backend_hosts import BackendHosts
+from controlplane.domain.tuner import MIN_INTERVAL
 
 __all__ = ["Settings", "SettingsError", "Token"]
 
@@ -73,6 +74,22 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float, high: float) -> float:
+    """A duration that must be more than 0 (and finite, at most `high`)."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= high:  # also NaN
+        raise SettingsError(
+            f"{name}={raw!r}: must be a positive number of seconds, at most {high:g}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str
@@ -82,6 +99,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     tuner_interval: float = 5.0  # seconds between fleet tuner rounds; 0: no tuner
     tuner_lease: float = 15.0  # seconds a tuner leader's lease lasts unless renewed
+    tuner_hold: float = MIN_INTERVAL  # seconds between two tuner changes of one policy
     backend_hosts: BackendHosts = field(default_factory=BackendHosts)  # default: any host
     header_timeout: float = 10.0  # seconds for a request's headers, from when it may start
     body_timeout: float = 10.0  # seconds for a request's body, from the end of its headers
@@ -95,6 +113,9 @@ class Settings:
         MLPROXY_MAX_BODY_BYTES, MLPROXY_TUNER_INTERVAL_S (0 turns the fleet tuner off),
         MLPROXY_TUNER_LEASE_S (how long the tuner leader's lease lasts without renewal: the
         longest a dead leader's successor waits; more than the interval),
+        MLPROXY_TUNER_HOLD_S (the fewest seconds between two tuner changes of one policy; best
+        the replicas' stats window, their `--stats-window`, so that a decision sees only what
+        happened under the previous one),
         MLPROXY_BACKEND_HOSTS (the hosts policies may send batches to; unset: any),
         MLPROXY_HEADER_TIMEOUT_S, MLPROXY_BODY_TIMEOUT_S, MLPROXY_MAX_CONNECTIONS,
         MLPROXY_KEEPALIVE_TIMEOUT_S."""
@@ -118,6 +139,7 @@ class Settings:
                 f"MLPROXY_TUNER_LEASE_S ({lease:g}) must be longer than the tuner interval "
                 f"({interval:g} s, renewed every round) and at most 3600"
             )
+        hold = _seconds(env, "MLPROXY_TUNER_HOLD_S", MIN_INTERVAL, 86400)
         try:
             hosts = BackendHosts.parse(env.get(BackendHosts.SETTING))
         except ValueError as err:
@@ -131,6 +153,7 @@ class Settings:
             max_body_bytes=int(limit),
             tuner_interval=interval,
             tuner_lease=lease,
+            tuner_hold=hold,
             backend_hosts=hosts,
             header_timeout=_number(env, "MLPROXY_HEADER_TIMEOUT_S", 10.0, 0.1, 600),
             body_timeout=_number(env, "MLPROXY_BODY_TIMEOUT_S", 10.0, 0.1, 600),

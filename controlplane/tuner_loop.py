@@ -21,7 +21,7 @@ from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.audit import audit
 from controlplane.domain.records import Precondition, PreconditionFailed
-from controlplane.domain.tuner import Decision, tune
+from controlplane.domain.tuner import MIN_INTERVAL, Decision, tune
 from mlproxy.policy import Policy
 from mlproxy.replica import PolicyStats
 
@@ -37,9 +37,11 @@ class FleetTuner:
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         lease: RedisLease | None = None,
+        hold: float = MIN_INTERVAL,  # seconds between two changes of one policy
     ) -> None:
         self.store = store
         self.interval = interval
+        self.hold = hold
         self._clock = clock
         self.lease = lease
         self._last_change: dict[str, float] = {}
@@ -75,7 +77,7 @@ class FleetTuner:
         now: float,
         fence: tuple[str, str] | None = None,
     ) -> Decision | None:
-        decision = tune(policy, stats, now, self._last_change.get(policy.name))
+        decision = tune(policy, stats, now, self._last_change.get(policy.name), hold=self.hold)
         if decision is None:
             return None
         body = policy.model_dump(

@@ -23,7 +23,7 @@ from extproc.adapters.servicer import (
 )
 from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
-from extproc.core.stats import StatsWindow
+from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
@@ -53,6 +53,7 @@ class ExtProcServer:
         limits: StreamLimits | None = None,
         max_streams_per_connection: int | None = None,
         peers: PeerSettings | None = None,  # fleet coordination (README "Fleets")
+        stats_window: float = DEFAULT_WINDOW,  # seconds of stats the heartbeat reports
     ) -> None:
         self.tls = tls
         self.host = host
@@ -60,7 +61,7 @@ class ExtProcServer:
         self.metrics_port = metrics_port
         self.clock = clock or MonotonicClock()
         self.metrics = PrometheusMetrics()
-        self.stats = StatsWindow()
+        self.stats = StatsWindow(window=stats_window)
         self.telemetry = Telemetry(self.metrics, self.stats, self.clock)
         self.backend = HttpBackend()
         self.router = Router()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -81,6 +82,11 @@ def _extproc_security(args: argparse.Namespace) -> bool:
     except (TlsConfigError, RedisCredentialsError) as err:
         log.error("ext_proc cannot start: %s", err)
         return False
+    try:
+        args.stats_window = _stats_window(args.stats_window, os.environ.get(ENV_STATS_WINDOW))
+    except ValueError as err:
+        log.error("ext_proc cannot start: %s", err)
+        return False
     from extproc.adapters.peers import PeerConfigError, settings_from_env
 
     try:
@@ -96,6 +102,38 @@ def _extproc_security(args: argparse.Namespace) -> bool:
         log.error("ext_proc cannot start: %s", err)
         return False
     return True
+
+
+ENV_STATS_WINDOW = "MLPROXY_STATS_WINDOW_S"
+
+
+def _window_seconds(value: str) -> float:
+    """--stats-window: seconds from 1 (the stats' one-second buckets) to 3600."""
+    from extproc.core.stats import MAX_WINDOW, MIN_SPAN
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_SPAN <= seconds <= MAX_WINDOW:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"not a number of seconds from {MIN_SPAN:g} to {MAX_WINDOW:g}: {value}"
+        )
+    return seconds
+
+
+def _stats_window(flag: float | None, env: str | None) -> float:
+    """The heartbeat stats window: --stats-window, else MLPROXY_STATS_WINDOW_S, else 60 s."""
+    from extproc.core.stats import DEFAULT_WINDOW
+
+    if flag is not None:
+        return flag
+    if env is None or not env.strip():
+        return DEFAULT_WINDOW
+    try:
+        return _window_seconds(env.strip())
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"{ENV_STATS_WINDOW}: {err}") from None
 
 
 def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> ExtProcServer:
@@ -118,6 +156,7 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         max_streams_per_connection=args.max_streams_per_connection,
         tls=args.tls,
         peers=args.peers,
+        stats_window=args.stats_window,
     )
 
 
@@ -391,6 +430,14 @@ def main(argv: list[str] | None = None) -> None:
         type=_positive_int,
         help="HTTP/2 streams one gRPC connection may hold; keep Envoy's max_concurrent_streams "
         "for the ext_proc cluster at or below it (default: --max-streams)",
+    )
+    p.add_argument(
+        "--stats-window",
+        type=_window_seconds,
+        metavar="SECONDS",
+        help="the span of the recent stats (arrival rate, SLA misses, batch samples) this "
+        "replica's heartbeat reports to the fleet tuner; keep the control plane's "
+        f"MLPROXY_TUNER_HOLD_S equal to it ({ENV_STATS_WINDOW}; default 60)",
     )
 
     p.add_argument(

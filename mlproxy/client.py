@@ -140,6 +140,10 @@ class Client:
     def status(self, name: str) -> Any:
         return self.request("GET", f"/v1/policies/{name}/status")[2]
 
+    def decisions(self, name: str, limit: int = 20) -> list[Any]:
+        """The fleet tuner's recent changes to a policy, newest first (at most 100)."""
+        return list(self.request("GET", f"/v1/policies/{name}/decisions?limit={limit}")[2]["items"])
+
     def replicas(self) -> list[Any]:
         return list(self.replica_listing()["items"])
 

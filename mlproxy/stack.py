@@ -166,6 +166,9 @@ class Stack:
     # benchmark's serverless emulator; it must answer GET /healthz when ready.
     model_command: Sequence[str] | None = None
     controlplane_env: dict[str, str] = field(default_factory=dict)
+    # Added to every ext_proc replica's environment (after the stack's own), e.g.
+    # MLPROXY_STATS_WINDOW_S for a benchmark that compresses time.
+    extproc_env: dict[str, str] = field(default_factory=dict)
     seed_demo: bool = True  # create the demo policy (Redis mode)
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     # Envoy's failure_mode_allow: ext_proc down -> requests go on unbatched and unvalidated.
@@ -455,6 +458,7 @@ class Stack:
                     if self.peer_ports and self.peer_token_file is not None
                     else {}
                 ),
+                **self.extproc_env,
             },
             ready=lambda: http_ok(f"http://{self.host}:{mport}/metrics"),
         )

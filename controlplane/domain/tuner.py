@@ -19,8 +19,9 @@ for it; it answers with the policy's new `tuning` and why, or None when nothing 
   to narrow down to 2%: in the simulator's paper suite that bought no pod (one pod is the
   floor there) and made adaptive miss where static does not (Fashion-MNIST, 0.03%).
 - Changes smaller than `MIN_CHANGE` (relative) are not pushed, and a policy is retuned at most
-  every `MIN_INTERVAL` seconds (the replicas' stats window), so replicas do not churn through
-  versions and one burst of misses is not answered twice.
+  every `hold` seconds (default `MIN_INTERVAL`, the replicas' stats window; the control plane's
+  `MLPROXY_TUNER_HOLD_S`), so replicas do not churn through versions and one burst of misses is
+  not answered twice.
 """
 
 from __future__ import annotations
@@ -76,12 +77,16 @@ def tune(
     stats: Sequence[PolicyStats],
     now: float,
     last_change: float | None = None,
+    *,
+    hold: float = MIN_INTERVAL,
 ) -> Decision | None:
-    """The new tuning for `policy` from its replicas' `stats`, or None to leave it."""
+    """The new tuning for `policy` from its replicas' `stats`, or None to leave it; None too
+    within `hold` seconds of its last change (at `last_change`). `hold` is best the replicas'
+    stats window, so that each decision sees only misses made under the previous one."""
     b = policy.batching
     if b.mode != "adaptive" or not b.tune:
         return None
-    if last_change is not None and now - last_change < MIN_INTERVAL:
+    if last_change is not None and now - last_change < hold:
         return None
     active = [s for s in stats if s.arrival_rate > 0 or s.batches > 0]
     if not active:

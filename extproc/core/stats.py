@@ -16,10 +16,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MIN_SPAN", "StatsWindow"]
+__all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "MIN_SPAN", "StatsWindow"]
 
-# The shortest span a rate is taken over (seconds): the buckets' granularity.
+# The shortest span a rate is taken over (seconds): the buckets' granularity, and so the
+# shortest window (`mlproxy extproc --stats-window`).
 MIN_SPAN = 1.0
+DEFAULT_WINDOW = 60.0  # seconds: the fleet tuner's hold between changes (MLPROXY_TUNER_HOLD_S)
+MAX_WINDOW = 3600.0
 
 
 class _Buckets:
@@ -76,7 +79,7 @@ class _PolicyWindow:
 
 
 class StatsWindow:
-    def __init__(self, window: float = 60.0, max_samples: int = 256) -> None:
+    def __init__(self, window: float = DEFAULT_WINDOW, max_samples: int = 256) -> None:
         self.window = window
         self.max_samples = max_samples
         self._policies: dict[str, _PolicyWindow] = {}

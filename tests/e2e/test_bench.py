@@ -18,6 +18,12 @@ from bench.traces import schedule
 pytestmark = pytest.mark.e2e
 
 
+def load(path: Path) -> dict[str, np.ndarray]:
+    """A run's raw results, the file closed (warnings are errors here)."""
+    with np.load(path) as raw:
+        return dict(raw)
+
+
 def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     # 60 s of trace at time scale 20: 3 s per run, after a 1-2.5 s warm-up
@@ -50,7 +56,7 @@ def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
         assert row["cost_pod_s"] > 0 and row["sim_cost_pod_s"] > 0
         assert row["p50_ms"] > 0 and row["sim_p50_ms"] > 0
         # every measured request is in the raw results, with its latency and status
-        raw = np.load(out / "runs" / f"toxic-steady-{mode}.npz")
+        raw = load(out / "runs" / f"toxic-steady-{mode}.npz")
         measured = raw["scheduled"] >= float(raw["warmup_s"])
         assert int(measured.sum()) == row["requests"]
         assert (raw["status"] == 200).all() and np.isfinite(raw["latency"]).all()
@@ -58,11 +64,24 @@ def test_a_short_bench_runs_the_real_stack_and_reports(tmp_path: Path) -> None:
         # the runner replayed exactly the trace's schedule
         again = schedule("steady", 3.0, 50, 1, float(raw["warmup_s"]))
         assert raw["scheduled"] == pytest.approx(again)
+    # the fleet tuner ran on the benchmark's clock (a round every 0.25 s at 20x), and tuned
+    # the adaptive policy, on the real stack and in the simulator alike; off is never tuned
+    assert rows["off"]["tuner_changes"] == rows["off"]["sim_tuner_changes"] == 0
+    assert rows["adaptive"]["tuner_changes"] >= 1 and rows["adaptive"]["sim_tuner_changes"] >= 1
+    tuner = json.loads((out / "runs" / "toxic-steady-adaptive.tuner.json").read_text())
+    assert len(tuner["real"]) == rows["adaptive"]["tuner_changes"]
+    assert len(tuner["sim"]) == rows["adaptive"]["sim_tuner_changes"]
+    first = tuner["real"][0]
+    assert first["version"] > first["previous_version"] and "margin_ms" in first["changes"]
+    # at most one change of a policy per 3 s (a minute of trace time) in a run of 4-5.5 s
+    assert rows["adaptive"]["tuner_changes"] <= 2
     assert rows["off"]["mean_batch"] == 1.0  # one request per backend call
     assert rows["adaptive"]["mean_batch"] > 1.0  # 50 req/s, an SLO of 300 ms: it batches
     assert (raw["batch_size"] >= 1).all()  # ext_proc said how big each request's batch was
     report = (out / "report.md").read_text()
     assert "| toxic | steady |" in report and "mlproxy bench --profile toxic" in report
+    assert "The fleet tuner ran, scaled: a round every 0.25 s" in report
+    assert "tuner changes" in report
     assert (out / "toxic-steady.png").stat().st_size > 10_000
     series = json.loads((out / "runs" / "toxic-steady-adaptive.series.json").read_text())
     assert series["ticks"]["rows"] and series["batches"]["rows"]
@@ -84,7 +103,7 @@ def test_a_bench_on_a_limited_server_passes_its_429s_to_the_clients(tmp_path: Pa
         assert row["wrong"] == 0 and row["lost"] == 0, mode
         assert row["backend"] == "limited" and 0 < row["utilisation_pct"] <= 100.5, mode
         assert row["errors"] == row["refused"], mode  # the only failures are the refusals
-        raw = np.load(out / "runs" / f"toxic-steady-{mode}.npz")
+        raw = load(out / "runs" / f"toxic-steady-{mode}.npz")
         series = json.loads((out / "runs" / f"toxic-steady-{mode}.series.json").read_text())
         state = series["state"]
         assert state["kind"] == "limited" and state["limit"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -342,6 +343,49 @@ async def test_the_fleet_tuner_writes_a_new_version_and_records_why(
     assert (await client.get("/v1/policies/zz/decisions", headers=auth())).status_code == 404
     r = await client.get("/v1/policies/m/decisions?limit=0", headers=auth())
     assert r.status_code == 422
+
+
+async def test_the_tuner_holds_a_policy_for_its_hold_then_may_change_it_again(
+    client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    v = (
+        await client.put(
+            "/v1/policies/m",
+            json={**body(mode="adaptive"), "sla": {"latency_ms": 300}},
+            headers=auth(),
+        )
+    ).json()["version"]
+    await heartbeat(store, "r1", v, tuner_stats(rate=40.0))  # 2% missed: a wider margin each time
+    clock = [1000.0]
+    tuner = FleetTuner(store, clock=lambda: clock[0], hold=5.0)
+    assert [d.policy for d in await tuner.run_once()] == ["m"]
+    clock[0] += 4.9
+    assert await tuner.run_once() == []  # held
+    clock[0] += 0.1
+    [again] = await tuner.run_once()  # the hold is over: the misses go on, the margin widens
+    assert "wider margin" in again.reason
+    assert len((await client.get("/v1/policies/m/decisions", headers=auth())).json()["items"]) == 2
+
+
+async def test_the_control_plane_runs_its_tuner_with_the_hold_of_its_settings(
+    store: RedisStore,
+) -> None:
+    """MLPROXY_TUNER_HOLD_S reaches the tuner the app runs: rounds every 50 ms, a policy
+    changed at most every 300 ms (the default, a minute, would allow one change here)."""
+    settings = Settings(
+        redis_url="unused", admin_tokens=(ADMIN,), tuner_interval=0.05, tuner_hold=0.3
+    )
+    app = create_app(settings, store)
+    adaptive = {**body(mode="adaptive"), "sla": {"latency_ms": 300}}
+    v = (await store.put("m", adaptive, Precondition())).version
+    await heartbeat(store, "r1", v, tuner_stats(rate=40.0))  # 2% missed: a wider margin each time
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(1.0)
+    decisions = list(reversed(await store.decisions("m")))
+    at = [datetime.fromisoformat(d["at"]).timestamp() for d in decisions]
+    assert len(at) >= 2, decisions
+    # (each record's time is when it was written, a little after its round began)
+    assert all(b - a >= 0.25 for a, b in itertools.pairwise(at)), at
 
 
 async def test_a_crash_is_a_500_with_a_json_error(store: RedisStore) -> None:

@@ -149,6 +149,21 @@ def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:
     ]
     assert s.redis_url == "redis://x:1/2"
     assert (s.tuner_interval, s.tuner_lease) == (5.0, 15.0)  # three rounds by default
+    assert s.tuner_hold == 60.0  # a policy changes at most once a minute, as it always did
+
+
+def test_the_tuner_hold_is_a_positive_number_of_seconds() -> None:
+    """MLPROXY_TUNER_HOLD_S: the fewest seconds between two tuner changes of one policy."""
+    env = {"MLPROXY_ADMIN_TOKENS": "a" * 20}
+    assert Settings.from_env({**env, "MLPROXY_TUNER_HOLD_S": "12"}).tuner_hold == 12.0
+    assert Settings.from_env({**env, "MLPROXY_TUNER_HOLD_S": "0.5"}).tuner_hold == 0.5
+    assert Settings.from_env({**env, "MLPROXY_TUNER_HOLD_S": " "}).tuner_hold == 60.0
+    for bad in ("soon", "0", "-1", "nan", "inf", "1e9"):
+        with pytest.raises(SettingsError) as err:
+            Settings.from_env({**env, "MLPROXY_TUNER_HOLD_S": bad})
+        assert str(err.value) == (
+            f"MLPROXY_TUNER_HOLD_S={bad!r}: must be a positive number of seconds, at most 86400"
+        )
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,43 @@ def test_the_fleet_tuner_runs_in_the_simulator_and_its_tuning_reaches_every_repl
     assert "fleet fit" in reason  # it fitted t(b) on the replicas' samples
     assert len(r.tunings) == 1  # MIN_INTERVAL (60 s) keeps it from churning within 40 s
     assert first_at < 30
+
+
+def test_the_tuner_hold_and_the_stats_window_are_the_simulators_parameters() -> None:
+    """`mlproxy bench` compresses time, and with it the control plane's hold between two
+    changes of a policy (MLPROXY_TUNER_HOLD_S) and the replicas' stats window
+    (--stats-window); its `sim` columns pass them here."""
+
+    def run(hold: float, window: float) -> SimResult:
+        return simulate(
+            "steady",
+            WORKLOAD,
+            "adaptive",
+            30,
+            100.0,
+            seed=2,
+            warmup=10,
+            replicas=2,
+            backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
+            policy=grid_policy(ADAPTIVE),
+            tuner_every=5.0,
+            tuner_hold=hold,
+            stats_window=window,
+        )
+
+    def samples(reason: str) -> int:
+        found = re.search(r"from (\d+) samples", reason)
+        assert found is not None, reason
+        return int(found.group(1))
+
+    default, held = run(60.0, 60.0), run(10.0, 10.0)
+    assert len(default.tunings) == 1
+    times = [at for at, _ in held.tunings]
+    assert len(times) >= 3  # changes every 10 s, no sooner
+    assert all(b - a >= 10.0 for a, b in itertools.pairwise(times))
+    # a round's fit sees only the window's batches: 2 s of them at the first round, not 5 s
+    short = run(60.0, 2.0)
+    assert samples(short.tunings[0][1]) < 0.5 * samples(default.tunings[0][1])
 
 
 def test_the_fleet_tuner_does_not_starve_a_busy_server() -> None:

@@ -96,6 +96,21 @@ def test_small_changes_are_not_pushed_and_changes_are_spaced() -> None:
     assert tune(again, [stats(50, misses=200)], now=MIN_INTERVAL - 1, last_change=0.0) is None
 
 
+def test_the_hold_between_changes_is_a_parameter_defaulting_to_a_minute() -> None:
+    """The control plane's MLPROXY_TUNER_HOLD_S: a benchmark that plays traces 5x faster
+    holds a policy 12 s, so that in trace time the tuner acts as in production."""
+    start = policy(tuning=Tuning(margin_ms=30.0, seed_base_ms=20, seed_per_item_ms=2))
+    late = [stats(50, misses=200)]  # 20% missed: the margin must widen as soon as allowed
+    assert MIN_INTERVAL == 60.0
+    assert tune(start, late, now=59.0, last_change=0.0) is None  # the default: a minute
+    assert tune(start, late, now=60.0, last_change=0.0) is not None
+    assert tune(start, late, now=11.9, last_change=0.0, hold=12.0) is None
+    shorter = tune(start, late, now=12.0, last_change=0.0, hold=12.0)
+    assert shorter is not None and "wider margin" in shorter.reason
+    assert tune(start, late, now=100.0, last_change=0.0, hold=120.0) is None  # longer too
+    assert tune(start, late, now=5.0, hold=120.0) is not None  # never changed: no hold
+
+
 def test_only_adaptive_policies_that_allow_it_are_tuned() -> None:
     assert tune(policy(mode="static"), [stats(50)], now=0.0) is None
     assert tune(policy(tune=False), [stats(50)], now=0.0) is None
