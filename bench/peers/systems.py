@@ -322,11 +322,18 @@ class PeerSystem(System):
         return sizes
 
 
+# Real time (time_scale 1): the fleet tuner runs as in production (a round every 5 s, a policy
+# changed at most once a minute, from the last minute's stats), not on `mlproxy bench`'s
+# compressed clock.
+STACK_CONFIG = BenchConfig(
+    replicas=1, backend=ServerConfig(kind="fixed", workers=1), time_scale=1.0
+)
+
+
 @contextlib.contextmanager
 def mlproxy_stack(workload: Workload, run_dir: Path) -> Iterator[BenchStack]:
     """The real stack (Redis, control plane, one ext_proc, Envoy) with one emulator per row."""
-    config = BenchConfig(replicas=1, backend=ServerConfig(kind="fixed", workers=1))
-    with BenchStack(config, run_dir, ["adaptive", "static"]) as bench:
+    with BenchStack(STACK_CONFIG, run_dir, ["adaptive", "static"]) as bench:
         yield bench
 
 

@@ -23,6 +23,7 @@ from bench.peers.measure import WIRES, check_answers, errors_by_status, markdown
 from bench.peers.models import peer_common
 from bench.peers.systems import (
     PINS,
+    STACK_CONFIG,
     mlproxy_policy,
     mlserver_files,
     model_env,
@@ -338,3 +339,11 @@ def test_family_reads_the_process_table() -> None:
     }
     assert procs.family(10, table) == {10, 11, 12, 13, 14}
     assert sys.platform != "linux" or procs.family(1 << 30) == set()
+
+
+def test_mlproxy_rows_run_the_fleet_tuner_on_the_production_clock() -> None:
+    """The peer benchmark plays its arrivals in real time: the tuner in its stack runs as it
+    does in production, not on `mlproxy bench`'s compressed clock (a hold of 12 s at 5x)."""
+    assert STACK_CONFIG.tuner_interval == 5.0
+    assert STACK_CONFIG.tuner_hold == 60.0
+    assert STACK_CONFIG.stats_window == 60.0
