@@ -61,14 +61,22 @@ def _tokens(env: Mapping[str, str], name: str, kind: str) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+def _float(env: Mapping[str, str], name: str) -> tuple[str, float] | None:
+    """The variable as written and as a number (NaN if it is not one); None when unset."""
     raw = env.get(name)
     if raw is None or not raw.strip():
-        return default
+        return None
     try:
-        value = float(raw)
+        return raw, float(raw)
     except ValueError:
-        value = float("nan")
+        return raw, float("nan")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    got = _float(env, name)
+    if got is None:
+        return default
+    raw, value = got
     if not low <= value <= high:  # also NaN
         raise SettingsError(f"{name}={raw!r}: must be a number from {low:g} to {high:g}")
     return value
@@ -76,13 +84,10 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
 
 def _seconds(env: Mapping[str, str], name: str, default: float, high: float) -> float:
     """A duration that must be more than 0 (and finite, at most `high`)."""
-    raw = env.get(name)
-    if raw is None or not raw.strip():
+    got = _float(env, name)
+    if got is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
+    raw, value = got
     if not 0 < value <= high:  # also NaN
         raise SettingsError(
             f"{name}={raw!r}: must be a positive number of seconds, at most {high:g}"

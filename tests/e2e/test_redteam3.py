@@ -262,17 +262,7 @@ def fake_member(
 def rogue(fleet2: Fleet2, echo_backend: EchoBackend) -> Iterator[tuple[RogueOwner, str]]:
     """A rogue owner registered in Redis as a replica by a Redis writer (no fleet token: the
     record is unsigned), and a model whose key it would own were it a member."""
-    rogue = RogueOwner()
-    try:
-        fake, model = fake_member(
-            fleet2, "rogue", rogue.address, "peered", echo_backend.url, signed=False
-        )
-        try:
-            yield rogue, model
-        finally:
-            fake.close()
-    finally:
-        rogue.close()
+    yield from _rogue_owner(fleet2, echo_backend, "rogue", signed=False)
 
 
 @pytest.fixture
@@ -282,10 +272,18 @@ def rogue_at_a_members_address(
     """A rogue owner listening at the address of a member whose record is signed with the
     fleet token (a replica that died, its IP reused before its record expired), and a model
     whose key it owns."""
+    yield from _rogue_owner(fleet2, echo_backend, "taken", signed=True)
+
+
+def _rogue_owner(
+    fleet2: Fleet2, echo_backend: EchoBackend, name: str, signed: bool
+) -> Iterator[tuple[RogueOwner, str]]:
+    """A RogueOwner listening at a fake member's address (its record `signed` with the fleet
+    token or not), and a model whose key that member owns; closed after."""
     rogue = RogueOwner()
     try:
         fake, model = fake_member(
-            fleet2, "taken", rogue.address, "peered", echo_backend.url, signed=True
+            fleet2, name, rogue.address, "peered", echo_backend.url, signed=signed
         )
         try:
             yield rogue, model

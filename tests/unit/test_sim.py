@@ -17,7 +17,9 @@ from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.sim import SimResult, policy_for, pooled, simulate
 from bench.simulate import main as simulate_main
+from controlplane.domain.tuner import MIN_INTERVAL
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
+from extproc.core.stats import DEFAULT_WINDOW
 from extproc.runtime.batcher import rule_for
 
 # 10 ms a call + 1 ms an instance, no noise: results can be reasoned about exactly
@@ -146,8 +148,10 @@ def test_an_owner_replica_batches_for_the_fleet_as_one_replica_would() -> None:
     assert owned.latencies.min() >= WORKLOAD.mean(1) - 1e-9
 
 
-def test_the_fleet_tuner_runs_in_the_simulator_and_its_tuning_reaches_every_replica() -> None:
-    r = simulate(
+def _tuned_pair(hold: float = MIN_INTERVAL, window: float = DEFAULT_WINDOW) -> SimResult:
+    """Two replicas in front of one worker at 100 req/s for 30 s, the fleet tuner every 5 s
+    with that hold between changes and that stats window."""
+    return simulate(
         "steady",
         WORKLOAD,
         "adaptive",
@@ -159,7 +163,13 @@ def test_the_fleet_tuner_runs_in_the_simulator_and_its_tuning_reaches_every_repl
         backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
         policy=grid_policy(ADAPTIVE),
         tuner_every=5.0,
+        tuner_hold=hold,
+        stats_window=window,
     )
+
+
+def test_the_fleet_tuner_runs_in_the_simulator_and_its_tuning_reaches_every_replica() -> None:
+    r = _tuned_pair()
     assert r.tunings, "the tuner never changed the policy"
     first_at, reason = r.tunings[0]
     assert "fleet fit" in reason  # it fitted t(b) on the replicas' samples
@@ -173,21 +183,7 @@ def test_the_tuner_hold_and_the_stats_window_are_the_simulators_parameters() -> 
     (--stats-window); its `sim` columns pass them here."""
 
     def run(hold: float, window: float) -> SimResult:
-        return simulate(
-            "steady",
-            WORKLOAD,
-            "adaptive",
-            30,
-            100.0,
-            seed=2,
-            warmup=10,
-            replicas=2,
-            backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
-            policy=grid_policy(ADAPTIVE),
-            tuner_every=5.0,
-            tuner_hold=hold,
-            stats_window=window,
-        )
+        return _tuned_pair(hold, window)
 
     def samples(reason: str) -> int:
         found = re.search(r"from (\d+) samples", reason)
