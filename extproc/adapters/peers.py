@@ -113,9 +113,11 @@ DEFAULT_MEMBER_TTL_S = 10.0  # the heartbeat TTL (RedisPolicySource.heartbeat_tt
 # What a member signature signs starts with this (a forward's starts with digits, a reply's
 # with "reply."): one can never be taken for another.
 MEMBER_DOMAIN = b"mlproxy.peer-member.v1\n"
-# Rejected records are logged once per record id (a hostile Redis can make many ids: at most
-# this many warnings per read of the records, then a throttled summary).
+# Rejected records are logged once per record id (a hostile Redis can make many ids, new ones
+# at every beat: at most this many warnings every MEMBER_WARNINGS_EVERY_S seconds, then a
+# throttled summary).
 MAX_MEMBER_WARNINGS = 16
+MEMBER_WARNINGS_EVERY_S = 60.0
 MAX_RECENT_KEYS = 1024  # batching keys remembered for mlproxy_peer_owned_keys
 # Beyond the request's own time and its backend call's timeout, what a forward may take
 # before the caller gives up on the owner.
@@ -507,6 +509,9 @@ class Peering:
         self._recent: OrderedDict[str, None] = OrderedDict()  # keys of requests seen here
         # Ids of the records refused for their signature, each logged once (until accepted).
         self._rejected: OrderedDict[str, None] = OrderedDict()
+        # Those warnings in the current MEMBER_WARNINGS_EVERY_S: when it began, how many.
+        self._warned_at = -math.inf
+        self._warned = 0
         self._log = Throttled(log)
         self._metrics.peer_fleet(1, self._owned())
 
@@ -527,7 +532,9 @@ class Peering:
         that may be contacted and are signed with the fleet token."""
         found = {self.address}
         now = time.time()
-        warned = 0
+        mono = time.monotonic()
+        if mono - self._warned_at >= MEMBER_WARNINGS_EVERY_S:
+            self._warned_at, self._warned = mono, 0
         for replica_id, address, signature in records:
             if address is None:
                 continue  # a replica with peering off
@@ -551,8 +558,8 @@ class Peering:
                     self._rejected[replica_id] = None
                     if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
                         self._rejected.popitem(last=False)
-                    warned += 1
-                    if warned <= MAX_MEMBER_WARNINGS:
+                    self._warned += 1
+                    if self._warned <= MAX_MEMBER_WARNINGS:
                         log.warning("%s", _rejection(replica_id, canonical, why, signature, now))
                     else:
                         self._log.warning(

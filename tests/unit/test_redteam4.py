@@ -1,0 +1,131 @@
+"""Red team 4, pure parts: fleet member signatures against a Redis writer without the fleet
+token (copied records, other spellings of a signed address, junk signatures, floods of
+records) and what it can still make a replica log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from extproc.adapters.metrics import PrometheusMetrics
+from extproc.adapters.peers import (
+    MAX_MEMBER_WARNINGS,
+    Peering,
+    PeerSettings,
+    check_member,
+    sign_member,
+)
+from mlproxy.policy import Router
+
+TOKEN = b"red-team-4 fleet token, 16+ bytes"
+SELF = "127.0.0.1:7001"
+NOW = 1_800_000_000.0
+
+
+def peering(tmp_path: Path) -> tuple[Peering, PrometheusMetrics]:
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN)
+    settings = PeerSettings.build(7001, str(token_file), "127.0.0.1")
+    metrics = PrometheusMetrics()
+    return Peering(settings, Router([]), metrics, 1 << 20), metrics
+
+
+def rejected(metrics: PrometheusMetrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "mlproxy_peer_members_rejected_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "127.0.0.1:07002",  # a port with a leading zero: the same canonical member address
+        "127.0.0.1:007002",
+    ],
+)
+def test_a_genuine_signature_does_not_cover_another_spelling_of_its_address(
+    tmp_path: Path, spelling: str
+) -> None:
+    """Held: the signature covers the address as written, and a replica signs its canonical
+    one; another spelling that canonicalises to the same member (or to another) is refused,
+    so one signed record can never stand for a second entry or another address."""
+    p, metrics = peering(tmp_path)
+    genuine = sign_member(TOKEN, "a", "127.0.0.1:7002", time.time())
+    p.update([("a", spelling, genuine), ("b", spelling, genuine)])
+    assert p.members == (SELF,)
+    assert rejected(metrics, "signature") == 2
+    # the genuine spelling, for the id it was signed for only
+    p.update([("a", "127.0.0.1:7002", genuine), ("a\ufffd", "127.0.0.1:7002", genuine)])
+    assert p.members == (SELF, "127.0.0.1:7002")
+    assert rejected(metrics, "signature") == 3
+    for six in ("[0:0:0:0:0:0:0:1]:7002", "[::1]:07002"):
+        good = sign_member(TOKEN, "v6", "[::1]:7002", NOW)
+        assert check_member(TOKEN, "v6", six, good, NOW) == "signature"
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "9" * 16 + "." + "0" * 64,  # a stamp far in the future: malformed or refused, no error
+        "1" * 5000,
+        "1." + "a" * 10_000_000,  # a 10 MB signature: refused by its length, not hashed
+        {"stamp": 1},
+        float("nan"),
+    ],
+    ids=["future-stamp", "digits", "huge", "object", "nan"],
+)
+def test_junk_signatures_are_refused_quickly_and_never_crash_the_update(
+    tmp_path: Path, junk: object
+) -> None:
+    """Held: whatever JSON a Redis writer puts in `peer_signature` is refused by reason."""
+    p, metrics = peering(tmp_path)
+    start = time.perf_counter()
+    p.update([("j", "127.0.0.1:7002", junk)])
+    assert time.perf_counter() - start < 0.5
+    assert p.members == (SELF,)
+    assert sum(rejected(metrics, r) for r in ("malformed", "signature", "future")) == 1
+
+
+def test_a_redis_writer_that_renames_its_records_every_beat_cannot_flood_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding: refused records were logged once per record id, but up to MAX_MEMBER_WARNINGS
+    per read of the records, and a read is every heartbeat (2 s): a Redis writer that wrote
+    16 records under new ids before each beat (a few kB) made every replica log 8 warnings
+    a second (each ~450 characters, about 300 MB a day per replica) for as long as it liked.
+    Fixed: the per-id warnings share one budget of MAX_MEMBER_WARNINGS a minute (then the
+    throttled summary); every refusal is still counted by reason."""
+    p, metrics = peering(tmp_path)
+    beats = 30  # a minute of heartbeats
+    with caplog.at_level("WARNING"):
+        for beat in range(beats):
+            p.update((f"rename-{beat}-{i}", f"127.0.1.{i % 250 + 1}:7002", None) for i in range(20))
+    assert p.members == (SELF,)
+    assert rejected(metrics, "unsigned") == beats * 20
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) <= MAX_MEMBER_WARNINGS + 1, len(warnings)
+    assert any("mlproxy_peer_members_rejected_total" in w for w in warnings)
+
+
+def test_a_token_rotation_is_still_said_once_per_replica(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The budget does not hide what an operator must see: each replica with another token
+    is named once, however many beats pass."""
+    p, _ = peering(tmp_path)
+    other = b"another fleet token, 16+ bytes"
+    with caplog.at_level("WARNING"):
+        for _ in range(10):
+            p.update(
+                (
+                    f"r{i}",
+                    f"127.0.0.{i + 2}:7002",
+                    sign_member(other, f"r{i}", f"127.0.0.{i + 2}:7002", time.time()),
+                )
+                for i in range(3)
+            )
+    for i in range(3):
+        assert caplog.text.count(f"replica record 'r{i}'") == 1
