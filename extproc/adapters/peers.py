@@ -451,6 +451,7 @@ def _grpc_target(address: str) -> str:
 
 
 MAX_REMEMBERED_REJECTIONS = 4096
+MAX_LOGGED_ID = 64  # characters of a record id a warning shows (and a rejection is kept by)
 
 
 def _rejection(replica_id: str, address: str, why: str, signature: object, now: float) -> str:
@@ -473,9 +474,9 @@ def _rejection(replica_id: str, address: str, why: str, signature: object, now: 
             else f"it was signed {-age:.0f} s in the future: that host's clock is ahead"
         ) + f" (the hosts' clocks must agree within {MEMBER_SKEW_S:g} s)"
     return (
-        f"replica record {replica_id[:64]!r} in Redis (peer address {address}) is not a fleet "
-        f"member: {what}. No request is forwarded to it. If it is not one of your replicas, "
-        "check who can write into Redis"
+        f"replica record {replica_id[:MAX_LOGGED_ID]!r} in Redis (peer address {address}) is "
+        f"not a fleet member: {what}. No request is forwarded to it. If it is not one of your "
+        "replicas, check who can write into Redis"
     )
 
 
@@ -554,8 +555,10 @@ class Peering:
             why = check_member(self.settings.token, replica_id, address, signature, now, ttl)
             if why is not None:
                 self._metrics.peer_member_rejected(why)
-                if replica_id not in self._rejected:
-                    self._rejected[replica_id] = None
+                # remembered by what the log shows of it: a key name may be 512 MB
+                seen = replica_id[:MAX_LOGGED_ID]
+                if seen not in self._rejected:
+                    self._rejected[seen] = None
                     if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
                         self._rejected.popitem(last=False)
                     self._warned += 1
@@ -568,7 +571,7 @@ class Peering:
                             "this replica's fleet token: see mlproxy_peer_members_rejected_total",
                         )
                 continue
-            self._rejected.pop(replica_id, None)  # a later rejection is logged again
+            self._rejected.pop(replica_id[:MAX_LOGGED_ID], None)  # a later one is logged again
             found.add(canonical)
             if len(found) >= MAX_MEMBERS:
                 self._log.warning(

@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,25 @@ def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_b
     assert _missed_when_a_second_batch_runs_at_half_speed(rule(1), rate) <= 0.001  # servable
     missed = _missed_when_a_second_batch_runs_at_half_speed(rule(8), rate)
     assert missed <= 0.01, missed
+
+
+def test_refused_records_with_huge_ids_are_not_kept_in_memory(tmp_path: Path) -> None:
+    """Finding: the ids of refused records were remembered whole (up to 4096 of them, to log
+    each once), and an id is a Redis key name, which may be up to 512 MB: a Redis writer that
+    wrote records under new, long key names (with a short TTL, so Redis holds only the
+    latest) made every replica keep 4096 of them: 64 MB with 16 kB names, gigabytes with
+    longer ones. Fixed: a refused id is remembered by what the log shows of it (its first 64
+    characters)."""
+    p, metrics = peering(tmp_path)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for beat in range(4):
+            records = [(f"{beat}-{i}-" + "x" * 16_000, "127.0.0.1:7002", None) for i in range(1024)]
+            p.update(records)
+            del records
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert rejected(metrics, "unsigned") == 4 * 1024
+    assert kept < 8 << 20, f"{kept / (1 << 20):.0f} MB kept"
