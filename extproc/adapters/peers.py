@@ -113,9 +113,11 @@ DEFAULT_MEMBER_TTL_S = 10.0  # the heartbeat TTL (RedisPolicySource.heartbeat_tt
 # What a member signature signs starts with this (a forward's starts with digits, a reply's
 # with "reply."): one can never be taken for another.
 MEMBER_DOMAIN = b"mlproxy.peer-member.v1\n"
-# Rejected records are logged once per record id (a hostile Redis can make many ids: at most
-# this many warnings per read of the records, then a throttled summary).
+# Rejected records are logged once per record id (a hostile Redis can make many ids, new ones
+# at every beat: at most this many warnings every MEMBER_WARNINGS_EVERY_S seconds, then a
+# throttled summary).
 MAX_MEMBER_WARNINGS = 16
+MEMBER_WARNINGS_EVERY_S = 60.0
 MAX_RECENT_KEYS = 1024  # batching keys remembered for mlproxy_peer_owned_keys
 # Beyond the request's own time and its backend call's timeout, what a forward may take
 # before the caller gives up on the owner.
@@ -449,6 +451,7 @@ def _grpc_target(address: str) -> str:
 
 
 MAX_REMEMBERED_REJECTIONS = 4096
+MAX_LOGGED_ID = 64  # characters of a record id a warning shows (and a rejection is kept by)
 
 
 def _rejection(replica_id: str, address: str, why: str, signature: object, now: float) -> str:
@@ -471,9 +474,9 @@ def _rejection(replica_id: str, address: str, why: str, signature: object, now: 
             else f"it was signed {-age:.0f} s in the future: that host's clock is ahead"
         ) + f" (the hosts' clocks must agree within {MEMBER_SKEW_S:g} s)"
     return (
-        f"replica record {replica_id[:64]!r} in Redis (peer address {address}) is not a fleet "
-        f"member: {what}. No request is forwarded to it. If it is not one of your replicas, "
-        "check who can write into Redis"
+        f"replica record {replica_id[:MAX_LOGGED_ID]!r} in Redis (peer address {address}) is "
+        f"not a fleet member: {what}. No request is forwarded to it. If it is not one of your "
+        "replicas, check who can write into Redis"
     )
 
 
@@ -507,6 +510,9 @@ class Peering:
         self._recent: OrderedDict[str, None] = OrderedDict()  # keys of requests seen here
         # Ids of the records refused for their signature, each logged once (until accepted).
         self._rejected: OrderedDict[str, None] = OrderedDict()
+        # Those warnings in the current MEMBER_WARNINGS_EVERY_S: when it began, how many.
+        self._warned_at = -math.inf
+        self._warned = 0
         self._log = Throttled(log)
         self._metrics.peer_fleet(1, self._owned())
 
@@ -527,7 +533,9 @@ class Peering:
         that may be contacted and are signed with the fleet token."""
         found = {self.address}
         now = time.time()
-        warned = 0
+        mono = time.monotonic()
+        if mono - self._warned_at >= MEMBER_WARNINGS_EVERY_S:
+            self._warned_at, self._warned = mono, 0
         for replica_id, address, signature in records:
             if address is None:
                 continue  # a replica with peering off
@@ -547,12 +555,14 @@ class Peering:
             why = check_member(self.settings.token, replica_id, address, signature, now, ttl)
             if why is not None:
                 self._metrics.peer_member_rejected(why)
-                if replica_id not in self._rejected:
-                    self._rejected[replica_id] = None
+                # remembered by what the log shows of it: a key name may be 512 MB
+                seen = replica_id[:MAX_LOGGED_ID]
+                if seen not in self._rejected:
+                    self._rejected[seen] = None
                     if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
                         self._rejected.popitem(last=False)
-                    warned += 1
-                    if warned <= MAX_MEMBER_WARNINGS:
+                    self._warned += 1
+                    if self._warned <= MAX_MEMBER_WARNINGS:
                         log.warning("%s", _rejection(replica_id, canonical, why, signature, now))
                     else:
                         self._log.warning(
@@ -561,7 +571,7 @@ class Peering:
                             "this replica's fleet token: see mlproxy_peer_members_rejected_total",
                         )
                 continue
-            self._rejected.pop(replica_id, None)  # a later rejection is logged again
+            self._rejected.pop(replica_id[:MAX_LOGGED_ID], None)  # a later one is logged again
             found.add(canonical)
             if len(found) >= MAX_MEMBERS:
                 self._log.warning(

@@ -402,7 +402,10 @@ class RedisPolicySource:
                     continue
                 try:
                     doc = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):
+                    # not JSON, or nested deeper than the parser goes (a record of a few
+                    # hundred kB of "[["): skipped, never a failed read that leaves the
+                    # fleet's members as they were
                     continue
                 if isinstance(doc, dict):
                     # a key name that is not UTF-8 is still a (hostile) record, not a failure

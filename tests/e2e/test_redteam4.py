@@ -1,0 +1,106 @@
+"""Red team 4, against real processes: fleet membership read from a real Redis that a Redis
+writer without the fleet token (the ext_proc Redis user) fills with hostile records."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from controlplane.adapters.redis_store import RedisStore
+from mlproxy import keys
+from tests.conftest import RedisServer
+from tests.integration.test_redis_source import Replica, _peering, eventually
+
+pytestmark = pytest.mark.e2e
+
+DB = 7  # the `store` fixture's database: this module's own
+TOKEN = b"red-team-4 fleet token 0123456789"
+# JSON nested deeper than Python's parser goes (200 kB: within the 1 MB a record may have)
+DEEP = b'{"peer_address":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
+    store: RedisStore,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Finding: `peer_records` skipped records that are not JSON (ValueError), but JSON nested
+    deeper than the parser's recursion limit raises RecursionError, which is no ValueError:
+    one such record (a single SET by the ext_proc Redis user) made every heartbeat's read of
+    the records fail ("heartbeat failed", a traceback every 2 s), so no replica updated its
+    members again for as long as the record lived. A member that died stayed a member (its
+    keys forwarded to its address: a process that later took that IP, e.g. a reused pod IP,
+    received the client bodies forwarded to it, long past the 15 s a signed record lives),
+    and a replica that joined was never one. Fixed: such a record is skipped like any other
+    that is not JSON."""
+    url = redis_server.url(DB)
+    a_peering = _peering(tmp_path, 7301, TOKEN)
+    a = Replica(url, "a", a_peering.address, a_peering.update, a_peering.sign_member)
+    b_peering = _peering(tmp_path, 7302, TOKEN)
+    b = Replica(url, "b", b_peering.address, b_peering.update, b_peering.sign_member)
+    c_peering = _peering(tmp_path, 7303, TOKEN)
+    c = Replica(url, "c", c_peering.address, c_peering.update, c_peering.sign_member)
+    try:
+        await a.start()
+        await b.start()
+        both = ("127.0.0.1:7301", "127.0.0.1:7302")
+        await eventually(lambda: a_peering.members == both == b_peering.members, timeout=10)
+        await store.redis.set(keys.replica_key("deep"), DEEP, px=120_000)
+        await asyncio.sleep(0.5)  # a few beats read it
+        # a member leaves (its record deleted at once), another joins
+        await b.source.close()
+        await c.start()
+        now = ("127.0.0.1:7301", "127.0.0.1:7303")
+        await eventually(lambda: a_peering.members == now == c_peering.members, timeout=10)
+        assert "heartbeat failed" not in caplog.text
+    finally:
+        for r in (a, b, c):
+            await r.source.close()
+        for p in (a_peering, b_peering, c_peering):
+            await p.close()
+
+
+# A record of small JSON objects just under the 1 MB a record may have: about 20 ms of the
+# event loop's time for json.loads on this machine.
+BULKY = b'{"peer_address":"127.0.0.1:1","pad":[' + b",".join([b"{}"] * 330_000) + b"]}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team 4: peer_records parses every live replica record in full (up to 1024 of "
+    "up to 1 MB each) on the replica's event loop at every heartbeat, to read two short "
+    "fields: 40 records of 1 MB of '{}' (one MSET of 40 MB by the ext_proc Redis user) stall "
+    "the loop that serves Envoy for ~1 s at every beat here (1024 of them: ~20 s), so every "
+    "client's request misses its SLA. Suggested fix: keep the peer address and signature in "
+    "a small key of their own (e.g. mlproxy:peer:<id>, a few hundred bytes, read with a "
+    "length check before parsing), or read records with GETRANGE of their first few kB and "
+    "parse only the fields peering needs; at least yield between records and bound the bytes "
+    "parsed per read",
+)
+async def test_a_flood_of_bulky_records_does_not_stall_the_replicas_event_loop(
+    store: RedisStore, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A Redis writer fills `mlproxy:replica:*` with records that are JSON and under the
+    size limit, but as slow to parse as JSON gets. The replica's event loop (the one that
+    answers Envoy) must keep serving: measured here as how late a 5 ms timer fires."""
+    assert len(BULKY) < 1 << 20
+    await store.redis.mset({keys.replica_key(f"bulky-{i}"): BULKY for i in range(40)})
+    url = redis_server.url(DB)
+    peering = _peering(tmp_path, 7311, TOKEN)
+    replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)
+    try:
+        await replica.start()
+        loop = asyncio.get_running_loop()
+        worst, end = 0.0, loop.time() + 3.0
+        while loop.time() < end:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            worst = max(worst, loop.time() - before - 0.005)
+        assert worst < 0.1, f"the event loop stalled for {worst:.3f} s"
+    finally:
+        await replica.source.close()
+        await peering.close()
+        await store.redis.flushdb()
