@@ -278,6 +278,12 @@ def _missed_when_a_second_batch_runs_at_half_speed(rule: AdaptiveRule, rate: flo
     return sum(answered[i] > deadlines[i] + 1e-9 for i in measured) / len(measured)
 
 
+def _learning(max_in_flight: int) -> AdaptiveRule:
+    """An adaptive rule that learns the backend from nothing (a 99th-percentile SLA), up to
+    `max_in_flight` batches at once (one: it never probes)."""
+    return AdaptiveRule(LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="red team 4: since the latency model stopped learning a failed probe's batches "
@@ -297,14 +303,8 @@ def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_b
     requests queued meanwhile must not push the rule into batches too small to keep up with
     the arrivals. Requests to the policy that arrive later are other clients' requests."""
     rate = 250.0
-
-    def rule(max_in_flight: int) -> AdaptiveRule:
-        return AdaptiveRule(
-            LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015
-        )
-
-    assert _missed_when_a_second_batch_runs_at_half_speed(rule(1), rate) <= 0.001  # servable
-    missed = _missed_when_a_second_batch_runs_at_half_speed(rule(8), rate)
+    assert _missed_when_a_second_batch_runs_at_half_speed(_learning(1), rate) <= 0.001
+    missed = _missed_when_a_second_batch_runs_at_half_speed(_learning(8), rate)
     assert missed <= 0.01, missed
 
 
@@ -334,10 +334,4 @@ def test_a_backlog_behind_a_punished_probe_does_not_shrink_batches_below_keeping
     """The same backend: the collapse into tiny batches is gone (16% misses before batches held
     to deadlines kept at least the size that keeps up; what is left is the failed probes' own
     batches, the xfail above)."""
-
-    def rule(max_in_flight: int) -> AdaptiveRule:
-        return AdaptiveRule(
-            LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015
-        )
-
-    assert _missed_when_a_second_batch_runs_at_half_speed(rule(8), 250.0) <= 0.05
+    assert _missed_when_a_second_batch_runs_at_half_speed(_learning(8), 250.0) <= 0.05
