@@ -326,14 +326,6 @@ class AdaptiveRule:
         self._pressed = need is not None
         if need is None:
             enough = self._autoscaled_batch(typical, rate, span)
-            # Held to deadlines, a batch still never goes smaller than the one that keeps up
-            # with the arrivals on every slot: behind a backlog (a probe the backend punished,
-            # a stall) a head request near its deadline would otherwise cut each batch to the
-            # few that still make it, each batch pays the backend's whole per-call time, and
-            # the queue never catches up (red team 4: a backend that runs a second batch at
-            # half speed, 250 req/s, 16% misses; now 2.6%, the probes' own batches). A
-            # request that such a batch cannot deliver in time gives way, as under load.
-            least = min(queue.queued_size, self._keep_up(typical, rate))
         else:
             # A batch aims for `need`, but never beyond what can still meet the SLA after
             # waiting for a slot (under overload, more would make every one of them late);
@@ -445,14 +437,6 @@ class AdaptiveRule:
             return None  # near the edge of one more instance: only the biggest batch is safe
         room = instances * budget - fleet_rate * c
         return max(1, min(cap, math.ceil(fleet_rate * a / room - EPSILON)))
-
-    def _keep_up(self, model: LatencyModel, rate: float) -> int:
-        """The smallest batch that keeps up with `rate` with every batch slot busy (the bound
-        if none does): b / t(b) per slot at least the rate."""
-        spare = self.max_in_flight - rate * model.per_item
-        if spare <= 0:
-            return self.max_batch_size
-        return max(1, min(self.max_batch_size, math.ceil(rate * model.base / spare - EPSILON)))
 
     def _sla_batch(self, model: LatencyModel, rate: float, span: float) -> int:
         """The largest batch worth sending as slots free, at least one:

@@ -278,24 +278,18 @@ def _missed_when_a_second_batch_runs_at_half_speed(rule: AdaptiveRule, rate: flo
     return sum(answered[i] > deadlines[i] + 1e-9 for i in measured) / len(measured)
 
 
-def _learning(max_in_flight: int) -> AdaptiveRule:
-    """An adaptive rule that learns the backend from nothing (a 99th-percentile SLA), up to
-    `max_in_flight` batches at once (one: it never probes)."""
-    return AdaptiveRule(LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015)
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="red team 4: since the latency model stopped learning a failed probe's batches "
     "(c829f87), on a backend that runs a batch sent alongside another at half speed the model "
-    "holds the lone-batch time, so at 250 req/s the rule is not 'pressed' and the backlog each "
-    "failed probe leaves made its deadline-held batches tiny (a batch grew only while the head "
-    "request still made its deadline): 16% misses, 0.2-0.4% before c829f87. Batches held to "
-    "deadlines now never go below the one that keeps up: 2.6%, the failed probes' own batches "
-    "(each probe of a second slot runs two batches at half speed; probes double their spacing, "
-    "so a longer run misses less). Suggested fix: probe only when a batch that ran at half "
-    "speed would still meet its deadlines (tried: a trial never decided blocked the queue), or "
-    "give up probing sooner on a backend that punishes concurrency",
+    "holds the lone-batch time, so at 250 req/s (about 80% of what the rule plans the slot "
+    "for) the rule is not 'pressed'; the backlog each failed probe leaves makes its "
+    "deadline-held batches tiny (1-3 requests: a batch grows only while the head request still "
+    "makes its deadline), throughput falls below the arrival rate and stays there: 13-17% of "
+    "requests miss over 30 s (3 seeds), 0.2-0.4% before c829f87, 0% with max_in_flight 1. "
+    "Suggested fix: count a backlog as pressure (queued requests beyond the batch holding "
+    "makes: send at least the held batch / `need`), or charge failed probes' slow batches to "
+    "the model's tail for a while",
 )
 def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_batches() -> None:
     """A misbehaving (or accelerator-sharing) backend answers a batch sent while another of
@@ -303,8 +297,14 @@ def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_b
     requests queued meanwhile must not push the rule into batches too small to keep up with
     the arrivals. Requests to the policy that arrive later are other clients' requests."""
     rate = 250.0
-    assert _missed_when_a_second_batch_runs_at_half_speed(_learning(1), rate) <= 0.001
-    missed = _missed_when_a_second_batch_runs_at_half_speed(_learning(8), rate)
+
+    def rule(max_in_flight: int) -> AdaptiveRule:
+        return AdaptiveRule(
+            LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015
+        )
+
+    assert _missed_when_a_second_batch_runs_at_half_speed(rule(1), rate) <= 0.001  # servable
+    missed = _missed_when_a_second_batch_runs_at_half_speed(rule(8), rate)
     assert missed <= 0.01, missed
 
 
@@ -328,10 +328,3 @@ def test_refused_records_with_huge_ids_are_not_kept_in_memory(tmp_path: Path) ->
         tracemalloc.stop()
     assert rejected(metrics, "unsigned") == 4 * 1024
     assert kept < 8 << 20, f"{kept / (1 << 20):.0f} MB kept"
-
-
-def test_a_backlog_behind_a_punished_probe_does_not_shrink_batches_below_keeping_up() -> None:
-    """The same backend: the collapse into tiny batches is gone (16% misses before batches held
-    to deadlines kept at least the size that keeps up; what is left is the failed probes' own
-    batches, the xfail above)."""
-    assert _missed_when_a_second_batch_runs_at_half_speed(_learning(8), 250.0) <= 0.05
