@@ -32,14 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.core.estimator import LatencyEstimator
+from extproc.core.stats import DEFAULT_WINDOW
 from mlproxy.policy import Policy, Tuning
 from mlproxy.replica import PolicyStats
 
 __all__ = ["MIN_INTERVAL", "MIN_SAMPLES", "Decision", "tune"]
 
 MIN_SAMPLES = 20  # batch samples across the fleet before a fit is trusted
-MIN_INTERVAL = 60.0  # seconds between two changes of one policy: the replicas' stats window,
-# so that each decision sees misses made under the previous one, not the same burst twice
+# Seconds between two changes of one policy: the replicas' stats window, so that each decision
+# sees misses made under the previous one, not the same burst twice.
+MIN_INTERVAL = DEFAULT_WINDOW
 MIN_CHANGE = 0.10  # relative change of a value worth a new version
 DEFAULT_MARGIN = 0.10  # of the SLA, before the tuner knows better
 MARGIN_RANGE = (DEFAULT_MARGIN, 0.50)

@@ -21,7 +21,7 @@ __all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "MIN_SPAN", "StatsWindow"]
 # The shortest span a rate is taken over (seconds): the buckets' granularity, and so the
 # shortest window (`mlproxy extproc --stats-window`).
 MIN_SPAN = 1.0
-DEFAULT_WINDOW = 60.0  # seconds: the fleet tuner's hold between changes (MLPROXY_TUNER_HOLD_S)
+DEFAULT_WINDOW = 60.0  # seconds; also the fleet tuner's default hold between changes
 MAX_WINDOW = 3600.0
 
 
