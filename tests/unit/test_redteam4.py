@@ -4,14 +4,11 @@ records) and what it can still make a replica log."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import random
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,13 +21,13 @@ from extproc.adapters.peers import (
     check_member,
     sign_member,
 )
-from extproc.core.batching import BatchQueue, Dispatch, Rule, Shed, WaitUntil
+from extproc.core.batching import Rule
 from extproc.core.estimator import LatencyEstimator
 from extproc.core.rules import AdaptiveRule
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Policy, Router
 from mlproxy.replica import PolicyStats
-from tests.unit.test_rules import SERVER, _poisson, _simulate
+from tests.unit.test_rules import _poisson, _simulate
 
 TOKEN = b"red-team-4 fleet token, 16+ bytes"
 SELF = "127.0.0.1:7001"
@@ -229,83 +226,44 @@ def _missed_when_a_second_batch_runs_at_half_speed(rule: AdaptiveRule, rate: flo
     and in twice that when it is sent while another is running (a model server that splits
     one accelerator between its calls, or one that answers slower on purpose under
     concurrency); the one already running is not slowed. Poisson arrivals at `rate` (seeded)
-    for 30 s, due 150 ms after they arrive, driven as the runtime drives a queue (poll at
-    every arrival, wake-up and batch end): the share of requests after the first 2 s
+    for 30 s, due 150 ms after they arrive: the share of requests after the first 2 s
     answered after their deadlines."""
-    queue: BatchQueue[int] = BatchQueue(rule)
-    seq = itertools.count()
-    events: list[tuple[float, int, int, Any]] = []
-    for t, budget in _poisson(rate, 30.0, random.Random(1)):
-        heapq.heappush(events, (t, 1, next(seq), budget))
-    deadlines: list[float] = []
-    answered: dict[int, float] = {}
-    running: set[int] = set()
-    wake: float | None = None
-    while events:
-        now, kind, _, data = heapq.heappop(events)
-        if kind == 0:  # a batch ends
-            batch, took, call = data
-            running.discard(call)
-            queue.done(batch, took, True, now)
-            for e in batch.entries:
-                answered[e.item] = now
-        elif kind == 1:  # an arrival
-            deadlines.append(now + data)
-            queue.offer(len(deadlines) - 1, 1, now, now + data)
-        elif wake != now:
-            continue  # a wake-up that an earlier one replaced
-        else:
-            wake = None
-        while True:
-            action = queue.poll(now)
-            if isinstance(action, Dispatch):
-                call = next(seq)
-                running.add(call)
-                took = SERVER.predict(action.size) * len(running)
-                heapq.heappush(events, (now + took, 0, next(seq), (action, took, call)))
-            elif isinstance(action, Shed):
-                for e in action.entries:
-                    answered[e.item] = math.inf
-            elif isinstance(action, WaitUntil):
-                if wake is None or action.time < wake:
-                    wake = max(action.time, now)
-                    heapq.heappush(events, (wake, 2, next(seq), None))
-                break
-            else:
-                break
-    arrivals = [d - 0.150 for d in deadlines]
-    measured = [i for i in answered if arrivals[i] >= 2.0]
-    return sum(answered[i] > deadlines[i] + 1e-9 for i in measured) / len(measured)
+    arrivals = _poisson(rate, 30.0, random.Random(1))
+    run = _simulate(rule, arrivals, workers=rule.in_flight_bound, shared=True)
+    measured = [r for r in run.requests if r.arrival >= 2.0]
+    return sum(not r.met for r in measured) / len(measured)
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="red team 4: since the latency model stopped learning a failed probe's batches "
     "(c829f87), on a backend that runs a batch sent alongside another at half speed the model "
-    "holds the lone-batch time, so at 250 req/s (about 80% of what the rule plans the slot "
-    "for) the rule is not 'pressed'; the backlog each failed probe leaves makes its "
-    "deadline-held batches tiny (1-3 requests: a batch grows only while the head request still "
-    "makes its deadline), throughput falls below the arrival rate and stays there: 13-17% of "
-    "requests miss over 30 s (3 seeds), 0.2-0.4% before c829f87, 0% with max_in_flight 1. "
-    "Suggested fix: count a backlog as pressure (queued requests beyond the batch holding "
-    "makes: send at least the held batch / `need`), or charge failed probes' slow batches to "
-    "the model's tail for a while",
+    "holds the lone-batch time, so at 250 req/s the rule is not 'pressed'; the backlog each "
+    "failed probe leaves makes its deadline-held batches tiny (1-3 requests: a batch grows "
+    "only while the head request still makes its deadline), throughput falls below the "
+    "arrival rate and stays there: 13-17% of requests miss over 30 s (3 seeds), 0% with "
+    "max_in_flight 1. Tried (2026-12-03): sending a backlog of more than twice the held batch "
+    "in batches of at least the held one (3.0% at 250 req/s, 4.6% at 280), plus planning a "
+    "probe's batch at L / (L - 1) of its time (0.0% and 0.01%); both collapsed the real stack "
+    "at 300 req/s in some runs, each time after the fleet tuner seeded the model with a fit "
+    "of 92-139 ms base from start-up samples that waited behind our own probes (README, "
+    "Known gaps): reverted until the tuner fits only what the replicas' models learn",
 )
 def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_batches() -> None:
     """A misbehaving (or accelerator-sharing) backend answers a batch sent while another of
     ours runs at half speed. The in-flight learner's probes fail there, as they should; the
     requests queued meanwhile must not push the rule into batches too small to keep up with
     the arrivals. Requests to the policy that arrive later are other clients' requests."""
-    rate = 250.0
 
     def rule(max_in_flight: int) -> AdaptiveRule:
         return AdaptiveRule(
             LatencyEstimator(percentile=99.0), 64, max_in_flight, 10_000, margin=0.015
         )
 
-    assert _missed_when_a_second_batch_runs_at_half_speed(rule(1), rate) <= 0.001  # servable
-    missed = _missed_when_a_second_batch_runs_at_half_speed(rule(8), rate)
-    assert missed <= 0.01, missed
+    for rate in (250.0, 280.0):
+        assert _missed_when_a_second_batch_runs_at_half_speed(rule(1), rate) <= 0.001  # servable
+        missed = _missed_when_a_second_batch_runs_at_half_speed(rule(8), rate)
+        assert missed <= 0.01, (rate, missed)
 
 
 def test_refused_records_with_huge_ids_are_not_kept_in_memory(tmp_path: Path) -> None:

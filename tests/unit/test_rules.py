@@ -595,6 +595,7 @@ def _simulate(
     rng: random.Random | None = None,
     drain: bool = True,
     refuse: bool = False,
+    shared: bool = False,
 ) -> _Run:
     """Drive a queue exactly as the runtime does: poll on every arrival, at every wake-up and
     when a batch ends. `clients`: arrival streams of (arrival, budget) pairs, merged. The
@@ -604,8 +605,10 @@ def _simulate(
     with `wait_at_server` (the time the queue is told includes that wait); otherwise that is
     an error (the rule sent more batches than the backend has workers). With `drain` the run
     ends when every request is answered or shed; without, right after the last arrival. A
-    full queue may refuse arrivals only with `refuse`. Nothing here keeps a request alive once
-    its batch is done: what became of each is kept by number, with a weak reference to it."""
+    full queue may refuse arrivals only with `refuse`. With `shared`, the workers share one
+    accelerator: a batch sent while k others run takes k + 1 times as long (those already
+    running are not slowed). Nothing here keeps a request alive once its batch is done: what
+    became of each is kept by number, with a weak reference to it."""
     q: BatchQueue[_Req] = BatchQueue(rule)
     run = _Run(q, [], [], [])
     seq = itertools.count()
@@ -649,6 +652,8 @@ def _simulate(
                 start = max(now, free_at[w])
                 assert wait_at_server or start == now, "more batches than workers"
                 service = overhead + SERVER.predict(action.size)
+                if shared:
+                    service *= 1 + sum(at > now for at in free_at)
                 if noise:
                     assert rng is not None
                     service *= math.exp(rng.gauss(0.0, noise))
