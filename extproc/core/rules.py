@@ -258,11 +258,24 @@ class AdaptiveRule:
         return max(1, int(self.limit))
 
     def adopt(self, previous: AdaptiveRule) -> None:
-        """Carry over what `previous` learnt about the backend's concurrency."""
+        """Carry over what `previous` learnt about the backend's concurrency, and a trial of
+        a grown limit that is under way: dropped, it left the grown limit as if it had held,
+        and the batches sent at it as plain samples for the latency model (on a server that
+        runs one batch at a time, those waited behind each other: a new policy version in the
+        first seconds, as the fleet tuner makes, left the real stack at 300 req/s planning for
+        that wait, in batches of 8-9 that cannot keep up: 16-30% misses)."""
         self.limit = min(previous.limit, float(self.in_flight_bound))
         self._cut_at = previous._cut_at
         self._probe = previous._probe
         self._times = previous._times
+        self._clean = previous._clean
+        self._congested = previous._congested
+        if previous._trial and self.limit >= previous._probed:
+            self._trial = True
+            self._probed = previous._probed
+            self._trial_n = previous._trial_n
+            self._trial_bad = previous._trial_bad
+            self._trial_batches = list(previous._trial_batches)
 
     def plan(self, queue: QueueView, now: float) -> Plan:
         model = self.latency.model(now)

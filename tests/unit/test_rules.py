@@ -1012,3 +1012,29 @@ def test_batches_sent_long_ago_are_no_yardstick_for_congestion() -> None:
         level = 2 + k % 3  # at two, three and four
         rule.completed(30, 1.16 * floor.predict(30), "idle", True, now, level)
         assert rule.max_in_flight == 4
+
+
+def test_a_new_policy_version_carries_on_a_trial_of_the_in_flight_limit() -> None:
+    """A policy change (the fleet tuner's first comes a few seconds after start-up) rebuilds
+    the rule, which adopts what the old one learnt about concurrency. It used to drop a trial
+    under way: the grown limit stayed as if it had held, and the batches sent at it, which on
+    a server that runs one batch at a time wait behind each other, went into the latency
+    model as plain samples; on the real stack at 300 req/s the model then planned for that
+    wait, in batches of 8-9 that could not keep up (16-30% misses). The trial goes on: its
+    slow batches end it and are not learnt."""
+    est = LatencyEstimator(percentile=99.0)
+    old = AdaptiveRule(est, 64, 4, 10_000, margin=0.015)
+    now = 0.0
+    for _ in range(20):  # clean batches, one at a time: the limit grows to two, on trial
+        old.completed(10, SERVER.predict(10), "deadline", True, now, 1)
+        now += 0.1
+    assert old._trial and old.max_in_flight == 2
+    learnt = len(est._samples)
+    new = AdaptiveRule(est, 64, 4, 10_000, margin=0.020)  # e.g. a wider margin
+    new.adopt(old)
+    assert new.max_in_flight == 2
+    for _ in range(2):  # each waited for the other at the server: twice its time
+        new.completed(10, 2 * SERVER.predict(10), "deadline", True, now, 2)
+        now += 0.1
+    assert new.max_in_flight == 1  # the trial failed: back to the limit that held
+    assert len(est._samples) == learnt  # and the waits did not become the model's times

@@ -204,23 +204,33 @@ def test_the_fleet_tuner_does_not_starve_a_busy_server() -> None:
     """At 80% of a one-worker server's SLA capacity, batches must grow to keep up. With the
     tuner running on the replicas' stats (an early, partial window included) they still do:
     its tuning costs at most a few tenths of a percent of SLA misses (a tuner that capped the
-    batch at what a trickle fills made 12% miss)."""
+    batch at what a trickle fills made 12% miss). Pooled over three seeds: when the in-flight
+    learner probes a second slot on a one-worker server, and whether a trial passes by chance,
+    moves one run's mean batch by 10% either way."""
 
-    def run(tuner_every: float | None) -> SimResult:
-        return simulate(
-            "steady",
-            WORKLOAD,
-            "adaptive",
-            30,
-            281.0,
-            seed=1,
-            warmup=20,
-            backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
-            policy=grid_policy(ADAPTIVE),
-            tuner_every=tuner_every,
+    def run(tuner_every: float | None) -> tuple[float, float]:
+        runs = [
+            simulate(
+                "steady",
+                WORKLOAD,
+                "adaptive",
+                30,
+                281.0,
+                seed=seed,
+                warmup=20,
+                backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
+                policy=grid_policy(ADAPTIVE),
+                tuner_every=tuner_every,
+            )
+            for seed in (1, 2, 3)
+        ]
+        if tuner_every is not None:
+            assert all(r.tunings for r in runs)  # it did act
+        return (
+            sum(r.violations_pct for r in runs) / len(runs),
+            sum(r.mean_batch for r in runs) / len(runs),
         )
 
-    alone, tuned = run(None), run(5.0)
-    assert tuned.tunings  # it did act
-    assert tuned.violations_pct <= alone.violations_pct + 0.5
-    assert tuned.mean_batch >= 0.9 * alone.mean_batch
+    (alone_missed, alone_batch), (tuned_missed, tuned_batch) = run(None), run(5.0)
+    assert tuned_missed <= alone_missed + 0.5
+    assert tuned_batch >= 0.9 * alone_batch
