@@ -245,9 +245,9 @@ def _missed_when_a_second_batch_runs_at_half_speed(rule: AdaptiveRule, rate: flo
     "max_in_flight 1. Tried (2026-12-03): sending a backlog of more than twice the held batch "
     "in batches of at least the held one (3.0% at 250 req/s, 4.6% at 280), plus planning a "
     "probe's batch at L / (L - 1) of its time (0.0% and 0.01%); with either, the real stack "
-    "at 300 req/s collapsed in 3 of 11 runs (batches of 8-9, 23-29% misses) where the rule "
-    "as it is did not in 7; the cause is not found (fitting the fleet tuner's seed only on "
-    "the batches the model learnt did not stop it: 2 of 4 runs collapsed): reverted "
+    "at 300 req/s collapsed in 5 of 20 runs (batches of 8-9, 15-29% misses) where the rule "
+    "as it is did not in 14, each time after the fleet tuner's first change; carrying a "
+    "trial across policy versions did not stop it, the cause is not found: reverted "
     "(README, Known gaps)",
 )
 def test_a_backend_slower_under_concurrency_cannot_collapse_the_rule_into_tiny_batches() -> None:
