@@ -1038,3 +1038,27 @@ def test_a_new_policy_version_carries_on_a_trial_of_the_in_flight_limit() -> Non
         now += 0.1
     assert new.max_in_flight == 1  # the trial failed: back to the limit that held
     assert len(est._samples) == learnt  # and the waits did not become the model's times
+
+
+def test_a_trial_above_a_new_versions_bound_is_dropped_not_left_on() -> None:
+    """A new version may lower `max_in_flight` below the limit on trial: the limit is clamped
+    and the trial ends (nothing can be sent at the probed concurrency any more, and a trial
+    left on blocks every later probe); raised again, the limit grows by probing as before."""
+    est = LatencyEstimator(percentile=99.0)
+    old = AdaptiveRule(est, 64, 4, 10_000, margin=0.015)
+    now = 0.0
+    for _ in range(20):
+        old.completed(10, SERVER.predict(10), "deadline", True, now, 1)
+        now += 0.1
+    assert old._trial and old.max_in_flight == 2
+    lowered = AdaptiveRule(est, 64, 1, 10_000, margin=0.015)
+    lowered.adopt(old)
+    assert lowered.max_in_flight == 1 and not lowered._trial
+    raised = AdaptiveRule(est, 64, 4, 10_000, margin=0.015)
+    raised.adopt(lowered)
+    for _ in range(600):  # a server with two workers: clean at two, slow at three
+        level = raised.max_in_flight
+        seconds = SERVER.predict(10) * (1 if level <= 2 else 2)
+        raised.completed(10, seconds, "deadline", True, now, level)
+        now += 0.1
+    assert raised.max_in_flight == 2
