@@ -261,9 +261,10 @@ class AdaptiveRule:
         """Carry over what `previous` learnt about the backend's concurrency, and a trial of
         a grown limit that is under way: dropped, it left the grown limit as if it had held,
         and the batches sent at it as plain samples for the latency model (on a server that
-        runs one batch at a time, those waited behind each other: a new policy version in the
-        first seconds, as the fleet tuner makes, left the real stack at 300 req/s planning for
-        that wait, in batches of 8-9 that cannot keep up: 16-30% misses)."""
+        runs one batch at a time, those wait behind each other; the fleet tuner's first
+        change comes a few seconds after start-up, while the limit is often on trial). A
+        limit of 2 kept on a one-worker server with those waits learnt is the state the real
+        stack's collapses at 300 req/s were found in (batches of 8-9, 15-29% misses)."""
         self.limit = min(previous.limit, float(self.in_flight_bound))
         self._cut_at = previous._cut_at
         self._probe = previous._probe

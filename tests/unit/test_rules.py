@@ -1019,9 +1019,9 @@ def test_a_new_policy_version_carries_on_a_trial_of_the_in_flight_limit() -> Non
     the rule, which adopts what the old one learnt about concurrency. It used to drop a trial
     under way: the grown limit stayed as if it had held, and the batches sent at it, which on
     a server that runs one batch at a time wait behind each other, went into the latency
-    model as plain samples; on the real stack at 300 req/s the model then planned for that
-    wait, in batches of 8-9 that could not keep up (16-30% misses). The trial goes on: its
-    slow batches end it and are not learnt."""
+    model as plain samples (a limit of 2 with those waits learnt is the state the real
+    stack's collapses at 300 req/s were found in). The trial goes on: its slow batches end
+    it and are not learnt."""
     est = LatencyEstimator(percentile=99.0)
     old = AdaptiveRule(est, 64, 4, 10_000, margin=0.015)
     now = 0.0
