@@ -13,6 +13,11 @@
                               after every change (`{"op": "generation", ...}` when a generation
                               is created or published); a hint only, the hash is the truth
 - `mlproxy:replica:{id}`      string with a TTL: a replica's heartbeat record (JSON)
+- `mlproxy:peer:{id}`         string with the same TTL, written with the record: a peered
+                              replica's `{"peer_address", "peer_signature"}` (at most
+                              `MAX_PEER_BYTES`), all that fleet membership reads, so that a
+                              replica never parses the (large, hostile) records to find its
+                              peers
 - `mlproxy:decisions:{name}`  list, newest first, at most 100: the fleet tuner's decisions
                               for a policy (JSON), kept when the policy is deleted
 - `mlproxy:tuner:lease`       string with a TTL: `<holder>|<term>`, the control plane process
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 __all__ = [
     "CHANGES",
+    "MAX_PEER_BYTES",
+    "PEER_PATTERN",
     "POLICIES",
     "PREFIX",
     "REPLICA_PATTERN",
@@ -32,6 +39,7 @@ __all__ = [
     "TUNER_TOKEN",
     "VERSION",
     "decisions_key",
+    "peer_key",
     "redact_url",
     "replica_key",
 ]
@@ -42,6 +50,9 @@ VERSION = PREFIX + "version"
 STORE = PREFIX + "store"
 CHANGES = PREFIX + "policy-changes"
 REPLICA_PATTERN = PREFIX + "replica:*"
+PEER_PATTERN = PREFIX + "peer:*"
+# A peer record is an address and a signature, about 150 bytes; a longer value is not one.
+MAX_PEER_BYTES = 1024
 TUNER_LEASE = PREFIX + "tuner:lease"
 TUNER_TOKEN = PREFIX + "tuner:term"
 
@@ -52,6 +63,10 @@ def decisions_key(policy: str) -> str:
 
 def replica_key(replica_id: str) -> str:
     return f"{PREFIX}replica:{replica_id}"
+
+
+def peer_key(replica_id: str) -> str:
+    return f"{PREFIX}peer:{replica_id}"
 
 
 def redact_url(url: str) -> str:

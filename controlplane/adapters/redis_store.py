@@ -16,6 +16,7 @@ racing create one generation: the script creates only if there is none.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -37,6 +38,11 @@ from mlproxy.replica import ReplicaRecord
 __all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
 
 log = logging.getLogger(__name__)
+
+# The replica records read for status and the fleet tuner: at most this many, each of at most
+# this size (a record with 256 batch samples for each of a few hundred policies).
+MAX_REPLICA_RECORDS = 1024
+MAX_RECORD_BYTES = 1 << 20
 
 
 class NotFound(LookupError):
@@ -434,11 +440,38 @@ class RedisStore:
         return out
 
     async def replicas(self) -> list[ReplicaRecord]:
-        names = [k async for k in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500)]
-        if not names:
-            return []
-        records = [raw for raw in await self.redis.mget(names) if raw is not None]  # not expired
-        return sorted(_valid(ReplicaRecord, records), key=lambda r: r.id)
+        """The live heartbeat records. What Redis holds is hostile (the ext_proc Redis user
+        writes there): at most `MAX_REPLICA_RECORDS` are read, each only up to
+        `MAX_RECORD_BYTES` (a longer one is skipped, logged), in chunks that let the API's
+        other requests in between."""
+        names: list[Any] = []
+        async for name in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500):
+            names.append(name)
+            if len(names) >= MAX_REPLICA_RECORDS:
+                log.warning(
+                    "more than %d replica records in Redis: the rest are not read (and not "
+                    "tuned for); check who writes mlproxy:replica:*",
+                    MAX_REPLICA_RECORDS,
+                )
+                break
+        records: list[ReplicaRecord] = []
+        for i in range(0, len(names), 100):
+            chunk = names[i : i + 100]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.getrange(name, 0, MAX_RECORD_BYTES)  # one byte past: too long
+                values = await pipe.execute(raise_on_error=False)
+            raws = []
+            for raw in values:
+                if not isinstance(raw, bytes | str) or not raw:
+                    continue  # expired since the scan, or not a string
+                if len(raw) > MAX_RECORD_BYTES:
+                    log.error("skipping a replica record in Redis over %d bytes", MAX_RECORD_BYTES)
+                    continue
+                raws.append(raw)
+            records += _valid(ReplicaRecord, raws)
+            await asyncio.sleep(0)
+        return sorted(records, key=lambda r: r.id)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -367,7 +367,7 @@ def test_a_peer_address_in_redis_outside_the_peer_networks_is_never_contacted(
     try:
         record = {"id": "intruder", "address": "127.0.0.2:1", "peer_address": recorder.address}
         with fleet.redis() as r:
-            r.set(keys.replica_key("intruder"), json.dumps(record), ex=120)
+            r.set(keys.peer_key("intruder"), json.dumps(record), ex=120)
         seen: list[set[str]] = [set() for _ in range(REPLICAS)]
 
         def beaten_twice() -> bool:
@@ -396,7 +396,7 @@ def test_a_peer_address_in_redis_outside_the_peer_networks_is_never_contacted(
             assert re.search(r"intruder.*outside --peer-networks.*never contacted", text)
     finally:
         with fleet.redis() as r:
-            r.delete(keys.replica_key("intruder"))
+            r.delete(keys.peer_key("intruder"))
         recorder.close()
 
 

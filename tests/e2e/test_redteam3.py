@@ -188,7 +188,7 @@ class FakeMember:
                 self.token, self.name, self.peer_address, time.time()
             )
         with self.fleet2.redis() as r:
-            r.set(keys.replica_key(self.name), json.dumps(record), ex=120)
+            r.set(keys.peer_key(self.name), json.dumps(record), ex=120)
 
     def _beat(self) -> None:
         while not self._stop.wait(1.0):
@@ -200,7 +200,7 @@ class FakeMember:
         if self._thread is not None:
             self._thread.join(5)
         with self.fleet2.redis() as r:
-            r.delete(keys.replica_key(self.name))
+            r.delete(keys.peer_key(self.name))
         eventually(
             lambda: all(
                 self.fleet2.metric(i, "mlproxy_peer_members") == REPLICAS for i in range(REPLICAS)

@@ -48,7 +48,10 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
         await b.start()
         both = ("127.0.0.1:7301", "127.0.0.1:7302")
         await eventually(lambda: a_peering.members == both == b_peering.members, timeout=10)
+        # as a heartbeat record and as a peer key (too long to be one: skipped unparsed)
         await store.redis.set(keys.replica_key("deep"), DEEP, px=120_000)
+        await store.redis.set(keys.peer_key("deep"), DEEP, px=120_000)
+        await store.redis.set(keys.peer_key("deep-short"), b"[" * 1024, px=120_000)
         await asyncio.sleep(0.5)  # a few beats read it
         # a member leaves (its record deleted at once), another joins
         await b.source.close()
@@ -64,30 +67,25 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
 
 
 # A record of small JSON objects just under the 1 MB a record may have: about 20 ms of the
-# event loop's time for json.loads on this machine.
+# event loop's time for json.loads on this machine; and a peer key as slow to parse as one
+# within its bound (keys.MAX_PEER_BYTES) gets.
 BULKY = b'{"peer_address":"127.0.0.1:1","pad":[' + b",".join([b"{}"] * 330_000) + b"]}"
+BULKY_PEER = b'{"peer_address":"127.0.0.1:1","pad":[' + b",".join([b"{}"] * 328) + b"]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 4: peer_records parses every live replica record in full (up to 1024 of "
-    "up to 1 MB each) on the replica's event loop at every heartbeat, to read two short "
-    "fields: 40 records of 1 MB of '{}' (one MSET of 40 MB by the ext_proc Redis user) stall "
-    "the loop that serves Envoy for ~1 s at every beat here (1024 of them: ~20 s), so every "
-    "client's request misses its SLA. Suggested fix: keep the peer address and signature in "
-    "a small key of their own (e.g. mlproxy:peer:<id>, a few hundred bytes, read with a "
-    "length check before parsing), or read records with GETRANGE of their first few kB and "
-    "parse only the fields peering needs; at least yield between records and bound the bytes "
-    "parsed per read",
-)
 async def test_a_flood_of_bulky_records_does_not_stall_the_replicas_event_loop(
     store: RedisStore, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """A Redis writer fills `mlproxy:replica:*` with records that are JSON and under the
-    size limit, but as slow to parse as JSON gets. The replica's event loop (the one that
-    answers Envoy) must keep serving: measured here as how late a 5 ms timer fires."""
-    assert len(BULKY) < 1 << 20
+    """Finding (red team 4): every heartbeat parsed each live replica record in full (up to
+    1024 of up to 1 MB) on the event loop that answers Envoy, to read two short fields: 40
+    records of 1 MB of '{}' (one MSET by the ext_proc Redis user) stalled it ~1 s a beat.
+    Fixed: membership reads only the small peer keys (`mlproxy:peer:*`), each with GETRANGE
+    up to 1 kB, and yields between chunks. Here a Redis writer fills both: 40 bulky records
+    and 1024 peer keys as slow to parse as the bound allows. The loop must keep serving:
+    measured as how late a 5 ms timer fires."""
+    assert len(BULKY) < 1 << 20 and len(BULKY_PEER) <= keys.MAX_PEER_BYTES
     await store.redis.mset({keys.replica_key(f"bulky-{i}"): BULKY for i in range(40)})
+    await store.redis.mset({keys.peer_key(f"bulky-{i}"): BULKY_PEER for i in range(1024)})
     url = redis_server.url(DB)
     peering = _peering(tmp_path, 7311, TOKEN)
     replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controlplane.adapters.redis_store import RedisStore
+from controlplane.adapters.redis_store import MAX_RECORD_BYTES, RedisStore
 from controlplane.app import create_app
 from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
@@ -243,6 +243,24 @@ async def test_replicas_and_rollout_status(client: httpx.AsyncClient, store: Red
         {"id": "r2", "address": "r2:50051", "version": v - 1, "generation": status["generation"]}
     ]
     assert (await client.get("/v1/policies/zz/status", headers=auth())).status_code == 404
+
+
+async def test_replica_records_too_long_or_not_strings_are_skipped_not_fetched_whole(
+    client: httpx.AsyncClient, store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What Redis holds is hostile (the ext_proc Redis user writes replica records): a record
+    over 1 MB is skipped with an error, never fetched whole or parsed; a key of another type
+    under the pattern is no failure; the genuine records are listed."""
+    v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
+    await heartbeat(store, "r1", v)
+    await heartbeat(store, "big", v, pad="x" * MAX_RECORD_BYTES)
+    await store.redis.rpush(keys.replica_key("a-list"), "x")
+    try:
+        r = await client.get("/v1/replicas", headers=auth(READER))
+        assert [x["id"] for x in r.json()["items"]] == ["r1"]
+        assert f"replica record in Redis over {MAX_RECORD_BYTES} bytes" in caplog.text
+    finally:
+        await store.redis.delete(keys.replica_key("a-list"))
 
 
 async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -> None:

@@ -195,15 +195,19 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
     replica = Replica(redis_server.url(DB), "peer-a", "127.0.0.1:7101", on_peers, signer)
     other = Replica(redis_server.url(DB), "peer-b", "127.0.0.1:7102")
     junk = {
-        keys.replica_key("not-json"): b"{nope",
-        keys.replica_key("a-list"): b"[1, 2]",
-        keys.replica_key("huge"): json.dumps(
-            {"peer_address": "127.0.0.1:7666", "pad": "x" * (1 << 20)}
+        keys.peer_key("not-json"): b"{nope",
+        keys.peer_key("a-list"): b"[1, 2]",
+        # one byte over the bound: neither fetched whole nor parsed
+        keys.peer_key("huge"): json.dumps(
+            {"peer_address": "127.0.0.1:7666", "pad": "x" * (keys.MAX_PEER_BYTES - 44)}
         ).encode(),
-        keys.replica_key("hostile"): json.dumps({"peer_address": "attacker.example:1"}).encode(),
+        keys.peer_key("hostile"): json.dumps({"peer_address": "attacker.example:1"}).encode(),
         # a key name that is not UTF-8: still read (the fleet refuses it), not a failed beat
-        keys.replica_key("").encode() + b"bad\xff": b'{"peer_address": "127.0.0.1:7667"}',
+        keys.peer_key("").encode() + b"bad\xff": b'{"peer_address": "127.0.0.1:7667"}',
+        # a heartbeat record is no peer key: membership never reads (or parses) them
+        keys.replica_key("record-only"): b'{"peer_address": "127.0.0.1:7668"}',
     }
+    assert len(junk[keys.peer_key("huge")]) == keys.MAX_PEER_BYTES + 1
     await store.redis.mset(junk)  # type: ignore[arg-type]
     await replica.start()
     await other.start()
@@ -216,7 +220,7 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
         # skipped
         assert last["hostile"] == "attacker.example:1"
         assert last["bad\ufffd"] == "127.0.0.1:7667"
-        assert not {"not-json", "a-list", "huge"} & set(last)
+        assert not {"not-json", "a-list", "huge", "record-only"} & set(last)
         assert ttls == {1.0}
         raw = json.loads(await store.redis.get(keys.replica_key("peer-a")))
         assert raw["peer_address"] == "127.0.0.1:7101"
@@ -229,6 +233,10 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
             is None
         )
         assert signatures["peer-b"] is None and signatures["hostile"] is None
+        # the peer key carries the record's address and signature, and expires with it
+        peer = json.loads(await store.redis.get(keys.peer_key("peer-a")))
+        assert peer == {"peer_address": "127.0.0.1:7101", "peer_signature": raw["peer_signature"]}
+        assert 0 < await store.redis.pttl(keys.peer_key("peer-a")) <= 1000
         # a replica that stops is gone from the next read
         await other.source.close()
         await eventually(lambda: "peer-b" not in seen[-1], timeout=10)
@@ -263,7 +271,7 @@ async def test_a_fleet_takes_only_records_signed_with_its_token_as_members(
     c_peering = _peering(tmp_path, 7203, rotated)
     c = Replica(url, "c", c_peering.address, sign_peer=c_peering.sign_member)
     forged = {"id": "rogue", "address": "x:1", "peer_address": "127.0.0.1:7299"}
-    await store.redis.set(keys.replica_key("rogue"), json.dumps(forged), px=60_000)
+    await store.redis.set(keys.peer_key("rogue"), json.dumps(forged), px=60_000)
     try:
         for r in (a, b, c):
             await r.start()
@@ -271,10 +279,10 @@ async def test_a_fleet_takes_only_records_signed_with_its_token_as_members(
         await asyncio.sleep(0.5)  # a few more beats: c and the rogue are still out
         assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
         # a genuine record of b, copied as is to another id, and to another address
-        genuine = json.loads(await store.redis.get(keys.replica_key("b")))
-        await store.redis.set(keys.replica_key("copy"), json.dumps(genuine), px=60_000)
+        genuine = json.loads(await store.redis.get(keys.peer_key("b")))
+        await store.redis.set(keys.peer_key("copy"), json.dumps(genuine), px=60_000)
         moved = {**genuine, "peer_address": "127.0.0.1:7298"}
-        await store.redis.set(keys.replica_key("b2"), json.dumps(moved), px=60_000)
+        await store.redis.set(keys.peer_key("b2"), json.dumps(moved), px=60_000)
         await asyncio.sleep(0.5)
         assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
         registry = metrics.registry
