@@ -88,6 +88,9 @@ class ExtProcServer:
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
         self.pool = BatcherPool(executor, self.clock, self.telemetry)
+        if self.peering is not None:  # the tuner's fleet count, bounded by the signed members
+            self.pool.set_fleet_bound(len(self.peering.members))
+            self.peering.on_members = self.pool.set_fleet_bound
         servicer = ExtProcServicer(
             self.router, self.pool, self.telemetry, self.limits, peering=self.peering
         )

@@ -503,6 +503,8 @@ class Peering:
         self._metrics = metrics
         self._max_send = max_body_bytes + MAX_HEADER_BYTES + _FRAME.size
         self.members: tuple[str, ...] = (settings.advertise,)
+        # Told the member count whenever it changes (the batchers bound their fleet by it).
+        self.on_members: Callable[[int], None] | None = None
         self._down: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -585,6 +587,8 @@ class Peering:
             for gone in set(self._channels) - set(members):
                 self._close_channel(gone)
             self.members = members
+            if self.on_members is not None:
+                self.on_members(len(members))
         self._connect()
         self._metrics.peer_fleet(len(self.members), self._owned())
 

@@ -229,8 +229,10 @@ class AdaptiveRule:
             raise ValueError("autoscale must be a positive number of concurrent calls")
         self.autoscale = autoscale
         # Replicas sharing the backend, each with about as much traffic as this one (the
-        # fleet tuner's count): the backend's load is the fleet's.
-        self.fleet = max(1, min(fleet, MAX_FLEET))
+        # fleet tuner's count, `told_fleet`, bounded by `bound_fleet`): the backend's load is
+        # the fleet's.
+        self.told_fleet = max(1, min(fleet, MAX_FLEET))
+        self.fleet = self.told_fleet
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
         self._longest = 0.0  # the longest allowance (deadline - arrival) seen: about the SLA
         # One at first: the backend's uncongested time is learnt before a second batch is
@@ -256,6 +258,15 @@ class AdaptiveRule:
     @property
     def max_in_flight(self) -> int:
         return max(1, int(self.limit))
+
+    def bound_fleet(self, members: int | None) -> None:
+        """Take at most `members` replicas as sharing the backend, whatever the tuner counted
+        (None: no bound). The tuner counts the heartbeat records in Redis, which any Redis
+        writer can add to; a peered replica knows its fleet's members by their signatures, and
+        every replica that batches for a backend is one of them (red team 4: 50 forged records
+        made every replica plan for a fleet of 51)."""
+        told = self.told_fleet
+        self.fleet = told if members is None else max(1, min(told, members))
 
     def adopt(self, previous: AdaptiveRule) -> None:
         """Carry over what `previous` learnt about the backend's concurrency, and a trial of

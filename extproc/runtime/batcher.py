@@ -602,6 +602,9 @@ class BatcherPool:
         self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
         self._current: dict[str, Policy] = {}  # by name, as last applied
         self._flushing = False
+        # The signed fleet members when this replica is peered (None: not peered): at most
+        # that many replicas share a backend, whatever the tuner counted (`set_fleet_bound`).
+        self.fleet_bound: int | None = None
 
     def __len__(self) -> int:
         return len(self._batchers) + len(self._draining)
@@ -619,10 +622,21 @@ class BatcherPool:
             rule = kept[1]
         else:
             rule = rule_for(policy, kept[1] if kept is not None else current)
+            if isinstance(rule, AdaptiveRule):
+                rule.bound_fleet(self.fleet_bound)
         self._rules[key] = (policy, rule)
         if len(self._rules) > self._RULES_KEPT:
             self._rules.popitem(last=False)
         return rule
+
+    def set_fleet_bound(self, members: int | None) -> None:
+        """The fleet's signed members changed (peering): bound every adaptive rule's fleet."""
+        self.fleet_bound = members
+        rules = [rule for _, rule in self._rules.values()]
+        rules += [b.rule for b in (*self._batchers.values(), *self._draining)]
+        for rule in rules:
+            if isinstance(rule, AdaptiveRule):
+                rule.bound_fleet(members)
 
     def submit(
         self,

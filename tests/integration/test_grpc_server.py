@@ -8,6 +8,7 @@ import json
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,8 +18,11 @@ from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters import wire
+from extproc.adapters.peers import PeerSettings, sign_member
+from extproc.core.rules import AdaptiveRule
 from extproc.server import ExtProcServer
-from mlproxy.policy import SLA, parse_policies
+from mlproxy import ports
+from mlproxy.policy import SLA, Tuning, parse_policies
 from tests.servers import EchoBackend
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -384,3 +388,34 @@ async def test_a_stalled_event_loop_and_garbage_collection_show_in_the_metrics(
     gc.collect()
     await asyncio.sleep(0.05)  # the watcher publishes what the GC callback queued
     assert (await asyncio.to_thread(scrape, server))[gen2] > before.get(gen2, 0.0)
+
+
+async def test_a_peered_replica_bounds_the_tuners_fleet_count_by_its_signed_members(
+    echo_backend: EchoBackend, tmp_path: Path
+) -> None:
+    """The tuner's `tuning.replicas` counts records in Redis that anyone who writes there can
+    forge (red team 4); a replica with peering on takes at most its signed members, from
+    the start (alone: 1) and as they change."""
+    token = b"a fleet token for the bound, 16+ bytes"
+    (tmp_path / "token").write_bytes(token)
+    (base,) = policies(echo_backend.url, mode="adaptive")
+    adaptive = base.model_copy(update={"tuning": Tuning(replicas=5)})
+    peer_port = ports.reserve()
+    try:
+        settings = PeerSettings.build(peer_port, str(tmp_path / "token"), "127.0.0.1")
+        srv = ExtProcServer([adaptive], port=0, peers=settings)
+        await srv.start()
+        try:
+            assert srv.pool is not None and srv.peering is not None
+            rule = srv.pool.rule(("echo", echo_backend.url, ""), adaptive)
+            assert isinstance(rule, AdaptiveRule) and rule.fleet == 1
+            now = time.time()
+            others = [(f"r{i}", f"127.0.0.1:{peer_port + 1 + i}") for i in range(2)]
+            srv.peering.update([(r, a, sign_member(token, r, a, now)) for r, a in others])
+            assert rule.fleet == 3
+            srv.peering.update([(r, a, None) for r, a in others])  # unsigned: no members
+            assert rule.fleet == 1
+        finally:
+            await srv.stop(grace=1)
+    finally:
+        ports.release(peer_port)
