@@ -20,21 +20,34 @@ import redis.asyncio as aioredis
 
 from mlproxy import keys
 
-__all__ = ["RedisLease"]
+__all__ = ["MAX_LEASE_S", "RedisLease"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, token counter; ARGV: holder, ttl ms, floor. The token if taken, else 0. The
-# token is above `floor` even if the counter was lost (Redis emptied): terms never go back.
+# The longest lease a control plane writes (MLPROXY_TUNER_LEASE_S's bound). A lease with a
+# longer TTL, or none, was written by someone else and is taken over.
+MAX_LEASE_S = 3600.0
+
+# KEYS: lease, token counter; ARGV: holder, ttl ms, floor, longest ttl ms. {token, forged}:
+# token 0 if not taken; forged 1 if the lease taken was one no control plane writes (no TTL,
+# or a TTL longer than any lease may be: a Redis writer's, e.g. the ext_proc user's; left,
+# it would stop the tuner for good). The token is above `floor` even if the counter was lost
+# (Redis emptied): terms never go back.
 _TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local pttl = redis.call('PTTL', KEYS[1])
+local forged = 0
+if pttl == -1 or pttl > tonumber(ARGV[4]) then
+  forged = 1
+elseif pttl ~= -2 then
+  return {0, 0}
+end
 local token = redis.call('INCR', KEYS[2])
 if token <= tonumber(ARGV[3]) then
   token = tonumber(ARGV[3]) + 1
   redis.call('SET', KEYS[2], token)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return token
+return {token, forged}
 """
 # KEYS: lease; ARGV: value, ttl ms. 1 if renewed (still ours), else 0.
 _RENEW = """
@@ -96,13 +109,27 @@ class RedisLease:
             log.warning("tuner lease lost (term %d): another control plane leads now", self.token)
             self.token = None
         floor = max(self.highest, self._floor())
+        longest = round(MAX_LEASE_S * 1000)
         taken: Any = await self.redis.eval(
-            _TAKE, 2, self.key, self.token_key, self.holder, ttl_ms, floor
+            _TAKE, 2, self.key, self.token_key, self.holder, ttl_ms, floor, longest
         )
-        if int(taken):
-            self.token = int(taken)
+        token, forged = (int(x) for x in taken)
+        if token:
+            self.token = token
             self.highest = max(self.highest, self.token)
-            log.info("tuner lease taken by %s (term %d)", self.holder, self.token)
+            if forged:
+                log.error(
+                    "the tuner lease in Redis (%s) had no TTL or one over %g s: no control "
+                    "plane writes that, so someone else who can write to Redis did (with "
+                    "Redis 6.2, the ext_proc user can: README 'Security'); taken over by %s "
+                    "(term %d). Check who writes there",
+                    self.key,
+                    MAX_LEASE_S,
+                    self.holder,
+                    self.token,
+                )
+            else:
+                log.info("tuner lease taken by %s (term %d)", self.holder, self.token)
         return self.token
 
     async def release(self) -> None:
@@ -117,6 +144,13 @@ class RedisLease:
         raw = await self.redis.get(self.key)
         if raw is None:
             return None
-        holder, _, token = (raw.decode() if isinstance(raw, bytes) else str(raw)).rpartition("|")
-        self.highest = max(self.highest, int(token))
-        return holder, int(token)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        holder, _, token = text.rpartition("|")
+        try:
+            term = int(token)
+        except ValueError:
+            return text[:64], 0  # not a control plane's value: shown, not trusted
+        if not 0 <= term < 2**53:  # no term a counter gives (Lua's numbers are doubles)
+            return holder[:64], 0
+        self.highest = max(self.highest, term)
+        return holder[:64], term

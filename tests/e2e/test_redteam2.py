@@ -95,11 +95,6 @@ async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every
                 assert "x-mlproxy-batch-size" in resp.headers, "served unbatched, unchecked"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: ext_proc's Redis user may SET mlproxy:tuner:lease without a TTL; no "
-    "control plane leads the fleet tuner again, and each logs that another control plane leads",
-)
 async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
     doomed_stack: Stack,
 ) -> None:
@@ -107,7 +102,8 @@ async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
     With ext_proc's credentials a replica writes it without a TTL: the control plane's lease
     is lost (it logs that another control plane leads now) and is never free again, so
     adaptive policies are no longer tuned. After two lease periods a control plane must hold
-    the lease again (or the write be refused)."""
+    the lease again (or the write be refused). Fixed: a lease without a TTL (or with one no
+    control plane gives) is taken over at the next round."""
     stack = doomed_stack
     with extproc_redis(stack) as r:
         try:

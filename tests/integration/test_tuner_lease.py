@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.adapters.lease import RedisLease
+from controlplane.adapters.lease import MAX_LEASE_S, RedisLease
 from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.domain.records import Precondition
-from mlproxy import ports
+from mlproxy import keys, ports
 from mlproxy.stack import Child, http_ok
 from tests.conftest import RedisServer
 
@@ -64,6 +64,35 @@ async def test_writes_are_fenced_by_the_lease(store: RedisStore) -> None:
     with pytest.raises(LeaseLost):  # a wakes up and writes under its old term: refused
         await store.put("p", _body(), Precondition.at(stored.version), fence=fence)
     assert (await store.get("p")).version == stored.version  # nothing written
+
+
+async def test_a_lease_no_control_plane_wrote_is_taken_over_and_said_so(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team 2: the ext_proc Redis user (Redis 6.2 has no per-key write selectors) wrote
+    the lease without a TTL, and no control plane led the tuner again. Control planes write
+    the lease only with a TTL of at most MLPROXY_TUNER_LEASE_S's bound: one without a TTL,
+    or with a longer one, is taken over at the next round (a new term), with an error that
+    says what to check. One with a TTL a control plane gives is left to its holder."""
+    a = RedisLease(store.redis, "a", ttl=5)
+    for forged in ({}, {"px": round(MAX_LEASE_S * 1000) + 60_000}):
+        await store.redis.set(keys.TUNER_LEASE, "red-team|999999", **forged)  # type: ignore[arg-type]
+        caplog.clear()
+        assert await a.current() == ("red-team", 999999)
+        token = await a.hold()
+        assert token is not None and token > 999999  # terms never go back
+        assert await a.current() == ("a", token)
+        assert "no TTL or one over 3600 s" in caplog.text
+        await a.release()
+    await store.redis.set(keys.TUNER_LEASE, "b|7", px=2000)  # another control plane's
+    assert await a.hold() is None
+    assert await a.current() == ("b", 7)
+    # a value no control plane writes is shown, never a failed read
+    for junk in ("no-bar", "x|not-a-term", "y|-5", "z|" + "9" * 40):
+        await store.redis.set(keys.TUNER_LEASE, junk, px=2000)
+        holder, term = await a.current()
+        assert term == 0 and holder in (junk, junk.rpartition("|")[0])
+    await store.redis.delete(keys.TUNER_LEASE)
 
 
 def _status(port: int) -> dict[str, object]:
