@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from extproc.codecs import get_codec
@@ -341,15 +341,47 @@ def _retry_after(resp: BackendResponse) -> tuple[tuple[str, str], ...]:
     return (("retry-after", resp.retry_after),) if resp.retry_after is not None else ()
 
 
+# Clients a route group remembers the last batch of (for who goes first): the most recent.
+MAX_SERVED_CLIENTS = 4096
+
+
 class RouteGroup:
     """The batchers of one policy and backend URL: their shared in-flight count, and who
-    is offered a freed slot first (the batcher that sent least recently)."""
+    is offered a freed slot first: the batcher whose next request's client was in a batch
+    least recently (then the batcher that sent least recently). By client, not by queue: a
+    client that varies other fields of its requests has a queue for each variant, and taking
+    turns by queue gave it 20 of every 21 slots with 20 of them (red team 2)."""
 
-    __slots__ = ("in_flight", "members")
+    __slots__ = ("in_flight", "members", "served", "tick")
 
     def __init__(self) -> None:
         self.in_flight = InFlight()
         self.members: dict[Batcher, None] = {}
+        self.served: OrderedDict[str, int] = OrderedDict()  # client -> tick of its last batch
+        self.tick = 0
+
+    def sent(self, clients: Iterable[str]) -> None:
+        """A batch with requests of `clients` went to the backend."""
+        self.tick += 1
+        served = self.served
+        for client in clients:
+            served[client] = self.tick
+            served.move_to_end(client)
+        while len(served) > MAX_SERVED_CLIENTS:
+            served.popitem(last=False)
+
+    def turns(self) -> list[Batcher]:
+        """The members in the order a freed slot is offered to them."""
+        served = self.served
+
+        def waited(b: Batcher) -> int:
+            client = b.next_client()
+            return -1 if client is None else served.get(client, 0)
+
+        members = list(self.members)  # least recently sent first: the tie-break (stable sort)
+        busy = [b for b in members if waited(b) >= 0]
+        busy.sort(key=waited)
+        return busy + [b for b in members if waited(b) < 0]
 
 
 class Batcher:
@@ -399,6 +431,11 @@ class Batcher:
     @property
     def rule(self) -> Rule:
         return self._queue.rule
+
+    def next_client(self) -> str | None:
+        """The client of the request this batcher would send first; None when it is empty."""
+        entry = next(self._queue.live(), None)
+        return None if entry is None else entry.item.client  # type: ignore[attr-defined]
 
     def update_policy(self, policy: Policy, rule: Rule) -> None:
         """Applies to batches taken from now on; batches in flight keep their policy. Queued
@@ -532,7 +569,8 @@ class Batcher:
         self._left(tickets)
         members = self._group.members
         members.pop(self, None)
-        members[self] = None  # the last to be offered the next free slot
+        members[self] = None  # the last to be offered the next free slot among equals
+        self._group.sent(t.client for t in tickets)
         task = self._loop.create_task(self._run(self.policy, dispatch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -577,10 +615,11 @@ class Batcher:
                 self._queue.answered(now - ticket.arrival, now)
         except Exception:
             log.exception("policy %s: dispatch rule failed on an answer", policy.name)
-        for other in list(self._group.members):  # round robin: the longest waiting first
-            if other is not self:
-                other._pump()
-        self._pump()
+        turns = self._group.turns()  # the client served least recently first
+        if self not in turns:
+            turns.append(self)
+        for member in turns:
+            member._pump()
 
 
 class BatcherPool:

@@ -213,11 +213,6 @@ class OrderBackend(ThreadedApp):
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team 2: the shared in-flight slot goes round robin between queues, not "
-    "clients: one client with 20 distinct top-level fields takes 20 of every 21 slots",
-)
 async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_queues(
     echo_backend: EchoBackend, tmp_path: Path
 ) -> None:
@@ -227,7 +222,9 @@ async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_q
     requests, each with another top-level `nonce`, has 20 queues: a normal client
     (127.0.0.3) then waits for all 20 of them between any two of its batches. Per-client
     fairness wants the normal client's second request among the next calls after one of the
-    flooder's, not after all 20 (the order of the backend's calls is checked, not times)."""
+    flooder's, not after all 20 (the order of the backend's calls is checked, not times).
+    Fixed: a freed slot goes to the queue whose next request's client was served least
+    recently."""
     backend = OrderBackend()
     backend.start()
     try:

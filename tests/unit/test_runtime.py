@@ -11,7 +11,13 @@ import pytest
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
 from extproc.core.rules import StaticRule
-from extproc.runtime.batcher import BatcherPool, BatchExecutor, Reply
+from extproc.runtime.batcher import (
+    MAX_SERVED_CLIENTS,
+    BatcherPool,
+    BatchExecutor,
+    Reply,
+    RouteGroup,
+)
 from mlproxy.errors import ProxyError
 from mlproxy.policy import Policy, Router
 from tests.fakes import FakeBackend, RecordingMetrics
@@ -431,3 +437,14 @@ async def test_the_deadline_counts_from_envoys_receipt_and_leaves_the_allowance(
     assert late.start == now and late.deadline == pytest.approx(now + 1.0)
     for t in tickets:
         t.cancel()
+
+
+def test_a_route_group_remembers_a_bounded_number_of_clients_most_recent_first() -> None:
+    """Who goes first is by client; the clients remembered are bounded (a client id comes
+    from the request: one per source address), the most recently served kept."""
+    group = RouteGroup()
+    for i in range(3 * MAX_SERVED_CLIENTS):
+        group.sent([f"c{i}", "steady"])
+    assert len(group.served) == MAX_SERVED_CLIENTS
+    assert group.served["steady"] == group.tick == 3 * MAX_SERVED_CLIENTS
+    assert "c0" not in group.served and f"c{3 * MAX_SERVED_CLIENTS - 1}" in group.served
