@@ -61,6 +61,7 @@ from bench.report import by_case, columns_for, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, autoscaling_target_of, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
+from extproc.core.batching import RATE_WINDOW
 from extproc.core.stats import DEFAULT_WINDOW, MIN_SPAN
 from mlproxy.client import ApiError, Client
 from mlproxy.policy import Mode, Policy
@@ -104,6 +105,11 @@ class BenchConfig:
         return self.stats_window
 
     @property
+    def rate_window(self) -> float:
+        """ext_proc's arrival-rate window, compressed with time like the autoscaler's."""
+        return RATE_WINDOW / self.time_scale
+
+    @property
     def stats_window(self) -> float:
         return max(MIN_SPAN, DEFAULT_WINDOW / self.time_scale)
 
@@ -142,7 +148,10 @@ class BenchStack:
                 # renewed every round; the default, three rounds, is 0.75 s at 20x
                 "MLPROXY_TUNER_LEASE_S": repr(max(15.0, 3 * config.tuner_interval)),
             },
-            extproc_env={"MLPROXY_STATS_WINDOW_S": repr(config.stats_window)},
+            extproc_env={
+                "MLPROXY_STATS_WINDOW_S": repr(config.stats_window),
+                "MLPROXY_RATE_WINDOW_S": repr(config.rate_window),
+            },
             seed_demo=False,
             run_dir=run_dir,
         )
@@ -436,14 +445,12 @@ def run_case(
             time_scale=cfg.time_scale,
             # the path names the mode, so that each mode's requests meet its own policy
             model=f"{profile.name}-{mode}",
-            # The autoscaler's windows are compressed with time, the rule's arrival-rate
-            # window (2 s) is not: compressed 5x, a rate step is seen 5x later relative to
-            # the autoscaler, and `enough` batches sized for the old rate tipped it into one
-            # more pod (Toxic's dual phase: 58 pod-s against static's 40). So the target is
-            # declared only in real time.
-            autoscaling_target=(
-                autoscaling_target_of(cfg.backend) if cfg.time_scale == 1.0 else None
-            ),
+            # The autoscaler's windows are compressed with time, and so is the rule's
+            # arrival-rate window (BenchConfig.rate_window): with it at 2 s, compressed 5x,
+            # a rate step was seen 5x later relative to the autoscaler, and `enough` batches
+            # sized for the old rate tipped it into one more pod (Toxic's dual phase: 58
+            # pod-s against static's 40), so the target was declared only in real time.
+            autoscaling_target=autoscaling_target_of(cfg.backend),
         )
     names = bench.apply(bodies)
     warmup = cfg.warmup_seconds()
@@ -505,6 +512,7 @@ def run_case(
             tuner_every=cfg.tuner_interval,
             tuner_hold=cfg.tuner_hold,
             stats_window=cfg.stats_window,
+            rate_window=cfg.rate_window,
         )
         results.append(
             CaseResult(

@@ -57,7 +57,7 @@ from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.traces import schedule
 from controlplane.domain.tuner import MIN_INTERVAL, tune
-from extproc.core.batching import BatchQueue, Dispatch, InFlight, Shed, WaitUntil
+from extproc.core.batching import RATE_WINDOW, BatchQueue, Dispatch, InFlight, Shed, WaitUntil
 from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Mode, Policy
@@ -297,14 +297,16 @@ def simulate(
     tuner_every: float | None = None,
     tuner_hold: float = MIN_INTERVAL,
     stats_window: float = DEFAULT_WINDOW,
+    rate_window: float = RATE_WINDOW,
 ) -> SimResult:
     """Replay `trace` (peaking at `peak` req/s for `duration` s) through `replicas` proxies in
     `mode` to the backend (`backend`: Knative-like by default, or a `ServerConfig`). Same
     seed, same arrivals and same noise draws order per batch: deterministic. `times` (warm-up
     included) and `policy` replace the ones the trace and the mode would give (to simulate
     exactly what a benchmark ran). `fleet`, `hop` and `tuner_every`: see the module's doc;
-    `tuner_hold` and `stats_window` are the control plane's MLPROXY_TUNER_HOLD_S and the
-    replicas' --stats-window (a benchmark that compresses time divides them with it)."""
+    `tuner_hold`, `stats_window` and `rate_window` are the control plane's
+    MLPROXY_TUNER_HOLD_S and the replicas' --stats-window and --rate-window (a benchmark that
+    compresses time divides them with it)."""
     if times is None:
         times = schedule(trace, duration, peak, seed, warmup)
     first = sum(1 for t in times if t < warmup)  # the first measured request
@@ -314,7 +316,7 @@ def simulate(
     rng = random.Random(seed ^ 0xBACE)
     route_rng = random.Random(seed ^ 0x7011)
     shared = InFlight() if fleet == "budget" and replicas > 1 else None
-    queues = [BatchQueue[int](rule_for(current), shared) for _ in range(replicas)]
+    queues = [BatchQueue[int](rule_for(current), shared, rate_window) for _ in range(replicas)]
     stats = [StatsWindow(stats_window) for _ in range(replicas)]
     tuned_at: float | None = None
     tunings: list[tuple[float, str]] = []  # (seconds into the measurement, the tuner's reason)

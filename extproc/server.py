@@ -22,6 +22,7 @@ from extproc.adapters.servicer import (
     stream_headroom,
 )
 from extproc.adapters.stalls import StallWatch
+from extproc.core.batching import RATE_WINDOW
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
@@ -54,7 +55,9 @@ class ExtProcServer:
         max_streams_per_connection: int | None = None,
         peers: PeerSettings | None = None,  # fleet coordination (README "Fleets")
         stats_window: float = DEFAULT_WINDOW,  # seconds of stats the heartbeat reports
+        rate_window: float = RATE_WINDOW,  # seconds the arrival rate is averaged over
     ) -> None:
+        self.rate_window = rate_window
         self.tls = tls
         self.host = host
         self.port = port
@@ -87,7 +90,7 @@ class ExtProcServer:
 
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock)
-        self.pool = BatcherPool(executor, self.clock, self.telemetry)
+        self.pool = BatcherPool(executor, self.clock, self.telemetry, self.rate_window)
         if self.peering is not None:  # the tuner's fleet count, bounded by the signed members
             self.pool.set_fleet_bound(len(self.peering.members))
             self.peering.on_members = self.pool.set_fleet_bound

@@ -84,6 +84,7 @@ def _extproc_security(args: argparse.Namespace) -> bool:
         return False
     try:
         args.stats_window = _stats_window(args.stats_window, os.environ.get(ENV_STATS_WINDOW))
+        args.rate_window = _rate_window(args.rate_window, os.environ.get(ENV_RATE_WINDOW))
     except ValueError as err:
         log.error("ext_proc cannot start: %s", err)
         return False
@@ -105,6 +106,36 @@ def _extproc_security(args: argparse.Namespace) -> bool:
 
 
 ENV_STATS_WINDOW = "MLPROXY_STATS_WINDOW_S"
+ENV_RATE_WINDOW = "MLPROXY_RATE_WINDOW_S"
+# --rate-window's bounds, in seconds.
+MIN_RATE_WINDOW, MAX_RATE_WINDOW = 0.05, 60.0
+
+
+def _rate_seconds(value: str) -> float:
+    """--rate-window: seconds from 0.05 to 60."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_RATE_WINDOW <= seconds <= MAX_RATE_WINDOW:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"not a number of seconds from {MIN_RATE_WINDOW:g} to {MAX_RATE_WINDOW:g}: {value}"
+        )
+    return seconds
+
+
+def _rate_window(flag: float | None, env: str | None) -> float:
+    """The arrival-rate window: --rate-window, else MLPROXY_RATE_WINDOW_S, else 2 s."""
+    from extproc.core.batching import RATE_WINDOW
+
+    if flag is not None:
+        return flag
+    if env is None or not env.strip():
+        return RATE_WINDOW
+    try:
+        return _rate_seconds(env.strip())
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"{ENV_RATE_WINDOW}: {err}") from None
 
 
 def _window_seconds(value: str) -> float:
@@ -157,6 +188,7 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         tls=args.tls,
         peers=args.peers,
         stats_window=args.stats_window,
+        rate_window=args.rate_window,
     )
 
 
@@ -438,6 +470,15 @@ def main(argv: list[str] | None = None) -> None:
         help="the span of the recent stats (arrival rate, SLA misses, batch samples) this "
         "replica's heartbeat reports to the fleet tuner; keep the control plane's "
         f"MLPROXY_TUNER_HOLD_S equal to it ({ENV_STATS_WINDOW}; default 60)",
+    )
+
+    p.add_argument(
+        "--rate-window",
+        type=_rate_seconds,
+        metavar="SECONDS",
+        help="the time constant of the arrival rate the adaptive rule sizes batches on "
+        "(exponentially weighted); keep it under a third of the backend autoscaler's shortest "
+        f"window ({ENV_RATE_WINDOW}; default 2)",
     )
 
     p.add_argument(

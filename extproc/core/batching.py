@@ -38,6 +38,7 @@ __all__ = [
     "Entry",
     "EntryState",
     "InFlight",
+    "RateMeter",
     "Rule",
     "Send",
     "Shed",
@@ -49,8 +50,38 @@ T = TypeVar("T")
 # A timer may fire a hair before its due time; treat that as due.
 EPSILON = 1e-6
 
-# Seconds over which the arrival rate is averaged (exponential decay's time constant).
+# Seconds over which the arrival rate is averaged (exponential decay's time constant), by
+# default: ext_proc's --rate-window. Shorter than an autoscaler's shortest window (Knative's
+# panic window, 6 s), so that batches sized for the rate follow a step before it does.
 RATE_WINDOW = 2.0
+
+
+class RateMeter:
+    """Instances offered per second lately, exponentially weighted over `window` seconds. A
+    queue's meter outlives the queue (the batcher pool keeps it per batching key): a queue
+    that went idle and came back must not start again from nothing. Measured on the real
+    stack: a batcher that emptied between batches restarted its rate at one request per
+    window, sized its batches for a rate near zero and kept one Knative pod busy enough for
+    a second one (Toxic, 48 req/s: 73 pod-s against the simulator's 40)."""
+
+    __slots__ = ("_at", "_rate", "window")
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        if not (window > 0 and math.isfinite(window)):
+            raise ValueError("the rate window must be a positive number of seconds")
+        self.window = window
+        self._rate = 0.0
+        self._at = 0.0
+
+    def add(self, size: int, now: float) -> None:
+        self._rate = self.rate(now) + size / self.window
+        self._at = max(self._at, now)
+
+    def rate(self, now: float) -> float:
+        elapsed = now - self._at
+        if elapsed <= 0:
+            return self._rate
+        return self._rate * math.exp(-elapsed / self.window)
 
 
 class InFlight:
@@ -201,9 +232,17 @@ def _order(e: Entry[T]) -> tuple[float, int]:
 
 
 class BatchQueue(Generic[T]):
-    def __init__(self, rule: Rule, shared: InFlight | None = None) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        shared: InFlight | None = None,
+        rate_window: float = RATE_WINDOW,
+        meter: RateMeter | None = None,
+    ) -> None:
         self.rule = rule
         self._shared = shared
+        # the arrival rate: `meter` if given (one that outlives this queue), else its own
+        self.meter = meter if meter is not None else RateMeter(rate_window)
         self._order: list[Entry[T]] = []  # by (deadline, seq); dead entries skipped
         self._lo = 0  # entries before this index have left
         self._fifo: deque[Entry[T]] = deque()  # arrival order, for the oldest arrival
@@ -212,8 +251,6 @@ class BatchQueue(Generic[T]):
         self._size = 0  # their instances
         self._dead = 0  # cancelled, shed or (taken out of order) dispatched entries in _order
         self._in_flight = 0
-        self._rate = 0.0  # instances per second, exponentially weighted
-        self._rate_at = 0.0
 
     @property
     def queued(self) -> int:
@@ -235,8 +272,7 @@ class BatchQueue(Generic[T]):
         if self._queued >= self.rule.max_queue:
             return None
         self._seq += 1
-        self._rate = self.arrival_rate(now) + size / RATE_WINDOW
-        self._rate_at = now
+        self.meter.add(size, now)
         entry: Entry[T] = Entry(item, size, now, deadline, self._seq)
         order = self._order
         if len(order) == self._lo or order[-1].key <= entry.key:
@@ -286,10 +322,7 @@ class BatchQueue(Generic[T]):
         self.rule.answered(latency, now)
 
     def arrival_rate(self, now: float) -> float:
-        elapsed = now - self._rate_at
-        if elapsed <= 0:
-            return self._rate
-        return self._rate * math.exp(-elapsed / RATE_WINDOW)
+        return self.meter.rate(now)
 
     def oldest_arrival(self) -> float | None:
         self._trim_fifo()

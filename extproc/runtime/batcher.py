@@ -18,7 +18,17 @@ from dataclasses import dataclass
 from extproc.codecs import get_codec
 from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.core.aimd import Aimd
-from extproc.core.batching import BatchQueue, Dispatch, Entry, InFlight, Rule, Shed, WaitUntil
+from extproc.core.batching import (
+    RATE_WINDOW,
+    BatchQueue,
+    Dispatch,
+    Entry,
+    InFlight,
+    RateMeter,
+    Rule,
+    Shed,
+    WaitUntil,
+)
 from extproc.core.clock import Clock
 from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
 from extproc.core.fairness import ClientShares
@@ -397,6 +407,7 @@ class Batcher:
         shares: ClientShares[Ticket],
         rule: Rule,
         group: RouteGroup | None = None,
+        meter: RateMeter | None = None,
     ) -> None:
         self.key = key
         self.route = route
@@ -412,7 +423,7 @@ class Batcher:
         # them. Each batch that ends lets the others of the group send first.
         self._group = group if group is not None else RouteGroup()
         self._group.members[self] = None
-        self._queue: BatchQueue[Ticket] = BatchQueue(rule, self._group.in_flight)
+        self._queue: BatchQueue[Ticket] = BatchQueue(rule, self._group.in_flight, meter=meter)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -431,6 +442,10 @@ class Batcher:
     @property
     def rule(self) -> Rule:
         return self._queue.rule
+
+    def arrival_rate(self, now: float) -> float:
+        """Instances offered per second lately, to this batcher's key (see RateMeter)."""
+        return self._queue.arrival_rate(now)
 
     def next_client(self) -> str | None:
         """The client of the request this batcher would send first; None when it is empty."""
@@ -630,8 +645,17 @@ class BatcherPool:
 
     _RULES_KEPT = 1024
 
-    def __init__(self, executor: BatchExecutor, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        executor: BatchExecutor,
+        clock: Clock,
+        metrics: Metrics,
+        rate_window: float = RATE_WINDOW,
+    ) -> None:
         self._executor = executor
+        self.rate_window = rate_window  # seconds the queues average the arrival rate over
+        # Each key's arrival rate, kept like its rule when its batcher goes idle and away.
+        self._meters: OrderedDict[tuple[str, str, str], RateMeter] = OrderedDict()
         self.clock = clock
         self._metrics = metrics
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
@@ -667,6 +691,17 @@ class BatcherPool:
         if len(self._rules) > self._RULES_KEPT:
             self._rules.popitem(last=False)
         return rule
+
+    def meter(self, key: tuple[str, str, str]) -> RateMeter:
+        """The arrival rate of a batching key, kept across its batchers (the most recently
+        used `_RULES_KEPT` keys)."""
+        meter = self._meters.pop(key, None)
+        if meter is None:
+            meter = RateMeter(self.rate_window)
+        self._meters[key] = meter
+        if len(self._meters) > self._RULES_KEPT:
+            self._meters.popitem(last=False)
+        return meter
 
     def set_fleet_bound(self, members: int | None) -> None:
         """The fleet's signed members changed (peering): bound every adaptive rule's fleet."""
@@ -734,6 +769,7 @@ class BatcherPool:
                 self._shares,
                 self.rule(key, policy),
                 self._groups.setdefault(route.key, RouteGroup()),
+                self.meter(key),
             )
             self._batchers[key] = batcher
         elif key in self._rules:

@@ -114,3 +114,22 @@ def test_a_stats_window_out_of_range_in_the_environment_is_refused(
     err = run_extproc(tmp_path, "--port", "0", env=env)
     expected = "MLPROXY_STATS_WINDOW_S: not a number of seconds from 1 to 3600"
     assert f"ext_proc cannot start: {expected}: {bad}" in err
+
+
+@pytest.mark.parametrize("bad", ["0", "0.01", "nan", "inf", "61", "fast"])
+def test_a_rate_window_out_of_range_is_refused_with_its_range(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["extproc", "--policies", "p.yaml", "--rate-window", bad])
+    assert exit_.value.code == 2
+    assert (
+        f"--rate-window: not a number of seconds from 0.05 to 60: {bad}" in capsys.readouterr().err
+    )
+
+
+def test_a_rate_window_out_of_range_in_the_environment_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "MLPROXY_RATE_WINDOW_S": "0"}
+    err = run_extproc(tmp_path, "--port", "0", env=env)
+    expected = "MLPROXY_RATE_WINDOW_S: not a number of seconds from 0.05 to 60"
+    assert f"ext_proc cannot start: {expected}: 0" in err

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core.batching import BatchQueue, Dispatch, EntryState, InFlight, WaitUntil
+from extproc.core.batching import (
+    RATE_WINDOW,
+    BatchQueue,
+    Dispatch,
+    EntryState,
+    InFlight,
+    WaitUntil,
+)
 from extproc.core.clock import FakeClock
 from extproc.core.rules import StaticRule
 
@@ -255,3 +264,19 @@ def test_one_patient_request_does_not_keep_the_requests_sent_after_it() -> None:
         assert isinstance(action, Dispatch) and -1 not in action.items
     assert q.queued == 1
     assert len(q._fifo) <= 2 * q.queued + 64 + 4
+
+
+def test_the_arrival_rate_is_averaged_over_the_queues_rate_window() -> None:
+    """The rate the adaptive rule sizes batches on decays with the window's time constant:
+    by default 2 s; a benchmark that compresses time (and the autoscaler's windows with it)
+    compresses it too (--rate-window)."""
+    for window in (RATE_WINDOW, 0.4):
+        q: BatchQueue[str] = BatchQueue(limits(queue=10_000), rate_window=window)
+        for i in range(1000):  # 100 per second for 10 s: about the rate, whatever the window
+            q.offer(f"r{i}", 1, i * 0.01, DUE)
+        assert q.arrival_rate(9.99) == pytest.approx(100, rel=0.05)
+        # no more arrivals: a window later the rate is down to 1/e of it
+        assert q.arrival_rate(9.99 + window) == pytest.approx(q.arrival_rate(9.99) / math.e)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="rate window"):
+            BatchQueue(limits(), rate_window=bad)

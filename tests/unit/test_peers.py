@@ -347,3 +347,4 @@ def test_mlproxy_rows_run_the_fleet_tuner_on_the_production_clock() -> None:
     assert STACK_CONFIG.tuner_interval == 5.0
     assert STACK_CONFIG.tuner_hold == 60.0
     assert STACK_CONFIG.stats_window == 60.0
+    assert STACK_CONFIG.rate_window == 2.0  # and ext_proc's arrival rate as in production

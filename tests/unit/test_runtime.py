@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from extproc.codecs import get_codec
+from extproc.core.batching import RATE_WINDOW
 from extproc.core.clock import MonotonicClock
 from extproc.core.rules import StaticRule
 from extproc.runtime.batcher import (
@@ -448,3 +449,21 @@ def test_a_route_group_remembers_a_bounded_number_of_clients_most_recent_first()
     assert len(group.served) == MAX_SERVED_CLIENTS
     assert group.served["steady"] == group.tick == 3 * MAX_SERVED_CLIENTS
     assert "c0" not in group.served and f"c{3 * MAX_SERVED_CLIENTS - 1}" in group.served
+
+
+async def test_a_keys_arrival_rate_outlives_its_batcher() -> None:
+    """A batcher goes away when it has nothing queued or running; the arrival rate of its key
+    (what the adaptive rule sizes batches on) must not go with it. Found on the real stack:
+    each new batcher started its rate again at one request per window, sized its batches
+    for a rate near zero and kept a Knative pod busy enough for a second one."""
+    h = Harness(make_policy())
+    replies = await asyncio.gather(*[h.submit([{"id": i}])[0] for i in range(8)])
+    assert [echoed(r) for r in replies] == [[i] for i in range(8)]
+    assert len(h.pool) == 0  # the batcher went idle and away
+    fut, ticket = h.submit([{"id": 8}])
+    assert ticket.batcher is not None
+    # nine instances within moments: about 9 per window, not the 1 a new meter would say
+    rate = ticket.batcher.arrival_rate(h.pool.clock.now())
+    assert rate > 8 / RATE_WINDOW, rate
+    rest = [h.submit([{"id": i}])[0] for i in range(9, 16)]  # fill the batch: all answered
+    assert [echoed(r) for r in await asyncio.gather(fut, *rest)] == [[i] for i in range(8, 16)]
