@@ -29,7 +29,9 @@ from __future__ import annotations
 
 __all__ = [
     "CHANGES",
+    "MAX_KEY_NAME_BYTES",
     "MAX_PEER_BYTES",
+    "MAX_SCANNED_NAME_BYTES",
     "PEER_PATTERN",
     "POLICIES",
     "PREFIX",
@@ -53,6 +55,14 @@ REPLICA_PATTERN = PREFIX + "replica:*"
 PEER_PATTERN = PREFIX + "peer:*"
 # A peer record is an address and a signature, about 150 bytes; a longer value is not one.
 MAX_PEER_BYTES = 1024
+# The longest key name a replica's record or peer key has: the prefix and a replica id (a
+# host name, at most 253 characters; 256 bytes of id). Readers skip longer names unread: a
+# Redis writer's names may be 512 MB each (red team 5: 100 peer keys with 1 MB names stalled
+# every replica's event loop for a second a heartbeat).
+MAX_KEY_NAME_BYTES = 300
+# At most this many bytes of key names are taken from one scan (then it stops, logged): a
+# few oversized names do not hide the records after them, a flood of them costs a bounded read.
+MAX_SCANNED_NAME_BYTES = 16 << 20
 TUNER_LEASE = PREFIX + "tuner:lease"
 TUNER_TOKEN = PREFIX + "tuner:term"
 

@@ -17,22 +17,29 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from mlproxy import keys
 
-__all__ = ["MAX_LEASE_S", "RedisLease"]
+__all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease"]
 
 log = logging.getLogger(__name__)
 
 # The longest lease a control plane writes (MLPROXY_TUNER_LEASE_S's bound). A lease with a
 # longer TTL, or none, was written by someone else and is taken over.
 MAX_LEASE_S = 3600.0
+# The highest term: Lua (where terms are counted) counts exactly up to 2^53. A control plane
+# taking a lease a second for a million years stays far below it.
+MAX_TERM = 2**52
 
 # KEYS: lease, token counter; ARGV: holder, ttl ms, floor, longest ttl ms. {token, forged}:
 # token 0 if not taken; forged 1 if the lease taken was one no control plane writes (no TTL,
 # or a TTL longer than any lease may be: a Redis writer's, e.g. the ext_proc user's; left,
 # it would stop the tuner for good). The token is above `floor` even if the counter was lost
-# (Redis emptied): terms never go back.
+# (Redis emptied): terms never go back. Terms are written with '%d': Lua's numbers are doubles
+# that it prints with "%.14g", so from 10^14 a term was written "1e+14" and the holder never
+# found its own lease again (red team 5); a term beyond MAX_TERM (where doubles stop counting
+# exactly) is refused: {-1, forged}.
 _TAKE = """
 local pttl = redis.call('PTTL', KEYS[1])
 local forged = 0
@@ -44,9 +51,10 @@ end
 local token = redis.call('INCR', KEYS[2])
 if token <= tonumber(ARGV[3]) then
   token = tonumber(ARGV[3]) + 1
-  redis.call('SET', KEYS[2], token)
+  redis.call('SET', KEYS[2], string.format('%d', token))
 end
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+if token > tonumber(ARGV[5]) then return {-1, forged} end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. string.format('%d', token), 'PX', ARGV[2])
 return {token, forged}
 """
 # KEYS: lease; ARGV: value, ttl ms. 1 if renewed (still ours), else 0.
@@ -108,12 +116,30 @@ class RedisLease:
                 return self.token
             log.warning("tuner lease lost (term %d): another control plane leads now", self.token)
             self.token = None
-        floor = max(self.highest, self._floor())
+        floor = min(max(self.highest, self._floor()), MAX_TERM)
         longest = round(MAX_LEASE_S * 1000)
-        taken: Any = await self.redis.eval(
-            _TAKE, 2, self.key, self.token_key, self.holder, ttl_ms, floor, longest
-        )
+        try:
+            taken: Any = await self.redis.eval(
+                _TAKE, 2, self.key, self.token_key, self.holder, ttl_ms, floor, longest, MAX_TERM
+            )
+        except ResponseError as err:  # INCR on a counter that is no integer, or at its end
+            taken = (-1, 0)
+            why = str(err)[:200]
+        else:
+            why = "a term beyond any a control plane reaches"
         token, forged = (int(x) for x in taken)
+        if token < 0:
+            log.error(
+                "the tuner's term counter in Redis (%s) is unusable (%s): no control plane "
+                "wrote that, so someone else who can write to Redis did. The fleet tuner "
+                "stops until it is fixed: delete %s and %s (a control plane counts again "
+                "from its store's highest term)",
+                self.token_key,
+                why,
+                self.token_key,
+                self.key,
+            )
+            return None
         if token:
             self.token = token
             self.highest = max(self.highest, self.token)
@@ -150,7 +176,7 @@ class RedisLease:
             term = int(token)
         except ValueError:
             return text[:64], 0  # not a control plane's value: shown, not trusted
-        if not 0 <= term < 2**53:  # no term a counter gives (Lua's numbers are doubles)
+        if not 0 <= term <= MAX_TERM:  # no term a control plane takes
             return holder[:64], 0
         self.highest = max(self.highest, term)
         return holder[:64], term

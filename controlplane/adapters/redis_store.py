@@ -29,10 +29,12 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError, WatchError
 
+from controlplane.adapters.lease import MAX_TERM
 from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
 from mlproxy.redis_auth import redis_client  # credentials from env/files
+from mlproxy.redis_scan import scan_names
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
@@ -131,8 +133,19 @@ class StoreInfo:
             created_by=fields.get("created_by"),
             published=fields.get("published") == "1",
             version=int(version or 0),
-            term=int(term or 0),
+            term=_term(term),
         )
+
+
+def _term(raw: Any) -> int:
+    """The tuner's term counter as a floor for a new generation's: one that is no term a
+    control plane takes (junk from a Redis writer) counts as none (the lease says so, loudly,
+    when it next takes a term)."""
+    try:
+        term = int(raw or 0)
+    except ValueError:
+        return 0
+    return term if 0 <= term <= MAX_TERM else 0
 
 
 class _NoGeneration(Exception):
@@ -444,16 +457,7 @@ class RedisStore:
         writes there): at most `MAX_REPLICA_RECORDS` are read, each only up to
         `MAX_RECORD_BYTES` (a longer one is skipped, logged), in chunks that let the API's
         other requests in between."""
-        names: list[Any] = []
-        async for name in self.redis.scan_iter(match=keys.REPLICA_PATTERN, count=500):
-            names.append(name)
-            if len(names) >= MAX_REPLICA_RECORDS:
-                log.warning(
-                    "more than %d replica records in Redis: the rest are not read (and not "
-                    "tuned for); check who writes mlproxy:replica:*",
-                    MAX_REPLICA_RECORDS,
-                )
-                break
+        names = await scan_names(self.redis, keys.REPLICA_PATTERN, MAX_REPLICA_RECORDS)
         records: list[ReplicaRecord] = []
         for i in range(0, len(names), 100):
             chunk = names[i : i + 100]

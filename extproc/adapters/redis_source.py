@@ -40,6 +40,7 @@ from mlproxy import keys
 from mlproxy.keys import redact_url
 from mlproxy.policy import Policy
 from mlproxy.redis_auth import redis_client  # credentials from env/files
+from mlproxy.redis_scan import scan_names
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["RedisPolicySource", "StoreObserver"]
@@ -402,11 +403,8 @@ class RedisPolicySource:
         skipped, and the addresses and signatures are checked by the caller. The heartbeat
         records themselves (up to 1 MB, with stats) are never parsed here: red team 4 stalled
         the event loop that answers Envoy for a second a beat with 40 of them."""
-        names: list[Any] = []
-        async for name in self._redis.scan_iter(match=keys.PEER_PATTERN, count=500):
-            names.append(name)
-            if len(names) >= MAX_PEER_RECORDS:
-                break
+        # names over keys.MAX_KEY_NAME_BYTES skipped unread (red team 5: 1 MB names)
+        names = await scan_names(self._redis, keys.PEER_PATTERN, MAX_PEER_RECORDS)
         out: list[tuple[str, object, object]] = []
         for i in range(0, len(names), 100):
             chunk = names[i : i + 100]

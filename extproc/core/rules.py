@@ -233,6 +233,7 @@ class AdaptiveRule:
         # the fleet's.
         self.told_fleet = max(1, min(fleet, MAX_FLEET))
         self.fleet = self.told_fleet
+        self.fleet_bound: int | None = None  # the last `bound_fleet`'s
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
         self._longest = 0.0  # the longest allowance (deadline - arrival) seen: about the SLA
         # One at first: the backend's uncongested time is learnt before a second batch is
@@ -266,6 +267,7 @@ class AdaptiveRule:
         every replica that batches for a backend is one of them (red team 4: 50 forged records
         made every replica plan for a fleet of 51)."""
         told = self.told_fleet
+        self.fleet_bound = members
         self.fleet = told if members is None else max(1, min(told, members))
 
     def adopt(self, previous: AdaptiveRule) -> None:

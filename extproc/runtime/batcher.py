@@ -370,6 +370,15 @@ class RouteGroup:
         self.served: OrderedDict[str, int] = OrderedDict()  # client -> tick of its last batch
         self.tick = 0
 
+    def seen(self, client: str) -> None:
+        """`client` queued a request: one not remembered counts as served now, not before
+        everyone (red team 5: fresh source addresses, an IPv6 /64 of them, each counted as
+        never served, went before a client that had waited longest)."""
+        if client not in self.served:
+            self.served[client] = self.tick
+            if len(self.served) > MAX_SERVED_CLIENTS:
+                self.served.popitem(last=False)
+
     def sent(self, clients: Iterable[str]) -> None:
         """A batch with requests of `clients` went to the backend."""
         self.tick += 1
@@ -465,6 +474,7 @@ class Batcher:
             raise _queue_full(self.policy)
         ticket.entry = entry
         ticket.batcher = self
+        self._group.seen(ticket.client)
         self._shares.add(self.policy.name, ticket.client, ticket)
         self._metrics.queue_depth(self.policy.name, 1)
         self._pump()
@@ -514,7 +524,11 @@ class Batcher:
                 "policy %s: dispatch rule failed; failing its queued requests", self.policy.name
             )
             self._fail_queued()
-            self._queue.rule = rule_for(self.policy)  # start afresh, without what it learnt
+            failed = self._queue.rule
+            fresh = rule_for(self.policy)  # start afresh, without what it learnt
+            if isinstance(fresh, AdaptiveRule) and isinstance(failed, AdaptiveRule):
+                fresh.bound_fleet(failed.fleet_bound)  # but within the signed members
+            self._queue.rule = fresh
 
     def _fail_queued(self) -> None:
         error = Reply.from_error(

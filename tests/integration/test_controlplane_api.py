@@ -249,18 +249,21 @@ async def test_replica_records_too_long_or_not_strings_are_skipped_not_fetched_w
     client: httpx.AsyncClient, store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What Redis holds is hostile (the ext_proc Redis user writes replica records): a record
-    over 1 MB is skipped with an error, never fetched whole or parsed; a key of another type
-    under the pattern is no failure; the genuine records are listed."""
+    over 1 MB is skipped with an error, never fetched whole or parsed; so is a key with a name
+    over keys.MAX_KEY_NAME_BYTES; a key of another type under the pattern is no failure; the
+    genuine records are listed."""
     v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
     await heartbeat(store, "r1", v)
     await heartbeat(store, "big", v, pad="x" * MAX_RECORD_BYTES)
     await store.redis.rpush(keys.replica_key("a-list"), "x")
+    await heartbeat(store, "n" * (1 << 20), v)  # a name no replica has (1 MB): never read
     try:
         r = await client.get("/v1/replicas", headers=auth(READER))
         assert [x["id"] for x in r.json()["items"]] == ["r1"]
         assert f"replica record in Redis over {MAX_RECORD_BYTES} bytes" in caplog.text
+        assert f"have names over {keys.MAX_KEY_NAME_BYTES} bytes" in caplog.text
     finally:
-        await store.redis.delete(keys.replica_key("a-list"))
+        await store.redis.delete(keys.replica_key("a-list"), keys.replica_key("n" * (1 << 20)))
 
 
 async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -> None:

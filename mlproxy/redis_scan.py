@@ -1,0 +1,70 @@
+"""Key names from a Redis SCAN, bounded: what Redis holds is hostile (every replica's Redis
+user writes there), and a key name may be 512 MB."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from mlproxy import keys
+
+__all__ = ["scan_names"]
+
+log = logging.getLogger(__name__)
+
+
+class _Throttled:
+    """One warning per kind (a few fixed kinds per pattern) every `every` seconds."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def warning(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) >= self.every:
+            self._last[kind] = now
+            log.warning("%s", message)
+
+
+_warn = _Throttled()
+
+# Keys asked for per SCAN call: a page of oversized names costs at most this many of them.
+SCAN_COUNT = 100
+
+
+async def scan_names(redis: Any, pattern: str, max_names: int) -> list[Any]:
+    """The names matching `pattern`, at most `max_names` of them; names longer than
+    `keys.MAX_KEY_NAME_BYTES` are skipped (never sent back to Redis or parsed), and the scan
+    stops once `keys.MAX_SCANNED_NAME_BYTES` of names came back. Each is logged (throttled)."""
+    names: list[Any] = []
+    seen = skipped = 0
+    async for name in redis.scan_iter(match=pattern, count=SCAN_COUNT):
+        size = len(name)
+        seen += size
+        if size > keys.MAX_KEY_NAME_BYTES:
+            skipped += 1
+        else:
+            names.append(name)
+            if len(names) >= max_names:
+                _warn.warning(
+                    f"many:{pattern}",
+                    f"more than {max_names} keys {pattern} in Redis: the rest are not read; "
+                    "check who writes there",
+                )
+                break
+        if seen > keys.MAX_SCANNED_NAME_BYTES:
+            _warn.warning(
+                f"bytes:{pattern}",
+                f"the names of keys {pattern} in Redis exceed {keys.MAX_SCANNED_NAME_BYTES} "
+                "bytes: the rest are not read; check who writes there",
+            )
+            break
+    if skipped:
+        _warn.warning(
+            f"long:{pattern}",
+            f"{skipped} keys {pattern} in Redis have names over {keys.MAX_KEY_NAME_BYTES} "
+            "bytes, which no replica writes: skipped; check who writes there",
+        )
+    return names
