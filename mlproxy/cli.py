@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,58 +113,53 @@ MIN_RATE_WINDOW, MAX_RATE_WINDOW = 0.05, 60.0
 
 def _rate_seconds(value: str) -> float:
     """--rate-window: seconds from 0.05 to 60."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not MIN_RATE_WINDOW <= seconds <= MAX_RATE_WINDOW:  # also NaN
-        raise argparse.ArgumentTypeError(
-            f"not a number of seconds from {MIN_RATE_WINDOW:g} to {MAX_RATE_WINDOW:g}: {value}"
-        )
-    return seconds
+    return _seconds_within(value, MIN_RATE_WINDOW, MAX_RATE_WINDOW)
 
 
 def _rate_window(flag: float | None, env: str | None) -> float:
     """The arrival-rate window: --rate-window, else MLPROXY_RATE_WINDOW_S, else 2 s."""
     from extproc.core.batching import RATE_WINDOW
 
+    return _flag_or_env(flag, env, ENV_RATE_WINDOW, _rate_seconds, RATE_WINDOW)
+
+
+def _flag_or_env(
+    flag: float | None, env: str | None, name: str, parse: Callable[[str], float], default: float
+) -> float:
+    """A flag's value, else its environment variable's (checked as the flag is), else the
+    default; ValueError naming the variable if it is out of range."""
     if flag is not None:
         return flag
     if env is None or not env.strip():
-        return RATE_WINDOW
+        return default
     try:
-        return _rate_seconds(env.strip())
+        return parse(env.strip())
     except argparse.ArgumentTypeError as err:
-        raise ValueError(f"{ENV_RATE_WINDOW}: {err}") from None
+        raise ValueError(f"{name}: {err}") from None
+
+
+def _seconds_within(value: str, lo: float, hi: float) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not lo <= seconds <= hi:  # also NaN
+        raise argparse.ArgumentTypeError(f"not a number of seconds from {lo:g} to {hi:g}: {value}")
+    return seconds
 
 
 def _window_seconds(value: str) -> float:
     """--stats-window: seconds from 1 (the stats' one-second buckets) to 3600."""
     from extproc.core.stats import MAX_WINDOW, MIN_SPAN
 
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not MIN_SPAN <= seconds <= MAX_WINDOW:  # also NaN
-        raise argparse.ArgumentTypeError(
-            f"not a number of seconds from {MIN_SPAN:g} to {MAX_WINDOW:g}: {value}"
-        )
-    return seconds
+    return _seconds_within(value, MIN_SPAN, MAX_WINDOW)
 
 
 def _stats_window(flag: float | None, env: str | None) -> float:
     """The heartbeat stats window: --stats-window, else MLPROXY_STATS_WINDOW_S, else 60 s."""
     from extproc.core.stats import DEFAULT_WINDOW
 
-    if flag is not None:
-        return flag
-    if env is None or not env.strip():
-        return DEFAULT_WINDOW
-    try:
-        return _window_seconds(env.strip())
-    except argparse.ArgumentTypeError as err:
-        raise ValueError(f"{ENV_STATS_WINDOW}: {err}") from None
+    return _flag_or_env(flag, env, ENV_STATS_WINDOW, _window_seconds, DEFAULT_WINDOW)
 
 
 def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> ExtProcServer:

@@ -212,6 +212,14 @@ class OrderBackend(ThreadedApp):
         await asyncio.sleep(1.5 if slow else 0.05)
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
 
+    async def wait_calls(self, n: int) -> None:
+        """Until the backend has had `n` calls (at most 3 s)."""
+        for _ in range(300):
+            if len(self.calls) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the backend never got call {n}: {self.calls}")
+
 
 async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_queues(
     echo_backend: EchoBackend, tmp_path: Path
@@ -238,26 +246,19 @@ async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_q
         with envoy_and_one_replica(echo_backend, tmp_path, [rr]) as stack:
             url = f"{stack.envoy_url}/v1/models/rr:predict"
 
-            async def calls(n: int) -> None:
-                for _ in range(300):
-                    if len(backend.calls) >= n:
-                        return
-                    await asyncio.sleep(0.01)
-                raise AssertionError(f"the backend never got call {n}: {backend.calls}")
-
             tasks = [
                 asyncio.create_task(
                     post_as("127.0.0.2", url, {"instances": ["slow-x"], "nonce": "first"})
                 )
             ]
-            await calls(1)  # the flooder holds the backend's one slot
+            await backend.wait_calls(1)  # the flooder holds the backend's one slot
             tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["slow-0"]})))
             await asyncio.sleep(0.2)
             tasks += [
                 asyncio.create_task(post_as("127.0.0.2", url, {"instances": [f"x{i}"], "nonce": i}))
                 for i in range(20)
             ]
-            await calls(2)  # the normal client's first batch holds the slot now
+            await backend.wait_calls(2)  # the normal client's first batch holds the slot now
             tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["n-1"]})))
             results = await asyncio.gather(*tasks)
     finally:
