@@ -22,6 +22,7 @@ import http
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -109,6 +110,11 @@ class GuardedH11Protocol(H11Protocol):
             )
             transport.close()
             return
+        # A response that says `Connection: close` before the request body was read (see
+        # RequestBody) makes uvicorn close the transport at once: closing with unread data
+        # resets the connection, and a client still sending its body would lose the answer.
+        # So that close lingers too (`_linger`): uvicorn's cycles get this proxy.
+        self.transport = _LingeringClose(transport, self)  # type: ignore[assignment]
         self._await_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,16 +132,18 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         self._check_headers_arrived()
 
-    def _linger(self) -> None:
+    def _linger(self, close: Callable[[], None] | None = None) -> None:
         """Close after the client has had its answer. Closing a socket with unread data resets
         the connection, and a client still sending its body could then lose the answer (seen
         under load: `Connection reset by peer` instead of a 401). So: stop writing (FIN), then
         discard what the client still sends, for at most LINGER_S seconds or LINGER_BYTES
         bytes, and close (nginx's lingering close)."""
+        if self._lingering is not None:
+            return  # lingering already
         self._lingering = 0
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
+        self._linger_timer = self.loop.call_later(LINGER_S, close or self.transport.close)
 
     def on_response_complete(self) -> None:
         if self.conn.their_state is h11.SEND_BODY:
@@ -212,6 +220,28 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+class _LingeringClose:
+    """The transport, with a `close` that lingers while the request body is still coming."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        p = self._protocol
+        if (
+            p._lingering is None
+            and p.conn.their_state is h11.SEND_BODY
+            and not self._transport.is_closing()
+        ):
+            p._linger(self._transport.close)
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
     """The protocol class to give uvicorn (`http=`), with these limits."""
     return type(
@@ -225,7 +255,8 @@ class RequestBody:
     """413 for a body over `limit` bytes (by Content-Length, or as it streams in), 408 for one
     not received within `timeout` seconds from the end of the headers; both with JSON and
     `Connection: close`. Nothing is checked until the app reads the body, so a request the app
-    refuses first (no token: 401) is answered without reading it."""
+    refuses first (no token: 401) is answered without reading it, and with `Connection:
+    close` too: the connection is not reused."""
 
     def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
         self.app = app
@@ -241,6 +272,16 @@ class RequestBody:
         refused = False
         started = False
         length_checked = False
+        # Whether the request has a body, and whether the app read all of it: a response sent
+        # before that says `Connection: close` (the server then closes the connection; without
+        # the header a client reused it and, on a busy machine, sent its next request into the
+        # closing socket: "Server disconnected without sending a response").
+        has_body = any(
+            (name == b"content-length" and value.strip() not in (b"", b"0"))
+            or name == b"transfer-encoding"
+            for name, value in scope["headers"]
+        )
+        body_read = False
 
         async def refuse(status: int, message: str) -> Message:
             # Answer here and tell the app the client left, so whatever it does with the body
@@ -264,7 +305,7 @@ class RequestBody:
             return {"type": "http.disconnect"}
 
         async def guarded_receive() -> Message:
-            nonlocal received, length_checked
+            nonlocal received, length_checked, body_read
             if refused:
                 return {"type": "http.disconnect"}
             too_big = f"request body over {self.limit} bytes (MLPROXY_MAX_BODY_BYTES)"
@@ -285,6 +326,8 @@ class RequestBody:
                 received += len(msg.get("body", b""))
                 if received > self.limit:
                     return await refuse(413, too_big)
+                if not msg.get("more_body", False):
+                    body_read = True
             return msg
 
         async def guarded_send(msg: Message) -> None:
@@ -293,6 +336,9 @@ class RequestBody:
                 return
             if msg["type"] == "http.response.start":
                 started = True
+                headers = list(msg.get("headers", []))
+                if has_body and not body_read and (b"connection", b"close") not in headers:
+                    msg = {**msg, "headers": [*headers, (b"connection", b"close")]}
             await send(msg)
 
         await self.app(scope, guarded_receive, guarded_send)
