@@ -57,7 +57,15 @@ from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.traces import schedule
 from controlplane.domain.tuner import MIN_INTERVAL, tune
-from extproc.core.batching import RATE_WINDOW, BatchQueue, Dispatch, InFlight, Shed, WaitUntil
+from extproc.core.batching import (
+    RATE_WINDOW,
+    BatchQueue,
+    Dispatch,
+    InFlight,
+    RateMeter,
+    Shed,
+    WaitUntil,
+)
 from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
 from extproc.runtime.batcher import rule_for
 from mlproxy.policy import Mode, Policy
@@ -316,7 +324,9 @@ def simulate(
     rng = random.Random(seed ^ 0xBACE)
     route_rng = random.Random(seed ^ 0x7011)
     shared = InFlight() if fleet == "budget" and replicas > 1 else None
-    queues = [BatchQueue[int](rule_for(current), shared, rate_window) for _ in range(replicas)]
+    queues = [
+        BatchQueue[int](rule_for(current), shared, RateMeter(rate_window)) for _ in range(replicas)
+    ]
     stats = [StatsWindow(stats_window) for _ in range(replicas)]
     tuned_at: float | None = None
     tunings: list[tuple[float, str]] = []  # (seconds into the measurement, the tuner's reason)

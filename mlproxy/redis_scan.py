@@ -1,15 +1,17 @@
-"""Key names from a Redis SCAN, bounded: what Redis holds is hostile (every replica's Redis
-user writes there), and a key name may be 512 MB."""
+"""Keys from a Redis SCAN and their values, bounded: what Redis holds is hostile (every
+replica's Redis user writes there), a key name may be 512 MB and a value as much."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from mlproxy import keys
 
-__all__ = ["scan_names"]
+__all__ = ["bounded_values", "scan_names"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +70,28 @@ async def scan_names(redis: Any, pattern: str, max_names: int) -> list[Any]:
             "bytes, which no replica writes: skipped; check who writes there",
         )
     return names
+
+
+# Values read per pipeline; the event loop gets a turn between two.
+CHUNK = 100
+
+
+async def bounded_values(
+    redis: Any, names: list[Any], limit: int
+) -> AsyncIterator[list[tuple[Any, bytes | str]]]:
+    """The values of `names`, a chunk at a time, each read only up to `limit` bytes plus one
+    (GETRANGE: a bulky value is never fetched whole), so a value longer than `limit` comes
+    back `limit + 1` long for the caller to skip. Keys gone since the scan, and keys that hold
+    no string, are left out."""
+    for i in range(0, len(names), CHUNK):
+        chunk = names[i : i + CHUNK]
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in chunk:
+                pipe.getrange(name, 0, limit)  # one byte past the bound tells a longer one
+            values = await pipe.execute(raise_on_error=False)
+        yield [
+            (name, raw)
+            for name, raw in zip(chunk, values, strict=True)
+            if isinstance(raw, bytes | str) and raw  # not an error, not gone
+        ]
+        await asyncio.sleep(0)  # let the requests in between

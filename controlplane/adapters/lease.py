@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from mlproxy import keys
 
-__all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease"]
+__all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease", "valid_term"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,17 @@ MAX_LEASE_S = 3600.0
 # The highest term: Lua (where terms are counted) counts exactly up to 2^53. A control plane
 # taking a lease a second for a million years stays far below it.
 MAX_TERM = 2**52
+
+
+def valid_term(raw: Any) -> int | None:
+    """`raw` (a counter's or a lease's text) as a term a control plane takes, else None: junk
+    from a Redis writer is shown or ignored, never trusted."""
+    try:
+        term = int(raw or 0)
+    except ValueError:
+        return None
+    return term if 0 <= term <= MAX_TERM else None
+
 
 # KEYS: lease, token counter; ARGV: holder, ttl ms, floor, longest ttl ms. {token, forged}:
 # token 0 if not taken; forged 1 if the lease taken was one no control plane writes (no TTL,
@@ -176,7 +187,7 @@ class RedisLease:
             term = int(token)
         except ValueError:
             return text[:64], 0  # not a control plane's value: shown, not trusted
-        if not 0 <= term <= MAX_TERM:  # no term a control plane takes
+        if valid_term(term) is None:  # no term a control plane takes
             return holder[:64], 0
         self.highest = max(self.highest, term)
         return holder[:64], term

@@ -16,7 +16,6 @@ racing create one generation: the script creates only if there is none.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -29,12 +28,12 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError, WatchError
 
-from controlplane.adapters.lease import MAX_TERM
+from controlplane.adapters.lease import valid_term
 from controlplane.domain.records import Precondition
 from mlproxy import keys
 from mlproxy.policy import Policy
 from mlproxy.redis_auth import redis_client  # credentials from env/files
-from mlproxy.redis_scan import scan_names
+from mlproxy.redis_scan import bounded_values, scan_names
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
@@ -133,19 +132,10 @@ class StoreInfo:
             created_by=fields.get("created_by"),
             published=fields.get("published") == "1",
             version=int(version or 0),
-            term=_term(term),
+            # a counter that is no term a control plane takes (junk from a Redis writer)
+            # counts as none; the lease says so, loudly, when it next takes a term
+            term=valid_term(term) or 0,
         )
-
-
-def _term(raw: Any) -> int:
-    """The tuner's term counter as a floor for a new generation's: one that is no term a
-    control plane takes (junk from a Redis writer) counts as none (the lease says so, loudly,
-    when it next takes a term)."""
-    try:
-        term = int(raw or 0)
-    except ValueError:
-        return 0
-    return term if 0 <= term <= MAX_TERM else 0
 
 
 class _NoGeneration(Exception):
@@ -459,22 +449,14 @@ class RedisStore:
         other requests in between."""
         names = await scan_names(self.redis, keys.REPLICA_PATTERN, MAX_REPLICA_RECORDS)
         records: list[ReplicaRecord] = []
-        for i in range(0, len(names), 100):
-            chunk = names[i : i + 100]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name in chunk:
-                    pipe.getrange(name, 0, MAX_RECORD_BYTES)  # one byte past: too long
-                values = await pipe.execute(raise_on_error=False)
+        async for chunk in bounded_values(self.redis, names, MAX_RECORD_BYTES):
             raws = []
-            for raw in values:
-                if not isinstance(raw, bytes | str) or not raw:
-                    continue  # expired since the scan, or not a string
+            for _, raw in chunk:
                 if len(raw) > MAX_RECORD_BYTES:
                     log.error("skipping a replica record in Redis over %d bytes", MAX_RECORD_BYTES)
                     continue
                 raws.append(raw)
             records += _valid(ReplicaRecord, raws)
-            await asyncio.sleep(0)
         return sorted(records, key=lambda r: r.id)
 
     async def close(self) -> None:

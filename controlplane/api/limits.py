@@ -22,7 +22,6 @@ import http
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -132,7 +131,7 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         self._check_headers_arrived()
 
-    def _linger(self, close: Callable[[], None] | None = None) -> None:
+    def _linger(self) -> None:
         """Close after the client has had its answer. Closing a socket with unread data resets
         the connection, and a client still sending its body could then lose the answer (seen
         under load: `Connection reset by peer` instead of a 401). So: stop writing (FIN), then
@@ -143,7 +142,8 @@ class GuardedH11Protocol(H11Protocol):
         self._lingering = 0
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._linger_timer = self.loop.call_later(LINGER_S, close or self.transport.close)
+        # (the transport's close: while lingering, `_LingeringClose` closes at once)
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_response_complete(self) -> None:
         if self.conn.their_state is h11.SEND_BODY:
@@ -234,7 +234,7 @@ class _LingeringClose:
             and p.conn.their_state is h11.SEND_BODY
             and not self._transport.is_closing()
         ):
-            p._linger(self._transport.close)
+            p._linger()
         else:
             self._transport.close()
 

@@ -40,7 +40,7 @@ from mlproxy import keys
 from mlproxy.keys import redact_url
 from mlproxy.policy import Policy
 from mlproxy.redis_auth import redis_client  # credentials from env/files
-from mlproxy.redis_scan import scan_names
+from mlproxy.redis_scan import bounded_values, scan_names
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["RedisPolicySource", "StoreObserver"]
@@ -406,16 +406,9 @@ class RedisPolicySource:
         # names over keys.MAX_KEY_NAME_BYTES skipped unread (red team 5: 1 MB names)
         names = await scan_names(self._redis, keys.PEER_PATTERN, MAX_PEER_RECORDS)
         out: list[tuple[str, object, object]] = []
-        for i in range(0, len(names), 100):
-            chunk = names[i : i + 100]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for name in chunk:
-                    # one byte past the bound tells a value that is too long
-                    pipe.getrange(name, 0, keys.MAX_PEER_BYTES)
-                values = await pipe.execute(raise_on_error=False)
-            for name, raw in zip(chunk, values, strict=True):
-                # gone since the scan (empty), too long, or not a string (an error)
-                if not isinstance(raw, bytes | str) or not raw or len(raw) > keys.MAX_PEER_BYTES:
+        async for chunk in bounded_values(self._redis, names, keys.MAX_PEER_BYTES):
+            for name, raw in chunk:
+                if len(raw) > keys.MAX_PEER_BYTES:
                     continue
                 try:
                     doc = json.loads(raw)
@@ -431,7 +424,6 @@ class RedisPolicySource:
                             doc.get("peer_signature"),
                         )
                     )
-            await asyncio.sleep(0)  # let the requests in between
         return out
 
     async def close(self, timeout: float = 3.0) -> None:

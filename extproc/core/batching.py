@@ -236,13 +236,13 @@ class BatchQueue(Generic[T]):
         self,
         rule: Rule,
         shared: InFlight | None = None,
-        rate_window: float = RATE_WINDOW,
         meter: RateMeter | None = None,
     ) -> None:
         self.rule = rule
         self._shared = shared
-        # the arrival rate: `meter` if given (one that outlives this queue), else its own
-        self.meter = meter if meter is not None else RateMeter(rate_window)
+        # the arrival rate: `meter` if given (one that outlives this queue, or another
+        # window), else its own over RATE_WINDOW
+        self.meter = meter if meter is not None else RateMeter()
         self._order: list[Entry[T]] = []  # by (deadline, seq); dead entries skipped
         self._lo = 0  # entries before this index have left
         self._fifo: deque[Entry[T]] = deque()  # arrival order, for the oldest arrival

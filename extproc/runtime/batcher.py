@@ -391,16 +391,16 @@ class RouteGroup:
 
     def turns(self) -> list[Batcher]:
         """The members in the order a freed slot is offered to them."""
-        served = self.served
-
-        def waited(b: Batcher) -> int:
+        busy: list[tuple[int, Batcher]] = []
+        idle: list[Batcher] = []
+        for b in self.members:  # least recently sent first: the tie-break (stable sort)
             client = b.next_client()
-            return -1 if client is None else served.get(client, 0)
-
-        members = list(self.members)  # least recently sent first: the tie-break (stable sort)
-        busy = [b for b in members if waited(b) >= 0]
-        busy.sort(key=waited)
-        return busy + [b for b in members if waited(b) < 0]
+            if client is None:
+                idle.append(b)
+            else:
+                busy.append((self.served.get(client, 0), b))
+        busy.sort(key=lambda pair: pair[0])
+        return [b for _, b in busy] + idle
 
 
 class Batcher:

@@ -66,6 +66,20 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
             await p.close()
 
 
+async def peered_replica_stall(url: str, tmp_path: Path, port: int, token: bytes) -> float:
+    """A peered replica (peer port `port`) runs against the Redis at `url` for 3 s of its
+    heartbeats: how long, at worst, its event loop (the one that answers Envoy) could not
+    serve, as `worst_timer_lateness` measures it."""
+    peering = _peering(tmp_path, port, token)
+    replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)
+    try:
+        await replica.start()
+        return await worst_timer_lateness(3.0)
+    finally:
+        await replica.source.close()
+        await peering.close()
+
+
 async def worst_timer_lateness(seconds: float) -> float:
     """How late, at worst, a 5 ms timer fired on this event loop over `seconds`: how long the
     loop that answers Envoy could not serve."""
@@ -98,14 +112,8 @@ async def test_a_flood_of_bulky_records_does_not_stall_the_replicas_event_loop(
     assert len(BULKY) < 1 << 20 and len(BULKY_PEER) <= keys.MAX_PEER_BYTES
     await store.redis.mset({keys.replica_key(f"bulky-{i}"): BULKY for i in range(40)})
     await store.redis.mset({keys.peer_key(f"bulky-{i}"): BULKY_PEER for i in range(1024)})
-    url = redis_server.url(DB)
-    peering = _peering(tmp_path, 7311, TOKEN)
-    replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)
     try:
-        await replica.start()
-        worst = await worst_timer_lateness(3.0)
+        worst = await peered_replica_stall(redis_server.url(DB), tmp_path, 7311, TOKEN)
         assert worst < 0.1, f"the event loop stalled for {worst:.3f} s"
     finally:
-        await replica.source.close()
-        await peering.close()
         await store.redis.flushdb()

@@ -17,8 +17,7 @@ from tests.conftest import RedisServer
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_redteam import envoy_and_one_replica, post_as
 from tests.e2e.test_redteam2 import OrderBackend
-from tests.e2e.test_redteam4 import worst_timer_lateness
-from tests.integration.test_redis_source import Replica, _peering
+from tests.e2e.test_redteam4 import peered_replica_stall
 from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e
@@ -46,16 +45,10 @@ async def test_peer_keys_with_huge_names_do_not_stall_the_replicas_event_loop(
     pad = "x" * (1 << 20)
     for i in range(100):
         await store.redis.set(keys.peer_key(f"{i}-{pad}"), value, px=60_000)
-    url = redis_server.url(DB)
-    peering = _peering(tmp_path, 7511, TOKEN)
-    replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)
     try:
-        await replica.start()
-        worst = await worst_timer_lateness(3.0)
+        worst = await peered_replica_stall(redis_server.url(DB), tmp_path, 7511, TOKEN)
         assert worst < 0.1, f"the event loop stalled for {worst:.3f} s"
     finally:
-        await replica.source.close()
-        await peering.close()
         await store.redis.flushdb()
 
 

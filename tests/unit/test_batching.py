@@ -14,6 +14,7 @@ from extproc.core.batching import (
     Dispatch,
     EntryState,
     InFlight,
+    RateMeter,
     WaitUntil,
 )
 from extproc.core.clock import FakeClock
@@ -271,7 +272,7 @@ def test_the_arrival_rate_is_averaged_over_the_queues_rate_window() -> None:
     by default 2 s; a benchmark that compresses time (and the autoscaler's windows with it)
     compresses it too (--rate-window)."""
     for window in (RATE_WINDOW, 0.4):
-        q: BatchQueue[str] = BatchQueue(limits(queue=10_000), rate_window=window)
+        q: BatchQueue[str] = BatchQueue(limits(queue=10_000), meter=RateMeter(window))
         for i in range(1000):  # 100 per second for 10 s: about the rate, whatever the window
             q.offer(f"r{i}", 1, i * 0.01, DUE)
         assert q.arrival_rate(9.99) == pytest.approx(100, rel=0.05)
@@ -279,4 +280,4 @@ def test_the_arrival_rate_is_averaged_over_the_queues_rate_window() -> None:
         assert q.arrival_rate(9.99 + window) == pytest.approx(q.arrival_rate(9.99) / math.e)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="rate window"):
-            BatchQueue(limits(), rate_window=bad)
+            RateMeter(bad)
