@@ -56,15 +56,26 @@ EPSILON = 1e-6
 RATE_WINDOW = 2.0
 
 
+# A new meter's age counts as at least this many windows: one request is not a burst.
+MIN_AGE = 0.25
+
+
 class RateMeter:
     """Instances offered per second lately, exponentially weighted over `window` seconds. A
     queue's meter outlives the queue (the batcher pool keeps it per batching key): a queue
     that went idle and came back must not start again from nothing. Measured on the real
     stack: a batcher that emptied between batches restarted its rate at one request per
     window, sized its batches for a rate near zero and kept one Knative pod busy enough for
-    a second one (Toxic, 48 req/s: 73 pod-s against the simulator's 40)."""
+    a second one (Toxic, 48 req/s: 73 pod-s against the simulator's 40).
 
-    __slots__ = ("_at", "_rate", "window")
+    Nor does a new meter take the time before its first request as idle: the average is
+    divided by the weight its age has had (1 - exp(-age / window), the age at least
+    MIN_AGE windows), as an unbiased moving average is. Weighted from zero, a key that
+    started at 1,300 req/s read 500 after a second and 850 after two; a four-worker server
+    at 93% of its SLA capacity was then not held to be busy, every batch went to the one
+    request that could still be met, and 85% of requests missed for three seconds."""
+
+    __slots__ = ("_at", "_rate", "_since", "window")
 
     def __init__(self, window: float = RATE_WINDOW) -> None:
         if not (window > 0 and math.isfinite(window)):
@@ -72,12 +83,22 @@ class RateMeter:
         self.window = window
         self._rate = 0.0
         self._at = 0.0
+        self._since: float | None = None  # the first request
 
     def add(self, size: int, now: float) -> None:
-        self._rate = self.rate(now) + size / self.window
+        self._rate = self._decayed(now) + size / self.window
         self._at = max(self._at, now)
+        if self._since is None:
+            self._since = now
 
     def rate(self, now: float) -> float:
+        since = self._since
+        if since is None:
+            return 0.0
+        age = max(now - since, MIN_AGE * self.window)
+        return self._decayed(now) / -math.expm1(-age / self.window)
+
+    def _decayed(self, now: float) -> float:
         elapsed = now - self._at
         if elapsed <= 0:
             return self._rate
