@@ -684,12 +684,13 @@ def _server_rule(autoscale: float | None = None, fleet: int = 1) -> AdaptiveRule
 
 
 def test_under_load_batches_go_as_the_slot_frees_and_every_deadline_is_met() -> None:
-    """At 320 req/s one slot keeps up only with batches of about 18, and holding each batch to
-    its deadline leaves the slot idle too long: the rule sends as the slot frees, at least the
-    batch that keeps up, and every request after the first second meets its deadline."""
-    run = _simulate(_server_rule(), _every(320.0, 4.0))
-    assert any(b.reason == "free" for b in run.batches)
-    late = [r for r in run.requests if r.arrival >= 1.0 and not r.met]
+    """At 340 req/s one slot keeps up only with batches of about 20 at 80% of its time, and
+    holding each batch to its deadline leaves the slot idle too long: the rule sends as the
+    slot frees (most batches), at least the batch that keeps up, and every request meets its
+    deadline. (At 320 req/s holding to the deadline makes about that batch anyway.)"""
+    run = _simulate(_server_rule(), _every(340.0, 4.0))
+    assert sum(b.reason == "free" for b in run.batches) > len(run.batches) / 2
+    late = [r for r in run.requests if not r.met]
     assert late == []
 
 
@@ -733,7 +734,7 @@ def test_an_autoscaled_backend_with_room_to_spare_gets_batches_without_waiting_f
 
 
 def test_the_fleets_rate_decides_how_many_instances_the_batches_may_need() -> None:
-    """Three replicas at 50 req/s each load the backend as one at 150: batches just big enough
+    """Three replicas at 40 req/s each load the backend as one at 120: batches just big enough
     for one replica alone would need more instances. Each replica sends the smallest batch that
     needs no more instances than holding every batch to its deadline would (the fleet tuner's
     replica count is what tells it): sooner than holding, and no more instances."""
@@ -742,17 +743,17 @@ def test_the_fleets_rate_decides_how_many_instances_the_batches_may_need() -> No
         b = round(sum(d.size for d in batches) / len(batches))
         return math.ceil(rate * SERVER.predict(b) / b / 0.7)
 
-    alone = _simulate(_server_rule(autoscale=0.7), _every(50.0, 8.0)).batches
-    fleet = _simulate(_server_rule(autoscale=0.7, fleet=3), _every(50.0, 8.0)).batches
-    held = _simulate(_server_rule(), _every(50.0, 8.0)).batches
-    # the second half: once the arrival rate is known (2 s average)
+    alone = _simulate(_server_rule(autoscale=0.7), _every(40.0, 8.0)).batches
+    fleet = _simulate(_server_rule(autoscale=0.7, fleet=3), _every(40.0, 8.0)).batches
+    held = _simulate(_server_rule(), _every(40.0, 8.0)).batches
+    # the second half: well after the start
     alone, fleet, held = (x[len(x) // 2 :] for x in (alone, fleet, held))
     assert sum(d.reason == "enough" for d in alone) > 0.8 * len(alone)
     assert sum(d.reason == "enough" for d in fleet) > 0.8 * len(fleet)
     mean = [sum(d.size for d in x) / len(x) for x in (alone, fleet, held)]
     assert mean[0] < mean[1] < mean[2]  # bigger than alone would send, smaller than held
-    assert instances(fleet, 150.0) == instances(held, 150.0)
-    assert instances(alone, 150.0) > instances(held, 150.0)  # what fleet=1 would cost
+    assert instances(fleet, 120.0) == instances(held, 120.0)
+    assert instances(alone, 120.0) > instances(held, 120.0)  # what fleet=1 would cost
 
 
 def test_under_overload_with_little_time_left_batches_keep_the_most_requests_in_time() -> None:
@@ -899,7 +900,13 @@ def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
         run = _simulate(
             rule, arrivals, workers=4, wait_at_server=True, overhead=0.002, noise=0.2, rng=rng
         )
-        answered = [(r.answered, r.deadline) for r in run.requests if r.answered is not None]
+        # after the start-up's first two seconds (the limit starts at one; see the README's
+        # Known gaps): the in-flight learner's steady state is what this is about
+        answered = [
+            (r.answered, r.deadline)
+            for r in run.requests
+            if r.answered is not None and r.arrival >= 2.0
+        ]
         return sum(at > due for at, due in answered) / len(answered)
 
     static = missed(StaticRule(32, 0.020, 4, 10_000))
@@ -990,6 +997,59 @@ def test_a_probe_that_holds_teaches_the_latency_model_its_batches() -> None:
         rule.completed(1, 1.1 * clean, "idle", True, 0.2 + 0.01 * k, 2)
     assert rule.max_in_flight == 2
     assert source.seen == [(1, clean)] + [(1, 1.1 * clean)] * 8
+
+
+def test_a_probe_whose_batches_wait_for_ours_fails_though_none_is_slow() -> None:
+    """A server that runs one batch at a time starts a batch sent alongside one of ours when
+    that one ends. Held to their deadlines, the two rarely overlap by much, so no probe batch
+    is slow (1.5x) and their median is not 1.3x the usual: the trial passed, the limit grew to
+    two and three, and the batches that then collided missed (simulated, issue 13's
+    one-worker server at 80% load: 0.8% misses with three replicas). What tells it is that
+    each took as much longer than usual as the batch ahead of it still had to run; on a
+    server that runs them side by side, the same overlaps cost nothing and the trial holds."""
+
+    def trial(serial: bool) -> int:
+        rule = AdaptiveRule(_Backend(), 100, 8, 1_000, objective="latency")
+        own = MODEL.predict(10)  # 20 ms
+        now = 0.0
+        for _ in range(20):  # the usual time, one at a time; the limit grows to two, on trial
+            now += 0.1
+            rule.completed(10, own, "deadline", True, now, 1)
+        assert rule._trial and rule.max_in_flight == 2
+        for _ in range(8):  # TRIAL batches, each sent 4 ms before the one ahead of it ended
+            now += 0.1
+            rule.completed(10, own, "deadline", True, now, 1)  # the one ahead: 20 ms
+            took = own + (0.004 if serial else 0.0)  # waited those 4 ms, or not
+            rule.completed(10, took, "deadline", True, now - 0.004 + took, 2)
+        return rule.max_in_flight
+
+    assert trial(serial=False) == 2
+    assert trial(serial=True) == 1
+
+
+def test_a_new_policy_at_nine_tenths_of_four_workers_capacity_is_served_after_a_second() -> None:
+    """A policy that starts under heavy load (1,300 req/s, 93% of what four workers answer
+    within the SLA) knows neither the backend nor the rate at first. Its rate used to start
+    from zero (500 after a second, 850 after two): the rule did not see the backend was busy,
+    each batch went to the one request that could still be met, and 85% of requests missed
+    for three seconds (16-24% of those from the second second on). From the second second on
+    it now misses as little as a batcher that knew the load from the start."""
+    rng = random.Random(1)
+    arrivals = _poisson(1300.0, 10.0, rng)
+    rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 4, 100_000, margin=0.015)
+    run = _simulate(
+        rule,
+        arrivals,
+        workers=4,
+        wait_at_server=True,
+        overhead=0.002,
+        noise=0.1,
+        rng=rng,
+        drain=True,
+    )
+    after = [r for r in run.requests if r.arrival >= 2.0]
+    missed = sum(not r.met for r in after) / len(after)
+    assert missed <= 0.01, missed
 
 
 def test_batches_sent_long_ago_are_no_yardstick_for_congestion() -> None:
