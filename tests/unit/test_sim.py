@@ -209,21 +209,7 @@ def test_the_fleet_tuner_does_not_starve_a_busy_server() -> None:
     moves one run's mean batch by 10% either way."""
 
     def run(tuner_every: float | None) -> tuple[float, float]:
-        runs = [
-            simulate(
-                "steady",
-                WORKLOAD,
-                "adaptive",
-                30,
-                281.0,
-                seed=seed,
-                warmup=20,
-                backend=ServerConfig(kind="fixed", workers=1, overhead=0.002),
-                policy=grid_policy(ADAPTIVE),
-                tuner_every=tuner_every,
-            )
-            for seed in (1, 2, 3)
-        ]
+        runs = [_fixed_server(1, 281.0, seed, 30, 20, tuner_every) for seed in (1, 2, 3)]
         if tuner_every is not None:
             assert all(r.tunings for r in runs)  # it did act
         return (
@@ -244,19 +230,24 @@ def test_at_four_workers_capacity_a_batch_that_waited_for_a_slot_is_sized_by_the
     40 s runs, static b32 w20 f4 0.2-0.5%). With several slots, such a batch grows only
     while the SLA's percentile still meets the deadline (another slot frees soon for the
     rest): 0.6-1.4% here, 1.4-2.9% before (seeds 1-3)."""
-    missed = []
-    for seed in (1, 2, 3):
-        r = simulate(
-            "steady",
-            WORKLOAD,
-            "adaptive",
-            20,
-            1405.4,
-            seed=seed,
-            warmup=10,
-            backend=ServerConfig(kind="fixed", workers=4, overhead=0.002),
-            policy=grid_policy(ADAPTIVE),
-            tuner_every=5.0,
-        )
-        missed.append(r.violations_pct)
+    missed = [_fixed_server(4, 1405.4, seed, 20, 10, 5.0).violations_pct for seed in (1, 2, 3)]
     assert sum(missed) / len(missed) < 1.5, missed
+
+
+def _fixed_server(
+    workers: int, rate: float, seed: int, duration: float, warmup: float, tuner: float | None
+) -> SimResult:
+    """Issue 13's workload (the grid's policy, adaptive) at `rate` on a fixed server of
+    `workers` workers with a 2 ms per-call overhead; the fleet tuner every `tuner` s."""
+    return simulate(
+        "steady",
+        WORKLOAD,
+        "adaptive",
+        duration,
+        rate,
+        seed=seed,
+        warmup=warmup,
+        backend=ServerConfig(kind="fixed", workers=workers, overhead=0.002),
+        policy=grid_policy(ADAPTIVE),
+        tuner_every=tuner,
+    )
