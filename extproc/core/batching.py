@@ -73,7 +73,10 @@ class RateMeter:
     MIN_AGE windows), as an unbiased moving average is. Weighted from zero, a key that
     started at 1,300 req/s read 500 after a second and 850 after two; a four-worker server
     at 93% of its SLA capacity was then not held to be busy, every batch went to the one
-    request that could still be met, and 85% of requests missed for three seconds."""
+    request that could still be met, and 85% of requests missed for three seconds. A
+    silence longer than MIN_AGE windows starts the average again at the next request:
+    otherwise one request seconds before such a load counted as the meter's age and
+    brought the same misses back."""
 
     __slots__ = ("_at", "_rate", "_since", "window")
 
@@ -86,10 +89,13 @@ class RateMeter:
         self._since: float | None = None  # the first request
 
     def add(self, size: int, now: float) -> None:
-        self._rate = self._decayed(now) + size / self.window
+        decayed = self._decayed(now)
+        if self._since is None or now - self._at > MIN_AGE * self.window:
+            # The first request, or the first after a silence: the rate starts again from
+            # here, or one stray request before a burst would make the burst read low.
+            self._since, decayed = now, 0.0
+        self._rate = decayed + size / self.window
         self._at = max(self._at, now)
-        if self._since is None:
-            self._since = now
 
     def rate(self, now: float) -> float:
         since = self._since
