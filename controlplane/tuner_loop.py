@@ -22,6 +22,7 @@ from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.audit import audit
 from controlplane.domain.records import Precondition, PreconditionFailed
 from controlplane.domain.tuner import MIN_INTERVAL, Decision, tune
+from mlproxy.aio import raise_if_cancelling
 from mlproxy.policy import Policy
 from mlproxy.replica import PolicyStats
 
@@ -129,10 +130,12 @@ class FleetTuner:
                         log.info("tuner: Redis reachable again")
                     failing = False
                 except RedisError as err:
+                    raise_if_cancelling()  # a cancel redis-py turned into its own error
                     if not failing:
                         log.warning("tuner: round skipped, Redis unreachable: %s", err)
                     failing = True
                 except Exception:
+                    raise_if_cancelling()
                     log.exception("tuner: round failed")
                 await asyncio.sleep(self.interval)
         finally:

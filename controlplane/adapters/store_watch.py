@@ -16,7 +16,6 @@ counted: when it comes back to a published generation it applies exactly that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from redis.exceptions import RedisError
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import RedisStore, StoreInfo
+from mlproxy.aio import raise_if_cancelling, stop_task
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["StoreMetrics", "StoreStatus", "StoreWatch", "heartbeat_floor", "store_status"]
@@ -171,15 +171,15 @@ class StoreWatch:
                 await self.run_once()
                 failing = False
             except (RedisError, OSError) as err:
+                raise_if_cancelling()  # a cancel redis-py turned into its own error
                 if not failing:
                     log.warning("store watch: Redis unreachable (%s); retrying", err)
                 failing = True
             except Exception:
+                raise_if_cancelling()
                 log.exception("store watch: round failed")
             await asyncio.sleep(self.interval)
 
     @staticmethod
     async def stop(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)

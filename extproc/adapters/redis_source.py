@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from extproc.core.clock import Clock
 from extproc.core.stats import StatsWindow
 from mlproxy import keys
+from mlproxy.aio import raise_if_cancelling
 from mlproxy.keys import redact_url
 from mlproxy.policy import Policy
 from mlproxy.redis_auth import redis_client  # credentials from env/files
@@ -241,6 +242,7 @@ class RedisPolicySource:
             try:
                 snap = await self._fetch()
             except (RedisError, OSError) as err:
+                raise_if_cancelling()  # SIGTERM while waiting, turned into a Redis error
                 log.warning(
                     "cannot load policies from %s yet (%s); retrying in %.1f s",
                     redact_url(self.url),

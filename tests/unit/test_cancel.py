@@ -1,0 +1,133 @@
+"""The control plane's loops stop when they are cancelled, even when the cancellation reaches
+them as a Redis error.
+
+CI caught a control plane that outlived its killed supervisor: Redis went down with the
+supervisor, uvicorn's shutdown cancelled the store watch, but the cancellation surfaced from
+redis-py as a connection error (Python 3.11's `asyncio.wait_for`, which redis-py uses for
+writes, returns the inner call's outcome when it ends at the moment of the cancel); the loop took
+it for one more failed round and slept, and the process ignored every SIGTERM after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, NoReturn, Protocol
+
+from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from controlplane.adapters.redis_store import RedisStore
+from controlplane.adapters.store_watch import StoreMetrics, StoreWatch
+from controlplane.tuner_loop import FleetTuner
+from extproc.adapters.redis_source import RedisPolicySource
+from extproc.core.clock import MonotonicClock
+from extproc.core.stats import StatsWindow
+from mlproxy.aio import stop_task
+from mlproxy.redis_auth import redis_client
+
+UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every call used is overridden
+
+
+class CancelBecomesRedisError(RedisStore):
+    """A store whose Redis call in flight breaks at the moment the task is cancelled, and whose
+    other calls fail as a Redis that is down does."""
+
+    calls = 0
+    converting = True  # off when the test is over, so a loop that did not stop can be ended
+
+    async def _in_flight(self) -> NoReturn:
+        self.calls += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if self.converting:
+                raise RedisConnectionError("Connection closed by server.") from None
+            raise
+        raise AssertionError("unreachable")
+
+    async def replicas(self) -> Any:
+        await self._in_flight()
+
+    async def all_policies(self) -> Any:
+        await self._in_flight()
+
+
+class Converting(Protocol):
+    converting: bool
+
+
+class LoadingSource(RedisPolicySource):
+    """An ext_proc replica's policy source waiting for Redis at start-up (SIGTERM cancels the
+    wait), whose fetch in flight breaks at the moment of the cancel."""
+
+    calls = 0
+    converting = True
+
+    async def _fetch(self) -> Any:
+        self.calls += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if self.converting:
+                raise RedisConnectionError("Connection closed by server.") from None
+            raise
+
+
+async def _stops_within(task: asyncio.Task[Any], store: Converting, seconds: float) -> bool:
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    store.converting = False  # end a loop that did not stop, rather than hang the suite
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    return bool(done) and task.cancelled()
+
+
+async def test_the_store_watch_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
+    store = CancelBecomesRedisError(redis_client(UNREACHABLE))
+    watch = StoreWatch(store, StoreMetrics(CollectorRegistry()), 0.01)
+    task = asyncio.create_task(watch.run())
+    await asyncio.sleep(0.05)
+    assert store.calls >= 1
+    assert await _stops_within(task, store, 2.0)
+    await store.close()
+
+
+async def test_the_tuner_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
+    store = CancelBecomesRedisError(redis_client(UNREACHABLE))
+    tuner = FleetTuner(store, interval=0.01)
+    task = asyncio.create_task(tuner.run())
+    await asyncio.sleep(0.05)
+    assert store.calls >= 1
+    assert await _stops_within(task, store, 2.0)
+    await store.close()
+
+
+async def test_a_replica_waiting_for_redis_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
+    source = LoadingSource(UNREACHABLE, "r1", "r1:1", StatsWindow(), MonotonicClock(), dict)
+    task = asyncio.create_task(source.load())
+    await asyncio.sleep(0.05)
+    assert source.calls >= 1
+    assert await _stops_within(task, source, 2.0)
+    await source.close()
+
+
+async def test_stop_task_gives_up_on_a_task_that_will_not_stop() -> None:
+    """A shutdown is never held up for longer than the bound, whatever a task does."""
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await stop_task(task, timeout=0.2)
+    assert not task.done()  # returned while the task still runs
+    release.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=1)
+    assert task.done()
