@@ -11,7 +11,8 @@ it for one more failed round and slept, and the process ignored every SIGTERM af
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NoReturn, Protocol
+from collections.abc import Coroutine
+from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,9 +29,9 @@ from mlproxy.redis_auth import redis_client
 UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every call used is overridden
 
 
-class CancelBecomesRedisError(RedisStore):
-    """A store whose Redis call in flight breaks at the moment the task is cancelled, and whose
-    other calls fail as a Redis that is down does."""
+class InFlight:
+    """A Redis call that breaks at the moment its task is cancelled (redis-py then reports a
+    connection error), until the test is over."""
 
     calls = 0
     converting = True  # off when the test is over, so a loop that did not stop can be ended
@@ -45,6 +46,10 @@ class CancelBecomesRedisError(RedisStore):
             raise
         raise AssertionError("unreachable")
 
+
+class BreakingStore(InFlight, RedisStore):
+    """The control plane's store, its calls in flight when the loops are cancelled."""
+
     async def replicas(self) -> Any:
         await self._in_flight()
 
@@ -52,31 +57,22 @@ class CancelBecomesRedisError(RedisStore):
         await self._in_flight()
 
 
-class Converting(Protocol):
-    converting: bool
-
-
-class LoadingSource(RedisPolicySource):
+class LoadingSource(InFlight, RedisPolicySource):
     """An ext_proc replica's policy source waiting for Redis at start-up (SIGTERM cancels the
-    wait), whose fetch in flight breaks at the moment of the cancel."""
-
-    calls = 0
-    converting = True
+    wait)."""
 
     async def _fetch(self) -> Any:
-        self.calls += 1
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            if self.converting:
-                raise RedisConnectionError("Connection closed by server.") from None
-            raise
+        await self._in_flight()
 
 
-async def _stops_within(task: asyncio.Task[Any], store: Converting, seconds: float) -> bool:
+async def _stops_when_cancelled(run: Coroutine[Any, Any, Any], redis: InFlight) -> bool:
+    """Runs `run` until its Redis call is in flight, cancels it: has it stopped 2 s later?"""
+    task = asyncio.create_task(run)
+    await asyncio.sleep(0.05)
+    assert redis.calls >= 1
     task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    store.converting = False  # end a loop that did not stop, rather than hang the suite
+    done, _ = await asyncio.wait({task}, timeout=2.0)
+    redis.converting = False  # end a loop that did not stop, rather than hang the suite
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
@@ -84,31 +80,22 @@ async def _stops_within(task: asyncio.Task[Any], store: Converting, seconds: flo
 
 
 async def test_the_store_watch_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
-    store = CancelBecomesRedisError(redis_client(UNREACHABLE))
-    watch = StoreWatch(store, StoreMetrics(CollectorRegistry()), 0.01)
-    task = asyncio.create_task(watch.run())
-    await asyncio.sleep(0.05)
-    assert store.calls >= 1
-    assert await _stops_within(task, store, 2.0)
+    store = BreakingStore(redis_client(UNREACHABLE))
+    assert await _stops_when_cancelled(
+        StoreWatch(store, StoreMetrics(CollectorRegistry()), 0.01).run(), store
+    )
     await store.close()
 
 
 async def test_the_tuner_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
-    store = CancelBecomesRedisError(redis_client(UNREACHABLE))
-    tuner = FleetTuner(store, interval=0.01)
-    task = asyncio.create_task(tuner.run())
-    await asyncio.sleep(0.05)
-    assert store.calls >= 1
-    assert await _stops_within(task, store, 2.0)
+    store = BreakingStore(redis_client(UNREACHABLE))
+    assert await _stops_when_cancelled(FleetTuner(store, interval=0.01).run(), store)
     await store.close()
 
 
 async def test_a_replica_waiting_for_redis_stops_when_its_cancel_arrives_as_a_redis_error() -> None:
     source = LoadingSource(UNREACHABLE, "r1", "r1:1", StatsWindow(), MonotonicClock(), dict)
-    task = asyncio.create_task(source.load())
-    await asyncio.sleep(0.05)
-    assert source.calls >= 1
-    assert await _stops_within(task, source, 2.0)
+    assert await _stops_when_cancelled(source.load(), source)
     await source.close()
 
 

@@ -9,9 +9,8 @@ import random
 import pytest
 
 from extproc.core.batching import RateMeter
-from extproc.core.estimator import LatencyEstimator
 from extproc.core.rules import AdaptiveRule
-from tests.unit.test_rules import MODEL, _Backend, _poisson, _simulate
+from tests.unit.test_rules import MODEL, _Backend, _missed_on_four_workers, _poisson
 
 
 @pytest.mark.parametrize("gap", [1.0, 10.0])
@@ -38,19 +37,7 @@ def test_one_request_three_seconds_before_heavy_load_does_not_bring_back_the_sta
     seconds, as before the fix. From the load's third second on, now as few as without it."""
     rng = random.Random(1)
     arrivals = [(0.0, 0.150)] + [(3.0 + t, b) for t, b in _poisson(1300.0, 8.0, rng)]
-    rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 4, 100_000, margin=0.015)
-    run = _simulate(
-        rule,
-        arrivals,
-        workers=4,
-        wait_at_server=True,
-        overhead=0.002,
-        noise=0.1,
-        rng=rng,
-        drain=True,
-    )
-    after = [r for r in run.requests if r.arrival >= 5.0]
-    missed = sum(not r.met for r in after) / len(after)
+    missed = _missed_on_four_workers(arrivals, rng, since=5.0)
     assert missed <= 0.01, missed
 
 
@@ -69,19 +56,7 @@ def test_a_steady_trickle_that_turns_into_heavy_load_is_drained_within_a_second(
     rng = random.Random(1)
     before = _poisson(trickle, 10.0, rng)
     arrivals = before + [(10.0 + t, b) for t, b in _poisson(1300.0, 6.0, rng)]
-    rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 4, 100_000, margin=0.015)
-    run = _simulate(
-        rule,
-        arrivals,
-        workers=4,
-        wait_at_server=True,
-        overhead=0.002,
-        noise=0.1,
-        rng=rng,
-        drain=True,
-    )
-    after = [r for r in run.requests if r.arrival >= 11.0]
-    missed = sum(not r.met for r in after) / len(after)
+    missed = _missed_on_four_workers(arrivals, rng, since=11.0)
     assert missed <= 0.01, missed
 
 
