@@ -3,9 +3,11 @@ them as a Redis error.
 
 CI caught a control plane that outlived its killed supervisor: Redis went down with the
 supervisor, uvicorn's shutdown cancelled the store watch, but the cancellation surfaced from
-redis-py as a connection error (Python 3.11's `asyncio.wait_for`, which redis-py uses for
-writes, returns the inner call's outcome when it ends at the moment of the cancel); the loop took
-it for one more failed round and slept, and the process ignored every SIGTERM after that.
+redis-py as a connection error (seen in a task dump of the stuck process: the store watch
+"cancelling" but asleep in its retry loop; the exact path inside redis-py was not pinned down,
+a likely one is Python 3.11's `asyncio.wait_for`, which redis-py uses for writes and which
+returns the inner call's outcome when it ends at the moment of the cancel); the loop took it
+for one more failed round and slept, and the process ignored every SIGTERM after that.
 """
 
 from __future__ import annotations
