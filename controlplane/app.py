@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -49,6 +48,7 @@ from controlplane.domain.records import (
 )
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
+from mlproxy.aio import stop_task
 from mlproxy.policy import Policy, PolicyWrite
 from mlproxy.replica import ReplicaRecord
 
@@ -206,11 +206,9 @@ def create_app(
         try:
             yield
         finally:
-            await StoreWatch.stop(watching)
+            await stop_task(watching)
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
             if own:
                 await app.state.store.close()
 

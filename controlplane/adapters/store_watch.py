@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import RedisStore, StoreInfo
-from mlproxy.aio import raise_if_cancelling, stop_task
+from mlproxy.aio import raise_if_cancelling
 from mlproxy.replica import ReplicaRecord
 
 __all__ = ["StoreMetrics", "StoreStatus", "StoreWatch", "heartbeat_floor", "store_status"]
@@ -179,7 +179,3 @@ class StoreWatch:
                 raise_if_cancelling()
                 log.exception("store watch: round failed")
             await asyncio.sleep(self.interval)
-
-    @staticmethod
-    async def stop(task: asyncio.Task[None]) -> None:
-        await stop_task(task)

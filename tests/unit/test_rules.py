@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from extproc.core.aimd import Aimd
 from extproc.core.batching import BatchQueue, Dispatch, Entry, EntryState, Shed, WaitUntil
 from extproc.core.estimator import LatencyEstimator, LatencyModel
-from extproc.core.rules import AdaptiveRule, AimdRule, FixedLatency, OnLate, StaticRule
+from extproc.core.rules import (
+    AdaptiveRule,
+    AimdRule,
+    FixedLatency,
+    Objective,
+    OnLate,
+    StaticRule,
+)
 
 MODEL = LatencyModel(base=0.010, per_item=0.001)  # t(b) = 10 ms + 1 ms per instance
 
@@ -1040,12 +1047,17 @@ def test_a_new_policy_at_nine_tenths_of_four_workers_capacity_is_served_after_a_
 
 
 def _missed_on_four_workers(
-    arrivals: list[tuple[float, float]], rng: random.Random, since: float
+    arrivals: list[tuple[float, float]],
+    rng: random.Random,
+    since: float,
+    objective: Objective = "cost",
 ) -> float:
     """The share of the requests arriving from `since` on that missed, with a fresh adaptive
-    rule (SLA 100 ms, p99, up to 4 in flight) in front of four workers that queue batches (2
-    ms overhead, 10% noise)."""
-    rule = AdaptiveRule(LatencyEstimator(percentile=99.0), 64, 4, 100_000, margin=0.015)
+    rule (p99 latency model, batches of up to 64, up to 4 in flight) in front of four workers
+    that queue batches (2 ms overhead, 10% noise)."""
+    rule = AdaptiveRule(
+        LatencyEstimator(percentile=99.0), 64, 4, 100_000, margin=0.015, objective=objective
+    )
     run = _simulate(
         rule,
         arrivals,
