@@ -130,12 +130,21 @@ class EntryState(Enum):
 class Entry(Generic[T]):
     """One queued request."""
 
-    __slots__ = ("arrival", "deadline", "item", "key", "size", "state")
+    __slots__ = ("arrival", "deadline", "item", "key", "queued", "size", "state")
 
-    def __init__(self, item: T, size: int, arrival: float, deadline: float, seq: int) -> None:
+    def __init__(
+        self,
+        item: T,
+        size: int,
+        arrival: float,
+        deadline: float,
+        seq: int,
+        queued: float | None = None,
+    ) -> None:
         self.item = item
         self.size = size
-        self.arrival = arrival
+        self.arrival = arrival  # when its request reached ext_proc: its allowance counts from it
+        self.queued = arrival if queued is None else queued  # when it joined the queue
         self.deadline = deadline
         self.key = (deadline, seq)  # the queue's order
         self.state = EntryState.QUEUED
@@ -215,7 +224,9 @@ class QueueView(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def oldest_arrival(self) -> float | None: ...
+    def oldest_queued(self) -> float | None:
+        """When the request queued longest joined the queue (None: nothing queued)."""
+        ...
 
     def arrival_rate(self, now: float) -> float:
         """Instances offered per second lately (exponentially weighted, `RATE_WINDOW`)."""
@@ -292,15 +303,22 @@ class BatchQueue(Generic[T]):
         """Batches at the backend: this queue's, or all that share its `InFlight` count."""
         return self._in_flight if self._shared is None else self._shared.count
 
-    def offer(self, item: T, size: int, now: float, deadline: float) -> Entry[T] | None:
-        """Queue a request of `size` instances due by `deadline`; None if the queue is full."""
+    def offer(
+        self, item: T, size: int, now: float, deadline: float, arrival: float | None = None
+    ) -> Entry[T] | None:
+        """Queue a request of `size` instances due by `deadline`; None if the queue is full.
+        `arrival` (default `now`): when the request reached ext_proc, if before it is queued
+        (ext_proc parses its body first); its allowance (deadline - arrival) counts from it,
+        a static wait from `now`."""
         if size < 1:
             raise ValueError("a request has at least one instance")
         if self._queued >= self.rule.max_queue:
             return None
         self._seq += 1
         self.meter.add(size, now)
-        entry: Entry[T] = Entry(item, size, now, deadline, self._seq)
+        entry: Entry[T] = Entry(
+            item, size, now if arrival is None else arrival, deadline, self._seq, now
+        )
         order = self._order
         if len(order) == self._lo or order[-1].key <= entry.key:
             order.append(entry)  # the usual case: deadlines arrive in order
@@ -351,9 +369,9 @@ class BatchQueue(Generic[T]):
     def arrival_rate(self, now: float) -> float:
         return self.meter.rate(now)
 
-    def oldest_arrival(self) -> float | None:
+    def oldest_queued(self) -> float | None:
         self._trim_fifo()
-        return self._fifo[0].arrival if self._fifo else None
+        return self._fifo[0].queued if self._fifo else None
 
     def _trim_fifo(self) -> None:
         fifo = self._fifo

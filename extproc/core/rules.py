@@ -727,7 +727,7 @@ def _full_or_timer(
     (asked only then); else wake then (or after `recheck` seconds, whichever is first)."""
     if queue.queued_size >= cap:
         return Send("full", cap)
-    oldest = queue.oldest_arrival()
+    oldest = queue.oldest_queued()
     if oldest is None:
         return None
     due = oldest + wait()
