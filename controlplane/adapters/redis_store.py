@@ -358,7 +358,7 @@ class RedisStore:
                             "updated_at": now,
                         }
                     )
-                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.multi()  # type: ignore[no-untyped-call, unused-ignore]
                     pipe.set(keys.VERSION, version)
                     pipe.hset(keys.POLICIES, name, record.model_dump_json())
                     pipe.publish(keys.CHANGES, _change("put", name, version, generation))
@@ -388,7 +388,7 @@ class RedisStore:
                     current = Policy.model_validate_json(raw)
                     precondition.check(name, current.version)
                     version = await self._next_version(pipe)
-                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.multi()  # type: ignore[no-untyped-call, unused-ignore]
                     pipe.set(keys.VERSION, version)
                     pipe.hdel(keys.POLICIES, name)
                     pipe.publish(keys.CHANGES, _change("delete", name, version, generation))

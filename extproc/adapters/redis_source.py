@@ -335,7 +335,7 @@ class RedisPolicySource:
                 backoff = min(5.0, backoff * 2)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _periodic(self) -> None:
         while await self._pause(self.resync_interval):
