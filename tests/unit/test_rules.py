@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -594,7 +595,7 @@ _DONE, _ARRIVE, _WAKE = 0, 1, 2  # at one instant: a batch ends, then arrivals, 
 
 def _simulate(
     rule: AdaptiveRule | StaticRule,
-    *clients: list[tuple[float, float]],
+    *clients: Sequence[tuple[float, float] | tuple[float, float, int]],
     workers: int = 1,
     wait_at_server: bool = False,
     overhead: float = 0.0,
@@ -605,7 +606,8 @@ def _simulate(
     shared: bool = False,
 ) -> _Run:
     """Drive a queue exactly as the runtime does: poll on every arrival, at every wake-up and
-    when a batch ends. `clients`: arrival streams of (arrival, budget) pairs, merged. The
+    when a batch ends. `clients`: arrival streams of (arrival, budget) pairs, merged (or
+    (arrival, budget, instances); one instance by default). The
     backend has `workers` workers, each running one batch at a time for (`overhead` +
     SERVER's time) x log-normal noise of sigma `noise` (drawn from `rng`; exactly SERVER's
     time by default). A batch sent while every worker is busy waits for the first free one
@@ -620,9 +622,9 @@ def _simulate(
     run = _Run(q, [], [], [])
     seq = itertools.count()
     events: list[tuple[float, int, int, Any]] = []
-    streams = sorted(pair for stream in clients for pair in stream)
-    for t, budget in streams:
-        heapq.heappush(events, (t, _ARRIVE, next(seq), budget))
+    streams = sorted(arrival for stream in clients for arrival in stream)
+    for t, budget, *size in streams:
+        heapq.heappush(events, (t, _ARRIVE, next(seq), (budget, size[0] if size else 1)))
     left = len(streams)  # arrivals still to come
     free_at = [0.0] * workers
     wake: float | None = None
@@ -636,11 +638,11 @@ def _simulate(
                 assert req.answered is None and req.shed is None
                 req.answered = now
         elif kind == _ARRIVE:
-            budget = data
+            budget, size = data
             item = _Req(len(run.requests))
             run.requests.append(_Request(now, now + budget))
             run.refs.append(weakref.ref(item))
-            if q.offer(item, 1, now, now + budget) is None:
+            if q.offer(item, size, now, now + budget) is None:
                 assert refuse, "the queue refused a request"
                 run.requests[-1].refused = True
             del item
