@@ -139,12 +139,12 @@ class Entry(Generic[T]):
         arrival: float,
         deadline: float,
         seq: int,
-        queued: float | None = None,
+        queued: float,
     ) -> None:
         self.item = item
         self.size = size
         self.arrival = arrival  # when its request reached ext_proc: its allowance counts from it
-        self.queued = arrival if queued is None else queued  # when it joined the queue
+        self.queued = queued  # when it joined the queue
         self.deadline = deadline
         self.key = (deadline, seq)  # the queue's order
         self.state = EntryState.QUEUED
