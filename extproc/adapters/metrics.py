@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 from mlproxy.policy import Policy
 
@@ -247,6 +249,17 @@ class PrometheusMetrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        # Labelled series on the request path, looked up once: prometheus_client's labels()
+        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
+        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, label: str, second: str = "") -> Any:
+        key = (metric, label, second)
+        child = self._series.get(key)
+        if child is None:
+            child = metric.labels(label, second) if second else metric.labels(label)
+            self._series[key] = child
+        return child
 
     def policy_applied(self, policy: Policy) -> None:
         """Export what this replica applies of `policy`: its version and SLA. Its SLA miss
@@ -263,6 +276,7 @@ class PrometheusMetrics:
         """The policy was deleted: drop its version and SLA (its counters stay, as Prometheus
         counters do; requests still queued under it finish and are counted)."""
         for gauge in (self.policy_version, self.sla_latency, self.sla_percentile, self.allowance):
+            self._series.pop((gauge, name, ""), None)
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 
@@ -281,28 +295,28 @@ class PrometheusMetrics:
         pass  # counted by request_done, by outcome
 
     def request_answered(self, policy: str, latency: float, missed: bool) -> None:
-        self.latency.labels(policy).observe(latency)
+        self._child(self.latency, policy).observe(latency)
         if missed:
-            self.sla_misses.labels(policy).inc()
+            self._child(self.sla_misses, policy).inc()
 
     def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
-        self.requests.labels(policy, outcome).inc()
+        self._child(self.requests, policy, outcome).inc()
         if queue_wait is not None:
-            self.queue_wait.labels(policy).observe(queue_wait)
+            self._child(self.queue_wait, policy).observe(queue_wait)
 
     def batch_done(
         self, policy: str, size: int, requests: int, seconds: float, outcome: str
     ) -> None:
-        self.batch_size.labels(policy).observe(size)
-        self.batch_requests.labels(policy).observe(requests)
-        self.backend_latency.labels(policy, outcome).observe(seconds)
+        self._child(self.batch_size, policy).observe(size)
+        self._child(self.batch_requests, policy).observe(requests)
+        self._child(self.backend_latency, policy, outcome).observe(seconds)
 
     def queue_depth(self, policy: str, delta: int) -> None:
-        self.depth.labels(policy).inc(delta)
+        self._child(self.depth, policy).inc(delta)
 
     def batch_sent(self, policy: str, reason: str, in_flight_limit: int) -> None:
-        self.batches_sent.labels(policy, reason).inc()
-        self.in_flight_limit.labels(policy).set(in_flight_limit)
+        self._child(self.batches_sent, policy, reason).inc()
+        self._child(self.in_flight_limit, policy).set(in_flight_limit)
 
     def passthrough(self) -> None:
         self.passthrough_requests.inc()
@@ -315,15 +329,15 @@ class PrometheusMetrics:
 
     def request_time(self, policy: str, status: str, excess: float) -> None:
         if status == "ok":
-            self.inbound_delay.labels(policy).observe(excess)
+            self._child(self.inbound_delay, policy).observe(excess)
         else:
             self.request_time_fallbacks.labels(status).inc()
 
     def reply_handoff(self, policy: str, seconds: float) -> None:
-        self.handoff.labels(policy).observe(seconds)
+        self._child(self.handoff, policy).observe(seconds)
 
     def outside_allowance(self, policy: str, seconds: float) -> None:
-        self.allowance.labels(policy).set(seconds)
+        self._child(self.allowance, policy).set(seconds)
 
     def peer_forward(self, policy: str, outcome: str) -> None:
         self.peer_forwarded.labels(policy, outcome).inc()

@@ -1,14 +1,16 @@
-"""Minimal protobuf wire codec for the few ext_proc fields the hot path touches.
+"""Envoy's ext_proc messages on the hot path: decoded and encoded with the `protobuf` runtime
+(upb, in C) and classes generated from Envoy's .proto files (extproc/_envoy_pb, made by
+proto/generate.py).
 
-envoy-data-plane's betterproto2 classes validate every message with pydantic, which costs
-about 1 ms of CPU per request; this module decodes and encodes only what MLProxy needs,
-in plain Python. It is checked byte for byte against the betterproto2 classes in
-tests/unit/test_wire.py, which remain the reference (see DESIGN.md section 2).
+envoy-data-plane's betterproto2 classes validate every message with pydantic, which costs about
+1 ms of CPU per request; upb decodes a request-headers message in a few microseconds. This
+module turns what MLProxy needs into plain Python values and refuses what no honest peer sends.
+It is checked byte for byte against the betterproto2 classes in tests/unit/test_wire.py, which
+remain the reference (see DESIGN.md section 2).
 
 Messages (envoy.service.ext_proc.v3):
   ProcessingRequest  { 2: request_headers HttpHeaders, 4: request_body HttpBody, ...,
                        9: attributes map<string, google.protobuf.Struct> }
-  Struct             { 1: fields map<string, Value> };  Value { 3: string_value string, ... }
   HttpHeaders        { 1: headers HeaderMap, 3: end_of_stream bool }
   HeaderMap          { 1: repeated HeaderValue }
   HeaderValue        { 1: key string, 2: value string, 3: raw_value bytes }
@@ -24,6 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from extproc._envoy_pb.envoy.config.core.v3 import base_pb2 as _core
+from extproc._envoy_pb.envoy.service.ext_proc.v3 import external_processor_pb2 as _ep
 
 __all__ = [
     "BODY_CONTINUE",
@@ -74,17 +81,15 @@ DEFAULT_LIMITS = HeaderLimits()
 
 # Wire types.
 _VARINT = 0
-_I64 = 1
 _LEN = 2
-_I32 = 5
 
 # Framing bytes one header can take besides its name and value: the HeaderValue tag and length,
 # the key and raw_value tags and lengths (lengths below 2 MiB take at most 3 bytes each).
 _HEADER_FRAMING = 12
-# Fields read at one level of a message (ProcessingRequest, HttpHeaders, HttpBody, HeaderValue)
-# before it is refused: the real ones have at most a dozen, and each field costs a Python loop
-# iteration, so a message of a million tiny fields would otherwise hold the event loop.
-_MAX_FIELDS = 64
+# ProcessingRequest.request_headers (field 2) and HttpHeaders.headers (field 1), both
+# length-delimited: the tags a request-headers message starts with.
+_REQUEST_HEADERS_TAG = 0x12
+_HEADER_MAP_TAG = 0x0A
 
 
 @dataclass(slots=True)
@@ -100,184 +105,84 @@ class Message:
     end_of_stream: bool = False
 
 
-def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    if pos < end:
-        b = buf[pos]
-        if b < 0x80:  # one byte: tags and short lengths, the common case
-            return b, pos + 1
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it), or (-1, pos) if buf ends first."""
     result = 0
     shift = 0
-    while True:
-        if pos >= end:
-            raise WireError("truncated varint")
+    while pos < len(buf) and shift < 64:
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
-            raise WireError("varint too long")
+    return -1, pos
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int, int]]:
-    """Yield (field number, wire type, value or start, stop) for each field in buf[pos:end],
-    at most _MAX_FIELDS of them.
-
-    For length-delimited fields the value is the start offset and stop the end offset; for
-    varints the value is the integer and stop is unused.
-    """
-    n = 0
-    while pos < end:
-        n += 1
-        if n > _MAX_FIELDS:
-            raise WireError(f"more than {_MAX_FIELDS} fields in one message")
-        key, pos = _read_varint(buf, pos, end)
-        number, wtype = key >> 3, key & 7
-        if wtype == _VARINT:
-            value, pos = _read_varint(buf, pos, end)
-            yield number, wtype, value, pos
-        elif wtype == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            stop = pos + length
-            if stop > end:
-                raise WireError("truncated length-delimited field")
-            yield number, wtype, pos, stop
-            pos = stop
-        elif wtype == _I64:
-            pos += 8
-            if pos > end:
-                raise WireError("truncated fixed64")
-        elif wtype == _I32:
-            pos += 4
-            if pos > end:
-                raise WireError("truncated fixed32")
-        else:
-            raise WireError(f"unsupported wire type {wtype}")
+def _precheck_headers(buf: bytes, limits: HeaderLimits) -> None:
+    """Refuse a request-headers message whose header map cannot fit the limits before any of it
+    is decoded: Envoy writes the request headers first, so their length is in the first bytes."""
+    if len(buf) < 2 or buf[0] != _REQUEST_HEADERS_TAG:
+        return
+    _, pos = _read_varint(buf, 1)
+    if pos < len(buf) and buf[pos] == _HEADER_MAP_TAG:
+        length, _ = _read_varint(buf, pos + 1)
+        if length > limits.size + limits.count * _HEADER_FRAMING:
+            raise HeaderLimitError(
+                f"request headers take {length} bytes; at most {limits.count} headers and "
+                f"{limits.size} bytes of them are accepted"
+            )
 
 
-def _skip(buf: bytes, pos: int, end: int, wtype: int) -> int:
-    """The position after a field of wire type VARINT, I64 or I32 whose value starts at pos."""
-    if wtype == _VARINT:
-        return _read_varint(buf, pos, end)[1]
-    if wtype == _I64:
-        pos += 8
-    elif wtype == _I32:
-        pos += 4
-    else:
-        raise WireError(f"unsupported wire type {wtype}")
-    if pos > end:
-        raise WireError("truncated fixed-size field")
-    return pos
-
-
-def _decode_header_map(
-    buf: bytes, pos: int, end: int, out: dict[str, str], limits: HeaderLimits
-) -> None:
-    # Refuse a header map that cannot fit the limits before decoding any of it.
-    if end - pos > limits.size + limits.count * _HEADER_FRAMING:
-        raise HeaderLimitError(
-            f"request headers take {end - pos} bytes; at most {limits.count} headers and "
-            f"{limits.size} bytes of them are accepted"
-        )
-    count = 0
+def _headers(values: Iterable[_core.HeaderValue], limits: HeaderLimits) -> dict[str, str]:
+    out: dict[str, str] = {}
     size = 0
-    while pos < end:
-        tag, pos = _read_varint(buf, pos, end)
-        count += 1  # unknown fields count too
-        if count > limits.count:
-            raise HeaderLimitError(f"more than {limits.count} request headers")
-        if tag & 7 != _LEN:
-            pos = _skip(buf, pos, end, tag & 7)
-            continue
-        length, pos = _read_varint(buf, pos, end)
-        stop = pos + length
-        if stop > end:
-            raise WireError("truncated header")
-        if tag != 0x0A:  # not field 1 (headers)
-            pos = stop
-            continue
-        key = b""
-        value = b""
-        raw: bytes | None = None
-        for n2, w2, s2, e2 in _fields(buf, pos, stop):
-            if w2 != _LEN:
-                continue
-            size += e2 - s2
-            if n2 == 1:
-                key = buf[s2:e2]
-            elif n2 == 2:
-                value = buf[s2:e2]
-            elif n2 == 3:
-                raw = buf[s2:e2]
-        if size > limits.size:
-            raise HeaderLimitError(f"request headers larger than {limits.size} bytes")
-        pos = stop
-        name = key.decode("utf-8", "replace")
-        text = (value if raw is None else raw).decode("utf-8", "replace")
+    for h in values:
+        key = h.key
+        raw = h.raw_value
+        value = raw.decode("utf-8", "replace") if raw else h.value
+        size += len(key) + len(raw) + len(h.value)
         # Header names are lower case in Envoy; repeated names are joined as HTTP allows.
-        if name in out:
-            out[name] = f"{out[name]},{text}"
+        if key in out:
+            out[key] = f"{out[key]},{value}"
         else:
-            out[name] = text
-
-
-def _decode_attributes(buf: bytes, pos: int, end: int, out: dict[str, str]) -> None:
-    """One entry of the attributes map: {1: filter name, 2: Struct}; string values only."""
-    for number, wtype, start, stop in _fields(buf, pos, end):
-        if number != 2 or wtype != _LEN:
-            continue
-        for n2, w2, s2, e2 in _fields(buf, start, stop):  # Struct
-            if n2 != 1 or w2 != _LEN:
-                continue
-            name = None
-            value = None
-            for n3, w3, s3, e3 in _fields(buf, s2, e2):  # Struct.FieldsEntry
-                if w3 != _LEN:
-                    continue
-                if n3 == 1:
-                    name = buf[s3:e3].decode("utf-8", "replace")
-                elif n3 == 2:
-                    for n4, w4, s4, e4 in _fields(buf, s3, e3):  # Value
-                        if n4 == 3 and w4 == _LEN:
-                            value = buf[s4:e4].decode("utf-8", "replace")
-            if name is not None and value is not None:
-                out[name] = value
+            out[key] = value
+    if size > limits.size:
+        raise HeaderLimitError(f"request headers larger than {limits.size} bytes")
+    return out
 
 
 def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS) -> Message:
     """Decode the request-side parts of an ext_proc ProcessingRequest.
 
     Raises WireError for bytes that are not such a message, and its subclass
-    HeaderLimitError for request headers over `limits`, without decoding the rest."""
-    end = len(buf)
-    msg: Message | None = None
-    attributes: dict[str, str] = {}
-    for number, wtype, start, stop in _fields(buf, 0, end):
-        if wtype != _LEN:
-            continue
-        if number == 2:  # request_headers: HttpHeaders
-            msg = Message("request_headers")
-            for n2, w2, s2, e2 in _fields(buf, start, stop):
-                if n2 == 1 and w2 == _LEN:
-                    _decode_header_map(buf, s2, e2, msg.headers, limits)
-                elif n2 == 3 and w2 == _VARINT:
-                    msg.end_of_stream = bool(s2)
-        elif number == 4:  # request_body: HttpBody
-            msg = Message("request_body")
-            for n2, w2, s2, e2 in _fields(buf, start, stop):
-                if n2 == 1 and w2 == _LEN:
-                    msg.body = buf[s2:e2]
-                elif n2 == 2 and w2 == _VARINT:
-                    msg.end_of_stream = bool(s2)
-        elif number in (3, 5, 6, 7):  # response_headers/body, request/response trailers
-            msg = Message("other")
-        elif number == 9:  # attributes (after the oneof: fields are written in order)
-            _decode_attributes(buf, start, stop, attributes)
-    if msg is None:
+    HeaderLimitError for request headers over `limits`."""
+    _precheck_headers(buf, limits)
+    try:
+        request = _ep.ProcessingRequest.FromString(buf)
+    except DecodeError as err:
+        raise WireError(str(err) or "not a ProcessingRequest") from None
+    kind = request.WhichOneof("request")
+    if kind == "request_body":
+        body = request.request_body
+        return Message("request_body", body=body.body, end_of_stream=body.end_of_stream)
+    if kind != "request_headers":
         return Message("other")
-    msg.attributes = attributes
-    return msg
+    http_headers = request.request_headers
+    values = http_headers.headers.headers
+    if len(values) > limits.count:
+        raise HeaderLimitError(f"more than {limits.count} request headers")
+    attributes: dict[str, str] = {}
+    for struct in request.attributes.values():
+        for name, value in struct.fields.items():
+            if value.WhichOneof("kind") == "string_value":
+                attributes[name] = value.string_value
+    return Message(
+        "request_headers",
+        headers=_headers(values, limits),
+        attributes=attributes,
+        end_of_stream=http_headers.end_of_stream,
+    )
 
 
 def _varint(value: int) -> bytes:
@@ -291,14 +196,6 @@ def _varint(value: int) -> bytes:
 
 def _len_field(number: int, payload: bytes) -> bytes:
     return _varint((number << 3) | _LEN) + _varint(len(payload)) + payload
-
-
-def _header_value_option(key: str, value: str) -> bytes:
-    # HeaderValue{key=1, raw_value=3}: Envoy ignores `value` in mutations (DESIGN.md section 2).
-    header_value = (_len_field(1, key.encode()) if key else b"") + (
-        _len_field(3, value.encode()) if value else b""
-    )
-    return _len_field(1, _len_field(1, header_value))
 
 
 # Status codes Envoy's HttpStatus enum defines (envoy.type.v3.StatusCode); Envoy only takes these.
@@ -380,17 +277,21 @@ def encode_immediate_response(
 ) -> bytes:
     """ProcessingResponse{immediate_response: {status, headers, body, details}}.
 
-    A status Envoy does not define is sent as the generic code of its class."""
-    http_status = _varint((1 << 3) | _VARINT) + _varint(envoy_status(status))
-    parts = [_len_field(1, http_status)]
-    mutation = b"".join(_header_value_option(k, v) for k, v in headers)
-    if mutation:
-        parts.append(_len_field(2, mutation))
-    if body:
-        parts.append(_len_field(3, body))
-    if details:
-        parts.append(_len_field(5, details.encode()))
-    return _len_field(7, b"".join(parts))
+    Headers are set as HeaderValue{key, raw_value}: Envoy ignores `value` in mutations
+    (DESIGN.md section 2). A status Envoy does not define is sent as the generic code of its
+    class."""
+    response = _ep.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = envoy_status(status)  # type: ignore[assignment]
+    set_headers = immediate.headers.set_headers
+    for key, value in headers:
+        header = set_headers.add().header
+        header.key = key
+        header.raw_value = value.encode()
+    immediate.body = body
+    immediate.details = details
+    encoded: bytes = response.SerializeToString()
+    return encoded
 
 
 # ProcessingResponse{request_headers: HeadersResponse{}}: continue, body comes next.

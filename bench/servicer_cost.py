@@ -1,0 +1,202 @@
+"""ext_proc's own CPU per request, without gRPC: the servicer, the batcher and the codec on fake
+streams, with an instant backend.
+
+    python bench/servicer_cost.py [--requests 20000] [--concurrency 64] [--profile]
+
+`bench/overhead.py` measures the whole process under a real Envoy, where gRPC's own work
+(about half of it) and the machine's noise are in the figure. This runs the same request path
+(`ExtProcServicer.process`: decode the headers and body messages Envoy sends, route, check,
+parse, queue, batch, call the backend, split, encode the immediate response) on one event loop,
+`--concurrency` streams at a time, against a backend that answers at once without a socket, and
+prints the process CPU time per request. The batches are those a static policy forms when the
+CPU is the bottleneck, as in the overhead benchmark. `--profile` prints cProfile's top entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc
+import uvloop
+from envoy_data_plane.envoy.config.core import v3 as core
+from envoy_data_plane.envoy.service.ext_proc import v3 as ep
+from envoy_data_plane.google.protobuf import Struct, Value
+
+from extproc.adapters.metrics import PrometheusMetrics
+from extproc.adapters.servicer import ExtProcServicer
+from extproc.core.clock import MonotonicClock
+from extproc.core.stats import StatsWindow
+from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.ports import BackendResponse
+from extproc.runtime.telemetry import Telemetry
+from mlproxy.policy import Router, parse_policies
+
+ATTRIBUTES = "envoy.filters.http.ext_proc"
+
+
+def headers_message(path: str, length: int, request_time: str) -> bytes:
+    """A request-headers message as the overhead benchmark's Envoy sends it."""
+    headers = {
+        ":authority": "127.0.0.1:10000",
+        ":path": path,
+        ":method": "POST",
+        ":scheme": "http",
+        "content-type": "application/json",
+        "content-length": str(length),
+        "user-agent": "Python/3.11 aiohttp/3.13.2",
+        "accept": "*/*",
+        "accept-encoding": "gzip, deflate",
+        "x-forwarded-proto": "http",
+        "x-request-id": "0b3b6a7e-5c1e-4d0f-9a55-5a0f5a3f1c1e",
+    }
+    values = [core.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(headers=core.HeaderMap(headers=values)),
+            attributes={
+                ATTRIBUTES: Struct(
+                    fields={
+                        "request.time": Value(string_value=request_time),
+                        "source.address": Value(string_value="127.0.0.1:51234"),
+                    }
+                )
+            },
+        )
+    )
+
+
+def body_message(body: bytes) -> bytes:
+    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+
+
+class FakeContext:
+    """One ext_proc stream: Envoy's two messages, then whatever the servicer writes."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self._messages = messages
+        self.written: list[bytes] = []
+
+    async def read(self) -> Any:
+        if not self._messages:
+            return grpc.aio.EOF
+        return self._messages.pop(0)
+
+    async def write(self, message: bytes) -> None:
+        self.written.append(message)
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"aborted: {code} {details}")
+
+
+class InstantBackend:
+    """Answers a kserve-v1 batch at once: one prediction per instance."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int,
+    ) -> BackendResponse:
+        self.calls += 1
+        n = len(json.loads(body)["instances"])
+        answer = json.dumps({"predictions": [[0.25, 0.25, 0.25, 0.25]] * n}).encode()
+        await asyncio.sleep(0)
+        return BackendResponse(200, answer, "application/json")
+
+
+async def run(requests: int, concurrency: int, wait_ms: float) -> tuple[float, float, int]:
+    policies = parse_policies(
+        {
+            "policies": [
+                {
+                    "name": "bench",
+                    "match": {"path": "/v1/models/{model}:predict"},
+                    "backend": {"url": "http://127.0.0.1:9/v1/models/{model}:predict"},
+                    "batching": {
+                        "mode": "static",
+                        "max_batch_size": 64,
+                        "max_wait_ms": wait_ms,
+                        "max_in_flight": 2,
+                    },
+                }
+            ]
+        }
+    )
+    clock = MonotonicClock()
+    metrics = PrometheusMetrics()
+    telemetry = Telemetry(metrics, StatsWindow(), clock)
+    backend = InstantBackend()
+    pool = BatcherPool(BatchExecutor(backend, telemetry, clock), clock, telemetry)
+    router = Router()
+    router.replace(policies)
+    pool.update_policies(policies)
+    servicer = ExtProcServicer(router, pool, telemetry)
+    body = json.dumps({"instances": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}).encode()
+    body_msg = body_message(body)
+    # Envoy's clock stamps each request; a stamp a few seconds old reads as a slow hop, which
+    # is the same work for the servicer.
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000000Z"
+    headers_msg = headers_message("/v1/models/demo:predict", len(body), stamp)
+    done = 0
+
+    async def stream() -> None:
+        nonlocal done
+        while done < requests:
+            done += 1
+            ctx = FakeContext([headers_msg, body_msg])
+            await servicer.process(None, ctx)
+            if len(ctx.written) != 2:
+                raise RuntimeError(f"stream wrote {len(ctx.written)} messages")
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(concurrency)))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    await pool.drain()
+    metrics.close()
+    return cpu, wall, backend.calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    uvloop.run(run(500, args.concurrency, args.max_wait_ms))  # warm up
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    cpu, wall, calls = uvloop.run(run(args.requests, args.concurrency, args.max_wait_ms))
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    print(
+        f"{args.requests} requests, concurrency {args.concurrency}: "
+        f"{cpu / args.requests * 1e6:.1f} us CPU per request, "
+        f"mean batch {args.requests / max(calls, 1):.1f}, {args.requests / wall:.0f} req/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
