@@ -21,6 +21,10 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     wrong: int = 0  # 200 answers that failed the check
     elapsed: float = 0.0
+    # MLProxy's own timing headers of the successful answers, in seconds (when present):
+    # x-mlproxy-time-ms (in ext_proc) and x-mlproxy-queue-ms (of which in the queue).
+    in_extproc: list[float] = field(default_factory=list)
+    queued: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -31,19 +35,26 @@ class LoadResult:
         return self.ok / self.elapsed if self.elapsed else 0.0
 
 
+_TIMING = {b"x-mlproxy-time-ms:": "in_extproc", b"x-mlproxy-queue-ms:": "queued"}
+
+
 async def _request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
-) -> tuple[int, bytes]:
+) -> tuple[int, bytes, dict[str, float]]:
     writer.write(raw)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
+    timing: dict[str, float] = {}
     for line in head.split(b"\r\n")[1:]:
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-            break
+        name, _, value = line.partition(b" ")
+        name = name.lower()
+        if name == b"content-length:":
+            length = int(value)
+        elif name in _TIMING:
+            timing[_TIMING[name]] = float(value) / 1000.0
     body = await reader.readexactly(length) if length else b""
-    return status, body
+    return status, body, timing
 
 
 async def run_load(
@@ -82,7 +93,7 @@ async def run_load(
                     return
                 i = counter % len(raws)
                 counter += 1
-                status, body = await _request(reader, writer, raws[i])
+                status, body, timing = await _request(reader, writer, raws[i])
                 t1 = time.perf_counter()
                 if t0 < record_from:
                     continue
@@ -91,6 +102,10 @@ async def run_load(
                     if check is not None and not check(i, body):
                         result.wrong += 1
                     result.latencies.append(t1 - t0)
+                    if "in_extproc" in timing:
+                        result.in_extproc.append(timing["in_extproc"])
+                    if "queued" in timing:
+                        result.queued.append(timing["queued"])
         finally:
             writer.close()
 

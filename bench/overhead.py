@@ -169,6 +169,15 @@ def main() -> int:
                 rows.append((c, name, r, mean_batch if name == "mlproxy" else 1.0, cpu))
             d, m = results["direct"], results["mlproxy"]
             added = (percentile(m.latencies, 50) - percentile(d.latencies, 50)) * 1000
+            if m.in_extproc and m.queued:
+                inside = percentile(m.in_extproc, 50) * 1000
+                print(
+                    f"concurrency {c}: MLProxy p50 {percentile(m.latencies, 50) * 1000:.2f} ms "
+                    f"at the client, {inside:.2f} ms in ext_proc (from its headers to its "
+                    f"answer; {percentile(m.queued, 50) * 1000:.2f} ms of it queued), "
+                    f"{percentile(m.latencies, 50) * 1000 - inside:.2f} ms outside",
+                    flush=True,
+                )
             print(
                 f"concurrency {c}: MLProxy adds {added:.2f} ms to p50, "
                 f"{added - args.max_wait_ms:.2f} ms beyond max wait; throughput "

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # Backend statuses that one bad input can cause for the whole batch: the batch is split in
 # halves and retried until the bad requests fail alone (at most 2n-1 calls for n requests).
 SPLITTABLE_STATUSES = frozenset({400, 413, 422, 500})
+# The event loop's timer resolution (libuv's, under uvloop): a timer's callback may run up to
+# this much before the time it was set for (Batcher._pump_once).
+TIMER_RESOLUTION = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,9 +522,9 @@ class Batcher:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _pump(self) -> None:
+    def _pump(self, due: float | None = None) -> None:
         try:
-            self._pump_once()
+            self._pump_once(due)
         except Exception:
             # A bug in a dispatch rule must not leave clients waiting on a queue nobody polls:
             # answer everything queued with 500 and start afresh.
@@ -549,10 +552,15 @@ class Batcher:
         if self.idle:
             self._on_idle(self)
 
-    def _pump_once(self) -> None:
+    def _pump_once(self, due: float | None = None) -> None:
         now = self.clock.now()
+        # A timer's callback asks the queue as of the time the timer was set for: the event
+        # loop's timers have a resolution of a millisecond (uvloop rounds a delay to the
+        # nearest one), so it may run up to half of one early. Asked as of `now`, the queue
+        # would say "wait 0.4 ms" and the loop would spin on timers of 0 ms until then.
+        at = due if due is not None and now < due <= now + TIMER_RESOLUTION else now
         while True:
-            action = self._queue.poll(now, flush=self._flushing)
+            action = self._queue.poll(at, flush=self._flushing)
             if isinstance(action, Dispatch):
                 self._start(action, now)
             elif isinstance(action, Shed):
@@ -594,7 +602,7 @@ class Batcher:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._pump()
+        self._pump(self._timer_at)
 
     def _start(self, dispatch: Dispatch[Ticket], now: float) -> None:
         tickets = dispatch.items

@@ -490,3 +490,34 @@ async def test_a_keys_arrival_rate_outlives_its_batcher() -> None:
     assert rate > 8 / RATE_WINDOW, rate
     rest = [h.submit([{"id": i}])[0] for i in range(9, 16)]  # fill the batch: all answered
     assert [echoed(r) for r in await asyncio.gather(fut, *rest)] == [[i] for i in range(8, 16)]
+
+
+def test_a_wait_that_is_not_a_whole_millisecond_does_not_spin_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop rounds a timer's delay to the nearest millisecond, so a wait that ends 0.3 ms
+    from now is a timer of 0 ms; asked again as of its callback's time, the queue said "wait
+    0.29 ms" and the loop spun on such timers until then (about 90 callbacks a request with a
+    0.3 ms or a 1.4 ms static wait). A timer's callback asks as of the time it was set for."""
+    import uvloop
+
+    from extproc.runtime.batcher import Batcher
+
+    calls = 0
+    original = Batcher._on_timer
+
+    def counted(self: Batcher) -> None:
+        nonlocal calls
+        calls += 1
+        original(self)
+
+    async def run() -> None:
+        for wait_ms in (0.3, 1.4):
+            h = Harness(make_policy(max_wait_ms=wait_ms))
+            for i in range(20):
+                fut, _ = h.submit([{"id": i}])
+                assert echoed(await asyncio.wait_for(fut, 5)) == [i]
+
+    monkeypatch.setattr(Batcher, "_on_timer", counted)
+    uvloop.run(run())
+    assert calls <= 2 * 40, f"{calls} timer callbacks for 40 requests"
