@@ -51,8 +51,23 @@ def batch_stats(metrics_url: str) -> tuple[float, float]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and of its live children (the workers of `--workers`)."""
+    return sum(cpu_by_process(pid).values())
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and of each of its children, by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        if child == pid or int(fields[1]) == pid:
+            out[child] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def start_noop(stack: Stack) -> int:
@@ -97,6 +112,9 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="`mlproxy extproc --workers` (README 'Workers')"
+    )
     args = parser.parse_args()
 
     inputs = random_inputs(args.inputs, seed=3)
@@ -110,7 +128,12 @@ def main() -> int:
     def check_noop(i: int, body: bytes) -> bool:
         return body.startswith(b'{"predictions"')
 
-    stack = Stack(envoy_port=0, bypass_prefix="/direct/", model_args=["--hidden", str(HIDDEN)])
+    stack = Stack(
+        envoy_port=0,
+        bypass_prefix="/direct/",
+        model_args=["--hidden", str(HIDDEN)],
+        extproc_workers=args.workers,
+    )
     assert stack.run_dir is not None
     policy = {
         "policies": [
@@ -132,7 +155,8 @@ def main() -> int:
     metrics_url = f"http://{stack.host}:{stack.metrics_port}/metrics"
     print(
         f"policy: static, max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, "
-        f"max_in_flight {args.max_in_flight}; {args.duration:.0f} s per measurement",
+        f"max_in_flight {args.max_in_flight}; {args.duration:.0f} s per measurement; "
+        f"{args.workers} ext_proc worker{'s' if args.workers > 1 else ''}",
         flush=True,
     )
     rows = []
@@ -157,9 +181,21 @@ def main() -> int:
                     watched["model"] = pids["model"]
                 before = batch_stats(metrics_url)
                 cpu0 = {k: cpu_seconds(p) for k, p in watched.items()}
+                split0 = cpu_by_process(pids["extproc-0"])
                 r = asyncio.run(run_load(stack.host, port, path, bodies, c, args.duration, chk))
                 cpu1 = {k: cpu_seconds(p) for k, p in watched.items()}
+                split1 = cpu_by_process(pids["extproc-0"])
                 after = batch_stats(metrics_url)
+                if name == "mlproxy" and args.workers > 1:
+                    shares = [
+                        f"pid {p}: {(split1[p] - split0.get(p, 0.0)) / args.duration:.2f}"
+                        for p in sorted(split1)
+                    ]
+                    print(
+                        f"concurrency {c}: ext_proc CPU per second by process (supervisor "
+                        f"first): {', '.join(shares)}",
+                        flush=True,
+                    )
                 results[name] = r
                 wrong += r.wrong
                 calls = after[1] - before[1]

@@ -56,7 +56,13 @@ class ExtProcServer:
         peers: PeerSettings | None = None,  # fleet coordination (README "Fleets")
         stats_window: float = DEFAULT_WINDOW,  # seconds of stats the heartbeat reports
         rate_window: float = RATE_WINDOW,  # seconds the arrival rate is averaged over
+        reuse_port: bool = False,  # a worker: its siblings listen on the same port
+        metrics_host: str | None = None,  # where /metrics listens (default: host)
+        on_metrics: Callable[[int], None] | None = None,  # told the metrics port once bound
     ) -> None:
+        self.reuse_port = reuse_port
+        self.metrics_host = metrics_host or host
+        self._on_metrics = on_metrics
         self.rate_window = rate_window
         self.tls = tls
         self.host = host
@@ -117,7 +123,9 @@ class ExtProcServer:
                 # about 6% of its requests (500s), and a normal request among them could too.
                 ("grpc.server.max_pending_requests", self.limits.max_streams),
                 ("grpc.server.max_pending_requests_hard_limit", self.limits.max_streams * 2),
-                ("grpc.so_reuseport", 0),
+                # Off unless this is one of several workers on the port (`--workers`): a
+                # second replica started on a taken port must fail, not share it.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ],
         )
         server.add_generic_rpc_handlers((servicer.handler(),))
@@ -130,7 +138,9 @@ class ExtProcServer:
         self._server = server
         self._stalls.start()
         if self.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
+            self.metrics_port = self.metrics.serve(self.metrics_host, self.metrics_port)
+            if self._on_metrics is not None:
+                self._on_metrics(self.metrics_port)
         for name in ("", SERVICE_NAME, PEER_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

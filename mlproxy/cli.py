@@ -24,10 +24,10 @@ __all__ = ["main"]
 log = logging.getLogger("mlproxy")
 
 
-def _logging(verbose: bool = False) -> None:
+def _logging(verbose: bool = False, who: str = "") -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s",
     )
 
 
@@ -45,9 +45,47 @@ def _run_async(coro: object) -> None:
 GRPC_EXPERIMENTS_DEFAULT = "-event_engine_listener"
 
 
+ENV_WORKERS = "MLPROXY_WORKERS"
+
+
+def _workers(flag: int | None) -> int:
+    """--workers, else MLPROXY_WORKERS, else 1."""
+    from mlproxy.workers import MAX_WORKERS
+
+    if flag is not None:
+        value = flag
+    else:
+        env = os.environ.get(ENV_WORKERS, "").strip()
+        try:
+            value = int(env) if env else 1
+        except ValueError:
+            raise ValueError(f"{ENV_WORKERS} is not a number: {env[:16]!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"--workers must be from 1 to {MAX_WORKERS}, not {value}")
+    return value
+
+
 def cmd_extproc(args: argparse.Namespace) -> int:
+    from mlproxy.workers import supervise, worker_slot
+
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
-    _logging(args.verbose)
+    args.slot = worker_slot()
+    _logging(args.verbose, "" if args.slot is None else f"worker-{args.slot.index} ")
+    if args.slot is None:
+        try:
+            workers = _workers(args.workers)
+        except ValueError as err:
+            log.error("ext_proc cannot start: %s", err)
+            return 2
+        if workers > 1:
+            if args.port == 0:
+                log.error("--workers shares one gRPC port between the workers: give --port")
+                return 2
+            if not _extproc_security(args):  # the same checks before any worker starts
+                return 2
+            return supervise(
+                args.argv, workers, args.host, args.metrics_port, args.grace + args.drain_delay + 5
+            )
     if not _extproc_security(args):  # TLS files, no password on the command line
         return 2
     if args.policies is not None:
@@ -102,6 +140,15 @@ def _extproc_security(args: argparse.Namespace) -> bool:
     except PeerConfigError as err:
         log.error("ext_proc cannot start: %s", err)
         return False
+    slot = getattr(args, "slot", None)
+    if slot is not None and args.peers is not None:  # worker i: its own peer port
+        import dataclasses
+
+        args.peers = dataclasses.replace(
+            args.peers,
+            port=slot.peer_port(args.peers.port),
+            advertise=slot.peer_advertise(args.peers.advertise),
+        )
     return True
 
 
@@ -173,11 +220,16 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         max_body_bytes=args.max_body_bytes or d.max_body_bytes,
         max_streams=args.max_streams or d.max_streams,
     )
+    slot = args.slot
     return ExtProcServer(
         policies,
         host=args.host,
         port=args.port,
-        metrics_port=args.metrics_port,
+        # a worker: on loopback, any port; the supervisor serves --metrics-port
+        metrics_port=args.metrics_port if slot is None else (0 if args.metrics_port else None),
+        metrics_host=None if slot is None else "127.0.0.1",
+        on_metrics=None if slot is None else slot.metrics_served,
+        reuse_port=slot is not None,
         limits=limits,
         max_streams_per_connection=args.max_streams_per_connection,
         tls=args.tls,
@@ -210,9 +262,17 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
     from extproc.server import run
 
     server = _extproc_server(args, [])
-    replica_id = (
-        args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
-    )
+    if args.slot is None:
+        replica_id = (
+            args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
+        )
+    else:  # worker i of a supervisor (the same base id across its restarts)
+        base = (
+            args.replica_id
+            or os.environ.get("HOSTNAME")
+            or f"{socket.gethostname()}-{os.getppid()}"
+        )
+        replica_id = args.slot.replica_id(base)
     source = RedisPolicySource(
         redis_url,
         replica_id=replica_id,
@@ -416,6 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="ext_proc processes sharing --port (SO_REUSEPORT), each a replica of its own; "
+        "--metrics-port serves the metrics of all of them, worker i listens for peers on "
+        f"--peer-port+i (README 'Workers'; {ENV_WORKERS}; default 1)",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace, seconds")
     p.add_argument(
         "--drain-delay",
@@ -605,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0, help="Envoy listener port (0: any free)")
 
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--workers` runs again
     if args.command == "model":
         sys.exit(cmd_model(args, rest))
     if args.command == "bench":

@@ -116,8 +116,13 @@ def local_config(
     bypass_prefix: str | None = None,
     fail_open: bool = False,
     extproc_tls: dict[str, Any] | None = None,
+    extproc_streams_per_connection: int | None = None,
 ) -> dict[str, Any]:
-    """`bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
+    """`extproc_streams_per_connection`: most ext_proc streams on one connection to a replica
+    (default: no limit, one connection per Envoy worker thread); a replica of several workers
+    needs several connections, which the kernel spreads over them.
+
+    `bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
     to the model without ext_proc: the benchmark's baseline. `fail_open`: see
     `ext_proc_filter`. `extproc_tls`: the ext_proc cluster's transport socket for mTLS
     (mlproxy.tls.envoy_upstream_tls)."""
@@ -206,7 +211,11 @@ def local_config(
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
+                            "explicit_http_config": {
+                                "http2_protocol_options": {}
+                                if extproc_streams_per_connection is None
+                                else {"max_concurrent_streams": extproc_streams_per_connection}
+                            },
                         }
                     },
                     "circuit_breakers": {

@@ -147,6 +147,11 @@ def demo_policy(model_url: str) -> dict[str, object]:
     }
 
 
+# Envoy's streams per connection to an ext_proc replica with several workers: more
+# connections for the kernel to spread over them (README "Workers").
+WORKER_STREAMS_PER_CONNECTION = 4
+
+
 @dataclass
 class Stack:
     """Envoy, N ext_proc replicas, the demo model and, unless `policies_file` is given, Redis and
@@ -191,6 +196,11 @@ class Stack:
     peer_ports: list[int] = field(default_factory=list)
     peer_token_file: Path | None = None
     peer_networks: str | None = None  # --peer-networks (default: loopback)
+    # `--workers` of each ext_proc replica (README "Workers"); with more than one, Envoy opens
+    # a connection per `extproc_streams_per_connection` streams, which the kernel spreads
+    # over the workers.
+    extproc_workers: int = 1
+    extproc_streams_per_connection: int | None = None
 
     def __post_init__(self) -> None:
         """Ports left at 0 are reserved (mlproxy.ports) until `release_ports()` or the end of
@@ -343,6 +353,8 @@ class Stack:
             host=self.host,
             bypass_prefix=self.bypass_prefix,
             fail_open=self.fail_open,
+            extproc_streams_per_connection=self.extproc_streams_per_connection
+            or (WORKER_STREAMS_PER_CONNECTION if self.extproc_workers > 1 else None),
             extproc_tls=None
             if self.pki is None
             else envoy_upstream_tls(
@@ -439,6 +451,7 @@ class Stack:
                 f"extproc-{i}",
                 *(["--peer-port", str(self.peer_ports[i])] if self.peer_ports else []),
                 *(["--peer-networks", self.peer_networks] if self.peer_networks else []),
+                *(["--workers", str(self.extproc_workers)] if self.extproc_workers > 1 else []),
                 *source,
             ],
             self.run_dir / f"extproc-{i}.log",
