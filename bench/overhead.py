@@ -50,9 +50,11 @@ def batch_stats(metrics_url: str) -> tuple[float, float]:
     return total, count
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and of its live children (the workers of `--workers`)."""
-    return sum(cpu_by_process(pid).values())
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time of a process and (unless `children` is False) of its live children: the
+    workers of `--workers`."""
+    by_pid = cpu_by_process(pid)
+    return sum(by_pid.values()) if children else by_pid[pid]
 
 
 def cpu_by_process(pid: int) -> dict[int, float]:
@@ -180,10 +182,11 @@ def main() -> int:
                 if name != "noop ext_proc":
                     watched["model"] = pids["model"]
                 before = batch_stats(metrics_url)
-                cpu0 = {k: cpu_seconds(p) for k, p in watched.items()}
+                # the load generator's own CPU (its children are the stack)
+                cpu0 = {k: cpu_seconds(p, k != "loadgen") for k, p in watched.items()}
                 split0 = cpu_by_process(pids["extproc-0"])
                 r = asyncio.run(run_load(stack.host, port, path, bodies, c, args.duration, chk))
-                cpu1 = {k: cpu_seconds(p) for k, p in watched.items()}
+                cpu1 = {k: cpu_seconds(p, k != "loadgen") for k, p in watched.items()}
                 split1 = cpu_by_process(pids["extproc-0"])
                 after = batch_stats(metrics_url)
                 if name == "mlproxy" and args.workers > 1:

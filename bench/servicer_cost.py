@@ -123,7 +123,9 @@ class InstantBackend:
         return BackendResponse(200, answer, "application/json")
 
 
-async def run(requests: int, concurrency: int, wait_ms: float) -> tuple[float, float, int]:
+async def run(
+    requests: int, concurrency: int, wait_ms: float, max_batch: int = 64
+) -> tuple[float, float, int]:
     policies = parse_policies(
         {
             "policies": [
@@ -133,7 +135,7 @@ async def run(requests: int, concurrency: int, wait_ms: float) -> tuple[float, f
                     "backend": {"url": "http://127.0.0.1:9/v1/models/{model}:predict"},
                     "batching": {
                         "mode": "static",
-                        "max_batch_size": 64,
+                        "max_batch_size": max_batch,
                         "max_wait_ms": wait_ms,
                         "max_in_flight": 2,
                     },
@@ -180,13 +182,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    uvloop.run(run(500, args.concurrency, args.max_wait_ms))  # warm up
+    uvloop.run(run(500, args.concurrency, args.max_wait_ms, args.max_batch_size))  # warm up
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    cpu, wall, calls = uvloop.run(run(args.requests, args.concurrency, args.max_wait_ms))
+    cpu, wall, calls = uvloop.run(
+        run(args.requests, args.concurrency, args.max_wait_ms, args.max_batch_size)
+    )
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)

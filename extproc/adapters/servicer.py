@@ -274,7 +274,8 @@ class ExtProcServicer:
             own = policy.sla.latency_ms / 1000.0
             body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
             try:
-                raw = await asyncio.wait_for(context.read(), body_wait)
+                async with asyncio.timeout(body_wait):  # no task per request (as wait_for)
+                    raw = await context.read()
             except TimeoutError:
                 raise ProxyError(
                     ErrorKind.BODY_TIMEOUT,
