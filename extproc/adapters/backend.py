@@ -104,6 +104,8 @@ class HttpBackend:
                 # Decompressed here, bounded: aiohttp's own inflates whole network reads.
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                # No state from one batch's answer to the next batch (other clients').
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

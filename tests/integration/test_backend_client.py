@@ -101,3 +101,33 @@ async def test_unreachable_backend_message_names_no_library_or_host(client: Http
     with pytest.raises(ProxyError) as err:
         await client.post("http://127.0.0.1:9/x", BODY, "application/json", 5, 2, 1 << 20)
     assert err.value.message == "backend is unreachable: Connection refused"
+
+
+async def test_a_backends_cookies_are_never_sent_with_a_later_batch(client: HttpBackend) -> None:
+    """No state is carried from one batch's answer to the next batch (whose requests belong
+    to other clients): a Set-Cookie from the backend is dropped, not replayed."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def predict(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response({"predictions": [1]})
+        resp.set_cookie("session", "batch-1-state", path="/")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/models/m:predict", predict)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "localhost", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://localhost:{port}/v1/models/m:predict"
+        for _ in range(3):
+            resp = await client.post(url, BODY, "application/json", 10, 5)
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
+    assert seen == [None, None, None]
