@@ -55,8 +55,9 @@ MAX_WORKERS = 64
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0
-# What a worker's metrics scrape may take (the supervisor asks each in turn).
+# What a worker's metrics scrape may take (the supervisor asks each in turn), and hold.
 SCRAPE_TIMEOUT_S = 2.0
+MAX_SCRAPE_BYTES = 16 * 1024 * 1024
 
 
 class WorkerSlot:
@@ -78,7 +79,7 @@ class WorkerSlot:
             return
         path = Path(self.directory) / f"worker-{self.index}.port"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(port))
+        tmp.write_text(f"{os.getpid()} {port}")  # the supervisor checks the pid is its worker's
         tmp.replace(path)
 
     def peer_port(self, port: int | None) -> int | None:
@@ -113,7 +114,12 @@ def merge_metrics(scrapes: Sequence[tuple[str, str]]) -> str:
 
     families: dict[str, Metric] = {}
     for worker, text in scrapes:
-        for family in text_string_to_metric_families(text):
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except ValueError as err:  # not a worker's exposition: left out, not the others
+            log.warning("worker %s's metrics are not Prometheus text (%s): left out", worker, err)
+            continue
+        for family in parsed:
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(
@@ -146,6 +152,7 @@ class _Worker:
         self.started = 0.0
         self.backoff = RESTART_MIN_S
         self.restart_at: float | None = None
+        self.served_once = False
 
     def start(self) -> None:
         # Started from the main thread only: PR_SET_PDEATHSIG fires when the thread that
@@ -276,6 +283,21 @@ def _stop(workers: list[_Worker], timeout: float) -> int:
     return code
 
 
+def _metrics_port(directory: Path, worker: _Worker) -> int | None:
+    """The loopback port the worker's current process serves its metrics on, if it told us:
+    a file left by a process that has exited (its port may now be anyone's) is not used."""
+    proc = worker.proc
+    if proc is None or proc.poll() is not None:
+        return None
+    try:
+        pid, port = (
+            int(x) for x in (directory / f"worker-{worker.index}.port").read_text().split()
+        )
+    except (OSError, ValueError):
+        return None
+    return port if pid == proc.pid and 0 < port < 65536 else None
+
+
 def _serve_metrics(
     host: str, port: int, workers: list[_Worker], directory: Path
 ) -> ThreadingHTTPServer:
@@ -286,19 +308,26 @@ def _serve_metrics(
                 return
             scrapes = []
             for w in workers:
+                if not w.served_once:
+                    # Until every worker has served once, the pod is starting: 503 (a worker
+                    # that restarts later is only left out of the scrapes it misses).
+                    if _metrics_port(directory, w) is None:
+                        self.send_error(503, f"worker {w.index} is starting")
+                        return
+                    w.served_once = True
+                port = _metrics_port(directory, w)
+                if port is None:
+                    continue  # restarting: its series are absent from this scrape
                 try:
-                    worker_port = int((directory / f"worker-{w.index}.port").read_text())
-                except (OSError, ValueError):
-                    # Until every worker has served once, the pod is starting: 503 (a
-                    # worker that restarts later is only left out of the scrapes it misses).
-                    self.send_error(503, f"worker {w.index} is starting")
-                    return
-                url = f"http://127.0.0.1:{worker_port}/metrics"
-                try:
+                    url = f"http://127.0.0.1:{port}/metrics"
                     with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
-                        scrapes.append((str(w.index), resp.read().decode()))
-                except OSError:
-                    continue  # starting or restarting: its series are absent from this scrape
+                        text = resp.read(MAX_SCRAPE_BYTES + 1).decode()
+                    if len(text) > MAX_SCRAPE_BYTES:
+                        raise ValueError("scrape too large")
+                except (OSError, ValueError) as err:
+                    log.warning("worker %d's metrics were not read: %s", w.index, err)
+                    continue
+                scrapes.append((str(w.index), text))
             body = merge_metrics(scrapes).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

@@ -81,15 +81,24 @@ DEFAULT_LIMITS = HeaderLimits()
 
 # Wire types.
 _VARINT = 0
+_I64 = 1
 _LEN = 2
+_I32 = 5
 
 # Framing bytes one header can take besides its name and value: the HeaderValue tag and length,
 # the key and raw_value tags and lengths (lengths below 2 MiB take at most 3 bytes each).
 _HEADER_FRAMING = 12
-# ProcessingRequest.request_headers (field 2) and HttpHeaders.headers (field 1), both
-# length-delimited: the tags a request-headers message starts with.
-_REQUEST_HEADERS_TAG = 0x12
-_HEADER_MAP_TAG = 0x0A
+# ProcessingRequest.request_headers, ProcessingRequest.attributes, HttpHeaders.headers.
+_REQUEST_HEADERS_FIELD = 2
+_ATTRIBUTES_FIELD = 9
+_HEADER_MAP_FIELD = 1
+# Fields at one level of a message (ProcessingRequest, HttpHeaders) and entries of one attribute
+# Struct before it is refused: the real ones have at most a dozen, and a message of a million
+# tiny fields or attributes would otherwise be decoded, or walked in Python, on the event loop.
+_MAX_FIELDS = 64
+# All request attributes of one message, in bytes: the filter's request_attributes name a few
+# short values (README "Envoy settings").
+MAX_ATTRIBUTE_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -105,33 +114,76 @@ class Message:
     end_of_stream: bool = False
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it), or (-1, pos) if buf ends first."""
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     result = 0
     shift = 0
-    while pos < len(buf) and shift < 64:
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
             return result, pos
         shift += 7
-    return -1, pos
+        if shift > 63:
+            raise WireError("varint too long")
 
 
-def _precheck_headers(buf: bytes, limits: HeaderLimits) -> None:
-    """Refuse a request-headers message whose header map cannot fit the limits before any of it
-    is decoded: Envoy writes the request headers first, so their length is in the first bytes."""
-    if len(buf) < 2 or buf[0] != _REQUEST_HEADERS_TAG:
-        return
-    _, pos = _read_varint(buf, 1)
-    if pos < len(buf) and buf[pos] == _HEADER_MAP_TAG:
-        length, _ = _read_varint(buf, pos + 1)
-        if length > limits.size + limits.count * _HEADER_FRAMING:
-            raise HeaderLimitError(
-                f"request headers take {length} bytes; at most {limits.count} headers and "
-                f"{limits.size} bytes of them are accepted"
-            )
+def _scan(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, stop) of each length-delimited field in buf[pos:end], at most
+    _MAX_FIELDS fields of any kind: the outline of one level of a message, read before upb
+    decodes it, so that what no honest peer sends is refused without decoding it."""
+    out = []
+    n = 0
+    while pos < end:
+        n += 1
+        if n > _MAX_FIELDS:
+            raise WireError(f"more than {_MAX_FIELDS} fields in one message")
+        key, pos = _read_varint(buf, pos, end)
+        wtype = key & 7
+        if wtype == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            stop = pos + length
+            if stop > end:
+                raise WireError("truncated length-delimited field")
+            out.append((key >> 3, pos, stop))
+            pos = stop
+        elif wtype == _VARINT:
+            pos = _read_varint(buf, pos, end)[1]
+        elif wtype in (_I64, _I32):
+            pos += 8 if wtype == _I64 else 4
+            if pos > end:
+                raise WireError("truncated fixed-size field")
+        else:
+            raise WireError(f"unsupported wire type {wtype}")
+    return out
+
+
+def _precheck(buf: bytes, limits: HeaderLimits) -> None:
+    """Refuse, before any of it is decoded, a message with more fields at its top level or in
+    its request headers than any real one has, request attributes larger than
+    MAX_ATTRIBUTE_BYTES, or a header map that cannot fit `limits` (however its parts are
+    split or placed: protobuf merges repeated occurrences)."""
+    attributes = 0
+    header_map = 0
+    for number, start, stop in _scan(buf, 0, len(buf)):
+        if number == _ATTRIBUTES_FIELD:
+            attributes += stop - start
+        elif number == _REQUEST_HEADERS_FIELD:
+            for n2, s2, e2 in _scan(buf, start, stop):
+                if n2 == _HEADER_MAP_FIELD:
+                    header_map += e2 - s2
+    if header_map > limits.size + limits.count * _HEADER_FRAMING:
+        raise HeaderLimitError(
+            f"request headers take {header_map} bytes; at most {limits.count} headers and "
+            f"{limits.size} bytes of them are accepted"
+        )
+    if attributes > MAX_ATTRIBUTE_BYTES:
+        raise WireError(
+            f"request attributes take {attributes} bytes, more than {MAX_ATTRIBUTE_BYTES} "
+            "(the filter's request_attributes should name a few)"
+        )
 
 
 def _headers(values: Iterable[_core.HeaderValue], limits: HeaderLimits) -> dict[str, str]:
@@ -157,7 +209,7 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
 
     Raises WireError for bytes that are not such a message, and its subclass
     HeaderLimitError for request headers over `limits`."""
-    _precheck_headers(buf, limits)
+    _precheck(buf, limits)
     try:
         request = _ep.ProcessingRequest.FromString(buf)
     except DecodeError as err:
@@ -173,8 +225,14 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
     if len(values) > limits.count:
         raise HeaderLimitError(f"more than {limits.count} request headers")
     attributes: dict[str, str] = {}
-    for struct in request.attributes.values():
-        for name, value in struct.fields.items():
+    structs = request.attributes
+    if len(structs) > _MAX_FIELDS:
+        raise WireError(f"more than {_MAX_FIELDS} request attribute groups")
+    for struct in structs.values():
+        fields = struct.fields
+        if len(fields) > _MAX_FIELDS:
+            raise WireError(f"more than {_MAX_FIELDS} request attributes in one group")
+        for name, value in fields.items():
             if value.WhichOneof("kind") == "string_value":
                 attributes[name] = value.string_value
     return Message(

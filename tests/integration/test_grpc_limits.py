@@ -168,19 +168,26 @@ async def test_headers_at_the_caps_are_served(
 
 
 GOOD_HEADERS = headers_msg(PATH)
+# ProcessingRequest.attributes: one group of 290,000 string values (4.2 MB).
+ATTRIBUTE_FLOOD = _len(
+    9,
+    _len(1, b"envoy.filters.http.ext_proc")
+    + _len(2, _len(1, _len(1, b"k") + _len(2, _len(3, b"x"))) * 290_000),
+)
 
 
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
         ([random.Random(1).randbytes(3_000_000)], "malformed"),
-        # 1.5 million tiny unknown fields: decoded in C in milliseconds, a message that is
-        # neither request headers nor body
-        ([b"\x08\x00" * 1_500_000], "protocol"),
+        ([b"\x08\x00" * 1_500_000], "malformed"),  # 1.5 million tiny fields
         ([body_msg({"instances": [1]})], "protocol"),
         ([GOOD_HEADERS, GOOD_HEADERS], "protocol"),
         ([GOOD_HEADERS, b"\xff\xff\xff"], "malformed"),
         ([GOOD_HEADERS, raw_headers_msg(raw_header("a", b"") * 200)], "protocol"),
+        # red team 9: 290k request attributes beside routed headers (decoded and walked for
+        # 0.4 s, then served)
+        ([raw_headers_msg(ROUTED) + ATTRIBUTE_FLOOD], "malformed"),
     ],
     ids=[
         "garbage",
@@ -189,6 +196,7 @@ GOOD_HEADERS = headers_msg(PATH)
         "second-headers",
         "garbage-for-body",
         "flood-for-body",
+        "attribute-flood",
     ],
 )
 async def test_a_stream_that_breaks_the_protocol_is_closed_at_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_a_worker_learns_its_slot_from_the_environment(
     slot = worker_slot()
     assert slot is not None and (slot.index, slot.count) == (1, 3)
     slot.metrics_served(41234)
-    assert (tmp_path / "worker-1.port").read_text() == "41234"
+    assert (tmp_path / "worker-1.port").read_text() == f"{os.getpid()} 41234"
 
 
 def test_workers_come_from_the_flag_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,3 +102,35 @@ def test_workers_need_a_port_they_can_share(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "--workers shares one gRPC port" in done.stderr
+
+
+def test_a_scrape_that_is_not_prometheus_text_is_left_out_not_the_others() -> None:
+    """Red team 9 (F3): a foreign answer on a dead worker's old port made every merged scrape
+    fail."""
+    merged = merge_metrics([("0", worker_registry(5, 1)), ("1", "<html>not metrics\n")])
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    assert {s.labels["worker"] for s in families["mlproxy_requests"].samples} == {"0"}
+
+
+def test_a_port_file_counts_only_for_the_live_process_that_wrote_it(tmp_path: Path) -> None:
+    """Red team 9 (F3): the port file of a worker that exited pointed the supervisor at a
+    freed port anyone could bind; a file of another pid is not the worker's either."""
+    from mlproxy.workers import _metrics_port, _Worker
+
+    worker = _Worker(0, [sys.executable, "-c", "import time; time.sleep(30)"], {})
+    worker.start()
+    assert worker.proc is not None
+    try:
+        path = tmp_path / "worker-0.port"
+        assert _metrics_port(tmp_path, worker) is None  # not told yet
+        path.write_text(f"{worker.proc.pid + 1} 40001")
+        assert _metrics_port(tmp_path, worker) is None  # someone else's
+        path.write_text(f"{worker.proc.pid} 40001")
+        assert _metrics_port(tmp_path, worker) == 40001
+        worker.proc.kill()
+        worker.proc.wait()
+        assert _metrics_port(tmp_path, worker) is None  # exited: its port may be anyone's
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()
