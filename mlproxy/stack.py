@@ -8,13 +8,11 @@ process outlives the stack. If any child exits, the stack stops the others and r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +34,7 @@ from mlproxy.keys import redact_url
 from mlproxy.redis_server import redis_argv, redis_server_binary
 from mlproxy.stack_security import StackSecrets
 from mlproxy.tls import LocalPki, client_ssl_context, envoy_upstream_tls
+from mlproxy.workers import die_with_parent
 
 __all__ = ["Child", "Stack", "StackError", "demo_policy", "envoy_binary", "free_port"]
 
@@ -69,11 +68,6 @@ def envoy_binary() -> str:
     return found
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Child:
     name: str
@@ -93,7 +87,7 @@ class Child:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 # Only a prctl() call, safe between fork and exec even with threads.
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "ENV_WORKER_INDEX",
     "MAX_WORKERS",
     "WorkerSlot",
+    "die_with_parent",
     "merge_metrics",
     "supervise",
     "worker_slot",
@@ -138,7 +139,8 @@ def merge_metrics(scrapes: Sequence[tuple[str, str]]) -> str:
     return generate_latest(registry).decode()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux): run between fork and exec."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -162,7 +164,7 @@ class _Worker:
             env=self.env,
             # A worker drains and stops if the supervisor dies without stopping it (SIGKILL):
             # no orphan keeps the port. Only a prctl() call between fork and exec.
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         self.started = time.monotonic()
         self.restart_at = None

@@ -11,17 +11,8 @@ from extproc.adapters import wire
 LIMIT = 4 * 1024 * 1024 + 64 * 1024  # the gRPC receive limit by default
 
 
-def varint(v: int) -> bytes:
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def ld(n: int, payload: bytes) -> bytes:
-    return varint((n << 3) | 2) + varint(len(payload)) + payload
+varint = wire._varint
+ld = wire._len_field  # a length-delimited field
 
 
 def header(key: bytes, value: bytes = b"") -> bytes:
