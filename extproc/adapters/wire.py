@@ -88,17 +88,18 @@ _I32 = 5
 # Framing bytes one header can take besides its name and value: the HeaderValue tag and length,
 # the key and raw_value tags and lengths (lengths below 2 MiB take at most 3 bytes each).
 _HEADER_FRAMING = 12
-# ProcessingRequest.request_headers, ProcessingRequest.attributes, HttpHeaders.headers.
+# ProcessingRequest.request_headers, ProcessingRequest.request_body, HttpHeaders.headers.
 _REQUEST_HEADERS_FIELD = 2
-_ATTRIBUTES_FIELD = 9
+_REQUEST_BODY_FIELD = 4
 _HEADER_MAP_FIELD = 1
 # Fields at one level of a message (ProcessingRequest, HttpHeaders) and entries of one attribute
 # Struct before it is refused: the real ones have at most a dozen, and a message of a million
 # tiny fields or attributes would otherwise be decoded, or walked in Python, on the event loop.
 _MAX_FIELDS = 64
-# All request attributes of one message, in bytes: the filter's request_attributes name a few
-# short values (README "Envoy settings").
-MAX_ATTRIBUTE_BYTES = 64 * 1024
+# What one message may carry besides its header map and its body, in bytes: request attributes
+# (the filter's request_attributes name a few short values, README "Envoy settings") and
+# whatever else a peer adds.
+MAX_OTHER_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -162,27 +163,34 @@ def _scan(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
 
 def _precheck(buf: bytes, limits: HeaderLimits) -> None:
     """Refuse, before any of it is decoded, a message with more fields at its top level or in
-    its request headers than any real one has, request attributes larger than
-    MAX_ATTRIBUTE_BYTES, or a header map that cannot fit `limits` (however its parts are
-    split or placed: protobuf merges repeated occurrences)."""
-    attributes = 0
+    its request headers than any real one has, a header map that cannot fit `limits` (however
+    its parts are split or placed: protobuf merges repeated occurrences), or more than
+    MAX_OTHER_BYTES besides the header map and the body: upb decodes every field it knows,
+    and request attributes, metadata or another direction's headers full of tiny entries
+    would cost the event loop a tenth of a second per 4 MB."""
+    other = 0
     header_map = 0
     for number, start, stop in _scan(buf, 0, len(buf)):
-        if number == _ATTRIBUTES_FIELD:
-            attributes += stop - start
-        elif number == _REQUEST_HEADERS_FIELD:
+        if number == _REQUEST_BODY_FIELD:
+            continue  # bytes, bounded by --max-body-bytes
+        if number == _REQUEST_HEADERS_FIELD:
             for n2, s2, e2 in _scan(buf, start, stop):
                 if n2 == _HEADER_MAP_FIELD:
                     header_map += e2 - s2
+                else:
+                    other += e2 - s2
+        else:
+            other += stop - start
     if header_map > limits.size + limits.count * _HEADER_FRAMING:
         raise HeaderLimitError(
             f"request headers take {header_map} bytes; at most {limits.count} headers and "
             f"{limits.size} bytes of them are accepted"
         )
-    if attributes > MAX_ATTRIBUTE_BYTES:
+    if other > MAX_OTHER_BYTES:
         raise WireError(
-            f"request attributes take {attributes} bytes, more than {MAX_ATTRIBUTE_BYTES} "
-            "(the filter's request_attributes should name a few)"
+            f"the message carries {other} bytes besides its request headers and body "
+            f"(request attributes, metadata), more than {MAX_OTHER_BYTES}: the filter's "
+            "request_attributes should name a few"
         )
 
 
