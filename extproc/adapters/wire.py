@@ -92,6 +92,7 @@ _HEADER_FRAMING = 12
 _REQUEST_HEADERS_FIELD = 2
 _REQUEST_BODY_FIELD = 4
 _HEADER_MAP_FIELD = 1
+_BODY_BYTES_FIELD = 1  # HttpBody.body
 # Fields at one level of a message (ProcessingRequest, HttpHeaders) and entries of one attribute
 # Struct before it is refused: the real ones have at most a dozen, and a message of a million
 # tiny fields or attributes would otherwise be decoded, or walked in Python, on the event loop.
@@ -170,10 +171,14 @@ def _precheck(buf: bytes, limits: HeaderLimits) -> None:
     would cost the event loop a tenth of a second per 4 MB."""
     other = 0
     header_map = 0
+    seen: set[int] = set()
     for number, start, stop in _scan(buf, 0, len(buf)):
+        seen.add(number)
         if number == _REQUEST_BODY_FIELD:
-            continue  # bytes, bounded by --max-body-bytes
-        if number == _REQUEST_HEADERS_FIELD:
+            for n2, s2, e2 in _scan(buf, start, stop):
+                if n2 != _BODY_BYTES_FIELD:  # the body's bytes: bounded by --max-body-bytes
+                    other += e2 - s2
+        elif number == _REQUEST_HEADERS_FIELD:
             for n2, s2, e2 in _scan(buf, start, stop):
                 if n2 == _HEADER_MAP_FIELD:
                     header_map += e2 - s2
@@ -181,6 +186,8 @@ def _precheck(buf: bytes, limits: HeaderLimits) -> None:
                     other += e2 - s2
         else:
             other += stop - start
+    if _REQUEST_HEADERS_FIELD in seen and _REQUEST_BODY_FIELD in seen:
+        raise WireError("request headers and a request body in one message")
     if header_map > limits.size + limits.count * _HEADER_FRAMING:
         raise HeaderLimitError(
             f"request headers take {header_map} bytes; at most {limits.count} headers and "

@@ -51,3 +51,16 @@ def test_deep_nesting_is_refused_as_malformed() -> None:
 def test_a_little_metadata_beside_the_headers_is_fine() -> None:
     message = ld(8, ld(1, ld(1, b"g") + ld(2, struct_entries(10)))) + HONEST
     assert wire.decode_processing_request(message).headers[":path"] == "/v1/models/demo:predict"
+
+
+def test_a_body_of_tiny_fields_with_headers_after_it_is_refused() -> None:
+    """The outline skipped the body message; 2M tiny fields in it and honest headers after it
+    were decoded (8-15 ms) and served. No honest message carries headers and a body."""
+    tiny = b"\x18\x00" * 1000  # field 3, varint 0: unknown to HttpBody
+    with pytest.raises(wire.WireError, match="more than 64 fields"):
+        wire.decode_processing_request(ld(4, tiny) + HONEST)
+    with pytest.raises(wire.WireError, match="request headers and a request body"):
+        wire.decode_processing_request(ld(4, ld(1, b"{}")) + HONEST)
+    payload = b'{"instances": [1]}'
+    body = wire.decode_processing_request(ld(4, ld(1, payload) + b"\x10\x01"))
+    assert (body.kind, body.body, body.end_of_stream) == ("request_body", payload, True)
