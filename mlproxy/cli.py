@@ -69,37 +69,44 @@ def cmd_extproc(args: argparse.Namespace) -> int:
     from mlproxy.workers import supervise, worker_slot
 
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
-    args.slot = worker_slot()
+    try:
+        args.slot = worker_slot()
+    except ValueError as err:  # MLPROXY_WORKER_* are the supervisor's to set
+        _logging(args.verbose)
+        log.error("ext_proc cannot start: %s", err)
+        return 2
     _logging(args.verbose, "" if args.slot is None else f"worker-{args.slot.index} ")
+    workers = 1
     if args.slot is None:
         try:
             workers = _workers(args.workers)
         except ValueError as err:
             log.error("ext_proc cannot start: %s", err)
             return 2
-        if workers > 1:
-            if args.port == 0:
-                log.error("--workers shares one gRPC port between the workers: give --port")
-                return 2
-            if not _extproc_security(args):  # the same checks before any worker starts
-                return 2
-            return supervise(
-                args.argv, workers, args.host, args.metrics_port, args.grace + args.drain_delay + 5
-            )
+        if workers > 1 and args.port == 0:
+            log.error("--workers shares one gRPC port between the workers: give --port")
+            return 2
+    # The same checks in a supervisor as in a worker: a configuration no worker can start with
+    # fails here, instead of workers restarting forever.
     if not _extproc_security(args):  # TLS files, no password on the command line
         return 2
-    if args.policies is not None:
-        if args.peers is not None:
-            log.error(
-                "peering (--peer-port) finds the other replicas in Redis: use --redis-url, "
-                "not --policies"
-            )
-            return 2
-        return _extproc_from_file(args)
+    if args.policies is not None and args.peers is not None:
+        log.error(
+            "peering (--peer-port) finds the other replicas in Redis: use --redis-url, "
+            "not --policies"
+        )
+        return 2
     redis_url = args.redis_url or os.environ.get("MLPROXY_REDIS_URL") or os.environ.get("REDIS_URL")
-    if not redis_url:
+    if args.policies is None and not redis_url:
         log.error("say where policies come from: --policies FILE, or --redis-url / REDIS_URL")
         return 2
+    if workers > 1:
+        return supervise(
+            args.argv, workers, args.host, args.metrics_port, args.grace + args.drain_delay + 5
+        )
+    if args.policies is not None:
+        return _extproc_from_file(args)
+    assert redis_url is not None
     _run_async(_extproc_from_redis(args, redis_url))
     return 0
 

@@ -134,3 +134,19 @@ def test_a_port_file_counts_only_for_the_live_process_that_wrote_it(tmp_path: Pa
         if worker.proc.poll() is None:
             worker.proc.kill()
             worker.proc.wait()
+
+
+def test_a_configuration_no_worker_can_start_with_fails_in_the_supervisor(tmp_path: Path) -> None:
+    """Workers that exit at once would be restarted forever: the supervisor checks first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLPROXY_", "REDIS_URL"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlproxy.cli", "extproc", "--port", "50999", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "say where policies come from" in done.stderr
+    assert "supervising" not in done.stderr
