@@ -176,7 +176,8 @@ def main() -> int:
     described = (
         f"static, max_wait_ms {args.max_wait_ms}"
         if args.mode == "static"
-        else "adaptive, objective latency, SLA 100 ms at p99"
+        else f"adaptive, objective latency, SLA {LATENCY_SLA['latency_ms']} ms at "
+        f"p{LATENCY_SLA['percentile']}"
     )
     print(
         f"policy: {described}, max_batch_size {args.max_batch_size}, "

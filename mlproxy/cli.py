@@ -269,17 +269,13 @@ async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
     from extproc.server import run
 
     server = _extproc_server(args, [])
-    if args.slot is None:
-        replica_id = (
-            args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{os.getpid()}"
-        )
-    else:  # worker i of a supervisor (the same base id across its restarts)
-        base = (
-            args.replica_id
-            or os.environ.get("HOSTNAME")
-            or f"{socket.gethostname()}-{os.getppid()}"
-        )
-        replica_id = args.slot.replica_id(base)
+    # A worker's id is its supervisor's, with its slot: the same across its restarts.
+    process = os.getpid() if args.slot is None else os.getppid()
+    replica_id = (
+        args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
+    )
+    if args.slot is not None:
+        replica_id = args.slot.replica_id(replica_id)
     source = RedisPolicySource(
         redis_url,
         replica_id=replica_id,

@@ -191,10 +191,9 @@ class Stack:
     peer_token_file: Path | None = None
     peer_networks: str | None = None  # --peer-networks (default: loopback)
     # `--workers` of each ext_proc replica (README "Workers"); with more than one, Envoy opens
-    # a connection per `extproc_streams_per_connection` streams, which the kernel spreads
-    # over the workers.
+    # a connection per WORKER_STREAMS_PER_CONNECTION streams, which the kernel spreads over
+    # the workers.
     extproc_workers: int = 1
-    extproc_streams_per_connection: int | None = None
 
     def __post_init__(self) -> None:
         """Ports left at 0 are reserved (mlproxy.ports) until `release_ports()` or the end of
@@ -347,8 +346,9 @@ class Stack:
             host=self.host,
             bypass_prefix=self.bypass_prefix,
             fail_open=self.fail_open,
-            extproc_streams_per_connection=self.extproc_streams_per_connection
-            or (WORKER_STREAMS_PER_CONNECTION if self.extproc_workers > 1 else None),
+            extproc_streams_per_connection=WORKER_STREAMS_PER_CONNECTION
+            if self.extproc_workers > 1
+            else None,
             extproc_tls=None
             if self.pki is None
             else envoy_upstream_tls(

@@ -310,16 +310,15 @@ def _serve_metrics(
                 return
             scrapes = []
             for w in workers:
-                if not w.served_once:
-                    # Until every worker has served once, the pod is starting: 503 (a worker
-                    # that restarts later is only left out of the scrapes it misses).
-                    if _metrics_port(directory, w) is None:
-                        self.send_error(503, f"worker {w.index} is starting")
-                        return
-                    w.served_once = True
                 port = _metrics_port(directory, w)
                 if port is None:
-                    continue  # restarting: its series are absent from this scrape
+                    if not w.served_once:
+                        # Until every worker has served once, the pod is starting: 503 (a
+                        # worker that restarts later is only left out of the scrapes it misses).
+                        self.send_error(503, f"worker {w.index} is starting")
+                        return
+                    continue
+                w.served_once = True
                 try:
                     url = f"http://127.0.0.1:{port}/metrics"
                     with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
