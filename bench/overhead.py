@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.httpload import LoadResult, run_load
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
-from mlproxy.envoy_config import local_config
+from mlproxy.envoy_config import EXT_PROC_FILTER, local_config
 from mlproxy.loadgen import percentile
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 
@@ -74,22 +74,35 @@ def cpu_by_process(pid: int) -> dict[int, float]:
     return out
 
 
-def start_noop(stack: Stack) -> int:
-    """bench/noop_extproc.py behind an Envoy of its own (both stop with the stack); returns
-    that Envoy's listener port."""
+def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child]:
+    """bench/noop_extproc.py (`--variant`) behind an Envoy of its own (both stop with the
+    stack); returns that Envoy's listener port, the noop and the Envoy."""
     assert stack.run_dir is not None
     grpc_port, listener, admin = (stack.reserve_port() for _ in range(3))
+    suffix = "" if variant == "answer" else f"-{variant}"
     noop = Child(
-        "noop",
-        [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(grpc_port)],
-        stack.run_dir / "noop.log",
+        f"noop{suffix}",
+        [
+            sys.executable,
+            str(Path(__file__).with_name("noop_extproc.py")),
+            str(grpc_port),
+            "--variant",
+            variant,
+        ],
+        stack.run_dir / f"noop{suffix}.log",
     )
-    config = stack.run_dir / "envoy-noop.yaml"
-    config.write_text(
-        yaml.safe_dump(local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin))
-    )
+    envoy_config = local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin)
+    if variant == "no-header-response":
+        for f in envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["http_filters"]:
+            if f["name"] == EXT_PROC_FILTER:
+                f["typed_config"]["processing_mode"]["request_body_mode"] = "STREAMED"
+                f["typed_config"]["send_body_without_waiting_for_header_response"] = True
+    config = stack.run_dir / f"envoy-noop{suffix}.yaml"
+    config.write_text(yaml.safe_dump(envoy_config))
     envoy = Child(
-        "envoy-noop",
+        f"envoy-noop{suffix}",
         [
             envoy_binary(),
             "-c",
@@ -100,12 +113,12 @@ def start_noop(stack: Stack) -> int:
             "--concurrency",
             "1",
         ],
-        stack.run_dir / "envoy-noop.log",
+        stack.run_dir / f"envoy-noop{suffix}.log",
     )
     envoy.ready = lambda: http_ok(f"http://127.0.0.1:{listener}/healthz")
     stack.start_child(noop)
     stack.start_child(envoy)
-    return listener
+    return listener, noop, envoy
 
 
 def main() -> int:
@@ -188,7 +201,7 @@ def main() -> int:
     rows = []
     wrong = 0
     with stack:
-        noop_port = start_noop(stack)
+        noop_port, _, _ = start_noop(stack)
         pids = {c.name: c.proc.pid for c in stack.children if c.proc is not None}
         pids["loadgen"] = os.getpid()
         paths = [
