@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,21 +68,28 @@ SYSTEMS = (*MLPROXY_ROWS, *PEERS)
 MARKER = ".mlproxy-bench-requirements"
 
 
-def ensure_venv(name: str, root: Path, say: Callable[[str], None]) -> Path:
-    """The peer's virtual environment under `root`, created and installed with `PINS[name]`
-    unless one with exactly those requirements is there already; its directory."""
+def ensure_venv(
+    name: str,
+    root: Path,
+    say: Callable[[str], None],
+    requirements: Sequence[str] | None = None,
+) -> Path:
+    """The virtual environment `name` under `root`, created and installed with
+    `requirements` (default: the peer's `PINS[name]`) unless one with exactly those
+    requirements is there already; its directory."""
+    pins = tuple(PINS[name] if requirements is None else requirements)
     venv = root / name
-    wanted = "\n".join(PINS[name]) + "\n"
+    wanted = "\n".join(pins) + "\n"
     marker = venv / MARKER
     if marker.exists() and marker.read_text() == wanted and (venv / "bin" / "python").exists():
         return venv
-    say(f"installing {name} ({', '.join(PINS[name])}) into {venv} (a few minutes) ...")
+    say(f"installing {name} ({', '.join(pins)}) into {venv} (a few minutes) ...")
     root.mkdir(parents=True, exist_ok=True)
     log = root / f"{name}-install.log"
     with log.open("w") as out:
         for argv in (
             [sys.executable, "-m", "venv", "--clear", str(venv)],
-            [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", *PINS[name]],
+            [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", *pins],
         ):
             if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False).returncode:
                 raise StackError(f"installing {name} failed: {' '.join(argv)}; see {log}")

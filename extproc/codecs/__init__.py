@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.codecs.kserve_v1 import KServeV1
+from extproc.codecs.oip_v2 import OipV2
 
 __all__ = ["Codec", "CodecError", "Parsed", "get_codec"]
 
-_CODECS: dict[str, Codec] = {"kserve-v1": KServeV1()}
+_CODECS: dict[str, Codec] = {"kserve-v1": KServeV1(), "oip-v2": OipV2()}
 
 
 def get_codec(name: str) -> Codec:

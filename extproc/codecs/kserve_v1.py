@@ -18,66 +18,12 @@ data (even a `model_name` could echo an input).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from extproc.codecs.base import CodecError, Parsed
+from extproc.codecs.jsondoc import describe, encode, load_answer, load_request
 
 __all__ = ["KServeV1"]
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_dumps_sorted = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True
-).encode
-# Integers a backend's JSON can hold: signed or unsigned 64 bits.
-_INT_MIN = -(2**63)
-_INT_MAX = 2**64 - 1
-
-
-class _OutOfRange(ValueError):
-    pass
-
-
-def _parse_int(text: str) -> int:
-    n = int(text)
-    if len(text) > 19 and not _INT_MIN <= n <= _INT_MAX:
-        raise _OutOfRange(text)
-    return n
-
-
-def _encode(value: Any, sort_keys: bool = False) -> bytes:
-    """`value` as compact UTF-8 JSON; CodecError if it cannot be written faithfully."""
-    try:
-        return (_dumps_sorted if sort_keys else _dumps)(value).encode()
-    except ValueError as err:  # UnicodeEncodeError is a ValueError too
-        if isinstance(err, UnicodeEncodeError):
-            raise CodecError(
-                "contains text that is not valid Unicode (a lone surrogate such as \\ud800)"
-            ) from err
-        raise CodecError(
-            "contains a number that is not finite (e.g. 1e999, which overflows a double)"
-        ) from err
-    except RecursionError as err:
-        raise CodecError("is nested too deeply") from err
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    return "a number"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class KServeV1:
@@ -85,38 +31,24 @@ class KServeV1:
     content_type = "application/json"
 
     def parse(self, body: bytes) -> Parsed:
-        if not body:
-            raise CodecError("request body is empty; expected a JSON object with 'instances'")
-        try:
-            doc = json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int)
-        except _OutOfRange as err:
-            raise CodecError(
-                f"request body has the integer {str(err)[:40]}, beyond 64 bits: a backend's "
-                "JSON cannot hold it; send it as a string or a float"
-            ) from err
-        except UnicodeDecodeError as err:
-            raise CodecError(f"request body is not UTF-8 text: {err.reason}") from err
-        except ValueError as err:
-            raise CodecError(f"request body is not valid JSON: {err}") from err
-        except RecursionError as err:
-            raise CodecError("request body is nested too deeply") from err
-        if not isinstance(doc, dict):
-            raise CodecError(f"request body must be a JSON object, got {_describe(doc)}")
+        doc = load_request(body, "a JSON object with 'instances'")
         if "instances" not in doc:
             if "inputs" in doc:
                 raise CodecError(
-                    "the columnar 'inputs' format is not batched by MLProxy; send 'instances'"
+                    "this policy's codec is kserve-v1, which batches 'instances'; 'inputs' is "
+                    "the Open Inference Protocol V2 (or TF Serving's columnar format): the "
+                    "policy for this path needs codec 'oip-v2'"
                 )
             raise CodecError("request body has no 'instances' field")
         instances = doc.pop("instances")
         if not isinstance(instances, list):
-            raise CodecError(f"'instances' must be an array, got {_describe(instances)}")
+            raise CodecError(f"'instances' must be an array, got {describe(instances)}")
         if not instances:
             raise CodecError("'instances' is empty; send at least one instance")
         try:
             # '[i1,i2]' -> 'i1,i2': what this request adds to a batch's 'instances'
-            rows = _encode(instances)[1:-1]
-            extra = _encode(doc, sort_keys=True) if doc else b""
+            rows = encode(instances)[1:-1]
+            extra = encode(doc, sort_keys=True) if doc else b""
         except CodecError as err:
             raise CodecError(f"request body {err}; it cannot be forwarded as sent") from err
         return Parsed(size=len(instances), data=(rows, extra[1:-1]), compat=extra.decode())
@@ -128,12 +60,7 @@ class KServeV1:
         return b'{"instances":[' + rows + (b"]," + extra + b"}" if extra else b"]}")
 
     def split(self, body: bytes, items: Sequence[Parsed]) -> list[bytes | CodecError]:
-        try:
-            doc = json.loads(body)
-        except ValueError as err:
-            raise CodecError(f"backend answer is not valid JSON: {err}") from err
-        except RecursionError as err:
-            raise CodecError("backend answer is nested too deeply") from err
+        doc = load_answer(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
             raise CodecError("backend answer has no 'predictions' array")
         predictions = doc.pop("predictions")
@@ -148,7 +75,7 @@ class KServeV1:
         for item in items:
             part = {"predictions": predictions[pos : pos + item.size]}
             try:
-                out.append(_encode(part))
+                out.append(encode(part))
             except CodecError as err:
                 out.append(CodecError(f"the backend's answer for this request {err}"))
             pos += item.size

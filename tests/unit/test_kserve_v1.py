@@ -27,7 +27,7 @@ def test_parse_counts_instances_and_keeps_them() -> None:
         (b"[1, 2]", "must be a JSON object, got an array"),
         (b'"x"', "got a string"),
         (b"{}", "no 'instances'"),
-        (b'{"inputs": [1]}', "columnar 'inputs'"),
+        (b'{"inputs": [1]}', "codec 'oip-v2'"),
         (b'{"instances": "abc"}', "'instances' must be an array, got a string"),
         (b'{"instances": {"a": 1}}', "got an object"),
         (b'{"instances": []}', "is empty"),
