@@ -21,6 +21,7 @@ import json
 import pstats
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ class InstantBackend:
         timeout: float,
         connect_timeout: float,
         max_bytes: int,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
         self.calls += 1
         n = len(json.loads(body)["instances"])

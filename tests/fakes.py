@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class FakeBackend:
         timeout: float,
         connect_timeout: float,
         max_bytes: int,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)
@@ -131,6 +133,7 @@ class ScriptedBackend:
         timeout: float,
         connect_timeout: float,
         max_bytes: int,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)

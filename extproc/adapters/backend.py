@@ -15,10 +15,11 @@ import logging
 import os
 import re
 import zlib
+from collections.abc import Sequence
 
 import aiohttp
 
-from extproc.runtime.ports import BackendResponse
+from extproc.runtime.ports import FRAMING_HEADERS, BackendResponse
 from mlproxy.errors import ErrorKind, ProxyError
 
 __all__ = ["HttpBackend", "clean_header_value"]
@@ -117,6 +118,7 @@ class HttpBackend:
         timeout: float,
         connect_timeout: float,
         max_bytes: int = 16 * 1024 * 1024,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
         session = self._get_session()
         client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -126,6 +128,7 @@ class HttpBackend:
                 # aiohttp warns that large bytes bodies may block the loop; a stream does not.
                 data=io.BytesIO(body) if len(body) > _LARGE_BODY else body,
                 headers={
+                    **dict(headers),
                     "Content-Type": content_type,
                     "User-Agent": "mlproxy",
                     "Accept-Encoding": "gzip, deflate",
@@ -139,6 +142,11 @@ class HttpBackend:
                     data,
                     clean_header_value(resp.headers.get("Content-Type")) or "",
                     retry_after=clean_header_value(resp.headers.get("Retry-After")),
+                    framing={
+                        name: value
+                        for name in FRAMING_HEADERS
+                        if (value := clean_header_value(resp.headers.get(name))) is not None
+                    },
                 )
         except _TooLarge as err:
             raise ProxyError(

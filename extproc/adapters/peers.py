@@ -131,6 +131,7 @@ _FRAME = struct.Struct(">I")
 MAX_REPLY_BYTES = 64 * 1024 * 1024 + 64 * 1024
 _MAX_REPLY_HEADERS = 64
 _MAX_HEADER_VALUE = 8 * 1024
+_MAX_FRAMING = 8  # framing headers in a forwarded request
 
 
 class PeerConfigError(ValueError):
@@ -354,6 +355,8 @@ class ForwardRequest:
     age: float  # seconds since the request's SLA clock started, when it was forwarded
     reserve: float  # seconds to keep for the way back (the caller's allowance + the hop)
     body: bytes
+    # the client's headers that frame the body for the policy's codec (Codec.framing)
+    framing: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         header = {
@@ -364,6 +367,7 @@ class ForwardRequest:
             "budget_ms": None if self.budget is None else self.budget * 1000.0,
             "age_ms": self.age * 1000.0,
             "reserve_ms": self.reserve * 1000.0,
+            "framing": self.framing,
         }
         return _frame(header, self.body)
 
@@ -376,6 +380,16 @@ class ForwardRequest:
         age = _seconds(header, "age_ms")
         reserve = _seconds(header, "reserve_ms")
         assert age is not None and reserve is not None
+        framing = header.get("framing", {})
+        if (
+            not isinstance(framing, dict)
+            or len(framing) > _MAX_FRAMING
+            or not all(
+                isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= 256
+                for k, v in framing.items()
+            )
+        ):
+            raise PeerProtocolError("framing is not a short map of header values")
         return cls(
             _text(header, "policy", 256),
             _text(header, "backend"),
@@ -385,6 +399,7 @@ class ForwardRequest:
             age,
             reserve,
             body,
+            framing,
         )
 
 
@@ -698,6 +713,7 @@ class Peering:
         route: Route,
         path: str,
         body: bytes,
+        framing: dict[str, str],
         client: str,
         budget: float | None,
         age: float,
@@ -719,6 +735,7 @@ class Peering:
             age,
             reserve + RETURN_MARGIN_S,
             body,
+            framing,
         )
         channel = self._channel(target)
         state = channel.get_state(try_to_connect=True)

@@ -300,13 +300,22 @@ class ExtProcServicer:
                     ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
                 )
             _check_size(len(msg.body), limit, why)
+            codec = get_codec(policy.codec)
+            framing = {h: headers[h] for h in codec.framing if h in headers}
             try:
-                parsed = get_codec(policy.codec).parse(msg.body)
+                parsed = codec.parse(msg.body, framing)
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             if self.peering is not None:
                 forwarded = await self._forward(
-                    route, headers.get(":path", ""), msg.body, client, budget, start, reserve
+                    route,
+                    headers.get(":path", ""),
+                    msg.body,
+                    framing,
+                    client,
+                    budget,
+                    start,
+                    reserve,
                 )
                 if forwarded is not None:
                     reply, wait = forwarded
@@ -365,6 +374,7 @@ class ExtProcServicer:
         route: Route,
         path: str,
         body: bytes,
+        framing: dict[str, str],
         client: str,
         budget: float | None,
         start: float,
@@ -383,7 +393,16 @@ class ExtProcServicer:
             return None  # no time for a hop: this replica's queue decides (shed or late)
         try:
             return await self.peering.forward(
-                target, route, path, body, client, budget, now - start, remaining, reserve
+                target,
+                route,
+                path,
+                body,
+                framing,
+                client,
+                budget,
+                now - start,
+                remaining,
+                reserve,
             )
         except (asyncio.CancelledError, ProxyError):
             raise
@@ -406,7 +425,7 @@ class ExtProcServicer:
         try:
             _check_size(len(request.body), limit, why)
             try:
-                parsed = get_codec(policy.codec).parse(request.body)
+                parsed = get_codec(policy.codec).parse(request.body, request.framing)
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -523,7 +542,9 @@ def _too_large(size: str, limit: int, why: str) -> ProxyError:
 
 
 def _encode(reply: Reply, queue_wait: float | None, total: float | None) -> bytes:
-    headers: list[tuple[str, str]] = [("content-type", reply.content_type), *reply.headers]
+    # A reply without a content type is sent without one, as its server sent it.
+    headers = [("content-type", reply.content_type)] if reply.content_type else []
+    headers.extend(reply.headers)
     if reply.batch_size:
         headers.append(("x-mlproxy-batch-size", str(reply.batch_size)))
     if queue_wait is not None:

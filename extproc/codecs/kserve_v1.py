@@ -18,9 +18,9 @@ data (even a `model_name` could echo an input).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from extproc.codecs.base import CodecError, Parsed
+from extproc.codecs.base import NO_FRAMING, CodecError, Framed, Parsed
 from extproc.codecs.jsondoc import describe, encode, load_answer, load_request
 
 __all__ = ["KServeV1"]
@@ -29,8 +29,9 @@ __all__ = ["KServeV1"]
 class KServeV1:
     name = "kserve-v1"
     content_type = "application/json"
+    framing: tuple[str, ...] = ()
 
-    def parse(self, body: bytes) -> Parsed:
+    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:
         doc = load_request(body, "a JSON object with 'instances'")
         if "instances" not in doc:
             if "inputs" in doc:
@@ -59,7 +60,9 @@ class KServeV1:
         extra: bytes = items[0].data[1]
         return b'{"instances":[' + rows + (b"]," + extra + b"}" if extra else b"]}")
 
-    def split(self, body: bytes, items: Sequence[Parsed]) -> list[bytes | CodecError]:
+    def split(
+        self, body: bytes, items: Sequence[Parsed], framing: Mapping[str, str] = NO_FRAMING
+    ) -> list[bytes | Framed | CodecError]:
         doc = load_answer(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
             raise CodecError("backend answer has no 'predictions' array")
@@ -70,7 +73,7 @@ class KServeV1:
                 f"backend returned {len(predictions)} predictions for a batch of {expected} "
                 "instances; cannot tell which answer belongs to which request"
             )
-        out: list[bytes | CodecError] = []
+        out: list[bytes | Framed | CodecError] = []
         pos = 0
         for item in items:
             part = {"predictions": predictions[pos : pos + item.size]}

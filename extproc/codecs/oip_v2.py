@@ -1,4 +1,5 @@
-"""Open Inference Protocol V2 (KServe V2, Triton, MLServer, TorchServe's KServe mode), JSON.
+"""Open Inference Protocol V2 (KServe V2, Triton, MLServer, TorchServe's KServe mode), JSON and
+the binary tensor extension.
 
 Request `{"id", "parameters", "inputs": [{"name", "shape", "datatype", "parameters", "data"}],
 "outputs": [{"name", "parameters"}]}`; response `{"model_name", "model_version", "id",
@@ -6,31 +7,44 @@ Request `{"id", "parameters", "inputs": [{"name", "shape", "datatype", "paramete
 
 Dimension 0 of every tensor is the batch dimension. Requests share a batch only if they agree
 on everything but that dimension and the data (the compat key): the inputs' names in order,
-datatypes, shape[1:] and parameters, the requested `outputs`, the request's `parameters` and
-any other field. A batch concatenates each input's rows (flat or nested `data`, sent flat) and
-sends shape[0] as the sum; every output of the answer must have shape[0] equal to that sum,
-and each request gets its own rows of every output, shape[0] its own, under its own `id`.
+datatypes, shape[1:], parameters and whether their data is JSON or binary, the requested
+`outputs` (JSON or binary), the request's `parameters` and any other field. A batch
+concatenates each input's rows (flat or nested `data`, sent flat) and sends shape[0] as the
+sum; every output of the answer must have shape[0] equal to that sum, and each request gets its
+own rows of every output, shape[0] its own, under its own `id`.
+
+Binary tensor extension: a body with an `Inference-Header-Content-Length: N` header is N bytes
+of JSON followed by the binary data of the inputs that say `parameters.binary_data_size`, in
+input order (fixed-size types little-endian, row-major; BYTES as a 4-byte little-endian length
+before each element). A batch's binary inputs are concatenated and their `binary_data_size`
+rewritten; a binary answer's outputs are split by bytes per row (BYTES elements walked), and
+each client's answer is framed as the server frames it: its own JSON header, its own binary
+data, its own `Inference-Header-Content-Length`, the server's content type.
 
 What a request carries is checked before it joins a batch, so a bad input fails alone with
 400: the element count against the shape, every element against the datatype (BOOL, the
-integer types with their ranges, FP16/32/64 within range, BYTES as strings), all inputs with
-the same shape[0]. The answer's `model_name` and `model_version` are passed on; its `id`
-(the batch's, not a client's) and its top-level `parameters` (the batch's) are not.
-Binary tensor data (the binary extension) is refused here with a clear 400 for now.
+integer types with their ranges, FP16/32/64 finite and within range, BYTES as strings), binary
+sizes against the shape and the body, all inputs with the same shape[0]. The answer's
+`model_name` and `model_version` are passed on; its `id` (the batch's, not a client's) and its
+top-level `parameters` (the batch's) are not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-from extproc.codecs.base import CodecError, Parsed
+import numpy as np
+
+from extproc.codecs.base import NO_FRAMING, CodecError, Framed, Parsed
 from extproc.codecs.jsondoc import describe, encode, load_answer, load_request
 
-__all__ = ["OipV2"]
+__all__ = ["DATATYPES", "INFERENCE_HEADER", "OipV2"]
 
+INFERENCE_HEADER = "inference-header-content-length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "INT8": (-(2**7), 2**7 - 1),
     "INT16": (-(2**15), 2**15 - 1),
@@ -43,9 +57,25 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 _FLOAT_MAX = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": 1.7976931348623157e308}
 DATATYPES = frozenset({"BOOL", "BYTES", *_INT_RANGES, *_FLOAT_MAX})
+# Bytes per element of the fixed-size types in the binary extension.
+_ITEMSIZE = {
+    "BOOL": 1,
+    "INT8": 1,
+    "UINT8": 1,
+    "INT16": 2,
+    "UINT16": 2,
+    "FP16": 2,
+    "INT32": 4,
+    "UINT32": 4,
+    "FP32": 4,
+    "INT64": 8,
+    "UINT64": 8,
+    "FP64": 8,
+}
+_FLOAT_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 _MAX_DIMS = 16
-_INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
-# Parameters of the binary tensor extension; a request that uses them is refused for now.
+# What asks for binary data (binary_data_size: this tensor's data is binary; binary_data:
+# this output binary; binary_data_output: every output binary).
 _BINARY_PARAMETERS = ("binary_data_size", "binary_data", "binary_data_output")
 
 
@@ -53,7 +83,9 @@ _BINARY_PARAMETERS = ("binary_data_size", "binary_data", "binary_data_output")
 class _Input:
     head: bytes  # '"name":..,"datatype":..,...,' : every field but shape and data, encoded
     rest: bytes  # shape[1:] encoded, each with a leading comma
-    data: bytes  # the flat elements, comma-separated, no brackets ("" if none)
+    data: bytes  # JSON: the flat elements, comma-separated, no brackets ("" if none)
+    blob: bytes | None = None  # binary: its data (then `head` has no parameters)
+    params: bytes = b"{}"  # binary: its parameters but binary_data_size, encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +167,46 @@ def _check_elements(flat: list[Any], datatype: str, what: str) -> None:
             raise CodecError(f"{what}: {x!r:.40} is not a finite {datatype} value")
 
 
+def _bytes_offsets(blob: bytes, count: int, what: str) -> list[int]:
+    """The start of each of `count` BYTES elements in `blob` (and its end); CodecError unless
+    they fill `blob` exactly."""
+    offsets = []
+    pos, end = 0, len(blob)
+    for _ in range(count):
+        offsets.append(pos)
+        if pos + 4 > end:
+            raise CodecError(f"{what}: binary BYTES data ends inside an element's length")
+        pos += 4 + int.from_bytes(blob[pos : pos + 4], "little")
+        if pos > end:
+            raise CodecError(f"{what}: a binary BYTES element runs past its binary_data_size")
+    if pos != end:
+        raise CodecError(
+            f"{what}: binary_data_size is {end} bytes but its {count} BYTES elements take {pos}"
+        )
+    offsets.append(pos)
+    return offsets
+
+
+def _check_blob(blob: bytes, datatype: str, shape: Sequence[int], what: str) -> None:
+    """A binary tensor's size against its shape and datatype, and its values (finite floats,
+    booleans 0 or 1)."""
+    count = prod(shape)
+    if datatype == "BYTES":
+        _bytes_offsets(blob, count, what)
+        return
+    needed = count * _ITEMSIZE[datatype]
+    if len(blob) != needed:
+        raise CodecError(
+            f"{what}: binary_data_size is {len(blob)} bytes but shape {list(shape)} of "
+            f"{datatype} needs {needed}"
+        )
+    if datatype in _FLOAT_DTYPES:
+        if not np.isfinite(np.frombuffer(blob, dtype=_FLOAT_DTYPES[datatype])).all():
+            raise CodecError(f"{what}: binary {datatype} data holds a value that is not finite")
+    elif datatype == "BOOL" and blob and max(blob) > 1:
+        raise CodecError(f"{what}: binary BOOL data holds a byte other than 0 or 1")
+
+
 def _binary_parameter(parameters: object) -> str | None:
     """The binary extension's parameter that asks for binary data, if any (tritonclient
     sends `"binary_data": false` with every JSON output it asks for)."""
@@ -151,8 +223,26 @@ def _binary_parameter(parameters: object) -> str | None:
     return None
 
 
-def _parse_input(i: int, tensor: object) -> tuple[_Input, int, str]:
-    """One input: its encoded parts, its shape[0], and its part of the compat key."""
+def _size_of(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CodecError(f"{what}: binary_data_size must be a non-negative integer")
+    return value
+
+
+def _frame_length(raw: str, body: int, whose: str) -> int:
+    """The JSON part's length from an Inference-Header-Content-Length value."""
+    value = raw.strip()
+    if not value.isdigit() or len(value) > 12 or not 0 < int(value) <= body:
+        raise CodecError(
+            f"{whose} Inference-Header-Content-Length {raw[:40]!r} is not a length within its "
+            f"body of {body} bytes"
+        )
+    return int(value)
+
+
+def _parse_input(i: int, tensor: object, blob: bytes | None) -> tuple[_Input, int, str, int]:
+    """One input: its encoded parts, its shape[0], its part of the compat key, and how many
+    bytes of the request's binary data it took."""
     if not isinstance(tensor, dict):
         raise CodecError(f"input {i} must be a JSON object, got {describe(tensor)}")
     name = tensor.get("name")
@@ -165,18 +255,38 @@ def _parse_input(i: int, tensor: object) -> tuple[_Input, int, str]:
             f"{what}: 'datatype' must be one of {', '.join(sorted(DATATYPES))}, "
             f"got {datatype!r:.40}"
         )
-    parameters = tensor.get("parameters", {})
-    if not isinstance(parameters, dict):
+    parameters = tensor.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
         raise CodecError(f"{what}: 'parameters' must be an object, got {describe(parameters)}")
-    binary = _binary_parameter(parameters)
-    if binary is not None:
-        raise CodecError(
-            f"{what}: '{binary}': binary tensor data is not batched by this codec yet; send "
-            "the data as JSON"
-        )
     shape = _dims(tensor.get("shape"), what)
     if shape[0] < 1:
         raise CodecError(f"{what}: shape[0] (the batch dimension) must be at least 1")
+    rest = b"".join(b"," + str(d).encode() for d in shape[1:])
+    if parameters is not None and "binary_data_size" in parameters:
+        if "data" in tensor:
+            raise CodecError(f"{what}: both 'data' and binary_data_size; send one")
+        if blob is None:
+            raise CodecError(
+                f"{what}: binary_data_size without an Inference-Header-Content-Length header"
+            )
+        size = _size_of(parameters["binary_data_size"], what)
+        if size > len(blob):
+            raise CodecError(
+                f"{what}: binary_data_size is {size} bytes but only {len(blob)} bytes of "
+                "binary data are left in the body"
+            )
+        own = blob[:size]
+        _check_blob(own, str(datatype), shape, what)
+        fields = {k: v for k, v in tensor.items() if k not in ("shape", "data", "parameters")}
+        params = {k: v for k, v in parameters.items() if k != "binary_data_size"}
+        try:
+            head = encode(fields, sort_keys=True)[1:-1]
+            params_bytes = encode(params, sort_keys=True)
+        except CodecError as err:
+            raise CodecError(f"{what} {err}; it cannot be forwarded as sent") from err
+        key = head + b"|binary" + params_bytes + b"|" + rest
+        parsed = _Input(head + b"," if head else b"", rest, b"", own, params_bytes)
+        return parsed, shape[0], key.decode(), size
     if "data" not in tensor:
         raise CodecError(f"{what}: no 'data'")
     flat = _flatten(tensor["data"], shape, what)
@@ -187,16 +297,21 @@ def _parse_input(i: int, tensor: object) -> tuple[_Input, int, str]:
         data = encode(flat)[1:-1]
     except CodecError as err:
         raise CodecError(f"{what} {err}; it cannot be forwarded as sent") from err
-    rest = b"".join(b"," + str(d).encode() for d in shape[1:])
     key = head + b"|" + rest
-    return _Input(head + b"," if head else b"", rest, data), shape[0], key.decode()
+    return _Input(head + b"," if head else b"", rest, data), shape[0], key.decode(), 0
 
 
 class OipV2:
     name = "oip-v2"
     content_type = "application/json"
+    framing: tuple[str, ...] = (INFERENCE_HEADER,)
 
-    def parse(self, body: bytes) -> Parsed:
+    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:
+        blob: bytes | None = None
+        raw_length = framing.get(INFERENCE_HEADER)
+        if raw_length is not None:
+            length = _frame_length(raw_length, len(body), "the request's")
+            body, blob = body[:length], body[length:]
         doc = load_request(body, "a JSON object with 'inputs' (Open Inference Protocol V2)")
         if "inputs" not in doc:
             if "instances" in doc:
@@ -211,26 +326,23 @@ class OipV2:
         request_id = doc.pop("id", None)
         if request_id is not None and not isinstance(request_id, str):
             raise CodecError(f"'id' must be a string, got {describe(request_id)}")
-        for field in ("parameters", "outputs"):
-            if field in doc and not isinstance(doc[field], dict if field == "parameters" else list):
-                kind = "an object" if field == "parameters" else "an array"
-                raise CodecError(f"'{field}' must be {kind}, got {describe(doc[field])}")
-        binary = _binary_parameter(doc.get("parameters"))
-        for out in doc.get("outputs", []):
+        for field, kind in (("parameters", dict), ("outputs", list)):
+            if doc.get(field) is not None and not isinstance(doc[field], kind):
+                wanted = "an object" if kind is dict else "an array"
+                raise CodecError(f"'{field}' must be {wanted}, got {describe(doc[field])}")
+        _binary_parameter(doc.get("parameters"))  # checks its values
+        for out in doc.get("outputs") or []:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise CodecError("every requested output must be an object with a 'name'")
-            binary = binary or _binary_parameter(out.get("parameters"))
-        if binary is not None:
-            raise CodecError(
-                f"'{binary}': binary tensor data is not batched by this codec yet; ask for "
-                "JSON outputs"
-            )
+            _binary_parameter(out.get("parameters"))
         inputs: list[_Input] = []
         keys: list[str] = []
         rows: int | None = None
         names: set[str] = set()
         for i, tensor in enumerate(tensors):
-            parsed, first, key = _parse_input(i, tensor)
+            parsed, first, key, used = _parse_input(i, tensor, blob)
+            if blob is not None:
+                blob = blob[used:]
             name = tensor["name"]
             if name in names:
                 raise CodecError(f"input {name!r} is given twice")
@@ -243,6 +355,11 @@ class OipV2:
             rows = first
             inputs.append(parsed)
             keys.append(key)
+        if blob:
+            raise CodecError(
+                f"the body has {len(blob)} bytes of binary data after the inputs' "
+                "binary_data_size: the sizes do not add up to the body"
+            )
         assert rows is not None
         try:
             other = encode(doc, sort_keys=True)[1:-1] if doc else b""
@@ -251,59 +368,113 @@ class OipV2:
         compat = other.decode() + "\n" + "\n".join(keys)
         return Parsed(size=rows, data=_Request(tuple(inputs), other, request_id), compat=compat)
 
-    def merge(self, items: Sequence[Parsed]) -> bytes:
+    def merge(self, items: Sequence[Parsed]) -> bytes | Framed:
         # Only joins what parse encoded: it cannot fail for an accepted request.
         first: _Request = items[0].data
         total = str(sum(item.size for item in items)).encode()
         tensors = []
+        binary: list[bytes] = []
         for j, spec in enumerate(first.inputs):
-            data = b",".join(p for item in items if (p := item.data.inputs[j].data))
-            tensors.append(
-                b"{" + spec.head + b'"shape":[' + total + spec.rest + b'],"data":[' + data + b"]}"
-            )
-        body = b'{"inputs":[' + b",".join(tensors) + b"]"
-        return body + (b"," + first.other if first.other else b"") + b"}"
+            shape = b'"shape":[' + total + spec.rest + b"]"
+            if spec.blob is None:
+                data = b",".join(p for item in items if (p := item.data.inputs[j].data))
+                tensors.append(b"{" + spec.head + shape + b',"data":[' + data + b"]}")
+                continue
+            blobs = [item.data.inputs[j].blob for item in items]
+            size = str(sum(len(b) for b in blobs)).encode()
+            params = spec.params[:-1] + (b"," if spec.params != b"{}" else b"")
+            params += b'"binary_data_size":' + size + b"}"
+            tensors.append(b"{" + spec.head + shape + b',"parameters":' + params + b"}")
+            binary.extend(blobs)
+        header = b'{"inputs":[' + b",".join(tensors) + b"]"
+        header += (b"," + first.other if first.other else b"") + b"}"
+        if not binary:
+            return header
+        return Framed(
+            header + b"".join(binary),
+            BINARY_CONTENT_TYPE,
+            ((INFERENCE_HEADER, str(len(header))),),
+        )
 
-    def split(self, body: bytes, items: Sequence[Parsed]) -> list[bytes | CodecError]:
+    def split(
+        self, body: bytes, items: Sequence[Parsed], framing: Mapping[str, str] = NO_FRAMING
+    ) -> list[bytes | Framed | CodecError]:
+        blob = b""
+        raw_length = framing.get(INFERENCE_HEADER)
+        if raw_length is not None:
+            length = _frame_length(raw_length, len(body), "backend answer's")
+            body, blob = body[:length], body[length:]
         doc = load_answer(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
             raise CodecError("backend answer has no 'outputs' array")
         total = sum(item.size for item in items)
-        outputs = [_answer_output(k, out, total) for k, out in enumerate(doc["outputs"])]
+        outputs = []
+        for k, out in enumerate(doc["outputs"]):
+            output, used = _answer_output(k, out, total, blob)
+            blob = blob[used:]
+            outputs.append(output)
+        if blob:
+            raise CodecError(
+                f"backend answer has {len(blob)} bytes of binary data after its outputs' "
+                "binary_data_size"
+            )
         meta = {k: doc[k] for k in ("model_name", "model_version") if k in doc}
-        parts: list[bytes | CodecError] = []
+        content_type = framing.get("content-type", "")
+        parts: list[bytes | Framed | CodecError] = []
         pos = 0
         for item in items:
             n = item.size
             answer: dict[str, Any] = dict(meta)
             if item.data.id is not None:
                 answer["id"] = item.data.id
-            answer["outputs"] = [out.rows(pos, n) for out in outputs]
+            rows = [out.rows(pos, n) for out in outputs]
+            answer["outputs"] = [fields for fields, _ in rows]
+            pos += n
             try:
-                parts.append(encode(answer))
+                header = encode(answer)
             except CodecError as err:
                 parts.append(CodecError(f"the backend's answer for this request {err}"))
-            pos += n
+                continue
+            own = [b for _, b in rows if b is not None]
+            if raw_length is None:
+                parts.append(header)
+            else:
+                parts.append(
+                    Framed(
+                        header + b"".join(own),
+                        content_type,
+                        ((INFERENCE_HEADER, str(len(header))),),
+                    )
+                )
         return parts
 
 
 @dataclass(frozen=True, slots=True)
 class _Output:
-    fields: dict[str, Any]  # everything but shape and data
+    fields: dict[str, Any]  # everything but shape and data (binary: and binary_data_size)
     rest: list[int]  # shape[1:]
-    data: list[Any]  # as the backend sent it: flat, or nested (one list per row)
+    data: list[Any]  # JSON: as the backend sent it: flat, or nested (one list per row)
     nested: bool
+    blob: bytes | None = None  # binary: its data
+    offsets: Sequence[int] = ()  # binary: where each row starts (and the last one ends)
 
-    def rows(self, start: int, n: int) -> dict[str, Any]:
+    def rows(self, start: int, n: int) -> tuple[dict[str, Any], bytes | None]:
+        """Rows start..start+n: the output's JSON, and its binary data if it is binary."""
+        if self.blob is not None:
+            own = self.blob[self.offsets[start] : self.offsets[start + n]]
+            parameters = {**self.fields.get("parameters", {}), "binary_data_size": len(own)}
+            return {**self.fields, "shape": [n, *self.rest], "parameters": parameters}, own
         if self.nested:
             part = self.data[start : start + n]
         else:
             per_row = prod(self.rest)
             part = self.data[start * per_row : (start + n) * per_row]
-        return {**self.fields, "shape": [n, *self.rest], "data": part}
+        return {**self.fields, "shape": [n, *self.rest], "data": part}, None
 
 
-def _answer_output(k: int, out: object, total: int) -> _Output:
+def _answer_output(k: int, out: object, total: int, blob: bytes) -> tuple[_Output, int]:
+    """Output k of an answer for `total` rows, and how many bytes of the answer's binary
+    data (what is left of it: `blob`) it took."""
     if not isinstance(out, dict):
         raise CodecError(f"backend answer's output {k} is not an object")
     name = out.get("name")
@@ -317,9 +488,36 @@ def _answer_output(k: int, out: object, total: int) -> _Output:
             f"{what} has shape {shape} for a batch of {total} rows: shape[0] must be {total} "
             "to tell which rows belong to which request"
         )
+    rest = shape[1:]
+    parameters = out.get("parameters")
+    if isinstance(parameters, dict) and "binary_data_size" in parameters:
+        size = _size_of(parameters["binary_data_size"], what)
+        if size > len(blob):
+            raise CodecError(f"{what}: binary_data_size {size} runs past the answer's body")
+        own = blob[:size]
+        datatype = out.get("datatype")
+        per_row = prod(rest)
+        if datatype == "BYTES":
+            starts = _bytes_offsets(own, total * per_row, what)
+            offsets: Sequence[int] = starts[::per_row] if per_row else [0] * (total + 1)
+        elif datatype in _ITEMSIZE:
+            row_bytes = per_row * _ITEMSIZE[str(datatype)]
+            if size != total * row_bytes:
+                raise CodecError(
+                    f"{what}: binary_data_size {size} but shape {shape} of {datatype} needs "
+                    f"{total * row_bytes}"
+                )
+            offsets = range(0, size + 1, row_bytes) if row_bytes else [0] * (total + 1)
+        else:
+            raise CodecError(f"{what}: unknown datatype {datatype!r:.40} for binary data")
+        params = {p: v for p, v in parameters.items() if p != "binary_data_size"}
+        fields = {key: v for key, v in out.items() if key not in ("shape", "data", "parameters")}
+        if params:
+            fields["parameters"] = params
+        return _Output(fields, rest, [], False, own, offsets), size
     data = out.get("data")
-    if _binary_parameter(out.get("parameters")) is not None or not isinstance(data, list):
+    if not isinstance(data, list):
         raise CodecError(f"{what} has no JSON 'data' array")
     nested = _flatten(data, shape, what) is not data  # checks the count either way
     fields = {key: v for key, v in out.items() if key not in ("shape", "data")}
-    return _Output(fields, shape[1:], data, nested)
+    return _Output(fields, rest, data, nested), 0

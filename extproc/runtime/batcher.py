@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from extproc.codecs import get_codec
-from extproc.codecs.base import Codec, CodecError, Parsed
+from extproc.codecs.base import Codec, CodecError, Framed, Parsed
 from extproc.core.aimd import Aimd
 from extproc.core.batching import (
     RATE_WINDOW,
@@ -218,14 +218,20 @@ class BatchExecutor:
         n = len(items)
         size = sum(item.size for item in items)
         started = self.clock.now()
+        merged = codec.merge(items)
+        if isinstance(merged, Framed):
+            body, content_type, framing = merged.body, merged.content_type, merged.headers
+        else:
+            body, content_type, framing = merged, codec.content_type, ()
         try:
             resp = await self._backend.post(
                 url,
-                codec.merge(items),
-                codec.content_type,
+                body,
+                content_type,
                 policy.backend.timeout_ms / 1000.0,
                 policy.backend.connect_timeout_ms / 1000.0,
                 policy.backend.max_response_bytes,
+                framing,
             )
         except ProxyError as err:
             # The client's message names no backend host; the operator's log does.
@@ -315,7 +321,9 @@ class BatchExecutor:
         the backend miscount or break its answer, so the caller bisects."""
         n = len(items)
         try:
-            parts = codec.split(resp.body, items)
+            parts = codec.split(
+                resp.body, items, {"content-type": resp.content_type, **resp.framing}
+            )
         except CodecError as err:
             self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
             log.warning(
@@ -336,6 +344,16 @@ class BatchExecutor:
                 log.warning("policy %s: part of the answer from %s: %s", policy.name, url, part)
                 error = ProxyError(ErrorKind.BACKEND_ERROR, str(part))
                 replies.append(Reply.from_error(error, size))
+            elif isinstance(part, Framed):
+                replies.append(
+                    Reply(
+                        resp.status,
+                        part.body,
+                        part.content_type,
+                        headers=part.headers,
+                        batch_size=size,
+                    )
+                )
             else:
                 replies.append(Reply(resp.status, part, batch_size=size))
         return replies

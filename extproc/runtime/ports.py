@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Backend", "BackendResponse", "Metrics"]
+__all__ = ["FRAMING_HEADERS", "Backend", "BackendResponse", "Metrics"]
+
+# The headers of a backend's answer that frame its body for a codec (besides content-type;
+# extproc.codecs: `Codec.framing`), kept by lower-case name when valid header values.
+FRAMING_HEADERS = ("inference-header-content-length",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +19,7 @@ class BackendResponse:
     body: bytes
     content_type: str  # "" if absent or not a valid header value
     retry_after: str | None = None  # a valid header value, or None
+    framing: Mapping[str, str] = field(default_factory=dict)  # of FRAMING_HEADERS
 
 
 class Backend(Protocol):
@@ -25,10 +31,12 @@ class Backend(Protocol):
         timeout: float,
         connect_timeout: float,
         max_bytes: int,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
-        """POST one batch. Raises ProxyError (BACKEND_ERROR if unreachable or if the answer,
-        decompressed, is over `max_bytes`; BACKEND_TIMEOUT past `timeout` seconds); any HTTP
-        status is returned, not raised, and redirects are not followed."""
+        """POST one batch, with `headers` besides the content type (a codec's framing).
+        Raises ProxyError (BACKEND_ERROR if unreachable or if the answer, decompressed, is
+        over `max_bytes`; BACKEND_TIMEOUT past `timeout` seconds); any HTTP status is
+        returned, not raised, and redirects are not followed."""
         ...
 
 

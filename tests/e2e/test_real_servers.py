@@ -146,6 +146,39 @@ def test_tritonclient_json_through_mlproxy_gets_each_request_its_own_answer(
     assert calls <= len(requests) / 4, f"{calls} backend calls for {len(requests)} requests"
 
 
+@pytest.mark.parametrize(
+    ("binary_input", "binary_output"), [(True, False), (False, True), (True, True)]
+)
+@pytest.mark.parametrize("datatype", ["FP64", "FP32"])
+def test_tritonclient_binary_tensors_through_mlproxy_get_each_request_its_own_answer(
+    proxy: Stack, servers: dict[str, str], binary_input: bool, binary_output: bool, datatype: str
+) -> None:
+    """The binary tensor extension (KServe's ModelServer speaks it; MLServer does not)."""
+    flags = {"binary_input": binary_input, "binary_output": binary_output}
+    requests = v2_requests(
+        36, seed=41 + binary_input + 2 * binary_output, datatype=datatype, **flags
+    )
+    before = backend_calls(proxy, "kserve-v2")
+    proxied = triton_client(f"{proxy.host}:{proxy.envoy_port}", requests, concurrency=16)
+    after = backend_calls(proxy, "kserve-v2")
+    direct = triton_client(servers["kserve"].removeprefix("http://"), requests, concurrency=1)
+    assert_same_answers(proxied, direct)
+    assert after[0] - before[0] <= len(requests) / 4
+
+
+def test_binary_and_json_requests_sent_together_each_get_their_own_framing(
+    proxy: Stack, servers: dict[str, str]
+) -> None:
+    kinds = [(False, False), (True, False), (False, True), (True, True)]
+    requests = [
+        {**r, "binary_input": kinds[i % 4][0], "binary_output": kinds[i % 4][1]}
+        for i, r in enumerate(v2_requests(32, seed=51, datatype="FP64"))
+    ]
+    proxied = triton_client(f"{proxy.host}:{proxy.envoy_port}", requests, concurrency=32)
+    direct = triton_client(servers["kserve"].removeprefix("http://"), requests, concurrency=1)
+    assert_same_answers(proxied, direct)
+
+
 def test_kserve_v1_through_mlproxy_gets_each_request_its_own_answer(
     proxy: Stack, servers: dict[str, str]
 ) -> None:

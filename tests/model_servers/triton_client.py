@@ -35,14 +35,15 @@ def main() -> None:
         output = http.InferRequestedOutput(
             job["output"], binary_data=spec.get("binary_output", False)
         )
-        json_only = not spec.get("binary_input") and not spec.get("binary_output")
+        # KServe reads a body without this content type as binary (tritonclient sets none)
+        json_body = not spec.get("binary_input")
         pending.append(
             client.async_infer(
                 job["model"],
                 [tensor],
                 outputs=[output],
                 request_id=spec["id"],
-                headers={"Content-Type": "application/json"} if json_only else None,
+                headers={"Content-Type": "application/json"} if json_body else None,
             )
         )
     for spec, call in zip(job["requests"], pending, strict=True):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from extproc.codecs import CodecError, Parsed, get_codec
+from extproc.codecs.base import Framed
 from extproc.codecs.oip_v2 import DATATYPES, OipV2
 
 codec = OipV2()
@@ -207,7 +208,8 @@ def tensor(**fields: Any) -> bytes:
         (tensor(datatype="INT32", data=[1, 2.5]), "INT32 elements must be integers"),
         (tensor(datatype="BOOL", data=[True, 1]), "BOOL elements must be true or false"),
         (tensor(datatype="BYTES", data=["a", 1]), "BYTES elements must be strings"),
-        (tensor(parameters={"binary_data_size": 8}), "binary tensor data"),
+        (tensor(parameters={"binary_data_size": 8}), "both 'data' and binary_data_size"),
+        (tensor(data=None, parameters={"binary_data_size": 8}), "without an Inference-Header"),
         (tensor(parameters=[1]), "'parameters' must be an object"),
         (
             b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP64", "data": [1, 1e999]}]}',
@@ -242,18 +244,6 @@ def test_inputs_must_agree_on_the_batch_dimension_and_not_repeat() -> None:
         parse({"inputs": two})
     with pytest.raises(CodecError, match="given twice"):
         parse({"inputs": [two[0], two[0]]})
-
-
-@pytest.mark.parametrize(
-    "where",
-    [
-        {"parameters": {"binary_data_output": True}},
-        {"outputs": [{"name": "p", "parameters": {"binary_data": True}}]},
-    ],
-)
-def test_binary_outputs_are_refused_for_now(where: dict[str, Any]) -> None:
-    with pytest.raises(CodecError, match="binary tensor data"):
-        parse(req([[1.0]], **where))
 
 
 def test_json_outputs_asked_for_as_tritonclient_does_are_batched() -> None:
@@ -299,7 +289,7 @@ def test_every_datatype_is_accepted_with_its_own_kind_of_element() -> None:
                     "parameters": {"binary_data_size": 8},
                 }
             ],
-            "no JSON 'data'",
+            "runs past the answer's body",
         ),
         ([1], "not an object"),
     ],
@@ -322,3 +312,373 @@ def test_a_part_that_cannot_be_encoded_fails_only_its_own_request() -> None:
     assert isinstance(first, bytes)
     assert json.loads(first)["outputs"][0]["data"] == ["ok"]
     assert isinstance(second, CodecError)
+
+
+# --- the binary tensor extension -------------------------------------------------------------
+
+NUMPY = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT64": "<i8", "BOOL": "?"}
+
+
+def to_binary(values: np.ndarray, datatype: str) -> bytes:
+    """A tensor's binary data as the extension (and tritonclient) lays it out."""
+    if datatype == "BYTES":
+        out = b""
+        for v in values.reshape(-1):
+            raw = v if isinstance(v, bytes) else str(v).encode()
+            out += len(raw).to_bytes(4, "little") + raw
+        return out
+    return np.ascontiguousarray(values, dtype=NUMPY[datatype]).tobytes()
+
+
+def from_binary(blob: bytes, datatype: str, shape: list[int]) -> np.ndarray:
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(blob):
+            n = int.from_bytes(blob[pos : pos + 4], "little")
+            items.append(blob[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        return np.array(items, dtype=object).reshape(shape)
+    return np.frombuffer(blob, dtype=NUMPY[datatype]).reshape(shape)
+
+
+def binary_request(
+    values: np.ndarray,
+    datatype: str = "FP32",
+    rid: str | None = None,
+    binary_output: bool = False,
+    extra_blob: bytes = b"",
+) -> tuple[bytes, dict[str, str]]:
+    blob = to_binary(values, datatype)
+    tensor = {
+        "name": "x",
+        "shape": list(values.shape),
+        "datatype": datatype,
+        "parameters": {"binary_data_size": len(blob)},
+    }
+    doc: dict[str, Any] = {"inputs": [tensor]}
+    if rid is not None:
+        doc["id"] = rid
+    if binary_output:
+        doc["outputs"] = [{"name": "y", "parameters": {"binary_data": True}}]
+    header = json.dumps(doc).encode()
+    return header + blob + extra_blob, {"inference-header-content-length": str(len(header))}
+
+
+def unframe(part: bytes | Framed | CodecError) -> tuple[dict[str, Any], bytes, Framed]:
+    assert isinstance(part, Framed), part
+    ((name, value),) = part.headers
+    assert name == "inference-header-content-length"
+    n = int(value)
+    return json.loads(part.body[:n]), part.body[n:], part
+
+
+def identity_answer(merged: bytes | Framed, binary_output: bool) -> tuple[bytes, dict[str, str]]:
+    """What an identity model answers to a merged V2 batch: output "y" = input "x", in binary
+    if the batch asked for it (as KServe frames it: no content type)."""
+    if isinstance(merged, Framed):
+        n = int(dict(merged.headers)["inference-header-content-length"])
+        doc, blob = json.loads(merged.body[:n]), merged.body[n:]
+    else:
+        doc, blob = json.loads(merged), b""
+    x = doc["inputs"][0]
+    if "data" in x:
+        data_blob = None
+        values = np.array(x["data"], dtype=object)
+    else:
+        data_blob = blob[: x["parameters"]["binary_data_size"]]
+        values = from_binary(data_blob, x["datatype"], x["shape"])
+    out: dict[str, Any] = {"name": "y", "shape": x["shape"], "datatype": x["datatype"]}
+    if not binary_output:
+        out["data"] = [
+            v.decode() if isinstance(v, bytes) else v for v in values.reshape(-1).tolist()
+        ]
+        return json.dumps({"model_name": "m", "id": "batch", "outputs": [out]}).encode(), {}
+    raw = data_blob if data_blob is not None else to_binary(values, x["datatype"])
+    out["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps({"model_name": "m", "id": "batch", "outputs": [out]}).encode()
+    return header + raw, {"inference-header-content-length": str(len(header))}
+
+
+def test_binary_inputs_are_concatenated_with_their_size_rewritten() -> None:
+    a_body, a_frame = binary_request(np.array([[1, 2]], "f4"), rid="a")
+    b_body, b_frame = binary_request(np.array([[3, 4], [5, 6]], "f4"), rid="b")
+    a, b = codec.parse(a_body, a_frame), codec.parse(b_body, b_frame)
+    assert (a.size, b.size) == (1, 2)
+    assert a.compat == b.compat != parse(req([[1.0, 2.0]])).compat  # binary and JSON apart
+    doc, blob, framed = unframe(codec.merge([a, b]))
+    assert framed.content_type == "application/octet-stream"
+    assert doc == {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [3, 2],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": 24},
+            }
+        ]
+    }
+    assert np.frombuffer(blob, "<f4").tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_requests_for_binary_and_json_outputs_never_share_a_batch() -> None:
+    rows = np.array([[1, 2]], "f4")
+    json_out = codec.parse(*binary_request(rows))
+    binary_out = codec.parse(*binary_request(rows, binary_output=True))
+    assert json_out.compat != binary_out.compat
+    all_binary = codec.parse(
+        req([[1.0, 2.0]], parameters={"binary_data_output": True}),
+    )
+    assert all_binary.compat != parse(req([[1.0, 2.0]])).compat
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16", "INT8", "INT64", "BOOL", "BYTES"])
+@pytest.mark.parametrize("binary_output", [False, True])
+def test_random_binary_batches_split_back_to_each_request_its_own_rows(
+    datatype: str, binary_output: bool
+) -> None:
+    rng = np.random.default_rng(len(datatype) + binary_output)
+    for _ in range(30):
+        counts = rng.integers(1, 4, size=rng.integers(1, 6))
+        width = int(rng.integers(0, 3))
+        values, items = [], []
+        for k, n in enumerate(counts):
+            if datatype == "BYTES":
+                v = np.array(
+                    [
+                        [f"r{k}-{i}-{j}" * int(rng.integers(0, 3)) for j in range(width)]
+                        for i in range(n)
+                    ],
+                    dtype=object,
+                ).reshape(int(n), width)
+            elif datatype == "BOOL":
+                v = rng.integers(0, 2, size=(n, width)).astype(bool)
+            else:
+                v = rng.integers(-100, 100, size=(n, width)).astype(NUMPY[datatype])
+            values.append(v)
+            body, frame = binary_request(v, datatype, rid=f"id{k}", binary_output=binary_output)
+            items.append(codec.parse(body, frame))
+        answer, framing = identity_answer(codec.merge(items), binary_output)
+        parts = codec.split(answer, items, framing)
+        for part, v, item in zip(parts, values, items, strict=True):
+            if binary_output:
+                doc, blob, framed = unframe(part)
+                assert framed.content_type == ""  # as the server framed it: none
+                (out,) = doc["outputs"]
+                assert out["parameters"] == {"binary_data_size": len(blob)}
+                got = from_binary(blob, datatype, out["shape"])
+            else:
+                assert isinstance(part, bytes)
+                doc = json.loads(part)
+                (out,) = doc["outputs"]
+                got = np.array(out["data"], dtype=object).reshape(out["shape"])
+            assert doc["id"] == item.data.id and doc["model_name"] == "m"
+            assert out["shape"] == list(v.shape)
+            if datatype == "BYTES":
+                got_text = [x.decode() if isinstance(x, bytes) else x for x in got.reshape(-1)]
+                assert got_text == [str(x) for x in v.reshape(-1)]
+            else:
+                assert got.reshape(-1).tolist() == v.reshape(-1).tolist()
+
+
+def framed(
+    doc: dict[str, Any], blob: bytes, length: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(doc).encode()
+    return header + blob, {"inference-header-content-length": length or str(len(header))}
+
+
+def binary_tensor(datatype: str, shape: list[int], size: int, **more: Any) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": shape,
+                "datatype": datatype,
+                "parameters": {"binary_data_size": size},
+                **more,
+            }
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("body_and_framing", "message"),
+    [
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 8, "x"), "is not a length within"),
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 8, "0"), "is not a length within"),
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 8, "99999"), "is not a length within"),
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 8, "-5"), "is not a length within"),
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 4), "only 4 bytes of binary data"),
+        (framed(binary_tensor("FP32", [1, 2], 8), b"\0" * 12), "4 bytes of binary data after"),
+        (framed(binary_tensor("FP32", [1, 2], 4), b"\0" * 4), "needs 8"),
+        (framed(binary_tensor("FP32", [1, 2], -1), b""), "non-negative integer"),
+        (framed(binary_tensor("FP32", [1, 2], True), b"\0"), "non-negative integer"),
+        (framed(binary_tensor("FP32", [1, 2], 8, data=[1, 2]), b"\0" * 8), "both 'data'"),
+        (
+            framed(binary_tensor("FP32", [1, 1], 4), np.array([np.nan], "<f4").tobytes()),
+            "not finite",
+        ),
+        (
+            framed(binary_tensor("FP64", [1, 1], 8), np.array([np.inf], "<f8").tobytes()),
+            "not finite",
+        ),
+        (
+            framed(binary_tensor("FP16", [1, 1], 2), np.array([-np.inf], "<f2").tobytes()),
+            "not finite",
+        ),
+        (framed(binary_tensor("BOOL", [1, 2], 2), b"\x01\x02"), "other than 0 or 1"),
+        (framed(binary_tensor("BYTES", [1, 1], 3), b"\x05\0\0"), "ends inside an element's length"),
+        (framed(binary_tensor("BYTES", [1, 1], 6), b"\x05\0\0\0ab"), "runs past"),
+        (framed(binary_tensor("BYTES", [1, 1], 7), b"\x01\0\0\0a\0\0"), "take 5"),
+        (framed(binary_tensor("BYTES", [1, 2], 5), b"\x01\0\0\0a"), "ends inside"),
+    ],
+)
+def test_hostile_binary_requests_are_refused_with_a_reason(
+    body_and_framing: tuple[bytes, dict[str, str]], message: str
+) -> None:
+    body, framing = body_and_framing
+    with pytest.raises(CodecError, match=message):
+        codec.parse(body, framing)
+
+
+def binary_answer(
+    outputs: list[dict[str, Any]], blob: bytes, length: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    return framed({"outputs": outputs}, blob, length)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                b"\0" * 4,
+            ),
+            "runs past",
+        ),
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                b"\0" * 12,
+            ),
+            "4 bytes of binary data after",
+        ),
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ],
+                b"\0" * 4,
+            ),
+            "needs 8",
+        ),
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "F32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                b"\0" * 8,
+            ),
+            "unknown datatype",
+        ),
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": 5},
+                    }
+                ],
+                b"\x01\0\0\0a",
+            ),
+            "ends inside",
+        ),
+        (
+            binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "shape": [2],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                b"\0" * 8,
+                "nope",
+            ),
+            "not a length within",
+        ),
+    ],
+)
+def test_binary_answers_that_cannot_be_split_are_refused(
+    answer: tuple[bytes, dict[str, str]], message: str
+) -> None:
+    items = [parse(req([[1.0]])), parse(req([[2.0]]))]
+    body, framing = answer
+    with pytest.raises(CodecError, match=message):
+        codec.split(body, items, framing)
+
+
+def test_a_binary_answer_with_json_and_binary_outputs_frames_each_client_alone() -> None:
+    items = [parse(req([[1.0]], id="a")), parse(req([[2.0], [3.0]], id="b"))]
+    scores = np.array([10, 20, 30], "<f4").tobytes()
+    labels = b"".join(len(s).to_bytes(4, "little") + s for s in (b"cat", b"", b"mouse"))
+    outputs = [
+        {"name": "s", "shape": [3], "datatype": "FP32", "parameters": {"binary_data_size": 12}},
+        {"name": "j", "shape": [3], "datatype": "INT64", "data": [7, 8, 9]},
+        {
+            "name": "l",
+            "shape": [3, 1],
+            "datatype": "BYTES",
+            "parameters": {"binary_data_size": len(labels), "x": 1},
+        },
+    ]
+    body, framing = binary_answer(outputs, scores + labels)
+    first, second = codec.split(
+        body, items, {**framing, "content-type": "application/octet-stream"}
+    )
+    doc, blob, part = unframe(second)
+    assert part.content_type == "application/octet-stream"
+    assert doc == {
+        "id": "b",
+        "outputs": [
+            {"name": "s", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
+            {"name": "j", "shape": [2], "datatype": "INT64", "data": [8, 9]},
+            {
+                "name": "l",
+                "shape": [2, 1],
+                "datatype": "BYTES",
+                "parameters": {"x": 1, "binary_data_size": 13},
+            },
+        ],
+    }
+    assert blob == np.array([20, 30], "<f4").tobytes() + b"\0\0\0\0" + b"\x05\0\0\0mouse"
+    doc, blob, _ = unframe(first)
+    assert doc["id"] == "a" and blob == np.array([10], "<f4").tobytes() + b"\x03\0\0\0cat"

@@ -345,6 +345,7 @@ def test_a_forward_request_round_trips_and_hostile_frames_are_refused() -> None:
         0.01,
         0.003,
         b'{"instances": [1]}',
+        {"inference-header-content-length": "17"},
     )
     assert ForwardRequest.decode(req.encode()) == req
     for bad in [
@@ -356,7 +357,8 @@ def test_a_forward_request_round_trips_and_hostile_frames_are_refused() -> None:
     ]:
         with pytest.raises(PeerProtocolError):
             ForwardRequest.decode(bad)
-    header = json.loads(req.encode()[4:].split(b"}", 1)[0] + b"}")
+    raw = req.encode()
+    header = json.loads(raw[4 : 4 + int.from_bytes(raw[:4], "big")])
     for field, value in [
         ("budget_ms", -1),
         ("budget_ms", 0),
@@ -365,6 +367,10 @@ def test_a_forward_request_round_trips_and_hostile_frames_are_refused() -> None:
         ("reserve_ms", "1"),
         ("policy", 5),
         ("path", "x" * 5000),
+        ("framing", ["a", "b"]),
+        ("framing", {"a": 1}),
+        ("framing", {"a": "x" * 300}),
+        ("framing", {str(i): "1" for i in range(9)}),
     ]:
         doc = {**header, field: value}
         head = json.dumps(doc).encode()
