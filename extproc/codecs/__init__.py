@@ -5,10 +5,15 @@ from __future__ import annotations
 from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.codecs.kserve_v1 import KServeV1
 from extproc.codecs.oip_v2 import OipV2
+from extproc.codecs.tfs_columnar import TfsColumnar
 
 __all__ = ["Codec", "CodecError", "Parsed", "get_codec"]
 
-_CODECS: dict[str, Codec] = {"kserve-v1": KServeV1(), "oip-v2": OipV2()}
+_CODECS: dict[str, Codec] = {
+    "kserve-v1": KServeV1(),
+    "oip-v2": OipV2(),
+    "tfs-columnar": TfsColumnar(),
+}
 
 
 def get_codec(name: str) -> Codec:
