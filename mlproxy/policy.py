@@ -150,7 +150,7 @@ class PolicyBody(_Strict):
 
     match: Match
     backend: Backend
-    codec: Literal["kserve-v1", "oip-v2", "tfs-columnar"] = "kserve-v1"
+    codec: Literal["kserve-v1", "oip-v2", "tfs-columnar", "openai-embeddings"] = "kserve-v1"
     sla: SLA = SLA()
     batching: Batching = Batching()
     tuning: Tuning | None = None

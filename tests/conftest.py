@@ -14,7 +14,7 @@ from mlproxy import ports
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, tcp_ok
 from tests.leftovers import leftovers
-from tests.servers import EchoBackend, HostileBackend
+from tests.servers import EchoBackend, EmbeddingsBackend, HostileBackend
 
 # Every process this session starts inherits the marker: see pytest_sessionfinish.
 SESSION_MARKER = "MLPROXY_TEST_SESSION"
@@ -39,6 +39,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def echo_backend() -> Iterator[EchoBackend]:
     server = EchoBackend().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def embeddings_backend() -> Iterator[EmbeddingsBackend]:
+    server = EmbeddingsBackend().start()
     yield server
     server.stop()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import struct
 import threading
 import zlib
 from typing import Any
@@ -170,3 +173,50 @@ class HostileBackend(ThreadedApp):
         elif model == "brotli":
             headers["Content-Encoding"] = "br"
         return web.Response(body=answer, headers=headers)
+
+
+def embed(item: str | list[int], dims: int) -> list[float]:
+    """The test embeddings server's vector for one input: deterministic, distinct per input
+    (no embedding model can be downloaded here)."""
+    seed = hashlib.sha256(json.dumps(item).encode()).digest()
+    return [round((seed[i % 32] - 128) / 128 + i / 1000, 6) for i in range(dims)]
+
+
+class EmbeddingsBackend(ThreadedApp):
+    """A small OpenAI-compatible embeddings server (`POST /v1/embeddings`): one vector per
+    input (tests.servers.embed), float or base64 (little-endian float32, as OpenAI's), usage
+    counting token ids, or a text's whitespace-separated words. Records each call's input
+    count."""
+
+    def __init__(self, dims: int = 8) -> None:
+        self.dims = dims
+        self.calls: list[int] = []
+        self._lock = threading.Lock()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        super().__init__(app)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        doc = json.loads(await request.read())
+        raw = doc["input"]
+        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+            inputs = [raw]
+        else:
+            inputs = raw
+        with self._lock:
+            self.calls.append(len(inputs))
+        dims = doc.get("dimensions") or self.dims
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            vector = embed(item, dims)
+            tokens += len(item) if isinstance(item, list) else len(item.split())
+            if doc.get("encoding_format") == "base64":
+                packed = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+                data.append({"object": "embedding", "index": i, "embedding": packed})
+            else:
+                data.append({"object": "embedding", "index": i, "embedding": vector})
+        data.reverse()  # any order: the index says which input an embedding is for
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        answer = {"object": "list", "data": data, "model": doc["model"], "usage": usage}
+        return web.json_response(answer)

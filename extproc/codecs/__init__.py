@@ -5,6 +5,7 @@ from __future__ import annotations
 from extproc.codecs.base import Codec, CodecError, Parsed
 from extproc.codecs.kserve_v1 import KServeV1
 from extproc.codecs.oip_v2 import OipV2
+from extproc.codecs.openai_embeddings import OpenAIEmbeddings
 from extproc.codecs.tfs_columnar import TfsColumnar
 
 __all__ = ["Codec", "CodecError", "Parsed", "get_codec"]
@@ -13,6 +14,7 @@ _CODECS: dict[str, Codec] = {
     "kserve-v1": KServeV1(),
     "oip-v2": OipV2(),
     "tfs-columnar": TfsColumnar(),
+    "openai-embeddings": OpenAIEmbeddings(),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mlproxy import ports
 from mlproxy.stack import Stack
-from tests.servers import EchoBackend, HostileBackend
+from tests.servers import EchoBackend, EmbeddingsBackend, HostileBackend
 
 
 def echo_policy(name: str, url: str, **overrides: Any) -> dict[str, Any]:
@@ -35,6 +35,7 @@ def echo_policy(name: str, url: str, **overrides: Any) -> dict[str, Any]:
 def stack(
     echo_backend: EchoBackend,
     hostile_backend: HostileBackend,
+    embeddings_backend: EmbeddingsBackend,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
@@ -49,6 +50,13 @@ def stack(
                 "batching": {"max_batch_size": 32, "max_wait_ms": 10, "max_in_flight": 2},
             },
             echo_policy("echo", echo_backend.url),
+            {
+                "name": "embeddings",
+                "codec": "openai-embeddings",
+                "match": {"path": "/v1/embeddings"},
+                "backend": {"url": f"{embeddings_backend.url}/v1/embeddings"},
+                "batching": {"max_batch_size": 64, "max_wait_ms": 30, "max_in_flight": 2},
+            },
             echo_policy("slow", echo_backend.url, backend={"timeout_ms": 300}),
             echo_policy("down", closed),
             # a long SLA: its requests' bodies may take that long to arrive (slow clients)
