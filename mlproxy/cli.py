@@ -367,11 +367,20 @@ def cmd_model(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from mlproxy.envoy_config import Upstream
     from mlproxy.stack import Stack, StackError
 
     _logging(args.verbose)
+    upstream = None
+    if args.upstream is not None:
+        try:
+            upstream = Upstream.parse(args.upstream)
+        except ValueError as err:
+            log.error("%s", err)
+            return 2
     try:
         stack = Stack(
+            upstream=upstream,
             envoy_port=args.port,
             policies_file=args.policies,
             replicas=args.replicas,
@@ -400,11 +409,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("MLProxy local stack is up:")
     for name, url in stack.endpoints().items():
         print(f"  {name:20} {url}")
-    print(
-        "Try:\n  curl -s -X POST "
-        f"{stack.envoy_url}/v1/models/demo:predict -H 'content-type: application/json' "
-        '-d \'{"instances": [[' + ", ".join(["0.5"] * 16) + "]]}'"
-    )
+    if stack.upstream is None:
+        print(
+            "Try:\n  curl -s -X POST "
+            f"{stack.envoy_url}/v1/models/demo:predict -H 'content-type: application/json' "
+            '-d \'{"instances": [[' + ", ".join(["0.5"] * 16) + "]]}'"
+        )
+    else:
+        print(
+            f"Every request to {stack.envoy_url} goes to the upstream untouched until a policy "
+            'batches its path: `mlproxy policy apply -f policies.yaml` (README "In front of '
+            'your model server").'
+        )
     if stack.uses_redis:
         print("Manage policies with the admin token of this run:")
         print(f"  export MLPROXY_URL={stack.controlplane_url} MLPROXY_TOKEN={stack.admin_token}")
@@ -631,6 +647,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--replicas", type=int, default=1, help="ext_proc replicas")
     p.add_argument("--controlplane-port", type=int, default=8080)
     p.add_argument("--model-port", type=int, default=8001, help="demo model port")
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=None,
+        help="put MLProxy in front of this model server (http[s]://host[:port]): every path "
+        "no policy batches goes to it untouched; no demo model or demo policy (add policies "
+        "with `mlproxy policy apply`)",
+    )
     p.add_argument(
         "--fail-open",
         action="store_true",

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "EXTPROC_HEALTH_CHECK",
@@ -117,8 +122,12 @@ def local_config(
     fail_open: bool = False,
     extproc_tls: dict[str, Any] | None = None,
     extproc_streams_per_connection: int | None = None,
+    upstream: Upstream | None = None,
 ) -> dict[str, Any]:
-    """`extproc_streams_per_connection`: most ext_proc streams on one connection to a replica
+    """`upstream`: every path no policy batches goes to this server (`mlproxy up --upstream`)
+    instead of the demo model on `model_port`.
+
+    `extproc_streams_per_connection`: most ext_proc streams on one connection to a replica
     (default: no limit, one connection per Envoy worker thread); a replica of several workers
     needs several connections, which the kernel spreads over them.
 
@@ -140,6 +149,8 @@ def local_config(
         },
         {"match": {"prefix": "/"}, "route": {"cluster": "model", "timeout": "30s"}},
     ]
+    if upstream is not None:  # the Host a virtual-hosted server (Knative) routes by
+        routes[1]["route"]["host_rewrite_literal"] = upstream.authority
     if bypass_prefix:
         routes.insert(
             1,
@@ -232,13 +243,7 @@ def local_config(
                     "outlier_detection": copy.deepcopy(EXTPROC_OUTLIER_DETECTION),
                     "load_assignment": _endpoints("extproc", extproc),
                 },
-                {
-                    "name": "model",
-                    "connect_timeout": "1s",
-                    "type": "STATIC",
-                    "lb_policy": "ROUND_ROBIN",
-                    "load_assignment": _endpoints("model", [(host, model_port)]),
-                },
+                model_cluster(host, model_port, upstream),
             ],
         },
     }
@@ -247,6 +252,96 @@ def local_config(
             if c["name"] == "extproc":
                 c["transport_socket"] = extproc_tls
     return config
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A model server MLProxy runs in front of (`mlproxy up --upstream URL`)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        """From `http[s]://host[:port]`; ValueError saying what is wrong otherwise."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--upstream {url!r}: give http://host[:port] or https://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(
+                f"--upstream {url!r}: give the server's address only (no path, query or "
+                "credentials): requests keep their own paths"
+            )
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as err:
+            raise ValueError(f"--upstream {url!r}: {err}") from None
+        return cls(parts.hostname, port, parts.scheme == "https")
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/cert.pem",  # macOS, OpenBSD
+)
+
+
+def system_ca_bundle() -> str:
+    """The system's CA bundle, for Envoy to verify an https upstream."""
+    found = ssl.get_default_verify_paths().cafile
+    for path in (found, *_CA_BUNDLES):
+        if path and Path(path).is_file():
+            return path
+    raise ValueError("no system CA bundle found to verify an https --upstream with")
+
+
+def model_cluster(host: str, model_port: int, upstream: Upstream | None) -> dict[str, Any]:
+    """The cluster of every path no policy batches: the demo model, or `upstream` (resolved
+    by DNS unless it is an IP address; TLS with SNI and the system's CA bundle if https)."""
+    if upstream is None:
+        return {
+            "name": "model",
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "lb_policy": "ROUND_ROBIN",
+            "load_assignment": _endpoints("model", [(host, model_port)]),
+        }
+    try:
+        ipaddress.ip_address(upstream.host)
+        kind = "STATIC"
+    except ValueError:
+        kind = "STRICT_DNS"
+    cluster: dict[str, Any] = {
+        "name": "model",
+        "connect_timeout": "5s",
+        "type": kind,
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": _endpoints("model", [(upstream.host, upstream.port)]),
+    }
+    if upstream.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": upstream.host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": system_ca_bundle()},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": upstream.host}}
+                        ],
+                    }
+                },
+            },
+        }
+    return cluster
 
 
 def overload_manager() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from mlproxy import ports
-from mlproxy.envoy_config import local_config
+from mlproxy.envoy_config import Upstream, local_config
 from mlproxy.keys import redact_url
 from mlproxy.redis_server import redis_argv, redis_server_binary
 from mlproxy.stack_security import StackSecrets
@@ -169,6 +169,9 @@ class Stack:
     # MLPROXY_STATS_WINDOW_S for a benchmark that compresses time.
     extproc_env: dict[str, str] = field(default_factory=dict)
     seed_demo: bool = True  # create the demo policy (Redis mode)
+    # `mlproxy up --upstream`: every path no policy batches goes to this server; no demo
+    # model is started and no demo policy created.
+    upstream: Upstream | None = None
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     # Envoy's failure_mode_allow: ext_proc down -> requests go on unbatched and unvalidated.
     fail_open: bool = False
@@ -275,7 +278,11 @@ class Stack:
             out[f"ext_proc {i} metrics"] = f"http://{self.host}:{mport}/metrics"
             if self.peer_ports:
                 out[f"ext_proc {i} peer port"] = f"{self.host}:{self.peer_ports[i]}"
-        out["demo model"] = self.model_url
+        if self.upstream is None:
+            out["demo model"] = self.model_url
+        else:
+            scheme = "https" if self.upstream.tls else "http"
+            out["upstream (paths without a policy)"] = f"{scheme}://{self.upstream.authority}"
         out["logs"] = str(self.run_dir)
         return out
 
@@ -293,32 +300,33 @@ class Stack:
         self.pki = self.security.pki
         redis = self.redis_child() if self.uses_redis and self.redis_url is None else None
         _check_free(self.host, self.envoy_port, "Envoy listener (--port)")
-        _check_free(self.host, self.model_port, "demo model port")
         py = [sys.executable, "-m", "mlproxy.cli"]
-        model = [*py, "model"] if self.model_command is None else list(self.model_command)
-        self.start_child(
-            Child(
-                "model",
-                [
-                    *model,
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(self.model_port),
-                    *self.model_args,
-                ],
-                self.run_dir / "model.log",
-                ready=lambda: http_ok(f"{self.model_url}/healthz"),
-            ),
-            timeout,
-        )
+        if self.upstream is None:
+            _check_free(self.host, self.model_port, "demo model port")
+            model = [*py, "model"] if self.model_command is None else list(self.model_command)
+            self.start_child(
+                Child(
+                    "model",
+                    [
+                        *model,
+                        "--host",
+                        self.host,
+                        "--port",
+                        str(self.model_port),
+                        *self.model_args,
+                    ],
+                    self.run_dir / "model.log",
+                    ready=lambda: http_ok(f"{self.model_url}/healthz"),
+                ),
+                timeout,
+            )
         source: list[str]
         if self.uses_redis:
             if redis is not None:
                 self.start_child(redis, timeout)
             _check_free(self.host, self.controlplane_port, "control plane port")
             self.start_child(self.controlplane_child(), timeout)
-            if self.seed_demo:
+            if self.seed_demo and self.upstream is None:
                 self._seed_demo_policy()
             source = []  # the URL and credentials go by environment (extproc_child)
         else:
@@ -346,6 +354,7 @@ class Stack:
             host=self.host,
             bypass_prefix=self.bypass_prefix,
             fail_open=self.fail_open,
+            upstream=self.upstream,
             extproc_streams_per_connection=WORKER_STREAMS_PER_CONNECTION
             if self.extproc_workers > 1
             else None,

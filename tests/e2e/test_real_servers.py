@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 
+from mlproxy import ports
 from mlproxy.stack import Stack
 from tests.real_servers import real_server, triton_client
 
@@ -299,3 +306,88 @@ def test_a_v2_request_to_a_kserve_v1_policy_says_which_codec_it_needs(proxy: Sta
     except urllib.error.HTTPError as err:
         assert err.code == 400
         assert "codec 'oip-v2'" in json.loads(err.read())["error"]
+
+
+def test_mlproxy_up_in_front_of_a_real_server_takes_two_commands(
+    servers: dict[str, str], tmp_path: Path
+) -> None:
+    """`mlproxy up --upstream URL`, then `mlproxy policy apply`: before the policy every path
+    goes to KServe untouched; after it, V2 requests are batched, V1 still passes through."""
+    port = ports.reserve()
+    argv = [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port)]
+    argv += ["--controlplane-port", str(ports.reserve()), "--upstream", servers["kserve"]]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as up:
+        try:
+            assert up.stdout is not None
+            lines: list[str] = []
+            while not any("Ctrl-C stops everything" in line for line in lines):
+                line = up.stdout.readline()
+                assert line or up.poll() is None, "".join(lines)
+                lines.append(line)
+            printed = "".join(lines)
+            assert "demo model" not in printed and "upstream" in printed, printed
+            env_line = next(line for line in lines if "export MLPROXY_URL=" in line)
+            env = dict(os.environ)
+            env.update(kv.split("=", 1) for kv in env_line.split()[1:])
+            base = f"127.0.0.1:{port}"
+            requests = v2_requests(24, seed=61, datatype="FP64")
+
+            passed = triton_client(base, requests, concurrency=8)  # no policy yet
+            direct = triton_client(
+                servers["kserve"].removeprefix("http://"), requests, concurrency=1
+            )
+            assert_same_answers(passed, direct)
+
+            policies = tmp_path / "policies.yaml"
+            policies.write_text(
+                "- name: iris-v2\n"
+                "  codec: oip-v2\n"
+                "  match: {path: '/v2/models/{model}/infer'}\n"
+                f"  backend: {{url: '{servers['kserve']}/v2/models/{{model}}/infer'}}\n"
+                "  batching: {max_batch_size: 64, max_wait_ms: 40}\n"
+            )
+            apply = [sys.executable, "-m", "mlproxy.cli", "policy", "apply", "-f", str(policies)]
+            done = subprocess.run(
+                apply, env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+            assert done.returncode == 0, done.stderr
+            deadline = time.monotonic() + 30
+            while True:  # until the replica has the policy
+                body = json.dumps(
+                    {
+                        "id": "probe",
+                        "inputs": [
+                            {
+                                "name": "x",
+                                "shape": [1, 4],
+                                "datatype": "FP64",
+                                "data": [5.0, 3.0, 1.5, 0.2],
+                            }
+                        ],
+                    }
+                )
+                req = urllib.request.Request(
+                    f"http://{base}/v2/models/iris/infer",
+                    data=body.encode(),
+                    headers={"content-type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    if resp.headers.get("x-mlproxy-batch-size"):
+                        break
+                assert time.monotonic() < deadline, "the policy never reached the replica"
+                time.sleep(0.2)
+            batched = triton_client(base, requests, concurrency=16)
+            assert_same_answers(batched, direct)
+            v1 = urllib.request.Request(
+                f"http://{base}/v1/models/iris:predict",
+                data=json.dumps({"instances": [[5.0, 3.0, 1.5, 0.2]]}).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(v1, timeout=10) as resp:  # still untouched
+                assert "x-mlproxy-batch-size" not in resp.headers
+                assert len(json.loads(resp.read())["predictions"][0]) == 3
+            up.send_signal(signal.SIGINT)
+            assert up.wait(30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
