@@ -59,5 +59,7 @@ class Codec(Protocol):
         order of `items`, built only from its own part of the answer (and metadata that is no
         client's); a CodecError in place of a part that cannot be forwarded (that request
         alone fails). Raises CodecError if the answer cannot be split at all (wrong count,
-        not JSON...). `framing`: the answer's content-type and `framing` headers."""
+        not JSON...). `framing`: the answer's content-type and `framing` headers, and
+        ":path", the path of the URL the batch was sent to (MLProxy's own, not the
+        backend's: what a codec may tell a client about the model it reached)."""
         ...

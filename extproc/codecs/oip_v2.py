@@ -24,17 +24,22 @@ data, its own `Inference-Header-Content-Length`, the server's content type.
 What a request carries is checked before it joins a batch, so a bad input fails alone with
 400: the element count against the shape, every element against the datatype (BOOL, the
 integer types with their ranges, FP16/32/64 finite and within range, BYTES as strings), binary
-sizes against the shape and the body, all inputs with the same shape[0]. The answer's
-`model_name` and `model_version` are passed on; its `id` (the batch's, not a client's) and its
-top-level `parameters` (the batch's) are not.
+sizes against the shape and the body, all inputs with the same shape[0].
+
+What the backend wrote for the whole batch is not passed on: its `id`, its top-level
+`parameters`, its `model_name` and `model_version`. Each answer carries its own request's `id`
+and the model name (and version) of the V2 path the batch was sent to
+(`/v2/models/{name}[/versions/{version}]/infer`), as an honest server would answer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -418,7 +423,7 @@ class OipV2:
                 f"backend answer has {len(blob)} bytes of binary data after its outputs' "
                 "binary_data_size"
             )
-        meta = {k: doc[k] for k in ("model_name", "model_version") if k in doc}
+        meta = _model_of(framing.get(":path", ""))
         content_type = framing.get("content-type", "")
         parts: list[bytes | Framed | CodecError] = []
         pos = 0
@@ -447,6 +452,22 @@ class OipV2:
                     )
                 )
         return parts
+
+
+_MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
+def _model_of(path: str) -> dict[str, str]:
+    """`model_name` (and `model_version`) for a client's answer, from the V2 path the batch
+    was sent to: the answer's own are the batch's, written by the backend, and could carry
+    another client's input (README "The data path: isolation and backend answers")."""
+    found = _MODEL_PATH.search(path)
+    if found is None:
+        return {}
+    name, version = (unquote(g) if g else g for g in found.groups())
+    return (
+        {"model_name": name} if version is None else {"model_name": name, "model_version": version}
+    )
 
 
 @dataclass(frozen=True, slots=True)

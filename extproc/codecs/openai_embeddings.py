@@ -14,7 +14,8 @@ tokens): the compat key, so each model has its own queue. A batch sends every in
 (in any order); each request gets its own embeddings, re-indexed from 0. `usage` is the
 batch's: each request gets a share of it in proportion to its inputs (token ids counted;
 text by its characters, since only the server knows its tokenizer), the shares adding up to
-the batch's counts. The answer's other fields are passed on only as `object` and `model`.
+the batch's counts. The answer's other fields are the batch's and are not passed on: each
+answer says `"object": "list"` and the request's own `model`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class _Request:
     inputs: bytes  # its inputs encoded, comma-separated, no brackets
     other: bytes  # every field but input, encoded, sorted, no braces
     weight: int  # its share of the batch's usage: token ids, or characters of text
+    model: str
 
 
 def _tokens(value: list[Any], what: str) -> int:
@@ -109,7 +111,7 @@ class OpenAIEmbeddings:
             raise CodecError(f"request body {err}; it cannot be forwarded as sent") from err
         return Parsed(
             size=len(inputs),
-            data=_Request(encoded, other, max(weight, 1)),
+            data=_Request(encoded, other, max(weight, 1), model),
             compat=kind + "\n" + other.decode(),
         )
 
@@ -150,7 +152,9 @@ class OpenAIEmbeddings:
                 counts[k] = v
         weights = [item.data.weight for item in items]
         shares = {k: _shares(v, weights) for k, v in counts.items()}
-        meta = {k: doc[k] for k in ("object", "model") if k in doc}
+        # `model` is each request's own (one per batch, by the compat key), not the answer's:
+        # nothing the backend wrote for the batch reaches a client but its own embeddings.
+        meta = {"object": "list", "model": items[0].data.model}
         parts: list[bytes | Framed | CodecError] = []
         pos = 0
         for i, item in enumerate(items):

@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from extproc.codecs import get_codec
 from extproc.codecs.base import Codec, CodecError, Framed, Parsed
@@ -321,9 +322,12 @@ class BatchExecutor:
         the backend miscount or break its answer, so the caller bisects."""
         n = len(items)
         try:
-            parts = codec.split(
-                resp.body, items, {"content-type": resp.content_type, **resp.framing}
-            )
+            framing = {
+                **resp.framing,
+                "content-type": resp.content_type,
+                ":path": urlsplit(url).path,  # MLProxy's own: where the batch went
+            }
+            parts = codec.split(resp.body, items, framing)
         except CodecError as err:
             self._metrics.batch_done(policy.name, size, n, elapsed, "bad_answer")
             log.warning(

@@ -59,8 +59,8 @@ def test_split_gives_each_request_its_rows_of_every_output_under_its_own_id() ->
         parse(req([[7, 8]])),
     ]
     answer = {
-        "model_name": "m",
-        "model_version": "1",
+        "model_name": "an input of another client",
+        "model_version": "another",
         "id": "batch-id",
         "parameters": {"batch_secret": 1},
         "outputs": [
@@ -75,9 +75,10 @@ def test_split_gives_each_request_its_rows_of_every_output_under_its_own_id() ->
             },
         ],
     }
-    parts = [json.loads(p) for p in codec.split(json.dumps(answer).encode(), items)]
+    where = {":path": "/v2/models/m/versions/1/infer"}
+    parts = [json.loads(bytes(p)) for p in codec.split(json.dumps(answer).encode(), items, where)]
     assert parts[0] == {
-        "model_name": "m",
+        "model_name": "m",  # from where the batch went, not what the backend wrote
         "model_version": "1",
         "id": "a",
         "outputs": [
@@ -98,6 +99,23 @@ def test_split_gives_each_request_its_rows_of_every_output_under_its_own_id() ->
     assert "id" not in parts[2]  # it sent none: the batch's id is not its own
     assert [o["data"] for o in parts[2]["outputs"]] == [[6, 7], ["z"], [[13]]]
     assert all("parameters" not in p for p in parts)  # the batch's parameters are no client's
+
+
+@pytest.mark.parametrize(
+    ("path", "meta"),
+    [
+        ("/v2/models/iris/infer", {"model_name": "iris"}),
+        ("/v2/models/a%20b/versions/3/infer", {"model_name": "a b", "model_version": "3"}),
+        ("/predict", {}),
+    ],
+)
+def test_the_model_named_in_an_answer_is_where_the_batch_went(
+    path: str, meta: dict[str, str]
+) -> None:
+    items = [parse(req([[1]]))]
+    answer = b'{"model_name": "x", "model_version": "y", "outputs": []}'
+    (part,) = codec.split(answer, items, {":path": path})
+    assert json.loads(bytes(part)) == {**meta, "outputs": []}
 
 
 def test_the_answer_of_a_random_batch_splits_back_row_for_row() -> None:
@@ -458,7 +476,7 @@ def test_random_binary_batches_split_back_to_each_request_its_own_rows(
             body, frame = binary_request(v, datatype, rid=f"id{k}", binary_output=binary_output)
             items.append(codec.parse(body, frame))
         answer, framing = identity_answer(codec.merge(items), binary_output)
-        parts = codec.split(answer, items, framing)
+        parts = codec.split(answer, items, {**framing, ":path": "/v2/models/m/infer"})
         for part, v, item in zip(parts, values, items, strict=True):
             if binary_output:
                 doc, blob, framed = unframe(part)
