@@ -521,7 +521,7 @@ def _answer_output(k: int, out: object, total: int, blob: bytes) -> tuple[_Outpu
         if datatype == "BYTES":
             starts = _bytes_offsets(own, total * per_row, what)
             offsets: Sequence[int] = starts[::per_row] if per_row else [0] * (total + 1)
-        elif datatype in _ITEMSIZE:
+        elif datatype in _ITEMSIZE:  # (any other datatype is refused by _output_fields)
             row_bytes = per_row * _ITEMSIZE[str(datatype)]
             if size != total * row_bytes:
                 raise CodecError(
@@ -531,14 +531,26 @@ def _answer_output(k: int, out: object, total: int, blob: bytes) -> tuple[_Outpu
             offsets = range(0, size + 1, row_bytes) if row_bytes else [0] * (total + 1)
         else:
             raise CodecError(f"{what}: unknown datatype {datatype!r:.40} for binary data")
-        params = {p: v for p, v in parameters.items() if p != "binary_data_size"}
-        fields = {key: v for key, v in out.items() if key not in ("shape", "data", "parameters")}
-        if params:
-            fields["parameters"] = params
-        return _Output(fields, rest, [], False, own, offsets), size
+        return _Output(_output_fields(out, what), rest, [], False, own, offsets), size
     data = out.get("data")
     if not isinstance(data, list):
         raise CodecError(f"{what} has no JSON 'data' array")
     nested = _flatten(data, shape, what) is not data  # checks the count either way
-    fields = {key: v for key, v in out.items() if key not in ("shape", "data")}
-    return _Output(fields, rest, data, nested), 0
+    return _Output(_output_fields(out, what), rest, data, nested), 0
+
+
+def _output_fields(out: dict[str, Any], what: str) -> dict[str, Any]:
+    """What an answer's output says about itself besides shape and data, as each client gets
+    it: its name and datatype (checked), and of its parameters only `content_type` (a short
+    string, MLServer's). The rest is the batch's, written by the backend: not passed on."""
+    name, datatype = out.get("name"), out.get("datatype")
+    if not isinstance(name, str) or not 0 < len(name) <= 256:
+        raise CodecError(f"{what}: 'name' is not a string of 1 to 256 characters")
+    if datatype not in DATATYPES:
+        raise CodecError(f"{what}: unknown datatype {datatype!r:.40}")
+    fields: dict[str, Any] = {"name": name, "datatype": datatype}
+    parameters = out.get("parameters")
+    kind = parameters.get("content_type") if isinstance(parameters, dict) else None
+    if isinstance(kind, str) and len(kind) <= 64:
+        fields["parameters"] = {"content_type": kind}
+    return fields

@@ -693,10 +693,32 @@ def test_a_binary_answer_with_json_and_binary_outputs_frames_each_client_alone()
                 "name": "l",
                 "shape": [2, 1],
                 "datatype": "BYTES",
-                "parameters": {"x": 1, "binary_data_size": 13},
+                "parameters": {"binary_data_size": 13},
             },
         ],
     }
     assert blob == np.array([20, 30], "<f4").tobytes() + b"\0\0\0\0" + b"\x05\0\0\0mouse"
     doc, blob, _ = unframe(first)
     assert doc["id"] == "a" and blob == np.array([10], "<f4").tobytes() + b"\x03\0\0\0cat"
+
+
+def test_an_outputs_own_description_is_checked_and_only_its_content_type_passed_on() -> None:
+    items = [parse(req([[1.0]]))]
+    out = {"name": "y", "shape": [1], "datatype": "FP32", "data": [1.0]}
+    with_params = {**out, "parameters": {"content_type": "np", "note": "of the batch"}, "x": 1}
+    (part,) = codec.split(json.dumps({"outputs": [with_params]}).encode(), items)
+    assert json.loads(bytes(part))["outputs"] == [
+        {
+            "name": "y",
+            "datatype": "FP32",
+            "parameters": {"content_type": "np"},
+            "shape": [1],
+            "data": [1.0],
+        }
+    ]
+    for bad, message in [
+        ({"name": 5}, "'name' is not a string"),
+        ({"datatype": "F32"}, "unknown datatype"),
+    ]:
+        with pytest.raises(CodecError, match=message):
+            codec.split(json.dumps({"outputs": [{**out, **bad}]}).encode(), items)
