@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mlproxy.policy import Policy, PolicyFileError, Router, load_policy_file, parse_policies
 
@@ -179,3 +180,18 @@ def test_long_paths_and_crowded_segments_cannot_stall_the_matcher() -> None:
         parse_policies(
             {"policies": [policy(match={"path": "/v1/{a}-{b}-{c}"}, backend={"url": "http://m/"})]}
         )
+
+
+def test_the_readmes_policies_for_each_kind_of_server_are_valid() -> None:
+    """README "In front of your model server": the example file parses, one policy per codec
+    (a typo there would send a new user to a validation error)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### In front of your model server", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    policies = parse_policies(yaml.safe_load(block))
+    assert {p.codec for p in policies} == {
+        "kserve-v1",
+        "oip-v2",
+        "tfs-columnar",
+        "openai-embeddings",
+    }
