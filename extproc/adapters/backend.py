@@ -142,11 +142,7 @@ class HttpBackend:
                     data,
                     clean_header_value(resp.headers.get("Content-Type")) or "",
                     retry_after=clean_header_value(resp.headers.get("Retry-After")),
-                    framing={
-                        name: value
-                        for name in FRAMING_HEADERS
-                        if (value := clean_header_value(resp.headers.get(name))) is not None
-                    },
+                    framing=_framing(resp),
                 )
         except _TooLarge as err:
             raise ProxyError(
@@ -197,6 +193,17 @@ class HttpBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _framing(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The answer's FRAMING_HEADERS that are valid header values; a repeated one joined with
+    commas, as Envoy joins a client's, so that a codec refuses it rather than pick one."""
+    out = {}
+    for name in FRAMING_HEADERS:
+        values = resp.headers.getall(name, ())
+        if values and (value := clean_header_value(",".join(values))) is not None:
+            out[name] = value
+    return out
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:

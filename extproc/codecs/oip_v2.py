@@ -111,7 +111,7 @@ def _dims(shape: object, what: str) -> list[int]:
         raise CodecError(f"{what}: 'shape' has {len(shape)} dimensions, at most {_MAX_DIMS}")
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise CodecError(f"{what}: 'shape' must hold non-negative integers, got {shape!r}")
+            raise CodecError(f"{what}: 'shape' must hold non-negative integers, got {shape!r:.80}")
     return shape
 
 
@@ -235,9 +235,10 @@ def _size_of(value: object, what: str) -> int:
 
 
 def _frame_length(raw: str, body: int, whose: str) -> int:
-    """The JSON part's length from an Inference-Header-Content-Length value."""
-    value = raw.strip()
-    if not value.isdigit() or len(value) > 12 or not 0 < int(value) <= body:
+    """The JSON part's length from an Inference-Header-Content-Length value: ASCII digits
+    (around them only spaces and tabs, as HTTP allows)."""
+    value = raw.strip(" \t")
+    if not (value.isascii() and value.isdigit()) or len(value) > 12 or not 0 < int(value) <= body:
         raise CodecError(
             f"{whose} Inference-Header-Content-Length {raw[:40]!r} is not a length within its "
             f"body of {body} bytes"
@@ -266,6 +267,10 @@ def _parse_input(i: int, tensor: object, blob: bytes | None) -> tuple[_Input, in
     shape = _dims(tensor.get("shape"), what)
     if shape[0] < 1:
         raise CodecError(f"{what}: shape[0] (the batch dimension) must be at least 1")
+    if prod(shape[1:]) == 0:
+        # Rows without elements: nothing in the body would bound how many there are (a
+        # 100-byte request could claim 2**64 of them), and no model batches them.
+        raise CodecError(f"{what}: its rows hold no elements (shape {shape}); nothing to batch")
     rest = b"".join(b"," + str(d).encode() for d in shape[1:])
     if parameters is not None and "binary_data_size" in parameters:
         if "data" in tensor:
@@ -329,8 +334,13 @@ class OipV2:
         if not isinstance(tensors, list) or not tensors:
             raise CodecError("'inputs' must be a non-empty array of tensors")
         request_id = doc.pop("id", None)
-        if request_id is not None and not isinstance(request_id, str):
-            raise CodecError(f"'id' must be a string, got {describe(request_id)}")
+        if request_id is not None:
+            if not isinstance(request_id, str):
+                raise CodecError(f"'id' must be a string, got {describe(request_id)}")
+            try:
+                encode(request_id)  # it goes back in the answer: it must be writable
+            except CodecError as err:
+                raise CodecError(f"'id' {err}; it cannot be sent back") from err
         for field, kind in (("parameters", dict), ("outputs", list)):
             if doc.get(field) is not None and not isinstance(doc[field], kind):
                 wanted = "an object" if kind is dict else "an array"

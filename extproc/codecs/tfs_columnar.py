@@ -111,6 +111,8 @@ class TfsColumnar:
             shape, kind = _shape(tensor, what)
             if shape[0] < 1:
                 raise CodecError(f"{what} has no rows (dimension 0 is 0)")
+            if 0 in shape[1:]:
+                raise CodecError(f"{what}: its rows hold no elements (shape {shape[:8]})")
             if rows is not None and shape[0] != rows:
                 raise CodecError(
                     f"{what} has {shape[0]} rows where the other inputs have {rows}: every "

@@ -131,3 +131,56 @@ async def test_a_backends_cookies_are_never_sent_with_a_later_batch(client: Http
     finally:
         await runner.cleanup()
     assert seen == [None, None, None]
+
+
+async def test_a_repeated_framing_header_is_joined_so_the_codec_refuses_it(
+    client: HttpBackend,
+) -> None:
+    """Red team 11 (minor): a backend sending Inference-Header-Content-Length twice had its
+    first value used silently; joined as Envoy joins a client's, the split refuses it."""
+    from aiohttp import web
+
+    from extproc.codecs import CodecError
+    from extproc.codecs.oip_v2 import OipV2
+
+    header = (
+        b'{"outputs": [{"name": "y", "shape": [1], "datatype": "FP32", '
+        b'"parameters": {"binary_data_size": 4}}]}'
+    )
+
+    async def infer(request: web.Request) -> web.Response:
+        resp = web.Response(body=header + b"\0\0\0\0")
+        resp.headers.add("Inference-Header-Content-Length", str(len(header)))
+        resp.headers.add("Inference-Header-Content-Length", "5")
+        return resp
+
+    async def single(request: web.Request) -> web.Response:
+        return web.Response(
+            body=header + b"\0\0\0\0",
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+
+    app = web.Application()
+    app.router.add_post("/twice", infer)
+    app.router.add_post("/once", single)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "localhost", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        twice = await client.post(f"http://localhost:{port}/twice", BODY, "application/json", 10, 5)
+        once = await client.post(f"http://localhost:{port}/once", BODY, "application/json", 10, 5)
+        plain = await client.post(f"http://localhost:{port}/once", BODY, "application/json", 10, 5)
+    finally:
+        await runner.cleanup()
+    assert twice.framing == {"inference-header-content-length": f"{len(header)},5"}
+    assert once.framing == {"inference-header-content-length": str(len(header))}
+    codec = OipV2()
+    items = [
+        codec.parse(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}')
+    ]
+    with pytest.raises(CodecError, match="is not a length"):
+        codec.split(twice.body, items, twice.framing)
+    assert len(codec.split(once.body, items, once.framing)) == 1
+    assert plain.status == 200

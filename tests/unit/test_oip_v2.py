@@ -122,7 +122,7 @@ def test_the_answer_of_a_random_batch_splits_back_row_for_row() -> None:
     rng = random.Random(7)
     for _ in range(50):
         counts = [rng.randint(1, 4) for _ in range(rng.randint(1, 6))]
-        width = rng.randint(0, 3)
+        width = rng.randint(1, 3)
         items = []
         base = 0
         for n in counts:
@@ -457,7 +457,7 @@ def test_random_binary_batches_split_back_to_each_request_its_own_rows(
     rng = np.random.default_rng(len(datatype) + binary_output)
     for _ in range(30):
         counts = rng.integers(1, 4, size=rng.integers(1, 6))
-        width = int(rng.integers(0, 3))
+        width = int(rng.integers(1, 3))
         values, items = [], []
         for k, n in enumerate(counts):
             if datatype == "BYTES":

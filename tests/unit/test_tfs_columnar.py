@@ -46,7 +46,7 @@ def test_an_unnamed_input_merges_and_splits_as_a_list() -> None:
 def test_random_batches_split_back_row_for_row() -> None:
     rng = random.Random(5)
     for _ in range(50):
-        width = rng.randint(0, 3)
+        width = rng.randint(1, 3)
         items, own = [], []
         for k in range(rng.randint(1, 6)):
             n = rng.randint(1, 4)
