@@ -59,6 +59,7 @@ class ExtProcServer:
         reuse_port: bool = False,  # a worker: its siblings listen on the same port
         metrics_host: str | None = None,  # where /metrics listens (default: host)
         on_metrics: Callable[[int], None] | None = None,  # told the metrics port once bound
+        backend_proxy: str | None = None,  # batch calls through this HTTP proxy (Envoy)
     ) -> None:
         self.reuse_port = reuse_port
         self.metrics_host = metrics_host or host
@@ -72,7 +73,7 @@ class ExtProcServer:
         self.metrics = PrometheusMetrics()
         self.stats = StatsWindow(window=stats_window)
         self.telemetry = Telemetry(self.metrics, self.stats, self.clock)
-        self.backend = HttpBackend()
+        self.backend = HttpBackend(proxy=backend_proxy)
         self.router = Router()
         self.pool: BatcherPool | None = None
         self.limits = limits or StreamLimits()

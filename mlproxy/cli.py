@@ -130,6 +130,9 @@ def _extproc_security(args: argparse.Namespace) -> bool:
     try:
         args.stats_window = _stats_window(args.stats_window, os.environ.get(ENV_STATS_WINDOW))
         args.rate_window = _rate_window(args.rate_window, os.environ.get(ENV_RATE_WINDOW))
+        args.backend_proxy = _backend_proxy(
+            args.backend_proxy or os.environ.get(ENV_BACKEND_PROXY) or None
+        )
     except ValueError as err:
         log.error("ext_proc cannot start: %s", err)
         return False
@@ -161,6 +164,7 @@ def _extproc_security(args: argparse.Namespace) -> bool:
 
 ENV_STATS_WINDOW = "MLPROXY_STATS_WINDOW_S"
 ENV_RATE_WINDOW = "MLPROXY_RATE_WINDOW_S"
+ENV_BACKEND_PROXY = "MLPROXY_BACKEND_PROXY"
 # --rate-window's bounds, in seconds.
 MIN_RATE_WINDOW, MAX_RATE_WINDOW = 0.05, 60.0
 
@@ -200,6 +204,25 @@ def _seconds_within(value: str, lo: float, hi: float) -> float:
     if not lo <= seconds <= hi:  # also NaN
         raise argparse.ArgumentTypeError(f"not a number of seconds from {lo:g} to {hi:g}: {value}")
     return seconds
+
+
+def _backend_proxy(url: str | None) -> str | None:
+    """--backend-proxy: an http://host:port forward proxy (an Envoy egress listener)."""
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(
+            f"{ENV_BACKEND_PROXY} / --backend-proxy: {url!r} is not http://host:port (an "
+            "Envoy listener that forwards the batch calls)"
+        )
+    return f"http://{parts.netloc}"
 
 
 def _window_seconds(value: str) -> float:
@@ -243,6 +266,7 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         peers=args.peers,
         stats_window=args.stats_window,
         rate_window=args.rate_window,
+        backend_proxy=args.backend_proxy,
     )
 
 
@@ -381,6 +405,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         stack = Stack(
             upstream=upstream,
+            batch_via_envoy=args.batch_via_envoy,
             envoy_port=args.port,
             policies_file=args.policies,
             replicas=args.replicas,
@@ -554,6 +579,15 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     p.add_argument(
+        "--backend-proxy",
+        metavar="URL",
+        default=None,
+        help="send every batch call through this HTTP proxy (http://host:port: an Envoy "
+        "listener such as `mlproxy up --batch-via-envoy` runs), so that the mesh's retries, "
+        f"outlier detection, mTLS and access logs apply to it ({ENV_BACKEND_PROXY}; default: "
+        "straight to the policy's backend.url)",
+    )
+    p.add_argument(
         "--rate-window",
         type=_rate_seconds,
         metavar="SECONDS",
@@ -654,6 +688,13 @@ def main(argv: list[str] | None = None) -> None:
         help="put MLProxy in front of this model server (http[s]://host[:port]): every path "
         "no policy batches goes to it untouched; no demo model or demo policy (add policies "
         "with `mlproxy policy apply`)",
+    )
+    p.add_argument(
+        "--batch-via-envoy",
+        action="store_true",
+        help="the replicas send their batch calls through a listener of the stack's Envoy "
+        "(retries of calls that never reached the model, stats, an access log in the run "
+        "directory) instead of straight to the model",
     )
     p.add_argument(
         "--fail-open",

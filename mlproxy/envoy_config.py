@@ -123,9 +123,14 @@ def local_config(
     extproc_tls: dict[str, Any] | None = None,
     extproc_streams_per_connection: int | None = None,
     upstream: Upstream | None = None,
+    egress_port: int | None = None,
+    egress_access_log: str | None = None,
 ) -> dict[str, Any]:
     """`upstream`: every path no policy batches goes to this server (`mlproxy up --upstream`)
     instead of the demo model on `model_port`.
+
+    `egress_port`: a second listener, without ext_proc, that the replicas send their batch
+    calls through (`--backend-proxy`, `mlproxy up --batch-via-envoy`): see `egress_listener`.
 
     `extproc_streams_per_connection`: most ext_proc streams on one connection to a replica
     (default: no limit, one connection per Envoy worker thread); a replica of several workers
@@ -247,6 +252,11 @@ def local_config(
             ],
         },
     }
+    if egress_port is not None:
+        config["static_resources"]["listeners"].append(
+            egress_listener(host, egress_port, egress_access_log)
+        )
+        config["static_resources"]["clusters"].append(egress_cluster())
     if extproc_tls is not None:  # mTLS to ext_proc (README: "Authentication and encryption")
         for c in config["static_resources"]["clusters"]:
             if c["name"] == "extproc":
@@ -342,6 +352,108 @@ def model_cluster(host: str, model_port: int, upstream: Upstream | None) -> dict
             },
         }
     return cluster
+
+
+EGRESS_CLUSTER = "mlproxy-batch-calls"
+_DNS_CACHE = {"name": "mlproxy_batch_calls", "dns_lookup_family": "V4_PREFERRED"}
+# Batch calls Envoy retries: only those that never reached the backend (a batch is not sent
+# twice to a backend that may have run it).
+EGRESS_RETRY_POLICY = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "per_try_timeout": "0s",
+}
+
+
+def egress_listener(host: str, port: int, access_log: str | None = None) -> dict[str, Any]:
+    """The listener the replicas' batch calls go through (README "The batch call through
+    Envoy"): an HTTP forward proxy (the batch's own URL in the request line) to the policy's
+    backend, resolved by Envoy's DNS cache, with Envoy's retries of calls that never reached
+    the backend, its stats (`http.egress.*`, `cluster.mlproxy-batch-calls.*`) and an access
+    log line per batch. No ext_proc filter: a batch call is never batched again. It is an
+    open proxy to whoever can reach it: listen on loopback, next to the replicas."""
+    hcm: dict[str, Any] = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "egress",
+        "codec_type": "HTTP1",
+        "http_protocol_options": {"allow_absolute_url": True},
+        "route_config": {
+            "name": "batch-calls",
+            "virtual_hosts": [
+                {
+                    "name": "backends",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            # the replica bounds the call (backend.timeout_ms)
+                            "route": {
+                                "cluster": EGRESS_CLUSTER,
+                                "timeout": "0s",
+                                "retry_policy": copy.deepcopy(EGRESS_RETRY_POLICY),
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                    "dns_cache_config": dict(_DNS_CACHE),
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    if access_log is not None:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": _T + "extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log,
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "[%START_TIME%] %REQ(:METHOD)% %REQ(:AUTHORITY)%"
+                            "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% attempts="
+                            "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms %UPSTREAM_HOST%\n"
+                        }
+                    },
+                },
+            }
+        ]
+    return {
+        "name": "egress",
+        "address": _addr(host, port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def egress_cluster() -> dict[str, Any]:
+    return {
+        "name": EGRESS_CLUSTER,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.dynamic_forward_proxy",
+            "typed_config": {
+                "@type": _T + "extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                "dns_cache_config": dict(_DNS_CACHE),
+            },
+        },
+    }
 
 
 def overload_manager() -> dict[str, Any]:

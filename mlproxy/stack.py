@@ -172,6 +172,10 @@ class Stack:
     # `mlproxy up --upstream`: every path no policy batches goes to this server; no demo
     # model is started and no demo policy created.
     upstream: Upstream | None = None
+    # `mlproxy up --batch-via-envoy`: the replicas send batch calls through a second Envoy
+    # listener (README "The batch call through Envoy"); its port, once reserved.
+    batch_via_envoy: bool = False
+    egress_port: int = 0
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
     # Envoy's failure_mode_allow: ext_proc down -> requests go on unbatched and unvalidated.
     fail_open: bool = False
@@ -207,6 +211,8 @@ class Stack:
                     setattr(self, attr, self.reserve_port())
             if self.envoy_port == 0:
                 self.envoy_port = self.reserve_port()
+            if self.batch_via_envoy and self.egress_port == 0:
+                self.egress_port = self.reserve_port()
             self.extproc_ports = [self.reserve_port() for _ in range(self.replicas)]
             self.metrics_ports = [self.reserve_port() for _ in range(self.replicas)]
             if self.peering is None:
@@ -270,6 +276,8 @@ class Stack:
             "envoy listener": self.envoy_url,
             "envoy admin": f"http://{self.host}:{self.admin_port}",
         }
+        if self.batch_via_envoy:
+            out["envoy batch calls"] = f"http://{self.host}:{self.egress_port}"
         if self.uses_redis:
             out["control plane"] = self.controlplane_url
             out["redis"] = redact_url(self.effective_redis_url())
@@ -355,6 +363,8 @@ class Stack:
             bypass_prefix=self.bypass_prefix,
             fail_open=self.fail_open,
             upstream=self.upstream,
+            egress_port=self.egress_port if self.batch_via_envoy else None,
+            egress_access_log=str(self.run_dir / "egress-access.log"),
             extproc_streams_per_connection=WORKER_STREAMS_PER_CONNECTION
             if self.extproc_workers > 1
             else None,
@@ -380,6 +390,9 @@ class Stack:
                     "--disable-hot-restart",
                     "--concurrency",
                     "1",
+                    # the batch calls' access log within a second (Envoy's default: 10 s)
+                    "--file-flush-interval-msec",
+                    "1000",
                 ],
                 self.run_dir / "envoy.log",
                 ready=lambda: http_ok(f"{self.envoy_url}/healthz"),
@@ -455,6 +468,11 @@ class Stack:
                 *(["--peer-port", str(self.peer_ports[i])] if self.peer_ports else []),
                 *(["--peer-networks", self.peer_networks] if self.peer_networks else []),
                 *(["--workers", str(self.extproc_workers)] if self.extproc_workers > 1 else []),
+                *(
+                    ["--backend-proxy", f"http://{self.host}:{self.egress_port}"]
+                    if self.batch_via_envoy
+                    else []
+                ),
                 *source,
             ],
             self.run_dir / f"extproc-{i}.log",

@@ -94,8 +94,11 @@ class HttpBackend:
     """Connections are reused across batches; how many run at once is bounded by each policy's
     `batching.max_in_flight`, not here."""
 
-    def __init__(self) -> None:
+    def __init__(self, proxy: str | None = None) -> None:
+        """`proxy`: an HTTP proxy (http://host:port, an Envoy listener) every batch call goes
+        through, for http:// backend URLs (README "The batch call through Envoy")."""
         self._session: aiohttp.ClientSession | None = None
+        self._proxy = proxy
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -120,6 +123,17 @@ class HttpBackend:
         max_bytes: int = 16 * 1024 * 1024,
         headers: Sequence[tuple[str, str]] = (),
     ) -> BackendResponse:
+        if self._proxy is not None and url.startswith("https:"):
+            log.warning(
+                "backend %s: batch calls go through the proxy %s, which takes http:// URLs "
+                "(the proxy adds TLS): make the policy's backend.url http://",
+                url,
+                self._proxy,
+            )
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR,
+                "MLProxy is misconfigured: an https backend behind its backend proxy",
+            )
         session = self._get_session()
         client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         try:
@@ -135,6 +149,7 @@ class HttpBackend:
                 },
                 timeout=client_timeout,
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as resp:
                 data = await _read_bounded(resp, max_bytes)
                 return BackendResponse(

@@ -304,8 +304,9 @@ def test_a_v2_request_to_a_kserve_v1_policy_says_which_codec_it_needs(proxy: Sta
         urllib.request.urlopen(req, timeout=10)
         raise AssertionError("a V2 body was accepted by the kserve-v1 policy")
     except urllib.error.HTTPError as err:
-        assert err.code == 400
-        assert "codec 'oip-v2'" in json.loads(err.read())["error"]
+        with err:
+            assert err.code == 400
+            assert "codec 'oip-v2'" in json.loads(err.read())["error"]
 
 
 def test_mlproxy_up_in_front_of_a_real_server_takes_two_commands(
