@@ -3,11 +3,13 @@ followed, answers are bounded after decompression, encodings and headers are che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from aiohttp import web
 
 from extproc.adapters.backend import HttpBackend, clean_header_value
 from mlproxy.errors import ErrorKind, ProxyError
@@ -21,6 +23,19 @@ def hostile() -> Iterator[HostileBackend]:
     server = HostileBackend(bomb_mib=300, huge_mib=20).start()
     yield server
     server.stop()
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[int]:
+    """`app` on a free localhost port (bound by the server itself) while in the block."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "localhost", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -106,8 +121,6 @@ async def test_unreachable_backend_message_names_no_library_or_host(client: Http
 async def test_a_backends_cookies_are_never_sent_with_a_later_batch(client: HttpBackend) -> None:
     """No state is carried from one batch's answer to the next batch (whose requests belong
     to other clients): a Set-Cookie from the backend is dropped, not replayed."""
-    from aiohttp import web
-
     seen: list[str | None] = []
 
     async def predict(request: web.Request) -> web.Response:
@@ -118,18 +131,11 @@ async def test_a_backends_cookies_are_never_sent_with_a_later_batch(client: Http
 
     app = web.Application()
     app.router.add_post("/v1/models/m:predict", predict)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "localhost", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with served(app) as port:
         url = f"http://localhost:{port}/v1/models/m:predict"
         for _ in range(3):
             resp = await client.post(url, BODY, "application/json", 10, 5)
             assert resp.status == 200
-    finally:
-        await runner.cleanup()
     assert seen == [None, None, None]
 
 
@@ -138,8 +144,6 @@ async def test_a_repeated_framing_header_is_joined_so_the_codec_refuses_it(
 ) -> None:
     """Red team 11 (minor): a backend sending Inference-Header-Content-Length twice had its
     first value used silently; joined as Envoy joins a client's, the split refuses it."""
-    from aiohttp import web
-
     from extproc.codecs import CodecError
     from extproc.codecs.oip_v2 import OipV2
 
@@ -163,17 +167,10 @@ async def test_a_repeated_framing_header_is_joined_so_the_codec_refuses_it(
     app = web.Application()
     app.router.add_post("/twice", infer)
     app.router.add_post("/once", single)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "localhost", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with served(app) as port:
         twice = await client.post(f"http://localhost:{port}/twice", BODY, "application/json", 10, 5)
         once = await client.post(f"http://localhost:{port}/once", BODY, "application/json", 10, 5)
         plain = await client.post(f"http://localhost:{port}/once", BODY, "application/json", 10, 5)
-    finally:
-        await runner.cleanup()
     assert twice.framing == {"inference-header-content-length": f"{len(header)},5"}
     assert once.framing == {"inference-header-content-length": str(len(header))}
     codec = OipV2()

@@ -3,14 +3,12 @@ real Envoy (`--mode validate`)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mlproxy.envoy_config import Upstream, local_config
-from mlproxy.stack import envoy_binary
+from tests.integration.test_manifests import envoy_validate
 
 
 @pytest.mark.parametrize(
@@ -52,13 +50,4 @@ def test_envoy_takes_the_config_for_an_upstream(url: str, tmp_path: Path) -> Non
     config = local_config(upstream=Upstream.parse(url))
     (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "model"]
     assert cluster["type"] == ("STATIC" if "127.0.0.1" in url else "STRICT_DNS")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    done = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    envoy_validate(config, tmp_path, url.split("//")[1].replace(":", "-"))
