@@ -7,6 +7,7 @@ template), how to read and split them (a codec), the SLA, and how to batch. See 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,19 @@ class Match(_Strict):
     digits and `_.~-` within one path segment, not starting with `.`; at most two variables
     in one segment. The query string is ignored; percent-escapes are decoded before matching;
     paths over 1024 characters match no policy."""
+    body: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
+                Annotated[str, Field(min_length=1, max_length=256)],
+            ],
+            Field(min_length=1, max_length=8),
+        ]
+        | None
+    ) = None
+    """Top-level fields the JSON body must have, with these exact string values, e.g.
+    `{"model": "bge-small"}` for OpenAI embeddings: among the policies whose path matches, the
+    first whose body fields match takes the request (README "Matching on a body field")."""
 
 
 class Backend(_Strict):
@@ -308,9 +322,10 @@ class Route:
         return (self.policy.name, self.backend_url)
 
 
-def _specificity(policy: Policy) -> tuple[int, int, str]:
+def _specificity(policy: Policy) -> tuple[int, int, int, str]:
     template = policy.match.path
-    return (len(_VAR.findall(template)), -len(_VAR.sub("", template)), policy.name)
+    body = len(policy.match.body or ())
+    return (len(_VAR.findall(template)), -len(_VAR.sub("", template)), -body, policy.name)
 
 
 class Router:
@@ -328,6 +343,8 @@ class Router:
     def replace(self, policies: Iterable[Policy]) -> None:
         self._table = [(_compile(p.match.path), p) for p in sorted(policies, key=_specificity)]
         self._cache = {}
+        # Some policy matches on body fields: a request's route is known only with its body.
+        self.has_body_rules = any(p.match.body for _, p in self._table)
 
     @property
     def policies(self) -> Sequence[Policy]:
@@ -361,6 +378,39 @@ class Router:
             if m is not None:
                 return Route(policy, _render(policy.backend.url, m.groupdict()))
         return None
+
+    def choose(self, path: str, body: bytes) -> Route | None:
+        """The route of a request once its body is known: the most specific policy whose path
+        matches and whose `match.body` fields (if any) the body has, as top-level string
+        fields of a JSON object; None if none does (the request goes on untouched)."""
+        path = path.split("?", 1)[0].split("#", 1)[0]
+        if "%" in path:
+            path = unquote(path, errors="replace")
+        if len(path) > MAX_MATCHED_PATH:
+            return None
+        fields: dict[str, Any] | None = None
+        for pattern, policy in self._table:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            wanted = policy.match.body
+            if wanted:
+                if fields is None:
+                    fields = _top_level(body)
+                if any(fields.get(k) != v for k, v in wanted.items()):
+                    continue
+            return Route(policy, _render(policy.backend.url, m.groupdict()))
+        return None
+
+
+def _top_level(body: bytes) -> dict[str, Any]:
+    """A JSON object body's top-level fields ({} for anything else: such a body meets no
+    policy's body fields, and its own codec says what is wrong with it)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _render(template: str, values: Mapping[str, str]) -> str:

@@ -946,7 +946,11 @@ class PeerService:
             request = ForwardRequest.decode(raw)
         except PeerProtocolError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a forward request: {err}")
-        route = self._router.resolve(request.path)
+        route = (
+            self._router.choose(request.path, request.body)
+            if self._router.has_body_rules
+            else self._router.resolve(request.path)
+        )
         if route is None or route.key != (request.policy, request.backend):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

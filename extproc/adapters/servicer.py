@@ -220,7 +220,7 @@ class ExtProcServicer:
                 del self._held[client]
         if answer is None:
             return
-        reply, wait, total, answered_at, inbound = answer
+        reply, wait, total, answered_at, inbound, route = answer
         self._metrics.request_done(route.policy.name, reply.outcome, wait)
         await context.write(_encode(reply, wait, total))
         if answered_at is not None:
@@ -248,10 +248,12 @@ class ExtProcServicer:
         end_of_stream: bool,
         client: str = "",
         request_time: str | None = None,
-    ) -> tuple[Reply, float | None, float | None, float | None, float] | None:
+    ) -> tuple[Reply, float | None, float | None, float | None, float, Route] | None:
         """The reply, its queue wait, its time in ext_proc and when its batch's answer came
-        back (None for a request that was not queued), and the seconds it spent in Envoy
-        first (0 if not known); or None if the stream ended early."""
+        back (None for a request that was not queued), the seconds it spent in Envoy first
+        (0 if not known), and the route that took it (with policies that match on body
+        fields: the one its body chose); or None if the stream ended early or the request
+        went on untouched."""
         policy = route.policy
         arrival = self._pool.clock.now()  # the headers reached ext_proc
         start, reserve = self._clock_start(context, policy, arrival, request_time)
@@ -300,6 +302,18 @@ class ExtProcServicer:
                     ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
                 )
             _check_size(len(msg.body), limit, why)
+            if self.router.has_body_rules:
+                chosen = self.router.choose(headers.get(":path", ""), msg.body)
+                if chosen is None:  # no policy for this body: on to the upstream untouched
+                    self._metrics.passthrough()
+                    await context.write(wire.BODY_CONTINUE)
+                    return None
+                if chosen != route:
+                    route, policy = chosen, chosen.policy
+                    start, reserve = self._clock_start(context, policy, arrival, request_time)
+                    limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+                    why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+                    _check_size(len(msg.body), limit, why)
             codec = get_codec(policy.codec)
             framing = {h: headers[h] for h in codec.framing if h in headers}
             try:
@@ -320,13 +334,13 @@ class ExtProcServicer:
                 if forwarded is not None:
                     reply, wait = forwarded
                     total = self._pool.clock.now() - arrival
-                    return reply, wait, total, None, arrival - start
+                    return reply, wait, total, None, arrival - start, route
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             ticket = self._pool.submit(
                 route, parsed, future, budget, arrival, client, start, reserve
             )
         except ProxyError as err:
-            return Reply.from_error(err), None, None, None, 0.0
+            return Reply.from_error(err), None, None, None, 0.0, route
         except (_ProtocolError, wire.HeaderLimitError) as err:
             if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
@@ -338,10 +352,11 @@ class ExtProcServicer:
             error = ProxyError(
                 ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
             )
-            return Reply.from_error(error), None, None, None, 0.0
+            return Reply.from_error(error), None, None, None, 0.0, route
         reply, wait = await self._settle(policy, ticket, future, budget)
         now = self._pool.clock.now()
-        return reply, wait, now - ticket.arrival, ticket.answered_at, ticket.arrival - ticket.start
+        inbound = ticket.arrival - ticket.start
+        return reply, wait, now - ticket.arrival, ticket.answered_at, inbound, route
 
     async def _settle(
         self,

@@ -195,3 +195,58 @@ def test_the_readmes_policies_for_each_kind_of_server_are_valid() -> None:
         "tfs-columnar",
         "openai-embeddings",
     }
+
+
+def body_policy(name: str, path: str, body: dict[str, str] | None, url: str) -> Policy:
+    doc = policy(name=name, match={"path": path, **({"body": body} if body else {})})
+    doc["backend"] = {"url": url}
+    return parse_policies({"policies": [doc]})[0]
+
+
+def test_a_policy_can_match_on_body_fields_and_the_first_that_matches_takes_it() -> None:
+    router = Router(
+        [
+            body_policy("any", "/v1/embeddings", None, "http://any/v1/embeddings"),
+            body_policy("a", "/v1/embeddings", {"model": "a"}, "http://a/v1/embeddings"),
+            body_policy(
+                "a-256", "/v1/embeddings", {"model": "a", "dimensions": "256"}, "http://a256/x"
+            ),
+            body_policy("b", "/v1/embeddings", {"model": "b"}, "http://b/v1/embeddings"),
+        ]
+    )
+    assert router.has_body_rules
+
+    def chosen(body: object) -> str | None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        route = router.choose("/v1/embeddings?x=1", raw)
+        return None if route is None else route.policy.name
+
+    assert chosen({"model": "a", "input": "x"}) == "a"
+    assert chosen({"model": "b", "input": "x"}) == "b"
+    assert chosen({"model": "a", "dimensions": "256"}) == "a-256"  # more fields first
+    assert chosen({"model": "c"}) == "any"  # no body rule matches: the policy without one
+    assert chosen({"model": ["a"]}) == "any"  # only a string equals a string
+    assert chosen(b"not json") == "any"
+    assert chosen([{"model": "a"}]) == "any"
+    assert router.choose("/v1/other", b"{}") is None
+    only_rules = Router([body_policy("a", "/v1/e", {"model": "a"}, "http://a/e")])
+    assert only_rules.choose("/v1/e", b'{"model": "z"}') is None  # goes on untouched
+    assert only_rules.resolve("/v1/e") is not None  # at the headers: the body decides later
+    assert not Router([body_policy("x", "/v1/e", None, "http://a/e")]).has_body_rules
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"bad key!": "x"}, {"model": ""}, {"model": 5}, {f"k{i}": "v" for i in range(9)}]
+)
+def test_body_fields_are_checked(body: dict[str, object]) -> None:
+    with pytest.raises(PolicyFileError, match=r"match\.body"):
+        parse_policies({"policies": [policy(match={"path": "/x", "body": body})]})
+
+
+def test_the_readmes_body_match_example_is_valid_and_routes_by_model() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Matching on a body field", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    router = Router(parse_policies(yaml.safe_load(block)))
+    route = router.choose("/v1/embeddings", b'{"model": "e5-large", "input": "x"}')
+    assert route is not None and route.backend_url.startswith("http://e5-large.")
