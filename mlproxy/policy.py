@@ -379,6 +379,21 @@ class Router:
                 return Route(policy, _render(policy.backend.url, m.groupdict()))
         return None
 
+    def candidates(self, path: str) -> list[Route]:
+        """Every route whose path template matches, most specific first (with body rules,
+        any of them may take the request once its body is known)."""
+        path = path.split("?", 1)[0].split("#", 1)[0]
+        if "%" in path:
+            path = unquote(path, errors="replace")
+        if len(path) > MAX_MATCHED_PATH:
+            return []
+        out = []
+        for pattern, policy in self._table:
+            m = pattern.match(path)
+            if m is not None:
+                out.append(Route(policy, _render(policy.backend.url, m.groupdict())))
+        return out
+
     def choose(self, path: str, body: bytes) -> Route | None:
         """The route of a request once its body is known: the most specific policy whose path
         matches and whose `match.body` fields (if any) the body has, as top-level string

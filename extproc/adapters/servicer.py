@@ -255,25 +255,49 @@ class ExtProcServicer:
         fields: the one its body chose); or None if the stream ended early or the request
         went on untouched."""
         policy = route.policy
+        path = headers.get(":path", "")
         arrival = self._pool.clock.now()  # the headers reached ext_proc
         start, reserve = self._clock_start(context, policy, arrival, request_time)
-        # A policy may allow more than this process can receive in one gRPC message.
-        limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
-        why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+        # With body rules, the body decides which policy (if any) takes the request: until it
+        # is in, only this process's limits apply, and the body may take as long as the most
+        # patient of the policies it may go to allows.
+        deferred = self.router.has_body_rules
+        patient = policy
+        if deferred:
+            limit, why = self.limits.max_body_bytes, _PROCESS_LIMIT
+            candidates = self.router.candidates(path) or [route]
+            patient = max((r.policy for r in candidates), key=lambda p: p.sla.latency_ms)
+        else:
+            # A policy may allow more than this process can receive in one gRPC message.
+            limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+            why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+        bad_budget: ProxyError | None = None
         try:
             if end_of_stream:
+                if deferred:
+                    chosen = self.router.choose(path, b"")
+                    if chosen is None:  # no policy for it: on to the upstream untouched
+                        self._metrics.passthrough()
+                        await context.write(wire.HEADERS_CONTINUE)
+                        return None
+                    route, policy = chosen, chosen.policy
                 raise ProxyError(
                     ErrorKind.BAD_REQUEST,
                     "request has no body; POST a JSON body for this model",
                 )
             _check_size(headers.get("content-length"), limit, why)
-            budget = _budget(headers.get(DEADLINE_HEADER))
+            try:
+                budget = _budget(headers.get(DEADLINE_HEADER))
+            except ProxyError as err:
+                if not deferred:
+                    raise
+                budget, bad_budget = None, err  # an error only if a policy takes it
             await context.write(wire.HEADERS_CONTINUE)
             # The body must arrive within the request's own time (its SLA, or less if it asked
             # for less; at least BODY_WAIT_FLOOR_S): a client that sends its headers and then
             # trickles or withholds its body holds an ext_proc stream, and with many of them
             # could take every stream of this replica.
-            own = policy.sla.latency_ms / 1000.0
+            own = patient.sla.latency_ms / 1000.0
             body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
             try:
                 async with asyncio.timeout(body_wait):  # no task per request (as wait_for)
@@ -302,8 +326,8 @@ class ExtProcServicer:
                     ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
                 )
             _check_size(len(msg.body), limit, why)
-            if self.router.has_body_rules:
-                chosen = self.router.choose(headers.get(":path", ""), msg.body)
+            if deferred:
+                chosen = self.router.choose(path, msg.body)
                 if chosen is None:  # no policy for this body: on to the upstream untouched
                     self._metrics.passthrough()
                     await context.write(wire.BODY_CONTINUE)
@@ -311,9 +335,11 @@ class ExtProcServicer:
                 if chosen != route:
                     route, policy = chosen, chosen.policy
                     start, reserve = self._clock_start(context, policy, arrival, request_time)
-                    limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
-                    why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
-                    _check_size(len(msg.body), limit, why)
+                if bad_budget is not None:
+                    raise bad_budget
+                limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+                why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+                _check_size(len(msg.body), limit, why)
             codec = get_codec(policy.codec)
             framing = {h: headers[h] for h in codec.framing if h in headers}
             try:
@@ -323,7 +349,7 @@ class ExtProcServicer:
             if self.peering is not None:
                 forwarded = await self._forward(
                     route,
-                    headers.get(":path", ""),
+                    path,
                     msg.body,
                     framing,
                     client,

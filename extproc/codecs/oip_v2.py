@@ -34,6 +34,7 @@ and the model name (and version) of the V2 path the batch was sent to
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -380,7 +381,7 @@ class OipV2:
             other = encode(doc, sort_keys=True)[1:-1] if doc else b""
         except CodecError as err:
             raise CodecError(f"request body {err}; it cannot be forwarded as sent") from err
-        compat = other.decode() + "\n" + "\n".join(keys)
+        compat = json.dumps([other.decode(), keys])  # no part can spell another's key
         return Parsed(size=rows, data=_Request(tuple(inputs), other, request_id), compat=compat)
 
     def merge(self, items: Sequence[Parsed]) -> bytes | Framed:

@@ -31,6 +31,7 @@ __all__ = ["OpenAIEmbeddings"]
 
 _MAX_TOKEN = 2**31 - 1
 _USAGE = ("prompt_tokens", "total_tokens")
+_MAX_USAGE = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +74,12 @@ def _inputs(value: object) -> tuple[list[Any], str, int]:
 
 
 def _shares(total: int, weights: Sequence[int]) -> list[int]:
-    """`total` split in proportion to `weights` (largest remainders), adding up to `total`."""
+    """`total` split in proportion to `weights` (every weight at least 1) by largest
+    remainders, in integers (exact at any size), adding up to `total`."""
     whole = sum(weights)
-    if whole <= 0:
-        return [total // len(weights)] * len(weights)  # unreachable: every weight >= 1
-    exact = [total * w / whole for w in weights]
-    shares = [int(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - shares[i], reverse=True)
+    parts = [divmod(total * w, whole) for w in weights]
+    shares = [q for q, _ in parts]
+    order = sorted(range(len(weights)), key=lambda i: parts[i][1], reverse=True)
     for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
@@ -148,8 +148,8 @@ class OpenAIEmbeddings:
         counts: dict[str, int] = {}
         for k in _USAGE:
             v = usage.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                counts[k] = v
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_USAGE:
+                counts[k] = v  # (a count beyond 64 bits is dropped, as a negative one is)
         weights = [item.data.weight for item in items]
         shares = {k: _shares(v, weights) for k, v in counts.items()}
         # `model` is each request's own (one per batch, by the compat key), not the answer's:

@@ -16,6 +16,7 @@ other fields are the batch's and are not passed on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,15 +120,16 @@ class TfsColumnar:
                     "input's dimension 0 is the batch dimension, so they must agree"
                 )
             rows = shape[0]
-            keys.append(f"{name}|{shape[1:]}|{kind}")
+            keys.append([name, shape[1:], kind])
             encoded.append(_encode_rows(tensor, what))
         assert rows is not None
         try:
             other = encode(doc, sort_keys=True)[1:-1] if doc else b""
         except CodecError as err:
             raise CodecError(f"request body {err}; it cannot be forwarded as sent") from err
-        compat = ("named" if names is not None else "unnamed") + "\n" + other.decode()
-        compat += "\n" + "\n".join(keys)
+        # JSON, so that no name can spell another request's key (red team 12: a name with a
+        # newline in it shared a batch with a victim's two inputs)
+        compat = json.dumps([names is not None, other.decode(), keys])
         return Parsed(size=rows, data=_Request(names, tuple(encoded), other), compat=compat)
 
     def merge(self, items: Sequence[Parsed]) -> bytes:

@@ -39,8 +39,13 @@ def stack(
             "match": {"path": "/v1/embeddings", "body": {"model": name}},
             "backend": {"url": f"{server.url}/v1/embeddings"},
             "batching": batching,
+            "max_body_bytes": limit,
+            "sla": {"latency_ms": sla},
         }
-        for name, server in (("small", small), ("large", large))
+        for name, server, limit, sla in (
+            ("small", small, 1024, 200),
+            ("large", large, 100_000, 5000),
+        )
     ]
     s = Stack(envoy_port=0, run_dir=run_dir)
     s.policies_file = run_dir / "policies.json"
@@ -94,3 +99,45 @@ def test_a_model_no_policy_names_goes_on_untouched(stack: Stack) -> None:
         assert err.value.code == 404  # the demo model's answer
         assert "x-mlproxy-batch-size" not in err.value.headers
         assert b"MLProxy" not in err.value.read()
+
+
+def post(
+    stack: Stack, body: dict[str, object], **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        stack.envoy_url + "/v1/embeddings",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()
+
+
+def test_until_the_body_chooses_a_policy_none_of_its_limits_apply(stack: Stack) -> None:
+    """Red team 12, F3: the checks made before the body arrived took the first policy of the
+    path (`small`, 1 KiB bodies): a 5 KB request for `large` (100 KB allowed) got 413, and so
+    did one for a model no policy takes, which must go on untouched."""
+    text = "x" * 5000
+    status, headers, body = post(stack, {"model": "large", "input": text})
+    assert status == 200, body
+    assert headers.get("x-mlproxy-batch-size") == "1"
+    status, headers, body = post(stack, {"model": "nobody", "input": text})
+    assert status == 404 and "x-mlproxy-batch-size" not in headers  # the upstream's answer
+    status, _, body = post(stack, {"model": "small", "input": text})
+    assert status == 413 and b"at most 1024" in body  # its own policy's limit
+    # a malformed deadline is an error for a request a policy takes, none for one it does not
+    status, _, body = post(
+        stack, {"model": "small", "input": "x"}, **{"x-mlproxy-deadline-ms": "soon"}
+    )
+    assert status == 400 and b"x-mlproxy-deadline-ms" in body
+    status, headers, _ = post(
+        stack, {"model": "nobody", "input": "x"}, **{"x-mlproxy-deadline-ms": "soon"}
+    )
+    assert status == 404 and "x-mlproxy-batch-size" not in headers
