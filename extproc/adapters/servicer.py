@@ -261,11 +261,11 @@ class ExtProcServicer:
         # With body rules, the body decides which policy (if any) takes the request: until it
         # is in, only this process's limits apply, and the body may take as long as the most
         # patient of the policies it may go to allows.
-        deferred = self.router.has_body_rules
+        candidates = self.router.candidates(path) if self.router.has_body_rules else []
+        deferred = any(r.policy.match.body for r in candidates)
         patient = policy
         if deferred:
             limit, why = self.limits.max_body_bytes, _PROCESS_LIMIT
-            candidates = self.router.candidates(path) or [route]
             patient = max((r.policy for r in candidates), key=lambda p: p.sla.latency_ms)
         else:
             # A policy may allow more than this process can receive in one gRPC message.
