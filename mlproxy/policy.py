@@ -73,7 +73,7 @@ class Match(_Strict):
             Field(min_length=1, max_length=8),
         ]
         | None
-    ) = None
+    ) = Field(default=None, exclude_if=lambda v: v is None)  # unset: not written out
     """Top-level fields the JSON body must have, with these exact string values, e.g.
     `{"model": "bge-small"}` for OpenAI embeddings: among the policies whose path matches, the
     first whose body fields match takes the request (README "Matching on a body field")."""

@@ -92,6 +92,19 @@ async def test_get_output_can_be_put_back(client: httpx.AsyncClient) -> None:
     assert r.status_code == 422 and "URL says" in r.json()["error"]
 
 
+async def test_body_rules_are_stored_and_omitted_when_unset(client: httpx.AsyncClient) -> None:
+    with_rule = body()
+    with_rule["match"] = {"path": "/v1/embeddings", "body": {"model": "bge-small"}}
+    with_rule["backend"] = {"url": "http://bge/v1/embeddings"}
+    r = await client.put("/v1/policies/bge", json=with_rule, headers=auth())
+    assert r.status_code == 201, r.text
+    got = (await client.get("/v1/policies/bge", headers=auth())).json()
+    assert got["match"] == {"path": "/v1/embeddings", "body": {"model": "bge-small"}}
+    await client.put("/v1/policies/plain", json=body(), headers=auth())
+    plain = (await client.get("/v1/policies/plain", headers=auth())).json()
+    assert "body" not in plain["match"]  # what the operator wrote, nothing more
+
+
 async def test_stale_and_conditional_writes_get_412(client: httpx.AsyncClient) -> None:
     v = (await client.put("/v1/policies/m", json=body(), headers=auth())).json()["version"]
     stale = {**auth(), "If-Match": f'"{v - 1}"'}
