@@ -354,11 +354,10 @@ class Router:
         """The route of a request path: the query is ignored, and percent-escapes are decoded
         first, as model servers do before they route (so `/v1/models/demo%3Apredict` cannot
         dodge the policy of `/v1/models/demo:predict`)."""
-        path = path.split("?", 1)[0].split("#", 1)[0]
-        if "%" in path:
-            path = unquote(path, errors="replace")
-        if len(path) > MAX_MATCHED_PATH:
+        normal = _normal(path)
+        if normal is None:
             return None
+        path = normal
         try:
             return self._cache[path]
         except KeyError:
@@ -382,14 +381,12 @@ class Router:
     def candidates(self, path: str) -> list[Route]:
         """Every route whose path template matches, most specific first (with body rules,
         any of them may take the request once its body is known)."""
-        path = path.split("?", 1)[0].split("#", 1)[0]
-        if "%" in path:
-            path = unquote(path, errors="replace")
-        if len(path) > MAX_MATCHED_PATH:
+        normal = _normal(path)
+        if normal is None:
             return []
         out = []
         for pattern, policy in self._table:
-            m = pattern.match(path)
+            m = pattern.match(normal)
             if m is not None:
                 out.append(Route(policy, _render(policy.backend.url, m.groupdict())))
         return out
@@ -398,24 +395,25 @@ class Router:
         """The route of a request once its body is known: the most specific policy whose path
         matches and whose `match.body` fields (if any) the body has, as top-level string
         fields of a JSON object; None if none does (the request goes on untouched)."""
-        path = path.split("?", 1)[0].split("#", 1)[0]
-        if "%" in path:
-            path = unquote(path, errors="replace")
-        if len(path) > MAX_MATCHED_PATH:
-            return None
         fields: dict[str, Any] | None = None
-        for pattern, policy in self._table:
-            m = pattern.match(path)
-            if m is None:
-                continue
-            wanted = policy.match.body
+        for route in self.candidates(path):
+            wanted = route.policy.match.body
             if wanted:
-                if fields is None:
+                if fields is None:  # read once, and only if a body rule asks
                     fields = _top_level(body)
                 if any(fields.get(k) != v for k, v in wanted.items()):
                     continue
-            return Route(policy, _render(policy.backend.url, m.groupdict()))
+            return route
         return None
+
+
+def _normal(path: str) -> str | None:
+    """A request path as policies match it: without query and fragment, percent-escapes
+    decoded; None if it is too long to match any."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    return None if len(path) > MAX_MATCHED_PATH else path
 
 
 def _top_level(body: bytes) -> dict[str, Any]:
