@@ -278,7 +278,7 @@ class Upstream:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--upstream {url!r}: give http://host[:port] or https://host[:port]")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError(
                 f"--upstream {url!r}: give the server's address only (no path, query or "
                 "credentials): requests keep their own paths"

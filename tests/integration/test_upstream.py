@@ -35,6 +35,7 @@ def test_an_upstream_is_a_server_address(
         ("http://x/v1/models", "no path"),
         ("http://x?a=1", "no path"),
         ("http://user:pw@x", "credentials"),
+        ("http://:pw@x", "credentials"),
         ("http://x:99999", "out of range"),
     ],
 )
