@@ -31,7 +31,7 @@ _MAX_DIMS = 32
 
 @dataclass(frozen=True, slots=True)
 class _Request:
-    names: tuple[str, ...] | None  # None: one unnamed tensor
+    names: tuple[bytes, ...] | None  # the inputs' names, encoded; None: one unnamed tensor
     rows: tuple[bytes, ...]  # per input, its rows encoded, comma-separated, no brackets
     other: bytes  # the other fields encoded, sorted, no braces ("" if none)
 
@@ -101,7 +101,10 @@ class TfsColumnar:
             if not inputs:
                 raise CodecError("'inputs' is empty; name at least one tensor")
             tensors = sorted(inputs.items())
-            names: tuple[str, ...] | None = tuple(name for name, _ in tensors)
+            try:  # encoded here, so that merging cannot fail
+                names: tuple[bytes, ...] | None = tuple(encode(name) for name, _ in tensors)
+            except CodecError as err:
+                raise CodecError(f"an input's name {err}; it cannot be forwarded") from err
         else:
             tensors = [("", inputs)]
             names = None
@@ -145,8 +148,7 @@ class TfsColumnar:
             inputs = (
                 b"{"
                 + b",".join(
-                    encode(name) + b":" + column
-                    for name, column in zip(first.names, columns, strict=True)
+                    name + b":" + column for name, column in zip(first.names, columns, strict=True)
                 )
                 + b"}"
             )

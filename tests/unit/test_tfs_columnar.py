@@ -96,6 +96,10 @@ def test_requests_that_differ_in_any_part_of_the_key_never_share_a_batch(
         (b'{"inputs": [{"b64": 1}]}', "got an object"),
         (b'{"inputs": {"x": [1], "y": [1, 2]}}', "2 rows where the other inputs have 1"),
         (b'{"inputs": [1e999]}', "not finite"),
+        (
+            b'{"inputs": {"\\ud800": [1]}}',
+            "an input's name contains text that is not valid Unicode",
+        ),
         (b'{"inputs": [NaN]}', "not valid JSON"),
         (b'{"inputs": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}", "more than 32 dimensions"),
     ],
