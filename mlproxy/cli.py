@@ -13,10 +13,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from extproc.server import ExtProcServer
+    from mlproxy.client import Client
     from mlproxy.policy import Policy
 
 __all__ = ["main"]
@@ -338,10 +339,68 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return serve(args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
-def cmd_policy(args: argparse.Namespace) -> int:
-    from mlproxy.client import ApiError, Client, apply_file, print_policies
+ENV_TOKEN_FILE = "MLPROXY_TOKEN_FILE"
 
-    client = Client(ca_file=args.ca_file)
+
+def _api_client(args: argparse.Namespace) -> Client:
+    """The control plane client of `policy`, `replicas` and `store`: --url, else MLPROXY_URL;
+    the token from --token, else --token-file, else MLPROXY_TOKEN, else MLPROXY_TOKEN_FILE.
+    ValueError if a token file cannot be read or is empty."""
+    from mlproxy.client import Client
+
+    token: str | None = args.token
+    path = args.token_file if token is None else None
+    if token is None and path is None and not os.environ.get("MLPROXY_TOKEN"):
+        path = os.environ.get(ENV_TOKEN_FILE) or None
+    if path is not None:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read the token file {path}: {err}") from None
+        if not token:
+            raise ValueError(f"the token file {path} is empty")
+    return Client(url=args.url, token=token, ca_file=args.ca_file)
+
+
+def _add_api_flags(p: argparse.ArgumentParser, again: bool = False) -> None:
+    """--ca-file, --url, --token, --token-file; `again` on a sub-action's parser, so that they
+    may also follow the action (`mlproxy policy apply --url ...`) without unsetting them."""
+    from mlproxy.tls import ENV_CA_FILE
+
+    keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
+    p.add_argument(
+        "--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})", **keep
+    )
+    p.add_argument(
+        "--url",
+        metavar="URL",
+        help="the control plane (MLPROXY_URL; default http://127.0.0.1:8080)",
+        **keep,
+    )
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="bearer token (MLPROXY_TOKEN); on a command line other users of the host can "
+        "see it: prefer --token-file",
+        **keep,
+    )
+    token.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"read the bearer token from this file ({ENV_TOKEN_FILE})",
+        **keep,
+    )
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from mlproxy.client import ApiError, apply_file, print_policies
+
+    try:
+        client = _api_client(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.action == "apply":
             return apply_file(client, args.file)
@@ -360,24 +419,24 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_replicas(args: argparse.Namespace) -> int:
-    from mlproxy.client import ApiError, Client, print_replicas
+    from mlproxy.client import ApiError, print_replicas
 
     try:
-        listing = Client(ca_file=args.ca_file).replica_listing()
+        listing = _api_client(args).replica_listing()
         print_replicas(listing["items"], args.output, listing.get("store"))
-    except ApiError as err:
+    except (ApiError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from mlproxy.client import ApiError, Client, print_store
+    from mlproxy.client import ApiError, print_store
 
-    client = Client(ca_file=args.ca_file)
     try:
+        client = _api_client(args)
         print_store(client.publish_store() if args.action == "publish" else client.store())
-    except ApiError as err:
+    except (ApiError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -643,21 +702,25 @@ def main(argv: list[str] | None = None) -> None:
     add_tls_flags(p, ca_help=None)  # HTTPS
 
     p = sub.add_parser("policy", help="manage policies (MLPROXY_URL, MLPROXY_TOKEN)")
-    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
+    _add_api_flags(p)
     psub = p.add_subparsers(dest="action", required=True)
     a = psub.add_parser("apply", help="create or update the policies in a file")
     a.add_argument("-f", "--file", type=Path, required=True, help="YAML/JSON file, - for stdin")
+    _add_api_flags(a, again=True)
     a = psub.add_parser("get", help="list policies, or show one")
     a.add_argument("name", nargs="?")
     a.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    _add_api_flags(a, again=True)
     a = psub.add_parser("delete", help="delete a policy")
     a.add_argument("name")
+    _add_api_flags(a, again=True)
     a = psub.add_parser("status", help="rollout of a policy across the replicas")
     a.add_argument("name")
+    _add_api_flags(a, again=True)
 
     p = sub.add_parser("replicas", help="list live ext_proc replicas")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
+    _add_api_flags(p)
 
     p = sub.add_parser(
         "store",
@@ -667,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
         "that were not re-applied.",
     )
     p.add_argument("action", nargs="?", choices=["get", "publish"], default="get")
-    p.add_argument("--ca-file", metavar="FILE", help=f"CA for https:// URLs ({ENV_CA_FILE})")
+    _add_api_flags(p)
 
     p = sub.add_parser("up", help="run the local stack until Ctrl-C")
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")

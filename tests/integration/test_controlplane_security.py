@@ -615,3 +615,44 @@ def test_a_client_still_sending_its_body_is_not_reset_after_its_401(server: Serv
             time.sleep(0.05)
     finally:
         s.close()
+
+
+def test_the_cli_takes_its_url_and_token_from_flags_or_a_token_file(
+    server: Server, api: httpx.Client, tmp_path: Path
+) -> None:
+    """No MLPROXY_URL/MLPROXY_TOKEN in the environment: --url and --token-file (before or
+    after the action), MLPROXY_TOKEN_FILE, and clear errors for a token file that is not
+    there or empty."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLPROXY_")}
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN + "\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"policies": [{"name": "flags", **body()}]}))
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mlproxy.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=LIMIT_S,
+            check=False,
+        )
+
+    applied = run(
+        "policy", "--url", server.url, "--token-file", str(token_file), "apply", "-f", str(path)
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.startswith("policy/flags configured")
+    listed = run("policy", "get", "-o", "json", "--url", server.url, "--token", ADMIN)
+    assert listed.returncode == 0, listed.stderr
+    assert [p["name"] for p in json.loads(listed.stdout)] == ["flags"]
+    by_env = run("replicas", "--url", server.url, MLPROXY_TOKEN_FILE=str(token_file))
+    assert by_env.returncode == 0, by_env.stderr
+    refused = run("policy", "get", "--url", server.url)  # no token at all
+    assert refused.returncode == 1 and "401" in refused.stderr
+    missing = run("policy", "get", "--url", server.url, "--token-file", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "cannot read the token file" in missing.stderr
+    (tmp_path / "empty").write_text("\n")
+    empty = run("store", "--url", server.url, "--token-file", str(tmp_path / "empty"))
+    assert empty.returncode == 1 and "is empty" in empty.stderr
