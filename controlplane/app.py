@@ -24,6 +24,7 @@ from fastapi import (
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
@@ -154,6 +155,14 @@ class Observe:
                     policy=details.pop("policy", scope.get("path_params", {}).get("name")),
                     **details,
                 )
+
+
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    description="An admin token (every route) or a read token (GET routes): MLPROXY_ADMIN_TOKENS, "
+    "MLPROXY_READ_TOKENS",
+)
 
 
 def create_app(
@@ -304,7 +313,9 @@ def create_app(
 
     # Every /v1 route checks the bearer token first (read for GET, admin for the rest), before
     # its body is read or parsed: see GuardedRoute.
-    v1 = APIRouter(prefix="/v1", route_class=GuardedRoute)
+    # The dependency only declares the scheme in the OpenAPI document (so that /docs can send
+    # a token); GuardedRoute has checked the token before any dependency runs.
+    v1 = APIRouter(prefix="/v1", route_class=GuardedRoute, dependencies=[Depends(BEARER)])
     errors: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorBody},
         403: {"model": ErrorBody},
@@ -475,7 +486,7 @@ def create_app(
         )
 
     app.include_router(v1)
-    app.include_router(store_api.router, responses=errors)
+    app.include_router(store_api.router, responses=errors, dependencies=[Depends(BEARER)])
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -288,6 +288,16 @@ async def test_health_readiness_metrics_and_openapi(client: httpx.AsyncClient) -
     assert "mlproxy_cp_redis_up 1.0" in text
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/policies/{name}" in spec["paths"]
+    # the bearer scheme is declared, so /docs can send a token; every /v1 route needs it
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["bearerAuth"]["description"],
+    }
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            needs = operation.get("security") == [{"bearerAuth": []}]
+            assert needs == path.startswith("/v1/"), (path, operation.get("security"))
 
 
 async def test_metrics_say_when_redis_is_unreachable() -> None:
