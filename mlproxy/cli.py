@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -394,7 +393,7 @@ def _add_api_flags(p: argparse.ArgumentParser, again: bool = False) -> None:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from mlproxy.client import ApiError, apply_file, print_policies
+    from mlproxy.client import ApiError, apply_file, print_policies, print_status
 
     try:
         client = _api_client(args)
@@ -411,7 +410,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
             client.delete_policy(args.name)
             print(f"policy/{args.name} deleted")
         elif args.action == "status":
-            print(json.dumps(client.status(args.name), indent=2))
+            print_status(client.status(args.name), args.output)
     except (ApiError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -716,6 +715,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_api_flags(a, again=True)
     a = psub.add_parser("status", help="rollout of a policy across the replicas")
     a.add_argument("name")
+    a.add_argument("-o", "--output", choices=["table", "json"], default="table")
     _add_api_flags(a, again=True)
 
     p = sub.add_parser("replicas", help="list live ext_proc replicas")

@@ -264,6 +264,32 @@ def print_replicas(replicas: list[Any], output: str, store: Any = None) -> None:
     print(_table(rows))
 
 
+def print_status(status: Any, output: str) -> None:
+    """`mlproxy policy status`: a table of the rollout and of the replicas behind, or JSON."""
+    if output == "json":
+        print(json.dumps(status, indent=2))
+        return
+    rows = [["POLICY", "VERSION", "REPLICAS", "CONVERGED", "COMPLETE"]]
+    done = "yes" if status["complete"] else "no"
+    rows.append(
+        [
+            status["name"],
+            str(status["version"]),
+            str(status["replicas"]),
+            str(status["converged"]),
+            done,
+        ]
+    )
+    print(_table(rows))
+    if status["behind"]:
+        behind = [["BEHIND", "ADDRESS", "RUNS"]]
+        for r in status["behind"]:
+            runs = "-" if r["version"] is None else f"version {r['version']}"
+            behind.append([r["id"], r["address"], runs])
+        print()
+        print(_table(behind))
+
+
 def print_store(store: Any) -> None:
     """`mlproxy store`: the generation, and what to do while re-publication is pending."""
     print(json.dumps(store, indent=2))

@@ -385,10 +385,15 @@ def test_policy_cli_apply_get_edit_delete_and_replicas(
         == 3
     )
     eventually(
-        lambda: json.loads(cli(fleet, "policy", "status", "cli-a").stdout)["complete"],
+        lambda: json.loads(cli(fleet, "policy", "status", "cli-a", "-o", "json").stdout)[
+            "complete"
+        ],
         5,
         "cli-a rollout",
     )
+    table = cli(fleet, "policy", "status", "cli-a").stdout.splitlines()
+    assert table[0].split() == ["POLICY", "VERSION", "REPLICAS", "CONVERGED", "COMPLETE"]
+    assert table[1].split()[0] == "cli-a" and table[1].split()[-1] == "yes"
     r = cli(fleet, "replicas")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "cli-a@" in r.stdout
     for name in ("cli-a", "cli-b"):
