@@ -247,9 +247,9 @@ def _frame_length(raw: str, body: int, whose: str) -> int:
     return int(value)
 
 
-def _parse_input(i: int, tensor: object, blob: bytes | None) -> tuple[_Input, int, str, int]:
+def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Input, int, str, int]:
     """One input: its encoded parts, its shape[0], its part of the compat key, and how many
-    bytes of the request's binary data it took."""
+    bytes of what is left of the request's binary data (`blob`) it took."""
     if not isinstance(tensor, dict):
         raise CodecError(f"input {i} must be a JSON object, got {describe(tensor)}")
     name = tensor.get("name")
@@ -286,7 +286,7 @@ def _parse_input(i: int, tensor: object, blob: bytes | None) -> tuple[_Input, in
                 f"{what}: binary_data_size is {size} bytes but only {len(blob)} bytes of "
                 "binary data are left in the body"
             )
-        own = blob[:size]
+        own = bytes(blob[:size])
         _check_blob(own, str(datatype), shape, what)
         fields = {k: v for k, v in tensor.items() if k not in ("shape", "data", "parameters")}
         params = {k: v for k, v in parameters.items() if k != "binary_data_size"}
@@ -318,11 +318,11 @@ class OipV2:
     framing: tuple[str, ...] = (INFERENCE_HEADER,)
 
     def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:
-        blob: bytes | None = None
+        blob: memoryview | None = None  # a view: each input's part is copied once
         raw_length = framing.get(INFERENCE_HEADER)
         if raw_length is not None:
             length = _frame_length(raw_length, len(body), "the request's")
-            body, blob = body[:length], body[length:]
+            body, blob = body[:length], memoryview(body)[length:]
         doc = load_request(body, "a JSON object with 'inputs' (Open Inference Protocol V2)")
         if "inputs" not in doc:
             if "instances" in doc:
@@ -415,11 +415,11 @@ class OipV2:
     def split(
         self, body: bytes, items: Sequence[Parsed], framing: Mapping[str, str] = NO_FRAMING
     ) -> list[bytes | Framed | CodecError]:
-        blob = b""
+        blob = memoryview(b"")  # a view: each output's part is copied once
         raw_length = framing.get(INFERENCE_HEADER)
         if raw_length is not None:
             length = _frame_length(raw_length, len(body), "backend answer's")
-            body, blob = body[:length], body[length:]
+            body, blob = body[:length], memoryview(body)[length:]
         doc = load_answer(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
             raise CodecError("backend answer has no 'outputs' array")
@@ -504,7 +504,7 @@ class _Output:
         return {**self.fields, "shape": [n, *self.rest], "data": part}, None
 
 
-def _answer_output(k: int, out: object, total: int, blob: bytes) -> tuple[_Output, int]:
+def _answer_output(k: int, out: object, total: int, blob: memoryview) -> tuple[_Output, int]:
     """Output k of an answer for `total` rows, and how many bytes of the answer's binary
     data (what is left of it: `blob`) it took."""
     if not isinstance(out, dict):
@@ -526,7 +526,7 @@ def _answer_output(k: int, out: object, total: int, blob: bytes) -> tuple[_Outpu
         size = _size_of(parameters["binary_data_size"], what)
         if size > len(blob):
             raise CodecError(f"{what}: binary_data_size {size} runs past the answer's body")
-        own = blob[:size]
+        own = bytes(blob[:size])
         datatype = out.get("datatype")
         per_row = prod(rest)
         if datatype == "BYTES":
