@@ -33,6 +33,7 @@ __all__ = [
     "Route",
     "Router",
     "Tuning",
+    "choose_among",
     "format_validation_error",
     "load_policy_file",
     "parse_policies",
@@ -395,16 +396,21 @@ class Router:
         """The route of a request once its body is known: the most specific policy whose path
         matches and whose `match.body` fields (if any) the body has, as top-level string
         fields of a JSON object; None if none does (the request goes on untouched)."""
-        fields: dict[str, Any] | None = None
-        for route in self.candidates(path):
-            wanted = route.policy.match.body
-            if wanted:
-                if fields is None:  # read once, and only if a body rule asks
-                    fields = _top_level(body)
-                if any(fields.get(k) != v for k, v in wanted.items()):
-                    continue
-            return route
-        return None
+        return choose_among(self.candidates(path), body)
+
+
+def choose_among(candidates: Iterable[Route], body: bytes) -> Route | None:
+    """`Router.choose` over a path's `candidates` (most specific first), already found."""
+    fields: dict[str, Any] | None = None
+    for route in candidates:
+        wanted = route.policy.match.body
+        if wanted:
+            if fields is None:  # read once, and only if a body rule asks
+                fields = _top_level(body)
+            if any(fields.get(k) != v for k, v in wanted.items()):
+                continue
+        return route
+    return None
 
 
 def _normal(path: str) -> str | None:

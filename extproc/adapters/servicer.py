@@ -33,7 +33,7 @@ from extproc.core.hops import Hops
 from extproc.runtime.batcher import BatcherPool, Reply, Ticket
 from extproc.runtime.ports import Metrics
 from mlproxy.errors import ErrorKind, ProxyError
-from mlproxy.policy import Policy, Route, Router
+from mlproxy.policy import Policy, Route, Router, choose_among
 
 __all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
 
@@ -275,7 +275,7 @@ class ExtProcServicer:
         try:
             if end_of_stream:
                 if deferred:
-                    chosen = self.router.choose(path, b"")
+                    chosen = choose_among(candidates, b"")
                     if chosen is None:  # no policy for it: on to the upstream untouched
                         self._metrics.passthrough()
                         await context.write(wire.HEADERS_CONTINUE)
@@ -327,7 +327,7 @@ class ExtProcServicer:
                 )
             _check_size(len(msg.body), limit, why)
             if deferred:
-                chosen = self.router.choose(path, msg.body)
+                chosen = choose_among(candidates, msg.body)
                 if chosen is None:  # no policy for this body: on to the upstream untouched
                     self._metrics.passthrough()
                     await context.write(wire.BODY_CONTINUE)
