@@ -378,15 +378,34 @@ def create_app(
         response: Response,
         if_match: Annotated[str | None, Header()] = None,
         if_none_match: Annotated[str | None, Header()] = None,
+        dry_run: Annotated[bool, Query()] = False,
     ) -> Policy:
         """Create or replace. If-Match (`*` or ETags, strong comparison: a weak `W/` tag never
-        matches) is evaluated first, then If-None-Match (`*` or ETags); 412 if either fails."""
+        matches) is evaluated first, then If-None-Match (`*` or ETags); 412 if either fails.
+
+        `?dry_run=true`: every check of a write (token, body, backend host, preconditions),
+        nothing stored; the answer is the policy as it would be stored, with the stored
+        record's version and timestamps (version 0 if the write would create it)."""
         if body.name is not None and body.name != name:
             raise HTTPException(422, f"name: body says {body.name!r}, URL says {name!r}")
         refusal = hosts.refusal(body.backend.url)
         if refusal is not None:
             raise HTTPException(422, refusal)
         precondition = preconditions(request)
+        if dry_run:
+            try:
+                old, policy = await store_of(request).preview(name, body.body(), precondition)
+            except PreconditionFailed as err:
+                audit_details(request, dry_run=True, old_version=err.current)
+                raise HTTPException(412, str(err)) from None
+            audit_details(
+                request, dry_run=True, old_version=None if old is None else old.version
+            )
+            if old is None:
+                response.status_code = 201
+            else:
+                response.headers["ETag"] = etag(old.version)
+            return policy
         try:
             old, policy = await store_of(request).replace(name, body.body(), precondition)
         except PreconditionFailed as err:

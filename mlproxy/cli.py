@@ -392,8 +392,48 @@ def _add_api_flags(p: argparse.ArgumentParser, again: bool = False) -> None:
     )
 
 
+def _add_file_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), - for stdin; "
+        "may be repeated",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="also delete the stored policies that no file names",
+    )
+
+
+def _apply_or_diff(client: Client, args: argparse.Namespace) -> int:
+    from mlproxy.apply import apply_changes, plan, print_diff, read_sources
+
+    diff = args.action == "diff"
+    try:
+        sources = read_sources(args.file)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.prune and not sources:
+        print(
+            "error: the files hold no policy, and --prune would delete every stored policy: "
+            "use `mlproxy policy delete NAME` for that",
+            file=sys.stderr,
+        )
+        return 2
+    changes = plan(client, sources, prune=args.prune, force=getattr(args, "force", False))
+    if diff:
+        return print_diff(changes, sys.stdout, sys.stderr)
+    return apply_changes(client, changes, args.dry_run, sys.stdout, sys.stderr)
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
-    from mlproxy.client import ApiError, apply_file, print_policies, print_status
+    from mlproxy.client import ApiError, print_policies, print_status
 
     try:
         client = _api_client(args)
@@ -401,8 +441,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        if args.action == "apply":
-            return apply_file(client, args.file)
+        if args.action in ("apply", "diff"):
+            return _apply_or_diff(client, args)
         if args.action == "get":
             policies = [client.get_policy(args.name)] if args.name else client.list_policies()
             print_policies(policies, args.output, single=args.name is not None)
@@ -413,7 +453,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print_status(client.status(args.name), args.output)
     except (ApiError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if args.action == "diff" else 1  # diff: 1 says "there are changes"
     return 0
 
 
@@ -703,8 +743,26 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("policy", help="manage policies (MLPROXY_URL, MLPROXY_TOKEN)")
     _add_api_flags(p)
     psub = p.add_subparsers(dest="action", required=True)
-    a = psub.add_parser("apply", help="create or update the policies in a file")
-    a.add_argument("-f", "--file", type=Path, required=True, help="YAML/JSON file, - for stdin")
+    a = psub.add_parser(
+        "apply",
+        help="create or update the policies in files; unchanged ones are left alone",
+        description="Plan first (the server checks each policy without storing it), then "
+        "write: create with If-None-Match: *, replace with If-Match on the version read (or "
+        "the file's `version:`), so a change made in between is refused, not overwritten.",
+    )
+    _add_file_flags(a)
+    a.add_argument("--dry-run", action="store_true", help="say what would change; write nothing")
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="no If-Match/If-None-Match: overwrite whatever is stored (and ignore `version:`)",
+    )
+    _add_api_flags(a, again=True)
+    a = psub.add_parser(
+        "diff",
+        help="what apply would change, as a unified diff (exit 0: nothing, 1: changes, 2: error)",
+    )
+    _add_file_flags(a)
     _add_api_flags(a, again=True)
     a = psub.add_parser("get", help="list policies, or show one")
     a.add_argument("name", nargs="?")
@@ -802,6 +860,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--port", type=int, default=0, help="Envoy listener port (0: any free)")
 
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script: source <(mlproxy completion bash)",
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+
     args, rest = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--workers` runs again
     if args.command == "model":
@@ -812,6 +876,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(bench_main(rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "completion":
+        from mlproxy.completion import script
+
+        print(script(parser, args.shell), end="")
+        sys.exit(0)
     handlers = {
         "extproc": cmd_extproc,
         "up": cmd_up,

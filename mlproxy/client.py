@@ -25,7 +25,6 @@ from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
 __all__ = [
     "ApiError",
     "Client",
-    "apply_file",
     "print_policies",
     "print_replicas",
     "print_store",
@@ -124,9 +123,17 @@ class Client:
                 0, f"cannot reach the control plane at {self.url}: {err.reason}"
             ) from None
 
-    def put_policy(self, name: str, body: dict[str, Any], if_match: str | None = None) -> Any:
-        headers = {"If-Match": if_match} if if_match else None
-        return self.request("PUT", f"/v1/policies/{name}", body, headers)[2]
+    def put_policy(
+        self,
+        name: str,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        dry_run: bool = False,
+    ) -> Any:
+        """Create or replace (headers: If-Match / If-None-Match); `dry_run`: every check of
+        the write, nothing stored, the answer what would be."""
+        query = "?dry_run=true" if dry_run else ""
+        return self.request("PUT", f"/v1/policies/{name}{query}", body, headers)[2]
 
     def get_policy(self, name: str) -> Any:
         return self.request("GET", f"/v1/policies/{name}")[2]
@@ -134,8 +141,8 @@ class Client:
     def list_policies(self) -> list[Any]:
         return list(self.request("GET", "/v1/policies")[2]["items"])
 
-    def delete_policy(self, name: str) -> None:
-        self.request("DELETE", f"/v1/policies/{name}")
+    def delete_policy(self, name: str, headers: dict[str, str] | None = None) -> None:
+        self.request("DELETE", f"/v1/policies/{name}", headers=headers)
 
     def status(self, name: str) -> Any:
         return self.request("GET", f"/v1/policies/{name}/status")[2]
@@ -166,37 +173,6 @@ def _loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _documents(path: Path) -> list[dict[str, Any]]:
-    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    out: list[dict[str, Any]] = []
-    for doc in docs:
-        if isinstance(doc, dict) and "policies" in doc:
-            out.extend(doc["policies"])
-        elif isinstance(doc, list):  # `policy get -o yaml` of several
-            out.extend(doc)
-        else:
-            out.append(doc)
-    for doc in out:
-        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
-            raise ValueError(f"{path}: every policy needs a name")
-    return out
-
-
-def apply_file(client: Client, path: Path) -> int:
-    """PUT every policy in the file; prints one line each, as kubectl does."""
-    failed = 0
-    for doc in _documents(path):
-        name = doc["name"]
-        try:
-            policy = client.put_policy(name, doc)
-            print(f"policy/{name} configured (version {policy['version']})")
-        except (ApiError, ValueError) as err:
-            failed += 1
-            print(f"policy/{name} not applied: {err}", file=sys.stderr)
-    return 1 if failed else 0
 
 
 def _table(rows: list[list[str]]) -> str:

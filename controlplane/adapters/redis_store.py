@@ -371,6 +371,27 @@ class RedisStore:
                     pass
             await self.check()  # the store was new or emptied: a generation first
 
+    async def preview(
+        self, name: str, body: dict[str, Any], precondition: Precondition
+    ) -> tuple[Policy | None, Policy]:
+        """What replace() would store, without storing it (a dry run): the record now (None:
+        absent) and the record the write would make, with the current version and timestamps
+        (version 0 and no timestamps if it would create). Raises PreconditionFailed as
+        replace() would, and pydantic's ValidationError for a body it would refuse."""
+        raw = await self.redis.hget(keys.POLICIES, name)
+        current = None if raw is None else Policy.model_validate_json(raw)
+        precondition.check(name, None if current is None else current.version)
+        record = Policy.model_validate(
+            {
+                **body,
+                "name": name,
+                "version": current.version if current else 0,
+                "created_at": current.created_at if current else None,
+                "updated_at": current.updated_at if current else None,
+            }
+        )
+        return current, record
+
     async def delete(self, name: str, precondition: Precondition) -> int:
         """Delete `name` if the precondition holds; returns the version of the deletion."""
         return (await self.remove(name, precondition))[1]

@@ -359,7 +359,7 @@ def test_policy_cli_apply_get_edit_delete_and_replicas(
     path.write_text(yaml.safe_dump(doc))
     r = cli(fleet, "policy", "apply", "-f", str(path))
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"policy/(cli-\w) configured \(version \d+\)", r.stdout) == ["cli-a", "cli-b"]
+    assert re.findall(r"policy/(cli-\w) created \(version \d+\)", r.stdout) == ["cli-a", "cli-b"]
     r = cli(fleet, "policy", "get")
     assert r.returncode == 0
     assert r.stdout.splitlines()[0].split() == [

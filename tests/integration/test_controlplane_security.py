@@ -572,7 +572,7 @@ def test_policy_apply_refuses_nan_itself_and_shows_the_servers_reasons(
     path.write_text(yaml.safe_dump({"policies": [good, nan, text]}))
     r = cli(server, "policy", "apply", "-f", str(path))
     assert r.returncode == 1
-    assert r.stdout.strip().startswith("policy/good configured")
+    assert r.stdout.strip().startswith("policy/good created")
     errors = r.stderr.splitlines()
     assert errors[0].startswith("policy/nan not applied: ") and "NaN" in errors[0]
     assert errors[1].startswith("policy/text not applied: 422: batching.max_batch_size")
@@ -643,7 +643,7 @@ def test_the_cli_takes_its_url_and_token_from_flags_or_a_token_file(
         "policy", "--url", server.url, "--token-file", str(token_file), "apply", "-f", str(path)
     )
     assert applied.returncode == 0, applied.stderr
-    assert applied.stdout.startswith("policy/flags configured")
+    assert applied.stdout.startswith("policy/flags created")
     listed = run("policy", "get", "-o", "json", "--url", server.url, "--token", ADMIN)
     assert listed.returncode == 0, listed.stderr
     assert [p["name"] for p in json.loads(listed.stdout)] == ["flags"]
