@@ -398,9 +398,7 @@ def create_app(
             except PreconditionFailed as err:
                 audit_details(request, dry_run=True, old_version=err.current)
                 raise HTTPException(412, str(err)) from None
-            audit_details(
-                request, dry_run=True, old_version=None if old is None else old.version
-            )
+            audit_details(request, dry_run=True, old_version=None if old is None else old.version)
             if old is None:
                 response.status_code = 201
             else:

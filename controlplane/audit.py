@@ -24,4 +24,6 @@ def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None)
 
 
 def audit(event: str, **fields: Any) -> None:
-    log.info(json.dumps({"event": event, **fields}, sort_keys=False, default=str))
+    record = {"event": event, **fields}
+    # text logs: the JSON after the logger's name; JSON logs: also as the line's `audit` object
+    log.info(json.dumps(record, sort_keys=False, default=str), extra={"audit": record})

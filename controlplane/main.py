@@ -10,10 +10,12 @@ import sys
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from controlplane.api.limits import ConnectionLimits, guarded_protocol
 from controlplane.app import create_app
 from controlplane.settings import Settings, SettingsError
+from mlproxy.logs import ENV_LOG_FORMAT
 from mlproxy.redis_auth import RedisCredentialsError, redis_kwargs
 from mlproxy.tls import ENV_CA, TlsConfigError, TlsFiles, server_ssl_context, tls_files
 
@@ -91,6 +93,8 @@ def serve(host: str, port: int, tls_cert: str | None = None, tls_key: str | None
         forwarded_allow_ips=forwarded or None,
         log_level="warning",
         access_log=False,
+        # JSON logs: uvicorn's own lines go through the root logger's JSON handler too
+        log_config=None if os.environ.get(ENV_LOG_FORMAT) == "json" else LOGGING_CONFIG,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
         # Unfinished request headers: at most this many bytes buffered (h11's default).

@@ -7,7 +7,7 @@ import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,9 @@ from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
 from mlproxy.policy import Policy, Router
 from mlproxy.tls import TlsFiles, add_grpc_port, grpc_server_credentials
+
+if TYPE_CHECKING:
+    from extproc.adapters.tracing import OtelTracing
 
 __all__ = ["ExtProcServer", "StreamLimits", "run"]
 
@@ -60,7 +63,9 @@ class ExtProcServer:
         metrics_host: str | None = None,  # where /metrics listens (default: host)
         on_metrics: Callable[[int], None] | None = None,  # told the metrics port once bound
         backend_proxy: str | None = None,  # batch calls through this HTTP proxy (Envoy)
+        tracing: OtelTracing | None = None,  # OpenTelemetry spans (None: off)
     ) -> None:
+        self.tracing = tracing
         self.reuse_port = reuse_port
         self.metrics_host = metrics_host or host
         self._on_metrics = on_metrics
@@ -96,13 +101,18 @@ class ExtProcServer:
         self._peer_server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
-        executor = BatchExecutor(self.backend, self.telemetry, self.clock)
+        executor = BatchExecutor(self.backend, self.telemetry, self.clock, self.tracing)
         self.pool = BatcherPool(executor, self.clock, self.telemetry, self.rate_window)
         if self.peering is not None:  # the tuner's fleet count, bounded by the signed members
             self.pool.set_fleet_bound(len(self.peering.members))
             self.peering.on_members = self.pool.set_fleet_bound
         servicer = ExtProcServicer(
-            self.router, self.pool, self.telemetry, self.limits, peering=self.peering
+            self.router,
+            self.pool,
+            self.telemetry,
+            self.limits,
+            peering=self.peering,
+            tracing=self.tracing,
         )
         if self.peers is not None:
             await self._start_peer_port(servicer)
@@ -268,6 +278,8 @@ class ExtProcServer:
         await self._stalls.stop()
         await self.backend.close()
         self.metrics.close()
+        if self.tracing is not None:  # the spans still buffered are exported (or dropped)
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("ext_proc stopped")
 
 

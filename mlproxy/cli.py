@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from extproc.adapters.tracing import OtelTracing
     from extproc.server import ExtProcServer
     from mlproxy.client import Client
     from mlproxy.policy import Policy
@@ -25,10 +26,36 @@ log = logging.getLogger("mlproxy")
 
 
 def _logging(verbose: bool = False, who: str = "") -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s",
+    """Text or JSON lines (--log-format, else MLPROXY_LOG_FORMAT; main() checked it)."""
+    from mlproxy.logs import ENV_LOG_FORMAT, setup
+
+    fmt = os.environ.get(ENV_LOG_FORMAT) or "text"
+    setup(logging.DEBUG if verbose else logging.INFO, fmt, who)
+
+
+def _add_log_flag(p: argparse.ArgumentParser, again: bool = False) -> None:
+    from mlproxy.logs import ENV_LOG_FORMAT, FORMATS
+
+    keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {"default": None}
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help=f"text (default) or json: one JSON object per line, with request and batch ids "
+        f"({ENV_LOG_FORMAT}); children of `up` and workers inherit it",
+        **keep,
     )
+
+
+def _log_format(flag: str | None) -> str:
+    """The log format, checked, and put in the environment for child processes (workers, the
+    processes `up` starts). ValueError for an unknown MLPROXY_LOG_FORMAT."""
+    from mlproxy.logs import ENV_LOG_FORMAT, FORMATS
+
+    fmt = flag or os.environ.get(ENV_LOG_FORMAT) or "text"
+    if fmt not in FORMATS:
+        raise ValueError(f"{ENV_LOG_FORMAT} must be text or json, not {fmt[:16]!r}")
+    os.environ[ENV_LOG_FORMAT] = fmt
+    return fmt
 
 
 def _run_async(coro: object) -> None:
@@ -267,7 +294,38 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         stats_window=args.stats_window,
         rate_window=args.rate_window,
         backend_proxy=args.backend_proxy,
+        tracing=_tracing(args),
     )
+
+
+ENV_OTLP = "MLPROXY_OTLP_ENDPOINT"
+
+
+def _tracing(args: argparse.Namespace) -> OtelTracing | None:
+    """OpenTelemetry tracing if --otlp-endpoint (MLPROXY_OTLP_ENDPOINT) names a collector."""
+    endpoint = args.otlp_endpoint or os.environ.get(ENV_OTLP)
+    if not endpoint:
+        return None
+    import socket
+
+    from extproc.adapters.tracing import otlp_tracing
+
+    process = os.getpid() if args.slot is None else os.getppid()
+    instance = args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
+    if args.slot is not None:
+        instance = args.slot.replica_id(instance)
+    log.info("tracing: spans exported with OTLP/HTTP to %s", redact_endpoint(endpoint))
+    return otlp_tracing(endpoint, "mlproxy-extproc", instance)
+
+
+def redact_endpoint(url: str) -> str:
+    """An endpoint for the log: without user:password or a query (tokens live there)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _extproc_from_file(args: argparse.Namespace) -> int:
@@ -606,9 +664,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    _add_log_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extproc", help="run the ext_proc gRPC server")
+    _add_log_flag(p, again=True)
     p.add_argument("--policies", type=Path, help="policy file (YAML or JSON), reloaded on change")
     p.add_argument(
         "--redis-url", help="policies from Redis (default: MLPROXY_REDIS_URL, REDIS_URL)"
@@ -677,6 +737,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export OpenTelemetry spans (a request's, its queue wait's, each batch's) with "
+        "OTLP over HTTP to this collector URL, e.g. http://otel-collector:4318/v1/traces "
+        f"({ENV_OTLP}; default: no tracing). The batch call carries the batch's traceparent",
+    )
+    p.add_argument(
         "--backend-proxy",
         metavar="URL",
         default=None,
@@ -736,6 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     p = sub.add_parser("controlplane", help="run the control plane API (settings from env)")
+    _add_log_flag(p, again=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     add_tls_flags(p, ca_help=None)  # HTTPS
@@ -791,6 +859,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_api_flags(p)
 
     p = sub.add_parser("up", help="run the local stack until Ctrl-C")
+    _add_log_flag(p, again=True)
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     p.add_argument(
         "--policies",
@@ -868,6 +937,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args, rest = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--workers` runs again
+    try:
+        _log_format(args.log_format)
+    except ValueError as err:
+        parser.error(str(err))
     if args.command == "model":
         sys.exit(cmd_model(args, rest))
     if args.command == "bench":

@@ -36,6 +36,7 @@ class FakeBackend:
     timeout: bool = False
     status_override: int | None = None
     gate: asyncio.Event | None = None  # if set, calls wait for it
+    headers: list[dict[str, str]] = field(default_factory=list)  # of every call
 
     async def post(
         self,
@@ -49,6 +50,7 @@ class FakeBackend:
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)
+        self.headers.append(dict(headers))
         if self.gate is not None:
             await self.gate.wait()
         if self.down:

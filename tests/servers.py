@@ -61,6 +61,7 @@ class EchoBackend(ThreadedApp):
 
     def __init__(self) -> None:
         self.batches: list[list[Any]] = []
+        self.headers: list[dict[str, str]] = []  # of each batch call, names in lower case
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/models/{model}:predict", self._predict)
@@ -73,11 +74,13 @@ class EchoBackend(ThreadedApp):
     def clear(self) -> None:
         with self._lock:
             self.batches.clear()
+            self.headers.clear()
 
     async def _predict(self, request: web.Request) -> web.Response:
         instances = json.loads(await request.read())["instances"]
         with self._lock:
             self.batches.append([i.get("id") if isinstance(i, dict) else i for i in instances])
+            self.headers.append({k.lower(): v for k, v in request.headers.items()})
         sleep = max((i.get("sleep_ms", 0) for i in instances if isinstance(i, dict)), default=0)
         if sleep:
             await asyncio.sleep(sleep / 1000)

@@ -20,8 +20,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,8 +32,9 @@ from extproc.adapters.throttle import Throttled
 from extproc.codecs import CodecError, get_codec
 from extproc.core.hops import Hops
 from extproc.runtime.batcher import BatcherPool, Reply, Ticket
-from extproc.runtime.ports import Metrics
+from extproc.runtime.ports import NO_CONTEXT, Metrics, RequestContext
 from mlproxy.errors import ErrorKind, ProxyError
+from mlproxy.logs import REQUEST_ID, request_id
 from mlproxy.policy import Policy, Route, Router, choose_among
 
 __all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
@@ -77,6 +79,18 @@ class StreamLimits:
     max_streams: int = DEFAULT_MAX_STREAMS
 
 
+class RequestTracing(Protocol):
+    """The servicer's side of tracing (extproc/adapters/tracing.py): a span per request."""
+
+    def start_request(
+        self, headers: Mapping[str, str], policy: str, path: str, request_id: str, now: float
+    ) -> Any: ...
+
+    def end_request(
+        self, handle: Any, status: int, outcome: str, wait: float | None, now: float
+    ) -> None: ...
+
+
 class _ProtocolError(Exception):
     """The peer broke the ext_proc protocol: its stream is closed with INVALID_ARGUMENT."""
 
@@ -94,8 +108,10 @@ class ExtProcServicer:
         limits: StreamLimits | None = None,
         hops: Hops | None = None,
         peering: Peering | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.router = router
+        self.tracing = tracing  # None: no spans
         # Fleet coordination (extproc/adapters/peers.py): None with peering off.
         self.peering = peering
         self._pool = pool
@@ -203,6 +219,11 @@ class ExtProcServicer:
             await context.write(_encode(Reply.from_error(error), None, None))
             return
         self._held[client] = self._held.get(client, 0) + 1
+        rid = request_id(headers.get("x-request-id"))
+        if rid:
+            REQUEST_ID.set(rid)  # on every line logged for it (mlproxy/logs.py)
+        span = self._start_trace(headers, route, rid)
+        answer = None
         try:
             answer = await self._handle(
                 context,
@@ -211,6 +232,7 @@ class ExtProcServicer:
                 msg.end_of_stream,
                 client,
                 msg.attributes.get(REQUEST_TIME_ATTRIBUTE),
+                NO_CONTEXT if not (rid or span) else RequestContext(rid, span),
             )
         finally:
             left = self._held[client] - 1
@@ -218,6 +240,8 @@ class ExtProcServicer:
                 self._held[client] = left
             else:
                 del self._held[client]
+            if span is not None:
+                self._end_trace(span, answer)
         if answer is None:
             return
         reply, wait, total, answered_at, inbound, route = answer
@@ -227,6 +251,30 @@ class ExtProcServicer:
             now = self._pool.clock.now()
             self._metrics.reply_handoff(route.policy.name, now - answered_at)
             self.hops.handed_off(now - answered_at, inbound, now)
+
+    def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
+        if self.tracing is None:
+            return None
+        try:
+            return self.tracing.start_request(
+                headers, route.policy.name, headers.get(":path", ""), rid, self._pool.clock.now()
+            )
+        except Exception:  # tracing must never fail a request
+            log.exception("policy %s: tracing the request failed", route.policy.name)
+            return None
+
+    def _end_trace(self, span: Any, answer: tuple[Any, ...] | None) -> None:
+        assert self.tracing is not None
+        try:
+            if answer is None:  # passed on untouched, or the client went away
+                self.tracing.end_request(span, 0, "not_answered", None, self._pool.clock.now())
+            else:
+                reply, wait = answer[0], answer[1]
+                self.tracing.end_request(
+                    span, reply.status, reply.outcome, wait, self._pool.clock.now()
+                )
+        except Exception:
+            log.exception("ending a request's span failed")
 
     def _admit(self, client: str) -> bool:
         """Up to --max-streams open streams, every request is taken. Beyond it (up to the
@@ -248,6 +296,7 @@ class ExtProcServicer:
         end_of_stream: bool,
         client: str = "",
         request_time: str | None = None,
+        trace: RequestContext = NO_CONTEXT,
     ) -> tuple[Reply, float | None, float | None, float | None, float, Route] | None:
         """The reply, its queue wait, its time in ext_proc and when its batch's answer came
         back (None for a request that was not queued), the seconds it spent in Envoy first
@@ -363,7 +412,7 @@ class ExtProcServicer:
                     return reply, wait, total, None, arrival - start, route
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             ticket = self._pool.submit(
-                route, parsed, future, budget, arrival, client, start, reserve
+                route, parsed, future, budget, arrival, client, start, reserve, trace
             )
         except ProxyError as err:
             return Reply.from_error(err), None, None, None, 0.0, route

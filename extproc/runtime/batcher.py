@@ -9,8 +9,10 @@ away never cancels the batch of the others; its reply is simply not delivered.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +36,17 @@ from extproc.core.clock import Clock
 from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
 from extproc.core.fairness import ClientShares
 from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
-from extproc.runtime.ports import Backend, BackendResponse, Metrics
+from extproc.runtime.ports import (
+    NO_CONTEXT,
+    Backend,
+    BackendResponse,
+    BatchSpan,
+    Metrics,
+    RequestContext,
+    Tracing,
+)
 from mlproxy.errors import ErrorKind, ProxyError, error_body
+from mlproxy.logs import BATCH
 from mlproxy.policy import Policy, Route
 
 __all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "rule_for"]
@@ -78,8 +89,10 @@ class Ticket:
     __slots__ = (
         "answered_at",
         "arrival",
+        "batch_id",
         "batcher",
         "client",
+        "context",
         "deadline",
         "dispatched_at",
         "entry",
@@ -98,8 +111,11 @@ class Ticket:
         sla: float,
         client: str = "",
         start: float | None = None,
+        context: RequestContext = NO_CONTEXT,
     ) -> None:
         self.parsed = parsed
+        self.context = context  # its request id and span, for logs and traces
+        self.batch_id = ""  # the batch it went in (random; logs and traces name it)
         self.client = client  # who sent it, for its share of the policy's queue
         self.future = future
         self.arrival = arrival  # its headers reached ext_proc
@@ -200,21 +216,59 @@ def _evicted(policy: Policy) -> ProxyError:
 class BatchExecutor:
     """Runs one batch against the backend and turns the outcome into one reply per request."""
 
-    def __init__(self, backend: Backend, metrics: Metrics, clock: Clock) -> None:
+    def __init__(
+        self, backend: Backend, metrics: Metrics, clock: Clock, tracing: Tracing | None = None
+    ) -> None:
         self._backend = backend
         self._metrics = metrics
         self.clock = clock
+        self.tracing = tracing  # None: no spans
 
     async def execute(
-        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+        self,
+        policy: Policy,
+        url: str,
+        codec: Codec,
+        items: Sequence[Parsed],
+        batch_id: str = "",
+        requests: Sequence[RequestContext] = (),
     ) -> list[Reply]:
-        replies = await self._call(policy, url, codec, items)
+        """One reply per item. With tracing on, the batch gets a span linked to `requests`'
+        spans, and the backend call carries that span's `traceparent`."""
+        span = self._start_span(policy, items, batch_id, requests)
+        replies: list[Reply] = []
+        try:
+            replies = await self._call(policy, url, codec, items, span.headers if span else ())
+        finally:
+            if span is not None:
+                _end_span(span, replies)
         if len(replies) != len(items):  # a bug, never a wrong answer
             raise RuntimeError(f"{len(replies)} replies for {len(items)} requests")
         return replies
 
+    def _start_span(
+        self,
+        policy: Policy,
+        items: Sequence[Parsed],
+        batch_id: str,
+        requests: Sequence[RequestContext],
+    ) -> BatchSpan | None:
+        if self.tracing is None:
+            return None
+        try:
+            size = sum(item.size for item in items)
+            return self.tracing.start_batch(policy.name, batch_id, requests, size)
+        except Exception:  # tracing must never fail a batch
+            log.exception("policy %s: tracing the batch failed; sent untraced", policy.name)
+            return None
+
     async def _call(
-        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+        self,
+        policy: Policy,
+        url: str,
+        codec: Codec,
+        items: Sequence[Parsed],
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> list[Reply]:
         n = len(items)
         size = sum(item.size for item in items)
@@ -224,6 +278,8 @@ class BatchExecutor:
             body, content_type, framing = merged.body, merged.content_type, merged.headers
         else:
             body, content_type, framing = merged, codec.content_type, ()
+        if extra:
+            framing = (*framing, *extra)
         try:
             resp = await self._backend.post(
                 url,
@@ -241,14 +297,14 @@ class BatchExecutor:
                 policy.name, size, n, self.clock.now() - started, err.kind.outcome
             )
             if n > 1 and err.input_may_cause:  # e.g. a worker died on one of the inputs
-                return await self._bisect(policy, url, codec, items)
+                return await self._bisect(policy, url, codec, items, extra)
             return [Reply.from_error(err, size)] * n
         elapsed = self.clock.now() - started
         status = resp.status
         if 200 <= status < 300:
             replies = self._split(policy, url, codec, items, resp, size, elapsed)
             if replies is None:  # unusable for a batch of several: one input may be the cause
-                return await self._bisect(policy, url, codec, items)
+                return await self._bisect(policy, url, codec, items, extra)
             return replies
         self._metrics.batch_done(policy.name, size, n, elapsed, f"http_{status}")
         if not 400 <= status < 600:
@@ -268,7 +324,7 @@ class BatchExecutor:
             )
             return [Reply.from_error(refused, size)] * n
         if n > 1 and status in SPLITTABLE_STATUSES:
-            return await self._bisect(policy, url, codec, items)
+            return await self._bisect(policy, url, codec, items, extra)
         outcome = "backend_4xx" if status < 500 else "backend_5xx"
         if n == 1:
             # The answer to a call that carried this request alone is its own: passed on.
@@ -298,13 +354,18 @@ class BatchExecutor:
         return [reply] * n
 
     async def _bisect(
-        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed]
+        self,
+        policy: Policy,
+        url: str,
+        codec: Codec,
+        items: Sequence[Parsed],
+        extra: tuple[tuple[str, str], ...],
     ) -> list[Reply]:
         mid = len(items) // 2
         # One half after the other: a backend failing everything gets at most one call at a
         # time from this batch, not a burst (at most 2n-1 calls for n requests).
-        left = await self._call(policy, url, codec, items[:mid])
-        right = await self._call(policy, url, codec, items[mid:])
+        left = await self._call(policy, url, codec, items[:mid], extra)
+        right = await self._call(policy, url, codec, items[mid:], extra)
         return left + right
 
     def _split(
@@ -361,6 +422,22 @@ class BatchExecutor:
             else:
                 replies.append(Reply(resp.status, part, batch_size=size))
         return replies
+
+
+def _end_span(span: BatchSpan, replies: Sequence[Reply]) -> None:
+    """End a batch's span with the outcome most of its requests got (none: failed)."""
+    try:
+        if not replies:
+            span.end("error", 500)
+            return
+        counts: dict[tuple[str, int], int] = {}
+        for reply in replies:
+            key = (reply.outcome, reply.status)
+            counts[key] = counts.get(key, 0) + 1
+        outcome, status = max(counts, key=counts.__getitem__)
+        span.end(outcome, status)
+    except Exception:  # tracing must never fail a batch
+        log.exception("ending a batch's span failed")
 
 
 def _compat_key(compat: str) -> str:
@@ -635,7 +712,11 @@ class Batcher:
         members.pop(self, None)
         members[self] = None  # the last to be offered the next free slot among equals
         self._group.sent(t.client for t in tickets)
-        task = self._loop.create_task(self._run(self.policy, dispatch))
+        # Its own context: not that of the request whose arrival happened to start it (its
+        # logs would carry that request's id).
+        task = self._loop.create_task(
+            self._run(self.policy, dispatch), context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # After the task exists: whatever happens below, the batch is answered and done.
@@ -644,10 +725,20 @@ class Batcher:
     async def _run(self, policy: Policy, dispatch: Dispatch[Ticket]) -> None:
         tickets = dispatch.items
         started = self.clock.now()
+        batch_id = os.urandom(8).hex()
+        for t in tickets:
+            t.batch_id = batch_id
+        # every line logged while this batch runs names it and its requests (mlproxy/logs.py)
+        BATCH.set((batch_id, tuple(t.context.request_id for t in tickets)))
         ok = False
         try:
             replies = await self._executor.execute(
-                policy, self.route.backend_url, self._codec, [t.parsed for t in tickets]
+                policy,
+                self.route.backend_url,
+                self._codec,
+                [t.parsed for t in tickets],
+                batch_id,
+                [t.context for t in tickets],
             )
             ok = all(r.status == 200 for r in replies)
         except Exception:
@@ -771,6 +862,7 @@ class BatcherPool:
         client: str = "",
         start: float | None = None,
         reserve: float = 0.0,
+        context: RequestContext = NO_CONTEXT,
     ) -> Ticket:
         """Queue one request. Its deadline is `start` + the policy's SLA latency (or + `budget`
         seconds if the client asked for less) - `reserve`. `client` identifies the sender for its
@@ -827,7 +919,7 @@ class BatcherPool:
         began = now if start is None else min(start, now)
         sla = policy.sla.latency_ms / 1000.0
         deadline = began + (sla if budget is None else min(sla, budget)) - max(0.0, reserve)
-        ticket = Ticket(parsed, future, now, deadline, sla, client, began)
+        ticket = Ticket(parsed, future, now, deadline, sla, client, began, context)
         self._metrics.request_arrived(route.policy.name)
         batcher.submit(ticket)
         return ticket

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["FRAMING_HEADERS", "Backend", "BackendResponse", "Metrics"]
+__all__ = [
+    "FRAMING_HEADERS",
+    "Backend",
+    "BackendResponse",
+    "BatchSpan",
+    "Metrics",
+    "RequestContext",
+    "Tracing",
+]
 
 # The headers of a backend's answer that frame its body for a codec (besides content-type;
 # extproc.codecs: `Codec.framing`), kept by lower-case name when valid header values.
@@ -85,4 +93,41 @@ class Metrics(Protocol):
 
     def outside_allowance(self, policy: str, seconds: float) -> None:
         """The time now reserved after ext_proc's answer for a policy's requests."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who a queued request is, for logs and traces: its `x-request-id` (checked, "" if none)
+    and the tracing adapter's handle of its span (None: not traced)."""
+
+    request_id: str = ""
+    trace: Any = None
+
+
+NO_CONTEXT = RequestContext()
+
+
+class BatchSpan(Protocol):
+    """One batch's span, open while its backend call (and any retries in halves) runs."""
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers the batch call carries (`traceparent`): the batch's trace, never a
+        client's."""
+        ...
+
+    def end(self, outcome: str, status: int) -> None:
+        """The batch is answered: `outcome` as the batch metrics say it, `status` the HTTP
+        status most of its requests got."""
+        ...
+
+
+class Tracing(Protocol):
+    """Spans for batches (extproc/adapters/tracing.py); requests' spans are the servicer's."""
+
+    def start_batch(
+        self, policy: str, batch_id: str, requests: Sequence[RequestContext], items: int
+    ) -> BatchSpan:
+        """A span for one batch of `requests` (`items` instances), linked to their spans."""
         ...
