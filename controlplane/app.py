@@ -36,6 +36,7 @@ from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import NotFound, RedisStore
 from controlplane.adapters.store_watch import StoreMetrics, StoreStatus, StoreWatch, store_status
 from controlplane.api import store as store_api
+from controlplane.api import ui as ui_api
 from controlplane.api.auth import PRINCIPAL, READ_METHODS, Authenticator, GuardedRoute, Principal
 from controlplane.api.limits import RequestBody
 from controlplane.audit import audit, changed_fields
@@ -503,6 +504,7 @@ def create_app(
         )
 
     app.include_router(v1)
+    app.include_router(ui_api.router)
     app.include_router(store_api.router, responses=errors, dependencies=[Depends(BEARER)])
 
     @app.get("/healthz", include_in_schema=False)

@@ -22,6 +22,11 @@ class PolicyStats(BaseModel):
         default_factory=list,
         description="recent (batch size in instances, backend milliseconds) samples",
     )
+    latency_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="p50, p95 and p99 of the latest answered requests' latency (at most 1,024 "
+        "in the window), from Envoy's receipt to ext_proc's answer, milliseconds; empty if none",
+    )
 
 
 class ReplicaRecord(BaseModel):

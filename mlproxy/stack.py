@@ -280,6 +280,7 @@ class Stack:
             out["envoy batch calls"] = f"http://{self.host}:{self.egress_port}"
         if self.uses_redis:
             out["control plane"] = self.controlplane_url
+            out["live page (admin token)"] = f"{self.controlplane_url}/ui"
             out["redis"] = redact_url(self.effective_redis_url())
         for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
             out[f"ext_proc {i} (gRPC)"] = f"{self.host}:{port}"

@@ -2,7 +2,8 @@
 
 Counts are kept in one-second buckets over a sliding window (default 60 s), so memory stays
 bounded whatever the request rate; the most recent backend batch samples (size, duration) are
-kept too, at most `max_samples`. `snapshot(now)` summarises them.
+kept too, at most `max_samples`, and the latest answered requests' latencies (at most
+`max_latencies`), whose percentiles the snapshot reports. `snapshot(now)` summarises them.
 
 Rates are over the time the window covers: the whole window, or less when the policy's first
 event here is more recent (a replica that just started, a policy that just got traffic). Over
@@ -61,6 +62,7 @@ class _PolicyWindow:
     answers: _Buckets = field(init=False)  # (answered, SLA misses)
     batches: _Buckets = field(init=False)  # (batches, instances)
     samples: deque[tuple[float, int, float]] = field(default_factory=deque)
+    latencies: deque[tuple[float, float]] = field(default_factory=deque)  # (when, seconds)
 
     def __post_init__(self) -> None:
         self.arrivals = _Buckets(self.window)
@@ -73,15 +75,20 @@ class _PolicyWindow:
         self.batches.trim(oldest)
         while self.samples and self.samples[0][0] < oldest:
             self.samples.popleft()
+        while self.latencies and self.latencies[0][0] < oldest:
+            self.latencies.popleft()
 
     def empty(self) -> bool:
         return not (self.arrivals.q or self.answers.q or self.batches.q)
 
 
 class StatsWindow:
-    def __init__(self, window: float = DEFAULT_WINDOW, max_samples: int = 256) -> None:
+    def __init__(
+        self, window: float = DEFAULT_WINDOW, max_samples: int = 256, max_latencies: int = 1024
+    ) -> None:
         self.window = window
         self.max_samples = max_samples
+        self.max_latencies = max_latencies
         self._policies: dict[str, _PolicyWindow] = {}
 
     def _get(self, policy: str, now: float) -> _PolicyWindow:
@@ -93,8 +100,16 @@ class StatsWindow:
     def arrival(self, policy: str, now: float) -> None:
         self._get(policy, now).arrivals.add(now)
 
-    def answered(self, policy: str, now: float, missed: bool) -> None:
-        self._get(policy, now).answers.add(now, 1, int(missed))
+    def answered(
+        self, policy: str, now: float, missed: bool, latency: float | None = None
+    ) -> None:
+        """A queued request was answered, `latency` seconds after its SLA clock started."""
+        w = self._get(policy, now)
+        w.answers.add(now, 1, int(missed))
+        if latency is not None:
+            w.latencies.append((now, latency))
+            if len(w.latencies) > self.max_latencies:
+                w.latencies.popleft()
 
     def batch(self, policy: str, now: float, size: int, seconds: float) -> None:
         w = self._get(policy, now)
@@ -126,4 +141,17 @@ class StatsWindow:
                     (size, round(seconds * 1000, 3)) for _, size, seconds in w.samples
                 ],
             }
+            if w.latencies:
+                out[name]["latency_ms"] = _percentiles([s for _, s in w.latencies])
         return out
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 (nearest rank) of latencies, in milliseconds."""
+    ordered = sorted(seconds)
+    n = len(ordered)
+    out = {}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        rank = max(1, -(-int(q * n * 1000) // 1000))  # ceil(q * n), exact for these q
+        out[name] = round(ordered[min(n, rank) - 1] * 1000, 3)
+    return out

@@ -24,7 +24,7 @@ class Telemetry:
 
     def request_answered(self, policy: str, latency: float, missed: bool) -> None:
         self.metrics.request_answered(policy, latency, missed)
-        self.stats.answered(policy, self._clock.now(), missed)
+        self.stats.answered(policy, self._clock.now(), missed, latency)
 
     def batch_done(
         self, policy: str, size: int, requests: int, seconds: float, outcome: str

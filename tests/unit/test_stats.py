@@ -64,3 +64,25 @@ def test_a_window_that_just_began_reports_the_rate_over_the_time_it_covers() -> 
     snap = stats.snapshot(clock.now())["p"]
     assert snap["window_s"] == 60.0
     assert snap["arrival_rate"] == pytest.approx(50.0, rel=0.03)
+
+
+def test_latency_percentiles_of_the_latest_answers_within_the_window() -> None:
+    clock = FakeClock()
+    stats = StatsWindow(window=10.0, max_latencies=100)
+    for ms in range(1, 101):  # 1..100 ms
+        stats.answered("p", clock.now(), missed=False, latency=ms / 1000)
+    snap = stats.snapshot(clock.now())["p"]
+    assert snap["latency_ms"] == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+    for _ in range(100):  # the latest 100 only: the first ones are forgotten
+        stats.answered("p", clock.now(), missed=False, latency=0.5)
+    assert stats.snapshot(clock.now())["p"]["latency_ms"] == {
+        "p50": 500.0,
+        "p95": 500.0,
+        "p99": 500.0,
+    }
+    clock.advance(11)
+    stats.arrival("p", clock.now())  # the window moved past every answer
+    assert "latency_ms" not in stats.snapshot(clock.now())["p"]
+    one = StatsWindow()
+    one.answered("q", 0.0, missed=True, latency=0.2)
+    assert one.snapshot(0.0)["q"]["latency_ms"] == {"p50": 200.0, "p95": 200.0, "p99": 200.0}
