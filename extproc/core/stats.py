@@ -100,9 +100,7 @@ class StatsWindow:
     def arrival(self, policy: str, now: float) -> None:
         self._get(policy, now).arrivals.add(now)
 
-    def answered(
-        self, policy: str, now: float, missed: bool, latency: float | None = None
-    ) -> None:
+    def answered(self, policy: str, now: float, missed: bool, latency: float | None = None) -> None:
         """A queued request was answered, `latency` seconds after its SLA clock started."""
         w = self._get(policy, now)
         w.answers.add(now, 1, int(missed))
