@@ -18,6 +18,8 @@ ENV VENV=/opt/mlproxy \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY mlproxy_kernel ./mlproxy_kernel
+COPY mlproxy_common ./mlproxy_common
 COPY mlproxy ./mlproxy
 COPY extproc ./extproc
 COPY controlplane ./controlplane

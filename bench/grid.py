@@ -49,7 +49,7 @@ from bench.backends import BackendConfig, ServerConfig
 from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.sim import FLEETS, Fleet, SimResult, simulate
-from mlproxy.policy import Mode, Policy
+from mlproxy_kernel.policy import Mode, Policy
 
 __all__ = [
     "KINDS",

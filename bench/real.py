@@ -61,11 +61,11 @@ from bench.report import by_case, columns_for, heading, summary, table
 from bench.sim import MODES, ModeConfig, SimResult, autoscaling_target_of, policy_body, simulate
 from bench.simulate import PHASE_JITTER
 from bench.traces import TRACES, schedule
-from extproc.core.batching import RATE_WINDOW
 from extproc.core.stats import DEFAULT_WINDOW, MIN_SPAN
 from mlproxy.client import ApiError, Client
-from mlproxy.policy import Mode, Policy
 from mlproxy.stack import Child, Stack, StackError, http_ok
+from mlproxy_kernel.batching import RATE_WINDOW
+from mlproxy_kernel.policy import Mode, Policy
 
 __all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
 

@@ -40,7 +40,7 @@ from extproc.core.stats import StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.ports import BackendResponse
 from extproc.runtime.telemetry import Telemetry
-from mlproxy.policy import Router, parse_policies
+from mlproxy_kernel.policy import Router, parse_policies
 
 ATTRIBUTES = "envoy.filters.http.ext_proc"
 

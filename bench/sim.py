@@ -57,7 +57,8 @@ from bench.knative import ServiceConfig
 from bench.profiles import Profile
 from bench.traces import schedule
 from controlplane.domain.tuner import MIN_INTERVAL, tune
-from extproc.core.batching import (
+from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
+from mlproxy_kernel.batching import (
     RATE_WINDOW,
     BatchQueue,
     Dispatch,
@@ -66,10 +67,9 @@ from extproc.core.batching import (
     Shed,
     WaitUntil,
 )
-from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
-from extproc.runtime.batcher import rule_for
-from mlproxy.policy import Mode, Policy
-from mlproxy.replica import PolicyStats
+from mlproxy_kernel.policy import Mode, Policy
+from mlproxy_kernel.replica import PolicyStats
+from mlproxy_kernel.rules import rule_for
 
 __all__ = [
     "FLEETS",

@@ -34,7 +34,7 @@ from bench.profiles import PROFILES
 from bench.report import by_case, columns_for, heading, reductions, summary, table, verdict
 from bench.sim import FLEETS, MODES, ModeConfig, SimResult, pooled, simulate
 from bench.traces import TRACES
-from mlproxy.policy import Mode
+from mlproxy_kernel.policy import Mode
 
 __all__ = ["main", "markdown", "sweep_markdown"]
 

@@ -50,9 +50,9 @@ from controlplane.domain.records import (
 )
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
-from mlproxy.aio import stop_task
-from mlproxy.policy import Policy, PolicyWrite
-from mlproxy.replica import ReplicaRecord
+from mlproxy_common.aio import stop_task
+from mlproxy_kernel.policy import Policy, PolicyWrite
+from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = ["create_app"]
 

@@ -15,9 +15,9 @@ from uvicorn.config import LOGGING_CONFIG
 from controlplane.api.limits import ConnectionLimits, guarded_protocol
 from controlplane.app import create_app
 from controlplane.settings import Settings, SettingsError
-from mlproxy.logs import ENV_LOG_FORMAT
-from mlproxy.redis_auth import RedisCredentialsError, redis_kwargs
-from mlproxy.tls import ENV_CA, TlsConfigError, TlsFiles, server_ssl_context, tls_files
+from mlproxy_common.logs import ENV_LOG_FORMAT
+from mlproxy_common.redis_auth import RedisCredentialsError, redis_kwargs
+from mlproxy_common.tls import ENV_CA, TlsConfigError, TlsFiles, server_ssl_context, tls_files
 
 __all__ = ["serve"]
 

@@ -22,9 +22,9 @@ from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.audit import audit
 from controlplane.domain.records import Precondition, PreconditionFailed
 from controlplane.domain.tuner import MIN_INTERVAL, Decision, tune
-from mlproxy.aio import raise_if_cancelling
-from mlproxy.policy import Policy
-from mlproxy.replica import PolicyStats
+from mlproxy_common.aio import raise_if_cancelling
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import PolicyStats
 
 __all__ = ["FleetTuner"]
 

@@ -22,13 +22,13 @@ from extproc.adapters.servicer import (
     stream_headroom,
 )
 from extproc.adapters.stalls import StallWatch
-from extproc.core.batching import RATE_WINDOW
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from extproc.runtime.telemetry import Telemetry
-from mlproxy.policy import Policy, Router
-from mlproxy.tls import TlsFiles, add_grpc_port, grpc_server_credentials
+from mlproxy_common.tls import TlsFiles, add_grpc_port, grpc_server_credentials
+from mlproxy_kernel.batching import RATE_WINDOW
+from mlproxy_kernel.policy import Policy, Router
 
 if TYPE_CHECKING:
     from extproc.adapters.tracing import OtelTracing

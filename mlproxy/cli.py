@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from extproc.adapters.tracing import OtelTracing
     from extproc.server import ExtProcServer
     from mlproxy.client import Client
-    from mlproxy.policy import Policy
+    from mlproxy_kernel.policy import Policy
 
 __all__ = ["main"]
 
@@ -27,14 +27,14 @@ log = logging.getLogger("mlproxy")
 
 def _logging(verbose: bool = False, who: str = "") -> None:
     """Text or JSON lines (--log-format, else MLPROXY_LOG_FORMAT; main() checked it)."""
-    from mlproxy.logs import ENV_LOG_FORMAT, setup
+    from mlproxy_common.logs import ENV_LOG_FORMAT, setup
 
     fmt = os.environ.get(ENV_LOG_FORMAT) or "text"
     setup(logging.DEBUG if verbose else logging.INFO, fmt, who)
 
 
 def _add_log_flag(p: argparse.ArgumentParser, again: bool = False) -> None:
-    from mlproxy.logs import ENV_LOG_FORMAT, FORMATS
+    from mlproxy_common.logs import ENV_LOG_FORMAT, FORMATS
 
     keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {"default": None}
     p.add_argument(
@@ -49,7 +49,7 @@ def _add_log_flag(p: argparse.ArgumentParser, again: bool = False) -> None:
 def _log_format(flag: str | None) -> str:
     """The log format, checked, and put in the environment for child processes (workers, the
     processes `up` starts). ValueError for an unknown MLPROXY_LOG_FORMAT."""
-    from mlproxy.logs import ENV_LOG_FORMAT, FORMATS
+    from mlproxy_common.logs import ENV_LOG_FORMAT, FORMATS
 
     fmt = flag or os.environ.get(ENV_LOG_FORMAT) or "text"
     if fmt not in FORMATS:
@@ -139,8 +139,12 @@ def cmd_extproc(args: argparse.Namespace) -> int:
 
 
 def _extproc_security(args: argparse.Namespace) -> bool:
-    from mlproxy.redis_auth import RedisCredentialsError, password_on_command_line, redis_kwargs
-    from mlproxy.tls import TlsConfigError, server_files_from_args
+    from mlproxy_common.redis_auth import (
+        RedisCredentialsError,
+        password_on_command_line,
+        redis_kwargs,
+    )
+    from mlproxy_common.tls import TlsConfigError, server_files_from_args
 
     problem = password_on_command_line(args.redis_url)
     if problem:
@@ -203,7 +207,7 @@ def _rate_seconds(value: str) -> float:
 
 def _rate_window(flag: float | None, env: str | None) -> float:
     """The arrival-rate window: --rate-window, else MLPROXY_RATE_WINDOW_S, else 2 s."""
-    from extproc.core.batching import RATE_WINDOW
+    from mlproxy_kernel.batching import RATE_WINDOW
 
     return _flag_or_env(flag, env, ENV_RATE_WINDOW, _rate_seconds, RATE_WINDOW)
 
@@ -331,7 +335,7 @@ def redact_endpoint(url: str) -> str:
 def _extproc_from_file(args: argparse.Namespace) -> int:
     from extproc.adapters.policy_file import FilePolicySource
     from extproc.server import run
-    from mlproxy.policy import PolicyFileError
+    from mlproxy_kernel.policy import PolicyFileError
 
     source = FilePolicySource(args.policies, interval=args.reload_interval)
     try:
@@ -422,7 +426,7 @@ def _api_client(args: argparse.Namespace) -> Client:
 def _add_api_flags(p: argparse.ArgumentParser, again: bool = False) -> None:
     """--ca-file, --url, --token, --token-file; `again` on a sub-action's parser, so that they
     may also follow the action (`mlproxy policy apply --url ...`) without unsetting them."""
-    from mlproxy.tls import ENV_CA_FILE
+    from mlproxy_common.tls import ENV_CA_FILE
 
     keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
     p.add_argument(
@@ -660,7 +664,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlproxy.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY, add_tls_flags
+    from mlproxy_common.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY, add_tls_flags
 
     parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -944,9 +948,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "model":
         sys.exit(cmd_model(args, rest))
     if args.command == "bench":
-        from bench.real import main as bench_main
+        # The benchmark runs the local stack, so it sits above this package (layers:
+        # mlproxy_kernel/__init__.py): it is started as a program, not imported.
+        import runpy
 
-        sys.exit(bench_main(rest))
+        sys.argv = ["mlproxy bench", *rest]
+        runpy.run_module("bench.real", run_name="__main__", alter_sys=True)
+        sys.exit(0)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "completion":

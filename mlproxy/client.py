@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
+from mlproxy_common.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
 
 __all__ = [
     "ApiError",

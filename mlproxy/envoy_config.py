@@ -139,7 +139,7 @@ def local_config(
     `bypass_prefix` (e.g. "/direct/") adds a route that strips the prefix and goes straight
     to the model without ext_proc: the benchmark's baseline. `fail_open`: see
     `ext_proc_filter`. `extproc_tls`: the ext_proc cluster's transport socket for mTLS
-    (mlproxy.tls.envoy_upstream_tls)."""
+    (mlproxy_common.tls.envoy_upstream_tls)."""
     disabled = {
         EXT_PROC_FILTER: {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",

@@ -46,7 +46,7 @@ NO_TLS: TlsArgs = (None, None, None, None)
 def _grpc_channel(target: str, tls: TlsArgs) -> object:
     import grpc
 
-    from mlproxy.tls import ENV_CA, ENV_CERT, ENV_KEY, grpc_channel_credentials
+    from mlproxy_common.tls import ENV_CA, ENV_CERT, ENV_KEY, grpc_channel_credentials
 
     ca, cert, key, server_name = tls
     ca = ca or os.environ.get(ENV_CA)
@@ -68,7 +68,7 @@ def check_grpc(target: str, service: str = "", timeout: float = 2.0, tls: TlsArg
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from mlproxy.tls import TlsConfigError
+    from mlproxy_common.tls import TlsConfigError
 
     where = f"grpc {target}" + (f" service {service!r}" if service else "")
     try:
@@ -113,7 +113,7 @@ def check_http(
 ) -> None:
     """Pass if a GET of `url` answers 2xx (redirects followed); https:// is verified with
     `context` if given, else against `ca` (else MLPROXY_CA_FILE, else the system's roots)."""
-    from mlproxy.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
+    from mlproxy_common.tls import ENV_CA_FILE, TlsConfigError, client_ssl_context
 
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if url.startswith("https://") and context is not None:
@@ -145,7 +145,7 @@ def check_http(
 def _pinned_context(cert: str) -> ssl.SSLContext:
     """Trusts exactly the certificate(s) in `cert` (a partial chain: the server's own
     certificate is the trust anchor), whatever name it was issued for."""
-    from mlproxy.tls import TlsConfigError
+    from mlproxy_common.tls import TlsConfigError
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -168,7 +168,7 @@ def check_controlplane(
 ) -> None:
     """Pass if the control plane at HOST:PORT answers 2xx on /healthz, over HTTPS when
     MLPROXY_TLS_CERT is set in `env` (default: this process's environment), else HTTP."""
-    from mlproxy.tls import ENV_CA_FILE, ENV_CERT, TlsConfigError
+    from mlproxy_common.tls import ENV_CA_FILE, ENV_CERT, TlsConfigError
 
     env = os.environ if env is None else env
     cert = env.get(ENV_CERT)

@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from mlproxy import ports
 from mlproxy.envoy_config import Upstream, local_config
-from mlproxy.keys import redact_url
 from mlproxy.redis_server import redis_argv, redis_server_binary
 from mlproxy.stack_security import StackSecrets
-from mlproxy.tls import LocalPki, client_ssl_context, envoy_upstream_tls
 from mlproxy.workers import die_with_parent
+from mlproxy_common import ports
+from mlproxy_common.tls import LocalPki, client_ssl_context, envoy_upstream_tls
+from mlproxy_kernel.keys import redact_url
 
 __all__ = ["Child", "Stack", "StackError", "demo_policy", "envoy_binary", "free_port"]
 
@@ -46,7 +46,7 @@ class StackError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Deprecated name of `mlproxy.ports.reserve` (kept for code written against it): a port
+    """Deprecated name of `mlproxy_common.ports.reserve` (kept for code written against it): a port
     reserved for this process, never merely probed."""
     return ports.reserve(host)
 
@@ -203,7 +203,7 @@ class Stack:
     extproc_workers: int = 1
 
     def __post_init__(self) -> None:
-        """Ports left at 0 are reserved (mlproxy.ports) until `release_ports()` or the end of
+        """Ports left at 0 are reserved (mlproxy_common.ports) until `release_ports()` or the end of
         this process, so no other child, stack or test run on this machine gets them."""
         try:
             for attr in ("model_port", "admin_port", "controlplane_port", "redis_port"):

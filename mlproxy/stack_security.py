@@ -22,9 +22,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlproxy.redis_auth import ENV_CA as REDIS_ENV_CA
-from mlproxy.redis_auth import ENV_PASSWORD_FILE, ENV_USERNAME
-from mlproxy.tls import ENV_CA, ENV_CERT, ENV_KEY, LocalPki, make_local_pki
+from mlproxy_common.redis_auth import ENV_CA as REDIS_ENV_CA
+from mlproxy_common.redis_auth import ENV_PASSWORD_FILE, ENV_USERNAME
+from mlproxy_common.tls import ENV_CA, ENV_CERT, ENV_KEY, LocalPki, make_local_pki
 
 __all__ = ["StackSecrets", "redis_supports_tls"]
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pytest
 
 from controlplane.adapters.redis_store import RedisStore
-from mlproxy import ports
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, tcp_ok
+from mlproxy_common import ports
 from tests.leftovers import leftovers
 from tests.servers import EchoBackend, EmbeddingsBackend, HostileBackend
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.runtime.ports import BackendResponse
-from mlproxy.errors import ErrorKind, ProxyError
+from mlproxy_kernel.errors import ErrorKind, ProxyError
 
 
 def echo_predictions(instances: list[Any]) -> tuple[int, dict[str, Any]]:

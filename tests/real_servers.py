@@ -23,8 +23,8 @@ import pytest
 
 from bench.peers.procs import stop_tree
 from bench.peers.systems import ensure_venv
-from mlproxy import ports
 from mlproxy.stack import Child, StackError
+from mlproxy_common import ports
 
 SERVERS = Path(__file__).resolve().parent / "model_servers"
 # The real servers and clients, bounded so that a fresh install is reproducible.

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mlproxy import ports
+from mlproxy_common import ports
 from tests.fakes import echo_predictions
 
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from mlproxy import ports
+from mlproxy_common import ports
 
 
 class _Pipe(asyncio.Protocol):

@@ -37,8 +37,8 @@ from bench.peers import procs
 from bench.peers.measure import WIRES, Wire
 from bench.peers.workload import Workload, expected, instance
 from bench.real import BenchConfig, BenchStack
-from mlproxy import ports
 from mlproxy.stack import Child, StackError
+from mlproxy_common import ports
 
 __all__ = [
     "PEERS",

@@ -7,8 +7,8 @@ control plane (MLPROXY_URL, MLPROXY_TOKEN, MLPROXY_CA_FILE, as the CLI). For eac
 
 - `backtracking`: how long matching its `match.path` takes on a 20 KB path built to make its
   variables' lazy groups backtrack (`/{a}-{b}` and `/{a}.{b}` templates, adjacent variables).
-  Nothing is sent: the router is the replica's own (`mlproxy.policy.Router`). Anything above a
-  few milliseconds is time one request holds ext_proc's only event loop.
+  Nothing is sent: the router is the replica's own (`mlproxy_kernel.policy.Router`). Anything
+  above a few milliseconds is time one request holds ext_proc's only event loop.
 - `encoded-path`: the policy's path (variables filled with `--value`) as it is, and with one
   character percent-encoded (`:` as `%3A`, a letter as `%6D`...), each POSTed through Envoy
   with the demo model's one-instance body. When the plain path is batched
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mlproxy.policy import Policy, Router, load_policy_file
+from mlproxy_kernel.policy import Policy, Router, load_policy_file
 
 _VAR = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 PATH_BYTES = 20_000

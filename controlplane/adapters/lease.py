@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from mlproxy import keys
+from mlproxy_kernel import keys
 
 __all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease", "valid_term"]
 

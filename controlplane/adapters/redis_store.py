@@ -1,4 +1,4 @@
-"""Policies and replicas in Redis (redis.asyncio); keys are in mlproxy/keys.py.
+"""Policies and replicas in Redis (redis.asyncio); keys are in mlproxy_kernel/keys.py.
 
 Writes are compare-and-set transactions (WATCH/MULTI/EXEC on the version counter, retried when
 another write lands in between): the record, the counter and the change announcement go
@@ -30,11 +30,11 @@ from redis.exceptions import RedisError, WatchError
 
 from controlplane.adapters.lease import valid_term
 from controlplane.domain.records import Precondition
-from mlproxy import keys
-from mlproxy.policy import Policy
-from mlproxy.redis_auth import redis_client  # credentials from env/files
-from mlproxy.redis_scan import bounded_values, scan_names
-from mlproxy.replica import ReplicaRecord
+from mlproxy_common.redis_auth import redis_client  # credentials from env/files
+from mlproxy_common.redis_scan import bounded_values, scan_names
+from mlproxy_kernel import keys
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = ["LeaseLost", "NotFound", "RedisStore", "StoreInfo"]
 

@@ -26,8 +26,8 @@ from redis.exceptions import RedisError
 
 from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import RedisStore, StoreInfo
-from mlproxy.aio import raise_if_cancelling
-from mlproxy.replica import ReplicaRecord
+from mlproxy_common.aio import raise_if_cancelling
+from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = ["StoreMetrics", "StoreStatus", "StoreWatch", "heartbeat_floor", "store_status"]
 

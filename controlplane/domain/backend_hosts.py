@@ -7,7 +7,7 @@ any name ending in `.suffix` (one or more labels before it), not `suffix` itself
 without case and without a trailing dot.
 
 The policy model already refuses match.path variables in a backend URL's host or port
-(`mlproxy/policy.py`); should one get here anyway, a templated host is allowed only by a
+(`mlproxy_kernel/policy.py`); should one get here anyway, a templated host is allowed only by a
 `*.suffix` entry whose suffix is all literal text after the last variable (a variable's value
 has no `/`, `:` or `@`, so the host still ends in `.suffix`), and a templated port only by
 entries without a port.

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from mlproxy.policy import Policy
-from mlproxy.replica import ReplicaRecord
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = [
     "EntityTags",

@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.core.estimator import LatencyEstimator
-from extproc.core.stats import DEFAULT_WINDOW
-from mlproxy.policy import Policy, Tuning
-from mlproxy.replica import PolicyStats
+from mlproxy_kernel.estimator import LatencyEstimator
+from mlproxy_kernel.policy import Policy, Tuning
+from mlproxy_kernel.replica import DEFAULT_WINDOW, PolicyStats
 
 __all__ = ["MIN_INTERVAL", "MIN_SAMPLES", "Decision", "tune"]
 

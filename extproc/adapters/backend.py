@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import aiohttp
 
 from extproc.runtime.ports import FRAMING_HEADERS, BackendResponse
-from mlproxy.errors import ErrorKind, ProxyError
+from mlproxy_kernel.errors import ErrorKind, ProxyError
 
 __all__ = ["HttpBackend", "clean_header_value"]
 

@@ -10,7 +10,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-from mlproxy.policy import Policy
+from mlproxy_kernel.policy import Policy
 
 __all__ = ["PrometheusMetrics"]
 

@@ -55,9 +55,9 @@ from extproc.core.owner import (
     peer_address,
 )
 from extproc.runtime.batcher import Reply
-from mlproxy.errors import ErrorKind, ProxyError
-from mlproxy.policy import Route, Router
-from mlproxy.tls import TlsConfigError, TlsFiles, grpc_channel_credentials
+from mlproxy_common.tls import TlsConfigError, TlsFiles, grpc_channel_credentials
+from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.policy import Route, Router
 
 __all__ = [
     "ENV_ADVERTISE",

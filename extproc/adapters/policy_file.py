@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mlproxy.policy import Policy, PolicyFileError, load_policy_file
+from mlproxy_kernel.policy import Policy, PolicyFileError, load_policy_file
 
 __all__ = ["FilePolicySource"]
 

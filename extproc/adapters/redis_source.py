@@ -36,13 +36,13 @@ from redis.exceptions import RedisError
 
 from extproc.core.clock import Clock
 from extproc.core.stats import StatsWindow
-from mlproxy import keys
-from mlproxy.aio import raise_if_cancelling
-from mlproxy.keys import redact_url
-from mlproxy.policy import Policy
-from mlproxy.redis_auth import redis_client  # credentials from env/files
-from mlproxy.redis_scan import bounded_values, scan_names
-from mlproxy.replica import ReplicaRecord
+from mlproxy_common.aio import raise_if_cancelling
+from mlproxy_common.redis_auth import redis_client  # credentials from env/files
+from mlproxy_common.redis_scan import bounded_values, scan_names
+from mlproxy_kernel import keys
+from mlproxy_kernel.keys import redact_url
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = ["RedisPolicySource", "StoreObserver"]
 

@@ -33,9 +33,9 @@ from extproc.codecs import CodecError, get_codec
 from extproc.core.hops import Hops
 from extproc.runtime.batcher import BatcherPool, Reply, Ticket
 from extproc.runtime.ports import NO_CONTEXT, Metrics, RequestContext
-from mlproxy.errors import ErrorKind, ProxyError
-from mlproxy.logs import REQUEST_ID, request_id
-from mlproxy.policy import Policy, Route, Router, choose_among
+from mlproxy_common.logs import REQUEST_ID, request_id
+from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.policy import Policy, Route, Router, choose_among
 
 __all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
 
@@ -221,7 +221,7 @@ class ExtProcServicer:
         self._held[client] = self._held.get(client, 0) + 1
         rid = request_id(headers.get("x-request-id"))
         if rid:
-            REQUEST_ID.set(rid)  # on every line logged for it (mlproxy/logs.py)
+            REQUEST_ID.set(rid)  # on every line logged for it (mlproxy_common/logs.py)
         span = self._start_trace(headers, route, rid)
         answer = None
         try:

@@ -87,7 +87,7 @@ class OtelTracing:
             kind=SpanKind.SERVER,
             start_time=started_ns,
             attributes={
-                "mlproxy.policy": policy,
+                "mlproxy_kernel.policy": policy,
                 "url.path": path[:512],
                 **({"mlproxy.request_id": request_id} if request_id else {}),
             },
@@ -134,7 +134,7 @@ class OtelTracing:
             kind=SpanKind.CLIENT,
             links=links,
             attributes={
-                "mlproxy.policy": policy,
+                "mlproxy_kernel.policy": policy,
                 "mlproxy.batch_id": batch_id,
                 "mlproxy.batch.requests": len(requests),
                 "mlproxy.batch.items": items,

@@ -17,13 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "MIN_SPAN", "StatsWindow"]
+# The window's bounds are the heartbeat record's (PolicyStats.window_s), in the kernel.
+from mlproxy_kernel.replica import DEFAULT_WINDOW, MAX_WINDOW, MIN_SPAN
 
-# The shortest span a rate is taken over (seconds): the buckets' granularity, and so the
-# shortest window (`mlproxy extproc --stats-window`).
-MIN_SPAN = 1.0
-DEFAULT_WINDOW = 60.0  # seconds; also the fleet tuner's default hold between changes
-MAX_WINDOW = 3600.0
+__all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "MIN_SPAN", "StatsWindow"]
 
 
 class _Buckets:

@@ -20,8 +20,19 @@ from urllib.parse import urlsplit
 
 from extproc.codecs import get_codec
 from extproc.codecs.base import Codec, CodecError, Framed, Parsed
-from extproc.core.aimd import Aimd
-from extproc.core.batching import (
+from extproc.core.clock import Clock
+from extproc.core.fairness import ClientShares
+from extproc.runtime.ports import (
+    NO_CONTEXT,
+    Backend,
+    BackendResponse,
+    BatchSpan,
+    Metrics,
+    RequestContext,
+    Tracing,
+)
+from mlproxy_common.logs import BATCH
+from mlproxy_kernel.batching import (
     RATE_WINDOW,
     BatchQueue,
     Dispatch,
@@ -32,24 +43,11 @@ from extproc.core.batching import (
     Shed,
     WaitUntil,
 )
-from extproc.core.clock import Clock
-from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
-from extproc.core.fairness import ClientShares
-from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
-from extproc.runtime.ports import (
-    NO_CONTEXT,
-    Backend,
-    BackendResponse,
-    BatchSpan,
-    Metrics,
-    RequestContext,
-    Tracing,
-)
-from mlproxy.errors import ErrorKind, ProxyError, error_body
-from mlproxy.logs import BATCH
-from mlproxy.policy import Policy, Route
+from mlproxy_kernel.errors import ErrorKind, ProxyError, error_body
+from mlproxy_kernel.policy import Policy, Route
+from mlproxy_kernel.rules import AdaptiveRule, rule_for
 
-__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket", "rule_for"]
+__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket"]
 
 log = logging.getLogger(__name__)
 
@@ -133,65 +131,6 @@ class Ticket:
         """The client is gone: never dispatch this request if it is still queued."""
         if self.batcher is not None:
             self.batcher.cancel(self)
-
-
-def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
-    """The dispatch rule a policy asks for. What `previous` (the rule this queue had) learnt
-    is kept when the mode stays: the adaptive estimator's samples, the aimd batch size."""
-    b = policy.batching
-    sla = policy.sla.latency_ms / 1000.0
-    if b.mode == "off":
-        # One request per call, no waiting; concurrency bounded only by the queue length.
-        return StaticRule(1, 0.0, b.max_queue, b.max_queue)
-    if b.mode == "static":
-        return StaticRule(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
-    if b.mode == "aimd":
-        if (
-            isinstance(previous, AimdRule)
-            and previous.aimd.slo == sla
-            and previous.aimd.period == b.aimd_period_s
-        ):
-            aimd = previous.aimd
-            aimd.max_batch_size = b.max_batch_size
-            aimd.batch_size = min(aimd.batch_size, b.max_batch_size)
-        else:
-            aimd = Aimd(sla, b.max_batch_size, period=b.aimd_period_s)
-        return AimdRule(aimd, b.max_in_flight, b.max_queue)
-    tuning = policy.tuning if b.tune else None
-    seed = DEFAULT_SEED
-    if tuning is not None and tuning.seed_base_ms is not None:
-        seed = LatencyModel(tuning.seed_base_ms / 1000.0, (tuning.seed_per_item_ms or 0) / 1000.0)
-    estimator: LatencyEstimator | None = None
-    if isinstance(previous, AdaptiveRule) and isinstance(previous.latency, LatencyEstimator):
-        estimator = previous.latency
-        if estimator.percentile != policy.sla.percentile:
-            estimator = None
-    if estimator is None:
-        estimator = LatencyEstimator(percentile=policy.sla.percentile, seed=seed)
-    elif estimator.seed != seed:
-        estimator.set_seed(seed)
-    cap = b.max_batch_size
-    if tuning is not None and tuning.max_batch_size is not None:
-        cap = min(cap, tuning.max_batch_size)
-    margin_ms = b.margin_ms
-    if margin_ms is None and tuning is not None:
-        margin_ms = tuning.margin_ms
-    if margin_ms is None:
-        margin_ms = 0.10 * policy.sla.latency_ms
-    rule = AdaptiveRule(
-        estimator,
-        cap,
-        b.max_in_flight,
-        b.max_queue,
-        margin=margin_ms / 1000.0,
-        objective=b.objective,
-        on_late=b.on_late,
-        autoscale=policy.backend.autoscaling_target,
-        fleet=tuning.replicas if tuning is not None else 1,
-    )
-    if isinstance(previous, AdaptiveRule):
-        rule.adopt(previous)
-    return rule
 
 
 def _queue_full(policy: Policy) -> ProxyError:
@@ -728,7 +667,7 @@ class Batcher:
         batch_id = os.urandom(8).hex()
         for t in tickets:
             t.batch_id = batch_id
-        # every line logged while this batch runs names it and its requests (mlproxy/logs.py)
+        # every line logged while this batch runs names it and its requests (mlproxy_common/logs.py)
         BATCH.set((batch_id, tuple(t.context.request_id for t in tickets)))
         ok = False
         try:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from mlproxy import ports
 from mlproxy.stack import Stack
+from mlproxy_common import ports
 from tests.servers import EchoBackend, EmbeddingsBackend, HostileBackend
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mlproxy import ports
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.stack import Stack
+from mlproxy_common import ports
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +141,7 @@ async def test_an_https_backend_behind_the_proxy_fails_with_a_reason_not_a_tunne
     """The proxy takes http:// URLs (it adds TLS itself); an https:// backend.url would make
     aiohttp open a CONNECT tunnel through it."""
     from extproc.adapters.backend import HttpBackend
-    from mlproxy.errors import ProxyError
+    from mlproxy_kernel.errors import ProxyError
 
     backend = HttpBackend(proxy="http://127.0.0.1:9")
     try:

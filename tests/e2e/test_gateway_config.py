@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from mlproxy import ports
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy_common import ports
 from tests.e2e.test_envoy import ext_proc_metric, post
 from tests.servers import EchoBackend
 

@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from mlproxy import ports
 from mlproxy.stack import Stack
+from mlproxy_common import ports
 from tests.e2e.conftest import echo_policy
 from tests.servers import EchoBackend, ThreadedApp
 
@@ -137,7 +137,7 @@ def test_spans_reach_an_otlp_collector_from_the_cli(observed: Stack, collector: 
     names = collector.names()
     assert names.count("mlproxy.request") >= 3 and names.count("mlproxy.queue") >= 3
     batch = next(s for s in collector.spans if s["name"] == "mlproxy.batch")
-    assert batch["attributes"]["mlproxy.policy"] == "seen"
+    assert batch["attributes"]["mlproxy_kernel.policy"] == "seen"
     assert batch["attributes"]["mlproxy.batch.requests"] == 3
     assert batch["resource"]["service.name"] == "mlproxy-extproc"
     assert batch["resource"]["service.instance.id"] == "extproc-0"

@@ -41,10 +41,10 @@ from extproc.adapters.peers import (
     sign,
 )
 from extproc.core.owner import owner
-from mlproxy import keys
 from mlproxy.client import ApiError, Client
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy_kernel import keys
 from tests.servers import EchoBackend
 
 pytestmark = pytest.mark.e2e

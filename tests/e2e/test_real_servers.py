@@ -29,8 +29,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from mlproxy import ports
 from mlproxy.stack import Stack
+from mlproxy_common import ports
 from tests.real_servers import real_server, triton_client
 
 pytestmark = pytest.mark.e2e

@@ -19,8 +19,8 @@ import redis
 import yarl
 from aiohttp import web
 
-from mlproxy import keys
 from mlproxy.stack import Child, Stack
+from mlproxy_kernel import keys
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_envoy import ext_proc_metric
 from tests.servers import EchoBackend, ThreadedApp

@@ -17,8 +17,8 @@ import pytest
 import redis
 from aiohttp import web
 
-from mlproxy import keys
 from mlproxy.stack import Stack
+from mlproxy_kernel import keys
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_redteam import (
     MAX_STREAMS,

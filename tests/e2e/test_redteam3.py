@@ -31,9 +31,9 @@ from extproc.adapters.peers import (
 )
 from extproc.core.owner import owner
 from extproc.runtime.batcher import Reply
-from mlproxy import keys
 from mlproxy.client import Client
 from mlproxy.stack import Stack
+from mlproxy_kernel import keys
 from tests.e2e.test_peering import ConnectionRecorder, echo_policy, eventually, start_envoy
 from tests.servers import EchoBackend
 

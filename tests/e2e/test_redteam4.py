@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.adapters.redis_store import RedisStore
-from mlproxy import keys
+from mlproxy_kernel import keys
 from tests.conftest import RedisServer
 from tests.integration.test_redis_source import Replica, _peering, eventually
 

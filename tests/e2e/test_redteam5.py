@@ -12,7 +12,7 @@ import pytest
 from controlplane.adapters.lease import MAX_TERM, RedisLease
 from controlplane.adapters.redis_store import RedisStore
 from controlplane.domain.records import Precondition
-from mlproxy import keys
+from mlproxy_kernel import keys
 from tests.conftest import RedisServer
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_redteam import envoy_and_one_replica, post_as
@@ -39,7 +39,7 @@ async def test_peer_keys_with_huge_names_do_not_stall_the_replicas_event_loop(
     0.13 s), as the 40 bulky records did before the fix. The fix would skip names longer than
     a replica id can be before reading them (and bound what the control plane's
     `RedisStore.replicas()` reads the same way). Measured as how late a 5 ms timer fires.
-    Fixed: names over keys.MAX_KEY_NAME_BYTES are skipped unread (mlproxy/redis_scan.py),
+    Fixed: names over keys.MAX_KEY_NAME_BYTES are skipped unread (mlproxy_common/redis_scan.py),
     and a scan stops after keys.MAX_SCANNED_NAME_BYTES of names, with a warning."""
     value = b'{"peer_address":"127.0.0.1:1","peer_signature":"1.ab"}'
     pad = "x" * (1 << 20)

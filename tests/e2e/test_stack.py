@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from mlproxy import ports
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import envoy_binary, pid_alive, port_free
+from mlproxy_common import ports
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ import yaml
 from mlproxy.client import Client
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Stack, free_port
-from mlproxy.tls import envoy_upstream_tls, make_local_pki
+from mlproxy_common.tls import envoy_upstream_tls, make_local_pki
 from tests.e2e.test_stack import envoy_validate, up_argv
 
 pytestmark = pytest.mark.e2e
@@ -207,7 +207,7 @@ def test_the_gateway_configs_mtls_example_is_valid_and_what_the_code_generates(
     tmp_path: Path,
 ) -> None:
     """envoy/gateway.yaml carries the mTLS block as a commented example: uncommented (with a
-    real CA's files at its paths) Envoy accepts it, and it is what mlproxy.tls generates."""
+    real CA's files at its paths) Envoy accepts it, and it is what mlproxy_common.tls generates."""
     root = Path(__file__).resolve().parents[2]
     text = (root / "envoy/gateway.yaml").read_text()
     begin, end = "    # BEGIN mtls-example\n", "    # END mtls-example\n"

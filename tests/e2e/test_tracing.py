@@ -22,8 +22,8 @@ from opentelemetry.trace import SpanKind
 
 from extproc.adapters.tracing import OtelTracing
 from extproc.server import ExtProcServer
-from mlproxy.policy import Policy
 from mlproxy.stack import Stack
+from mlproxy_kernel.policy import Policy
 from tests.e2e.conftest import echo_policy
 from tests.servers import EchoBackend
 

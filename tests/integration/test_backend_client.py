@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from extproc.adapters.backend import HttpBackend, clean_header_value
-from mlproxy.errors import ErrorKind, ProxyError
+from mlproxy_kernel.errors import ErrorKind, ProxyError
 from tests.servers import HostileBackend
 
 BODY = b'{"instances": [1, {"id": 2}]}'

@@ -18,7 +18,8 @@ from controlplane.app import create_app
 from controlplane.domain.records import Precondition
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
-from mlproxy import keys, ports
+from mlproxy_common import ports
+from mlproxy_kernel import keys
 
 DB = 1  # the `store` fixture's database
 

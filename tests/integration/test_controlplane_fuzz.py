@@ -12,8 +12,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from mlproxy import ports
 from mlproxy.stack import Child, http_ok
+from mlproxy_common import ports
 from tests.conftest import RedisServer
 
 TOKEN = "fuzz-admin-token-0123456789"

@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from mlproxy import keys, ports
+from mlproxy_common import ports
+from mlproxy_kernel import keys
 from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -714,7 +715,7 @@ def test_cp_image_with_a_certificate_serves_https_and_its_healthcheck_follows(
 ) -> None:
     """MLPROXY_TLS_CERT and _KEY set (the cert-manager component's settings): the control plane
     serves HTTPS, and the image's HEALTHCHECK, unchanged, passes over HTTPS (no CA mounted)."""
-    from mlproxy.tls import client_ssl_context, make_local_pki
+    from mlproxy_common.tls import client_ssl_context, make_local_pki
 
     image = installed.images["cp"]
     pki = make_local_pki(tmp_path / "pki")

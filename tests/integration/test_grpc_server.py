@@ -19,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters import wire
 from extproc.adapters.peers import PeerSettings, sign_member
-from extproc.core.rules import AdaptiveRule
 from extproc.server import ExtProcServer
-from mlproxy import ports
-from mlproxy.policy import SLA, Tuning, parse_policies
+from mlproxy_common import ports
+from mlproxy_kernel.policy import SLA, Tuning, parse_policies
+from mlproxy_kernel.rules import AdaptiveRule
 from tests.servers import EchoBackend
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"

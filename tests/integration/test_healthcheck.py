@@ -16,7 +16,7 @@ from aiohttp import web
 
 from extproc.adapters.servicer import SERVICE_NAME
 from extproc.server import ExtProcServer
-from mlproxy import ports
+from mlproxy_common import ports
 from tests.servers import ThreadedApp
 
 

@@ -30,10 +30,10 @@ import yaml
 from redis.asyncio import Redis
 
 from extproc.adapters.servicer import SERVICE_NAME
-from mlproxy import ports
-from mlproxy.policy import Policy
-from mlproxy.redis_auth import redis_kwargs, url_has_password
 from mlproxy.stack import envoy_binary
+from mlproxy_common import ports
+from mlproxy_common.redis_auth import redis_kwargs, url_has_password
+from mlproxy_kernel.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 # The Kubernetes versions the manifests are checked against: the oldest we support and the

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from bench.openloop import _parse, replay
-from mlproxy import ports
+from mlproxy_common import ports
 
 
 class Server:

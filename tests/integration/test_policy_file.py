@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from extproc.adapters.policy_file import FilePolicySource
-from mlproxy.policy import Policy, PolicyFileError
+from mlproxy_kernel.policy import Policy, PolicyFileError
 
 
 def write(path: Path, max_batch: int) -> None:

@@ -1,4 +1,4 @@
-"""Ports handed to children are reserved (mlproxy.ports): never the same one twice, in one
+"""Ports handed to children are reserved (mlproxy_common.ports): never the same one twice, in one
 process or across processes, skipped when in use, free again when their holder dies."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mlproxy import ports
-from mlproxy.ports import PortAllocator, PortError, PortsExhausted
 from mlproxy.stack import Stack
+from mlproxy_common import ports
+from mlproxy_common.ports import PortAllocator, PortError, PortsExhausted
 
 # A child that reserves N ports, prints them on one line and holds them until stdin closes.
 HOLDER = """
 import sys
-from mlproxy import ports
+from mlproxy_common import ports
 print(*(ports.reserve() for _ in range(int(sys.argv[1]))), flush=True)
 sys.stdin.read()
 """

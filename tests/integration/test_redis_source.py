@@ -19,8 +19,8 @@ from extproc.adapters.peers import Peering, PeerSettings, check_member, sign_mem
 from extproc.adapters.redis_source import RedisPolicySource
 from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
-from mlproxy import keys
-from mlproxy.policy import Policy, Router
+from mlproxy_kernel import keys
+from mlproxy_kernel.policy import Policy, Router
 from tests.conftest import RedisServer
 from tests.tcp_proxy import TcpProxy
 

@@ -29,10 +29,10 @@ from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.redis_source import RedisPolicySource
 from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
-from mlproxy import keys
-from mlproxy.policy import Policy
 from mlproxy.redis_server import redis_argv
 from mlproxy.stack import Child, free_port, tcp_ok
+from mlproxy_kernel import keys
+from mlproxy_kernel.policy import Policy
 from tests.conftest import RedisServer
 
 DB = 11

@@ -20,15 +20,14 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.server import ExtProcServer
-from mlproxy.keys import redact_url
-from mlproxy.redis_auth import (
+from mlproxy.stack import Child, free_port, http_ok
+from mlproxy_common.redis_auth import (
     RedisCredentialsError,
     redis_client,
     redis_kwargs,
     url_has_password,
 )
-from mlproxy.stack import Child, free_port, http_ok
-from mlproxy.tls import (
+from mlproxy_common.tls import (
     LocalPki,
     TlsConfigError,
     client_ssl_context,
@@ -36,6 +35,7 @@ from mlproxy.tls import (
     make_local_pki,
     tls_files,
 )
+from mlproxy_kernel.keys import redact_url
 from tests.conftest import RedisServer
 from tests.integration.test_healthcheck import healthcheck, one_line
 
@@ -475,10 +475,10 @@ async def test_plaintext_ext_proc_warns_how_to_turn_tls_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     srv = ExtProcServer([], port=0)
-    with caplog.at_level(logging.WARNING, logger="mlproxy.tls"):
+    with caplog.at_level(logging.WARNING, logger="mlproxy_common.tls"):
         await srv.start()
     await srv.stop(grace=1)
-    (record,) = [r for r in caplog.records if r.name == "mlproxy.tls"]
+    (record,) = [r for r in caplog.records if r.name == "mlproxy_common.tls"]
     assert record.levelno == logging.WARNING
     for hint in ("plaintext", "--tls-cert", "--tls-key", "--tls-ca", "MLPROXY_TLS_CERT"):
         assert hint in record.getMessage()

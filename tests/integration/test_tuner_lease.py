@@ -17,8 +17,9 @@ import pytest
 from controlplane.adapters.lease import MAX_LEASE_S, RedisLease
 from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.domain.records import Precondition
-from mlproxy import keys, ports
 from mlproxy.stack import Child, http_ok
+from mlproxy_common import ports
+from mlproxy_kernel import keys
 from tests.conftest import RedisServer
 
 DB = 6

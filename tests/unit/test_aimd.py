@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.core.aimd import Aimd
+from mlproxy_kernel.aimd import Aimd
 
 
 def test_grows_by_5_every_30s_when_the_sla_is_met_and_batches_fill() -> None:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core.batching import (
+from extproc.core.clock import FakeClock
+from mlproxy_kernel.batching import (
     MIN_AGE,
     RATE_WINDOW,
     BatchQueue,
@@ -18,8 +19,7 @@ from extproc.core.batching import (
     RateMeter,
     WaitUntil,
 )
-from extproc.core.clock import FakeClock
-from extproc.core.rules import StaticRule
+from mlproxy_kernel.rules import StaticRule
 
 DUE = 1e9  # a deadline far away: these tests are about the static rule
 

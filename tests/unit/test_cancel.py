@@ -25,8 +25,8 @@ from controlplane.tuner_loop import FleetTuner
 from extproc.adapters.redis_source import RedisPolicySource
 from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
-from mlproxy.aio import stop_task
-from mlproxy.redis_auth import redis_client
+from mlproxy_common.aio import stop_task
+from mlproxy_common.redis_auth import redis_client
 
 UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every call used is overridden
 

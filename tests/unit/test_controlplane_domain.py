@@ -11,8 +11,8 @@ from controlplane.api.auth import Authenticator, Principal
 from controlplane.domain.backend_hosts import BackendHosts
 from controlplane.domain.records import EntityTags, Precondition, PreconditionFailed, rollout
 from controlplane.settings import Settings, SettingsError
-from mlproxy.policy import Policy
-from mlproxy.replica import ReplicaRecord
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import ReplicaRecord
 
 
 def _pre(if_match: str | None = None, if_none_match: str | None = None) -> Precondition:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.core.clock import FakeClock
-from extproc.core.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
+from mlproxy_kernel.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
 
 
 def feed(

@@ -13,7 +13,7 @@ from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
 from extproc.runtime.batcher import BatchExecutor, Reply
 from extproc.runtime.ports import BackendResponse
-from mlproxy.policy import Policy
+from mlproxy_kernel.policy import Policy
 from tests.fakes import RecordingMetrics, ScriptedBackend
 
 codec = get_codec("kserve-v1")

@@ -1,4 +1,4 @@
-"""Structured logs (mlproxy/logs.py): the JSON and text formats, the request and batch ids a
+"""Structured logs (mlproxy_common/logs.py): the JSON and text formats, the request and batch ids a
 line carries, and that a batch's lines name its own requests, never another's."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
 from extproc.runtime.batcher import BatcherPool, BatchExecutor, Reply
 from extproc.runtime.ports import RequestContext
-from mlproxy.logs import (
+from mlproxy_common.logs import (
     REQUEST_ID,
     ContextFilter,
     JsonFormatter,
     TextFormatter,
     request_id,
 )
-from mlproxy.policy import Policy, Router
+from mlproxy_kernel.policy import Policy, Router
 from tests.fakes import FakeBackend, RecordingMetrics
 
 

@@ -29,7 +29,7 @@ from extproc.adapters.peers import (
 )
 from extproc.core.owner import owner
 from extproc.runtime.batcher import Reply
-from mlproxy.policy import Policy, Router
+from mlproxy_kernel.policy import Policy, Router
 
 SELF = "127.0.0.1:7001"
 TOKEN = b"0123456789abcdef-fleet-secret"

@@ -31,8 +31,8 @@ from bench.peers.systems import (
 )
 from bench.peers.workload import Workload, arrivals, expected, instance
 from bench.profiles import PROFILES
-from mlproxy.policy import Policy
 from mlproxy.stack import Child
+from mlproxy_kernel.policy import Policy
 
 WORKLOAD = Workload()
 

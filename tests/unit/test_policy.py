@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlproxy.policy import Policy, PolicyFileError, Router, load_policy_file, parse_policies
+from mlproxy_kernel.policy import Policy, PolicyFileError, Router, load_policy_file, parse_policies
 
 
 def policy(**overrides: object) -> dict[str, object]:

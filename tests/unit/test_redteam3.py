@@ -17,8 +17,8 @@ from extproc.adapters.peers import (
     sign_reply,
 )
 from extproc.runtime.batcher import Reply
-from mlproxy.policy import Policy
-from mlproxy.replica import PolicyStats
+from mlproxy_kernel.policy import Policy
+from mlproxy_kernel.replica import PolicyStats
 
 TOKEN = b"a fleet token of at least 16 bytes"
 

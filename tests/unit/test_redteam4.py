@@ -21,13 +21,13 @@ from extproc.adapters.peers import (
     check_member,
     sign_member,
 )
-from extproc.core.batching import Rule
 from extproc.core.clock import FakeClock
-from extproc.core.estimator import LatencyEstimator
-from extproc.core.rules import AdaptiveRule
 from extproc.runtime.batcher import BatcherPool, BatchExecutor, rule_for
-from mlproxy.policy import Policy, Router, Tuning
-from mlproxy.replica import PolicyStats
+from mlproxy_kernel.batching import Rule
+from mlproxy_kernel.estimator import LatencyEstimator
+from mlproxy_kernel.policy import Policy, Router, Tuning
+from mlproxy_kernel.replica import PolicyStats
+from mlproxy_kernel.rules import AdaptiveRule
 from tests.fakes import FakeBackend, RecordingMetrics
 from tests.unit.test_rules import _poisson, _simulate
 

@@ -7,9 +7,9 @@ import json
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.core.rules import AdaptiveRule
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
-from mlproxy.policy import Router, Tuning
+from mlproxy_kernel.policy import Router, Tuning
+from mlproxy_kernel.rules import AdaptiveRule
 from tests.fakes import FakeBackend, RecordingMetrics
 from tests.unit.test_redteam4 import _adaptive_policy
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from extproc.core.batching import RateMeter
-from extproc.core.rules import AdaptiveRule
+from mlproxy_kernel.batching import RateMeter
+from mlproxy_kernel.rules import AdaptiveRule
 from tests.unit.test_rules import MODEL, _Backend, _missed_on_four_workers, _poisson
 
 

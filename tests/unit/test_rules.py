@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core.aimd import Aimd
-from extproc.core.batching import BatchQueue, Dispatch, Entry, EntryState, Shed, WaitUntil
-from extproc.core.estimator import LatencyEstimator, LatencyModel
-from extproc.core.rules import (
+from mlproxy_kernel.aimd import Aimd
+from mlproxy_kernel.batching import BatchQueue, Dispatch, Entry, EntryState, Shed, WaitUntil
+from mlproxy_kernel.estimator import LatencyEstimator, LatencyModel
+from mlproxy_kernel.rules import (
     AdaptiveRule,
     AimdRule,
     FixedLatency,

@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 
 from extproc.codecs import get_codec
-from extproc.core.batching import RATE_WINDOW
 from extproc.core.clock import MonotonicClock
-from extproc.core.rules import StaticRule
 from extproc.runtime.batcher import (
     MAX_SERVED_CLIENTS,
     BatcherPool,
@@ -19,8 +17,10 @@ from extproc.runtime.batcher import (
     Reply,
     RouteGroup,
 )
-from mlproxy.errors import ProxyError
-from mlproxy.policy import Policy, Router
+from mlproxy_kernel.batching import RATE_WINDOW
+from mlproxy_kernel.errors import ProxyError
+from mlproxy_kernel.policy import Policy, Router
+from mlproxy_kernel.rules import StaticRule
 from tests.fakes import FakeBackend, RecordingMetrics
 
 codec = get_codec("kserve-v1")

@@ -18,9 +18,8 @@ from bench.profiles import Profile
 from bench.sim import SimResult, policy_for, pooled, simulate
 from bench.simulate import main as simulate_main
 from controlplane.domain.tuner import MIN_INTERVAL
-from extproc.core.rules import AdaptiveRule, AimdRule, StaticRule
 from extproc.core.stats import DEFAULT_WINDOW
-from extproc.runtime.batcher import rule_for
+from mlproxy_kernel.rules import AdaptiveRule, AimdRule, StaticRule, rule_for
 
 # 10 ms a call + 1 ms an instance, no noise: results can be reasoned about exactly
 FLAT = Profile("flat", a_ms=10, c_ms=1, slo_ms=200, peak_rps=50, noise=0.0)

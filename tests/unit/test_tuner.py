@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from controlplane.domain.tuner import MIN_INTERVAL, tune
-from mlproxy.policy import Policy, Tuning
-from mlproxy.replica import PolicyStats
+from mlproxy_kernel.policy import Policy, Tuning
+from mlproxy_kernel.replica import PolicyStats
 
 
 def policy(mode: str = "adaptive", tuning: Tuning | None = None, **batching: Any) -> Policy:

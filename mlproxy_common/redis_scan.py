@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlproxy import keys
+from mlproxy_kernel import keys
 
 __all__ = ["bounded_values", "scan_names"]
 

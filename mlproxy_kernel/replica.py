@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = ["PolicyStats", "ReplicaRecord"]
 
 
+# The stats window a heartbeat's PolicyStats cover (`mlproxy extproc --stats-window`), seconds.
+# The shortest span a rate is taken over: the one-second buckets, so the shortest window.
+MIN_SPAN = 1.0
+DEFAULT_WINDOW = 60.0  # also the fleet tuner's default hold between changes
+MAX_WINDOW = 3600.0
+
+
 class PolicyStats(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -46,11 +46,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from extproc.core.aimd import Aimd
-from extproc.core.batching import EPSILON, Drop, Entry, Plan, QueueView, Send, WaitUntil
-from extproc.core.estimator import LatencyModel
+from mlproxy_kernel.aimd import Aimd
+from mlproxy_kernel.batching import (
+    EPSILON,
+    Drop,
+    Entry,
+    Plan,
+    QueueView,
+    Rule,
+    Send,
+    WaitUntil,
+)
+from mlproxy_kernel.estimator import DEFAULT_SEED, LatencyEstimator, LatencyModel
+from mlproxy_kernel.policy import Policy
 
-__all__ = ["AdaptiveRule", "AimdRule", "FixedLatency", "LatencySource", "StaticRule"]
+__all__ = [
+    "AdaptiveRule",
+    "AimdRule",
+    "FixedLatency",
+    "LatencySource",
+    "StaticRule",
+    "rule_for",
+]
 
 
 class LatencySource(Protocol):
@@ -742,3 +759,62 @@ def _check_bounds(max_batch_size: int, max_in_flight: int, max_queue: int) -> No
             f"batch size ({max_batch_size}), in-flight ({max_in_flight}) and queue "
             f"({max_queue}) limits must be at least 1"
         )
+
+
+def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
+    """The dispatch rule a policy asks for. What `previous` (the rule this queue had) learnt
+    is kept when the mode stays: the adaptive estimator's samples, the aimd batch size."""
+    b = policy.batching
+    sla = policy.sla.latency_ms / 1000.0
+    if b.mode == "off":
+        # One request per call, no waiting; concurrency bounded only by the queue length.
+        return StaticRule(1, 0.0, b.max_queue, b.max_queue)
+    if b.mode == "static":
+        return StaticRule(b.max_batch_size, b.max_wait_ms / 1000.0, b.max_in_flight, b.max_queue)
+    if b.mode == "aimd":
+        if (
+            isinstance(previous, AimdRule)
+            and previous.aimd.slo == sla
+            and previous.aimd.period == b.aimd_period_s
+        ):
+            aimd = previous.aimd
+            aimd.max_batch_size = b.max_batch_size
+            aimd.batch_size = min(aimd.batch_size, b.max_batch_size)
+        else:
+            aimd = Aimd(sla, b.max_batch_size, period=b.aimd_period_s)
+        return AimdRule(aimd, b.max_in_flight, b.max_queue)
+    tuning = policy.tuning if b.tune else None
+    seed = DEFAULT_SEED
+    if tuning is not None and tuning.seed_base_ms is not None:
+        seed = LatencyModel(tuning.seed_base_ms / 1000.0, (tuning.seed_per_item_ms or 0) / 1000.0)
+    estimator: LatencyEstimator | None = None
+    if isinstance(previous, AdaptiveRule) and isinstance(previous.latency, LatencyEstimator):
+        estimator = previous.latency
+        if estimator.percentile != policy.sla.percentile:
+            estimator = None
+    if estimator is None:
+        estimator = LatencyEstimator(percentile=policy.sla.percentile, seed=seed)
+    elif estimator.seed != seed:
+        estimator.set_seed(seed)
+    cap = b.max_batch_size
+    if tuning is not None and tuning.max_batch_size is not None:
+        cap = min(cap, tuning.max_batch_size)
+    margin_ms = b.margin_ms
+    if margin_ms is None and tuning is not None:
+        margin_ms = tuning.margin_ms
+    if margin_ms is None:
+        margin_ms = 0.10 * policy.sla.latency_ms
+    rule = AdaptiveRule(
+        estimator,
+        cap,
+        b.max_in_flight,
+        b.max_queue,
+        margin=margin_ms / 1000.0,
+        objective=b.objective,
+        on_late=b.on_late,
+        autoscale=policy.backend.autoscaling_target,
+        fleet=tuning.replicas if tuning is not None else 1,
+    )
+    if isinstance(previous, AdaptiveRule):
+        rule.adopt(previous)
+    return rule
