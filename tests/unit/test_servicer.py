@@ -1,0 +1,170 @@
+"""The ext_proc servicer on fake streams: no gRPC, no sockets, no sleeps. Each stream is a
+list of Envoy's messages and what the servicer wrote back; the backend is the in-memory echo
+model (tests/fakes.py). The same paths as tests/integration/test_grpc_server.py, which runs
+them through real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+from envoy_data_plane.envoy.config.core import v3 as core
+from envoy_data_plane.envoy.service.ext_proc import v3 as ep
+
+from extproc.adapters.servicer import ExtProcServicer
+from extproc.core.clock import MonotonicClock
+from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from mlproxy_kernel.policy import Router, parse_policies
+from tests.fakes import FakeBackend, RecordingMetrics
+
+
+def headers(path: str, method: str = "POST", eos: bool = False, **extra: str) -> bytes:
+    values = {":path": path, ":method": method, "content-type": "application/json", **extra}
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(
+                    headers=[
+                        core.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()
+                    ]
+                ),
+                end_of_stream=eos,
+            )
+        )
+    )
+
+
+def body(doc: Any) -> bytes:
+    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+
+
+class Stream:
+    """One ext_proc stream: Envoy's messages in, the servicer's answers out. `gate`: the body
+    is read only once it is set (a client slow to send it)."""
+
+    def __init__(self, *messages: bytes, gate: asyncio.Event | None = None) -> None:
+        self._in = list(messages)
+        self.out: list[ep.ProcessingResponse] = []
+        self.gate = gate
+
+    async def read(self) -> Any:
+        if len(self.out) == 1 and self.gate is not None:
+            await self.gate.wait()
+        return self._in.pop(0) if self._in else grpc.aio.EOF
+
+    async def write(self, message: bytes) -> None:
+        self.out.append(ep.ProcessingResponse.parse(message))
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+    def answer(self) -> tuple[int, Any]:
+        """The ImmediateResponse: its status and JSON body."""
+        immediate = self.out[-1].immediate_response
+        return int(immediate.status.code), json.loads(immediate.body)
+
+
+class Harness:
+    def __init__(self, **batching: Any) -> None:
+        policies = parse_policies(
+            {
+                "policies": [
+                    {
+                        "name": "echo",
+                        "match": {"path": "/v1/models/{model}:predict"},
+                        "backend": {"url": "http://backend/v1/models/{model}:predict"},
+                        "batching": {"max_batch_size": 4, "max_wait_ms": 60_000, **batching},
+                    }
+                ]
+            }
+        )
+        clock = MonotonicClock()
+        self.backend = FakeBackend()
+        self.metrics = RecordingMetrics()
+        self.pool = BatcherPool(
+            BatchExecutor(self.backend, self.metrics, clock), clock, self.metrics
+        )
+        self.pool.update_policies(policies)
+        self.servicer = ExtProcServicer(Router(policies), self.pool, self.metrics)
+
+    async def run(self, *streams: Stream) -> None:
+        await asyncio.gather(*(self.servicer.process(None, s) for s in streams))
+
+
+PATH = "/v1/models/m:predict"
+
+
+async def test_a_full_batch_answers_each_stream_with_its_own_prediction() -> None:
+    h = Harness()
+    streams = [Stream(headers(PATH), body({"instances": [i]})) for i in range(4)]
+    await h.run(*streams)
+    assert h.backend.calls == [[0, 1, 2, 3]]  # one batch
+    for i, s in enumerate(streams):
+        assert len(s.out) == 2  # the headers' answer, then the request's own
+        assert s.answer() == (200, {"predictions": [{"echo": i}]})
+
+
+async def test_a_path_without_a_policy_continues_and_skips_its_body() -> None:
+    h = Harness()
+    s = Stream(headers("/healthz"), body({"instances": [1]}))
+    await h.run(s)
+    assert len(s.out) == 1 and s.out[0].request_headers is not None
+    assert s.out[0].mode_override.request_body_mode == 0  # NONE: no body for ext_proc
+    assert h.backend.calls == []
+
+
+async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None:
+    h = Harness(max_batch_size=3)
+    good = [Stream(headers(PATH), body({"instances": [i]})) for i in range(3)]
+    bad = Stream(headers(PATH), body(b"{not json"))
+    await h.run(good[0], bad, good[1], good[2])
+    status, doc = bad.answer()
+    assert status == 400 and list(doc) == ["error"]
+    assert [g.answer() for g in good] == [(200, {"predictions": [{"echo": i}]}) for i in range(3)]
+    assert h.backend.calls == [[0, 1, 2]]
+
+
+async def test_a_post_without_a_body_is_400_and_nothing_is_queued() -> None:
+    h = Harness()
+    s = Stream(headers(PATH, eos=True))
+    await h.run(s)
+    assert s.answer()[0] == 400
+    assert h.backend.calls == []
+
+
+async def test_a_client_gone_before_its_batch_leaves_is_withdrawn() -> None:
+    """Two of a batch of three are queued; one client goes away; two more arrive: the batch
+    that leaves holds the three that stayed, never the one that went."""
+    h = Harness(max_batch_size=3)
+    stays = Stream(headers(PATH), body({"instances": ["stays"]}))
+    leaves = Stream(headers(PATH), body({"instances": ["leaves"]}))
+    first = asyncio.create_task(h.servicer.process(None, stays))
+    gone = asyncio.create_task(h.servicer.process(None, leaves))
+    for _ in range(20):  # event loop turns (no timed sleep): until both are queued
+        await asyncio.sleep(0)
+    assert len(stays.out) == len(leaves.out) == 1 and h.backend.calls == []
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    late = [Stream(headers(PATH), body({"instances": [f"late-{i}"]})) for i in range(2)]
+    await h.run(*late)
+    await first
+    assert h.backend.calls == [["stays", "late-0", "late-1"]]
+    assert stays.answer()[1] == {"predictions": [{"echo": "stays"}]}
+    assert [s.answer()[1] for s in late] == [
+        {"predictions": [{"echo": f"late-{i}"}]} for i in range(2)
+    ]
+    assert len(leaves.out) == 1  # nothing more was written to the stream that went away
+
+
+async def test_a_stream_that_ends_after_its_headers_queues_nothing() -> None:
+    h = Harness()
+    s = Stream(headers(PATH))  # Envoy's stream ends before the body
+    await h.run(s)
+    assert len(s.out) == 1  # the headers' answer only
+    assert h.backend.calls == []
