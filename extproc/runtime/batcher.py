@@ -16,6 +16,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from extproc.codecs import get_codec
@@ -47,7 +48,7 @@ from mlproxy_kernel.errors import ErrorKind, ProxyError, error_body
 from mlproxy_kernel.policy import Policy, Route
 from mlproxy_kernel.rules import AdaptiveRule, rule_for
 
-__all__ = ["BatchExecutor", "Batcher", "BatcherPool", "Reply", "Ticket"]
+__all__ = ["BatchExecutor", "BatchKey", "Batcher", "BatcherPool", "Reply", "Ticket"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ SPLITTABLE_STATUSES = frozenset({400, 413, 422, 500})
 # The event loop's timer resolution (libuv's, under uvloop): a timer's callback may run up to
 # this much before the time it was set for (Batcher._pump_once).
 TIMER_RESOLUTION = 0.001
+
+
+class BatchKey(NamedTuple):
+    """Requests with equal keys may share a batch: one batcher (queue) per key."""
+
+    policy: str  # the policy's name
+    backend_url: str  # its backend URL with the request's path variables filled in
+    compat: str  # a digest of the codec's compatibility key (_compat_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +456,7 @@ class RouteGroup:
 class Batcher:
     def __init__(
         self,
-        key: tuple[str, str, str],
+        key: BatchKey,
         route: Route,
         codec: Codec,
         executor: BatchExecutor,
@@ -734,14 +743,14 @@ class BatcherPool:
         self._executor = executor
         self.rate_window = rate_window  # seconds the queues average the arrival rate over
         # Each key's arrival rate, kept like its rule when its batcher goes idle and away.
-        self._meters: OrderedDict[tuple[str, str, str], RateMeter] = OrderedDict()
+        self._meters: OrderedDict[BatchKey, RateMeter] = OrderedDict()
         self.clock = clock
         self._metrics = metrics
-        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._batchers: dict[BatchKey, Batcher] = {}
         self._groups: dict[tuple[str, str], RouteGroup] = {}  # by policy and backend URL
         self._draining: set[Batcher] = set()
         self._shares: ClientShares[Ticket] = ClientShares()
-        self._rules: OrderedDict[tuple[str, str, str], tuple[Policy, Rule]] = OrderedDict()
+        self._rules: OrderedDict[BatchKey, tuple[Policy, Rule]] = OrderedDict()
         self._current: dict[str, Policy] = {}  # by name, as last applied
         self._flushing = False
         # The signed fleet members when this replica is peered (None: not peered): at most
@@ -756,7 +765,7 @@ class BatcherPool:
         """Shutting down: it takes no more requests."""
         return self._flushing
 
-    def rule(self, key: tuple[str, str, str], policy: Policy, current: Rule | None = None) -> Rule:
+    def rule(self, key: BatchKey, policy: Policy, current: Rule | None = None) -> Rule:
         """The rule for a batching key under `policy`, built from what was learnt before (kept
         here, or the `current` rule of a live batcher whose entry was forgotten)."""
         kept = self._rules.pop(key, None)
@@ -771,7 +780,7 @@ class BatcherPool:
             self._rules.popitem(last=False)
         return rule
 
-    def meter(self, key: tuple[str, str, str]) -> RateMeter:
+    def meter(self, key: BatchKey) -> RateMeter:
         """The arrival rate of a batching key, kept across its batchers (the most recently
         used `_RULES_KEPT` keys)."""
         meter = self._meters.pop(key, None)
@@ -835,7 +844,7 @@ class BatcherPool:
             # Before this request's batcher is looked up: the victim may be the last request
             # of that very batcher, which then goes idle and away.
             victim.batcher.evict(victim, Reply.from_error(_evicted(policy)))
-        key = (*route.key, _compat_key(parsed.compat))
+        key = BatchKey(policy.name, route.backend_url, _compat_key(parsed.compat))
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = Batcher(
