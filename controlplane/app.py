@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import (
     APIRouter,
@@ -114,6 +115,12 @@ def _client(scope: Scope) -> str | None:
     return None if not client else f"{client[0]}:{client[1]}"
 
 
+def _asks_dry_run(scope: Scope) -> bool:
+    query = scope.get("query_string", b"").decode("latin-1")
+    values = parse_qs(query).get("dry_run", [])
+    return any(v.lower() in ("1", "true", "yes", "on") for v in values)
+
+
 class Observe:
     """Counts every request by route and status, and writes one audit line per write (any
     method but GET/HEAD/OPTIONS under /v1/), whatever its outcome."""
@@ -143,6 +150,8 @@ class Observe:
                 state = scope.get("state", {})
                 principal: Principal | None = state.get(PRINCIPAL)
                 details = state.get(AUDIT, {})
+                if _asks_dry_run(scope):  # refused before the handler ran (422) included
+                    details.setdefault("dry_run", True)
                 event = (
                     f"policy.{scope['method'].lower()}"
                     if scope["path"].startswith("/v1/policies/")
@@ -300,6 +309,24 @@ def create_app(
                 415, f"send the policy as application/json, not {kind or 'nothing'}"
             )
 
+    def only_query(*allowed: str) -> Any:
+        """A write takes no query parameter but `allowed`, each once: a misspelt
+        `?dry-run=true` is refused (400), never taken as a real write."""
+
+        async def check(request: Request) -> None:
+            params = request.query_params
+            for key in params:
+                if key not in allowed:
+                    raise HTTPException(
+                        400,
+                        f"unknown query parameter {key[:64]!r}"
+                        + (f": this write takes only {', '.join(allowed)}" if allowed else ""),
+                    )
+                if len(params.getlist(key)) > 1:
+                    raise HTTPException(400, f"query parameter {key!r} given more than once")
+
+        return check
+
     def preconditions(request: Request, *, none_match: bool = True) -> Precondition:
         try:
             return Precondition.from_headers(
@@ -362,7 +389,7 @@ def create_app(
 
     @v1.put(
         "/policies/{name}",
-        dependencies=[Depends(json_content)],
+        dependencies=[Depends(only_query("dry_run")), Depends(json_content)],
         responses={
             **errors,
             201: {"model": Policy},
@@ -427,6 +454,7 @@ def create_app(
     @v1.delete(
         "/policies/{name}",
         status_code=204,
+        dependencies=[Depends(only_query())],
         responses={
             **errors,
             400: {"model": ErrorBody},

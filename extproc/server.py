@@ -279,7 +279,7 @@ class ExtProcServer:
         await self.backend.close()
         self.metrics.close()
         if self.tracing is not None:  # the spans still buffered are exported (or dropped)
-            await asyncio.to_thread(self.tracing.shutdown)
+            await asyncio.to_thread(self.tracing.shutdown)  # bounded: SHUTDOWN_S
         log.info("ext_proc stopped")
 
 

@@ -19,6 +19,8 @@ compared with what it stores now. Only then does anything change:
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any, Literal, TextIO
 import yaml
 
 from mlproxy.client import ApiError, Client
+from mlproxy_kernel.policy import NAME_PATTERN
 
 __all__ = [
     "Change",
@@ -69,27 +72,101 @@ class Change:
     error: str = ""
 
 
+# A policy file is small (the control plane takes a policy body of 64 KiB by default): a larger
+# one is refused before it is parsed.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+_NAME = re.compile(NAME_PATTERN)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """A file name or path as printed: control characters (terminal escapes) escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a policy file needs it: no aliases (a few hundred bytes of them expand to
+    gigabytes), no duplicate keys (the last would silently win, as in a hidden second
+    `backend:`)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "YAML aliases (*name) are not allowed in a policy file",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _files(path: Path) -> list[Path]:
+    """The file, or a directory's policy files. Every entry of the directory with a policy
+    suffix (any case) must be a regular file inside the directory: a dangling or outward
+    symlink, or a directory named like a file, is an error, never skipped (with --prune, a
+    skipped file's policies would be deleted)."""
     if str(path) == "-" or not path.is_dir():
         return [path]
-    found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
-    return [p for p in found if p.is_file()]
+    root = path.resolve()
+    found = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith(".") or entry.suffix.lower() not in SUFFIXES:
+            continue
+        target = entry.resolve()
+        if not target.is_file():
+            raise ValueError(f"{shown(str(entry))}: not a readable regular file")
+        if root not in target.parents:
+            raise ValueError(
+                f"{shown(str(entry))}: a link out of {shown(str(path))}; copy the file in"
+            )
+        found.append(entry)
+    return found
+
+
+def _parse(text: str, where: str) -> list[Any]:
+    try:
+        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except yaml.MarkedYAMLError as err:
+        # The problem and its place, never the line's text (a wrong file may hold secrets).
+        mark = err.problem_mark or err.context_mark
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(
+            f"{where}: not YAML or JSON: {err.problem or err.context}{place}"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not YAML or JSON ({type(err).__name__})") from None
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
+    where = shown(str(path))
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        if str(path) == "-":
+            text = sys.stdin.read(MAX_FILE_BYTES + 1)
+        else:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise ValueError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
+            text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not YAML or JSON: {err}") from None
+        raise ValueError(f"cannot read {where}: {type(err).__name__}") from None
+    if len(text) > MAX_FILE_BYTES:
+        raise ValueError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
     out: list[Any] = []
-    for doc in docs:
+    for doc in _parse(text, where):
         if isinstance(doc, dict) and "policies" in doc:
             if not isinstance(doc["policies"], list):
-                raise ValueError(f"{path}: `policies` must be a list")
+                raise ValueError(f"{where}: `policies` must be a list")
             out.extend(doc["policies"])
         elif isinstance(doc, list):  # `policy get -o yaml` of several
             out.extend(doc)
@@ -97,7 +174,19 @@ def _documents(path: Path) -> list[dict[str, Any]]:
             out.append(doc)
     for doc in out:
         if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
-            raise ValueError(f"{path}: every policy needs a name")
+            raise ValueError(f"{where}: every policy needs a name")
+        if not _NAME.fullmatch(doc["name"]):
+            raise ValueError(
+                f"{where}: {shown(repr(doc['name']))} is not a policy name (lower-case letters, "
+                "digits and '-', as a DNS label)"
+            )
+        try:
+            json.dumps(doc, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: policy {doc['name']} holds a value JSON cannot carry ({err}): "
+                "dates, binary and NaN are no policy field's"
+            ) from None
     return out
 
 
@@ -109,17 +198,17 @@ def read_sources(paths: Sequence[Path]) -> list[Source]:
     seen: dict[str, str] = {}
     for path in paths:
         if str(path) != "-" and not path.exists():
-            raise ValueError(f"{path}: no such file or directory")
+            raise ValueError(f"{shown(str(path))}: no such file or directory")
         for file in _files(path):
             for doc in _documents(file):
                 name = doc["name"]
                 if name in seen:
                     raise ValueError(
-                        f"policy {name!r} is in {seen[name]} and again in {file}: "
+                        f"policy {name!r} is in {seen[name]} and again in {shown(str(file))}: "
                         "each policy must be named once"
                     )
-                seen[name] = str(file)
-                sources.append(Source(name, doc, str(file)))
+                seen[name] = shown(str(file))
+                sources.append(Source(name, doc, shown(str(file))))
     return sources
 
 

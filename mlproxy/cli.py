@@ -117,6 +117,14 @@ def cmd_extproc(args: argparse.Namespace) -> int:
     # fails here, instead of workers restarting forever.
     if not _extproc_security(args):  # TLS files, no password on the command line
         return 2
+    endpoint = args.otlp_endpoint or os.environ.get(ENV_OTLP)
+    if endpoint:
+        from extproc.adapters.tracing import endpoint_problem
+
+        problem = endpoint_problem(endpoint)
+        if problem is not None:
+            log.error("ext_proc cannot start: %s (--otlp-endpoint, %s)", problem, ENV_OTLP)
+            return 2
     if args.policies is not None and args.peers is not None:
         log.error(
             "peering (--peer-port) finds the other replicas in Redis: use --redis-url, "

@@ -7,12 +7,14 @@ MLPROXY_CA_FILE if given, else the system's trusted roots. There is no way to sk
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import os
 import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,8 @@ class Client:
             if err.code == 401:
                 message += " (MLPROXY_TOKEN: a token of the control plane, without its name)"
             raise ApiError(err.code, message) from None
+        except http.client.InvalidURL as err:  # a name with a space, say
+            raise ApiError(0, f"not a valid request URL: {err}") from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, ssl.SSLCertVerificationError):
                 raise ApiError(
@@ -133,23 +137,25 @@ class Client:
         """Create or replace (headers: If-Match / If-None-Match); `dry_run`: every check of
         the write, nothing stored, the answer what would be."""
         query = "?dry_run=true" if dry_run else ""
-        return self.request("PUT", f"/v1/policies/{name}{query}", body, headers)[2]
+        return self.request("PUT", f"/v1/policies/{_quoted(name)}{query}", body, headers)[2]
 
     def get_policy(self, name: str) -> Any:
-        return self.request("GET", f"/v1/policies/{name}")[2]
+        return self.request("GET", f"/v1/policies/{_quoted(name)}")[2]
 
     def list_policies(self) -> list[Any]:
         return list(self.request("GET", "/v1/policies")[2]["items"])
 
     def delete_policy(self, name: str, headers: dict[str, str] | None = None) -> None:
-        self.request("DELETE", f"/v1/policies/{name}", headers=headers)
+        self.request("DELETE", f"/v1/policies/{_quoted(name)}", headers=headers)
 
     def status(self, name: str) -> Any:
-        return self.request("GET", f"/v1/policies/{name}/status")[2]
+        return self.request("GET", f"/v1/policies/{_quoted(name)}/status")[2]
 
     def decisions(self, name: str, limit: int = 20) -> list[Any]:
         """The fleet tuner's recent changes to a policy, newest first (at most 100)."""
-        return list(self.request("GET", f"/v1/policies/{name}/decisions?limit={limit}")[2]["items"])
+        return list(
+            self.request("GET", f"/v1/policies/{_quoted(name)}/decisions?limit={limit}")[2]["items"]
+        )
 
     def replicas(self) -> list[Any]:
         return list(self.replica_listing()["items"])
@@ -163,6 +169,11 @@ class Client:
 
     def publish_store(self) -> Any:
         return self.request("POST", "/v1/store/publish")[2]
+
+
+def _quoted(name: str) -> str:
+    """A policy name as one URL path segment (the server refuses any that is not a name)."""
+    return urllib.parse.quote(name, safe="")
 
 
 def _loopback(url: str) -> bool:

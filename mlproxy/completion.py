@@ -98,11 +98,15 @@ def _bash(parser: argparse.ArgumentParser, prog: str) -> str:
   case "$path|$prev" in
 {chr(10).join(value_cases)}
   esac
+  COMPREPLY=()
+  local line
   if [[ -n "$kind" ]]; then
+    # One completion per line, whatever a file name holds (spaces, `;`, `*`): never
+    # word-split or globbed; `complete -o filenames` quotes them on the command line.
     case "$kind" in
-      files) COMPREPLY=($(compgen -f -- "$cur")) ;;
-      any) COMPREPLY=() ;;
-      *) COMPREPLY=($(compgen -W "$kind" -- "$cur")) ;;
+      files) while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -f -- "$cur") ;;
+      any) ;;
+      *) while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -W "$kind" -- "$cur") ;;
     esac
     return 0
   fi
@@ -112,13 +116,12 @@ def _bash(parser: argparse.ArgumentParser, prog: str) -> str:
 {chr(10).join(words_cases)}
   esac
   if [[ "$cur" == -* ]]; then
-    COMPREPLY=($(compgen -W "$flags" -- "$cur"))
-  else
-    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    words="$flags"
   fi
+  while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -W "$words" -- "$cur")
   return 0
 }}
-complete -F {fn} {prog}
+complete -o filenames -F {fn} {prog}
 """
 
 

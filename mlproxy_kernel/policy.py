@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "NAME_PATTERN",
     "SLA",
     "Backend",
     "Batching",
@@ -41,6 +42,7 @@ __all__ = [
 
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_PATTERN = _NAME  # what a policy name is: a DNS label
 # What a path variable matches: one segment of letters, digits and `_.~-`, not starting with a
 # dot. It is put into the backend URL, so never `..`, and no `%` (an encoded `..` or `/` would
 # reach the backend decoded).

@@ -16,9 +16,12 @@ Timestamps come from the wall clock when a span starts, durations from the monot
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -30,12 +33,30 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.runtime.ports import RequestContext
 
-__all__ = ["OtelTracing", "RequestSpan", "otlp_tracing"]
+__all__ = ["OtelTracing", "RequestSpan", "endpoint_problem", "otlp_tracing"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 # What the propagator reads of a client's headers: nothing else is passed to it.
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACESTATE_MAX = 512  # W3C: a vendor may drop a longer tracestate; so do we
+EXPORT_TIMEOUT_S = 3.0  # one export to the collector, retries included
+SHUTDOWN_S = 4.0  # the most a replica's shutdown waits for its last spans to go
+
+log = logging.getLogger(__name__)
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why an OTLP endpoint URL is refused, or None. Credentials in it (user:password, or a
+    query) would be printed by the exporter's own warnings: headers are the place for them."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "the OTLP endpoint must be an http:// or https:// URL with a host"
+    if parts.username is not None or parts.password is not None or parts.query:
+        return (
+            "the OTLP endpoint URL holds credentials (user:password@ or a ?query): give them "
+            "as headers in OTEL_EXPORTER_OTLP_HEADERS, which the exporter sends and never logs"
+        )
+    return None
 
 
 @dataclass
@@ -88,7 +109,8 @@ class OtelTracing:
             start_time=started_ns,
             attributes={
                 "mlproxy_kernel.policy": policy,
-                "url.path": path[:512],
+                # the path only: a query may hold a client's secrets (`?api_key=`)
+                "url.path": path.split("?", 1)[0][:512],
                 **({"mlproxy.request_id": request_id} if request_id else {}),
             },
         )
@@ -145,10 +167,21 @@ class OtelTracing:
             h.batch, h.batch_id, h.batch_size = context, batch_id, items
         return _BatchSpan(span)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_S) -> None:
+        """Export what is buffered and stop, for at most `timeout` seconds: a collector that
+        hangs must not hold the replica's shutdown (Kubernetes kills it at its grace)."""
         shutdown = getattr(self.provider, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        if shutdown is None:
+            return
+        done = threading.Thread(target=shutdown, name="otel-shutdown", daemon=True)
+        done.start()
+        done.join(timeout)
+        if done.is_alive():
+            log.warning(
+                "tracing: spans not exported within %.0f s at shutdown (is the collector "
+                "up?); dropped",
+                timeout,
+            )
 
 
 def otlp_tracing(
@@ -160,7 +193,8 @@ def otlp_tracing(
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=endpoint)
+        # Each export, retries included, within EXPORT_TIMEOUT_S.
+        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S)
     provider = TracerProvider(
         resource=Resource.create({"service.name": service, "service.instance.id": instance})
     )

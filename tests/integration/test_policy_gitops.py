@@ -233,3 +233,31 @@ def test_a_dry_run_checks_everything_a_write_does_and_stores_nothing(
     assert stored(api)["d"]["batching"]["max_batch_size"] == 16
     dry = [line for line in server.audit() if line.get("dry_run")]
     assert dry and all(line["event"] == "policy.put" for line in dry)
+
+
+def test_a_misspelt_or_repeated_query_parameter_on_a_write_is_refused(
+    server: Server, api: httpx.Client
+) -> None:
+    """Red team 14: `?dry-run=true` (a typo) used to be ignored, and the write was real."""
+    for query in ("dry-run=true", "DRY_RUN=true", "dry_run=true&dry_run=false", "force=1"):
+        r = api.put(f"/v1/policies/typo?{query}", json=body(), headers=auth())
+        assert r.status_code == 400, (query, r.text)
+        assert "query parameter" in r.json()["error"]
+    put(api, "kept", body())
+    gone = api.delete("/v1/policies/kept?dry_run=true", headers=auth())
+    assert gone.status_code == 400  # a delete has no dry run: refused, not done
+    assert sorted(stored(api)) == ["kept"]
+
+
+def test_a_dry_run_refused_before_its_handler_is_audited_as_a_dry_run(
+    server: Server, api: httpx.Client
+) -> None:
+    before = len(server.audit())
+    r = api.put("/v1/policies/d?dry_run=true", json=body(max_batch_size=0), headers=auth())
+    assert r.status_code == 422
+    lines = [
+        line
+        for line in server.audit_since(before, 1)
+        if line.get("policy") == "d" and line["status"] == 422
+    ]
+    assert len(lines) == 1 and lines[0]["dry_run"] is True, lines

@@ -110,6 +110,52 @@ def test_zsh_registers_the_function_and_it_runs_under_zsh(tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "registered: _bash_complete -F _mlproxy",
+        "registered: _bash_complete -o filenames -F _mlproxy",
         "offered: table json yaml",
     ], done.stdout
+
+
+def test_a_hostile_file_name_is_completed_quoted_in_an_interactive_bash(
+    bash_script: Path, tmp_path: Path
+) -> None:
+    """Red team 14: a file `x;id>PWNED;.yaml` completed after `-f` and Enter pressed must be
+    one argument, never a command. A real interactive bash in a pseudo-terminal, TAB typed."""
+    import os
+    import pty
+    import select
+    import time
+
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "x;id>PWNED;.yaml").write_text("")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: bash, reading what the test types
+        os.chdir(tmp_path)
+        env = {"PATH": os.environ["PATH"], "TERM": "dumb", "PS1": "$ ", "HOME": str(tmp_path)}
+        os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], env)
+
+    def read_until(marker: bytes, timeout: float = 20) -> bytes:
+        out, deadline = b"", time.monotonic() + timeout
+        while marker not in out and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        return out
+
+    try:
+        os.write(
+            fd, f'source {bash_script}; mlproxy(){{ echo "ARGS<$*>"; }}; echo READY\n'.encode()
+        )
+        read_until(b"READY\r\n")
+        os.write(fd, b"mlproxy policy apply -f pol/x\t")
+        read_until(b".yaml")  # the completion is on the line
+        os.write(fd, b"\n")
+        out = read_until(b">\r\n")
+        os.write(fd, b"exit\n")
+    finally:
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"ARGS<policy apply -f pol/x;id>PWNED;.yaml>" in out, out
+    assert not (tmp_path / "PWNED").exists()
