@@ -563,23 +563,26 @@ def cli(server: Server, *args: str, token: str = ADMIN) -> subprocess.CompletedP
 def test_policy_apply_refuses_nan_itself_and_shows_the_servers_reasons(
     server: Server, api: httpx.Client, tmp_path: Path
 ) -> None:
-    """A YAML `.nan` is refused before sending (JSON cannot carry it); a string where a number
-    goes is refused by the server, naming the field; the good policy in the file is applied."""
+    """A YAML `.nan` is refused before anything is sent (JSON cannot carry it): the file is
+    wrong, nothing of it is applied (exit 2). A string where a number goes is refused by the
+    server, naming the field, and the good policy beside it is applied (exit 1)."""
     path = tmp_path / "p.yaml"
     good = {"name": "good", **body()}
     nan = {"name": "nan", **body(), "sla": {"latency_ms": float("nan")}}
     text = {"name": "text", **body(max_batch_size="32")}
     path.write_text(yaml.safe_dump({"policies": [good, nan, text]}))
     r = cli(server, "policy", "apply", "-f", str(path))
+    assert r.returncode == 2 and r.stdout == ""
+    assert "policy nan holds a value JSON cannot carry" in r.stderr and "NaN" in r.stderr
+    assert api.get("/v1/policies", headers=auth()).json()["items"] == []
+    path.write_text(yaml.safe_dump({"policies": [good, text]}))
+    r = cli(server, "policy", "apply", "-f", str(path))
     assert r.returncode == 1
     assert r.stdout.strip().startswith("policy/good created")
     errors = r.stderr.splitlines()
-    assert errors[0].startswith("policy/nan not applied: ") and "NaN" in errors[0]
-    assert errors[1].startswith("policy/text not applied: 422: batching.max_batch_size")
+    assert errors[0].startswith("policy/text not applied: 422: batching.max_batch_size")
     stored = [p["name"] for p in api.get("/v1/policies", headers=auth()).json()["items"]]
     assert stored == ["good"]
-    r = cli(server, "policy", "get", token=f"ci:{ADMIN}")  # the file's line, name and all
-    assert r.returncode == 1 and "401" in r.stderr and "without its name" in r.stderr
 
 
 def test_the_audit_source_is_the_peer_not_what_a_header_claims(
