@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from envoy_data_plane.envoy.config.core import v3 as core
+from envoy_data_plane.envoy.service.ext_proc import v3 as ep
+
 from extproc.runtime.ports import BackendResponse
 from mlproxy_kernel.errors import ErrorKind, ProxyError
 
@@ -141,3 +144,24 @@ class ScriptedBackend:
         self.calls.append(instances)
         response: BackendResponse = self.answer(instances, body)
         return response
+
+
+def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str) -> bytes:
+    """Envoy's request-headers message for an ext_proc stream."""
+    hs = {":path": path, ":method": method, "content-type": "application/json", **extra}
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(
+                    headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs.items()]
+                ),
+                end_of_stream=eos,
+            )
+        )
+    )
+
+
+def body_msg(doc: Any) -> bytes:
+    """Envoy's request-body message (the whole body, BUFFERED): JSON of `doc`, or its bytes."""
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))

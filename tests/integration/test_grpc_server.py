@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy_data_plane.envoy.config.core import v3 as core
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -23,6 +22,7 @@ from extproc.server import ExtProcServer
 from mlproxy_common import ports
 from mlproxy_kernel.policy import SLA, Tuning, parse_policies
 from mlproxy_kernel.rules import AdaptiveRule
+from tests.fakes import body_msg, headers_msg
 from tests.servers import EchoBackend
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -42,25 +42,6 @@ def policies(backend_url: str, **batching: Any) -> list[Any]:
             ]
         }
     )
-
-
-def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str) -> bytes:
-    hs = {":path": path, ":method": method, "content-type": "application/json", **extra}
-    return bytes(
-        ep.ProcessingRequest(
-            request_headers=ep.HttpHeaders(
-                headers=core.HeaderMap(
-                    headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs.items()]
-                ),
-                end_of_stream=eos,
-            )
-        )
-    )
-
-
-def body_msg(doc: Any) -> bytes:
-    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
 
 
 @pytest.fixture

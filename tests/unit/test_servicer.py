@@ -10,35 +10,13 @@ import json
 from typing import Any
 
 import grpc
-from envoy_data_plane.envoy.config.core import v3 as core
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import MonotonicClock
 from extproc.runtime.batcher import BatcherPool, BatchExecutor
 from mlproxy_kernel.policy import Router, parse_policies
-from tests.fakes import FakeBackend, RecordingMetrics
-
-
-def headers(path: str, method: str = "POST", eos: bool = False, **extra: str) -> bytes:
-    values = {":path": path, ":method": method, "content-type": "application/json", **extra}
-    return bytes(
-        ep.ProcessingRequest(
-            request_headers=ep.HttpHeaders(
-                headers=core.HeaderMap(
-                    headers=[
-                        core.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()
-                    ]
-                ),
-                end_of_stream=eos,
-            )
-        )
-    )
-
-
-def body(doc: Any) -> bytes:
-    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+from tests.fakes import FakeBackend, RecordingMetrics, body_msg, headers_msg
 
 
 class Stream:
@@ -102,7 +80,7 @@ PATH = "/v1/models/m:predict"
 
 async def test_a_full_batch_answers_each_stream_with_its_own_prediction() -> None:
     h = Harness()
-    streams = [Stream(headers(PATH), body({"instances": [i]})) for i in range(4)]
+    streams = [Stream(headers_msg(PATH), body_msg({"instances": [i]})) for i in range(4)]
     await h.run(*streams)
     assert h.backend.calls == [[0, 1, 2, 3]]  # one batch
     for i, s in enumerate(streams):
@@ -112,7 +90,7 @@ async def test_a_full_batch_answers_each_stream_with_its_own_prediction() -> Non
 
 async def test_a_path_without_a_policy_continues_and_skips_its_body() -> None:
     h = Harness()
-    s = Stream(headers("/healthz"), body({"instances": [1]}))
+    s = Stream(headers_msg("/healthz"), body_msg({"instances": [1]}))
     await h.run(s)
     assert len(s.out) == 1 and s.out[0].request_headers is not None
     assert s.out[0].mode_override.request_body_mode == 0  # NONE: no body for ext_proc
@@ -121,8 +99,8 @@ async def test_a_path_without_a_policy_continues_and_skips_its_body() -> None:
 
 async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None:
     h = Harness(max_batch_size=3)
-    good = [Stream(headers(PATH), body({"instances": [i]})) for i in range(3)]
-    bad = Stream(headers(PATH), body(b"{not json"))
+    good = [Stream(headers_msg(PATH), body_msg({"instances": [i]})) for i in range(3)]
+    bad = Stream(headers_msg(PATH), body_msg(b"{not json"))
     await h.run(good[0], bad, good[1], good[2])
     status, doc = bad.answer()
     assert status == 400 and list(doc) == ["error"]
@@ -132,7 +110,7 @@ async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None
 
 async def test_a_post_without_a_body_is_400_and_nothing_is_queued() -> None:
     h = Harness()
-    s = Stream(headers(PATH, eos=True))
+    s = Stream(headers_msg(PATH, eos=True))
     await h.run(s)
     assert s.answer()[0] == 400
     assert h.backend.calls == []
@@ -142,8 +120,8 @@ async def test_a_client_gone_before_its_batch_leaves_is_withdrawn() -> None:
     """Two of a batch of three are queued; one client goes away; two more arrive: the batch
     that leaves holds the three that stayed, never the one that went."""
     h = Harness(max_batch_size=3)
-    stays = Stream(headers(PATH), body({"instances": ["stays"]}))
-    leaves = Stream(headers(PATH), body({"instances": ["leaves"]}))
+    stays = Stream(headers_msg(PATH), body_msg({"instances": ["stays"]}))
+    leaves = Stream(headers_msg(PATH), body_msg({"instances": ["leaves"]}))
     first = asyncio.create_task(h.servicer.process(None, stays))
     gone = asyncio.create_task(h.servicer.process(None, leaves))
     for _ in range(20):  # event loop turns (no timed sleep): until both are queued
@@ -151,7 +129,7 @@ async def test_a_client_gone_before_its_batch_leaves_is_withdrawn() -> None:
     assert len(stays.out) == len(leaves.out) == 1 and h.backend.calls == []
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
-    late = [Stream(headers(PATH), body({"instances": [f"late-{i}"]})) for i in range(2)]
+    late = [Stream(headers_msg(PATH), body_msg({"instances": [f"late-{i}"]})) for i in range(2)]
     await h.run(*late)
     await first
     assert h.backend.calls == [["stays", "late-0", "late-1"]]
@@ -164,7 +142,7 @@ async def test_a_client_gone_before_its_batch_leaves_is_withdrawn() -> None:
 
 async def test_a_stream_that_ends_after_its_headers_queues_nothing() -> None:
     h = Harness()
-    s = Stream(headers(PATH))  # Envoy's stream ends before the body
+    s = Stream(headers_msg(PATH))  # Envoy's stream ends before the body
     await h.run(s)
     assert len(s.out) == 1  # the headers' answer only
     assert h.backend.calls == []
