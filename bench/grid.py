@@ -272,7 +272,8 @@ def markdown(results: Sequence[tuple[dict[str, Any], dict[str, Any], list[str]]]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Long: the grid benchmark's command line, one flag and one run after another.
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap = argparse.ArgumentParser(prog="python -m bench.grid", description=__doc__)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--loads", default="0.2,0.5,0.8,1,1.2")

@@ -188,6 +188,7 @@ async def phase(port: int, metrics_url: str, kind: str, rounds: int) -> None:
     print(f"  {lag_summary(before, after)}")
 
 
+# Long: the probe's command line and its attacks in order.
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(

@@ -337,6 +337,7 @@ class CaseResult:
             "refused": int(np.isin(status, (429, 503)).sum()),
         }
 
+    # Long: one report row: each column in the order the table prints them.
     def row(self) -> dict[str, Any]:
         lat = self.latencies()
         finite = lat[np.isfinite(lat)]
@@ -425,6 +426,7 @@ def check_answers(load: OpenLoopResult, indices: np.ndarray, seed: int) -> int:
     return wrong
 
 
+# Long: one benchmark case: the stack, the trace, the stats, in the order they run.
 def run_case(
     bench: BenchStack,
     profile: Profile,
@@ -729,7 +731,8 @@ def describe(backend: BackendConfig) -> str:
     return f"knative (cold start {backend.cold_start:g} s before scaling)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Long: the command line of `mlproxy bench`, one flag after another.
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap = argparse.ArgumentParser(
         prog="mlproxy bench",
         description=__doc__.split("\n\n")[0],

@@ -286,7 +286,8 @@ class _Event:
     data: Any = field(compare=False, default=None)
 
 
-def simulate(
+# Long: the discrete-event loop, whole so that the order of events reads top down.
+def simulate(  # noqa: PLR0912, PLR0915
     trace: str,
     profile: Profile,
     mode: Mode,

@@ -117,7 +117,8 @@ def warmup_for(warmup: float, seed: int) -> float:
     return warmup + random.Random(seed ^ 0xFA5E).uniform(0.0, PHASE_JITTER)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Long: the simulator's command line, one flag after another.
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
     ap = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
     ap.add_argument("--profiles", default=",".join(SUITE_PROFILES))
     ap.add_argument("--traces", default=",".join(TRACES))

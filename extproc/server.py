@@ -100,6 +100,7 @@ class ExtProcServer:
         )
         self._peer_server: grpc.aio.Server | None = None
 
+    # Long: the composition root: every part of the server built and wired in one place.
     async def start(self) -> int:
         executor = BatchExecutor(self.backend, self.telemetry, self.clock, self.tracing)
         self.pool = BatcherPool(executor, self.clock, self.telemetry, self.rate_window)

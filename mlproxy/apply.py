@@ -149,21 +149,45 @@ def _parse(text: str, where: str) -> list[Any]:
         raise ValueError(f"{where}: not YAML or JSON ({type(err).__name__})") from None
 
 
-def _documents(path: Path) -> list[dict[str, Any]]:
-    where = shown(str(path))
+def _text(path: Path, where: str) -> str:
+    """The file's text (standard input for `-`), at most MAX_FILE_BYTES."""
     try:
         if str(path) == "-":
             text = sys.stdin.read(MAX_FILE_BYTES + 1)
+        elif path.stat().st_size > MAX_FILE_BYTES:
+            text = "x" * (MAX_FILE_BYTES + 1)  # refused below, unread
         else:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise ValueError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
             text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {where}: {type(err).__name__}") from None
     if len(text) > MAX_FILE_BYTES:
         raise ValueError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
+    return text
+
+
+def _check(doc: Any, where: str) -> dict[str, Any]:
+    """One policy document, as the server would take it: a name, and only JSON values."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+        raise ValueError(f"{where}: every policy needs a name")
+    if not _NAME.fullmatch(doc["name"]):
+        raise ValueError(
+            f"{where}: {shown(repr(doc['name']))} is not a policy name (lower-case letters, "
+            "digits and '-', as a DNS label)"
+        )
+    try:
+        json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{where}: policy {doc['name']} holds a value JSON cannot carry ({err}): "
+            "dates, binary and NaN are no policy field's"
+        ) from None
+    return doc
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    where = shown(str(path))
     out: list[Any] = []
-    for doc in _parse(text, where):
+    for doc in _parse(_text(path, where), where):
         if isinstance(doc, dict) and "policies" in doc:
             if not isinstance(doc["policies"], list):
                 raise ValueError(f"{where}: `policies` must be a list")
@@ -172,22 +196,7 @@ def _documents(path: Path) -> list[dict[str, Any]]:
             out.extend(doc)
         else:
             out.append(doc)
-    for doc in out:
-        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
-            raise ValueError(f"{where}: every policy needs a name")
-        if not _NAME.fullmatch(doc["name"]):
-            raise ValueError(
-                f"{where}: {shown(repr(doc['name']))} is not a policy name (lower-case letters, "
-                "digits and '-', as a DNS label)"
-            )
-        try:
-            json.dumps(doc, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"{where}: policy {doc['name']} holds a value JSON cannot carry ({err}): "
-                "dates, binary and NaN are no policy field's"
-            ) from None
-    return out
+    return [_check(doc, where) for doc in out]
 
 
 def read_sources(paths: Sequence[Path]) -> list[Source]:

@@ -558,6 +558,7 @@ def cmd_model(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+# Long: `mlproxy up`: the stack started, printed and supervised until a signal.
 def cmd_up(args: argparse.Namespace) -> int:
     from mlproxy.envoy_config import Upstream
     from mlproxy.stack import Stack, StackError
@@ -671,7 +672,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+# Long: the argparse tree of every command.
+def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     from mlproxy_common.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY, add_tls_flags
 
     parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)

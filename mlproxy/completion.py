@@ -61,6 +61,7 @@ def _values(parser: argparse.ArgumentParser) -> dict[str, str]:
     return values
 
 
+# Long: the bash script is one template.
 def _bash(parser: argparse.ArgumentParser, prog: str) -> str:
     paths: dict[str, argparse.ArgumentParser] = {}
     _walk(parser, "", paths)

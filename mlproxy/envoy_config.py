@@ -112,6 +112,7 @@ def ext_proc_filter(
     }
 
 
+# Long: Envoy's bootstrap for the local stack as one document, as Envoy reads it.
 def local_config(
     listener_port: int = 10000,
     extproc: Sequence[tuple[str, int]] = (("127.0.0.1", 50051),),
@@ -365,6 +366,7 @@ EGRESS_RETRY_POLICY = {
 }
 
 
+# Long: the egress listener as one Envoy document.
 def egress_listener(host: str, port: int, access_log: str | None = None) -> dict[str, Any]:
     """The listener the replicas' batch calls go through (README "The batch call through
     Envoy"): an HTTP forward proxy (the batch's own URL in the request line) to the policy's

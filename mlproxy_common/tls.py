@@ -238,6 +238,7 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     os.chmod(path, mode)  # an existing file keeps its mode through O_CREAT
 
 
+# Long: a throwaway CA and every certificate of the local stack, one after another.
 def make_local_pki(
     directory: Path,
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),

@@ -424,7 +424,8 @@ class BatchQueue(Generic[T]):
             del order[: self._lo]
             self._lo = 0
 
-    def _take(self, send: Send) -> Dispatch[T]:
+    # Long: the earliest-deadline-first take: each drop and send case of the queue model.
+    def _take(self, send: Send) -> Dispatch[T]:  # noqa: PLR0912, PLR0915
         order = self._order
         finish = send.finish
         batch: list[Entry[T]] = []

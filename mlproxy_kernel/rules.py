@@ -341,7 +341,8 @@ class AdaptiveRule:
             self._trial_noise = previous._trial_noise
         self._spans = previous._spans
 
-    def plan(self, queue: QueueView, now: float) -> Plan:
+    # Long: the adaptive rule's decision tree, whole so it reads as README 'Adaptive batching'.
+    def plan(self, queue: QueueView, now: float) -> Plan:  # noqa: PLR0912, PLR0915
         model = self.latency.model(now)
         t = model.predict
         # Whether a request can still be met is judged by the backend's best case (its
@@ -556,7 +557,8 @@ class AdaptiveRule:
         fresh = math.floor(rate * (room - a) / (1.0 + rate * c)) if rate > 0 else 0
         return max(1, min(self.max_batch_size, max(steady, fresh)))
 
-    def completed(
+    # Long: learning from a finished batch: each signal the rule updates, in turn.
+    def completed(  # noqa: PLR0912, PLR0915
         self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
     ) -> None:
         if not ok:
@@ -761,7 +763,8 @@ def _check_bounds(max_batch_size: int, max_in_flight: int, max_queue: int) -> No
         )
 
 
-def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:
+# Long: one branch per batching mode and per tuning field.
+def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:  # noqa: PLR0912
     """The dispatch rule a policy asks for. What `previous` (the rule this queue had) learnt
     is kept when the mode stays: the adaptive estimator's samples, the aimd batch size."""
     b = policy.batching

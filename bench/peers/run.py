@@ -98,7 +98,8 @@ def _started(
             yield [peer]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Long: the peer benchmark's command line and its steps in order.
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap = argparse.ArgumentParser(
         prog="python -m bench.peers",
         description="MLProxy against BentoML's, MLServer's and Ray Serve's batchers on issue "

@@ -263,6 +263,7 @@ class RequestBody:
         self.limit = limit
         self.timeout = timeout
 
+    # Long: one connection's header and body deadlines and the cap, as h11 events arrive.
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)

@@ -113,6 +113,7 @@ class HttpBackend:
             )
         return self._session
 
+    # Long: one batch call and each way it can fail, each with the error the clients get.
     async def post(
         self,
         url: str,

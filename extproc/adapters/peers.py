@@ -542,7 +542,8 @@ class Peering:
         now (every beat signs again)."""
         return sign_member(self.settings.token, replica_id, address, at)
 
-    def update(
+    # Long: a membership update checks each peer record in turn (signature, address, freshness).
+    def update(  # noqa: PLR0912
         self, records: Iterable[tuple[str, object, object]], ttl: float = DEFAULT_MEMBER_TTL_S
     ) -> None:
         """The live replica records' (id, peer address, peer signature), read from Redis every
@@ -707,6 +708,7 @@ class Peering:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    # Long: one hop to the owner replica and each way it can fail, each with its fallback.
     async def forward(
         self,
         target: str,

@@ -159,7 +159,8 @@ class ExtProcServicer:
                 "malformed", f"not an ext_proc ProcessingRequest ({err})"
             ) from None
 
-    async def _process(self, context: grpc.aio.ServicerContext) -> None:
+    # Long: one ext_proc stream, message by message, in the protocol's order.
+    async def _process(self, context: grpc.aio.ServicerContext) -> None:  # noqa: PLR0912, PLR0915
         raw = await context.read()
         if raw is grpc.aio.EOF:
             return
@@ -288,7 +289,8 @@ class ExtProcServicer:
         share = max(1, self.limits.max_streams // max(1, len(self._held)))
         return self._held.get(client, 0) < share
 
-    async def _handle(
+    # Long: one request from headers to reply: each check in order, with the error it answers.
+    async def _handle(  # noqa: PLR0912, PLR0915
         self,
         context: grpc.aio.ServicerContext,
         route: Route,

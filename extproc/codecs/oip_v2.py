@@ -247,7 +247,8 @@ def _frame_length(raw: str, body: int, whose: str) -> int:
     return int(value)
 
 
-def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Input, int, str, int]:
+# Long: one input tensor: each check of the V2 spec in its order.
+def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Input, int, str, int]:  # noqa: PLR0912
     """One input: its encoded parts, its shape[0], its part of the compat key, and how many
     bytes of what is left of the request's binary data (`blob`) it took."""
     if not isinstance(tensor, dict):
@@ -317,7 +318,8 @@ class OipV2:
     content_type = "application/json"
     framing: tuple[str, ...] = (INFERENCE_HEADER,)
 
-    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:
+    # Long: a V2 request: each field the protocol defines, checked in turn.
+    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:  # noqa: PLR0912, PLR0915
         blob: memoryview | None = None  # a view: each input's part is copied once
         raw_length = framing.get(INFERENCE_HEADER)
         if raw_length is not None:

@@ -210,6 +210,7 @@ class BatchExecutor:
             log.exception("policy %s: tracing the batch failed; sent untraced", policy.name)
             return None
 
+    # Long: one backend call and each outcome (error, status, split), with its bisection.
     async def _call(
         self,
         policy: Policy,
@@ -670,7 +671,8 @@ class Batcher:
         # After the task exists: whatever happens below, the batch is answered and done.
         self._metrics.batch_sent(self.policy.name, dispatch.reason, self.rule.max_in_flight)
 
-    async def _run(self, policy: Policy, dispatch: Dispatch[Ticket]) -> None:
+    # Long: one batch from dispatch to its replies, with its failure and shutdown paths.
+    async def _run(self, policy: Policy, dispatch: Dispatch[Ticket]) -> None:  # noqa: PLR0912
         tickets = dispatch.items
         started = self.clock.now()
         batch_id = os.urandom(8).hex()
@@ -800,6 +802,7 @@ class BatcherPool:
             if isinstance(rule, AdaptiveRule):
                 rule.bound_fleet(members)
 
+    # Long: admission, eviction, the batcher's lookup and the deadline, in the order they apply.
     def submit(
         self,
         route: Route,

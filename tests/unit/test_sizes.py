@@ -1,0 +1,51 @@
+"""Size rules for the project's code (not its tests): a function over 60 lines says why in a
+`# Long:` comment right above it (above its decorators), as ruff's PLR0912/PLR0915 make a
+function with many branches or statements say it. Shown to fail on a planted long function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("mlproxy_kernel", "mlproxy_common", "extproc", "controlplane", "mlproxy", "bench")
+MAX_LINES = 60
+
+
+def unexplained(root: Path) -> list[str]:
+    found = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            if "_envoy_pb" in path.parts:
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                assert node.end_lineno is not None
+                if node.end_lineno - node.lineno + 1 <= MAX_LINES:
+                    continue
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                comments = []  # the comment lines right above it
+                i = first - 2
+                while i >= 0 and lines[i].strip().startswith("#"):
+                    comments.append(lines[i].strip())
+                    i -= 1
+                reason = any(c.startswith("# Long:") for c in comments)
+                if not reason:
+                    length = node.end_lineno - node.lineno + 1
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length})")
+    return found
+
+
+def test_every_function_over_60_lines_says_why() -> None:
+    assert unexplained(ROOT) == []
+
+
+def test_a_planted_long_function_without_a_reason_is_found(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(70))
+    (tmp_path / "extproc" / "long.py").write_text(f"def long():\n{body}\n")
+    (tmp_path / "mlproxy" / "fine.py").write_text(f"# Long: a table.\ndef fine():\n{body}\n")
+    assert unexplained(tmp_path) == ["extproc/long.py:1 long (71)"]
