@@ -1,0 +1,58 @@
+"""`/healthz` (alive), `/readyz` (Redis reachable) and `/metrics` (Prometheus): no token."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import generate_latest
+from redis.exceptions import RedisError
+
+from controlplane.api.deps import store_of
+
+__all__ = ["METRICS_REDIS_CHECK_S", "router"]
+
+# Each /metrics scrape pings Redis for at most this long (redis-py would otherwise retry a
+# dead connection for several seconds, past a scrape's timeout).
+METRICS_REDIS_CHECK_S = 1.0
+
+router = APIRouter(include_in_schema=False)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@router.get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def redis_reachable(request: Request, within: float | None = None) -> str | None:
+    """None if Redis answers a PING (within `within` seconds), else why not; sets
+    mlproxy_cp_redis_up."""
+    try:
+        async with asyncio.timeout(within):
+            await store_of(request).ping()
+    except (RedisError, TimeoutError) as err:
+        request.app.state.redis_up.set(0)
+        return type(err).__name__
+    request.app.state.redis_up.set(1)
+    return None
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> JSONResponse:
+    problem = await redis_reachable(request)
+    if problem is not None:
+        return _error(503, f"Redis unreachable: {problem}")
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    await redis_reachable(request, METRICS_REDIS_CHECK_S)
+    return Response(
+        generate_latest(request.app.state.registry), media_type="text/plain; version=0.0.4"
+    )
