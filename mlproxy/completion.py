@@ -103,9 +103,12 @@ def _bash(parser: argparse.ArgumentParser, prog: str) -> str:
   local line
   if [[ -n "$kind" ]]; then
     # One completion per line, whatever a file name holds (spaces, `;`, `*`): never
-    # word-split or globbed; `complete -o filenames` quotes them on the command line.
+    # word-split or globbed; `compopt -o filenames` has bash quote them on the command line
+    # (zsh's completion quotes them itself). Only here: a command word is no file name.
     case "$kind" in
-      files) while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -f -- "$cur") ;;
+      files)
+        type compopt >/dev/null 2>&1 && compopt -o filenames
+        while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -f -- "$cur") ;;
       any) ;;
       *) while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -W "$kind" -- "$cur") ;;
     esac
@@ -122,7 +125,7 @@ def _bash(parser: argparse.ArgumentParser, prog: str) -> str:
   while IFS= read -r line; do COMPREPLY+=("$line"); done < <(compgen -W "$words" -- "$cur")
   return 0
 }}
-complete -o filenames -F {fn} {prog}
+complete -F {fn} {prog}
 """
 
 

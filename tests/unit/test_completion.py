@@ -110,7 +110,7 @@ def test_zsh_registers_the_function_and_it_runs_under_zsh(tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "registered: _bash_complete -o filenames -F _mlproxy",
+        "registered: _bash_complete -F _mlproxy",
         "offered: table json yaml",
     ], done.stdout
 
@@ -122,11 +122,13 @@ def test_a_hostile_file_name_is_completed_quoted_in_an_interactive_bash(
     one argument, never a command. A real interactive bash in a pseudo-terminal, TAB typed."""
     import os
     import pty
+    import re
     import select
     import time
 
     (tmp_path / "pol").mkdir()
     (tmp_path / "pol" / "x;id>PWNED;.yaml").write_text("")
+    (tmp_path / "bench").mkdir()
     pid, fd = pty.fork()
     if pid == 0:  # the child: bash, reading what the test types
         os.chdir(tmp_path)
@@ -134,8 +136,9 @@ def test_a_hostile_file_name_is_completed_quoted_in_an_interactive_bash(
         os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], env)
 
     def read_until(marker: bytes, timeout: float = 20) -> bytes:
+        """What the terminal shows until `marker` (a regular expression) matches it."""
         out, deadline = b"", time.monotonic() + timeout
-        while marker not in out and time.monotonic() < deadline:
+        while not re.search(marker, out) and time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
                 try:
@@ -148,14 +151,21 @@ def test_a_hostile_file_name_is_completed_quoted_in_an_interactive_bash(
         os.write(
             fd, f'source {bash_script}; mlproxy(){{ echo "ARGS<$*>"; }}; echo READY\n'.encode()
         )
-        read_until(b"READY\r\n")
+        read_until(rb"READY\r\n")
         os.write(fd, b"mlproxy policy apply -f pol/x\t")
-        read_until(b".yaml")  # the completion is on the line
+        read_until(rb"\.yaml")  # the completion is on the line
         os.write(fd, b"\n")
-        out = read_until(b">\r\n")
+        out = read_until(rb"ARGS<[^>]*>[^\r]*\r\n")
+        # a command word is no file name: beside a directory `bench`, `benc` completes to
+        # `bench `, not `bench/`
+        os.write(fd, b"mlproxy benc\t")
+        read_until(rb"bench")
+        os.write(fd, b"\n")
+        word = read_until(rb"ARGS<bench[^>]*>")
         os.write(fd, b"exit\n")
     finally:
         os.waitpid(pid, 0)
         os.close(fd)
     assert b"ARGS<policy apply -f pol/x;id>PWNED;.yaml>" in out, out
     assert not (tmp_path / "PWNED").exists()
+    assert b"ARGS<bench>" in word, word
