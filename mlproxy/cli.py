@@ -672,14 +672,10 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     )
 
 
-# Long: the argparse tree of every command.
-def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
-    from mlproxy_common.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY, add_tls_flags
-
-    parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    _add_log_flag(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+# Long: the flags of `mlproxy extproc`, one after another.
+def _add_extproc(sub: Any) -> None:
+    """`mlproxy extproc` and its flags."""
+    from mlproxy_common.tls import add_tls_flags
 
     p = sub.add_parser("extproc", help="run the ext_proc gRPC server")
     _add_log_flag(p, again=True)
@@ -807,6 +803,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         "(MLPROXY_PEER_TLS_SERVER_NAME; default: the peer's IP)",
     )
 
+
+def _add_programs(sub: Any) -> None:
+    """`mlproxy model` and `mlproxy bench`: programs with parsers of their own."""
     sub.add_parser(
         "model", help="run the demo model server (see `mlproxy model -h`)", add_help=False
     )
@@ -816,12 +815,20 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         add_help=False,
     )
 
+
+def _add_controlplane(sub: Any) -> None:
+    """`mlproxy controlplane`."""
+    from mlproxy_common.tls import add_tls_flags
+
     p = sub.add_parser("controlplane", help="run the control plane API (settings from env)")
     _add_log_flag(p, again=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     add_tls_flags(p, ca_help=None)  # HTTPS
 
+
+def _add_policy(sub: Any) -> None:
+    """`mlproxy policy` and its actions."""
     p = sub.add_parser("policy", help="manage policies (MLPROXY_URL, MLPROXY_TOKEN)")
     _add_api_flags(p)
     psub = p.add_subparsers(dest="action", required=True)
@@ -858,6 +865,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     a.add_argument("-o", "--output", choices=["table", "json"], default="table")
     _add_api_flags(a, again=True)
 
+
+def _add_fleet(sub: Any) -> None:
+    """`mlproxy replicas` and `mlproxy store`."""
     p = sub.add_parser("replicas", help="list live ext_proc replicas")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     _add_api_flags(p)
@@ -872,6 +882,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     p.add_argument("action", nargs="?", choices=["get", "publish"], default="get")
     _add_api_flags(p)
 
+
+def _add_up(sub: Any) -> None:
+    """`mlproxy up`."""
     p = sub.add_parser("up", help="run the local stack until Ctrl-C")
     _add_log_flag(p, again=True)
     p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
@@ -913,6 +926,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         help="mTLS on every hop, with a throwaway CA and certificates in the run directory",
     )
 
+
+def _add_healthcheck(sub: Any) -> None:
+    """`mlproxy healthcheck`."""
+    from mlproxy_common.tls import ENV_CA, ENV_CA_FILE, ENV_CERT, ENV_KEY
+
     p = sub.add_parser(
         "healthcheck",
         help="exit 0 if a gRPC health service answers SERVING, or a URL answers 2xx; else 1",
@@ -938,6 +956,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     p.add_argument("--tls-key", metavar="FILE", help=f"gRPC mTLS: client key ({ENV_KEY})")
     p.add_argument("--tls-server-name", metavar="NAME", help="name to verify (default: host)")
 
+
+def _add_demo(sub: Any) -> None:
+    """`mlproxy demo` and `mlproxy completion`."""
     p = sub.add_parser("demo", help="start the stack, send a burst, check every answer")
     p.add_argument("--requests", type=int, default=512)
     p.add_argument("--concurrency", type=int, default=64)
@@ -949,6 +970,30 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     )
     p.add_argument("shell", choices=["bash", "zsh"])
 
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: every command and its flags (completion reads it too)."""
+
+    parser = argparse.ArgumentParser(prog="mlproxy", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    _add_log_flag(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_extproc,
+        _add_programs,
+        _add_controlplane,
+        _add_policy,
+        _add_fleet,
+        _add_up,
+        _add_healthcheck,
+        _add_demo,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--workers` runs again
     try:
