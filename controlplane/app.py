@@ -63,7 +63,8 @@ def _client(scope: Scope) -> str | None:
 def _asks_dry_run(scope: Scope) -> bool:
     query = scope.get("query_string", b"").decode("latin-1")
     values = parse_qs(query).get("dry_run", [])
-    return any(v.lower() in ("1", "true", "yes", "on") for v in values)
+    # the true values of the route's `dry_run: bool` (pydantic's)
+    return any(v.lower() in ("1", "on", "t", "true", "y", "yes") for v in values)
 
 
 class Observe:

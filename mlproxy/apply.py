@@ -343,10 +343,8 @@ def print_diff(changes: Sequence[Change], out: TextIO, err: TextIO) -> int:
         if change.action == "error":
             failed = True
             print(f"policy/{change.name}: {change.error}", file=err)
-        if change.action in ("unchanged", "error") and change.desired is None:
-            continue
-        if change.action == "unchanged":
-            continue
+        if change.action == "unchanged" or (change.action == "error" and change.desired is None):
+            continue  # nothing to show (the server refused it before any plan)
         live = (
             "/dev/null"
             if change.live is None

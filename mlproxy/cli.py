@@ -318,26 +318,23 @@ def _tracing(args: argparse.Namespace) -> OtelTracing | None:
     endpoint = args.otlp_endpoint or os.environ.get(ENV_OTLP)
     if not endpoint:
         return None
-    import socket
-
     from extproc.adapters.tracing import otlp_tracing
 
+    # cmd_extproc refused an endpoint with credentials in it: it can be logged as it is
+    log.info("tracing: spans exported with OTLP/HTTP to %s", endpoint)
+    return otlp_tracing(endpoint, "mlproxy-extproc", _replica_id(args))
+
+
+def _replica_id(args: argparse.Namespace) -> str:
+    """This replica's id: --replica-id, else HOSTNAME, else host-pid. A worker's is its
+    supervisor's with its slot: the same across its restarts."""
+    import socket
+
     process = os.getpid() if args.slot is None else os.getppid()
-    instance = args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
-    if args.slot is not None:
-        instance = args.slot.replica_id(instance)
-    log.info("tracing: spans exported with OTLP/HTTP to %s", redact_endpoint(endpoint))
-    return otlp_tracing(endpoint, "mlproxy-extproc", instance)
-
-
-def redact_endpoint(url: str) -> str:
-    """An endpoint for the log: without user:password or a query (tokens live there)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    replica_id = (
+        args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
+    )
+    return replica_id if args.slot is None else args.slot.replica_id(replica_id)
 
 
 def _extproc_from_file(args: argparse.Namespace) -> int:
@@ -357,19 +354,11 @@ def _extproc_from_file(args: argparse.Namespace) -> int:
 
 
 async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
-    import socket
-
     from extproc.adapters.redis_source import RedisPolicySource
     from extproc.server import run
 
     server = _extproc_server(args, [])
-    # A worker's id is its supervisor's, with its slot: the same across its restarts.
-    process = os.getpid() if args.slot is None else os.getppid()
-    replica_id = (
-        args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
-    )
-    if args.slot is not None:
-        replica_id = args.slot.replica_id(replica_id)
+    replica_id = _replica_id(args)
     source = RedisPolicySource(
         redis_url,
         replica_id=replica_id,

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from controlplane.adapters.redis_store import RedisStore
 from controlplane.domain.records import Precondition
+from mlproxy_kernel.policy import NAME_PATTERN
 
 __all__ = [
     "AUDIT",
@@ -26,9 +27,7 @@ __all__ = [
 # Where a write handler leaves what the audit line reports, in the ASGI scope's "state".
 AUDIT = "mlproxy.audit"
 
-NAME = Annotated[
-    str, Path(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="policy name")
-]
+NAME = Annotated[str, Path(pattern=NAME_PATTERN, description="policy name")]
 
 
 class ErrorBody(BaseModel):
