@@ -55,7 +55,9 @@ def stack(
                 "codec": "openai-embeddings",
                 "match": {"path": "/v1/embeddings"},
                 "backend": {"url": f"{embeddings_backend.url}/v1/embeddings"},
-                "batching": {"max_batch_size": 64, "max_wait_ms": 30, "max_in_flight": 2},
+                # a window longer than the openai client's gaps between requests when both
+                # cores are busy (30 ms gave 13 calls for 48 requests under two busy loops)
+                "batching": {"max_batch_size": 64, "max_wait_ms": 150, "max_in_flight": 2},
             },
             echo_policy("slow", echo_backend.url, backend={"timeout_ms": 300}),
             echo_policy("down", closed),
