@@ -141,6 +141,47 @@ def local_config(
     to the model without ext_proc: the benchmark's baseline. `fail_open`: see
     `ext_proc_filter`. `extproc_tls`: the ext_proc cluster's transport socket for mTLS
     (mlproxy_common.tls.envoy_upstream_tls)."""
+    config: dict[str, Any] = {
+        # The admin port (health flags in /clusters) stays reachable at the connection limit.
+        "admin": {"address": _addr(host, admin_port), "ignore_global_conn_limit": True},
+        "overload_manager": overload_manager(),
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": _addr(host, listener_port),
+                    "per_connection_buffer_limit_bytes": 1048576,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": _ingress_manager(
+                                        _ingress_routes(upstream, bypass_prefix), fail_open
+                                    ),
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                _extproc_cluster(extproc, extproc_streams_per_connection, extproc_tls),
+                model_cluster(host, model_port, upstream),
+            ],
+        },
+    }
+    if egress_port is not None:
+        config["static_resources"]["listeners"].append(
+            egress_listener(host, egress_port, egress_access_log)
+        )
+        config["static_resources"]["clusters"].append(egress_cluster())
+    return config
+
+
+def _ingress_routes(upstream: Upstream | None, bypass_prefix: str | None) -> list[dict[str, Any]]:
+    """/healthz answered by Envoy, the bypass route if asked for, then everything to the model
+    (through ext_proc)."""
     disabled = {
         EXT_PROC_FILTER: {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -166,7 +207,12 @@ def local_config(
                 "typed_per_filter_config": disabled,
             },
         )
-    hcm = {
+    return routes
+
+
+def _ingress_manager(routes: list[dict[str, Any]], fail_open: bool) -> dict[str, Any]:
+    """The ingress listener's HTTP connection manager: ext_proc, then the router."""
+    return {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
@@ -197,72 +243,47 @@ def local_config(
             },
         ],
     }
-    config: dict[str, Any] = {
-        # The admin port (health flags in /clusters) stays reachable at the connection limit.
-        "admin": {"address": _addr(host, admin_port), "ignore_global_conn_limit": True},
-        "overload_manager": overload_manager(),
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": _addr(host, listener_port),
-                    "per_connection_buffer_limit_bytes": 1048576,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "extproc",
-                    "connect_timeout": "1s",
-                    "type": "STATIC",
-                    "lb_policy": "ROUND_ROBIN",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {}
-                                if extproc_streams_per_connection is None
-                                else {"max_concurrent_streams": extproc_streams_per_connection}
-                            },
-                        }
-                    },
-                    "circuit_breakers": {
-                        "thresholds": [
-                            {
-                                "priority": "DEFAULT",
-                                "max_connections": 10000,
-                                "max_pending_requests": EXTPROC_MAX_REQUESTS,
-                                "max_requests": EXTPROC_MAX_REQUESTS,
-                            }
-                        ]
-                    },
-                    "health_checks": [copy.deepcopy(EXTPROC_HEALTH_CHECK)],
-                    "outlier_detection": copy.deepcopy(EXTPROC_OUTLIER_DETECTION),
-                    "load_assignment": _endpoints("extproc", extproc),
+
+
+def _extproc_cluster(
+    extproc: Sequence[tuple[str, int]],
+    streams_per_connection: int | None,
+    tls: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ext_proc replicas: HTTP/2, health-checked, ejected on errors; `tls` is the
+    transport socket for mTLS to them (README: "Authentication and encryption")."""
+    cluster: dict[str, Any] = {
+        "name": "extproc",
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {}
+                    if streams_per_connection is None
+                    else {"max_concurrent_streams": streams_per_connection}
                 },
-                model_cluster(host, model_port, upstream),
-            ],
+            }
         },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 10000,
+                    "max_pending_requests": EXTPROC_MAX_REQUESTS,
+                    "max_requests": EXTPROC_MAX_REQUESTS,
+                }
+            ]
+        },
+        "health_checks": [copy.deepcopy(EXTPROC_HEALTH_CHECK)],
+        "outlier_detection": copy.deepcopy(EXTPROC_OUTLIER_DETECTION),
+        "load_assignment": _endpoints("extproc", extproc),
     }
-    if egress_port is not None:
-        config["static_resources"]["listeners"].append(
-            egress_listener(host, egress_port, egress_access_log)
-        )
-        config["static_resources"]["clusters"].append(egress_cluster())
-    if extproc_tls is not None:  # mTLS to ext_proc (README: "Authentication and encryption")
-        for c in config["static_resources"]["clusters"]:
-            if c["name"] == "extproc":
-                c["transport_socket"] = extproc_tls
-    return config
+    if tls is not None:
+        cluster["transport_socket"] = tls
+    return cluster
 
 
 @dataclass(frozen=True, slots=True)
