@@ -661,13 +661,21 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     )
 
 
-# Long: the flags of `mlproxy extproc`, one after another.
 def _add_extproc(sub: Any) -> None:
-    """`mlproxy extproc` and its flags."""
+    """`mlproxy extproc` and its flags, in groups as `--help` shows them."""
     from mlproxy_common.tls import add_tls_flags
 
     p = sub.add_parser("extproc", help="run the ext_proc gRPC server")
     _add_log_flag(p, again=True)
+    _add_extproc_serving(p)
+    add_tls_flags(p, ca_help="CA of Envoy's client certificates; with cert and key: mTLS")
+    _add_extproc_limits(p.add_argument_group("limits"))
+    _add_extproc_batching(p.add_argument_group("batching, tracing and the backend"))
+    _add_extproc_peers(p.add_argument_group("fleet coordination (one owner per model)"))
+
+
+def _add_extproc_serving(p: Any) -> None:
+    """Where policies come from, where the replica listens, its workers and its shutdown."""
     p.add_argument("--policies", type=Path, help="policy file (YAML or JSON), reloaded on change")
     p.add_argument(
         "--redis-url", help="policies from Redis (default: MLPROXY_REDIS_URL, REDIS_URL)"
@@ -697,7 +705,10 @@ def _add_extproc(sub: Any) -> None:
         default=2.0,
         help="seconds between checks of the policy file for changes",
     )
-    add_tls_flags(p, ca_help="CA of Envoy's client certificates; with cert and key: mTLS")
+
+
+def _add_extproc_limits(p: Any) -> None:
+    """What one request and one replica may hold."""
     p.add_argument(
         "--max-body-bytes",
         type=_positive_int,
@@ -735,6 +746,9 @@ def _add_extproc(sub: Any) -> None:
         f"MLPROXY_TUNER_HOLD_S equal to it ({ENV_STATS_WINDOW}; default 60)",
     )
 
+
+def _add_extproc_batching(p: Any) -> None:
+    """Tracing, the way batch calls go out, and the adaptive rule's arrival rate."""
     p.add_argument(
         "--otlp-endpoint",
         metavar="URL",
@@ -760,6 +774,9 @@ def _add_extproc(sub: Any) -> None:
         f"window ({ENV_RATE_WINDOW}; default 2)",
     )
 
+
+def _add_extproc_peers(p: Any) -> None:
+    """Fleet coordination: the peer port, its secret, and where peers may be."""
     p.add_argument(
         "--peer-port",
         type=int,
