@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from mlproxy_kernel.aimd import Aimd
@@ -242,6 +242,17 @@ AUTOSCALE_SLACK = 1.25
 MAX_FLEET = 100_000
 
 
+@dataclass(slots=True)
+class _Head:
+    """What `AdaptiveRule._scan` finds at the head of a queue."""
+
+    late: list[Entry[object]] = field(default_factory=list)  # cannot be met even now
+    due: float = math.inf  # the earliest deadline of the next batch that can still be met
+    span: float = math.inf  # the first such request's whole allowance (deadline - arrival)
+    cum: int = 0  # the instances the next batch would take
+    hopeless_at: float = math.inf  # when the first of them can no longer be met
+
+
 class AdaptiveRule:
     def __init__(
         self,
@@ -341,118 +352,54 @@ class AdaptiveRule:
             self._trial_noise = previous._trial_noise
         self._spans = previous._spans
 
-    # Long: the adaptive rule's decision tree, whole so it reads as README 'Adaptive batching'.
-    def plan(self, queue: QueueView, now: float) -> Plan:  # noqa: PLR0912, PLR0915
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        """The decision tree of README 'Adaptive batching': what the head of the queue allows
+        (`_scan`), shedding, the batch size the load needs, then when to send (`_when`)."""
         model = self.latency.model(now)
-        t = model.predict
         # Whether a request can still be met is judged by the backend's best case (its
         # uncongested time), not the percentile: one that the percentile gives up on may still
         # make it if sent at once, and is; only one that cannot even then is late.
         floor = self.latency.floor(now)
-        best = t if floor is None else floor.predict
+        best = model.predict if floor is None else floor.predict
         cap = self.max_batch_size
-        blocked = queue.in_flight >= self.max_in_flight
-        late: list[Entry[object]] = []
-        due = math.inf  # the earliest deadline of the next batch that can still be met
-        span = math.inf  # the first request's whole allowance (deadline - arrival)
-        head_span = math.inf  # the head's
-        cum = 0  # its instances
-        hopeless_at = math.inf  # when the first of them can no longer be met
-        for e in queue.live():
-            if cum and cum + e.size > cap:
-                break  # the rest goes in a later batch; the queue is full anyway
-            cum += e.size
-            self._longest = max(self._longest, e.deadline - e.arrival)
-            if not math.isfinite(head_span):
-                head_span = e.deadline - e.arrival
-            if now + best(e.size) > e.deadline + EPSILON:
-                late.append(e)  # cannot be met even alone, even now, even at best
-            else:
-                if due == math.inf:
-                    due = e.deadline  # EDF: the first one that can be met is the tightest
-                    # its whole allowance: what batches are planned on (not a late head's,
-                    # which a client asking for an impossible deadline would set)
-                    span = e.deadline - e.arrival
-                hopeless_at = min(hopeless_at, e.deadline - best(e.size))
-        if not math.isfinite(span):
-            span = head_span  # every one of them is late: the overload goes on
+        head = self._scan(queue, now, best)
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
-        latest = due - self.margin - t(min(cum + 1, max(cap, cum)))
-        if late and self.on_late == "shed":
-            return Drop(late)
+        latest = head.due - self.margin - model.predict(min(head.cum + 1, max(cap, head.cum)))
+        if head.late and self.on_late == "shed":
+            return Drop(head.late)
         # Best effort gives way to requests that can still be met, but not without bound: one
         # that has waited two SLAs (the longest allowance seen: a client that asked for less
         # still gets its best effort) is shed (answered 503 at once) rather than left waiting
         # while an overload lasts.
-        stale = [e for e in late if now - e.arrival > 2 * self._longest]
+        stale = [e for e in head.late if now - e.arrival > 2 * self._longest]
         if stale:
             return Drop(stale)
-        if blocked:
-            if self.on_late == "shed" and math.isfinite(hopeless_at):
+        if queue.in_flight >= self.max_in_flight:
+            if self.on_late == "shed" and math.isfinite(head.hopeless_at):
                 # Wake when the first of them becomes impossible, to shed it on time.
-                return WaitUntil(hopeless_at + 2 * EPSILON)
+                return WaitUntil(head.hopeless_at + 2 * EPSILON)
             return None
-        least, fill, enough = 1, cap, None
         # Under load, what matters is what a batch typically takes, not the percentile's
         # slow one: how big batches must be to keep up, and which requests they can deliver.
         typical = model if floor is None else _midway(model, floor)
         rate = queue.arrival_rate(now)
-        # Holding keeps up or not on this queue's share of the backend's slots; whether one
-        # instance has room to spare depends on what the whole fleet sends it.
-        need = self._throughput_batch(typical, rate, span)
-        if need is None and queue.queued_size > max(
-            cap, (self.max_in_flight + 1) * self._held_batch(typical, rate, span)
-        ):
-            # A backlog: more is queued than a full batch and than the held batches of every
-            # slot and the next. Whatever the rate says (it lags a step in load by its
-            # window), holding did not keep up: batches held to their heads' deadlines would
-            # take one or two requests each (a batch grows only while its head still makes
-            # it) and never drain it. Sent as slots free, at the largest size the SLA allows,
-            # the requests that cannot be met giving way. A steady 10 req/s that turned into
-            # 1,300 on four workers (93% of their SLA capacity) missed 85% for four to six
-            # seconds without it; 15-43% of the first second and none after with it.
-            need = cap
+        need = self._needed_batch(queue, typical, rate, head.span)
         self._pressed = need is not None
+        least, fill, enough, t = 1, cap, None, model.predict
         if need is None:
-            enough = self._autoscaled_batch(typical, rate, span)
+            enough = self._autoscaled_batch(typical, rate, head.span)
         else:
             # A batch aims for `need`, but never beyond what can still meet the SLA after
             # waiting for a slot (under overload, more would make every one of them late);
             # requests that such a batch cannot deliver in time give way to those it can, and
             # fill it only if there are too few of those.
-            need = min(need, self._sla_batch(typical, rate, span))
+            need = min(need, self._sla_batch(typical, rate, head.span))
             least = fill = min(need, queue.queued_size)
             t = typical.predict
-        if queue.queued_size >= cap:
-            reason = "full"
-        elif late and not math.isfinite(due):
-            # Only late ones: sent at once (while a batch slot is free; else with the next
-            # batch). With requests that can still be met, the late ones ride with their batch
-            # when it goes (after them): a late request must not break the others' batches.
-            # One that was late on arrival (it asked for less than the backend can do) is
-            # best effort within the longest allowance seen (about the SLA): it waits, as a
-            # request with that allowance would, for requests to ride with, rather than make a
-            # backend call of its own for each impossible deadline.
-            hold = min(self._best_effort_by(e, t(cum), best(e.size)) for e in late)
-            if now + EPSILON < hold:
-                return WaitUntil(hold)
-            reason = "late"
-        elif self.objective == "latency":
-            reason = "idle"
-        elif now + EPSILON >= latest:
-            reason = "deadline"
-        elif need is not None and queue.queued_size >= need:
-            # Holding to the deadline would leave the backend idle while work piles up faster
-            # than it can clear: send as a slot frees, at least the batch that keeps up.
-            reason = "free"
-        elif enough is not None and queue.queued_size >= enough:
-            # An autoscaled backend runs no fewer instances for a bigger batch than this.
-            reason = "enough"
-        elif math.isfinite(latest):
-            return WaitUntil(latest)
-        else:
-            return None  # only late requests, behind a batch of ours: poll again when it ends
+        reason = self._when(queue, now, head, latest, (need, enough), (t, best))
+        if not isinstance(reason, str):
+            return reason
         if reason == "deadline" and self.max_in_flight > 1:
             # A batch whose head reached its deadline (often while every slot was busy: it
             # goes as one frees) grows only while the SLA's percentile still meets the
@@ -462,6 +409,96 @@ class AdaptiveRule:
             # soon (on one worker the percentile made 0.7% of misses out of 0.2%).
             t = model.predict
         return Send(reason, cap, lambda size: now + t(size), True, least, fill)
+
+    def _scan(self, queue: QueueView, now: float, best: Callable[[int], float]) -> _Head:
+        """The requests the next batch would take (up to the bound), in EDF order: which are
+        late even at `best`, the earliest deadline that can still be met and its allowance."""
+        head = _Head()
+        head_span = math.inf  # the head's allowance
+        for e in queue.live():
+            if head.cum and head.cum + e.size > self.max_batch_size:
+                break  # the rest goes in a later batch; the queue is full anyway
+            head.cum += e.size
+            self._longest = max(self._longest, e.deadline - e.arrival)
+            if not math.isfinite(head_span):
+                head_span = e.deadline - e.arrival
+            if now + best(e.size) > e.deadline + EPSILON:
+                head.late.append(e)  # cannot be met even alone, even now, even at best
+            else:
+                if head.due == math.inf:
+                    head.due = e.deadline  # EDF: the first one that can be met is the tightest
+                    # its whole allowance: what batches are planned on (not a late head's,
+                    # which a client asking for an impossible deadline would set)
+                    head.span = e.deadline - e.arrival
+                head.hopeless_at = min(head.hopeless_at, e.deadline - best(e.size))
+        if not math.isfinite(head.span):
+            head.span = head_span  # every one of them is late: the overload goes on
+        return head
+
+    def _needed_batch(
+        self, queue: QueueView, typical: LatencyModel, rate: float, span: float
+    ) -> int | None:
+        """The batch that keeps up with the load (None: holding to the deadline does)."""
+        # Holding keeps up or not on this queue's share of the backend's slots; whether one
+        # instance has room to spare depends on what the whole fleet sends it.
+        need = self._throughput_batch(typical, rate, span)
+        if need is None and queue.queued_size > max(
+            self.max_batch_size,
+            (self.max_in_flight + 1) * self._held_batch(typical, rate, span),
+        ):
+            # A backlog: more is queued than a full batch and than the held batches of every
+            # slot and the next. Whatever the rate says (it lags a step in load by its
+            # window), holding did not keep up: batches held to their heads' deadlines would
+            # take one or two requests each (a batch grows only while its head still makes
+            # it) and never drain it. Sent as slots free, at the largest size the SLA allows,
+            # the requests that cannot be met giving way. A steady 10 req/s that turned into
+            # 1,300 on four workers (93% of their SLA capacity) missed 85% for four to six
+            # seconds without it; 15-43% of the first second and none after with it.
+            need = self.max_batch_size
+        return need
+
+    def _when(
+        self,
+        queue: QueueView,
+        now: float,
+        head: _Head,
+        latest: float,
+        sizes: tuple[int | None, int | None],
+        times: tuple[Callable[[int], float], Callable[[int], float]],
+    ) -> str | Plan:
+        """Why the batch goes now (the reason), or when to look again (WaitUntil; None: when
+        a batch ends). `sizes`: the batch that keeps up and the one an autoscaled backend
+        needs no more instances for; `times`: the planned and the best-case batch time."""
+        need, enough = sizes
+        t, best = times
+        if queue.queued_size >= self.max_batch_size:
+            return "full"
+        if head.late and not math.isfinite(head.due):
+            # Only late ones: sent at once (while a batch slot is free; else with the next
+            # batch). With requests that can still be met, the late ones ride with their batch
+            # when it goes (after them): a late request must not break the others' batches.
+            # One that was late on arrival (it asked for less than the backend can do) is
+            # best effort within the longest allowance seen (about the SLA): it waits, as a
+            # request with that allowance would, for requests to ride with, rather than make a
+            # backend call of its own for each impossible deadline.
+            hold = min(self._best_effort_by(e, t(head.cum), best(e.size)) for e in head.late)
+            if now + EPSILON < hold:
+                return WaitUntil(hold)
+            return "late"
+        if self.objective == "latency":
+            return "idle"
+        if now + EPSILON >= latest:
+            return "deadline"
+        if need is not None and queue.queued_size >= need:
+            # Holding to the deadline would leave the backend idle while work piles up faster
+            # than it can clear: send as a slot frees, at least the batch that keeps up.
+            return "free"
+        if enough is not None and queue.queued_size >= enough:
+            # An autoscaled backend runs no fewer instances for a bigger batch than this.
+            return "enough"
+        if math.isfinite(latest):
+            return WaitUntil(latest)
+        return None  # only late requests, behind a batch of ours: poll again when it ends
 
     def _best_effort_by(self, e: Entry[object], runs: float, alone: float) -> float:
         """When a late request goes without requests that can still be met: at once if it
@@ -557,10 +594,11 @@ class AdaptiveRule:
         fresh = math.floor(rate * (room - a) / (1.0 + rate * c)) if rate > 0 else 0
         return max(1, min(self.max_batch_size, max(steady, fresh)))
 
-    # Long: learning from a finished batch: each signal the rule updates, in turn.
-    def completed(  # noqa: PLR0912, PLR0915
+    def completed(
         self, size: int, seconds: float, reason: str, ok: bool, now: float, concurrent: int = 1
     ) -> None:
+        """Learn from a finished batch: the latency model, then the limit on batches at once
+        (a probe's trial, the median test, slow batches, or growing the limit)."""
         if not ok:
             return
         start = now - seconds
@@ -591,37 +629,7 @@ class AdaptiveRule:
             # with it every plan).
             self.latency.observe(size, seconds, now)
         if probing:
-            # A batch sent at the limit that just grew: TRIAL of them decide. Two slow ones, or
-            # a median STEP x the reference's, fail the probe (the limit shrinks back and the
-            # next probe waits twice as long); otherwise the limit holds, the next probe comes
-            # sooner, and the trial's batches join those sent at that concurrency.
-            self._trial_n += 1
-            self._trial_bad += slow
-            self._trial_batches.append((size, seconds))
-            if ref is not None:  # what is usual is known (SERIAL)
-                usual = floor.predict(size)
-                self._trial_wait += ahead * ahead
-                self._trial_extra += ahead * (seconds - ref[0] * usual)
-                self._trial_noise += (ahead * (ref[0] - ref[1]) / P10_Z * usual) ** 2
-            if self._trial_bad >= 2:
-                self._fail_trial(now)
-                return
-            if self._trial_n >= TRIAL:
-                if ref is not None and _median(_ratios(self._trial_batches, floor)) > STEP * ref[0]:
-                    self._fail_trial(now)
-                    return
-                if (
-                    self._trial_wait > 0
-                    and SERIAL * self._trial_wait >= SERIAL_Z * math.sqrt(self._trial_noise)
-                    and self._trial_extra >= SERIAL * self._trial_wait
-                ):
-                    self._fail_trial(now)  # they waited for ours: the backend queues them
-                    return
-                self._trial = False
-                self._probe = max(1, self._probe // 2)
-                for batch in self._trial_batches:
-                    self._record(level, batch, now)
-                    self.latency.observe(*batch, now)
+            self._trial_batch(level, (size, seconds), slow, ahead, ref, floor, now)
             return
         if self._record(level, (size, seconds), now) and ref is not None and level > 1:
             # Every WINDOW batches at this concurrency: queueing, not noise, when their median
@@ -637,8 +645,57 @@ class AdaptiveRule:
                 self._cut(now)
             return
         self._congested = 0
-        if concurrent < self.max_in_flight or self._trial:
-            return  # sent below the limit: says nothing of whether more would be taken
+        if concurrent >= self.max_in_flight and not self._trial:
+            self._clean_at_limit()
+
+    def _trial_batch(
+        self,
+        level: int,
+        batch: tuple[int, float],
+        slow: bool,
+        ahead: float,
+        ref: tuple[float, float] | None,
+        floor: LatencyModel,
+        now: float,
+    ) -> None:
+        """A batch sent at the limit that just grew: TRIAL of them decide. Two slow ones, or
+        a median STEP x the reference's, fail the probe (the limit shrinks back and the next
+        probe waits twice as long); otherwise the limit holds, the next probe comes sooner,
+        and the trial's batches join those sent at that concurrency."""
+        size, seconds = batch
+        self._trial_n += 1
+        self._trial_bad += slow
+        self._trial_batches.append(batch)
+        if ref is not None:  # what is usual is known (SERIAL)
+            usual = floor.predict(size)
+            self._trial_wait += ahead * ahead
+            self._trial_extra += ahead * (seconds - ref[0] * usual)
+            self._trial_noise += (ahead * (ref[0] - ref[1]) / P10_Z * usual) ** 2
+        if self._trial_bad >= 2:
+            self._fail_trial(now)
+            return
+        if self._trial_n < TRIAL:
+            return
+        if ref is not None and _median(_ratios(self._trial_batches, floor)) > STEP * ref[0]:
+            self._fail_trial(now)
+            return
+        if (
+            self._trial_wait > 0
+            and SERIAL * self._trial_wait >= SERIAL_Z * math.sqrt(self._trial_noise)
+            and self._trial_extra >= SERIAL * self._trial_wait
+        ):
+            self._fail_trial(now)  # they waited for ours: the backend queues them
+            return
+        self._trial = False
+        self._probe = max(1, self._probe // 2)
+        for done in self._trial_batches:
+            self._record(level, done, now)
+            self.latency.observe(*done, now)
+
+    def _clean_at_limit(self) -> None:
+        """A batch sent at the limit that was not slow: after `_probe` of them, a probe (the
+        limit grows by one, on trial). Sent below the limit, a batch says nothing of whether
+        more would be taken, so only these count."""
         if self.autoscale is not None and not self._pressed:
             return  # on an autoscaled backend more batches at once cost instances: only when
             # holding cannot keep up is a larger limit worth probing for
