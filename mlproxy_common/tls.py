@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "LocalPki",
@@ -238,7 +240,6 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     os.chmod(path, mode)  # an existing file keeps its mode through O_CREAT
 
 
-# Long: a throwaway CA and every certificate of the local stack, one after another.
 def make_local_pki(
     directory: Path,
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),
@@ -248,89 +249,120 @@ def make_local_pki(
     """A new CA and two leaf certificates valid for `hosts` (IPs or DNS names), `days` long,
     written to `directory` with the private keys readable by their owner only (0600). Nothing
     keeps the CA's key: no other certificate can ever be signed by this CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MLProxy local stack"),
-                x509.NameAttribute(NameOID.COMMON_NAME, common),
-            ]
-        )
-
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name(ca_name))
-        .issuer_name(name(ca_name))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
+    ca = _Signer(ca_key, _ca_certificate(ca_key, ca_name, validity), validity)
+    ca_path = directory / "ca.crt"
+    _write(ca_path, ca.cert.public_bytes(serialization.Encoding.PEM), private=False)
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    out: dict[str, TlsFiles] = {}
+    for role, usages in (("server", both), ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
+        cert_pem, key_pem = ca.leaf(f"mlproxy-{role}", usages, hosts)
+        _write(directory / f"{role}.crt", cert_pem, private=False)
+        _write(directory / f"{role}.key", key_pem, private=True)
+        out[role] = TlsFiles(directory / f"{role}.crt", directory / f"{role}.key", ca_path)
+    return LocalPki(directory, ca_path, out["server"], out["client"])
 
-    def leaf(common: str, usages: list[x509.ObjectIdentifier]) -> tuple[bytes, bytes]:
+
+def _pki_name(common: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MLProxy local stack"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common),
+        ]
+    )
+
+
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates (and CRLs); a leaf signs handshakes."""
+    from cryptography import x509
+
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    name: str,
+    validity: tuple[datetime.datetime, datetime.datetime],
+) -> x509.Certificate:
+    """A self-signed CA certificate that can sign leaves only (path length 0)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_pki_name(name))
+        .issuer_name(_pki_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+@dataclass(frozen=True)
+class _Signer:
+    """The local CA while `make_local_pki` runs: its key is never written anywhere."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    validity: tuple[datetime.datetime, datetime.datetime]
+
+    def leaf(
+        self, common: str, usages: list[x509.ObjectIdentifier], hosts: Sequence[str]
+    ) -> tuple[bytes, bytes]:
+        """A new key and its certificate for `hosts` with extended key `usages`, as PEM."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name(common))
-            .issuer_name(ca_cert.subject)
+            .subject_name(_pki_name(common))
+            .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
+            .not_valid_before(self.validity[0])
+            .not_valid_after(self.validity[1])
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
             )
-            .sign(ca_key, hashes.SHA256())
+            .sign(self.key, hashes.SHA256())
         )
         return (
             cert.public_bytes(serialization.Encoding.PEM),
@@ -340,17 +372,6 @@ def make_local_pki(
                 serialization.NoEncryption(),
             ),
         )
-
-    ca_path = directory / "ca.crt"
-    _write(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    out: dict[str, TlsFiles] = {}
-    for role, usages in (("server", both), ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
-        cert_pem, key_pem = leaf(f"mlproxy-{role}", usages)
-        _write(directory / f"{role}.crt", cert_pem, private=False)
-        _write(directory / f"{role}.key", key_pem, private=True)
-        out[role] = TlsFiles(directory / f"{role}.crt", directory / f"{role}.key", ca_path)
-    return LocalPki(directory, ca_path, out["server"], out["client"])
 
 
 def add_grpc_port(server: grpc.aio.Server, address: str, files: TlsFiles | None) -> int:
