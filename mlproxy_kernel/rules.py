@@ -341,7 +341,7 @@ class AdaptiveRule:
             self._trial_noise = previous._trial_noise
         self._spans = previous._spans
 
-    # Long: the adaptive rule's decision tree, whole so it reads as README 'Adaptive batching'.
+    # Long: the adaptive rule's decision tree, whole so it reads as docs/adaptive-batching.md.
     def plan(self, queue: QueueView, now: float) -> Plan:  # noqa: PLR0912, PLR0915
         model = self.latency.model(now)
         t = model.predict
