@@ -8,7 +8,7 @@ each answered at once), `batch` (the body's answer held and released every 2 ms 
 what holding streams costs) and `no-header-response` (Envoy's STREAMED body mode with
 `send_body_without_waiting_for_header_response`: three messages a request, one round trip
 less). It prints throughput, p50 and each noop's and Envoy's CPU per request, to weigh the
-ext_proc protocol's options (README "Overhead of the data path").
+ext_proc protocol's options (docs/benchmarks.md, "Overhead of the data path").
 """
 
 from __future__ import annotations

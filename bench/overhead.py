@@ -131,7 +131,10 @@ def main() -> int:  # noqa: PLR0915
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs")
     parser.add_argument(
-        "--workers", type=int, default=1, help="`mlproxy extproc --workers` (README 'Workers')"
+        "--workers",
+        type=int,
+        default=1,
+        help="`mlproxy extproc --workers` (docs/operations.md, 'Workers')",
     )
     parser.add_argument(
         "--mode",

@@ -25,7 +25,8 @@ A fleet of replicas (`replicas` > 1) shares one backend, in one of three ways (`
 - `independent`: each replica batches the requests it receives (1/N of the traffic) alone;
 - `owner`: one replica owns the model and batches for the fleet; the others forward each
   request to it and relay its answer (`hop` seconds each way, deadline shortened by both), the
-  way `--peer-port` does on the real stack (README "Fleets: one owner per model");
+  way `--peer-port` does on the real stack (docs/adaptive-batching.md, "Fleets: one owner per
+  model");
 - `budget`: every replica batches alone but all share one in-flight count (an idealised fleet
   budget in Redis with no round trip): the mechanism measured and rejected for `owner`.
 

@@ -1,6 +1,6 @@
 """Run the simulator over traces x profiles x modes; print and write the table and the plots.
 
-    python -m bench.simulate                      # the suite of the README (a few minutes)
+    python -m bench.simulate                      # the suite of docs/benchmarks.md (minutes)
     python -m bench.simulate --profiles toxic --traces big_spike --duration 300
     python -m bench.simulate --backend fixed --workers 1 --overhead-ms 20 \
         --profiles toxic --loads 0.2,0.5,0.8,1,1.2 --duration 60 --seeds 1

@@ -145,7 +145,7 @@ def _metrics(registry: CollectorRegistry) -> tuple[Counter, Counter, Gauge]:
 
 
 def _error_handlers(app: FastAPI) -> None:
-    """Every error, from any path, as JSON `{"error": ...}` (README "Control plane")."""
+    """Every error, from any path, as JSON `{"error": ...}` (docs/control-plane.md)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -56,7 +56,8 @@ class ExtProcServer:
         tls: TlsFiles | None = None,  # mTLS: cert, key and the CA of Envoy's client cert
         limits: StreamLimits | None = None,
         max_streams_per_connection: int | None = None,
-        peers: PeerSettings | None = None,  # fleet coordination (README "Fleets")
+        peers: PeerSettings
+        | None = None,  # fleet coordination (docs/adaptive-batching.md, "Fleets")
         stats_window: float = DEFAULT_WINDOW,  # seconds of stats the heartbeat reports
         rate_window: float = RATE_WINDOW,  # seconds the arrival rate is averaged over
         reuse_port: bool = False,  # a worker: its siblings listen on the same port
@@ -85,7 +86,8 @@ class ExtProcServer:
         # HTTP/2 streams one connection may hold open (SETTINGS_MAX_CONCURRENT_STREAMS), by
         # default all the process holds. Envoy puts a replica's requests on as few connections
         # as its cluster's own max_concurrent_streams allows; that must not be above this, or
-        # Envoy opens streams this server refuses (README "ext_proc's gRPC port: limits").
+        # Envoy opens streams this server refuses (docs/security.md, "ext_proc's gRPC port:
+        # limits").
         self.max_streams_per_connection = max_streams_per_connection or self.limits.max_streams
         self._warned: set[tuple[str, int]] = set()
         self.apply_policies(policies)

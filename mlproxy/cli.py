@@ -601,8 +601,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print(
             f"Every request to {stack.envoy_url} goes to the upstream untouched until a policy "
-            'batches its path: `mlproxy policy apply -f policies.yaml` (README "In front of '
-            'your model server").'
+            "batches its path: `mlproxy policy apply -f policies.yaml` (docs/protocols.md, "
+            '"In front of your model server").'
         )
     if stack.uses_redis:
         print("Manage policies with the admin token of this run:")
@@ -690,7 +690,7 @@ def _add_extproc_serving(p: Any) -> None:
         type=_positive_int,
         help="ext_proc processes sharing --port (SO_REUSEPORT), each a replica of its own; "
         "--metrics-port serves the metrics of all of them, worker i listens for peers on "
-        f"--peer-port+i (README 'Workers'; {ENV_WORKERS}; default 1)",
+        f"--peer-port+i (docs/operations.md, 'Workers'; {ENV_WORKERS}; default 1)",
     )
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace, seconds")
     p.add_argument(
@@ -781,8 +781,8 @@ def _add_extproc_peers(p: Any) -> None:
         "--peer-port",
         type=int,
         help="fleet coordination: listen for the other replicas on this port and batch each "
-        "model on one owner replica (README 'Fleets: one owner per model'; needs Redis and "
-        "--peer-token-file; default MLPROXY_PEER_PORT, else off)",
+        "model on one owner replica (docs/adaptive-batching.md, 'Fleets: one owner per model'; "
+        "needs Redis and --peer-token-file; default MLPROXY_PEER_PORT, else off)",
     )
     p.add_argument(
         "--peer-token-file",

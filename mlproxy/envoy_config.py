@@ -28,9 +28,9 @@ EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _T = "type.googleapis.com/envoy."
 
 # Active check of every replica: a replica that stops answering SERVING (dead, or draining) gets
-# no new streams after `unhealthy_threshold` checks `interval` apart (README: "Envoy: health
-# checks, limits, fail-open"). `no_traffic_interval` keeps the checks this frequent on a cluster
-# that has carried no traffic yet (Envoy's default is 60 s).
+# no new streams after `unhealthy_threshold` checks `interval` apart (docs/security.md, "Envoy:
+# health checks, limits, fail-open"). `no_traffic_interval` keeps the checks this frequent on a
+# cluster that has carried no traffic yet (Envoy's default is 60 s).
 EXTPROC_HEALTH_CHECK: dict[str, Any] = {
     "timeout": "1s",
     "interval": "2s",
@@ -55,7 +55,7 @@ EXTPROC_OUTLIER_DETECTION: dict[str, Any] = {
     "max_ejection_percent": 50,
 }
 
-# Downstream limits (README: "Envoy settings").
+# Downstream limits (docs/envoy-settings.md).
 MAX_DOWNSTREAM_CONNECTIONS = 10_000
 MAX_CONCURRENT_STREAMS = 100
 # Every held request is one open stream to ext_proc: Envoy's default breaker (1,024) caps them.
@@ -77,18 +77,18 @@ def _endpoints(name: str, hosts: Sequence[tuple[str, int]]) -> dict[str, Any]:
 # The downstream peer as Envoy saw it, and the URI SAN of a client certificate Envoy verified.
 CLIENT_ATTRIBUTES = ("source.address", "connection.uri_san_peer_certificate")
 # When Envoy received the request (its first byte, Envoy's clock, RFC 3339): the request's SLA
-# clock starts then (extproc/core/hops.py; README "Envoy settings").
+# clock starts then (extproc/core/hops.py; docs/envoy-settings.md).
 REQUEST_TIME_ATTRIBUTE = "request.time"
 
 
 def ext_proc_filter(
     cluster: str = "extproc", message_timeout: str = "30s", fail_open: bool = False
 ) -> dict[str, Any]:
-    """The ext_proc HTTP filter with the settings MLProxy needs (README: "Envoy settings").
+    """The ext_proc HTTP filter with the settings MLProxy needs (docs/envoy-settings.md).
     `fail_open` (failure_mode_allow): when ext_proc is unreachable or its stream fails, Envoy
     sends the request on to the route's upstream itself: unbatched, unvalidated, and possibly a
-    second time if a replica died after sending its batch (README: "Envoy: health checks,
-    limits, fail-open")."""
+    second time if a replica died after sending its batch (docs/security.md, "Envoy: health
+    checks, limits, fail-open")."""
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": {
@@ -105,8 +105,8 @@ def ext_proc_filter(
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            # Who sent the request, for its share of a policy's queue (README: "Security"),
-            # and when Envoy received it (README: "Envoy settings").
+            # Who sent the request, for its share of a policy's queue (docs/security.md),
+            # and when Envoy received it (docs/envoy-settings.md).
             "request_attributes": [*CLIENT_ATTRIBUTES, REQUEST_TIME_ATTRIBUTE],
         },
     }
@@ -219,8 +219,8 @@ def _ingress_manager(routes: list[dict[str, Any]], fail_open: bool) -> dict[str,
         # A client must send its request headers within 10 s (slow clients hold connections).
         "request_headers_timeout": "10s",
         # The client is the peer of the connection, never what its X-Forwarded-For claims:
-        # ext_proc shares a policy's queue by the `source.address` attribute (README
-        # "Security"), which Envoy otherwise takes from that header.
+        # ext_proc shares a policy's queue by the `source.address` attribute
+        # (docs/security.md), which Envoy otherwise takes from that header.
         "use_remote_address": True,
         # One spelling per path, so that a policy's template cannot be dodged with `//` or
         # `/./` (ext_proc also decodes percent-escapes before matching).
@@ -251,7 +251,7 @@ def _extproc_cluster(
     tls: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The ext_proc replicas: HTTP/2, health-checked, ejected on errors; `tls` is the
-    transport socket for mTLS to them (README: "Authentication and encryption")."""
+    transport socket for mTLS to them (docs/security.md, "Authentication and encryption (mTLS)")."""
     cluster: dict[str, Any] = {
         "name": "extproc",
         "connect_timeout": "1s",
@@ -389,10 +389,10 @@ EGRESS_RETRY_POLICY = {
 
 # Long: the egress listener as one Envoy document.
 def egress_listener(host: str, port: int, access_log: str | None = None) -> dict[str, Any]:
-    """The listener the replicas' batch calls go through (README "The batch call through
-    Envoy"): an HTTP forward proxy (the batch's own URL in the request line) to the policy's
-    backend, resolved by Envoy's DNS cache, with Envoy's retries of calls that never reached
-    the backend, its stats (`http.egress.*`, `cluster.mlproxy-batch-calls.*`) and an access
+    """The listener the replicas' batch calls go through (docs/operations.md, "The batch call
+    through Envoy"): an HTTP forward proxy (the batch's own URL in the request line) to the
+    policy's backend, resolved by Envoy's DNS cache, with Envoy's retries of calls that never
+    reached the backend, its stats (`http.egress.*`, `cluster.mlproxy-batch-calls.*`) and an access
     log line per batch. No ext_proc filter: a batch call is never batched again. It is an
     open proxy to whoever can reach it: listen on loopback, next to the replicas."""
     hcm: dict[str, Any] = {
@@ -482,7 +482,7 @@ def egress_cluster() -> dict[str, Any]:
 def overload_manager() -> dict[str, Any]:
     """Envoy protects itself: at 90 % of its heap budget it returns freed memory to the system,
     at 95 % it answers new requests with 503 instead of taking them; above
-    MAX_DOWNSTREAM_CONNECTIONS it accepts no new connection (README: "Envoy settings")."""
+    MAX_DOWNSTREAM_CONNECTIONS it accepts no new connection (docs/envoy-settings.md)."""
     heap = "envoy.resource_monitors.fixed_heap"
     return {
         "refresh_interval": "0.25s",

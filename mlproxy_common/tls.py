@@ -381,8 +381,8 @@ def add_grpc_port(server: grpc.aio.Server, address: str, files: TlsFiles | None)
         log.warning(
             "ext_proc serves plaintext gRPC on %s: anything that reaches this port can submit "
             "inference. For mTLS give --tls-cert, --tls-key and --tls-ca (or %s, %s, %s) and "
-            "configure Envoy's cluster with the matching client certificate (README: "
-            "'Authentication and encryption')",
+            "configure Envoy's cluster with the matching client certificate (docs/security.md, "
+            "'Authentication and encryption (mTLS)')",
             address,
             ENV_CERT,
             ENV_KEY,

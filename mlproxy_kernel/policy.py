@@ -1,8 +1,8 @@
 """Per-model batching policies: the shared contract between control plane and ext_proc.
 
 A policy says which requests it takes (a path template), where their batches go (a backend URL
-template), how to read and split them (a codec), the SLA, and how to batch. See README.md
-("Policies") for every field. Unknown fields and out-of-range values are rejected.
+template), how to read and split them (a codec), the SLA, and how to batch. See docs/policies.md
+for every field. Unknown fields and out-of-range values are rejected.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Match(_Strict):
     ) = Field(default=None, exclude_if=lambda v: v is None)  # unset: not written out
     """Top-level fields the JSON body must have, with these exact string values, e.g.
     `{"model": "bge-small"}` for OpenAI embeddings: among the policies whose path matches, the
-    first whose body fields match takes the request (README "Matching on a body field")."""
+    first whose body fields match takes the request (docs/policies.md, "Matching on a body
+    field")."""
 
 
 class Backend(_Strict):
@@ -114,8 +115,8 @@ Mode = Literal["adaptive", "static", "aimd", "off"]
 
 class Batching(_Strict):
     mode: Mode = "static"
-    """`adaptive`: SLA-aware (deadlines, learned batch time, see README "Adaptive
-    batching"). `static`: fixed max batch size and max wait (like KServe's batcher). `aimd`: the
+    """`adaptive`: SLA-aware (deadlines, learned batch time, see docs/adaptive-batching.md).
+    `static`: fixed max batch size and max wait (like KServe's batcher). `aimd`: the
     published MLProxy algorithm, a baseline. `off`: one request per backend call, still through
     ext_proc. The default stays `static` so that a stored policy keeps its meaning across
     upgrades; set `adaptive` explicitly."""

@@ -353,7 +353,7 @@ class AdaptiveRule:
         self._spans = previous._spans
 
     def plan(self, queue: QueueView, now: float) -> Plan:
-        """The decision tree of README 'Adaptive batching': what the head of the queue allows
+        """The decision tree of docs/adaptive-batching.md: what the head of the queue allows
         (`_scan`), shedding, the batch size the load needs, then when to send (`_when`)."""
         model = self.latency.model(now)
         # Whether a request can still be met is judged by the backend's best case (its

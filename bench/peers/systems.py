@@ -3,7 +3,7 @@ benchmark into a virtual environment of its own and run on a reserved loopback p
 
 Every peer serves the same model (`models/peer_common.py`: one batch at a time, t(b) = 20 + 2*b
 ms with the profile's noise, each instance answered from its own input) behind its own batcher,
-configured from the SLA as a user would (`peer_settings`, the README explains each choice):
+configured from the SLA as a user would (`peer_settings`, docs/benchmarks.md explains each choice):
 
 - **bentoml**: a batchable API, `max_batch_size` 64, `max_latency_ms` = the SLA (150): BentoML's
   own latency budget for a request in its batcher; one worker.

@@ -158,7 +158,7 @@ class RedisLease:
                 log.error(
                     "the tuner lease in Redis (%s) had no TTL or one over %g s: no control "
                     "plane writes that, so someone else who can write to Redis did (with "
-                    "Redis 6.2, the ext_proc user can: README 'Security'); taken over by %s "
+                    "Redis 6.2, the ext_proc user can: docs/security.md); taken over by %s "
                     "(term %d). Check who writes there",
                     self.key,
                     MAX_LEASE_S,

@@ -73,7 +73,7 @@ def _differs(old: float | None, new: float | None) -> bool:
     return abs(new - old) > MIN_CHANGE * max(abs(old), 1e-9)
 
 
-# Long: the fleet tuner's decision, its rules in the order README 'Adaptive batching' gives them.
+# Long: the fleet tuner's decision, its rules in the order docs/adaptive-batching.md gives them.
 def tune(  # noqa: PLR0912
     policy: Policy,
     stats: Sequence[PolicyStats],

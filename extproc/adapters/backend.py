@@ -96,7 +96,7 @@ class HttpBackend:
 
     def __init__(self, proxy: str | None = None) -> None:
         """`proxy`: an HTTP proxy (http://host:port, an Envoy listener) every batch call goes
-        through, for http:// backend URLs (README "The batch call through Envoy")."""
+        through, for http:// backend URLs (docs/operations.md, "The batch call through Envoy")."""
         self._session: aiohttp.ClientSession | None = None
         self._proxy = proxy
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one ext_proc process (names documented in README.md, "Metrics")."""
+"""Prometheus metrics of one ext_proc process (names documented in docs/operations.md,
+"Metrics")."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ _TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1
 
 
 class PrometheusMetrics:
-    # Long: the table of every metric, its help text and labels (README 'Operations').
+    # Long: the table of every metric, its help text and labels (docs/operations.md).
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -208,7 +209,8 @@ class PrometheusMetrics:
         self.peer_forwarded = Counter(
             "mlproxy_peer_forwarded",
             "Requests this replica forwarded to the replica that owns their batching key "
-            '(README "Fleets: one owner per model"), by outcome: ok (the owner answered), '
+            '(docs/adaptive-batching.md, "Fleets: one owner per model"), by outcome: ok (the '
+            "owner answered), "
             "fallback (the owner could not be reached or refused: batched here instead), "
             "timeout (the owner did not answer in the request's time: answered 504).",
             ["policy", "outcome"],

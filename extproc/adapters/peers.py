@@ -5,7 +5,7 @@ times smaller and their batches collide on the backend. So the fleet agrees, per
 (policy name + the backend URL its route resolves to), on one owner replica by rendezvous
 hashing over the live members (extproc/core/owner.py); a replica that receives a request for a
 key it does not own forwards the parsed-ok request to the owner over the peer port, and answers
-its Envoy stream with the owner's reply. README "Fleets: one owner per model".
+its Envoy stream with the owner's reply. docs/adaptive-batching.md, "Fleets: one owner per model".
 
 - Members: the replicas whose heartbeat record (Redis, `mlproxy:replica:*`) has a peer address
   that is an IP literal inside `--peer-networks`, signed with the fleet token (`peer_signature`:

@@ -50,12 +50,12 @@ _PROCESS_LIMIT = "the largest body this MLProxy replica receives, --max-body-byt
 # What a ProcessingRequest adds around a buffered body: tags, lengths, end_of_stream.
 BODY_FRAMING_BYTES = 32
 # Largest body accepted in one message when nothing else is said (grpcio's own default
-# receive limit is 4 MiB; see README "ext_proc's gRPC port: limits").
+# receive limit is 4 MiB; see docs/security.md, "ext_proc's gRPC port: limits").
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Open ext_proc streams (requests held) per process. Each held stream costs about 25 KB here
 # (grpcio's call and the handler task; `mlproxy extproc` idles at about 80 MB): 8,192 take about
-# 290 MB, which fits the manifests' 512 MiB limit with room for bodies. README "ext_proc's gRPC
-# port: limits".
+# 290 MB, which fits the manifests' 512 MiB limit with room for bodies. docs/security.md,
+# "ext_proc's gRPC port: limits".
 DEFAULT_MAX_STREAMS = 8_192
 
 
@@ -282,7 +282,7 @@ class ExtProcServicer:
         hard stop, `stream_headroom` more), only a client holding less than an even share of
         the cap:
         one client holding unfinished requests must not take every stream of this replica
-        (README "Security": one client cannot starve the others)."""
+        (docs/security.md: one client cannot starve the others)."""
         if self._open <= self.limits.max_streams:
             return True
         # at least one: more clients than streams must not lock every new client out
@@ -554,7 +554,7 @@ class ExtProcServicer:
             self._time_log.warning(
                 "missing",
                 "Envoy sent no request.time attribute: add request.time to the ext_proc "
-                'filter\'s request_attributes (README "Envoy settings"); until then a '
+                "filter's request_attributes (docs/envoy-settings.md); until then a "
                 "request's SLA clock starts when it reaches ext_proc",
             )
         elif inbound.status == "invalid":

@@ -98,7 +98,7 @@ _BODY_BYTES_FIELD = 1  # HttpBody.body
 # tiny fields or attributes would otherwise be decoded, or walked in Python, on the event loop.
 _MAX_FIELDS = 64
 # What one message may carry besides its header map and its body, in bytes: request attributes
-# (the filter's request_attributes name a few short values, README "Envoy settings") and
+# (the filter's request_attributes name a few short values, docs/envoy-settings.md) and
 # whatever else a peer adds.
 MAX_OTHER_BYTES = 64 * 1024
 

@@ -473,7 +473,7 @@ _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 def _model_of(path: str) -> dict[str, str]:
     """`model_name` (and `model_version`) for a client's answer, from the V2 path the batch
     was sent to: the answer's own are the batch's, written by the backend, and could carry
-    another client's input (README "The data path: isolation and backend answers")."""
+    another client's input (docs/security.md, "The data path: isolation and backend answers")."""
     found = _MODEL_PATH.search(path)
     if found is None:
         return {}

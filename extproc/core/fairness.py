@@ -13,7 +13,7 @@ the queue is shared max-min fairly between the clients that have requests in it:
 
 So a client filling the queue gets the 429s, and a client sending at its fair share never
 does. The client identity is whatever the runtime passes: the mTLS peer or the downstream
-address Envoy saw (README "Security"); requests without one share the identity "".
+address Envoy saw (docs/security.md); requests without one share the identity "".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A request's SLA is the client's: it starts when Envoy received the request, not when its
 headers reached ext_proc, and it ends when the client has the answer, not when ext_proc hands
-it to gRPC (README "Adaptive batching", "Deadlines").
+it to gRPC (docs/adaptive-batching.md, "Deadlines").
 
 Inbound. Envoy sends its `request.time` attribute: when it received the request's first byte,
 by its own wall clock, as an RFC 3339 string. `local_receive - request_time` cannot be trusted

@@ -69,7 +69,7 @@ def heartbeat(r: redis.Redis, replica: str) -> dict[str, Any]:
 async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every_replica(
     doomed_stack: Stack,
 ) -> None:
-    """The README says ext_proc's user can only overwrite or delete a key, "which the store
+    """docs/security.md says ext_proc's user can only overwrite or delete a key, "which the store
     generation detects as data loss". Deleting the policies hash (and nothing else) keeps the
     generation: both replicas resync to an empty policy set, the demo model is then served
     unbatched and unchecked (no max_body_bytes, no queue shares), and nothing counts a reset.

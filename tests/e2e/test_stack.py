@@ -165,8 +165,8 @@ def test_children_die_with_a_killed_supervisor() -> None:
 
 
 def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
-    """The README's `mlproxy up --policies examples/policies.yaml`: the example's backend is the
-    demo model on its default port."""
+    """docs/quickstart.md's `mlproxy up --policies examples/policies.yaml`: the example's
+    backend is the demo model on its default port."""
     port = ports.reserve()
     example = ("--policies", str(ROOT / "examples" / "policies.yaml"))
     if not port_free("127.0.0.1", 8001):  # taken on this machine: `up` must say so, start nothing

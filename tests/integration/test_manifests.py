@@ -67,14 +67,14 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "examples", root / "examples")
     for name in ("redis-password", "admin-tokens", "read-tokens", "peer-token"):
         (root / "manifests/base/secrets" / name).write_text(secrets.token_urlsafe(32))
-    # An operator's overlay with the external Redis component, as README.md shows it.
+    # An operator's overlay with the external Redis component, as docs/kubernetes.md shows it.
     external = root / EXTERNAL_REDIS
     external.mkdir(parents=True)
     (external / "kustomization.yaml").write_text(
         "resources: [../../base]\ncomponents: [../../components/external-redis]\n"
     )
-    # An operator's overlay with mTLS from cert-manager (README.md, "Authentication and
-    # encryption (mTLS)").
+    # An operator's overlay with mTLS from cert-manager (docs/security.md,
+    # "Authentication and encryption (mTLS)").
     (root / CERT_MANAGER).mkdir(parents=True)
     (root / CERT_MANAGER / "kustomization.yaml").write_text(
         "resources: [../../base]\ncomponents: [../../components/cert-manager]\n"
@@ -866,8 +866,9 @@ def test_only_the_gateway_reaches_extproc_and_only_mlproxy_reaches_redis(
 def test_the_replicas_peer_with_a_token_from_a_secret_inside_the_pod_network(
     rendered: dict[str, list[Obj]], path: str
 ) -> None:
-    """README "Fleets: one owner per model": the peer port is on, advertised at the pod's IP,
-    and the fleet token is a mounted Secret's file (never a value in the manifest)."""
+    """docs/adaptive-batching.md, "Fleets: one owner per model": the peer port is on,
+    advertised at the pod's IP, and the fleet token is a mounted Secret's file (never a value in
+    the manifest)."""
     objs = rendered[path]
     extproc = find(objs, "Deployment", "mlproxy-extproc")
     pod = extproc["spec"]["template"]["spec"]
@@ -932,7 +933,7 @@ def settings(filter_config: Obj) -> Obj:
 
 def extproc_cluster_settings(c: Obj) -> Obj:
     """What MLProxy needs of the ext_proc cluster (DESIGN.md section 2), and how Envoy notices
-    a dead or draining replica (README: "Envoy: health checks, limits, fail-open")."""
+    a dead or draining replica (docs/security.md, "Envoy: health checks, limits, fail-open")."""
     return {
         "http2": c["typed_extension_protocol_options"][
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -1210,7 +1211,7 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
         assert listener["per_connection_buffer_limit_bytes"] == MIB, name
         limits = downstream_limits(bootstrap)
         if name == "envoy-gateway":
-            # Not settable there (README: "Envoy: health checks, limits, fail-open").
+            # Not settable there (docs/security.md, "Envoy: health checks, limits, fail-open").
             assert limits == {**want_limits, "request_headers_timeout": None}, name
             (connection_limit,) = [
                 f

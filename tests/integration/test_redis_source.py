@@ -175,10 +175,10 @@ async def test_an_unreadable_record_does_not_remove_the_policy(
 async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_ones(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
-    """Peer discovery (README "Fleets: one owner per model"): each replica's record holds its
-    peer address, signed at every beat; every heartbeat hands the live records' (id,
-    peer_address, peer_signature) to the fleet with the heartbeat TTL, skipping what is not a
-    record (oversized, not JSON, not an object)."""
+    """Peer discovery (docs/adaptive-batching.md, "Fleets: one owner per model"): each
+    replica's record holds its peer address, signed at every beat; every heartbeat hands the
+    live records' (id, peer_address, peer_signature) to the fleet with the heartbeat TTL,
+    skipping what is not a record (oversized, not JSON, not an object)."""
     seen: list[dict[str, object]] = []
     signatures: dict[str, object] = {}
     ttls: set[float] = set()

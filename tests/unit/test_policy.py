@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mlproxy_kernel.policy import Policy, PolicyFileError, Router, load_policy_file, parse_policies
+from tests import docs
 
 
 def policy(**overrides: object) -> dict[str, object]:
@@ -183,11 +184,10 @@ def test_long_paths_and_crowded_segments_cannot_stall_the_matcher() -> None:
 
 
 def test_the_readmes_policies_for_each_kind_of_server_are_valid() -> None:
-    """README "In front of your model server": the example file parses, one policy per codec
-    (a typo there would send a new user to a validation error)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### In front of your model server", 1)[1]
-    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    """docs/protocols.md, "In front of your model server": the example file parses, one policy
+    per codec (a typo there would send a new user to a validation error)."""
+    text = docs.section("In front of your model server")
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     policies = parse_policies(yaml.safe_load(block))
     assert {p.codec for p in policies} == {
         "kserve-v1",
@@ -244,9 +244,10 @@ def test_body_fields_are_checked(body: dict[str, object]) -> None:
 
 
 def test_the_readmes_body_match_example_is_valid_and_routes_by_model() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### Matching on a body field", 1)[1]
-    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    """docs/policies.md, "Matching on a body field": the example routes each model to its
+    own server."""
+    text = docs.section("Matching on a body field")
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     router = Router(parse_policies(yaml.safe_load(block)))
     route = router.choose("/v1/embeddings", b'{"model": "e5-large", "input": "x"}')
     assert route is not None and route.backend_url.startswith("http://e5-large.")

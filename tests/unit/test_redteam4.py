@@ -282,7 +282,7 @@ def _missed_when_a_second_batch_runs_at_half_speed(rule: AdaptiveRule, rate: flo
     "at 300 req/s collapsed in 5 of 20 runs (batches of 8-9, 15-29% misses) where the rule "
     "as it is did not in 14, each time after the fleet tuner's first change; carrying a "
     "trial across policy versions did not stop it, the cause is not found: reverted "
-    "(README, Known gaps). Since red team 6 a backlog of more than a full batch and the "
+    "(docs/security.md, Known gaps). Since red team 6 a backlog of more than a full batch and the "
     "held batches of every slot and the next is sent at the largest batch: 6.5% at 250 req/s "
     "and 4.7% at 280, still failing",
 )

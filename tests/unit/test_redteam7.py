@@ -4,7 +4,7 @@ A client that sends a few requests of many instances each (each well under the b
 trips the backlog rule (more queued than a full batch), which plans the next batch at the
 largest size the SLA allows; a small request that a short batch would still deliver counts
 as late against that size, gives way, and waits behind the big late request that the batch
-has no room for. Kept as an expected failure until the rule tells the two apart (README,
+has no room for. Kept as an expected failure until the rule tells the two apart (docs/security.md,
 Known gaps)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.unit.test_rules import _poisson, _server_rule, _simulate
     "of another client's 50 req/s miss (0.2% before the backlog rule, da63825): its small "
     "requests count as late against the backlog batch's size and wait behind the big late "
     "one; keeping the smallest batch at one undoes the backlog rule (88% misses in "
-    "test_redteam6), skipping the big late one halves it only (README, Known gaps)",
+    "test_redteam6), skipping the big late one halves it only (docs/security.md, Known gaps)",
 )
 def test_a_few_big_requests_do_not_make_another_clients_requests_miss() -> None:
     """The production rule (the backend's time known, batches of up to 64, one in flight,

@@ -909,7 +909,7 @@ def test_a_noisy_server_with_four_workers_keeps_its_four_slots() -> None:
         run = _simulate(
             rule, arrivals, workers=4, wait_at_server=True, overhead=0.002, noise=0.2, rng=rng
         )
-        # after the start-up's first two seconds (the limit starts at one; see the README's
+        # after the start-up's first two seconds (the limit starts at one; see docs/security.md,
         # Known gaps): the in-flight learner's steady state is what this is about
         answered = [
             (r.answered, r.deadline)
