@@ -18,9 +18,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from controlplane.app import create_app
+from controlplane.domain.ports import StoreUnavailable
 from controlplane.settings import Settings
 from extproc.adapters.metrics import PrometheusMetrics
 
@@ -156,7 +156,7 @@ def exposition_names(text: str) -> set[str]:
 
 class _NoRedis:
     async def ping(self) -> bool:
-        raise RedisConnectionError("no Redis in this test")
+        raise StoreUnavailable("no Redis in this test")
 
 
 async def _controlplane_exposition() -> str:
