@@ -31,8 +31,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from controlplane.adapters.generation import GenerationFollower
-from controlplane.adapters.lease import MAX_TERM
-from controlplane.domain.ports import Fence, LeaseLost, NotFound, StoreInfo, StoreUnavailable
+from controlplane.domain.ports import (
+    MAX_TERM,
+    Fence,
+    LeaseLost,
+    NotFound,
+    StoreInfo,
+    StoreUnavailable,
+)
 from controlplane.domain.records import Precondition
 from mlproxy_kernel import keys
 from mlproxy_kernel.policy import Policy

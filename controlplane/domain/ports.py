@@ -18,6 +18,7 @@ from mlproxy_kernel.policy import Policy
 from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = [
+    "MAX_TERM",
     "Fence",
     "Lease",
     "LeaseLost",
@@ -29,6 +30,10 @@ __all__ = [
     "StoreInfo",
     "StoreUnavailable",
 ]
+
+# The highest term a lease takes: Lua (where Redis counts terms) counts exactly up to 2^53. A
+# control plane taking a lease a second for a million years stays far below it.
+MAX_TERM = 2**52
 
 # (lease key, the value the lease holds while its holder leads): a fenced write goes ahead
 # only while the lease still holds that value, checked with the write.
