@@ -5,8 +5,8 @@ experiments), held to the same behaviour by tests/integration/test_controlplane_
 
 The errors are part of the contract: a missing policy is `NotFound`, a failed precondition
 `records.PreconditionFailed` (HTTP 412), a fenced write after the lease was lost `LeaseLost`,
-a store that cannot be reached `StoreUnavailable` (the Redis adapters raise redis-py's own
-errors, which the app maps to 503 alike)."""
+a store that cannot be reached `StoreUnavailable` (RedisStore's ping raises it; its other
+calls raise redis-py's own errors, which the app answers with the same 503)."""
 
 from __future__ import annotations
 
