@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controlplane.adapters.lease import RedisLease
 from controlplane.adapters.redis_store import RedisStore
 from controlplane.adapters.store_watch import StoreMetrics, StoreWatch
 from controlplane.api import fleet as fleet_api
@@ -37,6 +36,7 @@ from controlplane.api.auth import PRINCIPAL, READ_METHODS, Authenticator, Princi
 from controlplane.api.deps import AUDIT, ERRORS
 from controlplane.api.limits import RequestBody
 from controlplane.audit import audit
+from controlplane.domain.ports import Store, StoreUnavailable
 from controlplane.settings import Settings
 from controlplane.tuner_loop import FleetTuner
 from mlproxy_common.aio import stop_task
@@ -185,6 +185,11 @@ def _error_handlers(app: FastAPI) -> None:
             {"Retry-After": "1"},
         )
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.error("policy store unavailable: %s", exc)
+        return _error(503, f"policy store unavailable ({exc}); retry later", {"Retry-After": "1"})
+
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         # Starlette logs the traceback (the exception is raised again after this answer).
@@ -196,8 +201,12 @@ def _error_handlers(app: FastAPI) -> None:
 # Long: the composition root: the store, tuner and watch (lifespan), middleware, error
 # handlers and routers, wired in one place.
 def create_app(
-    settings: Settings, store: RedisStore | None = None, store_check_interval: float = 1.0
+    settings: Settings, store: Store | None = None, store_check_interval: float = 1.0
 ) -> FastAPI:
+    """The API on `store` (its owner closes it), or on Redis at `settings.redis_url` (opened
+    and closed with the app's lifespan). The routes see the store only through its ports
+    (controlplane/domain/ports.py), so unit tests run the app on the in-memory store
+    (controlplane/adapters/memory.py)."""
     registry = CollectorRegistry()
     store_metrics = StoreMetrics(registry)
     requests, writes, redis_up = _metrics(registry)
@@ -210,12 +219,7 @@ def create_app(
         task = None
         app.state.lease = None
         if settings.tuner_interval > 0:
-            lease = RedisLease(
-                app.state.store.redis,
-                _holder_id(),
-                settings.tuner_lease,
-                floor=lambda: int(app.state.store.highest_term),
-            )
+            lease = app.state.store.lease(_holder_id(), settings.tuner_lease)
             app.state.lease = lease
             tuner = FleetTuner(
                 app.state.store, settings.tuner_interval, lease=lease, hold=settings.tuner_hold
@@ -246,6 +250,7 @@ def create_app(
     app.state.registry = registry
     app.state.writes = writes
     app.state.redis_up = redis_up
+    app.state.lease = None  # the tuner's, while the lifespan runs it
     if store is not None:
         app.state.store = store
     # Observe (added last) is outermost: counting and the audit line see every answer; the

@@ -14,30 +14,41 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from controlplane.adapters.lease import RedisLease
-from controlplane.adapters.redis_store import LeaseLost, RedisStore
 from controlplane.audit import audit
+from controlplane.domain.ports import (
+    Fence,
+    Lease,
+    LeaseLost,
+    PolicyRepository,
+    ReplicaRegistry,
+    StoreUnavailable,
+)
 from controlplane.domain.records import Precondition, PreconditionFailed
 from controlplane.domain.tuner import MIN_INTERVAL, Decision, tune
 from mlproxy_common.aio import raise_if_cancelling
 from mlproxy_kernel.policy import Policy
 from mlproxy_kernel.replica import PolicyStats
 
-__all__ = ["FleetTuner"]
+__all__ = ["FleetTuner", "TunedStore"]
 
 log = logging.getLogger(__name__)
+
+
+class TunedStore(PolicyRepository, ReplicaRegistry, Protocol):
+    """What the tuner reads (policies, heartbeats) and writes (policies, decisions)."""
 
 
 class FleetTuner:
     def __init__(
         self,
-        store: RedisStore,
+        store: TunedStore,
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
-        lease: RedisLease | None = None,
+        lease: Lease | None = None,
         hold: float = MIN_INTERVAL,  # seconds between two changes of one policy
     ) -> None:
         self.store = store
@@ -47,7 +58,7 @@ class FleetTuner:
         self.lease = lease
         self._last_change: dict[str, float] = {}
 
-    async def run_once(self, fence: tuple[str, str] | None = None) -> list[Decision]:
+    async def run_once(self, fence: Fence | None = None) -> list[Decision]:
         """One round; the decisions written. With `fence`, every write is fenced by it."""
         policies = await self.store.all_policies()
         replicas = await self.store.replicas()
@@ -60,8 +71,8 @@ class FleetTuner:
             except LeaseLost:
                 log.warning("tuner: lease lost during a round; its remaining writes dropped")
                 break
-            except RedisError:
-                raise  # the whole round: Redis is down
+            except (RedisError, StoreUnavailable):
+                raise  # the whole round: the store is down
             except Exception:  # one policy's failure must not stop the others being tuned
                 log.exception("tuner: policy %s skipped this round", policy.name)
                 continue
@@ -76,7 +87,7 @@ class FleetTuner:
         policy: Policy,
         stats: list[PolicyStats],
         now: float,
-        fence: tuple[str, str] | None = None,
+        fence: Fence | None = None,
     ) -> Decision | None:
         decision = tune(policy, stats, now, self._last_change.get(policy.name), hold=self.hold)
         if decision is None:
@@ -129,7 +140,7 @@ class FleetTuner:
                     if failing:
                         log.info("tuner: Redis reachable again")
                     failing = False
-                except RedisError as err:
+                except (RedisError, StoreUnavailable) as err:
                     raise_if_cancelling()  # a cancel redis-py turned into its own error
                     if not failing:
                         log.warning("tuner: round skipped, Redis unreachable: %s", err)

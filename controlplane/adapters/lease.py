@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from controlplane.domain.ports import MAX_TERM
 from mlproxy_kernel import keys
 
 __all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease", "valid_term"]
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 # The longest lease a control plane writes (MLPROXY_TUNER_LEASE_S's bound). A lease with a
 # longer TTL, or none, was written by someone else and is taken over.
 MAX_LEASE_S = 3600.0
-# The highest term: Lua (where terms are counted) counts exactly up to 2^53. A control plane
-# taking a lease a second for a million years stays far below it.
-MAX_TERM = 2**52
 
 
 def valid_term(raw: Any) -> int | None:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError, WatchError
 
-from controlplane.adapters.lease import valid_term
+from controlplane.adapters.generation import GenerationFollower
+from controlplane.adapters.lease import RedisLease, valid_term
+from controlplane.domain.ports import Fence, LeaseLost, NotFound, StoreInfo, StoreUnavailable
 from controlplane.domain.records import Precondition
 from mlproxy_common.redis_auth import redis_client  # credentials from env/files
 from mlproxy_common.redis_scan import bounded_values, scan_names
@@ -44,14 +45,6 @@ log = logging.getLogger(__name__)
 # this size (a record with 256 batch samples for each of a few hundred policies).
 MAX_REPLICA_RECORDS = 1024
 MAX_RECORD_BYTES = 1 << 20
-
-
-class NotFound(LookupError):
-    pass
-
-
-class LeaseLost(RuntimeError):
-    """A fenced write refused: the writer no longer holds the lease it wrote under."""
 
 
 def _now() -> datetime:
@@ -112,50 +105,29 @@ def _text(raw: Any) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-@dataclass(frozen=True, slots=True)
-class StoreInfo:
-    """The store's generation as one snapshot read it."""
-
-    generation: str | None  # None: the store has none (new, or emptied)
-    created_at: str | None
-    created_by: str | None
-    published: bool
-    version: int  # the version counter
-    term: int  # the tuner's term counter
-
-    @classmethod
-    def parse(cls, store: dict[Any, Any], version: Any, term: Any) -> StoreInfo:
-        fields = {_text(k): _text(v) for k, v in store.items()}
-        return cls(
-            generation=fields.get("generation") or None,
-            created_at=fields.get("created_at"),
-            created_by=fields.get("created_by"),
-            published=fields.get("published") == "1",
-            version=int(version or 0),
-            # a counter that is no term a control plane takes (junk from a Redis writer)
-            # counts as none; the lease says so, loudly, when it next takes a term
-            term=valid_term(term) or 0,
-        )
+def _info(store: dict[Any, Any], version: Any, term: Any) -> StoreInfo:
+    """The store hash and the two counters, as read."""
+    fields = {_text(k): _text(v) for k, v in store.items()}
+    return StoreInfo(
+        generation=fields.get("generation") or None,
+        created_at=fields.get("created_at"),
+        created_by=fields.get("created_by"),
+        published=fields.get("published") == "1",
+        version=int(version or 0),
+        # a counter that is no term a control plane takes (junk from a Redis writer)
+        # counts as none; the lease says so, loudly, when it next takes a term
+        term=valid_term(term) or 0,
+    )
 
 
 class _NoGeneration(Exception):
     """A write found the store without a generation: create one, then write."""
 
 
-class RedisStore:
+class RedisStore(GenerationFollower):
     def __init__(self, client: aioredis.Redis, holder: str | None = None) -> None:
+        super().__init__(holder)
         self.redis = client
-        self.holder = holder or f"controlplane-{secrets.token_hex(3)}"
-        # What this process has seen of the store: its generation, and the highest version
-        # and tuner term (the floors a new generation's counters start from).
-        self.generation: str | None = None
-        self.highest_version = 0
-        self.highest_term = 0
-        self.resets = 0  # times this process saw the store lose its generation
-        self.on_reset: Callable[[], None] = lambda: None
-        self.on_generation: Callable[[str], None] = lambda generation: None
-        self._lost = False  # the generation vanished and no new one was seen yet
-        self._counter_seen = 0  # the highest counter value read in the current generation
 
     @classmethod
     def from_url(cls, url: str, holder: str | None = None) -> RedisStore:
@@ -163,48 +135,16 @@ class RedisStore:
         return cls(client, holder)
 
     async def ping(self) -> bool:
-        return bool(await self.redis.ping())
+        try:
+            return bool(await self.redis.ping())
+        except RedisError as err:
+            raise StoreUnavailable(f"Redis: {type(err).__name__}") from err
 
-    # --- the store generation
+    def lease(self, holder: str, ttl: float) -> RedisLease:
+        """The tuner's lease in this Redis; its terms start above this store's highest."""
+        return RedisLease(self.redis, holder, ttl, floor=lambda: int(self.highest_term))
 
-    def _observe(self, generation: str | None) -> None:
-        """Note the generation a read found; a reset if it is not the one seen before."""
-        if generation == self.generation:
-            return
-        if self.generation is None:  # the first one this process sees
-            if generation is not None:
-                self.generation = generation
-                self.on_generation(generation)
-            return
-        if not self._lost:
-            self._lost = True
-            self.resets += 1
-            self.on_reset()
-            log.error(
-                "POLICY STORE RESET: Redis lost the policy store (generation %s is gone; "
-                "highest version seen %d). The ext_proc replicas keep serving their last-known "
-                "policies. Re-apply the policies from git (`mlproxy policy apply -f ...`), "
-                "check `mlproxy replicas` until no replica keeps old policies, and find out "
-                "why Redis lost its data (restart without persistence, FLUSHALL, failover)",
-                self.generation,
-                self.highest_version,
-            )
-        if generation is not None:
-            log.warning(
-                "policy store: now generation %s (was %s); versions continue above %d",
-                generation,
-                self.generation,
-                self.highest_version,
-            )
-            self.generation = generation
-            self._lost = False
-            self._counter_seen = 0
-            self.on_generation(generation)
-
-    def _seen(self, version: int) -> None:
-        """A counter value read or written in the current generation."""
-        self._counter_seen = max(self._counter_seen, version)
-        self.highest_version = max(self.highest_version, version)
+    # --- the store generation (the rules: generation.py)
 
     async def info(self) -> StoreInfo:
         """One snapshot of the generation and the counters (no side effects)."""
@@ -213,60 +153,7 @@ class RedisStore:
             pipe.get(keys.VERSION)
             pipe.get(keys.TUNER_TOKEN)
             store, version, term = await pipe.execute()
-        return StoreInfo.parse(store, version, term)
-
-    async def check(self, floor: int = 0) -> StoreInfo:
-        """Make sure the store has a generation, and that its counters are not below what
-        this process has seen (nor below `floor`, e.g. from the replicas' heartbeats):
-        create the generation if there is none; replace it if the counter went back within
-        it (the store lost writes); raise the counters if another process created it with
-        lower floors. Returns the state after."""
-        self.highest_version = max(self.highest_version, floor)
-        for _ in range(5):
-            info = await self.info()
-            regressed = (
-                info.generation is not None
-                and info.generation == self.generation
-                and info.version < self._counter_seen
-            )
-            if regressed:
-                log.error(
-                    "POLICY STORE RESET: the version counter of generation %s went back from "
-                    "%d to %d: Redis lost writes (a failover to a lagging server?); replacing "
-                    "the generation so that no replica takes an old version for a new one",
-                    info.generation,
-                    self._counter_seen,
-                    info.version,
-                )
-            if info.generation is None or regressed:
-                self._observe(None)
-                created = await self._create(info.generation or "")
-                if created is not None:
-                    log.warning(
-                        "policy store: created generation %s (versions start above %d, tuner "
-                        "terms above %d)",
-                        created,
-                        self.highest_version,
-                        self.highest_term,
-                    )
-                continue  # read what is there now
-            self._observe(info.generation)
-            if info.version < self.highest_version or info.term < self.highest_term:
-                await self.redis.eval(
-                    _RAISE,
-                    3,
-                    keys.STORE,
-                    keys.VERSION,
-                    keys.TUNER_TOKEN,
-                    info.generation,
-                    self.highest_version,
-                    self.highest_term,
-                )
-                continue
-            self._seen(info.version)
-            self.highest_term = max(self.highest_term, info.term)
-            return info
-        raise RedisError("the policy store's generation keeps changing; retry")
+        return _info(store, version, term)
 
     async def _create(self, expected: str) -> str | None:
         """A new generation if the store still holds `expected` ("" for none); its id, or
@@ -289,19 +176,20 @@ class RedisStore:
         )
         return new if int(result[0]) == 1 else None
 
-    async def publish(self) -> StoreInfo:
-        """Mark the current generation as holding the whole policy set: replicas drop the
-        policies they kept from an earlier generation that it does not have."""
-        info = await self.check()
-        assert info.generation is not None
-        if not info.published:
-            await self.redis.eval(_PUBLISH, 1, keys.STORE, info.generation, keys.CHANGES)
-            log.warning(
-                "policy store: generation %s published; replicas now apply exactly its "
-                "policies and drop those kept from an earlier generation",
-                info.generation,
-            )
-        return await self.info()
+    async def _raise_counters(self, generation: str) -> None:
+        await self.redis.eval(
+            _RAISE,
+            3,
+            keys.STORE,
+            keys.VERSION,
+            keys.TUNER_TOKEN,
+            generation,
+            self.highest_version,
+            self.highest_term,
+        )
+
+    async def _publish(self, generation: str) -> None:
+        await self.redis.eval(_PUBLISH, 1, keys.STORE, generation, keys.CHANGES)
 
     async def all_policies(self) -> list[Policy]:
         raw = await self.redis.hgetall(keys.POLICIES)
@@ -318,7 +206,7 @@ class RedisStore:
         name: str,
         body: dict[str, Any],
         precondition: Precondition,
-        fence: tuple[str, str] | None = None,
+        fence: Fence | None = None,
     ) -> Policy:
         """Create or replace `name` if the precondition holds; returns the stored record.
         With `fence` (key, value), only while that key still holds that value (LeaseLost if
@@ -330,7 +218,7 @@ class RedisStore:
         name: str,
         body: dict[str, Any],
         precondition: Precondition,
-        fence: tuple[str, str] | None = None,
+        fence: Fence | None = None,
     ) -> tuple[Policy | None, Policy]:
         """As put(); returns the record replaced (None: created) and the one stored."""
         while True:
@@ -505,3 +393,10 @@ def _valid(model: type[M], raws: Iterable[bytes | str]) -> list[M]:
 
 def _change(op: str, name: str, version: int, generation: str) -> str:
     return json.dumps({"op": op, "name": name, "version": version, "generation": generation})
+
+
+if TYPE_CHECKING:  # mypy: the adapters implement the ports
+    from controlplane.domain.ports import Lease, Store
+
+    def _implements(store: RedisStore, lease: RedisLease) -> tuple[Store, Lease]:
+        return store, lease

@@ -19,62 +19,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from controlplane.adapters.lease import RedisLease
-from controlplane.adapters.redis_store import RedisStore, StoreInfo
+from controlplane.domain.ports import Lease, ReplicaRegistry, StoreGenerations, StoreInfo
+from controlplane.domain.records import StoreStatus, heartbeat_floor, store_status
 from mlproxy_common.aio import raise_if_cancelling
 from mlproxy_kernel.replica import ReplicaRecord
 
-__all__ = ["StoreMetrics", "StoreStatus", "StoreWatch", "heartbeat_floor", "store_status"]
+__all__ = [
+    "StoreMetrics",
+    "StoreStatus",
+    "StoreWatch",
+    "WatchedStore",
+    "heartbeat_floor",
+    "store_status",
+]
 
 log = logging.getLogger(__name__)
 
 
-class StoreStatus(BaseModel):
-    """`GET /v1/store` and the `store` part of `GET /v1/replicas`."""
-
-    generation: str | None
-    created_at: str | None = None
-    created_by: str | None = None
-    published: bool
-    version: int  # the version counter: the last version given to a change
-    resets_seen: int  # times this control plane process saw the store lose its generation
-    replicas: int  # live replicas
-    replicas_on_generation: int  # ... that follow this generation
-    replicas_carrying: list[str]  # ... that still apply policies of an earlier generation
-    replicas_elsewhere: list[str]  # ... that follow another generation or wait for one
-
-
-def store_status(info: StoreInfo, replicas: list[ReplicaRecord], resets: int) -> StoreStatus:
-    on = [r for r in replicas if r.generation == info.generation and not r.store_lost]
-    return StoreStatus(
-        generation=info.generation,
-        created_at=info.created_at,
-        created_by=info.created_by,
-        published=info.published,
-        version=info.version,
-        resets_seen=resets,
-        replicas=len(replicas),
-        replicas_on_generation=len(on),
-        replicas_carrying=sorted(r.id for r in replicas if r.carried),
-        replicas_elsewhere=sorted(r.id for r in replicas if r not in on),
-    )
-
-
-def heartbeat_floor(replicas: list[ReplicaRecord]) -> int:
-    """The highest version any live replica has seen."""
-    return max(
-        (
-            v
-            for r in replicas
-            for v in (r.highest_version, *r.policies.values(), *r.carried.values())
-        ),
-        default=0,
-    )
+class WatchedStore(ReplicaRegistry, StoreGenerations, Protocol):
+    """What the watch reads: the replicas (their versions are a floor) and the generation."""
 
 
 class StoreMetrics:
@@ -101,7 +69,7 @@ class StoreMetrics:
             registry=registry,
         )
 
-    def attach(self, store: RedisStore) -> None:
+    def attach(self, store: StoreGenerations) -> None:
         store.on_reset = self.resets.inc
         store.on_generation = self.set_generation
         if store.generation is not None:
@@ -115,11 +83,11 @@ class StoreMetrics:
 class StoreWatch:
     def __init__(
         self,
-        store: RedisStore,
+        store: WatchedStore,
         metrics: StoreMetrics,
         interval: float = 1.0,
         publish_grace: float = 15.0,
-        lease: RedisLease | None = None,
+        lease: Lease | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store

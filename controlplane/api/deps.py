@@ -1,5 +1,6 @@
-"""What the API's routes share: the store, the checks a write makes before its body is
-parsed, its preconditions, what it leaves for the audit line, and the error model."""
+"""What the API's routes share: the store (through its ports, controlplane/domain/ports.py),
+the checks a write makes before its body is parsed, its preconditions, what it leaves for the
+audit line, and the error model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import HTTPException, Path, Request
 from pydantic import BaseModel
 
-from controlplane.adapters.redis_store import RedisStore
+from controlplane.domain.ports import Lease, Store
 from controlplane.domain.records import Precondition
 from mlproxy_kernel.policy import NAME_PATTERN
 
@@ -19,6 +20,7 @@ __all__ = [
     "ErrorBody",
     "audit_details",
     "json_content",
+    "lease_of",
     "only_query",
     "preconditions",
     "store_of",
@@ -43,9 +45,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def store_of(request: Request) -> RedisStore:
-    s: RedisStore = request.app.state.store
+def store_of(request: Request) -> Store:
+    """The app's store (create_app's `store`: Redis, or the in-memory one in unit tests)."""
+    s: Store = request.app.state.store
     return s
+
+
+def lease_of(request: Request) -> Lease | None:
+    """The fleet tuner's lease; None while the app runs no tuner."""
+    lease: Lease | None = request.app.state.lease
+    return lease
 
 
 async def json_content(request: Request) -> None:

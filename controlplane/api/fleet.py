@@ -6,10 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from controlplane.adapters.lease import RedisLease
-from controlplane.adapters.store_watch import StoreStatus, store_status
 from controlplane.api.auth import GuardedRoute
-from controlplane.api.deps import ERRORS, store_of
+from controlplane.api.deps import ERRORS, lease_of, store_of
+from controlplane.domain.records import StoreStatus, store_status
 from mlproxy_kernel.replica import ReplicaRecord
 
 __all__ = ["ReplicaList", "TunerStatus", "router"]
@@ -43,7 +42,7 @@ async def list_replicas(request: Request) -> ReplicaList:
 async def tuner_status(request: Request) -> TunerStatus:
     """Which control plane process runs the fleet tuner now (the holder of its lease in
     Redis) and its term, and whether it is this one."""
-    lease: RedisLease | None = request.app.state.lease
+    lease = lease_of(request)
     if lease is None:
         return TunerStatus(enabled=False)
     held = await lease.current()

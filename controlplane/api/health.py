@@ -1,4 +1,5 @@
-"""`/healthz` (alive), `/readyz` (Redis reachable) and `/metrics` (Prometheus): no token."""
+"""`/healthz` (alive), `/readyz` (the policy store, Redis, reachable) and `/metrics`
+(Prometheus): no token."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
-from redis.exceptions import RedisError
 
 from controlplane.api.deps import store_of
+from controlplane.domain.ports import StoreUnavailable
 
 __all__ = ["METRICS_REDIS_CHECK_S", "router"]
 
@@ -30,14 +31,17 @@ async def healthz() -> dict[str, str]:
 
 
 async def redis_reachable(request: Request, within: float | None = None) -> str | None:
-    """None if Redis answers a PING (within `within` seconds), else why not; sets
+    """None if the store (Redis) answers a PING (within `within` seconds), else why not; sets
     mlproxy_cp_redis_up."""
     try:
         async with asyncio.timeout(within):
             await store_of(request).ping()
-    except (RedisError, TimeoutError) as err:
+    except StoreUnavailable as err:
         request.app.state.redis_up.set(0)
-        return type(err).__name__
+        return str(err)
+    except TimeoutError:
+        request.app.state.redis_up.set(0)
+        return "TimeoutError"
     request.app.state.redis_up.set(1)
     return None
 
@@ -46,7 +50,7 @@ async def redis_reachable(request: Request, within: float | None = None) -> str 
 async def readyz(request: Request) -> JSONResponse:
     problem = await redis_reachable(request)
     if problem is not None:
-        return _error(503, f"Redis unreachable: {problem}")
+        return _error(503, f"policy store unreachable ({problem})")
     return JSONResponse({"status": "ready"})
 
 

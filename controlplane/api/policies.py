@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from pydantic import BaseModel
 
-from controlplane.adapters.redis_store import NotFound
 from controlplane.api.auth import GuardedRoute
 from controlplane.api.deps import (
     ERRORS,
@@ -23,6 +22,7 @@ from controlplane.api.deps import (
     store_of,
 )
 from controlplane.audit import changed_fields
+from controlplane.domain.ports import NotFound
 from controlplane.domain.records import (
     EntityTags,
     PreconditionFailed,

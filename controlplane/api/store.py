@@ -7,9 +7,9 @@ import logging
 
 from fastapi import APIRouter, Request
 
-from controlplane.adapters.redis_store import RedisStore
-from controlplane.adapters.store_watch import StoreStatus, store_status
 from controlplane.api.auth import GuardedRoute
+from controlplane.api.deps import store_of
+from controlplane.domain.records import StoreStatus, store_status
 
 __all__ = ["router"]
 
@@ -20,17 +20,12 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 
 
-def _store(request: Request) -> RedisStore:
-    store: RedisStore = request.app.state.store
-    return store
-
-
 @router.get("/store")
 async def get_store(request: Request) -> StoreStatus:
     """The store generation (a random id; a new one after Redis lost its data), whether it
     is published, the version counter, and which live replicas follow it, still apply
     policies kept from an earlier generation, or follow another."""
-    store = _store(request)
+    store = store_of(request)
     info = await store.check()
     return store_status(info, await store.replicas(), store.resets)
 
@@ -40,7 +35,7 @@ async def publish_store(request: Request) -> StoreStatus:
     """Declare the current generation complete (every policy re-applied from git): the
     replicas drop the policies they kept from the lost generation and apply exactly the
     stored ones."""
-    store = _store(request)
+    store = store_of(request)
     info = await store.publish()
     log.warning("policy store generation %s published by an admin request", info.generation)
     return store_status(info, await store.replicas(), store.resets)

@@ -1,4 +1,5 @@
-"""Pure rules of the control plane: write preconditions and rollout status."""
+"""Pure rules of the control plane: write preconditions, rollout status and the store
+generation's status."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ __all__ = [
     "PreconditionFailed",
     "ReplicaRecord",
     "RolloutStatus",
+    "StoreInfo",
+    "StoreStatus",
     "etag",
+    "heartbeat_floor",
     "rollout",
     "runs",
+    "store_status",
 ]
 
 
@@ -188,4 +193,59 @@ def rollout(policy: Policy, replicas: list[ReplicaRecord], generation: str | Non
         converged=converged,
         complete=not behind and bool(replicas),
         behind=behind,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """The store's generation as one snapshot read it."""
+
+    generation: str | None  # None: the store has none (new, or emptied)
+    created_at: str | None
+    created_by: str | None
+    published: bool
+    version: int  # the version counter
+    term: int  # the tuner's term counter
+
+
+class StoreStatus(BaseModel):
+    """`GET /v1/store` and the `store` part of `GET /v1/replicas`."""
+
+    generation: str | None
+    created_at: str | None = None
+    created_by: str | None = None
+    published: bool
+    version: int  # the version counter: the last version given to a change
+    resets_seen: int  # times this control plane process saw the store lose its generation
+    replicas: int  # live replicas
+    replicas_on_generation: int  # ... that follow this generation
+    replicas_carrying: list[str]  # ... that still apply policies of an earlier generation
+    replicas_elsewhere: list[str]  # ... that follow another generation or wait for one
+
+
+def store_status(info: StoreInfo, replicas: list[ReplicaRecord], resets: int) -> StoreStatus:
+    on = [r for r in replicas if r.generation == info.generation and not r.store_lost]
+    return StoreStatus(
+        generation=info.generation,
+        created_at=info.created_at,
+        created_by=info.created_by,
+        published=info.published,
+        version=info.version,
+        resets_seen=resets,
+        replicas=len(replicas),
+        replicas_on_generation=len(on),
+        replicas_carrying=sorted(r.id for r in replicas if r.carried),
+        replicas_elsewhere=sorted(r.id for r in replicas if r not in on),
+    )
+
+
+def heartbeat_floor(replicas: list[ReplicaRecord]) -> int:
+    """The highest version any live replica has seen."""
+    return max(
+        (
+            v
+            for r in replicas
+            for v in (r.highest_version, *r.policies.values(), *r.carried.values())
+        ),
+        default=0,
     )

@@ -73,8 +73,68 @@ def _differs(old: float | None, new: float | None) -> bool:
     return abs(new - old) > MIN_CHANGE * max(abs(old), 1e-9)
 
 
-# Long: the fleet tuner's decision, its rules in the order docs/adaptive-batching.md gives them.
-def tune(  # noqa: PLR0912
+def _samples(policy: Policy, active: Sequence[PolicyStats]) -> list[tuple[int, float]]:
+    """The fleet's (batch size, backend ms) samples a backend call of this policy can have
+    made. Heartbeats come from Redis, which is hostile: a sample longer than the policy's
+    timeout, not finite, or with no instances is left out, so one bad record cannot make the
+    fit fail the Tuning bounds and stop the policy being tuned."""
+    limit_ms = float(policy.backend.timeout_ms)
+    return [
+        (size, ms)
+        for s in active
+        for size, ms in s.batch_samples
+        if size >= 1 and math.isfinite(ms) and 0 <= ms <= limit_ms
+    ]
+
+
+def _inputs(active: Sequence[PolicyStats], samples: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """What a decision is made from, as its record shows it."""
+    total_rate = sum(s.arrival_rate for s in active)
+    return {
+        "replicas": len(active),
+        "arrival_rate_total": round(total_rate, 3),
+        "arrival_rate_per_replica": round(total_rate / len(active), 3),
+        "requests": sum(s.requests for s in active),
+        "sla_misses": sum(s.sla_misses for s in active),
+        "samples": len(samples),
+    }
+
+
+def _margin(policy: Policy, old: Tuning, inputs: dict[str, Any]) -> tuple[float, list[str]]:
+    """The margin (ms) from the fleet's misses (`inputs`, where the miss rate is noted), and
+    why it moved; the operator's own margin as set (the tuner's would be ignored)."""
+    requests, misses = inputs["requests"], inputs["sla_misses"]
+    b, sla = policy.batching, policy.sla.latency_ms
+    if b.margin_ms is not None:
+        return b.margin_ms, []
+    margin = old.margin_ms if old.margin_ms is not None else DEFAULT_MARGIN * sla
+    reasons = []
+    allowed = (100.0 - policy.sla.percentile) / 100.0
+    target = allowed / 10.0
+    if requests >= 100:
+        miss_rate = misses / requests
+        inputs["miss_rate"] = round(miss_rate, 6)
+        if miss_rate > target:
+            margin = margin * 1.5 + 0.01 * sla
+            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): wider margin")
+        elif miss_rate < target / 4 and margin > DEFAULT_MARGIN * sla:
+            margin = max(margin * 0.85, DEFAULT_MARGIN * sla)
+            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): narrower margin")
+    # the tuner's own stays in range
+    return min(max(margin, MARGIN_RANGE[0] * sla), MARGIN_RANGE[1] * sla), reasons
+
+
+def _changes(old: Tuning, new: Tuning) -> dict[str, tuple[Any, Any]]:
+    """The fields worth a new version: field -> (old, new)."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name in ("max_batch_size", "margin_ms", "seed_base_ms", "seed_per_item_ms"):
+        before, after = getattr(old, name), getattr(new, name)
+        if _differs(before, after):
+            changes[name] = (before, after)
+    return changes
+
+
+def tune(
     policy: Policy,
     stats: Sequence[PolicyStats],
     now: float,
@@ -84,7 +144,9 @@ def tune(  # noqa: PLR0912
 ) -> Decision | None:
     """The new tuning for `policy` from its replicas' `stats`, or None to leave it; None too
     within `hold` seconds of its last change (at `last_change`). `hold` is best the replicas'
-    stats window, so that each decision sees only misses made under the previous one."""
+    stats window, so that each decision sees only misses made under the previous one. The
+    rules, in the order docs/adaptive-batching.md gives them: the margin from the misses,
+    then the seed from the fleet's fit."""
     b = policy.batching
     if b.mode != "adaptive" or not b.tune:
         return None
@@ -93,72 +155,25 @@ def tune(  # noqa: PLR0912
     active = [s for s in stats if s.arrival_rate > 0 or s.batches > 0]
     if not active:
         return None
-    sla = policy.sla.latency_ms
     old = policy.tuning or Tuning()
-    # Heartbeats come from Redis, which is hostile: a sample no backend call of this policy can
-    # have made (longer than its timeout, not finite, no instances) is left out, so one bad
-    # record cannot make the fit fail the Tuning bounds and stop the policy being tuned.
-    limit_ms = float(policy.backend.timeout_ms)
-    samples = [
-        (size, ms)
-        for s in active
-        for size, ms in s.batch_samples
-        if size >= 1 and math.isfinite(ms) and 0 <= ms <= limit_ms
-    ]
+    samples = _samples(policy, active)
     fit = _fit(samples, policy.sla.percentile)
-    requests = sum(s.requests for s in active)
-    misses = sum(s.sla_misses for s in active)
-    total_rate = sum(s.arrival_rate for s in active)
-    replicas = len(active)
-    per_replica = total_rate / replicas
-    inputs: dict[str, Any] = {
-        "replicas": replicas,
-        "arrival_rate_total": round(total_rate, 3),
-        "arrival_rate_per_replica": round(per_replica, 3),
-        "requests": requests,
-        "sla_misses": misses,
-        "samples": len(samples),
-    }
-    reasons = []
-
-    # margin, from the misses (unless the operator fixed it: then the tuner's would be ignored)
-    margin = old.margin_ms if old.margin_ms is not None else DEFAULT_MARGIN * sla
-    if b.margin_ms is not None:
-        margin = b.margin_ms
-    allowed = (100.0 - policy.sla.percentile) / 100.0
-    target = allowed / 10.0
-    if requests >= 100 and b.margin_ms is None:
-        miss_rate = misses / requests
-        inputs["miss_rate"] = round(miss_rate, 6)
-        if miss_rate > target:
-            margin = margin * 1.5 + 0.01 * sla
-            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): wider margin")
-        elif miss_rate < target / 4 and margin > DEFAULT_MARGIN * sla:
-            margin = max(margin * 0.85, DEFAULT_MARGIN * sla)
-            reasons.append(f"{miss_rate:.2%} missed (aim: {target:.2%}): narrower margin")
-    if b.margin_ms is None:  # the tuner's own stays in range; the operator's is as set
-        margin = min(max(margin, MARGIN_RANGE[0] * sla), MARGIN_RANGE[1] * sla)
-
-    # the seed, from the fit
+    inputs = _inputs(active, samples)
+    margin, reasons = _margin(policy, old, inputs)
     base, per_item = old.seed_base_ms, old.seed_per_item_ms
     if fit is not None:
         base, per_item = fit
         inputs["fit_base_ms"] = round(base, 3)
         inputs["fit_per_item_ms"] = round(per_item, 4)
-
     new = Tuning(
         max_batch_size=None,
         margin_ms=None if b.margin_ms is not None else round(margin, 3),
         seed_base_ms=None if base is None else round(base, 3),
         seed_per_item_ms=None if per_item is None else round(per_item, 4),
-        replicas=replicas,
+        replicas=len(active),
         reason="",
     )
-    changes: dict[str, tuple[Any, Any]] = {}
-    for name in ("max_batch_size", "margin_ms", "seed_base_ms", "seed_per_item_ms"):
-        before, after = getattr(old, name), getattr(new, name)
-        if _differs(before, after):
-            changes[name] = (before, after)
+    changes = _changes(old, new)
     if not changes:
         return None
     if "seed_base_ms" in changes or "seed_per_item_ms" in changes:
