@@ -36,7 +36,7 @@ from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import EXT_PROC_FILTER, local_config
 from mlproxy.loadgen import percentile
-from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy.stack import Child, Stack, envoy_binary, http_ok, tcp_ok
 
 HIDDEN = 8
 # `--mode latency`: adaptive, objective latency, with this SLA.
@@ -93,6 +93,9 @@ def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child
             variant,
         ],
         stack.run_dir / f"noop{suffix}.log",
+        # listening before its Envoy takes traffic: Envoy starts faster than Python imports
+        # grpc, and the first requests were refused (500s in the noop rows)
+        ready=lambda: tcp_ok("127.0.0.1", grpc_port),
     )
     envoy_config = local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin)
     if variant == "no-header-response":
