@@ -506,8 +506,9 @@ class _Simulation:
             self.push(t, "ready")
         if now >= self.warmup:
             self.pods_log.append((now - self.warmup, self.be.serving(now)))
-        if now + self.tick_every <= self.duration + self.warmup:  # the autoscaler stops with
-            self.push(now + self.tick_every, "tick")  # the trace: the last requests drain
+        # the autoscaler stops with the trace: the last requests drain on the pods there are
+        if now + self.tick_every <= self.duration + self.warmup:
+            self.push(now + self.tick_every, "tick")
 
     def result(self, trace: str, mode: str, workers: int, series_step: float) -> SimResult:
         """The measured requests' outcome, once every event has run."""
