@@ -272,8 +272,7 @@ def markdown(results: Sequence[tuple[dict[str, Any], dict[str, Any], list[str]]]
     return "\n".join(lines)
 
 
-# Long: the grid benchmark's command line, one flag and one run after another.
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.grid", description=__doc__)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--loads", default="0.2,0.5,0.8,1,1.2")
@@ -290,7 +289,46 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--adaptive-only", action="store_true", help="skip the grid (reuse --out)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/grid"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _static_rows(rows: Sequence[dict[str, Any]], cache: Path) -> list[dict[str, Any]]:
+    """The static rows of this run joined with the cache's rows of other cases; saved."""
+    fresh = [r for r in rows if r["config"] != "adaptive"]
+    redone = {_key(r) for r in fresh}
+    old = json.loads(cache.read_text()) if cache.exists() else []
+    static_rows = [r for r in old if _key(r) not in redone] + fresh  # keep other cases
+    cache.write_text(json.dumps(static_rows))
+    return static_rows
+
+
+Result = tuple[dict[str, Any], dict[str, Any], list[str]]  # adaptive, best static, its losses
+
+
+def _judged(
+    todo: Sequence[Case], rows: Sequence[dict[str, Any]], static_rows: Sequence[dict[str, Any]]
+) -> list[Result] | None:
+    """Each case's adaptive row against its best static row; None (said on stderr) if a case
+    has no static rows."""
+    results = []
+    for case in todo:
+        key = (case.kind, case.replicas, case.fleet, case.load)
+
+        def mine(r: dict[str, Any], key: tuple[str, int, str, float] = key) -> bool:
+            return _key(r) == key
+
+        a = next(r for r in rows if mine(r) and r["config"] == "adaptive")
+        statics = [r for r in static_rows if mine(r)]
+        if not statics:
+            print(f"no static rows for {key}: run without --adaptive-only", file=sys.stderr)
+            return None
+        b = best_static(statics)
+        results.append((a, b, judge(a, b)))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     overhead = args.overhead_ms / 1000.0
     todo = cases(
         args.kinds.split(","),
@@ -321,28 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_run, jobs, chunksize=4))
     if not args.adaptive_only:
-        fresh = [r for r in rows if r["config"] != "adaptive"]
-        redone = {_key(r) for r in fresh}
-        old = json.loads(cache.read_text()) if cache.exists() else []
-        static_rows = [r for r in old if _key(r) not in redone] + fresh  # keep other cases
-        cache.write_text(json.dumps(static_rows))
-    results = []
-    losses = 0
-    for case in todo:
-        key = (case.kind, case.replicas, case.fleet, case.load)
-
-        def mine(r: dict[str, Any], key: tuple[str, int, str, float] = key) -> bool:
-            return _key(r) == key
-
-        a = next(r for r in rows if mine(r) and r["config"] == "adaptive")
-        statics = [r for r in static_rows if mine(r)]
-        if not statics:
-            print(f"no static rows for {key}: run without --adaptive-only", file=sys.stderr)
-            return 2
-        b = best_static(statics)
-        lost = judge(a, b)
-        losses += bool(lost)
-        results.append((a, b, lost))
+        static_rows = _static_rows(rows, cache)
+    results = _judged(todo, rows, static_rows)
+    if results is None:
+        return 2
+    losses = sum(bool(lost) for _, _, lost in results)
     text = (
         f"Simulated {args.duration:g} s after {args.warmup:g} s of warm-up, seed {args.seed}, "
         f"overhead {args.overhead_ms:g} ms per call, fleets of several replicas: {args.fleet} "

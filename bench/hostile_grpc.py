@@ -188,18 +188,8 @@ async def phase(port: int, metrics_url: str, kind: str, rounds: int) -> None:
     print(f"  {lag_summary(before, after)}")
 
 
-# Long: the probe's command line and its attacks in order.
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--kinds",
-        default="many-headers,many-headers-4m,huge-header,tiny-fields,oversized,garbage,protocol",
-    )
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ext-proc-args", default="", help="extra `mlproxy extproc` arguments")
-    args = ap.parse_args(argv)
-    run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-hostile-"))
-    model_port, port, metrics_port = free_port(), free_port(), free_port()
+def _policies(run_dir: Path, model_port: int) -> Path:
+    """The policies file: the demo model, statically batched."""
     policies = run_dir / "policies.json"
     policies.write_text(
         json.dumps(
@@ -215,9 +205,17 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
+    return policies
+
+
+def _children(
+    run_dir: Path, model_port: int, port: int, metrics_port: int, ext_proc_args: str
+) -> list[Child]:
+    """The demo model and one `mlproxy extproc` process in front of it."""
+    policies = _policies(run_dir, model_port)
     py = [sys.executable, "-m", "mlproxy.cli"]
     host = ["--host", "127.0.0.1"]
-    children = [
+    return [
         Child(
             "model",
             [*py, "model", *host, "--port", str(model_port)],
@@ -236,12 +234,26 @@ def main(argv: list[str] | None = None) -> int:
                 str(metrics_port),
                 "--policies",
                 str(policies),
-                *shlex.split(args.ext_proc_args),
+                *shlex.split(ext_proc_args),
             ],
             run_dir / "extproc.log",
             ready=lambda: http_ok(f"http://127.0.0.1:{metrics_port}/metrics"),
         ),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--kinds",
+        default="many-headers,many-headers-4m,huge-header,tiny-fields,oversized,garbage,protocol",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ext-proc-args", default="", help="extra `mlproxy extproc` arguments")
+    args = ap.parse_args(argv)
+    run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-hostile-"))
+    model_port, port, metrics_port = free_port(), free_port(), free_port()
+    children = _children(run_dir, model_port, port, metrics_port, args.ext_proc_args)
     try:
         for child in children:
             child.start()

@@ -133,8 +133,7 @@ def _parse(buf: bytearray) -> tuple[int, dict[str, str], bytes, int] | None:
     return status, headers, bytes(buf[start : start + length]), start + length
 
 
-# Long: the sender, reader and timer of one trace share its state as closures.
-def replay(  # noqa: PLR0912, PLR0915
+def replay(
     host: str,
     port: int,
     path: str | Callable[[int], str],
@@ -151,263 +150,317 @@ def replay(  # noqa: PLR0912, PLR0915
     start `lead` seconds from now; wait for every answer (at most `timeout` each).
     `progress(elapsed, sent, answered, failed)` is called from this thread every
     `progress_every` seconds."""
-
-    n = len(times)
     if any(b < a for a, b in itertools.pairwise(times)):
         raise ValueError("the schedule must be sorted")
-    extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers)
-    sent_at = np.full(n, np.nan)
-    done_at = np.full(n, np.nan)
-    status = np.zeros(n, dtype=np.int32)
-    bodies: list[bytes] = [b""] * n
-    headers: list[dict[str, str]] = [{} for _ in range(n)]
-    idle: deque[_Conn] = deque()
-    fresh: queue.SimpleQueue[_Conn] = queue.SimpleQueue()
-    opened = 0
-    answered = 0
-    failed = 0
-    sending_done = threading.Event()
-    stop_reader = threading.Event()
-    stop_sender = threading.Event()
-    # Guards which request a connection carries (the sender hands a connection a request while
-    # the reader may be closing it) and each request's outcome (counted once).
-    lock = threading.RLock()
-    realtime: list[bool] = []
-    errors: list[BaseException] = []
+    run = _Replay(host, port, path, times, body_for, timeout, connections, extra_headers)
+    return run.run(lead, progress, progress_every)
 
-    def connect() -> _Conn:
-        nonlocal opened
-        sock = socket.create_connection((host, port), timeout=timeout)
+
+class _Replay:
+    """One replay: its connections and tallies, shared by three threads. The sender
+    (`send_all`) writes each request at its time, the reader (`read_all`) sorts the answers
+    into the tallies, and the caller's thread (`wait`) reports progress until every request is
+    answered or failed. `lock` guards which request a connection carries (the sender hands a
+    connection a request while the reader may be closing it) and each request's outcome
+    (counted once)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str | Callable[[int], str],
+        times: Sequence[float],
+        body_for: Callable[[int], bytes],
+        timeout: float,
+        connections: int,
+        extra_headers: Sequence[tuple[str, str]],
+    ) -> None:
+        n = len(times)
+        self.host, self.port, self.path, self.times = host, port, path, times
+        self.body_for, self.timeout = body_for, timeout
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers)
+        self.sent_at = np.full(n, np.nan)
+        self.done_at = np.full(n, np.nan)
+        self.status = np.zeros(n, dtype=np.int32)
+        self.bodies: list[bytes] = [b""] * n
+        self.headers: list[dict[str, str]] = [{} for _ in range(n)]
+        self.idle: deque[_Conn] = deque()
+        self.fresh: queue.SimpleQueue[_Conn] = queue.SimpleQueue()
+        self.opened = 0
+        self.answered = 0
+        self.failed = 0
+        self.sending_done = threading.Event()
+        self.stop_reader = threading.Event()
+        self.stop_sender = threading.Event()
+        self.lock = threading.RLock()
+        self.realtime: list[bool] = []
+        self.errors: list[BaseException] = []
+        try:  # a warm pool, so that the first requests need not connect
+            for _ in range(connections):
+                self.idle.append(self.connect())
+        except OSError:
+            for conn in self.idle:
+                conn.sock.close()
+            raise
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        self.pipe_open = True
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        for conn in self.idle:
+            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+        self.start = 0.0  # time.monotonic() of t = 0 of the schedule, set by `run`
+
+    def connect(self) -> _Conn:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        opened += 1
+        self.opened += 1
         return _Conn(sock)
 
-    try:  # a warm pool, so that the first requests need not connect
-        for _ in range(connections):
-            idle.append(connect())
-    except OSError:
-        for conn in idle:
-            conn.sock.close()
-        raise
-    sel = selectors.DefaultSelector()
-    wake_r, wake_w = os.pipe()
-    sel.register(wake_r, selectors.EVENT_READ, None)
-    for conn in idle:
-        sel.register(conn.sock, selectors.EVENT_READ, conn)
-
-    start = time.monotonic() + lead
-
-    def fail(i: int, at: float) -> None:
-        nonlocal failed
-        with lock:
-            if np.isnan(done_at[i]):  # both threads may see the same connection fail
-                status[i] = 0
-                done_at[i] = at
-                failed += 1
-
-    pipe_open = [True]
-
-    def wake() -> None:
-        """Wake the reader (new connections to watch, or sending is over)."""
-        with lock:
-            if pipe_open[0]:
-                os.write(wake_w, b"x")
-
-    def sender() -> None:
+    def run(
+        self,
+        lead: float,
+        progress: Callable[[float, int, int, int], None] | None,
+        progress_every: float,
+    ) -> OpenLoopResult:
+        """Starts the schedule `lead` seconds from now; the result once it is over."""
+        self.start = time.monotonic() + lead
+        switch = sys.getswitchinterval()
+        collecting = gc.isenabled()
+        send_thread = threading.Thread(target=self.sender, name="openloop-sender", daemon=True)
+        read_thread = threading.Thread(target=self.read_all, name="openloop-reader", daemon=True)
         try:
-            send_all()
-        except BaseException as err:  # reported by the caller's thread
-            errors.append(err)
+            sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
+            # A full garbage collection holds the GIL for milliseconds, whichever thread
+            # triggers it; nothing here makes reference cycles, so collect after the run.
+            gc.disable()
+            read_thread.start()
+            send_thread.start()
+            self.wait(progress, progress_every)
         finally:
-            sending_done.set()
-            wake()
+            self.stop_sender.set()
+            self.stop_reader.set()
+            if send_thread.is_alive():
+                send_thread.join(self.timeout + 5)
+            if read_thread.is_alive():
+                read_thread.join(5)
+            sys.setswitchinterval(switch)
+            if collecting:
+                gc.enable()
+            self.close()
+        if self.errors:
+            raise self.errors[0]
+        return self.result()
 
-    def take(i: int) -> _Conn | None:
+    def wait(
+        self, progress: Callable[[float, int, int, int], None] | None, progress_every: float
+    ) -> None:
+        """Until every request is answered or failed, or a thread failed."""
+        n = len(self.times)
+        # the last request's answer is due by then, whatever happened to it
+        give_up = self.start + (self.times[-1] if n else 0.0) + self.timeout + 5.0
+        next_report = self.start + progress_every
+        while not self.errors:
+            if self.sending_done.is_set() and self.answered + self.failed >= n:
+                return
+            if time.monotonic() > give_up:  # a bug, not a slow server: fail what is left
+                for i in range(n):
+                    self.fail(i, time.monotonic())  # no-op for requests already counted
+                return
+            time.sleep(0.02)
+            if progress is not None and time.monotonic() >= next_report:
+                next_report += progress_every
+                sent = int(np.isfinite(self.sent_at).sum())
+                progress(time.monotonic() - self.start, sent, self.answered, self.failed)
+
+    def close(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            if isinstance(key.data, _Conn):
+                key.data.sock.close()
+        self.sel.close()
+        with self.lock:
+            self.pipe_open = False
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+
+    def result(self) -> OpenLoopResult:
+        scheduled = np.asarray(self.times, dtype=float)
+        due = self.start + scheduled
+        return OpenLoopResult(
+            started=self.start,
+            scheduled=scheduled,
+            send_error=self.sent_at - due,
+            latency=np.where(self.status > 0, self.done_at - due, np.nan),
+            status=self.status,
+            bodies=self.bodies,
+            headers=self.headers,
+            connections=self.opened,
+            realtime=all(self.realtime),
+        )
+
+    def fail(self, i: int, at: float) -> None:
+        with self.lock:
+            if np.isnan(self.done_at[i]):  # both threads may see the same connection fail
+                self.status[i] = 0
+                self.done_at[i] = at
+                self.failed += 1
+
+    def wake(self) -> None:
+        """Wake the reader (new connections to watch, or sending is over)."""
+        with self.lock:
+            if self.pipe_open:
+                os.write(self.wake_w, b"x")
+
+    # The sender's thread.
+
+    def sender(self) -> None:
+        try:
+            self.send_all()
+        except BaseException as err:  # reported by the caller's thread
+            self.errors.append(err)
+        finally:
+            self.sending_done.set()
+            self.wake()
+
+    def send_all(self) -> None:
+        self.realtime.append(_prompt(10))
+        stop, start = self.stop_sender, self.start
+        for i, t in enumerate(self.times):
+            if stop.is_set():
+                return
+            request = self.request(i)
+            due = start + t
+            while (wait := due - time.monotonic()) > _SPIN:
+                if stop.wait(wait - _SPIN):
+                    return
+            while time.monotonic() < due:  # the last fraction of a millisecond: spin
+                pass
+            self.send(i, request)
+
+    def request(self, i: int) -> bytes:
+        raw = self.body_for(i)
+        return (
+            f"POST {self.path if isinstance(self.path, str) else self.path(i)} HTTP/1.1\r\n"
+            f"Host: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n{self.extra}\r\n"
+        ).encode() + raw
+
+    def send(self, i: int, request: bytes) -> None:
+        """Request i on an idle connection, or a new one."""
+        conn = self.take(i)
+        new = conn is None
+        if conn is None:
+            try:
+                conn = self.connect()
+            except OSError:
+                self.fail(i, time.monotonic())
+                return
+            conn.index = i
+        try:
+            conn.sock.sendall(request)
+        except OSError:
+            with self.lock:
+                if conn.index == i:
+                    conn.index = _NO_INDEX
+            self.fail(i, time.monotonic())
+            if new:
+                conn.sock.close()
+            return  # the reader sees the broken connection and drops it
+        self.sent_at[i] = time.monotonic()
+        if new:
+            self.fresh.put(conn)
+            self.wake()
+
+    def take(self, i: int) -> _Conn | None:
         """An idle connection now carrying request i, if there is one still open."""
         while True:
             try:
-                conn = idle.popleft()
+                conn = self.idle.popleft()
             except IndexError:
                 return None
-            with lock:
+            with self.lock:
                 if not conn.closed:  # the server may have closed it while it was idle
                     conn.index = i
                     return conn
 
-    def send_all() -> None:
-        realtime.append(_prompt(10))
-        for i, t in enumerate(times):
-            if stop_sender.is_set():
-                return
-            raw = body_for(i)
-            request = (
-                f"POST {path if isinstance(path, str) else path(i)} HTTP/1.1\r\n"
-                f"Host: {host}:{port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n{extra}\r\n"
-            ).encode() + raw
-            due = start + t
-            while (wait := due - time.monotonic()) > _SPIN:
-                if stop_sender.wait(wait - _SPIN):
-                    return
-            while time.monotonic() < due:  # the last fraction of a millisecond: spin
-                pass
-            conn = take(i)
-            new = conn is None
-            if conn is None:
-                try:
-                    conn = connect()
-                except OSError:
-                    fail(i, time.monotonic())
-                    continue
-                conn.index = i
-            try:
-                conn.sock.sendall(request)
-            except OSError:
-                with lock:
-                    if conn.index == i:
-                        conn.index = _NO_INDEX
-                fail(i, time.monotonic())
-                if new:
-                    conn.sock.close()
-                continue  # the reader sees the broken connection and drops it
-            sent_at[i] = time.monotonic()
-            if new:
-                fresh.put(conn)
-                wake()
+    # The reader's thread.
 
-    def drop(conn: _Conn, now: float) -> None:
-        with lock:
-            conn.closed = True
-            i, conn.index = conn.index, _NO_INDEX
-        if i != _NO_INDEX:
-            fail(i, now)
-        with contextlib.suppress(KeyError, ValueError):
-            sel.unregister(conn.sock)
-        conn.sock.close()
-
-    # Long: reads every answer of the trace and sorts it into the run's tallies.
-    def reader() -> None:  # noqa: PLR0912, PLR0915
-        nonlocal answered
-        realtime.append(_prompt(5))
-        live: set[_Conn] = set(idle)
+    def read_all(self) -> None:
+        """Reads every answer of the trace and sorts it into the run's tallies."""
+        self.realtime.append(_prompt(5))
+        live: set[_Conn] = set(self.idle)
         last_sweep = time.monotonic()
-        while not stop_reader.is_set():
-            for key, _ in sel.select(timeout=0.05):
+        while not self.stop_reader.is_set():
+            for key, _ in self.sel.select(timeout=0.05):
                 if key.data is None:
-                    os.read(wake_r, 4096)
-                    while True:
-                        try:
-                            conn = fresh.get_nowait()
-                        except queue.Empty:
-                            break
-                        sel.register(conn.sock, selectors.EVENT_READ, conn)
-                        live.add(conn)
-                    continue
-                conn = key.data
-                try:
-                    data = conn.sock.recv(1 << 16)
-                except OSError:
-                    data = b""
-                now = time.monotonic()
-                if not data:
-                    live.discard(conn)
-                    drop(conn, now)
-                    continue
-                conn.buf += data
-                try:
-                    parsed = _parse(conn.buf)
-                except ValueError:
-                    live.discard(conn)
-                    drop(conn, now)
-                    continue
-                if parsed is None:
-                    continue
-                code, head, body, used = parsed
-                del conn.buf[:used]
-                with lock:
-                    i, conn.index = conn.index, _NO_INDEX
-                    if i != _NO_INDEX and np.isnan(done_at[i]):
-                        status[i], headers[i], bodies[i], done_at[i] = code, head, body, now
-                        answered += 1
-                if i == _NO_INDEX:  # an answer nobody asked for on this connection
-                    live.discard(conn)
-                    drop(conn, now)
-                    continue
-                if head.get("connection", "").lower() == "close" or conn.buf:
-                    live.discard(conn)
-                    drop(conn, now)
-                else:
-                    idle.append(conn)
+                    self.watch_fresh(live)
+                elif not self.read(key.data):
+                    live.discard(key.data)
             now = time.monotonic()
             if now - last_sweep > 0.25:
                 last_sweep = now
-                for conn in list(live):
-                    i = conn.index
-                    if i != _NO_INDEX and now - (start + times[i]) > timeout:
-                        live.discard(conn)
-                        drop(conn, now)
+                self.sweep(live, now)
 
-    switch = sys.getswitchinterval()
-    collecting = gc.isenabled()
-    send_thread = threading.Thread(target=sender, name="openloop-sender", daemon=True)
-    read_thread = threading.Thread(target=reader, name="openloop-reader", daemon=True)
-    # the last request's answer is due by then, whatever happened to it
-    give_up = start + (times[-1] if n else 0.0) + timeout + 5.0
-    try:
-        sys.setswitchinterval(0.0002)  # hand the GIL over quickly between sender and reader
-        # A full garbage collection holds the GIL for milliseconds, whichever thread triggers
-        # it; nothing here makes reference cycles, so collect after the run instead.
-        gc.disable()
-        read_thread.start()
-        send_thread.start()
-        next_report = start + progress_every
+    def watch_fresh(self, live: set[_Conn]) -> None:
+        """The sender woke the reader: watch the connections it opened."""
+        os.read(self.wake_r, 4096)
         while True:
-            if errors:
-                break
-            if sending_done.is_set() and answered + failed >= n:
-                break
-            if time.monotonic() > give_up:  # a bug, not a slow server: fail what is left
-                for i in range(n):
-                    fail(i, time.monotonic())  # no-op for requests already counted
-                break
-            time.sleep(0.02)
-            if progress is not None and time.monotonic() >= next_report:
-                next_report += progress_every
-                progress(
-                    time.monotonic() - start, int(np.isfinite(sent_at).sum()), answered, failed
-                )
-    finally:
-        stop_sender.set()
-        stop_reader.set()
-        if send_thread.is_alive():
-            send_thread.join(timeout + 5)
-        if read_thread.is_alive():
-            read_thread.join(5)
-        sys.setswitchinterval(switch)
-        if collecting:
-            gc.enable()
-        for key in list(sel.get_map().values()):
-            if isinstance(key.data, _Conn):
-                key.data.sock.close()
-        sel.close()
-        with lock:
-            pipe_open[0] = False
-            os.close(wake_r)
-            os.close(wake_w)
-    if errors:
-        raise errors[0]
-    scheduled = np.asarray(times, dtype=float)
-    return OpenLoopResult(
-        started=start,
-        scheduled=scheduled,
-        send_error=sent_at - (start + scheduled),
-        latency=np.where(status > 0, done_at - (start + scheduled), np.nan),
-        status=status,
-        bodies=bodies,
-        headers=headers,
-        connections=opened,
-        realtime=all(realtime),
-    )
+            try:
+                conn = self.fresh.get_nowait()
+            except queue.Empty:
+                return
+            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+            live.add(conn)
+
+    def read(self, conn: _Conn) -> bool:
+        """What arrived on `conn`, and the answer it completes; whether `conn` stays open."""
+        try:
+            data = conn.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        now = time.monotonic()
+        if not data:
+            self.drop(conn, now)
+            return False
+        conn.buf += data
+        try:
+            parsed = _parse(conn.buf)
+        except ValueError:
+            self.drop(conn, now)
+            return False
+        if parsed is None:
+            return True
+        code, head, body, used = parsed
+        del conn.buf[:used]
+        with self.lock:
+            i, conn.index = conn.index, _NO_INDEX
+            if i != _NO_INDEX and np.isnan(self.done_at[i]):
+                self.status[i], self.headers[i], self.bodies[i] = code, head, body
+                self.done_at[i] = now
+                self.answered += 1
+        # an answer nobody asked for on this connection, or its last
+        if i == _NO_INDEX or head.get("connection", "").lower() == "close" or conn.buf:
+            self.drop(conn, now)
+            return False
+        self.idle.append(conn)
+        return True
+
+    def sweep(self, live: set[_Conn], now: float) -> None:
+        """Drop the connections whose request is past its timeout."""
+        for conn in list(live):
+            i = conn.index
+            if i != _NO_INDEX and now - (self.start + self.times[i]) > self.timeout:
+                live.discard(conn)
+                self.drop(conn, now)
+
+    def drop(self, conn: _Conn, now: float) -> None:
+        with self.lock:
+            conn.closed = True
+            i, conn.index = conn.index, _NO_INDEX
+        if i != _NO_INDEX:
+            self.fail(i, now)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn.sock)
+        conn.sock.close()
 
 
 def subset(result: OpenLoopResult, indices: np.ndarray) -> OpenLoopResult:

@@ -22,7 +22,10 @@ import json
 import os
 import sys
 import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,7 +36,7 @@ from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import EXT_PROC_FILTER, local_config
 from mlproxy.loadgen import percentile
-from mlproxy.stack import Child, Stack, envoy_binary, http_ok
+from mlproxy.stack import Child, Stack, envoy_binary, http_ok, tcp_ok
 
 HIDDEN = 8
 # `--mode latency`: adaptive, objective latency, with this SLA.
@@ -90,6 +93,9 @@ def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child
             variant,
         ],
         stack.run_dir / f"noop{suffix}.log",
+        # listening before its Envoy takes traffic: Envoy starts faster than Python imports
+        # grpc, and the first requests were refused (500s in the noop rows)
+        ready=lambda: tcp_ok("127.0.0.1", grpc_port),
     )
     envoy_config = local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin)
     if variant == "no-header-response":
@@ -121,8 +127,7 @@ def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child
     return listener, noop, envoy
 
 
-# Long: the measurement's steps in the order they run, each a few lines.
-def main() -> int:  # noqa: PLR0915
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--concurrency", default="1,16,64")
@@ -143,8 +148,154 @@ def main() -> int:  # noqa: PLR0915
         help="the policy: static (max wait, batch size, in flight as given), or adaptive with "
         "objective latency and a 100 ms SLA at p99 (sends whenever a slot is free)",
     )
-    args = parser.parse_args()
+    return parser
 
+
+def _policies(args: argparse.Namespace, model_url: str) -> dict[str, Any]:
+    """The policies file: one policy, `--mode`'s."""
+    return {
+        "policies": [
+            {
+                "name": "bench",
+                "match": {"path": "/v1/models/{model}:predict"},
+                "backend": {"url": f"{model_url}/v1/models/{{model}}:predict"},
+                "batching": {
+                    "mode": "static",
+                    "max_batch_size": args.max_batch_size,
+                    "max_wait_ms": args.max_wait_ms,
+                    "max_in_flight": args.max_in_flight,
+                }
+                if args.mode == "static"
+                else {
+                    "mode": "adaptive",
+                    "objective": "latency",
+                    "max_batch_size": args.max_batch_size,
+                    "max_in_flight": args.max_in_flight,
+                },
+                **({"sla": LATENCY_SLA} if args.mode == "latency" else {}),
+            }
+        ]
+    }
+
+
+def _described(args: argparse.Namespace) -> str:
+    described = (
+        f"static, max_wait_ms {args.max_wait_ms}"
+        if args.mode == "static"
+        else f"adaptive, objective latency, SLA {LATENCY_SLA['latency_ms']} ms at "
+        f"p{LATENCY_SLA['percentile']}"
+    )
+    return (
+        f"policy: {described}, max_batch_size {args.max_batch_size}, "
+        f"max_in_flight {args.max_in_flight}; {args.duration:.0f} s per measurement; "
+        f"{args.workers} ext_proc worker{'s' if args.workers > 1 else ''}"
+    )
+
+
+@dataclass(frozen=True)
+class LoadPath:
+    """One way to the model: its name in the table, Envoy's port and path, the check of an
+    answer, and the process that proxies it (`Measurer.pids`)."""
+
+    name: str
+    port: int
+    path: str
+    check: Callable[[int, bytes], bool]
+    proxy: str
+
+
+# (concurrency, path, its load, mean batch, CPU microseconds per request by process)
+Row = tuple[int, str, LoadResult, float, dict[str, float]]
+
+
+class Measurer:
+    """Measures the paths of a started stack, one concurrency after another."""
+
+    def __init__(self, stack: Stack, args: argparse.Namespace, bodies: list[bytes]) -> None:
+        self.stack, self.args, self.bodies = stack, args, bodies
+        self.metrics_url = f"http://{stack.host}:{stack.metrics_port}/metrics"
+        self.pids = {c.name: c.proc.pid for c in stack.children if c.proc is not None}
+        self.pids["loadgen"] = os.getpid()
+
+    def measure(self, c: int, p: LoadPath) -> Row:
+        """`p` at concurrency `c`: its load, ext_proc's mean batch, and each process's CPU."""
+        pids, args = self.pids, self.args
+        envoy = "envoy-noop" if p.name == "noop ext_proc" else "envoy"
+        watched = {"envoy": pids[envoy], "loadgen": pids["loadgen"]}
+        if p.name != "direct":
+            watched["ext_proc"] = pids[p.proxy]
+        if p.name != "noop ext_proc":
+            watched["model"] = pids["model"]
+        before = batch_stats(self.metrics_url)
+        # the load generator's own CPU (its children are the stack)
+        cpu0 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
+        split0 = cpu_by_process(pids["extproc-0"])
+        r = asyncio.run(
+            run_load(self.stack.host, p.port, p.path, self.bodies, c, args.duration, p.check)
+        )
+        cpu1 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
+        split1 = cpu_by_process(pids["extproc-0"])
+        after = batch_stats(self.metrics_url)
+        if p.name == "mlproxy" and args.workers > 1:
+            shares = [
+                f"pid {pid}: {(split1[pid] - split0.get(pid, 0.0)) / args.duration:.2f}"
+                for pid in sorted(split1)
+            ]
+            print(
+                f"concurrency {c}: ext_proc CPU per second by process (supervisor "
+                f"first): {', '.join(shares)}",
+                flush=True,
+            )
+        calls = after[1] - before[1]
+        mean_batch = (after[0] - before[0]) / calls if calls else 1.0
+        n = max(r.ok, 1)
+        cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in watched}
+        return (c, p.name, r, mean_batch if p.name == "mlproxy" else 1.0, cpu)
+
+
+def _compare(c: int, direct: LoadResult, batched: LoadResult, wait: float) -> None:
+    """MLProxy against the direct path at concurrency `c`, and where its time goes."""
+    d, m = direct, batched
+    added = (percentile(m.latencies, 50) - percentile(d.latencies, 50)) * 1000
+    if m.in_extproc and m.queued:
+        inside = percentile(m.in_extproc, 50) * 1000
+        print(
+            f"concurrency {c}: MLProxy p50 {percentile(m.latencies, 50) * 1000:.2f} ms "
+            f"at the client, {inside:.2f} ms in ext_proc (from its headers to its "
+            f"answer; {percentile(m.queued, 50) * 1000:.2f} ms of it queued), "
+            f"{percentile(m.latencies, 50) * 1000 - inside:.2f} ms outside",
+            flush=True,
+        )
+    print(
+        f"concurrency {c}: MLProxy adds {added:.2f} ms to p50, "
+        f"{added - wait:.2f} ms beyond max wait; throughput "
+        f"x{m.rate / d.rate:.2f} of direct, p99 x"
+        f"{percentile(m.latencies, 99) / percentile(d.latencies, 99):.2f}",
+        flush=True,
+    )
+
+
+def _table(rows: Sequence[Row]) -> None:
+    print()
+    print(
+        "| concurrency | path | req/s | p50 ms | p99 ms | mean batch | non-200 | wrong "
+        "| CPU us/req: envoy | ext_proc | model | loadgen |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for c, name, r, batch, cpu in rows:
+        non200 = sum(k for s, k in r.statuses.items() if s != 200)
+        cells = " | ".join(
+            f"{cpu[k]:.0f}" if k in cpu else "-" for k in ("envoy", "ext_proc", "model", "loadgen")
+        )
+        print(
+            f"| {c} | {name} | {r.rate:.0f} | {percentile(r.latencies, 50) * 1000:.2f} | "
+            f"{percentile(r.latencies, 99) * 1000:.2f} | {batch:.1f} | {non200} | {r.wrong} "
+            f"| {cells} |"
+        )
+
+
+def main() -> int:
+    args = _parser().parse_args()
     inputs = random_inputs(args.inputs, seed=3)
     model = MLPModel(hidden=HIDDEN)
     expected = [model.predict([x]) for x in inputs]
@@ -163,125 +314,25 @@ def main() -> int:  # noqa: PLR0915
         extproc_workers=args.workers,
     )
     assert stack.run_dir is not None
-    policy = {
-        "policies": [
-            {
-                "name": "bench",
-                "match": {"path": "/v1/models/{model}:predict"},
-                "backend": {"url": f"{stack.model_url}/v1/models/{{model}}:predict"},
-                "batching": {
-                    "mode": "static",
-                    "max_batch_size": args.max_batch_size,
-                    "max_wait_ms": args.max_wait_ms,
-                    "max_in_flight": args.max_in_flight,
-                }
-                if args.mode == "static"
-                else {
-                    "mode": "adaptive",
-                    "objective": "latency",
-                    "max_batch_size": args.max_batch_size,
-                    "max_in_flight": args.max_in_flight,
-                },
-                **({"sla": LATENCY_SLA} if args.mode == "latency" else {}),
-            }
-        ]
-    }
     stack.policies_file = stack.run_dir / "bench-policies.json"
-    stack.policies_file.write_text(json.dumps(policy))
-    metrics_url = f"http://{stack.host}:{stack.metrics_port}/metrics"
+    stack.policies_file.write_text(json.dumps(_policies(args, stack.model_url)))
     wait = args.max_wait_ms if args.mode == "static" else 0.0  # what "beyond max wait" means
-    described = (
-        f"static, max_wait_ms {args.max_wait_ms}"
-        if args.mode == "static"
-        else f"adaptive, objective latency, SLA {LATENCY_SLA['latency_ms']} ms at "
-        f"p{LATENCY_SLA['percentile']}"
-    )
-    print(
-        f"policy: {described}, max_batch_size {args.max_batch_size}, "
-        f"max_in_flight {args.max_in_flight}; {args.duration:.0f} s per measurement; "
-        f"{args.workers} ext_proc worker{'s' if args.workers > 1 else ''}",
-        flush=True,
-    )
-    rows = []
-    wrong = 0
+    print(_described(args), flush=True)
+    rows: list[Row] = []
     with stack:
         noop_port, _, _ = start_noop(stack)
-        pids = {c.name: c.proc.pid for c in stack.children if c.proc is not None}
-        pids["loadgen"] = os.getpid()
+        measurer = Measurer(stack, args, bodies)
         paths = [
-            ("direct", stack.envoy_port, "/direct/v1/models/demo:predict", check, "envoy"),
-            ("noop ext_proc", noop_port, "/v1/models/demo:predict", check_noop, "noop"),
-            ("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc-0"),
+            LoadPath("direct", stack.envoy_port, "/direct/v1/models/demo:predict", check, "envoy"),
+            LoadPath("noop ext_proc", noop_port, "/v1/models/demo:predict", check_noop, "noop"),
+            LoadPath("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc-0"),
         ]
         for c in [int(x) for x in args.concurrency.split(",")]:
-            results: dict[str, LoadResult] = {}
-            for name, port, path, chk, proxy in paths:
-                envoy = "envoy-noop" if name == "noop ext_proc" else "envoy"
-                watched = {"envoy": pids[envoy], "loadgen": pids["loadgen"]}
-                if name != "direct":
-                    watched["ext_proc"] = pids[proxy]
-                if name != "noop ext_proc":
-                    watched["model"] = pids["model"]
-                before = batch_stats(metrics_url)
-                # the load generator's own CPU (its children are the stack)
-                cpu0 = {k: cpu_seconds(p, k != "loadgen") for k, p in watched.items()}
-                split0 = cpu_by_process(pids["extproc-0"])
-                r = asyncio.run(run_load(stack.host, port, path, bodies, c, args.duration, chk))
-                cpu1 = {k: cpu_seconds(p, k != "loadgen") for k, p in watched.items()}
-                split1 = cpu_by_process(pids["extproc-0"])
-                after = batch_stats(metrics_url)
-                if name == "mlproxy" and args.workers > 1:
-                    shares = [
-                        f"pid {p}: {(split1[p] - split0.get(p, 0.0)) / args.duration:.2f}"
-                        for p in sorted(split1)
-                    ]
-                    print(
-                        f"concurrency {c}: ext_proc CPU per second by process (supervisor "
-                        f"first): {', '.join(shares)}",
-                        flush=True,
-                    )
-                results[name] = r
-                wrong += r.wrong
-                calls = after[1] - before[1]
-                mean_batch = (after[0] - before[0]) / calls if calls else 1.0
-                n = max(r.ok, 1)
-                cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in watched}
-                rows.append((c, name, r, mean_batch if name == "mlproxy" else 1.0, cpu))
-            d, m = results["direct"], results["mlproxy"]
-            added = (percentile(m.latencies, 50) - percentile(d.latencies, 50)) * 1000
-            if m.in_extproc and m.queued:
-                inside = percentile(m.in_extproc, 50) * 1000
-                print(
-                    f"concurrency {c}: MLProxy p50 {percentile(m.latencies, 50) * 1000:.2f} ms "
-                    f"at the client, {inside:.2f} ms in ext_proc (from its headers to its "
-                    f"answer; {percentile(m.queued, 50) * 1000:.2f} ms of it queued), "
-                    f"{percentile(m.latencies, 50) * 1000 - inside:.2f} ms outside",
-                    flush=True,
-                )
-            print(
-                f"concurrency {c}: MLProxy adds {added:.2f} ms to p50, "
-                f"{added - wait:.2f} ms beyond max wait; throughput "
-                f"x{m.rate / d.rate:.2f} of direct, p99 x"
-                f"{percentile(m.latencies, 99) / percentile(d.latencies, 99):.2f}",
-                flush=True,
-            )
-    print()
-    print(
-        "| concurrency | path | req/s | p50 ms | p99 ms | mean batch | non-200 | wrong "
-        "| CPU us/req: envoy | ext_proc | model | loadgen |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    for c, name, r, batch, cpu in rows:
-        non200 = sum(k for s, k in r.statuses.items() if s != 200)
-        cells = " | ".join(
-            f"{cpu[k]:.0f}" if k in cpu else "-" for k in ("envoy", "ext_proc", "model", "loadgen")
-        )
-        print(
-            f"| {c} | {name} | {r.rate:.0f} | {percentile(r.latencies, 50) * 1000:.2f} | "
-            f"{percentile(r.latencies, 99) * 1000:.2f} | {batch:.1f} | {non200} | {r.wrong} "
-            f"| {cells} |"
-        )
-    return 1 if wrong else 0
+            results = {p.name: measurer.measure(c, p) for p in paths}
+            rows += results.values()
+            _compare(c, results["direct"][2], results["mlproxy"][2], wait)
+    _table(rows)
+    return 1 if sum(r.wrong for _, _, r, _, _ in rows) else 0
 
 
 if __name__ == "__main__":

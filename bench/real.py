@@ -67,7 +67,7 @@ from mlproxy.stack import Child, Stack, StackError, http_ok
 from mlproxy_kernel.batching import RATE_WINDOW
 from mlproxy_kernel.policy import Mode, Policy
 
-__all__ = ["BenchConfig", "BenchStack", "CaseResult", "main", "run_case"]
+__all__ = ["BenchConfig", "BenchStack", "CaseResult", "CaseRun", "main", "run_case"]
 
 SUITES = {"paper": ("toxic", "fashion-mnist")}
 TUNER_INTERVAL = 5.0  # trace seconds between fleet tuner rounds (the control plane's default)
@@ -337,25 +337,19 @@ class CaseResult:
             "refused": int(np.isin(status, (429, 503)).sum()),
         }
 
-    # Long: one report row: each column in the order the table prints them.
     def row(self) -> dict[str, Any]:
+        """One report row: each column in the order the table prints them."""
         lat = self.latencies()
         finite = lat[np.isfinite(lat)]
         batches = self.batches()
         status = self.load.status[self.measured]
         sim = self.sim.row()
-        send = self.load.send_error_ms()
 
         def pct(p: float) -> float:
             return round(float(np.percentile(finite, p)) * 1000, 1) if finite.size else math.nan
 
         p50 = pct(50)
         pod_s = self.pod_seconds()
-        # outside ext_proc: the client's latency minus the time from the request's headers
-        # reaching ext_proc to its answer leaving it (Envoy, gRPC, the network, the client)
-        inside = _header_ms(self.load, "x-mlproxy-time-ms")[self.measured]
-        outside = self.load.latency[self.measured] * 1000 - inside
-        outside = outside[np.isfinite(outside)]
         return {
             "trace": self.trace,
             "profile": self.profile.name,
@@ -380,34 +374,52 @@ class CaseResult:
             "sim_p95_ms": sim["p95_ms"],
             "sim_mean_batch": sim["mean_batch"],
             "overhead_p50_ms": round(p50 - sim["p50_ms"], 1),
-            "outside_p50_ms": round(float(np.percentile(outside, 50)), 2)
-            if outside.size
-            else math.nan,
-            "outside_p99_ms": round(float(np.percentile(outside, 99)), 2)
-            if outside.size
-            else math.nan,
-            "outside_max_ms": round(float(outside.max()), 1) if outside.size else math.nan,
-            "send_error_p99_ms": round(send["p99"], 3),
-            "send_error_max_ms": round(send["max"], 3),
-            "sent": int(np.isfinite(self.load.send_error).sum()),
-            "sent_over_1ms": int((self.load.send_error > 0.001).sum()),
+            **self._outside_columns(),
+            **self._send_columns(),
             "goodput_rps": round(float(np.sum(lat <= self.slo)) / self.config.run_seconds, 2),
             "sim_goodput_rps": sim["goodput_rps"],
             # the fleet tuner's changes to the mode's policy over the run, warm-up included
             "tuner_changes": len(self.extra.get("decisions", ())),
             "sim_tuner_changes": len(self.sim.tunings),
             **self._server_columns(pod_s, status),
-            "extproc_lag_over_20ms": int(
-                self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_20ms"]
-            ),
-            "extproc_lag_over_50ms": int(
-                self.extra["stalls"]["lag_samples"] - self.extra["stalls"]["lag_le_50ms"]
-            ),
-            "extproc_full_gcs": int(self.extra["stalls"]["gc2"]),
-            "extproc_full_gc_ms": round(self.extra["stalls"]["gc2_s"] * 1000, 1),
+            **self._stall_columns(),
             "emulator_late_ms": round(float((batches[:, 2] - batches[:, 3]).mean()) * 1000, 2)
             if batches.size
             else math.nan,
+        }
+
+    def _outside_columns(self) -> dict[str, float]:
+        """Outside ext_proc: the client's latency minus the time from the request's headers
+        reaching ext_proc to its answer leaving it (Envoy, gRPC, the network, the client)."""
+        inside = _header_ms(self.load, "x-mlproxy-time-ms")[self.measured]
+        outside = self.load.latency[self.measured] * 1000 - inside
+        outside = outside[np.isfinite(outside)]
+        if not outside.size:
+            return dict.fromkeys(("outside_p50_ms", "outside_p99_ms", "outside_max_ms"), math.nan)
+        return {
+            "outside_p50_ms": round(float(np.percentile(outside, 50)), 2),
+            "outside_p99_ms": round(float(np.percentile(outside, 99)), 2),
+            "outside_max_ms": round(float(outside.max()), 1),
+        }
+
+    def _send_columns(self) -> dict[str, Any]:
+        """The load generator's send-time error, over the whole run."""
+        send = self.load.send_error_ms()
+        return {
+            "send_error_p99_ms": round(send["p99"], 3),
+            "send_error_max_ms": round(send["max"], 3),
+            "sent": int(np.isfinite(self.load.send_error).sum()),
+            "sent_over_1ms": int((self.load.send_error > 0.001).sum()),
+        }
+
+    def _stall_columns(self) -> dict[str, Any]:
+        """What stalled ext_proc while the case ran (`BenchStack.stalls`)."""
+        stalls = self.extra["stalls"]
+        return {
+            "extproc_lag_over_20ms": int(stalls["lag_samples"] - stalls["lag_le_20ms"]),
+            "extproc_lag_over_50ms": int(stalls["lag_samples"] - stalls["lag_le_50ms"]),
+            "extproc_full_gcs": int(stalls["gc2"]),
+            "extproc_full_gc_ms": round(stalls["gc2_s"] * 1000, 1),
         }
 
 
@@ -426,7 +438,6 @@ def check_answers(load: OpenLoopResult, indices: np.ndarray, seed: int) -> int:
     return wrong
 
 
-# Long: one benchmark case: the stack, the trace, the stats, in the order they run.
 def run_case(
     bench: BenchStack,
     profile: Profile,
@@ -436,17 +447,39 @@ def run_case(
 ) -> list[CaseResult]:
     """Every mode of one case at once: the same arrival times for each mode, interleaved,
     each mode's requests to its own policy and its own emulated service."""
-    cfg = bench.config
-    bodies: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        bodies[mode] = policy_body(
+    return CaseRun(bench, profile, trace, modes, say).run()
+
+
+class CaseRun:
+    """One case on the stack, in the order it runs: each mode's policy applied, the emulators
+    reset, the trace replayed once for all the modes (request k: time k // m, mode k % m),
+    then, mode by mode, its requests, the emulator's series and the simulator on the same
+    arrivals."""
+
+    def __init__(
+        self,
+        bench: BenchStack,
+        profile: Profile,
+        trace: str,
+        modes: Sequence[Mode],
+        say: Callable[[str], None],
+    ) -> None:
+        self.bench, self.config = bench, bench.config
+        self.profile, self.trace, self.modes, self.say = profile, trace, list(modes), say
+        self.bodies: dict[str, dict[str, Any]] = {m: self.policy_body(m) for m in self.modes}
+        self.warmup = 0.0  # real seconds (`BenchConfig.warmup_seconds`), set by `run`
+        self.times: list[float] = []  # the trace's arrival times, warm-up included
+
+    def policy_body(self, mode: Mode) -> dict[str, Any]:
+        cfg = self.config
+        return policy_body(
             mode,
-            profile,
+            self.profile,
             ModeConfig(),
-            backend=bench.emulator_url(mode),
+            backend=self.bench.emulator_url(mode),
             time_scale=cfg.time_scale,
             # the path names the mode, so that each mode's requests meet its own policy
-            model=f"{profile.name}-{mode}",
+            model=f"{self.profile.name}-{mode}",
             # The autoscaler's windows are compressed with time, and so is the rule's
             # arrival-rate window (BenchConfig.rate_window): with it at 2 s, compressed 5x,
             # a rate step was seen 5x later relative to the autoscaler, and `enough` batches
@@ -454,61 +487,103 @@ def run_case(
             # pod-s against static's 40), so the target was declared only in real time.
             autoscaling_target=autoscaling_target_of(cfg.backend),
         )
-    names = bench.apply(bodies)
-    warmup = cfg.warmup_seconds()
-    times = schedule(trace, cfg.run_seconds, profile.peak_rps, cfg.seed, warmup)
-    for mode in modes:
-        bench.emulator(
+
+    def run(self) -> list[CaseResult]:
+        cfg, bench = self.config, self.bench
+        names = bench.apply(self.bodies)
+        self.warmup = cfg.warmup_seconds()
+        self.times = schedule(
+            self.trace, cfg.run_seconds, self.profile.peak_rps, cfg.seed, self.warmup
+        )
+        for mode in self.modes:
+            self.reset_emulator(mode)
+        stalls_before = bench.stalls()
+        load = self.replay()
+        stalls = {k: v - stalls_before.get(k, 0.0) for k, v in bench.stalls().items()}
+        decisions = {mode: bench.decisions(names[mode]) for mode in self.modes}
+        return [
+            self.result(
+                j,
+                load,
+                Policy.model_validate({"name": names[mode], **self.bodies[mode]}),
+                {"policy": names[mode], "stalls": stalls, "decisions": decisions[mode]},
+            )
+            for j, mode in enumerate(self.modes)
+        ]
+
+    def reset_emulator(self, mode: Mode) -> None:
+        cfg = self.config
+        self.bench.emulator(
             mode,
             "POST",
             "/admin/reset",
-            {"profile": profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed}
+            {"profile": self.profile.name, "time_scale": cfg.time_scale, "seed": cfg.seed}
             | ({"backend": cfg.backend.as_json()} if isinstance(cfg.backend, ServerConfig) else {}),
         )
-    m = len(modes)
-    seed = cfg.seed
-    all_times = [t for t in times for _ in range(m)]  # request k: time k // m, mode k % m
-    paths = [bodies[mode]["match"]["path"] for mode in modes]
-    total = times[-1] if times else 0.0
 
-    def progress(elapsed: float, sent: int, answered: int, failed: int) -> None:
-        say(
-            f"  {min(elapsed, total):5.1f}/{total:.1f} s  sent {sent}/{len(all_times)}  "
-            f"answered {answered}  failed {failed}"
+    def replay(self) -> OpenLoopResult:
+        """The trace once for every mode, interleaved, through Envoy; progress said."""
+        m, seed = len(self.modes), self.config.seed
+        all_times = [t for t in self.times for _ in range(m)]  # request k: time k // m, mode k % m
+        paths = [self.bodies[mode]["match"]["path"] for mode in self.modes]
+        total = self.times[-1] if self.times else 0.0
+
+        def progress(elapsed: float, sent: int, answered: int, failed: int) -> None:
+            self.say(
+                f"  {min(elapsed, total):5.1f}/{total:.1f} s  sent {sent}/{len(all_times)}  "
+                f"answered {answered}  failed {failed}"
+            )
+
+        return replay(
+            "127.0.0.1",
+            self.bench.stack.envoy_port,
+            lambda k: paths[k % m],
+            all_times,
+            lambda k: json.dumps({"instances": [instance(k, seed)]}).encode(),
+            progress=progress,
         )
 
-    stalls_before = bench.stalls()
-    load = replay(
-        "127.0.0.1",
-        bench.stack.envoy_port,
-        lambda k: paths[k % m],
-        all_times,
-        lambda k: json.dumps({"instances": [instance(k, seed)]}).encode(),
-        progress=progress,
-    )
-    stalls = {k: v - stalls_before.get(k, 0.0) for k, v in bench.stalls().items()}
-    decisions = {mode: bench.decisions(names[mode]) for mode in modes}
-    results = []
-    for j, mode in enumerate(modes):
-        mine = np.arange(j, len(all_times), m)
+    def result(
+        self, j: int, load: OpenLoopResult, policy: Policy, extra: dict[str, Any]
+    ) -> CaseResult:
+        """Mode j's requests of the replay, its emulator's series and its simulation."""
+        cfg, mode = self.config, self.modes[j]
+        mine = np.arange(j, len(load.scheduled), len(self.modes))
         own = subset(load, mine)
-        series = bench.emulator(mode, "GET", "/admin/series")
-        measured = own.scheduled >= warmup
-        start = own.started + warmup
+        series = self.bench.emulator(mode, "GET", "/admin/series")
+        start = own.started + self.warmup
         answered_at = own.started + own.scheduled + np.nan_to_num(own.latency, nan=0.0)
         end = max(start + cfg.run_seconds, float(answered_at.max()) if answered_at.size else 0.0)
-        policy = Policy.model_validate({"name": names[mode], **bodies[mode]})
-        sim = simulate(
-            trace,
-            profile,
+        return CaseResult(
+            profile=self.profile,
+            trace=self.trace,
+            mode=mode,
+            config=cfg,
+            warmup_s=self.warmup,
+            load=own,
+            series=series,
+            sim=self.simulate(mode, policy),
+            wrong=check_answers(own, mine, cfg.seed),
+            measured=own.scheduled >= self.warmup,
+            start=start,
+            end=end,
+            extra=extra,
+        )
+
+    def simulate(self, mode: Mode, policy: Policy) -> SimResult:
+        """The simulator on exactly the replay's arrival times, policy and emulated service."""
+        cfg = self.config
+        return simulate(
+            self.trace,
+            self.profile,
             mode,
             cfg.run_seconds,
-            profile.peak_rps,
+            self.profile.peak_rps,
             seed=cfg.seed,
             replicas=cfg.replicas,
             backend=cfg.backend.scaled(cfg.time_scale),
-            warmup=warmup,
-            times=times,
+            warmup=self.warmup,
+            times=self.times,
             policy=policy,
             series_step=cfg.run_seconds / 40,
             tuner_every=cfg.tuner_interval,
@@ -516,24 +591,6 @@ def run_case(
             stats_window=cfg.stats_window,
             rate_window=cfg.rate_window,
         )
-        results.append(
-            CaseResult(
-                profile=profile,
-                trace=trace,
-                mode=mode,
-                config=cfg,
-                warmup_s=warmup,
-                load=own,
-                series=series,
-                sim=sim,
-                wrong=check_answers(own, mine, seed),
-                measured=measured,
-                start=start,
-                end=end,
-                extra={"policy": names[mode], "stalls": stalls, "decisions": decisions[mode]},
-            )
-        )
-    return results
 
 
 def _header_ms(load: OpenLoopResult, name: str) -> np.ndarray:
@@ -731,8 +788,7 @@ def describe(backend: BackendConfig) -> str:
     return f"knative (cold start {backend.cold_start:g} s before scaling)"
 
 
-# Long: the command line of `mlproxy bench`, one flag after another.
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="mlproxy bench",
         description=__doc__.split("\n\n")[0],
@@ -743,7 +799,13 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap.add_argument(
         "--mode", action="append", choices=MODES, help="repeatable; all four if not given"
     )
+    _add_run_flags(ap)
+    _add_backend_flags(ap)
+    ap.add_argument("--no-plots", action="store_true")
+    return ap
 
+
+def _add_run_flags(ap: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
     ap.add_argument(
         "--duration",
@@ -779,6 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         default=Path("bench/results/real"),
         help="report directory (default %(default)s)",
     )
+
+
+def _add_backend_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--backend",
         choices=KINDS,
@@ -791,8 +856,12 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     )
     ap.add_argument("--queue-limit", type=int, help="fixed: batches that may wait, then 503")
     ap.add_argument("--limit", type=int, help="limited: batches in the server, then 429")
-    ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args(argv)
+
+
+def _suite(
+    ap: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[BenchConfig, list[Profile], list[str], list[Mode]]:
+    """The run's settings and its cases (profiles x traces, each in every mode), checked."""
     try:
         backend = backend_config(
             args.backend, args.workers, args.overhead_ms, args.limit, args.queue_limit
@@ -809,49 +878,54 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     config = BenchConfig(
         args.duration, args.warmup, args.time_scale, args.seed, args.replicas, backend
     )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    cases = len(profiles) * len(traces)
-    began = time.monotonic()
-    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return config, profiles, traces, modes
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
-    say(f"starting the stack (logs in {logs}) ...")
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_suite(
+    config: BenchConfig,
+    profiles: Sequence[Profile],
+    traces: Sequence[str],
+    modes: Sequence[Mode],
+    out: Path,
+    plots: bool,
+    began: float,
+) -> list[dict[str, Any]]:
+    """Every case on one stack (its logs in `out`/logs); each mode's row said as it comes, its
+    raw results saved in `out`/runs, each case plotted unless `plots` is false."""
     rows: list[dict[str, Any]] = []
+    cases = len(profiles) * len(traces)
     done = 0
-    try:
-        with BenchStack(config, logs, modes) as bench:
-            for profile in profiles:
-                for trace in traces:
-                    done += 1
-                    say(
-                        f"[{done}/{cases}] {profile.name} {trace}: {', '.join(modes)} "
-                        f"({time.monotonic() - began:.0f} s so far)"
+    with BenchStack(config, out / "logs", modes) as bench:
+        for profile in profiles:
+            for trace in traces:
+                done += 1
+                _say(
+                    f"[{done}/{cases}] {profile.name} {trace}: {', '.join(modes)} "
+                    f"({time.monotonic() - began:.0f} s so far)"
+                )
+                group = run_case(bench, profile, trace, modes, _say)
+                for case in group:
+                    row = case.row()
+                    rows.append(row)
+                    save_raw(case, out / "runs")
+                    _say(
+                        f"  {case.mode:8s} violations {row['sla_violations_pct']}% (sim "
+                        f"{row['sim_sla_violations_pct']}%), cost {row['cost_pod_s']} "
+                        f"pod-s (sim {row['sim_cost_pod_s']}), p50 {row['p50_ms']} ms, "
+                        f"batch {row['mean_batch']}, wrong {row['wrong']}, "
+                        f"errors {row['errors']}"
                     )
-                    group = run_case(bench, profile, trace, modes, say)
-                    for case in group:
-                        row = case.row()
-                        rows.append(row)
-                        save_raw(case, out / "runs")
-                        say(
-                            f"  {case.mode:8s} violations {row['sla_violations_pct']}% (sim "
-                            f"{row['sim_sla_violations_pct']}%), cost {row['cost_pod_s']} "
-                            f"pod-s (sim {row['sim_cost_pod_s']}), p50 {row['p50_ms']} ms, "
-                            f"batch {row['mean_batch']}, wrong {row['wrong']}, "
-                            f"errors {row['errors']}"
-                        )
-                    if not args.no_plots:
-                        plot(group, out / f"{profile.name}-{trace}.png")
-    except (StackError, ApiError) as err:
-        say(f"benchmark stopped: {err}")
-        return 1
-    elapsed = time.monotonic() - began
-    command = "mlproxy bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (
+                if plots:
+                    plot(group, out / f"{profile.name}-{trace}.png")
+    return rows
+
+
+def _header(command: str, started_at: str, elapsed: float, config: BenchConfig) -> str:
+    return (
         f"`{command}` on {started_at}: {elapsed / 60:.1f} min in all. Each run: "
         f"{config.duration:g} s of trace after a warm-up of {config.warmup:g} s (plus up to "
         f"{PHASE_JITTER:g} s), played {config.time_scale:g} times faster (so "
@@ -865,6 +939,26 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         "included. `sim` columns: the simulator on the same arrivals, policy, emulated service "
         "and tuner.\n\n"
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    config, profiles, traces, modes = _suite(ap, args)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    began = time.monotonic()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    _say(f"starting the stack (logs in {logs}) ...")
+    try:
+        rows = _run_suite(config, profiles, traces, modes, out, not args.no_plots, began)
+    except (StackError, ApiError) as err:
+        _say(f"benchmark stopped: {err}")
+        return 1
+    command = "mlproxy bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = _header(command, started_at, time.monotonic() - began, config)
     text = "\n\n".join(
         [header + summary(rows, with_verdict=True), loadgen_summary(rows), markdown(rows)]
     )
@@ -873,7 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     print(text)
     bad = [r for r in rows if r["wrong"] or r["lost"]]
     if bad:
-        say(f"{len(bad)} run(s) had wrong answers or lost requests")
+        _say(f"{len(bad)} run(s) had wrong answers or lost requests")
         return 1
     return 0
 

@@ -47,7 +47,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -287,8 +287,264 @@ class _Event:
     data: Any = field(compare=False, default=None)
 
 
-# Long: the discrete-event loop, whole so that the order of events reads top down.
-def simulate(  # noqa: PLR0912, PLR0915
+class _Simulation:
+    """One run of `simulate`: the replicas' queues and stats, the backend, the event heap and
+    the tallies. `run` pops the events in time order and hands each to the method of its
+    kind; `pump` is what the asyncio runtime does on every arrival, wake-up and batch end."""
+
+    def __init__(
+        self,
+        times: Sequence[float],
+        profile: Profile,
+        policy: Policy,
+        backend: BackendConfig,
+        *,
+        seed: int,
+        replicas: int,
+        fleet: Fleet,
+        hop: float,
+        warmup: float,
+        duration: float,
+        tuner_every: float | None,
+        tuner_hold: float,
+        stats_window: float,
+        rate_window: float,
+    ) -> None:
+        self.profile, self.current, self.name = profile, policy, policy.name
+        self.slo = profile.slo_ms / 1000.0
+        self.replicas, self.fleet, self.hop = replicas, fleet, hop
+        self.warmup, self.duration = warmup, duration
+        self.tuner_every, self.tuner_hold = tuner_every, tuner_hold
+        self.rng = random.Random(seed ^ 0xBACE)
+        self.route_rng = random.Random(seed ^ 0x7011)
+        self.shared = InFlight() if fleet == "budget" and replicas > 1 else None
+        self.queues = [
+            BatchQueue[int](rule_for(policy), self.shared, RateMeter(rate_window))
+            for _ in range(replicas)
+        ]
+        self.stats = [StatsWindow(stats_window) for _ in range(replicas)]
+        self.tuned_at: float | None = None
+        self.tunings: list[tuple[float, str]] = []  # (seconds into the measurement, reason)
+        n = len(times)
+        self.forwarded = np.zeros(n, dtype=bool)
+        self.armed = [math.inf] * replicas
+        self.be = make_backend(backend)
+        self.refused = np.zeros(n, dtype=bool)
+        self.refused_batches = 0
+        self.latency = np.full(n, np.nan)
+        self.times = times
+        self.arrival = np.asarray(times)
+        self.events: list[_Event] = []
+        self.seq = itertools.count()
+        self.batches = 0
+        self.instances = 0
+        self.batch_log: list[tuple[float, int]] = []
+        self.measured_from = (0.0, 0)  # pod-seconds and cold starts when the measurement began
+        self.last_done = 0.0
+        self.pods_log: list[tuple[float, int]] = []
+        self.tick_every = 0.0
+
+    def push(self, t: float, kind: str, data: Any = None) -> None:
+        heapq.heappush(self.events, _Event(t, next(self.seq), kind, data))
+
+    def run(self) -> None:
+        for i, t in enumerate(self.times):
+            self.push(t, "arrive", i)
+        self.tick_every = self.be.interval
+        self.push(self.tick_every, "tick")
+        self.push(self.warmup, "measure")
+        if self.tuner_every is not None:
+            self.push(self.tuner_every, "tune")
+        handlers: dict[str, Callable[[float, Any], None]] = {
+            "arrive": self.arrive,
+            "forwarded": self.forwarded_arrive,
+            "wake": self.wake,
+            "done": self.done,
+            "refused": self.refused_batch,
+            "tune": self.tune,
+            "measure": self.measure,
+            "ready": self.ready,
+            "tick": self.tick,
+        }
+        while self.events:
+            ev = heapq.heappop(self.events)
+            handlers[ev.kind](ev.time, ev.data)
+
+    def pump(self, r: int, now: float) -> None:
+        q = self.queues[r]
+        while True:
+            action = q.poll(now)
+            if isinstance(action, Dispatch):
+                self.dispatch(r, action, now)
+            elif isinstance(action, Shed):
+                for i in action.items:
+                    self.latency[i] = math.inf
+                    self.stats[r].answered(self.name, now, True)
+            elif isinstance(action, WaitUntil):
+                if action.time < self.armed[r]:
+                    self.armed[r] = action.time
+                    self.push(action.time, "wake", r)
+                return
+            else:
+                return
+
+    def dispatch(self, r: int, action: Dispatch[int], now: float) -> None:
+        if now >= self.warmup:
+            self.batches += 1
+            self.instances += action.size
+            self.batch_log.append((now - self.warmup, action.size))
+        status = self.be.refuse(now)
+        if status is not None:  # answered at once, after this turn of the loop
+            if now >= self.warmup:
+                self.refused_batches += 1
+            self.push(now, "refused", (r, action, status))
+            return
+        for t in self.be.arrive((r, action, now), now):  # the activator's cold start
+            self.push(t, "ready")
+        self.start_batches(now)
+
+    def offer(self, r: int, i: int, now: float, deadline: float) -> None:
+        entry = self.queues[r].offer(i, 1, now, deadline)
+        assert entry is not None
+        self.stats[r].arrival(self.name, now)
+        self.pump(r, now)
+
+    def pump_all(self, now: float, first: int) -> None:
+        """A batch of replica `first` ended: with a shared budget, the others may send now."""
+        self.pump(first, now)
+        if self.shared is not None:
+            for o in range(self.replicas):
+                if o != first:
+                    self.pump(o, now)
+
+    def start_batches(self, now: float) -> None:
+        """Free ready pods take waiting batches, oldest first."""
+        for pod, (r, dispatch, sent_at) in self.be.start(now):
+            t = self.be.service_time(self.profile, dispatch.size, self.rng)
+            self.push(now + t, "done", (pod, r, dispatch, sent_at))
+
+    def arrive(self, now: float, i: int) -> None:
+        r = self.route_rng.randrange(self.replicas) if self.replicas > 1 else 0
+        if self.fleet == "owner" and r != 0:  # replica 0 owns the model
+            self.forwarded[i] = True
+            self.push(now + self.hop, "forwarded", i)
+            return
+        self.offer(r, i, now, now + self.slo)
+
+    def forwarded_arrive(self, now: float, i: int) -> None:
+        """At the owner, one hop later; the answer needs another."""
+        self.offer(0, i, now, now - self.hop + self.slo - self.hop)
+
+    def wake(self, now: float, r: int) -> None:
+        if now >= self.armed[r]:
+            self.armed[r] = math.inf
+            self.pump(r, now)
+
+    def done(self, now: float, data: tuple[Any, int, Dispatch[int], float]) -> None:
+        pod, r, dispatch, sent_at = data
+        self.last_done = now
+        self.be.finish(pod, now)
+        q, stats = self.queues[r], self.stats[r]
+        q.done(dispatch, now - sent_at, True, now)
+        stats.batch(self.name, now, dispatch.size, now - sent_at)
+        for e in dispatch.entries:
+            back = self.hop if self.forwarded[e.item] else 0.0
+            self.latency[e.item] = now + back - self.arrival[e.item]
+            q.answered(now - self.arrival[e.item], now)
+            stats.answered(self.name, now, self.latency[e.item] > self.slo)
+        self.start_batches(now)
+        self.pump_all(now, r)
+
+    def refused_batch(self, now: float, data: tuple[int, Dispatch[int], int]) -> None:
+        """BatchExecutor: a batch answered 429/503 gives each of its requests that status (no
+        retry); the queue learns it failed, then every request is answered."""
+        r, dispatch, _status = data
+        q = self.queues[r]
+        q.done(dispatch, 0.0, False, now)
+        for e in dispatch.entries:
+            self.latency[e.item] = math.inf
+            self.refused[e.item] = True
+            q.answered(now - self.arrival[e.item], now)
+            self.stats[r].answered(self.name, now, True)
+        self.pump_all(now, r)
+
+    def tune(self, now: float, _data: None) -> None:
+        self.retune(now)
+        every = self.tuner_every
+        if every is not None and now + every <= self.duration + self.warmup:
+            self.push(now + every, "tune")
+
+    def retune(self, now: float) -> None:
+        snaps = [w.snapshot(now).get(self.name) for w in self.stats]
+        decision = tune(
+            self.current,
+            [PolicyStats(**s) for s in snaps if s is not None],
+            now,
+            self.tuned_at,
+            hold=self.tuner_hold,
+        )
+        if decision is None:
+            return
+        self.tuned_at = now
+        self.tunings.append((now - self.warmup, decision.reason))
+        self.current = self.current.model_copy(update={"tuning": decision.tuning})
+        for q in self.queues:
+            q.rule = rule_for(self.current, q.rule)
+        for o in range(self.replicas):
+            self.pump(o, now)
+
+    def measure(self, now: float, _data: None) -> None:
+        self.be.account(now)
+        self.measured_from = (self.be.cost, self.be.cold_starts)
+
+    def ready(self, now: float, _data: None) -> None:
+        if now <= self.duration + self.warmup:
+            self.be.account(now)
+        self.start_batches(now)
+
+    def tick(self, now: float, _data: None) -> None:
+        for t in self.be.tick(now):
+            self.push(t, "ready")
+        if now >= self.warmup:
+            self.pods_log.append((now - self.warmup, self.be.serving(now)))
+        # the autoscaler stops with the trace: the last requests drain on the pods there are
+        if now + self.tick_every <= self.duration + self.warmup:
+            self.push(now + self.tick_every, "tick")
+
+    def result(self, trace: str, mode: str, workers: int, series_step: float) -> SimResult:
+        """The measured requests' outcome, once every event has run."""
+        warmup = self.warmup
+        first = sum(1 for t in self.times if t < warmup)  # the first measured request
+        end = max(self.duration + warmup, self.last_done)
+        self.be.account(end)
+        latency = self.latency
+        if np.isnan(latency).any():  # a request neither answered nor shed: a simulator bug
+            raise RuntimeError(f"{int(np.isnan(latency).sum())} requests were never answered")
+        result = SimResult(
+            trace=trace,
+            profile=self.profile.name,
+            mode=mode,
+            duration=end - warmup,
+            requests=len(latency) - first,
+            latencies=latency[first:],
+            arrivals=self.arrival[first:] - warmup,
+            slo=self.slo,
+            pod_seconds=self.be.cost - self.measured_from[0],
+            cold_starts=self.be.cold_starts - self.measured_from[1],
+            batches=self.batches,
+            instances=self.instances,
+            backend=self.be.kind,
+            window=self.duration,
+            refused=int(self.refused[first:].sum()),
+            refused_batches=self.refused_batches,
+            workers=workers,
+            tunings=self.tunings,
+        )
+        result.series = _series(result, self.batch_log, self.pods_log, series_step)
+        return result
+
+
+def simulate(
     trace: str,
     profile: Profile,
     mode: Mode,
@@ -319,206 +575,25 @@ def simulate(  # noqa: PLR0912, PLR0915
     compresses time divides them with it)."""
     if times is None:
         times = schedule(trace, duration, peak, seed, warmup)
-    first = sum(1 for t in times if t < warmup)  # the first measured request
-    current: Policy = policy if policy is not None else policy_for(mode, profile, modes, backend)
-    name = current.name
-    slo = profile.slo_ms / 1000.0
-    rng = random.Random(seed ^ 0xBACE)
-    route_rng = random.Random(seed ^ 0x7011)
-    shared = InFlight() if fleet == "budget" and replicas > 1 else None
-    queues = [
-        BatchQueue[int](rule_for(current), shared, RateMeter(rate_window)) for _ in range(replicas)
-    ]
-    stats = [StatsWindow(stats_window) for _ in range(replicas)]
-    tuned_at: float | None = None
-    tunings: list[tuple[float, str]] = []  # (seconds into the measurement, the tuner's reason)
-    forwarded = np.zeros(len(times), dtype=bool)
-    armed = [math.inf] * replicas
-    be = make_backend(backend)
-    n = len(times)
-    refused = np.zeros(n, dtype=bool)
-    refused_batches = 0
-    latency = np.full(n, np.nan)
-    arrival = np.asarray(times)
-    events: list[_Event] = []
-    seq = itertools.count()
-    batches = 0
-    instances = 0
-    batch_log: list[tuple[float, int]] = []
-    measured_from = (0.0, 0)  # pod-seconds and cold starts when the measurement began
-    last_done = 0.0
-    pods_log: list[tuple[float, int]] = []
-
-    def push(t: float, kind: str, data: Any = None) -> None:
-        heapq.heappush(events, _Event(t, next(seq), kind, data))
-
-    def pump(r: int, now: float) -> None:
-        nonlocal batches, instances, refused_batches
-        q = queues[r]
-        while True:
-            action = q.poll(now)
-            if isinstance(action, Dispatch):
-                if now >= warmup:
-                    batches += 1
-                    instances += action.size
-                    batch_log.append((now - warmup, action.size))
-                status = be.refuse(now)
-                if status is not None:  # answered at once, after this turn of the loop
-                    if now >= warmup:
-                        refused_batches += 1
-                    push(now, "refused", (r, action, status))
-                    continue
-                for t in be.arrive((r, action, now), now):  # the activator's cold start
-                    push(t, "ready")
-                start_batches(now)
-            elif isinstance(action, Shed):
-                for i in action.items:
-                    latency[i] = math.inf
-                    stats[r].answered(name, now, True)
-            elif isinstance(action, WaitUntil):
-                if action.time < armed[r]:
-                    armed[r] = action.time
-                    push(action.time, "wake", r)
-                return
-            else:
-                return
-
-    def offer(r: int, i: int, now: float, deadline: float) -> None:
-        entry = queues[r].offer(i, 1, now, deadline)
-        assert entry is not None
-        stats[r].arrival(name, now)
-        pump(r, now)
-
-    def pump_all(now: float, first: int) -> None:
-        """A batch of replica `first` ended: with a shared budget, the others may send now."""
-        pump(first, now)
-        if shared is not None:
-            for o in range(replicas):
-                if o != first:
-                    pump(o, now)
-
-    def retune(now: float) -> None:
-        nonlocal current, tuned_at
-        snaps = [w.snapshot(now).get(name) for w in stats]
-        decision = tune(
-            current,
-            [PolicyStats(**s) for s in snaps if s is not None],
-            now,
-            tuned_at,
-            hold=tuner_hold,
-        )
-        if decision is None:
-            return
-        tuned_at = now
-        tunings.append((now - warmup, decision.reason))
-        current = current.model_copy(update={"tuning": decision.tuning})
-        for q in queues:
-            q.rule = rule_for(current, q.rule)
-        for o in range(replicas):
-            pump(o, now)
-
-    def start_batches(now: float) -> None:
-        """Free ready pods take waiting batches, oldest first."""
-        for pod, (r, dispatch, sent_at) in be.start(now):
-            t = be.service_time(profile, dispatch.size, rng)
-            push(now + t, "done", (pod, r, dispatch, sent_at))
-
-    for i, t in enumerate(times):
-        push(t, "arrive", i)
-    tick = be.interval
-    push(tick, "tick")
-    push(warmup, "measure")
-    if tuner_every is not None:
-        push(tuner_every, "tune")
-    while events:
-        ev = heapq.heappop(events)
-        now = ev.time
-        if ev.kind == "arrive":
-            i = ev.data
-            r = route_rng.randrange(replicas) if replicas > 1 else 0
-            if fleet == "owner" and r != 0:  # replica 0 owns the model
-                forwarded[i] = True
-                push(now + hop, "forwarded", i)
-                continue
-            offer(r, i, now, now + slo)
-        elif ev.kind == "forwarded":  # at the owner, one hop later; the answer needs another
-            i = ev.data
-            offer(0, i, now, now - hop + slo - hop)
-        elif ev.kind == "wake":
-            r = ev.data
-            if now >= armed[r]:
-                armed[r] = math.inf
-                pump(r, now)
-        elif ev.kind == "done":
-            pod, r, dispatch, sent_at = ev.data
-            last_done = now
-            be.finish(pod, now)
-            q = queues[r]
-            q.done(dispatch, now - sent_at, True, now)
-            stats[r].batch(name, now, dispatch.size, now - sent_at)
-            for e in dispatch.entries:
-                back = hop if forwarded[e.item] else 0.0
-                latency[e.item] = now + back - arrival[e.item]
-                q.answered(now - arrival[e.item], now)
-                stats[r].answered(name, now, latency[e.item] > slo)
-            start_batches(now)
-            pump_all(now, r)
-        elif ev.kind == "refused":
-            # BatchExecutor: a batch answered 429/503 gives each of its requests that status
-            # (no retry); the queue learns it failed, then every request is answered.
-            r, dispatch, _status = ev.data
-            q = queues[r]
-            q.done(dispatch, 0.0, False, now)
-            for e in dispatch.entries:
-                latency[e.item] = math.inf
-                refused[e.item] = True
-                q.answered(now - arrival[e.item], now)
-                stats[r].answered(name, now, True)
-            pump_all(now, r)
-        elif ev.kind == "tune":
-            retune(now)
-            if tuner_every is not None and now + tuner_every <= duration + warmup:
-                push(now + tuner_every, "tune")
-        elif ev.kind == "measure":
-            be.account(now)
-            measured_from = (be.cost, be.cold_starts)
-        elif ev.kind == "ready":
-            if now <= duration + warmup:
-                be.account(now)
-            start_batches(now)
-        elif ev.kind == "tick":
-            for t in be.tick(now):
-                push(t, "ready")
-            if now >= warmup:
-                pods_log.append((now - warmup, be.serving(now)))
-            if now + tick <= duration + warmup:  # the autoscaler stops with the trace: the
-                push(now + tick, "tick")  # last requests drain on the pods there are
-    end = max(duration + warmup, last_done)
-    be.account(end)
-    if np.isnan(latency).any():  # a request neither answered nor shed: a simulator bug
-        raise RuntimeError(f"{int(np.isnan(latency).sum())} requests were never answered")
-    result = SimResult(
-        trace=trace,
-        profile=profile.name,
-        mode=mode,
-        duration=end - warmup,
-        requests=n - first,
-        latencies=latency[first:],
-        arrivals=arrival[first:] - warmup,
-        slo=slo,
-        pod_seconds=be.cost - measured_from[0],
-        cold_starts=be.cold_starts - measured_from[1],
-        batches=batches,
-        instances=instances,
-        backend=be.kind,
-        window=duration,
-        refused=int(refused[first:].sum()),
-        refused_batches=refused_batches,
-        workers=backend.workers if isinstance(backend, ServerConfig) else 0,
-        tunings=tunings,
+    sim = _Simulation(
+        times,
+        profile,
+        policy if policy is not None else policy_for(mode, profile, modes, backend),
+        backend,
+        seed=seed,
+        replicas=replicas,
+        fleet=fleet,
+        hop=hop,
+        warmup=warmup,
+        duration=duration,
+        tuner_every=tuner_every,
+        tuner_hold=tuner_hold,
+        stats_window=stats_window,
+        rate_window=rate_window,
     )
-    result.series = _series(result, batch_log, pods_log, series_step)
-    return result
+    sim.run()
+    workers = backend.workers if isinstance(backend, ServerConfig) else 0
+    return sim.result(trace, mode, workers, series_step)
 
 
 def _series(

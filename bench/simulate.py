@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.backends import KINDS, ServerConfig, backend_config, capacity
+from bench.backends import KINDS, BackendConfig, ServerConfig, backend_config, capacity
 from bench.knative import ServiceConfig
-from bench.profiles import PROFILES
+from bench.profiles import PROFILES, Profile
 from bench.report import by_case, columns_for, heading, reductions, summary, table, verdict
 from bench.sim import FLEETS, MODES, ModeConfig, SimResult, pooled, simulate
 from bench.traces import TRACES
@@ -117,8 +117,7 @@ def warmup_for(warmup: float, seed: int) -> float:
     return warmup + random.Random(seed ^ 0xFA5E).uniform(0.0, PHASE_JITTER)
 
 
-# Long: the simulator's command line, one flag after another.
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
     ap.add_argument("--profiles", default=",".join(SUITE_PROFILES))
     ap.add_argument("--traces", default=",".join(TRACES))
@@ -159,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
     ap.add_argument("--seeds", type=int, default=3, help="runs per case, seeds from --seed on")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim"))
     ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args(argv)
-    profiles = [PROFILES[p] for p in args.profiles.split(",")]
-    traces = args.traces.split(",")
-    modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
+    return ap
+
+
+def _backend(ap: argparse.ArgumentParser, args: argparse.Namespace) -> BackendConfig:
     try:
-        backend = backend_config(
+        return backend_config(
             args.backend,
             args.workers,
             args.overhead_ms,
@@ -174,23 +173,38 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
         )
     except ValueError as err:
         ap.error(str(err))
-    loads: list[float] = []
-    if args.loads:
-        if not isinstance(backend, ServerConfig):
-            ap.error(
-                "--loads needs a fixed or limited backend (a Knative service has no fixed capacity)"
-            )
-        try:
-            loads = [float(x) for x in args.loads.split(",")]
-        except ValueError:
-            ap.error(f"--loads must be numbers separated by commas: {args.loads!r}")
-        if not all(x > 0 for x in loads):
-            ap.error("every load must be positive")
-        traces = ["steady"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    began = time.monotonic()
-    cases: list[tuple[Any, str, float, float | None]] = []  # profile, trace, peak, load
+
+
+def _loads(
+    ap: argparse.ArgumentParser, args: argparse.Namespace, backend: BackendConfig
+) -> list[float]:
+    """`--loads`, checked (none: the traces at their peaks)."""
+    if not args.loads:
+        return []
+    if not isinstance(backend, ServerConfig):
+        ap.error(
+            "--loads needs a fixed or limited backend (a Knative service has no fixed capacity)"
+        )
+    try:
+        loads = [float(x) for x in args.loads.split(",")]
+    except ValueError:
+        ap.error(f"--loads must be numbers separated by commas: {args.loads!r}")
+    if not all(x > 0 for x in loads):
+        ap.error("every load must be positive")
+    return loads
+
+
+Case = tuple[Profile, str, float, float | None]  # profile, trace, peak, load
+
+
+def _cases(
+    profiles: Sequence[Profile],
+    traces: Sequence[str],
+    loads: Sequence[float],
+    backend: BackendConfig,
+) -> list[Case]:
+    """Every profile at each load of a sweep, or on each trace at its peak."""
+    cases: list[Case] = []
     for profile in profiles:
         if loads:
             assert isinstance(backend, ServerConfig)
@@ -198,44 +212,51 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
             cases += [(profile, f"steady@{x:g}", x * full, x) for x in loads]
         else:
             cases += [(profile, trace, profile.peak_rps, None) for trace in traces]
-    for profile, trace, peak, load in cases:
-        plotted = []
-        for mode in modes:
-            t0 = time.monotonic()
-            runs = [
-                simulate(
-                    trace.split("@")[0],
-                    profile,
-                    mode,
-                    args.duration,
-                    peak,
-                    seed=seed,
-                    replicas=args.replicas,
-                    backend=backend,
-                    warmup=warmup_for(args.warmup, seed),
-                    fleet=args.fleet,
-                    hop=args.hop_ms / 1000.0,
-                    tuner_every=args.tuner_every or None,
-                )
-                for seed in range(args.seed, args.seed + args.seeds)
-            ]
-            for r in runs:
-                r.trace = trace
-            plotted.append(runs[0])
-            row = pooled(runs)
-            if load is not None:
-                row = {"load": load, "offered_rps": round(peak, 1)} | row
-            rows.append(row)
-            print(
-                f"{profile.name:14s} {trace:17s} {mode:9s} "
-                f"viol {row['sla_violations_pct']:6.3f}%  cost {row['cost_pod_s']:9.1f} "
-                f"s  goodput {row['goodput_rps']:8.2f}/s  ({time.monotonic() - t0:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if not args.no_plots:
-            plot(plotted, args.out / f"{profile.name}-{trace}.png")
-    text = sweep_markdown(rows) if loads else summary(rows) + "\n\n" + markdown(rows)
+    return cases
+
+
+def _run_mode(
+    args: argparse.Namespace, backend: BackendConfig, case: Case, mode: Mode
+) -> tuple[SimResult, dict[str, Any]]:
+    """One mode of a case under every seed: the first seed's run (to plot) and the pooled row,
+    reported on stderr as it ends."""
+    profile, trace, peak, load = case
+    t0 = time.monotonic()
+    runs = [
+        simulate(
+            trace.split("@")[0],
+            profile,
+            mode,
+            args.duration,
+            peak,
+            seed=seed,
+            replicas=args.replicas,
+            backend=backend,
+            warmup=warmup_for(args.warmup, seed),
+            fleet=args.fleet,
+            hop=args.hop_ms / 1000.0,
+            tuner_every=args.tuner_every or None,
+        )
+        for seed in range(args.seed, args.seed + args.seeds)
+    ]
+    for r in runs:
+        r.trace = trace
+    row = pooled(runs)
+    if load is not None:
+        row = {"load": load, "offered_rps": round(peak, 1)} | row
+    print(
+        f"{profile.name:14s} {trace:17s} {mode:9s} "
+        f"viol {row['sla_violations_pct']:6.3f}%  cost {row['cost_pod_s']:9.1f} "
+        f"s  goodput {row['goodput_rps']:8.2f}/s  ({time.monotonic() - t0:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return runs[0], row
+
+
+def _header(
+    args: argparse.Namespace, backend: BackendConfig, loads: Sequence[float], compute: float
+) -> str:
     kind = (
         backend.describe()
         if isinstance(backend, ServerConfig)
@@ -243,15 +264,40 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912, PLR0915
     )
     if loads:
         kind += ", load: offered rate / capacity at max batch size"
-    header = (
+    return (
         f"Simulated {args.duration:g} s per run after a warm-up of {args.warmup:g} s plus up to "
         f"{PHASE_JITTER:g} s, seeds {args.seed} to {args.seed + args.seeds - 1} pooled (cost "
         f"and cold starts per run), backend {kind}, {args.replicas} proxy "
         f"replica(s) ({args.fleet if args.replicas > 1 else 'alone'}), fleet tuner every "
-        f"{args.tuner_every:g} s (0: off); {time.monotonic() - began:.0f} s of compute; "
+        f"{args.tuner_every:g} s (0: off); {compute:.0f} s of compute; "
         f"plots: seed {args.seed}."
         "\n\n"
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    profiles = [PROFILES[p] for p in args.profiles.split(",")]
+    traces = args.traces.split(",")
+    modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
+    backend = _backend(ap, args)
+    loads = _loads(ap, args, backend)
+    if loads:
+        traces = ["steady"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    began = time.monotonic()
+    for case in _cases(profiles, traces, loads, backend):
+        plotted = []
+        for mode in modes:
+            first, row = _run_mode(args, backend, case, mode)
+            plotted.append(first)
+            rows.append(row)
+        if not args.no_plots:
+            plot(plotted, args.out / f"{case[0].name}-{case[1]}.png")
+    text = sweep_markdown(rows) if loads else summary(rows) + "\n\n" + markdown(rows)
+    header = _header(args, backend, loads, time.monotonic() - began)
     (args.out / "sim.md").write_text(header + text + "\n", encoding="utf-8")
     (args.out / "sim.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(header + text)

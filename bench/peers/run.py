@@ -98,8 +98,7 @@ def _started(
             yield [peer]
 
 
-# Long: the peer benchmark's command line and its steps in order.
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench.peers",
         description="MLProxy against BentoML's, MLServer's and Ray Serve's batchers on issue "
@@ -128,7 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     ap.add_argument("--venvs", type=Path, default=DEFAULT_VENVS, help="peers' environments")
     ap.add_argument("--out", type=Path, default=Path("bench/results/peers"))
     ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _checked(
+    ap: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[float], Workload, list[list[str]]]:
+    """The rates, the workload and the groups of systems (the MLProxy rows share a stack,
+    each peer is a group of its own), checked."""
     try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         workload = Workload(duration=args.duration, warmup=args.warmup, seed=args.seed)
@@ -142,41 +148,50 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         ap.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     groups = [[n for n in MLPROXY_ROWS if n in names]] if set(names) & set(MLPROXY_ROWS) else []
     groups += [[n] for n in SYSTEMS if n in names and n not in MLPROXY_ROWS]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir()
+    return rates, workload, groups
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run(
+    groups: Sequence[Sequence[str]],
+    rates: Sequence[float],
+    workload: Workload,
+    logs: Path,
+    args: argparse.Namespace,
+) -> tuple[list[Row], list[str]]:
+    """Every system at every rate, group by group; the rows, and the groups that failed."""
     began = time.monotonic()
-    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows: list[Row] = []
     failures: list[str] = []
     run = 0
     for group in groups:
         try:
-            with _started(group, workload, logs, args.venvs, args.peer_wait_ms, say) as systems:
+            with _started(group, workload, logs, args.venvs, args.peer_wait_ms, _say) as systems:
                 for system in systems:
                     for rate in rates:
                         run += 1
-                        say(f"{system.name} at {rate:g} req/s ({time.monotonic() - began:.0f} s)")
-                        r = measure(system, rate, run, workload, say)
+                        _say(f"{system.name} at {rate:g} req/s ({time.monotonic() - began:.0f} s)")
+                        r = measure(system, rate, run, workload, _say)
                         rows.append(r)
-                        say(
+                        _say(
                             f"  violations {r['violations_pct']}%, goodput {r['goodput_rps']} "
                             f"req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, batch "
                             f"{r['mean_batch']}, errors {r['errors']}, wrong {r['wrong']}"
                         )
         except (StackError, ApiError, OSError) as err:
             failures.append(f"- {', '.join(group)}: {err}")
-            say(f"{', '.join(group)} failed: {err}")
-    elapsed = time.monotonic() - began
-    command = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = peer_settings(workload, args.peer_wait_ms)
-    header = (
+            _say(f"{', '.join(group)} failed: {err}")
+    return rows, failures
+
+
+def _header(
+    command: str, started_at: str, elapsed: float, workload: Workload, wait_ms: float | None
+) -> str:
+    settings = peer_settings(workload, wait_ms)
+    return (
         f"`{command.strip()}` on {started_at}, {elapsed / 60:.1f} min in all. Per rate: "
         f"{workload.warmup:g} s of warm-up, then {workload.duration:g} s measured; Poisson "
         f"arrivals (seed {workload.seed}), SLA {workload.sla_ms:g} ms at the client, a "
@@ -185,6 +200,22 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
         f"max_batch_time and Ray batch_wait_timeout_s {settings.wait_ms:g} ms, Ray "
         f"max_ongoing_requests {settings.max_ongoing}. p50/p99 of the requests answered 200."
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    rates, workload, groups = _checked(ap, args)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir()
+    began = time.monotonic()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rows, failures = _run(groups, rates, workload, logs, args)
+    command = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = _header(command, started_at, time.monotonic() - began, workload, args.peer_wait_ms)
     text = "\n\n".join(
         [header, markdown(rows) if rows else "(no rows)", "\n".join(verdict(rows))]
         + (["Systems that could not run:\n" + "\n".join(failures)] if failures else [])
