@@ -10,6 +10,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
+from mlproxy_kernel.outcome import BatchOutcome, ForwardOutcome, Outcome, label
 from mlproxy_kernel.policy import Policy
 
 __all__ = ["PrometheusMetrics"]
@@ -254,11 +255,11 @@ class PrometheusMetrics:
         # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
         self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
 
-    def _child(self, metric: MetricWrapperBase, label: str, second: str = "") -> Any:
-        key = (metric, label, second)
+    def _child(self, metric: MetricWrapperBase, first: str, second: str = "") -> Any:
+        key = (metric, first, second)
         child = self._series.get(key)
         if child is None:
-            child = metric.labels(label, second) if second else metric.labels(label)
+            child = metric.labels(first, second) if second else metric.labels(first)
             self._series[key] = child
         return child
 
@@ -300,17 +301,17 @@ class PrometheusMetrics:
         if missed:
             self._child(self.sla_misses, policy).inc()
 
-    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
-        self._child(self.requests, policy, outcome).inc()
+    def request_done(self, policy: str, outcome: Outcome, queue_wait: float | None) -> None:
+        self._child(self.requests, policy, label(outcome)).inc()
         if queue_wait is not None:
             self._child(self.queue_wait, policy).observe(queue_wait)
 
     def batch_done(
-        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+        self, policy: str, size: int, requests: int, seconds: float, outcome: BatchOutcome
     ) -> None:
         self._child(self.batch_size, policy).observe(size)
         self._child(self.batch_requests, policy).observe(requests)
-        self._child(self.backend_latency, policy, outcome).observe(seconds)
+        self._child(self.backend_latency, policy, label(outcome)).observe(seconds)
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self._child(self.depth, policy).inc(delta)
@@ -340,11 +341,11 @@ class PrometheusMetrics:
     def outside_allowance(self, policy: str, seconds: float) -> None:
         self._child(self.allowance, policy).set(seconds)
 
-    def peer_forward(self, policy: str, outcome: str) -> None:
-        self.peer_forwarded.labels(policy, outcome).inc()
+    def peer_forward(self, policy: str, outcome: ForwardOutcome) -> None:
+        self.peer_forwarded.labels(policy, label(outcome)).inc()
 
-    def peer_served(self, policy: str, outcome: str) -> None:
-        self.peer_served_requests.labels(policy, outcome).inc()
+    def peer_served(self, policy: str, outcome: Outcome) -> None:
+        self.peer_served_requests.labels(policy, label(outcome)).inc()
 
     def peer_auth_failure(self) -> None:
         self.peer_auth_failures.inc()

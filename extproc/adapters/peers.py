@@ -54,9 +54,10 @@ from extproc.core.owner import (
     parse_networks,
     peer_address,
 )
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from mlproxy_common.tls import TlsConfigError, TlsFiles, grpc_channel_credentials
 from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.outcome import ForwardOutcome, Outcome
 from mlproxy_kernel.policy import Route, Router
 
 __all__ = [
@@ -442,16 +443,23 @@ def decode_reply(raw: bytes) -> tuple[Reply, float | None]:
         body,
         content_type=_text(header, "content_type", 256),
         headers=tuple(headers),
-        outcome=_text(header, "outcome", 64),
+        outcome=_outcome(_text(header, "outcome", 64)),
         batch_size=batch_size,
     )
     return reply, _seconds(header, "wait_ms", optional=True)
 
 
-class PeerMetrics(Protocol):
-    def peer_forward(self, policy: str, outcome: str) -> None: ...
+def _outcome(value: str) -> Outcome:
+    try:
+        return Outcome(value)
+    except ValueError:  # a label value is never taken on trust
+        raise PeerProtocolError(f"outcome {value!r} is not one this replica knows") from None
 
-    def peer_served(self, policy: str, outcome: str) -> None: ...
+
+class PeerMetrics(Protocol):
+    def peer_forward(self, policy: str, outcome: ForwardOutcome) -> None: ...
+
+    def peer_served(self, policy: str, outcome: Outcome) -> None: ...
 
     def peer_auth_failure(self) -> None: ...
 
@@ -746,7 +754,7 @@ class Peering:
             # an address where nothing answers lasts until the call's deadline. Batched here
             # meanwhile; the channel keeps connecting (an owner that fails to is not down:
             # the next request tries again).
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"connecting:{target}",
                 f"owner replica {target} is not connected ({state.name}): policy {policy}'s "
@@ -787,7 +795,7 @@ class Peering:
             reply, wait = decode_reply(check_reply(self.settings.token, auth, raw, signature))
         except PeerProtocolError as err:
             self.mark_down(target)
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"reply:{target}",
                 f"owner replica {target} answered a forwarded request of policy {policy} "
@@ -796,7 +804,7 @@ class Peering:
                 "not signed, check who wrote that replica record into Redis",
             )
             return None
-        self._metrics.peer_forward(policy, "ok")
+        self._metrics.peer_forward(policy, ForwardOutcome.OK)
         return reply, wait
 
     def _failed(
@@ -805,7 +813,7 @@ class Peering:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             # The owner refused this request's frame (a client's long path, say): this
             # request is batched here; the owner is not down, nor are the other clients'.
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"frame:{target}",
                 f"owner replica {target} refused a forwarded request of policy {policy} "
@@ -816,7 +824,7 @@ class Peering:
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             # The owner routes this path to another policy or backend: policies out of sync
             # for a moment. It is not down.
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"route:{target}:{policy}",
                 f"owner replica {target} does not route policy {policy}'s request the same "
@@ -837,7 +845,7 @@ class Peering:
             "here (a NetworkPolicy, --peer-advertise)",
         )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._metrics.peer_forward(policy, "timeout")
+            self._metrics.peer_forward(policy, ForwardOutcome.TIMEOUT)
             self._log.warning(
                 f"down:{target}",
                 f"owner replica {target} did not answer a request of policy {policy} within "
@@ -850,7 +858,7 @@ class Peering:
                 "time; retry",
             )
             return Reply.from_error(error), None
-        self._metrics.peer_forward(policy, "fallback")
+        self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
         self._log.warning(
             f"down:{target}",
             f"owner replica {target} did not take a request of policy {policy} "
