@@ -20,10 +20,25 @@ _TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1
 
 
 class PrometheusMetrics:
-    # Long: the table of every metric, its help text and labels (README 'Operations').
+    """Every metric of the process, its help text and labels (README 'Operations'), by what
+    it measures: requests and their batches, policies, queues, the process, the time outside
+    ext_proc, the fleet."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._request_metrics(self.registry)
+        self._policy_metrics(self.registry)
+        self._queue_metrics(self.registry)
+        self._process_metrics(self.registry)
+        self._clock_metrics(self.registry)
+        self._peer_metrics(self.registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        # Labelled series on the request path, looked up once: prometheus_client's labels()
+        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
+        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "mlproxy_requests",
             "Requests handled by a policy, by outcome.",
@@ -79,6 +94,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _policy_metrics(self, r: CollectorRegistry) -> None:
         self.source_up = Gauge(
             "mlproxy_policy_source_up",
             "1 while the policy source (Redis) is reachable; 0 while serving last-known policies.",
@@ -122,6 +139,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _queue_metrics(self, r: CollectorRegistry) -> None:
         self.depth = Gauge(
             "mlproxy_queue_depth",
             "Requests waiting in the queue.",
@@ -142,6 +161,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _process_metrics(self, r: CollectorRegistry) -> None:
         self.streams = Gauge(
             "mlproxy_active_streams",
             "Open ext_proc streams (requests held by Envoy).",
@@ -170,6 +191,9 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
+
+    def _clock_metrics(self, r: CollectorRegistry) -> None:
+        """The time outside ext_proc: where a request's SLA clock starts, and the way back."""
         self.inbound_delay = Histogram(
             "mlproxy_inbound_delay_seconds",
             "Time a request spent in Envoy and on the way to ext_proc, from Envoy's "
@@ -206,6 +230,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _peer_metrics(self, r: CollectorRegistry) -> None:
         self.peer_forwarded = Counter(
             "mlproxy_peer_forwarded",
             "Requests this replica forwarded to the replica that owns their batching key "
@@ -249,11 +275,6 @@ class PrometheusMetrics:
             "that this replica owns, among the last 1,024 its requests had.",
             registry=r,
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-        # Labelled series on the request path, looked up once: prometheus_client's labels()
-        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
-        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
 
     def _child(self, metric: MetricWrapperBase, first: str, second: str = "") -> Any:
         key = (metric, first, second)
