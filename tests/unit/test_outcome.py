@@ -142,3 +142,15 @@ def test_prometheus_sees_the_same_label_values() -> None:
     assert r.get_sample_value(latency, {"policy": "p", "outcome": "bad_answer"}) == 1
     forwarded = {"policy": "p", "outcome": "fallback"}
     assert r.get_sample_value("mlproxy_peer_forwarded_total", forwarded) == 1
+
+
+def test_a_peer_reply_carries_an_outcome_this_replica_knows() -> None:
+    from extproc.adapters.peers import PeerProtocolError, decode_reply, encode_reply
+    from extproc.runtime.replies import Reply
+
+    reply = Reply(429, b"{}", outcome=Outcome.QUEUE_FULL)
+    decoded, _ = decode_reply(encode_reply(reply, None))
+    assert decoded.outcome is Outcome.QUEUE_FULL
+    forged = encode_reply(reply, None).replace(b'"queue_full"', b'"' + b"x" * 10 + b'"')
+    with pytest.raises(PeerProtocolError, match="outcome"):
+        decode_reply(forged)
