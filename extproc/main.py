@@ -4,7 +4,8 @@
 builds the tracing, the server (`ExtProcServer`: metrics, stats, backend client, router,
 peering, then at start the runtime, the servicer and the gRPC ports) and the policy source
 (a file, or Redis with the heartbeat and the fleet's members), and serves until SIGTERM or
-SIGINT. Nothing else constructs these parts (tests build the pieces they test).
+SIGINT. Nothing else constructs these parts (tests, and bench/servicer_cost.py, build the
+pieces they exercise).
 """
 
 from __future__ import annotations
