@@ -404,7 +404,7 @@ def make_app(emulator: Emulator) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         emulator.start()
         gc.collect()  # start-up objects out of the collector's reach: shorter pauses (as
-        gc.freeze()  # ext_proc does, see extproc.server.settle_garbage_collector)
+        gc.freeze()  # ext_proc does, see extproc.main.settle_garbage_collector)
 
     async def on_cleanup(app: web.Application) -> None:
         await emulator.stop()

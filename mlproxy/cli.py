@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from extproc.adapters.tracing import OtelTracing
-    from extproc.server import ExtProcServer
+    from collections.abc import Coroutine
+
+    from extproc.main import Settings
     from mlproxy.client import Client
-    from mlproxy_kernel.policy import Policy
 
 __all__ = ["main"]
 
 log = logging.getLogger("mlproxy")
+
+_T = TypeVar("_T")
 
 
 def _logging(verbose: bool = False, who: str = "") -> None:
@@ -58,13 +59,12 @@ def _log_format(flag: str | None) -> str:
     return fmt
 
 
-def _run_async(coro: object) -> None:
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # grpcio's EventEngine listener costs about 17% more CPU per ext_proc stream than the classic
@@ -139,11 +139,9 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         return supervise(
             args.argv, workers, args.host, args.metrics_port, args.grace + args.drain_delay + 5
         )
-    if args.policies is not None:
-        return _extproc_from_file(args)
-    assert redis_url is not None
-    _run_async(_extproc_from_redis(args, redis_url))
-    return 0
+    from extproc.main import serve
+
+    return _run_async(serve(_extproc_settings(args, redis_url)))
 
 
 def _extproc_security(args: argparse.Namespace) -> bool:
@@ -278,10 +276,11 @@ def _stats_window(flag: float | None, env: str | None) -> float:
     return _flag_or_env(flag, env, ENV_STATS_WINDOW, _window_seconds, DEFAULT_WINDOW)
 
 
-def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> ExtProcServer:
-    """The server with the limits given on the command line (the code's defaults otherwise)."""
+def _extproc_settings(args: argparse.Namespace, redis_url: str | None) -> Settings:
+    """What the flags (and their environment variables) say, for the composition root
+    (extproc/main.py); the code's defaults otherwise."""
     from extproc.adapters.wire import HeaderLimits
-    from extproc.server import ExtProcServer, StreamLimits
+    from extproc.main import FilePolicies, RedisPolicies, Settings, StreamLimits
 
     d = StreamLimits()
     limits = StreamLimits(
@@ -289,9 +288,17 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         max_body_bytes=args.max_body_bytes or d.max_body_bytes,
         max_streams=args.max_streams or d.max_streams,
     )
+    if args.policies is not None:
+        policies: FilePolicies | RedisPolicies = FilePolicies(
+            Path(args.policies), args.reload_interval
+        )
+    else:
+        assert redis_url is not None
+        policies = RedisPolicies(redis_url, args.advertise or f"{args.host}:{args.port}")
     slot = args.slot
-    return ExtProcServer(
+    return Settings(
         policies,
+        _replica_id(args),
         host=args.host,
         port=args.port,
         # a worker: on loopback, any port; the supervisor serves --metrics-port
@@ -306,23 +313,13 @@ def _extproc_server(args: argparse.Namespace, policies: Sequence[Policy]) -> Ext
         stats_window=args.stats_window,
         rate_window=args.rate_window,
         backend_proxy=args.backend_proxy,
-        tracing=_tracing(args),
+        otlp_endpoint=args.otlp_endpoint or os.environ.get(ENV_OTLP) or None,
+        grace=args.grace,
+        drain_delay=args.drain_delay,
     )
 
 
 ENV_OTLP = "MLPROXY_OTLP_ENDPOINT"
-
-
-def _tracing(args: argparse.Namespace) -> OtelTracing | None:
-    """OpenTelemetry tracing if --otlp-endpoint (MLPROXY_OTLP_ENDPOINT) names a collector."""
-    endpoint = args.otlp_endpoint or os.environ.get(ENV_OTLP)
-    if not endpoint:
-        return None
-    from extproc.adapters.tracing import otlp_tracing
-
-    # cmd_extproc refused an endpoint with credentials in it: it can be logged as it is
-    log.info("tracing: spans exported with OTLP/HTTP to %s", endpoint)
-    return otlp_tracing(endpoint, "mlproxy-extproc", _replica_id(args))
 
 
 def _replica_id(args: argparse.Namespace) -> str:
@@ -335,59 +332,6 @@ def _replica_id(args: argparse.Namespace) -> str:
         args.replica_id or os.environ.get("HOSTNAME") or f"{socket.gethostname()}-{process}"
     )
     return replica_id if args.slot is None else args.slot.replica_id(replica_id)
-
-
-def _extproc_from_file(args: argparse.Namespace) -> int:
-    from extproc.adapters.policy_file import FilePolicySource
-    from extproc.server import run
-    from mlproxy_kernel.policy import PolicyFileError
-
-    source = FilePolicySource(args.policies, interval=args.reload_interval)
-    try:
-        policies = source.load()
-    except PolicyFileError as err:
-        log.error("invalid policy file: %s", err)
-        return 2
-    server = _extproc_server(args, policies)
-    _run_async(run(server, grace=args.grace, source=source, drain_delay=args.drain_delay))
-    return 0
-
-
-async def _extproc_from_redis(args: argparse.Namespace, redis_url: str) -> None:
-    from extproc.adapters.redis_source import RedisPolicySource
-    from extproc.server import run
-
-    server = _extproc_server(args, [])
-    replica_id = _replica_id(args)
-    source = RedisPolicySource(
-        redis_url,
-        replica_id=replica_id,
-        address=args.advertise or f"{args.host}:{args.port}",
-        stats=server.stats,
-        clock=server.clock,
-        applied=server.applied_versions,
-        on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
-        observer=server.metrics,
-        peer_address=None if server.peering is None else server.peering.address,
-        on_peers=None if server.peering is None else server.peering.update,
-        sign_peer=None if server.peering is None else server.peering.sign_member,
-    )
-    # Policies first: a replica never takes traffic without the current policies. While it
-    # waits for Redis, SIGTERM or SIGINT ends the wait (as PID 1 in a container, a signal
-    # without a handler is ignored, and the replica would wait to be killed).
-    loading = asyncio.ensure_future(source.load())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, loading.cancel)
-    try:
-        policies = await loading
-    except asyncio.CancelledError:
-        log.info("signal received while waiting for Redis: stopping before serving")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(source.close(), timeout=3)
-        return
-    server.apply_policies(policies)
-    await run(server, grace=args.grace, source=source, drain_delay=args.drain_delay)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ __all__ = [
 ]
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
-# The gRPC service ext_proc serves, and reports on in grpc.health.v1 (extproc/server.py).
+# The gRPC service ext_proc serves, and reports on in grpc.health.v1
+# (extproc/adapters/grpc_server.py).
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _T = "type.googleapis.com/envoy."
 

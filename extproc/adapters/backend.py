@@ -113,7 +113,6 @@ class HttpBackend:
             )
         return self._session
 
-    # Long: one batch call and each way it can fail, each with the error the clients get.
     async def post(
         self,
         url: str,
@@ -160,55 +159,54 @@ class HttpBackend:
                     retry_after=clean_header_value(resp.headers.get("Retry-After")),
                     framing=_framing(resp),
                 )
-        except _TooLarge as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR,
-                f"backend answer is larger than {max_bytes} bytes "
-                "(policy backend.max_response_bytes)",
-            ) from err
-        except zlib.error as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR, "backend answer is compressed but cannot be decompressed"
-            ) from err
-        except aiohttp.ConnectionTimeoutError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR,
-                f"backend did not accept a connection within {connect_timeout * 1000:.0f} ms",
-            ) from err
-        except TimeoutError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_TIMEOUT,
-                f"backend did not answer within {timeout * 1000:.0f} ms "
-                "(policy backend.timeout_ms)",
-            ) from err
-        except aiohttp.ClientConnectorError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.os_error)}"
-            ) from err
-        except aiohttp.ClientPayloadError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR,
-                "backend's answer was cut off or malformed",
-                input_may_cause=True,
-            ) from err
-        except aiohttp.ServerDisconnectedError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR,
-                "backend closed the connection without an answer",
-                input_may_cause=True,
-            ) from err
-        except aiohttp.ClientResponseError as err:
-            raise ProxyError(
-                ErrorKind.BACKEND_ERROR, "backend sent an answer that is not valid HTTP"
-            ) from err
-        except (aiohttp.ClientError, OSError) as err:
-            log.info("backend %s: %s: %s", url, type(err).__name__, err)
-            raise ProxyError(ErrorKind.BACKEND_ERROR, "backend call failed") from err
+        except (_TooLarge, zlib.error, aiohttp.ClientError, OSError) as err:
+            raise _failure(err, url, timeout, connect_timeout, max_bytes) from err
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _failure(
+    err: Exception, url: str, timeout: float, connect_timeout: float, max_bytes: int
+) -> ProxyError:
+    """What the clients of a batch are told of a failed call (the first that applies)."""
+    if isinstance(err, _TooLarge):
+        return ProxyError(
+            ErrorKind.BACKEND_ERROR,
+            f"backend answer is larger than {max_bytes} bytes (policy backend.max_response_bytes)",
+        )
+    if isinstance(err, zlib.error):
+        return ProxyError(
+            ErrorKind.BACKEND_ERROR, "backend answer is compressed but cannot be decompressed"
+        )
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return ProxyError(
+            ErrorKind.BACKEND_ERROR,
+            f"backend did not accept a connection within {connect_timeout * 1000:.0f} ms",
+        )
+    if isinstance(err, TimeoutError):
+        return ProxyError(
+            ErrorKind.BACKEND_TIMEOUT,
+            f"backend did not answer within {timeout * 1000:.0f} ms (policy backend.timeout_ms)",
+        )
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return ProxyError(
+            ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.os_error)}"
+        )
+    if isinstance(err, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        # The connection dropped while the backend worked on the batch: one input may be why.
+        what = (
+            "backend's answer was cut off or malformed"
+            if isinstance(err, aiohttp.ClientPayloadError)
+            else "backend closed the connection without an answer"
+        )
+        return ProxyError(ErrorKind.BACKEND_ERROR, what, input_may_cause=True)
+    if isinstance(err, aiohttp.ClientResponseError):
+        return ProxyError(ErrorKind.BACKEND_ERROR, "backend sent an answer that is not valid HTTP")
+    log.info("backend %s: %s: %s", url, type(err).__name__, err)
+    return ProxyError(ErrorKind.BACKEND_ERROR, "backend call failed")
 
 
 def _framing(resp: aiohttp.ClientResponse) -> dict[str, str]:

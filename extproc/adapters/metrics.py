@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
+from mlproxy_kernel.outcome import BatchOutcome, ForwardOutcome, Outcome, label
 from mlproxy_kernel.policy import Policy
 
 __all__ = ["PrometheusMetrics"]
@@ -20,10 +21,25 @@ _TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1
 
 
 class PrometheusMetrics:
-    # Long: the table of every metric, its help text and labels (docs/operations.md).
+    """Every metric of the process, its help text and labels (docs/operations.md), by what
+    it measures: requests and their batches, policies, queues, the process, the time outside
+    ext_proc, the fleet."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._request_metrics(self.registry)
+        self._policy_metrics(self.registry)
+        self._queue_metrics(self.registry)
+        self._process_metrics(self.registry)
+        self._clock_metrics(self.registry)
+        self._peer_metrics(self.registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        # Labelled series on the request path, looked up once: prometheus_client's labels()
+        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
+        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "mlproxy_requests",
             "Requests handled by a policy, by outcome.",
@@ -79,6 +95,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _policy_metrics(self, r: CollectorRegistry) -> None:
         self.source_up = Gauge(
             "mlproxy_policy_source_up",
             "1 while the policy source (Redis) is reachable; 0 while serving last-known policies.",
@@ -122,6 +140,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _queue_metrics(self, r: CollectorRegistry) -> None:
         self.depth = Gauge(
             "mlproxy_queue_depth",
             "Requests waiting in the queue.",
@@ -142,6 +162,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _process_metrics(self, r: CollectorRegistry) -> None:
         self.streams = Gauge(
             "mlproxy_active_streams",
             "Open ext_proc streams (requests held by Envoy).",
@@ -170,6 +192,9 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
+
+    def _clock_metrics(self, r: CollectorRegistry) -> None:
+        """The time outside ext_proc: where a request's SLA clock starts, and the way back."""
         self.inbound_delay = Histogram(
             "mlproxy_inbound_delay_seconds",
             "Time a request spent in Envoy and on the way to ext_proc, from Envoy's "
@@ -206,6 +231,8 @@ class PrometheusMetrics:
             ["policy"],
             registry=r,
         )
+
+    def _peer_metrics(self, r: CollectorRegistry) -> None:
         self.peer_forwarded = Counter(
             "mlproxy_peer_forwarded",
             "Requests this replica forwarded to the replica that owns their batching key "
@@ -250,17 +277,12 @@ class PrometheusMetrics:
             "that this replica owns, among the last 1,024 its requests had.",
             registry=r,
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-        # Labelled series on the request path, looked up once: prometheus_client's labels()
-        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
-        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
 
-    def _child(self, metric: MetricWrapperBase, label: str, second: str = "") -> Any:
-        key = (metric, label, second)
+    def _child(self, metric: MetricWrapperBase, first: str, second: str = "") -> Any:
+        key = (metric, first, second)
         child = self._series.get(key)
         if child is None:
-            child = metric.labels(label, second) if second else metric.labels(label)
+            child = metric.labels(first, second) if second else metric.labels(first)
             self._series[key] = child
         return child
 
@@ -302,17 +324,17 @@ class PrometheusMetrics:
         if missed:
             self._child(self.sla_misses, policy).inc()
 
-    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
-        self._child(self.requests, policy, outcome).inc()
+    def request_done(self, policy: str, outcome: Outcome, queue_wait: float | None) -> None:
+        self._child(self.requests, policy, label(outcome)).inc()
         if queue_wait is not None:
             self._child(self.queue_wait, policy).observe(queue_wait)
 
     def batch_done(
-        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+        self, policy: str, size: int, requests: int, seconds: float, outcome: BatchOutcome
     ) -> None:
         self._child(self.batch_size, policy).observe(size)
         self._child(self.batch_requests, policy).observe(requests)
-        self._child(self.backend_latency, policy, outcome).observe(seconds)
+        self._child(self.backend_latency, policy, label(outcome)).observe(seconds)
 
     def queue_depth(self, policy: str, delta: int) -> None:
         self._child(self.depth, policy).inc(delta)
@@ -342,11 +364,11 @@ class PrometheusMetrics:
     def outside_allowance(self, policy: str, seconds: float) -> None:
         self._child(self.allowance, policy).set(seconds)
 
-    def peer_forward(self, policy: str, outcome: str) -> None:
-        self.peer_forwarded.labels(policy, outcome).inc()
+    def peer_forward(self, policy: str, outcome: ForwardOutcome) -> None:
+        self.peer_forwarded.labels(policy, label(outcome)).inc()
 
-    def peer_served(self, policy: str, outcome: str) -> None:
-        self.peer_served_requests.labels(policy, outcome).inc()
+    def peer_served(self, policy: str, outcome: Outcome) -> None:
+        self.peer_served_requests.labels(policy, label(outcome)).inc()
 
     def peer_auth_failure(self) -> None:
         self.peer_auth_failures.inc()

@@ -54,9 +54,10 @@ from extproc.core.owner import (
     parse_networks,
     peer_address,
 )
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from mlproxy_common.tls import TlsConfigError, TlsFiles, grpc_channel_credentials
 from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.outcome import ForwardOutcome, Outcome
 from mlproxy_kernel.policy import Route, Router
 
 __all__ = [
@@ -442,16 +443,23 @@ def decode_reply(raw: bytes) -> tuple[Reply, float | None]:
         body,
         content_type=_text(header, "content_type", 256),
         headers=tuple(headers),
-        outcome=_text(header, "outcome", 64),
+        outcome=_outcome(_text(header, "outcome", 64)),
         batch_size=batch_size,
     )
     return reply, _seconds(header, "wait_ms", optional=True)
 
 
-class PeerMetrics(Protocol):
-    def peer_forward(self, policy: str, outcome: str) -> None: ...
+def _outcome(value: str) -> Outcome:
+    try:
+        return Outcome(value)
+    except ValueError:  # a label value is never taken on trust
+        raise PeerProtocolError(f"outcome {value!r} is not one this replica knows") from None
 
-    def peer_served(self, policy: str, outcome: str) -> None: ...
+
+class PeerMetrics(Protocol):
+    def peer_forward(self, policy: str, outcome: ForwardOutcome) -> None: ...
+
+    def peer_served(self, policy: str, outcome: Outcome) -> None: ...
 
     def peer_auth_failure(self) -> None: ...
 
@@ -542,8 +550,7 @@ class Peering:
         now (every beat signs again)."""
         return sign_member(self.settings.token, replica_id, address, at)
 
-    # Long: a membership update checks each peer record in turn (signature, address, freshness).
-    def update(  # noqa: PLR0912
+    def update(
         self, records: Iterable[tuple[str, object, object]], ttl: float = DEFAULT_MEMBER_TTL_S
     ) -> None:
         """The live replica records' (id, peer address, peer signature), read from Redis every
@@ -557,39 +564,9 @@ class Peering:
         for replica_id, address, signature in records:
             if address is None:
                 continue  # a replica with peering off
-            try:
-                canonical = peer_address(address, self.settings.networks)
-            except PeerAddressError as err:
-                self._metrics.peer_member_rejected("address")
-                self._log.warning(  # one kind: a hostile Redis cannot flood the log
-                    "address",
-                    f"replica record {replica_id[:64]!r} in Redis gives peer address "
-                    f"{str(address)[:64]!r}: {err}; it is never contacted. If it is a replica "
-                    "of this fleet, add its network to --peer-networks; if not, someone wrote "
-                    "it into Redis: check who can write there",
-                )
+            canonical = self._member(replica_id, address, signature, now, ttl)
+            if canonical is None:
                 continue
-            assert isinstance(address, str)  # peer_address accepted it
-            why = check_member(self.settings.token, replica_id, address, signature, now, ttl)
-            if why is not None:
-                self._metrics.peer_member_rejected(why)
-                # remembered by what the log shows of it: a key name may be 512 MB
-                seen = replica_id[:MAX_LOGGED_ID]
-                if seen not in self._rejected:
-                    self._rejected[seen] = None
-                    if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
-                        self._rejected.popitem(last=False)
-                    self._warned += 1
-                    if self._warned <= MAX_MEMBER_WARNINGS:
-                        log.warning("%s", _rejection(replica_id, canonical, why, signature, now))
-                    else:
-                        self._log.warning(
-                            "rejected",
-                            "more replica records in Redis than are logged are not signed with "
-                            "this replica's fleet token: see mlproxy_peer_members_rejected_total",
-                        )
-                continue
-            self._rejected.pop(replica_id[:MAX_LOGGED_ID], None)  # a later one is logged again
             found.add(canonical)
             if len(found) >= MAX_MEMBERS:
                 self._log.warning(
@@ -607,6 +584,54 @@ class Peering:
                 self.on_members(len(members))
         self._connect()
         self._metrics.peer_fleet(len(self.members), self._owned())
+
+    def _member(
+        self, replica_id: str, address: object, signature: object, now: float, ttl: float
+    ) -> str | None:
+        """The canonical peer address of one replica record, if it may be contacted and is
+        signed with the fleet token; else None, the rejection counted and logged."""
+        try:
+            canonical = peer_address(address, self.settings.networks)
+        except PeerAddressError as err:
+            self._metrics.peer_member_rejected("address")
+            self._log.warning(  # one kind: a hostile Redis cannot flood the log
+                "address",
+                f"replica record {replica_id[:64]!r} in Redis gives peer address "
+                f"{str(address)[:64]!r}: {err}; it is never contacted. If it is a replica "
+                "of this fleet, add its network to --peer-networks; if not, someone wrote "
+                "it into Redis: check who can write there",
+            )
+            return None
+        assert isinstance(address, str)  # peer_address accepted it
+        why = check_member(self.settings.token, replica_id, address, signature, now, ttl)
+        if why is not None:
+            self._metrics.peer_member_rejected(why)
+            self._rejected_member(replica_id, canonical, why, signature, now)
+            return None
+        self._rejected.pop(replica_id[:MAX_LOGGED_ID], None)  # a later one is logged again
+        return canonical
+
+    def _rejected_member(
+        self, replica_id: str, canonical: str, why: str, signature: object, now: float
+    ) -> None:
+        """Log a record not taken for its signature: once per record id, the first
+        MAX_MEMBER_WARNINGS of them every MEMBER_WARNINGS_EVERY_S, then a throttled summary."""
+        # remembered by what the log shows of it: a key name may be 512 MB
+        seen = replica_id[:MAX_LOGGED_ID]
+        if seen in self._rejected:
+            return
+        self._rejected[seen] = None
+        if len(self._rejected) > MAX_REMEMBERED_REJECTIONS:
+            self._rejected.popitem(last=False)
+        self._warned += 1
+        if self._warned <= MAX_MEMBER_WARNINGS:
+            log.warning("%s", _rejection(replica_id, canonical, why, signature, now))
+        else:
+            self._log.warning(
+                "rejected",
+                "more replica records in Redis than are logged are not signed with "
+                "this replica's fleet token: see mlproxy_peer_members_rejected_total",
+            )
 
     def _connect(self) -> None:
         """Start connecting to every member (a request is forwarded only over a connected
@@ -708,7 +733,6 @@ class Peering:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    # Long: one hop to the owner replica and each way it can fail, each with its fallback.
     async def forward(
         self,
         target: str,
@@ -740,20 +764,7 @@ class Peering:
             framing,
         )
         channel = self._channel(target)
-        state = channel.get_state(try_to_connect=True)
-        if state != grpc.ChannelConnectivity.READY:
-            # Not connected (yet): a call now would wait in the connection attempt, which at
-            # an address where nothing answers lasts until the call's deadline. Batched here
-            # meanwhile; the channel keeps connecting (an owner that fails to is not down:
-            # the next request tries again).
-            self._metrics.peer_forward(policy, "fallback")
-            self._log.warning(
-                f"connecting:{target}",
-                f"owner replica {target} is not connected ({state.name}): policy {policy}'s "
-                "requests for its keys are batched here until it is. If this lasts, check that "
-                "the replica runs and its --peer-port is reachable from here, or who wrote "
-                "its record into Redis",
-            )
+        if not self._connected(channel, target, policy):
             return None
         payload = request.encode()
         auth = sign(self.settings.token, payload, time.time())
@@ -762,13 +773,49 @@ class Peering:
         timeout = (
             max(remaining, 2 * sla) + route.policy.backend.timeout_ms / 1000.0 + FORWARD_SLACK_S
         )
-        call = channel.unary_unary(FORWARD_PATH)(
-            payload, timeout=timeout, metadata=((AUTH_METADATA, auth),)
-        )
         # An answer this late is either a slow backend (the owner is fine: wait for it) or an
         # owner that stopped (a stalled process keeps its connections): ask its health
         # service, and batch its keys here meanwhile if it does not answer at once.
-        late = remaining + max(route.policy.sla.latency_ms / 1000.0, FORWARD_SLACK_S)
+        late = remaining + max(sla, FORWARD_SLACK_S)
+        try:
+            raw, signature = await self._call(channel, target, payload, auth, timeout, late)
+        except grpc.aio.AioRpcError as err:
+            return self._failed(target, policy, err.code(), err.details() or "", timeout)
+        return self._reply(target, policy, auth, raw, signature)
+
+    def _connected(self, channel: grpc.aio.Channel, target: str, policy: str) -> bool:
+        """Whether the channel to the owner is ready. Not connected (yet): a call now would
+        wait in the connection attempt, which at an address where nothing answers lasts until
+        the call's deadline. Batched here meanwhile; the channel keeps connecting (an owner
+        that fails to is not down: the next request tries again)."""
+        state = channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.READY:
+            return True
+        self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
+        self._log.warning(
+            f"connecting:{target}",
+            f"owner replica {target} is not connected ({state.name}): policy {policy}'s "
+            "requests for its keys are batched here until it is. If this lasts, check that "
+            "the replica runs and its --peer-port is reachable from here, or who wrote "
+            "its record into Redis",
+        )
+        return False
+
+    async def _call(
+        self,
+        channel: grpc.aio.Channel,
+        target: str,
+        payload: bytes,
+        auth: str,
+        timeout: float,
+        late: float,
+    ) -> tuple[bytes, str | None]:
+        """The owner's reply frame and its signature; past `late` seconds the owner is
+        suspected (`_suspect`). The caller going away cancels the call: the owner then
+        withdraws the request. AioRpcError if the call fails."""
+        call = channel.unary_unary(FORWARD_PATH)(
+            payload, timeout=timeout, metadata=((AUTH_METADATA, auth),)
+        )
         watchdog = asyncio.get_running_loop().call_later(late, self._suspect, target)
         try:
             raw = await call
@@ -779,15 +826,20 @@ class Peering:
         except asyncio.CancelledError:
             call.cancel()  # the client is gone: the owner withdraws the request
             raise
-        except grpc.aio.AioRpcError as err:
-            return self._failed(target, policy, err.code(), err.details() or "", timeout)
         finally:
             watchdog.cancel()
+        return raw, signature
+
+    def _reply(
+        self, target: str, policy: str, auth: str, raw: bytes, signature: str | None
+    ) -> tuple[Reply, float | None] | None:
+        """The owner's reply, checked; None (and the owner marked down) if it is malformed
+        or not signed."""
         try:
             reply, wait = decode_reply(check_reply(self.settings.token, auth, raw, signature))
         except PeerProtocolError as err:
             self.mark_down(target)
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"reply:{target}",
                 f"owner replica {target} answered a forwarded request of policy {policy} "
@@ -796,7 +848,7 @@ class Peering:
                 "not signed, check who wrote that replica record into Redis",
             )
             return None
-        self._metrics.peer_forward(policy, "ok")
+        self._metrics.peer_forward(policy, ForwardOutcome.OK)
         return reply, wait
 
     def _failed(
@@ -805,7 +857,7 @@ class Peering:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             # The owner refused this request's frame (a client's long path, say): this
             # request is batched here; the owner is not down, nor are the other clients'.
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"frame:{target}",
                 f"owner replica {target} refused a forwarded request of policy {policy} "
@@ -816,7 +868,7 @@ class Peering:
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             # The owner routes this path to another policy or backend: policies out of sync
             # for a moment. It is not down.
-            self._metrics.peer_forward(policy, "fallback")
+            self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
             self._log.warning(
                 f"route:{target}:{policy}",
                 f"owner replica {target} does not route policy {policy}'s request the same "
@@ -837,7 +889,7 @@ class Peering:
             "here (a NetworkPolicy, --peer-advertise)",
         )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._metrics.peer_forward(policy, "timeout")
+            self._metrics.peer_forward(policy, ForwardOutcome.TIMEOUT)
             self._log.warning(
                 f"down:{target}",
                 f"owner replica {target} did not answer a request of policy {policy} within "
@@ -850,7 +902,7 @@ class Peering:
                 "time; retry",
             )
             return Reply.from_error(error), None
-        self._metrics.peer_forward(policy, "fallback")
+        self._metrics.peer_forward(policy, ForwardOutcome.FALLBACK)
         self._log.warning(
             f"down:{target}",
             f"owner replica {target} did not take a request of policy {policy} "

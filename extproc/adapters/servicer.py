@@ -31,10 +31,11 @@ from extproc.adapters.peers import ForwardRequest, Peering
 from extproc.adapters.throttle import Throttled
 from extproc.codecs import CodecError, get_codec
 from extproc.core.hops import Hops
-from extproc.runtime.batcher import BatcherPool, Reply, Ticket
-from extproc.runtime.ports import NO_CONTEXT, Metrics, RequestContext
+from extproc.runtime.ports import NO_CONTEXT, Batching, Metrics, RequestContext
+from extproc.runtime.replies import Answer, Reply, internal_error
 from mlproxy_common.logs import REQUEST_ID, request_id
 from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.outcome import Outcome, error_outcome
 from mlproxy_kernel.policy import Policy, Route, Router, choose_among
 
 __all__ = ["BODY_FRAMING_BYTES", "SERVICE_NAME", "ExtProcServicer", "StreamLimits"]
@@ -87,7 +88,7 @@ class RequestTracing(Protocol):
     ) -> Any: ...
 
     def end_request(
-        self, handle: Any, status: int, outcome: str, wait: float | None, now: float
+        self, handle: Any, status: int, outcome: Outcome, wait: float | None, now: float
     ) -> None: ...
 
 
@@ -99,11 +100,34 @@ class _ProtocolError(Exception):
         self.reason = reason
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One policy request while its stream is handled: the route that takes it (with body
+    rules, the body may choose another), its SLA clock, and the limits its body is held to."""
+
+    route: Route
+    path: str
+    arrival: float  # its headers reached ext_proc (the runtime's time)
+    start: float  # its SLA clock started (Envoy's receipt)
+    reserve: float  # seconds reserved for the way back to the client
+    request_time: str | None  # Envoy's request.time attribute
+    limit: int  # the largest body taken
+    why: str  # whose limit that is
+    candidates: list[Route]  # with body rules: the routes the body may choose among
+    deferred: bool  # the body decides which policy (if any) takes it
+    budget: float | None = None  # the client's own latency budget
+    bad_budget: ProxyError | None = None  # an invalid budget: an error if a policy takes it
+
+    @property
+    def policy(self) -> Policy:
+        return self.route.policy
+
+
 class ExtProcServicer:
     def __init__(
         self,
         router: Router,
-        pool: BatcherPool,
+        pool: Batching,
         metrics: Metrics,
         limits: StreamLimits | None = None,
         hops: Hops | None = None,
@@ -114,16 +138,16 @@ class ExtProcServicer:
         self.tracing = tracing  # None: no spans
         # Fleet coordination (extproc/adapters/peers.py): None with peering off.
         self.peering = peering
-        self._pool = pool
+        self._runtime = pool
         self._metrics = metrics
         self.limits = limits or StreamLimits()
         self._log = Throttled(log)
         self._time_log = Throttled(log, every=600.0)  # a config without request.time: say so
         # The hops outside ext_proc (extproc/core/hops.py). Its side of Envoy's clock is the
-        # pool's monotonic clock plus a fixed offset to the epoch: a wall-clock step here does
-        # not move it.
+        # runtime's monotonic clock plus a fixed offset to the epoch: a wall-clock step here
+        # does not move it.
         self.hops = hops or Hops()
-        self._epoch = time.time() - pool.clock.now()
+        self._epoch = time.time() - pool.now()
         self._open = 0
         self._held: dict[str, int] = {}  # streams of policy requests held, per client
 
@@ -159,8 +183,8 @@ class ExtProcServicer:
                 "malformed", f"not an ext_proc ProcessingRequest ({err})"
             ) from None
 
-    # Long: one ext_proc stream, message by message, in the protocol's order.
-    async def _process(self, context: grpc.aio.ServicerContext) -> None:  # noqa: PLR0912, PLR0915
+    async def _process(self, context: grpc.aio.ServicerContext) -> None:
+        """One ext_proc stream: its request headers first, in the protocol's order."""
         raw = await context.read()
         if raw is grpc.aio.EOF:
             return
@@ -174,7 +198,7 @@ class ExtProcServicer:
                 ErrorKind.HEADERS_TOO_LARGE,
                 f"request headers are too large for MLProxy: {err}",
             )
-            await context.write(_encode(Reply.from_error(error), None, None))
+            await context.write(_encode(Answer(Reply.from_error(error))))
             return
         if msg.kind != "request_headers":
             raise _ProtocolError(
@@ -182,27 +206,33 @@ class ExtProcServicer:
                 f"first ext_proc message was {msg.kind}, not request headers (check the "
                 "filter's processing_mode: request_header_mode must be SEND)",
             )
-        headers = msg.headers
-        route = self.router.resolve(headers.get(":path", ""))
-        if route is None or headers.get(":method", "POST") != "POST":
+        route = self.router.resolve(msg.headers.get(":path", ""))
+        if route is None or msg.headers.get(":method", "POST") != "POST":
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
             return
+        client = client_identity(msg.attributes)
+        refused = self._over_capacity(client)
+        if refused is not None:
+            self._metrics.request_done(route.policy.name, error_outcome(refused.kind), None)
+            await context.write(_encode(Answer(Reply.from_error(refused))))
+            return
+        await self._hold(context, route, msg, client)
+
+    def _over_capacity(self, client: str) -> ProxyError | None:
+        """The 503 for a stream beyond what this process holds (the operator told why), or
+        None to take it."""
         if self._open > self.limits.max_streams + stream_headroom(self.limits.max_streams):
             self._refuse(
                 "stream_limit",
                 f"{self._open} ext_proc streams open, more than --max-streams "
                 f"{self.limits.max_streams}: answered 503",
             )
-            error = ProxyError(
+            return ProxyError(
                 ErrorKind.UNAVAILABLE,
                 "MLProxy holds as many requests as it can; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-            self._metrics.request_done(route.policy.name, error.kind.outcome, None)
-            await context.write(_encode(Reply.from_error(error), None, None))
-            return
-        client = client_identity(msg.attributes)
         if not self._admit(client):
             self._refuse(
                 "client_share",
@@ -210,23 +240,27 @@ class ExtProcServicer:
                 f"{self.limits.max_streams}, and client {client or '(unknown)'} holds its "
                 "share of them: answered 503",
             )
-            error = ProxyError(
+            return ProxyError(
                 ErrorKind.UNAVAILABLE,
                 "MLProxy holds as many requests as it can and your client holds its share of "
                 "them; retry shortly",
                 headers=(("retry-after", "1"),),
             )
-            self._metrics.request_done(route.policy.name, error.kind.outcome, None)
-            await context.write(_encode(Reply.from_error(error), None, None))
-            return
+        return None
+
+    async def _hold(
+        self, context: grpc.aio.ServicerContext, route: Route, msg: wire.Message, client: str
+    ) -> None:
+        """A policy request, held as one of its client's streams until it is answered."""
+        headers = msg.headers
         self._held[client] = self._held.get(client, 0) + 1
         rid = request_id(headers.get("x-request-id"))
         if rid:
             REQUEST_ID.set(rid)  # on every line logged for it (mlproxy_common/logs.py)
         span = self._start_trace(headers, route, rid)
-        answer = None
+        handled = None
         try:
-            answer = await self._handle(
+            handled = await self._handle(
                 context,
                 route,
                 headers,
@@ -242,37 +276,41 @@ class ExtProcServicer:
             else:
                 del self._held[client]
             if span is not None:
-                self._end_trace(span, answer)
-        if answer is None:
-            return
-        reply, wait, total, answered_at, inbound, route = answer
-        self._metrics.request_done(route.policy.name, reply.outcome, wait)
-        await context.write(_encode(reply, wait, total))
-        if answered_at is not None:
-            now = self._pool.clock.now()
-            self._metrics.reply_handoff(route.policy.name, now - answered_at)
-            self.hops.handed_off(now - answered_at, inbound, now)
+                self._end_trace(span, None if handled is None else handled[0])
+        if handled is not None:
+            await self._answer(context, *handled)
+
+    async def _answer(
+        self, context: grpc.aio.ServicerContext, answer: Answer, route: Route
+    ) -> None:
+        """Write a request's reply; the hand-off from its batch's answer counted."""
+        self._metrics.request_done(route.policy.name, answer.reply.outcome, answer.wait)
+        await context.write(_encode(answer))
+        if answer.answered_at is not None:
+            now = self._runtime.now()
+            self._metrics.reply_handoff(route.policy.name, now - answer.answered_at)
+            self.hops.handed_off(now - answer.answered_at, answer.inbound, now)
 
     def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
         if self.tracing is None:
             return None
         try:
             return self.tracing.start_request(
-                headers, route.policy.name, headers.get(":path", ""), rid, self._pool.clock.now()
+                headers, route.policy.name, headers.get(":path", ""), rid, self._runtime.now()
             )
         except Exception:  # tracing must never fail a request
             log.exception("policy %s: tracing the request failed", route.policy.name)
             return None
 
-    def _end_trace(self, span: Any, answer: tuple[Any, ...] | None) -> None:
+    def _end_trace(self, span: Any, answer: Answer | None) -> None:
         assert self.tracing is not None
         try:
             if answer is None:  # passed on untouched, or the client went away
-                self.tracing.end_request(span, 0, "not_answered", None, self._pool.clock.now())
+                self.tracing.end_request(span, 0, Outcome.NOT_ANSWERED, None, self._runtime.now())
             else:
-                reply, wait = answer[0], answer[1]
+                reply = answer.reply
                 self.tracing.end_request(
-                    span, reply.status, reply.outcome, wait, self._pool.clock.now()
+                    span, reply.status, reply.outcome, answer.wait, self._runtime.now()
                 )
         except Exception:
             log.exception("ending a request's span failed")
@@ -289,8 +327,7 @@ class ExtProcServicer:
         share = max(1, self.limits.max_streams // max(1, len(self._held)))
         return self._held.get(client, 0) < share
 
-    # Long: one request from headers to reply: each check in order, with the error it answers.
-    async def _handle(  # noqa: PLR0912, PLR0915
+    async def _handle(
         self,
         context: grpc.aio.ServicerContext,
         route: Route,
@@ -299,125 +336,34 @@ class ExtProcServicer:
         client: str = "",
         request_time: str | None = None,
         trace: RequestContext = NO_CONTEXT,
-    ) -> tuple[Reply, float | None, float | None, float | None, float, Route] | None:
-        """The reply, its queue wait, its time in ext_proc and when its batch's answer came
-        back (None for a request that was not queued), the seconds it spent in Envoy first
-        (0 if not known), and the route that took it (with policies that match on body
-        fields: the one its body chose); or None if the stream ended early or the request
-        went on untouched."""
-        policy = route.policy
-        path = headers.get(":path", "")
-        arrival = self._pool.clock.now()  # the headers reached ext_proc
-        start, reserve = self._clock_start(context, policy, arrival, request_time)
-        # With body rules, the body decides which policy (if any) takes the request: until it
-        # is in, only this process's limits apply, and the body may take as long as the most
-        # patient of the policies it may go to allows.
-        candidates = self.router.candidates(path) if self.router.has_body_rules else []
-        deferred = any(r.policy.match.body for r in candidates)
-        patient = policy
-        if deferred:
-            limit, why = self.limits.max_body_bytes, _PROCESS_LIMIT
-            patient = max((r.policy for r in candidates), key=lambda p: p.sla.latency_ms)
-        else:
-            # A policy may allow more than this process can receive in one gRPC message.
-            limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
-            why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
-        bad_budget: ProxyError | None = None
+    ) -> tuple[Answer, Route] | None:
+        """One request from its headers to its answer, and the route that took it (with
+        policies that match on body fields: the one its body chose); None if the stream ended
+        early or the request went on untouched. Each check in order, with the error it
+        answers."""
+        req = self._pending(context, route, headers, request_time)
         try:
-            if end_of_stream:
-                if deferred:
-                    chosen = choose_among(candidates, b"")
-                    if chosen is None:  # no policy for it: on to the upstream untouched
-                        self._metrics.passthrough()
-                        await context.write(wire.HEADERS_CONTINUE)
-                        return None
-                    route, policy = chosen, chosen.policy
-                raise ProxyError(
-                    ErrorKind.BAD_REQUEST,
-                    "request has no body; POST a JSON body for this model",
-                )
-            _check_size(headers.get("content-length"), limit, why)
-            try:
-                budget = _budget(headers.get(DEADLINE_HEADER))
-            except ProxyError as err:
-                if not deferred:
-                    raise
-                budget, bad_budget = None, err  # an error only if a policy takes it
-            await context.write(wire.HEADERS_CONTINUE)
-            # The body must arrive within the request's own time (its SLA, or less if it asked
-            # for less; at least BODY_WAIT_FLOOR_S): a client that sends its headers and then
-            # trickles or withholds its body holds an ext_proc stream, and with many of them
-            # could take every stream of this replica.
-            own = patient.sla.latency_ms / 1000.0
-            body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
-            try:
-                async with asyncio.timeout(body_wait):  # no task per request (as wait_for)
-                    raw = await context.read()
-            except TimeoutError:
-                raise ProxyError(
-                    ErrorKind.BODY_TIMEOUT,
-                    f"the request body did not arrive within {body_wait * 1000:.0f} ms of its "
-                    "headers (the request's SLA); send the body at once",
-                ) from None
-            if raw is grpc.aio.EOF:
+            body = await self._receive(context, req, headers, end_of_stream)
+            if body is None or not await self._choose(context, req, body):
                 return None
-            if len(raw) > limit + BODY_FRAMING_BYTES:  # too large whatever it holds
-                raise _too_large(f"more than {limit}", limit, why)
-            msg = self._decode(raw)
-            if msg.kind != "request_body":
-                raise _ProtocolError(
-                    "protocol", f"expected the request body, got {msg.kind} instead"
-                )
-            if not msg.end_of_stream:
-                log.error(
-                    "expected the whole request body in one ext_proc message: set the "
-                    "filter's request_body_mode to BUFFERED"
-                )
-                raise ProxyError(
-                    ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)"
-                )
-            _check_size(len(msg.body), limit, why)
-            if deferred:
-                chosen = choose_among(candidates, msg.body)
-                if chosen is None:  # no policy for this body: on to the upstream untouched
-                    self._metrics.passthrough()
-                    await context.write(wire.BODY_CONTINUE)
-                    return None
-                if chosen != route:
-                    route, policy = chosen, chosen.policy
-                    start, reserve = self._clock_start(context, policy, arrival, request_time)
-                if bad_budget is not None:
-                    raise bad_budget
-                limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
-                why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
-                _check_size(len(msg.body), limit, why)
+            policy = req.policy
             codec = get_codec(policy.codec)
             framing = {h: headers[h] for h in codec.framing if h in headers}
             try:
-                parsed = codec.parse(msg.body, framing)
+                parsed = codec.parse(body, framing)
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             if self.peering is not None:
-                forwarded = await self._forward(
-                    route,
-                    path,
-                    msg.body,
-                    framing,
-                    client,
-                    budget,
-                    start,
-                    reserve,
-                )
+                forwarded = await self._forward(req, body, framing, client)
                 if forwarded is not None:
                     reply, wait = forwarded
-                    total = self._pool.clock.now() - arrival
-                    return reply, wait, total, None, arrival - start, route
-            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(
-                route, parsed, future, budget, arrival, client, start, reserve, trace
+                    total = self._runtime.now() - req.arrival
+                    return Answer(reply, wait, total, None, req.arrival - req.start), req.route
+            answer = await self._runtime.batch(
+                req.route, parsed, req.budget, req.arrival, client, req.start, req.reserve, trace
             )
         except ProxyError as err:
-            return Reply.from_error(err), None, None, None, 0.0, route
+            return Answer(Reply.from_error(err)), req.route
         except (_ProtocolError, wire.HeaderLimitError) as err:
             if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
@@ -425,76 +371,162 @@ class ExtProcServicer:
                 ) from None
             raise
         except Exception:
-            log.exception("policy %s: unexpected error handling a request", policy.name)
-            error = ProxyError(
-                ErrorKind.INTERNAL, "internal error in MLProxy; see the ext_proc log"
-            )
-            return Reply.from_error(error), None, None, None, 0.0, route
-        reply, wait = await self._settle(policy, ticket, future, budget)
-        now = self._pool.clock.now()
-        inbound = ticket.arrival - ticket.start
-        return reply, wait, now - ticket.arrival, ticket.answered_at, inbound, route
+            log.exception("policy %s: unexpected error handling a request", req.policy.name)
+            return Answer(internal_error()), req.route
+        return answer, req.route
 
-    async def _settle(
+    def _pending(
         self,
-        policy: Policy,
-        ticket: Ticket,
-        future: asyncio.Future[Reply],
-        budget: float | None,
-    ) -> tuple[Reply, float | None]:
-        """A queued request's reply and queue wait, once its batch answered; its latency and
-        SLA miss counted. The caller going away withdraws it from the queue."""
+        context: grpc.aio.ServicerContext,
+        route: Route,
+        headers: dict[str, str],
+        request_time: str | None,
+    ) -> _Pending:
+        """A request whose headers just arrived: its SLA clock, and the limit its body is held
+        to until the policy that takes it is known."""
+        path = headers.get(":path", "")
+        arrival = self._runtime.now()  # the headers reached ext_proc
+        start, reserve = self._clock_start(context, route.policy, arrival, request_time)
+        # With body rules, the body decides which policy (if any) takes the request: until it
+        # is in, only this process's limits apply.
+        candidates = self.router.candidates(path) if self.router.has_body_rules else []
+        deferred = any(r.policy.match.body for r in candidates)
+        if deferred:
+            limit, why = self.limits.max_body_bytes, _PROCESS_LIMIT
+        else:
+            limit, why = self._body_limit(route.policy)
+        return _Pending(
+            route, path, arrival, start, reserve, request_time, limit, why, candidates, deferred
+        )
+
+    def _body_limit(self, policy: Policy) -> tuple[int, str]:
+        """A policy may allow more than this process can receive in one gRPC message."""
+        limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
+        return limit, _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
+
+    async def _receive(
+        self,
+        context: grpc.aio.ServicerContext,
+        req: _Pending,
+        headers: dict[str, str],
+        end_of_stream: bool,
+    ) -> bytes | None:
+        """The request's body, checked; None if the stream ended first or the request went
+        on untouched. ProxyError for what the client is answered."""
+        if end_of_stream:
+            if req.deferred:
+                chosen = choose_among(req.candidates, b"")
+                if chosen is None:  # no policy for it: on to the upstream untouched
+                    self._metrics.passthrough()
+                    await context.write(wire.HEADERS_CONTINUE)
+                    return None
+                req.route = chosen
+            raise ProxyError(
+                ErrorKind.BAD_REQUEST,
+                "request has no body; POST a JSON body for this model",
+            )
+        _check_size(headers.get("content-length"), req.limit, req.why)
         try:
-            reply = await future
-        except asyncio.CancelledError:
-            ticket.cancel()
-            raise
-        # An SLA miss is a reply later than the policy's SLA after Envoy received the request,
-        # or a request shed although it asked for no less than the SLA: a client that asks for
-        # less than the policy promises is served by its own deadline, but does not count
-        # against the policy (nor make the fleet tuner widen everyone's margin).
-        now = self._pool.clock.now()
-        sla = ticket.sla
-        shed = reply.outcome == ErrorKind.DEADLINE.outcome
-        missed = now - ticket.start > sla or (shed and (budget is None or budget >= sla))
-        self._metrics.request_answered(policy.name, now - ticket.start, missed)
-        wait = None if ticket.dispatched_at is None else ticket.dispatched_at - ticket.arrival
-        return reply, wait
+            req.budget = _budget(headers.get(DEADLINE_HEADER))
+        except ProxyError as err:
+            if not req.deferred:
+                raise
+            req.bad_budget = err  # an error only if a policy takes it
+        await context.write(wire.HEADERS_CONTINUE)
+        raw = await self._read_body(context, req)
+        if raw is None:
+            return None
+        msg = self._decode(raw)
+        if msg.kind != "request_body":
+            raise _ProtocolError("protocol", f"expected the request body, got {msg.kind} instead")
+        if not msg.end_of_stream:
+            log.error(
+                "expected the whole request body in one ext_proc message: set the "
+                "filter's request_body_mode to BUFFERED"
+            )
+            raise ProxyError(ErrorKind.UNAVAILABLE, "MLProxy is misconfigured (request_body_mode)")
+        _check_size(len(msg.body), req.limit, req.why)
+        return msg.body
+
+    async def _read_body(self, context: grpc.aio.ServicerContext, req: _Pending) -> bytes | None:
+        """The body's message, within the request's own time (its SLA, or less if it asked
+        for less; at least BODY_WAIT_FLOOR_S): a client that sends its headers and then
+        trickles or withholds its body holds an ext_proc stream, and with many of them could
+        take every stream of this replica. None if the stream ended first."""
+        # With body rules: as long as the most patient of the policies it may go to allows.
+        patient = (
+            max((r.policy for r in req.candidates), key=lambda p: p.sla.latency_ms)
+            if req.deferred
+            else req.policy
+        )
+        own = patient.sla.latency_ms / 1000.0
+        budget = req.budget
+        body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
+        try:
+            async with asyncio.timeout(body_wait):  # no task per request (as wait_for)
+                raw = await context.read()
+        except TimeoutError:
+            raise ProxyError(
+                ErrorKind.BODY_TIMEOUT,
+                f"the request body did not arrive within {body_wait * 1000:.0f} ms of its "
+                "headers (the request's SLA); send the body at once",
+            ) from None
+        if raw is grpc.aio.EOF:
+            return None
+        if len(raw) > req.limit + BODY_FRAMING_BYTES:  # too large whatever it holds
+            raise _too_large(f"more than {req.limit}", req.limit, req.why)
+        body: bytes = raw
+        return body
+
+    async def _choose(self, context: grpc.aio.ServicerContext, req: _Pending, body: bytes) -> bool:
+        """With body rules, the policy the body chooses takes the request (its SLA clock and
+        limits then apply); False if none does: it went on untouched."""
+        if not req.deferred:
+            return True
+        chosen = choose_among(req.candidates, body)
+        if chosen is None:  # no policy for this body: on to the upstream untouched
+            self._metrics.passthrough()
+            await context.write(wire.BODY_CONTINUE)
+            return False
+        if chosen != req.route:
+            req.route = chosen
+            req.start, req.reserve = self._clock_start(
+                context, chosen.policy, req.arrival, req.request_time
+            )
+        if req.bad_budget is not None:
+            raise req.bad_budget
+        req.limit, req.why = self._body_limit(req.policy)
+        _check_size(len(body), req.limit, req.why)
+        return True
 
     async def _forward(
-        self,
-        route: Route,
-        path: str,
-        body: bytes,
-        framing: dict[str, str],
-        client: str,
-        budget: float | None,
-        start: float,
-        reserve: float,
+        self, req: _Pending, body: bytes, framing: dict[str, str], client: str
     ) -> tuple[Reply, float | None] | None:
         """The reply of the replica that owns this request's batching key, if another replica
         owns it and took it; None to batch it here."""
         assert self.peering is not None
+        route = req.route
         target = self.peering.owner_for(route)
         if target is None:
             return None
-        now = self._pool.clock.now()
+        now = self._runtime.now()
         sla = route.policy.sla.latency_ms / 1000.0
-        remaining = start + (sla if budget is None else min(sla, budget)) - reserve - now
+        budget = req.budget
+        remaining = req.start + (sla if budget is None else min(sla, budget)) - req.reserve - now
         if remaining <= 0:
             return None  # no time for a hop: this replica's queue decides (shed or late)
         try:
             return await self.peering.forward(
                 target,
                 route,
-                path,
+                req.path,
                 body,
                 framing,
                 client,
                 budget,
-                now - start,
+                now - req.start,
                 remaining,
-                reserve,
+                req.reserve,
             )
         except (asyncio.CancelledError, ProxyError):
             raise
@@ -510,9 +542,8 @@ class ExtProcServicer:
         checks as a request from Envoy, its SLA clock started `request.age` ago, its batch
         planned to end `request.reserve` before its deadline. Never forwarded again."""
         policy = route.policy
-        limit = min(policy.max_body_bytes, self.limits.max_body_bytes)
-        why = _POLICY_LIMIT if limit == policy.max_body_bytes else _PROCESS_LIMIT
-        arrival = self._pool.clock.now()
+        limit, why = self._body_limit(policy)
+        arrival = self._runtime.now()
         start = arrival - min(request.age, policy.sla.latency_ms / 1000.0)
         try:
             _check_size(len(request.body), limit, why)
@@ -520,20 +551,12 @@ class ExtProcServicer:
                 parsed = get_codec(policy.codec).parse(request.body, request.framing)
             except CodecError as err:
                 raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
-            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            ticket = self._pool.submit(
-                route,
-                parsed,
-                future,
-                request.budget,
-                arrival,
-                request.client,
-                start,
-                request.reserve,
+            answer = await self._runtime.batch(
+                route, parsed, request.budget, arrival, request.client, start, request.reserve
             )
         except ProxyError as err:
             return Reply.from_error(err), None
-        return await self._settle(policy, ticket, future, request.budget)
+        return answer.reply, answer.wait
 
     def _clock_start(
         self,
@@ -633,7 +656,8 @@ def _too_large(size: str, limit: int, why: str) -> ProxyError:
     )
 
 
-def _encode(reply: Reply, queue_wait: float | None, total: float | None) -> bytes:
+def _encode(answer: Answer) -> bytes:
+    reply, queue_wait, total = answer.reply, answer.wait, answer.total
     # A reply without a content type is sent without one, as its server sent it.
     headers = [("content-type", reply.content_type)] if reply.content_type else []
     headers.extend(reply.headers)

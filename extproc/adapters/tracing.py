@@ -32,6 +32,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc.runtime.ports import RequestContext
+from mlproxy_kernel.outcome import Outcome, label
 
 __all__ = ["OtelTracing", "RequestSpan", "endpoint_problem", "otlp_tracing"]
 
@@ -79,11 +80,11 @@ class _BatchSpan:
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span, Context()))
         self.headers = tuple((k, v) for k, v in carrier.items() if k in _TRACE_HEADERS)
 
-    def end(self, outcome: str, status: int) -> None:
-        self.span.set_attribute("mlproxy.outcome", outcome)
+    def end(self, outcome: Outcome, status: int) -> None:
+        self.span.set_attribute("mlproxy.outcome", label(outcome))
         self.span.set_attribute("http.response.status_code", status)
         if status >= 500:
-            self.span.set_status(Status(StatusCode.ERROR, outcome))
+            self.span.set_status(Status(StatusCode.ERROR, label(outcome)))
         self.span.end()
 
 
@@ -117,7 +118,7 @@ class OtelTracing:
         return RequestSpan(span, now, started_ns)
 
     def end_request(
-        self, handle: RequestSpan, status: int, outcome: str, wait: float | None, now: float
+        self, handle: RequestSpan, status: int, outcome: Outcome, wait: float | None, now: float
     ) -> None:
         """The request is answered: its queue span (if it was queued) and its own span end."""
         span = handle.span
@@ -134,11 +135,11 @@ class OtelTracing:
             span.add_link(handle.batch, {"mlproxy.link": "batch"})
             span.set_attribute("mlproxy.batch_id", handle.batch_id)
             span.set_attribute("mlproxy.batch_size", handle.batch_size)
-        span.set_attribute("mlproxy.outcome", outcome)
+        span.set_attribute("mlproxy.outcome", label(outcome))
         if status:
             span.set_attribute("http.response.status_code", status)
         if status >= 500:
-            span.set_status(Status(StatusCode.ERROR, outcome))
+            span.set_status(Status(StatusCode.ERROR, label(outcome)))
         span.end(end_time=handle.started_ns + int((now - handle.started) * 1e9))
 
     def start_batch(

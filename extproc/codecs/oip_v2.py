@@ -247,8 +247,7 @@ def _frame_length(raw: str, body: int, whose: str) -> int:
     return int(value)
 
 
-# Long: one input tensor: each check of the V2 spec in its order.
-def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Input, int, str, int]:  # noqa: PLR0912
+def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Input, int, str, int]:
     """One input: its encoded parts, its shape[0], its part of the compat key, and how many
     bytes of what is left of the request's binary data (`blob`) it took."""
     if not isinstance(tensor, dict):
@@ -275,30 +274,7 @@ def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Inpu
         raise CodecError(f"{what}: its rows hold no elements (shape {shape}); nothing to batch")
     rest = b"".join(b"," + str(d).encode() for d in shape[1:])
     if parameters is not None and "binary_data_size" in parameters:
-        if "data" in tensor:
-            raise CodecError(f"{what}: both 'data' and binary_data_size; send one")
-        if blob is None:
-            raise CodecError(
-                f"{what}: binary_data_size without an Inference-Header-Content-Length header"
-            )
-        size = _size_of(parameters["binary_data_size"], what)
-        if size > len(blob):
-            raise CodecError(
-                f"{what}: binary_data_size is {size} bytes but only {len(blob)} bytes of "
-                "binary data are left in the body"
-            )
-        own = bytes(blob[:size])
-        _check_blob(own, str(datatype), shape, what)
-        fields = {k: v for k, v in tensor.items() if k not in ("shape", "data", "parameters")}
-        params = {k: v for k, v in parameters.items() if k != "binary_data_size"}
-        try:
-            head = encode(fields, sort_keys=True)[1:-1]
-            params_bytes = encode(params, sort_keys=True)
-        except CodecError as err:
-            raise CodecError(f"{what} {err}; it cannot be forwarded as sent") from err
-        key = head + b"|binary" + params_bytes + b"|" + rest
-        parsed = _Input(head + b"," if head else b"", rest, b"", own, params_bytes)
-        return parsed, shape[0], key.decode(), size
+        return _binary_input(tensor, parameters, str(datatype), shape, rest, blob, what)
     if "data" not in tensor:
         raise CodecError(f"{what}: no 'data'")
     flat = _flatten(tensor["data"], shape, what)
@@ -313,13 +289,75 @@ def _parse_input(i: int, tensor: object, blob: memoryview | None) -> tuple[_Inpu
     return _Input(head + b"," if head else b"", rest, data), shape[0], key.decode(), 0
 
 
+def _binary_input(
+    tensor: dict[str, Any],
+    parameters: dict[str, Any],
+    datatype: str,
+    shape: list[int],
+    rest: bytes,
+    blob: memoryview | None,
+    what: str,
+) -> tuple[_Input, int, str, int]:
+    """An input whose elements are in the request's binary data (`binary_data_size`)."""
+    if "data" in tensor:
+        raise CodecError(f"{what}: both 'data' and binary_data_size; send one")
+    if blob is None:
+        raise CodecError(
+            f"{what}: binary_data_size without an Inference-Header-Content-Length header"
+        )
+    size = _size_of(parameters["binary_data_size"], what)
+    if size > len(blob):
+        raise CodecError(
+            f"{what}: binary_data_size is {size} bytes but only {len(blob)} bytes of "
+            "binary data are left in the body"
+        )
+    own = bytes(blob[:size])
+    _check_blob(own, datatype, shape, what)
+    fields = {k: v for k, v in tensor.items() if k not in ("shape", "data", "parameters")}
+    params = {k: v for k, v in parameters.items() if k != "binary_data_size"}
+    try:
+        head = encode(fields, sort_keys=True)[1:-1]
+        params_bytes = encode(params, sort_keys=True)
+    except CodecError as err:
+        raise CodecError(f"{what} {err}; it cannot be forwarded as sent") from err
+    key = head + b"|binary" + params_bytes + b"|" + rest
+    parsed = _Input(head + b"," if head else b"", rest, b"", own, params_bytes)
+    return parsed, shape[0], key.decode(), size
+
+
+def _request_id(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CodecError(f"'id' must be a string, got {describe(value)}")
+    try:
+        encode(value)  # it goes back in the answer: it must be writable
+    except CodecError as err:
+        raise CodecError(f"'id' {err}; it cannot be sent back") from err
+    return value
+
+
+def _request_fields(doc: dict[str, Any]) -> str | None:
+    """Check a request's fields besides its inputs; its `id` (None: none)."""
+    request_id = _request_id(doc.pop("id", None))
+    for field, kind in (("parameters", dict), ("outputs", list)):
+        if doc.get(field) is not None and not isinstance(doc[field], kind):
+            wanted = "an object" if kind is dict else "an array"
+            raise CodecError(f"'{field}' must be {wanted}, got {describe(doc[field])}")
+    _binary_parameter(doc.get("parameters"))  # checks its values
+    for out in doc.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise CodecError("every requested output must be an object with a 'name'")
+        _binary_parameter(out.get("parameters"))
+    return request_id
+
+
 class OipV2:
     name = "oip-v2"
     content_type = "application/json"
     framing: tuple[str, ...] = (INFERENCE_HEADER,)
 
-    # Long: a V2 request: each field the protocol defines, checked in turn.
-    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:  # noqa: PLR0912, PLR0915
+    def parse(self, body: bytes, framing: Mapping[str, str] = NO_FRAMING) -> Parsed:
         blob: memoryview | None = None  # a view: each input's part is copied once
         raw_length = framing.get(INFERENCE_HEADER)
         if raw_length is not None:
@@ -336,23 +374,7 @@ class OipV2:
         tensors = doc.pop("inputs")
         if not isinstance(tensors, list) or not tensors:
             raise CodecError("'inputs' must be a non-empty array of tensors")
-        request_id = doc.pop("id", None)
-        if request_id is not None:
-            if not isinstance(request_id, str):
-                raise CodecError(f"'id' must be a string, got {describe(request_id)}")
-            try:
-                encode(request_id)  # it goes back in the answer: it must be writable
-            except CodecError as err:
-                raise CodecError(f"'id' {err}; it cannot be sent back") from err
-        for field, kind in (("parameters", dict), ("outputs", list)):
-            if doc.get(field) is not None and not isinstance(doc[field], kind):
-                wanted = "an object" if kind is dict else "an array"
-                raise CodecError(f"'{field}' must be {wanted}, got {describe(doc[field])}")
-        _binary_parameter(doc.get("parameters"))  # checks its values
-        for out in doc.get("outputs") or []:
-            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-                raise CodecError("every requested output must be an object with a 'name'")
-            _binary_parameter(out.get("parameters"))
+        request_id = _request_fields(doc)
         inputs: list[_Input] = []
         keys: list[str] = []
         rows: int | None = None

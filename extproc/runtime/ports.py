@@ -1,16 +1,25 @@
-"""The narrow interfaces the runtime needs from its adapters."""
+"""The narrow interfaces between the runtime and its adapters: what the runtime needs of them
+(a backend, metrics, tracing), and what the servicer needs of the runtime (`Batching`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mlproxy_kernel.outcome import BatchOutcome, Outcome
+
+if TYPE_CHECKING:
+    from extproc.codecs.base import Parsed
+    from extproc.runtime.replies import Answer
+    from mlproxy_kernel.policy import Route
 
 __all__ = [
     "FRAMING_HEADERS",
     "Backend",
     "BackendResponse",
     "BatchSpan",
+    "Batching",
     "Metrics",
     "RequestContext",
     "Tracing",
@@ -53,7 +62,10 @@ class Metrics(Protocol):
         """A request was offered to a policy's queue."""
         ...
 
-    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None: ...
+    def request_done(self, policy: str, outcome: Outcome, queue_wait: float | None) -> None:
+        """A request of a policy was answered (or its client went away): how, and how long
+        it waited for its batch (None: it was not queued)."""
+        ...
 
     def request_answered(self, policy: str, latency: float, missed: bool) -> None:
         """A queued request got its reply `latency` seconds after arrival; `missed` if that
@@ -61,8 +73,10 @@ class Metrics(Protocol):
         ...
 
     def batch_done(
-        self, policy: str, size: int, requests: int, seconds: float, outcome: str
-    ) -> None: ...
+        self, policy: str, size: int, requests: int, seconds: float, outcome: BatchOutcome
+    ) -> None:
+        """A backend call of `size` instances for `requests` requests took `seconds`."""
+        ...
 
     def queue_depth(self, policy: str, delta: int) -> None: ...
 
@@ -117,7 +131,7 @@ class BatchSpan(Protocol):
         client's."""
         ...
 
-    def end(self, outcome: str, status: int) -> None:
+    def end(self, outcome: Outcome, status: int) -> None:
         """The batch is answered: `outcome` as the batch metrics say it, `status` the HTTP
         status most of its requests got."""
         ...
@@ -130,4 +144,30 @@ class Tracing(Protocol):
         self, policy: str, batch_id: str, requests: Sequence[RequestContext], items: int
     ) -> BatchSpan:
         """A span for one batch of `requests` (`items` instances), linked to their spans."""
+        ...
+
+
+class Batching(Protocol):
+    """What the servicer needs of the runtime (extproc/runtime/pool.py: `BatcherPool`)."""
+
+    def now(self) -> float:
+        """The runtime's time (seconds, monotonic): what arrivals and SLA clocks are on."""
+        ...
+
+    async def batch(
+        self,
+        route: Route,
+        parsed: Parsed,
+        budget: float | None,
+        arrival: float,
+        client: str,
+        start: float,
+        reserve: float,
+        context: RequestContext = NO_CONTEXT,
+    ) -> Answer:
+        """Queue one request and await its reply, its latency and SLA miss counted. Its SLA
+        clock started at `start`; `arrival` is when its headers reached ext_proc; `budget` the
+        client's own latency budget (None: the policy's SLA); `reserve` the seconds its answer
+        takes from ext_proc to the client. Cancelling the call withdraws the request. Raises
+        ProxyError if it cannot be queued (full, shutting down)."""
         ...

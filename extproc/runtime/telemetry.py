@@ -5,6 +5,7 @@ from __future__ import annotations
 from extproc.core.clock import Clock
 from extproc.core.stats import StatsWindow
 from extproc.runtime.ports import Metrics
+from mlproxy_kernel.outcome import BatchOutcome, Outcome
 
 __all__ = ["Telemetry"]
 
@@ -19,7 +20,7 @@ class Telemetry:
         self.metrics.request_arrived(policy)
         self.stats.arrival(policy, self._clock.now())
 
-    def request_done(self, policy: str, outcome: str, queue_wait: float | None) -> None:
+    def request_done(self, policy: str, outcome: Outcome, queue_wait: float | None) -> None:
         self.metrics.request_done(policy, outcome, queue_wait)
 
     def request_answered(self, policy: str, latency: float, missed: bool) -> None:
@@ -27,10 +28,10 @@ class Telemetry:
         self.stats.answered(policy, self._clock.now(), missed, latency)
 
     def batch_done(
-        self, policy: str, size: int, requests: int, seconds: float, outcome: str
+        self, policy: str, size: int, requests: int, seconds: float, outcome: BatchOutcome
     ) -> None:
         self.metrics.batch_done(policy, size, requests, seconds, outcome)
-        if outcome == "ok":
+        if outcome == Outcome.OK:
             self.stats.batch(policy, self._clock.now(), size, seconds)
 
     def queue_depth(self, policy: str, delta: int) -> None:

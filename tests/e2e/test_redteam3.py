@@ -30,7 +30,7 @@ from extproc.adapters.peers import (
     sign_member,
 )
 from extproc.core.owner import owner
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from mlproxy.client import Client
 from mlproxy.stack import Stack
 from mlproxy_kernel import keys

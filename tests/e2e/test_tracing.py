@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from extproc.adapters.tracing import OtelTracing
-from extproc.server import ExtProcServer
+from extproc.main import ExtProcServer
 from mlproxy.stack import Stack
 from mlproxy_kernel.policy import Policy
 from tests.e2e.conftest import echo_policy

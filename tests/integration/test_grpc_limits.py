@@ -17,7 +17,7 @@ import pytest
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.adapters import wire
-from extproc.server import ExtProcServer, StreamLimits
+from extproc.main import ExtProcServer, StreamLimits
 from tests.integration.test_grpc_server import METHOD, body_msg, headers_msg, infer, policies
 from tests.servers import EchoBackend
 
@@ -229,7 +229,7 @@ async def test_bodies_over_the_process_limit_get_413_and_the_operator_is_told(
 ) -> None:
     """A policy may allow more than the process receives (its gRPC limit is fixed at start):
     the smaller limit applies, with a clear 413, and the log says what to change."""
-    caplog.set_level(logging.WARNING, logger="extproc.server")
+    caplog.set_level(logging.WARNING, logger="extproc.main")
     srv = ExtProcServer(
         policies(echo_backend.url), port=0, limits=StreamLimits(max_body_bytes=4_000)
     )  # the policy allows 10,000

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters import wire
 from extproc.adapters.peers import PeerSettings, sign_member
-from extproc.server import ExtProcServer
+from extproc.main import ExtProcServer
 from mlproxy_common import ports
 from mlproxy_kernel.policy import SLA, Tuning, parse_policies
 from mlproxy_kernel.rules import AdaptiveRule

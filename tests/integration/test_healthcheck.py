@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from extproc.adapters.servicer import SERVICE_NAME
-from extproc.server import ExtProcServer
+from extproc.main import ExtProcServer
 from mlproxy_common import ports
 from tests.servers import ThreadedApp
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.server import ExtProcServer
+from extproc.main import ExtProcServer
 from mlproxy.stack import Child, free_port, http_ok
 from mlproxy_common.redis_auth import (
     RedisCredentialsError,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.core.fairness import ClientShares
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from tests.unit.test_runtime import Harness, codec, make_policy
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import BatchExecutor, Reply
+from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.ports import BackendResponse
+from extproc.runtime.replies import Reply
 from mlproxy_kernel.policy import Policy
 from tests.fakes import RecordingMetrics, ScriptedBackend
 

@@ -13,8 +13,10 @@ import pytest
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import BatcherPool, BatchExecutor, Reply
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from extproc.runtime.ports import RequestContext
+from extproc.runtime.replies import Reply
 from mlproxy_common.logs import (
     REQUEST_ID,
     ContextFilter,

@@ -28,7 +28,7 @@ from extproc.adapters.peers import (
     verify,
 )
 from extproc.core.owner import owner
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from mlproxy_kernel.policy import Policy, Router
 
 SELF = "127.0.0.1:7001"

@@ -16,7 +16,7 @@ from extproc.adapters.peers import (
     sign,
     sign_reply,
 )
-from extproc.runtime.batcher import Reply
+from extproc.runtime.replies import Reply
 from mlproxy_kernel.policy import Policy
 from mlproxy_kernel.replica import PolicyStats
 

@@ -22,12 +22,13 @@ from extproc.adapters.peers import (
     sign_member,
 )
 from extproc.core.clock import FakeClock
-from extproc.runtime.batcher import BatcherPool, BatchExecutor, rule_for
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.batching import Rule
 from mlproxy_kernel.estimator import LatencyEstimator
 from mlproxy_kernel.policy import Policy, Router, Tuning
 from mlproxy_kernel.replica import PolicyStats
-from mlproxy_kernel.rules import AdaptiveRule
+from mlproxy_kernel.rules import AdaptiveRule, rule_for
 from tests.fakes import FakeBackend, RecordingMetrics
 from tests.unit.test_rules import _poisson, _simulate
 

@@ -7,7 +7,8 @@ import json
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, Tuning
 from mlproxy_kernel.rules import AdaptiveRule
 from tests.fakes import FakeBackend, RecordingMetrics

@@ -10,13 +10,10 @@ import pytest
 
 from extproc.codecs import get_codec
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import (
-    MAX_SERVED_CLIENTS,
-    BatcherPool,
-    BatchExecutor,
-    Reply,
-    RouteGroup,
-)
+from extproc.runtime.batcher import MAX_SERVED_CLIENTS, RouteGroup
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
+from extproc.runtime.replies import Reply
 from mlproxy_kernel.batching import RATE_WINDOW
 from mlproxy_kernel.errors import ProxyError
 from mlproxy_kernel.policy import Policy, Router

@@ -14,7 +14,8 @@ from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import MonotonicClock
-from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
 from tests.fakes import FakeBackend, RecordingMetrics, body_msg, headers_msg
 

@@ -1,48 +1,59 @@
-"""Composition root of one ext_proc process: gRPC server, batchers, backend client, metrics."""
+"""The composition root of one ext_proc process: the one place its parts are built and wired.
+
+`serve` is what `mlproxy extproc` runs (mlproxy/cli.py turns its flags into `Settings`): it
+builds the tracing, the server (`ExtProcServer`: metrics, stats, backend client, router,
+peering, then at start the runtime, the servicer and the gRPC ports) and the policy source
+(a file, or Redis with the heartbeat and the fleet's members), and serves until SIGTERM or
+SIGINT. Nothing else constructs these parts (tests, and bench/servicer_cost.py, build the
+pieces they exercise).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from extproc.adapters.backend import HttpBackend
+from extproc.adapters.grpc_server import envoy_server, peer_server
 from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.peers import PEER_SERVICE, Peering, PeerService, PeerSettings
-from extproc.adapters.servicer import (
-    SERVICE_NAME,
-    ExtProcServicer,
-    StreamLimits,
-    stream_headroom,
-)
+from extproc.adapters.servicer import SERVICE_NAME, ExtProcServicer, StreamLimits
 from extproc.adapters.stalls import StallWatch
 from extproc.core.clock import Clock, MonotonicClock
 from extproc.core.stats import DEFAULT_WINDOW, StatsWindow
-from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from extproc.runtime.telemetry import Telemetry
-from mlproxy_common.tls import TlsFiles, add_grpc_port, grpc_server_credentials
+from mlproxy_common.tls import TlsFiles
 from mlproxy_kernel.batching import RATE_WINDOW
-from mlproxy_kernel.policy import Policy, Router
+from mlproxy_kernel.policy import Policy, PolicyFileError, Router
 
 if TYPE_CHECKING:
+    from extproc.adapters.redis_source import RedisPolicySource
     from extproc.adapters.tracing import OtelTracing
 
-__all__ = ["ExtProcServer", "StreamLimits", "run"]
+__all__ = [
+    "ExtProcServer",
+    "FilePolicies",
+    "PolicySource",
+    "RedisPolicies",
+    "Settings",
+    "StreamLimits",
+    "run",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
-
-# Envoy's buffered body arrives in one message: the gRPC receive limit is the largest body this
-# process takes (StreamLimits.max_body_bytes, `--max-body-bytes`) plus this much for the rest of
-# the ProcessingRequest (request attributes, metadata). grpcio fixes it when the server starts.
-MESSAGE_FRAMING_BYTES = 64 * 1024
-# Answers carry one request's part of a backend answer: allow what a model may send back.
-MAX_SEND_BYTES = 64 * 1024 * 1024 + MESSAGE_FRAMING_BYTES
 
 
 class ExtProcServer:
@@ -102,8 +113,8 @@ class ExtProcServer:
         )
         self._peer_server: grpc.aio.Server | None = None
 
-    # Long: the composition root: every part of the server built and wired in one place.
     async def start(self) -> int:
+        """Build the runtime and the servicer, open the ports; the bound gRPC port."""
         executor = BatchExecutor(self.backend, self.telemetry, self.clock, self.tracing)
         self.pool = BatcherPool(executor, self.clock, self.telemetry, self.rate_window)
         if self.peering is not None:  # the tuner's fleet count, bounded by the signed members
@@ -119,35 +130,15 @@ class ExtProcServer:
         )
         if self.peers is not None:
             await self._start_peer_port(servicer)
-        server = grpc.aio.server(
-            # Beyond --max-streams the servicer answers 503; this is the hard stop (streams
-            # that never send their headers): grpcio closes those at once (CANCELLED).
-            maximum_concurrent_rpcs=self.limits.max_streams
-            + stream_headroom(self.limits.max_streams),
-            options=[
-                (
-                    "grpc.max_receive_message_length",
-                    self.limits.max_body_bytes + MESSAGE_FRAMING_BYTES,
-                ),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-                ("grpc.max_concurrent_streams", self.max_streams_per_connection),
-                # Streams that arrived but that this process has not taken yet (grpcio's aio
-                # server takes one at a time). grpcio's defaults, 1,000 then 3,000, cancel new
-                # streams at random in between: a burst of 3,000 slow clients through Envoy lost
-                # about 6% of its requests (500s), and a normal request among them could too.
-                ("grpc.server.max_pending_requests", self.limits.max_streams),
-                ("grpc.server.max_pending_requests_hard_limit", self.limits.max_streams * 2),
-                # Off unless this is one of several workers on the port (`--workers`): a
-                # second replica started on a taken port must fail, not share it.
-                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-            ],
+        server, self.port = envoy_server(
+            servicer.handler(),
+            self._health,
+            f"{self.host}:{self.port}",
+            self.tls,
+            self.limits,
+            self.max_streams_per_connection,
+            self.reuse_port,
         )
-        server.add_generic_rpc_handlers((servicer.handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        bound = add_grpc_port(server, f"{self.host}:{self.port}", self.tls)
-        if bound == 0:
-            raise OSError(f"ext_proc cannot listen on {self.host}:{self.port} (in use?)")
-        self.port = bound
         await server.start()
         self._server = server
         self._stalls.start()
@@ -177,29 +168,8 @@ class ExtProcServer:
             self.metrics,
             accepting=lambda: not pool.flushing,
         )
-        server = grpc.aio.server(
-            maximum_concurrent_rpcs=self.limits.max_streams,
-            options=[
-                (
-                    "grpc.max_receive_message_length",
-                    self.limits.max_body_bytes + MESSAGE_FRAMING_BYTES,
-                ),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        server.add_generic_rpc_handlers((service.handler(),))
-        # The same health service as the Envoy port: peers probe an owner that is late.
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self.peers.host}:{self.peers.port}"
-        # Signed with the fleet token; with the replica's TLS files also mTLS (the peers
-        # present their own certificates, signed by the same CA).
-        if self.tls is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, grpc_server_credentials(self.tls))
-        if bound == 0:
-            raise OSError(f"ext_proc cannot listen for peers on {address} (in use?)")
+        server = peer_server(service.handler(), self._health, address, self.tls, self.limits)
         await server.start()
         self._peer_server = server
         log.info(
@@ -276,6 +246,11 @@ class ExtProcServer:
         await stopping
         if peer_stopping is not None:
             await peer_stopping
+        await self._close()
+        log.info("ext_proc stopped")
+
+    async def _close(self) -> None:
+        """Close the clients and exporters, once nothing runs any more."""
         if self.peering is not None:
             await self.peering.close()
         await self._stalls.stop()
@@ -283,11 +258,10 @@ class ExtProcServer:
         self.metrics.close()
         if self.tracing is not None:  # the spans still buffered are exported (or dropped)
             await asyncio.to_thread(self.tracing.shutdown)  # bounded: SHUTDOWN_S
-        log.info("ext_proc stopped")
 
 
 class PolicySource(Protocol):
-    """Where policies come from after start (a file now, Redis later)."""
+    """Where policies come from after start: a file, or Redis."""
 
     def watch(self, apply: Callable[[Sequence[Policy]], None]) -> None: ...
 
@@ -326,3 +300,139 @@ def settle_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     log.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
+
+
+@dataclass(frozen=True, slots=True)
+class FilePolicies:
+    """Policies from a YAML file, re-read when it changes."""
+
+    path: Path
+    interval: float = 2.0  # seconds between checks
+
+
+@dataclass(frozen=True, slots=True)
+class RedisPolicies:
+    """Policies from Redis (the control plane's store), with this replica's heartbeat."""
+
+    url: str
+    advertise: str  # the address the heartbeat reports (host:port)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What `mlproxy extproc` decided from its flags and environment (checked there)."""
+
+    policies: FilePolicies | RedisPolicies
+    replica_id: str  # in the heartbeat and the traces' resource
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    on_metrics: Callable[[int], None] | None = None
+    reuse_port: bool = False
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    max_streams_per_connection: int | None = None
+    tls: TlsFiles | None = None
+    peers: PeerSettings | None = None
+    stats_window: float = DEFAULT_WINDOW
+    rate_window: float = RATE_WINDOW
+    backend_proxy: str | None = None
+    otlp_endpoint: str | None = None  # None: no tracing
+    grace: float = 10.0
+    drain_delay: float = 0.0
+
+
+async def serve(settings: Settings) -> int:
+    """Build every part of the process and serve until SIGTERM or SIGINT; the exit status (2:
+    the policy file is invalid)."""
+    spec = settings.policies
+    if isinstance(spec, FilePolicies):
+        from extproc.adapters.policy_file import FilePolicySource
+
+        source = FilePolicySource(spec.path, interval=spec.interval)
+        try:
+            policies = source.load()
+        except PolicyFileError as err:
+            log.error("invalid policy file: %s", err)
+            return 2
+        server = build_server(settings, policies)
+        await run(server, settings.grace, source, settings.drain_delay)
+        return 0
+    server = build_server(settings, [])
+    redis = redis_source(server, spec, settings.replica_id)
+    first = await _first_policies(redis)
+    if first is None:
+        return 0
+    server.apply_policies(first)
+    await run(server, settings.grace, redis, settings.drain_delay)
+    return 0
+
+
+def build_server(settings: Settings, policies: Sequence[Policy]) -> ExtProcServer:
+    """The server with its parts, as the settings say."""
+    return ExtProcServer(
+        policies,
+        host=settings.host,
+        port=settings.port,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.metrics_host,
+        on_metrics=settings.on_metrics,
+        reuse_port=settings.reuse_port,
+        limits=settings.limits,
+        max_streams_per_connection=settings.max_streams_per_connection,
+        tls=settings.tls,
+        peers=settings.peers,
+        stats_window=settings.stats_window,
+        rate_window=settings.rate_window,
+        backend_proxy=settings.backend_proxy,
+        tracing=build_tracing(settings.otlp_endpoint, settings.replica_id),
+    )
+
+
+def build_tracing(endpoint: str | None, replica_id: str) -> OtelTracing | None:
+    """OpenTelemetry tracing if `endpoint` names a collector (the CLI refused one with
+    credentials in it: it can be logged as it is)."""
+    if not endpoint:
+        return None
+    from extproc.adapters.tracing import otlp_tracing
+
+    log.info("tracing: spans exported with OTLP/HTTP to %s", endpoint)
+    return otlp_tracing(endpoint, "mlproxy-extproc", replica_id)
+
+
+def redis_source(server: ExtProcServer, spec: RedisPolicies, replica_id: str) -> RedisPolicySource:
+    """Policies from Redis, and this replica's heartbeat there: its stats, applied versions
+    and, peered, its signed peer address; the fleet's members back to the peering."""
+    from extproc.adapters.redis_source import RedisPolicySource
+
+    peering = server.peering
+    return RedisPolicySource(
+        spec.url,
+        replica_id=replica_id,
+        address=spec.advertise,
+        stats=server.stats,
+        clock=server.clock,
+        applied=server.applied_versions,
+        on_source_state=lambda up: server.metrics.source_up.set(1 if up else 0),
+        observer=server.metrics,
+        peer_address=None if peering is None else peering.address,
+        on_peers=None if peering is None else peering.update,
+        sign_peer=None if peering is None else peering.sign_member,
+    )
+
+
+async def _first_policies(source: RedisPolicySource) -> list[Policy] | None:
+    """The policies in Redis, once it answers: a replica never takes traffic without the
+    current policies. None if SIGTERM or SIGINT came first (as PID 1 in a container, a signal
+    without a handler is ignored, and the replica would wait to be killed)."""
+    loading = asyncio.ensure_future(source.load())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, loading.cancel)
+    try:
+        return await loading
+    except asyncio.CancelledError:
+        log.info("signal received while waiting for Redis: stopping before serving")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(source.close(), timeout=3)
+        return None
