@@ -1,12 +1,13 @@
 """Waiting for something to happen, instead of sleeping for a guessed time.
 
 `eventually(cond, timeout, what)` polls `cond` until it is true and returns how long that
-took; past `timeout` seconds the test fails, naming `what` it was waiting for and what `cond`
-last returned. On a quick machine it returns as soon as the thing has happened; on a loaded
-one it waits up to `timeout`, which is a bound on a hang, not a performance target.
+took; past `timeout` seconds the test fails, naming `what` it was waiting for (a string, or a
+function giving one, e.g. with what was observed meanwhile) and what `cond` last returned. On
+a quick machine it returns as soon as the thing has happened; on a loaded one it waits up to
+`timeout`, which is a bound on a hang, not a performance target.
 
 `eventually_async` is the same inside an event loop: it sleeps with asyncio (the code under
-test runs meanwhile), and `cond` may be a coroutine function (`lambda: store.replicas()`).
+test runs meanwhile), and `cond` may be a coroutine function (`store.replicas`).
 
 A sleep whose point is time passing (nothing changes during X, past a TTL, a client pausing)
 is not a wait on a condition: keep it, and say why next to it.
@@ -22,16 +23,19 @@ from typing import Any
 
 import pytest
 
+What = str | Callable[[], str]
 
-def _fail(what: str, timeout: float, last: Any) -> None:
+
+def _fail(what: What, timeout: float, last: Any) -> None:
     shown = repr(last)
     if len(shown) > 300:
         shown = shown[:300] + "..."
-    pytest.fail(f"{what}: not within {timeout} s (last seen: {shown})")
+    said = what if isinstance(what, str) else what()
+    pytest.fail(f"{said}: not within {timeout} s (last seen: {shown})")
 
 
 def eventually(
-    cond: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.02
+    cond: Callable[[], Any], timeout: float, what: What, *, interval: float = 0.02
 ) -> float:
     """Poll `cond` until it returns something true; the seconds it took. Fails the test past
     `timeout` seconds (after one last look at `cond`)."""
@@ -48,7 +52,7 @@ def eventually(
 async def eventually_async(
     cond: Callable[[], Any | Awaitable[Any]],
     timeout: float,
-    what: str,
+    what: What,
     *,
     interval: float = 0.01,
 ) -> float:
