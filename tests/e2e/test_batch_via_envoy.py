@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.stack import Stack
 from mlproxy_common import ports
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -93,10 +93,12 @@ def test_batch_calls_go_through_envoy_and_every_answer_is_its_own(via_envoy: Sta
     assert 0 < calls < len(inputs)  # batched
     assert through_envoy == calls  # every batch call, and nothing else, went through Envoy
     log = Path(via_envoy.run_dir or ".") / "egress-access.log"
-    deadline = time.monotonic() + 10  # Envoy flushes its access log every second or so
-    while log.read_text().count("/v1/models/demo:predict 200") < calls:
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.2)
+    eventually(  # Envoy flushes its access log every second or so
+        lambda: log.read_text().count("/v1/models/demo:predict 200") >= calls,
+        10,
+        lambda: f"{calls} batch calls in the access log: {log.read_text()[-2000:]}",
+        interval=0.2,
+    )
 
 
 def test_envoy_retries_a_batch_call_that_never_reached_the_model(via_envoy: Stack) -> None:
@@ -110,10 +112,12 @@ def test_envoy_retries_a_batch_call_that_never_reached_the_model(via_envoy: Stac
     err.value.close()
     assert err.value.code in (502, 503)
     log = Path(via_envoy.run_dir or ".") / "egress-access.log"
-    deadline = time.monotonic() + 10
-    while "/v1/models/down:predict 503 " not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.2)
+    eventually(
+        lambda: "/v1/models/down:predict 503 " in log.read_text(),
+        10,
+        lambda: f"the failed call in the access log: {log.read_text()[-2000:]}",
+        interval=0.2,
+    )
     line = next(x for x in log.read_text().splitlines() if "down:predict" in x)
     assert "UF" in line  # upstream connection failure
     assert "attempts=3" in line  # the first try and Envoy's two retries

@@ -18,6 +18,7 @@ from mlproxy.demo import model_counters, random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.stack import Stack
 from tests.servers import EchoBackend
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +122,11 @@ async def test_queue_full_gets_429_with_retry_after(
 ) -> None:
     url = model_url(stack, "tiny")
     held = [asyncio.ensure_future(post(url, {"instances": [{"id": f"t{i}"}]})) for i in range(2)]
-    await asyncio.sleep(0.2)
+    await eventually_async(  # the queue (max_queue 2) is full
+        lambda: ext_proc_metric(stack, 'mlproxy_queue_depth{policy="tiny"}') == 2,
+        5,
+        "the two requests queued",
+    )
     status, headers, data = await post(url, {"instances": [{"id": "t-over"}]})
     assert status == 429
     assert headers["retry-after"] == "1"
@@ -183,7 +188,11 @@ async def test_client_disconnect_while_queued_drops_only_that_request(
     stayer = asyncio.ensure_future(
         post(model_url(stack, "hold"), {"instances": [{"id": "stayer"}]})
     )
-    await asyncio.sleep(0.1)
+    await eventually_async(
+        lambda: ext_proc_metric(stack, 'mlproxy_queue_depth{policy="hold"}') == 2,
+        5,
+        "the leaver and the stayer queued",
+    )
     writer.close()  # the client goes away while its request waits for the batch
     status, _, data = await stayer
     assert status == 200 and json.loads(data) == {"predictions": [{"echo": "stayer"}]}

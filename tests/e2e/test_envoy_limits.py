@@ -18,7 +18,7 @@ import yaml
 
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, envoy_binary, free_port, http_ok
-from tests.e2e.test_fleet import eventually
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from mlproxy.stack import Child, Stack
-from tests.e2e.test_fleet import eventually, kill_under_load, post, replica_metric
+from tests.e2e.test_fleet import kill_under_load, post, replica_metric
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mlproxy.stack import Stack
 from tests.e2e.test_envoy import ext_proc_metric, post
 from tests.servers import HostileBackend
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -226,10 +227,9 @@ async def test_a_client_filling_the_queue_gets_the_429s_not_the_others(stack: St
         asyncio.create_task(post_from("127.0.0.2", url, {"instances": [{"id": f"f{i}"}]}))
         for i in range(8)
     ]
-    for _ in range(200):  # until the flooder's requests fill the queue
-        if ext_proc_metric(stack, depth) >= 4:
-            break
-        await asyncio.sleep(0.02)
+    await eventually_async(
+        lambda: ext_proc_metric(stack, depth) >= 4, 10, "the flooder's requests fill the queue"
+    )
     assert ext_proc_metric(stack, depth) == 4
     polite = await asyncio.gather(
         *(post_from(f"127.0.0.{3 + i}", url, {"instances": [{"id": f"p{i}"}]}) for i in range(2))

@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from mlproxy.stack import Stack
 from mlproxy_common import ports
 from tests.e2e.conftest import echo_policy
 from tests.servers import EchoBackend, ThreadedApp
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -128,12 +128,13 @@ def send(stack: Stack, model: str, n: int) -> list[httpx.Response]:
 def test_spans_reach_an_otlp_collector_from_the_cli(observed: Stack, collector: Collector) -> None:
     answers = send(observed, "seen", 3)
     assert [r.status_code for r in answers] == [200, 200, 200]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        names = collector.names()
-        if names.count("mlproxy.request") >= 3 and "mlproxy.batch" in names:
-            break
-        time.sleep(0.05)
+    eventually(
+        lambda: (
+            collector.names().count("mlproxy.request") >= 3 and "mlproxy.batch" in collector.names()
+        ),
+        30,
+        lambda: f"the spans at the collector (there: {collector.names()})",
+    )
     names = collector.names()
     assert names.count("mlproxy.request") >= 3 and names.count("mlproxy.queue") >= 3
     batch = next(s for s in collector.spans if s["name"] == "mlproxy.batch")
@@ -149,12 +150,12 @@ def test_spans_reach_an_otlp_collector_from_the_cli(observed: Stack, collector: 
 def test_json_log_lines_name_the_batch_and_its_requests(observed: Stack) -> None:
     answers = send(observed, "gone", 3)
     assert [r.status_code for r in answers] == [502, 502, 502]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        failed = [d for d in log_lines(observed) if "policy gone: backend" in d["message"]]
-        if failed:
-            break
-        time.sleep(0.05)
+
+    def failed_lines() -> list[dict[str, Any]]:
+        return [d for d in log_lines(observed) if "policy gone: backend" in d["message"]]
+
+    eventually(failed_lines, 30, "the failed batch's log line")
+    failed = failed_lines()
     assert len(failed) == 1, failed
     line = failed[0]
     assert line["level"] == "WARNING" and line["logger"] == "extproc.runtime.batcher"

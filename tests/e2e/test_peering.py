@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from mlproxy.envoy_config import local_config
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok
 from mlproxy_kernel import keys
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -91,14 +92,6 @@ def replica_metric(stack: Stack, i: int, name: str, **labels: str) -> float:
         if metric == name and all(found.get(k) == v for k, v in labels.items()):
             total += float(value)
     return total
-
-
-def eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def echo_policy(echo: EchoBackend, model: str = "{model}", wait_ms: int = 150) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import pytest
 from extproc.adapters.peers import AUTH_METADATA, FORWARD_PATH, ForwardRequest, sign
 from mlproxy.client import ApiError, Client
 from mlproxy.stack import Stack
-from tests.e2e.test_peering import eventually, post_all, replica_metric
+from tests.e2e.test_peering import post_all, replica_metric
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

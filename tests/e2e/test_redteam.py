@@ -24,6 +24,7 @@ from mlproxy_kernel import keys
 from tests.e2e.conftest import echo_policy
 from tests.e2e.test_envoy import ext_proc_metric
 from tests.servers import EchoBackend, ThreadedApp
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -60,10 +61,9 @@ async def test_a_client_cannot_take_other_clients_shares_by_sending_x_forwarded_
         for i in range(8)
     ]
     try:
-        for _ in range(200):  # until the flooder's requests fill the queue
-            if ext_proc_metric(stack, depth) >= 4:
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: ext_proc_metric(stack, depth) >= 4, 10, "the flooder's requests fill the queue"
+        )
         assert ext_proc_metric(stack, depth) == 4
         code, _, body = await post_as("127.0.0.3", url, {"instances": [{"id": "polite"}]})
     finally:
@@ -118,7 +118,7 @@ class ConcurrencyBackend(ThreadedApp):
         self.now += 1
         self.most = max(self.most, self.now)
         try:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the model's compute time: calls overlap
         finally:
             self.now -= 1
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
@@ -205,10 +205,9 @@ async def test_one_client_holding_unfinished_bodies_does_not_starve_the_others(
             writer.write(head + body[:1])
             await writer.drain()
             writers.append(writer)
-        for _ in range(500):  # until ext_proc holds every one of them
-            if active_streams(small_stack) >= MAX_STREAMS:
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: active_streams(small_stack) >= MAX_STREAMS, 10, "ext_proc holds every stream"
+        )
         assert active_streams(small_stack) == MAX_STREAMS
         code, _, answer = await post_as(
             "127.0.0.3",

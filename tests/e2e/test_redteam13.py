@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from mlproxy.client import ApiError, Client
 from mlproxy.stack import Stack
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -82,17 +82,14 @@ HOSTILE: list[tuple[str, dict[str, Any]]] = [
 
 
 def _rolled_out(api: Client, name: str, timeout: float = 20.0) -> None:
-    start = time.monotonic()
-    while True:
+    def applied() -> bool:
         try:
             status = api.status(name)
-            if status["complete"] and status["replicas"] == 1:
-                return
         except ApiError:
-            pass
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"policy {name} not applied by the replica within {timeout} s")
-        time.sleep(0.05)
+            return False
+        return bool(status["complete"] and status["replicas"] == 1)
+
+    eventually(applied, timeout, f"policy {name} applied by the replica", interval=0.05)
 
 
 async def _traffic(stack: Stack, name: str, n: int) -> list[tuple[str, int, Any]]:

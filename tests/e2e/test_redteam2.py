@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from aiohttp import web
 from mlproxy.stack import Stack
 from mlproxy_kernel import keys
 from tests.e2e.conftest import echo_policy
+from tests.e2e.test_envoy import ext_proc_metric
 from tests.e2e.test_redteam import (
     MAX_STREAMS,
     active_streams,
@@ -29,6 +29,7 @@ from tests.e2e.test_redteam import (
     process_env,
 )
 from tests.servers import EchoBackend, ThreadedApp
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -82,12 +83,12 @@ async def test_a_replicas_credentials_cannot_silently_drop_every_policy_of_every
         except redis.exceptions.NoPermissionError:
             return  # refused: nothing to check
         after = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # until each replica synced after the deletion
-            beats = {i: heartbeat(r, f"extproc-{i}") for i in range(2)}
-            if all(beats[i]["last_sync_at"] > after for i in range(2)):
-                break
-            await asyncio.sleep(0.2)
+        await eventually_async(
+            lambda: all(heartbeat(r, f"extproc-{i}")["last_sync_at"] > after for i in range(2)),
+            20,
+            "each replica synced after the deletion",
+            interval=0.2,
+        )
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         for _ in range(4):  # both replicas (Envoy balances round robin)
             async with s.post(f"{stack.envoy_url}/v1/models/demo:predict", json=DEMO_BODY) as resp:
@@ -110,13 +111,12 @@ async def test_a_replicas_credentials_cannot_stop_the_fleet_tuner_for_good(
             r.set(keys.TUNER_LEASE, "red-team|999999")
         except redis.exceptions.NoPermissionError:
             return
-        holder = "red-team"
-        for _ in range(150):  # at most 30 s: two lease periods
-            holder = (r.get(keys.TUNER_LEASE) or "|").split("|", 1)[0]
-            if holder != "red-team":
-                break
-            await asyncio.sleep(0.2)
-    assert holder != "red-team", "the fleet tuner is stopped for good"
+        await eventually_async(  # at most 30 s: two lease periods
+            lambda: (r.get(keys.TUNER_LEASE) or "|").split("|", 1)[0] != "red-team",
+            30,
+            "a control plane holding the tuner's lease again (else the tuner is stopped for good)",
+            interval=0.2,
+        )
 
 
 async def test_a_path_under_the_length_cap_does_not_stall_ext_proc_on_a_template_with_many_segments(
@@ -160,7 +160,7 @@ class CrashingBackend(ThreadedApp):
             assert request.transport is not None
             request.transport.abort()
             return web.Response(status=500)  # never sent: the connection is gone
-        await asyncio.sleep(5 if "hang" in instances else 0.05)
+        await asyncio.sleep(5 if "hang" in instances else 0.05)  # the model's compute time
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
 
 
@@ -209,16 +209,14 @@ class OrderBackend(ThreadedApp):
         instances = (await request.json())["instances"]
         self.calls.append(instances)
         slow = any(str(i).startswith("slow-") for i in instances)
-        await asyncio.sleep(1.5 if slow else 0.05)
+        await asyncio.sleep(1.5 if slow else 0.05)  # the model's compute time
         return web.json_response({"predictions": [{"echo": i} for i in instances]})
 
     async def wait_calls(self, n: int) -> None:
         """Until the backend has had `n` calls (at most 3 s)."""
-        for _ in range(300):
-            if len(self.calls) >= n:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"the backend never got call {n}: {self.calls}")
+        await eventually_async(
+            lambda: len(self.calls) >= n, 3, lambda: f"the backend's call {n} (calls: {self.calls})"
+        )
 
 
 async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_queues(
@@ -253,7 +251,11 @@ async def test_a_client_cannot_take_the_shared_backend_slots_with_many_sibling_q
             ]
             await backend.wait_calls(1)  # the flooder holds the backend's one slot
             tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["slow-0"]})))
-            await asyncio.sleep(0.2)
+            await eventually_async(  # queued before the flood
+                lambda: ext_proc_metric(stack, 'mlproxy_queue_depth{policy="rr"}') == 1,
+                10,
+                "the normal client's request queued",
+            )
             tasks += [
                 asyncio.create_task(post_as("127.0.0.2", url, {"instances": [f"x{i}"], "nonce": i}))
                 for i in range(20)
@@ -310,14 +312,18 @@ async def test_two_miscounts_that_cancel_out_do_not_hand_one_clients_prediction_
         rows = echo_policy("rows", backend.url, batching={"max_batch_size": 3, "max_wait_ms": 1000})
         with envoy_and_one_replica(echo_backend, tmp_path, [rows]) as stack:
             url = f"{stack.envoy_url}/v1/models/rows:predict"
-            sent = []
+            depth = 'mlproxy_queue_depth{policy="rows"}'
+            sent: list[asyncio.Task[tuple[int, dict[str, str], bytes]]] = []
             for source, body in [
                 ("127.0.0.2", {"instances": [{"rows": ["a", "b"]}]}),
                 ("127.0.0.3", {"instances": ["victim-secret"]}),
                 ("127.0.0.2", {"instances": [{"rows": []}]}),
             ]:
                 sent.append(asyncio.create_task(post_as(source, url, body)))
-                await asyncio.sleep(0.15)  # arrival order: attacker, victim, attacker
+                if len(sent) < 3:  # arrival order: attacker, victim, attacker
+                    await eventually_async(
+                        lambda: ext_proc_metric(stack, depth) == len(sent), 10, f"{body} queued"
+                    )
             (_, _, first), (code, _, victim), (_, _, last) = await asyncio.gather(*sent)
     finally:
         backend.stop()
@@ -381,10 +387,9 @@ async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
                 writer.write(head + body[:1])
                 await writer.drain()
                 writers.append(writer)
-            for _ in range(500):  # until ext_proc holds every one of them
-                if active_streams(stack) >= len(sources):
-                    break
-                await asyncio.sleep(0.02)
+            await eventually_async(
+                lambda: active_streams(stack) >= len(sources), 10, "ext_proc holds every stream"
+            )
             assert active_streams(stack) == len(sources)
             code, _, answer = await post_as(
                 "127.0.0.99",

@@ -34,8 +34,9 @@ from extproc.runtime.replies import Reply
 from mlproxy.client import Client
 from mlproxy.stack import Stack
 from mlproxy_kernel import keys
-from tests.e2e.test_peering import ConnectionRecorder, echo_policy, eventually, start_envoy
+from tests.e2e.test_peering import ConnectionRecorder, echo_policy, start_envoy
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

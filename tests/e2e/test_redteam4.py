@@ -11,7 +11,8 @@ import pytest
 from controlplane.adapters.redis_store import RedisStore
 from mlproxy_kernel import keys
 from tests.conftest import RedisServer
-from tests.integration.test_redis_source import Replica, _peering, eventually
+from tests.integration.test_redis_source import Replica, _peering
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +39,14 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
     that is not JSON."""
     url = redis_server.url(DB)
     a_peering = _peering(tmp_path, 7301, TOKEN)
-    a = Replica(url, "a", a_peering.address, a_peering.update, a_peering.sign_member)
+    beats = 0  # a's heartbeats that read the records
+
+    def a_update(records: list[tuple[str, object, object]], ttl: float) -> None:
+        nonlocal beats
+        a_peering.update(records, ttl)
+        beats += 1
+
+    a = Replica(url, "a", a_peering.address, a_update, a_peering.sign_member)
     b_peering = _peering(tmp_path, 7302, TOKEN)
     b = Replica(url, "b", b_peering.address, b_peering.update, b_peering.sign_member)
     c_peering = _peering(tmp_path, 7303, TOKEN)
@@ -47,17 +55,22 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
         await a.start()
         await b.start()
         both = ("127.0.0.1:7301", "127.0.0.1:7302")
-        await eventually(lambda: a_peering.members == both == b_peering.members, timeout=10)
+        await eventually_async(
+            lambda: a_peering.members == both == b_peering.members, 10, "a and b members"
+        )
         # as a heartbeat record and as a peer key (too long to be one: skipped unparsed)
         await store.redis.set(keys.replica_key("deep"), DEEP, px=120_000)
         await store.redis.set(keys.peer_key("deep"), DEEP, px=120_000)
         await store.redis.set(keys.peer_key("deep-short"), b"[" * 1024, px=120_000)
-        await asyncio.sleep(0.5)  # a few beats read it
+        target = beats + 3  # a few beats read it (the second at the latest began after the SETs)
+        await eventually_async(lambda: beats >= target, 10, "three more heartbeats of a")
         # a member leaves (its record deleted at once), another joins
         await b.source.close()
         await c.start()
         now = ("127.0.0.1:7301", "127.0.0.1:7303")
-        await eventually(lambda: a_peering.members == now == c_peering.members, timeout=10)
+        await eventually_async(
+            lambda: a_peering.members == now == c_peering.members, 10, "a and c members"
+        )
         assert "heartbeat failed" not in caplog.text
     finally:
         for r in (a, b, c):

@@ -15,10 +15,12 @@ from controlplane.domain.records import Precondition
 from mlproxy_kernel import keys
 from tests.conftest import RedisServer
 from tests.e2e.conftest import echo_policy
+from tests.e2e.test_envoy import ext_proc_metric
 from tests.e2e.test_redteam import envoy_and_one_replica, post_as
 from tests.e2e.test_redteam2 import OrderBackend
 from tests.e2e.test_redteam4 import peered_replica_stall
 from tests.servers import EchoBackend
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.e2e
 
@@ -154,7 +156,11 @@ async def test_fresh_client_identities_cannot_jump_ahead_of_a_waiting_client(
             tasks = [asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["slow-0"]}))]
             await backend.wait_calls(1)
             tasks.append(asyncio.create_task(post_as("127.0.0.3", url, {"instances": ["n-1"]})))
-            await asyncio.sleep(0.2)  # n-1 waits first
+            await eventually_async(  # n-1 waits first
+                lambda: ext_proc_metric(stack, 'mlproxy_queue_depth{policy="fair1"}') == 1,
+                10,
+                "n-1 queued",
+            )
             tasks += [
                 asyncio.create_task(
                     post_as(f"127.0.1.{10 + i}", url, {"instances": [f"x{i}"], "nonce": "a"})

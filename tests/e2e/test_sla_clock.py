@@ -22,8 +22,9 @@ import pytest
 
 from mlproxy.envoy_config import REQUEST_TIME_ATTRIBUTE
 from mlproxy.stack import Stack
-from tests.e2e.test_fleet import eventually, replica_metric
+from tests.e2e.test_fleet import replica_metric
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -19,6 +19,7 @@ import yaml
 from mlproxy.envoy_config import local_config
 from mlproxy.stack import envoy_binary, pid_alive, port_free
 from mlproxy_common import ports
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +151,8 @@ def test_up_stops_everything_when_a_child_dies() -> None:
         assert proc.wait(30) == 1
         assert proc.stdout is not None
         assert "extproc-0 exited" in proc.stdout.read()
+    # a moment for the stopped children to be reaped (up stopped them before it exited: a
+    # wait on them being gone would also pass if PR_SET_PDEATHSIG killed them later)
     time.sleep(0.2)
     assert not [k for k in kids if pid_alive(k)]
 
@@ -158,10 +161,12 @@ def test_children_die_with_a_killed_supervisor() -> None:
     with running_up(ports.reserve()) as (proc, kids):
         proc.kill()  # no chance to clean up: PR_SET_PDEATHSIG must do it
         proc.wait(10)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and [k for k in kids if pid_alive(k)]:
-        time.sleep(0.1)
-    assert not [k for k in kids if pid_alive(k)]
+    eventually(
+        lambda: not [k for k in kids if pid_alive(k)],
+        20,
+        lambda: f"every child gone (alive: {[k for k in kids if pid_alive(k)]})",
+        interval=0.1,
+    )
 
 
 def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:

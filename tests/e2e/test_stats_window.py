@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlproxy.cli import main as cli_main
 from mlproxy.client import Client
 from mlproxy.demo import random_inputs
 from mlproxy.stack import Stack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -57,24 +57,24 @@ def predict(stack: Stack, x: list[float]) -> None:
 def test_a_replica_reports_its_stats_over_the_window_it_was_given(short_window: Stack) -> None:
     api = Client(short_window.controlplane_url, short_window.admin_token)
     inputs = iter(random_inputs(1000))
-    began = time.monotonic()
-    # traffic until a heartbeat (every 2 s) reports a full window of it: 2 s, not more
-    while True:
+    stats: dict[str, Any] | None = None
+
+    def full_window() -> bool:
+        """One more request (a client every 0.1 s); whether a heartbeat reports a full window."""
+        nonlocal stats
         predict(short_window, next(inputs))
         stats = demo_stats(api)
-        if stats is not None:
-            assert 0 < stats["window_s"] <= WINDOW, stats
-            if stats["window_s"] == WINDOW:
-                break
-        assert time.monotonic() - began < 10, f"no heartbeat with a full window: {stats}"
-        time.sleep(0.1)
-    assert stats["requests"] >= 1 and stats["batches"] >= 1
-    stopped = time.monotonic()
+        if stats is None:
+            return False
+        assert 0 < stats["window_s"] <= WINDOW, stats
+        return bool(stats["window_s"] == WINDOW)
+
+    # traffic until a heartbeat (every 2 s) reports a full window of it: 2 s, not more
+    eventually(full_window, 10, lambda: f"a heartbeat with a full window ({stats})", interval=0.1)
+    assert stats is not None and stats["requests"] >= 1 and stats["batches"] >= 1
     # then the traffic ages out of the window (the default, a minute, would keep it): within
     # the window and a heartbeat interval, with some slack for a loaded machine
-    while demo_stats(api) is not None:
-        assert time.monotonic() - stopped < WINDOW + 2 + 4, "the stats outlived their window"
-        time.sleep(0.1)
+    eventually(lambda: demo_stats(api) is None, WINDOW + 2 + 4, "the stats aged out", interval=0.1)
     assert [r["id"] for r in api.replicas()] == ["extproc-0"]  # still beating, without them
 
 

@@ -17,8 +17,9 @@ import redis
 
 from mlproxy.client import Client
 from mlproxy.stack import Stack
-from tests.e2e.test_fleet import cli, echo_policy, eventually, replica_metric
+from tests.e2e.test_fleet import cli, echo_policy, replica_metric
 from tests.servers import EchoBackend
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,8 @@ import asyncio
 import json
 import os
 import signal
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +19,7 @@ from mlproxy.client import ApiError, Client
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.stack import Stack, pid_alive
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -37,14 +37,6 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack.start()
     yield stack
     stack.stop()
-
-
-def eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def supervisor(stack: Stack) -> int:
@@ -161,7 +153,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker(pod: Stack) -> None:
 
     async def run() -> list[tuple[int, bytes]]:
         task = asyncio.ensure_future(burst(f"{pod.envoy_url}/v1/models/demo:predict", bodies, 64))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # time passing: the burst is under way when the signal comes
         os.kill(sup, signal.SIGTERM)
         return await task
 

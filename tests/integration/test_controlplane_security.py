@@ -24,6 +24,7 @@ import yaml
 
 from mlproxy.stack import Child, free_port, http_ok
 from tests.conftest import RedisServer
+from tests.waiting import eventually
 
 DB = 10  # the strict server's Redis database; the capped one uses DB + 1
 
@@ -61,9 +62,12 @@ class Server:
         """The audit lines after the first `before`, once there are `count` of them. The server
         writes a line after it has sent its answer, and another process reads the log: the
         client can have its answer before the line is there."""
-        deadline = time.monotonic() + LIMIT_S
-        while len(self.audit()) < before + count and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(
+            lambda: len(self.audit()) >= before + count,
+            LIMIT_S,
+            f"{count} audit lines",
+            interval=0.05,
+        )
         return self.audit()[before:]
 
 
@@ -175,7 +179,7 @@ def trickle(s: socket.socket, data: bytes, every: float = 0.25) -> bytes:
                 s.send(bytes([byte]))
             except (BrokenPipeError, ConnectionResetError):
                 return got
-            time.sleep(every)
+            time.sleep(every)  # a slow client
             while True:
                 try:
                     chunk = s.recv(65536)
@@ -519,10 +523,7 @@ def test_connections_over_the_cap_get_503_json_and_are_closed(capped: Server) ->
         status, _, payload = parse(read_until_closed(slow[0]))
         assert (status, json.loads(payload)) == (200, {"items": []})
     # all closed: the server takes connections again
-    deadline = time.monotonic() + LIMIT_S
-    while not http_ok(capped.url + "/healthz") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert http_ok(capped.url + "/healthz")
+    eventually(lambda: http_ok(capped.url + "/healthz"), LIMIT_S, "/healthz answered again")
     assert "refusing connections: 10 open" in capped.log()
 
 
@@ -615,7 +616,7 @@ def test_a_client_still_sending_its_body_is_not_reset_after_its_401(server: Serv
     try:
         for _ in range(5):  # the client is still sending its body
             s.sendall(b"x" * 20_000)
-            time.sleep(0.05)
+            time.sleep(0.05)  # at a client's pace
     finally:
         s.close()
 

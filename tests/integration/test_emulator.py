@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from bench.emulator import Emulator, make_app, predict
 from bench.profiles import Profile
+from tests.waiting import eventually_async
 
 # 20 ms a call + 1 ms an instance, no noise
 FLAT = Profile("flat", a_ms=20, c_ms=1, slo_ms=500, peak_rps=10, noise=0.0)
@@ -37,6 +38,22 @@ async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[in
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with session.post(url, data=data) as resp:
         return resp.status, await resp.json()
+
+
+async def _state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    state: dict[str, Any] = await (await session.get(f"{url}/admin/state")).json()
+    return state
+
+
+async def _until(
+    session: aiohttp.ClientSession, url: str, key: str, value: object, what: str
+) -> None:
+    """Until the emulator's /admin/state shows `key` == `value`."""
+
+    async def shows() -> bool:
+        return bool((await _state(session, url))[key] == value)
+
+    await eventually_async(shows, 5, what)
 
 
 async def test_answers_each_instance_with_its_own_prediction(
@@ -88,7 +105,7 @@ async def test_one_pod_runs_one_batch_at_a_time_and_queues_the_rest_in_order(
             {"profile": "toxic", "time_scale": 1, "seed": 2, "cold_start": 5},
         )
         first = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[0]]}))
-        await asyncio.sleep(0.01)
+        await _until(s, url, "running", 1, "the first request running")
         rest = [
             asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[i]] * i}))
             for i in range(1, 5)
@@ -115,12 +132,16 @@ async def test_a_burst_scales_the_service_up_then_it_scales_to_zero(
         answers = await asyncio.gather(
             *(_post(s, f"{url}/v1/models/m:predict", {"instances": [[i]]}) for i in range(30))
         )
-        peak = await (await s.get(f"{url}/admin/state")).json()
-        for _ in range(200):  # scale to zero after the 0.6 s stable window + 0.3 s grace
-            state = await (await s.get(f"{url}/admin/state")).json()
-            if state["ready_pods"] == 0 and state["starting_pods"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        peak = await _state(s, url)
+        state = peak
+
+        async def scaled_to_zero() -> bool:
+            nonlocal state
+            state = await _state(s, url)
+            return bool(state["ready_pods"] == 0 and state["starting_pods"] == 0)
+
+        # after the 0.6 s stable window + 0.3 s grace
+        await eventually_async(scaled_to_zero, 10, "scale to zero", interval=0.05)
         series = await (await s.get(f"{url}/admin/series")).json()
     assert [status for status, _ in answers] == [200] * 30
     assert peak["cold_starts"] >= 2  # the panic window asked for more pods
@@ -173,9 +194,9 @@ async def _one_running_one_waiting(
     1, a 60 s stable window): a request running, and one waiting behind it."""
     await _post(s, f"{url}/admin/reset", {"profile": "resnet", "cold_start": 5})
     running = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[1]]}))
-    await asyncio.sleep(0.02)
+    await _until(s, url, "running", 1, "the first request running")
     waiting = asyncio.create_task(_post(s, f"{url}/v1/models/m:predict", {"instances": [[2]]}))
-    await asyncio.sleep(0.02)
+    await _until(s, url, "waiting", 1, "the second request waiting")
     return running, waiting
 
 
@@ -201,10 +222,7 @@ async def test_a_client_that_leaves_while_waiting_leaves_the_queue(
         busy, leaver = await _one_running_one_waiting(s, url)
         assert (await (await s.get(f"{url}/admin/state")).json())["waiting"] == 1
         leaver.cancel()  # the client closes its connection
-        for _ in range(100):
-            if (await (await s.get(f"{url}/admin/state")).json())["waiting"] == 0:
-                break
-            await asyncio.sleep(0.01)
+        await _until(s, url, "waiting", 0, "the leaver gone from the queue")
         # the autoscaler saw it leave: the concurrency it averages is the running batch only
         # (ResNet's first batch runs ~216 ms, so it is still running here)
         now = time.monotonic()

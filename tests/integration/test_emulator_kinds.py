@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from bench.backends import ServerConfig
 from bench.emulator import Emulator, make_app, predict
 from bench.emulator import main as emulator_main
 from bench.profiles import Profile
+from tests.waiting import eventually_async
 
 # 20 ms a call + 1 ms an instance, no noise
 FLAT = Profile("flat", a_ms=20, c_ms=1, slo_ms=500, peak_rps=10, noise=0.0)
@@ -51,10 +51,10 @@ async def _state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 
 async def _until(session: aiohttp.ClientSession, url: str, key: str, value: int) -> None:
-    deadline = time.monotonic() + 30.0
-    while (await _state(session, url))[key] != value:
-        assert time.monotonic() < deadline, f"{key} never became {value}"
-        await asyncio.sleep(0.005)
+    async def shows() -> bool:
+        return bool((await _state(session, url))[key] == value)
+
+    await eventually_async(shows, 30, f"{key} becoming {value}", interval=0.005)
 
 
 async def test_a_fixed_server_runs_k_batches_at_once_in_fifo_order_and_counts_busy_time(

@@ -24,6 +24,7 @@ from mlproxy_kernel.policy import SLA, Tuning, parse_policies
 from mlproxy_kernel.rules import AdaptiveRule
 from tests.fakes import body_msg, headers_msg
 from tests.servers import EchoBackend
+from tests.waiting import eventually_async
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
@@ -152,7 +153,7 @@ async def test_cancelled_stream_is_dropped_from_the_queue(
     await stream.write(headers_msg("/v1/models/m:predict"))
     await stream.read()
     await stream.write(body_msg({"instances": [{"id": "gone"}]}))
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: queued(server) == 1, 5, "the request queued")
     stream.cancel()
     r = await infer(channel, {"instances": [{"id": "stays"}]})
     assert json.loads(r.body) == {"predictions": [{"echo": "stays"}]}
@@ -167,7 +168,8 @@ async def test_health_and_graceful_shutdown_flushes_the_queue(echo_backend: Echo
         resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         pending = [asyncio.ensure_future(infer(ch, {"instances": [{"id": i}]})) for i in range(2)]
-        await asyncio.sleep(0.1)  # queued; the batch would wait a minute to fill
+        # queued; the batch would wait a minute to fill
+        await eventually_async(lambda: queued(srv) == 2, 5, "both requests queued")
         await asyncio.wait_for(srv.stop(grace=5), 5)
         replies = await asyncio.gather(*pending)
         assert [json.loads(r.body)["predictions"] for r in replies] == [
@@ -195,6 +197,12 @@ async def test_metrics_endpoint(channel: grpc.aio.Channel, server: ExtProcServer
         "mlproxy_active_streams",
     ):
         assert name in text
+
+
+def queued(server: ExtProcServer) -> float:
+    """Requests waiting in policy `echo`'s queues."""
+    depth = server.metrics.registry.get_sample_value("mlproxy_queue_depth", {"policy": "echo"})
+    return depth or 0.0
 
 
 def scrape(server: ExtProcServer) -> dict[str, float]:
@@ -250,10 +258,14 @@ async def test_drain_delay_keeps_serving_while_reporting_not_serving(
     await srv.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stopping = asyncio.ensure_future(srv.stop(grace=5, drain_delay=0.5))
-        await asyncio.sleep(0.1)
         health = health_pb2_grpc.HealthStub(ch)
-        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
-        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def not_serving() -> bool:
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            return bool(resp.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await eventually_async(not_serving, 5, "NOT_SERVING reported")
+        assert not stopping.done()  # still in the drain delay
         r = await infer(ch, {"instances": [{"id": "during-drain"}]})  # still answered
         assert json.loads(r.body) == {"predictions": [{"echo": "during-drain"}]}
         await stopping
@@ -336,7 +348,7 @@ async def test_the_sla_clock_starts_when_the_headers_arrive(
         stream = call(channel)
         await stream.write(headers_msg("/v1/models/m:predict", **extra))
         assert await stream.read() == wire.HEADERS_CONTINUE
-        await asyncio.sleep(pause)
+        await asyncio.sleep(pause)  # a client pausing: the body comes late
         await stream.write(body_msg({"instances": [{"id": "late"}]}))
         resp = ep.ProcessingResponse.parse(await stream.read())
         assert resp.immediate_response is not None
@@ -361,14 +373,20 @@ async def test_a_stalled_event_loop_and_garbage_collection_show_in_the_metrics(
     )
     before = await asyncio.to_thread(scrape, server)
     time.sleep(0.15)  # noqa: ASYNC251 -- the point: block the loop the watcher runs on
-    await asyncio.sleep(0.05)
-    after = await asyncio.to_thread(scrape, server)
-    # one sample at least was over 0.1 s: the count grew more than the <= 0.1 s bucket
-    assert after[count] - before[count] > after[within] - before[within]
+
+    async def stall_counted() -> bool:
+        after = await asyncio.to_thread(scrape, server)
+        # one sample at least was over 0.1 s: the count grew more than the <= 0.1 s bucket
+        return after[count] - before[count] > after[within] - before[within]
+
+    await eventually_async(stall_counted, 5, "a lag sample over 0.1 s")
     gen2 = 'mlproxy_gc_pause_seconds_count{generation="2"}'
     gc.collect()
-    await asyncio.sleep(0.05)  # the watcher publishes what the GC callback queued
-    assert (await asyncio.to_thread(scrape, server))[gen2] > before.get(gen2, 0.0)
+
+    async def pause_counted() -> bool:  # the watcher publishes what the GC callback queued
+        return (await asyncio.to_thread(scrape, server)).get(gen2, 0.0) > before.get(gen2, 0.0)
+
+    await eventually_async(pause_counted, 5, "a generation 2 GC pause")
 
 
 async def test_a_peered_replica_bounds_the_tuners_fleet_count_by_its_signed_members(

@@ -11,13 +11,16 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters.servicer import SERVICE_NAME
 from extproc.main import ExtProcServer
 from mlproxy_common import ports
 from tests.servers import ThreadedApp
+from tests.waiting import eventually_async
 
 
 @dataclass
@@ -109,7 +112,14 @@ async def test_grpc_not_serving_while_the_server_drains_fails() -> None:
     assert (await healthcheck("--grpc", f"127.0.0.1:{port}")).code == 0
     stopping = asyncio.create_task(srv.stop(grace=1, drain_delay=3))
     try:
-        await asyncio.sleep(0.2)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def not_serving() -> bool:
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                return bool(resp.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            await eventually_async(not_serving, 5, "the shutdown begun")
         for service in ("", SERVICE_NAME):
             result = await healthcheck("--grpc", f"127.0.0.1:{port}", "--service", service)
             assert result.code == 1

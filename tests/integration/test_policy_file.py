@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ import pytest
 
 from extproc.adapters.policy_file import FilePolicySource
 from mlproxy_kernel.policy import Policy, PolicyFileError
+from tests.waiting import eventually_async
 
 
 def write(path: Path, max_batch: int) -> None:
@@ -31,13 +31,6 @@ def write(path: Path, max_batch: int) -> None:
     )
 
 
-async def wait_for(cond: object, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_reloads_on_change_and_keeps_last_good_on_bad_edit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -49,14 +42,16 @@ async def test_reloads_on_change_and_keeps_last_good_on_bad_edit(
     source.watch(applied.append)
     try:
         write(path, 16)
-        await wait_for(lambda: applied)
+        await eventually_async(lambda: applied, 5, "the change applied")
         assert applied[-1][0].batching.max_batch_size == 16
         with caplog.at_level(logging.ERROR):
             path.write_text('{"policies": [{"name": "m"}]}')
-            await wait_for(lambda: "keeping the current policies" in caplog.text)
+            await eventually_async(
+                lambda: "keeping the current policies" in caplog.text, 5, "the bad edit refused"
+            )
         assert len(applied) == 1
         write(path, 4)
-        await wait_for(lambda: len(applied) == 2)
+        await eventually_async(lambda: len(applied) == 2, 5, "the next change applied")
         assert applied[-1][0].batching.max_batch_size == 4
     finally:
         await source.close()

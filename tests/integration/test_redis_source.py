@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from mlproxy_kernel import keys
 from mlproxy_kernel.policy import Policy, Router
 from tests.conftest import RedisServer
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import eventually_async
 
 DB = 2
 T = TypeVar("T")
@@ -71,15 +73,6 @@ class Replica:
         self.source.watch(self.apply)
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not cond():
-        assert loop.time() - start < timeout, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return loop.time() - start
-
-
 async def test_changes_are_pushed_and_heartbeats_report_them(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
@@ -89,14 +82,20 @@ async def test_changes_are_pushed_and_heartbeats_report_them(
     try:
         assert replica.policies["p"].batching.max_batch_size == 4
         p2 = await store.put("p", body(8), Precondition())
-        took = await eventually(lambda: replica.policies["p"].version == p2.version)
+        took = await eventually_async(
+            lambda: replica.policies["p"].version == p2.version, 5, "the change applied"
+        )
         assert took < 0.5  # pushed, not waiting for the periodic resync
-        await asyncio.sleep(0.3)  # a heartbeat or two
+
+        async def reported() -> bool:
+            return [r.policies for r in await store.replicas()] == [{"p": p2.version}]
+
+        await eventually_async(reported, 5, "a heartbeat reporting the new version")
         (record,) = await store.replicas()
         assert (record.id, record.address, record.source_ok) == ("r1", "r1:1", True)
         assert record.policies == {"p": p2.version}
         await store.delete("p", Precondition())
-        await eventually(lambda: "p" not in replica.policies)
+        await eventually_async(lambda: "p" not in replica.policies, 5, "the deletion applied")
     finally:
         await replica.source.close()
     assert await store.redis.get(keys.replica_key("r1")) is None  # removed on close
@@ -123,14 +122,16 @@ async def test_cut_off_replica_keeps_serving_and_catches_up_after_reconnect(
     replica = Replica(f"redis://127.0.0.1:{proxy.port}/{DB}", "cut")
     await within(replica.start(), 5, "first load")
     try:
-        await eventually(lambda: replica.source.source_ok)
+        await eventually_async(lambda: replica.source.source_ok, 5, "the source up")
         await within(proxy.cut(), 2, "cut")
-        await eventually(lambda: not replica.source.source_ok)
+        await eventually_async(lambda: not replica.source.source_ok, 5, "the cut noticed")
         changed = await store.put("p", body(16), Precondition())  # made while cut off
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7)  # time passing: over a resync interval (0.5 s) while cut off
         assert replica.policies["p"].batching.max_batch_size == 4  # last-known, still serving
         await within(proxy.start(), 2, "heal")  # the partition heals
-        await eventually(lambda: replica.policies["p"].version == changed.version, timeout=10)
+        await eventually_async(
+            lambda: replica.policies["p"].version == changed.version, 10, "the catch-up"
+        )
         assert replica.source.source_ok
     finally:
         await within(replica.source.close(), 5, "close")
@@ -147,9 +148,13 @@ async def test_heartbeat_expires_when_a_replica_dies(
 ) -> None:
     replica = Replica(redis_server.url(DB), "dying")
     await replica.start()
-    await eventually(lambda: replica.source.source_ok)
-    await asyncio.sleep(0.3)
-    assert [r.id for r in await store.replicas()] == ["dying"]
+    await eventually_async(lambda: replica.source.source_ok, 5, "the source up")
+
+    async def ids() -> list[str]:
+        return [r.id for r in await store.replicas()]
+
+    await eventually_async(ids, 5, "the first heartbeat record")
+    assert await ids() == ["dying"]
     for task in replica.source._tasks:  # dies without cleaning up
         task.cancel()
     await asyncio.sleep(1.3)  # past the TTL
@@ -158,15 +163,19 @@ async def test_heartbeat_expires_when_a_replica_dies(
 
 
 async def test_an_unreadable_record_does_not_remove_the_policy(
-    store: RedisStore, redis_server: RedisServer
+    store: RedisStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.put("p", body(4), Precondition())
     replica = Replica(redis_server.url(DB), "r")
     await replica.start()
     try:
-        await store.redis.hset(keys.POLICIES, "p", json.dumps({"name": "p", "garbage": True}))
-        await store.redis.publish(keys.CHANGES, "{}")
-        await asyncio.sleep(0.3)
+        with caplog.at_level(logging.ERROR, logger="extproc.adapters.redis_source"):
+            await store.redis.hset(keys.POLICIES, "p", json.dumps({"name": "p", "garbage": True}))
+            await store.redis.publish(keys.CHANGES, "{}")
+            # a resync has read the garbage (and applied what it kept)
+            await eventually_async(
+                lambda: "policy p in Redis is invalid here" in caplog.text, 5, "the bad record read"
+            )
         assert replica.policies["p"].batching.max_batch_size == 4
     finally:
         await replica.source.close()
@@ -212,7 +221,7 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
     await replica.start()
     await other.start()
     try:
-        await eventually(lambda: bool(seen) and "peer-b" in seen[-1], timeout=10)
+        await eventually_async(lambda: bool(seen) and "peer-b" in seen[-1], 10, "peer-b read")
         last = seen[-1]
         assert last["peer-a"] == "127.0.0.1:7101"
         assert last["peer-b"] == "127.0.0.1:7102"
@@ -239,7 +248,7 @@ async def test_heartbeats_carry_the_peer_address_and_every_beat_reads_the_live_o
         assert 0 < await store.redis.pttl(keys.peer_key("peer-a")) <= 1000
         # a replica that stops is gone from the next read
         await other.source.close()
-        await eventually(lambda: "peer-b" not in seen[-1], timeout=10)
+        await eventually_async(lambda: "peer-b" not in seen[-1], 10, "peer-b gone")
     finally:
         await replica.source.close()
         await other.source.close()
@@ -265,7 +274,25 @@ async def test_a_fleet_takes_only_records_signed_with_its_token_as_members(
     url = redis_server.url(DB)
     metrics = PrometheusMetrics()
     a_peering = _peering(tmp_path, 7201, token, metrics)
-    a = Replica(url, "a", a_peering.address, a_peering.update, a_peering.sign_member)
+    beats = 0  # a's heartbeats that read the records
+
+    def a_update(records: list[tuple[str, object, object]], ttl: float) -> None:
+        nonlocal beats
+        a_peering.update(records, ttl)
+        beats += 1
+
+    def rejected(reason: str) -> float:
+        found = metrics.registry.get_sample_value(
+            "mlproxy_peer_members_rejected_total", {"reason": reason}
+        )
+        return found or 0.0
+
+    async def more_beats(n: int) -> None:
+        """Until `n` more of a's beats are done: the last at least began after this call."""
+        target = beats + n
+        await eventually_async(lambda: beats >= target, 5, f"{n} more heartbeats of a")
+
+    a = Replica(url, "a", a_peering.address, a_update, a_peering.sign_member)
     b_peering = _peering(tmp_path, 7202, token)
     b = Replica(url, "b", b_peering.address, sign_peer=b_peering.sign_member)
     c_peering = _peering(tmp_path, 7203, rotated)
@@ -275,27 +302,28 @@ async def test_a_fleet_takes_only_records_signed_with_its_token_as_members(
     try:
         for r in (a, b, c):
             await r.start()
-        await eventually(lambda: "127.0.0.1:7202" in a_peering.members, timeout=10)
-        await asyncio.sleep(0.5)  # a few more beats: c and the rogue are still out
+        await eventually_async(lambda: "127.0.0.1:7202" in a_peering.members, 10, "b a member")
+        # c (another token) and the rogue (unsigned) read, and refused; a few more beats
+        await eventually_async(
+            lambda: rejected("signature") and rejected("unsigned"), 10, "c and the rogue refused"
+        )
+        await more_beats(2)
         assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
         # a genuine record of b, copied as is to another id, and to another address
         genuine = json.loads(await store.redis.get(keys.peer_key("b")))
         await store.redis.set(keys.peer_key("copy"), json.dumps(genuine), px=60_000)
         moved = {**genuine, "peer_address": "127.0.0.1:7298"}
         await store.redis.set(keys.peer_key("b2"), json.dumps(moved), px=60_000)
-        await asyncio.sleep(0.5)
+        refused = rejected("signature")
+        await more_beats(2)  # the second began after the copies were written
         assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202")
-        registry = metrics.registry
-        for reason in ("unsigned", "signature"):  # rogue; c, copy, b2
-            assert registry.get_sample_value(
-                "mlproxy_peer_members_rejected_total", {"reason": reason}
-            )
+        assert rejected("signature") >= refused + 3  # c, copy and b2, at that beat
         # c restarts with the fleet's token: a member from its next beat
         await c.source.close()
         c_peering = _peering(tmp_path, 7203, token)
         c = Replica(url, "c", c_peering.address, sign_peer=c_peering.sign_member)
         await c.start()
-        await eventually(lambda: "127.0.0.1:7203" in a_peering.members, timeout=10)
+        await eventually_async(lambda: "127.0.0.1:7203" in a_peering.members, 10, "c a member")
         assert a_peering.members == ("127.0.0.1:7201", "127.0.0.1:7202", "127.0.0.1:7203")
     finally:
         for r in (a, b, c):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mlproxy.stack import Child, free_port, tcp_ok
 from mlproxy_kernel import keys
 from mlproxy_kernel.policy import Policy
 from tests.conftest import RedisServer
+from tests.waiting import eventually_async
 
 DB = 11
 ADMIN = "store-test-admin-token-0123456789"
@@ -326,13 +327,10 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.stop()
 
 
-async def eventually(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
+async def resynced(replica: Replica) -> None:
+    """Until the replica's loops have run one more resync (and applied what it read)."""
+    before = replica.source.last_sync_at
+    await eventually_async(lambda: replica.source.last_sync_at != before, 5, "a resync")
 
 
 async def test_redis_restarted_empty_under_a_running_replica(own_redis: OwnRedis) -> None:
@@ -345,10 +343,13 @@ async def test_redis_restarted_empty_under_a_running_replica(own_redis: OwnRedis
             replica.source.watch(replica.apply)  # the real loops: pub/sub, resync, heartbeat
             own_redis.stop()
             own_redis.start()  # same port, no data
-            await eventually(lambda: replica.source.store_lost, "the replica sees the loss")
+            await eventually_async(
+                lambda: replica.source.store_lost, 20, "the replica sees the loss"
+            )
             assert replica.batch("p") == 4  # still serving its last-known policy
-            await asyncio.sleep(0.7)  # a few resyncs of the empty store change nothing
-            assert replica.batch("p") == 4
+            for _ in range(2):  # two more resyncs (every 0.3 s) of the empty store change nothing
+                await resynced(replica)
+                assert replica.batch("p") == 4
             # The control plane's first request on its old connection gets 503 (retry).
             for _ in range(10):
                 r = await api.put("/v1/policies/p", json=body(8), headers=AUTH)
@@ -365,11 +366,7 @@ async def test_redis_restarted_empty_under_a_running_replica(own_redis: OwnRedis
                 assert not s["complete"] or replica.batch("p") == 8, s
                 return bool(s["complete"])
 
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while not await observe():
-                assert loop.time() < deadline, f"never converged: {seen[-3:]}"
-                await asyncio.sleep(0.02)
+            await eventually_async(observe, 20, lambda: f"convergence (last seen {seen[-3:]})")
             assert replica.batch("p") == 8 and new["version"] > 1
             raw = json.loads(await store.redis.get(keys.replica_key("r1")) or "{}")
             assert raw["generation"] == (await store.info()).generation

@@ -21,6 +21,7 @@ from mlproxy.stack import Child, http_ok
 from mlproxy_common import ports
 from mlproxy_kernel import keys
 from tests.conftest import RedisServer
+from tests.waiting import eventually
 
 DB = 6
 TOKEN = "lease-test-admin-token-0123456789"
@@ -41,7 +42,7 @@ async def test_one_holder_at_a_time_renewal_and_take_over_after_the_ttl(
     assert await a.hold() == 1
     assert await b.hold() is None  # taken
     for _ in range(4):  # a renews within the TTL: it keeps the lease past several TTLs
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.15)  # time passing: half a TTL
         assert await a.hold() == 1
         assert await b.hold() is None
     assert await a.current() == ("a", 1)
@@ -60,8 +61,8 @@ async def test_writes_are_fenced_by_the_lease(store: RedisStore) -> None:
     fence = a.fence
     assert fence is not None
     stored = await store.put("p", _body(), Precondition(), fence=fence)  # a leads: written
-    await asyncio.sleep(0.3)
-    assert await b.hold() == 2  # a was paused past its TTL; b leads now
+    await asyncio.sleep(0.3)  # time passing: a pauses past its TTL
+    assert await b.hold() == 2  # b leads now
     with pytest.raises(LeaseLost):  # a wakes up and writes under its old term: refused
         await store.put("p", _body(), Precondition.at(stored.version), fence=fence)
     assert (await store.get("p")).version == stored.version  # nothing written
@@ -129,33 +130,29 @@ def test_two_control_planes_one_tuner_and_a_take_over_when_the_leader_dies(
             child.start()
         for child in children:
             child.wait_ready(30)
-        deadline = time.monotonic() + 10
-        while True:  # one of them takes the lease within a round or two
-            statuses = [_status(p) for p in cp_ports]
-            leaders = [i for i, s in enumerate(statuses) if s["leading"]]
-            if leaders or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        statuses: list[dict[str, object]] = []
+
+        def someone_leads() -> bool:
+            statuses[:] = [_status(p) for p in cp_ports]
+            return any(s["leading"] for s in statuses)
+
+        # one of them takes the lease within a round or two
+        eventually(someone_leads, 10, lambda: f"a leader (statuses: {statuses})")
+        leaders = [i for i, s in enumerate(statuses) if s["leading"]]
         assert len(leaders) == 1, statuses
         leader = leaders[0]
         other = 1 - leader
         assert statuses[other]["leader"] == statuses[leader]["this"]  # both see the same
         for _ in range(10):  # and it stays so while both run and renew
-            time.sleep(0.05)
+            time.sleep(0.05)  # time passing: half a tuner round
             assert [_status(p)["leading"] for p in cp_ports].count(True) == 1
         term = statuses[leader]["term"]
         proc = children[leader].proc
         assert proc is not None
         os.kill(proc.pid, signal.SIGKILL)  # no chance to give the lease up
-        killed = time.monotonic()
-        while True:
-            status = _status(cp_ports[other])
-            if status["leading"]:
-                break
-            assert time.monotonic() - killed < 5, status
-            time.sleep(0.05)
-        took = time.monotonic() - killed
-        assert status["term"] == term + 1  # type: ignore[operator]
+        took = eventually(lambda: _status(cp_ports[other])["leading"], 5, "the take-over")
+        status = _status(cp_ports[other])
+        assert status["leading"] and status["term"] == term + 1  # type: ignore[operator]
         # within the lease (1 s) plus a round (0.1 s), and some slack for a busy machine
         assert took < 2.5, took
     finally:

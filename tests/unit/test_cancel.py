@@ -27,6 +27,7 @@ from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
 from mlproxy_common.aio import stop_task
 from mlproxy_common.redis_auth import redis_client
+from tests.waiting import eventually_async
 
 UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every call used is overridden
 
@@ -41,7 +42,7 @@ class InFlight:
     async def _in_flight(self) -> NoReturn:
         self.calls += 1
         try:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # a call that does not end by itself
         except asyncio.CancelledError:
             if self.converting:
                 raise RedisConnectionError("Connection closed by server.") from None
@@ -70,8 +71,7 @@ class LoadingSource(InFlight, RedisPolicySource):
 async def _stops_when_cancelled(run: Coroutine[Any, Any, Any], redis: InFlight) -> bool:
     """Runs `run` until its Redis call is in flight, cancels it: has it stopped 2 s later?"""
     task = asyncio.create_task(run)
-    await asyncio.sleep(0.05)
-    assert redis.calls >= 1
+    await eventually_async(lambda: redis.calls >= 1, 5, "the Redis call in flight")
     task.cancel()
     done, _ = await asyncio.wait({task}, timeout=2.0)
     redis.converting = False  # end a loop that did not stop, rather than hang the suite
@@ -113,7 +113,7 @@ async def test_stop_task_gives_up_on_a_task_that_will_not_stop() -> None:
                 continue
 
     task = asyncio.create_task(stubborn())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a turn of the loop: the task starts
     await stop_task(task, timeout=0.2)
     assert not task.done()  # returned while the task still runs
     release.set()

@@ -9,7 +9,6 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from bench.peers.workload import Workload, arrivals, expected, instance
 from bench.profiles import PROFILES
 from mlproxy.stack import Child
 from mlproxy_kernel.policy import Policy
+from tests.waiting import eventually
 
 WORKLOAD = Workload()
 
@@ -299,9 +299,7 @@ def test_stopping_a_peer_stops_its_whole_tree(tmp_path: Path) -> None:
     child.start()
     assert child.proc is not None
     root = child.proc.pid
-    deadline = time.monotonic() + 30
-    while len(procs.family(root)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: len(procs.family(root)) >= 4, 30, "sh and its three sleeps started")
     members = procs.family(root)
     assert len(members) == 4, members  # sh and three sleeps
     assert procs.stop_tree(child, timeout=10, grace=5) == set()
@@ -314,7 +312,7 @@ def test_cpu_seconds_counts_a_family_s_cpu_time(tmp_path: Path) -> None:
         "if os.fork() == 0:\n"  # the CPU time is the child's, the root's is small
         "    while time.process_time() < 0.3: pass\n"
         "    print('spun', flush=True)\n"
-        "    time.sleep(120)\n"
+        "    time.sleep(120)\n"  # both stay, until stopped
         "time.sleep(120)\n"
     )
     child = Child("spin", [sys.executable, "-c", spin], tmp_path / "spin.log")

@@ -13,6 +13,7 @@ from mlproxy_kernel.policy import Router, Tuning
 from mlproxy_kernel.rules import AdaptiveRule
 from tests.fakes import FakeBackend, RecordingMetrics
 from tests.unit.test_redteam4 import _adaptive_policy
+from tests.waiting import eventually_async
 
 codec = get_codec("kserve-v1")
 
@@ -54,10 +55,7 @@ async def test_a_rule_started_afresh_after_a_failure_keeps_the_fleet_bound() -> 
     AdaptiveRule.plan = plan  # type: ignore[method-assign]
     try:
         first = submit(0)  # sent within its deadline: in flight, held by the gate
-        for _ in range(100):
-            if backend.calls:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: backend.calls, 5, "the first call at the backend")
         assert len(backend.calls) == 1
         (batcher,) = pool._batchers.values()
         assert isinstance(batcher.rule, AdaptiveRule) and batcher.rule.fleet == 1
