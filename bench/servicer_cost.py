@@ -37,7 +37,8 @@ from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import MonotonicClock
 from extproc.core.stats import StatsWindow
-from extproc.runtime.batcher import BatcherPool, BatchExecutor
+from extproc.runtime.executor import BatchExecutor
+from extproc.runtime.pool import BatcherPool
 from extproc.runtime.ports import BackendResponse
 from extproc.runtime.telemetry import Telemetry
 from mlproxy_kernel.policy import Router, parse_policies

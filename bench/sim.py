@@ -1,7 +1,7 @@
 """Discrete-event simulator: a trace through MLProxy's batching core to a Knative-like backend.
 
 No sleeps, no sockets: time is a number that jumps from event to event. The proxy side is the
-production code itself -- `BatchQueue` with the rule `extproc.runtime.batcher.rule_for` builds
+production code itself -- `BatchQueue` with the rule `mlproxy_kernel.rules.rule_for` builds
 from a `Policy` -- driven the way the asyncio runtime drives it (poll on every arrival, at
 every wake-up the queue asks for, and when a batch ends). The backend is a model of a Knative
 service (DESIGN.md section 6), the same for every mode:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from extproc.codecs.base import Codec, Parsed
 from extproc.core.clock import Clock
@@ -451,13 +451,3 @@ class Batcher:
                 self._queue.answered(now - ticket.arrival, now)
         except Exception:
             log.exception("policy %s: dispatch rule failed on an answer", self.policy.name)
-
-
-def __getattr__(name: str) -> Any:
-    """`BatcherPool`, still importable from here (bench/servicer_cost.py imports it so); it
-    lives in extproc/runtime/pool.py, which imports this module."""
-    if name == "BatcherPool":
-        from extproc.runtime.pool import BatcherPool
-
-        return BatcherPool
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
