@@ -233,7 +233,7 @@ async def test_decisions_newest_first_bounded(backend: Backend) -> None:
 async def test_replicas_are_the_live_heartbeats_by_id(backend: Backend) -> None:
     store = backend.store
     generation = (await store.check()).generation
-    await backend.heartbeat(record("r2", generation, p=3), 0.3)
+    await backend.heartbeat(record("r2", generation, p=3), 1.0)  # long enough on a busy machine
     await backend.heartbeat(record("r1", generation), 30)
     await backend.heartbeat({"id": "junk"}, 30)  # unreadable: skipped
     replicas = await store.replicas()
@@ -241,7 +241,7 @@ async def test_replicas_are_the_live_heartbeats_by_id(backend: Backend) -> None:
         ("r1", {}, generation),
         ("r2", {"p": 3}, generation),
     ]
-    await backend.wait(0.5)
+    await backend.wait(1.5)
     assert [r.id for r in await store.replicas()] == ["r1"]
 
 
@@ -249,18 +249,20 @@ async def test_one_lease_holder_at_a_time_with_rising_terms_and_fenced_writes(
     backend: Backend,
 ) -> None:
     store = backend.store
-    a, b = store.lease("a", 0.3), store.lease("b", 0.3)
+    # A TTL of 2 s and waits of 0.5 s: on a loaded machine a wait may run long, and the lease
+    # must still be held where the test says it is (0.3 s and 0.2 s lost it under load).
+    a, b = store.lease("a", 2.0), store.lease("b", 2.0)
     assert await a.current() is None
     term = await a.hold()
     assert term is not None and a.token == term and await b.hold() is None
-    await backend.wait(0.2)
+    await backend.wait(0.5)
     assert await a.hold() == term  # renewed
-    await backend.wait(0.2)
+    await backend.wait(0.5)
     assert await b.hold() is None and await a.current() == ("a", term)
     fence = a.fence
     assert fence is not None and b.fence is None
     stored = await store.put("p", body(), Precondition(), fence=fence)
-    await backend.wait(0.4)  # a stops renewing: the lease runs out
+    await backend.wait(2.5)  # a stops renewing: the lease runs out (2 s after its renewal)
     taken = await b.hold()
     assert taken is not None and taken > term and await b.current() == ("b", taken)
     with pytest.raises(LeaseLost):  # a wakes up and writes under its old term: refused
