@@ -1,10 +1,12 @@
 """MkDocs hooks: what GitHub and MkDocs read differently in the pages of docs/.
 
 - A page shows a benchmark chart as `../bench/results/...png`, the path GitHub resolves from
-  docs/. MkDocs resolves the link to the same `../` path: `on_files` adds every chart that
-  exists there to the site's files under that path (copied to `bench/results/...` in the
-  site), so the link works in both, and a link to a chart that does not exist still fails
-  `mkdocs build --strict`.
+  docs/. MkDocs resolves the link to the same `../` path: `on_files` adds each chart a page
+  links to the site's files under that path (copied to `bench/results/...` in the site), so
+  the link works in both, and a link to a chart that does not exist still fails
+  `mkdocs build --strict`. Only charts a page links are published, and only regular files
+  inside bench/results: a symbolic link (which could point anywhere) is left out, and so
+  fails the build as a missing chart.
 - A pipe inside a code span in a table is written `\\|` (GitHub's tables need it);
   Python-Markdown's tables already leave pipes inside code spans alone and would show the
   backslash: `on_page_markdown` drops it there.
@@ -20,13 +22,20 @@ from mkdocs.structure.files import File, Files, InclusionLevel
 CHARTS = "bench/results"  # from the repository's root, the directory above docs/
 TABLE_ROW = re.compile(r"^\|.*$", re.MULTILINE)
 CODE_SPAN = re.compile(r"`[^`]*`")
+LINKED_CHART = re.compile(r"\.\./(" + re.escape(CHARTS) + r"/[^)\s\"'<>]+\.png)")
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     docs = Path(config.docs_dir)
     root = docs.parent
-    for chart in sorted((root / CHARTS).rglob("*.png")):
-        uri = chart.relative_to(root).as_posix()
+    charts = (root / CHARTS).resolve()
+    linked: set[str] = set()
+    for page in docs.rglob("*.md"):
+        linked.update(LINKED_CHART.findall(page.read_text(encoding="utf-8")))
+    for uri in sorted(linked):
+        chart = root / uri
+        if chart.is_symlink() or not chart.is_file() or not chart.resolve().is_relative_to(charts):
+            continue  # a missing page link: --strict fails on it
         files.append(
             File(
                 f"../{uri}",

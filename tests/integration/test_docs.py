@@ -117,3 +117,29 @@ def test_a_broken_link_fails_the_build(tmp_path: Path, plant: dict[str, str], na
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, result.stderr  # the planted mistake, and nothing else
     assert named in result.stderr[result.stderr.index("WARNING") :]
+
+
+def test_only_linked_charts_that_are_files_in_bench_results_are_published(tmp_path: Path) -> None:
+    # Red team 15: the hook published every PNG under bench/results, a symbolic link's target
+    # too (a secret linked as evil.png landed in the site).
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    results = tmp_path / "bench" / "results"
+    (results / "unlinked.png").write_bytes(b"\x89PNG not linked from any page")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a secret outside bench/results")
+    (results / "evil.png").symlink_to(secret)
+    result = mkdocs_build(tmp_path, tmp_path / "site")
+    assert result.returncode == 0, result.stderr
+    site = tmp_path / "site"
+    assert (site / "bench/results/peers/peers.png").is_file()  # linked from a page
+    assert not (site / "bench/results/unlinked.png").exists()
+    assert not (site / "bench/results/evil.png").exists()
+    with (tmp_path / "docs" / "benchmarks.md").open("a") as f:
+        f.write("\n![x](../bench/results/evil.png)\n")
+    result = mkdocs_build(tmp_path, tmp_path / "site2")
+    assert result.returncode != 0 and "evil.png" in result.stderr
+    assert not any(
+        "a secret" in p.read_text(errors="replace") for p in (tmp_path / "site2").rglob("*.png")
+    )
