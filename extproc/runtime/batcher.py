@@ -49,7 +49,6 @@ __all__ = [
     "BatchExecutor",
     "BatchKey",
     "Batcher",
-    "BatcherPool",
     "Reply",
     "RouteGroup",
     "Ticket",
