@@ -16,7 +16,6 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from extproc.codecs.base import Codec, Parsed
 from extproc.core.clock import Clock
@@ -40,9 +39,6 @@ from mlproxy_kernel.batching import (
 from mlproxy_kernel.errors import ErrorKind, ProxyError
 from mlproxy_kernel.outcome import Outcome
 from mlproxy_kernel.policy import Policy, Route
-
-if TYPE_CHECKING:
-    from extproc.runtime.pool import BatcherPool
 
 __all__ = [
     "MAX_SERVED_CLIENTS",
