@@ -38,6 +38,9 @@ class Outcome(StrEnum):
     BACKEND_5XX = "backend_5xx"
     CANCELLED = "cancelled"  # a request: its client went away while it was queued
     BAD_ANSWER = "bad_answer"  # a backend call: a success the codec could not split
+    # A request answered by its owner replica with an outcome this replica's version does not
+    # know (a newer one, during a rolling upgrade): the answer is delivered, labelled so
+    OTHER = "other"
     # Spans only: a request passed on untouched or whose client went away; a batch that failed
     NOT_ANSWERED = "not_answered"
     ERROR = "error"

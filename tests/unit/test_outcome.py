@@ -114,7 +114,8 @@ BEFORE = {
 
 
 def test_the_values_are_the_strings_written_before() -> None:
-    assert {o.value for o in Outcome} == BEFORE
+    # `other` is new (red team 15): a member may be added, a value never changes
+    assert {o.value for o in Outcome} == BEFORE | {"other"}
     assert {o.value for o in ForwardOutcome} == {"ok", "fallback", "timeout"}
 
 
@@ -151,6 +152,13 @@ def test_a_peer_reply_carries_an_outcome_this_replica_knows() -> None:
     reply = Reply(429, b"{}", outcome=Outcome.QUEUE_FULL)
     decoded, _ = decode_reply(encode_reply(reply, None))
     assert decoded.outcome is Outcome.QUEUE_FULL
-    forged = encode_reply(reply, None).replace(b'"queue_full"', b'"' + b"x" * 10 + b'"')
+    # An outcome this version does not know (a newer owner's): the answer is delivered as it
+    # came, labelled `other`, never with the peer's string (red team 15: refusing it batched
+    # the request again here and marked the owner down)
+    newer = encode_reply(reply, None).replace(b'"queue_full"', b'"' + b"x" * 10 + b'"')
+    decoded, _ = decode_reply(newer)
+    assert decoded.outcome is Outcome.OTHER
+    assert (decoded.status, decoded.body) == (429, b"{}")
+    not_text = encode_reply(reply, None).replace(b'"queue_full"', b"123456789012")
     with pytest.raises(PeerProtocolError, match="outcome"):
-        decode_reply(forged)
+        decode_reply(not_text)
