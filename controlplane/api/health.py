@@ -12,11 +12,11 @@ from prometheus_client import generate_latest
 from controlplane.api.deps import store_of
 from controlplane.domain.ports import StoreUnavailable
 
-__all__ = ["METRICS_REDIS_CHECK_S", "router"]
+__all__ = ["REDIS_CHECK_S", "router"]
 
-# Each /metrics scrape pings Redis for at most this long (redis-py would otherwise retry a
-# dead connection for several seconds, past a scrape's timeout).
-METRICS_REDIS_CHECK_S = 1.0
+# Each /readyz and each /metrics scrape pings Redis for at most this long (redis-py would
+# otherwise retry a dead connection for several seconds, past a probe's or scrape's timeout).
+REDIS_CHECK_S = 1.0
 
 router = APIRouter(include_in_schema=False)
 
@@ -41,14 +41,14 @@ async def redis_reachable(request: Request, within: float | None = None) -> str 
         return str(err)
     except TimeoutError:
         request.app.state.redis_up.set(0)
-        return "TimeoutError"
+        return f"no answer within {within} s"
     request.app.state.redis_up.set(1)
     return None
 
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    problem = await redis_reachable(request)
+    problem = await redis_reachable(request, REDIS_CHECK_S)
     if problem is not None:
         return _error(503, f"policy store unreachable ({problem})")
     return JSONResponse({"status": "ready"})
@@ -56,7 +56,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    await redis_reachable(request, METRICS_REDIS_CHECK_S)
+    await redis_reachable(request, REDIS_CHECK_S)
     return Response(
         generate_latest(request.app.state.registry), media_type="text/plain; version=0.0.4"
     )

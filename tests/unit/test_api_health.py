@@ -5,14 +5,16 @@ tests off Redis is shown to work."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import httpx
 import pytest
 
-from controlplane.adapters.memory import MemoryServer
+from controlplane.adapters.memory import MemoryServer, MemoryStore
 from controlplane.adapters.redis_store import RedisStore
-from tests.unit.conftest import READER, NoRedis, auth, policy_body
+from controlplane.app import create_app
+from tests.unit.conftest import READER, NoRedis, api_client, auth, policy_body, settings
 
 pytestmark = pytest.mark.usefixtures("no_redis")
 
@@ -105,3 +107,24 @@ async def test_the_guard_refuses_any_connection_to_redis(no_redis: NoRedis) -> N
         sock.connect(("127.0.0.1", 6379))  # nor any other client
     assert no_redis.attempts == ["redis-py to 127.0.0.1:6379", "socket to ('127.0.0.1', 6379)"]
     no_redis.attempts.clear()  # the guard's own test: seen, so not a failure
+
+
+class _FrozenStore(MemoryStore):
+    """A store whose PING never comes back (Redis stopped with SIGSTOP, a dead connection)."""
+
+    async def ping(self) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_readiness_answers_within_its_bound_when_the_store_does_not_answer(
+    server: MemoryServer,
+) -> None:
+    # Red team 15: /readyz waited as long as the store did (5 s with Redis stopped) where the
+    # docs promise at most 1 s, so a probe with a shorter timeout saw no answer at all.
+    async with api_client(create_app(settings(), _FrozenStore(server))) as client:
+        async with asyncio.timeout(10):
+            r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {"error": "policy store unreachable (no answer within 1.0 s)"}
+        assert "mlproxy_cp_redis_up 0.0" in (await client.get("/metrics")).text
