@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from controlplane.domain.ports import MAX_TERM
+from controlplane.domain.ports import MAX_TERM, check_lease
 from mlproxy_kernel import keys
 
 __all__ = ["MAX_LEASE_S", "MAX_TERM", "RedisLease", "valid_term"]
@@ -91,10 +91,7 @@ class RedisLease:
         token_key: str = keys.TUNER_TOKEN,
         floor: Callable[[], int] = lambda: 0,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError("the lease TTL must be positive")
-        if "|" in holder:
-            raise ValueError("a lease holder's name cannot contain '|'")
+        check_lease(holder, ttl)
         self.redis = client
         self.holder = holder
         self.ttl = ttl

@@ -24,11 +24,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from controlplane.adapters.generation import GenerationFollower
 from controlplane.domain.ports import (
@@ -38,8 +38,9 @@ from controlplane.domain.ports import (
     NotFound,
     StoreInfo,
     StoreUnavailable,
+    check_lease,
 )
-from controlplane.domain.records import Precondition
+from controlplane.domain.records import Precondition, policy_record, readable
 from mlproxy_kernel import keys
 from mlproxy_kernel.policy import Policy
 from mlproxy_kernel.replica import ReplicaRecord
@@ -160,7 +161,9 @@ class MemoryStore(GenerationFollower):
 
     async def all_policies(self) -> list[Policy]:
         self.server.reach()
-        return sorted(_valid(Policy, self.server.policies.values()), key=lambda p: p.name)
+        return sorted(
+            readable(Policy, self.server.policies.values(), "memory"), key=lambda p: p.name
+        )
 
     async def get(self, name: str) -> Policy:
         return (await self.get_with_generation(name))[0]
@@ -211,16 +214,7 @@ class MemoryStore(GenerationFollower):
         current = self._current(name)
         precondition.check(name, None if current is None else current.version)
         version = self._next_version()
-        now = datetime.now(UTC)
-        record = Policy.model_validate(
-            {
-                **body,
-                "name": name,
-                "version": version,
-                "created_at": current.created_at if current else now,
-                "updated_at": now,
-            }
-        )
+        record = policy_record(name, body, current, version, datetime.now(UTC))
         self.server.version = version
         self.server.policies[name] = record.model_dump_json()
         self._seen(version)
@@ -232,16 +226,7 @@ class MemoryStore(GenerationFollower):
         self.server.reach()
         current = self._current(name)
         precondition.check(name, None if current is None else current.version)
-        record = Policy.model_validate(
-            {
-                **body,
-                "name": name,
-                "version": current.version if current else 0,
-                "created_at": current.created_at if current else None,
-                "updated_at": current.updated_at if current else None,
-            }
-        )
-        return current, record
+        return current, policy_record(name, body, current, current.version if current else 0, None)
 
     async def delete(self, name: str, precondition: Precondition) -> int:
         return (await self.remove(name, precondition))[1]
@@ -272,7 +257,7 @@ class MemoryStore(GenerationFollower):
 
     async def replicas(self) -> list[ReplicaRecord]:
         self.server.reach()
-        records = _valid(ReplicaRecord, self.server.live(keys.replica_key("")))
+        records = readable(ReplicaRecord, self.server.live(keys.replica_key("")), "memory")
         return sorted(records, key=lambda r: r.id)
 
 
@@ -287,10 +272,7 @@ class MemoryLease:
         key: str = keys.TUNER_LEASE,
         floor: Callable[[], int] = lambda: 0,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError("the lease TTL must be positive")
-        if "|" in holder:
-            raise ValueError("a lease holder's name cannot contain '|'")
+        check_lease(holder, ttl)
         self.server = server
         self.holder = holder
         self.ttl = ttl
@@ -343,21 +325,6 @@ class MemoryLease:
         holder, _, term = raw.rpartition("|")
         self.highest = max(self.highest, int(term))
         return holder, int(term)
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _valid(model: type[M], raws: Iterable[str]) -> list[M]:
-    out = []
-    for raw in raws:
-        try:
-            out.append(model.model_validate_json(raw))
-        except ValidationError as err:
-            log.error(
-                "skipping an unreadable %s record: %s", model.__name__, err.errors()[0]["msg"]
-            )
-    return out
 
 
 if TYPE_CHECKING:  # mypy: the fakes implement the ports

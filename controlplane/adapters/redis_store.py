@@ -19,18 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError, WatchError
 
 from controlplane.adapters.generation import GenerationFollower
 from controlplane.adapters.lease import RedisLease, valid_term
 from controlplane.domain.ports import Fence, LeaseLost, NotFound, StoreInfo, StoreUnavailable
-from controlplane.domain.records import Precondition
+from controlplane.domain.records import Precondition, policy_record, readable
 from mlproxy_common.redis_auth import redis_client  # credentials from env/files
 from mlproxy_common.redis_scan import bounded_values, scan_names
 from mlproxy_kernel import keys
@@ -193,7 +191,7 @@ class RedisStore(GenerationFollower):
 
     async def all_policies(self) -> list[Policy]:
         raw = await self.redis.hgetall(keys.POLICIES)
-        return sorted(_valid(Policy, raw.values()), key=lambda p: p.name)
+        return sorted(readable(Policy, raw.values(), "Redis"), key=lambda p: p.name)
 
     async def get(self, name: str) -> Policy:
         raw = await self.redis.hget(keys.POLICIES, name)
@@ -236,16 +234,7 @@ class RedisStore(GenerationFollower):
                     current = None if raw is None else Policy.model_validate_json(raw)
                     precondition.check(name, None if current is None else current.version)
                     version = await self._next_version(pipe)
-                    now = _now()
-                    record = Policy.model_validate(
-                        {
-                            **body,
-                            "name": name,
-                            "version": version,
-                            "created_at": current.created_at if current else now,
-                            "updated_at": now,
-                        }
-                    )
+                    record = policy_record(name, body, current, version, _now())
                     pipe.multi()  # type: ignore[no-untyped-call, unused-ignore]
                     pipe.set(keys.VERSION, version)
                     pipe.hset(keys.POLICIES, name, record.model_dump_json())
@@ -269,16 +258,7 @@ class RedisStore(GenerationFollower):
         raw = await self.redis.hget(keys.POLICIES, name)
         current = None if raw is None else Policy.model_validate_json(raw)
         precondition.check(name, None if current is None else current.version)
-        record = Policy.model_validate(
-            {
-                **body,
-                "name": name,
-                "version": current.version if current else 0,
-                "created_at": current.created_at if current else None,
-                "updated_at": current.updated_at if current else None,
-            }
-        )
-        return current, record
+        return current, policy_record(name, body, current, current.version if current else 0, None)
 
     async def delete(self, name: str, precondition: Precondition) -> int:
         """Delete `name` if the precondition holds; returns the version of the deletion."""
@@ -365,30 +345,11 @@ class RedisStore(GenerationFollower):
                     log.error("skipping a replica record in Redis over %d bytes", MAX_RECORD_BYTES)
                     continue
                 raws.append(raw)
-            records += _valid(ReplicaRecord, raws)
+            records += readable(ReplicaRecord, raws, "Redis")
         return sorted(records, key=lambda r: r.id)
 
     async def close(self) -> None:
         await self.redis.aclose()
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _valid(model: type[M], raws: Iterable[bytes | str]) -> list[M]:
-    """The records that parse; one this version cannot read (written by another version, or
-    by hand) is logged and left out rather than failing the whole listing."""
-    out = []
-    for raw in raws:
-        try:
-            out.append(model.model_validate_json(raw))
-        except ValidationError as err:
-            log.error(
-                "skipping an unreadable %s record in Redis: %s",
-                model.__name__,
-                err.errors()[0]["msg"],
-            )
-    return out
 
 
 def _change(op: str, name: str, version: int, generation: str) -> str:

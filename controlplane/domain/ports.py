@@ -29,11 +29,21 @@ __all__ = [
     "StoreGenerations",
     "StoreInfo",
     "StoreUnavailable",
+    "check_lease",
 ]
 
 # The highest term a lease takes: Lua (where Redis counts terms) counts exactly up to 2^53. A
 # control plane taking a lease a second for a million years stays far below it.
 MAX_TERM = 2**52
+
+
+def check_lease(holder: str, ttl: float) -> None:
+    """A lease's holder and TTL as every adapter takes them (ValueError otherwise)."""
+    if ttl <= 0:
+        raise ValueError("the lease TTL must be positive")
+    if "|" in holder:
+        raise ValueError("a lease holder's name cannot contain '|'")
+
 
 # (lease key, the value the lease holds while its holder leads): a fenced write goes ahead
 # only while the lease still holds that value, checked with the write.

@@ -3,10 +3,14 @@ generation's status."""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from mlproxy_kernel.policy import Policy
 from mlproxy_kernel.replica import ReplicaRecord
@@ -21,6 +25,8 @@ __all__ = [
     "StoreStatus",
     "etag",
     "heartbeat_floor",
+    "policy_record",
+    "readable",
     "rollout",
     "runs",
     "store_status",
@@ -249,3 +255,40 @@ def heartbeat_floor(replicas: list[ReplicaRecord]) -> int:
         ),
         default=0,
     )
+
+
+log = logging.getLogger("controlplane.adapters")
+M = TypeVar("M", bound=BaseModel)
+
+
+def policy_record(
+    name: str, body: dict[str, Any], current: Policy | None, version: int, now: datetime | None
+) -> Policy:
+    """The record a write of `body` to `name` stores at `version` and time `now` (created then,
+    unless `current` was; updated then). With `now` None, what a dry run shows: the current
+    version and timestamps (none if it would create), `version` as given. Raises pydantic's
+    ValidationError for a body the store refuses."""
+    if now is None:
+        created, updated = (current.created_at, current.updated_at) if current else (None, None)
+    else:
+        created, updated = (current.created_at if current else now), now
+    return Policy.model_validate(
+        {**body, "name": name, "version": version, "created_at": created, "updated_at": updated}
+    )
+
+
+def readable(model: type[M], raws: Iterable[bytes | str], where: str) -> list[M]:
+    """The records that parse; one this version cannot read (written by another version, or
+    by hand) is logged and left out rather than failing the whole listing."""
+    out = []
+    for raw in raws:
+        try:
+            out.append(model.model_validate_json(raw))
+        except ValidationError as err:
+            log.error(
+                "skipping an unreadable %s record in %s: %s",
+                model.__name__,
+                where,
+                err.errors()[0]["msg"],
+            )
+    return out
