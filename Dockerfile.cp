@@ -26,8 +26,13 @@ COPY controlplane ./controlplane
 COPY bench ./bench
 # The core install (not editable, no extras); pyproject.toml bounds every dependency. pip
 # compiles the bytecode here, so the running container never writes any. pip and setuptools
-# then leave the venv: nothing installs at run time.
-RUN python3 -m venv "$VENV" \
+# then leave the venv: nothing installs at run time. A build that reaches the package index
+# through a TLS-inspecting proxy passes its CA bundle as a BuildKit secret,
+# `--secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt`: mounted for this step only, it
+# stays out of every layer (without the secret pip trusts its own bundle, as before).
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv "$VENV" \
     && "$VENV/bin/pip" install --no-cache-dir . \
     && "$VENV/bin/pip" uninstall --yes pip setuptools \
     && "$VENV/bin/mlproxy" healthcheck --help > /dev/null

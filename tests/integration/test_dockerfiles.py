@@ -437,8 +437,11 @@ class Emulated:
                         target.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(context / src, target / src)
             elif ins.keyword == "RUN":
+                # BuildKit's `--mount=` flags (the pip_cert secret) are not part of the command;
+                # without the secret the step runs as it would with none passed.
+                command = re.sub(r"^(--mount=\S+\s+)+", "", ins.args)
                 result = subprocess.run(
-                    [*shell, ins.args],
+                    [*shell, command],
                     cwd=workdir,
                     env=env,
                     capture_output=True,
