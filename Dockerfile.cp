@@ -5,7 +5,9 @@
 #
 # tests/integration/test_dockerfiles.py lints this file with hadolint, checks its structure, and
 # runs the build stage's RUN steps verbatim in a clean venv, then the ENTRYPOINT + CMD and the
-# HEALTHCHECK from that venv. Keep Dockerfile.extproc's build stage identical to this one.
+# HEALTHCHECK from that venv; tests/e2e/test_containers.py builds both images with Docker and runs
+# them as manifests/ does (`bash tests/tools/prepare-docker` first).
+# Keep Dockerfile.extproc's build stage identical to this one.
 
 # The base, pinned by patch release and by the digest of its multi-platform index (as published
 # in docker-library/repo-info for the build of 2026-09-01). Both stages use it: the venv's python

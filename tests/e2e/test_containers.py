@@ -153,8 +153,11 @@ def images(docker: Docker, base_image: str) -> Iterator[dict[str, str]]:
                 "host",
                 "--progress",
                 "plain",
-                "--secret",
-                f"id=pip_cert,src={CA_BUNDLE}",
+                *(
+                    ["--secret", f"id=pip_cert,src={CA_BUNDLE}"]
+                    if Path(CA_BUNDLE).is_file()
+                    else []
+                ),
                 "--build-arg",
                 f"BASE_IMAGE={base_image}",
                 "-f",
