@@ -109,6 +109,37 @@ class Docker:
         return str(state.get("Health", {}).get("Status", "none"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(d: Docker) -> list[str]:
+    """Remove what an earlier run of these tests left when it was killed (SIGKILL, a cancelled
+    job: no teardown ran): containers and images named mlproxy-test-<pid>-... whose test
+    process is gone. A run still going (its pid alive) keeps its own. Red team 16: four
+    healthy containers were left holding their loopback ports after pytest got SIGTERM."""
+    gone = []
+    dead = re.compile(r"mlproxy-test-(\d+)-")
+    names = d.run("ps", "--all", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split()
+    for name in names:
+        m = dead.match(name)
+        if m and not _alive(int(m.group(1))):
+            d.run("rm", "--force", name, check=False)
+            gone.append(name)
+    for ref in d.run("images", "--format", "{{.Repository}}:{{.Tag}}").split():
+        m = dead.match(ref)
+        if m and not _alive(int(m.group(1))):
+            d.run("rmi", "--force", ref, check=False)
+            gone.append(ref)
+    return gone
+
+
 @pytest.fixture(scope="session")
 def docker() -> Docker:
     d = Docker(docker_cli())
@@ -125,6 +156,7 @@ def docker() -> Docker:
     if info.returncode != 0:
         said = (info.stderr.strip().splitlines() or ["?"])[-1]
         unavailable(f"no Docker daemon answers ({said})")
+    sweep(d)
     return d
 
 
@@ -583,3 +615,20 @@ def test_image_budgets(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None
         print("\nimage budgets:", json.dumps(BUDGETS, indent=1))
     if os.environ.get("MLPROXY_IMAGE_BUDGETS"):
         Path(os.environ["MLPROXY_IMAGE_BUDGETS"]).write_text(json.dumps(BUDGETS, indent=1))
+
+
+def test_what_a_killed_run_left_is_swept_and_a_live_runs_is_kept(
+    docker: Docker, base_image: str
+) -> None:
+    done = subprocess.Popen(["true"])
+    done.wait()  # a test process that is gone
+    left = f"mlproxy-test-{done.pid}-planted"
+    ours = f"{PREFIX}-planted"
+    for name in (left, ours):
+        docker.run("create", "--name", name, "--label", LABEL, base_image, "true")
+    try:
+        assert left in sweep(docker)
+        names = docker.run("ps", "--all", "--format", "{{.Names}}").split()
+        assert left not in names and ours in names
+    finally:
+        docker.run("rm", "--force", left, ours, check=False)
