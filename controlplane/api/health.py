@@ -30,25 +30,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def redis_reachable(request: Request, within: float | None = None) -> str | None:
-    """None if the store (Redis) answers a PING (within `within` seconds), else why not; sets
+async def redis_reachable(request: Request) -> str | None:
+    """None if the store (Redis) answers a PING within REDIS_CHECK_S, else why not; sets
     mlproxy_cp_redis_up."""
     try:
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(REDIS_CHECK_S):
             await store_of(request).ping()
     except StoreUnavailable as err:
         request.app.state.redis_up.set(0)
         return str(err)
     except TimeoutError:
         request.app.state.redis_up.set(0)
-        return f"no answer within {within} s"
+        return f"no answer within {REDIS_CHECK_S} s"
     request.app.state.redis_up.set(1)
     return None
 
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    problem = await redis_reachable(request, REDIS_CHECK_S)
+    problem = await redis_reachable(request)
     if problem is not None:
         return _error(503, f"policy store unreachable ({problem})")
     return JSONResponse({"status": "ready"})
@@ -56,7 +56,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    await redis_reachable(request, REDIS_CHECK_S)
+    await redis_reachable(request)
     return Response(
         generate_latest(request.app.state.registry), media_type="text/plain; version=0.0.4"
     )
