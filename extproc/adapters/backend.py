@@ -10,15 +10,24 @@ host nor the HTTP library's internals; the operator's log has the URL.
 
 from __future__ import annotations
 
-import io
+import asyncio
 import logging
 import os
 import re
+import socket
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import aiohttp
-
+from extproc.adapters.http1 import (
+    ConnectTimeout,
+    Cutoff,
+    Head,
+    Http1Error,
+    Http1Pool,
+    Malformed,
+    NoAnswer,
+    Unreachable,
+)
 from extproc.runtime.ports import FRAMING_HEADERS, BackendResponse
 from mlproxy_kernel.errors import ErrorKind, ProxyError
 
@@ -26,7 +35,6 @@ __all__ = ["HttpBackend", "clean_header_value"]
 
 log = logging.getLogger(__name__)
 
-_LARGE_BODY = 1 << 20
 # Decompressed output produced per step: bounds what one step of a gzip bomb can allocate.
 _INFLATE_STEP = 256 * 1024
 # Visible ASCII and spaces, not starting or ending with a space: what may go into a header.
@@ -91,27 +99,15 @@ class _Inflater:
 
 
 class HttpBackend:
-    """Connections are reused across batches; how many run at once is bounded by each policy's
+    """Connections are reused across batches (extproc/adapters/http1.py says when a connection
+    may carry another batch); how many run at once is bounded by each policy's
     `batching.max_in_flight`, not here."""
 
     def __init__(self, proxy: str | None = None) -> None:
         """`proxy`: an HTTP proxy (http://host:port, an Envoy listener) every batch call goes
         through, for http:// backend URLs (docs/operations.md, "The batch call through Envoy")."""
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = Http1Pool(proxy)
         self._proxy = proxy
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                # Decompressed here, bounded: aiohttp's own inflates whole network reads.
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                # No state from one batch's answer to the next batch (other clients').
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
 
     async def post(
         self,
@@ -134,38 +130,76 @@ class HttpBackend:
                 ErrorKind.BACKEND_ERROR,
                 "MLProxy is misconfigured: an https backend behind its backend proxy",
             )
-        session = self._get_session()
-        client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        sent = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
+        sent += [
+            ("Content-Type", content_type),
+            ("User-Agent", "mlproxy"),
+            ("Accept-Encoding", "gzip, deflate"),
+        ]
+        bodies: list[_Body] = []
+
+        def sink_for(head: Head) -> Callable[[bytes], None]:
+            bodies.append(_Body(head, max_bytes))
+            return bodies[-1].feed
+
         try:
-            async with session.post(
-                url,
-                # aiohttp warns that large bytes bodies may block the loop; a stream does not.
-                data=io.BytesIO(body) if len(body) > _LARGE_BODY else body,
-                headers={
-                    **dict(headers),
-                    "Content-Type": content_type,
-                    "User-Agent": "mlproxy",
-                    "Accept-Encoding": "gzip, deflate",
-                },
-                timeout=client_timeout,
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as resp:
-                data = await _read_bounded(resp, max_bytes)
-                return BackendResponse(
-                    resp.status,
-                    data,
-                    clean_header_value(resp.headers.get("Content-Type")) or "",
-                    retry_after=clean_header_value(resp.headers.get("Retry-After")),
-                    framing=_framing(resp),
-                )
-        except (_TooLarge, zlib.error, aiohttp.ClientError, OSError) as err:
+            async with asyncio.timeout(timeout):
+                head = await self._pool.post(url, body, sent, connect_timeout, sink_for)
+            data = bodies[-1].finish()
+        except (_TooLarge, zlib.error, Http1Error, TimeoutError) as err:
             raise _failure(err, url, timeout, connect_timeout, max_bytes) from err
+        return BackendResponse(
+            head.status,
+            data,
+            clean_header_value(head.get("content-type")) or "",
+            retry_after=clean_header_value(head.get("retry-after")),
+            framing=_framing(head),
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.close()
+
+
+# Set by the client itself: a codec's framing headers never replace them.
+_OWN_HEADERS = frozenset(
+    {"content-type", "user-agent", "accept-encoding", "host", "content-length"}
+)
+
+
+class _Body:
+    """An answer's body as it arrives: decompressed a bounded step at a time, `_TooLarge` past
+    `max_bytes` (counted after decompression, and before it for compressed data)."""
+
+    def __init__(self, head: Head, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._raw = 0
+        self._out = bytearray()
+        self._inflater: _Inflater | None = None
+        encoding = (head.get("content-encoding") or "identity").strip().lower()
+        if encoding in ("", "identity"):
+            length = head.get("content-length")
+            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+                raise _TooLarge
+        elif encoding in ("gzip", "x-gzip", "deflate"):
+            self._inflater = _Inflater(encoding, max_bytes)
+        else:
+            raise ProxyError(
+                ErrorKind.BACKEND_ERROR,
+                "backend answered with a Content-Encoding MLProxy cannot read "
+                f"({encoding[:32]!r}); it asks for gzip, deflate or none",
+            )
+
+    def feed(self, chunk: bytes) -> None:
+        self._raw += len(chunk)
+        if self._raw > self._max:  # compressed data that expands to nothing is bounded too
+            raise _TooLarge
+        if self._inflater is None:
+            self._out += chunk
+        else:
+            self._inflater.feed(chunk)
+
+    def finish(self) -> bytes:
+        return bytes(self._out) if self._inflater is None else self._inflater.finish()
 
 
 def _failure(
@@ -181,7 +215,7 @@ def _failure(
         return ProxyError(
             ErrorKind.BACKEND_ERROR, "backend answer is compressed but cannot be decompressed"
         )
-    if isinstance(err, aiohttp.ConnectionTimeoutError):
+    if isinstance(err, ConnectTimeout):
         return ProxyError(
             ErrorKind.BACKEND_ERROR,
             f"backend did not accept a connection within {connect_timeout * 1000:.0f} ms",
@@ -191,64 +225,36 @@ def _failure(
             ErrorKind.BACKEND_TIMEOUT,
             f"backend did not answer within {timeout * 1000:.0f} ms (policy backend.timeout_ms)",
         )
-    if isinstance(err, aiohttp.ClientConnectorError):
-        return ProxyError(
-            ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.os_error)}"
-        )
-    if isinstance(err, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+    if isinstance(err, Unreachable):
+        return ProxyError(ErrorKind.BACKEND_ERROR, f"backend is unreachable: {_reason(err.error)}")
+    if isinstance(err, NoAnswer | Cutoff):
         # The connection dropped while the backend worked on the batch: one input may be why.
         what = (
             "backend's answer was cut off or malformed"
-            if isinstance(err, aiohttp.ClientPayloadError)
+            if isinstance(err, Cutoff)
             else "backend closed the connection without an answer"
         )
         return ProxyError(ErrorKind.BACKEND_ERROR, what, input_may_cause=True)
-    if isinstance(err, aiohttp.ClientResponseError):
+    if isinstance(err, Malformed):
+        log.info("backend %s: invalid answer: %s", url, err)
         return ProxyError(ErrorKind.BACKEND_ERROR, "backend sent an answer that is not valid HTTP")
     log.info("backend %s: %s: %s", url, type(err).__name__, err)
     return ProxyError(ErrorKind.BACKEND_ERROR, "backend call failed")
 
 
-def _framing(resp: aiohttp.ClientResponse) -> dict[str, str]:
+def _framing(head: Head) -> dict[str, str]:
     """The answer's FRAMING_HEADERS that are valid header values; a repeated one joined with
     commas, as Envoy joins a client's, so that a codec refuses it rather than pick one."""
     out = {}
     for name in FRAMING_HEADERS:
-        values = resp.headers.getall(name, ())
-        if values and (value := clean_header_value(",".join(values))) is not None:
+        joined = head.get(name)
+        if joined is not None and (value := clean_header_value(joined)) is not None:
             out[name] = value
     return out
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole body, decompressed, or _TooLarge past `max_bytes`."""
-    length = resp.content_length
-    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        if length is not None and length > max_bytes:
-            raise _TooLarge
-        out = bytearray()
-        async for chunk in resp.content.iter_any():
-            out += chunk
-            if len(out) > max_bytes:
-                raise _TooLarge
-        return bytes(out)
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise ProxyError(
-            ErrorKind.BACKEND_ERROR,
-            "backend answered with a Content-Encoding MLProxy cannot read "
-            f"({encoding[:32]!r}); it asks for gzip, deflate or none",
-        )
-    inflater = _Inflater(encoding, max_bytes)
-    raw = 0
-    async for chunk in resp.content.iter_any():
-        raw += len(chunk)
-        if raw > max_bytes:  # compressed data that expands to nothing is bounded too
-            raise _TooLarge
-        inflater.feed(chunk)
-    return inflater.finish()
-
-
 def _reason(err: OSError) -> str:
     """Why a connection failed, without the address (clients must not learn internal hosts)."""
+    if isinstance(err, socket.gaierror):
+        return "the host name does not resolve"
     return os.strerror(err.errno) if err.errno else type(err).__name__

@@ -1,0 +1,506 @@
+"""A small HTTP/1.1 client for batch calls: one POST at a time per connection, keep-alive pools.
+
+aiohttp cost 150-205 us of CPU per batch call against the demo model, where one HTTP/1.1
+exchange over an asyncio connection costs about 50 (docs/benchmarks.md, "Overhead of the data
+path"). A batch call needs little of HTTP: POST a body of known length, read one answer.
+
+The peer is a backend, hostile until checked (DESIGN.md section 7). What this module holds to:
+- **An answer belongs to the request just written, or to nobody.** A connection goes back to
+  its pool only when its answer was framed exactly (Content-Length, or chunked to its last
+  chunk), was HTTP/1.1 without `Connection: close`, the request was written in full and not one
+  byte followed the answer. Bytes that arrive while a connection is idle close it: a backend
+  that sends two answers to one request, or one nobody asked for, never has its extra answer
+  read as the next batch's (whose requests are other clients').
+- Ambiguous framing is refused, never guessed: Transfer-Encoding with Content-Length, codings
+  other than `chunked`, differing or malformed lengths, header blocks over MAX_HEAD_BYTES or
+  MAX_HEADERS, obsolete line folding, bare LF line ends, status codes outside 100-599.
+- Memory is bounded: reading pauses while READ_HIGH_WATER bytes wait to be consumed, and the
+  caller's `sink` sees the body a network read at a time (the backend adapter bounds it).
+- Redirects are never followed, no cookie is kept, nothing of one answer reaches the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import yarl
+
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_HEAD_BYTES",
+    "BadUrl",
+    "ConnectTimeout",
+    "Cutoff",
+    "Head",
+    "Http1Error",
+    "Http1Pool",
+    "Malformed",
+    "NoAnswer",
+    "Unreachable",
+    "Unsendable",
+]
+
+# The head of an answer (status line and headers): aiohttp's limit for one field is 8 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+# Informational (1xx) answers skipped before the real one.
+MAX_INTERIM = 8
+# Chunk-size lines (with extensions) and the trailer section.
+MAX_CHUNK_LINE = 1024
+MAX_TRAILER_BYTES = 16 * 1024
+# Unread bytes a connection buffers before it stops reading from the socket.
+READ_HIGH_WATER = 1 << 20
+# Idle connections kept per pool key, and for how long (aiohttp's keepalive_timeout was 30 s).
+MAX_IDLE_PER_KEY = 64
+IDLE_SECONDS = 30.0
+
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+_HEADER_VALUE_OUT = re.compile(r"[\t\x20-\x7e]*")
+_HEADER_NAME_OUT = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class Http1Error(Exception):
+    """A batch call that got no usable answer."""
+
+
+class BadUrl(Http1Error):
+    """Not an http:// or https:// URL with a host."""
+
+
+class Unsendable(Http1Error):
+    """A request header that is not a valid header line (a bug upstream of the client)."""
+
+
+class Unreachable(Http1Error):
+    """No connection: refused, unresolvable, TLS failed."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ConnectTimeout(Http1Error):
+    """No connection within the connect timeout."""
+
+
+class NoAnswer(Http1Error):
+    """The connection closed before an answer's head was complete."""
+
+
+class Cutoff(Http1Error):
+    """The answer's body was cut off, or its chunked framing was malformed."""
+
+
+class Malformed(Http1Error):
+    """The answer's head is not valid HTTP/1.1, or its framing is ambiguous."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """An answer's status line and headers: names in lower case, in the order sent."""
+
+    version: int  # 0 or 1 (HTTP/1.x)
+    status: int
+    headers: tuple[tuple[str, str], ...]
+
+    def get_all(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n == name]
+
+    def get(self, name: str) -> str | None:
+        """The header's values joined with commas, as HTTP allows; None if absent."""
+        values = self.get_all(name)
+        return ",".join(values) if values else None
+
+
+Sink = Callable[[bytes], None]
+
+
+class _Connection(asyncio.Protocol):
+    """One connection's bytes: buffered while a call reads them, refused while idle."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a call owns it: bytes that arrive are its answer's
+        self.closed = False
+        self.eof = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nobody asked: never the next call's answer
+            self.close()
+            return
+        self.buffer += data
+        if len(self.buffer) > READ_HIGH_WATER and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait for bytes beyond what `buffer` holds; Cutoff at the end of the stream."""
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        if self.eof:
+            raise Cutoff("connection closed")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    @property
+    def usable(self) -> bool:
+        return not (self.closed or self.eof) and self.transport is not None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    key: tuple[str, str, int]  # where the connection goes: scheme, host, port
+    host: str  # to connect to (the proxy's, with a proxy)
+    port: int
+    tls: bool
+    server_hostname: str | None
+    request_target: str  # origin form, or absolute form through a proxy
+    host_header: str
+
+
+class Http1Pool:
+    """Keep-alive connections per (scheme, host, port), one call at a time on each."""
+
+    def __init__(self, proxy: str | None = None) -> None:
+        """`proxy`: an HTTP proxy (http://host:port) for http:// URLs: requests go to it in
+        absolute form."""
+        self._proxy = None if proxy is None else yarl.URL(proxy)
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._targets: dict[str, _Target] = {}
+        self._closed = False
+
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
+        if target is not None:
+            return target
+        parsed = yarl.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+            raise BadUrl(f"not an http(s) URL: {url[:200]!r}")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        host = parsed.raw_host
+        host_header = f"[{host}]" if ":" in host else host
+        if not parsed.is_default_port():
+            host_header = f"{host_header}:{port}"
+        path = parsed.raw_path_qs or "/"
+        proxy = self._proxy if parsed.scheme == "http" else None
+        if proxy is not None:
+            assert proxy.raw_host is not None
+            target = _Target(
+                ("proxy", proxy.raw_host, proxy.port or 80),
+                proxy.raw_host,
+                proxy.port or 80,
+                False,
+                None,
+                f"http://{host_header}{path}",
+                host_header,
+            )
+        else:
+            tls = parsed.scheme == "https"
+            target = _Target(
+                (parsed.scheme, host, port),
+                host,
+                port,
+                tls,
+                host if tls else None,
+                path,
+                host_header,
+            )
+        if len(self._targets) >= 1024:  # URLs carry a model name: a bounded cache
+            self._targets.clear()
+        self._targets[url] = target
+        return target
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+        connect_timeout: float,
+        sink_for: Callable[[Head], Sink],
+    ) -> Head:
+        """POST `body` with `headers` (Host and Content-Length are added); the answer's body
+        goes to the sink `sink_for(head)` returns, a network read at a time. Raises Http1Error
+        subclasses (and whatever the sink raises); the caller bounds the whole call's time."""
+        target = self._target(url)
+        request = _request_head(target, headers, len(body))
+        conn = self._take_idle(target.key)
+        if conn is None:
+            conn = await self._connect(target, connect_timeout)
+        reusable = False
+        try:
+            conn.busy = True
+            transport = conn.transport
+            assert transport is not None
+            transport.writelines((request, body))
+            head, reusable = await _read_answer(conn, sink_for)
+            reusable = reusable and not conn.buffer and transport.get_write_buffer_size() == 0
+            return head
+        finally:
+            conn.busy = False
+            if reusable and conn.usable and not self._closed:
+                self._put_idle(target.key, conn)
+            else:
+                conn.close()
+
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.usable and not conn.buffer and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    def _put_idle(self, key: tuple[str, str, int], conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        idle = self._idle.setdefault(key, [])
+        idle.append(conn)
+        while len(idle) > MAX_IDLE_PER_KEY:
+            idle.pop(0).close()
+
+    async def _connect(self, target: _Target, connect_timeout: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        context = None
+        if target.tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    target.host,
+                    target.port,
+                    ssl=context,
+                    server_hostname=target.server_hostname,
+                )
+        except TimeoutError:
+            raise ConnectTimeout from None
+        except OSError as err:
+            raise Unreachable(err) from err
+        return conn
+
+    async def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+def _request_head(target: _Target, headers: Sequence[tuple[str, str]], length: int) -> bytes:
+    lines = [
+        f"POST {target.request_target} HTTP/1.1",
+        f"Host: {target.host_header}",
+        f"Content-Length: {length}",
+    ]
+    for name, value in headers:
+        # MLProxy's own values (a codec's content type and framing, a traceparent), never a
+        # client's raw bytes: checked all the same, a line break would start a new header.
+        if not _HEADER_NAME_OUT.fullmatch(name) or not _HEADER_VALUE_OUT.fullmatch(value):
+            raise Unsendable(f"header {name[:64]!r} has a value that cannot be sent")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("ascii")
+
+
+async def _read_answer(conn: _Connection, sink_for: Callable[[Head], Sink]) -> tuple[Head, bool]:
+    """The final answer's head (after any 1xx), its body sent to the sink; and whether the
+    connection may carry another request."""
+    for _ in range(MAX_INTERIM + 1):
+        head = await _read_head(conn)
+        if head.status >= 200:
+            break
+        if head.status == 101:
+            raise Malformed("switching protocols was not asked for")
+    else:
+        raise Malformed("too many informational answers")
+    length, chunked = _framing(head)
+    sink = sink_for(head)
+    if head.status in (204, 304):
+        return head, head.version == 1 and _keep_alive(head)
+    if chunked:
+        await _read_chunked(conn, sink)
+    elif length is not None:
+        await _read_length(conn, length, sink)
+    else:  # no framing: the body ends when the connection does
+        await _read_to_close(conn, sink)
+        return head, False
+    return head, head.version == 1 and _keep_alive(head)
+
+
+async def _read_head(conn: _Connection) -> Head:
+    start = 0
+    while True:
+        end = conn.buffer.find(b"\r\n\r\n", start)
+        if end >= 0:
+            break
+        if len(conn.buffer) > MAX_HEAD_BYTES:
+            raise Malformed(f"answer head is over {MAX_HEAD_BYTES} bytes")
+        start = max(0, len(conn.buffer) - 3)
+        try:
+            await conn.more()
+        except Cutoff:
+            raise NoAnswer("connection closed before an answer") from None
+    if end > MAX_HEAD_BYTES:
+        raise Malformed(f"answer head is over {MAX_HEAD_BYTES} bytes")
+    raw = conn.take(end + 4)[:end]
+    return _parse_head(raw)
+
+
+def _parse_head(raw: bytes) -> Head:
+    lines = raw.split(b"\r\n")
+    status = _STATUS.fullmatch(lines[0])
+    if status is None:
+        raise Malformed("invalid status line")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise Malformed(f"more than {MAX_HEADERS} headers")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or b"\n" in value or b"\r" in value:
+            raise Malformed("invalid header line")
+        value = value.strip(b" \t")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise Malformed("invalid header value")
+        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    return Head(int(status.group(1)), int(status.group(2)), tuple(headers))
+
+
+def _framing(head: Head) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of an answer; Malformed when ambiguous."""
+    te = head.get("transfer-encoding")
+    lengths = head.get_all("content-length")
+    if te is not None:
+        if lengths:
+            raise Malformed("both Transfer-Encoding and Content-Length")
+        if [c.strip().lower() for c in te.split(",")] != ["chunked"]:
+            raise Malformed("a Transfer-Encoding other than chunked")
+        if head.version == 0:
+            raise Malformed("Transfer-Encoding in an HTTP/1.0 answer")
+        return None, True
+    if not lengths:
+        return None, False
+    values = {v.strip() for joined in lengths for v in joined.split(",")}
+    if len(values) != 1:
+        raise Malformed("differing Content-Length values")
+    (value,) = values
+    if not _DIGITS.fullmatch(value.encode("latin-1")):
+        raise Malformed("invalid Content-Length")
+    return int(value), False
+
+
+def _keep_alive(head: Head) -> bool:
+    connection = head.get("connection")
+    if connection is None:
+        return True
+    return "close" not in {t.strip().lower() for t in connection.split(",")}
+
+
+async def _read_length(conn: _Connection, length: int, sink: Sink) -> None:
+    left = length
+    while left:
+        if conn.buffer:
+            chunk = conn.take(left)
+            left -= len(chunk)
+            sink(chunk)
+            continue
+        await conn.more()
+
+
+async def _read_to_close(conn: _Connection, sink: Sink) -> None:
+    while True:
+        if conn.buffer:
+            sink(conn.take(len(conn.buffer)))
+        try:
+            await conn.more()
+        except Cutoff:
+            if conn.buffer:
+                sink(conn.take(len(conn.buffer)))
+            return
+
+
+async def _read_line(conn: _Connection, limit: int) -> bytes:
+    start = 0
+    while True:
+        end = conn.buffer.find(b"\r\n", start)
+        if end >= 0:
+            return conn.take(end + 2)[:end]
+        if len(conn.buffer) > limit:
+            raise Cutoff("chunk line too long")
+        start = max(0, len(conn.buffer) - 1)
+        await conn.more()
+
+
+async def _read_chunked(conn: _Connection, sink: Sink) -> None:
+    while True:
+        line = await _read_line(conn, MAX_CHUNK_LINE)
+        size = _CHUNK_SIZE.fullmatch(line)
+        if size is None:
+            raise Cutoff("invalid chunk size")
+        n = int(size.group(1), 16)
+        if n == 0:
+            break
+        await _read_length(conn, n, sink)
+        while len(conn.buffer) < 2:
+            await conn.more()
+        if conn.take(2) != b"\r\n":
+            raise Cutoff("chunk not followed by CRLF")
+    trailers = 0
+    while True:  # the trailer section, up to its empty line: read and dropped
+        line = await _read_line(conn, MAX_TRAILER_BYTES)
+        if not line:
+            return
+        trailers += len(line) + 2
+        if trailers > MAX_TRAILER_BYTES:
+            raise Cutoff("trailers too long")

@@ -1,0 +1,368 @@
+"""The batch call's HTTP/1.1 client (extproc/adapters/http1.py) against a raw socket server
+that answers as a broken or hostile backend would: an answer reaches only the call it
+belongs to, ambiguous framing is refused, and a connection is reused only when it is clean.
+
+Each case runs on asyncio's event loop and on uvloop's (conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from extproc.adapters.backend import HttpBackend
+from extproc.runtime.ports import BackendResponse
+from mlproxy_kernel.errors import ErrorKind, ProxyError
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+Script = Callable[[bytes, int, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawBackend:
+    """A TCP server that reads each request (head and Content-Length body) and lets a script
+    write whatever it likes back: `script(body, n, writer)`, n counting the requests on that
+    connection from 0. Counts connections."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RawBackend:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/models/m:predict"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                await self.script(body, n, writer)
+                await writer.drain()
+                n += 1
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpBackend]:
+    backend = HttpBackend()
+    yield backend
+    await backend.close()
+
+
+async def call(
+    client: HttpBackend, backend: RawBackend, body: bytes, timeout: float = 5.0
+) -> BackendResponse:
+    return await client.post(backend.url, body, "application/json", timeout, 2, 1 << 20)
+
+
+def echo(body: bytes) -> bytes:
+    return json.dumps({"echo": body.decode()}).encode()
+
+
+async def test_connections_are_reused_for_clean_answers(client: HttpBackend) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        for i in range(5):
+            resp = await call(client, backend, b"call-%d" % i)
+            assert resp.body == echo(b"call-%d" % i)
+        assert backend.connections == 1
+
+
+async def test_a_second_answer_to_one_request_never_reaches_the_next_call(
+    client: HttpBackend,
+) -> None:
+    """A backend that answers one request twice: the extra answer is another batch's (other
+    clients') if it is read as the next call's. The connection is closed instead."""
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+        if n == 0:
+            w.write(ok(b'{"echo": "SMUGGLED"}'))
+
+    async with RawBackend(script) as backend:
+        first = await call(client, backend, b"first")
+        second = await call(client, backend, b"second")
+        third = await call(client, backend, b"third")
+    assert first.body == echo(b"first")
+    assert second.body == echo(b"second")
+    assert third.body == echo(b"third")
+
+
+async def test_bytes_sent_to_an_idle_connection_never_become_the_next_answer(
+    client: HttpBackend,
+) -> None:
+    answered = asyncio.Event()
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+        await w.drain()
+        if n == 0:
+            await answered.wait()
+            w.write(ok(b'{"echo": "UNSOLICITED"}'))  # while the client holds it idle
+
+    async with RawBackend(script) as backend:
+        first = await call(client, backend, b"first")
+        answered.set()
+        await asyncio.sleep(0.05)  # time for the unsolicited answer to arrive: the point
+        second = await call(client, backend, b"second")
+    assert first.body == echo(b"first")
+    assert second.body == echo(b"second")
+    assert backend.connections == 2
+
+
+async def test_a_call_cancelled_mid_answer_leaves_nothing_for_the_next_call(
+    client: HttpBackend,
+) -> None:
+    half_sent = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        answer = ok(echo(body))
+        if n == 0:
+            w.write(answer[: len(answer) - 5])
+            await w.drain()
+            half_sent.set()
+            await go_on.wait()
+            w.write(answer[len(answer) - 5 :])
+        else:
+            w.write(answer)
+
+    async with RawBackend(script) as backend:
+        first = asyncio.create_task(call(client, backend, b"first"))
+        await half_sent.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        go_on.set()
+        second = await call(client, backend, b"second")
+    assert second.body == echo(b"second")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"ICY 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 200 + b"Content-Length: 2\r\n\r\nok",
+    ],
+    ids=[
+        "te-and-cl",
+        "te-not-chunked",
+        "two-lengths",
+        "listed-lengths",
+        "negative-length",
+        "hex-length",
+        "space-before-colon",
+        "obs-fold",
+        "nul-in-value",
+        "four-digit-status",
+        "http2-status-line",
+        "not-http",
+        "unasked-upgrade",
+        "huge-head",
+        "too-many-headers",
+    ],
+)
+async def test_ambiguous_or_invalid_answers_are_refused(client: HttpBackend, answer: bytes) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(answer)
+
+    async with RawBackend(script) as backend:
+        with pytest.raises(ProxyError) as err:
+            await call(client, backend, b"x")
+    assert err.value.kind is ErrorKind.BACKEND_ERROR
+    assert err.value.message == "backend sent an answer that is not valid HTTP"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"", "backend closed the connection without an answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "backend closed the connection without an answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "cut off or malformed"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "cut off or malformed"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n", "cut off or"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nok", "cut off or malformed"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "without an answer"),  # bare LF
+    ],
+    ids=["nothing", "half-head", "short-body", "bad-chunk-size", "bad-chunk-end", "cut", "lf"],
+)
+async def test_cut_off_answers_fail_the_call_as_maybe_caused_by_an_input(
+    client: HttpBackend, answer: bytes, message: str
+) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(answer)
+        await w.drain()
+        w.close()
+
+    async with RawBackend(script) as backend:
+        with pytest.raises(ProxyError) as err:
+            await call(client, backend, b"x")
+    assert message in err.value.message
+    assert err.value.input_may_cause  # the executor may split the batch to find the input
+
+
+async def test_chunked_answers_with_extensions_and_trailers_are_read_and_reused(
+    client: HttpBackend,
+) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        data = echo(body)
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            + b"%x;name=value\r\n%s\r\n" % (3, data[:3])
+            + b"%X\r\n%s\r\n" % (len(data) - 3, data[3:])
+            + b"0\r\nX-Trailer: 1\r\n\r\n"
+        )
+
+    async with RawBackend(script) as backend:
+        for i in range(3):
+            resp = await call(client, backend, b"chunk-%d" % i)
+            assert resp.body == echo(b"chunk-%d" % i)
+        assert backend.connections == 1
+
+
+async def test_interim_answers_are_skipped(client: HttpBackend) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        resp = await call(client, backend, b"interim")
+    assert resp.status == 200 and resp.body == echo(b"interim")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Length: 13\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 13\r\n\r\n",
+    ],
+    ids=["http-1.0", "connection-close"],
+)
+async def test_a_connection_is_not_reused_when_the_answer_says_not_to(
+    client: HttpBackend, answer: bytes
+) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(answer + b'{"echo": "%d"}' % n)
+
+    async with RawBackend(script) as backend:
+        for _ in range(2):
+            resp = await call(client, backend, b"x")
+            assert resp.body == b'{"echo": "0"}'  # each on a fresh connection
+        assert backend.connections == 2
+
+
+async def test_an_answer_without_framing_ends_with_the_connection(client: HttpBackend) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + echo(body))
+        await w.drain()
+        w.close()
+
+    async with RawBackend(script) as backend:
+        first = await call(client, backend, b"one")
+        second = await call(client, backend, b"two")
+    assert (first.body, second.body) == (echo(b"one"), echo(b"two"))
+    assert first.content_type == "application/json"
+
+
+async def test_a_backend_trickling_its_head_is_timed_out(client: HttpBackend) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+            w.write(bytes([byte]))
+            await w.drain()
+            await asyncio.sleep(0.01)  # the point: slower than the call's timeout allows
+
+    async with RawBackend(script) as backend:
+        with pytest.raises(ProxyError) as err:
+            await call(client, backend, b"x", timeout=0.3)
+    assert err.value.kind is ErrorKind.BACKEND_TIMEOUT
+
+
+async def test_an_early_answer_before_the_body_is_read_is_taken_and_not_reused(
+    client: HttpBackend,
+) -> None:
+    """A server that answers 413 while the request body is still being sent, then closes."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"http://127.0.0.1:{port}/x"
+        for _ in range(2):
+            resp = await client.post(url, b"x" * (4 << 20), "application/json", 5, 2, 1 << 20)
+            assert (resp.status, resp.body) == (413, b"no")
+        assert connections == 2
+    finally:
+        server.close()
+
+
+async def test_request_header_values_with_line_breaks_are_never_sent(client: HttpBackend) -> None:
+    seen: list[bytes] = []
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        seen.append(body)
+        w.write(ok(b"{}"))
+
+    async with RawBackend(script) as backend:
+        with pytest.raises(ProxyError, match="backend call failed"):
+            await client.post(
+                backend.url, b"x", "application/json", 5, 2, 1 << 20, [("x-a", "1\r\nx-b: 2")]
+            )
+    assert seen == []
