@@ -39,7 +39,7 @@ from mlproxy.loadgen import percentile
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok, tcp_ok
 
 HIDDEN = 8
-# `--mode latency`: adaptive, objective latency, with this SLA.
+# `--mode latency` and `--mode cost`: adaptive, with this SLA.
 LATENCY_SLA = {"latency_ms": 100, "percentile": 99}
 
 
@@ -143,10 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mode",
-        choices=["static", "latency"],
+        choices=["static", "latency", "cost"],
         default="static",
-        help="the policy: static (max wait, batch size, in flight as given), or adaptive with "
-        "objective latency and a 100 ms SLA at p99 (sends whenever a slot is free)",
+        help="the policy: static (max wait, batch size, in flight as given), or adaptive with a "
+        "100 ms SLA at p99 and objective latency (sends whenever a slot is free) or cost (the "
+        "default objective: holds requests as long as their deadlines allow)",
     )
     return parser
 
@@ -168,11 +169,11 @@ def _policies(args: argparse.Namespace, model_url: str) -> dict[str, Any]:
                 if args.mode == "static"
                 else {
                     "mode": "adaptive",
-                    "objective": "latency",
+                    "objective": args.mode,
                     "max_batch_size": args.max_batch_size,
                     "max_in_flight": args.max_in_flight,
                 },
-                **({"sla": LATENCY_SLA} if args.mode == "latency" else {}),
+                **({"sla": LATENCY_SLA} if args.mode != "static" else {}),
             }
         ]
     }
@@ -182,7 +183,7 @@ def _described(args: argparse.Namespace) -> str:
     described = (
         f"static, max_wait_ms {args.max_wait_ms}"
         if args.mode == "static"
-        else f"adaptive, objective latency, SLA {LATENCY_SLA['latency_ms']} ms at "
+        else f"adaptive, objective {args.mode}, SLA {LATENCY_SLA['latency_ms']} ms at "
         f"p{LATENCY_SLA['percentile']}"
     )
     return (
