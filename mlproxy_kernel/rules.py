@@ -415,22 +415,39 @@ class AdaptiveRule:
         late even at `best`, the earliest deadline that can still be met and its allowance."""
         head = _Head()
         head_span = math.inf  # the head's allowance
+        late = head.late
+        cap = self.max_batch_size
+        cum = 0
+        longest = self._longest
+        due = hopeless = math.inf
+        at_best: dict[int, float] = {}  # best(size): requests are mostly of one size
+        # Every request the batch would take, on each poll (each arrival): kept lean.
         for e in queue.live():
-            if head.cum and head.cum + e.size > self.max_batch_size:
+            size = e.size
+            if cum and cum + size > cap:
                 break  # the rest goes in a later batch; the queue is full anyway
-            head.cum += e.size
-            self._longest = max(self._longest, e.deadline - e.arrival)
+            cum += size
+            deadline = e.deadline
+            allowance = deadline - e.arrival
+            if allowance > longest:  # noqa: PLR1730 (no call per request and poll)
+                longest = allowance
             if not math.isfinite(head_span):
-                head_span = e.deadline - e.arrival
-            if now + best(e.size) > e.deadline + EPSILON:
-                head.late.append(e)  # cannot be met even alone, even now, even at best
+                head_span = allowance
+            alone = at_best.get(size)
+            if alone is None:
+                alone = at_best[size] = best(size)
+            if now + alone > deadline + EPSILON:
+                late.append(e)  # cannot be met even alone, even now, even at best
             else:
-                if head.due == math.inf:
-                    head.due = e.deadline  # EDF: the first one that can be met is the tightest
+                if due == math.inf:
+                    due = deadline  # EDF: the first one that can be met is the tightest
                     # its whole allowance: what batches are planned on (not a late head's,
                     # which a client asking for an impossible deadline would set)
-                    head.span = e.deadline - e.arrival
-                head.hopeless_at = min(head.hopeless_at, e.deadline - best(e.size))
+                    head.span = allowance
+                if deadline - alone < hopeless:  # noqa: PLR1730
+                    hopeless = deadline - alone
+        self._longest = longest
+        head.cum, head.due, head.hopeless_at = cum, due, hopeless
         if not math.isfinite(head.span):
             head.span = head_span  # every one of them is late: the overload goes on
         return head
