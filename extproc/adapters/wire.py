@@ -142,10 +142,20 @@ def _scan(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
         n += 1
         if n > _MAX_FIELDS:
             raise WireError(f"more than {_MAX_FIELDS} fields in one message")
-        key, pos = _read_varint(buf, pos, end)
+        # One-byte varints (what Envoy's keys and short lengths are) read inline; the same
+        # values and the same errors as _read_varint.
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos, end)
         wtype = key & 7
         if wtype == _LEN:
-            length, pos = _read_varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                length = buf[pos]
+                pos += 1
+            else:
+                length, pos = _read_varint(buf, pos, end)
             stop = pos + length
             if stop > end:
                 raise WireError("truncated length-delimited field")
@@ -247,7 +257,8 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
         fields = struct.fields
         if len(fields) > _MAX_FIELDS:
             raise WireError(f"more than {_MAX_FIELDS} request attributes in one group")
-        for name, value in fields.items():
+        for name in fields:  # by key: upb's items() costs twice as much
+            value = fields[name]
             if value.WhichOneof("kind") == "string_value":
                 attributes[name] = value.string_value
     return Message(
