@@ -18,6 +18,7 @@ from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
 from tests.fakes import FakeBackend, RecordingMetrics, body_msg, headers_msg
+from tests.waiting import eventually_async
 
 
 class Stream:
@@ -147,3 +148,37 @@ async def test_a_stream_that_ends_after_its_headers_queues_nothing() -> None:
     await h.run(s)
     assert len(s.out) == 1  # the headers' answer only
     assert h.backend.calls == []
+
+
+async def test_a_body_that_does_not_come_in_time_is_answered_408(monkeypatch: Any) -> None:
+    from extproc.adapters import servicer
+
+    monkeypatch.setattr(servicer, "BODY_WAIT_FLOOR_S", 0.01)
+    h = Harness()
+    s = Stream(
+        headers_msg(PATH, **{"x-mlproxy-deadline-ms": "20"}),
+        body_msg({"instances": [1]}),
+        gate=asyncio.Event(),  # never set: the body never comes
+    )
+    await h.run(s)
+    status, doc = s.answer()
+    assert status == 408 and "did not arrive within 20 ms" in doc["error"]
+    assert h.metrics.requests == [("echo", "body_timeout")]
+    assert h.backend.calls == []
+
+
+async def test_a_client_gone_while_its_body_is_awaited_cancels_only_its_stream() -> None:
+    h = Harness(max_batch_size=1)
+    slow = Stream(headers_msg(PATH), body_msg({"instances": [1]}), gate=asyncio.Event())
+    task = asyncio.ensure_future(h.servicer.process(None, slow))
+    await eventually_async(lambda: len(slow.out) == 1, 5, "the headers' answer")
+    task.cancel()
+    try:
+        await task
+        raise AssertionError("the handler was not cancelled")
+    except asyncio.CancelledError:
+        pass
+    assert len(slow.out) == 1  # the headers' answer only
+    other = Stream(headers_msg(PATH), body_msg({"instances": [2]}))
+    await h.run(other)
+    assert other.answer() == (200, {"predictions": [{"echo": 2}]})
