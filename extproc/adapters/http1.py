@@ -279,8 +279,12 @@ class Http1Pool:
         try:
             conn.busy = True
             transport = conn.transport
-            assert transport is not None
-            transport.writelines((request, body))
+            if not conn.usable or transport is None:  # closed while connecting (bytes came)
+                raise NoAnswer("connection closed before the request was sent")
+            try:
+                transport.writelines((request, body))
+            except (OSError, RuntimeError) as err:  # a transport closing under it
+                raise NoAnswer(f"request not sent: {type(err).__name__}") from err
             head, reusable = await _read_answer(conn, sink_for)
             reusable = reusable and not conn.buffer and transport.get_write_buffer_size() == 0
             return head
