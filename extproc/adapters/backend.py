@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -257,4 +258,8 @@ def _reason(err: OSError) -> str:
     """Why a connection failed, without the address (clients must not learn internal hosts)."""
     if isinstance(err, socket.gaierror):
         return "the host name does not resolve"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return "its TLS certificate is not trusted (or is not for its host name)"
+    if isinstance(err, ssl.SSLError):
+        return "the TLS handshake failed"
     return os.strerror(err.errno) if err.errno else type(err).__name__

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -185,6 +186,20 @@ class _Connection(asyncio.Protocol):
         del self.buffer[:n]
         return out
 
+    def pending_bytes(self) -> bool:
+        """Whether the socket holds bytes (or its end) the event loop has not read yet: sent
+        while the connection was idle, they would be read as the next call's answer (red
+        team 17: a second answer 0.5-10 ms after the first, read before the loop polled)."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
     @property
     def usable(self) -> bool:
         return not (self.closed or self.eof) and self.transport is not None
@@ -300,7 +315,12 @@ class Http1Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.usable and not conn.buffer and now - conn.idle_since < IDLE_SECONDS:
+            if (
+                conn.usable
+                and not conn.buffer
+                and now - conn.idle_since < IDLE_SECONDS
+                and not conn.pending_bytes()
+            ):
                 return conn
             conn.close()
         return None
@@ -372,7 +392,10 @@ async def _read_answer(conn: _Connection, sink_for: Callable[[Head], Sink]) -> t
     length, chunked = _framing(head)
     sink = sink_for(head)
     if head.status in (204, 304):
-        return head, head.version == 1 and _keep_alive(head)
+        # No body, whatever the head says; one that announces a body may send it late, into
+        # the next call's answer (red team 17): such a connection is not reused.
+        announced = chunked or bool(length)
+        return head, head.version == 1 and _keep_alive(head) and not announced
     if chunked:
         await _read_chunked(conn, sink)
     elif length is not None:
@@ -478,10 +501,10 @@ async def _read_line(conn: _Connection, limit: int) -> bytes:
     start = 0
     while True:
         end = conn.buffer.find(b"\r\n", start)
+        if end > limit or (end < 0 and len(conn.buffer) > limit):
+            raise Cutoff("chunk line too long")
         if end >= 0:
             return conn.take(end + 2)[:end]
-        if len(conn.buffer) > limit:
-            raise Cutoff("chunk line too long")
         start = max(0, len(conn.buffer) - 1)
         await conn.more()
 

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import uvloop
 
 from extproc.adapters.backend import HttpBackend
 from extproc.runtime.ports import BackendResponse
+from mlproxy_common.tls import make_local_pki
 from mlproxy_kernel.errors import ErrorKind, ProxyError
 
 
@@ -366,3 +373,148 @@ async def test_request_header_values_with_line_breaks_are_never_sent(client: Htt
                 backend.url, b"x", "application/json", 5, 2, 1 << 20, [("x-a", "1\r\nx-b: 2")]
             )
     assert seen == []
+
+
+def test_a_late_second_answer_waiting_unread_in_the_socket_is_not_the_next_answer(
+    client_loop: str,
+) -> None:
+    """Red team 17: a second answer that reaches the socket while the connection is idle but
+    before the event loop polls it (ext_proc busy with other work) was read as the next
+    batch's answer. A connection is checked for unread bytes before it is reused. The
+    backend is a thread with blocking sockets, so the second answer lands while the event
+    loop is held (a blocking wait: the point)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    go, sent = threading.Event(), threading.Event()
+
+    def backend() -> None:
+        conns = []
+        with listener:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conns.append(conn)
+                body = _read_request(conn)
+                conn.sendall(ok(echo(body)))
+                if body == b"first":
+                    go.wait(10)
+                    conn.sendall(ok(b'{"echo": "SMUGGLED"}'))
+                    sent.set()
+                if body == b"second":
+                    break
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=backend, daemon=True)
+    thread.start()
+
+    async def calls() -> tuple[bytes, bytes]:
+        client = HttpBackend()
+        url = f"http://127.0.0.1:{port}/x"
+        try:
+            first = await client.post(url, b"first", "application/json", 5, 2)
+            go.set()
+            assert sent.wait(10)  # blocks the loop: the idle connection is not polled
+            time.sleep(0.05)  # noqa: ASYNC251 (the point: the loop does not poll meanwhile)
+            second = await client.post(url, b"second", "application/json", 5, 2)
+        finally:
+            await client.close()
+        return first.body, second.body
+
+    try:
+        run = uvloop.run if client_loop == "uvloop" else asyncio.run
+        first, second = run(calls())
+    finally:
+        listener.close()
+        thread.join(10)
+    assert first == echo(b"first")
+    assert second == echo(b"second")
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return body
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def client_loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 31\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+    ids=["204-with-length", "304-chunked"],
+)
+async def test_a_bodiless_status_that_announces_a_body_is_not_reused(
+    client: HttpBackend, head: bytes
+) -> None:
+    """Red team 17: a 204 announcing a body that comes a moment later had that body read as
+    the next call's answer."""
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        if body == b"first":
+            w.write(head)
+            await w.drain()
+            await asyncio.sleep(0.001)
+            w.write(ok(b'{"echo": "LEAK"}'))
+        else:
+            w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        first = await call(client, backend, b"first")
+        second = await call(client, backend, b"second")
+    assert first.body == b""
+    assert second.body == echo(b"second")
+
+
+async def test_a_chunk_line_over_the_limit_in_one_read_is_refused(client: HttpBackend) -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;"
+            + b"x" * 4096
+            + b"\r\nok\r\n0\r\n\r\n"
+        )
+
+    async with RawBackend(script) as backend:
+        with pytest.raises(ProxyError, match="cut off or malformed"):
+            await call(client, backend, b"x")
+
+
+async def test_an_untrusted_tls_certificate_is_refused_and_said_so(
+    client: HttpBackend, tmp_path: Path
+) -> None:
+    """A backend whose certificate no trusted CA signed: refused, and the client told why
+    (not the errno text 'Operation not permitted' its error carries), without the host."""
+    pki = make_local_pki(tmp_path / "pki")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProxyError) as err:
+            await client.post(f"https://localhost:{port}/x", b"x", "application/json", 5, 2)
+    finally:
+        server.close()
+    assert err.value.message == (
+        "backend is unreachable: its TLS certificate is not trusted (or is not for its host name)"
+    )
