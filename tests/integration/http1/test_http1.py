@@ -518,3 +518,30 @@ async def test_an_untrusted_tls_certificate_is_refused_and_said_so(
     assert err.value.message == (
         "backend is unreachable: its TLS certificate is not trusted (or is not for its host name)"
     )
+
+
+async def test_an_answer_in_tiny_chunks_is_bounded_and_shares_the_event_loop(
+    client: HttpBackend,
+) -> None:
+    """Red team 17: a body in 1-byte chunks held the event loop for 663 ms, stalling every
+    policy. Chunks are capped per answer, and the loop gets a turn every few hundred."""
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 70000)
+        w.write(b"0\r\n\r\n")
+
+    async with RawBackend(script) as backend:
+        tick = asyncio.create_task(ticker())
+        try:
+            with pytest.raises(ProxyError, match="cut off or malformed"):
+                await call(client, backend, b"x")
+        finally:
+            tick.cancel()
+    assert turns > 100  # without the turns: a handful (each network read)
