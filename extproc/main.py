@@ -90,7 +90,9 @@ class ExtProcServer:
         self.metrics = PrometheusMetrics()
         self.stats = StatsWindow(window=stats_window)
         self.telemetry = Telemetry(self.metrics, self.stats, self.clock)
-        self.backend = HttpBackend(proxy=backend_proxy)
+        self.backend = HttpBackend(
+            proxy=backend_proxy, on_stray=lambda url: self.metrics.backend_stray_bytes.inc()
+        )
         self.router = Router()
         self.pool: BatcherPool | None = None
         self.limits = limits or StreamLimits()

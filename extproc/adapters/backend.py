@@ -104,10 +104,13 @@ class HttpBackend:
     may carry another batch); how many run at once is bounded by each policy's
     `batching.max_in_flight`, not here."""
 
-    def __init__(self, proxy: str | None = None) -> None:
+    def __init__(
+        self, proxy: str | None = None, on_stray: Callable[[str], None] | None = None
+    ) -> None:
         """`proxy`: an HTTP proxy (http://host:port, an Envoy listener) every batch call goes
-        through, for http:// backend URLs (docs/operations.md, "The batch call through Envoy")."""
-        self._pool = Http1Pool(proxy)
+        through, for http:// backend URLs (docs/operations.md, "The batch call through Envoy").
+        `on_stray(url)`: told each time a backend sends bytes nobody asked for (http1.py)."""
+        self._pool = Http1Pool(proxy, on_stray)
         self._proxy = proxy
 
     async def post(
@@ -178,8 +181,7 @@ class _Body:
         self._inflater: _Inflater | None = None
         encoding = (head.get("content-encoding") or "identity").strip().lower()
         if encoding in ("", "identity"):
-            length = head.get("content-length")
-            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+            if head.length is not None and head.length > max_bytes:
                 raise _TooLarge
         elif encoding in ("gzip", "x-gzip", "deflate"):
             self._inflater = _Inflater(encoding, max_bytes)

@@ -17,13 +17,21 @@ The peer is a backend, hostile until checked (DESIGN.md section 7). What this mo
 - Memory is bounded: reading pauses while READ_HIGH_WATER bytes wait to be consumed, and the
   caller's `sink` sees the body a network read at a time (the backend adapter bounds it).
 - Redirects are never followed, no cookie is kept, nothing of one answer reaches the next call.
+- **A backend that sends bytes nobody asked for loses connection reuse.** No HTTP/1.1 client
+  can tell a late second answer, sent after the next request went out, from that request's
+  own answer. Pools are per backend URL (one policy's backend never reads another's answers),
+  and the first stray byte seen on a URL's connections (while idle, waiting in the socket, or
+  after an answer) stops reuse for that URL for QUARANTINE_SECONDS: each batch then has its
+  own connection, and the caller is told (`on_stray`) so that the operator sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import select
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -61,9 +69,15 @@ MAX_CHUNKS = 65536
 CHUNKS_PER_TURN = 512
 # Unread bytes a connection buffers before it stops reading from the socket.
 READ_HIGH_WATER = 1 << 20
-# Idle connections kept per pool key, and for how long (aiohttp's keepalive_timeout was 30 s).
+# Idle connections kept per pool key (a backend URL) and in all, and for how long (aiohttp's
+# keepalive_timeout was 30 s): a timer closes those idle longer.
 MAX_IDLE_PER_KEY = 64
+MAX_IDLE = 512
 IDLE_SECONDS = 30.0
+# How long a backend URL's connections are not reused after a stray byte on one of them.
+QUARANTINE_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -117,6 +131,7 @@ class Head:
     version: int  # 0 or 1 (HTTP/1.x)
     status: int
     headers: tuple[tuple[str, str], ...]
+    length: int | None = None  # the body's Content-Length, once checked; None if not so framed
 
     def get_all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name]
@@ -133,8 +148,9 @@ Sink = Callable[[bytes], None]
 class _Connection(asyncio.Protocol):
     """One connection's bytes: buffered while a call reads them, refused while idle."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stray: Callable[[], None]) -> None:
         self.transport: asyncio.Transport | None = None
+        self.on_stray = on_stray  # told of bytes nobody asked for
         self.buffer = bytearray()
         self.busy = False  # a call owns it: bytes that arrive are its answer's
         self.closed = False
@@ -149,6 +165,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # nobody asked: never the next call's answer
             self.close()
+            self.on_stray()
             return
         self.buffer += data
         if len(self.buffer) > READ_HIGH_WATER and not self._paused and self.transport:
@@ -193,16 +210,26 @@ class _Connection(asyncio.Protocol):
     def pending_bytes(self) -> bool:
         """Whether the socket holds bytes (or its end) the event loop has not read yet: sent
         while the connection was idle, they would be read as the next call's answer (red
-        team 17: a second answer 0.5-10 ms after the first, read before the loop polled)."""
+        team 17: a second answer 0.5-10 ms after the first, read before the loop polled).
+        Bytes on a plain connection are reported as stray; the end of the stream is a backend
+        closing an idle connection, and on TLS the bytes may be its close_notify."""
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is None:
             return True
         try:
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
-            return bool(poller.poll(0))
+            if not poller.poll(0):
+                return False
+            if self.transport is not None and self.transport.get_extra_info("sslcontext"):
+                return True
+            # asyncio's TransportSocket has no recv: a duplicate of the descriptor peeks
+            with socket.fromfd(sock.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peek:
+                if peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    self.on_stray()
         except (OSError, ValueError):
-            return True
+            pass
+        return True
 
     @property
     def usable(self) -> bool:
@@ -216,7 +243,7 @@ class _Connection(asyncio.Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    key: tuple[str, str, int]  # where the connection goes: scheme, host, port
+    key: tuple[str, str, int, str]  # scheme (or "proxy"), host, port, request target
     host: str  # to connect to (the proxy's, with a proxy)
     port: int
     tls: bool
@@ -226,13 +253,20 @@ class _Target:
 
 
 class Http1Pool:
-    """Keep-alive connections per (scheme, host, port), one call at a time on each."""
+    """Keep-alive connections per backend URL, one call at a time on each."""
 
-    def __init__(self, proxy: str | None = None) -> None:
+    def __init__(
+        self, proxy: str | None = None, on_stray: Callable[[str], None] | None = None
+    ) -> None:
         """`proxy`: an HTTP proxy (http://host:port) for http:// URLs: requests go to it in
-        absolute form."""
+        absolute form. `on_stray(url)`: told of each stray byte's connection (the URL without
+        its query)."""
         self._proxy = None if proxy is None else yarl.URL(proxy)
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._on_stray = on_stray
+        self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
+        self._idle_count = 0
+        self._quarantine: dict[tuple[str, str, int, str], float] = {}  # key: reuse again at
+        self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, _Target] = {}
         self._closed = False
@@ -254,7 +288,7 @@ class Http1Pool:
         if proxy is not None:
             assert proxy.raw_host is not None
             target = _Target(
-                ("proxy", proxy.raw_host, proxy.port or 80),
+                ("proxy", proxy.raw_host, proxy.port or 80, f"http://{host_header}{path}"),
                 proxy.raw_host,
                 proxy.port or 80,
                 False,
@@ -265,7 +299,7 @@ class Http1Pool:
         else:
             tls = parsed.scheme == "https"
             target = _Target(
-                (parsed.scheme, host, port),
+                (parsed.scheme, host, port, path),
                 host,
                 port,
                 tls,
@@ -291,9 +325,9 @@ class Http1Pool:
         subclasses (and whatever the sink raises); the caller bounds the whole call's time."""
         target = self._target(url)
         request = _request_head(target, headers, len(body))
-        conn = self._take_idle(target.key)
+        conn = self._take_idle(target.key, url)
         if conn is None:
-            conn = await self._connect(target, connect_timeout)
+            conn = await self._connect(target, connect_timeout, url)
         reusable = False
         try:
             conn.busy = True
@@ -305,20 +339,58 @@ class Http1Pool:
             except (OSError, RuntimeError) as err:  # a transport closing under it
                 raise NoAnswer(f"request not sent: {type(err).__name__}") from err
             head, reusable = await _read_answer(conn, sink_for)
-            reusable = reusable and not conn.buffer and transport.get_write_buffer_size() == 0
+            if conn.buffer:  # bytes after the answer: a second one, or worse
+                reusable = False
+                conn.on_stray()
+            reusable = reusable and transport.get_write_buffer_size() == 0
             return head
         finally:
             conn.busy = False
-            if reusable and conn.usable and not self._closed:
+            if reusable and conn.usable and not self._closed and not self._quarantined(target.key):
                 self._put_idle(target.key, conn)
             else:
                 conn.close()
 
-    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+    def stray(self, key: tuple[str, str, int, str], url: str) -> None:
+        """A connection to `url` had bytes nobody asked for: its idle connections close, and
+        none is reused for QUARANTINE_SECONDS (each call gets its own connection)."""
+        now = time.monotonic()
+        quarantined = self._quarantined(key, now)
+        self._quarantine[key] = now + QUARANTINE_SECONDS
+        for conn in self._idle.pop(key, ()):
+            self._idle_count -= 1
+            conn.close()
+        shown = str(yarl.URL(url).with_query(None).with_user(None))
+        if not quarantined:
+            log.warning(
+                "backend %s sent bytes nobody asked for (a second answer to one request, or "
+                "bytes after an answer): its connections are not reused for %.0f s, each batch "
+                "gets a new one. A late second answer may already have been read as the next "
+                "batch's answer (alert MLProxyBackendStrayBytes): fix or replace this model "
+                "server (docs/security.md, 'An answer belongs to the batch just sent')",
+                shown,
+                QUARANTINE_SECONDS,
+            )
+        if self._on_stray is not None:
+            self._on_stray(shown)
+
+    def _quarantined(self, key: tuple[str, str, int, str], now: float | None = None) -> bool:
+        until = self._quarantine.get(key)
+        if until is None:
+            return False
+        if (time.monotonic() if now is None else now) < until:
+            return True
+        del self._quarantine[key]
+        return False
+
+    def _take_idle(self, key: tuple[str, str, int, str], url: str) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            self._idle_count -= 1
+            if not idle:
+                del self._idle[key]
             if (
                 conn.usable
                 and not conn.buffer
@@ -327,16 +399,51 @@ class Http1Pool:
             ):
                 return conn
             conn.close()
+            idle = self._idle.get(key)
         return None
 
-    def _put_idle(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def _put_idle(self, key: tuple[str, str, int, str], conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(key, [])
         idle.append(conn)
-        while len(idle) > MAX_IDLE_PER_KEY:
+        self._idle_count += 1
+        if len(idle) > MAX_IDLE_PER_KEY:
             idle.pop(0).close()
+            self._idle_count -= 1
+        if self._idle_count > MAX_IDLE:  # the oldest of all, from whichever URL
+            oldest = min(self._idle, key=lambda k: self._idle[k][0].idle_since)
+            self._idle[oldest].pop(0).close()
+            self._idle_count -= 1
+            if not self._idle[oldest]:
+                del self._idle[oldest]
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._sweep)
 
-    async def _connect(self, target: _Target, connect_timeout: float) -> _Connection:
+    def _sweep(self) -> None:
+        """Close the connections idle for IDLE_SECONDS (the timer runs while any is idle) and
+        forget quarantines that ended."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key in list(self._idle):
+            keep = []
+            for conn in self._idle[key]:
+                if conn.usable and now - conn.idle_since < IDLE_SECONDS:
+                    keep.append(conn)
+                else:
+                    conn.close()
+                    self._idle_count -= 1
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        for key in [k for k, until in self._quarantine.items() if until <= now]:
+            del self._quarantine[key]
+        if self._idle and not self._closed:
+            first = min(conns[0].idle_since for conns in self._idle.values())
+            wait = max(1.0, first + IDLE_SECONDS - now)
+            self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
+
+    async def _connect(self, target: _Target, connect_timeout: float, url: str) -> _Connection:
         loop = asyncio.get_running_loop()
         context = None
         if target.tls:
@@ -346,7 +453,7 @@ class Http1Pool:
         try:
             async with asyncio.timeout(connect_timeout):
                 _, conn = await loop.create_connection(
-                    _Connection,
+                    lambda: _Connection(lambda: self.stray(target.key, url)),
                     target.host,
                     target.port,
                     ssl=context,
@@ -360,10 +467,14 @@ class Http1Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
         self._idle.clear()
+        self._idle_count = 0
 
 
 def _request_head(target: _Target, headers: Sequence[tuple[str, str]], length: int) -> bytes:
@@ -394,8 +505,10 @@ async def _read_answer(conn: _Connection, sink_for: Callable[[Head], Sink]) -> t
     else:
         raise Malformed("too many informational answers")
     length, chunked = _framing(head)
+    bodyless = head.status in (204, 304)
+    head = Head(head.version, head.status, head.headers, None if bodyless else length)
     sink = sink_for(head)
-    if head.status in (204, 304):
+    if bodyless:
         # No body, whatever the head says; one that announces a body may send it late, into
         # the next call's answer (red team 17): such a connection is not reused.
         announced = chunked or bool(length)

@@ -178,6 +178,15 @@ class PrometheusMetrics:
             ["reason"],
             registry=r,
         )
+        self.backend_stray_bytes = Counter(
+            "mlproxy_backend_stray_bytes",
+            "Times a backend sent bytes nobody asked for: a second answer to one batch call, "
+            "bytes after an answer, or bytes on an idle connection. That backend URL's "
+            "connections are then not reused for a minute (each batch gets its own); its "
+            "URL is in the log. A late second answer may have been read as the next batch's "
+            "answer: fix or replace that model server.",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "mlproxy_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 10 ms): while it is late, "

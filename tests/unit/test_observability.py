@@ -421,6 +421,7 @@ def test_prometheus_rule_structure(rule_doc: dict[str, Any]) -> None:
         "MLProxyRedisUnreachable",
         "MLProxyExtprocDown",
         "MLProxyPolicyStoreReset",
+        "MLProxyBackendStrayBytes",
     } <= set(names)
 
 

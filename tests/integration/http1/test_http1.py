@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from extproc.adapters import http1
 from extproc.adapters.backend import HttpBackend
 from extproc.runtime.ports import BackendResponse
 from mlproxy_common.tls import make_local_pki
@@ -34,11 +35,14 @@ Script = Callable[[bytes, int, asyncio.StreamWriter], Awaitable[None]]
 class RawBackend:
     """A TCP server that reads each request (head and Content-Length body) and lets a script
     write whatever it likes back: `script(body, n, writer)`, n counting the requests on that
-    connection from 0. Counts connections."""
+    connection from 0. Counts connections (opened and closed), and keeps each request's
+    connection number (from 1) and request target in `seen`."""
 
     def __init__(self, script: Script) -> None:
         self.script = script
         self.connections = 0
+        self.closed = 0
+        self.seen: list[tuple[int, str]] = []
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -64,10 +68,12 @@ class RawBackend:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
+        number = self.connections
         n = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append((number, head.split(b" ", 2)[1].decode()))
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
@@ -79,6 +85,7 @@ class RawBackend:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.closed += 1
             writer.close()
             self._tasks.discard(task)
 
@@ -545,3 +552,157 @@ async def test_an_answer_in_tiny_chunks_is_bounded_and_shares_the_event_loop(
         finally:
             tick.cancel()
     assert turns > 100  # without the turns: a handful (each network read)
+
+
+# Pools per backend URL, stray bytes and idle connections (red team 17, second report).
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+async def test_each_backend_url_has_its_own_connections(client: HttpBackend) -> None:
+    """Two models on one host and port: a connection that carried one URL's batch never
+    carries the other's, so a broken model server's extra answer stays with its own URL."""
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        base = f"http://127.0.0.1:{backend.port}/v1/models/"
+        for name in ("a", "b", "a", "b"):
+            resp = await client.post(f"{base}{name}:predict", name.encode(), "text/plain", 5, 2)
+            assert resp.body == echo(name.encode())
+    assert backend.seen == [
+        (1, "/v1/models/a:predict"),
+        (2, "/v1/models/b:predict"),
+        (1, "/v1/models/a:predict"),
+        (2, "/v1/models/b:predict"),
+    ]
+
+
+async def test_a_backend_that_answers_late_twice_misleads_one_call_then_gets_no_reuse() -> None:
+    """The case no HTTP/1.1 client can catch as it happens: on each reused connection the
+    backend sends the previous request's answer again before the right one, so it reads as
+    the next call's answer. The stray bytes after it are seen, and that URL's connections are
+    not reused any more: one wrong answer, where every second call got one before. Another URL
+    of the same server keeps its connections."""
+    strays: list[str] = []
+    previous: dict[int, bytes] = {}
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        if n > 0 and body.startswith(b"call-"):  # the other URL's server is sound
+            w.write(ok(echo(previous[id(w)])))
+        previous[id(w)] = body
+        w.write(ok(echo(body)))
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(script) as backend:
+            bodies = [b"call-%d" % i for i in range(10)]
+            answers = [(await call(client, backend, body)).body for body in bodies]
+            wrong = [i for i, body in enumerate(bodies) if answers[i] != echo(body)]
+            assert wrong == [1]  # the second call: read before anything looked wrong
+            assert answers[1] == echo(b"call-0")
+            assert backend.connections == 9  # from the third call on, one each
+            assert strays and set(strays) == {backend.url}
+
+            other = f"http://127.0.0.1:{backend.port}/v1/models/other:predict"
+            before = backend.connections
+            for body in (b"x", b"y"):  # n stays 0 on a new connection: no duplicate
+                resp = await client.post(other, body, "text/plain", 5, 2)
+                assert resp.body == echo(body)
+            assert backend.connections == before + 1  # reused: not that URL's quarantine
+    finally:
+        await client.close()
+
+
+async def test_bytes_on_an_idle_connection_are_reported_and_stop_reuse() -> None:
+    strays: list[str] = []
+    answered = asyncio.Event()
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+        if n == 0:
+            await w.drain()
+            answered.set()
+            await asyncio.sleep(0.05)
+            w.write(b"HTTP/1.1 200 OK\r\n")  # nobody asked
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(script) as backend:
+            await call(client, backend, b"first")
+            await answered.wait()
+            await wait_for(lambda: bool(strays))
+            for body in (b"second", b"third"):
+                assert (await call(client, backend, body)).body == echo(body)
+            assert backend.connections == 3
+    finally:
+        await client.close()
+    assert strays == [backend.url]
+
+
+async def test_reuse_resumes_when_the_quarantine_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http1, "QUARANTINE_SECONDS", 0.3)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+        if body == b"twice":
+            w.write(ok(b'{"echo": "SMUGGLED"}'))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            await call(client, backend, b"twice")
+            await call(client, backend, b"a")
+            await call(client, backend, b"b")
+            assert backend.connections == 3  # quarantined: one each
+            await asyncio.sleep(0.4)
+            for body in (b"c", b"d", b"e"):
+                assert (await call(client, backend, body)).body == echo(body)
+            assert backend.connections == 4  # reused again
+    finally:
+        await client.close()
+
+
+async def test_idle_connections_close_on_a_timer(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    """A backend no policy calls any more does not keep connections open until the next call
+    (aiohttp closed them after 30 s too)."""
+    monkeypatch.setattr(http1, "IDLE_SECONDS", 0.2)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        await call(client, backend, b"once")
+        await call(client, backend, b"twice")
+        await wait_for(lambda: backend.closed == 1)
+        assert (await call(client, backend, b"again")).body == echo(b"again")
+        assert backend.connections == 2
+        await wait_for(lambda: backend.closed == 2)
+
+
+async def test_idle_connections_are_bounded_across_urls(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    """A `{model}` URL makes one pool per model: idle connections are bounded in all, the
+    longest idle closed first."""
+    monkeypatch.setattr(http1, "MAX_IDLE", 2)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        base = f"http://127.0.0.1:{backend.port}/v1/models/"
+        for name in ("a", "b", "c"):
+            await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
+        await wait_for(lambda: backend.closed == 1)
+        for name in ("c", "b", "a"):
+            await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
+        assert [number for number, _ in backend.seen] == [1, 2, 3, 3, 2, 4]
