@@ -86,11 +86,15 @@ class TcpProxy:
         down.pending.clear()
 
     async def cut(self) -> None:
-        """Refuse new connections and drop the open ones."""
+        """Refuse new connections and drop the open ones, and those to the target still
+        being made (a socket left in a pending connect leaks when the loop stops)."""
         self.is_cut = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for transport in list(self.transports):
             transport.abort()
         self.transports.clear()
@@ -98,6 +102,9 @@ class TcpProxy:
             # Returns once every connection this server accepted is gone, including those
             # accepted just before the close, which connection_made aborts.
             await asyncio.wait_for(server.wait_closed(), 5)
+        # An aborted transport closes its socket on the loop's next turn: before a
+        # ThreadedTcpProxy stops its loop, or a test's loop closes.
+        await asyncio.sleep(0)
 
 
 class ThreadedTcpProxy:
