@@ -76,6 +76,11 @@ MAX_IDLE = 512
 IDLE_SECONDS = 30.0
 # How long a backend URL's connections are not reused after a stray byte on one of them.
 QUARANTINE_SECONDS = 60.0
+# How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
+# connection would otherwise ask the resolver (in Kubernetes, up to one query per search
+# domain), and with a URL's reuse stopped every batch makes one.
+DNS_SECONDS = 10.0
+MAX_DNS_ENTRIES = 1024
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +272,7 @@ class Http1Pool:
         self._idle_count = 0
         self._quarantine: dict[tuple[str, str, int, str], float] = {}  # key: reuse again at
         self._sweeper: asyncio.TimerHandle | None = None
+        self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}  # expiry, addresses
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, _Target] = {}
         self._closed = False
@@ -450,20 +456,42 @@ class Http1Pool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
+        key = (target.host, target.port)
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(lambda: self.stray(target.key, url)),
-                    target.host,
-                    target.port,
-                    ssl=context,
-                    server_hostname=target.server_hostname,
-                )
+                addresses = await self._addresses(key)
+                for i, address in enumerate(addresses):  # in the resolver's order
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(lambda: self.stray(target.key, url)),
+                            address,
+                            target.port,
+                            ssl=context,
+                            server_hostname=target.server_hostname,
+                        )
+                        return conn
+                    except OSError:
+                        if i == len(addresses) - 1:
+                            raise
         except TimeoutError:
+            self._dns.pop(key, None)
             raise ConnectTimeout from None
         except OSError as err:
+            self._dns.pop(key, None)  # the service may have moved: ask again next time
             raise Unreachable(err) from err
-        return conn
+        raise Unreachable(OSError("no address"))  # getaddrinfo returns at least one
+
+    async def _addresses(self, key: tuple[str, int]) -> list[str]:
+        """The host's addresses, from the cache for DNS_SECONDS."""
+        now = time.monotonic()
+        cached = self._dns.get(key)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        found = await _lookup(*key)
+        if len(self._dns) >= MAX_DNS_ENTRIES:
+            self._dns.clear()
+        self._dns[key] = (now + DNS_SECONDS, found)
+        return found
 
     async def close(self) -> None:
         self._closed = True
@@ -475,6 +503,14 @@ class Http1Pool:
                 conn.close()
         self._idle.clear()
         self._idle_count = 0
+
+
+async def _lookup(host: str, port: int) -> list[str]:
+    """The host's addresses (IP literals as they are), without duplicates, in order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _request_head(target: _Target, headers: Sequence[tuple[str, str]], length: int) -> bytes:

@@ -706,3 +706,42 @@ async def test_idle_connections_are_bounded_across_urls(
         for name in ("c", "b", "a"):
             await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
         assert [number for number, _ in backend.seen] == [1, 2, 3, 3, 2, 4]
+
+
+async def test_a_host_name_is_resolved_once_per_dns_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new connection asked the resolver (in Kubernetes, a query per search domain); with
+    a URL's reuse stopped, every batch opens one. Addresses are kept DNS_SECONDS, and dropped
+    when connecting to them fails (the service moved)."""
+    asked: list[str] = []
+    lookup = http1._lookup
+
+    async def counted(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return await lookup(host, port)
+
+    monkeypatch.setattr(http1, "_lookup", counted)
+    monkeypatch.setattr(http1, "DNS_SECONDS", 0.5)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            url = f"http://localhost:{backend.port}/x"
+            for body in (b"a", b"b", b"c"):
+                resp = await client.post(url, body, "text/plain", 5, 2)
+                assert resp.body == echo(body)
+            assert backend.connections == 3 and asked == ["localhost"]
+            await asyncio.sleep(0.6)
+            await client.post(url, b"d", "text/plain", 5, 2)
+            assert asked == ["localhost"] * 2
+        with pytest.raises(ProxyError, match="unreachable"):  # the backend is gone
+            await client.post(url, b"e", "text/plain", 5, 2)
+        with pytest.raises(ProxyError, match="unreachable"):
+            await client.post(url, b"f", "text/plain", 5, 2)
+        assert asked == ["localhost"] * 3  # "e" used them, failed and forgot them
+        with pytest.raises(ProxyError, match="the host name does not resolve"):
+            await client.post("http://no-such-host.invalid/x", b"g", "text/plain", 5, 2)
+    finally:
+        await client.close()
