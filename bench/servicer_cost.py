@@ -118,6 +118,8 @@ class InstantBackend:
         connect_timeout: float,
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
+        pool: str = "",
+        calls_per_connection: int = 32,
     ) -> BackendResponse:
         self.calls += 1
         n = len(json.loads(body)["instances"])

@@ -102,6 +102,11 @@ class Backend(_Strict):
     max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
     """Largest backend answer read, counted after decompression; past it the batch's requests
     get 502. Bounds ext_proc's memory per batch in flight."""
+    calls_per_connection: Annotated[int, Field(ge=1, le=10_000)] = 32
+    """Batch calls one keep-alive connection carries before it is closed. A backend that once
+    sends an answer twice can leave a connection's answers a call behind, which HTTP/1.1
+    cannot show (docs/security.md): this bounds how long. 1: a connection per batch, for a
+    backend you do not trust."""
 
 
 class SLA(_Strict):

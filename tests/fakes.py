@@ -50,6 +50,8 @@ class FakeBackend:
         connect_timeout: float,
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
+        pool: str = "",
+        calls_per_connection: int = 32,
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)
@@ -139,6 +141,8 @@ class ScriptedBackend:
         connect_timeout: float,
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
+        pool: str = "",
+        calls_per_connection: int = 32,
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)

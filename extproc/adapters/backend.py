@@ -122,6 +122,8 @@ class HttpBackend:
         connect_timeout: float,
         max_bytes: int = 16 * 1024 * 1024,
         headers: Sequence[tuple[str, str]] = (),
+        pool: str = "",
+        calls_per_connection: int = 32,
     ) -> BackendResponse:
         if self._proxy is not None and url.startswith("https:"):
             log.warning(
@@ -148,7 +150,9 @@ class HttpBackend:
 
         try:
             async with asyncio.timeout(timeout):
-                head = await self._pool.post(url, body, sent, connect_timeout, sink_for)
+                head = await self._pool.post(
+                    url, body, sent, connect_timeout, sink_for, pool, calls_per_connection
+                )
             data = bodies[-1].finish()
         except (_TooLarge, zlib.error, Http1Error, TimeoutError) as err:
             raise _failure(err, url, timeout, connect_timeout, max_bytes) from err
@@ -158,6 +162,7 @@ class HttpBackend:
             clean_header_value(head.get("content-type")) or "",
             retry_after=clean_header_value(head.get("retry-after")),
             framing=_framing(head),
+            retire=head.retire,
         )
 
     async def close(self) -> None:

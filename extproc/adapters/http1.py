@@ -19,23 +19,30 @@ The peer is a backend, hostile until checked (DESIGN.md section 7). What this mo
 - Redirects are never followed, no cookie is kept, nothing of one answer reaches the next call.
 - **A backend that sends bytes nobody asked for loses connection reuse.** No HTTP/1.1 client
   can tell a late second answer, sent after the next request went out, from that request's
-  own answer. Pools are per backend URL (one policy's backend never reads another's answers),
-  and the first stray byte seen on a URL's connections (while idle, waiting in the socket, or
-  after an answer) stops reuse for that URL for QUARANTINE_SECONDS: each batch then has its
-  own connection, and the caller is told (`on_stray`) so that the operator sees it.
+  own answer, and after one such answer every later one on the connection can be a call
+  behind (red team 18). So: pools are per caller's pool name (a policy) and backend URL; a
+  connection carries at most `calls_per_connection` calls; an answer the caller finds is not
+  its own (`Head.retire`) retires its connection; and the first stray byte seen on a URL's
+  connections (while idle, waiting in the socket, after an answer, or garbage where a reused
+  connection's answer starts) stops reuse for that URL for QUARANTINE_SECONDS, and the caller
+  is told (`on_stray`) so that the operator sees it.
+- Connections this side closes are reset, not closed with a FIN: closing thousands a minute
+  left as many TIME_WAIT sockets, and connects slowed to 2 ms each (red team 18).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import yarl
@@ -69,13 +76,22 @@ MAX_CHUNKS = 65536
 CHUNKS_PER_TURN = 512
 # Unread bytes a connection buffers before it stops reading from the socket.
 READ_HIGH_WATER = 1 << 20
-# Idle connections kept per pool key (a backend URL) and in all, and for how long (aiohttp's
-# keepalive_timeout was 30 s): a timer closes those idle longer.
-MAX_IDLE_PER_KEY = 64
+# Idle connections kept per backend host and port (whatever the URL: a client choosing model
+# names must not make a replica hold hundreds of connections to one server) and in all, and
+# for how long (aiohttp's keepalive_timeout was 30 s): a timer closes those idle longer.
+MAX_IDLE_PER_ORIGIN = 64
 MAX_IDLE = 512
 IDLE_SECONDS = 30.0
-# How long a backend URL's connections are not reused after a stray byte on one of them.
+# Batch calls one connection carries by default (a policy's backend.calls_per_connection): the
+# last asks the backend to close it. An answer that lags one request behind on a connection
+# (red team 18: a single late duplicate, then every answer a batch late, with nothing to see
+# at the HTTP level) lasts at most this long.
+MAX_REQUESTS_PER_CONNECTION = 32
+# How long a backend URL's connections are not reused after a stray byte on one of them, how
+# many URLs are remembered so, and how often the warning is logged at most.
 QUARANTINE_SECONDS = 60.0
+MAX_QUARANTINED = 4096
+WARN_SECONDS = 10.0
 # How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
 # connection would otherwise ask the resolver (in Kubernetes, up to one query per search
 # domain), and with a URL's reuse stopped every batch makes one.
@@ -137,6 +153,9 @@ class Head:
     status: int
     headers: tuple[tuple[str, str], ...]
     length: int | None = None  # the body's Content-Length, once checked; None if not so framed
+    # Closes the connection the answer came on, unless a call has it already (then it closes
+    # after that call): for an answer the caller found was not this request's (a miscount).
+    retire: Callable[[], None] | None = field(default=None, compare=False)
 
     def get_all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name]
@@ -148,6 +167,7 @@ class Head:
 
 
 Sink = Callable[[bytes], None]
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Connection(asyncio.Protocol):
@@ -161,6 +181,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.idle_since = 0.0
+        self.uses = 0  # requests written on it
+        self.retired = False  # not to be reused
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -241,14 +263,30 @@ class _Connection(asyncio.Protocol):
         return not (self.closed or self.eof) and self.transport is not None
 
     def close(self) -> None:
+        """Close at once, with a reset rather than a FIN (nothing is left to send or read):
+        no TIME_WAIT socket is left on this side. Closing thousands of connections a minute
+        (red team 18: a client choosing model names, a URL whose reuse has stopped) had left
+        18,800 of them, and each new connect cost 2 ms of the event loop."""
+        if self.closed:
+            return
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+
+_Key = tuple[str, tuple[str, str, int, str]]  # a pool: (its caller's name, _Target.key)
 
 
 @dataclass(frozen=True, slots=True)
 class _Target:
     key: tuple[str, str, int, str]  # scheme (or "proxy"), host, port, request target
+    origin: tuple[str, str, int]  # where connections go: scheme (or "proxy"), host, port
     host: str  # to connect to (the proxy's, with a proxy)
     port: int
     tls: bool
@@ -265,12 +303,16 @@ class Http1Pool:
     ) -> None:
         """`proxy`: an HTTP proxy (http://host:port) for http:// URLs: requests go to it in
         absolute form. `on_stray(url)`: told of each stray byte's connection (the URL without
-        its query)."""
+        its query, user or fragment)."""
         self._proxy = None if proxy is None else yarl.URL(proxy)
         self._on_stray = on_stray
-        self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
+        # Pool key: (the caller's pool name, the target's key); idle connections oldest first.
+        self._idle: dict[_Key, list[_Connection]] = {}
         self._idle_count = 0
-        self._quarantine: dict[tuple[str, str, int, str], float] = {}  # key: reuse again at
+        self._idle_per_origin: dict[tuple[str, str, int], int] = {}
+        self._quarantine: dict[_Key, float] = {}  # key: reuse again at (oldest first)
+        self._warned_at = -WARN_SECONDS
+        self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}  # expiry, addresses
         self._ssl: ssl.SSLContext | None = None
@@ -295,6 +337,7 @@ class Http1Pool:
             assert proxy.raw_host is not None
             target = _Target(
                 ("proxy", proxy.raw_host, proxy.port or 80, f"http://{host_header}{path}"),
+                ("proxy", proxy.raw_host, proxy.port or 80),
                 proxy.raw_host,
                 proxy.port or 80,
                 False,
@@ -306,6 +349,7 @@ class Http1Pool:
             tls = parsed.scheme == "https"
             target = _Target(
                 (parsed.scheme, host, port, path),
+                (parsed.scheme, host, port),
                 host,
                 port,
                 tls,
@@ -325,15 +369,24 @@ class Http1Pool:
         headers: Sequence[tuple[str, str]],
         connect_timeout: float,
         sink_for: Callable[[Head], Sink],
+        pool: str = "",
+        calls_per_connection: int = MAX_REQUESTS_PER_CONNECTION,
     ) -> Head:
         """POST `body` with `headers` (Host and Content-Length are added); the answer's body
-        goes to the sink `sink_for(head)` returns, a network read at a time. Raises Http1Error
-        subclasses (and whatever the sink raises); the caller bounds the whole call's time."""
+        goes to the sink `sink_for(head)` returns, a network read at a time. Connections are
+        pooled per `pool` (a policy's name: two policies never share one) and URL. Raises
+        Http1Error subclasses (and whatever the sink raises); the caller bounds the whole
+        call's time. A connection carries at most `calls_per_connection` calls (the last asks
+        the backend to close it)."""
         target = self._target(url)
-        request = _request_head(target, headers, len(body))
-        conn = self._take_idle(target.key, url)
+        key = (pool, target.key)
+        conn = self._take_idle(key, target)
+        reused = conn is not None
         if conn is None:
-            conn = await self._connect(target, connect_timeout, url)
+            conn = await self._connect(target, connect_timeout, key, url)
+        conn.uses += 1
+        last = conn.uses >= calls_per_connection or self._quarantined(key)
+        request = _request_head(target, headers, len(body), last)
         reusable = False
         try:
             conn.busy = True
@@ -344,43 +397,94 @@ class Http1Pool:
                 transport.writelines((request, body))
             except (OSError, RuntimeError) as err:  # a transport closing under it
                 raise NoAnswer(f"request not sent: {type(err).__name__}") from err
-            head, reusable = await _read_answer(conn, sink_for)
+            try:
+                head, reusable = await _read_answer(conn, sink_for)
+            except Malformed:
+                if reused:  # garbage where an answer should start: what an earlier call left
+                    conn.on_stray()
+                raise
             if conn.buffer:  # bytes after the answer: a second one, or worse
                 reusable = False
                 conn.on_stray()
-            reusable = reusable and transport.get_write_buffer_size() == 0
-            return head
+            reusable = reusable and not last and transport.get_write_buffer_size() == 0
+            return Head(
+                head.version,
+                head.status,
+                head.headers,
+                head.length,
+                lambda: self._retire(key, target, conn),
+            )
         finally:
-            conn.busy = False
-            if reusable and conn.usable and not self._closed and not self._quarantined(target.key):
-                self._put_idle(target.key, conn)
-            else:
-                conn.close()
+            self._release(key, target, conn, reusable)
 
-    def stray(self, key: tuple[str, str, int, str], url: str) -> None:
-        """A connection to `url` had bytes nobody asked for: its idle connections close, and
-        none is reused for QUARANTINE_SECONDS (each call gets its own connection)."""
-        now = time.monotonic()
-        quarantined = self._quarantined(key, now)
-        self._quarantine[key] = now + QUARANTINE_SECONDS
-        for conn in self._idle.pop(key, ()):
-            self._idle_count -= 1
+    def _release(self, key: _Key, target: _Target, conn: _Connection, reusable: bool) -> None:
+        conn.busy = False
+        if (
+            reusable
+            and conn.usable
+            and not conn.retired
+            and not self._closed
+            and not self._quarantined(key)
+        ):
+            self._put_idle(key, target, conn)
+        else:
             conn.close()
-        shown = str(yarl.URL(url).with_query(None).with_user(None))
-        if not quarantined:
+
+    def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:
+        conn.retired = True
+        idle = self._idle.get(key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            self._forget_idle(key, target.origin, idle)
+        if not conn.busy:
+            conn.close()
+
+    def stray(self, key: _Key, url: str) -> None:
+        """A connection to `url` had bytes nobody asked for: its idle connections close, and
+        none is reused for QUARANTINE_SECONDS (each call gets its own connection, and asks
+        the backend to close it)."""
+        now = time.monotonic()
+        self._quarantine.pop(key, None)  # re-armed: to the end of the order
+        if len(self._quarantine) >= MAX_QUARANTINED:
+            self._purge_quarantine(now)
+            while len(self._quarantine) >= MAX_QUARANTINED:
+                del self._quarantine[next(iter(self._quarantine))]
+        self._quarantine[key] = now + QUARANTINE_SECONDS
+        idle = self._idle.pop(key, None)
+        if idle:
+            target = self._targets.get(url) or self._target(url)
+            origin = target.origin
+            for conn in idle:
+                conn.close()
+            self._idle_count -= len(idle)
+            self._idle_per_origin[origin] -= len(idle)
+            if not self._idle_per_origin[origin]:
+                del self._idle_per_origin[origin]
+        shown = str(yarl.URL(url).with_query(None).with_user(None).with_fragment(None))
+        if now - self._warned_at >= WARN_SECONDS:
+            more = (
+                f" ({self._unwarned} more such events, on any URL, since the last warning)"
+                if self._unwarned
+                else ""
+            )
+            self._warned_at, self._unwarned = now, 0
             log.warning(
                 "backend %s sent bytes nobody asked for (a second answer to one request, or "
-                "bytes after an answer): its connections are not reused for %.0f s, each batch "
-                "gets a new one. A late second answer may already have been read as the next "
-                "batch's answer (alert MLProxyBackendStrayBytes): fix or replace this model "
-                "server (docs/security.md, 'An answer belongs to the batch just sent')",
+                "bytes after an answer)%s: its connections are not reused for %.0f s, each "
+                "batch gets a new one. A late second answer may already have been read as the "
+                "next batch's answer (alert MLProxyBackendStrayBytes): fix or replace this "
+                "model server (docs/security.md, 'An answer belongs to the batch just sent')",
                 shown,
+                more,
                 QUARANTINE_SECONDS,
             )
+        else:
+            self._unwarned += 1
+        self._arm_sweeper()
         if self._on_stray is not None:
             self._on_stray(shown)
 
-    def _quarantined(self, key: tuple[str, str, int, str], now: float | None = None) -> bool:
+    def _quarantined(self, key: _Key, now: float | None = None) -> bool:
         until = self._quarantine.get(key)
         if until is None:
             return False
@@ -389,14 +493,16 @@ class Http1Pool:
         del self._quarantine[key]
         return False
 
-    def _take_idle(self, key: tuple[str, str, int, str], url: str) -> _Connection | None:
+    def _purge_quarantine(self, now: float) -> None:
+        for key in [k for k, until in self._quarantine.items() if until <= now]:
+            del self._quarantine[key]
+
+    def _take_idle(self, key: _Key, target: _Target) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            self._idle_count -= 1
-            if not idle:
-                del self._idle[key]
+            self._forget_idle(key, target.origin, idle)
             if (
                 conn.usable
                 and not conn.buffer
@@ -408,62 +514,81 @@ class Http1Pool:
             idle = self._idle.get(key)
         return None
 
-    def _put_idle(self, key: tuple[str, str, int, str], conn: _Connection) -> None:
+    def _forget_idle(
+        self, key: _Key, origin: tuple[str, str, int], idle: list[_Connection]
+    ) -> None:
+        """Count one connection out of `idle` (the key's list, already without it)."""
+        self._idle_count -= 1
+        left = self._idle_per_origin[origin] - 1
+        if left:
+            self._idle_per_origin[origin] = left
+        else:
+            del self._idle_per_origin[origin]
+        if not idle and self._idle.get(key) is idle:
+            del self._idle[key]
+
+    def _put_idle(self, key: _Key, target: _Target, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
-        idle = self._idle.setdefault(key, [])
-        idle.append(conn)
+        self._idle.setdefault(key, []).append(conn)
         self._idle_count += 1
-        if len(idle) > MAX_IDLE_PER_KEY:
-            idle.pop(0).close()
-            self._idle_count -= 1
-        if self._idle_count > MAX_IDLE:  # the oldest of all, from whichever URL
-            oldest = min(self._idle, key=lambda k: self._idle[k][0].idle_since)
-            self._idle[oldest].pop(0).close()
-            self._idle_count -= 1
-            if not self._idle[oldest]:
-                del self._idle[oldest]
-        if self._sweeper is None:
+        origin = target.origin
+        self._idle_per_origin[origin] = self._idle_per_origin.get(origin, 0) + 1
+        if self._idle_per_origin[origin] > MAX_IDLE_PER_ORIGIN:  # its longest idle goes
+            self._close_oldest(lambda k: k[1][:3] == origin)
+        if self._idle_count > MAX_IDLE:  # the longest idle of all
+            self._close_oldest(lambda k: True)
+        self._arm_sweeper()
+
+    def _close_oldest(self, among: Callable[[_Key], bool]) -> None:
+        keys = [k for k in self._idle if among(k)]
+        if not keys:
+            return
+        key = min(keys, key=lambda k: self._idle[k][0].idle_since)
+        idle = self._idle[key]
+        conn = idle.pop(0)
+        conn.close()
+        self._forget_idle(key, key[1][:3], idle)
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is None and not self._closed:
             self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._sweep)
 
     def _sweep(self) -> None:
-        """Close the connections idle for IDLE_SECONDS (the timer runs while any is idle) and
-        forget quarantines that ended."""
+        """Close the connections idle for IDLE_SECONDS and forget quarantines that ended (the
+        timer runs while there is either)."""
         self._sweeper = None
         now = time.monotonic()
         for key in list(self._idle):
-            keep = []
-            for conn in self._idle[key]:
-                if conn.usable and now - conn.idle_since < IDLE_SECONDS:
-                    keep.append(conn)
-                else:
-                    conn.close()
-                    self._idle_count -= 1
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-        for key in [k for k, until in self._quarantine.items() if until <= now]:
-            del self._quarantine[key]
-        if self._idle and not self._closed:
-            first = min(conns[0].idle_since for conns in self._idle.values())
-            wait = max(1.0, first + IDLE_SECONDS - now)
+            idle = self._idle[key]
+            while idle and not (idle[0].usable and now - idle[0].idle_since < IDLE_SECONDS):
+                conn = idle.pop(0)
+                conn.close()
+                self._forget_idle(key, key[1][:3], idle)
+            # (a closed connection further in the list goes when it is taken)
+        self._purge_quarantine(now)
+        if (self._idle or self._quarantine) and not self._closed:
+            soonest = [conns[0].idle_since + IDLE_SECONDS for conns in self._idle.values()]
+            soonest += [next(iter(self._quarantine.values()))] if self._quarantine else []
+            wait = max(1.0, min(soonest) - now)
             self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
 
-    async def _connect(self, target: _Target, connect_timeout: float, url: str) -> _Connection:
+    async def _connect(
+        self, target: _Target, connect_timeout: float, key: _Key, url: str
+    ) -> _Connection:
         loop = asyncio.get_running_loop()
         context = None
         if target.tls:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
-        key = (target.host, target.port)
+        where = (target.host, target.port)
         try:
             async with asyncio.timeout(connect_timeout):
-                addresses = await self._addresses(key)
+                addresses = await self._addresses(where)
                 for i, address in enumerate(addresses):  # in the resolver's order
                     try:
                         _, conn = await loop.create_connection(
-                            lambda: _Connection(lambda: self.stray(target.key, url)),
+                            lambda: _Connection(lambda: self.stray(key, url)),
                             address,
                             target.port,
                             ssl=context,
@@ -474,10 +599,10 @@ class Http1Pool:
                         if i == len(addresses) - 1:
                             raise
         except TimeoutError:
-            self._dns.pop(key, None)
+            self._dns.pop(where, None)
             raise ConnectTimeout from None
         except OSError as err:
-            self._dns.pop(key, None)  # the service may have moved: ask again next time
+            self._dns.pop(where, None)  # the service may have moved: ask again next time
             raise Unreachable(err) from err
         raise Unreachable(OSError("no address"))  # getaddrinfo returns at least one
 
@@ -503,6 +628,7 @@ class Http1Pool:
                 conn.close()
         self._idle.clear()
         self._idle_count = 0
+        self._idle_per_origin.clear()
 
 
 async def _lookup(host: str, port: int) -> list[str]:
@@ -513,12 +639,16 @@ async def _lookup(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _request_head(target: _Target, headers: Sequence[tuple[str, str]], length: int) -> bytes:
+def _request_head(
+    target: _Target, headers: Sequence[tuple[str, str]], length: int, last: bool = False
+) -> bytes:
     lines = [
         f"POST {target.request_target} HTTP/1.1",
         f"Host: {target.host_header}",
         f"Content-Length: {length}",
     ]
+    if last:  # the connection's last request: the backend closes it (no TIME_WAIT here)
+        lines.append("Connection: close")
     for name, value in headers:
         # MLProxy's own values (a codec's content type and framing, a traceparent), never a
         # client's raw bytes: checked all the same, a line break would start a new header.

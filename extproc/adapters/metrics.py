@@ -183,8 +183,9 @@ class PrometheusMetrics:
             "Times a backend sent bytes nobody asked for: a second answer to one batch call, "
             "bytes after an answer, or bytes on an idle connection. That backend URL's "
             "connections are then not reused for a minute (each batch gets its own); its "
-            "URL is in the log. A late second answer may have been read as the next batch's "
-            "answer: fix or replace that model server.",
+            "URL is in the log. Batches on that backend's connections may have been given "
+            "other batches' answers: fix or replace that model server, or set its policy's "
+            "backend.calls_per_connection to 1.",
             registry=r,
         )
         self.loop_lag = Histogram(

@@ -141,6 +141,8 @@ class BatchExecutor:
             policy.backend.connect_timeout_ms / 1000.0,
             policy.backend.max_response_bytes,
             framing,
+            policy.name,
+            policy.backend.calls_per_connection,
         )
 
     async def _bisect(
@@ -175,6 +177,8 @@ class BatchExecutor:
             }
             parts = codec.split(resp.body, items, framing)
         except CodecError as err:
+            if resp.retire is not None:  # it may be another call's answer: a late one
+                resp.retire()
             self._metrics.batch_done(policy.name, size, n, elapsed, Outcome.BAD_ANSWER)
             log.warning(
                 "policy %s: unusable answer (HTTP %d) from %s: %s%s",

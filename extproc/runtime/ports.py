@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +37,9 @@ class BackendResponse:
     content_type: str  # "" if absent or not a valid header value
     retry_after: str | None = None  # a valid header value, or None
     framing: Mapping[str, str] = field(default_factory=dict)  # of FRAMING_HEADERS
+    # Stops the connection the answer came on from carrying another call: for an answer that
+    # proved not to be this batch's (its count is wrong), as one a call behind would be.
+    retire: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class Backend(Protocol):
@@ -49,8 +52,12 @@ class Backend(Protocol):
         connect_timeout: float,
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
+        pool: str = "",
+        calls_per_connection: int = 32,
     ) -> BackendResponse:
-        """POST one batch, with `headers` besides the content type (a codec's framing).
+        """POST one batch, with `headers` besides the content type (a codec's framing), on a
+        connection of the pool named `pool` (a policy's: two never share a connection) that
+        carries at most `calls_per_connection` calls.
         Raises ProxyError (BACKEND_ERROR if unreachable or if the answer, decompressed, is
         over `max_bytes`; BACKEND_TIMEOUT past `timeout` seconds); any HTTP status is
         returned, not raised, and redirects are not followed."""

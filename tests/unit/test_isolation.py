@@ -166,3 +166,24 @@ async def test_a_prediction_that_cannot_be_encoded_fails_only_its_own_request() 
     assert json.loads(replies[3].body) == {"predictions": ["b"]}
     assert "not finite" in json.loads(replies[1].body)["error"]
     assert "Unicode" in json.loads(replies[2].body)["error"]
+
+
+async def test_an_answer_with_the_wrong_count_stops_its_connection_carrying_more() -> None:
+    """Red team 18: after one late duplicate, every answer on a connection can be the previous
+    call's, which HTTP cannot show. A count that does not match is one sign of it: the
+    connection the answer came on carries no other call (the halves go on new ones)."""
+    retired: list[int] = []
+
+    def answer(instances: list[Any], body: bytes) -> BackendResponse:
+        n = len(instances)
+        predictions = [f"p-{x}" for x in instances] + (["another-batchs"] if n > 1 else [])
+        return BackendResponse(
+            200,
+            json.dumps({"predictions": predictions}).encode(),
+            "application/json",
+            retire=lambda: retired.append(n),
+        )
+
+    replies = await run(ScriptedBackend(answer), [{"instances": [s]} for s in secrets_of(4)])
+    assert [r.status for r in replies] == [200] * 4
+    assert retired == [4, 2, 2]  # the batch and its halves, each on its connection

@@ -745,3 +745,165 @@ async def test_a_host_name_is_resolved_once_per_dns_ttl(monkeypatch: pytest.Monk
             await client.post("http://no-such-host.invalid/x", b"g", "text/plain", 5, 2)
     finally:
         await client.close()
+
+
+# Red team 18: answers a call behind, policies sharing a URL, connection churn, bounds.
+
+
+async def test_an_answer_lag_no_byte_shows_ends_with_the_connection() -> None:
+    """One late duplicate (the first answer sent again when the second request came) and a
+    backend that takes a while: each answer then lands after the next request was written,
+    and is read as that call's. Nothing at the HTTP level shows it; a connection carries at
+    most the policy's backend.calls_per_connection calls, so the lag ends with it."""
+    first: dict[str, bytes] = {}
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        if n == 0 and not first:
+            first["body"] = body
+            w.write(ok(echo(body)))
+            return
+        if n == 1 and "dup" not in first:
+            first["dup"] = b"sent"
+            w.write(ok(echo(first["body"])))  # the duplicate
+            await w.drain()
+        await asyncio.sleep(0.02)  # the model at work
+        w.write(ok(echo(body)))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            bodies = [b"call-%d" % i for i in range(14)]
+            answers = [
+                (
+                    await client.post(backend.url, body, "text/plain", 5, 2, calls_per_connection=8)
+                ).body
+                for body in bodies
+            ]
+    finally:
+        await client.close()
+    wrong = [i for i, body in enumerate(bodies) if answers[i] != echo(body)]
+    assert wrong == list(range(1, 8))  # the first connection's calls after the duplicate
+    assert backend.connections == 2
+
+
+async def test_two_policies_with_one_backend_url_never_share_a_connection() -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            for pool in ("tenant-a", "tenant-b", "tenant-a", "tenant-b"):
+                await client.post(backend.url, b"x", "text/plain", 5, 2, pool=pool)
+    finally:
+        await client.close()
+    assert [number for number, _ in backend.seen] == [1, 2, 1, 2]
+
+
+async def test_an_answer_found_to_be_another_calls_retires_its_connection() -> None:
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            resp = await call(client, backend, b"a")
+            await call(client, backend, b"b")  # reused: one connection so far
+            assert resp.retire is not None
+            resp.retire()  # (the caller found the count wrong)
+            await call(client, backend, b"c")
+            await call(client, backend, b"d")
+            assert backend.connections == 2
+            await wait_for(lambda: backend.closed == 1)
+    finally:
+        await client.close()
+
+
+async def test_garbage_where_a_reused_connections_answer_starts_is_stray() -> None:
+    strays: list[str] = []
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(b"XQ garbage\r\n\r\n" if n == 1 else ok(echo(body)))
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(script) as backend:
+            await call(client, backend, b"a")
+            with pytest.raises(ProxyError, match="not valid HTTP"):
+                await call(client, backend, b"b")
+    finally:
+        await client.close()
+    assert strays == [backend.url]
+
+
+async def test_idle_connections_are_bounded_per_backend_host(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    """A client choosing model names makes one URL each (red team 18: 512 connections held
+    to one server): idle connections are bounded per host and port, whatever the URL."""
+    monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 2)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        base = f"http://127.0.0.1:{backend.port}/v1/models/"
+        for name in ("a", "b", "c", "d"):
+            await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
+        await wait_for(lambda: backend.closed == 2)
+        await client.post(f"{base}d:predict", b"x", "text/plain", 5, 2)
+        assert backend.connections == 4  # "d"'s stayed
+
+
+def time_wait_sockets(port: int) -> int:
+    """TCP sockets of this host in TIME_WAIT whose remote port is `port`."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "06" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def test_connections_this_side_closes_leave_no_time_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 18: connections closed by the thousand (a URL whose reuse stopped, model names
+    chosen by a client) left 18,800 TIME_WAIT sockets, and connects slowed to 2 ms each."""
+    monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 1)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            base = f"http://127.0.0.1:{backend.port}/v1/models/"
+            for i in range(20):  # each closes the one before
+                await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2)
+            await wait_for(lambda: backend.closed == 19)
+            assert time_wait_sockets(backend.port) == 0
+    finally:
+        await client.close()
+
+
+async def test_quarantines_are_bounded_and_the_warning_is_not_a_flood(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team 18: 50,000 URLs of one hostile backend, each with a stray byte, took 83 MiB,
+    and 3,000 model names logged 3,000 warnings."""
+    monkeypatch.setattr(http1, "MAX_QUARANTINED", 3)
+    told: list[str] = []
+    pool = http1.Http1Pool(on_stray=told.append)
+    try:
+        for i in range(6):
+            url = f"http://127.0.0.1:9/v1/models/m{i}:predict?token=secret#frag"
+            pool.stray(("p", ("http", "127.0.0.1", 9, f"/v1/models/m{i}:predict")), url)
+        assert len(pool._quarantine) == 3
+        assert len(told) == 6 and "secret" not in "".join(told) and "frag" not in told[0]
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
+    finally:
+        await pool.close()
