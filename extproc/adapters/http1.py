@@ -533,8 +533,15 @@ class Http1Pool:
         self._idle_count += 1
         origin = target.origin
         self._idle_per_origin[origin] = self._idle_per_origin.get(origin, 0) + 1
-        if self._idle_per_origin[origin] > MAX_IDLE_PER_ORIGIN:  # its longest idle goes
-            self._close_oldest(lambda k: k[1][:3] == origin)
+        if self._idle_per_origin[origin] > MAX_IDLE_PER_ORIGIN:
+            # The longest idle of the pool (policy) holding the most there: one policy's
+            # churn (a client choosing model names) does not close another's connections.
+            held: dict[str, int] = {}
+            for k, conns in self._idle.items():
+                if k[1][:3] == origin:
+                    held[k[0]] = held.get(k[0], 0) + len(conns)
+            most = max(held, key=held.__getitem__)
+            self._close_oldest(lambda k: k[0] == most and k[1][:3] == origin)
         if self._idle_count > MAX_IDLE:  # the longest idle of all
             self._close_oldest(lambda k: True)
         self._arm_sweeper()

@@ -855,6 +855,23 @@ async def test_idle_connections_are_bounded_per_backend_host(
         assert backend.connections == 4  # "d"'s stayed
 
 
+async def test_one_policys_churn_does_not_close_anothers_idle_connections(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 3)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    async with RawBackend(script) as backend:
+        base = f"http://127.0.0.1:{backend.port}/v1/models/"
+        await client.post(f"{base}honest:predict", b"x", "text/plain", 5, 2, pool="honest")
+        for i in range(6):  # a client choosing model names, under another policy
+            await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2, pool="churn")
+        await client.post(f"{base}honest:predict", b"x", "text/plain", 5, 2, pool="honest")
+        assert backend.seen[-1][0] == 1  # the honest policy's first connection, reused
+
+
 def time_wait_sockets(port: int) -> int:
     """TCP sockets of this host in TIME_WAIT whose remote port is `port`."""
     count = 0
