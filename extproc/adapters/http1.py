@@ -77,9 +77,10 @@ CHUNKS_PER_TURN = 512
 # Unread bytes a connection buffers before it stops reading from the socket.
 READ_HIGH_WATER = 1 << 20
 # Idle connections kept per backend host and port (whatever the URL: a client choosing model
-# names must not make a replica hold hundreds of connections to one server) and in all, and
-# for how long (aiohttp's keepalive_timeout was 30 s): a timer closes those idle longer.
-MAX_IDLE_PER_ORIGIN = 64
+# names makes one URL each; over the bound the policy holding the most there loses its longest
+# idle) and in all, and for how long (aiohttp's keepalive_timeout was 30 s): a timer closes
+# those idle longer. With --backend-proxy every policy's connections go to one host.
+MAX_IDLE_PER_ORIGIN = 256
 MAX_IDLE = 512
 IDLE_SECONDS = 30.0
 # Batch calls one connection carries by default (a policy's backend.calls_per_connection): the
@@ -90,6 +91,10 @@ MAX_REQUESTS_PER_CONNECTION = 32
 # How long a backend URL's connections are not reused after a stray byte on one of them, how
 # many URLs are remembered so, and how often the warning is logged at most.
 QUARANTINE_SECONDS = 60.0
+# How long a connection that carries no more calls is kept open before its reset, watched for
+# a lagging answer, and how many at most.
+DRAIN_SECONDS = 1.0
+MAX_DRAINING = 256
 MAX_QUARANTINED = 4096
 WARN_SECONDS = 10.0
 # How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
@@ -314,6 +319,7 @@ class Http1Pool:
         self._warned_at = -WARN_SECONDS
         self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
+        self._draining: set[_Connection] = set()
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}  # expiry, addresses
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, _Target] = {}
@@ -387,7 +393,7 @@ class Http1Pool:
         conn.uses += 1
         last = conn.uses >= calls_per_connection or self._quarantined(key)
         request = _request_head(target, headers, len(body), last)
-        reusable = False
+        reusable = drain = False
         try:
             conn.busy = True
             transport = conn.transport
@@ -406,6 +412,8 @@ class Http1Pool:
             if conn.buffer:  # bytes after the answer: a second one, or worse
                 reusable = False
                 conn.on_stray()
+            else:
+                drain = True
             reusable = reusable and not last and transport.get_write_buffer_size() == 0
             return Head(
                 head.version,
@@ -415,29 +423,51 @@ class Http1Pool:
                 lambda: self._retire(key, target, conn),
             )
         finally:
-            self._release(key, target, conn, reusable)
+            self._release(key, target, conn, reusable, drain)
 
-    def _release(self, key: _Key, target: _Target, conn: _Connection, reusable: bool) -> None:
+    def _release(
+        self, key: _Key, target: _Target, conn: _Connection, reusable: bool, drain: bool
+    ) -> None:
+        """Back to the pool; else, after a clean answer, drained; else closed."""
         conn.busy = False
-        if (
-            reusable
-            and conn.usable
-            and not conn.retired
-            and not self._closed
-            and not self._quarantined(key)
-        ):
+        if not conn.usable or self._closed:
+            conn.close()
+        elif reusable and not conn.retired and not self._quarantined(key):
             self._put_idle(key, target, conn)
+        elif drain:
+            self._drain(conn)
         else:
             conn.close()
 
+    def _drain(self, conn: _Connection) -> None:
+        """Keep a connection that carries no more calls open for DRAIN_SECONDS, out of the
+        pool, before its reset: an answer that lagged a call behind arrives meanwhile and is
+        seen as stray bytes (red team 19: a lag between batches of one size was silent). A
+        backend that honours `Connection: close` closes it first."""
+        if len(self._draining) >= MAX_DRAINING:
+            conn.close()
+            return
+        self._draining.add(conn)
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self._drained, conn)
+
+    def _drained(self, conn: _Connection) -> None:
+        self._draining.discard(conn)
+        conn.close()
+
     def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:
+        """The caller found the answer was not its request's (its count is wrong). On a
+        connection that carried an earlier call it may be that call's, late: the connection
+        carries no more and is drained (a lagging answer then shows as stray bytes). On a
+        fresh one it cannot be: the backend miscounted (an input may make it), and the
+        connection stays (red team 19: closing it let a poison input churn connections)."""
+        if conn.uses <= 1:
+            return
         conn.retired = True
         idle = self._idle.get(key)
         if idle and conn in idle:
             idle.remove(conn)
             self._forget_idle(key, target.origin, idle)
-        if not conn.busy:
-            conn.close()
+            self._drain(conn)
 
     def stray(self, key: _Key, url: str) -> None:
         """A connection to `url` had bytes nobody asked for: its idle connections close, and
@@ -633,6 +663,9 @@ class Http1Pool:
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
+        for conn in self._draining:
+            conn.close()
+        self._draining.clear()
         self._idle.clear()
         self._idle_count = 0
         self._idle_per_origin.clear()

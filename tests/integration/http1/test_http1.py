@@ -769,7 +769,8 @@ async def test_an_answer_lag_no_byte_shows_ends_with_the_connection() -> None:
         await asyncio.sleep(0.02)  # the model at work
         w.write(ok(echo(body)))
 
-    client = HttpBackend()
+    strays: list[str] = []
+    client = HttpBackend(on_stray=strays.append)
     try:
         async with RawBackend(script) as backend:
             bodies = [b"call-%d" % i for i in range(14)]
@@ -783,7 +784,10 @@ async def test_an_answer_lag_no_byte_shows_ends_with_the_connection() -> None:
         await client.close()
     wrong = [i for i, body in enumerate(bodies) if answers[i] != echo(body)]
     assert wrong == list(range(1, 8))  # the first connection's calls after the duplicate
-    assert backend.connections == 2
+    # Not silent (red team 19): the last call's own answer came while the connection was
+    # drained before its reset, and that URL's connections are no longer reused.
+    assert strays == [backend.url]
+    assert backend.connections == 1 + 6  # one each once quarantined
 
 
 async def test_two_policies_with_one_backend_url_never_share_a_connection() -> None:
@@ -817,6 +821,53 @@ async def test_an_answer_found_to_be_another_calls_retires_its_connection() -> N
             await wait_for(lambda: backend.closed == 1)
     finally:
         await client.close()
+
+
+async def test_an_answer_found_wrong_on_a_fresh_connection_keeps_it() -> None:
+    """Red team 19: a poison input an honest backend miscounts made every call of the batch's
+    bisection retire a connection (4 to 2,465 connections in 10 s). On a connection that
+    carried no earlier call the answer cannot be a lagging one: it stays."""
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body)))
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            resp = await call(client, backend, b"a")
+            assert resp.retire is not None
+            resp.retire()
+            await call(client, backend, b"b")
+            assert backend.connections == 1
+    finally:
+        await client.close()
+
+
+async def test_a_lagging_answer_found_by_its_count_is_seen_when_its_own_comes() -> None:
+    """The second call reads the first's duplicate; the caller finds its count wrong and
+    retires the connection, which is drained: the second call's own answer, late, is stray."""
+    strays: list[str] = []
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        if n == 1:
+            w.write(ok(b'{"echo": "the first again"}'))
+            await w.drain()
+            await asyncio.sleep(0.05)
+        w.write(ok(echo(body)))
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(script) as backend:
+            await call(client, backend, b"first")
+            resp = await call(client, backend, b"second")
+            assert resp.body == b'{"echo": "the first again"}' and resp.retire is not None
+            resp.retire()
+            await wait_for(lambda: bool(strays))
+            assert (await call(client, backend, b"third")).body == echo(b"third")
+            assert backend.connections == 2
+    finally:
+        await client.close()
+    assert strays == [backend.url]
 
 
 async def test_garbage_where_a_reused_connections_answer_starts_is_stray() -> None:
