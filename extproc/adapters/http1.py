@@ -474,12 +474,15 @@ class Http1Pool:
         none is reused for QUARANTINE_SECONDS (each call gets its own connection, and asks
         the backend to close it)."""
         now = time.monotonic()
-        self._quarantine.pop(key, None)  # re-armed: to the end of the order
+        whole = _whole(key)
+        # (the backend's every URL quarantined already: that entry is re-armed)
+        entry = whole if self._quarantined(whole, now) else key
+        self._quarantine.pop(entry, None)  # re-armed: to the end of the order
         if len(self._quarantine) >= MAX_QUARANTINED:
             self._purge_quarantine(now)
             while len(self._quarantine) >= MAX_QUARANTINED:
-                del self._quarantine[next(iter(self._quarantine))]
-        self._quarantine[key] = now + QUARANTINE_SECONDS
+                self._collapse_quarantine()
+        self._quarantine[entry] = now + QUARANTINE_SECONDS
         idle = self._idle.pop(key, None)
         if idle:
             target = self._targets.get(url) or self._target(url)
@@ -515,13 +518,32 @@ class Http1Pool:
             self._on_stray(shown)
 
     def _quarantined(self, key: _Key, now: float | None = None) -> bool:
-        until = self._quarantine.get(key)
-        if until is None:
+        """Whether the key's URL, or every URL of its policy's backend host, is quarantined."""
+        if not self._quarantine:
             return False
-        if (time.monotonic() if now is None else now) < until:
-            return True
-        del self._quarantine[key]
+        for k in (key, _whole(key)):
+            until = self._quarantine.get(k)
+            if until is None:
+                continue
+            if (time.monotonic() if now is None else now) < until:
+                return True
+            del self._quarantine[k]
         return False
+
+    def _collapse_quarantine(self) -> None:
+        """The table is full of live entries: the policy and backend host with the most URLs
+        in it gets one entry for all its URLs. URLs are the client's to choose (model names),
+        hosts are not: junk URLs of one backend no longer push out another's quarantine (red
+        team 19: 4,096 stray events on junk URLs ended a real URL's)."""
+        groups: dict[_Key, list[_Key]] = {}
+        for k in self._quarantine:
+            groups.setdefault(_whole(k), []).append(k)
+        whole, keys = max(groups.items(), key=lambda item: len(item[1]))
+        if len(keys) == 1:  # as many hosts as entries: the oldest goes
+            del self._quarantine[keys[0]]
+            return
+        until = max(self._quarantine.pop(k) for k in keys)
+        self._quarantine[whole] = until
 
     def _purge_quarantine(self, now: float) -> None:
         for key in [k for k, until in self._quarantine.items() if until <= now]:
@@ -669,6 +691,12 @@ class Http1Pool:
         self._idle.clear()
         self._idle_count = 0
         self._idle_per_origin.clear()
+
+
+def _whole(key: _Key) -> _Key:
+    """The quarantine key for every URL of a key's policy and backend host (no path is
+    empty: a URL's is at least "/")."""
+    return (key[0], (*key[1][:3], ""))
 
 
 async def _lookup(host: str, port: int) -> list[str]:

@@ -961,16 +961,25 @@ async def test_quarantines_are_bounded_and_the_warning_is_not_a_flood(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Red team 18: 50,000 URLs of one hostile backend, each with a stray byte, took 83 MiB,
-    and 3,000 model names logged 3,000 warnings."""
+    and 3,000 model names logged 3,000 warnings. Red team 19: junk URLs filling the table
+    ended another backend's quarantine; one backend's URLs now collapse into one entry."""
     monkeypatch.setattr(http1, "MAX_QUARANTINED", 3)
     told: list[str] = []
     pool = http1.Http1Pool(on_stray=told.append)
+
+    def key(host: str, path: str) -> tuple[str, tuple[str, str, int, str]]:
+        return ("p", ("http", host, 9, path))
+
     try:
+        pool.stray(key("10.0.0.2", "/real"), "http://10.0.0.2:9/real")
         for i in range(6):
             url = f"http://127.0.0.1:9/v1/models/m{i}:predict?token=secret#frag"
-            pool.stray(("p", ("http", "127.0.0.1", 9, f"/v1/models/m{i}:predict")), url)
-        assert len(pool._quarantine) == 3
-        assert len(told) == 6 and "secret" not in "".join(told) and "frag" not in told[0]
+            pool.stray(key("127.0.0.1", f"/v1/models/m{i}:predict"), url)
+        assert len(pool._quarantine) <= 3
+        assert pool._quarantined(key("10.0.0.2", "/real"))  # not pushed out
+        assert pool._quarantined(key("127.0.0.1", "/v1/models/never-seen:predict"))
+        assert not pool._quarantined(key("10.0.0.2", "/other"))
+        assert len(told) == 7 and "secret" not in "".join(told) and "frag" not in told[1]
         warnings = [r for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
     finally:
