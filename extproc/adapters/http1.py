@@ -101,6 +101,7 @@ WARN_SECONDS = 10.0
 # connection would otherwise ask the resolver (in Kubernetes, up to one query per search
 # domain), and with a URL's reuse stopped every batch makes one.
 DNS_SECONDS = 10.0
+DNS_FAILURE_SECONDS = 1.0
 MAX_DNS_ENTRIES = 1024
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,11 @@ class Http1Pool:
         self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
         self._draining: set[_Connection] = set()
-        self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}  # expiry, addresses
+        # A host's addresses (or its lookup's error) until a time; lookups under way; addresses
+        # a connection to failed lately, until when.
+        self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
+        self._resolving: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+        self._failed: dict[tuple[str, int], float] = {}
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, _Target] = {}
         self._closed = False
@@ -634,6 +639,10 @@ class Http1Pool:
     async def _connect(
         self, target: _Target, connect_timeout: float, key: _Key, url: str
     ) -> _Connection:
+        """A new connection: the host's addresses tried in turn (those that failed lately
+        last), each with an even share of what is left of `connect_timeout` (red team 19: a
+        first address that dropped connections took the whole timeout, and every call failed
+        while the second answered)."""
         loop = asyncio.get_running_loop()
         context = None
         if target.tls:
@@ -641,44 +650,80 @@ class Http1Pool:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         where = (target.host, target.port)
+        deadline = loop.time() + connect_timeout
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 addresses = await self._addresses(where)
-                for i, address in enumerate(addresses):  # in the resolver's order
-                    try:
-                        _, conn = await loop.create_connection(
-                            lambda: _Connection(lambda: self.stray(key, url)),
-                            address,
-                            target.port,
-                            ssl=context,
-                            server_hostname=target.server_hostname,
-                        )
-                        return conn
-                    except OSError:
-                        if i == len(addresses) - 1:
-                            raise
         except TimeoutError:
-            self._dns.pop(where, None)
             raise ConnectTimeout from None
         except OSError as err:
-            self._dns.pop(where, None)  # the service may have moved: ask again next time
             raise Unreachable(err) from err
-        raise Unreachable(OSError("no address"))  # getaddrinfo returns at least one
-
-    async def _addresses(self, key: tuple[str, int]) -> list[str]:
-        """The host's addresses, from the cache for DNS_SECONDS."""
         now = time.monotonic()
-        cached = self._dns.get(key)
-        if cached is not None and now < cached[0]:
-            return cached[1]
-        found = await _lookup(*key)
+        failed = self._failed
+        order = sorted(addresses, key=lambda a: failed.get((a, target.port), 0.0) > now)
+        last: Exception = OSError("no address")
+        for i, address in enumerate(order):
+            share = (deadline - loop.time()) / (len(order) - i)
+            try:
+                async with asyncio.timeout(max(0.0, share)):
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(lambda: self.stray(key, url)),
+                        address,
+                        target.port,
+                        ssl=context,
+                        server_hostname=target.server_hostname,
+                    )
+                return conn
+            except (OSError, TimeoutError) as err:
+                last = err
+                if len(failed) >= MAX_DNS_ENTRIES:
+                    failed.clear()
+                failed[(address, target.port)] = time.monotonic() + DNS_SECONDS
+        self._dns.pop(where, None)  # the service may have moved: ask again next time
+        if isinstance(last, TimeoutError):
+            raise ConnectTimeout from None
+        assert isinstance(last, OSError)
+        raise Unreachable(last) from last
+
+    async def _addresses(self, where: tuple[str, int]) -> list[str]:
+        """The host's addresses, from the cache for DNS_SECONDS (a failed lookup's error for
+        DNS_FAILURE_SECONDS); callers asking at once share one lookup (red team 19: a slowly
+        failing name, asked by every call, held the resolver's threads from other policies)."""
+        cached = self._dns.get(where)
+        if cached is not None and time.monotonic() < cached[0]:
+            found = cached[1]
+            if isinstance(found, OSError):
+                raise type(found)(*found.args)
+            return found
+        pending = self._resolving.get(where)
+        if pending is None:
+            pending = asyncio.ensure_future(self._resolve(where))
+            self._resolving[where] = pending
+            pending.add_done_callback(self._resolved)
+        return await asyncio.shield(pending)
+
+    def _resolved(self, done: asyncio.Future[list[str]]) -> None:
+        for where, pending in list(self._resolving.items()):
+            if pending is done:
+                del self._resolving[where]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have given up
+
+    async def _resolve(self, where: tuple[str, int]) -> list[str]:
         if len(self._dns) >= MAX_DNS_ENTRIES:
             self._dns.clear()
-        self._dns[key] = (now + DNS_SECONDS, found)
+        try:
+            found = await _lookup(*where)
+        except OSError as err:
+            self._dns[where] = (time.monotonic() + DNS_FAILURE_SECONDS, err)
+            raise
+        self._dns[where] = (time.monotonic() + DNS_SECONDS, found)
         return found
 
     async def close(self) -> None:
         self._closed = True
+        for pending in list(self._resolving.values()):
+            pending.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

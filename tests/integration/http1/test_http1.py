@@ -7,6 +7,7 @@ Each case runs on asyncio's event loop and on uvloop's (conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -984,3 +985,76 @@ async def test_quarantines_are_bounded_and_the_warning_is_not_a_flood(
         assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
     finally:
         await pool.close()
+
+
+async def test_an_address_that_drops_connections_does_not_take_the_whole_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 19: a name's first address dropped connections (a dead pod, a blackhole) and
+    took all of connect_timeout: every call failed while the second address answered. Each
+    address gets a share of it, and one that failed goes last for a while."""
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
+
+    async with RawBackend(script) as backend:
+        hole = socket.socket()
+        hole.bind(("127.0.0.2", backend.port))
+        hole.listen(0)
+        queued = [socket.socket() for _ in range(4)]  # its queue full: connects hang
+        for s in queued:
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.2", backend.port))
+
+        async def two(host: str, port: int) -> list[str]:
+            return ["127.0.0.2", "127.0.0.1"]
+
+        monkeypatch.setattr(http1, "_lookup", two)
+        client = HttpBackend()
+        try:
+            url = f"http://backend.test:{backend.port}/x"
+            started = time.monotonic()
+            resp = await client.post(url, b"a", "text/plain", 5, 1.0)
+            assert resp.body == echo(b"a")
+            assert time.monotonic() - started < 0.9  # half the timeout on the dead address
+            started = time.monotonic()
+            assert (await client.post(url, b"b", "text/plain", 5, 1.0)).body == echo(b"b")
+            assert time.monotonic() - started < 0.4  # the dead one now last
+        finally:
+            await client.close()
+            for s in [hole, *queued]:
+                s.close()
+
+
+async def test_a_failing_lookup_is_shared_and_remembered_a_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 19: every call asked the resolver again for a name that failed slowly, and
+    the lookups filled the threads other policies resolve with."""
+    monkeypatch.setattr(http1, "DNS_FAILURE_SECONDS", 0.5)
+    asked: list[str] = []
+
+    async def failing(host: str, port: int) -> list[str]:
+        asked.append(host)
+        await asyncio.sleep(0.1)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(http1, "_lookup", failing)
+    client = HttpBackend()
+    try:
+        url = "http://gone.test/x"
+        results = await asyncio.gather(
+            *(client.post(url, b"x", "text/plain", 5, 2) for _ in range(10)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, ProxyError) and "does not resolve" in r.message for r in results)
+        with pytest.raises(ProxyError, match="does not resolve"):
+            await client.post(url, b"x", "text/plain", 5, 2)
+        assert asked == ["gone.test"]  # one lookup for eleven calls
+        await asyncio.sleep(0.6)
+        with pytest.raises(ProxyError, match="does not resolve"):
+            await client.post(url, b"x", "text/plain", 5, 2)
+        assert asked == ["gone.test"] * 2
+    finally:
+        await client.close()
