@@ -108,11 +108,13 @@ def echo(body: bytes) -> bytes:
     return json.dumps({"echo": body.decode()}).encode()
 
 
-async def test_connections_are_reused_for_clean_answers(client: HttpBackend) -> None:
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
+async def echo_script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+    """A sound backend: each request's body echoed, on a connection kept alive."""
+    w.write(ok(echo(body)))
 
-    async with RawBackend(script) as backend:
+
+async def test_connections_are_reused_for_clean_answers(client: HttpBackend) -> None:
+    async with RawBackend(echo_script) as backend:
         for i in range(5):
             resp = await call(client, backend, b"call-%d" % i)
             assert resp.body == echo(b"call-%d" % i)
@@ -569,10 +571,7 @@ async def test_each_backend_url_has_its_own_connections(client: HttpBackend) -> 
     """Two models on one host and port: a connection that carried one URL's batch never
     carries the other's, so a broken model server's extra answer stays with its own URL."""
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(echo_script) as backend:
         base = f"http://127.0.0.1:{backend.port}/v1/models/"
         for name in ("a", "b", "a", "b"):
             resp = await client.post(f"{base}{name}:predict", name.encode(), "text/plain", 5, 2)
@@ -677,10 +676,7 @@ async def test_idle_connections_close_on_a_timer(
     (aiohttp closed them after 30 s too)."""
     monkeypatch.setattr(http1, "IDLE_SECONDS", 0.2)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(echo_script) as backend:
         await call(client, backend, b"once")
         await call(client, backend, b"twice")
         await wait_for(lambda: backend.closed == 1)
@@ -696,10 +692,7 @@ async def test_idle_connections_are_bounded_across_urls(
     longest idle closed first."""
     monkeypatch.setattr(http1, "MAX_IDLE", 2)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(echo_script) as backend:
         base = f"http://127.0.0.1:{backend.port}/v1/models/"
         for name in ("a", "b", "c"):
             await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
@@ -792,12 +785,9 @@ async def test_an_answer_lag_no_byte_shows_ends_with_the_connection() -> None:
 
 
 async def test_two_policies_with_one_backend_url_never_share_a_connection() -> None:
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(echo_script) as backend:
             for pool in ("tenant-a", "tenant-b", "tenant-a", "tenant-b"):
                 await client.post(backend.url, b"x", "text/plain", 5, 2, pool=pool)
     finally:
@@ -806,12 +796,9 @@ async def test_two_policies_with_one_backend_url_never_share_a_connection() -> N
 
 
 async def test_an_answer_found_to_be_another_calls_retires_its_connection() -> None:
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(echo_script) as backend:
             resp = await call(client, backend, b"a")
             await call(client, backend, b"b")  # reused: one connection so far
             assert resp.retire is not None
@@ -829,12 +816,9 @@ async def test_an_answer_found_wrong_on_a_fresh_connection_keeps_it() -> None:
     bisection retire a connection (4 to 2,465 connections in 10 s). On a connection that
     carried no earlier call the answer cannot be a lagging one: it stays."""
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(echo_script) as backend:
             resp = await call(client, backend, b"a")
             assert resp.retire is not None
             resp.retire()
@@ -895,10 +879,7 @@ async def test_idle_connections_are_bounded_per_backend_host(
     to one server): idle connections are bounded per host and port, whatever the URL."""
     monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 2)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(echo_script) as backend:
         base = f"http://127.0.0.1:{backend.port}/v1/models/"
         for name in ("a", "b", "c", "d"):
             await client.post(f"{base}{name}:predict", b"x", "text/plain", 5, 2)
@@ -912,10 +893,7 @@ async def test_one_policys_churn_does_not_close_anothers_idle_connections(
 ) -> None:
     monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 3)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(echo_script) as backend:
         base = f"http://127.0.0.1:{backend.port}/v1/models/"
         await client.post(f"{base}honest:predict", b"x", "text/plain", 5, 2, pool="honest")
         for i in range(6):  # a client choosing model names, under another policy
@@ -943,12 +921,9 @@ async def test_connections_this_side_closes_leave_no_time_wait(
     chosen by a client) left 18,800 TIME_WAIT sockets, and connects slowed to 2 ms each."""
     monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 1)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body)))
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(echo_script) as backend:
             base = f"http://127.0.0.1:{backend.port}/v1/models/"
             for i in range(20):  # each closes the one before
                 await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2)
