@@ -21,8 +21,9 @@ The peer is a backend, hostile until checked (DESIGN.md section 7). What this mo
   can tell a late second answer, sent after the next request went out, from that request's
   own answer, and after one such answer every later one on the connection can be a call
   behind (red team 18). So: pools are per caller's pool name (a policy) and backend URL; a
-  connection carries at most `calls_per_connection` calls; an answer the caller finds is not
-  its own (`Head.retire`) retires its connection; and the first stray byte seen on a URL's
+  connection carries at most `calls_per_connection` calls and is then watched DRAIN_SECONDS
+  for a lagging answer before its reset; an answer the caller finds is not its own
+  (`Head.retire`) ends its connection the same way; and the first stray byte seen on a URL's
   connections (while idle, waiting in the socket, after an answer, or garbage where a reused
   connection's answer starts) stops reuse for that URL for QUARANTINE_SECONDS, and the caller
   is told (`on_stray`) so that the operator sees it.
@@ -91,12 +92,12 @@ MAX_REQUESTS_PER_CONNECTION = 32
 # How long a backend URL's connections are not reused after a stray byte on one of them, how
 # many URLs are remembered so, and how often the warning is logged at most.
 QUARANTINE_SECONDS = 60.0
+MAX_QUARANTINED = 4096
+WARN_SECONDS = 10.0
 # How long a connection that carries no more calls is kept open before its reset, watched for
 # a lagging answer, and how many at most.
 DRAIN_SECONDS = 1.0
 MAX_DRAINING = 256
-MAX_QUARANTINED = 4096
-WARN_SECONDS = 10.0
 # How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
 # connection would otherwise ask the resolver (in Kubernetes, up to one query per search
 # domain), and with a URL's reuse stopped every batch makes one.
@@ -159,8 +160,8 @@ class Head:
     status: int
     headers: tuple[tuple[str, str], ...]
     length: int | None = None  # the body's Content-Length, once checked; None if not so framed
-    # Closes the connection the answer came on, unless a call has it already (then it closes
-    # after that call): for an answer the caller found was not this request's (a miscount).
+    # For an answer the caller found was not this request's (a miscount): if its connection
+    # carried an earlier call, it carries no more and is watched for a lagging answer.
     retire: Callable[[], None] | None = field(default=None, compare=False)
 
     def get_all(self, name: str) -> list[str]:

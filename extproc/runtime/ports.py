@@ -37,8 +37,8 @@ class BackendResponse:
     content_type: str  # "" if absent or not a valid header value
     retry_after: str | None = None  # a valid header value, or None
     framing: Mapping[str, str] = field(default_factory=dict)  # of FRAMING_HEADERS
-    # Stops the connection the answer came on from carrying another call: for an answer that
-    # proved not to be this batch's (its count is wrong), as one a call behind would be.
+    # For an answer that proved not to be this batch's (its count is wrong), as one a call
+    # behind would be: its connection carries no other call (extproc/adapters/http1.py).
     retire: Callable[[], None] | None = field(default=None, compare=False)
 
 
