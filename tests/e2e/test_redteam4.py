@@ -4,6 +4,7 @@ writer without the fleet token (the ext_proc Redis user) fills with hostile reco
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -82,26 +83,29 @@ async def test_a_record_nested_too_deeply_does_not_freeze_the_fleets_members(
 async def peered_replica_stall(url: str, tmp_path: Path, port: int, token: bytes) -> float:
     """A peered replica (peer port `port`) runs against the Redis at `url` for 3 s of its
     heartbeats: how long, at worst, its event loop (the one that answers Envoy) could not
-    serve, as `worst_timer_lateness` measures it."""
+    serve, as `worst_loop_work` measures it."""
     peering = _peering(tmp_path, port, token)
     replica = Replica(url, "a", peering.address, peering.update, peering.sign_member)
     try:
         await replica.start()
-        return await worst_timer_lateness(3.0)
+        return await worst_loop_work(3.0)
     finally:
         await replica.source.close()
         await peering.close()
 
 
-async def worst_timer_lateness(seconds: float) -> float:
-    """How late, at worst, a 5 ms timer fired on this event loop over `seconds`: how long the
-    loop that answers Envoy could not serve."""
+async def worst_loop_work(seconds: float) -> float:
+    """The most CPU time this event loop's thread spent between two turns of a 5 ms timer,
+    over `seconds`: how long, at worst, one piece of work kept the loop that answers Envoy
+    from serving. CPU time, not the timer's lateness: on a loaded machine the timer fires
+    late while the loop does nothing (two busy processes on these two cores made it 0.29 s
+    late, with the fix in place)."""
     loop = asyncio.get_running_loop()
     worst, end = 0.0, loop.time() + seconds
     while loop.time() < end:
-        before = loop.time()
+        before = time.thread_time()
         await asyncio.sleep(0.005)
-        worst = max(worst, loop.time() - before - 0.005)
+        worst = max(worst, time.thread_time() - before)
     return worst
 
 
@@ -121,12 +125,12 @@ async def test_a_flood_of_bulky_records_does_not_stall_the_replicas_event_loop(
     Fixed: membership reads only the small peer keys (`mlproxy:peer:*`), each with GETRANGE
     up to 1 kB, and yields between chunks. Here a Redis writer fills both: 40 bulky records
     and 1024 peer keys as slow to parse as the bound allows. The loop must keep serving:
-    measured as how late a 5 ms timer fires."""
+    measured as the loop's CPU time between two turns of a 5 ms timer."""
     assert len(BULKY) < 1 << 20 and len(BULKY_PEER) <= keys.MAX_PEER_BYTES
     await store.redis.mset({keys.replica_key(f"bulky-{i}"): BULKY for i in range(40)})
     await store.redis.mset({keys.peer_key(f"bulky-{i}"): BULKY_PEER for i in range(1024)})
     try:
         worst = await peered_replica_stall(redis_server.url(DB), tmp_path, 7311, TOKEN)
-        assert worst < 0.1, f"the event loop stalled for {worst:.3f} s"
+        assert worst < 0.1, f"the event loop worked {worst:.3f} s without a turn"
     finally:
         await store.redis.flushdb()
