@@ -44,7 +44,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import yarl
 
@@ -174,6 +174,7 @@ class Head:
 
 
 Sink = Callable[[bytes], None]
+_T = TypeVar("_T")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -190,6 +191,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.uses = 0  # requests written on it
         self.retired = False  # not to be reused
+        self.on_closed: Callable[[], None] | None = None  # told once, when it closes
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -216,6 +218,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.eof = True
         self._wake()
+        self._tell_closed()
+
+    def _tell_closed(self) -> None:
+        told, self.on_closed = self.on_closed, None
+        if told is not None:
+            told()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -277,6 +285,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self._tell_closed()
         transport = self.transport
         if transport is None:
             return
@@ -316,12 +325,18 @@ class Http1Pool:
         # Pool key: (the caller's pool name, the target's key); idle connections oldest first.
         self._idle: dict[_Key, list[_Connection]] = {}
         self._idle_count = 0
+        # Idle connections per backend host, and per policy there and in all.
         self._idle_per_origin: dict[tuple[str, str, int], int] = {}
+        self._idle_per_policy: dict[str, int] = {}
+        self._idle_per_policy_at: dict[tuple[str, tuple[str, str, int]], int] = {}
+        # Idle connections that carried one call only, longest idle first, and their keys.
+        self._fresh: dict[_Connection, _Key] = {}
         self._quarantine: dict[_Key, float] = {}  # key: reuse again at (oldest first)
         self._warned_at = -WARN_SECONDS
         self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
-        self._draining: set[_Connection] = set()
+        self._draining: dict[str, int] = {}  # connections watched before a reset, by policy
+        self._watched: set[_Connection] = set()
         # A host's addresses (or its lookup's error) until a time; lookups under way; addresses
         # a connection to failed lately, until when.
         self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
@@ -441,24 +456,35 @@ class Http1Pool:
         elif reusable and not conn.retired and not self._quarantined(key):
             self._put_idle(key, target, conn)
         elif drain:
-            self._drain(conn)
+            self._drain(key, conn)
         else:
             conn.close()
 
-    def _drain(self, conn: _Connection) -> None:
+    def _drain(self, key: _Key, conn: _Connection) -> None:
         """Keep a connection that carries no more calls open for DRAIN_SECONDS, out of the
         pool, before its reset: an answer that lagged a call behind arrives meanwhile and is
         seen as stray bytes (red team 19: a lag between batches of one size was silent). A
-        backend that honours `Connection: close` closes it first."""
-        if len(self._draining) >= MAX_DRAINING:
+        backend that honours `Connection: close` closes it first, and frees its place. A
+        policy holds at most a quarter of the places (red team 20: one policy's closing
+        connections took them all, and another's lag went unseen)."""
+        policy = key[0]
+        held = self._draining.get(policy, 0)
+        if conn.closed or held >= MAX_DRAINING // 4 or sum(self._draining.values()) >= MAX_DRAINING:
             conn.close()
             return
-        self._draining.add(conn)
-        asyncio.get_running_loop().call_later(DRAIN_SECONDS, self._drained, conn)
+        self._draining[policy] = held + 1
+        self._watched.add(conn)
 
-    def _drained(self, conn: _Connection) -> None:
-        self._draining.discard(conn)
-        conn.close()
+        def freed() -> None:
+            self._watched.discard(conn)
+            left = self._draining.get(policy, 1) - 1
+            if left > 0:
+                self._draining[policy] = left
+            else:
+                self._draining.pop(policy, None)
+
+        conn.on_closed = freed
+        asyncio.get_running_loop().call_later(DRAIN_SECONDS, conn.close)
 
     def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:
         """The caller found the answer was not its request's (its count is wrong). On a
@@ -472,8 +498,8 @@ class Http1Pool:
         idle = self._idle.get(key)
         if idle and conn in idle:
             idle.remove(conn)
-            self._forget_idle(key, target.origin, idle)
-            self._drain(conn)
+            self._forget_idle(key, target.origin, idle, conn)
+            self._drain(key, conn)
 
     def stray(self, key: _Key, url: str) -> None:
         """A connection to `url` had bytes nobody asked for: its idle connections close, and
@@ -494,11 +520,9 @@ class Http1Pool:
             target = self._targets.get(url) or self._target(url)
             origin = target.origin
             for conn in idle:
+                self._fresh.pop(conn, None)
                 conn.close()
-            self._idle_count -= len(idle)
-            self._idle_per_origin[origin] -= len(idle)
-            if not self._idle_per_origin[origin]:
-                del self._idle_per_origin[origin]
+                self._count(key, origin, -1)
         shown = str(yarl.URL(url).with_query(None).with_user(None).with_fragment(None))
         if now - self._warned_at >= WARN_SECONDS:
             more = (
@@ -560,7 +584,7 @@ class Http1Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            self._forget_idle(key, target.origin, idle)
+            self._forget_idle(key, target.origin, idle, conn)
             if (
                 conn.usable
                 and not conn.buffer
@@ -573,46 +597,62 @@ class Http1Pool:
         return None
 
     def _forget_idle(
-        self, key: _Key, origin: tuple[str, str, int], idle: list[_Connection]
+        self, key: _Key, origin: tuple[str, str, int], idle: list[_Connection], conn: _Connection
     ) -> None:
-        """Count one connection out of `idle` (the key's list, already without it)."""
-        self._idle_count -= 1
-        left = self._idle_per_origin[origin] - 1
-        if left:
-            self._idle_per_origin[origin] = left
-        else:
-            del self._idle_per_origin[origin]
+        """Count `conn` out of `idle` (the key's list, already without it)."""
+        self._fresh.pop(conn, None)
+        self._count(key, origin, -1)
         if not idle and self._idle.get(key) is idle:
             del self._idle[key]
+
+    def _count(self, key: _Key, origin: tuple[str, str, int], step: int) -> None:
+        """Count an idle connection in (1) or out (-1)."""
+        self._idle_count += step
+        _step(self._idle_per_origin, origin, step)
+        _step(self._idle_per_policy, key[0], step)
+        _step(self._idle_per_policy_at, (key[0], origin), step)
 
     def _put_idle(self, key: _Key, target: _Target, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
-        self._idle_count += 1
+        if conn.uses == 1:
+            self._fresh[conn] = key
         origin = target.origin
-        self._idle_per_origin[origin] = self._idle_per_origin.get(origin, 0) + 1
+        self._count(key, origin, 1)
         if self._idle_per_origin[origin] > MAX_IDLE_PER_ORIGIN:
-            # The longest idle of the pool (policy) holding the most there: one policy's
-            # churn (a client choosing model names) does not close another's connections.
-            held: dict[str, int] = {}
-            for k, conns in self._idle.items():
-                if k[1][:3] == origin:
-                    held[k[0]] = held.get(k[0], 0) + len(conns)
-            most = max(held, key=held.__getitem__)
-            self._close_oldest(lambda k: k[0] == most and k[1][:3] == origin)
-        if self._idle_count > MAX_IDLE:  # the longest idle of all
-            self._close_oldest(lambda k: True)
+            self._evict(lambda k: k[1][:3] == origin, origin)
+        if self._idle_count > MAX_IDLE:
+            self._evict(lambda k: True, None)
         self._arm_sweeper()
 
-    def _close_oldest(self, among: Callable[[_Key], bool]) -> None:
-        keys = [k for k in self._idle if among(k)]
-        if not keys:
+    def _evict(self, among: Callable[[_Key], bool], origin: tuple[str, str, int] | None) -> None:
+        """Close one idle connection over a bound (of the backend host `origin`, or of all):
+        of the policy holding the most there, the longest idle of those that carried one call
+        only (a client choosing model names makes one such connection a request), else its
+        longest idle. Red team 20: closing the longest idle of all let one policy's churn, or
+        one model name's, close the connections other policies and models kept reusing."""
+        if origin is None:
+            policies = self._idle_per_policy
+        else:
+            policies = {p: n for (p, at), n in self._idle_per_policy_at.items() if at == origin}
+        if not policies:
             return
-        key = min(keys, key=lambda k: self._idle[k][0].idle_since)
+        most = max(policies, key=policies.__getitem__)
+
+        def chosen(k: _Key) -> bool:
+            return k[0] == most and among(k)
+
+        fresh = next((c for c, k in self._fresh.items() if chosen(k)), None)  # longest idle first
+        if fresh is not None:
+            conn, key = fresh, self._fresh[fresh]
+        else:
+            keys = [k for k in self._idle if chosen(k)]
+            key = min(keys, key=lambda k: self._idle[k][0].idle_since)
+            conn = self._idle[key][0]
         idle = self._idle[key]
-        conn = idle.pop(0)
+        idle.remove(conn)
         conn.close()
-        self._forget_idle(key, key[1][:3], idle)
+        self._forget_idle(key, key[1][:3], idle, conn)
 
     def _arm_sweeper(self) -> None:
         if self._sweeper is None and not self._closed:
@@ -628,7 +668,7 @@ class Http1Pool:
             while idle and not (idle[0].usable and now - idle[0].idle_since < IDLE_SECONDS):
                 conn = idle.pop(0)
                 conn.close()
-                self._forget_idle(key, key[1][:3], idle)
+                self._forget_idle(key, key[1][:3], idle, conn)
             # (a closed connection further in the list goes when it is taken)
         self._purge_quarantine(now)
         if (self._idle or self._quarantine) and not self._closed:
@@ -689,19 +729,30 @@ class Http1Pool:
     async def _addresses(self, where: tuple[str, int]) -> list[str]:
         """The host's addresses, from the cache for DNS_SECONDS (a failed lookup's error for
         DNS_FAILURE_SECONDS); callers asking at once share one lookup (red team 19: a slowly
-        failing name, asked by every call, held the resolver's threads from other policies)."""
+        failing name, asked by every call, held the resolver's threads from other policies).
+        Addresses past their time are still used while a lookup renews them, and kept when it
+        fails (red team 20: a lookup hung through a half-second resolver outage, and every
+        call failed for 9 s)."""
         cached = self._dns.get(where)
-        if cached is not None and time.monotonic() < cached[0]:
-            found = cached[1]
+        if cached is not None:
+            until, found = cached
             if isinstance(found, OSError):
-                raise type(found)(*found.args)
-            return found
+                if time.monotonic() < until:
+                    raise type(found)(*found.args)
+            else:
+                if time.monotonic() >= until:
+                    self._lookup_of(where)  # renewed meanwhile
+                return found
+        return await asyncio.shield(self._lookup_of(where))
+
+    def _lookup_of(self, where: tuple[str, int]) -> asyncio.Future[list[str]]:
+        """The lookup of `where` under way, or a new one."""
         pending = self._resolving.get(where)
         if pending is None:
             pending = asyncio.ensure_future(self._resolve(where))
             self._resolving[where] = pending
             pending.add_done_callback(self._resolved)
-        return await asyncio.shield(pending)
+        return pending
 
     def _resolved(self, done: asyncio.Future[list[str]]) -> None:
         for where, pending in list(self._resolving.items()):
@@ -716,7 +767,10 @@ class Http1Pool:
         try:
             found = await _lookup(*where)
         except OSError as err:
-            self._dns[where] = (time.monotonic() + DNS_FAILURE_SECONDS, err)
+            old = self._dns.get(where)
+            kept = old[1] if old is not None else err
+            # (addresses kept a while longer: renewed again then, not at every call)
+            self._dns[where] = (time.monotonic() + DNS_FAILURE_SECONDS, kept)
             raise
         self._dns[where] = (time.monotonic() + DNS_SECONDS, found)
         return found
@@ -731,12 +785,24 @@ class Http1Pool:
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
-        for conn in self._draining:
+        for conn in list(self._watched):
             conn.close()
+        self._watched.clear()
         self._draining.clear()
         self._idle.clear()
+        self._fresh.clear()
         self._idle_count = 0
         self._idle_per_origin.clear()
+        self._idle_per_policy.clear()
+        self._idle_per_policy_at.clear()
+
+
+def _step(counts: dict[_T, int], name: _T, step: int) -> None:
+    left = counts.get(name, 0) + step
+    if left:
+        counts[name] = left
+    else:
+        del counts[name]
 
 
 def _whole(key: _Key) -> _Key:
@@ -746,10 +812,15 @@ def _whole(key: _Key) -> _Key:
 
 
 async def _lookup(host: str, port: int) -> list[str]:
-    """The host's addresses (IP literals as they are), without duplicates, in order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    """The host's addresses (IP literals as they are), without duplicates, in order. A name
+    DNS cannot carry (an empty label, one over 63 characters) does not resolve (red team 20:
+    its UnicodeError was a 500 with a traceback)."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except UnicodeError:
+        raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

@@ -704,8 +704,9 @@ async def test_idle_connections_are_bounded_across_urls(
 
 async def test_a_host_name_is_resolved_once_per_dns_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each new connection asked the resolver (in Kubernetes, a query per search domain); with
-    a URL's reuse stopped, every batch opens one. Addresses are kept DNS_SECONDS, and dropped
-    when connecting to them fails (the service moved)."""
+    a URL's reuse stopped, every batch opens one. Addresses are kept DNS_SECONDS (then used
+    while a lookup renews them), and dropped when connecting to them fails (the service
+    moved)."""
     asked: list[str] = []
     lookup = http1._lookup
 
@@ -728,7 +729,8 @@ async def test_a_host_name_is_resolved_once_per_dns_ttl(monkeypatch: pytest.Monk
                 assert resp.body == echo(body)
             assert backend.connections == 3 and asked == ["localhost"]
             await asyncio.sleep(0.6)
-            await client.post(url, b"d", "text/plain", 5, 2)
+            await client.post(url, b"d", "text/plain", 5, 2)  # the old ones, renewed meanwhile
+            await wait_for(lambda: not client._pool._resolving)
             assert asked == ["localhost"] * 2
         with pytest.raises(ProxyError, match="unreachable"):  # the backend is gone
             await client.post(url, b"e", "text/plain", 5, 2)
@@ -1031,5 +1033,137 @@ async def test_a_failing_lookup_is_shared_and_remembered_a_moment(
         with pytest.raises(ProxyError, match="does not resolve"):
             await client.post(url, b"x", "text/plain", 5, 2)
         assert asked == ["gone.test"] * 2
+    finally:
+        await client.close()
+
+
+# Red team 20: the watch's places, eviction within a policy and across hosts, DNS outages.
+
+
+async def test_a_connection_the_backend_closes_frees_its_watch_at_once() -> None:
+    """The 1 s watch before a reset had a place per connection until the second was over,
+    even when the backend had closed it: a busy policy (here: every call the last, as with
+    calls_per_connection 1, on a backend that honours Connection: close) held every place,
+    and another policy's lagging answers went unseen."""
+
+    async def closing(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body), b"Connection: close\r\n"))
+        await w.drain()
+        w.close()
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(closing) as backend:
+            for _ in range(20):
+                await client.post(backend.url, b"x", "text/plain", 5, 2, calls_per_connection=1)
+            await wait_for(lambda: not client._pool._draining)
+    finally:
+        await client.close()
+
+
+async def test_one_policy_holds_at_most_a_quarter_of_the_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend that keeps every connection open: one policy's last calls fill its share of
+    the watch, and another policy's lagging answer is still seen."""
+    monkeypatch.setattr(http1, "MAX_DRAINING", 8)
+    strays: list[str] = []
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        if body == b"lag" and n == 1:
+            w.write(ok(b'{"echo": "the first again"}'))
+            await w.drain()
+            await asyncio.sleep(0.05)
+        w.write(ok(echo(body)))
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(script) as backend:
+            for _ in range(12):  # policy "busy": each call its connection's last
+                await client.post(
+                    backend.url, b"x", "text/plain", 5, 2, pool="busy", calls_per_connection=1
+                )
+            assert client._pool._draining == {"busy": 2}
+            for _ in range(2):  # policy "lagging": its second call reads the first's answer
+                await client.post(
+                    backend.url, b"lag", "text/plain", 5, 2, pool="lag", calls_per_connection=2
+                )
+            await wait_for(lambda: bool(strays))
+    finally:
+        await client.close()
+
+
+async def test_model_names_a_client_chooses_do_not_close_a_used_models_connection(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    """One policy for every model (a Triton or KServe server): random model names made a
+    connection each and closed the longest idle, which was the connection a real model kept
+    reusing. Connections that carried one call only go first."""
+    monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 3)
+    async with RawBackend(echo_script) as backend:
+        base = f"http://127.0.0.1:{backend.port}/v1/models/"
+        for _ in range(2):  # the real model: its connection reused
+            await client.post(f"{base}real:predict", b"x", "text/plain", 5, 2)
+        for i in range(6):
+            await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2)
+        await client.post(f"{base}real:predict", b"x", "text/plain", 5, 2)
+        assert backend.seen[-1][0] == 1
+
+
+async def test_one_policys_churn_on_one_host_does_not_close_another_hosts_connections(
+    monkeypatch: pytest.MonkeyPatch, client: HttpBackend
+) -> None:
+    """The bound on all idle connections closed the longest idle of all: another host's."""
+    monkeypatch.setattr(http1, "MAX_IDLE", 3)
+    async with RawBackend(echo_script) as honest, RawBackend(echo_script) as churned:
+        for _ in range(2):
+            await client.post(honest.url, b"x", "text/plain", 5, 2, pool="honest")
+        base = f"http://127.0.0.1:{churned.port}/v1/models/"
+        for i in range(6):
+            await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2, pool="churn")
+        await client.post(honest.url, b"x", "text/plain", 5, 2, pool="honest")
+        assert honest.connections == 1
+
+
+async def test_addresses_are_kept_through_a_resolver_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 20: a lookup started during a half-second resolver outage failed every call
+    for 9 s. Addresses past their time are used while a lookup renews them, and kept when it
+    fails."""
+    monkeypatch.setattr(http1, "DNS_SECONDS", 0.2)
+    down = [False]
+    lookup = http1._lookup
+
+    async def flaky(host: str, port: int) -> list[str]:
+        if down[0]:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return await lookup(host, port)
+
+    monkeypatch.setattr(http1, "_lookup", flaky)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
+
+    client = HttpBackend()
+    try:
+        async with RawBackend(script) as backend:
+            url = f"http://localhost:{backend.port}/x"
+            await client.post(url, b"a", "text/plain", 5, 2)
+            down[0] = True
+            await asyncio.sleep(0.3)  # the addresses' time is over; the resolver fails
+            for body in (b"b", b"c", b"d"):
+                assert (await client.post(url, body, "text/plain", 5, 2)).body == echo(body)
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+async def test_a_host_name_dns_cannot_carry_does_not_resolve() -> None:
+    client = HttpBackend()
+    try:
+        for host in ("a..b.test", "x" * 64 + ".test"):
+            with pytest.raises(ProxyError, match="the host name does not resolve"):
+                await client.post(f"http://{host}/x", b"x", "text/plain", 5, 2)
     finally:
         await client.close()
