@@ -83,6 +83,10 @@ READ_HIGH_WATER = 1 << 20
 # those idle longer. With --backend-proxy every policy's connections go to one host.
 MAX_IDLE_PER_ORIGIN = 256
 MAX_IDLE = 512
+# A URL called this many times is a model in use: its idle connections go after those of URLs
+# called fewer times (a client's random model names); how many URLs are counted.
+SETTLED_CALLS = 4
+MAX_KEYS_COUNTED = 4096
 IDLE_SECONDS = 30.0
 # Batch calls one connection carries by default (a policy's backend.calls_per_connection): the
 # last asks the backend to close it. An answer that lags one request behind on a connection
@@ -329,7 +333,9 @@ class Http1Pool:
         self._idle_per_origin: dict[tuple[str, str, int], int] = {}
         self._idle_per_policy: dict[str, int] = {}
         self._idle_per_policy_at: dict[tuple[str, tuple[str, str, int]], int] = {}
-        # Idle connections that carried one call only, longest idle first, and their keys.
+        # Calls made to each URL (up to SETTLED_CALLS); idle connections of URLs called fewer
+        # times (a client's random model names), longest idle first, and their keys.
+        self._calls: dict[_Key, int] = {}
         self._fresh: dict[_Connection, _Key] = {}
         self._quarantine: dict[_Key, float] = {}  # key: reuse again at (oldest first)
         self._warned_at = -WARN_SECONDS
@@ -407,6 +413,7 @@ class Http1Pool:
         the backend to close it)."""
         target = self._target(url)
         key = (pool, target.key)
+        self._called(key)
         conn = self._take_idle(key, target)
         reused = conn is not None
         if conn is None:
@@ -612,10 +619,23 @@ class Http1Pool:
         _step(self._idle_per_policy, key[0], step)
         _step(self._idle_per_policy_at, (key[0], origin), step)
 
+    def _called(self, key: _Key) -> None:
+        """Count a call to the key's URL (up to SETTLED_CALLS; MAX_DNS_ENTRIES keys, those
+        called fewest times forgotten first)."""
+        calls = self._calls.get(key, 0)
+        if calls >= SETTLED_CALLS:
+            return
+        if not calls and len(self._calls) >= MAX_KEYS_COUNTED:
+            for k in [k for k, n in self._calls.items() if n < SETTLED_CALLS]:
+                del self._calls[k]
+            if len(self._calls) >= MAX_KEYS_COUNTED:
+                self._calls.clear()
+        self._calls[key] = calls + 1
+
     def _put_idle(self, key: _Key, target: _Target, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
-        if conn.uses == 1:
+        if self._calls.get(key, 0) < SETTLED_CALLS:
             self._fresh[conn] = key
         origin = target.origin
         self._count(key, origin, 1)
@@ -627,10 +647,12 @@ class Http1Pool:
 
     def _evict(self, among: Callable[[_Key], bool], origin: tuple[str, str, int] | None) -> None:
         """Close one idle connection over a bound (of the backend host `origin`, or of all):
-        of the policy holding the most there, the longest idle of those that carried one call
-        only (a client choosing model names makes one such connection a request), else its
-        longest idle. Red team 20: closing the longest idle of all let one policy's churn, or
-        one model name's, close the connections other policies and models kept reusing."""
+        of the policy holding the most there, the longest idle of those whose URL was called
+        fewer than SETTLED_CALLS times (a client choosing model names makes one such URL a
+        request), else its longest idle. Red team 20: closing the longest idle of all let one
+        policy's churn, or random model names, close the connections other policies and
+        models kept reusing; red team 21: a model called every 200 ms lost its connection
+        between two calls while its connection counted as carrying one call only."""
         if origin is None:
             policies = self._idle_per_policy
         else:
@@ -791,6 +813,7 @@ class Http1Pool:
         self._draining.clear()
         self._idle.clear()
         self._fresh.clear()
+        self._calls.clear()
         self._idle_count = 0
         self._idle_per_origin.clear()
         self._idle_per_policy.clear()

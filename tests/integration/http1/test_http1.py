@@ -1098,16 +1098,18 @@ async def test_model_names_a_client_chooses_do_not_close_a_used_models_connectio
 ) -> None:
     """One policy for every model (a Triton or KServe server): random model names made a
     connection each and closed the longest idle, which was the connection a real model kept
-    reusing. Connections that carried one call only go first."""
+    reusing, and then (red team 21) a model called now and then lost its connection between
+    two calls. Connections of URLs called fewer than SETTLED_CALLS times go first."""
     monkeypatch.setattr(http1, "MAX_IDLE_PER_ORIGIN", 3)
     async with RawBackend(echo_script) as backend:
         base = f"http://127.0.0.1:{backend.port}/v1/models/"
-        for _ in range(2):  # the real model: its connection reused
+        names = iter(range(1000))
+        for _ in range(8):  # the real model, called now and then between random names
             await client.post(f"{base}real:predict", b"x", "text/plain", 5, 2)
-        for i in range(6):
-            await client.post(f"{base}m{i}:predict", b"x", "text/plain", 5, 2)
-        await client.post(f"{base}real:predict", b"x", "text/plain", 5, 2)
-        assert backend.seen[-1][0] == 1
+            for _ in range(6):
+                await client.post(f"{base}m{next(names)}:predict", b"x", "text/plain", 5, 2)
+        real = [number for number, target in backend.seen if "real" in target]
+        assert len(set(real[-4:])) == 1  # once called SETTLED_CALLS times: one connection
 
 
 async def test_one_policys_churn_on_one_host_does_not_close_another_hosts_connections(
