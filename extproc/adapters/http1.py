@@ -107,6 +107,7 @@ MAX_DRAINING = 256
 # domain), and with a URL's reuse stopped every batch makes one.
 DNS_SECONDS = 10.0
 DNS_FAILURE_SECONDS = 1.0
+DNS_STALE_SECONDS = 60.0  # how long past a lookup's success its addresses may still serve
 MAX_DNS_ENTRIES = 1024
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,10 @@ class Head:
 
 Sink = Callable[[bytes], None]
 _T = TypeVar("_T")
+# A lookup's answer that the name does not exist (not an outage: its old addresses go).
+_NO_SUCH_NAME = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -348,6 +353,7 @@ class Http1Pool:
         self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
         self._resolving: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
         self._failed: dict[tuple[str, int], float] = {}
+        self._looked_up: dict[tuple[str, int], float] = {}  # when a lookup last succeeded
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, _Target] = {}
         self._closed = False
@@ -786,15 +792,24 @@ class Http1Pool:
     async def _resolve(self, where: tuple[str, int]) -> list[str]:
         if len(self._dns) >= MAX_DNS_ENTRIES:
             self._dns.clear()
+            self._looked_up.clear()
         try:
             found = await _lookup(*where)
         except OSError as err:
+            now = time.monotonic()
             old = self._dns.get(where)
-            kept = old[1] if old is not None else err
-            # (addresses kept a while longer: renewed again then, not at every call)
-            self._dns[where] = (time.monotonic() + DNS_FAILURE_SECONDS, kept)
+            kept: list[str] | OSError = err
+            # Old addresses are kept through a resolver's outage (renewed again in a while,
+            # not at every call), but not once the name is gone, nor past DNS_STALE_SECONDS
+            # (red team 21: a name removed from DNS was served its old addresses for ever).
+            gone = isinstance(err, socket.gaierror) and err.errno in _NO_SUCH_NAME
+            fresh = now - self._looked_up.get(where, -DNS_STALE_SECONDS) < DNS_STALE_SECONDS
+            if old is not None and not isinstance(old[1], OSError) and not gone and fresh:
+                kept = old[1]
+            self._dns[where] = (now + DNS_FAILURE_SECONDS, kept)
             raise
         self._dns[where] = (time.monotonic() + DNS_SECONDS, found)
+        self._looked_up[where] = time.monotonic()
         return found
 
     async def close(self) -> None:

@@ -1169,3 +1169,58 @@ async def test_a_host_name_dns_cannot_carry_does_not_resolve() -> None:
                 await client.post(f"http://{host}/x", b"x", "text/plain", 5, 2)
     finally:
         await client.close()
+
+
+async def test_old_addresses_go_when_the_name_is_gone_or_too_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 21: each failed renewal kept the old addresses again, so a name removed from
+    DNS was served them for ever (an address another service may have by then). They are
+    kept through an outage, for DNS_STALE_SECONDS at most, and never once the name is gone."""
+    monkeypatch.setattr(http1, "DNS_SECONDS", 0.05)
+    monkeypatch.setattr(http1, "DNS_FAILURE_SECONDS", 0.05)
+    monkeypatch.setattr(http1, "DNS_STALE_SECONDS", 0.5)
+    error = [0]
+    lookup = http1._lookup
+
+    async def changing(host: str, port: int) -> list[str]:
+        if error[0]:
+            raise socket.gaierror(error[0], "lookup failed")
+        return await lookup(host, port)
+
+    monkeypatch.setattr(http1, "_lookup", changing)
+
+    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
+
+    async def calls(client: HttpBackend, url: str, seconds: float) -> list[bool]:
+        got = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                await client.post(url, b"x", "text/plain", 5, 2)
+                got.append(True)
+            except ProxyError:
+                got.append(False)
+            await asyncio.sleep(0.02)
+        return got
+
+    async with RawBackend(script) as backend:
+        url = f"http://localhost:{backend.port}/x"
+        client = HttpBackend()
+        try:
+            await client.post(url, b"x", "text/plain", 5, 2)
+            error[0] = socket.EAI_AGAIN  # an outage: served from the old addresses a while
+            outage = await calls(client, url, 1.0)
+            assert outage[:5] == [True] * 5 and not outage[-1]  # not past DNS_STALE_SECONDS
+        finally:
+            await client.close()
+        error[0] = 0
+        client = HttpBackend()
+        try:
+            await client.post(url, b"x", "text/plain", 5, 2)
+            error[0] = socket.EAI_NONAME  # the name is gone
+            gone = await calls(client, url, 0.4)
+            assert False in gone and True not in gone[gone.index(False) :]  # none after
+        finally:
+            await client.close()
