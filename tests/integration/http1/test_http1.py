@@ -113,6 +113,21 @@ async def echo_script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
     w.write(ok(echo(body)))
 
 
+async def closing_echo_script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+    """A sound backend that asks for each connection to close: a new connection each call."""
+    w.write(ok(echo(body), b"Connection: close\r\n"))
+
+
+async def lag_once_script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
+    """A backend that sends the first answer again before the second call's own, 50 ms later:
+    the second call reads the duplicate, and its own answer comes late."""
+    if n == 1:
+        w.write(ok(b'{"echo": "the first again"}'))
+        await w.drain()
+        await asyncio.sleep(0.05)
+    w.write(ok(echo(body)))
+
+
 async def test_connections_are_reused_for_clean_answers(client: HttpBackend) -> None:
     async with RawBackend(echo_script) as backend:
         for i in range(5):
@@ -717,12 +732,9 @@ async def test_a_host_name_is_resolved_once_per_dns_ttl(monkeypatch: pytest.Monk
     monkeypatch.setattr(http1, "_lookup", counted)
     monkeypatch.setattr(http1, "DNS_SECONDS", 0.5)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(closing_echo_script) as backend:
             url = f"http://localhost:{backend.port}/x"
             for body in (b"a", b"b", b"c"):
                 resp = await client.post(url, body, "text/plain", 5, 2)
@@ -835,16 +847,9 @@ async def test_a_lagging_answer_found_by_its_count_is_seen_when_its_own_comes() 
     retires the connection, which is drained: the second call's own answer, late, is stray."""
     strays: list[str] = []
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        if n == 1:
-            w.write(ok(b'{"echo": "the first again"}'))
-            await w.drain()
-            await asyncio.sleep(0.05)
-        w.write(ok(echo(body)))
-
     client = HttpBackend(on_stray=strays.append)
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(lag_once_script) as backend:
             await call(client, backend, b"first")
             resp = await call(client, backend, b"second")
             assert resp.body == b'{"echo": "the first again"}' and resp.retire is not None
@@ -971,10 +976,7 @@ async def test_an_address_that_drops_connections_does_not_take_the_whole_connect
     took all of connect_timeout: every call failed while the second address answered. Each
     address gets a share of it, and one that failed goes last for a while."""
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
-
-    async with RawBackend(script) as backend:
+    async with RawBackend(closing_echo_script) as backend:
         hole = socket.socket()
         hole.bind(("127.0.0.2", backend.port))
         hole.listen(0)
@@ -1069,16 +1071,9 @@ async def test_one_policy_holds_at_most_a_quarter_of_the_watch(
     monkeypatch.setattr(http1, "MAX_DRAINING", 8)
     strays: list[str] = []
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        if body == b"lag" and n == 1:
-            w.write(ok(b'{"echo": "the first again"}'))
-            await w.drain()
-            await asyncio.sleep(0.05)
-        w.write(ok(echo(body)))
-
     client = HttpBackend(on_stray=strays.append)
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(lag_once_script) as backend:
             for _ in range(12):  # policy "busy": each call its connection's last
                 await client.post(
                     backend.url, b"x", "text/plain", 5, 2, pool="busy", calls_per_connection=1
@@ -1144,12 +1139,9 @@ async def test_addresses_are_kept_through_a_resolver_outage(
 
     monkeypatch.setattr(http1, "_lookup", flaky)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
-
     client = HttpBackend()
     try:
-        async with RawBackend(script) as backend:
+        async with RawBackend(closing_echo_script) as backend:
             url = f"http://localhost:{backend.port}/x"
             await client.post(url, b"a", "text/plain", 5, 2)
             down[0] = True
@@ -1190,9 +1182,6 @@ async def test_old_addresses_go_when_the_name_is_gone_or_too_old(
 
     monkeypatch.setattr(http1, "_lookup", changing)
 
-    async def script(body: bytes, n: int, w: asyncio.StreamWriter) -> None:
-        w.write(ok(echo(body), b"Connection: close\r\n"))  # a new connection each call
-
     async def calls(client: HttpBackend, url: str, seconds: float) -> list[bool]:
         got = []
         end = time.monotonic() + seconds
@@ -1205,7 +1194,7 @@ async def test_old_addresses_go_when_the_name_is_gone_or_too_old(
             await asyncio.sleep(0.02)
         return got
 
-    async with RawBackend(script) as backend:
+    async with RawBackend(closing_echo_script) as backend:
         url = f"http://localhost:{backend.port}/x"
         client = HttpBackend()
         try:
