@@ -10,6 +10,11 @@ model's own answer for that input.
 
 A third path, `noop ext_proc`, is a second Envoy in front of bench/noop_extproc.py, which
 answers every request with a canned body: the floor of any Python ext_proc on grpcio here.
+A fourth, `lean batcher` (`--no-lean` leaves it out), is bench/lean_batcher.py behind an Envoy
+of its own: the least a Python ext_proc that batches does (queue, timer, one HTTP call a batch,
+split), batching as the static policy does and doing nothing else: the floor of batching in
+Python, against which MLProxy's own work (its checks, SLA clock, metrics, isolation rules)
+shows.
 The CPU columns give each process's CPU time per request (from /proc), which shows where a
 2-core machine's budget goes.
 """
@@ -55,6 +60,16 @@ def batch_stats(metrics_url: str) -> tuple[float, float]:
     return total, count
 
 
+def model_batches(model_url: str) -> tuple[float, float]:
+    """(instances, calls) the demo model has predicted."""
+    text = urllib.request.urlopen(f"{model_url}/metrics", timeout=5).read().decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    return (
+        float(values.get("demo_model_predict_instances_total", 0)),
+        float(values.get("demo_model_predict_calls_total", 0)),
+    )
+
+
 def cpu_seconds(pid: int, children: bool = True) -> float:
     """CPU time of a process and (unless `children` is False) of its live children: the
     workers of `--workers`."""
@@ -80,35 +95,66 @@ def cpu_by_process(pid: int) -> dict[int, float]:
 def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child]:
     """bench/noop_extproc.py (`--variant`) behind an Envoy of its own (both stop with the
     stack); returns that Envoy's listener port, the noop and the Envoy."""
+    suffix = "" if variant == "answer" else f"-{variant}"
+    script = str(Path(__file__).with_name("noop_extproc.py"))
+    return start_beside(
+        stack,
+        f"noop{suffix}",
+        lambda port: [sys.executable, script, str(port), "--variant", variant],
+        streamed=variant == "no-header-response",
+    )
+
+
+def start_lean(stack: Stack, args: argparse.Namespace) -> tuple[int, Child, Child]:
+    """bench/lean_batcher.py, batching as the static policy does, behind an Envoy of its own."""
+    script = str(Path(__file__).with_name("lean_batcher.py"))
+    url = f"{stack.model_url}/v1/models/demo:predict"
+    return start_beside(
+        stack,
+        "lean",
+        lambda port: [
+            sys.executable,
+            script,
+            str(port),
+            url,
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-in-flight",
+            str(args.max_in_flight),
+        ],
+    )
+
+
+def start_beside(
+    stack: Stack, name: str, argv: Callable[[int], list[str]], streamed: bool = False
+) -> tuple[int, Child, Child]:
+    """An ext_proc server (`argv` of its gRPC port) behind an Envoy of its own, beside the
+    stack's (both stop with the stack): that Envoy's listener port, the server and the Envoy.
+    `streamed`: the body is streamed and sent without waiting for the headers' answer."""
     assert stack.run_dir is not None
     grpc_port, listener, admin = (stack.reserve_port() for _ in range(3))
-    suffix = "" if variant == "answer" else f"-{variant}"
-    noop = Child(
-        f"noop{suffix}",
-        [
-            sys.executable,
-            str(Path(__file__).with_name("noop_extproc.py")),
-            str(grpc_port),
-            "--variant",
-            variant,
-        ],
-        stack.run_dir / f"noop{suffix}.log",
+    server = Child(
+        name,
+        argv(grpc_port),
+        stack.run_dir / f"{name}.log",
         # listening before its Envoy takes traffic: Envoy starts faster than Python imports
         # grpc, and the first requests were refused (500s in the noop rows)
         ready=lambda: tcp_ok("127.0.0.1", grpc_port),
     )
     envoy_config = local_config(listener, [("127.0.0.1", grpc_port)], stack.model_port, admin)
-    if variant == "no-header-response":
+    if streamed:
         for f in envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
             "typed_config"
         ]["http_filters"]:
             if f["name"] == EXT_PROC_FILTER:
                 f["typed_config"]["processing_mode"]["request_body_mode"] = "STREAMED"
                 f["typed_config"]["send_body_without_waiting_for_header_response"] = True
-    config = stack.run_dir / f"envoy-noop{suffix}.yaml"
+    config = stack.run_dir / f"envoy-{name}.yaml"
     config.write_text(yaml.safe_dump(envoy_config))
     envoy = Child(
-        f"envoy-noop{suffix}",
+        f"envoy-{name}",
         [
             envoy_binary(),
             "-c",
@@ -119,12 +165,12 @@ def start_noop(stack: Stack, variant: str = "answer") -> tuple[int, Child, Child
             "--concurrency",
             "1",
         ],
-        stack.run_dir / f"envoy-noop{suffix}.log",
+        stack.run_dir / f"envoy-{name}.log",
     )
     envoy.ready = lambda: http_ok(f"http://127.0.0.1:{listener}/healthz")
-    stack.start_child(noop)
+    stack.start_child(server)
     stack.start_child(envoy)
-    return listener, noop, envoy
+    return listener, server, envoy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +194,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the policy: static (max wait, batch size, in flight as given), or adaptive with a "
         "100 ms SLA at p99 and objective latency (sends whenever a slot is free) or cost (the "
         "default objective: holds requests as long as their deadlines allow)",
+    )
+    parser.add_argument(
+        "--lean",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure bench/lean_batcher.py too: the least a Python batching ext_proc does, "
+        "batching as the static policy does (its max wait, batch size and in flight)",
     )
     return parser
 
@@ -203,6 +256,7 @@ class LoadPath:
     path: str
     check: Callable[[int, bytes], bool]
     proxy: str
+    envoy: str = "envoy"
 
 
 # (concurrency, path, its load, mean batch, CPU microseconds per request by process)
@@ -221,13 +275,13 @@ class Measurer:
     def measure(self, c: int, p: LoadPath) -> Row:
         """`p` at concurrency `c`: its load, ext_proc's mean batch, and each process's CPU."""
         pids, args = self.pids, self.args
-        envoy = "envoy-noop" if p.name == "noop ext_proc" else "envoy"
-        watched = {"envoy": pids[envoy], "loadgen": pids["loadgen"]}
+        watched = {"envoy": pids[p.envoy], "loadgen": pids["loadgen"]}
         if p.name != "direct":
             watched["ext_proc"] = pids[p.proxy]
         if p.name != "noop ext_proc":
             watched["model"] = pids["model"]
         before = batch_stats(self.metrics_url)
+        model_before = model_batches(self.stack.model_url)
         # the load generator's own CPU (its children are the stack)
         cpu0 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
         split0 = cpu_by_process(pids["extproc-0"])
@@ -237,6 +291,7 @@ class Measurer:
         cpu1 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
         split1 = cpu_by_process(pids["extproc-0"])
         after = batch_stats(self.metrics_url)
+        model_after = model_batches(self.stack.model_url)
         if p.name == "mlproxy" and args.workers > 1:
             shares = [
                 f"pid {pid}: {(split1[pid] - split0.get(pid, 0.0)) / args.duration:.2f}"
@@ -247,11 +302,13 @@ class Measurer:
                 f"first): {', '.join(shares)}",
                 flush=True,
             )
+        if p.name == "lean batcher":  # it keeps no count: the model's
+            before, after = model_before, model_after
         calls = after[1] - before[1]
         mean_batch = (after[0] - before[0]) / calls if calls else 1.0
         n = max(r.ok, 1)
         cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in watched}
-        return (c, p.name, r, mean_batch if p.name == "mlproxy" else 1.0, cpu)
+        return (c, p.name, r, mean_batch if p.name in ("mlproxy", "lean batcher") else 1.0, cpu)
 
 
 def _compare(c: int, direct: LoadResult, batched: LoadResult, wait: float) -> None:
@@ -322,12 +379,32 @@ def main() -> int:
     rows: list[Row] = []
     with stack:
         noop_port, _, _ = start_noop(stack)
+        lean_port, _, _ = start_lean(stack, args) if args.lean else (0, None, None)
         measurer = Measurer(stack, args, bodies)
         paths = [
             LoadPath("direct", stack.envoy_port, "/direct/v1/models/demo:predict", check, "envoy"),
-            LoadPath("noop ext_proc", noop_port, "/v1/models/demo:predict", check_noop, "noop"),
+            LoadPath(
+                "noop ext_proc",
+                noop_port,
+                "/v1/models/demo:predict",
+                check_noop,
+                "noop",
+                "envoy-noop",
+            ),
             LoadPath("mlproxy", stack.envoy_port, "/v1/models/demo:predict", check, "extproc-0"),
         ]
+        if args.lean:
+            paths.insert(
+                2,
+                LoadPath(
+                    "lean batcher",
+                    lean_port,
+                    "/v1/models/demo:predict",
+                    check,
+                    "lean",
+                    "envoy-lean",
+                ),
+            )
         for c in [int(x) for x in args.concurrency.split(",")]:
             results = {p.name: measurer.measure(c, p) for p in paths}
             rows += results.values()

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import sys
 import time
@@ -199,7 +200,7 @@ def main() -> int:
     )
     if profiler is not None:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
     print(
         f"{args.requests} requests, concurrency {args.concurrency}: "
         f"{cpu / args.requests * 1e6:.1f} us CPU per request, "
