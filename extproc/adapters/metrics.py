@@ -11,10 +11,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
+from extproc.adapters.series import FastCounter, FastGauge, FastHistogram
 from mlproxy_kernel.outcome import BatchOutcome, ForwardOutcome, Outcome, label
 from mlproxy_kernel.policy import Policy
 
 __all__ = ["PrometheusMetrics"]
+
+_Labelled = MetricWrapperBase | FastCounter | FastGauge | FastHistogram
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
@@ -35,51 +38,53 @@ class PrometheusMetrics:
         self._peer_metrics(self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-        # Labelled series on the request path, looked up once: prometheus_client's labels()
-        # takes a lock and builds a tuple of strings per call, and a request touches a dozen.
-        self._series: dict[tuple[MetricWrapperBase, str, str], Any] = {}
+        # Labelled series on the request path, looked up once: labels() builds a tuple of
+        # strings per call, and a request touches a dozen. The metrics a request or a batch
+        # steps are extproc/adapters/series.py's (no lock, stepped by the event loop's thread
+        # only); the others are prometheus_client's.
+        self._series: dict[tuple[_Labelled, str, str], Any] = {}
 
     def _request_metrics(self, r: CollectorRegistry) -> None:
-        self.requests = Counter(
+        self.requests = FastCounter(
             "mlproxy_requests",
             "Requests handled by a policy, by outcome.",
             ["policy", "outcome"],
             registry=r,
         )
-        self.passthrough_requests = Counter(
+        self.passthrough_requests = FastCounter(
             "mlproxy_passthrough_requests",
             "Requests that matched no policy (sent on untouched).",
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = FastHistogram(
             "mlproxy_queue_wait_seconds",
             "Time from arrival to dispatch of the request's batch.",
             ["policy"],
             buckets=_TIME_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = FastHistogram(
             "mlproxy_batch_size",
             "Instances per backend call.",
             ["policy"],
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = FastHistogram(
             "mlproxy_batch_requests",
             "Client requests per backend call.",
             ["policy"],
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
-        self.backend_latency = Histogram(
+        self.backend_latency = FastHistogram(
             "mlproxy_backend_latency_seconds",
             "Backend call duration, by outcome.",
             ["policy", "outcome"],
             buckets=_TIME_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = FastHistogram(
             "mlproxy_request_latency_seconds",
             "Envoy's receipt of the request (its request.time attribute; else the request's "
             "arrival at ext_proc) to ext_proc's reply, for requests that were queued.",
@@ -87,7 +92,7 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
-        self.sla_misses = Counter(
+        self.sla_misses = FastCounter(
             "mlproxy_sla_misses",
             "Queued requests answered later than the policy's SLA latency after Envoy received "
             "them (else after they reached ext_proc), or shed because it could not be met (not "
@@ -142,20 +147,20 @@ class PrometheusMetrics:
         )
 
     def _queue_metrics(self, r: CollectorRegistry) -> None:
-        self.depth = Gauge(
+        self.depth = FastGauge(
             "mlproxy_queue_depth",
             "Requests waiting in the queue.",
             ["policy"],
             registry=r,
         )
-        self.batches_sent = Counter(
+        self.batches_sent = FastCounter(
             "mlproxy_batches_sent",
             "Batches sent to the backend, by why: full, timer (static, aimd), deadline, idle, "
             "late (adaptive), flush (shutdown).",
             ["policy", "reason"],
             registry=r,
         )
-        self.in_flight_limit = Gauge(
+        self.in_flight_limit = FastGauge(
             "mlproxy_in_flight_limit",
             "Batches a queue of this policy may have at the backend at once, as the rule "
             "sees it now (adaptive: learnt; else the policy's max_in_flight).",
@@ -164,7 +169,7 @@ class PrometheusMetrics:
         )
 
     def _process_metrics(self, r: CollectorRegistry) -> None:
-        self.streams = Gauge(
+        self.streams = FastGauge(
             "mlproxy_active_streams",
             "Open ext_proc streams (requests held by Envoy).",
             registry=r,
@@ -205,7 +210,7 @@ class PrometheusMetrics:
 
     def _clock_metrics(self, r: CollectorRegistry) -> None:
         """The time outside ext_proc: where a request's SLA clock starts, and the way back."""
-        self.inbound_delay = Histogram(
+        self.inbound_delay = FastHistogram(
             "mlproxy_inbound_delay_seconds",
             "Time a request spent in Envoy and on the way to ext_proc, from Envoy's "
             "request.time attribute, beyond the least such delay seen from that Envoy in the "
@@ -224,7 +229,7 @@ class PrometheusMetrics:
             ["reason"],
             registry=r,
         )
-        self.handoff = Histogram(
+        self.handoff = FastHistogram(
             "mlproxy_reply_handoff_seconds",
             "Time from a batch's answer to each of its replies written to gRPC (splitting, "
             "the event loop, gRPC).",
@@ -232,7 +237,7 @@ class PrometheusMetrics:
             buckets=_TIME_BUCKETS,
             registry=r,
         )
-        self.allowance = Gauge(
+        self.allowance = FastGauge(
             "mlproxy_outside_allowance_seconds",
             "Time reserved after ext_proc's answer (gRPC, Envoy, the way to the client): the "
             "policy's percentile, over recent replies, of each one's inbound delay plus its "
@@ -288,7 +293,7 @@ class PrometheusMetrics:
             registry=r,
         )
 
-    def _child(self, metric: MetricWrapperBase, first: str, second: str = "") -> Any:
+    def _child(self, metric: _Labelled, first: str, second: str = "") -> Any:
         key = (metric, first, second)
         child = self._series.get(key)
         if child is None:
