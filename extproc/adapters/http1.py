@@ -347,7 +347,8 @@ class Http1Pool:
         self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
         self._draining: dict[str, int] = {}  # connections watched before a reset, by policy
-        self._watched: set[_Connection] = set()
+        # connections watched before a reset, by policy, oldest first
+        self._watched: dict[str, dict[_Connection, None]] = {}
         # A host's addresses (or its lookup's error) until a time; lookups under way; addresses
         # a connection to failed lately, until when.
         self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
@@ -479,17 +480,26 @@ class Http1Pool:
         seen as stray bytes (red team 19: a lag between batches of one size was silent). A
         backend that honours `Connection: close` closes it first, and frees its place. A
         policy holds at most a quarter of the places (red team 20: one policy's closing
-        connections took them all, and another's lag went unseen)."""
+        connections took them all, and another's lag went unseen), and when they are all
+        taken, the policy holding the most gives up its oldest watch to one holding at least
+        two fewer (red team 21: four busy policies held every place)."""
         policy = key[0]
         held = self._draining.get(policy, 0)
-        if conn.closed or held >= MAX_DRAINING // 4 or sum(self._draining.values()) >= MAX_DRAINING:
+        if (
+            conn.closed
+            or held >= MAX_DRAINING // 4
+            or (sum(self._draining.values()) >= MAX_DRAINING and not self._make_room(held))
+        ):
             conn.close()
             return
         self._draining[policy] = held + 1
-        self._watched.add(conn)
+        watched = self._watched.setdefault(policy, {})
+        watched[conn] = None
 
         def freed() -> None:
-            self._watched.discard(conn)
+            watched.pop(conn, None)
+            if not watched and self._watched.get(policy) is watched:
+                del self._watched[policy]
             left = self._draining.get(policy, 1) - 1
             if left > 0:
                 self._draining[policy] = left
@@ -498,6 +508,16 @@ class Http1Pool:
 
         conn.on_closed = freed
         asyncio.get_running_loop().call_later(DRAIN_SECONDS, conn.close)
+
+    def _make_room(self, held: int) -> bool:
+        """The watch is full: end the oldest watch of the policy holding the most places, if
+        it holds at least two more than `held` (its close frees the place); False if none
+        does."""
+        biggest = max(self._draining, key=self._draining.__getitem__)
+        if self._draining[biggest] < held + 2 or not self._watched.get(biggest):
+            return False
+        next(iter(self._watched[biggest])).close()
+        return True
 
     def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:
         """The caller found the answer was not its request's (its count is wrong). On a
@@ -822,8 +842,9 @@ class Http1Pool:
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
-        for conn in list(self._watched):
-            conn.close()
+        for watched in list(self._watched.values()):
+            for conn in list(watched):
+                conn.close()
         self._watched.clear()
         self._draining.clear()
         self._idle.clear()

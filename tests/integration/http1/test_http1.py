@@ -1088,6 +1088,35 @@ async def test_one_policy_holds_at_most_a_quarter_of_the_watch(
         await client.close()
 
 
+async def test_busy_policies_filling_the_watch_give_a_place_to_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 21: four busy policies each held their quarter of the watch, every place was
+    taken, and a fifth policy's lagging answer went unseen (5 stray events in 36 calls
+    against 48 in 49). When the watch is full, the policy holding the most gives up its
+    oldest watch to one holding at least two fewer."""
+    monkeypatch.setattr(http1, "MAX_DRAINING", 8)
+    strays: list[str] = []
+
+    client = HttpBackend(on_stray=strays.append)
+    try:
+        async with RawBackend(lag_once_script) as backend:
+            for policy in ("b1", "b2", "b3", "b4"):  # each call its connection's last
+                for _ in range(3):
+                    await client.post(
+                        backend.url, b"x", "text/plain", 5, 2, pool=policy, calls_per_connection=1
+                    )
+            assert client._pool._draining == {"b1": 2, "b2": 2, "b3": 2, "b4": 2}
+            for _ in range(2):  # policy "lag": its second call reads the first's answer
+                await client.post(
+                    backend.url, b"lag", "text/plain", 5, 2, pool="lag", calls_per_connection=2
+                )
+            await wait_for(lambda: bool(strays))
+            assert client._pool._draining["b1"] == 1  # the first of the biggest gave one up
+    finally:
+        await client.close()
+
+
 async def test_model_names_a_client_chooses_do_not_close_a_used_models_connection(
     monkeypatch: pytest.MonkeyPatch, client: HttpBackend
 ) -> None:
