@@ -200,7 +200,9 @@ def main() -> int:
     )
     if profiler is not None:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
+        pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(
+            int(os.environ.get("TOP", "30"))
+        )
     print(
         f"{args.requests} requests, concurrency {args.concurrency}: "
         f"{cpu / args.requests * 1e6:.1f} us CPU per request, "
