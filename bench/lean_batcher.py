@@ -54,6 +54,7 @@ class LeanBatcher:
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.calls: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def submit(self, instance: Any) -> bytes:
         loop = asyncio.get_running_loop()
@@ -73,7 +74,9 @@ class LeanBatcher:
             return  # a call that ends flushes again
         batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
         self.in_flight += 1
-        asyncio.get_running_loop().create_task(self.call(batch))
+        task = asyncio.get_running_loop().create_task(self.call(batch))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
         if self.queue:
             self.timer = asyncio.get_running_loop().call_later(self.wait, self.flush)
 
