@@ -78,7 +78,7 @@ class DelayFloor:
     """The least one-way delay of one source over the last `window` seconds (`slots` slots):
     what is left of a delay after the clocks' offset (module docstring)."""
 
-    __slots__ = ("_slots", "_span", "_step", "_width")
+    __slots__ = ("_floor", "_slots", "_span", "_step", "_width")
 
     def __init__(self, window: float = 60.0, slots: int = 6, step: float = 0.1) -> None:
         if window <= 0 or slots < 1 or step <= 0:
@@ -87,6 +87,7 @@ class DelayFloor:
         self._span = slots
         self._step = step
         self._slots: deque[list[float]] = deque()  # [slot number, least delay in it]
+        self._floor = math.inf  # the least delay of the slots kept
 
     def excess(self, delay: float, now: float) -> float:
         """Record `delay` (local receive minus the sender's timestamp, seconds, any offset)
@@ -94,12 +95,14 @@ class DelayFloor:
         slot = float(math.floor(now / self._width))
         q = self._slots
         if q and q[-1][0] == slot:
-            q[-1][1] = min(q[-1][1], delay)
+            last = q[-1]
+            last[1] = min(last[1], delay)
         else:
             self._rotate(slot)
             q.append([slot, delay])
-        floor = min(s[1] for s in q)  # at most `slots` of them
-        return delay - floor
+            self._floor = min(s[1] for s in q)  # at most `slots` of them, once a slot
+        self._floor = min(self._floor, delay)
+        return delay - self._floor
 
     def _rotate(self, slot: float) -> None:
         q = self._slots
@@ -116,7 +119,7 @@ class DelayFloor:
 
     @property
     def floor(self) -> float | None:
-        return min(s[1] for s in self._slots) if self._slots else None
+        return self._floor if self._slots else None
 
 
 # Log-spaced bins of RecentQuantiles: bin 0 holds [0, _LO], bin i >= 1 holds
