@@ -83,19 +83,7 @@ class LeanBatcher:
     async def call(self, batch: list[Waiter]) -> None:
         try:
             body = json.dumps({"instances": [x for x, _ in batch]}).encode()
-            if self.idle:
-                reader, writer = self.idle.pop()
-            else:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            writer.write(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            answer = await reader.readexactly(length)
-            self.idle.append((reader, writer))
-            predictions = json.loads(answer)["predictions"]
+            predictions = json.loads(await self.post(body))["predictions"]
             for (_, future), prediction in zip(batch, predictions, strict=True):
                 if not future.done():
                     out = json.dumps({"predictions": [prediction]}).encode()
@@ -108,6 +96,22 @@ class LeanBatcher:
             self.in_flight -= 1
             if self.queue and self.timer is None:
                 self.flush()
+
+    async def post(self, body: bytes) -> bytes:
+        """The model's answer to one POST, over a kept-alive connection."""
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        answer = await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        return answer
 
 
 def handler(lean: LeanBatcher) -> Any:

@@ -9,7 +9,10 @@ streams, with an instant backend.
 parse, queue, batch, call the backend, split, encode the immediate response) on one event loop,
 `--concurrency` streams at a time, against a backend that answers at once without a socket, and
 prints the process CPU time per request. The batches are those a static policy forms when the
-CPU is the bottleneck, as in the overhead benchmark. `--profile` prints cProfile's top entries.
+CPU is the bottleneck, as in the overhead benchmark. `--profile` prints cProfile's top entries
+(the column to sort by in $SORT, how many in $TOP). `--without metrics,sla-clock,...` takes
+parts of MLProxy's own work out of the request path, to tell what each costs; `--lean` runs
+bench/lean_batcher.py's batcher instead, on the same streams and backend.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from envoy_data_plane.envoy.config.core import v3 as core
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 from envoy_data_plane.google.protobuf import Struct, Value
 
+from bench.lean_batcher import LeanBatcher
+from bench.lean_batcher import handler as lean_handler
 from extproc.adapters.metrics import PrometheusMetrics
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import MonotonicClock
@@ -129,8 +134,20 @@ class InstantBackend:
         return BackendResponse(200, answer, "application/json")
 
 
+class InstantLean(LeanBatcher):
+    """bench/lean_batcher.py's batcher, its batches posted to the same instant backend."""
+
+    def __init__(self, backend: InstantBackend, wait_ms: float, max_batch: int) -> None:
+        super().__init__("http://127.0.0.1:9/v1/models/demo:predict", wait_ms / 1000, max_batch, 2)
+        self.backend = backend
+
+    async def post(self, body: bytes) -> bytes:
+        answer = await self.backend.post("", body, "application/json", 5.0, 1.0, 1 << 20)
+        return answer.body
+
+
 async def run(
-    requests: int, concurrency: int, wait_ms: float, max_batch: int = 64
+    requests: int, concurrency: int, wait_ms: float, max_batch: int = 64, lean: bool = False
 ) -> tuple[float, float, int]:
     policies = parse_policies(
         {
@@ -158,6 +175,7 @@ async def run(
     router.replace(policies)
     pool.update_policies(policies)
     servicer = ExtProcServicer(router, pool, telemetry)
+    process = lean_handler(InstantLean(backend, wait_ms, max_batch)) if lean else servicer.process
     body = json.dumps({"instances": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}).encode()
     body_msg = body_message(body)
     # Envoy's clock stamps each request; a stamp a few seconds old reads as a slow hop, which
@@ -171,7 +189,7 @@ async def run(
         while done < requests:
             done += 1
             ctx = FakeContext([headers_msg, body_msg])
-            await servicer.process(None, ctx)
+            await process(None, ctx)
             if len(ctx.written) != 2:
                 raise RuntimeError(f"stream wrote {len(ctx.written)} messages")
 
@@ -183,6 +201,56 @@ async def run(
     return cpu, wall, backend.calls
 
 
+# `--without`: parts of MLProxy's own work on the request path, each replaced by nothing (or
+# by the least that keeps a request answered), to tell what each costs. A benchmark's
+# measurement only: the answers stay right, but what the part does (its metrics, its SLA
+# clock, its checks) is gone.
+PARTS = ("metrics", "sla-clock", "stats", "outline", "request-id", "reply-headers")
+
+
+def without(parts: Sequence[str]) -> None:
+    """Take `parts` (PARTS) out of the request path of this process."""
+    from extproc.adapters import servicer, wire
+    from extproc.core import hops, stats
+
+    def nothing(*_: Any, **__: Any) -> None:
+        return None
+
+    if "metrics" in parts:
+        for name in (
+            "request_answered",
+            "request_done",
+            "batch_done",
+            "queue_depth",
+            "batch_sent",
+            "active_streams",
+            "request_time",
+            "reply_handoff",
+            "outside_allowance",
+        ):
+            setattr(PrometheusMetrics, name, nothing)
+    if "sla-clock" in parts:  # request.time, the inbound floor, the outbound allowance
+        servicer.ExtProcServicer._clock_start = (  # type: ignore[method-assign]
+            lambda self, context, policy, arrival, request_time: (arrival, 0.0)
+        )
+        hops.Hops.handed_off = nothing  # type: ignore[method-assign]
+    if "stats" in parts:  # the heartbeat's window
+        for name in ("arrival", "answered", "batch"):
+            setattr(stats.StatsWindow, name, nothing)
+    if "outline" in parts:  # the check of Envoy's messages before upb decodes them
+        wire._precheck = nothing
+    if "request-id" in parts:
+        setattr(servicer, "request_id", lambda value: "")  # noqa: B010 (not exported)
+    if "reply-headers" in parts:  # x-mlproxy-batch-size, -queue-ms, -time-ms
+
+        def encode(answer: Any) -> bytes:
+            reply = answer.reply
+            headers = [("content-type", reply.content_type)]
+            return wire.encode_immediate_response(reply.status, headers, reply.body)
+
+        servicer._encode = encode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=20_000)
@@ -190,14 +258,30 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"comma-separated parts taken out of the request path, of: {', '.join(PARTS)}; "
+        "what each costs is the difference with a run that keeps it",
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="run bench/lean_batcher.py's handler instead of MLProxy's (the least a batching "
+        "ext_proc does), on the same streams and backend",
+    )
     args = parser.parse_args()
-    uvloop.run(run(500, args.concurrency, args.max_wait_ms, args.max_batch_size))  # warm up
+    parts = [p for p in args.without.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"--without: unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
+    without(parts)
+    shape = (args.concurrency, args.max_wait_ms, args.max_batch_size, args.lean)
+    uvloop.run(run(500, *shape))  # warm up
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    cpu, wall, calls = uvloop.run(
-        run(args.requests, args.concurrency, args.max_wait_ms, args.max_batch_size)
-    )
+    cpu, wall, calls = uvloop.run(run(args.requests, *shape))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(
