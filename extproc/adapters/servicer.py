@@ -68,6 +68,47 @@ def stream_headroom(max_streams: int) -> int:
 
 # The least time a request's body gets to arrive after its headers, however tight its SLA.
 BODY_WAIT_FLOOR_S = 1.0
+# How often the streams waiting for a body are checked: one is cut off at most this late.
+BODY_SWEEP_S = 0.05
+
+
+class BodyWaits:
+    """The streams waiting for their request body, and when each must have it. One timer for
+    all of them, every BODY_SWEEP_S while any waits, cancels the task of each that is late;
+    `expired` then tells its handler the cancellation was this one's, not the client's going
+    away. A timeout per request (asyncio.timeout: a timer handle and a context manager) cost
+    about 10 us of ext_proc's CPU a request (bench/servicer_cost.py, issue 14)."""
+
+    def __init__(self) -> None:
+        self._due: dict[asyncio.Task[Any], float] = {}
+        self._late: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, task: asyncio.Task[Any], seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._due[task] = loop.time() + seconds
+        if self._timer is None:
+            self._timer = loop.call_later(BODY_SWEEP_S, self._sweep)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task` was cancelled because its body was late."""
+        return task in self._late
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._due.pop(task, None)
+        self._late.discard(task)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._timer = None
+        for task, due in list(self._due.items()):
+            if due <= now:
+                del self._due[task]
+                self._late.add(task)
+                task.cancel()
+        if self._due:
+            self._timer = loop.call_later(BODY_SWEEP_S, self._sweep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +191,7 @@ class ExtProcServicer:
         self._epoch = time.time() - pool.now()
         self._open = 0
         self._held: dict[str, int] = {}  # streams of policy requests held, per client
+        self._body_waits = BodyWaits()
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: messages arrive and leave as bytes, through `wire`.
@@ -462,15 +504,23 @@ class ExtProcServicer:
         own = patient.sla.latency_ms / 1000.0
         budget = req.budget
         body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
+        task = asyncio.current_task()
+        assert task is not None
+        waits = self._body_waits
+        waits.add(task, body_wait)
         try:
-            async with asyncio.timeout(body_wait):  # no task per request (as wait_for)
-                raw = await context.read()
-        except TimeoutError:
+            raw = await context.read()
+        except asyncio.CancelledError:
+            if not waits.expired(task):
+                raise  # the client went away
+            task.uncancel()
             raise ProxyError(
                 ErrorKind.BODY_TIMEOUT,
                 f"the request body did not arrive within {body_wait * 1000:.0f} ms of its "
                 "headers (the request's SLA); send the body at once",
             ) from None
+        finally:
+            waits.discard(task)
         if raw is grpc.aio.EOF:
             return None
         if len(raw) > req.limit + BODY_FRAMING_BYTES:  # too large whatever it holds

@@ -167,6 +167,38 @@ async def test_a_body_that_does_not_come_in_time_is_answered_408(monkeypatch: An
     assert h.backend.calls == []
 
 
+async def test_only_late_bodies_are_cut_off_and_the_sweep_stops_when_none_waits(
+    monkeypatch: Any,
+) -> None:
+    """One timer checks every stream waiting for its body (BodyWaits): a late one is answered
+    408, one whose body comes in its own time is served, and no timer is left behind."""
+    from extproc.adapters import servicer
+
+    monkeypatch.setattr(servicer, "BODY_WAIT_FLOOR_S", 0.01)
+    h = Harness(max_batch_size=1)
+    late = Stream(
+        headers_msg(PATH, **{"x-mlproxy-deadline-ms": "20"}),
+        body_msg({"instances": [1]}),
+        gate=asyncio.Event(),  # never set
+    )
+    gate = asyncio.Event()
+    patient = Stream(
+        headers_msg(PATH, **{"x-mlproxy-deadline-ms": "2000"}),
+        body_msg({"instances": [2]}),
+        gate=gate,
+    )
+    tasks = [asyncio.ensure_future(h.run(s)) for s in (late, patient)]
+    await eventually_async(lambda: len(late.out) == 2, 5, "the late stream's answer")
+    assert late.answer()[0] == 408
+    gate.set()  # the patient stream's body comes after the other was cut off
+    await asyncio.gather(*tasks)
+    status, doc = patient.answer()
+    assert status == 200 and doc == {"predictions": [{"echo": 2}]}
+    waits = h.servicer._body_waits
+    await eventually_async(lambda: waits._timer is None, 5, "the sweep to stop")
+    assert not waits._due and not waits._late
+
+
 async def test_a_client_gone_while_its_body_is_awaited_cancels_only_its_stream() -> None:
     h = Harness(max_batch_size=1)
     slow = Stream(headers_msg(PATH), body_msg({"instances": [1]}), gate=asyncio.Event())
