@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")  # as `mlproxy extproc`
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.noop_extproc import serve
 from extproc.adapters import wire
-from extproc.adapters.servicer import SERVICE_NAME
 
 _JSON = [("content-type", "application/json")]
 
@@ -124,26 +123,6 @@ def handler(lean: LeanBatcher) -> Any:
     return process
 
 
-async def main(args: argparse.Namespace) -> None:
-    lean = LeanBatcher(
-        args.model_url, args.max_wait_ms / 1000.0, args.max_batch_size, args.max_in_flight
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(handler(lean))}
-            ),
-        )
-    )
-    checks = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
-    await server.start()
-    await checks.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await server.wait_for_termination()
-
-
 if __name__ == "__main__":
     import uvloop
 
@@ -153,4 +132,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-in-flight", type=int, default=2)
-    uvloop.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    lean = LeanBatcher(
+        args.model_url, args.max_wait_ms / 1000.0, args.max_batch_size, args.max_in_flight
+    )
+    uvloop.run(serve(args.port, handler(lean)))

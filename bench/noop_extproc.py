@@ -81,12 +81,13 @@ def handler(variant: str) -> Any:
     return process
 
 
-async def main(port: int, variant: str) -> None:
+async def serve(port: int, process: Any) -> None:
+    """Serve `process` as the ext_proc method on 127.0.0.1:`port` until stopped."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(handler(variant))}
+                SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(process)}
             ),
         )
     )
@@ -106,4 +107,4 @@ if __name__ == "__main__":
     parser.add_argument("port", type=int)
     parser.add_argument("--variant", choices=VARIANTS, default="answer")
     args = parser.parse_args()
-    uvloop.run(main(args.port, args.variant))
+    uvloop.run(serve(args.port, handler(args.variant)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
@@ -80,7 +80,11 @@ class HistogramSeries:
         self.sum += amount
 
 
-class _Family(Collector):
+S = TypeVar("S", CounterSeries, GaugeSeries, HistogramSeries)
+V = TypeVar("V", CounterSeries, GaugeSeries)
+
+
+class _Family(Collector, Generic[S]):
     """One metric's labelled series, registered as a collector in `registry`."""
 
     def __init__(
@@ -93,19 +97,20 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], object] = {}
+        self._series: dict[tuple[str, ...], S] = {}
         if registry is not None:
             registry.register(self)
 
-    def _new(self) -> object:
+    def _new(self) -> S:
         raise NotImplementedError
 
-    def _child(self, values: tuple[str, ...]) -> object:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._series.get(values)
+    def labels(self, *values: str) -> S:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
+        child = self._series.get(key)
         if child is None:
-            child = self._series[values] = self._new()
+            child = self._series[key] = self._new()
         return child
 
     def remove(self, *values: str) -> None:
@@ -114,7 +119,7 @@ class _Family(Collector):
     def clear(self) -> None:
         self._series.clear()
 
-    def _items(self) -> list[tuple[tuple[str, ...], object]]:
+    def _items(self) -> list[tuple[tuple[str, ...], S]]:
         # One C-level copy: the loop's thread may add a series while /metrics is read.
         return list(self._series.items())
 
@@ -125,40 +130,33 @@ class _Family(Collector):
         raise NotImplementedError
 
 
-class FastCounter(_Family):
-    def _new(self) -> CounterSeries:
-        return CounterSeries()
-
-    def labels(self, *values: str) -> CounterSeries:
-        child = self._child(tuple(str(v) for v in values))
-        assert isinstance(child, CounterSeries)
-        return child
+class _ValueFamily(_Family[V]):
+    """A family whose series are one value each (counters, gauges)."""
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
 
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        raise NotImplementedError
 
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, child in self._items():
-            assert isinstance(child, CounterSeries)
             family.add_metric(values, child.value)
         yield family
 
 
-class FastGauge(_Family):
+class FastCounter(_ValueFamily[CounterSeries]):
+    def _new(self) -> CounterSeries:
+        return CounterSeries()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class FastGauge(_ValueFamily[GaugeSeries]):
     def _new(self) -> GaugeSeries:
         return GaugeSeries()
-
-    def labels(self, *values: str) -> GaugeSeries:
-        child = self._child(tuple(str(v) for v in values))
-        assert isinstance(child, GaugeSeries)
-        return child
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
 
     def set(self, value: float) -> None:
         self.labels().set(value)
@@ -166,15 +164,8 @@ class FastGauge(_Family):
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for values, child in self._items():
-            assert isinstance(child, GaugeSeries)
-            family.add_metric(values, child.value)
-        yield family
 
-
-class FastHistogram(_Family):
+class FastHistogram(_Family[HistogramSeries]):
     def __init__(
         self,
         name: str,
@@ -193,11 +184,6 @@ class FastHistogram(_Family):
     def _new(self) -> HistogramSeries:
         return HistogramSeries(self._bounds)
 
-    def labels(self, *values: str) -> HistogramSeries:
-        child = self._child(tuple(str(v) for v in values))
-        assert isinstance(child, HistogramSeries)
-        return child
-
     def observe(self, amount: float) -> None:
         self.labels().observe(amount)
 
@@ -207,7 +193,6 @@ class FastHistogram(_Family):
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, child in self._items():
-            assert isinstance(child, HistogramSeries)
             counts = list(child.counts)
             total = child.sum
             cumulative = []
