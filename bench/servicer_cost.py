@@ -47,7 +47,7 @@ from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from extproc.runtime.ports import BackendResponse
 from extproc.runtime.telemetry import Telemetry
-from mlproxy_kernel.policy import Router, parse_policies
+from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION, Router, parse_policies
 
 ATTRIBUTES = "envoy.filters.http.ext_proc"
 
@@ -125,7 +125,7 @@ class InstantBackend:
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
         pool: str = "",
-        calls_per_connection: int = 32,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> BackendResponse:
         self.calls += 1
         n = len(json.loads(body)["instances"])

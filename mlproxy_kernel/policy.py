@@ -83,6 +83,11 @@ class Match(_Strict):
     field")."""
 
 
+# Batch calls one keep-alive connection to a backend carries by default
+# (`backend.calls_per_connection`; extproc/adapters/http1.py says why it is bounded).
+DEFAULT_CALLS_PER_CONNECTION = 32
+
+
 class Backend(_Strict):
     url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://")]
     """Where batches go, e.g. `http://model.default.svc/v1/models/{model}:predict`. May use
@@ -102,7 +107,7 @@ class Backend(_Strict):
     max_response_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
     """Largest backend answer read, counted after decompression; past it the batch's requests
     get 502. Bounds ext_proc's memory per batch in flight."""
-    calls_per_connection: Annotated[int, Field(ge=1, le=10_000)] = 32
+    calls_per_connection: Annotated[int, Field(ge=1, le=10_000)] = DEFAULT_CALLS_PER_CONNECTION
     """Batch calls one keep-alive connection carries before it is closed. A backend that once
     sends an answer twice can leave a connection's answers a call behind, which HTTP/1.1
     cannot show (docs/security.md): this bounds how long. 1: a connection per batch, for a

@@ -13,6 +13,7 @@ from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.runtime.ports import BackendResponse
 from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION
 
 
 def echo_predictions(instances: list[Any]) -> tuple[int, dict[str, Any]]:
@@ -51,7 +52,7 @@ class FakeBackend:
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
         pool: str = "",
-        calls_per_connection: int = 32,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)
@@ -142,7 +143,7 @@ class ScriptedBackend:
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
         pool: str = "",
-        calls_per_connection: int = 32,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> BackendResponse:
         instances = json.loads(body)["instances"]
         self.calls.append(instances)

@@ -31,6 +31,7 @@ from extproc.adapters.http1 import (
 )
 from extproc.runtime.ports import FRAMING_HEADERS, BackendResponse
 from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION
 
 __all__ = ["HttpBackend", "clean_header_value"]
 
@@ -123,7 +124,7 @@ class HttpBackend:
         max_bytes: int = 16 * 1024 * 1024,
         headers: Sequence[tuple[str, str]] = (),
         pool: str = "",
-        calls_per_connection: int = 32,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> BackendResponse:
         if self._proxy is not None and url.startswith("https:"):
             log.warning(

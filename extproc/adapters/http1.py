@@ -48,6 +48,8 @@ from typing import TypeVar, cast
 
 import yarl
 
+from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION
+
 __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
@@ -92,7 +94,7 @@ IDLE_SECONDS = 30.0
 # last asks the backend to close it. An answer that lags one request behind on a connection
 # (red team 18: a single late duplicate, then every answer a batch late, with nothing to see
 # at the HTTP level) lasts at most this long.
-MAX_REQUESTS_PER_CONNECTION = 32
+MAX_REQUESTS_PER_CONNECTION = DEFAULT_CALLS_PER_CONNECTION
 # How long a backend URL's connections are not reused after a stray byte on one of them, how
 # many URLs are remembered so, and how often the warning is logged at most.
 QUARANTINE_SECONDS = 60.0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mlproxy_kernel.outcome import BatchOutcome, Outcome
+from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION
 
 if TYPE_CHECKING:
     from extproc.codecs.base import Parsed
@@ -53,7 +54,7 @@ class Backend(Protocol):
         max_bytes: int,
         headers: Sequence[tuple[str, str]] = (),
         pool: str = "",
-        calls_per_connection: int = 32,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> BackendResponse:
         """POST one batch, with `headers` besides the content type (a codec's framing), on a
         connection of the pool named `pool` (a policy's: two never share a connection) that
