@@ -98,6 +98,8 @@ class _Family(Collector, Generic[S]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._series: dict[tuple[str, ...], S] = {}
+        if not self.labelnames:  # its one series shows from the start, as prometheus_client's
+            self._series[()] = self._new()
         if registry is not None:
             registry.register(self)
 

@@ -34,6 +34,10 @@ def test_the_same_steps_show_as_prometheus_client_shows_them() -> None:
     ph = Histogram("m_wait_seconds", "Wait.", ["policy"], buckets=BUCKETS, registry=theirs)
     fu = FastGauge("m_streams", "Streams.", registry=ours)
     pu = Gauge("m_streams", "Streams.", registry=theirs)
+    pc.labels("a", "ok")  # (theirs shows a labelled series once made, ours too)
+    fc.labels("a", "ok")
+    # before any step: an unlabelled metric shows its one series at 0, labelled ones none
+    assert exposition(ours) == exposition(theirs)
     rng = random.Random(7)
     # bounds themselves (le is inclusive), values between and beyond them, zero, negatives
     values = [*BUCKETS, 0.0, -0.5, 31.0, 1e9] + [rng.uniform(0, 2) for _ in range(200)]
