@@ -33,7 +33,10 @@ from mlproxy.stack import Stack
 from mlproxy_common import ports
 from tests.real_servers import real_server, triton_client
 
-pytestmark = pytest.mark.e2e
+# The module's servers get 180 s each to start (tests/real_servers.py); on a loaded machine
+# KServe's imports alone took two minutes, more than the suite's 120 s per test, and the
+# first test's setup was cut off while MLServer had barely started.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2 * 180 + 60)]
 
 BATCHING = {"max_batch_size": 64, "max_wait_ms": 40, "max_in_flight": 2}
 
