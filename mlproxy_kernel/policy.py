@@ -84,7 +84,10 @@ class Match(_Strict):
 
 
 # Batch calls one keep-alive connection to a backend carries by default
-# (`backend.calls_per_connection`; extproc/adapters/http1.py says why it is bounded).
+# (`backend.calls_per_connection`; extproc/adapters/http1.py): the last asks the backend to
+# close it. An answer that lags one request behind on a connection (red team 18: a single late
+# duplicate, then every answer a batch late, with nothing to see at the HTTP level) lasts at
+# most this long.
 DEFAULT_CALLS_PER_CONNECTION = 32
 
 

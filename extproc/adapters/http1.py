@@ -90,11 +90,6 @@ MAX_IDLE = 512
 SETTLED_CALLS = 4
 MAX_KEYS_COUNTED = 4096
 IDLE_SECONDS = 30.0
-# Batch calls one connection carries by default (a policy's backend.calls_per_connection): the
-# last asks the backend to close it. An answer that lags one request behind on a connection
-# (red team 18: a single late duplicate, then every answer a batch late, with nothing to see
-# at the HTTP level) lasts at most this long.
-MAX_REQUESTS_PER_CONNECTION = DEFAULT_CALLS_PER_CONNECTION
 # How long a backend URL's connections are not reused after a stray byte on one of them, how
 # many URLs are remembered so, and how often the warning is logged at most.
 QUARANTINE_SECONDS = 60.0
@@ -412,7 +407,7 @@ class Http1Pool:
         connect_timeout: float,
         sink_for: Callable[[Head], Sink],
         pool: str = "",
-        calls_per_connection: int = MAX_REQUESTS_PER_CONNECTION,
+        calls_per_connection: int = DEFAULT_CALLS_PER_CONNECTION,
     ) -> Head:
         """POST `body` with `headers` (Host and Content-Length are added); the answer's body
         goes to the sink `sink_for(head)` returns, a network read at a time. Connections are
