@@ -99,6 +99,10 @@ WARN_SECONDS = 10.0
 # a lagging answer, and how many at most.
 DRAIN_SECONDS = 1.0
 MAX_DRAINING = 256
+# How long a watch lasts at least before another policy may end it to take its place: well
+# beyond the lags seen (red team 18: 50 ms), so that another policy's churn cannot shorten
+# every watch to nothing (red team 22).
+MIN_WATCH_SECONDS = 0.5
 # How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
 # connection would otherwise ask the resolver (in Kubernetes, up to one query per search
 # domain), and with a URL's reuse stopped every batch makes one.
@@ -344,8 +348,8 @@ class Http1Pool:
         self._unwarned = 0  # stray events not logged since the last warning
         self._sweeper: asyncio.TimerHandle | None = None
         self._draining: dict[str, int] = {}  # connections watched before a reset, by policy
-        # connections watched before a reset, by policy, oldest first
-        self._watched: dict[str, dict[_Connection, None]] = {}
+        # connections watched before a reset, by policy, oldest first, with when each began
+        self._watched: dict[str, dict[_Connection, float]] = {}
         # A host's addresses (or its lookup's error) until a time; lookups under way; addresses
         # a connection to failed lately, until when.
         self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
@@ -478,8 +482,10 @@ class Http1Pool:
         backend that honours `Connection: close` closes it first, and frees its place. A
         policy holds at most a quarter of the places (red team 20: one policy's closing
         connections took them all, and another's lag went unseen), and when they are all
-        taken, the policy holding the most gives up its oldest watch to one holding at least
-        two fewer (red team 21: four busy policies held every place)."""
+        taken, the policy holding the most gives up its oldest watch, once it is
+        MIN_WATCH_SECONDS old, to one holding at least two fewer (red team 21: four busy
+        policies held every place; red team 22: a policy whose connections close at once
+        otherwise ended a busy policy's watch on each of its drains)."""
         policy = key[0]
         held = self._draining.get(policy, 0)
         if (
@@ -490,8 +496,9 @@ class Http1Pool:
             conn.close()
             return
         self._draining[policy] = held + 1
+        loop = asyncio.get_running_loop()
         watched = self._watched.setdefault(policy, {})
-        watched[conn] = None
+        watched[conn] = loop.time()
 
         def freed() -> None:
             watched.pop(conn, None)
@@ -504,16 +511,26 @@ class Http1Pool:
                 self._draining.pop(policy, None)
 
         conn.on_closed = freed
-        asyncio.get_running_loop().call_later(DRAIN_SECONDS, conn.close)
+        loop.call_later(DRAIN_SECONDS, conn.close)
 
     def _make_room(self, held: int) -> bool:
-        """The watch is full: end the oldest watch of the policy holding the most places, if
-        it holds at least two more than `held` (its close frees the place); False if none
-        does."""
-        biggest = max(self._draining, key=self._draining.__getitem__)
-        if self._draining[biggest] < held + 2 or not self._watched.get(biggest):
+        """The watch is full: end the oldest watch of the policies holding the most places
+        (of the oldest among them when they tie: red team 22, the first always lost), if they
+        hold at least two more than `held` and that watch is MIN_WATCH_SECONDS old (its close
+        frees the place); False if not."""
+        most = max(self._draining.values())
+        if most < held + 2:
             return False
-        next(iter(self._watched[biggest])).close()
+        oldest: tuple[float, _Connection] | None = None
+        for policy, count in self._draining.items():
+            watched = self._watched.get(policy)
+            if count == most and watched:
+                conn, since = next(iter(watched.items()))
+                if oldest is None or since < oldest[0]:
+                    oldest = (since, conn)
+        if oldest is None or asyncio.get_running_loop().time() - oldest[0] < MIN_WATCH_SECONDS:
+            return False
+        oldest[1].close()
         return True
 
     def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:

@@ -75,8 +75,10 @@ class HistogramSeries:
         self.sum = 0.0
 
     def observe(self, amount: float) -> None:
-        # The first bucket whose upper bound is >= amount (a NaN counts in the first).
-        self.counts[bisect_left(self.bounds, amount)] += 1
+        # The first bucket whose upper bound is >= amount; a NaN is in none, and so not in
+        # the count, but makes the sum NaN, as prometheus_client does (red team 22).
+        if not math.isnan(amount):
+            self.counts[bisect_left(self.bounds, amount)] += 1
         self.sum += amount
 
 

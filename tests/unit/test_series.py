@@ -59,6 +59,10 @@ def test_the_same_steps_show_as_prometheus_client_shows_them() -> None:
         g.labels("d").set(0.004)
     fh.labels("empty")  # a series made and never stepped shows zeros, as theirs does
     ph.labels("empty")
+    for h in (fh, ph):  # a NaN is in no bucket nor the count, and the sum is NaN for good
+        h.labels("nan").observe(0.003)
+        h.labels("nan").observe(math.nan)
+        h.labels("nan").observe(0.0005)
     assert exposition(ours) == exposition(theirs)
 
 

@@ -1096,6 +1096,7 @@ async def test_busy_policies_filling_the_watch_give_a_place_to_another(
     against 48 in 49). When the watch is full, the policy holding the most gives up its
     oldest watch to one holding at least two fewer."""
     monkeypatch.setattr(http1, "MAX_DRAINING", 8)
+    monkeypatch.setattr(http1, "MIN_WATCH_SECONDS", 0.0)
     strays: list[str] = []
 
     client = HttpBackend(on_stray=strays.append)
@@ -1115,6 +1116,68 @@ async def test_busy_policies_filling_the_watch_give_a_place_to_another(
             assert client._pool._draining["b1"] == 1  # the first of the biggest gave one up
     finally:
         await client.close()
+
+
+def _watch(pool: http1.Http1Pool, policy: str) -> http1._Connection:
+    """A connection of `policy` handed to the pool's watch, as a call's last one is."""
+    conn = http1._Connection(lambda: None)
+    pool._drain((policy, ("http", "backend", 80, "/")), conn)
+    return conn
+
+
+async def test_another_policys_churn_never_ends_a_young_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 22: a policy whose connections close at once (its backend closes them, or
+    every call is its last) held no place, so each of its drains into a full watch ended a
+    busy policy's oldest watch: the busy policies' watches lasted a few ms, and a lag of
+    200 ms was never seen. A watch younger than MIN_WATCH_SECONDS is not ended for another."""
+    monkeypatch.setattr(http1, "MAX_DRAINING", 8)
+    monkeypatch.setattr(http1, "MIN_WATCH_SECONDS", 0.3)
+    pool = http1.Http1Pool()
+    try:
+        busy = [_watch(pool, f"b{i}") for _ in range(2) for i in range(4)]
+        assert pool._draining == {"b0": 2, "b1": 2, "b2": 2, "b3": 2}
+        for _ in range(50):  # each closed by its backend a moment later
+            churn = _watch(pool, "churn")
+            churn.close()
+            await asyncio.sleep(0.001)
+        assert not any(conn.closed for conn in busy)
+        assert pool._draining == {"b0": 2, "b1": 2, "b2": 2, "b3": 2}
+        await asyncio.sleep(0.3)  # now the oldest may give its place up
+        taker = _watch(pool, "churn")
+        assert not taker.closed
+        assert [conn.closed for conn in busy] == [True] + [False] * 7
+        assert pool._draining == {"b0": 1, "b1": 2, "b2": 2, "b3": 2, "churn": 1}
+    finally:
+        await pool.close()
+
+
+async def test_tied_policies_give_up_their_places_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red team 22: among policies tied for the most places, the first to have had a watch
+    gave up every place, since it refills as fast as it loses them. The tied policy whose
+    oldest watch is oldest gives it up."""
+    monkeypatch.setattr(http1, "MAX_DRAINING", 8)
+    monkeypatch.setattr(http1, "MIN_WATCH_SECONDS", 0.05)
+    pool = http1.Http1Pool()
+    try:
+        for _ in range(2):
+            for i in range(4):
+                _watch(pool, f"b{i}")
+                await asyncio.sleep(0.001)  # distinct start times
+        await asyncio.sleep(0.1)
+        lost: list[str] = []
+        for _ in range(4):
+            before = dict(pool._draining)
+            _watch(pool, "churn").close()  # takes a place, then its backend closes it
+            loser = next(p for p, n in before.items() if pool._draining.get(p, 0) < n)
+            lost.append(loser)
+            _watch(pool, loser)  # the busy policy refills at once
+        assert sorted(lost) == ["b0", "b1", "b2", "b3"]
+    finally:
+        await pool.close()
 
 
 async def test_model_names_a_client_chooses_do_not_close_a_used_models_connection(
