@@ -13,7 +13,15 @@ from enum import StrEnum
 
 from mlproxy_kernel.errors import ErrorKind
 
-__all__ = ["BatchOutcome", "ForwardOutcome", "HttpStatus", "Outcome", "error_outcome", "label"]
+__all__ = [
+    "ENVOY_STATUS_CODES",
+    "BatchOutcome",
+    "ForwardOutcome",
+    "HttpStatus",
+    "Outcome",
+    "error_outcome",
+    "label",
+]
 
 
 class Outcome(StrEnum):
@@ -46,14 +54,82 @@ class Outcome(StrEnum):
     ERROR = "error"
 
 
+# Status codes Envoy's HttpStatus enum defines (envoy.type.v3.StatusCode): Envoy only sends these
+# (extproc/adapters/wire.py), and the backend latency's outcome names only these one by one.
+ENVOY_STATUS_CODES = frozenset(
+    {
+        100,
+        200,
+        201,
+        202,
+        203,
+        204,
+        205,
+        206,
+        207,
+        208,
+        226,
+        300,
+        301,
+        302,
+        303,
+        304,
+        305,
+        307,
+        308,
+        400,
+        401,
+        402,
+        403,
+        404,
+        405,
+        406,
+        407,
+        408,
+        409,
+        410,
+        411,
+        412,
+        413,
+        414,
+        415,
+        416,
+        417,
+        421,
+        422,
+        423,
+        424,
+        426,
+        428,
+        429,
+        431,
+        500,
+        501,
+        502,
+        503,
+        504,
+        505,
+        506,
+        507,
+        508,
+        510,
+        511,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpStatus:
-    """A backend call answered with a status outside 2xx: its label is `http_<status>`."""
+    """A backend call answered with a status outside 2xx: its label is `http_<status>` for a
+    status Envoy names, else `http_<class>xx` (`http_5xx` for 599): the backend chooses the
+    status, and each of its values was a series of 17 samples a policy (red team 22)."""
 
     status: int
 
     def __str__(self) -> str:
-        return f"http_{self.status}"
+        if self.status in ENVOY_STATUS_CODES:
+            return f"http_{self.status}"
+        return f"http_{self.status // 100}xx"
 
 
 # What the batch metrics say of one backend call.

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 
 from extproc._envoy_pb.envoy.config.core.v3 import base_pb2 as _core
 from extproc._envoy_pb.envoy.service.ext_proc.v3 import external_processor_pb2 as _ep
+from mlproxy_kernel.outcome import ENVOY_STATUS_CODES
 
 __all__ = [
     "BODY_CONTINUE",
@@ -280,69 +281,6 @@ def _varint(value: int) -> bytes:
 
 def _len_field(number: int, payload: bytes) -> bytes:
     return _varint((number << 3) | _LEN) + _varint(len(payload)) + payload
-
-
-# Status codes Envoy's HttpStatus enum defines (envoy.type.v3.StatusCode); Envoy only takes these.
-ENVOY_STATUS_CODES = frozenset(
-    {
-        100,
-        200,
-        201,
-        202,
-        203,
-        204,
-        205,
-        206,
-        207,
-        208,
-        226,
-        300,
-        301,
-        302,
-        303,
-        304,
-        305,
-        307,
-        308,
-        400,
-        401,
-        402,
-        403,
-        404,
-        405,
-        406,
-        407,
-        408,
-        409,
-        410,
-        411,
-        412,
-        413,
-        414,
-        415,
-        416,
-        417,
-        421,
-        422,
-        423,
-        424,
-        426,
-        428,
-        429,
-        431,
-        500,
-        501,
-        502,
-        503,
-        504,
-        505,
-        506,
-        507,
-        508,
-        510,
-        511,
-    }
-)
 
 
 def envoy_status(status: int) -> int:
