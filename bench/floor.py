@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def main() -> int:
                         f"{cpu['noop']:.0f} | {cpu['envoy']:.0f} |",
                         flush=True,
                     )
+    assert stack.run_dir is not None
+    shutil.rmtree(stack.run_dir, ignore_errors=True)  # its logs are kept when a run fails
     return 0
 
 

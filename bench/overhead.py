@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -409,6 +410,7 @@ def main() -> int:
             results = {p.name: measurer.measure(c, p) for p in paths}
             rows += results.values()
             _compare(c, results["direct"][2], results["mlproxy"][2], wait)
+    shutil.rmtree(stack.run_dir, ignore_errors=True)  # its logs are kept when a run fails
     _table(rows)
     return 1 if sum(r.wrong for _, _, r, _, _ in rows) else 0
 
