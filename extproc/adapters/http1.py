@@ -99,10 +99,10 @@ WARN_SECONDS = 10.0
 # a lagging answer, and how many at most.
 DRAIN_SECONDS = 1.0
 MAX_DRAINING = 256
-# How long a watch lasts at least before another policy may end it to take its place: well
-# beyond the lags seen (red team 18: 50 ms), so that another policy's churn cannot shorten
-# every watch to nothing (red team 22).
-MIN_WATCH_SECONDS = 0.5
+# How many watches one policy may end a second to take their places (in bursts of as many):
+# a policy whose connections close at once had ended a busy policy's watch on each of its
+# drains, so that every watch lasted a few ms, and lags of 200 ms went unseen (red team 22).
+TAKES_PER_SECOND = 8.0
 # How long a host name's addresses are kept (aiohttp's ttl_dns_cache was 10 s): each new
 # connection would otherwise ask the resolver (in Kubernetes, up to one query per search
 # domain), and with a URL's reuse stopped every batch makes one.
@@ -350,6 +350,8 @@ class Http1Pool:
         self._draining: dict[str, int] = {}  # connections watched before a reset, by policy
         # connections watched before a reset, by policy, oldest first, with when each began
         self._watched: dict[str, dict[_Connection, float]] = {}
+        # watches a policy may still end (a token bucket), as of when
+        self._takes: dict[str, tuple[float, float]] = {}
         # A host's addresses (or its lookup's error) until a time; lookups under way; addresses
         # a connection to failed lately, until when.
         self._dns: dict[tuple[str, int], tuple[float, list[str] | OSError]] = {}
@@ -482,16 +484,16 @@ class Http1Pool:
         backend that honours `Connection: close` closes it first, and frees its place. A
         policy holds at most a quarter of the places (red team 20: one policy's closing
         connections took them all, and another's lag went unseen), and when they are all
-        taken, the policy holding the most gives up its oldest watch, once it is
-        MIN_WATCH_SECONDS old, to one holding at least two fewer (red team 21: four busy
-        policies held every place; red team 22: a policy whose connections close at once
-        otherwise ended a busy policy's watch on each of its drains)."""
+        taken, the policy holding the most gives up its oldest watch to one holding at least
+        two fewer, which may end at most TAKES_PER_SECOND watches a second (red team 21:
+        four busy policies held every place; red team 22: a policy whose connections close
+        at once otherwise ended a busy policy's watch on each of its drains)."""
         policy = key[0]
         held = self._draining.get(policy, 0)
         if (
             conn.closed
             or held >= MAX_DRAINING // 4
-            or (sum(self._draining.values()) >= MAX_DRAINING and not self._make_room(held))
+            or (sum(self._draining.values()) >= MAX_DRAINING and not self._make_room(policy, held))
         ):
             conn.close()
             return
@@ -513,13 +515,18 @@ class Http1Pool:
         conn.on_closed = freed
         loop.call_later(DRAIN_SECONDS, conn.close)
 
-    def _make_room(self, held: int) -> bool:
-        """The watch is full: end the oldest watch of the policies holding the most places
-        (of the oldest among them when they tie: red team 22, the first always lost), if they
-        hold at least two more than `held` and that watch is MIN_WATCH_SECONDS old (its close
-        frees the place); False if not."""
+    def _make_room(self, taker: str, held: int) -> bool:
+        """The watch is full: for policy `taker`, holding `held` places, end the oldest watch
+        of the policies holding the most (of the oldest among them when they tie: red team
+        22, the first always lost), if they hold at least two more and `taker` may end one
+        more (its close frees the place); False if not."""
         most = max(self._draining.values())
         if most < held + 2:
+            return False
+        now = asyncio.get_running_loop().time()
+        tokens, at = self._takes.get(taker, (TAKES_PER_SECOND, now))
+        tokens = min(TAKES_PER_SECOND, tokens + (now - at) * TAKES_PER_SECOND)
+        if tokens < 1:
             return False
         oldest: tuple[float, _Connection] | None = None
         for policy, count in self._draining.items():
@@ -528,9 +535,12 @@ class Http1Pool:
                 conn, since = next(iter(watched.items()))
                 if oldest is None or since < oldest[0]:
                     oldest = (since, conn)
-        if oldest is None or asyncio.get_running_loop().time() - oldest[0] < MIN_WATCH_SECONDS:
+        if oldest is None:
             return False
         oldest[1].close()
+        if len(self._takes) >= MAX_KEYS_COUNTED:  # policies: a handful in practice
+            self._takes.clear()
+        self._takes[taker] = (tokens - 1, now)
         return True
 
     def _retire(self, key: _Key, target: _Target, conn: _Connection) -> None:
@@ -861,6 +871,7 @@ class Http1Pool:
                 conn.close()
         self._watched.clear()
         self._draining.clear()
+        self._takes.clear()
         self._idle.clear()
         self._fresh.clear()
         self._calls.clear()
