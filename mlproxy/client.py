@@ -95,7 +95,8 @@ class Client:
                 raw = resp.read()
                 return resp.status, dict(resp.headers), json.loads(raw) if raw else None
         except urllib.error.HTTPError as err:
-            raw = err.read()
+            with err:
+                raw = err.read()
             try:
                 doc = json.loads(raw)
             except ValueError:

@@ -521,10 +521,11 @@ class Stack:
         try:
             urllib.request.urlopen(req, timeout=10, context=self.ssl_context()).close()
         except urllib.error.HTTPError as err:
-            if err.code != 412:
-                raise StackError(
-                    f"could not create the demo policy: {err.code} {err.read()!r}"
-                ) from err
+            with err:
+                if err.code != 412:
+                    raise StackError(
+                        f"could not create the demo policy: {err.code} {err.read()!r}"
+                    ) from err
 
     def start_child(self, child: Child, timeout: float = 30.0) -> None:
         log.info("starting %s: %s", child.name, " ".join(child.argv))

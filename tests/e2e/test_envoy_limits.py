@@ -59,7 +59,8 @@ def healthz(port: int) -> tuple[int, bytes] | str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.read()
+        with err:
+            return err.code, err.read()
     except OSError as err:
         return repr(err)
 

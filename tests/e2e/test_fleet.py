@@ -183,7 +183,8 @@ def post(
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as err:
-        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+        with err:
+            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
 def test_every_replica_runs_the_seeded_policy(fleet: Stack, api: Client) -> None:

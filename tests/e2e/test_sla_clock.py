@@ -113,7 +113,8 @@ def ask(stack: Stack, i: int, delay_ms: int | None = None) -> tuple[int, Any]:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        with err:
+            return err.code, json.loads(err.read())
 
 
 MISSES = 'mlproxy_sla_misses_total{policy="clocked"}'
