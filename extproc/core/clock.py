@@ -15,8 +15,8 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
+    # time.monotonic itself, not a method around it: a request asks the time about nine times
+    now = staticmethod(time.monotonic)
 
 
 class FakeClock:
