@@ -14,7 +14,8 @@ A fourth, `lean batcher` (`--no-lean` leaves it out), is bench/lean_batcher.py b
 of its own: the least a Python ext_proc that batches does (queue, timer, one HTTP call a batch,
 split), batching as the static policy does and doing nothing else: the floor of batching in
 Python, against which MLProxy's own work (its checks, SLA clock, metrics, isolation rules)
-shows.
+shows. `--without PART,...` takes parts of that work off MLProxy's request path (those of
+bench/servicer_cost.py, the same way) to measure what each costs on the real stack.
 The CPU columns give each process's CPU time per request (from /proc), which shows where a
 2-core machine's budget goes.
 """
@@ -38,6 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.httpload import LoadResult, run_load
+from bench.servicer_cost import PARTS
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import EXT_PROC_FILTER, local_config
@@ -197,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
         "default objective: holds requests as long as their deadlines allow)",
     )
     parser.add_argument(
+        "--without",
+        default="",
+        metavar="PART,...",
+        help="take these parts of MLProxy's own work off its request path (those of "
+        "bench/servicer_cost.py --without): what each costs on the real stack is the "
+        "difference with a run that keeps it; the mean batch is then the model's count",
+    )
+    parser.add_argument(
         "--lean",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -204,6 +214,21 @@ def _parser() -> argparse.ArgumentParser:
         "batching as the static policy does (its max wait, batch size and in flight)",
     )
     return parser
+
+
+def _without_env(without: str) -> dict[str, str]:
+    """The ext_proc's environment for `--without`: bench/without_site first on its path."""
+    parts = [p for p in without.split(",") if p]
+    if not parts:
+        return {}
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--without: unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
+    here = Path(__file__).resolve()
+    path = [str(here.with_name("without_site")), str(here.parents[1])]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(path), "MLPROXY_BENCH_WITHOUT": ",".join(parts)}
 
 
 def _policies(args: argparse.Namespace, model_url: str) -> dict[str, Any]:
@@ -303,7 +328,7 @@ class Measurer:
                 f"first): {', '.join(shares)}",
                 flush=True,
             )
-        if p.name == "lean batcher":  # it keeps no count: the model's
+        if p.name == "lean batcher" or args.without:  # no count of its own: the model's
             before, after = model_before, model_after
         calls = after[1] - before[1]
         mean_batch = (after[0] - before[0]) / calls if calls else 1.0
@@ -371,6 +396,7 @@ def main() -> int:
         bypass_prefix="/direct/",
         model_args=["--hidden", str(HIDDEN)],
         extproc_workers=args.workers,
+        extproc_env=_without_env(args.without),
     )
     assert stack.run_dir is not None
     stack.policies_file = stack.run_dir / "bench-policies.json"
