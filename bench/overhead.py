@@ -378,6 +378,7 @@ def _table(rows: Sequence[Row]) -> None:
         )
 
 
+# Long: one stack, its four paths and their measurements in order, read top to bottom.
 def main() -> int:
     args = _parser().parse_args()
     inputs = random_inputs(args.inputs, seed=3)

@@ -32,7 +32,9 @@ OUTCOME_OF = {
     "mlproxy_peer_forwarded_total": ForwardOutcome,
 }
 _MATCHER = re.compile(r'\boutcome\s*(=~|!~|!=|=)\s*"([^"]*)"')
-_HTTP = re.compile(r"http_[1-9]([0-9]{2}|xx)")
+# What a backend's status can be labelled: the HTTP client takes 100-599, skips 1xx as interim
+# and counts 2xx as success (red team 23: a pattern also took http_599, never written now).
+_HTTP = frozenset(label(HttpStatus(status)) for status in range(300, 600))
 
 
 def outcome_values(expr: str) -> list[tuple[str, str]]:
@@ -53,9 +55,7 @@ def unknown(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if enum is None:
             bad.append((metric, value))  # a metric with an outcome label this test misses
         elif value not in {m.value for m in enum} and not (
-            enum is Outcome
-            and metric.startswith("mlproxy_backend_latency")
-            and _HTTP.fullmatch(value)
+            enum is Outcome and metric.startswith("mlproxy_backend_latency") and value in _HTTP
         ):
             bad.append((metric, value))
     return bad
