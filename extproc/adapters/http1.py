@@ -120,9 +120,11 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
 _HEADER_VALUE_OUT = re.compile(r"[\t\x20-\x7e]*")
 # Every header line of an answer at once: a name (_TOKEN), a colon, a value (_FIELD_VALUE).
+# Possessive (never giving back what it took): a head it refuses costs one pass, not a
+# backtrack over each value (red team 24: 3 ms for 64 KiB).
 _HEADER_LINES = re.compile(
-    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
-    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[\t\x20-\x7e\x80-\xff]*+"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[\t\x20-\x7e\x80-\xff]*+)*+"
 )
 _HEADER_NAME_OUT = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
