@@ -1,9 +1,13 @@
 """extproc/codecs/jsondoc.py reads a request as json.loads with its hooks would, byte for byte:
-the same documents, the same errors with the same messages."""
+the same documents, the same errors with the same messages. orjson does the work where it
+gives the same result: these tests hold its reading and writing to the standard library's."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
+import struct
 from typing import Any
 
 import pytest
@@ -18,9 +22,22 @@ def _reference(body: bytes) -> Any:
     return json.loads(body, parse_constant=jsondoc._reject_constant, parse_int=jsondoc._parse_int)
 
 
-def _outcome(read: Any, body: bytes) -> tuple[str, Any]:
+def _exact(value: Any) -> Any:
+    """`value` with every type and every float's bits spelled out, and dicts as item lists
+    (their order): two documents are the same if these are equal (1 == 1.0 and 0.0 == -0.0
+    are not)."""
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    if isinstance(value, dict):
+        return ("dict", [(k, _exact(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_exact(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def _outcome(read: Any, body: Any) -> tuple[str, Any]:
     try:
-        return "ok", read(body)
+        return "ok", _exact(read(body))
     except Exception as err:  # the same kind, and the same words
         return type(err).__name__, str(err)
 
@@ -42,6 +59,15 @@ BODIES = [
     b"  ",
     b'{"a": 1} x',
     b"[" * 100_000,
+    # orjson reads these as floats; json with _parse_int refuses them (19 and 20 digits)
+    b'{"a": -9223372036854775809}',
+    b'{"a": -9999999999999999999}',
+    b'{"a": [18446744073709551616]}',
+    b'{"a": 1e999}',
+    b'{"a": 1e-400, "b": -0.0, "c": -0, "d": 1E5, "e": 0.1e-0000000000000000001}',
+    b'{"a": 1, "b": 2, "a": 3}',
+    b'\t{"a":\r\n"\\u0000\\/\\ud83d\\ude00"}\n',
+    b'{"a": "\xed\xa0\x80"}',  # a surrogate in UTF-8: json reads it (surrogatepass)
 ]
 
 
@@ -62,3 +88,67 @@ def test_load_request_refusals_unchanged() -> None:
         jsondoc.load_request(b'{"a": NaN}', "x")
     with pytest.raises(CodecError, match="not UTF-8 text"):
         jsondoc.load_request(b'{"a": "\xff"}', "x")
+
+
+# JSON values as a backend or a client may send them: every kind, integers on both sides of 64
+# bits, floats of every size (and NaN and the infinities, which json writes and reads back as
+# constants), text of any code point (lone surrogates too).
+_TEXT = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=8)
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**65), max_value=2**65)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | _TEXT,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_TEXT, inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(_VALUES, st.booleans())
+def test_writes_as_json(value: Any, sort_keys: bool) -> None:
+    """encode writes what json writes, or refuses with the same words."""
+    assert _outcome(lambda v: jsondoc.encode(v, sort_keys), value) == _outcome(
+        lambda v: jsondoc._encode_json(v, sort_keys), value
+    )
+
+
+@given(_VALUES, st.booleans())
+def test_reads_written_documents_as_json_loads(value: Any, ascii_only: bool) -> None:
+    """Requests and answers as json.dumps writes them (NaN, big integers and escapes
+    included) are read as json reads them."""
+    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert _outcome(jsondoc._loads_request, body) == _outcome(_reference, body)
+    assert _outcome(jsondoc.load_answer, body) == _outcome(json.loads, body)
+
+
+def test_floats_are_written_as_json_writes_them() -> None:
+    """Floats of every exponent and random bit patterns: where orjson spells a float
+    otherwise (1e-7 for 1e-07, 0.00001 for 1e-05), json writes it."""
+    rng = random.Random(14)
+    floats = [m * 10.0**e for e in range(-325, 309) for m in (1.0, 1.5, 9.999999999999999)]
+    floats += [
+        struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(30_000)
+    ]
+    floats = [f for f in floats if math.isfinite(f)]
+    for f in floats:
+        assert jsondoc.encode([f, -f]) == jsondoc._encode_json([f, -f], False), f
+
+
+def test_non_finite_numbers_are_refused_not_written_as_null() -> None:
+    """orjson writes NaN and the infinities as null; the codec refuses them as before."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(CodecError, match="not finite"):
+            jsondoc.encode({"predictions": [1.0, value]})
+
+
+def test_a_document_nested_too_deeply_for_json_still_fails() -> None:
+    """orjson reads nesting up to 1,024, json to about 1,000 less the stack in use: what only
+    orjson reads is refused when it is written (at most 254 levels for orjson; json's writer
+    takes no more than its reader)."""
+    from extproc.codecs.kserve_v1 import KServeV1
+
+    depth = 1_020
+    body = b'{"instances": [' + b"[" * depth + b"]" * depth + b"]}"
+    with pytest.raises(CodecError, match="nested too deeply"):
+        KServeV1().parse(body)
