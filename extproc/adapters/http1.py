@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import select
@@ -165,7 +166,7 @@ class Malformed(Http1Error):
     """The answer's head is not valid HTTP/1.1, or its framing is ambiguous."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Head:
     """An answer's status line and headers: names in lower case, in the order sent."""
 
@@ -176,14 +177,21 @@ class Head:
     # For an answer the caller found was not this request's (a miscount): if its connection
     # carried an earlier call, it carries no more and is watched for a lagging answer.
     retire: Callable[[], None] | None = field(default=None, compare=False)
+    # Each name's values joined, built at the first `get` (an answer is asked for about seven).
+    _joined: dict[str, str] | None = field(default=None, compare=False, repr=False)
 
     def get_all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name]
 
     def get(self, name: str) -> str | None:
         """The header's values joined with commas, as HTTP allows; None if absent."""
-        values = self.get_all(name)
-        return ",".join(values) if values else None
+        joined = self._joined
+        if joined is None:
+            joined = {}
+            for n, v in self.headers:
+                joined[n] = f"{joined[n]},{v}" if n in joined else v
+            self._joined = joined
+        return joined.get(name)
 
 
 Sink = Callable[[bytes], None]
@@ -460,13 +468,8 @@ class Http1Pool:
             else:
                 drain = True
             reusable = reusable and not last and transport.get_write_buffer_size() == 0
-            return Head(
-                head.version,
-                head.status,
-                head.headers,
-                head.length,
-                lambda: self._retire(key, target, conn),
-            )
+            head.retire = lambda: self._retire(key, target, conn)
+            return head
         finally:
             self._release(key, target, conn, reusable, drain)
 
@@ -918,21 +921,27 @@ async def _lookup(host: str, port: int) -> list[str]:
 def _request_head(
     target: _Target, headers: Sequence[tuple[str, str]], length: int, last: bool = False
 ) -> bytes:
-    lines = [
-        f"POST {target.request_target} HTTP/1.1",
-        f"Host: {target.host_header}",
-        f"Content-Length: {length}",
-    ]
-    if last:  # the connection's last request: the backend closes it (no TIME_WAIT here)
-        lines.append("Connection: close")
+    close = "Connection: close\r\n" if last else ""  # the backend closes it: no TIME_WAIT here
+    return (
+        f"POST {target.request_target} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+        f"Content-Length: {length}\r\n{close}".encode("ascii")
+        + _header_block(tuple(headers))
+        + b"\r\n"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _header_block(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A request's own header lines, checked once for each set of them (a policy sends the
+    same few on every batch)."""
+    lines = []
     for name, value in headers:
         # MLProxy's own values (a codec's content type and framing, a traceparent), never a
         # client's raw bytes: checked all the same, a line break would start a new header.
         if not _HEADER_NAME_OUT.fullmatch(name) or not _HEADER_VALUE_OUT.fullmatch(value):
             raise Unsendable(f"header {name[:64]!r} has a value that cannot be sent")
-        lines.append(f"{name}: {value}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("ascii")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("ascii")
 
 
 async def _read_answer(conn: _Connection, sink_for: Callable[[Head], Sink]) -> tuple[Head, bool]:
@@ -948,7 +957,7 @@ async def _read_answer(conn: _Connection, sink_for: Callable[[Head], Sink]) -> t
         raise Malformed("too many informational answers")
     length, chunked = _framing(head)
     bodyless = head.status in (204, 304)
-    head = Head(head.version, head.status, head.headers, None if bodyless else length)
+    head.length = None if bodyless else length
     sink = sink_for(head)
     if bodyless:
         # No body, whatever the head says; one that announces a body may send it late, into
@@ -994,12 +1003,14 @@ def _parse_head(raw: bytes) -> Head:
     if len(lines) > 1 and _HEADER_LINES.fullmatch(raw, len(lines[0]) + 2):
         # Every line is valid (what the loop below finds line by line, in one match): only
         # split them. A backend answers each batch; this was 12 us of each call.
+        # The names are tokens (ASCII): the head is decoded once, as latin-1.
+        text = raw.decode("latin-1")
         return Head(
             int(status.group(1)),
             int(status.group(2)),
             tuple(
-                (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
-                for name, _, value in (line.partition(b":") for line in lines[1:])
+                (name.lower(), value.strip(" \t"))
+                for name, _, value in (line.partition(":") for line in text.split("\r\n")[1:])
             ),
         )
     headers = []

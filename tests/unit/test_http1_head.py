@@ -108,3 +108,37 @@ def test_every_byte_anywhere_in_a_line_parses_as_before(where: str) -> None:
             later = b"X" + c + b"Y: z"
         raw = b"\r\n".join([b"HTTP/1.1 200 OK", first, later])
         assert outcome(http1._parse_head, raw) == outcome(reference, raw), (where, b)
+
+
+_NAMES = st.sampled_from(["content-length", "connection", "x-a", "x-b"])
+
+
+@given(st.lists(st.tuples(_NAMES, st.text(max_size=4)), max_size=8), _NAMES)
+def test_get_joins_each_names_values_in_order(headers: list[tuple[str, str]], name: str) -> None:
+    """Head.get (its values joined once, at the first get) is every value of the name joined
+    with commas in the order sent, as get_all has them; None if the name is absent."""
+    head = Head(1, 200, tuple(headers))
+    values = head.get_all(name)
+    for _ in range(2):  # the first get builds the index, the second reads it
+        assert head.get(name) == (",".join(values) if values else None)
+
+
+def test_request_heads_are_written_and_refused_the_same_each_time() -> None:
+    """A request head's own header lines are checked once per set and kept: the same bytes
+    every time, and a value that would start a new header refused every time."""
+    target = http1.Http1Pool()._target("http://model.local:8080/v1/models/m:predict")
+    headers = [("Content-Type", "application/json"), ("traceparent", "00-ab-cd-01")]
+    expected = (
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: model.local:8080\r\n"
+        b"Content-Length: 12\r\nContent-Type: application/json\r\ntraceparent: 00-ab-cd-01\r\n"
+        b"\r\n"
+    )
+    for _ in range(2):
+        assert http1._request_head(target, headers, 12) == expected
+    last = http1._request_head(target, headers, 3, last=True)
+    assert last.startswith(b"POST /v1/models/m:predict HTTP/1.1\r\n")
+    assert b"Content-Length: 3\r\nConnection: close\r\nContent-Type" in last
+    for bad in [("X-A", "1\r\nX-Injected: 2"), ("X A", "1"), ("X-A", "caf\u00e9")]:
+        for _ in range(2):
+            with pytest.raises(http1.Unsendable):
+                http1._request_head(target, [*headers, bad], 12)
