@@ -21,7 +21,8 @@ standard library everywhere else (issue 14):
   for `1e-05`), NaN and infinities (`null`, which json refuses) and what it refuses (an
   integer beyond 64 bits, nesting beyond 254). An output with such a float, or with `null`
   anywhere, is written again by json (tests/unit/test_jsondoc.py compares the two on
-  generated documents and on 1.6 million floats).
+  generated documents and on 32,000 floats of every exponent; 1.6 million random floats
+  agreed in a one-off check).
 """
 
 from __future__ import annotations
