@@ -117,6 +117,12 @@ class _Family(Collector, Generic[S]):
             child = self._series[key] = self._new()
         return child
 
+    def _only(self) -> S:
+        """The series of a family without labels, without building a key (two a request:
+        mlproxy_active_streams); ValueError for a family with labels, as labels() says."""
+        child = self._series.get(())
+        return child if child is not None else self.labels()
+
     def remove(self, *values: str) -> None:
         del self._series[tuple(str(v) for v in values)]
 
@@ -138,7 +144,7 @@ class _ValueFamily(_Family[V]):
     """A family whose series are one value each (counters, gauges)."""
 
     def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
+        self._only().inc(amount)
 
     def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
         raise NotImplementedError
@@ -163,7 +169,7 @@ class FastGauge(_ValueFamily[GaugeSeries]):
         return GaugeSeries()
 
     def set(self, value: float) -> None:
-        self.labels().set(value)
+        self._only().set(value)
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -189,7 +195,7 @@ class FastHistogram(_Family[HistogramSeries]):
         return HistogramSeries(self._bounds)
 
     def observe(self, amount: float) -> None:
-        self.labels().observe(amount)
+        self._only().observe(amount)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -139,3 +139,20 @@ def test_a_scrape_while_the_loop_steps_reads_whole_series() -> None:
         sum(s.value for s in final["m_seconds"].samples if s.name == "m_seconds_sum"),
         sum((i % 13) / 1000.0 for i in range(60_000)),
     )
+
+
+def test_a_family_without_labels_steps_its_one_series_and_one_with_labels_needs_them() -> None:
+    registry = CollectorRegistry()
+    streams = FastGauge("streams", "Open streams.", registry=registry)
+    streams.inc(2)
+    streams.inc(-1)
+    assert registry.get_sample_value("streams") == 1
+    streams.clear()  # its series goes; the next step starts a new one
+    streams.set(5)
+    assert registry.get_sample_value("streams") == 5
+    by_policy = FastHistogram("wait", "Waits.", ["policy"], buckets=(1,), registry=registry)
+    with pytest.raises(ValueError, match="expected labels"):
+        by_policy.observe(0.5)
+    counter = FastCounter("calls", "Calls.", ["policy"], registry=registry)
+    with pytest.raises(ValueError, match="expected labels"):
+        counter.inc()
