@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -388,7 +389,12 @@ async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
                 await writer.drain()
                 writers.append(writer)
             await eventually_async(
-                lambda: active_streams(stack) >= len(sources), 10, "ext_proc holds every stream"
+                lambda: active_streams(stack) >= len(sources),
+                10,
+                lambda: (
+                    f"ext_proc holds every stream ({active_streams(stack):.0f} of "
+                    f"{len(sources)} open; refused: {_refused(stack)})"
+                ),
             )
             assert active_streams(stack) == len(sources)
             code, _, answer = await post_as(
@@ -401,3 +407,11 @@ async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
                 writer.close()
     assert code == 200, answer
     assert json.loads(answer) == {"predictions": [{"echo": "normal"}]}
+
+
+def _refused(stack: Stack) -> str:
+    """ext_proc's refused streams by reason, for a failure's message."""
+    url = f"http://127.0.0.1:{stack.metrics_ports[0]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        lines = answer.read().decode().splitlines()
+    return ", ".join(line for line in lines if line.startswith("mlproxy_refused_streams_total"))
