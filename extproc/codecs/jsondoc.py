@@ -4,18 +4,13 @@ A request is read strictly (no NaN/Infinity constants, no integer beyond 64 bits
 bounded nesting) and every part a codec forwards is re-encoded when it is parsed, so a merged
 batch is only joined bytes: merging cannot fail for a request `parse` accepted.
 
-The standard library's `json` defines what is read and written, byte for byte; `orjson` (in
-Rust, about ten times faster) does the work wherever it gives the same result, and the
-standard library everywhere else (issue 14):
-- Reading: orjson reads every document json reads the same way (the same values, floats to the
-  bit, the same key order) except that it turns an integer beyond 64 bits into a float where
-  this module refuses it. A text with 19 digits in a row anywhere (the shortest such integer,
-  or a long float or string) is read by json. What orjson refuses (NaN, 1e999, a lone
-  surrogate, UTF-16, a byte order mark, bytes that are not UTF-8, nesting beyond 1,024) is
-  read by json, which accepts or refuses it in its own words. One difference is left: a
-  document nested 950 to 1,024 deep, which json refuses on reading, orjson reads; it is
-  refused when it is written (orjson writes at most 254 levels, json's writer no more than
-  its reader), so it still fails with 400, "nested too deeply".
+The standard library's `json` reads every body and defines what is written, byte for byte;
+`orjson` (in Rust) writes wherever it gives the same bytes, and json everywhere else (issue 14).
+- Reading is json's alone. orjson is not used to read: it keeps one cache of object keys for
+  the whole process, looked up by a 64-bit hash of the key without comparing the text, so one
+  client could send a key with the hash of "instances" or "predictions" (found in seconds by a
+  birthday search) and have every later client's key read as its own (red team 25: every
+  request answered 400, or every batch's answer refused, until the slot is overwritten).
 - Writing: orjson writes what json writes (strings, key order and sorted keys, integers,
   floats of 1e-4 and up), except for floats below 1e-4 (`1e-7` for json's `1e-07`, `0.00001`
   for `1e-05`), NaN and infinities (`null`, which json refuses) and what it refuses (an
@@ -62,19 +57,10 @@ def _reject_constant(name: str) -> Any:
 
 # Built once: json.loads with hooks builds a decoder and its scanner on every call.
 _decode_request = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int).decode
-# A text orjson might read otherwise than json (module docstring): an integer beyond 64 bits has
-# at least 19 digits (-9223372036854775809). Found by mapping every digit to 0 and looking for
-# 19 zeros: a regular expression took 42 us on a 2.5 KB body, this takes about 2.
-_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
-_LONG_DIGITS = b"0" * 19
 # In an output of orjson's, what json might spell otherwise: a float below 1e-4 (a negative
 # exponent, or four zeros after the point) or a null (also what orjson writes for NaN). Looked
 # for as plain bytes (a text holding "e-" is written by json too, the same way).
 _RESPELL = (b"e-", b"0.0000", b"null")
-
-
-def _long_digits(body: bytes) -> bool:
-    return _LONG_DIGITS in body.translate(_DIGITS_AS_ZEROS)
 
 
 def _respell(out: bytes) -> bool:
@@ -82,24 +68,9 @@ def _respell(out: bytes) -> bool:
 
 
 def _loads_request(body: bytes) -> Any:
-    """json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int): the same
-    document, or the same error (module docstring)."""
-    if not _long_digits(body):
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass  # json says what is wrong, or reads what orjson does not
+    """json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int), step for step:
+    the bytes decoded as json.loads decodes them, then the one decoder."""
     return _decode_request(body.decode(json.detect_encoding(body), "surrogatepass"))
-
-
-def _loads_answer(body: bytes) -> Any:
-    """json.loads(body): the same document, or the same error (module docstring)."""
-    if not _long_digits(body):
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body)
 
 
 def encode(value: Any, sort_keys: bool = False) -> bytes:
@@ -172,7 +143,7 @@ def load_request(body: bytes, expected: str) -> dict[str, Any]:
 def load_answer(body: bytes) -> Any:
     """A backend's answer as JSON; CodecError if it is not JSON."""
     try:
-        return _loads_answer(body)
+        return json.loads(body)
     except ValueError as err:
         raise CodecError(f"backend answer is not valid JSON: {err}") from err
     except RecursionError as err:

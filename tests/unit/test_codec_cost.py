@@ -10,11 +10,11 @@ from extproc.codecs import jsondoc, kserve_v1
 
 
 def test_it_times_both_ways_and_restores_the_codec(capsys: pytest.CaptureFixture[str]) -> None:
-    shipped = (jsondoc._loads_request, jsondoc._loads_answer, vars(kserve_v1)["encode"])
+    shipped = vars(kserve_v1)["encode"]
     assert codec_cost.main(["--number", "20", "--width", "4", "--batch", "3"]) == 0
     table = capsys.readouterr().out
     assert "| parse |" in table and "| split |" in table and "| all three |" in table
-    assert (jsondoc._loads_request, jsondoc._loads_answer, vars(kserve_v1)["encode"]) == shipped
+    assert vars(kserve_v1)["encode"] is shipped
 
 
 def test_json_alone_never_calls_orjson(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """extproc/codecs/jsondoc.py reads a request as json.loads with its hooks would, byte for byte:
-the same documents, the same errors with the same messages. orjson does the work where it
-gives the same result: these tests hold its reading and writing to the standard library's."""
+the same documents, the same errors with the same messages. orjson writes where it gives the
+same bytes: these tests hold its writing to the standard library's, and keep it from reading
+(its key cache lets one body change how others are read)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 import math
 import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,7 +63,7 @@ BODIES = [
     b"  ",
     b'{"a": 1} x',
     b"[" * 100_000,
-    # orjson reads these as floats; json with _parse_int refuses them (19 and 20 digits)
+    # orjson would read these as floats; json with _parse_int refuses them (19 and 20 digits)
     b'{"a": -9223372036854775809}',
     b'{"a": -9999999999999999999}',
     b'{"a": [18446744073709551616]}',
@@ -142,13 +146,33 @@ def test_non_finite_numbers_are_refused_not_written_as_null() -> None:
             jsondoc.encode({"predictions": [1.0, value]})
 
 
-def test_a_document_nested_too_deeply_for_json_still_fails() -> None:
-    """orjson reads nesting up to 1,024, json to about 1,000 less the stack in use: what only
-    orjson reads is refused when it is written (at most 254 levels for orjson; json's writer
-    takes no more than its reader)."""
-    from extproc.codecs.kserve_v1 import KServeV1
+# A key with the same xxh3 hash as "instances" (red team 25, found by a birthday search).
+_COLLIDES_WITH_INSTANCES = "qqq_fXGzCwL8jYj5BPOfl5_zKhl6F8rsZI8djxYkUQyvlQ1zb9YD5urDqfCGpDty"
+_KEY_CACHE_ATTACK = """
+import sys
+from extproc.codecs.kserve_v1 import KServeV1
+codec = KServeV1()
+codec.parse(b'{"instances": [[1, 2]]}')
+flood = b",".join(b'"k%d":0' % i for i in range(20000))
+key = sys.argv[1].encode()
+attack = b'{"instances": [1], "x": {' + flood + b', "' + key + b'": 0}}'
+codec.parse(attack)
+print(codec.parse(b'{"instances": [[1, 2]]}').size)
+"""
 
-    depth = 1_020
-    body = b'{"instances": [' + b"[" * depth + b"]" * depth + b"]}"
-    with pytest.raises(CodecError, match="nested too deeply"):
-        KServeV1().parse(body)
+
+def test_one_clients_keys_do_not_change_how_another_clients_body_is_read() -> None:
+    """orjson's key cache is looked up by a key's hash alone: after a body that floods it and
+    then sends a key with the hash of "instances", orjson reads every later "instances" as
+    that key, and every client's request would be refused. Bodies are read by json, which
+    keeps no such cache. In a process of its own: the cache lives as long as the process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _KEY_CACHE_ATTACK, _COLLIDES_WITH_INSTANCES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"
