@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -410,8 +409,9 @@ async def test_clients_with_one_slow_request_each_do_not_lock_out_a_new_client(
 
 
 def _refused(stack: Stack) -> str:
-    """ext_proc's refused streams by reason, for a failure's message."""
-    url = f"http://127.0.0.1:{stack.metrics_ports[0]}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        lines = answer.read().decode().splitlines()
-    return ", ".join(line for line in lines if line.startswith("mlproxy_refused_streams_total"))
+    """ext_proc's streams refused for its limits, for a failure's message."""
+    counts = []
+    for reason in ("stream_limit", "client_share"):
+        line = 'mlproxy_refused_streams_total{reason="' + reason + '"}'
+        counts.append(f"{reason} {ext_proc_metric(stack, line):.0f}")
+    return ", ".join(counts)
