@@ -17,8 +17,10 @@ __all__ = [
     "EXTPROC_OUTLIER_DETECTION",
     "EXTPROC_SERVICE",
     "EXT_PROC_FILTER",
+    "FORWARDED_HEADERS",
     "REQUEST_TIME_ATTRIBUTE",
     "ext_proc_filter",
+    "forward_rules",
     "local_config",
 ]
 
@@ -80,6 +82,24 @@ CLIENT_ATTRIBUTES = ("source.address", "connection.uri_san_peer_certificate")
 # When Envoy received the request (its first byte, Envoy's clock, RFC 3339): the request's SLA
 # clock starts then (extproc/core/hops.py; docs/envoy-settings.md).
 REQUEST_TIME_ATTRIBUTE = "request.time"
+# The request line: with `forward_rules`, Envoy sends no pseudo-headers to ext_proc.
+REQUEST_LINE_ATTRIBUTES = ("request.path", "request.method")
+# The only request headers Envoy sends to ext_proc: those it reads (extproc.adapters.servicer.
+# headers_read, which a test holds this to). Whatever else a client sends (Authorization,
+# cookies) never reaches ext_proc, and costs it nothing to decode (docs/security.md).
+FORWARDED_HEADERS = (
+    "content-length",
+    "x-request-id",
+    "x-mlproxy-deadline-ms",
+    "inference-header-content-length",
+    "traceparent",
+    "tracestate",
+)
+
+
+def forward_rules() -> dict[str, Any]:
+    """The ext_proc filter's `forward_rules`: FORWARDED_HEADERS, and nothing else."""
+    return {"allowed_headers": {"patterns": [{"exact": h} for h in FORWARDED_HEADERS]}}
 
 
 def ext_proc_filter(
@@ -108,7 +128,12 @@ def ext_proc_filter(
             },
             # Who sent the request, for its share of a policy's queue (docs/security.md),
             # and when Envoy received it (docs/envoy-settings.md).
-            "request_attributes": [*CLIENT_ATTRIBUTES, REQUEST_TIME_ATTRIBUTE],
+            "request_attributes": [
+                *CLIENT_ATTRIBUTES,
+                REQUEST_TIME_ATTRIBUTE,
+                *REQUEST_LINE_ATTRIBUTES,
+            ],
+            "forward_rules": forward_rules(),
         },
     }
 

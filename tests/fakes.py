@@ -10,6 +10,7 @@ from typing import Any
 
 from envoy_data_plane.envoy.config.core import v3 as core
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
+from envoy_data_plane.google.protobuf import Struct, Value
 
 from extproc.runtime.ports import BackendResponse
 from mlproxy_kernel.errors import ErrorKind, ProxyError
@@ -162,6 +163,29 @@ def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str
                 ),
                 end_of_stream=eos,
             )
+        )
+    )
+
+
+def forwarded_headers_msg(attributes: dict[str, str], eos: bool = False, **headers: str) -> bytes:
+    """Envoy's request-headers message under the filter's forward_rules: no pseudo-headers,
+    the request line (and whatever else) as request attributes."""
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(
+                    headers=[
+                        core.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+                        for k, v in headers.items()
+                    ]
+                ),
+                end_of_stream=eos,
+            ),
+            attributes={
+                "envoy.filters.http.ext_proc": Struct(
+                    fields={k: Value(string_value=v) for k, v in attributes.items()}
+                )
+            },
         )
     )
 

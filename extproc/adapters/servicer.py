@@ -29,9 +29,9 @@ import grpc
 from extproc.adapters import wire
 from extproc.adapters.peers import ForwardRequest, Peering
 from extproc.adapters.throttle import Throttled
-from extproc.codecs import CodecError, get_codec
+from extproc.codecs import CodecError, all_codecs, get_codec
 from extproc.core.hops import Hops
-from extproc.runtime.ports import NO_CONTEXT, Batching, Metrics, RequestContext
+from extproc.runtime.ports import NO_CONTEXT, TRACE_HEADERS, Batching, Metrics, RequestContext
 from extproc.runtime.replies import Answer, Reply, internal_error
 from mlproxy_common.logs import REQUEST_ID, request_id
 from mlproxy_kernel.errors import ErrorKind, ProxyError
@@ -46,6 +46,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # A client may ask for less time than the policy's SLA (never more): milliseconds from Envoy's
 # receipt of the request (as the SLA is).
 DEADLINE_HEADER = "x-mlproxy-deadline-ms"
+REQUEST_ID_HEADER = "x-request-id"
 _POLICY_LIMIT = "policy max_body_bytes"
 _PROCESS_LIMIT = "the largest body this MLProxy replica receives, --max-body-bytes"
 # What a ProcessingRequest adds around a buffered body: tags, lengths, end_of_stream.
@@ -184,6 +185,7 @@ class ExtProcServicer:
         self.limits = limits or StreamLimits()
         self._log = Throttled(log)
         self._time_log = Throttled(log, every=600.0)  # a config without request.time: say so
+        self._config_log = Throttled(log, every=600.0)  # nor request.path
         # The hops outside ext_proc (extproc/core/hops.py). Its side of Envoy's clock is the
         # runtime's monotonic clock plus a fixed offset to the epoch: a wall-clock step here
         # does not move it.
@@ -248,8 +250,9 @@ class ExtProcServicer:
                 f"first ext_proc message was {msg.kind}, not request headers (check the "
                 "filter's processing_mode: request_header_mode must be SEND)",
             )
-        route = self.router.resolve(msg.headers.get(":path", ""))
-        if route is None or msg.headers.get(":method", "POST") != "POST":
+        path, method = self._request_line(msg)
+        route = self.router.resolve(path)
+        if route is None or method != "POST":
             self._metrics.passthrough()
             await context.write(wire.HEADERS_CONTINUE_SKIP_BODY)
             return
@@ -260,6 +263,31 @@ class ExtProcServicer:
             await context.write(_encode(Answer(Reply.from_error(refused))))
             return
         await self._hold(context, route, msg, client)
+
+    def _request_line(self, msg: wire.Message) -> tuple[str, str]:
+        """The request's path and method. With the filter's `forward_rules` (every shipped
+        config) Envoy sends no pseudo-headers: they come as the `request.path` and
+        `request.method` attributes, and are put in the headers under their own names for
+        what reads them there. Neither: no path, so no policy, and the operator is told."""
+        headers = msg.headers
+        path = headers.get(":path")
+        if path is None:
+            path = msg.attributes.get(PATH_ATTRIBUTE)
+            if path is None:
+                self._config_log.warning(
+                    "path",
+                    "Envoy sent neither the :path header nor the request.path attribute: add "
+                    "request.path and request.method to the ext_proc filter's "
+                    "request_attributes (docs/envoy-settings.md); until then every request "
+                    "goes on to its upstream unbatched",
+                )
+                return "", "POST"
+            headers[":path"] = path
+        method = headers.get(":method")
+        if method is None:
+            method = msg.attributes.get(METHOD_ATTRIBUTE, "POST")
+            headers[":method"] = method
+        return path, method
 
     def _over_capacity(self, client: str) -> ProxyError | None:
         """The 503 for a stream beyond what this process holds (the operator told why), or
@@ -296,7 +324,7 @@ class ExtProcServicer:
         """A policy request, held as one of its client's streams until it is answered."""
         headers = msg.headers
         self._held[client] = self._held.get(client, 0) + 1
-        rid = request_id(headers.get("x-request-id"))
+        rid = request_id(headers.get(REQUEST_ID_HEADER))
         if rid:
             REQUEST_ID.set(rid)  # on every line logged for it (mlproxy_common/logs.py)
         span = self._start_trace(headers, route, rid)
@@ -647,6 +675,19 @@ PEER_SAN_ATTRIBUTE = "connection.uri_san_peer_certificate"
 SOURCE_ATTRIBUTE = "source.address"
 # When Envoy received the request (RFC 3339, Envoy's clock).
 REQUEST_TIME_ATTRIBUTE = "request.time"
+# The request line, when the filter's forward_rules keep the pseudo-headers from ext_proc.
+PATH_ATTRIBUTE = "request.path"
+METHOD_ATTRIBUTE = "request.method"
+
+
+def headers_read() -> frozenset[str]:
+    """Every request header ext_proc reads (pseudo-headers aside): what the filter's
+    `forward_rules` must let through (mlproxy/envoy_config.py keeps to it, as a test checks).
+    Anything else a client sends (credentials, cookies) never reaches ext_proc."""
+    framing = {h for codec in all_codecs() for h in codec.framing}
+    return frozenset(
+        {"content-length", REQUEST_ID_HEADER, DEADLINE_HEADER, *TRACE_HEADERS, *framing}
+    )
 
 
 def _peer_host(peer: str) -> str:

@@ -31,14 +31,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from extproc.runtime.ports import RequestContext
+from extproc.runtime.ports import TRACE_HEADERS, RequestContext
 from mlproxy_kernel.outcome import Outcome, label
 
 __all__ = ["OtelTracing", "RequestSpan", "endpoint_problem", "otlp_tracing"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 # What the propagator reads of a client's headers: nothing else is passed to it.
-_TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACESTATE_MAX = 512  # W3C: a vendor may drop a longer tracestate; so do we
 EXPORT_TIMEOUT_S = 3.0  # one export to the collector, retries included
 SHUTDOWN_S = 4.0  # the most a replica's shutdown waits for its last spans to go
@@ -78,7 +77,7 @@ class _BatchSpan:
         self.span = span
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span, Context()))
-        self.headers = tuple((k, v) for k, v in carrier.items() if k in _TRACE_HEADERS)
+        self.headers = tuple((k, v) for k, v in carrier.items() if k in TRACE_HEADERS)
 
     def end(self, outcome: Outcome, status: int) -> None:
         self.span.set_attribute("mlproxy.outcome", label(outcome))
@@ -98,7 +97,7 @@ class OtelTracing:
     def start_request(
         self, headers: Mapping[str, str], policy: str, path: str, request_id: str, now: float
     ) -> RequestSpan:
-        carrier = {h: headers[h] for h in _TRACE_HEADERS if h in headers}
+        carrier = {h: headers[h] for h in TRACE_HEADERS if h in headers}
         if len(carrier.get("tracestate", "")) > _TRACESTATE_MAX:
             del carrier["tracestate"]
         parent = _PROPAGATOR.extract(carrier, context=Context())

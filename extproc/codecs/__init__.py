@@ -8,7 +8,7 @@ from extproc.codecs.oip_v2 import OipV2
 from extproc.codecs.openai_embeddings import OpenAIEmbeddings
 from extproc.codecs.tfs_columnar import TfsColumnar
 
-__all__ = ["Codec", "CodecError", "Parsed", "get_codec"]
+__all__ = ["Codec", "CodecError", "Parsed", "all_codecs", "get_codec"]
 
 _CODECS: dict[str, Codec] = {
     "kserve-v1": KServeV1(),
@@ -23,3 +23,7 @@ def get_codec(name: str) -> Codec:
         return _CODECS[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(_CODECS)}") from None
+
+
+def all_codecs() -> tuple[Codec, ...]:
+    return tuple(_CODECS.values())

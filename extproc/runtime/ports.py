@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FRAMING_HEADERS",
+    "TRACE_HEADERS",
     "Backend",
     "BackendResponse",
     "BatchSpan",
@@ -128,6 +129,8 @@ class RequestContext:
 
 
 NO_CONTEXT = RequestContext()
+# The W3C trace context headers a request's span continues from (extproc/adapters/tracing.py).
+TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class BatchSpan(Protocol):

@@ -1194,7 +1194,14 @@ def test_every_way_of_attaching_the_filter_has_the_reference_settings(
         "envoy-gateway": envoy_gateway_bootstrap(rendered["manifests/overlays/envoy-gateway"]),
     }.items():
         config = ext_proc_filter(bootstrap)
-        assert settings(config) == want_filter, name
+        if name == "envoy-gateway":
+            # No field for forward_rules there: ext_proc receives every request header
+            # (docs/security.md, "What ext_proc sees of a request").
+            assert settings(config) == {
+                k: v for k, v in want_filter.items() if k != "forward_rules"
+            }, name
+        else:
+            assert settings(config) == want_filter, name
         ext_cluster = cluster(bootstrap, config["grpc_service"]["envoy_grpc"]["cluster_name"])
         got = extproc_cluster_settings(ext_cluster)
         if name == "envoy-gateway":

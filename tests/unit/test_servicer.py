@@ -17,7 +17,13 @@ from extproc.core.clock import MonotonicClock
 from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
-from tests.fakes import FakeBackend, RecordingMetrics, body_msg, headers_msg
+from tests.fakes import (
+    FakeBackend,
+    RecordingMetrics,
+    body_msg,
+    forwarded_headers_msg,
+    headers_msg,
+)
 from tests.waiting import eventually_async
 
 
@@ -97,6 +103,38 @@ async def test_a_path_without_a_policy_continues_and_skips_its_body() -> None:
     assert len(s.out) == 1 and s.out[0].request_headers is not None
     assert s.out[0].mode_override.request_body_mode == 0  # NONE: no body for ext_proc
     assert h.backend.calls == []
+
+
+async def test_without_pseudo_headers_the_request_line_comes_from_envoys_attributes() -> None:
+    """Envoy with forward_rules (every shipped config) sends no :path nor :method."""
+    h = Harness(max_batch_size=2)
+    line = {"request.path": PATH, "request.method": "POST"}
+    streams = [
+        Stream(forwarded_headers_msg(line, content_length="20"), body_msg({"instances": [i]}))
+        for i in range(2)
+    ]
+    get = Stream(forwarded_headers_msg({**line, "request.method": "GET"}, eos=True))
+    other = Stream(forwarded_headers_msg({**line, "request.path": "/healthz"}))
+    await h.run(*streams, get, other)
+    assert h.backend.calls == [[0, 1]]
+    for i, s in enumerate(streams):
+        assert s.answer() == (200, {"predictions": [{"echo": i}]})
+    for s in (get, other):  # not for a policy: on to the upstream untouched
+        assert len(s.out) == 1 and s.out[0].request_headers is not None
+        assert s.out[0].mode_override.request_body_mode == 0
+
+
+async def test_neither_a_path_header_nor_attribute_goes_on_untouched_and_says_why(
+    caplog: Any,
+) -> None:
+    h = Harness()
+    s = Stream(
+        forwarded_headers_msg({"source.address": "10.0.0.1:5"}), body_msg({"instances": [1]})
+    )
+    await h.run(s)
+    assert len(s.out) == 1 and s.out[0].request_headers is not None
+    assert h.backend.calls == []
+    assert "add request.path and request.method to the ext_proc filter's" in caplog.text
 
 
 async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None:
