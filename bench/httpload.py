@@ -12,7 +12,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["LoadResult", "run_load"]
+__all__ = ["CLIENT_HEADERS", "LoadResult", "run_load"]
+
+# What a real client adds to a request (a browser or SDK behind a login): 12 headers, 1.6 KB,
+# credentials among them. `run_load(..., headers=CLIENT_HEADERS)`.
+CLIENT_HEADERS = (
+    "Authorization: Bearer " + "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9." + "x" * 700 + ".sig\r\n"
+    "Cookie: session=" + "c" * 64 + "; prefs=" + "p" * 200 + "; _ga=GA1.2.1234567890.1700000000\r\n"
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36\r\n"
+    "Accept: application/json, text/plain, */*\r\n"
+    "Accept-Encoding: gzip, deflate, br\r\n"
+    "Accept-Language: en-US,en;q=0.9,de;q=0.8\r\n"
+    "Origin: https://app.example.com\r\n"
+    "Referer: https://app.example.com/dashboard/models/demo\r\n"
+    "X-Api-Key: " + "k" * 40 + "\r\n"
+    "X-Tenant-Id: tenant-0042\r\n"
+    "X-Client-Version: 4.18.2\r\n"
+    "Cache-Control: no-cache\r\n"
+)
 
 
 @dataclass
@@ -66,13 +84,15 @@ async def run_load(
     duration: float,
     check: Callable[[int, bytes], bool] | None = None,
     warmup: float = 0.5,
+    headers: str = "",
 ) -> LoadResult:
     """Closed loop for `warmup` + `duration` seconds; only the last `duration` is recorded.
-    `check(i, body)` says whether the answer to bodies[i] is right."""
+    `check(i, body)` says whether the answer to bodies[i] is right. `headers`: more header
+    lines (each ending in CRLF) sent with every request."""
     raws = [
         (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(b)}\r\n\r\n"
+            f"{headers}Content-Length: {len(b)}\r\n\r\n"
         ).encode()
         + b
         for b in bodies

@@ -38,7 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.httpload import LoadResult, run_load
+from bench.httpload import CLIENT_HEADERS, LoadResult, run_load
 from bench.servicer_cost import PARTS
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
@@ -185,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs")
     parser.add_argument(
+        "--client-headers",
+        action="store_true",
+        help="every request carries what a real client adds (bench/httpload.py CLIENT_HEADERS: "
+        "12 headers, 1.6 KB, credentials among them)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -312,7 +318,16 @@ class Measurer:
         cpu0 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
         split0 = cpu_by_process(pids["extproc-0"])
         r = asyncio.run(
-            run_load(self.stack.host, p.port, p.path, self.bodies, c, args.duration, p.check)
+            run_load(
+                self.stack.host,
+                p.port,
+                p.path,
+                self.bodies,
+                c,
+                args.duration,
+                p.check,
+                headers=CLIENT_HEADERS if args.client_headers else "",
+            )
         )
         cpu1 = {k: cpu_seconds(pid, k != "loadgen") for k, pid in watched.items()}
         split1 = cpu_by_process(pids["extproc-0"])
