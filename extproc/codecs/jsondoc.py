@@ -57,14 +57,14 @@ def _reject_constant(name: str) -> Any:
 
 # Built once: json.loads with hooks builds a decoder and its scanner on every call.
 _decode_request = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int).decode
-# In an output of orjson's, what json might spell otherwise: a float below 1e-4 (a negative
-# exponent, or four zeros after the point) or a null (also what orjson writes for NaN). Looked
-# for as plain bytes (a text holding "e-" is written by json too, the same way).
-_RESPELL = (b"e-", b"0.0000", b"null")
 
 
 def _respell(out: bytes) -> bool:
-    return any(part in out for part in _RESPELL)
+    """Whether json might spell an output of orjson's otherwise: a float below 1e-4 (a negative
+    exponent, or four zeros after the point) or a null (also what orjson writes for NaN).
+    Looked for as plain bytes (a text holding "e-" is written by json too, the same way), by
+    three `in` tests: any() over a generator of them cost twice as much, twice a request."""
+    return b"e-" in out or b"0.0000" in out or b"null" in out
 
 
 def _loads_request(body: bytes) -> Any:
