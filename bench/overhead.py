@@ -185,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs")
     parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="time steps inside ext_proc (bench/probe.py: the body's wait, the batch timer's "
+        "lateness, the batch call) and print their percentiles; use one concurrency",
+    )
+    parser.add_argument(
         "--client-headers",
         action="store_true",
         help="every request carries what a real client adds (bench/httpload.py CLIENT_HEADERS: "
@@ -222,10 +228,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _without_env(without: str) -> dict[str, str]:
-    """The ext_proc's environment for `--without`: bench/without_site first on its path."""
+def _without_env(without: str, probe: str = "") -> dict[str, str]:
+    """The ext_proc's environment for `--without` and `--probe` (the file it writes): with
+    either, bench/without_site first on its path."""
     parts = [p for p in without.split(",") if p]
-    if not parts:
+    if not parts and not probe:
         return {}
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -234,7 +241,10 @@ def _without_env(without: str) -> dict[str, str]:
     path = [str(here.with_name("without_site")), str(here.parents[1])]
     if os.environ.get("PYTHONPATH"):
         path.append(os.environ["PYTHONPATH"])
-    return {"PYTHONPATH": os.pathsep.join(path), "MLPROXY_BENCH_WITHOUT": ",".join(parts)}
+    env = {"PYTHONPATH": os.pathsep.join(path), "MLPROXY_BENCH_WITHOUT": ",".join(parts)}
+    if probe:
+        env["MLPROXY_BENCH_PROBE"] = probe
+    return env
 
 
 def _policies(args: argparse.Namespace, model_url: str) -> dict[str, Any]:
@@ -393,6 +403,20 @@ def _table(rows: Sequence[Row]) -> None:
         )
 
 
+def _print_probe(path: Path) -> None:
+    """What bench/probe.py measured inside ext_proc (over every concurrency of the run)."""
+    try:
+        steps = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"probe: no figures from ext_proc ({err})")
+        return
+    for name, p in steps.items():
+        print(
+            f"probe: {name}: p10 {p['p10']:.3f} ms, p50 {p['p50']:.3f} ms, "
+            f"p90 {p['p90']:.3f} ms ({p['n']} samples)"
+        )
+
+
 # Long: one stack, its four paths and their measurements in order, read top to bottom.
 def main() -> int:
     args = _parser().parse_args()
@@ -412,9 +436,10 @@ def main() -> int:
         bypass_prefix="/direct/",
         model_args=["--hidden", str(HIDDEN)],
         extproc_workers=args.workers,
-        extproc_env=_without_env(args.without),
     )
     assert stack.run_dir is not None
+    probe = stack.run_dir / "probe.json" if args.probe else None
+    stack.extproc_env = _without_env(args.without, str(probe or ""))
     stack.policies_file = stack.run_dir / "bench-policies.json"
     stack.policies_file.write_text(json.dumps(_policies(args, stack.model_url)))
     wait = args.max_wait_ms if args.mode == "static" else 0.0  # what "beyond max wait" means
@@ -452,6 +477,8 @@ def main() -> int:
             results = {p.name: measurer.measure(c, p) for p in paths}
             rows += results.values()
             _compare(c, results["direct"][2], results["mlproxy"][2], wait)
+    if probe is not None:
+        _print_probe(probe)
     shutil.rmtree(stack.run_dir, ignore_errors=True)  # its logs are kept when a run fails
     _table(rows)
     return 1 if sum(r.wrong for _, _, r, _, _ in rows) else 0
