@@ -54,9 +54,9 @@ def install(path: str) -> None:
         finally:
             times["backend call"].append(time.monotonic() - start)
 
-    ExtProcServicer._read_body = timed_read_body  # type: ignore[method-assign]
+    ExtProcServicer._read_body = timed_read_body  # type: ignore[method-assign,assignment]
     Batcher._on_timer = timed_on_timer  # type: ignore[method-assign]
-    Batcher._execute = timed_execute  # type: ignore[method-assign]
+    Batcher._execute = timed_execute  # type: ignore[method-assign,assignment]
 
     def write() -> None:
         with open(path, "w", encoding="utf-8") as out:
