@@ -268,25 +268,30 @@ class ExtProcServicer:
         """The request's path and method. With the filter's `forward_rules` (every shipped
         config) Envoy sends no pseudo-headers: they come as the `request.path` and
         `request.method` attributes, and are put in the headers under their own names for
-        what reads them there. Neither: no path, so no policy, and the operator is told."""
+        what reads them there. A config that sends neither is told of, and its requests go
+        on untouched ("" matches no policy); so does a request without a path (CONNECT)."""
         headers = msg.headers
+        attributes = msg.attributes
         path = headers.get(":path")
         if path is None:
-            path = msg.attributes.get(PATH_ATTRIBUTE)
-            if path is None:
-                self._config_log.warning(
-                    "path",
-                    "Envoy sent neither the :path header nor the request.path attribute: add "
-                    "request.path and request.method to the ext_proc filter's "
-                    "request_attributes (docs/envoy-settings.md); until then every request "
-                    "goes on to its upstream unbatched",
-                )
-                return "", "POST"
-            headers[":path"] = path
+            path = attributes.get(PATH_ATTRIBUTE)
         method = headers.get(":method")
         if method is None:
-            method = msg.attributes.get(METHOD_ATTRIBUTE, "POST")
-            headers[":method"] = method
+            method = attributes.get(METHOD_ATTRIBUTE)
+        if method is None or (path is None and method != "CONNECT"):
+            self._config_log.warning(
+                "request line",
+                "Envoy sent the request's path and method neither as headers nor as the "
+                "request.path and request.method attributes: add request.path and "
+                "request.method to the ext_proc filter's request_attributes "
+                "(docs/envoy-settings.md); until then every request goes on to its upstream "
+                "unbatched",
+            )
+            return "", ""
+        if path is None:  # CONNECT: no path, never a policy's
+            return "", method
+        headers[":path"] = path
+        headers[":method"] = method
         return path, method
 
     def _over_capacity(self, client: str) -> ProxyError | None:

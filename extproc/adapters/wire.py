@@ -94,6 +94,11 @@ _REQUEST_HEADERS_FIELD = 2
 _REQUEST_BODY_FIELD = 4
 _HEADER_MAP_FIELD = 1
 _BODY_BYTES_FIELD = 1  # HttpBody.body
+# ProcessingRequest.attributes (map<string, Struct>: entries of key 1, value 2); Struct.fields
+# (map<string, Value>: the same); Value.string_value.
+_ATTRIBUTES_FIELD = 9
+_STRUCT_FIELDS_FIELD = 1
+_STRING_VALUE_FIELD = 3
 # Fields at one level of a message (ProcessingRequest, HttpHeaders) and entries of one attribute
 # Struct before it is refused: the real ones have at most a dozen, and a message of a million
 # tiny fields or attributes would otherwise be decoded, or walked in Python, on the event loop.
@@ -236,10 +241,14 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
     Raises WireError for bytes that are not such a message, and its subclass
     HeaderLimitError for request headers over `limits`."""
     _precheck(buf, limits)
+    lenient: dict[str, str] | None = None
     try:
         request = _ep.ProcessingRequest.FromString(buf)
     except DecodeError as err:
-        raise WireError(str(err) or "not a ProcessingRequest") from None
+        # A request attribute that is not UTF-8 (an HTTP/2 query string Envoy passes on as it
+        # came, in request.path) fails upb's whole message: read them here instead, bad bytes
+        # replaced, as a header's value is (red team 26 F1).
+        request, lenient = _decode_without_attributes(buf, err)
     kind = request.WhichOneof("request")
     if kind == "request_body":
         body = request.request_body
@@ -250,6 +259,13 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
     values = http_headers.headers.headers
     if len(values) > limits.count:
         raise HeaderLimitError(f"more than {limits.count} request headers")
+    if lenient is not None:
+        return Message(
+            "request_headers",
+            headers=_headers(values, limits),
+            attributes=lenient,
+            end_of_stream=http_headers.end_of_stream,
+        )
     attributes: dict[str, str] = {}
     structs = request.attributes
     if len(structs) > _MAX_FIELDS:
@@ -268,6 +284,87 @@ def decode_processing_request(buf: bytes, limits: HeaderLimits = DEFAULT_LIMITS)
         attributes=attributes,
         end_of_stream=http_headers.end_of_stream,
     )
+
+
+def _decode_without_attributes(
+    buf: bytes, err: DecodeError
+) -> tuple[_ep.ProcessingRequest, dict[str, str]]:
+    """`buf` decoded by upb without its request attributes, and those read here (string
+    values only, text that is not UTF-8 replaced); WireError if it still does not decode."""
+    rest = bytearray()
+    entries: list[tuple[int, int]] = []
+    pos, end = 0, len(buf)
+    while pos < end:  # the top level's fields, each kept whole or taken out (_precheck read it)
+        start = pos
+        key, pos = _read_varint(buf, pos, end)
+        wtype = key & 7
+        if wtype == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            pos += length
+            if key >> 3 == _ATTRIBUTES_FIELD:
+                entries.append((pos - length, pos))
+                continue
+        elif wtype == _VARINT:
+            pos = _read_varint(buf, pos, end)[1]
+        else:
+            pos += 8 if wtype == _I64 else 4
+        rest += buf[start:pos]
+    try:
+        request = _ep.ProcessingRequest.FromString(bytes(rest))
+    except DecodeError:
+        raise WireError(str(err) or "not a ProcessingRequest") from None
+    if len(entries) > _MAX_FIELDS:
+        raise WireError(f"more than {_MAX_FIELDS} request attribute groups")
+    attributes: dict[str, str] = {}
+    for start, stop in entries:
+        for number, s1, e1 in _scan(buf, start, stop):  # entry: key 1, Struct 2
+            if number != 2:
+                continue
+            for n2, s2, e2 in _scan(buf, s1, e1):  # Struct: its fields' entries
+                if n2 == _STRUCT_FIELDS_FIELD:
+                    _attribute(buf, s2, e2, attributes)
+    return request, attributes
+
+
+def _attribute(buf: bytes, start: int, stop: int, out: dict[str, str]) -> None:
+    """One Struct field entry (key 1, Value 2) into `out`, if its value is a string."""
+    name = ""  # proto3: an empty key is not written
+    text: str | None = None
+    for number, s, e in _scan(buf, start, stop):
+        if number == 1:
+            name = buf[s:e].decode("utf-8", "replace")
+        elif number == 2:
+            text = _value_text(buf, s, e)  # a later Value replaces an earlier one
+    if text is not None:
+        out[name] = text
+
+
+def _value_text(buf: bytes, pos: int, end: int) -> str | None:
+    """A google.protobuf.Value's string, None if its kind is another: as upb reads its oneof
+    (fields 1-6, the last one set wins; others are unknown and ignored)."""
+    text: str | None = None
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wtype = key >> 3, key & 7
+        if wtype == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise WireError("truncated length-delimited field")
+            value = buf[pos : pos + length]
+            pos += length
+        elif wtype == _VARINT:
+            pos = _read_varint(buf, pos, end)[1]
+        elif wtype in (_I64, _I32):
+            pos += 8 if wtype == _I64 else 4
+            if pos > end:
+                raise WireError("truncated fixed-size field")
+        else:
+            raise WireError(f"unsupported wire type {wtype}")
+        if number == _STRING_VALUE_FIELD and wtype == _LEN:
+            text = value.decode("utf-8", "replace")
+        elif 1 <= number <= 6:
+            text = None
+    return text
 
 
 def _varint(value: int) -> bytes:

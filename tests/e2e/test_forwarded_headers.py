@@ -1,6 +1,8 @@
 """What the real Envoy, with the generated config, sends ext_proc of a request: the headers
 ext_proc reads and nothing else a client sends (credentials, cookies, any other header), and
 the request line as attributes (docs/security.md, "What ext_proc sees of a request").
+The test on the shared stack runs first: it forks that stack before this module's grpcio
+threads exist.
 
 A recording ext_proc (grpcio, in a thread of this process) stands in for MLProxy's so that the
 messages Envoy sends are seen as they arrive; that MLProxy serves requests with this config is
@@ -9,6 +11,8 @@ what every other end-to-end test runs on."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -16,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import yaml
 
 from extproc.adapters import wire
 from extproc.adapters.servicer import SERVICE_NAME, headers_read
 from mlproxy.envoy_config import FORWARDED_HEADERS, local_config
-from mlproxy.stack import Child, envoy_binary, free_port, http_ok, tcp_ok
+from mlproxy.stack import Child, Stack, envoy_binary, free_port, http_ok, tcp_ok
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +86,7 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Recorder]]:
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Recorder]]:
     """Envoy with the generated config in front of the recorder; yields Envoy's port."""
     run_dir: Path = tmp_path_factory.mktemp("forwarded")
     recorder = Recorder()
@@ -119,6 +126,58 @@ def post(port: int, path: str, headers: dict[str, str]) -> int:
         return status
 
 
+def h2_post(port: int, path: bytes, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/2 (prior knowledge) POST whose path is sent byte for byte, as a client may."""
+    config = h2.config.H2Configuration(
+        client_side=True,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+    conn = h2.connection.H2Connection(config)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        conn.initiate_connection()
+        headers = [
+            (b":method", b"POST"),
+            (b":path", path),
+            (b":scheme", b"http"),
+            (b":authority", b"mlproxy"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        conn.send_headers(1, headers)
+        conn.send_data(1, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, data = 0, b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before the answer ended ({status})")
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, data
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError(f"stream reset: {event}")
+            sock.sendall(conn.data_to_send())
+
+
+def test_a_query_string_that_is_not_utf8_is_batched_like_any_other(stack: Stack) -> None:
+    """Red team 26 F1: Envoy passes an HTTP/2 query string on as it came, in the request.path
+    attribute (a protobuf string, which upb refuses when it is not UTF-8): ext_proc aborted the
+    stream, so the client got a 500, and with fail-open its request bypassed MLProxy."""
+    body = json.dumps({"instances": [[0.5] * 16]}).encode()
+    status, answer = h2_post(stack.envoy_port, b"/v1/models/demo:predict?q=\xff\xfe", body)
+    assert status == 200, answer
+    clean = h2_post(stack.envoy_port, b"/v1/models/demo:predict?q=ok", body)
+    assert json.loads(answer) == json.loads(clean[1])
+    assert "predictions" in json.loads(answer)
+
+
 SECRETS = {
     "Authorization": "Bearer client-a-secret-token",
     "Cookie": "session=client-a-session",
@@ -132,9 +191,9 @@ def test_the_config_forwards_exactly_the_headers_ext_proc_reads() -> None:
 
 
 def test_ext_proc_gets_the_headers_it_reads_and_none_of_a_clients_secrets(
-    stack: tuple[int, Recorder],
+    recorded: tuple[int, Recorder],
 ) -> None:
-    port, recorder = stack
+    port, recorder = recorded
     before = len(recorder.seen)
     read = {
         "X-Request-Id": "req-forwarded-1",

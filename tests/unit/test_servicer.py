@@ -137,6 +137,47 @@ async def test_neither_a_path_header_nor_attribute_goes_on_untouched_and_says_wh
     assert "add request.path and request.method to the ext_proc filter's" in caplog.text
 
 
+async def test_a_connect_has_no_path_and_goes_on_untouched_without_a_warning(
+    caplog: Any,
+) -> None:
+    """Red team 26 F2: any client's CONNECT made ext_proc say the config lacked request.path."""
+    h = Harness()
+    s = Stream(forwarded_headers_msg({"request.method": "CONNECT"}))
+    await h.run(s)
+    assert len(s.out) == 1 and s.out[0].request_headers is not None
+    assert "request_attributes" not in caplog.text
+
+
+async def test_a_path_without_a_method_goes_on_untouched_and_says_why(caplog: Any) -> None:
+    """Red team 26 F3: a config with request.path and not request.method batched a PUT as a
+    POST."""
+    h = Harness()
+    s = Stream(forwarded_headers_msg({"request.path": PATH}), body_msg({"instances": [1]}))
+    await h.run(s)
+    assert len(s.out) == 1 and s.out[0].request_headers is not None
+    assert h.backend.calls == []
+    assert "add request.path and request.method to the ext_proc filter's" in caplog.text
+
+
+async def test_a_request_line_that_is_not_utf8_is_batched_as_its_path_says() -> None:
+    """Red team 26 F1: Envoy passes an HTTP/2 query string on as it came, in the request.path
+    attribute (a protobuf string): a byte that is not UTF-8 failed the whole message, and the
+    stream was aborted (500, or with fail-open the request bypassed MLProxy)."""
+    h = Harness(max_batch_size=2)
+    line = {"request.path": PATH + "?q=AB", "request.method": "POST"}
+    raw = forwarded_headers_msg(line, content_length="20")
+    bad = raw.replace(b"?q=AB", b"?q=\xff\xfe")
+    assert bad != raw
+    streams = [
+        Stream(bad, body_msg({"instances": [0]})),
+        Stream(forwarded_headers_msg(line), body_msg({"instances": [1]})),
+    ]
+    await h.run(*streams)
+    assert h.backend.calls == [[0, 1]]
+    for i, s in enumerate(streams):
+        assert s.answer() == (200, {"predictions": [{"echo": i}]})
+
+
 async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None:
     h = Harness(max_batch_size=3)
     good = [Stream(headers_msg(PATH), body_msg({"instances": [i]})) for i in range(3)]

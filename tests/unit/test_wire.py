@@ -8,9 +8,11 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as epf
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 from envoy_data_plane.envoy.type import v3 as typ
 from envoy_data_plane.google.protobuf import Struct, Value
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc._envoy_pb.envoy.service.ext_proc.v3 import external_processor_pb2 as ep_pb
 from extproc.adapters import wire
 
 header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-:", min_size=1, max_size=20)
@@ -88,6 +90,112 @@ def test_decodes_string_attributes_like_the_reference(
     assert msg.kind == "request_headers"
     assert msg.headers == {":path": "/p"}
     assert msg.attributes == attrs
+
+
+def _attributes_msg(groups: dict[str, dict[str, Value]], path: str = "/p") -> bytes:
+    return bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(headers=[core.HeaderValue(key=":path", raw_value=b"/p")]),
+                end_of_stream=True,
+            ),
+            attributes={name: Struct(fields=fields) for name, fields in groups.items()},
+        )
+    )
+
+
+values = st.one_of(
+    st.text(max_size=20).map(lambda t: Value(string_value=t)),
+    st.floats(allow_nan=False).map(lambda f: Value(number_value=f)),
+    st.booleans().map(lambda b: Value(bool_value=b)),
+    st.just(Value(struct_value=Struct(fields={"k": Value(string_value="nested")}))),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    groups=st.dictionaries(
+        st.just("envoy.filters.http.ext_proc"),
+        st.dictionaries(st.text(max_size=12), values, max_size=5),
+        max_size=1,
+    )
+)
+def test_attributes_read_beside_upb_are_read_as_upb_reads_them(
+    groups: dict[str, dict[str, Value]],
+) -> None:
+    """The reader of the attributes when upb refuses them (a string that is not UTF-8) gives,
+    on what upb reads, what upb gives."""
+    raw = _attributes_msg(groups)
+    reference = wire.decode_processing_request(raw)
+    request, attributes = wire._decode_without_attributes(raw, DecodeError("x"))
+    assert attributes == reference.attributes
+    assert request.request_headers.end_of_stream
+    assert len(request.attributes) == 0
+
+
+def _field(number: int, wtype: int, payload: bytes) -> bytes:
+    return bytes([number << 3 | wtype]) + payload
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(
+        st.sampled_from(
+            [
+                _field(1, 0, b"\x00"),  # null_value
+                _field(2, 1, b"\x00" * 8),  # number_value
+                _field(3, 2, b"\x02ab"),  # string_value "ab"
+                _field(3, 2, b"\x01c"),  # string_value "c"
+                _field(4, 0, b"\x01"),  # bool_value
+                _field(5, 2, b"\x00"),  # struct_value {}
+                _field(6, 2, b"\x00"),  # list_value []
+                _field(9, 0, b"\x07"),  # unknown: ignored
+            ]
+        ),
+        max_size=6,
+    )
+)
+def test_a_values_string_is_its_last_kind_as_upb_reads_it(fields: list[bytes]) -> None:
+    from google.protobuf import struct_pb2
+
+    raw = b"".join(fields)
+    value = struct_pb2.Value.FromString(raw)
+    expected = value.string_value if value.WhichOneof("kind") == "string_value" else None
+    assert wire._value_text(raw, 0, len(raw)) == expected
+
+
+def test_an_attribute_that_is_not_utf8_is_read_with_its_bad_bytes_replaced() -> None:
+    """Red team 26 F1: Envoy passes an HTTP/2 query string on as it came, in request.path."""
+    good = _attributes_msg(
+        {
+            "envoy.filters.http.ext_proc": {
+                "request.path": Value(string_value="/v1/models/m:predict?q=AB"),
+                "source.address": Value(string_value="10.0.0.1:5"),
+            }
+        }
+    )
+    raw = good.replace(b"?q=AB", b"?q=\xff\xfe")
+    with pytest.raises(DecodeError):
+        ep_pb.ProcessingRequest.FromString(raw)  # what upb does with it
+    msg = wire.decode_processing_request(raw)
+    assert msg.kind == "request_headers"
+    assert msg.headers == {":path": "/p"} and msg.end_of_stream
+    assert msg.attributes == {
+        "request.path": "/v1/models/m:predict?q=\ufffd\ufffd",
+        "source.address": "10.0.0.1:5",
+    }
+
+
+def test_a_header_name_that_is_not_utf8_is_still_refused() -> None:
+    raw = bytes(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(
+                headers=core.HeaderMap(headers=[core.HeaderValue(key="xAB", raw_value=b"1")])
+            )
+        )
+    ).replace(b"xAB", b"x\xff\xfe")
+    with pytest.raises(wire.WireError):
+        wire.decode_processing_request(raw)
 
 
 def test_repeated_header_names_are_joined() -> None:
