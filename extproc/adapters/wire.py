@@ -24,7 +24,7 @@ Messages (envoy.service.ext_proc.v3):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -293,22 +293,12 @@ def _decode_without_attributes(
     values only, text that is not UTF-8 replaced); WireError if it still does not decode."""
     rest = bytearray()
     entries: list[tuple[int, int]] = []
-    pos, end = 0, len(buf)
-    while pos < end:  # the top level's fields, each kept whole or taken out (_precheck read it)
-        start = pos
-        key, pos = _read_varint(buf, pos, end)
-        wtype = key & 7
-        if wtype == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            pos += length
-            if key >> 3 == _ATTRIBUTES_FIELD:
-                entries.append((pos - length, pos))
-                continue
-        elif wtype == _VARINT:
-            pos = _read_varint(buf, pos, end)[1]
+    # the top level's fields, each kept whole or taken out (_precheck read them already)
+    for number, wtype, start, body, stop in _fields(buf, 0, len(buf)):
+        if number == _ATTRIBUTES_FIELD and wtype == _LEN:
+            entries.append((body, stop))
         else:
-            pos += 8 if wtype == _I64 else 4
-        rest += buf[start:pos]
+            rest += buf[start:stop]
     try:
         request = _ep.ProcessingRequest.FromString(bytes(rest))
     except DecodeError:
@@ -343,15 +333,28 @@ def _value_text(buf: bytes, pos: int, end: int) -> str | None:
     """A google.protobuf.Value's string, None if its kind is another: as upb reads its oneof
     (fields 1-6, the last one set wins; others are unknown and ignored)."""
     text: str | None = None
+    for number, wtype, _, body, stop in _fields(buf, pos, end):
+        if number == _STRING_VALUE_FIELD and wtype == _LEN:
+            text = buf[body:stop].decode("utf-8", "replace")
+        elif 1 <= number <= 6:
+            text = None
+    return text
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Every field of buf[pos:end], of any wire type: (number, wire type, its first byte, its
+    payload's first byte, its end). For the rare path that reads attributes beside upb;
+    `_scan`, the hot path's outline, reads length-delimited fields only, inline."""
     while pos < end:
+        start = pos
         key, pos = _read_varint(buf, pos, end)
-        number, wtype = key >> 3, key & 7
+        wtype = key & 7
+        body = pos
         if wtype == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            if pos + length > end:
+            length, body = _read_varint(buf, pos, end)
+            pos = body + length
+            if pos > end:
                 raise WireError("truncated length-delimited field")
-            value = buf[pos : pos + length]
-            pos += length
         elif wtype == _VARINT:
             pos = _read_varint(buf, pos, end)[1]
         elif wtype in (_I64, _I32):
@@ -360,11 +363,7 @@ def _value_text(buf: bytes, pos: int, end: int) -> str | None:
                 raise WireError("truncated fixed-size field")
         else:
             raise WireError(f"unsupported wire type {wtype}")
-        if number == _STRING_VALUE_FIELD and wtype == _LEN:
-            text = value.decode("utf-8", "replace")
-        elif 1 <= number <= 6:
-            text = None
-    return text
+        yield key >> 3, wtype, start, body, pos
 
 
 def _varint(value: int) -> bytes:
