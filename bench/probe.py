@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -32,31 +33,25 @@ def install(path: str) -> None:
     from extproc.runtime.batcher import Batcher
 
     times: dict[str, list[float]] = {"body": [], "timer late": [], "backend call": []}
-    read_body = ExtProcServicer._read_body
     on_timer = Batcher._on_timer
-    execute = Batcher._execute
 
-    async def timed_read_body(self: ExtProcServicer, *args: Any) -> Any:
-        start = time.monotonic()
-        try:
-            return await read_body(self, *args)
-        finally:
-            times["body"].append(time.monotonic() - start)
+    def timed(step: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def wrapper(self: Any, *args: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return await method(self, *args)
+            finally:
+                times[step].append(time.monotonic() - start)
+
+        return wrapper
 
     def timed_on_timer(self: Batcher) -> None:
         times["timer late"].append(self.clock.now() - self._timer_at)
         on_timer(self)
 
-    async def timed_execute(self: Batcher, *args: Any) -> Any:
-        start = time.monotonic()
-        try:
-            return await execute(self, *args)
-        finally:
-            times["backend call"].append(time.monotonic() - start)
-
-    ExtProcServicer._read_body = timed_read_body  # type: ignore[method-assign,assignment]
+    ExtProcServicer._read_body = timed("body", ExtProcServicer._read_body)  # type: ignore[method-assign]
     Batcher._on_timer = timed_on_timer  # type: ignore[method-assign]
-    Batcher._execute = timed_execute  # type: ignore[method-assign,assignment]
+    Batcher._execute = timed("backend call", Batcher._execute)  # type: ignore[method-assign]
 
     def write() -> None:
         with open(path, "w", encoding="utf-8") as out:
