@@ -39,7 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.httpload import CLIENT_HEADERS, LoadResult, run_load
-from bench.servicer_cost import PARTS
+from bench.servicer_cost import LATENCY_SLA, MODES, PARTS, bench_policy
 from mlproxy.demo import random_inputs
 from mlproxy.demo_model import MLPModel
 from mlproxy.envoy_config import EXT_PROC_FILTER, local_config
@@ -47,8 +47,6 @@ from mlproxy.loadgen import percentile
 from mlproxy.stack import Child, Stack, envoy_binary, http_ok, tcp_ok
 
 HIDDEN = 8
-# `--mode latency` and `--mode cost`: adaptive, with this SLA.
-LATENCY_SLA = {"latency_ms": 100, "percentile": 99}
 
 
 def batch_stats(metrics_url: str) -> tuple[float, float]:
@@ -204,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mode",
-        choices=["static", "latency", "cost"],
+        choices=MODES,
         default="static",
         help="the policy: static (max wait, batch size, in flight as given), or adaptive with a "
         "100 ms SLA at p99 and objective latency (sends whenever a slot is free) or cost (the "
@@ -249,27 +247,10 @@ def _without_env(without: str, probe: str = "") -> dict[str, str]:
 
 def _policies(args: argparse.Namespace, model_url: str) -> dict[str, Any]:
     """The policies file: one policy, `--mode`'s."""
+    url = f"{model_url}/v1/models/{{model}}:predict"
     return {
         "policies": [
-            {
-                "name": "bench",
-                "match": {"path": "/v1/models/{model}:predict"},
-                "backend": {"url": f"{model_url}/v1/models/{{model}}:predict"},
-                "batching": {
-                    "mode": "static",
-                    "max_batch_size": args.max_batch_size,
-                    "max_wait_ms": args.max_wait_ms,
-                    "max_in_flight": args.max_in_flight,
-                }
-                if args.mode == "static"
-                else {
-                    "mode": "adaptive",
-                    "objective": args.mode,
-                    "max_batch_size": args.max_batch_size,
-                    "max_in_flight": args.max_in_flight,
-                },
-                **({"sla": LATENCY_SLA} if args.mode != "static" else {}),
-            }
+            bench_policy(args.mode, url, args.max_wait_ms, args.max_batch_size, args.max_in_flight)
         ]
     }
 

@@ -50,6 +50,29 @@ from extproc.runtime.telemetry import Telemetry
 from mlproxy_kernel.policy import DEFAULT_CALLS_PER_CONNECTION, Router, parse_policies
 
 ATTRIBUTES = "envoy.filters.http.ext_proc"
+# `--mode latency` and `--mode cost`: adaptive, with this SLA (bench/overhead.py's too).
+LATENCY_SLA = {"latency_ms": 100, "percentile": 99}
+MODES = ("static", "latency", "cost")
+
+
+def bench_policy(
+    mode: str, backend_url: str, max_wait_ms: float, max_batch_size: int, max_in_flight: int
+) -> dict[str, Any]:
+    """The one policy both benchmarks run: static (max wait, batch size and in flight as
+    given), or adaptive with LATENCY_SLA and `mode` as its objective."""
+    batching: dict[str, Any] = (
+        {"mode": "static", "max_wait_ms": max_wait_ms}
+        if mode == "static"
+        else {"mode": "adaptive", "objective": mode}
+    )
+    batching.update(max_batch_size=max_batch_size, max_in_flight=max_in_flight)
+    return {
+        "name": "bench",
+        "match": {"path": "/v1/models/{model}:predict"},
+        "backend": {"url": backend_url},
+        "batching": batching,
+        **({"sla": LATENCY_SLA} if mode != "static" else {}),
+    }
 
 
 def headers_message(path: str, length: int, request_time: str) -> bytes:
@@ -140,26 +163,39 @@ class InstantLean(LeanBatcher):
         return answer.body
 
 
+class Stamps:
+    """The headers message with Envoy's `request.time` of now, as Envoy stamps each request.
+    A stale stamp reads as a slow hop: the SLA clock would start every request that much
+    earlier, and an adaptive policy would treat them all as late. One message a millisecond
+    (the placeholder replaced: the same length), so that the stamps cost the run little."""
+
+    PLACEHOLDER = "0000-00-00T00:00:00.000000Z"
+
+    def __init__(self, template: bytes) -> None:
+        self.template = template
+        self.ms = -1
+        self.message = template
+
+    def now(self) -> bytes:
+        wall = time.time()
+        ms = int(wall * 1000)
+        if ms != self.ms:
+            self.ms = ms
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{ms % 1000:03d}000Z"
+            self.message = self.template.replace(self.PLACEHOLDER.encode(), stamp.encode())
+        return self.message
+
+
 async def run(
-    requests: int, concurrency: int, wait_ms: float, max_batch: int = 64, lean: bool = False
+    requests: int,
+    concurrency: int,
+    wait_ms: float,
+    max_batch: int = 64,
+    lean: bool = False,
+    mode: str = "static",
 ) -> tuple[float, float, int]:
-    policies = parse_policies(
-        {
-            "policies": [
-                {
-                    "name": "bench",
-                    "match": {"path": "/v1/models/{model}:predict"},
-                    "backend": {"url": "http://127.0.0.1:9/v1/models/{model}:predict"},
-                    "batching": {
-                        "mode": "static",
-                        "max_batch_size": max_batch,
-                        "max_wait_ms": wait_ms,
-                        "max_in_flight": 2,
-                    },
-                }
-            ]
-        }
-    )
+    url = "http://127.0.0.1:9/v1/models/{model}:predict"
+    policies = parse_policies({"policies": [bench_policy(mode, url, wait_ms, max_batch, 2)]})
     clock = MonotonicClock()
     metrics = PrometheusMetrics()
     telemetry = Telemetry(metrics, StatsWindow(), clock)
@@ -172,17 +208,14 @@ async def run(
     process = lean_handler(InstantLean(backend, wait_ms, max_batch)) if lean else servicer.process
     body = json.dumps({"instances": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}).encode()
     body_msg = body_message(body)
-    # Envoy's clock stamps each request; a stamp a few seconds old reads as a slow hop, which
-    # is the same work for the servicer.
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000000Z"
-    headers_msg = headers_message("/v1/models/demo:predict", len(body), stamp)
+    stamped = Stamps(headers_message("/v1/models/demo:predict", len(body), Stamps.PLACEHOLDER))
     done = 0
 
     async def stream() -> None:
         nonlocal done
         while done < requests:
             done += 1
-            ctx = FakeContext([headers_msg, body_msg])
+            ctx = FakeContext([stamped.now(), body_msg])
             await process(None, ctx)
             if len(ctx.written) != 2:
                 raise RuntimeError(f"stream wrote {len(ctx.written)} messages")
@@ -251,6 +284,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="static",
+        help="MLProxy's policy: static (--max-wait-ms), or adaptive with a 100 ms SLA at p99 "
+        "and this objective (as bench/overhead.py --mode); --lean batches as static does",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--without",
@@ -270,7 +310,7 @@ def main() -> int:
     if unknown:
         parser.error(f"--without: unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
     without(parts)
-    shape = (args.concurrency, args.max_wait_ms, args.max_batch_size, args.lean)
+    shape = (args.concurrency, args.max_wait_ms, args.max_batch_size, args.lean, args.mode)
     uvloop.run(run(500, *shape))  # warm up
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
