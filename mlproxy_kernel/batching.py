@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from itertools import islice
 from typing import Generic, Protocol, TypeVar
 
 __all__ = [
@@ -211,6 +212,9 @@ class Drop:
 
 Plan = Send | WaitUntil | Drop | None
 
+# Where a queue stood (`QueueView.mark`): opaque to a rule, which hands it back.
+Mark = tuple[int, int]
+
 
 class QueueView(Protocol):
     """What a rule may read of the queue."""
@@ -234,6 +238,16 @@ class QueueView(Protocol):
 
     def live(self) -> Iterator[Entry[object]]:
         """Queued entries, earliest deadline first."""
+        ...
+
+    def mark(self) -> Mark:
+        """Where the queue stands now, for `live_since`."""
+        ...
+
+    def live_since(self, mark: Mark) -> Iterator[Entry[object]] | None:
+        """The entries queued since `mark` (in the order they came, wherever their deadlines
+        put them), if none has left since: every entry `live()` gave then is still queued.
+        None otherwise: then only `live()` tells."""
         ...
 
 
@@ -289,6 +303,8 @@ class BatchQueue(Generic[T]):
         self._size = 0  # their instances
         self._dead = 0  # cancelled, shed or (taken out of order) dispatched entries in _order
         self._in_flight = 0
+        # Bumped whenever an entry leaves (sent, shed, withdrawn): see live_since.
+        self._epoch = 0
 
     @property
     def queued(self) -> int:
@@ -338,6 +354,7 @@ class BatchQueue(Generic[T]):
 
     def _remove(self, entry: Entry[T], state: EntryState) -> None:
         entry.state = state
+        self._epoch += 1
         self._queued -= 1
         self._size -= entry.size
         self._dead += 1
@@ -350,6 +367,7 @@ class BatchQueue(Generic[T]):
         if self._dead > max(32, self._queued):
             self._order = [e for e in self._order[self._lo :] if e.state is EntryState.QUEUED]
             self._lo = 0
+            self._epoch += 1
             self._dead = 0
             self._fifo = deque(e for e in self._fifo if e.state is EntryState.QUEUED)
 
@@ -388,6 +406,17 @@ class BatchQueue(Generic[T]):
             e = order[i]
             if e.state is EntryState.QUEUED:
                 yield e  # type: ignore[misc]
+
+    def mark(self) -> Mark:
+        return self._epoch, self._seq
+
+    def live_since(self, mark: Mark) -> Iterator[Entry[object]] | None:
+        epoch, seq = mark
+        if epoch != self._epoch:
+            return None
+        # The newest entries end _fifo (arrival order): none has left, none was dropped.
+        fifo: deque[Entry[object]] = self._fifo  # type: ignore[assignment]
+        return islice(reversed(fifo), self._seq - seq)
 
     def poll(self, now: float, flush: bool = False) -> Dispatch[T] | Shed[T] | WaitUntil | None:
         """What to do now: send a batch, shed requests, wait until a time, or nothing (empty,
@@ -482,6 +511,7 @@ class BatchQueue(Generic[T]):
             self._lo = order.index(deferred[0], self._lo, i)
         else:
             self._lo = i
+        self._epoch += 1
         self._queued -= len(batch)
         self._size -= size
         self._in_flight += 1

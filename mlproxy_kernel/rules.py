@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -51,6 +51,7 @@ from mlproxy_kernel.batching import (
     EPSILON,
     Drop,
     Entry,
+    Mark,
     Plan,
     QueueView,
     Rule,
@@ -253,6 +254,76 @@ class _Head:
     hopeless_at: float = math.inf  # when the first of them can no longer be met
 
 
+@dataclass(slots=True, eq=False)
+class _Scan:
+    """`AdaptiveRule._scan`'s fold over a queue's entries, kept to be carried on over the
+    entries queued since (`QueueView.live_since`). What it finds does not depend on the
+    order it meets them in, only the bound does (it stops at the first entry, in EDF order,
+    over it): carried on only while the whole queue fits in one batch."""
+
+    queue: QueueView
+    cap: int  # the batch bound
+    best: LatencyModel  # the backend's best case, which tells whether a request is late
+    mark: Mark = (0, 0)  # where the queue stood after the entries folded
+    cum: int = 0
+    due: float = math.inf
+    due_key: tuple[float, int] | None = None  # the queue's order of the request due first
+    span: float = math.inf  # its allowance
+    first_key: tuple[float, int] | None = None  # the first request, late or not
+    first_span: float = math.inf  # its allowance
+    hopeless: float = math.inf  # the least last start of the requests that can be met
+    at_best: dict[int, float] = field(default_factory=dict)  # best(size)
+
+    def fold(
+        self,
+        entries: Iterable[Entry[object]],
+        now: float,
+        longest: float,
+        late: list[Entry[object]],
+    ) -> float:
+        """Fold `entries` in as of `now`, those that cannot be met even alone at once onto
+        `late`; the longest allowance seen (`longest` or more)."""
+        cap = self.cap
+        cum = self.cum
+        hopeless = self.hopeless
+        at_best = self.at_best
+        best = self.best.predict
+        # Every request the batch would take, on each poll (each arrival): kept lean.
+        for e in entries:
+            size = e.size
+            if cum and cum + size > cap:
+                break  # the rest goes in a later batch; the queue is full anyway
+            cum += size
+            deadline = e.deadline
+            allowance = deadline - e.arrival
+            if allowance > longest:  # noqa: PLR1730 (no call per request and poll)
+                longest = allowance
+            key = e.key
+            if self.first_key is None or key < self.first_key:
+                self.first_key, self.first_span = key, allowance
+            alone = at_best.get(size)
+            if alone is None:
+                alone = at_best[size] = best(size)
+            if now + alone > deadline + EPSILON:
+                late.append(e)  # cannot be met even alone, even now, even at best
+            else:
+                if self.due_key is None or key < self.due_key:
+                    # EDF: the first one that can be met is the tightest; its whole
+                    # allowance is what batches are planned on (not a late head's, which a
+                    # client asking for an impossible deadline would set)
+                    self.due_key, self.due, self.span = key, deadline, allowance
+                if deadline - alone < hopeless:  # noqa: PLR1730
+                    hopeless = deadline - alone
+        self.cum, self.hopeless = cum, hopeless
+        if len(late) > 1:
+            late.sort(key=_entry_key)  # EDF, as the queue gives them
+        return longest
+
+
+def _entry_key(e: Entry[object]) -> tuple[float, int]:
+    return e.key
+
+
 class AdaptiveRule:
     def __init__(
         self,
@@ -289,6 +360,7 @@ class AdaptiveRule:
         self.fleet_bound: int | None = None  # the last `bound_fleet`'s
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
         self._longest = 0.0  # the longest allowance (deadline - arrival) seen: about the SLA
+        self._scanned: _Scan | None = None  # the last scan of the queue, to carry on
         # One at first: the backend's uncongested time is learnt before a second batch is
         # sent alongside (started at two on a server that runs one batch at a time, every
         # sample waited and the wait passed for the backend's own time).
@@ -362,7 +434,7 @@ class AdaptiveRule:
         floor = self.latency.floor(now)
         best = model.predict if floor is None else floor.predict
         cap = self.max_batch_size
-        head = self._scan(queue, now, best)
+        head = self._scan(queue, now, model if floor is None else floor)
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
         latest = head.due - self.margin - model.predict(min(head.cum + 1, max(cap, head.cum)))
@@ -410,46 +482,40 @@ class AdaptiveRule:
             t = model.predict
         return Send(reason, cap, lambda size: now + t(size), True, least, fill)
 
-    def _scan(self, queue: QueueView, now: float, best: Callable[[int], float]) -> _Head:
+    def _scan(self, queue: QueueView, now: float, best: LatencyModel) -> _Head:
         """The requests the next batch would take (up to the bound), in EDF order: which are
-        late even at `best`, the earliest deadline that can still be met and its allowance."""
-        head = _Head()
-        head_span = math.inf  # the head's allowance
-        late = head.late
+        late even at `best`, the earliest deadline that can still be met and its allowance.
+        Each poll (each arrival) asks it: the last scan is carried on over the requests queued
+        since, while nothing else changed (`_Scan.fold`), else the queue is scanned afresh."""
+        scan = self._scanned
         cap = self.max_batch_size
-        cum = 0
-        longest = self._longest
-        due = hopeless = math.inf
-        at_best: dict[int, float] = {}  # best(size): requests are mostly of one size
-        # Every request the batch would take, on each poll (each arrival): kept lean.
-        for e in queue.live():
-            size = e.size
-            if cum and cum + size > cap:
-                break  # the rest goes in a later batch; the queue is full anyway
-            cum += size
-            deadline = e.deadline
-            allowance = deadline - e.arrival
-            if allowance > longest:  # noqa: PLR1730 (no call per request and poll)
-                longest = allowance
-            if not math.isfinite(head_span):
-                head_span = allowance
-            alone = at_best.get(size)
-            if alone is None:
-                alone = at_best[size] = best(size)
-            if now + alone > deadline + EPSILON:
-                late.append(e)  # cannot be met even alone, even now, even at best
-            else:
-                if due == math.inf:
-                    due = deadline  # EDF: the first one that can be met is the tightest
-                    # its whole allowance: what batches are planned on (not a late head's,
-                    # which a client asking for an impossible deadline would set)
-                    head.span = allowance
-                if deadline - alone < hopeless:  # noqa: PLR1730
-                    hopeless = deadline - alone
-        self._longest = longest
-        head.cum, head.due, head.hopeless_at = cum, due, hopeless
+        entries = None
+        if (
+            scan is not None
+            and scan.queue is queue
+            and scan.cap == cap
+            and scan.best == best
+            and now <= scan.hopeless
+            and queue.queued_size <= cap
+        ):
+            # Every request it found could be met still can be (none's last start has
+            # passed; a poll a little in the past, a timer's, changes nothing), no late
+            # one was found (the scan keeps no request), and the bound
+            # stops it nowhere.
+            entries = queue.live_since(scan.mark)
+        if entries is None:
+            scan = _Scan(queue, cap, best)
+            entries = queue.live()
+        assert scan is not None
+        late: list[Entry[object]] = []
+        self._longest = scan.fold(entries, now, self._longest, late)
+        # Kept if it found no late request: a late one may be withdrawn (its body must not be
+        # kept), and they are not carried on (each poll must list them all).
+        self._scanned = scan if not late else None
+        scan.mark = queue.mark()
+        head = _Head(late, scan.due, scan.span, scan.cum, scan.hopeless)
         if not math.isfinite(head.span):
-            head.span = head_span  # every one of them is late: the overload goes on
+            head.span = scan.first_span  # every one of them is late: the overload goes on
         return head
 
     def _needed_batch(

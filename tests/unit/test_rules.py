@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlproxy_kernel.aimd import Aimd
-from mlproxy_kernel.batching import BatchQueue, Dispatch, Entry, EntryState, Shed, WaitUntil
+from mlproxy_kernel.batching import (
+    BatchQueue,
+    Dispatch,
+    Entry,
+    EntryState,
+    Send,
+    Shed,
+    WaitUntil,
+)
 from mlproxy_kernel.estimator import LatencyEstimator, LatencyModel
 from mlproxy_kernel.rules import (
     AdaptiveRule,
@@ -1144,3 +1152,128 @@ def test_a_trial_above_a_new_versions_bound_is_dropped_not_left_on() -> None:
         raised.completed(10, seconds, "deadline", True, now, level)
         now += 0.1
     assert raised.max_in_flight == 2
+
+
+@dataclass
+class SwitchedLatency:
+    """A latency source a test changes between polls."""
+
+    latency: LatencyModel
+
+    def model(self, now: float) -> LatencyModel:
+        return self.latency
+
+    def observe(self, size: int, seconds: float, now: float) -> None:
+        pass
+
+    def floor(self, now: float) -> LatencyModel | None:
+        return self.latency
+
+
+def scanned_from_scratch(
+    queue: BatchQueue[int], now: float, best: LatencyModel, cap: int
+) -> tuple[list[Entry[object]], float, float, int, float, float]:
+    """What the adaptive rule's scan of `queue` must find, read the plain way: every queued
+    entry in EDF order up to the bound (late, due, span, cum, hopeless, longest allowance)."""
+    late: list[Entry[object]] = []
+    due = hopeless = first = span = math.inf
+    longest = 0.0
+    cum = 0
+    for e in queue.live():
+        if cum and cum + e.size > cap:
+            break
+        cum += e.size
+        allowance = e.deadline - e.arrival
+        longest = max(longest, allowance)
+        first = allowance if math.isinf(first) else first
+        alone = best.predict(e.size)
+        if now + alone > e.deadline + 1e-6:
+            late.append(e)
+            continue
+        if math.isinf(due):
+            due, span = e.deadline, allowance
+        hopeless = min(hopeless, e.deadline - alone)
+    return late, due, span if math.isfinite(span) else first, cum, hopeless, longest
+
+
+# a request: its size, its allowance, how long before it was queued it arrived
+offer = st.tuples(st.just("offer"), st.integers(1, 3), st.floats(0.0, 0.3), st.floats(0, 0.02))
+scan_ops = st.lists(
+    st.tuples(
+        st.one_of(
+            offer,
+            offer,
+            offer,  # mostly arrivals, as under load
+            st.tuples(st.just("tick"), st.floats(0.0, 0.05), st.just(0.0), st.just(0.0)),
+            # a timer's poll: up to half a millisecond before now (Batcher._pump_once)
+            st.tuples(st.just("early"), st.floats(0.0, 0.0005), st.just(0.0), st.just(0.0)),
+            st.tuples(st.just("cancel"), st.integers(0, 1000), st.just(0.0), st.just(0.0)),
+            st.tuples(st.just("take"), st.integers(1, 12), st.just(0.0), st.just(0.0)),
+            st.tuples(st.just("model"), st.floats(0.0, 0.05), st.floats(0.0, 0.01), st.just(0.0)),
+            st.tuples(st.just("cap"), st.integers(1, 12), st.just(0.0), st.just(0.0)),
+        ),
+        st.booleans(),  # a poll after it (several changes may come between two)
+    ),
+    min_size=20,
+    max_size=150,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=scan_ops)
+def test_the_scan_carried_on_finds_what_a_fresh_scan_finds(
+    ops: list[tuple[tuple[str, float, float, float], bool]],
+) -> None:
+    """The adaptive rule carries its scan of the queue on from one poll to the next (only the
+    requests queued since are read): whatever happens between polls (arrivals in and out of
+    deadline order, time passing, a poll a little in the past, withdrawals, batches taken, a
+    new latency model, a new bound), it finds what a scan of the whole queue finds."""
+    source = SwitchedLatency(MODEL)
+    rule = AdaptiveRule(source, 8, 1_000, 10_000, 0.0, "cost", "best_effort", False)
+    q: BatchQueue[int] = BatchQueue(rule)
+    entries: list[Entry[int]] = []
+    now = 0.0
+    longest = 0.0
+    for (op, a, b, c), poll in ops:
+        at = now
+        if op == "offer":
+            e = q.offer(len(entries), int(a), now, now - c + b, now - c)
+            assert e is not None
+            entries.append(e)
+        elif op == "tick":
+            now += a
+            at = now
+        elif op == "early":
+            at = now - a
+        elif op == "cancel" and entries:
+            q.cancel(entries[int(a) % len(entries)])
+        elif op == "take" and q.queued:
+            q._take(Send("test", int(a)))
+        elif op == "model":
+            source.latency = LatencyModel(a, b)
+        elif op == "cap":
+            rule.max_batch_size = int(a)
+        if not poll:
+            continue
+        head = rule._scan(q, at, source.latency)
+        late, due, span, cum, hopeless, seen = scanned_from_scratch(
+            q, at, source.latency, rule.max_batch_size
+        )
+        longest = max(longest, seen)  # of the entries a scan met
+        assert head.late == late
+        assert (head.due, head.span, head.cum, head.hopeless_at) == (due, span, cum, hopeless)
+        assert rule._longest == longest
+
+
+def test_a_scan_carried_on_over_late_requests_plans_on_the_first_ones_allowance() -> None:
+    """Requests that arrive late into an empty queue, the later one with the earlier deadline:
+    the batch is planned on the allowance of the one due first, as a fresh scan finds it."""
+    rule = adaptive()
+    q: BatchQueue[str] = BatchQueue(rule)
+    assert rule._scan(q, 0.0, MODEL).cum == 0  # an empty queue: the scan is kept
+    q.offer("a", 1, 0.0, 0.005, -0.010)  # allowance 15 ms, 11 ms needed: late
+    q.offer("b", 1, 0.0, 0.004, -0.002)  # allowance 6 ms, due first: late too
+    head = rule._scan(q, 0.0, MODEL)
+    assert [e.item for e in head.late] == ["b", "a"]
+    assert head.span == pytest.approx(0.006)
+    assert head.due == math.inf
