@@ -72,6 +72,8 @@ class LatencyEstimator:
         # (at, model at the percentile, n_eff, model at FLOOR_PERCENTILE)
         self._fit: tuple[float, LatencyModel, float, LatencyModel] | None = None
         self._anchor: LatencyModel | None = None
+        # (the fit it was made from, model()): asked on every poll, the same until a refit
+        self._blend: tuple[object, LatencyModel] | None = None
 
     def observe(self, size: int, seconds: float, now: float) -> None:
         """One backend call of `size` instances took `seconds`."""
@@ -169,12 +171,18 @@ class LatencyEstimator:
         made with confidence of at least one half, if any (after an idle spell the few new
         samples refine what was known, rather than fall back to a guess), else the seed."""
         fitted, n_eff, _ = self._fit_now(now)
+        fit = self._fit  # a new one at every refit and seed; the anchor changes only with it
+        blend = self._blend
+        if blend is not None and blend[0] is fit:
+            return blend[1]
         prior = self._anchor if self._anchor is not None else self.seed
         k = n_eff / (n_eff + self.prior_strength)
-        return LatencyModel(
+        model = LatencyModel(
             base=k * fitted.base + (1 - k) * prior.base,
             per_item=k * fitted.per_item + (1 - k) * prior.per_item,
         )
+        self._blend = (fit, model)
+        return model
 
     def predict(self, size: int, now: float) -> float:
         """Seconds a batch of `size` instances takes, at the percentile."""

@@ -361,6 +361,7 @@ class AdaptiveRule:
         self._pressed = False  # holding to deadlines cannot keep up (the last plan said)
         self._longest = 0.0  # the longest allowance (deadline - arrival) seen: about the SLA
         self._scanned: _Scan | None = None  # the last scan of the queue, to carry on
+        self._typical: tuple[LatencyModel, LatencyModel, LatencyModel] | None = None
         # One at first: the backend's uncongested time is learnt before a second batch is
         # sent alongside (started at two on a server that runs one batch at a time, every
         # sample waited and the wait passed for the backend's own time).
@@ -454,7 +455,7 @@ class AdaptiveRule:
             return None
         # Under load, what matters is what a batch typically takes, not the percentile's
         # slow one: how big batches must be to keep up, and which requests they can deliver.
-        typical = model if floor is None else _midway(model, floor)
+        typical = model if floor is None else self._midway(model, floor)
         rate = queue.arrival_rate(now)
         need = self._needed_batch(queue, typical, rate, head.span)
         self._pressed = need is not None
@@ -481,6 +482,16 @@ class AdaptiveRule:
             # soon (on one worker the percentile made 0.7% of misses out of 0.2%).
             t = model.predict
         return Send(reason, cap, lambda size: now + t(size), True, least, fill)
+
+    def _midway(self, model: LatencyModel, floor: LatencyModel) -> LatencyModel:
+        """What a batch typically takes: midway between the percentile and the best case (the
+        same objects poll after poll, until the latency source refits)."""
+        last = self._typical
+        if last is not None and last[0] is model and last[1] is floor:
+            return last[2]
+        typical = _midway(model, floor)
+        self._typical = (model, floor, typical)
+        return typical
 
     def _scan(self, queue: QueueView, now: float, best: LatencyModel) -> _Head:
         """The requests the next batch would take (up to the bound), in EDF order: which are
