@@ -213,7 +213,7 @@ class Drop:
 Plan = Send | WaitUntil | Drop | None
 
 # Where a queue stood (`QueueView.mark`): opaque to a rule, which hands it back.
-Mark = tuple[int, int]
+Mark = tuple[object, int, int]  # (the queue's identity token, epoch, seq)
 
 
 class QueueView(Protocol):
@@ -305,6 +305,8 @@ class BatchQueue(Generic[T]):
         self._in_flight = 0
         # Bumped whenever an entry leaves (sent, shed, withdrawn): see live_since.
         self._epoch = 0
+        # Who a mark is of: a rule that outlives this queue keeps only this, not the queue.
+        self._token = object()
 
     @property
     def queued(self) -> int:
@@ -408,11 +410,11 @@ class BatchQueue(Generic[T]):
                 yield e  # type: ignore[misc]
 
     def mark(self) -> Mark:
-        return self._epoch, self._seq
+        return self._token, self._epoch, self._seq
 
     def live_since(self, mark: Mark) -> Iterator[Entry[object]] | None:
-        epoch, seq = mark
-        if epoch != self._epoch:
+        token, epoch, seq = mark
+        if token is not self._token or epoch != self._epoch:
             return None
         # The newest entries end _fifo (arrival order): none has left, none was dropped.
         fifo: deque[Entry[object]] = self._fifo  # type: ignore[assignment]

@@ -261,10 +261,12 @@ class _Scan:
     order it meets them in, only the bound does (it stops at the first entry, in EDF order,
     over it): carried on only while the whole queue fits in one batch."""
 
-    queue: QueueView
     cap: int  # the batch bound
     best: LatencyModel  # the backend's best case, which tells whether a request is late
-    mark: Mark = (0, 0)  # where the queue stood after the entries folded
+    # Where the queue stood after the entries folded: its mark holds the queue's own token,
+    # not the queue. The pool keeps a rule after its queue goes idle, and that queue still
+    # holds what it sent (red team 27: 64 requests and their bodies per batching key).
+    mark: Mark | None = None
     cum: int = 0
     due: float = math.inf
     due_key: tuple[float, int] | None = None  # the queue's order of the request due first
@@ -280,14 +282,21 @@ class _Scan:
         now: float,
         longest: float,
         late: list[Entry[object]],
+        ordered: bool = False,
     ) -> float:
         """Fold `entries` in as of `now`, those that cannot be met even alone at once onto
-        `late`; the longest allowance seen (`longest` or more)."""
+        `late`; the longest allowance seen (`longest` or more). `ordered`: `entries` are a
+        fresh scan's, in EDF order (no key compared, no sort: the path every poll under
+        overload takes)."""
         cap = self.cap
         cum = self.cum
         hopeless = self.hopeless
         at_best = self.at_best
         best = self.best.predict
+        first_key, due_key = self.first_key, self.due_key
+        # `ordered`: in EDF order (a fresh scan of an empty _Scan, from `live()`), the first
+        # entry is the first and the first that can be met is due: no key is compared and the
+        # late ones need no sort.
         # Every request the batch would take, on each poll (each arrival): kept lean.
         for e in entries:
             size = e.size
@@ -298,24 +307,24 @@ class _Scan:
             allowance = deadline - e.arrival
             if allowance > longest:  # noqa: PLR1730 (no call per request and poll)
                 longest = allowance
-            key = e.key
-            if self.first_key is None or key < self.first_key:
-                self.first_key, self.first_span = key, allowance
+            if first_key is None or (not ordered and e.key < first_key):
+                first_key, self.first_span = e.key, allowance
             alone = at_best.get(size)
             if alone is None:
                 alone = at_best[size] = best(size)
             if now + alone > deadline + EPSILON:
                 late.append(e)  # cannot be met even alone, even now, even at best
             else:
-                if self.due_key is None or key < self.due_key:
+                if due_key is None or (not ordered and e.key < due_key):
                     # EDF: the first one that can be met is the tightest; its whole
                     # allowance is what batches are planned on (not a late head's, which a
                     # client asking for an impossible deadline would set)
-                    self.due_key, self.due, self.span = key, deadline, allowance
+                    due_key, self.due, self.span = e.key, deadline, allowance
                 if deadline - alone < hopeless:  # noqa: PLR1730
                     hopeless = deadline - alone
         self.cum, self.hopeless = cum, hopeless
-        if len(late) > 1:
+        self.first_key, self.due_key = first_key, due_key
+        if not ordered and len(late) > 1:
             late.sort(key=_entry_key)  # EDF, as the queue gives them
         return longest
 
@@ -503,7 +512,7 @@ class AdaptiveRule:
         entries = None
         if (
             scan is not None
-            and scan.queue is queue
+            and scan.mark is not None
             and scan.cap == cap
             and scan.best == best
             and now <= scan.hopeless
@@ -511,15 +520,16 @@ class AdaptiveRule:
         ):
             # Every request it found could be met still can be (none's last start has
             # passed; a poll a little in the past, a timer's, changes nothing), no late
-            # one was found (the scan keeps no request), and the bound
-            # stops it nowhere.
+            # one was found (the scan keeps no request), and the bound stops it nowhere;
+            # None if this is another queue or a request left it.
             entries = queue.live_since(scan.mark)
+        ordered = entries is None
         if entries is None:
-            scan = _Scan(queue, cap, best)
+            scan = _Scan(cap, best)
             entries = queue.live()
         assert scan is not None
         late: list[Entry[object]] = []
-        self._longest = scan.fold(entries, now, self._longest, late)
+        self._longest = scan.fold(entries, now, self._longest, late, ordered)
         # Kept if it found no late request: a late one may be withdrawn (its body must not be
         # kept), and they are not carried on (each poll must list them all).
         self._scanned = scan if not late else None
