@@ -1154,22 +1154,6 @@ def test_a_trial_above_a_new_versions_bound_is_dropped_not_left_on() -> None:
     assert raised.max_in_flight == 2
 
 
-@dataclass
-class SwitchedLatency:
-    """A latency source a test changes between polls."""
-
-    latency: LatencyModel
-
-    def model(self, now: float) -> LatencyModel:
-        return self.latency
-
-    def observe(self, size: int, seconds: float, now: float) -> None:
-        pass
-
-    def floor(self, now: float) -> LatencyModel | None:
-        return self.latency
-
-
 def scanned_from_scratch(
     queue: BatchQueue[int], now: float, best: LatencyModel, cap: int
 ) -> tuple[list[Entry[object]], float, float, int, float, float]:
@@ -1228,8 +1212,7 @@ def test_the_scan_carried_on_finds_what_a_fresh_scan_finds(
     requests queued since are read): whatever happens between polls (arrivals in and out of
     deadline order, time passing, a poll a little in the past, withdrawals, batches taken, a
     new latency model, a new bound), it finds what a scan of the whole queue finds."""
-    source = SwitchedLatency(MODEL)
-    rule = AdaptiveRule(source, 8, 1_000, 10_000, 0.0, "cost", "best_effort", False)
+    rule = AdaptiveRule(FixedLatency(MODEL), 8, 1_000, 10_000, 0.0, "cost", "best_effort", False)
     q: BatchQueue[int] = BatchQueue(rule)
     entries: list[Entry[int]] = []
     now = 0.0
@@ -1249,15 +1232,16 @@ def test_the_scan_carried_on_finds_what_a_fresh_scan_finds(
             q.cancel(entries[int(a) % len(entries)])
         elif op == "take" and q.queued:
             q._take(Send("test", int(a)))
-        elif op == "model":
-            source.latency = LatencyModel(a, b)
+        elif op == "model":  # the latency source refits
+            rule.latency = FixedLatency(LatencyModel(a, b))
         elif op == "cap":
             rule.max_batch_size = int(a)
         if not poll:
             continue
-        head = rule._scan(q, at, source.latency)
+        best = rule.latency.model(at)
+        head = rule._scan(q, at, best)
         late, due, span, cum, hopeless, seen = scanned_from_scratch(
-            q, at, source.latency, rule.max_batch_size
+            q, at, best, rule.max_batch_size
         )
         longest = max(longest, seen)  # of the entries a scan met
         assert head.late == late
