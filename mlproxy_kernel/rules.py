@@ -294,9 +294,6 @@ class _Scan:
         at_best = self.at_best
         best = self.best.predict
         first_key, due_key = self.first_key, self.due_key
-        # `ordered`: in EDF order (a fresh scan of an empty _Scan, from `live()`), the first
-        # entry is the first and the first that can be met is due: no key is compared and the
-        # late ones need no sort.
         # Every request the batch would take, on each poll (each arrival): kept lean.
         for e in entries:
             size = e.size
