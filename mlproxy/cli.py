@@ -516,6 +516,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_url=os.environ.get("REDIS_URL"),
             fail_open=args.fail_open,
             tls=args.tls,
+            run_dir=args.run_dir,
         )
     except StackError as err:  # no port could be reserved
         log.error("%s", err)
@@ -874,6 +875,15 @@ def _add_up(sub: Any) -> None:
         "--tls",
         action="store_true",
         help="mTLS on every hop, with a throwaway CA and certificates in the run directory",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the run directory: every process's log, the generated configs and the stack's "
+        "secrets (created, owner-only, if missing; default: a new one under the system's temp "
+        "directory). It is kept after the stack stops, for its logs",
     )
 
 

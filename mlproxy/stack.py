@@ -224,7 +224,7 @@ class Stack:
             raise StackError(str(err)) from err
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # secrets go in it
         if self.peering and self.peer_token_file is None:
             self.peer_token_file = self.run_dir / "peer-token"
             fd = os.open(self.peer_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -319,6 +319,7 @@ def test_mlproxy_up_in_front_of_a_real_server_takes_two_commands(
     goes to KServe untouched; after it, V2 requests are batched, V1 still passes through."""
     port = ports.reserve()
     argv = [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port)]
+    argv += ["--run-dir", str(tmp_path / "up")]  # not left in the system's temp directory
     argv += ["--controlplane-port", str(ports.reserve()), "--upstream", servers["kserve"]]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as up:
         try:

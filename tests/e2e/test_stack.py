@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -73,30 +74,38 @@ def children_of(pid: int) -> list[int]:
     return sorted(kids)
 
 
-def up_argv(port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port), *args]
+def up_argv(port: int, *args: str, run_dir: Path) -> list[str]:
+    """`mlproxy up` with its logs, configs and secrets in `run_dir` (a test's own: `up` keeps
+    its run directory after it stops, for the operator)."""
+    up = [sys.executable, "-m", "mlproxy.cli", "up", "--port", str(port), "--run-dir"]
+    return [*up, str(run_dir), *args]
 
 
 @contextlib.contextmanager
 def running_up(
-    port: int, *args: str, expected_children: int = 5
+    port: int, *args: str, expected_children: int = 5, run_dir: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
     """`mlproxy up` as a subprocess, ready; yields it and its children. Without `args`, the
-    control plane and the model go on free ports."""
+    control plane and the model go on free ports; without `run_dir`, a temporary one."""
     args = args or (
         "--controlplane-port",
         str(ports.reserve()),
         "--model-port",
         str(ports.reserve()),
     )
-    with subprocess.Popen(
-        up_argv(port, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
+    with contextlib.ExitStack() as held:
+        if run_dir is None:
+            run_dir = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="up-")))
+        argv = up_argv(port, *args, run_dir=run_dir)
+        proc = held.enter_context(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
         try:
             yield proc, _wait_ready(proc, port, expected_children)
         finally:
             if proc.poll() is None:
                 proc.kill()
+            proc.wait(30)  # before its run directory goes
 
 
 def _wait_ready(proc: subprocess.Popen[str], port: int, expected_children: int = 5) -> list[int]:
@@ -132,14 +141,18 @@ def assert_batched_demo_answer(port: int) -> None:
         assert resp.headers["x-mlproxy-batch-size"] == "1"
 
 
-def test_up_serves_and_ctrl_c_stops_every_child() -> None:
+def test_up_serves_and_ctrl_c_stops_every_child(tmp_path: Path) -> None:
     port = ports.reserve()
-    with running_up(port) as (proc, kids):
+    run_dir = tmp_path / "run" / "up"  # --run-dir: made if missing, owner-only
+    with running_up(port, run_dir=run_dir) as (proc, kids):
         assert failure_mode_allow(envoy_config_of(kids)) is False  # fail closed by default
         assert_batched_demo_answer(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     assert not [k for k in kids if pid_alive(k)]
+    # its logs and configs stay there for the operator
+    assert {"envoy.yaml", "envoy.log", "extproc-0.log"} <= {p.name for p in run_dir.iterdir()}
+    assert run_dir.stat().st_mode & 0o777 == 0o700
 
 
 def test_up_stops_everything_when_a_child_dies() -> None:
@@ -175,9 +188,9 @@ def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
     port = ports.reserve()
     example = ("--policies", str(ROOT / "examples" / "policies.yaml"))
     if not port_free("127.0.0.1", 8001):  # taken on this machine: `up` must say so, start nothing
-        result = subprocess.run(
-            up_argv(port, *example), capture_output=True, text=True, timeout=60, check=False
-        )
+        with tempfile.TemporaryDirectory(prefix="up-") as run_dir:
+            argv = up_argv(port, *example, run_dir=Path(run_dir))
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 1
         assert "demo model port 127.0.0.1:8001 is in use" in result.stderr + result.stdout
         return

@@ -160,13 +160,16 @@ def test_the_generated_mtls_envoy_config_is_valid(tmp_path: Path) -> None:
     assert envoy_validate(broken).returncode != 0
 
 
-def test_up_with_tls_comes_up_serves_and_its_printed_settings_work() -> None:
+def test_up_with_tls_comes_up_serves_and_its_printed_settings_work(tmp_path: Path) -> None:
     """`mlproxy up --tls`: a request through Envoy is batched over mTLS, and the exports it
     prints (URL, token, CA) are all the CLI needs."""
     port = free_port()
     args = ("--tls", "--controlplane-port", str(free_port()), "--model-port", str(free_port()))
     with subprocess.Popen(
-        up_argv(port, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        up_argv(port, *args, run_dir=tmp_path / "up"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as proc:
         try:
             assert proc.stdout is not None
