@@ -261,15 +261,15 @@ class _Scan:
     order it meets them in, only the bound does (it stops at the first entry, in EDF order,
     over it): carried on only while the whole queue fits in one batch."""
 
-    cap: int  # the batch bound
-    best: LatencyModel  # the backend's best case, which tells whether a request is late
     # Where the queue stood after the entries folded: its mark holds the queue's own token,
     # not the queue. The pool keeps a rule after its queue goes idle, and that queue still
     # holds what it sent (red team 27: 64 requests and their bodies per batching key).
-    mark: Mark | None = None
+    mark: Mark
+    cap: int  # the batch bound
+    best: LatencyModel  # the backend's best case, which tells whether a request is late
     cum: int = 0
-    due: float = math.inf
-    due_key: tuple[float, int] | None = None  # the queue's order of the request due first
+    # the queue's order (deadline, sequence) of the request due first: the next batch's due
+    due_key: tuple[float, int] | None = None
     span: float = math.inf  # its allowance
     first_key: tuple[float, int] | None = None  # the first request, late or not
     first_span: float = math.inf  # its allowance
@@ -316,7 +316,7 @@ class _Scan:
                     # EDF: the first one that can be met is the tightest; its whole
                     # allowance is what batches are planned on (not a late head's, which a
                     # client asking for an impossible deadline would set)
-                    due_key, self.due, self.span = e.key, deadline, allowance
+                    due_key, self.span = e.key, allowance
                 if deadline - alone < hopeless:  # noqa: PLR1730
                     hopeless = deadline - alone
         self.cum, self.hopeless = cum, hopeless
@@ -324,6 +324,11 @@ class _Scan:
         if not ordered and len(late) > 1:
             late.sort(key=_entry_key)  # EDF, as the queue gives them
         return longest
+
+    @property
+    def due(self) -> float:
+        """The earliest deadline of the requests the next batch takes that can be met."""
+        return math.inf if self.due_key is None else self.due_key[0]
 
 
 def _entry_key(e: Entry[object]) -> tuple[float, int]:
@@ -439,9 +444,10 @@ class AdaptiveRule:
         # uncongested time), not the percentile: one that the percentile gives up on may still
         # make it if sent at once, and is; only one that cannot even then is late.
         floor = self.latency.floor(now)
-        best = model.predict if floor is None else floor.predict
+        at_best = model if floor is None else floor
+        best = at_best.predict
         cap = self.max_batch_size
-        head = self._scan(queue, now, model if floor is None else floor)
+        head = self._scan(queue, now, at_best)
         # The latest start at which the whole batch, grown by one more instance arriving in
         # the meantime, finishes `margin` before that deadline.
         latest = head.due - self.margin - model.predict(min(head.cum + 1, max(cap, head.cum)))
@@ -509,7 +515,6 @@ class AdaptiveRule:
         entries = None
         if (
             scan is not None
-            and scan.mark is not None
             and scan.cap == cap
             and scan.best == best
             and now <= scan.hopeless
@@ -522,7 +527,7 @@ class AdaptiveRule:
             entries = queue.live_since(scan.mark)
         ordered = entries is None
         if entries is None:
-            scan = _Scan(cap, best)
+            scan = _Scan(queue.mark(), cap, best)
             entries = queue.live()
         assert scan is not None
         late: list[Entry[object]] = []
