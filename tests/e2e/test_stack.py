@@ -182,20 +182,19 @@ def test_children_die_with_a_killed_supervisor() -> None:
     )
 
 
-def test_up_with_the_example_policy_file_batches_the_demo_model() -> None:
+def test_up_with_the_example_policy_file_batches_the_demo_model(tmp_path: Path) -> None:
     """docs/quickstart.md's `mlproxy up --policies examples/policies.yaml`: the example's
     backend is the demo model on its default port."""
     port = ports.reserve()
     example = ("--policies", str(ROOT / "examples" / "policies.yaml"))
     if not port_free("127.0.0.1", 8001):  # taken on this machine: `up` must say so, start nothing
-        with tempfile.TemporaryDirectory(prefix="up-") as run_dir:
-            argv = up_argv(port, *example, run_dir=Path(run_dir))
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        argv = up_argv(port, *example, run_dir=tmp_path / "up")
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 1
         assert "demo model port 127.0.0.1:8001 is in use" in result.stderr + result.stdout
         return
     # model, ext_proc, envoy: no Redis nor control plane with a policy file
-    with running_up(port, *example, expected_children=3) as (proc, _):
+    with running_up(port, *example, expected_children=3, run_dir=tmp_path / "up") as (proc, _):
         assert_batched_demo_answer(port)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0

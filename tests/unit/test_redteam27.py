@@ -3,12 +3,16 @@ it the requests it sent."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import weakref
 
+from extproc.runtime.batcher import Ticket
 from mlproxy_kernel.batching import BatchQueue, Dispatch
 from mlproxy_kernel.estimator import LatencyModel
 from mlproxy_kernel.rules import AdaptiveRule, FixedLatency
+from tests.unit.test_runtime import Harness, adaptive_policy, codec
 
 
 class Body:
@@ -44,12 +48,6 @@ async def test_the_pool_keeps_no_request_of_a_key_whose_batcher_went_away() -> N
     """Through the pool: each distinct top-level field is a batching key (client-chosen);
     its rule is kept after its batcher goes idle and away, and must not keep its requests
     (their bodies, their replies) alive."""
-    import asyncio
-    import json
-
-    from extproc.runtime.batcher import Ticket
-    from tests.unit.test_runtime import Harness, adaptive_policy, codec
-
     h = Harness(adaptive_policy())
     route = h.router.resolve("/v1/models/m:predict")
     assert route is not None
