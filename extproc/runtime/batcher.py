@@ -208,6 +208,7 @@ class Batcher:
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
+        self._polling = False  # a poll is due at the end of this turn of the event loop
 
     def leave_group(self) -> RouteGroup:
         """This batcher is idle and gone: it no longer takes part in its group."""
@@ -252,7 +253,21 @@ class Batcher:
         self._group.seen(ticket.client)
         self._shares.add(self.policy.name, ticket.client, ticket)
         self._metrics.queue_depth(self.policy.name, 1)
-        self._pump()
+        queue = self._queue
+        if queue.queued_size >= queue.rule.max_batch_size:
+            self._pump()  # a full batch goes now (if a slot is free), as it always did
+        elif not self._polling:
+            # Otherwise the queue is polled once a turn of the event loop, after every request
+            # that arrived in it is queued, not once per arrival: a poll plans the whole batch
+            # (the adaptive rule: its deadlines, load and batch size), and under load several
+            # arrivals land in one turn. It decides as of the end of the turn, microseconds later.
+            self._polling = True
+            self._loop.call_soon(self._poll_soon)
+
+    def _poll_soon(self) -> None:
+        self._polling = False
+        if self._queue.queued:  # else nothing to plan (all of them sent or withdrawn)
+            self._pump()
 
     def cancel(self, ticket: Ticket) -> None:
         if self._withdraw(ticket):

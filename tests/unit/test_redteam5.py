@@ -60,7 +60,8 @@ async def test_a_rule_started_afresh_after_a_failure_keeps_the_fleet_bound() -> 
         (batcher,) = pool._batchers.values()
         assert isinstance(batcher.rule, AdaptiveRule) and batcher.rule.fleet == 1
         failing = True
-        second = submit(1)  # the rule fails: this request is answered 500, the rule replaced
+        second = submit(1)  # the rule fails at its poll (the end of this turn of the loop):
+        await asyncio.sleep(0)  # this request is answered 500, the rule replaced
         failing = False
         assert second.done()
         rule = batcher.rule

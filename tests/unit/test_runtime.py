@@ -84,6 +84,37 @@ async def test_full_batch_goes_at_once_and_each_gets_its_own_answer() -> None:
     assert len(h.pool) == 0  # idle batchers are dropped
 
 
+async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue is polled once a turn of the event loop, after every request that arrived in
+    it is queued: a poll plans the whole batch, and under load arrivals come several a turn."""
+    plans: list[int] = []
+    real = StaticRule.plan
+
+    def plan(self: StaticRule, queue: Any, now: float) -> Any:
+        plans.append(queue.queued)
+        return real(self, queue, now)
+
+    monkeypatch.setattr(StaticRule, "plan", plan)
+    h = Harness(make_policy())  # batches of 8, a minute's wait
+    futs = [h.submit([{"id": i}])[0] for i in range(5)]
+    await asyncio.sleep(0)
+    assert plans == [5]  # one poll, with all five queued
+    await asyncio.wait_for(h.pool.drain(), 2)
+    assert [echoed(f.result()) for f in futs] == [[i] for i in range(5)]
+
+
+async def test_a_full_batch_still_goes_on_the_arrival_that_fills_it() -> None:
+    """A burst within one turn: each batch that fills goes at once, freeing the queue for the
+    rest (polled only at the end of the turn, the third request would find the queue full)."""
+    h = Harness(make_policy(max_batch_size=2, max_queue=2, max_in_flight=2))
+    futs = [h.submit([{"id": i}])[0] for i in range(4)]
+    replies = await asyncio.wait_for(asyncio.gather(*futs), 2)
+    assert [echoed(r) for r in replies] == [[i] for i in range(4)]
+    assert sorted(len(c) for c in h.backend.calls) == [2, 2]
+
+
 async def test_timer_dispatches_a_partial_batch() -> None:
     h = Harness(make_policy(max_wait_ms=5))
     fut, _ = h.submit([{"id": "a"}])
@@ -265,6 +296,7 @@ async def test_adaptive_holds_requests_until_their_deadline_nears() -> None:
     h = Harness(adaptive_policy())
     fut, ticket = h.submit([{"id": "a"}])
     assert ticket.batcher is not None
+    await asyncio.sleep(0)  # the queue is polled at the end of the loop's turn
     planned = ticket.batcher._timer_at - ticket.arrival
     assert 0.070 <= planned <= 0.085
     reply = await asyncio.wait_for(fut, 10)
