@@ -574,7 +574,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mlproxy.demo import run_demo
 
     _logging(args.verbose)
-    return run_demo(requests=args.requests, concurrency=args.concurrency, port=args.port)
+    return run_demo(
+        requests=args.requests, concurrency=args.concurrency, port=args.port, run_dir=args.run_dir
+    )
 
 
 def _positive_int(value: str) -> int:
@@ -923,6 +925,14 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--requests", type=int, default=512)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--port", type=int, default=0, help="Envoy listener port (0: any free)")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the run directory, as `up --run-dir` (default: a new one under the system's temp "
+        "directory, kept after the demo for its logs)",
+    )
 
     p = sub.add_parser(
         "completion",

@@ -9,6 +9,7 @@ import logging
 import random
 import statistics
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,11 +43,13 @@ def model_counters(metrics_url: str) -> dict[str, float]:
     return out
 
 
-def run_demo(requests: int = 512, concurrency: int = 64, port: int = 0) -> int:
+def run_demo(
+    requests: int = 512, concurrency: int = 64, port: int = 0, run_dir: Path | None = None
+) -> int:
     inputs = random_inputs(requests)
     bodies = [json.dumps({"instances": [x]}).encode() for x in inputs]
     try:
-        with Stack(envoy_port=port, controlplane_port=0) as stack:
+        with Stack(envoy_port=port, controlplane_port=0, run_dir=run_dir) as stack:
             print("stack up:", ", ".join(f"{k} {v}" for k, v in stack.endpoints().items()))
             metrics_url = f"{stack.model_url}/metrics"
             before = model_counters(metrics_url)

@@ -201,6 +201,9 @@ class Stack:
     # Envoy opens a connection per WORKER_STREAMS_PER_CONNECTION streams, which the kernel
     # spreads over the workers.
     extproc_workers: int = 1
+    # Whether this stack made its run directory (none was given), and started a child yet.
+    _made_run_dir: bool = field(default=False, init=False, repr=False)
+    _spawned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Ports left at 0 are reserved (mlproxy_common.ports) until `release_ports()` or the end of
@@ -224,6 +227,7 @@ class Stack:
             raise StackError(str(err)) from err
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
+            self._made_run_dir = True
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # secrets go in it
         if self.peering and self.peer_token_file is None:
             self.peer_token_file = self.run_dir / "peer-token"
@@ -302,6 +306,17 @@ class Stack:
         raise KeyError(name)
 
     def start(self, timeout: float = 30.0) -> None:
+        """Every child, in order. A stack that fails before it started one (a binary or a port
+        missing) leaves no run directory of its own making: it would hold no log, only the
+        configs and secrets made for the children."""
+        try:
+            self._start(timeout)
+        except StackError:
+            if self._made_run_dir and not self._spawned and self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _start(self, timeout: float) -> None:
         assert self.run_dir is not None
         # What the `local` extra brings, found before any child starts.
         envoy = envoy_binary()
@@ -529,6 +544,7 @@ class Stack:
 
     def start_child(self, child: Child, timeout: float = 30.0) -> None:
         log.info("starting %s: %s", child.name, " ".join(child.argv))
+        self._spawned = True
         child.start()
         self.children.append(child)
         try:
