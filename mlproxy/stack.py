@@ -201,8 +201,8 @@ class Stack:
     # Envoy opens a connection per WORKER_STREAMS_PER_CONNECTION streams, which the kernel
     # spreads over the workers.
     extproc_workers: int = 1
-    # Whether this stack made its run directory (none was given), and started a child yet.
-    _made_run_dir: bool = field(default=False, init=False, repr=False)
+    # The run directory this stack made (none was given), and whether it started a child yet.
+    _made_run_dir: Path | None = field(default=None, init=False, repr=False)
     _spawned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -226,8 +226,7 @@ class Stack:
             self.release_ports()
             raise StackError(str(err)) from err
         if self.run_dir is None:
-            self.run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
-            self._made_run_dir = True
+            self.run_dir = self._made_run_dir = Path(tempfile.mkdtemp(prefix="mlproxy-"))
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # secrets go in it
         if self.peering and self.peer_token_file is None:
             self.peer_token_file = self.run_dir / "peer-token"
@@ -307,13 +306,13 @@ class Stack:
 
     def start(self, timeout: float = 30.0) -> None:
         """Every child, in order. A stack that fails before it started one (a binary or a port
-        missing) leaves no run directory of its own making: it would hold no log, only the
-        configs and secrets made for the children."""
+        missing) removes the run directory it made: it would hold no log, only the configs and
+        secrets made for the children. Never one it was given (or pointed at since)."""
         try:
             self._start(timeout)
-        except StackError:
-            if self._made_run_dir and not self._spawned and self.run_dir is not None:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+        except BaseException:
+            if self._made_run_dir is not None and not self._spawned:
+                shutil.rmtree(self._made_run_dir, ignore_errors=True)
             raise
 
     def _start(self, timeout: float) -> None:

@@ -264,10 +264,21 @@ class Batcher:
             self._polling = True
             self._loop.call_soon(self._poll_soon)
 
-    def _poll_soon(self) -> None:
+    @property
+    def poll_due(self) -> bool:
+        """Whether a poll is due at the end of this turn of the event loop."""
+        return self._polling
+
+    def poll_now(self) -> None:
+        """The poll due at the end of this turn, now (the pool's queue bound is reached: what
+        it sends makes room)."""
         self._polling = False
         if self._queue.queued:  # else nothing to plan (all of them sent or withdrawn)
             self._pump()
+
+    def _poll_soon(self) -> None:
+        if self._polling:  # else `poll_now` took it
+            self.poll_now()
 
     def cancel(self, ticket: Ticket) -> None:
         if self._withdraw(ticket):
@@ -300,9 +311,10 @@ class Batcher:
         self._flushing = True
         self._pump()
 
-    async def wait_idle(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    @property
+    def running(self) -> tuple[asyncio.Task[None], ...]:
+        """Its batches in flight."""
+        return tuple(self._tasks)
 
     def _pump(self, due: float | None = None) -> None:
         try:

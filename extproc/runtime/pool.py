@@ -194,6 +194,10 @@ class BatcherPool:
         """One bound per policy, however many queues it has, shared fairly between clients:
         ProxyError (429) when full, or another client's request evicted to make room."""
         admission = self._shares.admit(policy.name, client, policy.batching.max_queue)
+        if (not admission.admit or admission.evict is not None) and self._poll_now(policy.name):
+            # Full only until the polls due at the end of this turn send what they can (a burst
+            # within one turn): run them now, as when every arrival polled, and ask again.
+            admission = self._shares.admit(policy.name, client, policy.batching.max_queue)
         if not admission.admit:
             raise queue_full(policy)
         victim = admission.evict
@@ -201,6 +205,18 @@ class BatcherPool:
             # Before this request's batcher is looked up: the victim may be the last request
             # of that very batcher, which then goes idle and away.
             victim.batcher.evict(victim, Reply.from_error(_evicted(policy)))
+
+    def _poll_now(self, name: str) -> bool:
+        """Run at once the polls due at the end of this turn of policy `name`'s batchers;
+        whether there were any."""
+        due = [
+            b
+            for b in (*self._batchers.values(), *self._draining)
+            if b.poll_due and b.policy.name == name
+        ]
+        for b in due:
+            b.poll_now()
+        return bool(due)
 
     def _batcher(self, key: BatchKey, route: Route) -> Batcher:
         batcher = self._batchers.get(key)
@@ -256,5 +272,7 @@ class BatcherPool:
         batchers = [*self._batchers.values(), *self._draining]
         for b in batchers:
             b.flush()
-        for b in batchers:
-            await b.wait_idle()
+        # The batchers of one backend share its in-flight limit: a batch of one that ends sends
+        # what another still held, so waited for until no batch of any of them runs.
+        while running := [t for b in batchers for t in b.running]:
+            await asyncio.gather(*running, return_exceptions=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mlproxy import stack as stack_module
 from mlproxy.stack import Stack, StackError
 from mlproxy_common import ports
 
@@ -77,3 +78,25 @@ def test_the_demo_takes_a_run_directory(tmp_path: Path, taken_port: int) -> None
     assert result.returncode == 1, result.stderr
     assert str(taken_port) in result.stderr
     assert run_dir.is_dir()
+
+
+def test_any_failure_before_a_child_removes_the_run_directory_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a StackError: an OSError while making the secrets, say (red team 28)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    def broken(*_: object, **__: object) -> None:
+        raise OSError("disk full (test)")
+
+    monkeypatch.setattr(stack_module.StackSecrets, "create", broken)
+    stack = Stack(envoy_port=0, policies_file=_policies(tmp_path))
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            stack.start()
+        assert list(temp.iterdir()) == []
+    finally:
+        stack.stop()
+        stack.release_ports()
