@@ -187,6 +187,7 @@ class Batcher:
         rule: Rule,
         group: RouteGroup | None = None,
         meter: RateMeter | None = None,
+        polls_due: dict[Batcher, None] | None = None,
     ) -> None:
         self.key = key
         self.route = route
@@ -209,6 +210,9 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
         self._polling = False  # a poll is due at the end of this turn of the event loop
+        # The batchers with a poll due, in the order they had an arrival, shared by the pool's
+        # (it runs them when its bound is reached): only those that had one in this turn.
+        self._polls_due: dict[Batcher, None] = {} if polls_due is None else polls_due
 
     def leave_group(self) -> RouteGroup:
         """This batcher is idle and gone: it no longer takes part in its group."""
@@ -262,17 +266,14 @@ class Batcher:
             # (the adaptive rule: its deadlines, load and batch size), and under load several
             # arrivals land in one turn. It decides as of the end of the turn, microseconds later.
             self._polling = True
+            self._polls_due[self] = None
             self._loop.call_soon(self._poll_soon)
-
-    @property
-    def poll_due(self) -> bool:
-        """Whether a poll is due at the end of this turn of the event loop."""
-        return self._polling
 
     def poll_now(self) -> None:
         """The poll due at the end of this turn, now (the pool's queue bound is reached: what
         it sends makes room)."""
         self._polling = False
+        self._polls_due.pop(self, None)
         if self._queue.queued:  # else nothing to plan (all of them sent or withdrawn)
             self._pump()
 

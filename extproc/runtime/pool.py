@@ -64,6 +64,8 @@ class BatcherPool:
         self._batchers: dict[BatchKey, Batcher] = {}
         self._groups: dict[tuple[str, str], RouteGroup] = {}  # by policy and backend URL
         self._draining: set[Batcher] = set()
+        # the batchers with a poll due at the end of this turn, in the order they had arrivals
+        self._polls_due: dict[Batcher, None] = {}
         self._shares: ClientShares[Ticket] = ClientShares()
         self._rules = RuleStore(rate_window)
         self._current: dict[str, Policy] = {}  # by name, as last applied
@@ -209,11 +211,7 @@ class BatcherPool:
     def _poll_now(self, name: str) -> bool:
         """Run at once the polls due at the end of this turn of policy `name`'s batchers;
         whether there were any."""
-        due = [
-            b
-            for b in (*self._batchers.values(), *self._draining)
-            if b.poll_due and b.policy.name == name
-        ]
+        due = [b for b in self._polls_due if b.policy.name == name]
         for b in due:
             b.poll_now()
         return bool(due)
@@ -233,6 +231,7 @@ class BatcherPool:
                 self.rule(key, route.policy),
                 self._groups.setdefault(route.key, RouteGroup()),
                 self.meter(key),
+                self._polls_due,
             )
             self._batchers[key] = batcher
         else:

@@ -99,8 +99,10 @@ async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
     monkeypatch.setattr(StaticRule, "plan", plan)
     h = Harness(make_policy())  # batches of 8, a minute's wait
     futs = [h.submit([{"id": i}])[0] for i in range(5)]
+    assert len(h.pool._polls_due) == 1  # the pool knows it, should its queue bound be reached
     await asyncio.sleep(0)
     assert plans == [5]  # one poll, with all five queued
+    assert not h.pool._polls_due
     await asyncio.wait_for(h.pool.drain(), 2)
     assert [echoed(f.result()) for f in futs] == [[i] for i in range(5)]
 
