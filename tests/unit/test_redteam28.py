@@ -39,6 +39,8 @@ def _submit(h: Harness, i: int, signature: str) -> asyncio.Future[Reply]:
 # the in-flight limit left waiting. Now nothing is sent before the end of the turn unless one
 # batcher holds a full batch: the policy's max_queue is shared by all its batchers (one per
 # compat key), so two keys hold up to 2 x (max_batch_size - 1) requests before any poll.
+# Fixed (6856330): before it refuses or evicts, the pool runs the polls due at the end of the
+# turn, and asks again.
 async def test_rt28_a_zero_wait_burst_over_two_compat_keys_is_not_refused_queue_full() -> None:
     h = Harness(make_policy(max_batch_size=8, max_wait_ms=0, max_in_flight=16, max_queue=8))
     futs: list[asyncio.Future[Reply]] = []
@@ -63,6 +65,7 @@ async def test_rt28_a_zero_wait_burst_larger_than_max_queue_is_sent_not_refused(
 # own directory after construction (run_dir is a public field, set like `policies_file` is in
 # tests/e2e) loses that directory, with everything in it, when the stack fails to start; and
 # the temporary directory it did make (with a peer token, if peering) stays behind.
+# Fixed (6856330): it removes the path it made, and only that.
 def test_rt28_a_run_dir_set_after_construction_is_not_removed_on_a_failed_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,11 +92,12 @@ def test_rt28_a_run_dir_set_after_construction_is_not_removed_on_a_failed_start(
             shutil.rmtree(made, ignore_errors=True)  # the temporary one it made
 
 
-# Finding 3 (pre-existing, before 9d9eaa3 too; medium): `BatcherPool.drain` waits for each
+# Finding 3 (pre-existing, before 9d9eaa3 too; low): `BatcherPool.drain` waited for each
 # batcher's batches in turn, once: a batcher with nothing in flight when its turn comes is
 # taken as done, but the batchers of one policy and backend share the in-flight limit, and
 # when another's batch ends it sends the request this one still held. drain returns with that
 # batch still running (and at shutdown the process goes on to exit with it unanswered).
+# Fixed (6856330): drain waits until no batch of any batcher runs.
 class _Held(FakeBackend):
     """Holds each batch until the event of its signature is set."""
 
