@@ -258,8 +258,9 @@ class Batcher:
         self._shares.add(self.policy.name, ticket.client, ticket)
         self._metrics.queue_depth(self.policy.name, 1)
         queue = self._queue
-        if queue.queued_size >= queue.rule.max_batch_size:
-            self._pump()  # a full batch goes now (if a slot is free), as it always did
+        rule = queue.rule
+        if queue.queued_size >= rule.max_batch_size and queue.in_flight < rule.max_in_flight:
+            self._pump()  # a full batch and a free slot: it goes now, as it always did
         elif not self._polling:
             # Otherwise the queue is polled once a turn of the event loop, after every request
             # that arrived in it is queued, not once per arrival: a poll plans the whole batch

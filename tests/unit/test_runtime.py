@@ -107,14 +107,31 @@ async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
     assert [echoed(f.result()) for f in futs] == [[i] for i in range(5)]
 
 
-async def test_a_full_batch_still_goes_on_the_arrival_that_fills_it() -> None:
-    """A burst within one turn: each batch that fills goes at once, freeing the queue for the
-    rest (polled only at the end of the turn, the third request would find the queue full)."""
-    h = Harness(make_policy(max_batch_size=2, max_queue=2, max_in_flight=2))
-    futs = [h.submit([{"id": i}])[0] for i in range(4)]
-    replies = await asyncio.wait_for(asyncio.gather(*futs), 2)
-    assert [echoed(r) for r in replies] == [[i] for i in range(4)]
-    assert sorted(len(c) for c in h.backend.calls) == [2, 2]
+async def test_a_full_batch_still_goes_on_the_arrival_that_fills_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a slot free, the arrival that fills a batch sends it at once, within the turn. With
+    every slot busy, the arrivals of a turn beyond a full batch still make one poll (under
+    overload a poll reads the whole batch afresh)."""
+    plans: list[int] = []
+    real = StaticRule.plan
+
+    def plan(self: StaticRule, queue: Any, now: float) -> Any:
+        plans.append(queue.queued)
+        return real(self, queue, now)
+
+    monkeypatch.setattr(StaticRule, "plan", plan)
+    gate = asyncio.Event()
+    h = Harness(make_policy(max_batch_size=2, max_in_flight=1), FakeBackend(gate=gate))
+    first = [h.submit([{"id": i}])[0] for i in range(2)]
+    assert plans == [2] and h.metrics.sent == [("echo", "full", 1)]  # before the turn ends
+    rest = [h.submit([{"id": i}])[0] for i in range(2, 8)]  # the one slot is taken
+    await asyncio.sleep(0)
+    assert plans == [2, 6]  # one poll for the six
+    gate.set()
+    replies = await asyncio.wait_for(asyncio.gather(*first, *rest), 2)
+    assert [echoed(r) for r in replies] == [[i] for i in range(8)]
+    assert [len(c) for c in h.backend.calls] == [2, 2, 2, 2]
 
 
 async def test_timer_dispatches_a_partial_batch() -> None:
