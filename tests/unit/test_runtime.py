@@ -84,19 +84,25 @@ async def test_full_batch_goes_at_once_and_each_gets_its_own_answer() -> None:
     assert len(h.pool) == 0  # idle batchers are dropped
 
 
-async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The queue is polled once a turn of the event loop, after every request that arrived in
-    it is queued: a poll plans the whole batch, and under load arrivals come several a turn."""
-    plans: list[int] = []
+@pytest.fixture
+def plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many requests were queued at each plan of the static rule, in order."""
+    seen: list[int] = []
     real = StaticRule.plan
 
     def plan(self: StaticRule, queue: Any, now: float) -> Any:
-        plans.append(queue.queued)
+        seen.append(queue.queued)
         return real(self, queue, now)
 
     monkeypatch.setattr(StaticRule, "plan", plan)
+    return seen
+
+
+async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
+    plans: list[int],
+) -> None:
+    """The queue is polled once a turn of the event loop, after every request that arrived in
+    it is queued: a poll plans the whole batch, and under load arrivals come several a turn."""
     h = Harness(make_policy())  # batches of 8, a minute's wait
     futs = [h.submit([{"id": i}])[0] for i in range(5)]
     assert len(h.pool._polls_due) == 1  # the pool knows it, should its queue bound be reached
@@ -107,20 +113,10 @@ async def test_requests_that_arrive_in_one_turn_of_the_loop_are_planned_once(
     assert [echoed(f.result()) for f in futs] == [[i] for i in range(5)]
 
 
-async def test_a_full_batch_still_goes_on_the_arrival_that_fills_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_full_batch_still_goes_on_the_arrival_that_fills_it(plans: list[int]) -> None:
     """With a slot free, the arrival that fills a batch sends it at once, within the turn. With
     every slot busy, the arrivals of a turn beyond a full batch still make one poll (under
     overload a poll reads the whole batch afresh)."""
-    plans: list[int] = []
-    real = StaticRule.plan
-
-    def plan(self: StaticRule, queue: Any, now: float) -> Any:
-        plans.append(queue.queued)
-        return real(self, queue, now)
-
-    monkeypatch.setattr(StaticRule, "plan", plan)
     gate = asyncio.Event()
     h = Harness(make_policy(max_batch_size=2, max_in_flight=1), FakeBackend(gate=gate))
     first = [h.submit([{"id": i}])[0] for i in range(2)]
