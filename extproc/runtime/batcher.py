@@ -209,9 +209,8 @@ class Batcher:
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
-        self._polling = False  # a poll is due at the end of this turn of the event loop
-        # The batchers with a poll due, in the order they had an arrival, shared by the pool's
-        # (it runs them when its bound is reached): only those that had one in this turn.
+        # The batchers with a poll due at the end of this turn of the event loop, in the order
+        # they had an arrival, shared by the pool's (it runs them when its bound is reached).
         self._polls_due: dict[Batcher, None] = {} if polls_due is None else polls_due
 
     def leave_group(self) -> RouteGroup:
@@ -261,25 +260,23 @@ class Batcher:
         rule = queue.rule
         if queue.queued_size >= rule.max_batch_size and queue.in_flight < rule.max_in_flight:
             self._pump()  # a full batch and a free slot: it goes now, as it always did
-        elif not self._polling:
+        elif self not in self._polls_due:
             # Otherwise the queue is polled once a turn of the event loop, after every request
             # that arrived in it is queued, not once per arrival: a poll plans the whole batch
             # (the adaptive rule: its deadlines, load and batch size), and under load several
             # arrivals land in one turn. It decides as of the end of the turn, microseconds later.
-            self._polling = True
             self._polls_due[self] = None
             self._loop.call_soon(self._poll_soon)
 
     def poll_now(self) -> None:
         """The poll due at the end of this turn, now (the pool's queue bound is reached: what
         it sends makes room)."""
-        self._polling = False
         self._polls_due.pop(self, None)
         if self._queue.queued:  # else nothing to plan (all of them sent or withdrawn)
             self._pump()
 
     def _poll_soon(self) -> None:
-        if self._polling:  # else `poll_now` took it
+        if self in self._polls_due:  # else `poll_now` took it
             self.poll_now()
 
     def cancel(self, ticket: Ticket) -> None:
