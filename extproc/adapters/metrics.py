@@ -240,9 +240,9 @@ class PrometheusMetrics:
         self.allowance = FastGauge(
             "mlproxy_outside_allowance_seconds",
             "Time reserved after ext_proc's answer (gRPC, Envoy, the way to the client): the "
-            "policy's percentile, over recent replies, of each one's inbound delay plus its "
-            "hand-off, at most half the SLA. Batches are planned to finish this much before "
-            "the SLA.",
+            "policy's percentile, over recent replies, of each one's hand-off plus its body's "
+            "round trip through Envoy, at most half the SLA. Batches are planned to finish "
+            "this much before the SLA.",
             ["policy"],
             registry=r,
         )

@@ -159,6 +159,9 @@ class _Pending:
     deferred: bool  # the body decides which policy (if any) takes it
     budget: float | None = None  # the client's own latency budget
     bad_budget: ProxyError | None = None  # an invalid budget: an error if a policy takes it
+    # From its headers' answer written to its body read: a round trip through Envoy on an open
+    # stream, what the way back is measured by (extproc/core/hops.py, "Outbound")
+    round_trip: float = 0.0
 
     @property
     def policy(self) -> Policy:
@@ -356,15 +359,16 @@ class ExtProcServicer:
             await self._answer(context, *handled)
 
     async def _answer(
-        self, context: grpc.aio.ServicerContext, answer: Answer, route: Route
+        self, context: grpc.aio.ServicerContext, answer: Answer, route: Route, round_trip: float
     ) -> None:
-        """Write a request's reply; the hand-off from its batch's answer counted."""
+        """Write a request's reply; the hand-off from its batch's answer counted, with the
+        round trip through Envoy its body took (the way back, extproc/core/hops.py)."""
         self._metrics.request_done(route.policy.name, answer.reply.outcome, answer.wait)
         await context.write(_encode(answer))
         if answer.answered_at is not None:
             now = self._runtime.now()
             self._metrics.reply_handoff(route.policy.name, now - answer.answered_at)
-            self.hops.handed_off(now - answer.answered_at, answer.inbound, now)
+            self.hops.handed_off(now - answer.answered_at, round_trip, now)
 
     def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
         if self.tracing is None:
@@ -411,9 +415,10 @@ class ExtProcServicer:
         client: str = "",
         request_time: str | None = None,
         trace: RequestContext = NO_CONTEXT,
-    ) -> tuple[Answer, Route] | None:
-        """One request from its headers to its answer, and the route that took it (with
-        policies that match on body fields: the one its body chose); None if the stream ended
+    ) -> tuple[Answer, Route, float] | None:
+        """One request from its headers to its answer, the route that took it (with
+        policies that match on body fields: the one its body chose) and its body's round trip
+        through Envoy (`_Pending.round_trip`); None if the stream ended
         early or the request went on untouched. Each check in order, with the error it
         answers."""
         req = self._pending(context, route, headers, request_time)
@@ -433,12 +438,12 @@ class ExtProcServicer:
                 if forwarded is not None:
                     reply, wait = forwarded
                     total = self._runtime.now() - req.arrival
-                    return Answer(reply, wait, total, None, req.arrival - req.start), req.route
+                    return Answer(reply, wait, total), req.route, req.round_trip
             answer = await self._runtime.batch(
                 req.route, parsed, req.budget, req.arrival, client, req.start, req.reserve, trace
             )
         except ProxyError as err:
-            return Answer(Reply.from_error(err)), req.route
+            return Answer(Reply.from_error(err)), req.route, req.round_trip
         except (_ProtocolError, wire.HeaderLimitError) as err:
             if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
@@ -447,8 +452,8 @@ class ExtProcServicer:
             raise
         except Exception:
             log.exception("policy %s: unexpected error handling a request", req.policy.name)
-            return Answer(internal_error()), req.route
-        return answer, req.route
+            return Answer(internal_error()), req.route, req.round_trip
+        return answer, req.route, req.round_trip
 
     def _pending(
         self,
@@ -508,9 +513,11 @@ class ExtProcServicer:
                 raise
             req.bad_budget = err  # an error only if a policy takes it
         await context.write(wire.HEADERS_CONTINUE)
+        written = self._runtime.now()
         raw = await self._read_body(context, req)
         if raw is None:
             return None
+        req.round_trip = self._runtime.now() - written
         msg = self._decode(raw)
         if msg.kind != "request_body":
             raise _ProtocolError("protocol", f"expected the request body, got {msg.kind} instead")

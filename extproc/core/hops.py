@@ -31,9 +31,18 @@ floors are kept (the least recently used goes).
 
 Outbound. After ext_proc answers, the reply still has to reach gRPC, cross to Envoy and be sent
 to the client. `Hops.allowance` reserves for that the policy's percentile, over recent replies,
-of each one's inbound excess (an Envoy busy one way is busy the other way) plus its hand-off
-time (from the batch's answer to the reply written to gRPC, measured here), at most `cap` (half)
-of the SLA. The deadline handed to the batching queue is `start + SLA - allowance`.
+of each one's hand-off time (from the batch's answer to the reply written to gRPC) plus the
+round trip its body took (from the headers' answer written to gRPC to the body's message read:
+across to Envoy, through Envoy, and back on the open stream; an Envoy busy one way is busy the
+other way), both measured here on ext_proc's own clock, at most `cap` (half) of the SLA. The
+deadline handed to the batching queue is `start + SLA - allowance`.
+
+Not the inbound excess: that includes the wait of a new stream inside ext_proc before its
+handler runs (grpcio's asyncio server takes one new call per turn of the event loop), which a
+reply on an open stream never pays. With ext_proc's CPU saturated (a closed loop of 64 clients
+on two cores) new streams waited 20-24 ms on average while the body's round trip took 1.4 ms:
+reserving the inbound excess for the way back set every deadline about 50 ms early (the cap),
+so batches left small and late, which took more CPU per request and made the wait longer.
 """
 
 from __future__ import annotations
@@ -222,7 +231,7 @@ class Hops:
         self._max_sources = max_sources
         self._refresh = refresh
         self._floors: OrderedDict[str, DelayFloor] = OrderedDict()
-        self._outside = RecentQuantiles(window, slots)  # per reply: inbound + hand-off
+        self._outside = RecentQuantiles(window, slots)  # per reply: hand-off + round trip
         self._cached: dict[float, tuple[float, float]] = {}  # quantile -> (until, seconds)
 
     def inbound(
@@ -249,15 +258,16 @@ class Hops:
             floors.move_to_end(source)
         return Inbound(floor.excess(delay, now), "ok")
 
-    def handed_off(self, seconds: float, inbound: float, now: float) -> None:
-        """A reply took `seconds` from its batch's answer to being written to gRPC; its request
-        had spent `inbound` seconds in Envoy (its excess, as bounded by its SLA)."""
-        self._outside.add(max(0.0, seconds) + max(0.0, inbound), now)
+    def handed_off(self, seconds: float, round_trip: float, now: float) -> None:
+        """A reply took `seconds` from its batch's answer to being written to gRPC; its
+        request's body took `round_trip` seconds from the headers' answer written to its
+        message read (0 if it had none)."""
+        self._outside.add(max(0.0, seconds) + max(0.0, round_trip), now)
 
     def allowance(self, quantile: float, sla: float, now: float) -> float:
         """Seconds to reserve after ext_proc's answer for a policy promising `quantile` of its
-        requests within `sla` seconds: that quantile of the recent replies' inbound excess plus
-        hand-off (the sum per reply: adding two percentiles would reserve more than the
+        requests within `sla` seconds: that quantile of the recent replies' hand-off plus body
+        round trip (the sum per reply: adding two percentiles would reserve more than the
         percentile of the sum), at most `cap` x `sla`. Recomputed at most every `refresh`
         seconds."""
         cached = self._cached.get(quantile)

@@ -138,7 +138,6 @@ class BatcherPool:
             wait=None if dispatched is None else dispatched - ticket.arrival,
             total=now - ticket.arrival,
             answered_at=ticket.answered_at,
-            inbound=ticket.arrival - ticket.start,
         )
 
     def submit(

@@ -62,7 +62,6 @@ class Answer:
     wait: float | None = None  # from its arrival to its batch's dispatch (None: not sent)
     total: float | None = None  # from its arrival (its headers reached ext_proc) to its reply
     answered_at: float | None = None  # when its batch's answer came back (None: no batch)
-    inbound: float = 0.0  # from Envoy's receipt to its arrival (0 if not known)
 
 
 def internal_error() -> Reply:

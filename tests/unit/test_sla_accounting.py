@@ -67,7 +67,7 @@ async def test_an_answer_within_the_sla_is_counted_with_its_times() -> None:
     assert answer.reply.status == 200
     assert answer.wait is not None and abs(answer.wait - 0.005) < 1e-9
     assert answer.total is not None and abs(answer.total - 0.025) < 1e-9
-    assert answer.answered_at == clock.now() and abs(answer.inbound - 0.010) < 1e-9
+    assert answer.answered_at == clock.now()
     ((policy, latency, missed),) = metrics.answered
     assert policy == "m" and abs(latency - 0.035) < 1e-9 and not missed
 
