@@ -368,7 +368,14 @@ class ExtProcServicer:
         if answer.answered_at is not None:
             now = self._runtime.now()
             self._metrics.reply_handoff(route.policy.name, now - answer.answered_at)
-            self.hops.handed_off(now - answer.answered_at, round_trip, now)
+            policy = route.policy
+            self.hops.handed_off(
+                policy.name,
+                now - answer.answered_at,
+                round_trip,
+                policy.sla.latency_ms / 1000.0,
+                now,
+            )
 
     def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
         if self.tracing is None:
@@ -677,7 +684,7 @@ class ExtProcServicer:
                 "3339 time within a day of this host's clock: check both hosts' clocks (NTP); "
                 "the request's SLA clock starts when it reached ext_proc",
             )
-        reserve = hops.allowance(policy.sla.percentile / 100.0, sla, arrival)
+        reserve = hops.allowance(policy.name, policy.sla.percentile / 100.0, sla, arrival)
         self._metrics.outside_allowance(policy.name, reserve)
         return arrival - min(inbound.excess, sla), reserve
 

@@ -35,7 +35,10 @@ of each one's hand-off time (from the batch's answer to the reply written to gRP
 round trip its body took (from the headers' answer written to gRPC to the body's message read:
 across to Envoy, through Envoy, and back on the open stream; an Envoy busy one way is busy the
 other way), both measured here on ext_proc's own clock, at most `cap` (half) of the SLA. The
-deadline handed to the batching queue is `start + SLA - allowance`.
+deadline handed to the batching queue is `start + SLA - allowance`. Envoy sends a buffered body
+once it has all of it, so the round trip also holds the client's upload: the samples are kept
+per policy and each counts for at most its own policy's SLA, so slow uploads (a policy for
+them, or a hostile client) move only their own policy's allowance (red team 29).
 
 Not the inbound excess: that includes the wait of a new stream inside ext_proc before its
 handler runs (grpcio's asyncio server takes one new call per turn of the event loop), which a
@@ -221,18 +224,24 @@ class Hops:
         cap: float = 0.5,
         max_sources: int = 256,
         refresh: float = 1.0,
+        max_policies: int = 1024,
     ) -> None:
-        if not 0.0 <= cap <= 1.0 or max_sources < 1 or refresh < 0:
-            raise ValueError("cap must be in [0, 1], max_sources at least 1, refresh >= 0")
+        if not 0.0 <= cap <= 1.0 or max_sources < 1 or refresh < 0 or max_policies < 1:
+            raise ValueError(
+                "cap must be in [0, 1], max_sources and max_policies at least 1, refresh >= 0"
+            )
         self._window = window
         self._slots = slots
         self._step = step
         self.cap = cap
         self._max_sources = max_sources
         self._refresh = refresh
+        self._max_policies = max_policies
         self._floors: OrderedDict[str, DelayFloor] = OrderedDict()
-        self._outside = RecentQuantiles(window, slots)  # per reply: hand-off + round trip
-        self._cached: dict[float, tuple[float, float]] = {}  # quantile -> (until, seconds)
+        # per policy, per reply: hand-off + round trip (the least recently answered goes)
+        self._outside: OrderedDict[str, RecentQuantiles] = OrderedDict()
+        # (policy, quantile) -> (until, seconds)
+        self._cached: dict[tuple[str, float], tuple[float, float]] = {}
 
     def inbound(
         self, source: str, request_time: str | None, local_wall: float, now: float
@@ -258,24 +267,41 @@ class Hops:
             floors.move_to_end(source)
         return Inbound(floor.excess(delay, now), "ok")
 
-    def handed_off(self, seconds: float, round_trip: float, now: float) -> None:
-        """A reply took `seconds` from its batch's answer to being written to gRPC; its
-        request's body took `round_trip` seconds from the headers' answer written to its
-        message read (0 if it had none)."""
-        self._outside.add(max(0.0, seconds) + max(0.0, round_trip), now)
+    def handed_off(
+        self, policy: str, seconds: float, round_trip: float, sla: float, now: float
+    ) -> None:
+        """A reply of `policy` (whose SLA is `sla` seconds) took `seconds` from its batch's
+        answer to being written to gRPC; its request's body took `round_trip` seconds from the
+        headers' answer written to its message read (0 if it had none). The round trip holds
+        the client's upload too (Envoy sends a buffered body once it has all of it), so one
+        reply counts for at most its own SLA, and only for its own policy: a policy for slow
+        uploads, or a client sending its body slowly, cannot move another policy's deadlines
+        (red team 29)."""
+        samples = self._outside.get(policy)
+        if samples is None:
+            samples = self._outside[policy] = RecentQuantiles(self._window, self._slots)
+            if len(self._outside) > self._max_policies:
+                gone, _ = self._outside.popitem(last=False)
+                for key in [k for k in self._cached if k[0] == gone]:
+                    del self._cached[key]
+        else:
+            self._outside.move_to_end(policy)
+        samples.add(min(max(0.0, seconds) + max(0.0, round_trip), max(0.0, sla)), now)
 
-    def allowance(self, quantile: float, sla: float, now: float) -> float:
-        """Seconds to reserve after ext_proc's answer for a policy promising `quantile` of its
-        requests within `sla` seconds: that quantile of the recent replies' hand-off plus body
-        round trip (the sum per reply: adding two percentiles would reserve more than the
-        percentile of the sum), at most `cap` x `sla`. Recomputed at most every `refresh`
-        seconds."""
-        cached = self._cached.get(quantile)
+    def allowance(self, policy: str, quantile: float, sla: float, now: float) -> float:
+        """Seconds to reserve after ext_proc's answer for `policy`, promising `quantile` of
+        its requests within `sla` seconds: that quantile of its recent replies' hand-off plus
+        body round trip (the sum per reply: adding two percentiles would reserve more than the
+        percentile of the sum), at most `cap` x `sla`; 0 before any reply. Recomputed at most
+        every `refresh` seconds."""
+        key = (policy, quantile)
+        cached = self._cached.get(key)
         if cached is None or now >= cached[0] or now < cached[0] - self._refresh:
-            seconds = self._outside.quantile(quantile, now)
-            if len(self._cached) > 64:  # a handful of percentiles in practice
+            samples = self._outside.get(policy)
+            seconds = 0.0 if samples is None else samples.quantile(quantile, now)
+            if len(self._cached) > 4 * self._max_policies:  # a percentile or two a policy
                 self._cached.clear()
-            self._cached[quantile] = cached = (now + self._refresh, seconds)
+            self._cached[key] = cached = (now + self._refresh, seconds)
         return min(cached[1], self.cap * sla)
 
     def floor(self, source: str) -> float | None:

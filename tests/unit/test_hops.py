@@ -194,31 +194,63 @@ def test_quantiles_within_a_bin_of_the_exact_ones() -> None:
 def test_allowance_is_the_percentile_of_both_hops_bounded_by_the_sla() -> None:
     clock = FakeClock(0.0)
     hops = Hops(refresh=0.0)
-    link = Link(hops, clock, offset=12.0)
-    assert hops.allowance(0.99, 0.3, clock.now()) == 0.0  # nothing seen yet
-    delays = [0.001] * 90 + [0.041] * 10  # 10 % of requests 40 ms late in Envoy
-    random.Random(1).shuffle(delays)
-    for d in delays:
-        hops.handed_off(0.002, link.send(d), clock.now())
+    assert hops.allowance("p", 0.99, 0.3, clock.now()) == 0.0  # nothing seen yet
+    trips = [0.0] * 90 + [0.040] * 10  # 10 % of bodies 40 ms slow through Envoy
+    random.Random(1).shuffle(trips)
+    for rt in trips:
+        hops.handed_off("p", 0.002, rt, 0.3, clock.now())
         clock.advance(0.01)
-    p99 = hops.allowance(0.99, 0.3, clock.now())
+    p99 = hops.allowance("p", 0.99, 0.3, clock.now())
     assert 0.040 + 0.002 <= p99 <= (0.040 + 0.002) * 1.25
-    p50 = hops.allowance(0.5, 0.3, clock.now())
+    p50 = hops.allowance("p", 0.5, 0.3, clock.now())
     assert 0.002 <= p50 <= 0.002 * 1.25 + 1e-4
-    assert hops.allowance(0.99, 0.05, clock.now()) == 0.025  # at most half the SLA
+    assert hops.allowance("p", 0.99, 0.05, clock.now()) == 0.025  # at most half the SLA
     clock.advance(61.0)
-    assert hops.allowance(0.99, 0.3, clock.now()) == 0.0  # the window passed
+    assert hops.allowance("p", 0.99, 0.3, clock.now()) == 0.0  # the window passed
+
+
+def test_each_policy_reserves_for_its_own_replies_each_counted_within_its_sla() -> None:
+    """Red team 29: the round trip holds the client's upload, so one policy's slow bodies
+    (a policy for uploads, or a hostile client) must not move another policy's deadlines,
+    and one reply counts for no more than its own SLA."""
+    clock = FakeClock(0.0)
+    hops = Hops(refresh=0.0)
+    for i in range(200):
+        if i % 10 == 0:
+            hops.handed_off("upload", 0.0, 2.0, 10.0, clock.now())  # a 2 s upload
+            hops.handed_off("tight", 0.0, 0.9, 0.020, clock.now())  # a body 0.9 s slow
+        hops.handed_off("fast", 0.0005, 0.0005, 0.4, clock.now())
+        clock.advance(0.01)
+    assert hops.allowance("fast", 0.99, 0.4, clock.now()) <= 0.001 * 1.25
+    assert 2.0 <= hops.allowance("upload", 0.99, 10.0, clock.now()) <= 2.0 * 1.25
+    # within its own SLA (20 ms), then at most half of it
+    assert hops.allowance("tight", 0.99, 0.020, clock.now()) == 0.010
+    assert hops.allowance("nothing seen", 0.99, 0.4, clock.now()) == 0.0
+
+
+def test_the_policies_kept_are_bounded_the_least_recently_answered_going_first() -> None:
+    clock = FakeClock(0.0)
+    hops = Hops(refresh=10.0, max_policies=2)
+    hops.handed_off("a", 0.1, 0.0, 1.0, clock.now())
+    assert hops.allowance("a", 0.99, 1.0, clock.now()) > 0.0  # cached for 10 s
+    hops.handed_off("b", 0.1, 0.0, 1.0, clock.now())
+    hops.handed_off("a", 0.1, 0.0, 1.0, clock.now())  # a answered again: b is the oldest
+    hops.handed_off("c", 0.1, 0.0, 1.0, clock.now())  # b goes
+    assert hops.allowance("b", 0.99, 1.0, clock.now()) == 0.0
+    assert hops.allowance("a", 0.99, 1.0, clock.now()) > 0.0
+    hops.handed_off("d", 0.1, 0.0, 1.0, clock.now())  # a goes, and its cached allowance
+    assert hops.allowance("a", 0.99, 1.0, clock.now()) == 0.0
 
 
 def test_allowance_is_recomputed_at_most_every_refresh() -> None:
     clock = FakeClock(0.0)
     hops = Hops(refresh=1.0)
-    assert hops.allowance(0.95, 1.0, clock.now()) == 0.0
-    hops.handed_off(0.2, 0.0, clock.now())
+    assert hops.allowance("p", 0.95, 1.0, clock.now()) == 0.0
+    hops.handed_off("p", 0.2, 0.0, 1.0, clock.now())
     clock.advance(0.5)
-    assert hops.allowance(0.95, 1.0, clock.now()) == 0.0  # cached
+    assert hops.allowance("p", 0.95, 1.0, clock.now()) == 0.0  # cached
     clock.advance(0.6)
-    assert hops.allowance(0.95, 1.0, clock.now()) == pytest.approx(0.2, rel=0.25)
+    assert hops.allowance("p", 0.95, 1.0, clock.now()) == pytest.approx(0.2, rel=0.25)
 
 
 @given(
@@ -242,16 +274,17 @@ def test_hostile_delays_never_crash_and_excess_is_never_negative(
             assert floor.excess(delay, now) >= 0.0
         got = hops.inbound("x", stamp(1e9) if math.isfinite(delay) else "nan", 1e9 + delay, now)
         assert got.excess >= 0.0 or got.status != "ok"
-        assert 0.0 <= hops.allowance(0.99, 0.3, now) <= 0.15
+        hops.handed_off("p", dt, delay, 0.3, now)
+        assert 0.0 <= hops.allowance("p", 0.99, 0.3, now) <= 0.15
 
 
 def test_allowance_is_the_percentile_of_each_replys_sum_not_a_sum_of_percentiles() -> None:
-    """10 % of replies were slow in Envoy, another 10 % slow to hand off: at p95 one of the
-    two, never both, is to be reserved."""
+    """10 % of bodies were slow through Envoy, another 10 % of replies slow to hand off: at
+    p95 one of the two, never both, is to be reserved."""
     clock = FakeClock(0.0)
     hops = Hops(refresh=0.0)
     for i in range(1000):
-        inbound, handoff = (0.040, 0.0) if i % 10 == 0 else (0.0, 0.040) if i % 10 == 1 else (0, 0)
-        hops.handed_off(handoff, inbound, clock.now())
+        trip, handoff = (0.040, 0.0) if i % 10 == 0 else (0.0, 0.040) if i % 10 == 1 else (0, 0)
+        hops.handed_off("p", handoff, trip, 1.0, clock.now())
         clock.advance(0.01)
-    assert 0.040 <= hops.allowance(0.95, 1.0, clock.now()) <= 0.040 * 1.25
+    assert 0.040 <= hops.allowance("p", 0.95, 1.0, clock.now()) <= 0.040 * 1.25

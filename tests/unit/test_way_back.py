@@ -105,7 +105,7 @@ async def test_a_new_streams_wait_to_reach_ext_proc_is_not_reserved_for_the_way_
     for _ in range(50):
         clock.advance(0.01)
         await serve(servicer, clock, 0.060, 0.001)  # 60 ms late to arrive, body back in 1 ms
-    allowance = hops.allowance(0.99, SLA, clock.now())
+    allowance = hops.allowance("m", 0.99, SLA, clock.now())
     assert 0.001 <= allowance <= 0.002  # the round trip (and an instant hand-off), not 60 ms
 
 
@@ -114,9 +114,9 @@ async def test_a_body_slow_to_come_back_through_envoy_is_reserved_for_the_way_ba
     for _ in range(50):
         clock.advance(0.01)
         await serve(servicer, clock, 0.0, 0.030)  # Envoy took 30 ms to turn the stream around
-    allowance = hops.allowance(0.99, SLA, clock.now())
+    allowance = hops.allowance("m", 0.99, SLA, clock.now())
     assert 0.030 <= allowance <= 0.030 * 1.25  # RecentQuantiles' bins are within 25 %
     for _ in range(50):
         clock.advance(0.01)
         await serve(servicer, clock, 0.0, 0.200)  # slower than the SLA: the cap, half of it
-    assert hops.allowance(0.99, SLA, clock.now()) == SLA / 2
+    assert hops.allowance("m", 0.99, SLA, clock.now()) == SLA / 2
