@@ -6,8 +6,10 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 from envoy_data_plane.envoy.config.core import v3 as core
 from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 from envoy_data_plane.google.protobuf import Struct, Value
@@ -194,3 +196,54 @@ def body_msg(doc: Any) -> bytes:
     """Envoy's request-body message (the whole body, BUFFERED): JSON of `doc`, or its bytes."""
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     return bytes(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+
+
+class FakeStream:
+    """One ext_proc stream without gRPC: Envoy's messages in, the servicer's answers out (in
+    `out`, parsed)."""
+
+    def __init__(self, *messages: bytes) -> None:
+        self._in = list(messages)
+        self.out: list[ep.ProcessingResponse] = []
+
+    async def read(self) -> Any:
+        return self._in.pop(0) if self._in else grpc.aio.EOF
+
+    async def write(self, message: bytes) -> None:
+        self.out.append(ep.ProcessingResponse.parse(message))
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+    def status(self) -> int:
+        """The status of the ImmediateResponse the stream ended with."""
+        return int(self.out[-1].immediate_response.status.code)
+
+
+class RoundTripStream(FakeStream):
+    """A request's headers, then its body, whose read takes `round_trip` seconds of `clock`:
+    what the body's round trip through Envoy takes (and, for a buffered body, the client's
+    upload)."""
+
+    def __init__(self, clock: Any, headers: bytes, round_trip: float, body: bytes) -> None:
+        super().__init__(headers, body)
+        self.clock, self.round_trip = clock, round_trip
+
+    async def read(self) -> Any:
+        if len(self._in) == 1:
+            self.clock.advance(self.round_trip)
+        return await super().read()
+
+
+def stamped_headers_msg(path: str, wall: float) -> bytes:
+    """A POST to `path` under the filter's forward_rules, Envoy's `request.time` at `wall`
+    (seconds since the epoch)."""
+    attributes = {
+        "request.path": path,
+        "request.method": "POST",
+        "request.time": datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds"),
+    }
+    return forwarded_headers_msg(attributes, content_length="16")

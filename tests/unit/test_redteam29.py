@@ -13,11 +13,7 @@ tests/unit/test_way_back.py.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
-
-import grpc
-from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import FakeClock
@@ -25,40 +21,17 @@ from extproc.core.hops import Hops
 from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
-from tests.fakes import FakeBackend, RecordingMetrics, body_msg, forwarded_headers_msg
+from tests.fakes import (
+    FakeBackend,
+    RecordingMetrics,
+    RoundTripStream,
+    body_msg,
+    stamped_headers_msg,
+)
 
 FAST = "/v1/models/fast:predict"  # the victims' policy: SLA 400 ms
 TIGHT = "/v1/models/tight:predict"  # another policy of the same process: SLA 20 ms
 UPLOAD = "/v1/models/upload:predict"  # a policy for large, slow uploads: SLA 10 s
-
-
-class Stream:
-    """Envoy's two messages; reading the body takes `round_trip` seconds of the fake clock
-    (for a BUFFERED body: the client's upload, then Envoy's turn of the stream)."""
-
-    def __init__(self, clock: FakeClock, headers: bytes, round_trip: float) -> None:
-        self._in = [headers, body_msg({"instances": [1]})]
-        self.out: list[ep.ProcessingResponse] = []
-        self.clock, self.round_trip = clock, round_trip
-
-    async def read(self) -> Any:
-        if not self._in:
-            return grpc.aio.EOF
-        if len(self._in) == 1:
-            self.clock.advance(self.round_trip)
-        return self._in.pop(0)
-
-    async def write(self, message: bytes) -> None:
-        self.out.append(ep.ProcessingResponse.parse(message))
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:40000"
-
-    async def abort(self, code: Any, details: str) -> None:
-        raise AssertionError(f"aborted: {code} {details}")
-
-    def status(self) -> int:
-        return int(self.out[-1].immediate_response.status.code)
 
 
 def _policy(name: str, sla_ms: float) -> dict[str, Any]:
@@ -83,24 +56,39 @@ def harness() -> tuple[ExtProcServicer, FakeClock, RecordingMetrics]:
     return servicer, clock, metrics
 
 
-def headers(servicer: ExtProcServicer, clock: FakeClock, path: str, waited: float) -> bytes:
+def stream(
+    servicer: ExtProcServicer, clock: FakeClock, path: str, waited: float, rt: float
+) -> RoundTripStream:
     """A request for `path` Envoy received `waited` seconds before its headers reach ext_proc
-    (a client sending its headers slowly: the old design's lever)."""
+    (a client sending its headers slowly: the old design's lever), its body back `rt` seconds
+    after their answer (a client sending its body slowly: the new one's)."""
     wall = clock.now() + servicer._epoch - waited
-    attributes = {
-        "request.path": path,
-        "request.method": "POST",
-        "request.time": datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds"),
-    }
-    return forwarded_headers_msg(attributes, content_length="16")
+    return RoundTripStream(clock, stamped_headers_msg(path, wall), rt, body_msg({"instances": [1]}))
 
 
 async def serve(
     servicer: ExtProcServicer, clock: FakeClock, path: str, waited: float, rt: float
 ) -> None:
-    s = Stream(clock, headers(servicer, clock, path, waited), rt)
+    s = stream(servicer, clock, path, waited, rt)
     await servicer.process(None, s)
     assert s.status() == 200, json.loads(s.out[-1].immediate_response.body)
+
+
+async def fast_allowance_beside(every: int, path: str, waited: float, rt: float) -> float:
+    """The allowance the `fast` policy's next request gets after 200 replies, one in `every`
+    of them for `path`, late by `waited` on the way in and `rt` in its body's round trip, the
+    rest `fast` requests with no delay and a 0.5 ms round trip."""
+    servicer, clock, metrics = harness()
+    await serve(servicer, clock, FAST, 0.0, 0.0005)  # this Envoy's floor
+    for i in range(200):
+        clock.advance(0.01)
+        if i % every == 0:
+            await serve(servicer, clock, path, waited, rt)
+        else:
+            await serve(servicer, clock, FAST, 0.0, 0.0005)
+    clock.advance(0.01)
+    await serve(servicer, clock, FAST, 0.0, 0.0005)  # a victim: the time reserved for it
+    return metrics.allowances["fast"]
 
 
 async def test_a_client_of_a_tight_policy_cannot_reserve_more_than_its_sla_for_others() -> None:
@@ -110,17 +98,8 @@ async def test_a_client_of_a_tight_policy_cannot_reserve_more_than_its_sla_for_o
     inbound excess bounded by its own SLA (20 ms); with b55ea70 the body round trip was bounded
     only by the body wait and the pooled p99 set the 400 ms policy's allowance to its cap,
     200 ms: every victim's deadline 175 ms earlier."""
-    servicer, clock, metrics = harness()
-    await serve(servicer, clock, FAST, 0.0, 0.0005)  # this Envoy's floor
-    for i in range(200):
-        clock.advance(0.01)
-        if i % 20 == 0:  # 5 % of the replies: the attacker, on the other policy
-            await serve(servicer, clock, TIGHT, 0.9, 0.9)
-        else:
-            await serve(servicer, clock, FAST, 0.0, 0.0005)
-    clock.advance(0.01)
-    await serve(servicer, clock, FAST, 0.0, 0.0005)  # a victim: the time reserved for it
-    allowance = metrics.allowances["fast"]
+    # 5 % of the replies: the attacker, on the other policy
+    allowance = await fast_allowance_beside(20, TIGHT, 0.9, 0.9)
     assert allowance <= 0.020 * 1.25 + 0.001, allowance  # the tight policy's SLA at most
 
 
@@ -131,17 +110,8 @@ async def test_benign_slow_uploads_of_one_policy_do_not_shrink_another_policys_d
     took), but the round trip holds the upload. With samples pooled over all policies, uploads
     over 1 % of the replies set the unrelated 400 ms policy's allowance to its cap (200 ms)
     although none of its own requests was slow."""
-    servicer, clock, metrics = harness()
-    await serve(servicer, clock, FAST, 0.0, 0.0005)
-    for i in range(200):
-        clock.advance(0.01)
-        if i % 10 == 0:  # 10 % of the replies: uploads, headers at once, body in 2 s
-            await serve(servicer, clock, UPLOAD, 0.0, 2.0)
-        else:
-            await serve(servicer, clock, FAST, 0.0, 0.0005)
-    clock.advance(0.01)
-    await serve(servicer, clock, FAST, 0.0, 0.0005)  # a victim: the time reserved for it
-    allowance = metrics.allowances["fast"]
+    # 10 % of the replies: uploads, headers at once, body in 2 s
+    allowance = await fast_allowance_beside(10, UPLOAD, 0.0, 2.0)
     assert allowance <= 0.002, allowance  # the fast policy's own way back: 0.5 ms
 
 
@@ -149,7 +119,7 @@ async def test_a_reply_never_batched_leaves_no_round_trip_sample() -> None:
     """Control: a body refused before batching (malformed: 400) is answered without a batch
     and records no round-trip sample, however long its body took."""
     servicer, clock, metrics = harness()
-    s = Stream(clock, headers(servicer, clock, FAST, 0.0), 0.5)
+    s = stream(servicer, clock, FAST, 0.0, 0.5)
     s._in[1] = body_msg(b"not json")
     await servicer.process(None, s)
     assert s.status() == 400

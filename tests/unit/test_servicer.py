@@ -9,9 +9,6 @@ import asyncio
 import json
 from typing import Any
 
-import grpc
-from envoy_data_plane.envoy.service.ext_proc import v3 as ep
-
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import MonotonicClock
 from extproc.runtime.executor import BatchExecutor
@@ -19,6 +16,7 @@ from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
 from tests.fakes import (
     FakeBackend,
+    FakeStream,
     RecordingMetrics,
     body_msg,
     forwarded_headers_msg,
@@ -27,28 +25,18 @@ from tests.fakes import (
 from tests.waiting import eventually_async
 
 
-class Stream:
+class Stream(FakeStream):
     """One ext_proc stream: Envoy's messages in, the servicer's answers out. `gate`: the body
     is read only once it is set (a client slow to send it)."""
 
     def __init__(self, *messages: bytes, gate: asyncio.Event | None = None) -> None:
-        self._in = list(messages)
-        self.out: list[ep.ProcessingResponse] = []
+        super().__init__(*messages)
         self.gate = gate
 
     async def read(self) -> Any:
         if len(self.out) == 1 and self.gate is not None:
             await self.gate.wait()
-        return self._in.pop(0) if self._in else grpc.aio.EOF
-
-    async def write(self, message: bytes) -> None:
-        self.out.append(ep.ProcessingResponse.parse(message))
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:40000"
-
-    async def abort(self, code: Any, details: str) -> None:
-        raise AssertionError(f"aborted: {code} {details}")
+        return await super().read()
 
     def answer(self) -> tuple[int, Any]:
         """The ImmediateResponse: its status and JSON body."""

@@ -6,11 +6,6 @@ round trip is the clock advanced while the servicer awaits it."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from typing import Any
-
-import grpc
-from envoy_data_plane.envoy.service.ext_proc import v3 as ep
 
 from extproc.adapters.servicer import ExtProcServicer
 from extproc.core.clock import FakeClock
@@ -18,39 +13,16 @@ from extproc.core.hops import Hops
 from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from mlproxy_kernel.policy import Router, parse_policies
-from tests.fakes import FakeBackend, RecordingMetrics, body_msg, forwarded_headers_msg
+from tests.fakes import (
+    FakeBackend,
+    RecordingMetrics,
+    RoundTripStream,
+    body_msg,
+    stamped_headers_msg,
+)
 
 PATH = "/v1/models/m:predict"
 SLA = 0.100
-
-
-class Stream:
-    """Envoy's two messages; reading the second (the body) takes `round_trip` seconds of the
-    fake clock, as a body coming back through Envoy after the headers' answer does."""
-
-    def __init__(self, clock: FakeClock, headers: bytes, round_trip: float) -> None:
-        self._in = [headers, body_msg({"instances": [1]})]
-        self.out: list[ep.ProcessingResponse] = []
-        self.clock, self.round_trip = clock, round_trip
-
-    async def read(self) -> Any:
-        if not self._in:
-            return grpc.aio.EOF
-        if len(self._in) == 1:
-            self.clock.advance(self.round_trip)
-        return self._in.pop(0)
-
-    async def write(self, message: bytes) -> None:
-        self.out.append(ep.ProcessingResponse.parse(message))
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:40000"
-
-    async def abort(self, code: Any, details: str) -> None:
-        raise AssertionError(f"aborted: {code} {details}")
-
-    def status(self) -> int:
-        return int(self.out[-1].immediate_response.status.code)
 
 
 def harness() -> tuple[ExtProcServicer, FakeClock, Hops]:
@@ -75,23 +47,11 @@ def harness() -> tuple[ExtProcServicer, FakeClock, Hops]:
     return ExtProcServicer(Router(policies), pool, metrics, hops=hops), clock, hops
 
 
-def headers(servicer: ExtProcServicer, clock: FakeClock, waited: float) -> bytes:
-    """A request Envoy received `waited` seconds before its headers reach ext_proc."""
-    wall = time_of(servicer, clock) - waited
-    attributes = {
-        "request.path": PATH,
-        "request.method": "POST",
-        "request.time": datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds"),
-    }
-    return forwarded_headers_msg(attributes, content_length="16")
-
-
-def time_of(servicer: ExtProcServicer, clock: FakeClock) -> float:
-    return clock.now() + servicer._epoch  # the wall clock the servicer reads Envoy's against
-
-
 async def serve(servicer: ExtProcServicer, clock: FakeClock, waited: float, rt: float) -> None:
-    s = Stream(clock, headers(servicer, clock, waited), rt)
+    """A request Envoy received `waited` seconds before its headers reach ext_proc, its body
+    back `rt` seconds after their answer."""
+    wall = clock.now() + servicer._epoch - waited  # the clock Envoy's is read against
+    s = RoundTripStream(clock, stamped_headers_msg(PATH, wall), rt, body_msg({"instances": [1]}))
     await servicer.process(None, s)
     assert s.status() == 200, json.loads(s.out[-1].immediate_response.body)
 
