@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 __all__ = [
     "MAX_OFFSET",
@@ -212,6 +214,24 @@ _MISSING = Inbound(0.0, "missing")
 _INVALID = Inbound(0.0, "invalid")
 
 
+_V = TypeVar("_V")
+
+
+def _recent(
+    table: OrderedDict[str, _V], key: str, make: Callable[[], _V], bound: int
+) -> tuple[_V, str | None]:
+    """`table[key]` (made if missing) as the most recently used entry of a table of at most
+    `bound`, and the key of the least recently used entry it pushed out, if any."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+        return value, None
+    value = table[key] = make()
+    if len(table) > bound:
+        return value, table.popitem(last=False)[0]
+    return value, None
+
+
 class Hops:
     """One ext_proc process's view of the hops outside it: the inbound floor per source, and
     the allowance reserved for the way back (module docstring)."""
@@ -257,15 +277,14 @@ class Hops:
         delay = local_wall - sent
         if not abs(delay) <= MAX_OFFSET:
             return _INVALID
-        floors = self._floors
-        floor = floors.get(source)
-        if floor is None:
-            floor = floors[source] = DelayFloor(self._window, self._slots, self._step)
-            if len(floors) > self._max_sources:
-                floors.popitem(last=False)
-        else:
-            floors.move_to_end(source)
+        floor, _ = _recent(self._floors, source, self._new_floor, self._max_sources)
         return Inbound(floor.excess(delay, now), "ok")
+
+    def _new_floor(self) -> DelayFloor:
+        return DelayFloor(self._window, self._slots, self._step)
+
+    def _new_samples(self) -> RecentQuantiles:
+        return RecentQuantiles(self._window, self._slots)
 
     def handed_off(
         self, policy: str, seconds: float, round_trip: float, sla: float, now: float
@@ -277,15 +296,10 @@ class Hops:
         reply counts for at most its own SLA, and only for its own policy: a policy for slow
         uploads, or a client sending its body slowly, cannot move another policy's deadlines
         (red team 29)."""
-        samples = self._outside.get(policy)
-        if samples is None:
-            samples = self._outside[policy] = RecentQuantiles(self._window, self._slots)
-            if len(self._outside) > self._max_policies:
-                gone, _ = self._outside.popitem(last=False)
-                for key in [k for k in self._cached if k[0] == gone]:
-                    del self._cached[key]
-        else:
-            self._outside.move_to_end(policy)
+        samples, gone = _recent(self._outside, policy, self._new_samples, self._max_policies)
+        if gone is not None:
+            for key in [k for k in self._cached if k[0] == gone]:
+                del self._cached[key]
         samples.add(min(max(0.0, seconds) + max(0.0, round_trip), max(0.0, sla)), now)
 
     def allowance(self, policy: str, quantile: float, sla: float, now: float) -> float:
