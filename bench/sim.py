@@ -451,7 +451,7 @@ class _Simulation:
             back = self.hop if self.forwarded[e.item] else 0.0
             self.latency[e.item] = now + back - self.arrival[e.item]
             q.answered(now - self.arrival[e.item], now)
-            stats.answered(self.name, now, self.latency[e.item] > self.slo)
+            stats.answered(self.name, now, bool(self.latency[e.item] > self.slo))
         self.start_batches(now)
         self.pump_all(now, r)
 

@@ -18,7 +18,6 @@ address Envoy saw (docs/security.md); requests without one share the identity ""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = ["Admission", "ClientShares"]
@@ -26,10 +25,17 @@ __all__ = ["Admission", "ClientShares"]
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
 class Admission(Generic[T]):
-    admit: bool
-    evict: T | None = None  # admit, after answering this queued request 429
+    # A plain class, not a generic slotted dataclass: mypyc (the compiled build) cannot
+    # compile the latter.
+    __slots__ = ("admit", "evict")
+
+    def __init__(self, admit: bool, evict: T | None = None) -> None:
+        self.admit = admit
+        self.evict = evict  # admit, after answering this queued request 429
+
+    def __repr__(self) -> str:
+        return f"Admission(admit={self.admit}, evict={self.evict!r})"
 
 
 class ClientShares(Generic[T]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from extproc.adapters.metrics import PrometheusMetrics
+from mlproxy_kernel.outcome import Outcome
 
 
 def value(m: PrometheusMetrics, name: str, **labels: str) -> float | None:
@@ -14,13 +15,13 @@ def value(m: PrometheusMetrics, name: str, **labels: str) -> float | None:
 def test_cached_series_count_per_policy_and_label() -> None:
     m = PrometheusMetrics(CollectorRegistry())
     for policy in ("a", "b", "a"):
-        m.request_done(policy, "ok", 0.001)
+        m.request_done(policy, Outcome.OK, 0.001)
         m.request_answered(policy, 0.01, missed=policy == "b")
-        m.batch_done(policy, 3, 2, 0.004, "ok")
+        m.batch_done(policy, 3, 2, 0.004, Outcome.OK)
         m.batch_sent(policy, "full", 2)
         m.queue_depth(policy, 1)
-    m.request_done("a", "bad_request", None)
-    m.batch_done("a", 1, 1, 0.5, "backend_error")
+    m.request_done("a", Outcome.BAD_REQUEST, None)
+    m.batch_done("a", 1, 1, 0.5, Outcome.BACKEND_ERROR)
     m.batch_sent("a", "wait", 3)
     assert value(m, "mlproxy_requests_total", policy="a", outcome="ok") == 2
     assert value(m, "mlproxy_requests_total", policy="a", outcome="bad_request") == 1

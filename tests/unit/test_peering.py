@@ -29,6 +29,7 @@ from extproc.adapters.peers import (
 )
 from extproc.core.owner import owner
 from extproc.runtime.replies import Reply
+from mlproxy_kernel.outcome import Outcome
 from mlproxy_kernel.policy import Policy, Router
 
 SELF = "127.0.0.1:7001"
@@ -383,7 +384,7 @@ def test_a_reply_round_trips_and_a_malformed_one_is_refused() -> None:
         429,
         b'{"error": "full"}',
         headers=(("retry-after", "1"),),
-        outcome="queue_full",
+        outcome=Outcome.QUEUE_FULL,
         batch_size=3,
     )
     assert decode_reply(encode_reply(reply, 0.012)) == (reply, pytest.approx(0.012))

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from extproc.adapters.tracing import OtelTracing, endpoint_problem
+from mlproxy_kernel.outcome import Outcome
 
 
 def test_a_request_span_keeps_the_path_without_its_query() -> None:
@@ -32,7 +33,7 @@ def test_a_request_span_keeps_the_path_without_its_query() -> None:
         "",
         0.0,
     )
-    tracing.end_request(span, 200, "ok", 0.001, 0.002)
+    tracing.end_request(span, 200, Outcome.OK, 0.001, 0.002)
     [finished] = [s for s in exporter.get_finished_spans() if s.name == "mlproxy.request"]
     assert finished.attributes is not None
     assert finished.attributes["url.path"] == "/v1/models/m:predict"
