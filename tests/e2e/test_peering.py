@@ -218,7 +218,10 @@ def test_the_owner_batches_requests_of_every_replica_and_each_client_gets_its_ow
     for _, _, rid in requests:
         assert answers[rid] == (200, {"predictions": [{"echo": rid}]}), rid
     ours = {rid for _, _, rid in requests}
-    batches = [[i for i in b if i in ours] for b in list(echo_backend.batches)]
+    # the session's echo backend also holds other modules' instances, lists among them
+    batches = [
+        [i for i in b if isinstance(i, str) and i in ours] for b in list(echo_backend.batches)
+    ]
     batches = [b for b in batches if b]
     assert sorted(i for b in batches for i in b) == sorted(ours)  # each sent exactly once
     # The owner put requests that entered through different replicas into one backend call.
@@ -258,7 +261,7 @@ def test_keys_spread_over_owners_and_every_answer_is_its_own(
     )
     ours = {rid for _, _, rid in requests}
     for batch in echo_backend.batches:
-        mine = [rid for rid in batch if rid in ours]
+        mine = [rid for rid in batch if isinstance(rid, str) and rid in ours]
         # a batch is one model's (one key's)
         assert len({rid.split("-")[2] for rid in mine}) <= 1, mine
 
@@ -308,7 +311,8 @@ def test_a_peer_call_without_the_fleet_token_is_refused_and_serves_nothing(
     assert json.loads(reply.body) == {"predictions": [{"echo": "nt-signed"}]}
     sent = echo_backend.sent_ids()
     assert "nt-signed" in sent
-    assert not {"nt-none", "nt-wrong", "nt-other-body", "nt-stale", "nt-garbage"} & set(sent)
+    refused_ids = {"nt-none", "nt-wrong", "nt-other-body", "nt-stale", "nt-garbage"}
+    assert not [i for i in sent if isinstance(i, str) and i in refused_ids]
     assert fleet.metric(0, "mlproxy_peer_auth_failures_total") - refused == 5
 
 
