@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from extproc import native
 from extproc.adapters.backend import HttpBackend
 from extproc.adapters.grpc_server import envoy_server, peer_server
 from extproc.adapters.metrics import PrometheusMetrics
@@ -151,14 +150,12 @@ class ExtProcServer:
                 self._on_metrics(self.metrics_port)
         for name in ("", SERVICE_NAME, PEER_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics.compiled_modules.set(sum(native.compiled().values()))
         log.info(
-            "ext_proc listening on %s:%d with %d policies%s; %s",
+            "ext_proc listening on %s:%d with %d policies%s",
             self.host,
             self.port,
             len(self.router.policies),
             f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
-            native.describe(),
         )
         return self.port
 

@@ -151,39 +151,25 @@ class Entry(Generic[T]):
         self.state = EntryState.QUEUED
 
 
+@dataclass(frozen=True, slots=True)
 class Dispatch(Generic[T]):
     """Send these requests as one batch now."""
 
-    # A plain class, not a generic slotted dataclass: mypyc (the compiled build) cannot
-    # compile the latter.
-    __slots__ = ("concurrent", "entries", "reason", "size")
-
-    def __init__(
-        self, entries: list[Entry[T]], size: int, reason: str, concurrent: int = 1
-    ) -> None:
-        self.entries = entries
-        self.size = size  # instances
-        self.reason = reason  # "full", "timer", "deadline", "idle", "free", "late" or "flush"
-        self.concurrent = concurrent  # batches in flight (this one included) when taken
-
-    def __repr__(self) -> str:
-        return f"Dispatch(size={self.size}, reason={self.reason!r}, concurrent={self.concurrent})"
+    entries: list[Entry[T]]
+    size: int  # instances
+    reason: str  # "full", "timer", "deadline", "idle", "free", "late" or "flush"
+    concurrent: int = 1  # batches in flight (this one included) when it was taken
 
     @property
     def items(self) -> list[T]:
         return [e.item for e in self.entries]
 
 
+@dataclass(frozen=True, slots=True)
 class Shed(Generic[T]):
     """These requests left the queue unsent: their deadlines cannot be met."""
 
-    __slots__ = ("entries",)  # a plain class, as Dispatch
-
-    def __init__(self, entries: list[Entry[T]]) -> None:
-        self.entries = entries
-
-    def __repr__(self) -> str:
-        return f"Shed({len(self.entries)} requests)"
+    entries: list[Entry[T]]
 
     @property
     def items(self) -> list[T]:

@@ -23,34 +23,6 @@ SESSION_MARKER = "MLPROXY_TEST_SESSION"
 os.environ[SESSION_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex}"
 
 
-# A run on the compiled build (extproc/native.py; .ci/run compiles the checkout in place and
-# sets this): every module of native.MODULES must then load compiled, or the run would test
-# the source, and the tests marked `interpreted` (they patch what a compiled module holds) skip.
-COMPILED_RUN = os.environ.get("MLPROXY_COMPILED_RUN") == "1"
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if COMPILED_RUN:
-        from extproc import native
-
-        source = [name for name, compiled in native.compiled().items() if not compiled]
-        if source:
-            raise pytest.UsageError(
-                f"MLPROXY_COMPILED_RUN=1 but these modules load from source: {source}; "
-                "compile first: MLPROXY_COMPILE=1 python setup.py build_ext --inplace"
-            )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not COMPILED_RUN:
-        return
-    for item in items:
-        marker = item.get_closest_marker("interpreted")
-        if marker is not None:
-            why = marker.args[0] if marker.args else "patches a compiled module"
-            item.add_marker(pytest.mark.skip(reason=f"the compiled build: {why}"))
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a process it started is still alive (a fixture that does not stop its
     server, a child that outlived its parent), and kill it."""

@@ -37,7 +37,7 @@ class PrometheusMetrics:
         self._clock_metrics(self.registry)
         self._peer_metrics(self.registry)
         self._server: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         # Labelled series on the request path, looked up once: labels() builds a tuple of
         # strings per call, and a request touches a dozen. The metrics a request or a batch
         # steps are extproc/adapters/series.py's (no lock, stepped by the event loop's thread
@@ -124,12 +124,6 @@ class PrometheusMetrics:
             "mlproxy_policy_store_carried_policies",
             "Policies this replica still applies from a lost store generation, because they "
             "were not re-published yet (0 normally).",
-            registry=r,
-        )
-        self.compiled_modules = Gauge(
-            "mlproxy_compiled_modules",
-            "Modules of the request path this process runs compiled with mypyc (extproc/native.py;"
-            " docs/operations.md): 0 in the pure-Python build.",
             registry=r,
         )
         self.policy_version = Gauge(
@@ -403,7 +397,7 @@ class PrometheusMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port."""
-        self._server, self._http_thread = start_http_server(port, host, registry=self.registry)
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
         return int(self._server.server_port)
 
     def close(self) -> None:

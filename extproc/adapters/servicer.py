@@ -438,8 +438,8 @@ class ExtProcServicer:
             framing = {h: headers[h] for h in codec.framing if h in headers}
             try:
                 parsed = codec.parse(body, framing)
-            except CodecError as bad:  # one name per exception type: extproc/native.py
-                raise ProxyError(ErrorKind.BAD_REQUEST, str(bad)) from bad
+            except CodecError as err:
+                raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             if self.peering is not None:
                 forwarded = await self._forward(req, body, framing, client)
                 if forwarded is not None:
@@ -451,10 +451,10 @@ class ExtProcServicer:
             )
         except ProxyError as err:
             return Answer(Reply.from_error(err)), req.route, req.round_trip
-        except (_ProtocolError, wire.HeaderLimitError) as wrong:
-            if isinstance(wrong, wire.HeaderLimitError):  # headers where the body should be
+        except (_ProtocolError, wire.HeaderLimitError) as err:
+            if isinstance(err, wire.HeaderLimitError):  # headers where the body should be
                 raise _ProtocolError(
-                    "protocol", f"a second request headers message: {wrong}"
+                    "protocol", f"a second request headers message: {err}"
                 ) from None
             raise
         except Exception:
@@ -646,8 +646,8 @@ class ExtProcServicer:
             _check_size(len(request.body), limit, why)
             try:
                 parsed = get_codec(policy.codec).parse(request.body, request.framing)
-            except CodecError as bad:  # one name per exception type: extproc/native.py
-                raise ProxyError(ErrorKind.BAD_REQUEST, str(bad)) from bad
+            except CodecError as err:
+                raise ProxyError(ErrorKind.BAD_REQUEST, str(err)) from err
             answer = await self._runtime.batch(
                 route, parsed, request.budget, arrival, request.client, start, request.reserve
             )

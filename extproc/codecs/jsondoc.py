@@ -98,8 +98,8 @@ def _encode_json(value: Any, sort_keys: bool = False) -> bytes:
         raise CodecError(
             "contains a number that is not finite (e.g. 1e999, which overflows a double)"
         ) from err
-    except RecursionError as deep:  # one name per exception type: see extproc/native.py
-        raise CodecError("is nested too deeply") from deep
+    except RecursionError as err:
+        raise CodecError("is nested too deeply") from err
 
 
 def describe(value: object) -> str:
@@ -124,17 +124,17 @@ def load_request(body: bytes, expected: str) -> dict[str, Any]:
         raise CodecError(f"request body is empty; expected {expected}")
     try:
         doc = _loads_request(body)
-    except _OutOfRange as big:  # one name per exception type: see extproc/native.py
+    except _OutOfRange as err:
         raise CodecError(
-            f"request body has the integer {str(big)[:40]}, beyond 64 bits: a backend's "
+            f"request body has the integer {str(err)[:40]}, beyond 64 bits: a backend's "
             "JSON cannot hold it; send it as a string or a float"
-        ) from big
-    except UnicodeDecodeError as text:
-        raise CodecError(f"request body is not UTF-8 text: {text.reason}") from text
+        ) from err
+    except UnicodeDecodeError as err:
+        raise CodecError(f"request body is not UTF-8 text: {err.reason}") from err
     except ValueError as err:
         raise CodecError(f"request body is not valid JSON: {err}") from err
-    except RecursionError as deep:
-        raise CodecError("request body is nested too deeply") from deep
+    except RecursionError as err:
+        raise CodecError("request body is nested too deeply") from err
     if not isinstance(doc, dict):
         raise CodecError(f"request body must be a JSON object, got {describe(doc)}")
     return doc
@@ -146,5 +146,5 @@ def load_answer(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as err:
         raise CodecError(f"backend answer is not valid JSON: {err}") from err
-    except RecursionError as deep:
-        raise CodecError("backend answer is nested too deeply") from deep
+    except RecursionError as err:
+        raise CodecError("backend answer is nested too deeply") from err

@@ -18,6 +18,7 @@ address Envoy saw (docs/security.md); requests without one share the identity ""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = ["Admission", "ClientShares"]
@@ -25,17 +26,10 @@ __all__ = ["Admission", "ClientShares"]
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
 class Admission(Generic[T]):
-    # A plain class, not a generic slotted dataclass: mypyc (the compiled build) cannot
-    # compile the latter.
-    __slots__ = ("admit", "evict")
-
-    def __init__(self, admit: bool, evict: T | None = None) -> None:
-        self.admit = admit
-        self.evict = evict  # admit, after answering this queued request 429
-
-    def __repr__(self) -> str:
-        return f"Admission(admit={self.admit}, evict={self.evict!r})"
+    admit: bool
+    evict: T | None = None  # admit, after answering this queued request 429
 
 
 class ClientShares(Generic[T]):

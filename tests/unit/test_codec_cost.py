@@ -17,7 +17,6 @@ def test_it_times_both_ways_and_restores_the_codec(capsys: pytest.CaptureFixture
     assert vars(kserve_v1)["encode"] is shipped
 
 
-@pytest.mark.interpreted("swaps the orjson module a compiled jsondoc holds")
 def test_json_alone_never_calls_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
     """The baseline really is json's: inside json_only() the codec runs with orjson gone."""
 

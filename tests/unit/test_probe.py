@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
@@ -21,7 +19,6 @@ uvloop.run(run(203, 16, 1.0, max_batch=8))  # the last batch waits for its timer
 """
 
 
-@pytest.mark.interpreted("the probe wraps methods of compiled classes")
 def test_the_probe_times_each_step_of_the_request_path(tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=ROOT, check=True, timeout=120)

@@ -373,7 +373,6 @@ async def test_mode_changes_live_and_the_learnt_model_survives_idle_batchers() -
     assert [len(c) for c in h.backend.calls[-2:]] == [1, 1]
 
 
-@pytest.mark.interpreted("subclasses a compiled rule and patches a compiled pool")
 async def test_a_failing_dispatch_rule_answers_500_and_leaves_nothing_queued() -> None:
     class Broken(StaticRule):
         def plan(self, queue: Any, now: float) -> Any:
