@@ -751,10 +751,18 @@ def _budget(value: str | None) -> float | None:
 def _check_size(length: int | str | None, limit: int, why: str = _POLICY_LIMIT) -> None:
     if length is None:
         return
-    try:
-        n = int(length)
-    except ValueError:
-        raise ProxyError(ErrorKind.BAD_REQUEST, "content-length is not a number") from None
+    if isinstance(length, str):
+        # HTTP's grammar, 1*DIGIT: Python's int() would also take a sign, spaces, "1_0" and
+        # non-ASCII digits, which Envoy never forwards but a direct gRPC peer could send.
+        if not (length.isascii() and length.isdigit()):
+            raise ProxyError(
+                ErrorKind.BAD_REQUEST,
+                f"content-length must be a whole number of bytes, not {length[:32]!r}",
+            )
+        if len(length) > 18:  # beyond any limit (and int() refuses over 4,300 digits)
+            raise _too_large(f"{length[:18]}...", limit, why)
+        length = int(length)
+    n = length
     if n > limit:
         raise _too_large(str(n), limit, why)
 

@@ -177,6 +177,26 @@ async def test_a_bad_body_fails_alone_and_its_batch_goes_on_without_it() -> None
     assert h.backend.calls == [[0, 1, 2]]
 
 
+async def test_a_content_length_that_is_not_digits_is_400_and_the_batch_goes_on() -> None:
+    """Envoy forwards only 1*DIGIT; a direct gRPC peer could send what int() would take."""
+    odd = ["-5", "+5", "1_0", "\u0661\u0662", " 5", "5 ", "", "0x10", "9" * 19, "9" * 5000]
+    h = Harness(max_batch_size=2)
+    good = [Stream(headers_msg(PATH), body_msg({"instances": [i]})) for i in range(2)]
+    bad = [
+        Stream(headers_msg(PATH, **{"content-length": value}), body_msg({"instances": [9]}))
+        for value in odd
+    ]
+    await h.run(good[0], *bad, good[1])
+    for value, s in zip(odd, bad, strict=True):
+        status, doc = s.answer()
+        if value.isascii() and value.isdigit():  # digits, more than any limit
+            assert status == 413 and "999999999999999999..." in doc["error"], value[:20]
+        else:
+            assert status == 400 and "content-length" in doc["error"], value
+    assert [g.answer() for g in good] == [(200, {"predictions": [{"echo": i}]}) for i in range(2)]
+    assert h.backend.calls == [[0, 1]]
+
+
 async def test_a_post_without_a_body_is_400_and_nothing_is_queued() -> None:
     h = Harness()
     s = Stream(headers_msg(PATH, eos=True))
