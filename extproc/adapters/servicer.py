@@ -759,9 +759,10 @@ def _check_size(length: int | str | None, limit: int, why: str = _POLICY_LIMIT) 
                 ErrorKind.BAD_REQUEST,
                 f"content-length must be a whole number of bytes, not {length[:32]!r}",
             )
-        if len(length) > 18:  # beyond any limit (and int() refuses over 4,300 digits)
-            raise _too_large(f"{length[:18]}...", limit, why)
-        length = int(length)
+        digits = length.lstrip("0") or "0"  # 1*DIGIT may start with zeros
+        if len(digits) > 18:  # beyond any limit (and int() refuses over 4,300 digits)
+            raise _too_large(f"{digits[:18]}...", limit, why)
+        length = int(digits)
     n = length
     if n > limit:
         raise _too_large(str(n), limit, why)

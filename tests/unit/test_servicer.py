@@ -197,6 +197,17 @@ async def test_a_content_length_that_is_not_digits_is_400_and_the_batch_goes_on(
     assert h.backend.calls == [[0, 1]]
 
 
+async def test_a_content_length_with_leading_zeros_is_its_number() -> None:
+    """HTTP's 1*DIGIT may start with zeros, and Envoy forwards them (red team 31)."""
+    h = Harness(max_batch_size=2)
+    body = body_msg({"instances": [0]})
+    padded = [
+        Stream(headers_msg(PATH, **{"content-length": "0" * n + "18"}), body) for n in (1, 30)
+    ]
+    await h.run(*padded)
+    assert [s.answer() for s in padded] == [(200, {"predictions": [{"echo": 0}]})] * 2
+
+
 async def test_a_post_without_a_body_is_400_and_nothing_is_queued() -> None:
     h = Harness()
     s = Stream(headers_msg(PATH, eos=True))
