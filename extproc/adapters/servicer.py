@@ -363,19 +363,15 @@ class ExtProcServicer:
     ) -> None:
         """Write a request's reply; the hand-off from its batch's answer counted, with the
         round trip through Envoy its body took (the way back, extproc/core/hops.py)."""
-        self._metrics.request_done(route.policy.name, answer.reply.outcome, answer.wait)
+        policy = route.policy
+        self._metrics.request_done(policy.name, answer.reply.outcome, answer.wait)
         await context.write(_encode(answer))
         if answer.answered_at is not None:
             now = self._runtime.now()
-            self._metrics.reply_handoff(route.policy.name, now - answer.answered_at)
-            policy = route.policy
-            self.hops.handed_off(
-                policy.name,
-                now - answer.answered_at,
-                round_trip,
-                policy.sla.latency_ms / 1000.0,
-                now,
-            )
+            handoff = now - answer.answered_at
+            self._metrics.reply_handoff(policy.name, handoff)
+            sla = policy.sla.latency_ms / 1000.0
+            self.hops.handed_off(policy.name, handoff, round_trip, sla, now)
 
     def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
         if self.tracing is None:
@@ -763,9 +759,8 @@ def _check_size(length: int | str | None, limit: int, why: str = _POLICY_LIMIT) 
         if len(digits) > 18:  # beyond any limit (and int() refuses over 4,300 digits)
             raise _too_large(f"{digits[:18]}...", limit, why)
         length = int(digits)
-    n = length
-    if n > limit:
-        raise _too_large(str(n), limit, why)
+    if length > limit:
+        raise _too_large(str(length), limit, why)
 
 
 def _too_large(size: str, limit: int, why: str) -> ProxyError:
