@@ -122,6 +122,11 @@ class SLA(_Strict):
     """End-to-end latency target, measured from arrival at ext_proc."""
     percentile: Annotated[float, Field(ge=50, le=99.999)] = 95
 
+    @property
+    def latency_s(self) -> float:
+        """`latency_ms` in seconds, as the clocks that hold a request to it count."""
+        return self.latency_ms / 1000.0
+
 
 Mode = Literal["adaptive", "static", "aimd", "off"]
 

@@ -931,7 +931,7 @@ def rule_for(policy: Policy, previous: Rule | None = None) -> Rule:  # noqa: PLR
     """The dispatch rule a policy asks for. What `previous` (the rule this queue had) learnt
     is kept when the mode stays: the adaptive estimator's samples, the aimd batch size."""
     b = policy.batching
-    sla = policy.sla.latency_ms / 1000.0
+    sla = policy.sla.latency_s
     if b.mode == "off":
         # One request per call, no waiting; concurrency bounded only by the queue length.
         return StaticRule(1, 0.0, b.max_queue, b.max_queue)

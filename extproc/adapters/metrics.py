@@ -307,7 +307,7 @@ class PrometheusMetrics:
         first answered request too."""
         name = policy.name
         self.policy_version.labels(name).set(policy.version)
-        self.sla_latency.labels(name).set(policy.sla.latency_ms / 1000)
+        self.sla_latency.labels(name).set(policy.sla.latency_s)
         self.sla_percentile.labels(name).set(policy.sla.percentile / 100)
         self.sla_misses.labels(name)
         self.latency.labels(name)

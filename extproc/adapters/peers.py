@@ -754,7 +754,7 @@ class Peering:
         path differently)."""
         policy = route.policy.name
         # A client's budget beyond the SLA means the SLA (and the owner takes at most a day).
-        sla = route.policy.sla.latency_ms / 1000.0
+        sla = route.policy.sla.latency_s
         request = ForwardRequest(
             policy,
             route.backend_url,

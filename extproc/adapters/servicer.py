@@ -370,7 +370,7 @@ class ExtProcServicer:
             now = self._runtime.now()
             handoff = now - answer.answered_at
             self._metrics.reply_handoff(policy.name, handoff)
-            sla = policy.sla.latency_ms / 1000.0
+            sla = policy.sla.latency_s
             self.hops.handed_off(policy.name, handoff, round_trip, sla, now)
 
     def _start_trace(self, headers: dict[str, str], route: Route, rid: str) -> Any:
@@ -544,7 +544,7 @@ class ExtProcServicer:
             if req.deferred
             else req.policy
         )
-        own = patient.sla.latency_ms / 1000.0
+        own = patient.sla.latency_s
         budget = req.budget
         body_wait = max(BODY_WAIT_FLOOR_S, own if budget is None else min(own, budget))
         task = asyncio.current_task()
@@ -603,7 +603,7 @@ class ExtProcServicer:
         if target is None:
             return None
         now = self._runtime.now()
-        sla = route.policy.sla.latency_ms / 1000.0
+        sla = route.policy.sla.latency_s
         budget = req.budget
         remaining = req.start + (sla if budget is None else min(sla, budget)) - req.reserve - now
         if remaining <= 0:
@@ -637,7 +637,7 @@ class ExtProcServicer:
         policy = route.policy
         limit, why = self._body_limit(policy)
         arrival = self._runtime.now()
-        start = arrival - min(request.age, policy.sla.latency_ms / 1000.0)
+        start = arrival - min(request.age, policy.sla.latency_s)
         try:
             _check_size(len(request.body), limit, why)
             try:
@@ -661,7 +661,7 @@ class ExtProcServicer:
         """When the request's SLA clock started (Envoy's receipt, from its `request.time`; else
         `arrival`), and the seconds to reserve for the way back (extproc/core/hops.py)."""
         hops = self.hops
-        sla = policy.sla.latency_ms / 1000.0
+        sla = policy.sla.latency_s
         inbound = hops.inbound(
             _peer_host(context.peer()), request_time, arrival + self._epoch, arrival
         )

@@ -170,7 +170,7 @@ class BatcherPool:
         batcher = self._batcher(key, route)
         now = self.clock.now() if arrival is None else min(arrival, self.clock.now())
         began = now if start is None else min(start, now)
-        sla = policy.sla.latency_ms / 1000.0
+        sla = policy.sla.latency_s
         deadline = began + (sla if budget is None else min(sla, budget)) - max(0.0, reserve)
         ticket = Ticket(parsed, future, now, deadline, sla, client, began, context, budget)
         self._metrics.request_arrived(policy.name)
