@@ -17,7 +17,10 @@ Python, against which MLProxy's own work (its checks, SLA clock, metrics, isolat
 shows. `--without PART,...` takes parts of that work off MLProxy's request path (those of
 bench/servicer_cost.py, the same way) to measure what each costs on the real stack.
 The CPU columns give each process's CPU time per request (from /proc), which shows where a
-2-core machine's budget goes.
+2-core machine's budget goes. `--rounds N` measures every path N times at each concurrency,
+alternating, and ends with each ext_proc's CPU per request of the noop floor's and its
+throughput of direct Envoy's, round by round and their medians: issue 14's two figures, read
+from one run on a machine whose single runs move with its neighbours.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -217,6 +222,14 @@ def _parser() -> argparse.ArgumentParser:
         "difference with a run that keeps it; the mean batch is then the model's count",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every path this many times at each concurrency, alternating, and print "
+        "each ext_proc's CPU per request of the noop floor's and its throughput of direct "
+        "Envoy's, round by round and their medians (this machine's noise moves single runs)",
+    )
+    parser.add_argument(
         "--lean",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -365,6 +378,55 @@ def _compare(c: int, direct: LoadResult, batched: LoadResult, wait: float) -> No
     )
 
 
+def round_ratios(results: dict[str, Row]) -> dict[str, tuple[float, float]]:
+    """One round at one concurrency: each ext_proc path's CPU per request as a multiple of
+    the noop floor's, and its throughput as a share of direct Envoy's (NaN where the floor or
+    direct served nothing)."""
+    direct = results["direct"][2].rate
+    floor = results["noop ext_proc"][4].get("ext_proc", 0.0)
+    out = {}
+    for name, (_, _, r, _, cpu) in results.items():
+        if name == "direct":
+            continue
+        out[name] = (
+            cpu["ext_proc"] / floor if floor > 0 else math.nan,
+            r.rate / direct if direct > 0 else math.nan,
+        )
+    return out
+
+
+def summary(c: int, rounds: Sequence[dict[str, tuple[float, float]]]) -> list[str]:
+    """What `round_ratios` gave round by round at concurrency `c`, with their medians: one line
+    per ext_proc path (issue 14's figures: ext_proc CPU of the floor, throughput of direct)."""
+    lines = []
+    for name in rounds[0] if rounds else ():
+        cpu = [r[name][0] for r in rounds]
+        share = [r[name][1] for r in rounds]
+        lines.append(
+            f"concurrency {c}, {name}, {len(rounds)} round{'s' if len(rounds) > 1 else ''}: "
+            f"ext_proc CPU x{_listed(cpu)} of the noop floor (median {_median(cpu):.2f}); "
+            f"throughput x{_listed(share)} of direct (median {_median(share):.2f})"
+        )
+    if rounds and "lean batcher" in rounds[0] and "mlproxy" in rounds[0]:
+        # the same rounds' ratios divided: MLProxy's own work against the least batching does
+        cpu = [r["mlproxy"][0] / r["lean batcher"][0] for r in rounds]
+        share = [r["mlproxy"][1] / r["lean batcher"][1] for r in rounds]
+        lines.append(
+            f"concurrency {c}, mlproxy against the lean batcher: ext_proc CPU x{_listed(cpu)} "
+            f"(median {_median(cpu):.2f}); throughput x{_listed(share)} "
+            f"(median {_median(share):.2f})"
+        )
+    return lines
+
+
+def _listed(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
 def _table(rows: Sequence[Row]) -> None:
     print()
     print(
@@ -454,14 +516,22 @@ def main() -> int:
                     "envoy-lean",
                 ),
             )
+        summaries: list[str] = []
         for c in [int(x) for x in args.concurrency.split(",")]:
-            results = {p.name: measurer.measure(c, p) for p in paths}
-            rows += results.values()
-            _compare(c, results["direct"][2], results["mlproxy"][2], wait)
+            rounds = []
+            for _ in range(max(1, args.rounds)):
+                results = {p.name: measurer.measure(c, p) for p in paths}
+                rows += results.values()
+                _compare(c, results["direct"][2], results["mlproxy"][2], wait)
+                rounds.append(round_ratios(results))
+            summaries += summary(c, rounds)
     if probe is not None:
         _print_probe(probe)
     shutil.rmtree(stack.run_dir, ignore_errors=True)  # its logs are kept when a run fails
     _table(rows)
+    print()
+    for line in summaries:
+        print(line)
     return 1 if sum(r.wrong for _, _, r, _, _ in rows) else 0
 
 
