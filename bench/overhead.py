@@ -388,10 +388,7 @@ def round_ratios(results: dict[str, Row]) -> dict[str, tuple[float, float]]:
     for name, (_, _, r, _, cpu) in results.items():
         if name == "direct":
             continue
-        out[name] = (
-            cpu["ext_proc"] / floor if floor > 0 else math.nan,
-            r.rate / direct if direct > 0 else math.nan,
-        )
+        out[name] = (_ratio(cpu["ext_proc"], floor), _ratio(r.rate, direct))
     return out
 
 
@@ -409,14 +406,20 @@ def summary(c: int, rounds: Sequence[dict[str, tuple[float, float]]]) -> list[st
         )
     if rounds and "lean batcher" in rounds[0] and "mlproxy" in rounds[0]:
         # the same rounds' ratios divided: MLProxy's own work against the least batching does
-        cpu = [r["mlproxy"][0] / r["lean batcher"][0] for r in rounds]
-        share = [r["mlproxy"][1] / r["lean batcher"][1] for r in rounds]
+        cpu = [_ratio(r["mlproxy"][0], r["lean batcher"][0]) for r in rounds]
+        share = [_ratio(r["mlproxy"][1], r["lean batcher"][1]) for r in rounds]
         lines.append(
             f"concurrency {c}, mlproxy against the lean batcher: ext_proc CPU x{_listed(cpu)} "
             f"(median {_median(cpu):.2f}); throughput x{_listed(share)} "
             f"(median {_median(share):.2f})"
         )
     return lines
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, or NaN where b is not a positive number (a path that served nothing): the run's
+    figures are still printed."""
+    return a / b if b > 0 else math.nan
 
 
 def _listed(values: Sequence[float]) -> str:

@@ -83,3 +83,13 @@ def test_with_the_lean_batcher_mlproxy_is_also_given_against_it() -> None:
         "concurrency 64, mlproxy against the lean batcher: ext_proc CPU x1.50, 1.20 "
         "(median 1.35); throughput x0.80, 0.90 (median 0.85)"
     )
+
+
+def test_a_lean_batcher_that_served_nothing_does_not_lose_the_runs_figures() -> None:
+    results = _round(64, 1000, 400.0, (450, 560.0))
+    results["lean batcher"] = _row(64, "lean batcher", 0, 1.0, 0.0)
+    lines = summary(64, [round_ratios(results)])
+    (line,) = [x for x in lines if "against the lean" in x]
+    assert "CPU xnan" in line and "throughput xnan" in line
+    (own,) = [x for x in lines if ", mlproxy," in x]
+    assert "x1.40 of the noop floor" in own
