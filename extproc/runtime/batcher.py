@@ -111,15 +111,6 @@ class Ticket:
         if self.batcher is not None:
             self.batcher.cancel(self)
 
-    @property
-    def sla_deadline(self) -> float:
-        """Its deadline by its policy's SLA alone: `deadline` without the client's own
-        shorter budget (a client must not choose how its batch-mates' failures are handled,
-        extproc/runtime/executor.py `_split_timeout`)."""
-        if self.budget is None or self.budget >= self.sla:
-            return self.deadline
-        return self.deadline + (self.sla - self.budget)
-
 
 def queue_full(policy: Policy) -> ProxyError:
     return ProxyError(
@@ -465,7 +456,7 @@ class Batcher:
                 [t.parsed for t in tickets],
                 batch_id,
                 [t.context for t in tickets],
-                min(t.sla_deadline for t in tickets),
+                min(t.deadline for t in tickets),
             )
         except Exception:
             log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))

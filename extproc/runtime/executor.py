@@ -63,9 +63,8 @@ class BatchExecutor:
     ) -> list[Reply]:
         """One reply per item. With tracing on, the batch gets a span linked to `requests`'
         spans, and the backend call carries that span's `traceparent`. `deadline` (on
-        `clock`): the earliest of the requests' deadlines by their policy's SLA; a batch that
-        times out is retried in halves only while it leaves time for that
-        (`_split_timeout`), never without one."""
+        `clock`): the earliest of the requests' deadlines; a batch that times out is retried
+        in halves only while they leave time for it (`_split_timeout`), never without one."""
         span = self._start_span(policy, items, batch_id, requests)
         replies: list[Reply] = []
         try:
@@ -190,13 +189,9 @@ class BatchExecutor:
         return left + right
 
     def _time_for_halves(self, policy: Policy, deadline: float | None) -> bool:
-        """Whether two more calls, each up to the policy's timeout, end by `deadline`, and
-        the policy has a batch slot to spare for them: with one, a split would hold every
-        other request of the policy back while it runs."""
-        if deadline is None or policy.batching.max_in_flight < 2:
-            return False
+        """Whether two more calls, each up to the policy's timeout, end by `deadline`."""
         timeout = policy.backend.timeout_ms / 1000.0
-        return self.clock.now() + 2 * timeout <= deadline
+        return deadline is not None and self.clock.now() + 2 * timeout <= deadline
 
     async def _split_timeout(
         self,
@@ -211,10 +206,7 @@ class BatchExecutor:
         that hangs the backend fails alone and the others are answered. Only while the
         requests' deadlines leave time for both halves (`_time_for_halves`); a half that
         times out again is split further only if the other half was answered: two halves
-        that both time out say the backend is slow, not one input, and get their 504. The
-        deadline is the SLA's: a client's shorter `x-mlproxy-deadline-ms` does not keep its
-        batch from being split (a hanging input with a short budget would otherwise fail its
-        batch-mates again); such a client may be answered after its budget. With
+        that both time out say the backend is slow, not one input, and get their 504. With
         one such split at a time per policy (the caller's), a backend too slow for every
         batch gets at most one more call at a time from a policy, two for each batch split:
         not a storm."""
