@@ -64,8 +64,7 @@ class FakeBackend:
             await self.gate.wait()
         if self.down:
             raise ProxyError(ErrorKind.BACKEND_ERROR, f"backend {url} is unreachable")
-        if self.timeout or any(isinstance(i, dict) and i.get("hang") for i in instances):
-            # an instance {"hang": 1}: the backend never answers a batch that holds it
+        if self.timeout:
             raise ProxyError(ErrorKind.BACKEND_TIMEOUT, f"backend {url} did not answer")
         if self.status_override is not None:
             return BackendResponse(

@@ -456,7 +456,6 @@ class Batcher:
                 [t.parsed for t in tickets],
                 batch_id,
                 [t.context for t in tickets],
-                min(t.deadline for t in tickets),
             )
         except Exception:
             log.exception("policy %s: batch of %d requests failed", policy.name, len(tickets))

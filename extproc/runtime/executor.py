@@ -32,8 +32,6 @@ log = logging.getLogger("extproc.runtime.batcher")
 # halves and retried until the bad requests fail alone (at most 2n-1 calls for n requests).
 SPLITTABLE_STATUSES = frozenset({400, 413, 422, 500})
 
-_TIMED_OUT = error_outcome(ErrorKind.BACKEND_TIMEOUT)
-
 Extra = tuple[tuple[str, str], ...]
 
 
@@ -47,9 +45,6 @@ class BatchExecutor:
         self._metrics = metrics
         self.clock = clock
         self.tracing = tracing  # None: no spans
-        # Policies with a timed-out batch being retried in halves (`_split_timeout`): one at
-        # a time each.
-        self._splitting: set[str] = set()
 
     async def execute(
         self,
@@ -59,17 +54,13 @@ class BatchExecutor:
         items: Sequence[Parsed],
         batch_id: str = "",
         requests: Sequence[RequestContext] = (),
-        deadline: float | None = None,
     ) -> list[Reply]:
         """One reply per item. With tracing on, the batch gets a span linked to `requests`'
-        spans, and the backend call carries that span's `traceparent`. `deadline` (on
-        `clock`): the earliest of the requests' deadlines; a batch that times out is retried
-        in halves only while they leave time for it (`_split_timeout`), never without one."""
+        spans, and the backend call carries that span's `traceparent`."""
         span = self._start_span(policy, items, batch_id, requests)
         replies: list[Reply] = []
         try:
-            extra = span.headers if span else ()
-            replies = await self._call(policy, url, codec, items, extra, deadline)
+            replies = await self._call(policy, url, codec, items, span.headers if span else ())
         finally:
             if span is not None:
                 end_span(span, replies)
@@ -94,17 +85,10 @@ class BatchExecutor:
             return None
 
     async def _call(
-        self,
-        policy: Policy,
-        url: str,
-        codec: Codec,
-        items: Sequence[Parsed],
-        extra: Extra = (),
-        deadline: float | None = None,
+        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed], extra: Extra = ()
     ) -> list[Reply]:
         """One backend call for `items` and each way it ends: an error, a success to split, a
-        status; retried in halves when one input may be the cause (a timeout: only before
-        `deadline`, see `_split_timeout`)."""
+        status; retried in halves when one input may be the cause."""
         n = len(items)
         size = sum(item.size for item in items)
         started = self.clock.now()
@@ -116,29 +100,18 @@ class BatchExecutor:
             elapsed = self.clock.now() - started
             self._metrics.batch_done(policy.name, size, n, elapsed, error_outcome(err.kind))
             if n > 1 and err.input_may_cause:  # e.g. a worker died on one of the inputs
-                return await self._bisect(policy, url, codec, items, extra, deadline)
-            if (
-                n > 1
-                and err.kind is ErrorKind.BACKEND_TIMEOUT
-                and policy.name not in self._splitting
-                and self._time_for_halves(policy, deadline)
-            ):
-                self._splitting.add(policy.name)
-                try:
-                    return await self._split_timeout(policy, url, codec, items, extra, deadline)
-                finally:
-                    self._splitting.discard(policy.name)
+                return await self._bisect(policy, url, codec, items, extra)
             return [Reply.from_error(err, size)] * n
         elapsed = self.clock.now() - started
         status = resp.status
         if 200 <= status < 300:
             replies = self._split(policy, url, codec, items, resp, size, elapsed)
             if replies is None:  # unusable for a batch of several: one input may be the cause
-                return await self._bisect(policy, url, codec, items, extra, deadline)
+                return await self._bisect(policy, url, codec, items, extra)
             return replies
         self._metrics.batch_done(policy.name, size, n, elapsed, HttpStatus(status))
         if n > 1 and status in SPLITTABLE_STATUSES:
-            return await self._bisect(policy, url, codec, items, extra, deadline)
+            return await self._bisect(policy, url, codec, items, extra)
         if not 400 <= status < 600:
             log.warning(
                 "policy %s: backend %s answered HTTP %d, which MLProxy does not follow or "
@@ -173,62 +146,14 @@ class BatchExecutor:
         )
 
     async def _bisect(
-        self,
-        policy: Policy,
-        url: str,
-        codec: Codec,
-        items: Sequence[Parsed],
-        extra: Extra,
-        deadline: float | None = None,
+        self, policy: Policy, url: str, codec: Codec, items: Sequence[Parsed], extra: Extra
     ) -> list[Reply]:
         mid = len(items) // 2
         # One half after the other: a backend failing everything gets at most one call at a
         # time from this batch, not a burst (at most 2n-1 calls for n requests).
-        left = await self._call(policy, url, codec, items[:mid], extra, deadline)
-        right = await self._call(policy, url, codec, items[mid:], extra, deadline)
+        left = await self._call(policy, url, codec, items[:mid], extra)
+        right = await self._call(policy, url, codec, items[mid:], extra)
         return left + right
-
-    def _time_for_halves(self, policy: Policy, deadline: float | None) -> bool:
-        """Whether two more calls, each up to the policy's timeout, end by `deadline`."""
-        timeout = policy.backend.timeout_ms / 1000.0
-        return deadline is not None and self.clock.now() + 2 * timeout <= deadline
-
-    async def _split_timeout(
-        self,
-        policy: Policy,
-        url: str,
-        codec: Codec,
-        items: Sequence[Parsed],
-        extra: Extra,
-        deadline: float | None,
-    ) -> list[Reply]:
-        """A batch that timed out, retried in halves one after the other, so that an input
-        that hangs the backend fails alone and the others are answered. Only while the
-        requests' deadlines leave time for both halves (`_time_for_halves`); a half that
-        times out again is split further only if the other half was answered: two halves
-        that both time out say the backend is slow, not one input, and get their 504. With
-        one such split at a time per policy (the caller's), a backend too slow for every
-        batch gets at most one more call at a time from a policy, two for each batch split:
-        not a storm."""
-        log.warning(
-            "policy %s: a batch of %d requests timed out at %s; retrying it in halves (one "
-            "input may hang the backend; their deadlines leave time)",
-            policy.name,
-            len(items),
-            url,
-        )
-        mid = len(items) // 2
-        halves = [items[:mid], items[mid:]]
-        # Each half without splits of its own on a timeout: what times out is decided below.
-        replies = [await self._call(policy, url, codec, half, extra) for half in halves]
-        timed_out = [all(r.outcome == _TIMED_OUT for r in half) for half in replies]
-        if timed_out.count(True) == 1:
-            i = timed_out.index(True)
-            if len(halves[i]) > 1 and self._time_for_halves(policy, deadline):
-                replies[i] = await self._split_timeout(
-                    policy, url, codec, halves[i], extra, deadline
-                )
-        return replies[0] + replies[1]
 
     def _split(
         self,

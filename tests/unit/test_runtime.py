@@ -15,7 +15,7 @@ from extproc.runtime.executor import BatchExecutor
 from extproc.runtime.pool import BatcherPool
 from extproc.runtime.replies import Reply
 from mlproxy_kernel.batching import RATE_WINDOW
-from mlproxy_kernel.errors import ErrorKind, ProxyError
+from mlproxy_kernel.errors import ProxyError
 from mlproxy_kernel.policy import Policy, Router
 from mlproxy_kernel.rules import StaticRule
 from tests.fakes import FakeBackend, RecordingMetrics
@@ -175,79 +175,6 @@ async def test_transport_errors_fail_the_batch_with_their_status(attr: str, stat
     replies = await asyncio.gather(*(h.submit([{"id": i}])[0] for i in range(8)))
     assert {r.status for r in replies} == {status}
     assert all("error" in json.loads(r.body) for r in replies)
-
-
-def _patient(**batching: Any) -> Policy:
-    """A policy whose requests' deadlines (30 s) leave time for a timed-out batch's halves
-    (1 s each)."""
-    policy = make_policy(**batching)
-    return policy.model_copy(
-        update={
-            "sla": policy.sla.model_copy(update={"latency_ms": 30_000}),
-            "backend": policy.backend.model_copy(update={"timeout_ms": 1_000}),
-        }
-    )
-
-
-async def test_an_input_that_hangs_the_backend_fails_alone_when_deadlines_allow() -> None:
-    """Red team 2: one input that makes the backend time out failed every request of its
-    batch with 504. With time for it before their deadlines, the batch is retried in halves:
-    the hanging input gets its 504, every other request its own answer."""
-    h = Harness(_patient())
-    futs = [h.submit([{"id": i, "hang": 1 if i == 5 else 0}])[0] for i in range(8)]
-    replies = await asyncio.gather(*futs)
-    assert [r.status for r in replies] == [200] * 5 + [504] + [200] * 2
-    assert [echoed(r) for i, r in enumerate(replies) if i != 5] == [[i] for i in range(8) if i != 5]
-    assert len(h.backend.calls) == 1 + 2 * 3  # the batch, then two halves at each of 3 levels
-
-
-async def test_a_backend_that_times_out_on_everything_gets_two_more_calls_not_a_storm() -> None:
-    """Both halves time out: the backend is slow, not one input; they are not split again."""
-    h = Harness(_patient(), FakeBackend(timeout=True))
-    replies = await asyncio.gather(*(h.submit([{"id": i}])[0] for i in range(8)))
-    assert {r.status for r in replies} == {504}
-    assert [len(c) for c in h.backend.calls] == [8, 4, 4]
-
-
-async def test_a_timed_out_batch_is_not_split_past_its_requests_deadlines() -> None:
-    """The default SLA (1 s) leaves no time for two more calls of up to 5 s each: one call,
-    504 for all, as before."""
-    h = Harness(make_policy())
-    futs = [h.submit([{"id": i, "hang": 1 if i == 0 else 0}])[0] for i in range(8)]
-    replies = await asyncio.gather(*futs)
-    assert {r.status for r in replies} == {504}
-    assert len(h.backend.calls) == 1
-
-
-async def test_a_client_budget_shorter_than_the_halves_keeps_the_batch_whole() -> None:
-    """One request's own deadline (x-mlproxy-deadline-ms 1.5 s) is the batch's: no split."""
-    h = Harness(_patient())
-    futs = [
-        h.submit([{"id": i, "hang": 1 if i == 0 else 0}], budget=1.5 if i == 7 else None)[0]
-        for i in range(8)
-    ]
-    replies = await asyncio.gather(*futs)
-    assert {r.status for r in replies} == {504}
-    assert len(h.backend.calls) == 1
-
-
-class _SlowTimeouts(FakeBackend):
-    """Every call times out, after a moment (so that batches overlap)."""
-
-    async def post(self, url: str, body: bytes, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(json.loads(body)["instances"])
-        await asyncio.sleep(0.01)
-        raise ProxyError(ErrorKind.BACKEND_TIMEOUT, "backend did not answer")
-
-
-async def test_one_timed_out_batch_at_a_time_is_split_per_policy() -> None:
-    """Two batches of one policy time out together: one is retried in halves, the other
-    answered 504 at once (a slow backend gets two more calls, not four)."""
-    backend = _SlowTimeouts()
-    h = Harness(_patient(max_batch_size=4), backend)
-    replies = await asyncio.gather(*(h.submit([{"id": i}])[0] for i in range(8)))
-    assert {r.status for r in replies} == {504}
-    assert sorted(len(c) for c in backend.calls) == [2, 2, 4, 4]
 
 
 async def test_an_input_that_makes_the_backend_miscount_fails_alone() -> None:
