@@ -179,6 +179,14 @@ def start_beside(
     return listener, server, envoy
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1, for argparse (which then names the option)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -223,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_positive,
         default=1,
         help="measure every path this many times at each concurrency, alternating, and print "
         "each ext_proc's CPU per request of the noop floor's and its throughput of direct "
@@ -401,8 +409,9 @@ def summary(c: int, rounds: Sequence[dict[str, tuple[float, float]]]) -> list[st
         share = [r[name][1] for r in rounds]
         lines.append(
             f"concurrency {c}, {name}, {len(rounds)} round{'s' if len(rounds) > 1 else ''}: "
-            f"ext_proc CPU x{_listed(cpu)} of the noop floor (median {_median(cpu):.2f}); "
-            f"throughput x{_listed(share)} of direct (median {_median(share):.2f})"
+            f"ext_proc CPU x{_listed(cpu)} of the noop floor "
+            f"(median {statistics.median(cpu):.2f}); "
+            f"throughput x{_listed(share)} of direct (median {statistics.median(share):.2f})"
         )
     if rounds and "lean batcher" in rounds[0] and "mlproxy" in rounds[0]:
         # the same rounds' ratios divided: MLProxy's own work against the least batching does
@@ -410,8 +419,8 @@ def summary(c: int, rounds: Sequence[dict[str, tuple[float, float]]]) -> list[st
         share = [_ratio(r["mlproxy"][1], r["lean batcher"][1]) for r in rounds]
         lines.append(
             f"concurrency {c}, mlproxy against the lean batcher: ext_proc CPU x{_listed(cpu)} "
-            f"(median {_median(cpu):.2f}); throughput x{_listed(share)} "
-            f"(median {_median(share):.2f})"
+            f"(median {statistics.median(cpu):.2f}); throughput x{_listed(share)} "
+            f"(median {statistics.median(share):.2f})"
         )
     return lines
 
@@ -424,10 +433,6 @@ def _ratio(a: float, b: float) -> float:
 
 def _listed(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def _table(rows: Sequence[Row]) -> None:
@@ -522,7 +527,7 @@ def main() -> int:
         summaries: list[str] = []
         for c in [int(x) for x in args.concurrency.split(",")]:
             rounds = []
-            for _ in range(max(1, args.rounds)):
+            for _ in range(args.rounds):
                 results = {p.name: measurer.measure(c, p) for p in paths}
                 rows += results.values()
                 _compare(c, results["direct"][2], results["mlproxy"][2], wait)

@@ -69,6 +69,16 @@ def test_rounds_is_an_option_with_one_by_default() -> None:
     assert _parser().parse_args(["--rounds", "3"]).rounds == 3
 
 
+@pytest.mark.parametrize("rounds", ["0", "-2", "two"])
+def test_rounds_below_one_is_refused_with_the_options_name(
+    rounds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(["--rounds", rounds])
+    assert exited.value.code == 2
+    assert "--rounds" in capsys.readouterr().err
+
+
 def test_with_the_lean_batcher_mlproxy_is_also_given_against_it() -> None:
     rounds = []
     for direct, floor, lean, mlproxy in [
